@@ -1,0 +1,1 @@
+//! twinfs FUSE layer.
