@@ -1,1 +1,44 @@
-//! Test harness.
+//! The end-to-end test harness: scratch directories, in-process mounts with a guard
+//! that always unmounts, and real `twinfs` daemons as child processes.
+
+pub mod daemon;
+pub mod inproc;
+
+use std::path::Path;
+
+/// Whether this machine can run kernel-mount tests (root and /dev/fuse). Tests that
+/// need a mount fail loudly without it, rather than pass by skipping.
+pub fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: these tests mount real FUSE filesystems"
+    );
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests mount FUSE filesystems in place and must run as root"
+    );
+}
+
+/// Lazily unmounts anything still mounted at `path` (last resort in Drop guards).
+pub fn force_unmount(path: &Path) {
+    let _ = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(path)
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// Whether `path` is currently a mount point (listed in /proc/self/mounts).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .any(|m| m.replace("\\040", " ") == want)
+}

@@ -1,0 +1,96 @@
+//! Change records: what the volume tells the replicator about each change made
+//! through the mount. The fs crate only reports; the replicator decides what to ship.
+
+use std::path::PathBuf;
+
+/// Which attributes a `setattr` changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttrChange {
+    /// Access or modification time (a `touch`, also of an unchanged file).
+    pub times: bool,
+    /// Permission bits.
+    pub mode: bool,
+    /// Owner or group.
+    pub owner: bool,
+    /// Size (truncate).
+    pub size: bool,
+}
+
+/// What happened to a path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A file opened for writing was closed, or fsync'd; one record per close however
+    /// many writes there were.
+    Write,
+    /// Attributes changed.
+    Attr(AttrChange),
+    /// A regular file was created.
+    Create,
+    /// A directory was created.
+    Mkdir,
+    /// A fifo, socket or device node was created.
+    Mknod,
+    /// A symlink was created.
+    Symlink,
+    /// A hard link to `existing` was created at the record's path.
+    Link {
+        /// The path of the existing name of the file.
+        existing: PathBuf,
+    },
+    /// A non-directory was removed.
+    Unlink,
+    /// A directory was removed.
+    Rmdir,
+    /// `from` was renamed to the record's path.
+    Rename {
+        /// The old path.
+        from: PathBuf,
+        /// The two paths swapped places (`RENAME_EXCHANGE`).
+        exchange: bool,
+    },
+    /// An extended attribute was set or removed.
+    Xattr,
+}
+
+impl ChangeKind {
+    /// A short stable name for logs and counters.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ChangeKind::Write => "write",
+            ChangeKind::Attr(_) => "attr",
+            ChangeKind::Create => "create",
+            ChangeKind::Mkdir => "mkdir",
+            ChangeKind::Mknod => "mknod",
+            ChangeKind::Symlink => "symlink",
+            ChangeKind::Link { .. } => "link",
+            ChangeKind::Unlink => "unlink",
+            ChangeKind::Rmdir => "rmdir",
+            ChangeKind::Rename { .. } => "rename",
+            ChangeKind::Xattr => "xattr",
+        }
+    }
+}
+
+/// One change, with the path relative to the volume root (no leading `/`; the root
+/// itself is the empty path).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Path relative to the volume root, as it is after the change.
+    pub path: PathBuf,
+    /// What happened.
+    pub kind: ChangeKind,
+}
+
+/// Receives the volume's change records. Called on the FUSE request path after the
+/// operation succeeded: implementations must be quick and must not block on the network.
+pub trait ChangeSink: Send + Sync + 'static {
+    /// Takes one change record.
+    fn record(&self, change: Change);
+}
+
+/// A sink that drops every record (a volume that is not replicated).
+pub struct Discard;
+
+impl ChangeSink for Discard {
+    fn record(&self, _change: Change) {}
+}

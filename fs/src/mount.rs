@@ -1,0 +1,141 @@
+//! Mounting a volume in place: the FUSE session on top of the directory the volume
+//! already holds an fd of, cache invalidation, and a bounded unmount.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, SessionACL};
+
+use crate::fuse::FuseAdapter;
+use crate::volume::Volume;
+
+/// How a volume is mounted.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Name shown as the source in /proc/mounts (`twinfs:<name>`).
+    pub name: String,
+    /// Ask the kernel for FUSE passthrough (needs Linux 6.9+ and root).
+    pub passthrough: bool,
+    /// Threads serving FUSE requests.
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            name: "volume".into(),
+            passthrough: true,
+            threads: 4,
+        }
+    }
+}
+
+/// A mounted volume; unmounts when dropped.
+pub struct Mounted {
+    volume: Arc<Volume>,
+    mountpoint: PathBuf,
+    notifier: Notifier,
+    session: Option<BackgroundSession>,
+}
+
+impl Mounted {
+    /// Mounts `volume` on top of its own directory. The volume's fd was opened before,
+    /// so it keeps serving the files underneath.
+    pub fn mount(volume: Arc<Volume>, options: &MountOptions) -> io::Result<Mounted> {
+        crate::sys::raise_fd_limit();
+        let mountpoint = volume.path().to_owned();
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName(format!("twinfs:{}", options.name)),
+            MountOption::Subtype("twinfs".into()),
+            MountOption::DefaultPermissions,
+            MountOption::AutoUnmount,
+            MountOption::Dev,
+            MountOption::Suid,
+        ];
+        config.acl = SessionACL::All;
+        config.n_threads = Some(options.threads.max(1));
+        config.clone_fd = true;
+        let adapter = FuseAdapter::new(volume.clone(), options.passthrough);
+        let session = fuser::spawn_mount(adapter, &mountpoint, &config)?;
+        let notifier = session.notifier();
+        Ok(Mounted {
+            volume,
+            mountpoint,
+            notifier,
+            session: Some(session),
+        })
+    }
+
+    /// The volume being served.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
+    /// Where it is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Tells the kernel that `path` (relative to the volume root) changed underneath,
+    /// so the next access sees the directory as it is now. Used after the standby
+    /// applies a change through the volume's fd.
+    pub fn invalidate(&self, path: &Path) -> io::Result<()> {
+        let Some(name) = path.file_name() else {
+            return self.notifier.inval_inode(INodeNo::ROOT, 0, 0);
+        };
+        let parent_path = path.parent().unwrap_or(Path::new(""));
+        let Some((_, parent)) = self.volume.ino_of(parent_path) else {
+            // The kernel does not hold the parent, so it caches nothing below it.
+            return Ok(());
+        };
+        let child = self.volume.forget_entry(parent, name);
+        self.notifier.inval_entry(INodeNo(parent), name)?;
+        self.notifier.inval_inode(INodeNo(parent), 0, 0)?;
+        if let Some(child) = child {
+            self.notifier.inval_inode(INodeNo(child), 0, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts and waits up to `timeout` for the session to end; a session still held
+    /// by open files after that is left to end when the process exits.
+    pub fn unmount(mut self, timeout: Duration) -> io::Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        // fusermount's auto_unmount only cleans up after a dead daemon; a live one
+        // unmounts itself. A busy mount is detached and goes away with its last user.
+        if let Err(e) = crate::sys::umount(&self.mountpoint, false) {
+            tracing::warn!(path = %self.mountpoint.display(), error = %e,
+                "mount busy; detaching it lazily");
+            crate::sys::umount(&self.mountpoint, true)?;
+        }
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(session.umount_and_join());
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{}: session still busy after unmount (files open?)",
+                    self.mountpoint.display()
+                ),
+            )),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            let _ = crate::sys::umount(&self.mountpoint, true);
+            let _ = session.umount_and_join();
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! Thin, safe wrappers over the `*at` system calls the volume is served with.
+//!
+//! Every call takes a directory fd and a single name (never a path with `/`), never
+//! follows a trailing symlink, and returns `io::Result`, so the volume core stays free
+//! of `unsafe` and of errno juggling.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// `struct stat` as the kernel returns it.
+pub type Stat = libc::stat;
+
+fn cstr(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// The path through `/proc/self/fd` that reaches the object behind `fd` itself, even
+/// for `O_PATH` fds and directories hidden under a mount.
+pub fn proc_path(fd: BorrowedFd<'_>) -> CString {
+    // A decimal number never contains a NUL byte.
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+}
+
+/// Opens `path` as an `O_PATH` directory handle (no read access needed).
+pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: `c` is a valid NUL-terminated string; the returned fd is owned by us.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by open and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `openat(dir, name, flags | O_NOFOLLOW | O_CLOEXEC, mode)`.
+pub fn openat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let c = cstr(name)?;
+    // SAFETY: valid fd and string; the returned fd is owned by us.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by openat and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Re-opens a directory held as an `O_PATH` fd for reading its entries.
+pub fn reopen_dir(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // "." never resolves through a symlink, so O_NOFOLLOW (added by openat) is harmless.
+    openat(dir, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`; an empty name stats `dir` itself.
+pub fn statat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Stat> {
+    let c = cstr(name)?;
+    let flags = if name.is_empty() {
+        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW
+    } else {
+        libc::AT_SYMLINK_NOFOLLOW
+    };
+    let mut st = MaybeUninit::<Stat>::uninit();
+    // SAFETY: `st` is a valid out-pointer; on success the kernel fills it completely.
+    check(unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), st.as_mut_ptr(), flags) })?;
+    // SAFETY: fstatat succeeded, so `st` is initialised.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `fstat(fd)`.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    statat(fd, OsStr::new(""))
+}
+
+/// `mkdirat(dir, name, mode)`.
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid fd and string.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode as libc::mode_t) })
+}
+
+/// `mknodat(dir, name, mode, rdev)`.
+pub fn mknodat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> io::Result<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid fd and string.
+    check(unsafe { libc::mknodat(dir.as_raw_fd(), c.as_ptr(), mode as libc::mode_t, rdev) })
+}
+
+/// `symlinkat(target, dir, name)`.
+pub fn symlinkat(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let t = cstr(target)?;
+    let c = cstr(name)?;
+    // SAFETY: valid fd and strings.
+    check(unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), c.as_ptr()) })
+}
+
+/// `readlinkat(dir, name)`.
+pub fn readlinkat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
+    let c = cstr(name)?;
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: `buf` is writable for its whole length.
+    let n = check_size(unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// `unlinkat(dir, name, flags)`; `AT_REMOVEDIR` for rmdir.
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32) -> io::Result<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid fd and string.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) })
+}
+
+/// `renameat2(olddir, old, newdir, new, flags)`.
+pub fn renameat2(
+    olddir: BorrowedFd<'_>,
+    old: &OsStr,
+    newdir: BorrowedFd<'_>,
+    new: &OsStr,
+    flags: u32,
+) -> io::Result<()> {
+    let o = cstr(old)?;
+    let n = cstr(new)?;
+    // SAFETY: valid fds and strings.
+    check(unsafe {
+        libc::renameat2(
+            olddir.as_raw_fd(),
+            o.as_ptr(),
+            newdir.as_raw_fd(),
+            n.as_ptr(),
+            flags,
+        )
+    })
+}
+
+/// `linkat(olddir, old, newdir, new, 0)`.
+pub fn linkat(
+    olddir: BorrowedFd<'_>,
+    old: &OsStr,
+    newdir: BorrowedFd<'_>,
+    new: &OsStr,
+) -> io::Result<()> {
+    let o = cstr(old)?;
+    let n = cstr(new)?;
+    // SAFETY: valid fds and strings.
+    check(unsafe {
+        libc::linkat(
+            olddir.as_raw_fd(),
+            o.as_ptr(),
+            newdir.as_raw_fd(),
+            n.as_ptr(),
+            0,
+        )
+    })
+}
+
+/// A file addressed either as `name` inside a directory fd, or as an fd of its own
+/// (directories, which the volume holds as `O_PATH` fds).
+#[derive(Clone, Copy)]
+pub enum At<'a> {
+    /// `name` inside the directory `dir`; never follows a trailing symlink.
+    Entry(BorrowedFd<'a>, &'a OsStr),
+    /// The object behind the fd itself.
+    Fd(BorrowedFd<'a>),
+}
+
+impl At<'_> {
+    /// The directory fd, the name and the flags that make an `*at` call address this
+    /// object without following a trailing symlink.
+    fn resolve(&self) -> io::Result<(RawFd, CString, i32)> {
+        match *self {
+            At::Entry(dir, name) => Ok((dir.as_raw_fd(), cstr(name)?, libc::AT_SYMLINK_NOFOLLOW)),
+            // The /proc magic link lands on the object itself and is not followed further.
+            At::Fd(fd) => Ok((libc::AT_FDCWD, proc_path(fd), 0)),
+        }
+    }
+
+    /// `stat` without following a trailing symlink.
+    pub fn stat(&self) -> io::Result<Stat> {
+        match *self {
+            At::Entry(dir, name) => statat(dir, name),
+            At::Fd(fd) => fstat(fd),
+        }
+    }
+
+    /// `chmod`. Symlinks have no mode of their own; the kernel never asks.
+    pub fn chmod(&self, mode: u32) -> io::Result<()> {
+        let (dir, c, _) = self.resolve()?;
+        // SAFETY: valid fd and string. fchmodat has no working AT_SYMLINK_NOFOLLOW, but the
+        // kernel resolves symlinks itself and never sends a chmod for one.
+        check(unsafe { libc::fchmodat(dir, c.as_ptr(), mode as libc::mode_t, 0) })
+    }
+
+    /// `chown`; `None` leaves that id unchanged.
+    pub fn chown(&self, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+        let (dir, c, flags) = self.resolve()?;
+        let uid = uid.unwrap_or(u32::MAX);
+        let gid = gid.unwrap_or(u32::MAX);
+        // SAFETY: valid fd and string; -1 leaves an id unchanged.
+        check(unsafe { libc::fchownat(dir, c.as_ptr(), uid, gid, flags) })
+    }
+
+    /// `utimensat` with two timespecs (`UTIME_NOW`/`UTIME_OMIT` allowed).
+    pub fn utimens(&self, times: &[libc::timespec; 2]) -> io::Result<()> {
+        let (dir, c, flags) = self.resolve()?;
+        // SAFETY: valid fd, string and a two-element array.
+        check(unsafe { libc::utimensat(dir, c.as_ptr(), times.as_ptr(), flags) })
+    }
+
+    /// Runs `f` with a path that reaches this object without following it if it is a
+    /// symlink: the xattr calls have no `*at` form on older kernels.
+    fn with_path<T>(&self, f: impl FnOnce(&CString) -> io::Result<T>) -> io::Result<T> {
+        match *self {
+            At::Fd(fd) => f(&proc_path(fd)),
+            At::Entry(dir, name) => {
+                let fd = openat(dir, name, libc::O_PATH, 0)?;
+                f(&proc_path(std::os::fd::AsFd::as_fd(&fd)))
+            }
+        }
+    }
+
+    /// `getxattr`; with an empty buffer returns the size.
+    pub fn getxattr(&self, name: &OsStr, buf: &mut [u8]) -> io::Result<usize> {
+        let n = cstr(name)?;
+        self.with_path(|p| {
+            // SAFETY: valid strings; buffer is writable for its length (or null with 0).
+            check_size(unsafe {
+                libc::getxattr(
+                    p.as_ptr(),
+                    n.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            })
+        })
+    }
+
+    /// `listxattr`; with an empty buffer returns the size.
+    pub fn listxattr(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.with_path(|p| {
+            // SAFETY: valid string; buffer is writable for its length.
+            check_size(unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+        })
+    }
+
+    /// `setxattr`.
+    pub fn setxattr(&self, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+        let n = cstr(name)?;
+        self.with_path(|p| {
+            // SAFETY: valid strings and value slice.
+            check(unsafe {
+                libc::setxattr(
+                    p.as_ptr(),
+                    n.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    flags,
+                )
+            })
+        })
+    }
+
+    /// `removexattr`.
+    pub fn removexattr(&self, name: &OsStr) -> io::Result<()> {
+        let n = cstr(name)?;
+        self.with_path(|p| {
+            // SAFETY: valid strings.
+            check(unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) })
+        })
+    }
+}
+
+/// `pread` until `buf` is full or end of file.
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: the slice past `done` is writable.
+        let n = unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                buf[done..].as_mut_ptr().cast(),
+                buf.len() - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        match check_size(n) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// `pwrite` of the whole buffer.
+pub fn pwrite(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < data.len() {
+        // SAFETY: the slice past `done` is readable.
+        let n = unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                data[done..].as_ptr().cast(),
+                data.len() - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        match check_size(n) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// `fsync` or `fdatasync`.
+pub fn fsync(fd: BorrowedFd<'_>, data_only: bool) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe {
+        if data_only {
+            libc::fdatasync(fd.as_raw_fd())
+        } else {
+            libc::fsync(fd.as_raw_fd())
+        }
+    })
+}
+
+/// `ftruncate`.
+pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) })
+}
+
+/// `fallocate`.
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    })
+}
+
+/// `lseek`.
+pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> io::Result<i64> {
+    // SAFETY: plain syscall on a valid fd.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `fstatfs`.
+pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
+    let mut st = MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: valid out-pointer.
+    check(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstatfs succeeded.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// One entry of a directory listing.
+pub struct DirEntry {
+    /// The name, never `.` or `..`.
+    pub name: std::ffi::OsString,
+    /// The backing inode number.
+    pub ino: u64,
+    /// `DT_*` type from the directory entry.
+    pub kind: u8,
+}
+
+/// Reads every entry of the directory behind `dir` (an `O_PATH` fd), without `.`/`..`.
+pub fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<DirEntry>> {
+    let fd = reopen_dir(dir)?;
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    // SAFETY: `raw` is a valid directory fd whose ownership passes to the DIR stream.
+    let stream = unsafe { libc::fdopendir(raw) };
+    if stream.is_null() {
+        let e = io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so we still own `raw`.
+        unsafe { libc::close(raw) };
+        return Err(e);
+    }
+    let mut out = Vec::new();
+    let result = loop {
+        // SAFETY: errno is thread-local; reset it to tell end-of-stream from an error.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: `stream` is a valid DIR*.
+        let ent = unsafe { libc::readdir64(stream) };
+        if ent.is_null() {
+            // SAFETY: reading thread-local errno.
+            let errno = unsafe { *libc::__errno_location() };
+            break if errno == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(errno))
+            };
+        }
+        // SAFETY: readdir64 returned a valid entry that lives until the next call.
+        let ent = unsafe { &*ent };
+        // SAFETY: d_name is NUL-terminated.
+        let name = unsafe { std::ffi::CStr::from_ptr(ent.d_name.as_ptr()) };
+        let bytes = name.to_bytes();
+        if bytes == b"." || bytes == b".." {
+            continue;
+        }
+        out.push(DirEntry {
+            name: OsStr::from_bytes(bytes).to_owned(),
+            ino: ent.d_ino,
+            kind: ent.d_type,
+        });
+    };
+    // SAFETY: `stream` is valid and closed exactly once (this also closes `raw`).
+    unsafe { libc::closedir(stream) };
+    result.map(|()| out)
+}
+
+thread_local! {
+    static UMASK_CLEARED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Gives the calling thread its own umask of 0: the kernel sends modes with the
+/// caller's umask already applied, so the volume must not apply a second one. Only the
+/// FUSE worker threads are affected, not the process that embeds the volume.
+pub fn clear_thread_umask() {
+    UMASK_CLEARED.with(|done| {
+        if done.get() {
+            return;
+        }
+        // SAFETY: unsharing the fs_struct only affects this thread; umask cannot fail.
+        unsafe {
+            if libc::unshare(libc::CLONE_FS) != 0 {
+                tracing::warn!("unshare(CLONE_FS) failed; clearing the process umask");
+            }
+            libc::umask(0);
+        }
+        done.set(true);
+    });
+}
+
+/// Raises the soft limit of open files to the hard limit: a volume holds one fd per
+/// directory the kernel has looked up and one per open file.
+pub fn raise_fd_limit() {
+    let mut lim = MaybeUninit::<libc::rlimit>::uninit();
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()) } == 0 {
+        // SAFETY: getrlimit succeeded.
+        let mut lim = unsafe { lim.assume_init() };
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: valid pointer; failure only leaves the old limit in place.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
+
+/// `umount2(path)`, lazily (`MNT_DETACH`) if asked.
+pub fn umount(path: &Path, lazy: bool) -> io::Result<()> {
+    let c = cstr(path.as_os_str())?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: valid string.
+    check(unsafe { libc::umount2(c.as_ptr(), flags) })
+}

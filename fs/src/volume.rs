@@ -1,0 +1,813 @@
+//! The volume core: every filesystem operation, served relative to the directory fd
+//! opened before the mount, returning plain structs and `fs::Error`. No fuser types
+//! here, so the core can be driven by tests without a kernel.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::SystemTime;
+
+use crate::change::{AttrChange, Change, ChangeKind, ChangeSink};
+use crate::error::{Error, Result};
+use crate::inode::{Table, ROOT};
+use crate::sys::{self, At, Stat};
+
+/// `FUSE_SUPER_MAGIC`: the directory is already a FUSE mount (twinfs running twice).
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// A volume's role: the active node takes local writes, a standby refuses them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Local processes may write; every change is recorded.
+    Active,
+    /// Local processes may only read: every write-type operation fails with `EROFS`.
+    Standby,
+}
+
+impl Role {
+    /// "active" or "standby".
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+/// Attributes of one inode, with the FUSE inode number.
+#[derive(Clone, Copy)]
+pub struct Attr {
+    /// FUSE inode number.
+    pub ino: u64,
+    /// The backing file's `stat`.
+    pub st: Stat,
+}
+
+/// The process on whose behalf a node is created: it becomes the owner.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    /// Effective user id.
+    pub uid: u32,
+    /// Effective group id.
+    pub gid: u32,
+}
+
+/// A time to set with `setattr`.
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    /// The current time.
+    Now,
+    /// A given time.
+    At(SystemTime),
+}
+
+/// The attributes a `setattr` changes; `None` leaves one as it is.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    /// New permission bits (with file type bits masked off by the volume).
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size.
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<SetTime>,
+    /// New modification time.
+    pub mtime: Option<SetTime>,
+    /// The open file the change came through (`ftruncate`, `futimens`), if any.
+    pub fh: Option<u64>,
+}
+
+/// A file opened through the volume.
+pub struct OpenFile {
+    /// FUSE inode number.
+    pub ino: u64,
+    /// Our own fd of the backing file (also registered for passthrough).
+    pub fd: OwnedFd,
+    /// Opened for writing (or with `O_TRUNC`): its close is a change.
+    pub writable: bool,
+}
+
+/// One entry of a directory listing.
+pub struct DirEntry {
+    /// Inode number to show (the FUSE number if known, else the backing one).
+    pub ino: u64,
+    /// `DT_*` type.
+    pub kind: u8,
+    /// Name.
+    pub name: OsString,
+}
+
+/// Counters for status.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VolumeStats {
+    /// Inodes the kernel holds.
+    pub inodes: usize,
+    /// Files open.
+    pub open_files: usize,
+    /// Of which opened for writing.
+    pub open_for_write: usize,
+}
+
+/// One in-place volume: the directory fd it serves and the state of its inodes and
+/// open files.
+pub struct Volume {
+    path: PathBuf,
+    root: Arc<OwnedFd>,
+    table: RwLock<Table>,
+    files: RwLock<HashMap<u64, Arc<OpenFile>>>,
+    dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
+    next_fh: AtomicU64,
+    role: AtomicU8,
+    passthrough: AtomicBool,
+    sink: Arc<dyn ChangeSink>,
+}
+
+fn enoent() -> Error {
+    Error::from_errno(libc::ENOENT)
+}
+
+/// Where an inode lives: its own fd (directories) or a name in its parent's fd.
+struct Location {
+    dir: Arc<OwnedFd>,
+    name: Option<OsString>,
+}
+
+impl Location {
+    fn at(&self) -> At<'_> {
+        match &self.name {
+            Some(name) => At::Entry(self.dir.as_fd(), name),
+            None => At::Fd(self.dir.as_fd()),
+        }
+    }
+}
+
+fn timespec(t: Option<SetTime>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(SetTime::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(SetTime::At(t)) => {
+            let (sec, nsec) = match t.duration_since(SystemTime::UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Err(e) => {
+                    // Before 1970: negative seconds, positive nanoseconds.
+                    let d = e.duration();
+                    if d.subsec_nanos() == 0 {
+                        (-(d.as_secs() as i64), 0)
+                    } else {
+                        (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos() as i64)
+                    }
+                }
+            };
+            libc::timespec {
+                tv_sec: sec,
+                tv_nsec: nsec,
+            }
+        }
+    }
+}
+
+impl Volume {
+    /// Opens the directory `path` (before anything is mounted on it) as a volume.
+    /// Refuses a directory that is already a FUSE mount.
+    pub fn new(path: &Path, role: Role, sink: Arc<dyn ChangeSink>) -> Result<Volume> {
+        let root = sys::open_dir_path(path)?;
+        let fs = sys::fstatfs(root.as_fd())?;
+        if fs.f_type as i64 == FUSE_SUPER_MAGIC {
+            return Err(Error::from_errno(libc::EBUSY));
+        }
+        let st = sys::fstat(root.as_fd())?;
+        let root = Arc::new(root);
+        let table = Table::new(root.clone(), (st.st_dev, st.st_ino));
+        Ok(Volume {
+            path: path.to_owned(),
+            root,
+            table: RwLock::new(table),
+            files: RwLock::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            role: AtomicU8::new(role as u8),
+            passthrough: AtomicBool::new(false),
+            sink,
+        })
+    }
+
+    /// The directory this volume serves.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The fd of the underlying directory (not the mount on top of it).
+    pub fn root_fd(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        if self.role.load(Ordering::Acquire) == Role::Standby as u8 {
+            Role::Standby
+        } else {
+            Role::Active
+        }
+    }
+
+    /// Switches the role at once, without remounting. Open handles stay open.
+    pub fn set_role(&self, role: Role) {
+        self.role.store(role as u8, Ordering::Release);
+    }
+
+    /// Whether open files are served by FUSE passthrough.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Records whether the kernel accepted passthrough.
+    pub fn set_passthrough(&self, on: bool) {
+        self.passthrough.store(on, Ordering::Relaxed);
+    }
+
+    /// Counters for status.
+    pub fn stats(&self) -> VolumeStats {
+        let files = self.read_files();
+        VolumeStats {
+            inodes: self.read_table().len(),
+            open_files: files.len(),
+            open_for_write: files.values().filter(|f| f.writable).count(),
+        }
+    }
+
+    fn read_table(&self) -> RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_table(&self) -> RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read_files(&self) -> RwLockReadGuard<'_, HashMap<u64, Arc<OpenFile>>> {
+        self.files.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn writable(&self) -> Result<()> {
+        match self.role() {
+            Role::Active => Ok(()),
+            Role::Standby => Err(Error::ReadOnly),
+        }
+    }
+
+    fn record(&self, ino: u64, kind: ChangeKind) {
+        let path = self.read_table().path(ino);
+        if let Some(path) = path {
+            self.emit(path, kind);
+        }
+    }
+
+    fn record_entry(&self, parent: u64, name: &OsStr, kind: ChangeKind) {
+        let path = self.read_table().path(parent);
+        if let Some(path) = path {
+            self.emit(path.join(name), kind);
+        }
+    }
+
+    fn emit(&self, path: PathBuf, kind: ChangeKind) {
+        tracing::trace!(path = %path.display(), kind = kind.name(), "change");
+        self.sink.record(Change { path, kind });
+    }
+
+    /// The relative path of an inode, if it still has a name.
+    pub fn path_of(&self, ino: u64) -> Option<PathBuf> {
+        self.read_table().path(ino)
+    }
+
+    /// The inode of a relative path, if the kernel currently holds every component.
+    pub fn ino_of(&self, path: &Path) -> Option<(u64, u64)> {
+        let table = self.read_table();
+        let mut parent = ROOT;
+        let mut ino = ROOT;
+        for part in path.components() {
+            parent = ino;
+            ino = table.entry(parent, part.as_os_str())?;
+        }
+        Some((parent, ino))
+    }
+
+    /// Forgets the kernel-visible name `name` in `parent` after the directory changed
+    /// underneath (the standby's apply); the next lookup sees the new file.
+    pub fn forget_entry(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        self.write_table().drop_link(parent, name)
+    }
+
+    fn dir_fd(&self, ino: u64) -> Result<Arc<OwnedFd>> {
+        let table = self.read_table();
+        let node = table.get(ino).ok_or(Error::Stale("inode"))?;
+        match &node.dir {
+            Some(fd) => Ok(fd.clone()),
+            None => Err(Error::from_errno(libc::ENOTDIR)),
+        }
+    }
+
+    fn locate(&self, ino: u64) -> Result<Location> {
+        let table = self.read_table();
+        let node = table.get(ino).ok_or(Error::Stale("inode"))?;
+        if let Some(fd) = &node.dir {
+            return Ok(Location {
+                dir: fd.clone(),
+                name: None,
+            });
+        }
+        let (parent, name) = node.links.first().ok_or_else(enoent)?;
+        let dir = table
+            .get(*parent)
+            .and_then(|p| p.dir.clone())
+            .ok_or(Error::Stale("parent"))?;
+        Ok(Location {
+            dir,
+            name: Some(name.clone()),
+        })
+    }
+
+    fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
+        self.read_files()
+            .get(&fh)
+            .cloned()
+            .ok_or(Error::Stale("file handle"))
+    }
+
+    /// Registers (`parent`, `name`) with the table after a lookup or a create.
+    fn remember(&self, parent: u64, dir: &OwnedFd, name: &OsStr, st: Stat) -> Result<Attr> {
+        let kind = st.st_mode & libc::S_IFMT;
+        let key = (st.st_dev, st.st_ino);
+        let known = self.read_table().by_key(key);
+        let (dir_fd, st) = if kind == libc::S_IFDIR && known.is_none() {
+            let fd = sys::openat(dir.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            // The fd is the truth: re-stat it in case the entry changed in between.
+            let st = sys::fstat(fd.as_fd())?;
+            (Some(Arc::new(fd)), st)
+        } else {
+            (None, st)
+        };
+        let ino = self.write_table().remember(
+            parent,
+            name,
+            (st.st_dev, st.st_ino),
+            st.st_mode & libc::S_IFMT,
+            dir_fd,
+        );
+        Ok(Attr { ino, st })
+    }
+
+    /// Makes a node created by root belong to the caller, as a native create would.
+    fn own(&self, dir: &OwnedFd, name: &OsStr, mut st: Stat, caller: Caller) -> Result<Stat> {
+        let parent = sys::fstat(dir.as_fd())?;
+        let gid = if parent.st_mode & libc::S_ISGID != 0 {
+            parent.st_gid
+        } else {
+            caller.gid
+        };
+        if st.st_uid != caller.uid || st.st_gid != gid {
+            let at = At::Entry(dir.as_fd(), name);
+            at.chown(Some(caller.uid), Some(gid))?;
+            st = at.stat()?;
+        }
+        Ok(st)
+    }
+
+    /// Looks up `name` in `parent`.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        let dir = self.dir_fd(parent)?;
+        let st = sys::statat(dir.as_fd(), name)?;
+        self.remember(parent, &dir, name, st)
+    }
+
+    /// Takes back `n` kernel lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.write_table().forget(ino, n);
+    }
+
+    /// Attributes of `ino`, through the open file `fh` if given (works after unlink).
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
+        if let Some(fh) = fh {
+            if let Ok(file) = self.file(fh) {
+                return Ok(Attr {
+                    ino,
+                    st: sys::fstat(file.fd.as_fd())?,
+                });
+            }
+        }
+        let loc = self.locate(ino)?;
+        Ok(Attr {
+            ino,
+            st: loc.at().stat()?,
+        })
+    }
+
+    /// Changes attributes: owner first, then mode, size and times, in the order
+    /// `chown` clearing set-id bits needs.
+    pub fn setattr(&self, ino: u64, set: SetAttr) -> Result<Attr> {
+        self.writable()?;
+        let loc = self.locate(ino)?;
+        let at = loc.at();
+        let file = match set.fh {
+            Some(fh) => self.file(fh).ok(),
+            None => None,
+        };
+        if set.uid.is_some() || set.gid.is_some() {
+            at.chown(set.uid, set.gid)?;
+        }
+        if let Some(mode) = set.mode {
+            at.chmod(mode & 0o7777)?;
+        }
+        if let Some(size) = set.size {
+            match &file {
+                Some(f) => sys::ftruncate(f.fd.as_fd(), size)?,
+                None => {
+                    let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EISDIR))?;
+                    let fd = sys::openat(loc.dir.as_fd(), name, libc::O_WRONLY, 0)?;
+                    sys::ftruncate(fd.as_fd(), size)?;
+                }
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            at.utimens(&[timespec(set.atime), timespec(set.mtime)])?;
+        }
+        let st = match &file {
+            Some(f) => sys::fstat(f.fd.as_fd())?,
+            None => at.stat()?,
+        };
+        let change = AttrChange {
+            times: set.atime.is_some() || set.mtime.is_some(),
+            mode: set.mode.is_some(),
+            owner: set.uid.is_some() || set.gid.is_some(),
+            size: set.size.is_some(),
+        };
+        if change != AttrChange::default() {
+            self.record(ino, ChangeKind::Attr(change));
+        }
+        Ok(Attr { ino, st })
+    }
+
+    /// The target of a symlink.
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let loc = self.locate(ino)?;
+        let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EINVAL))?;
+        Ok(sys::readlinkat(loc.dir.as_fd(), name)?)
+    }
+
+    /// Creates a fifo, socket or device node.
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u64,
+        caller: Caller,
+    ) -> Result<Attr> {
+        self.writable()?;
+        sys::clear_thread_umask();
+        let dir = self.dir_fd(parent)?;
+        sys::mknodat(dir.as_fd(), name, mode, rdev)?;
+        let st = self.own(&dir, name, sys::statat(dir.as_fd(), name)?, caller)?;
+        let attr = self.remember(parent, &dir, name, st)?;
+        self.record(attr.ino, ChangeKind::Mknod);
+        Ok(attr)
+    }
+
+    /// Creates a directory.
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
+        self.writable()?;
+        sys::clear_thread_umask();
+        let dir = self.dir_fd(parent)?;
+        sys::mkdirat(dir.as_fd(), name, mode)?;
+        let st = self.own(&dir, name, sys::statat(dir.as_fd(), name)?, caller)?;
+        let attr = self.remember(parent, &dir, name, st)?;
+        self.record(attr.ino, ChangeKind::Mkdir);
+        Ok(attr)
+    }
+
+    /// Creates a symlink.
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &OsStr,
+        caller: Caller,
+    ) -> Result<Attr> {
+        self.writable()?;
+        let dir = self.dir_fd(parent)?;
+        sys::symlinkat(target, dir.as_fd(), name)?;
+        let st = self.own(&dir, name, sys::statat(dir.as_fd(), name)?, caller)?;
+        let attr = self.remember(parent, &dir, name, st)?;
+        self.record(attr.ino, ChangeKind::Symlink);
+        Ok(attr)
+    }
+
+    /// Removes a non-directory.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let dir = self.dir_fd(parent)?;
+        sys::unlinkat(dir.as_fd(), name, 0)?;
+        self.write_table().drop_link(parent, name);
+        self.record_entry(parent, name, ChangeKind::Unlink);
+        Ok(())
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let dir = self.dir_fd(parent)?;
+        sys::unlinkat(dir.as_fd(), name, libc::AT_REMOVEDIR)?;
+        self.write_table().drop_link(parent, name);
+        self.record_entry(parent, name, ChangeKind::Rmdir);
+        Ok(())
+    }
+
+    /// Renames, with `RENAME_NOREPLACE`/`RENAME_EXCHANGE` flags as given.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        self.writable()?;
+        let from_dir = self.dir_fd(parent)?;
+        let to_dir = self.dir_fd(newparent)?;
+        sys::renameat2(from_dir.as_fd(), name, to_dir.as_fd(), newname, flags)?;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let from = self.read_table().path(parent).map(|p| p.join(name));
+        self.write_table()
+            .rename(parent, name, newparent, newname, exchange);
+        if let Some(from) = from {
+            self.record_entry(newparent, newname, ChangeKind::Rename { from, exchange });
+        }
+        Ok(())
+    }
+
+    /// Creates a hard link to `ino` at (`newparent`, `newname`).
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        self.writable()?;
+        let loc = self.locate(ino)?;
+        let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EPERM))?;
+        let to_dir = self.dir_fd(newparent)?;
+        sys::linkat(loc.dir.as_fd(), name, to_dir.as_fd(), newname)?;
+        let existing = self.read_table().path(ino);
+        let st = sys::statat(to_dir.as_fd(), newname)?;
+        let attr = self.remember(newparent, &to_dir, newname, st)?;
+        if let Some(existing) = existing {
+            self.record(attr.ino, ChangeKind::Link { existing });
+        }
+        Ok(attr)
+    }
+
+    fn add_file(&self, ino: u64, fd: OwnedFd, writable: bool) -> (u64, Arc<OpenFile>) {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let file = Arc::new(OpenFile { ino, fd, writable });
+        self.files
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, file.clone());
+        (fh, file)
+    }
+
+    fn open_flags(flags: i32) -> (i32, bool) {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        // The kernel already handled O_CREAT/O_EXCL; O_DIRECT would impose alignment on
+        // our own buffers in the non-passthrough path.
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT);
+        (flags, writable)
+    }
+
+    /// Opens `ino` with `flags`; returns the handle and the open file.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<(u64, Arc<OpenFile>)> {
+        let (flags, writable) = Self::open_flags(flags);
+        if writable {
+            self.writable()?;
+        }
+        let loc = self.locate(ino)?;
+        let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EISDIR))?;
+        let fd = sys::openat(loc.dir.as_fd(), name, flags, 0)?;
+        Ok(self.add_file(ino, fd, writable))
+    }
+
+    /// Creates and opens a regular file.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(Attr, u64, Arc<OpenFile>)> {
+        self.writable()?;
+        sys::clear_thread_umask();
+        let dir = self.dir_fd(parent)?;
+        let (plain, _) = Self::open_flags(flags);
+        let (fd, created) = match sys::openat(
+            dir.as_fd(),
+            name,
+            plain | libc::O_CREAT | libc::O_EXCL,
+            mode & 0o7777,
+        ) {
+            Ok(fd) => (fd, true),
+            // Someone created it between the kernel's lookup and now: open it as is.
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+                (sys::openat(dir.as_fd(), name, plain, 0)?, false)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut st = sys::fstat(fd.as_fd())?;
+        if created {
+            st = self.own(&dir, name, st, caller)?;
+        }
+        let attr = self.remember(parent, &dir, name, st)?;
+        if created {
+            self.record(attr.ino, ChangeKind::Create);
+        }
+        let (fh, file) = self.add_file(attr.ino, fd, true);
+        Ok((attr, fh, file))
+    }
+
+    /// Reads up to `size` bytes at `offset` (the non-passthrough path).
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let file = self.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::pread(file.fd.as_fd(), &mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset` (the non-passthrough path).
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        self.writable()?;
+        let file = self.file(fh)?;
+        Ok(sys::pwrite(file.fd.as_fd(), data, offset)?)
+    }
+
+    /// `fsync`/`fdatasync` of an open file; a change like a close after writing.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        let file = self.file(fh)?;
+        sys::fsync(file.fd.as_fd(), datasync)?;
+        if file.writable && self.role() == Role::Active {
+            self.record(file.ino, ChangeKind::Write);
+        }
+        Ok(())
+    }
+
+    /// Closes an open file: a file that was opened for writing is one change.
+    pub fn release(&self, fh: u64) -> Result<Arc<OpenFile>> {
+        let file = self
+            .files
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh)
+            .ok_or(Error::Stale("file handle"))?;
+        if file.writable {
+            self.record(file.ino, ChangeKind::Write);
+        }
+        Ok(file)
+    }
+
+    /// `fallocate` on an open file.
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        self.writable()?;
+        let file = self.file(fh)?;
+        Ok(sys::fallocate(file.fd.as_fd(), mode, offset, length)?)
+    }
+
+    /// `lseek` on an open file (for `SEEK_DATA`/`SEEK_HOLE`).
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let file = self.file(fh)?;
+        Ok(sys::lseek(file.fd.as_fd(), offset, whence)?)
+    }
+
+    /// Opens a directory for listing; the listing is read now and again on rewind.
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let entries = self.list(ino)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, entries);
+        Ok(fh)
+    }
+
+    fn list(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let dir = self.dir_fd(ino)?;
+        let st = sys::fstat(dir.as_fd())?;
+        let raw = sys::read_dir(dir.as_fd())?;
+        let table = self.read_table();
+        let parent_ino = table
+            .get(ino)
+            .and_then(|n| n.links.first())
+            .map(|l| l.0)
+            .unwrap_or(ROOT);
+        let mut out = Vec::with_capacity(raw.len() + 2);
+        out.push(DirEntry {
+            ino,
+            kind: libc::DT_DIR,
+            name: ".".into(),
+        });
+        out.push(DirEntry {
+            ino: parent_ino,
+            kind: libc::DT_DIR,
+            name: "..".into(),
+        });
+        for e in raw {
+            let ino = table.by_key((st.st_dev, e.ino)).unwrap_or(e.ino);
+            out.push(DirEntry {
+                ino,
+                kind: e.kind,
+                name: e.name,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Calls `add(offset_of_next, entry)` for entries from `offset` on until it returns
+    /// true (reply buffer full). Offset 0 re-reads the directory (rewinddir).
+    pub fn readdir(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, &DirEntry) -> bool,
+    ) -> Result<()> {
+        if offset == 0 {
+            let fresh = self.list(ino)?;
+            self.dirs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(fh, fresh);
+        }
+        let dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = dirs.get(&fh).ok_or(Error::Stale("file handle"))?;
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            if add(i as u64 + 1, e) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes a directory handle.
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh);
+    }
+
+    /// `fsync` of a directory.
+    pub fn fsyncdir(&self, ino: u64, datasync: bool) -> Result<()> {
+        let dir = self.dir_fd(ino)?;
+        let fd = sys::reopen_dir(dir.as_fd())?;
+        Ok(sys::fsync(fd.as_fd(), datasync)?)
+    }
+
+    /// `statfs` of the underlying filesystem.
+    pub fn statfs(&self) -> Result<libc::statfs> {
+        Ok(sys::fstatfs(self.root.as_fd())?)
+    }
+
+    /// Sets an extended attribute.
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        self.writable()?;
+        let loc = self.locate(ino)?;
+        loc.at().setxattr(name, value, flags)?;
+        self.record(ino, ChangeKind::Xattr);
+        Ok(())
+    }
+
+    /// Reads an extended attribute into `buf` (or returns its size for an empty buffer).
+    pub fn getxattr(&self, ino: u64, name: &OsStr, buf: &mut [u8]) -> Result<usize> {
+        let loc = self.locate(ino)?;
+        Ok(loc.at().getxattr(name, buf)?)
+    }
+
+    /// Lists extended attribute names into `buf` (or returns the size).
+    pub fn listxattr(&self, ino: u64, buf: &mut [u8]) -> Result<usize> {
+        let loc = self.locate(ino)?;
+        Ok(loc.at().listxattr(buf)?)
+    }
+
+    /// Removes an extended attribute.
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let loc = self.locate(ino)?;
+        loc.at().removexattr(name)?;
+        self.record(ino, ChangeKind::Xattr);
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! Real twinfs daemons as child processes.

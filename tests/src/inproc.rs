@@ -1,0 +1,99 @@
+//! A volume mounted in this test process, with a recording change sink.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use twinfs_fs::{Change, ChangeSink, MountOptions, Mounted, Role, Volume};
+
+/// A change sink that keeps every record for the test to inspect.
+#[derive(Default)]
+pub struct Recorder {
+    changes: Mutex<Vec<Change>>,
+}
+
+impl ChangeSink for Recorder {
+    fn record(&self, change: Change) {
+        self.changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(change);
+    }
+}
+
+impl Recorder {
+    /// Takes the records so far.
+    pub fn take(&self) -> Vec<Change> {
+        std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A scratch directory mounted in place through twinfs; unmounted on drop, even when
+/// the test fails.
+pub struct MountedDir {
+    /// Holds the scratch directory alive.
+    _scratch: tempfile::TempDir,
+    /// The mounted directory.
+    pub path: PathBuf,
+    /// Records of every change.
+    pub recorder: Arc<Recorder>,
+    mounted: Option<Mounted>,
+}
+
+impl MountedDir {
+    /// Mounts a fresh empty directory, filled first by `fill` (before the mount).
+    pub fn new(passthrough: bool, fill: impl FnOnce(&Path)) -> MountedDir {
+        crate::require_fuse();
+        let scratch = tempfile::Builder::new()
+            .prefix("twinfs-test-")
+            .tempdir()
+            .expect("scratch dir");
+        let path = scratch.path().join("vol");
+        std::fs::create_dir(&path).expect("mkdir vol");
+        fill(&path);
+        let recorder = Arc::new(Recorder::default());
+        let volume = Volume::new(&path, Role::Active, recorder.clone()).expect("open volume");
+        let options = MountOptions {
+            name: "test".into(),
+            passthrough,
+            threads: 2,
+        };
+        let mounted = Mounted::mount(Arc::new(volume), &options).expect("mount");
+        MountedDir {
+            _scratch: scratch,
+            path,
+            recorder,
+            mounted: Some(mounted),
+        }
+    }
+
+    /// The mounted volume.
+    pub fn mounted(&self) -> &Mounted {
+        self.mounted.as_ref().expect("mounted")
+    }
+
+    /// The volume core.
+    pub fn volume(&self) -> &Volume {
+        self.mounted().volume()
+    }
+
+    /// Unmounts now (the directory stays).
+    pub fn unmount(&mut self) {
+        if let Some(m) = self.mounted.take() {
+            m.unmount(Duration::from_secs(10)).expect("unmount");
+        }
+    }
+}
+
+impl Drop for MountedDir {
+    fn drop(&mut self) {
+        if let Some(m) = self.mounted.take() {
+            if m.unmount(Duration::from_secs(10)).is_err() {
+                crate::force_unmount(&self.path);
+            }
+        }
+        if crate::is_mounted(&self.path) {
+            crate::force_unmount(&self.path);
+        }
+    }
+}
