@@ -1,1 +1,242 @@
-fn main() {}
+//! The `twinfs` command: identity, the daemon, and the commands that talk to it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use twinfs_tools::config::{Config, Role};
+use twinfs_tools::control::{self, NodeStatus, Request, Response};
+use twinfs_tools::daemon::{self, DaemonOptions};
+use twinfs_tools::identity::Identity;
+
+/// The default configuration file.
+const DEFAULT_CONFIG: &str = "/etc/twinfs/twinfs.toml";
+
+/// twinfs keeps a management node's directories (/etc/cmm, /etc/xcat, a switch's
+/// config) identical on a standby node, through a FUSE mount in place.
+#[derive(Parser, Debug)]
+#[command(name = "twinfs", version, propagate_version = true)]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, value_name = "FILE", env = "TWINFS_CONFIG", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create this node's identity (key pair and self-signed certificate in the state
+    /// directory) and print its node ID, to paste into the other nodes' [[peer]] node_id.
+    /// Run again, it keeps the identity and prints the same ID.
+    Init,
+    /// Run the daemon in the foreground: mount every volume in place, serve the control
+    /// socket, unmount cleanly on SIGINT/SIGTERM. Logs go to stderr; set TWINFS_LOG
+    /// (e.g. "debug" or "twinfs_replicator=debug") to choose what is logged.
+    Mount {
+        /// Do not use FUSE passthrough for open files, even where the kernel offers it
+        /// (every read and write then goes through twinfs).
+        #[arg(long)]
+        no_passthrough: bool,
+        /// FUSE worker threads per volume.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        threads: u16,
+    },
+    /// Show what the running daemon serves: per volume its path, role, mount state,
+    /// passthrough, and the changes captured per policy.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch a volume of the running daemon to active (read-write) or standby
+    /// (read-only) at once, without remounting. An admin command; promote and demote
+    /// will do this with the safety checks of a failover.
+    Role {
+        /// The volume's name.
+        volume: String,
+        /// The new role.
+        role: RoleArg,
+    },
+    /// Work with the configuration file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate the configuration file without mounting anything; errors name the
+    /// file, the line and the key.
+    Check,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RoleArg {
+    /// Read-write; changes are captured.
+    Active,
+    /// Read-only for local processes (EROFS).
+    Standby,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TWINFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twinfs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init => {
+            let config = load(&cli.config)?;
+            let (identity, created) =
+                Identity::load_or_create(&config.node.state_dir, &config.node.name)?;
+            eprintln!(
+                "{} identity of node {} in {}",
+                if created { "created" } else { "kept the existing" },
+                config.node.name,
+                config.node.state_dir.display()
+            );
+            println!("node_id = \"{}\"", identity.node_id());
+            Ok(())
+        }
+        Command::Mount {
+            no_passthrough,
+            threads,
+        } => {
+            let config = load(&cli.config)?;
+            init_logging();
+            daemon::run(
+                config,
+                DaemonOptions {
+                    passthrough: !no_passthrough,
+                    threads: usize::from(threads),
+                },
+            )
+        }
+        Command::Status { json } => {
+            let config = load(&cli.config)?;
+            let status = match ask(&config, &Request::Status)? {
+                Response::Status(s) => s,
+                other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Role { volume, role } => {
+            let config = load(&cli.config)?;
+            let role = match role {
+                RoleArg::Active => Role::Active,
+                RoleArg::Standby => Role::Standby,
+            };
+            match ask(&config, &Request::Role { volume, role })? {
+                Response::Done(message) => {
+                    println!("{message}");
+                    Ok(())
+                }
+                other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+            }
+        }
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            let config = load(&cli.config)?;
+            println!(
+                "{}: OK: node {}, {} peer(s), {} volume(s)",
+                config.source.display(),
+                config.node.name,
+                config.peers.len(),
+                config.volumes.len()
+            );
+            for v in &config.volumes {
+                println!(
+                    "  volume {} at {} ({}, {}), {} rule(s)",
+                    v.name,
+                    v.path.display(),
+                    v.initial_role,
+                    v.durability,
+                    v.policies.rules().len()
+                );
+                for r in v.policies.rules() {
+                    let p = r.policy();
+                    println!(
+                        "    {:<24} {} priority {}",
+                        r.pattern(),
+                        describe_sync(p.sync),
+                        p.priority.get()
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn describe_sync(sync: twinfs_replicator::policy::SyncMode) -> String {
+    match sync {
+        twinfs_replicator::policy::SyncMode::Interval(d) => {
+            format!("interval {}", humantime::format_duration(d))
+        }
+        other => other.name().to_owned(),
+    }
+}
+
+fn ask(config: &Config, request: &Request) -> anyhow::Result<Response> {
+    let response = control::call(
+        &config.node.control_socket,
+        request,
+        Duration::from_secs(30),
+    )
+    .context("cannot reach the daemon")?;
+    if let Response::Error(e) = response {
+        anyhow::bail!("{e}");
+    }
+    Ok(response)
+}
+
+fn print_status(s: &NodeStatus) {
+    println!("node {} (daemon pid {})", s.node, s.pid);
+    println!(
+        "{:<12} {:<8} {:<8} {:<12} {:>6} {:>22}  PATH",
+        "VOLUME", "ROLE", "MOUNTED", "PASSTHROUGH", "EPOCH", "CHANGES alw/once/int/nev"
+    );
+    for v in &s.volumes {
+        let c = &v.changes;
+        println!(
+            "{:<12} {:<8} {:<8} {:<12} {:>6} {:>22}  {}",
+            v.name,
+            v.role.name(),
+            if v.mounted { "yes" } else { "NO" },
+            if v.passthrough { "on" } else { "off" },
+            v.epoch,
+            format!("{}/{}/{}/{}", c.always, c.once, c.interval, c.never),
+            v.path.display()
+        );
+    }
+}

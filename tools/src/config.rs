@@ -1,0 +1,775 @@
+//! The configuration file (`twinfs.toml`): parsed once into typed structs and
+//! validated, with every error pointing at `<file>:<line>: <key>`.
+//!
+//! ```toml
+//! [node]                              # optional, as is each key in it
+//! name = "cmm-a"                      # default: the hostname
+//! listen = "0.0.0.0:7790"             # default
+//! state_dir = "/var/lib/twinfs"       # default
+//! control_socket = "/var/lib/twinfs/control.sock"  # default: <state_dir>/control.sock
+//!
+//! [[peer]]                            # zero or more
+//! name = "cmm-b"
+//! address = "cmm-b:7790"              # host:port
+//! node_id = "5f1c...e2"               # SHA-256 of the peer's certificate, 64 hex digits
+//!
+//! [[volume]]                          # zero or more
+//! name = "cmm"                        # letters, digits, '_', '.', '-'; unique
+//! path = "/etc/cmm"                   # an existing directory, absolute
+//! initial_role = "active"             # or "standby"; default "active"
+//! durability = "async"                # or "sync"; default "async"
+//! sync_timeout = "10s"                # default 10s
+//!
+//! [[volume.rule]]                     # zero or more, first match wins
+//! match = "*.sif"                     # glob, see twinfs_replicator::policy
+//! sync = "interval"                   # always | once | interval | never
+//! interval = "1h"                     # with sync = "interval" only, and then required
+//! priority = 1                        # 1 (must sync) or 2 (default)
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+use twinfs_replicator::policy::{Policy, PolicySet, Priority, Rule, SyncMode};
+
+use crate::identity::NodeId;
+
+/// The port twinfs listens on when `node.listen` is not set.
+pub const DEFAULT_PORT: u16 = 7790;
+/// The state directory when `node.state_dir` is not set.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/twinfs";
+/// How long a sync write waits for the standbys when `sync_timeout` is not
+/// set.
+pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// The name of the control socket in the state directory.
+const CONTROL_SOCKET_NAME: &str = "control.sock";
+
+/// A validated configuration file.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from.
+    pub source: PathBuf,
+    /// This node.
+    pub node: NodeConfig,
+    /// The other nodes.
+    pub peers: Vec<PeerConfig>,
+    /// The replicated directories.
+    pub volumes: Vec<VolumeConfig>,
+}
+
+/// The `[node]` table, defaults filled in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// This node's name; the hostname unless set.
+    pub name: String,
+    /// Where peers connect.
+    pub listen: SocketAddr,
+    /// Where the identity and the volume states are kept (absolute).
+    pub state_dir: PathBuf,
+    /// The socket the command-line tool talks to the daemon through
+    /// (absolute).
+    pub control_socket: PathBuf,
+}
+
+/// One `[[peer]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The peer's name, for logs and commands.
+    pub name: String,
+    /// `host:port` to connect to; the host may be a name, resolved when
+    /// connecting.
+    pub address: String,
+    /// The peer's certificate must hash to this.
+    pub node_id: NodeId,
+}
+
+/// One `[[volume]]`.
+#[derive(Clone, Debug)]
+pub struct VolumeConfig {
+    /// The volume's name, unique in the file.
+    pub name: String,
+    /// The directory replicated (absolute, existed at validation).
+    pub path: PathBuf,
+    /// The role on the very first start; later the persisted role wins.
+    pub initial_role: Role,
+    /// Whether writes wait for the standbys.
+    pub durability: Durability,
+    /// How long a sync write waits for the standbys.
+    pub sync_timeout: Duration,
+    /// The `[[volume.rule]]`s, in order.
+    pub policies: PolicySet,
+}
+
+/// Whether a node serves writes for a volume or follows another node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Writes are allowed here and replicated to the standbys.
+    Active,
+    /// The volume is read-only here and follows the active node.
+    Standby,
+}
+
+impl Role {
+    /// The name used in the configuration and state files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// When a write on the active node returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// At once; the standbys catch up.
+    Async,
+    /// When the standbys have the change (for priority 1 paths), or at
+    /// `sync_timeout`.
+    Sync,
+}
+
+impl Durability {
+    /// The name used in the configuration file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Async => "async",
+            Durability::Sync => "sync",
+        }
+    }
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{}: cannot read: {source}", file.display())]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{}:{line}: {key}: {message}", file.display())]
+    Syntax {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// The key path of the table or key around the error, as far as it
+        /// can be told from the text (`volume[0].rule[1].sync`).
+        key: String,
+        /// The TOML parser's explanation.
+        message: String,
+    },
+    /// A key is unknown or missing, or a value has the wrong type or is not
+    /// acceptable.
+    #[error("{}:{line}: {key}: {message}", file.display())]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// The key path (`volume[0].rule[1].interval`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`, read from `source` (used in errors and
+    /// kept in [`Config::source`]). Checks that the volume directories exist.
+    pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
+        let doc = Document { file: source, text };
+        doc.deserialize()?.validate(&doc)
+    }
+}
+
+/// The text being parsed and its name, to turn byte offsets into errors.
+struct Document<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Document<'_> {
+    fn line(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        // Offsets from the parser are char boundaries; bytes are counted so
+        // that a bad one cannot panic.
+        1 + self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+    }
+
+    fn invalid(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            line: self.line(span.start),
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn deserialize(&self) -> Result<RawConfig, ConfigError> {
+        let deserializer =
+            toml::de::Deserializer::parse(self.text).map_err(|e| self.syntax_error(&e))?;
+        serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let message = e.inner().message().to_owned();
+            let mut key = key_path(e.path());
+            // The path of a missing key stops at the table that lacks it; the
+            // key's name is only in the message.
+            if let Some(name) = message
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split('`').next())
+            {
+                key = join_key(&key, name);
+            }
+            ConfigError::Invalid {
+                file: self.file.to_owned(),
+                line: e.inner().span().map_or(1, |s| self.line(s.start)),
+                key,
+                message,
+            }
+        })
+    }
+
+    fn syntax_error(&self, e: &toml::de::Error) -> ConfigError {
+        let offset = e.span().map_or(0, |s| s.start);
+        ConfigError::Syntax {
+            file: self.file.to_owned(),
+            line: self.line(offset),
+            key: key_near(self.text, offset),
+            message: e.message().to_owned(),
+        }
+    }
+}
+
+/// `volume[0].rule[1].interval` from serde's view of the path.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    let mut key = String::new();
+    for segment in path {
+        match segment {
+            serde_path_to_error::Segment::Seq { index } => key.push_str(&format!("[{index}]")),
+            // `toml::Spanned` wraps each value it locates in a map with
+            // private keys, which mean nothing to the user.
+            serde_path_to_error::Segment::Map { key: name }
+                if name.starts_with("$__serde_spanned_private") => {}
+            serde_path_to_error::Segment::Map { key: name }
+            | serde_path_to_error::Segment::Enum { variant: name } => {
+                key = join_key(&key, name);
+            }
+            serde_path_to_error::Segment::Unknown => key = join_key(&key, "?"),
+        }
+    }
+    if key.is_empty() {
+        "(top level)".to_owned()
+    } else {
+        key
+    }
+}
+
+/// `table.key`, or `key` at the top level.
+fn join_key(table: &str, key: &str) -> String {
+    if table.is_empty() || table == "(top level)" {
+        key.to_owned()
+    } else {
+        format!("{table}.{key}")
+    }
+}
+
+/// The key path at byte `offset` of a document that does not parse, from the
+/// table headers above it and the key on its line: `volume[1].rule[0].sync`.
+/// Only for pointing at syntax errors, so it reads headers line by line and
+/// does not try to understand multi-line values.
+fn key_near(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text.as_bytes()[..offset]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    // Elements seen so far of each array of tables, by dotted name.
+    let mut arrays: HashMap<String, usize> = HashMap::new();
+    let mut table = String::new();
+    for line in text[..line_start].lines().map(str::trim) {
+        if let Some(header) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            let name = dotted(header);
+            // A new element starts its nested arrays afresh: the first rule of
+            // the second volume is `volume[1].rule[0]`.
+            let nested = format!("{name}.");
+            arrays.retain(|k, _| !k.starts_with(&nested));
+            *arrays.entry(name.clone()).or_default() += 1;
+            table = indexed(&name, &arrays);
+        } else if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            table = indexed(&dotted(header), &arrays);
+        }
+    }
+    let error_line = text[line_start..].lines().next().unwrap_or_default();
+    let key = match error_line.split_once('=') {
+        Some((key, _)) if !error_line.trim_start().starts_with('[') => dotted(key),
+        _ => String::new(),
+    };
+    match (table.is_empty(), key.is_empty()) {
+        (true, true) => "(top level)".to_owned(),
+        (_, true) => table,
+        _ => join_key(&table, &key),
+    }
+}
+
+/// A dotted TOML key with the whitespace and quotes around its parts removed.
+fn dotted(key: &str) -> String {
+    key.split('.')
+        .map(|part| part.trim().trim_matches(|c| c == '"' || c == '\''))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// `name` with the index of the current element after each array of tables
+/// in it: `volume.rule` becomes `volume[1].rule[0]`.
+fn indexed(name: &str, arrays: &HashMap<String, usize>) -> String {
+    let mut prefix = String::new();
+    let mut out = String::new();
+    for part in name.split('.') {
+        if !prefix.is_empty() {
+            prefix.push('.');
+            out.push('.');
+        }
+        prefix.push_str(part);
+        out.push_str(part);
+        if let Some(count) = arrays.get(&prefix) {
+            out.push_str(&format!("[{}]", count.saturating_sub(1)));
+        }
+    }
+    out
+}
+
+/// The file as written. Fields that are checked after parsing keep their
+/// position, for the error message.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    node: RawNode,
+    #[serde(default)]
+    peer: Vec<RawPeer>,
+    #[serde(default)]
+    volume: Vec<RawVolume>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Option<Spanned<String>>,
+    listen: Option<Spanned<String>>,
+    state_dir: Option<Spanned<PathBuf>>,
+    control_socket: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    node_id: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: Spanned<String>,
+    path: Spanned<PathBuf>,
+    initial_role: Option<Role>,
+    durability: Option<Durability>,
+    sync_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    rule: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(rename = "match")]
+    pattern: Spanned<String>,
+    sync: Spanned<SyncName>,
+    interval: Option<Spanned<String>>,
+    priority: Option<Spanned<i64>>,
+}
+
+/// `sync` as written; the interval is a key of its own.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum SyncName {
+    Always,
+    Once,
+    Interval,
+    Never,
+}
+
+impl RawConfig {
+    fn validate(self, doc: &Document) -> Result<Config, ConfigError> {
+        let node = self.node.validate(doc)?;
+
+        let mut peers: Vec<PeerConfig> = Vec::with_capacity(self.peer.len());
+        for (i, raw) in self.peer.into_iter().enumerate() {
+            let name_span = raw.name.span();
+            let node_id_span = raw.node_id.span();
+            let peer = raw.validate(doc, i)?;
+            if let Some(j) = peers.iter().position(|p| p.name == peer.name) {
+                return Err(doc.invalid(
+                    name_span,
+                    &format!("peer[{i}].name"),
+                    format!("{:?} is already the name of peer[{j}]", peer.name),
+                ));
+            }
+            if let Some(j) = peers.iter().position(|p| p.node_id == peer.node_id) {
+                return Err(doc.invalid(
+                    node_id_span,
+                    &format!("peer[{i}].node_id"),
+                    format!("{} is already the node id of peer[{j}]", peer.node_id),
+                ));
+            }
+            peers.push(peer);
+        }
+
+        let mut volumes: Vec<VolumeConfig> = Vec::with_capacity(self.volume.len());
+        for (i, raw) in self.volume.into_iter().enumerate() {
+            let name_span = raw.name.span();
+            let path_span = raw.path.span();
+            let volume = raw.validate(doc, i)?;
+            if let Some(j) = volumes.iter().position(|v| v.name == volume.name) {
+                return Err(doc.invalid(
+                    name_span,
+                    &format!("volume[{i}].name"),
+                    format!("{:?} is already the name of volume[{j}]", volume.name),
+                ));
+            }
+            if let Some(j) = volumes.iter().position(|v| v.path == volume.path) {
+                return Err(doc.invalid(
+                    path_span,
+                    &format!("volume[{i}].path"),
+                    format!(
+                        "{} is already the path of volume[{j}]",
+                        volume.path.display()
+                    ),
+                ));
+            }
+            volumes.push(volume);
+        }
+
+        Ok(Config {
+            source: doc.file.to_owned(),
+            node,
+            peers,
+            volumes,
+        })
+    }
+}
+
+impl RawNode {
+    fn validate(self, doc: &Document) -> Result<NodeConfig, ConfigError> {
+        let name = match self.name {
+            Some(name) => {
+                check_name(&name, doc, "node.name")?;
+                name.into_inner()
+            }
+            None => hostname(doc)?,
+        };
+        let listen = match self.listen {
+            Some(listen) => listen.get_ref().parse().map_err(|_| {
+                doc.invalid(
+                    listen.span(),
+                    "node.listen",
+                    format!(
+                        "{:?} is not a socket address (expected e.g. \"0.0.0.0:{DEFAULT_PORT}\")",
+                        listen.get_ref()
+                    ),
+                )
+            })?,
+            None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+        };
+        let state_dir = match self.state_dir {
+            Some(dir) => absolute(dir, doc, "node.state_dir")?,
+            None => PathBuf::from(DEFAULT_STATE_DIR),
+        };
+        let control_socket = match self.control_socket {
+            Some(socket) => absolute(socket, doc, "node.control_socket")?,
+            None => state_dir.join(CONTROL_SOCKET_NAME),
+        };
+        Ok(NodeConfig {
+            name,
+            listen,
+            state_dir,
+            control_socket,
+        })
+    }
+}
+
+impl RawPeer {
+    fn validate(self, doc: &Document, i: usize) -> Result<PeerConfig, ConfigError> {
+        check_name(&self.name, doc, &format!("peer[{i}].name"))?;
+        if !is_host_port(self.address.get_ref()) {
+            return Err(doc.invalid(
+                self.address.span(),
+                &format!("peer[{i}].address"),
+                format!(
+                    "{:?} is not an address (expected host:port, e.g. \"cmm-b:{DEFAULT_PORT}\" \
+                     or \"10.0.0.2:{DEFAULT_PORT}\")",
+                    self.address.get_ref()
+                ),
+            ));
+        }
+        let node_id = self.node_id.get_ref().parse().map_err(|e| {
+            doc.invalid(
+                self.node_id.span(),
+                &format!("peer[{i}].node_id"),
+                format!("{:?} is not a node id: {e}", self.node_id.get_ref()),
+            )
+        })?;
+        Ok(PeerConfig {
+            name: self.name.into_inner(),
+            address: self.address.into_inner(),
+            node_id,
+        })
+    }
+}
+
+impl RawVolume {
+    fn validate(self, doc: &Document, i: usize) -> Result<VolumeConfig, ConfigError> {
+        let key = |name: &str| format!("volume[{i}].{name}");
+        check_name(&self.name, doc, &key("name"))?;
+        let path_span = self.path.span();
+        let path = absolute(self.path, doc, &key("path"))?;
+        let not_a_dir = |what: String| doc.invalid(path_span.clone(), &key("path"), what);
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(not_a_dir(format!("{} is not a directory", path.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(not_a_dir(format!("{} does not exist", path.display())))
+            }
+            Err(e) => return Err(not_a_dir(format!("{}: {e}", path.display()))),
+        }
+        let sync_timeout = match self.sync_timeout {
+            Some(timeout) => duration(&timeout, doc, &key("sync_timeout"))?,
+            None => DEFAULT_SYNC_TIMEOUT,
+        };
+        let rules = self
+            .rule
+            .into_iter()
+            .enumerate()
+            .map(|(j, rule)| rule.validate(doc, &format!("volume[{i}].rule[{j}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VolumeConfig {
+            name: self.name.into_inner(),
+            path,
+            initial_role: self.initial_role.unwrap_or(Role::Active),
+            durability: self.durability.unwrap_or(Durability::Async),
+            sync_timeout,
+            policies: PolicySet::new(rules),
+        })
+    }
+}
+
+impl RawRule {
+    fn validate(self, doc: &Document, key: &str) -> Result<Rule, ConfigError> {
+        let sync = match (*self.sync.get_ref(), &self.interval) {
+            (SyncName::Always, None) => SyncMode::Always,
+            (SyncName::Once, None) => SyncMode::Once,
+            (SyncName::Never, None) => SyncMode::Never,
+            (SyncName::Interval, Some(interval)) => {
+                SyncMode::Interval(duration(interval, doc, &format!("{key}.interval"))?)
+            }
+            (SyncName::Interval, None) => {
+                return Err(doc.invalid(
+                    self.sync.span(),
+                    &format!("{key}.interval"),
+                    "missing: sync = \"interval\" needs an interval (e.g. interval = \"1h\")",
+                ))
+            }
+            (_, Some(interval)) => {
+                return Err(doc.invalid(
+                    interval.span(),
+                    &format!("{key}.interval"),
+                    "only allowed with sync = \"interval\"",
+                ))
+            }
+        };
+        let priority = match self.priority {
+            Some(priority) => u8::try_from(*priority.get_ref())
+                .ok()
+                .and_then(|p| Priority::new(p).ok())
+                .ok_or_else(|| {
+                    doc.invalid(
+                        priority.span(),
+                        &format!("{key}.priority"),
+                        format!(
+                            "{} is not a priority (expected 1 = must sync, or 2 = normal)",
+                            priority.get_ref()
+                        ),
+                    )
+                })?,
+            None => Priority::NORMAL,
+        };
+        Rule::new(self.pattern.get_ref(), Policy { sync, priority })
+            .map_err(|e| doc.invalid(self.pattern.span(), &format!("{key}.match"), e.to_string()))
+    }
+}
+
+/// Whether `name` is a valid volume or node name: ASCII letters, digits, `_`,
+/// `.` and `-`, and not `.` or `..`, so that it can name files.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn check_name(name: &Spanned<String>, doc: &Document, key: &str) -> Result<(), ConfigError> {
+    if is_valid_name(name.get_ref()) {
+        return Ok(());
+    }
+    Err(doc.invalid(
+        name.span(),
+        key,
+        format!(
+            "{:?} is not a valid name (letters, digits, '_', '.' and '-' only)",
+            name.get_ref()
+        ),
+    ))
+}
+
+fn absolute(path: Spanned<PathBuf>, doc: &Document, key: &str) -> Result<PathBuf, ConfigError> {
+    if path.get_ref().is_absolute() {
+        return Ok(path.into_inner());
+    }
+    Err(doc.invalid(
+        path.span(),
+        key,
+        format!("{:?} is not an absolute path", path.get_ref()),
+    ))
+}
+
+fn duration(text: &Spanned<String>, doc: &Document, key: &str) -> Result<Duration, ConfigError> {
+    match humantime::parse_duration(text.get_ref()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(doc.invalid(text.span(), key, "must be longer than zero")),
+        Err(_) => Err(doc.invalid(
+            text.span(),
+            key,
+            format!(
+                "{:?} is not a duration (expected e.g. \"30s\", \"1h\")",
+                text.get_ref()
+            ),
+        )),
+    }
+}
+
+/// `host:port` with a non-empty host and a numeric port; an IPv6 host must be
+/// in brackets.
+fn is_host_port(address: &str) -> bool {
+    if address.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    match address.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.contains(|c: char| c == ':' || c.is_whitespace())
+                && port.parse::<u16>().is_ok()
+        }
+        None => false,
+    }
+}
+
+/// The hostname, as the default node name.
+fn hostname(doc: &Document) -> Result<String, ConfigError> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the pointer and length describe `buf`, which outlives the call.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    // No table to point at when `[node]` is absent, so point at the top.
+    let unusable = |why: String| doc.invalid(0..0, "node.name", why);
+    if rc != 0 {
+        return Err(unusable(format!(
+            "not set, and the hostname cannot be read: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..len]).into_owned();
+    if !is_valid_name(&name) {
+        return Err(unusable(format!(
+            "not set, and the hostname {name:?} is not a valid name; set node.name"
+        )));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_near_counts_array_elements_per_parent() {
+        let text = "[node]\nname = \"a\"\n\
+                    [[volume]]\n[[volume.rule]]\n[[volume.rule]]\n\
+                    [[volume]]\n[[ volume . \"rule\" ]] # comment\nsync = once\n";
+        let at = |needle: &str| text.find(needle).expect("needle in text");
+        assert_eq!(key_near(text, at("sync")), "volume[1].rule[0].sync");
+        assert_eq!(key_near(text, at("name")), "node.name");
+        assert_eq!(key_near(text, 0), "(top level)");
+        assert_eq!(key_near("a = \n", 4), "a");
+        assert_eq!(key_near(text, text.len() + 10), "volume[1].rule[0]");
+    }
+
+    #[test]
+    fn host_port_addresses() {
+        for good in ["a:1", "10.0.0.2:7790", "[::1]:7790", "cmm-b.example:65535"] {
+            assert!(is_host_port(good), "{good}");
+        }
+        for bad in ["a", "a:", ":1", "a:65536", "::1:1", "a b:1", "a:-1"] {
+            assert!(!is_host_port(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        for good in ["cmm", "cmm-a", "a.b_c", "A9", "..."] {
+            assert!(is_valid_name(good), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "é"] {
+            assert!(!is_valid_name(bad), "{bad}");
+        }
+    }
+}

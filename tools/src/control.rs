@@ -1,0 +1,146 @@
+//! The control protocol between the `twinfs` command and the running daemon: one JSON
+//! request line and one JSON response line per connection on a Unix socket that only
+//! root can reach.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Role;
+
+/// The longest request or response line accepted.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// A request to the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Everything `twinfs status` shows.
+    Status,
+    /// Switch a volume's role at once, without remounting.
+    Role {
+        /// The volume's name.
+        volume: String,
+        /// The new role.
+        role: Role,
+    },
+}
+
+/// The daemon's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    /// The status of the node.
+    Status(NodeStatus),
+    /// A command was carried out; the text says what happened.
+    Done(String),
+    /// The request was refused; the text says why.
+    Error(String),
+}
+
+/// Change counters of one volume, per sync mode of the changed path.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct ChangeCounts {
+    /// Changes to `always` paths.
+    pub always: u64,
+    /// Changes to `once` paths.
+    pub once: u64,
+    /// Changes to `interval` paths.
+    pub interval: u64,
+    /// Changes to `never` paths.
+    pub never: u64,
+    /// All changes.
+    pub total: u64,
+}
+
+/// The status of one volume.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    /// The volume's name.
+    pub name: String,
+    /// The directory mounted in place.
+    pub path: PathBuf,
+    /// Its current role.
+    pub role: Role,
+    /// The persisted epoch.
+    pub epoch: u64,
+    /// Whether the FUSE mount is in place (checked in /proc/self/mountinfo).
+    pub mounted: bool,
+    /// Whether open files are served by FUSE passthrough.
+    pub passthrough: bool,
+    /// Changes captured since the daemon started.
+    pub changes: ChangeCounts,
+    /// Files open through the mount.
+    pub open_files: usize,
+    /// Of which opened for writing.
+    pub open_for_write: usize,
+    /// Inodes the kernel holds.
+    pub inodes: usize,
+}
+
+/// The status of the node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node's name.
+    pub node: String,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// The volumes it serves.
+    pub volumes: Vec<VolumeStatus>,
+}
+
+/// Errors of the command-line side of the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No daemon answers on the socket.
+    #[error("no twinfs daemon is running (cannot connect to {path}: {source}); start it with `twinfs mount`")]
+    NotRunning {
+        /// The socket.
+        path: PathBuf,
+        /// Why the connection failed.
+        source: std::io::Error,
+    },
+    /// The conversation broke off.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The daemon answered something that is not a response.
+    #[error("control socket {path}: bad response: {source}")]
+    BadResponse {
+        /// The socket.
+        path: PathBuf,
+        /// Why it did not parse.
+        source: serde_json::Error,
+    },
+}
+
+/// Sends one request to the daemon listening on `socket` and returns its response.
+pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    let io = |source| ControlError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::NotRunning {
+        path: socket.to_owned(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_vec(request).map_err(|e| io(e.into()))?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut reader = BufReader::new(stream).take(MAX_LINE as u64);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).map_err(io)?;
+    serde_json::from_str(&answer).map_err(|source| ControlError::BadResponse {
+        path: socket.to_owned(),
+        source,
+    })
+}
