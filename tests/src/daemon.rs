@@ -1,1 +1,197 @@
-//! Real twinfs daemons as child processes.
+//! Real `twinfs mount` daemons as child processes, each with its own scratch volume,
+//! state directory and config file. The guard kills the daemon and unmounts whatever
+//! is left when it is dropped, even when the test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `twinfs` binary built by this workspace: `$TWINFS_BIN`, or next to the test
+/// executable's `deps/` directory.
+pub fn twinfs_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TWINFS_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("twinfs");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build, or cargo test --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+/// One node: a daemon serving one volume.
+pub struct Node {
+    /// Scratch directory holding everything of this node.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+    /// The volume directory (mounted in place while the daemon runs).
+    pub volume: PathBuf,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// The daemon's stderr.
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// A node whose volume `vol` is filled by `fill` before any mount, with the given
+    /// `[[volume.rule]]` TOML appended to the volume table.
+    pub fn new(rules: &str, fill: impl FnOnce(&Path)) -> Node {
+        crate::require_fuse();
+        let dir = tempfile::Builder::new()
+            .prefix("twinfs-node-")
+            .tempdir()
+            .expect("scratch dir");
+        let volume = dir.path().join("vol");
+        std::fs::create_dir(&volume).expect("mkdir vol");
+        fill(&volume);
+        let state_dir = dir.path().join("state");
+        let config = dir.path().join("twinfs.toml");
+        let text = format!(
+            "[node]\nname = \"test-node\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n\n\
+             [[volume]]\nname = \"vol\"\npath = \"{}\"\n\n{rules}\n",
+            state_dir.display(),
+            volume.display()
+        );
+        std::fs::write(&config, text).expect("write config");
+        let log = dir.path().join("daemon.log");
+        Node {
+            dir,
+            config,
+            volume,
+            state_dir,
+            log,
+            child: None,
+        }
+    }
+
+    /// Runs `twinfs --config <config> ARGS` and returns its output.
+    pub fn twinfs(&self, args: &[&str]) -> Output {
+        Command::new(twinfs_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run twinfs")
+    }
+
+    /// Starts `twinfs mount ARGS` and waits until the volume is mounted.
+    pub fn start(&mut self, args: &[&str]) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = std::fs::File::create(&self.log).expect("create log");
+        let child = Command::new(twinfs_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("mount")
+            .args(args)
+            .env("TWINFS_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn twinfs mount");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.status_json() {
+                if status["volumes"][0]["mounted"] == serde_json::Value::Bool(true) {
+                    return;
+                }
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(exit)) = child.try_wait() {
+                    panic!(
+                        "twinfs mount exited with {exit}; log:\n{}",
+                        self.log_text()
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not come up in 30 s; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `twinfs status --json`, or `None` when no daemon answers.
+    pub fn status_json(&self) -> Option<serde_json::Value> {
+        let out = self.twinfs(&["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The status of the volume, panicking when the daemon does not answer.
+    pub fn volume_status(&self) -> serde_json::Value {
+        let status = self.status_json().expect("daemon answers status");
+        status["volumes"][0].clone()
+    }
+
+    /// The daemon's pid, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it; returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_or_kill(&mut child, Duration::from_secs(20))
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn wait_or_kill(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let status = child.wait().expect("wait");
+            panic!("daemon did not exit within {timeout:?} of SIGTERM; killed ({status})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // auto_unmount takes a moment after the daemon dies.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while crate::is_mounted(&self.volume) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if crate::is_mounted(&self.volume) {
+            crate::force_unmount(&self.volume);
+        }
+    }
+}

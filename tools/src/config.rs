@@ -259,8 +259,9 @@ impl Document<'_> {
             }
             ConfigError::Invalid {
                 file: self.file.to_owned(),
+                // toml locates the errors it reports; line 1 is a fallback.
                 line: e.inner().span().map_or(1, |s| self.line(s.start)),
-                key,
+                key: or_top_level(key),
                 message,
             }
         })
@@ -271,13 +272,14 @@ impl Document<'_> {
         ConfigError::Syntax {
             file: self.file.to_owned(),
             line: self.line(offset),
-            key: key_near(self.text, offset),
+            key: or_top_level(key_near(self.text, offset)),
             message: e.message().to_owned(),
         }
     }
 }
 
-/// `volume[0].rule[1].interval` from serde's view of the path.
+/// `volume[0].rule[1].interval` from serde's view of the path; empty for the
+/// top level.
 fn key_path(path: &serde_path_to_error::Path) -> String {
     let mut key = String::new();
     for segment in path {
@@ -294,6 +296,20 @@ fn key_path(path: &serde_path_to_error::Path) -> String {
             serde_path_to_error::Segment::Unknown => key = join_key(&key, "?"),
         }
     }
+    key
+}
+
+/// `table.key`, or `key` at the top level (empty `table`).
+fn join_key(table: &str, key: &str) -> String {
+    if table.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{table}.{key}")
+    }
+}
+
+/// `key`, or words for the top level, which has no key.
+fn or_top_level(key: String) -> String {
     if key.is_empty() {
         "(top level)".to_owned()
     } else {
@@ -301,17 +317,9 @@ fn key_path(path: &serde_path_to_error::Path) -> String {
     }
 }
 
-/// `table.key`, or `key` at the top level.
-fn join_key(table: &str, key: &str) -> String {
-    if table.is_empty() || table == "(top level)" {
-        key.to_owned()
-    } else {
-        format!("{table}.{key}")
-    }
-}
-
 /// The key path at byte `offset` of a document that does not parse, from the
-/// table headers above it and the key on its line: `volume[1].rule[0].sync`.
+/// table headers above it and the key on its line: `volume[1].rule[0].sync`;
+/// empty for the top level.
 /// Only for pointing at syntax errors, so it reads headers line by line and
 /// does not try to understand multi-line values.
 fn key_near(text: &str, offset: usize) -> String {
@@ -338,13 +346,13 @@ fn key_near(text: &str, offset: usize) -> String {
     }
     let error_line = text[line_start..].lines().next().unwrap_or_default();
     let key = match error_line.split_once('=') {
-        Some((key, _)) if !error_line.trim_start().starts_with('[') => dotted(key),
+        Some((key, _)) if !error_line.trim_start().starts_with(['[', '#']) => dotted(key),
         _ => String::new(),
     };
-    match (table.is_empty(), key.is_empty()) {
-        (true, true) => "(top level)".to_owned(),
-        (_, true) => table,
-        _ => join_key(&table, &key),
+    if key.is_empty() {
+        table
+    } else {
+        join_key(&table, &key)
     }
 }
 
@@ -748,8 +756,9 @@ mod tests {
         let at = |needle: &str| text.find(needle).expect("needle in text");
         assert_eq!(key_near(text, at("sync")), "volume[1].rule[0].sync");
         assert_eq!(key_near(text, at("name")), "node.name");
-        assert_eq!(key_near(text, 0), "(top level)");
+        assert_eq!(key_near(text, 0), "");
         assert_eq!(key_near("a = \n", 4), "a");
+        assert_eq!(key_near("[node]\n# x = 1\n", 8), "node");
         assert_eq!(key_near(text, text.len() + 10), "volume[1].rule[0]");
     }
 

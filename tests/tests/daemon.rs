@@ -1,0 +1,422 @@
+//! End-to-end tests of the `twinfs` daemon: a real `twinfs mount` process mounts a
+//! directory that already holds files, in place, and is stopped, killed and switched
+//! between roles from the command line.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use twinfs_tests::daemon::{twinfs_bin, Node};
+use twinfs_tests::is_mounted;
+
+const CMM_RULES: &str = r#"
+[[volume.rule]]
+match = "*.sif"
+sync = "once"
+priority = 1
+
+[[volume.rule]]
+match = "hosts"
+sync = "interval"
+interval = "1h"
+
+[[volume.rule]]
+match = "local/**"
+sync = "never"
+"#;
+
+fn fill_cmm(dir: &Path) {
+    fs::write(dir.join("hosts"), "10.0.0.1 cmm-a\n").expect("hosts");
+    fs::create_dir(dir.join("ssh")).expect("ssh");
+    fs::write(dir.join("ssh/known_hosts"), "cmm-b ssh-ed25519 AAAA\n").expect("known_hosts");
+    fs::write(dir.join("fw.sif"), vec![7u8; 100_000]).expect("fw.sif");
+    std::os::unix::fs::symlink("hosts", dir.join("hosts.link")).expect("symlink");
+}
+
+#[test]
+fn every_command_has_help() {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(twinfs_bin())
+            .args(args)
+            .output()
+            .expect("run twinfs");
+        assert!(out.status.success(), "twinfs {args:?} failed");
+        String::from_utf8(out.stdout).expect("utf-8 help")
+    };
+    let top = help(&["--help"]);
+    for cmd in ["init", "mount", "status", "role", "config"] {
+        assert!(top.contains(cmd), "top-level help lists {cmd}:\n{top}");
+        let sub = help(&[cmd, "--help"]);
+        assert!(sub.contains("Usage: twinfs"), "{cmd} --help:\n{sub}");
+    }
+    assert!(help(&["config", "check", "--help"]).contains("without mounting"));
+    assert!(help(&["mount", "--help"]).contains("--no-passthrough"));
+    assert!(help(&["status", "--help"]).contains("--json"));
+}
+
+#[test]
+fn init_prints_the_same_node_id_twice() {
+    let node = Node::new("", |_| {});
+    let first = node.twinfs(&["init"]);
+    assert!(first.status.success(), "{first:?}");
+    let second = node.twinfs(&["init"]);
+    assert!(second.status.success(), "{second:?}");
+    let id = String::from_utf8(first.stdout).expect("utf-8");
+    assert_eq!(id, String::from_utf8(second.stdout).expect("utf-8"));
+    let hex = id
+        .trim()
+        .strip_prefix("node_id = \"")
+        .and_then(|s| s.strip_suffix('"'))
+        .expect("node_id = \"...\" line");
+    assert_eq!(hex.len(), 64);
+    assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()));
+}
+
+#[test]
+fn config_check_names_file_line_and_key() {
+    let node = Node::new("[[volume.rule]]\nmatch = \"*.sif\"\nsync = \"sometimes\"\n", |_| {});
+    let out = node.twinfs(&["config", "check"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&node.config.display().to_string()), "{err}");
+    assert!(err.contains(":12:"), "line 12 is the bad sync: {err}");
+    assert!(err.contains("sync"), "{err}");
+    // And the daemon refuses to start on it.
+    let out = node.twinfs(&["mount"]);
+    assert!(!out.status.success());
+    assert!(!is_mounted(&node.volume));
+}
+
+#[test]
+fn mounts_in_place_and_leaves_changes_behind() {
+    let mut node = Node::new(CMM_RULES, fill_cmm);
+    node.start(&[]);
+    let vol = node.volume.clone();
+    assert!(is_mounted(&vol));
+
+    // What was there is visible through the mount.
+    assert_eq!(fs::read_to_string(vol.join("hosts")).unwrap(), "10.0.0.1 cmm-a\n");
+    assert_eq!(fs::read(vol.join("fw.sif")).unwrap(), vec![7u8; 100_000]);
+    assert_eq!(fs::read_link(vol.join("hosts.link")).unwrap(), Path::new("hosts"));
+    assert!(vol.join("ssh/known_hosts").exists());
+
+    // Change it through the mount with ordinary tools.
+    fs::write(vol.join("hosts"), "10.0.0.1 cmm-a\n10.0.0.2 cmm-b\n").unwrap();
+    fs::create_dir_all(vol.join("new/deeper")).unwrap();
+    fs::write(vol.join("new/deeper/file"), "fresh").unwrap();
+    fs::rename(vol.join("ssh/known_hosts"), vol.join("ssh/known_hosts.old")).unwrap();
+    fs::remove_file(vol.join("fw.sif")).unwrap();
+    fs::set_permissions(vol.join("hosts"), fs::Permissions::from_mode(0o640)).unwrap();
+    let sed = std::process::Command::new("sed")
+        .args(["-i", "s/cmm-b/cmm-c/"])
+        .arg(vol.join("hosts"))
+        .status()
+        .unwrap();
+    assert!(sed.success());
+
+    let status = node.volume_status();
+    assert_eq!(status["role"], "active");
+    assert_eq!(status["passthrough"], true);
+    assert!(status["changes"]["total"].as_u64().unwrap() >= 6, "{status}");
+
+    let exit = node.stop();
+    assert!(exit.success(), "daemon exit {exit}; log:\n{}", node.log_text());
+    assert!(!is_mounted(&vol), "SIGTERM unmounts");
+
+    // The plain directory now holds every change.
+    assert_eq!(
+        fs::read_to_string(vol.join("hosts")).unwrap(),
+        "10.0.0.1 cmm-a\n10.0.0.2 cmm-c\n"
+    );
+    assert_eq!(fs::read_to_string(vol.join("new/deeper/file")).unwrap(), "fresh");
+    assert!(vol.join("ssh/known_hosts.old").exists());
+    assert!(!vol.join("ssh/known_hosts").exists());
+    assert!(!vol.join("fw.sif").exists());
+    // sed -i replaced the file; the mode it kept must still be 0640.
+    assert_eq!(fs::metadata(vol.join("hosts")).unwrap().mode() & 0o7777, 0o640);
+}
+
+#[test]
+fn kill_9_leaves_the_directory_accessible_and_intact() {
+    let mut node = Node::new(CMM_RULES, fill_cmm);
+    node.start(&[]);
+    let vol = node.volume.clone();
+    let mut f = fs::File::create(vol.join("written-before-crash")).unwrap();
+    f.write_all(b"durable enough").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    node.kill9();
+
+    // auto_unmount: fusermount3 notices the dead daemon and unmounts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while is_mounted(&vol) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!is_mounted(&vol), "auto_unmount removed the dead mount");
+    // Not "Transport endpoint is not connected": the plain files are there.
+    assert_eq!(fs::read_to_string(vol.join("hosts")).unwrap(), "10.0.0.1 cmm-a\n");
+    assert_eq!(
+        fs::read_to_string(vol.join("written-before-crash")).unwrap(),
+        "durable enough"
+    );
+
+    // And the daemon mounts it again, replacing its stale control socket.
+    node.start(&[]);
+    assert_eq!(
+        fs::read_to_string(vol.join("written-before-crash")).unwrap(),
+        "durable enough"
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_config_is_refused() {
+    let mut node = Node::new("", |_| {});
+    node.start(&[]);
+    let out = node.twinfs(&["mount"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already"), "{err}");
+    assert!(is_mounted(&node.volume), "the first daemon keeps its mount");
+}
+
+#[test]
+fn status_counts_changes_by_policy() {
+    let mut node = Node::new(CMM_RULES, fill_cmm);
+    node.start(&[]);
+    let vol = node.volume.clone();
+    // One close after three writes: one change.
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(vol.join("hosts"))
+        .unwrap();
+    for line in ["a\n", "b\n", "c\n"] {
+        f.write_all(line.as_bytes()).unwrap();
+    }
+    drop(f);
+    fs::write(vol.join("fw.sif"), b"new firmware").unwrap(); // once (open with O_TRUNC + close)
+    fs::create_dir(vol.join("local")).unwrap(); // always: "local/**" does not match "local"
+    fs::write(vol.join("local/cache"), b"x").unwrap(); // never: create + close
+    fs::write(vol.join("motd"), b"hi").unwrap(); // always: create + close
+    let c = node.volume_status()["changes"].clone();
+    assert_eq!(c["interval"], 1, "{c}");
+    assert_eq!(c["once"], 1, "{c}");
+    assert_eq!(c["never"], 2, "{c}");
+    assert_eq!(c["always"], 3, "{c}");
+    assert_eq!(c["total"], 7, "{c}");
+}
+
+fn errno_of<T>(r: std::io::Result<T>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+fn c(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).expect("no NUL")
+}
+
+fn mkfifo(path: &Path) -> std::io::Result<()> {
+    // SAFETY: valid C string.
+    if unsafe { libc::mkfifo(c(path).as_ptr(), 0o644) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn setxattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let n = CString::new(name).expect("no NUL");
+    // SAFETY: valid strings and buffer.
+    let r = unsafe {
+        libc::setxattr(
+            c(path).as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn removexattr(path: &Path, name: &str) -> std::io::Result<()> {
+    let n = CString::new(name).expect("no NUL");
+    // SAFETY: valid strings.
+    if unsafe { libc::removexattr(c(path).as_ptr(), n.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn getxattr(path: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    let n = CString::new(name).expect("no NUL");
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid strings and buffer.
+    let r = unsafe {
+        libc::getxattr(
+            c(path).as_ptr(),
+            n.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+fn utimes(path: &Path, secs: i64) -> std::io::Result<()> {
+    let t = libc::timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid string and two timespecs.
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c(path).as_ptr(), [t, t].as_ptr(), 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[test]
+fn standby_refuses_every_write_and_keeps_reads() {
+    let mut node = Node::new(CMM_RULES, |d| {
+        fill_cmm(d);
+        fs::create_dir(d.join("emptydir")).expect("emptydir");
+    });
+    node.start(&[]);
+    let vol = node.volume.clone();
+    setxattr(&vol.join("hosts"), "user.origin", b"a").unwrap();
+
+    // A reader that opened before the switch.
+    let mut reader = fs::File::open(vol.join("fw.sif")).unwrap();
+    let mut head = [0u8; 10];
+    reader.read_exact(&mut head).unwrap();
+
+    let out = node.twinfs(&["role", "vol", "standby"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(node.volume_status()["role"], "standby");
+
+    let erofs = Some(libc::EROFS);
+    let hosts = vol.join("hosts");
+    let write_ops: Vec<(&str, Option<i32>)> = vec![
+        ("open O_WRONLY", errno_of(fs::OpenOptions::new().write(true).open(&hosts))),
+        (
+            "open O_RDWR",
+            errno_of(fs::OpenOptions::new().read(true).write(true).open(&hosts)),
+        ),
+        (
+            "open O_RDONLY|O_TRUNC",
+            errno_of(
+                fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_TRUNC)
+                    .open(&hosts),
+            ),
+        ),
+        ("open O_APPEND", errno_of(fs::OpenOptions::new().append(true).open(&hosts))),
+        ("create", errno_of(fs::File::create(vol.join("new-file")))),
+        ("mkdir", errno_of(fs::create_dir(vol.join("new-dir")))),
+        ("mkfifo", errno_of(mkfifo(&vol.join("new-fifo")))),
+        ("unlink", errno_of(fs::remove_file(&hosts))),
+        ("rmdir", errno_of(fs::remove_dir(vol.join("emptydir")))),
+        ("rename", errno_of(fs::rename(&hosts, vol.join("hosts2")))),
+        (
+            "chmod",
+            errno_of(fs::set_permissions(&hosts, fs::Permissions::from_mode(0o600))),
+        ),
+        (
+            "chown",
+            errno_of(std::os::unix::fs::chown(&hosts, Some(65534), Some(65534))),
+        ),
+        (
+            "truncate",
+            errno_of(fs::OpenOptions::new().write(true).open(&hosts).and_then(|f| f.set_len(0))),
+        ),
+        ("utimens (touch)", errno_of(utimes(&hosts, 1_000_000))),
+        ("setxattr", errno_of(setxattr(&hosts, "user.x", b"1"))),
+        ("removexattr", errno_of(removexattr(&hosts, "user.origin"))),
+        ("link", errno_of(fs::hard_link(&hosts, vol.join("hosts.hard")))),
+        (
+            "symlink",
+            errno_of(std::os::unix::fs::symlink("hosts", vol.join("another.link"))),
+        ),
+    ];
+    for (op, errno) in &write_ops {
+        assert_eq!(*errno, erofs, "{op} on a standby must fail with EROFS");
+    }
+    // `touch` from the command line too.
+    let touch = std::process::Command::new("touch").arg(&hosts).output().unwrap();
+    assert!(!touch.status.success());
+    assert!(String::from_utf8_lossy(&touch.stderr).contains("Read-only file system"));
+
+    // Reads keep working.
+    assert_eq!(fs::read_to_string(&hosts).unwrap(), "10.0.0.1 cmm-a\n");
+    assert!(fs::read_dir(&vol).unwrap().count() >= 5);
+    assert_eq!(fs::read_link(vol.join("hosts.link")).unwrap(), Path::new("hosts"));
+    assert_eq!(getxattr(&hosts, "user.origin").unwrap(), b"a");
+    assert!(fs::metadata(vol.join("ssh/known_hosts")).is_ok());
+    // The reader opened before the switch reads on.
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest.len(), 100_000 - 10);
+
+    // Nothing was changed, nothing was counted while standby.
+    assert_eq!(node.volume_status()["changes"]["total"], 1, "only the setxattr before");
+
+    let out = node.twinfs(&["role", "vol", "active"]);
+    assert!(out.status.success(), "{out:?}");
+    fs::write(vol.join("new-file"), "after").unwrap();
+    fs::create_dir(vol.join("new-dir")).unwrap();
+    fs::rename(&hosts, vol.join("hosts2")).unwrap();
+    assert_eq!(fs::read_to_string(vol.join("new-file")).unwrap(), "after");
+
+    // The role survives a restart of the daemon (persisted in the state dir).
+    node.twinfs(&["role", "vol", "standby"]);
+    assert!(node.stop().success());
+    node.start(&[]);
+    assert_eq!(node.volume_status()["role"], "standby");
+    assert_eq!(errno_of(fs::File::create(vol.join("x"))), erofs);
+}
+
+#[test]
+fn role_of_an_unknown_volume_is_an_error() {
+    let mut node = Node::new("", |_| {});
+    node.start(&[]);
+    let out = node.twinfs(&["role", "nope", "standby"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no volume named \"nope\""));
+}
+
+#[test]
+fn status_without_a_daemon_says_so() {
+    let node = Node::new("", |_| {});
+    let out = node.twinfs(&["status"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no twinfs daemon is running"));
+}
+
+#[test]
+fn without_passthrough_the_fallback_serves_io() {
+    let mut node = Node::new(CMM_RULES, fill_cmm);
+    node.start(&["--no-passthrough"]);
+    assert_eq!(node.volume_status()["passthrough"], false);
+    let vol = node.volume.clone();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(vol.join("big"), &data).unwrap();
+    assert_eq!(fs::read(vol.join("big")).unwrap(), data);
+    let mut f = fs::OpenOptions::new().append(true).open(vol.join("hosts")).unwrap();
+    f.write_all(b"appended\n").unwrap();
+    drop(f);
+    assert!(fs::read_to_string(vol.join("hosts")).unwrap().ends_with("appended\n"));
+}
