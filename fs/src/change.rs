@@ -19,8 +19,8 @@ pub struct AttrChange {
 /// What happened to a path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChangeKind {
-    /// A file opened for writing was closed, or fsync'd; one record per close however
-    /// many writes there were.
+    /// A file opened for writing was closed, or fsync'd; one record per `close()`
+    /// however many writes there were, recorded before `close()` returns.
     Write,
     /// Attributes changed.
     Attr(AttrChange),

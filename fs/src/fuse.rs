@@ -355,7 +355,9 @@ impl Filesystem for FuseAdapter {
         };
         if self.volume.passthrough() {
             match self.backing_for(fh, &file, |fd| reply.open_backing(fd)) {
-                Ok(id) => return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+                Ok(id) => {
+                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+                }
                 Err(e) => self.passthrough_failed(&e),
             }
         }
@@ -400,12 +402,16 @@ impl Filesystem for FuseAdapter {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        span!("flush", ino = ino.0);
+        match self.volume.flush(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(log_err("flush", &e)),
+        }
     }
 
     fn release(
@@ -571,10 +577,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         span!("create", parent = parent.0, name = ?name);
-        let (attr, fh, file) = match self
-            .volume
-            .create(parent.0, name, mode, flags, caller(req))
-        {
+        let (attr, fh, file) = match self.volume.create(parent.0, name, mode, flags, caller(req)) {
             Ok(x) => x,
             Err(e) => return reply.error(log_err("create", &e)),
         };

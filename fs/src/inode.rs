@@ -129,10 +129,12 @@ impl Table {
     }
 
     fn allocate(&mut self, backing: u64) -> u64 {
-        if backing != ROOT && backing != 0 && backing < PRIVATE_BASE {
-            if !self.nodes.contains_key(&backing) {
-                return backing;
-            }
+        if backing != ROOT
+            && backing != 0
+            && backing < PRIVATE_BASE
+            && !self.nodes.contains_key(&backing)
+        {
+            return backing;
         }
         loop {
             let ino = self.next_private;

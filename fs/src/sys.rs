@@ -263,12 +263,7 @@ impl At<'_> {
         self.with_path(|p| {
             // SAFETY: valid strings; buffer is writable for its length (or null with 0).
             check_size(unsafe {
-                libc::getxattr(
-                    p.as_ptr(),
-                    n.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
+                libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
             })
         })
     }

@@ -91,6 +91,8 @@ pub struct OpenFile {
     pub fd: OwnedFd,
     /// Opened for writing (or with `O_TRUNC`): its close is a change.
     pub writable: bool,
+    /// No close (flush) has recorded this handle yet; release records it then.
+    unrecorded: AtomicBool,
 }
 
 /// One entry of a directory listing.
@@ -166,7 +168,10 @@ fn timespec(t: Option<SetTime>) -> libc::timespec {
                     if d.subsec_nanos() == 0 {
                         (-(d.as_secs() as i64), 0)
                     } else {
-                        (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos() as i64)
+                        (
+                            -(d.as_secs() as i64) - 1,
+                            1_000_000_000 - d.subsec_nanos() as i64,
+                        )
                     }
                 }
             };
@@ -566,14 +571,19 @@ impl Volume {
         let st = sys::statat(to_dir.as_fd(), newname)?;
         let attr = self.remember(newparent, &to_dir, newname, st)?;
         if let Some(existing) = existing {
-            self.record(attr.ino, ChangeKind::Link { existing });
+            self.record_entry(newparent, newname, ChangeKind::Link { existing });
         }
         Ok(attr)
     }
 
     fn add_file(&self, ino: u64, fd: OwnedFd, writable: bool) -> (u64, Arc<OpenFile>) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let file = Arc::new(OpenFile { ino, fd, writable });
+        let file = Arc::new(OpenFile {
+            ino,
+            fd,
+            writable,
+            unrecorded: AtomicBool::new(writable),
+        });
         self.files
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -665,7 +675,22 @@ impl Volume {
         Ok(())
     }
 
-    /// Closes an open file: a file that was opened for writing is one change.
+    /// A `close()` of an fd of an open file (the kernel's FLUSH, which the closing
+    /// process waits for): a file opened for writing is one change, recorded before
+    /// `close()` returns. With passthrough the volume cannot see whether anything was
+    /// written, so every close of a writable handle counts.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        let file = self.file(fh)?;
+        if file.writable {
+            file.unrecorded.store(false, Ordering::Relaxed);
+            self.record(file.ino, ChangeKind::Write);
+        }
+        Ok(())
+    }
+
+    /// Forgets an open file after its last reference went away (asynchronous to the
+    /// process). Records the change only if no close did (a file written through a
+    /// memory mapping after its fd was closed is still dirty).
     pub fn release(&self, fh: u64) -> Result<Arc<OpenFile>> {
         let file = self
             .files
@@ -673,7 +698,7 @@ impl Volume {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&fh)
             .ok_or(Error::Stale("file handle"))?;
-        if file.writable {
+        if file.unrecorded.load(Ordering::Relaxed) {
             self.record(file.ino, ChangeKind::Write);
         }
         Ok(file)

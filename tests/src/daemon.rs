@@ -108,10 +108,7 @@ impl Node {
             }
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(exit)) = child.try_wait() {
-                    panic!(
-                        "twinfs mount exited with {exit}; log:\n{}",
-                        self.log_text()
-                    );
+                    panic!("twinfs mount exited with {exit}; log:\n{}", self.log_text());
                 }
             }
             assert!(

@@ -43,6 +43,18 @@ pub struct MountedDir {
 impl MountedDir {
     /// Mounts a fresh empty directory, filled first by `fill` (before the mount).
     pub fn new(passthrough: bool, fill: impl FnOnce(&Path)) -> MountedDir {
+        let recorder = Arc::new(Recorder::default());
+        Self::with_sink(passthrough, recorder.clone(), recorder, fill)
+    }
+
+    /// Like [`MountedDir::new`], with the volume reporting to `sink` (the recorder then
+    /// stays empty unless `sink` forwards to it).
+    pub fn with_sink(
+        passthrough: bool,
+        sink: Arc<dyn ChangeSink>,
+        recorder: Arc<Recorder>,
+        fill: impl FnOnce(&Path),
+    ) -> MountedDir {
         crate::require_fuse();
         let scratch = tempfile::Builder::new()
             .prefix("twinfs-test-")
@@ -51,8 +63,7 @@ impl MountedDir {
         let path = scratch.path().join("vol");
         std::fs::create_dir(&path).expect("mkdir vol");
         fill(&path);
-        let recorder = Arc::new(Recorder::default());
-        let volume = Volume::new(&path, Role::Active, recorder.clone()).expect("open volume");
+        let volume = Volume::new(&path, Role::Active, sink).expect("open volume");
         let options = MountOptions {
             name: "test".into(),
             passthrough,

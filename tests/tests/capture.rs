@@ -1,0 +1,298 @@
+//! Change capture through a real mount: which operations produce records, how many,
+//! and the policy resolved for each path.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use twinfs_fs::{AttrChange, ChangeKind, Role};
+use twinfs_replicator::capture::{Capture, Record, RecordSink};
+use twinfs_replicator::policy::{Policy, PolicySet, Priority, Rule, SyncMode};
+use twinfs_tests::inproc::{MountedDir, Recorder};
+
+#[derive(Clone, Default)]
+struct Records(Arc<Mutex<Vec<Record>>>);
+
+impl RecordSink for Records {
+    fn push(&self, record: Record) {
+        self.0.lock().expect("records").push(record);
+    }
+}
+
+impl Records {
+    fn take(&self) -> Vec<Record> {
+        std::mem::take(&mut *self.0.lock().expect("records"))
+    }
+
+    /// The (path, kind) pairs, for compact assertions.
+    fn kinds(&self) -> Vec<(PathBuf, ChangeKind)> {
+        self.take()
+            .into_iter()
+            .map(|r| (r.change.path, r.change.kind))
+            .collect()
+    }
+}
+
+fn cmm_policies() -> PolicySet {
+    let rule = |pattern: &str, sync, priority| {
+        Rule::new(
+            pattern,
+            Policy {
+                sync,
+                priority: Priority::new(priority).expect("priority"),
+            },
+        )
+        .expect("rule")
+    };
+    PolicySet::new(vec![
+        rule("*.sif", SyncMode::Once, 1),
+        rule("**/*.bin", SyncMode::Once, 1),
+        rule(
+            "hosts",
+            SyncMode::Interval(std::time::Duration::from_secs(3600)),
+            2,
+        ),
+        rule("local/**", SyncMode::Never, 2),
+    ])
+}
+
+fn mount(passthrough: bool, fill: impl FnOnce(&Path)) -> (MountedDir, Records) {
+    let records = Records::default();
+    let capture = Capture::new("test", cmm_policies(), Some(Box::new(records.clone())));
+    let m = MountedDir::with_sink(
+        passthrough,
+        Arc::new(capture),
+        Arc::new(Recorder::default()),
+        fill,
+    );
+    (m, records)
+}
+
+fn p(s: &str) -> PathBuf {
+    PathBuf::from(s)
+}
+
+fn touch_times(path: &Path, secs: i64) {
+    let c = CString::new(path.as_os_str().as_bytes()).expect("no NUL");
+    let t = libc::timespec {
+        tv_sec: secs,
+        tv_nsec: 5,
+    };
+    // SAFETY: valid string and two timespecs.
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) };
+    assert_eq!(r, 0, "utimensat {}", path.display());
+}
+
+#[test]
+fn one_record_per_close_after_write_not_per_write() {
+    for passthrough in [true, false] {
+        let (m, records) = mount(passthrough, |d| {
+            fs::write(d.join("cfg"), b"old").expect("fill")
+        });
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(m.path.join("cfg"))
+            .expect("open");
+        for i in 0..100 {
+            f.write_all(format!("line {i}\n").as_bytes())
+                .expect("write");
+            f.flush().expect("flush");
+        }
+        assert!(records.take().is_empty(), "no record before the close");
+        drop(f);
+        assert_eq!(
+            records.kinds(),
+            vec![(p("cfg"), ChangeKind::Write)],
+            "passthrough {passthrough}"
+        );
+
+        // Opening for reading and closing is not a change.
+        fs::read(m.path.join("cfg")).expect("read");
+        assert!(records.take().is_empty());
+
+        // fsync is a change, and the close after it is another.
+        let f = fs::OpenOptions::new()
+            .append(true)
+            .open(m.path.join("cfg"))
+            .expect("open");
+        f.sync_all().expect("fsync");
+        assert_eq!(
+            records.kinds(),
+            vec![(p("cfg"), ChangeKind::Write)],
+            "passthrough {passthrough}"
+        );
+        drop(f);
+        assert_eq!(records.kinds(), vec![(p("cfg"), ChangeKind::Write)]);
+    }
+}
+
+#[test]
+fn touch_of_an_unchanged_file_is_a_change() {
+    let (m, records) = mount(true, |d| fs::write(d.join("hosts"), b"h").expect("fill"));
+    touch_times(&m.path.join("hosts"), 1_600_000_000);
+    let times = ChangeKind::Attr(AttrChange {
+        times: true,
+        ..AttrChange::default()
+    });
+    assert_eq!(records.kinds(), vec![(p("hosts"), times.clone())]);
+    // The touch command: an unchanged file, current time.
+    let out = std::process::Command::new("touch")
+        .arg(m.path.join("hosts"))
+        .status()
+        .expect("touch");
+    assert!(out.success());
+    // touch(1) opens the file for writing before it sets the times, so its close is
+    // recorded too; the time change is what forces the sync.
+    let got = records.kinds();
+    assert!(got.contains(&(p("hosts"), times)), "{got:?}");
+    assert!(got.iter().all(|(path, _)| path == &p("hosts")), "{got:?}");
+}
+
+#[test]
+fn every_namespace_and_attribute_operation_is_recorded() {
+    let (m, records) = mount(true, |_| {});
+    let d = &m.path;
+    fs::create_dir(d.join("dir")).expect("mkdir");
+    fs::File::create(d.join("dir/f")).expect("create");
+    std::os::unix::fs::symlink("f", d.join("dir/link")).expect("symlink");
+    fs::hard_link(d.join("dir/f"), d.join("dir/hard")).expect("link");
+    let fifo = CString::new(d.join("dir/fifo").as_os_str().as_bytes()).expect("no NUL");
+    // SAFETY: valid string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    fs::rename(d.join("dir/f"), d.join("dir/g")).expect("rename");
+    fs::set_permissions(d.join("dir/g"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::os::unix::fs::chown(d.join("dir/g"), Some(65534), None).expect("chown");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("dir/g"))
+        .expect("open")
+        .set_len(10)
+        .expect("ftruncate");
+    let name = CString::new("user.k").expect("no NUL");
+    let path = CString::new(d.join("dir/g").as_os_str().as_bytes()).expect("no NUL");
+    // SAFETY: valid strings and buffer.
+    assert_eq!(
+        unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), b"v".as_ptr().cast(), 1, 0) },
+        0
+    );
+    // SAFETY: valid strings.
+    assert_eq!(
+        unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) },
+        0
+    );
+    fs::remove_file(d.join("dir/hard")).expect("unlink");
+    fs::remove_file(d.join("dir/link")).expect("unlink");
+    fs::remove_file(d.join("dir/fifo")).expect("unlink");
+    fs::remove_file(d.join("dir/g")).expect("unlink");
+    fs::remove_dir(d.join("dir")).expect("rmdir");
+
+    let attr = |mode, owner, size| {
+        ChangeKind::Attr(AttrChange {
+            times: false,
+            mode,
+            owner,
+            size,
+        })
+    };
+    let got = records.kinds();
+    let want = vec![
+        (p("dir"), ChangeKind::Mkdir),
+        (p("dir/f"), ChangeKind::Create),
+        (p("dir/f"), ChangeKind::Write),
+        (p("dir/link"), ChangeKind::Symlink),
+        (
+            p("dir/hard"),
+            ChangeKind::Link {
+                existing: p("dir/f"),
+            },
+        ),
+        (p("dir/fifo"), ChangeKind::Mknod),
+        (
+            p("dir/g"),
+            ChangeKind::Rename {
+                from: p("dir/f"),
+                exchange: false,
+            },
+        ),
+        (p("dir/g"), attr(true, false, false)),
+        (p("dir/g"), attr(false, true, false)),
+        (p("dir/g"), attr(false, false, true)),
+        (p("dir/g"), ChangeKind::Write),
+        (p("dir/g"), ChangeKind::Xattr),
+        (p("dir/g"), ChangeKind::Xattr),
+        (p("dir/hard"), ChangeKind::Unlink),
+        (p("dir/link"), ChangeKind::Unlink),
+        (p("dir/fifo"), ChangeKind::Unlink),
+        (p("dir/g"), ChangeKind::Unlink),
+        (p("dir"), ChangeKind::Rmdir),
+    ];
+    assert_eq!(got, want);
+}
+
+#[test]
+fn each_record_carries_the_policy_of_its_path() {
+    let (m, records) = mount(true, |d| {
+        fs::create_dir_all(d.join("fw/img")).expect("fill");
+        fs::create_dir(d.join("local")).expect("fill");
+    });
+    let d = &m.path;
+    for name in [
+        "a.sif",
+        "fw/b.sif",
+        "fw/img/c.bin",
+        "hosts",
+        "fw/hosts",
+        "local/x",
+        "motd",
+    ] {
+        fs::write(d.join(name), b"x").expect("write");
+    }
+    let once1 = Policy {
+        sync: SyncMode::Once,
+        priority: Priority::MUST_SYNC,
+    };
+    let interval = Policy {
+        sync: SyncMode::Interval(std::time::Duration::from_secs(3600)),
+        priority: Priority::NORMAL,
+    };
+    let never = Policy {
+        sync: SyncMode::Never,
+        priority: Priority::NORMAL,
+    };
+    let want = [
+        ("a.sif", once1),
+        ("fw/b.sif", once1),
+        ("fw/img/c.bin", once1),
+        ("hosts", interval),
+        ("fw/hosts", interval),
+        ("local/x", never),
+        ("motd", Policy::DEFAULT),
+    ];
+    let got = records.take();
+    assert_eq!(
+        got.len(),
+        want.len() * 2,
+        "create + close of each: {got:#?}"
+    );
+    for (path, policy) in want {
+        for r in got.iter().filter(|r| r.change.path == p(path)) {
+            assert_eq!(r.policy, policy, "{path}: {:?}", r.change.kind);
+        }
+    }
+}
+
+#[test]
+fn a_standby_records_nothing_and_an_active_again_does() {
+    let (m, records) = mount(true, |d| fs::write(d.join("f"), b"x").expect("fill"));
+    m.volume().set_role(Role::Standby);
+    assert!(fs::write(m.path.join("f"), b"y").is_err());
+    assert!(fs::create_dir(m.path.join("d")).is_err());
+    assert!(records.take().is_empty());
+    m.volume().set_role(Role::Active);
+    fs::write(m.path.join("f"), b"y").expect("write");
+    assert_eq!(records.kinds(), vec![(p("f"), ChangeKind::Write)]);
+}
