@@ -91,8 +91,31 @@ pub struct OpenFile {
     pub fd: OwnedFd,
     /// Opened for writing (or with `O_TRUNC`): its close is a change.
     pub writable: bool,
-    /// No close (flush) has recorded this handle yet; release records it then.
-    unrecorded: AtomicBool,
+    /// (size, mtime, ctime) of the file when this handle was last recorded; `None`
+    /// until the first record. With passthrough the volume does not see writes, so it
+    /// tells a close after writing from a second close of a dup'd fd by these.
+    recorded: Mutex<Option<[i64; 5]>>,
+}
+
+impl OpenFile {
+    /// Whether the file may have changed since this handle was last recorded; if so,
+    /// remembers its current state as recorded.
+    fn take_change(&self) -> Result<bool> {
+        let st = sys::fstat(self.fd.as_fd())?;
+        let stamp = [
+            st.st_size,
+            st.st_mtime,
+            st.st_mtime_nsec,
+            st.st_ctime,
+            st.st_ctime_nsec,
+        ];
+        let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        if *recorded == Some(stamp) {
+            return Ok(false);
+        }
+        *recorded = Some(stamp);
+        Ok(true)
+    }
 }
 
 /// One entry of a directory listing.
@@ -582,7 +605,7 @@ impl Volume {
             ino,
             fd,
             writable,
-            unrecorded: AtomicBool::new(writable),
+            recorded: Mutex::new(None),
         });
         self.files
             .write()
@@ -669,7 +692,7 @@ impl Volume {
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let file = self.file(fh)?;
         sys::fsync(file.fd.as_fd(), datasync)?;
-        if file.writable && self.role() == Role::Active {
+        if file.writable && file.take_change()? {
             self.record(file.ino, ChangeKind::Write);
         }
         Ok(())
@@ -677,20 +700,19 @@ impl Volume {
 
     /// A `close()` of an fd of an open file (the kernel's FLUSH, which the closing
     /// process waits for): a file opened for writing is one change, recorded before
-    /// `close()` returns. With passthrough the volume cannot see whether anything was
-    /// written, so every close of a writable handle counts.
+    /// `close()` returns. A later close of a dup'd fd (a shell redirection closes two)
+    /// or after an fsync records again only if the file changed in between.
     pub fn flush(&self, fh: u64) -> Result<()> {
         let file = self.file(fh)?;
-        if file.writable {
-            file.unrecorded.store(false, Ordering::Relaxed);
+        if file.writable && file.take_change()? {
             self.record(file.ino, ChangeKind::Write);
         }
         Ok(())
     }
 
     /// Forgets an open file after its last reference went away (asynchronous to the
-    /// process). Records the change only if no close did (a file written through a
-    /// memory mapping after its fd was closed is still dirty).
+    /// process, so later writes through other handles may already have happened).
+    /// Records the handle only if no close or fsync did.
     pub fn release(&self, fh: u64) -> Result<Arc<OpenFile>> {
         let file = self
             .files
@@ -698,7 +720,12 @@ impl Volume {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&fh)
             .ok_or(Error::Stale("file handle"))?;
-        if file.unrecorded.load(Ordering::Relaxed) {
+        let never_recorded = file
+            .recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none();
+        if file.writable && never_recorded {
             self.record(file.ino, ChangeKind::Write);
         }
         Ok(file)

@@ -114,11 +114,12 @@ fn one_record_per_close_after_write_not_per_write() {
         fs::read(m.path.join("cfg")).expect("read");
         assert!(records.take().is_empty());
 
-        // fsync is a change, and the close after it is another.
-        let f = fs::OpenOptions::new()
+        // fsync is a change; a close after it records only what was written since.
+        let mut f = fs::OpenOptions::new()
             .append(true)
             .open(m.path.join("cfg"))
             .expect("open");
+        f.write_all(b"before fsync\n").expect("write");
         f.sync_all().expect("fsync");
         assert_eq!(
             records.kinds(),
@@ -126,7 +127,35 @@ fn one_record_per_close_after_write_not_per_write() {
             "passthrough {passthrough}"
         );
         drop(f);
+        assert!(records.take().is_empty(), "nothing written after the fsync");
+
+        // A second fd of the same open file (dup) closed without writes since the
+        // last record adds nothing.
+        let mut a = fs::OpenOptions::new()
+            .append(true)
+            .open(m.path.join("cfg"))
+            .expect("open");
+        let b = a.try_clone().expect("dup");
+        a.write_all(b"via a\n").expect("write");
+        drop(a);
         assert_eq!(records.kinds(), vec![(p("cfg"), ChangeKind::Write)]);
+        drop(b);
+        assert!(records.take().is_empty(), "no write after the first close");
+
+        // Two fds of one open file, written through both: each close after a write counts.
+        let mut a = fs::OpenOptions::new()
+            .append(true)
+            .open(m.path.join("cfg"))
+            .expect("open");
+        let mut b = a.try_clone().expect("dup");
+        a.write_all(b"via a\n").expect("write");
+        drop(a);
+        b.write_all(b"via b\n").expect("write");
+        drop(b);
+        assert_eq!(
+            records.kinds(),
+            vec![(p("cfg"), ChangeKind::Write), (p("cfg"), ChangeKind::Write)]
+        );
     }
 }
 
