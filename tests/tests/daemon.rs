@@ -78,7 +78,10 @@ fn init_prints_the_same_node_id_twice() {
 
 #[test]
 fn config_check_names_file_line_and_key() {
-    let node = Node::new("[[volume.rule]]\nmatch = \"*.sif\"\nsync = \"sometimes\"\n", |_| {});
+    let node = Node::new(
+        "[[volume.rule]]\nmatch = \"*.sif\"\nsync = \"sometimes\"\n",
+        |_| {},
+    );
     let out = node.twinfs(&["config", "check"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -99,9 +102,15 @@ fn mounts_in_place_and_leaves_changes_behind() {
     assert!(is_mounted(&vol));
 
     // What was there is visible through the mount.
-    assert_eq!(fs::read_to_string(vol.join("hosts")).unwrap(), "10.0.0.1 cmm-a\n");
+    assert_eq!(
+        fs::read_to_string(vol.join("hosts")).unwrap(),
+        "10.0.0.1 cmm-a\n"
+    );
     assert_eq!(fs::read(vol.join("fw.sif")).unwrap(), vec![7u8; 100_000]);
-    assert_eq!(fs::read_link(vol.join("hosts.link")).unwrap(), Path::new("hosts"));
+    assert_eq!(
+        fs::read_link(vol.join("hosts.link")).unwrap(),
+        Path::new("hosts")
+    );
     assert!(vol.join("ssh/known_hosts").exists());
 
     // Change it through the mount with ordinary tools.
@@ -121,10 +130,17 @@ fn mounts_in_place_and_leaves_changes_behind() {
     let status = node.volume_status();
     assert_eq!(status["role"], "active");
     assert_eq!(status["passthrough"], true);
-    assert!(status["changes"]["total"].as_u64().unwrap() >= 6, "{status}");
+    assert!(
+        status["changes"]["total"].as_u64().unwrap() >= 6,
+        "{status}"
+    );
 
     let exit = node.stop();
-    assert!(exit.success(), "daemon exit {exit}; log:\n{}", node.log_text());
+    assert!(
+        exit.success(),
+        "daemon exit {exit}; log:\n{}",
+        node.log_text()
+    );
     assert!(!is_mounted(&vol), "SIGTERM unmounts");
 
     // The plain directory now holds every change.
@@ -132,12 +148,18 @@ fn mounts_in_place_and_leaves_changes_behind() {
         fs::read_to_string(vol.join("hosts")).unwrap(),
         "10.0.0.1 cmm-a\n10.0.0.2 cmm-c\n"
     );
-    assert_eq!(fs::read_to_string(vol.join("new/deeper/file")).unwrap(), "fresh");
+    assert_eq!(
+        fs::read_to_string(vol.join("new/deeper/file")).unwrap(),
+        "fresh"
+    );
     assert!(vol.join("ssh/known_hosts.old").exists());
     assert!(!vol.join("ssh/known_hosts").exists());
     assert!(!vol.join("fw.sif").exists());
     // sed -i replaced the file; the mode it kept must still be 0640.
-    assert_eq!(fs::metadata(vol.join("hosts")).unwrap().mode() & 0o7777, 0o640);
+    assert_eq!(
+        fs::metadata(vol.join("hosts")).unwrap().mode() & 0o7777,
+        0o640
+    );
 }
 
 #[test]
@@ -158,7 +180,10 @@ fn kill_9_leaves_the_directory_accessible_and_intact() {
     }
     assert!(!is_mounted(&vol), "auto_unmount removed the dead mount");
     // Not "Transport endpoint is not connected": the plain files are there.
-    assert_eq!(fs::read_to_string(vol.join("hosts")).unwrap(), "10.0.0.1 cmm-a\n");
+    assert_eq!(
+        fs::read_to_string(vol.join("hosts")).unwrap(),
+        "10.0.0.1 cmm-a\n"
+    );
     assert_eq!(
         fs::read_to_string(vol.join("written-before-crash")).unwrap(),
         "durable enough"
@@ -310,7 +335,10 @@ fn standby_refuses_every_write_and_keeps_reads() {
     let erofs = Some(libc::EROFS);
     let hosts = vol.join("hosts");
     let write_ops: Vec<(&str, Option<i32>)> = vec![
-        ("open O_WRONLY", errno_of(fs::OpenOptions::new().write(true).open(&hosts))),
+        (
+            "open O_WRONLY",
+            errno_of(fs::OpenOptions::new().write(true).open(&hosts)),
+        ),
         (
             "open O_RDWR",
             errno_of(fs::OpenOptions::new().read(true).write(true).open(&hosts)),
@@ -324,7 +352,10 @@ fn standby_refuses_every_write_and_keeps_reads() {
                     .open(&hosts),
             ),
         ),
-        ("open O_APPEND", errno_of(fs::OpenOptions::new().append(true).open(&hosts))),
+        (
+            "open O_APPEND",
+            errno_of(fs::OpenOptions::new().append(true).open(&hosts)),
+        ),
         ("create", errno_of(fs::File::create(vol.join("new-file")))),
         ("mkdir", errno_of(fs::create_dir(vol.join("new-dir")))),
         ("mkfifo", errno_of(mkfifo(&vol.join("new-fifo")))),
@@ -333,7 +364,10 @@ fn standby_refuses_every_write_and_keeps_reads() {
         ("rename", errno_of(fs::rename(&hosts, vol.join("hosts2")))),
         (
             "chmod",
-            errno_of(fs::set_permissions(&hosts, fs::Permissions::from_mode(0o600))),
+            errno_of(fs::set_permissions(
+                &hosts,
+                fs::Permissions::from_mode(0o600),
+            )),
         ),
         (
             "chown",
@@ -341,29 +375,46 @@ fn standby_refuses_every_write_and_keeps_reads() {
         ),
         (
             "truncate",
-            errno_of(fs::OpenOptions::new().write(true).open(&hosts).and_then(|f| f.set_len(0))),
+            errno_of(
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(&hosts)
+                    .and_then(|f| f.set_len(0)),
+            ),
         ),
         ("utimens (touch)", errno_of(utimes(&hosts, 1_000_000))),
         ("setxattr", errno_of(setxattr(&hosts, "user.x", b"1"))),
         ("removexattr", errno_of(removexattr(&hosts, "user.origin"))),
-        ("link", errno_of(fs::hard_link(&hosts, vol.join("hosts.hard")))),
+        (
+            "link",
+            errno_of(fs::hard_link(&hosts, vol.join("hosts.hard"))),
+        ),
         (
             "symlink",
-            errno_of(std::os::unix::fs::symlink("hosts", vol.join("another.link"))),
+            errno_of(std::os::unix::fs::symlink(
+                "hosts",
+                vol.join("another.link"),
+            )),
         ),
     ];
     for (op, errno) in &write_ops {
         assert_eq!(*errno, erofs, "{op} on a standby must fail with EROFS");
     }
     // `touch` from the command line too.
-    let touch = std::process::Command::new("touch").arg(&hosts).output().unwrap();
+    let touch = std::process::Command::new("touch")
+        .arg(&hosts)
+        .output()
+        .unwrap();
     assert!(!touch.status.success());
     assert!(String::from_utf8_lossy(&touch.stderr).contains("Read-only file system"));
 
     // Reads keep working.
     assert_eq!(fs::read_to_string(&hosts).unwrap(), "10.0.0.1 cmm-a\n");
     assert!(fs::read_dir(&vol).unwrap().count() >= 5);
-    assert_eq!(fs::read_link(vol.join("hosts.link")).unwrap(), Path::new("hosts"));
+    assert_eq!(
+        fs::read_link(vol.join("hosts.link")).unwrap(),
+        Path::new("hosts")
+    );
     assert_eq!(getxattr(&hosts, "user.origin").unwrap(), b"a");
     assert!(fs::metadata(vol.join("ssh/known_hosts")).is_ok());
     // The reader opened before the switch reads on.
@@ -372,7 +423,11 @@ fn standby_refuses_every_write_and_keeps_reads() {
     assert_eq!(rest.len(), 100_000 - 10);
 
     // Nothing was changed, nothing was counted while standby.
-    assert_eq!(node.volume_status()["changes"]["total"], 1, "only the setxattr before");
+    assert_eq!(
+        node.volume_status()["changes"]["total"],
+        1,
+        "only the setxattr before"
+    );
 
     let out = node.twinfs(&["role", "vol", "active"]);
     assert!(out.status.success(), "{out:?}");
@@ -415,8 +470,13 @@ fn without_passthrough_the_fallback_serves_io() {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     fs::write(vol.join("big"), &data).unwrap();
     assert_eq!(fs::read(vol.join("big")).unwrap(), data);
-    let mut f = fs::OpenOptions::new().append(true).open(vol.join("hosts")).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(vol.join("hosts"))
+        .unwrap();
     f.write_all(b"appended\n").unwrap();
     drop(f);
-    assert!(fs::read_to_string(vol.join("hosts")).unwrap().ends_with("appended\n"));
+    assert!(fs::read_to_string(vol.join("hosts"))
+        .unwrap()
+        .ends_with("appended\n"));
 }

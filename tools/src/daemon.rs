@@ -148,8 +148,7 @@ fn unmount(v: VolumeRuntime) {
 /// daemon already serves this state directory.
 async fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
@@ -161,8 +160,8 @@ async fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot restrict {}", path.display()))?;
     Ok(listener)
@@ -224,7 +223,11 @@ impl Daemon {
             .iter()
             .find(|v| v.config.name == name)
             .ok_or_else(|| {
-                let known: Vec<&str> = self.volumes.iter().map(|v| v.config.name.as_str()).collect();
+                let known: Vec<&str> = self
+                    .volumes
+                    .iter()
+                    .map(|v| v.config.name.as_str())
+                    .collect();
                 anyhow::anyhow!("no volume named {name:?} (volumes: {})", known.join(", "))
             })
     }

@@ -115,7 +115,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Identity::load_or_create(&config.node.state_dir, &config.node.name)?;
             eprintln!(
                 "{} identity of node {} in {}",
-                if created { "created" } else { "kept the existing" },
+                if created {
+                    "created"
+                } else {
+                    "kept the existing"
+                },
                 config.node.name,
                 config.node.state_dir.display()
             );
