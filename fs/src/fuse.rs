@@ -83,8 +83,21 @@ fn file_attr(a: &Attr) -> FileAttr {
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     t.map(|t| match t {
         TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(t) => SetTime::At(t),
+        TimeOrNow::SpecificTime(t) => SetTime::At(fix_pre_epoch(t)),
     })
+}
+
+/// fuser 0.18 turns the kernel's (-s seconds, +n nanoseconds) for a time before 1970
+/// into -(s + n) instead of -s + n; undo that so `touch -d 1969-...` with nanoseconds
+/// lands where it does natively.
+fn fix_pre_epoch(t: SystemTime) -> SystemTime {
+    match UNIX_EPOCH.duration_since(t) {
+        Ok(before) if before.subsec_nanos() != 0 => {
+            UNIX_EPOCH - Duration::from_secs(before.as_secs())
+                + Duration::from_nanos(u64::from(before.subsec_nanos()))
+        }
+        _ => t,
+    }
 }
 
 fn caller(req: &Request) -> Caller {
@@ -347,9 +360,9 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         span!("open", ino = ino.0);
-        let (fh, file) = match self.volume.open(ino.0, flags.0) {
+        let (fh, file) = match self.volume.open(ino.0, flags.0, caller(req)) {
             Ok(x) => x,
             Err(e) => return reply.error(log_err("open", &e)),
         };

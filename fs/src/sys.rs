@@ -360,6 +360,12 @@ pub fn fsync(fd: BorrowedFd<'_>, data_only: bool) -> io::Result<()> {
     })
 }
 
+/// `fchmod`.
+pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) })
+}
+
 /// `ftruncate`.
 pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
     // SAFETY: plain syscall on a valid fd.

@@ -433,23 +433,43 @@ impl Volume {
                 });
             }
         }
-        let loc = self.locate(ino)?;
-        Ok(Attr {
-            ino,
-            st: loc.at().stat()?,
-        })
+        match self.locate(ino) {
+            Ok(loc) => Ok(Attr {
+                ino,
+                st: loc.at().stat()?,
+            }),
+            // Unlinked but still open: the kernel asks without a handle.
+            Err(e) => match self.open_file_of(ino) {
+                Some(file) => Ok(Attr {
+                    ino,
+                    st: sys::fstat(file.fd.as_fd())?,
+                }),
+                None => Err(e),
+            },
+        }
     }
 
     /// Changes attributes: owner first, then mode, size and times, in the order
     /// `chown` clearing set-id bits needs.
     pub fn setattr(&self, ino: u64, set: SetAttr) -> Result<Attr> {
         self.writable()?;
-        let loc = self.locate(ino)?;
-        let at = loc.at();
         let file = match set.fh {
             Some(fh) => self.file(fh).ok(),
             None => None,
         };
+        let loc = match self.locate(ino) {
+            Ok(loc) => loc,
+            // Unlinked but still open (ftruncate, fchmod, futimens of such a file):
+            // address it through an open fd of it.
+            Err(e) => match file.clone().or_else(|| self.open_file_of(ino)) {
+                Some(f) => Location {
+                    dir: Arc::new(f.fd.try_clone()?),
+                    name: None,
+                },
+                None => return Err(e),
+            },
+        };
+        let at = loc.at();
         if set.uid.is_some() || set.gid.is_some() {
             at.chown(set.uid, set.gid)?;
         }
@@ -457,13 +477,14 @@ impl Volume {
             at.chmod(mode & 0o7777)?;
         }
         if let Some(size) = set.size {
-            match &file {
-                Some(f) => sys::ftruncate(f.fd.as_fd(), size)?,
-                None => {
-                    let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EISDIR))?;
+            match (&file, loc.name.as_deref()) {
+                (Some(f), _) => sys::ftruncate(f.fd.as_fd(), size)?,
+                (None, Some(name)) => {
                     let fd = sys::openat(loc.dir.as_fd(), name, libc::O_WRONLY, 0)?;
                     sys::ftruncate(fd.as_fd(), size)?;
                 }
+                // A directory (ftruncate of an unlinked file always comes with its fh).
+                (None, None) => return Err(Error::from_errno(libc::EISDIR)),
             }
         }
         if set.atime.is_some() || set.mtime.is_some() {
@@ -622,8 +643,8 @@ impl Volume {
         (flags, writable)
     }
 
-    /// Opens `ino` with `flags`; returns the handle and the open file.
-    pub fn open(&self, ino: u64, flags: i32) -> Result<(u64, Arc<OpenFile>)> {
+    /// Opens `ino` with `flags` for `caller`; returns the handle and the open file.
+    pub fn open(&self, ino: u64, flags: i32, caller: Caller) -> Result<(u64, Arc<OpenFile>)> {
         let (flags, writable) = Self::open_flags(flags);
         if writable {
             self.writable()?;
@@ -631,7 +652,25 @@ impl Volume {
         let loc = self.locate(ino)?;
         let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EISDIR))?;
         let fd = sys::openat(loc.dir.as_fd(), name, flags, 0)?;
+        if flags & libc::O_TRUNC != 0 && caller.uid != 0 {
+            // The kernel leaves the truncation of an O_TRUNC open to us (atomic
+            // O_TRUNC), and we truncate as root, which keeps set-ID bits: drop them as
+            // a truncation by this (unprivileged) caller would.
+            let st = sys::fstat(fd.as_fd())?;
+            let mut kill = libc::S_ISUID;
+            if st.st_mode & libc::S_IXGRP != 0 {
+                kill |= libc::S_ISGID;
+            }
+            if st.st_mode & kill != 0 {
+                sys::fchmod(fd.as_fd(), st.st_mode & 0o7777 & !kill)?;
+            }
+        }
         Ok(self.add_file(ino, fd, writable))
+    }
+
+    /// Any open file of `ino`: reaches a file whose last name is gone.
+    fn open_file_of(&self, ino: u64) -> Option<Arc<OpenFile>> {
+        self.read_files().values().find(|f| f.ino == ino).cloned()
     }
 
     /// Creates and opens a regular file.
