@@ -172,8 +172,32 @@ macro_rules! span {
 }
 
 fn log_err(op: &'static str, e: &Error) -> Errno {
-    tracing::debug!(op, error = %e, "failed");
+    // A missing name is the everyday answer to a lookup, not worth a log line.
+    if e.errno() != libc::ENOENT {
+        tracing::debug!(op, error = %e, "failed");
+    }
     reply_errno(e)
+}
+
+fn reply_entry(op: &'static str, reply: ReplyEntry, result: crate::Result<Attr>) {
+    match result {
+        Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+        Err(e) => reply.error(log_err(op, &e)),
+    }
+}
+
+fn reply_attr(op: &'static str, reply: ReplyAttr, result: crate::Result<Attr>) {
+    match result {
+        Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+        Err(e) => reply.error(log_err(op, &e)),
+    }
+}
+
+fn reply_empty(op: &'static str, reply: ReplyEmpty, result: crate::Result<()>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(log_err(op, &e)),
+    }
 }
 
 impl Filesystem for FuseAdapter {
@@ -195,10 +219,7 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         span!("lookup", parent = parent.0, name = ?name);
-        match self.volume.lookup(parent.0, name) {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(reply_errno(&e)),
-        }
+        reply_entry("lookup", reply, self.volume.lookup(parent.0, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -207,10 +228,11 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         span!("getattr", ino = ino.0);
-        match self.volume.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(log_err("getattr", &e)),
-        }
+        reply_attr(
+            "getattr",
+            reply,
+            self.volume.getattr(ino.0, fh.map(|f| f.0)),
+        );
     }
 
     fn setattr(
@@ -241,10 +263,7 @@ impl Filesystem for FuseAdapter {
             mtime: set_time(mtime),
             fh: fh.map(|f| f.0),
         };
-        match self.volume.setattr(ino.0, set) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(log_err("setattr", &e)),
-        }
+        reply_attr("setattr", reply, self.volume.setattr(ino.0, set));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -266,13 +285,12 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         span!("mknod", parent = parent.0, name = ?name);
-        match self
-            .volume
-            .mknod(parent.0, name, mode, u64::from(rdev), caller(req))
-        {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(log_err("mknod", &e)),
-        }
+        reply_entry(
+            "mknod",
+            reply,
+            self.volume
+                .mknod(parent.0, name, mode, u64::from(rdev), caller(req)),
+        );
     }
 
     fn mkdir(
@@ -285,26 +303,21 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         span!("mkdir", parent = parent.0, name = ?name);
-        match self.volume.mkdir(parent.0, name, mode, caller(req)) {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(log_err("mkdir", &e)),
-        }
+        reply_entry(
+            "mkdir",
+            reply,
+            self.volume.mkdir(parent.0, name, mode, caller(req)),
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         span!("unlink", parent = parent.0, name = ?name);
-        match self.volume.unlink(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(log_err("unlink", &e)),
-        }
+        reply_empty("unlink", reply, self.volume.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         span!("rmdir", parent = parent.0, name = ?name);
-        match self.volume.rmdir(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(log_err("rmdir", &e)),
-        }
+        reply_empty("rmdir", reply, self.volume.rmdir(parent.0, name));
     }
 
     fn symlink(
@@ -316,13 +329,12 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         span!("symlink", parent = parent.0, name = ?link_name);
-        match self
-            .volume
-            .symlink(parent.0, link_name, target.as_os_str(), caller(req))
-        {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(log_err("symlink", &e)),
-        }
+        reply_entry(
+            "symlink",
+            reply,
+            self.volume
+                .symlink(parent.0, link_name, target.as_os_str(), caller(req)),
+        );
     }
 
     fn rename(
@@ -336,13 +348,12 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         span!("rename", parent = parent.0, name = ?name, newname = ?newname);
-        match self
-            .volume
-            .rename(parent.0, name, newparent.0, newname, flags.bits())
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(log_err("rename", &e)),
-        }
+        reply_empty(
+            "rename",
+            reply,
+            self.volume
+                .rename(parent.0, name, newparent.0, newname, flags.bits()),
+        );
     }
 
     fn link(
@@ -354,10 +365,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         span!("link", ino = ino.0, name = ?newname);
-        match self.volume.link(ino.0, newparent.0, newname) {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(log_err("link", &e)),
-        }
+        reply_entry("link", reply, self.volume.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -421,10 +429,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         span!("flush", ino = ino.0);
-        match self.volume.flush(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(log_err("flush", &e)),
-        }
+        reply_empty("flush", reply, self.volume.flush(fh.0));
     }
 
     fn release(
@@ -457,10 +462,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         span!("fsync", ino = ino.0);
-        match self.volume.fsync(fh.0, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(log_err("fsync", &e)),
-        }
+        reply_empty("fsync", reply, self.volume.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -509,10 +511,7 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.volume.fsyncdir(ino.0, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(log_err("fsyncdir", &e)),
-        }
+        reply_empty("fsyncdir", reply, self.volume.fsyncdir(ino.0, datasync));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -542,10 +541,11 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         span!("setxattr", ino = ino.0, name = ?name);
-        match self.volume.setxattr(ino.0, name, value, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(log_err("setxattr", &e)),
-        }
+        reply_empty(
+            "setxattr",
+            reply,
+            self.volume.setxattr(ino.0, name, value, flags),
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -568,10 +568,7 @@ impl Filesystem for FuseAdapter {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         span!("removexattr", ino = ino.0, name = ?name);
-        match self.volume.removexattr(ino.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(log_err("removexattr", &e)),
-        }
+        reply_empty("removexattr", reply, self.volume.removexattr(ino.0, name));
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -629,10 +626,11 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.volume.fallocate(fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(log_err("fallocate", &e)),
-        }
+        reply_empty(
+            "fallocate",
+            reply,
+            self.volume.fallocate(fh.0, offset, length, mode),
+        );
     }
 
     fn lseek(

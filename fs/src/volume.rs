@@ -19,7 +19,8 @@ use crate::sys::{self, At, Stat};
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
 /// A volume's role: the active node takes local writes, a standby refuses them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Local processes may write; every change is recorded.
     Active,
@@ -34,6 +35,12 @@ impl Role {
             Role::Active => "active",
             Role::Standby => "standby",
         }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

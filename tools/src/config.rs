@@ -107,31 +107,8 @@ pub struct VolumeConfig {
     pub policies: PolicySet,
 }
 
-/// Whether a node serves writes for a volume or follows another node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Writes are allowed here and replicated to the standbys.
-    Active,
-    /// The volume is read-only here and follows the active node.
-    Standby,
-}
-
-impl Role {
-    /// The name used in the configuration and state files.
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Active => "active",
-            Role::Standby => "standby",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// A node's role for a volume (defined by the FUSE layer, which enforces it).
+pub use twinfs_fs::Role;
 
 /// When a write on the active node returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

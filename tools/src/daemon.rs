@@ -42,13 +42,6 @@ struct Daemon {
     volumes: Vec<VolumeRuntime>,
 }
 
-fn fs_role(role: Role) -> twinfs_fs::Role {
-    match role {
-        Role::Active => twinfs_fs::Role::Active,
-        Role::Standby => twinfs_fs::Role::Standby,
-    }
-}
-
 fn mount_volume(
     config: &Config,
     vc: &VolumeConfig,
@@ -56,7 +49,7 @@ fn mount_volume(
 ) -> anyhow::Result<VolumeRuntime> {
     let state = VolumeState::load_or_init(&config.node.state_dir, &vc.name, vc.initial_role)?;
     let capture = Arc::new(Capture::new(&vc.name, vc.policies.clone(), None));
-    let volume = Volume::new(&vc.path, fs_role(state.role), capture.clone()).map_err(|e| {
+    let volume = Volume::new(&vc.path, state.role, capture.clone()).map_err(|e| {
         if e.errno() == libc::EBUSY {
             anyhow::anyhow!(
                 "volume {}: {} is already a FUSE mount (is another twinfs running?)",
@@ -240,7 +233,7 @@ impl Daemon {
         let next = VolumeState { role, ..*state };
         next.store(&self.config.node.state_dir, name)?;
         *state = next;
-        v.mounted.volume().set_role(fs_role(role));
+        v.mounted.volume().set_role(role);
         tracing::info!(volume = name, from = %before, to = %role, "role switched");
         let writers = v.mounted.volume().stats().open_for_write;
         let mut message = format!("volume {name}: role {before} -> {role}");
