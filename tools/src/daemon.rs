@@ -95,6 +95,12 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let listener = runtime.block_on(bind_control(&config.node.control_socket))?;
+    // Listen for signals before mounting: a SIGTERM while volumes are being mounted
+    // then stops the daemon cleanly once they are, instead of killing it halfway.
+    let signals = {
+        let _runtime = runtime.enter();
+        Signals::new()?
+    };
 
     let mut volumes = Vec::new();
     for vc in &config.volumes {
@@ -113,7 +119,7 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
     let daemon = Arc::new(Daemon { config, volumes });
     tracing::info!(socket = %socket.display(), "twinfs daemon ready");
 
-    runtime.block_on(serve(daemon.clone(), listener))?;
+    runtime.block_on(serve(daemon.clone(), listener, signals));
 
     tracing::info!("shutting down");
     let _ = std::fs::remove_file(&socket);
@@ -160,13 +166,27 @@ async fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-async fn serve(daemon: Arc<Daemon>, listener: UnixListener) -> anyhow::Result<()> {
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot handle SIGTERM")?;
+/// SIGINT and SIGTERM, the two ways to stop the daemon.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        })
+    }
+}
+
+async fn serve(daemon: Arc<Daemon>, listener: UnixListener, mut signals: Signals) {
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = sigterm.recv() => return Ok(()),
+            _ = signals.interrupt.recv() => return,
+            _ = signals.terminate.recv() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let daemon = daemon.clone();
