@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -17,6 +18,33 @@ use crate::sys::{self, At, Stat};
 
 /// `FUSE_SUPER_MAGIC`: the directory is already a FUSE mount (twinfs running twice).
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// Names starting with this are twinfs's own (the standby's temp files while it applies
+/// a change): invisible through the mount and not creatable by its users.
+pub const RESERVED_PREFIX: &[u8] = b".twinfs-";
+
+/// Whether `name` is reserved for twinfs.
+pub fn is_reserved(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(RESERVED_PREFIX)
+}
+
+/// Refuses a user's attempt to create a reserved name.
+fn check_name(name: &OsStr) -> Result<()> {
+    if is_reserved(name) {
+        Err(Error::from_errno(libc::EPERM))
+    } else {
+        Ok(())
+    }
+}
+
+/// A reserved name does not exist as far as the mount's users can tell.
+fn check_exists(name: &OsStr) -> Result<()> {
+    if is_reserved(name) {
+        Err(enoent())
+    } else {
+        Ok(())
+    }
+}
 
 /// A volume's role: the active node takes local writes, a standby refuses them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -420,6 +448,7 @@ impl Volume {
 
     /// Looks up `name` in `parent`.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        check_exists(name)?;
         let dir = self.dir_fd(parent)?;
         let st = sys::statat(dir.as_fd(), name)?;
         self.remember(parent, &dir, name, st)
@@ -530,6 +559,7 @@ impl Volume {
         caller: Caller,
     ) -> Result<Attr> {
         self.writable()?;
+        check_name(name)?;
         sys::clear_thread_umask();
         let dir = self.dir_fd(parent)?;
         sys::mknodat(dir.as_fd(), name, mode, rdev)?;
@@ -542,6 +572,7 @@ impl Volume {
     /// Creates a directory.
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
         self.writable()?;
+        check_name(name)?;
         sys::clear_thread_umask();
         let dir = self.dir_fd(parent)?;
         sys::mkdirat(dir.as_fd(), name, mode)?;
@@ -560,6 +591,7 @@ impl Volume {
         caller: Caller,
     ) -> Result<Attr> {
         self.writable()?;
+        check_name(name)?;
         let dir = self.dir_fd(parent)?;
         sys::symlinkat(target, dir.as_fd(), name)?;
         let st = self.own(&dir, name, sys::statat(dir.as_fd(), name)?, caller)?;
@@ -571,6 +603,7 @@ impl Volume {
     /// Removes a non-directory.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.writable()?;
+        check_exists(name)?;
         let dir = self.dir_fd(parent)?;
         sys::unlinkat(dir.as_fd(), name, 0)?;
         self.write_table().drop_link(parent, name);
@@ -581,6 +614,7 @@ impl Volume {
     /// Removes an empty directory.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.writable()?;
+        check_exists(name)?;
         let dir = self.dir_fd(parent)?;
         sys::unlinkat(dir.as_fd(), name, libc::AT_REMOVEDIR)?;
         self.write_table().drop_link(parent, name);
@@ -598,6 +632,8 @@ impl Volume {
         flags: u32,
     ) -> Result<()> {
         self.writable()?;
+        check_exists(name)?;
+        check_name(newname)?;
         let from_dir = self.dir_fd(parent)?;
         let to_dir = self.dir_fd(newparent)?;
         sys::renameat2(from_dir.as_fd(), name, to_dir.as_fd(), newname, flags)?;
@@ -614,6 +650,7 @@ impl Volume {
     /// Creates a hard link to `ino` at (`newparent`, `newname`).
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         self.writable()?;
+        check_name(newname)?;
         let loc = self.locate(ino)?;
         let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EPERM))?;
         let to_dir = self.dir_fd(newparent)?;
@@ -690,6 +727,7 @@ impl Volume {
         caller: Caller,
     ) -> Result<(Attr, u64, Arc<OpenFile>)> {
         self.writable()?;
+        check_name(name)?;
         sys::clear_thread_umask();
         let dir = self.dir_fd(parent)?;
         let (plain, _) = Self::open_flags(flags);
@@ -822,7 +860,7 @@ impl Volume {
             kind: libc::DT_DIR,
             name: "..".into(),
         });
-        for e in raw {
+        for e in raw.into_iter().filter(|e| !is_reserved(&e.name)) {
             let ino = table.by_key((st.st_dev, e.ino)).unwrap_or(e.ino);
             out.push(DirEntry {
                 ino,

@@ -100,3 +100,40 @@ fn files_created_and_removed_underneath_in_a_subdirectory() {
     assert_eq!(fs::read(sub.join("new")).expect("read new"), b"hello");
     assert_eq!(names(&sub), vec!["new"]);
 }
+
+#[test]
+fn reserved_names_are_invisible_and_not_creatable() {
+    let m = MountedDir::new(true, |d| {
+        fs::write(d.join(".twinfs-tmp.0123"), b"half written").expect("fill");
+        fs::write(d.join("visible"), b"x").expect("fill");
+    });
+    let listed: Vec<String> = fs::read_dir(&m.path)
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(listed, vec!["visible"]);
+    let err = |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error());
+    assert_eq!(
+        err(fs::metadata(m.path.join(".twinfs-tmp.0123")).map(|_| ())),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(
+        err(fs::write(m.path.join(".twinfs-mine"), b"y")),
+        Some(libc::EPERM)
+    );
+    assert_eq!(
+        err(fs::create_dir(m.path.join(".twinfs-d"))),
+        Some(libc::EPERM)
+    );
+    assert_eq!(
+        err(fs::rename(m.path.join("visible"), m.path.join(".twinfs-x"))),
+        Some(libc::EPERM)
+    );
+    assert_eq!(
+        err(fs::remove_file(m.path.join(".twinfs-tmp.0123"))),
+        Some(libc::ENOENT)
+    );
+    // Names that merely look alike are ordinary.
+    fs::write(m.path.join(".twinfs"), b"ok").expect("plain dotfile");
+    fs::write(m.path.join("x.twinfs-tmp"), b"ok").expect("plain file");
+}
