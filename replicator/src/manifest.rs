@@ -1,0 +1,986 @@
+//! Manifests: what a volume holds, path by path (kind, mode, owner, mtime, size,
+//! content hash, symlink target, xattrs); [`scan`] builds one from the backing
+//! directory, a [`HashCache`] keeps rescans cheap, and [`diff`] turns the active's and
+//! a standby's manifests into the work a full sync has to do.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use twinfs_fs::sys::{self, At, Stat};
+use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
+
+use crate::path::{PathError, RelPath};
+
+/// Names starting with this are twinfs's own temporary files inside a volume; a scan
+/// never records them.
+pub const RESERVED_PREFIX: &[u8] = b".twinfs-";
+
+/// Files are hashed in reads of this size: large enough to keep syscalls few, small
+/// enough that one buffer serves the whole scan.
+const CHUNK: usize = 1 << 20;
+
+/// How old a file's ctime must be before its hash is cached. With coarse kernel
+/// timestamps (before Linux 6.13's multigrain ctime), a same-size rewrite within one
+/// clock tick of our read leaves size, mtime and ctime unchanged, so a hash taken that
+/// close to the last change could be stale for good. Such files are simply hashed
+/// again next time.
+const CACHE_MIN_AGE: Duration = Duration::from_millis(100);
+
+/// What kind of object a path is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Dir,
+    /// Symbolic link (never followed).
+    Symlink,
+    /// Named pipe.
+    Fifo,
+    /// Unix socket.
+    Socket,
+    /// Character device.
+    CharDev,
+    /// Block device.
+    BlockDev,
+}
+
+impl Kind {
+    /// The kind in the type bits of `st_mode`.
+    fn of_mode(mode: u32) -> Option<Kind> {
+        match mode & libc::S_IFMT {
+            libc::S_IFREG => Some(Kind::File),
+            libc::S_IFDIR => Some(Kind::Dir),
+            libc::S_IFLNK => Some(Kind::Symlink),
+            libc::S_IFIFO => Some(Kind::Fifo),
+            libc::S_IFSOCK => Some(Kind::Socket),
+            libc::S_IFCHR => Some(Kind::CharDev),
+            libc::S_IFBLK => Some(Kind::BlockDev),
+            _ => None,
+        }
+    }
+}
+
+/// Everything a manifest says about one path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// What the object is.
+    pub kind: Kind,
+    /// Permission bits including setuid, setgid and sticky; no type bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time: seconds and nanoseconds since the epoch.
+    pub mtime: (i64, u32),
+    /// Size in bytes for files, 0 for everything else.
+    pub size: u64,
+    /// Device number for character and block devices, 0 for everything else.
+    pub rdev: u64,
+    /// xxh3-128 of the content, for files only.
+    pub hash: Option<u128>,
+    /// The link target, for symlinks only.
+    pub target: Option<Vec<u8>>,
+    /// Extended attributes (name, value), sorted by name.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Meta {
+    /// Whether the two describe the same content: kind, size, hash, target and device
+    /// number.
+    pub fn same_content(&self, other: &Meta) -> bool {
+        self.kind == other.kind
+            && self.size == other.size
+            && self.hash == other.hash
+            && self.target == other.target
+            && self.rdev == other.rdev
+    }
+
+    /// Whether the two carry the same metadata: mode, owner, mtime and xattrs.
+    pub fn same_metadata(&self, other: &Meta) -> bool {
+        self.mode == other.mode
+            && self.uid == other.uid
+            && self.gid == other.gid
+            && self.mtime == other.mtime
+            && self.xattrs == other.xattrs
+    }
+}
+
+/// One path of a manifest with what it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The path, relative to the volume root.
+    pub path: RelPath,
+    /// What is there.
+    pub meta: Meta,
+}
+
+/// The entries of a volume, ordered by path bytes, so a directory always comes
+/// before everything below it. The volume root itself is not an entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Manifest {
+    entries: BTreeMap<RelPath, Meta>,
+}
+
+impl Manifest {
+    /// An empty manifest.
+    pub fn new() -> Manifest {
+        Manifest::default()
+    }
+
+    /// What the manifest says about `path`.
+    pub fn get(&self, path: &RelPath) -> Option<&Meta> {
+        self.entries.get(path)
+    }
+
+    /// All entries, parents before children.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&RelPath, &Meta)> {
+        self.entries.iter()
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Adds or replaces an entry; returns what was there.
+    pub fn insert(&mut self, entry: Entry) -> Option<Meta> {
+        self.entries.insert(entry.path, entry.meta)
+    }
+
+    /// Removes the entry of `path` (not its children); returns what was there.
+    pub fn remove(&mut self, path: &RelPath) -> Option<Meta> {
+        self.entries.remove(path)
+    }
+}
+
+impl FromIterator<Entry> for Manifest {
+    fn from_iter<I: IntoIterator<Item = Entry>>(iter: I) -> Manifest {
+        Manifest {
+            entries: iter.into_iter().map(|e| (e.path, e.meta)).collect(),
+        }
+    }
+}
+
+/// Why a scan failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// A system call on a path failed (other than the path vanishing, which is not an
+    /// error).
+    #[error("cannot {op} {}: {source}", shown(.path))]
+    Io {
+        /// The path.
+        path: RelPath,
+        /// What was being done (`open`, `list`, `hash`, ...).
+        op: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// A name in the directory makes a path that is not a valid [`RelPath`] (longer
+    /// than `PATH_MAX`).
+    #[error("cannot scan below {}: {source}", shown(.parent))]
+    Path {
+        /// The directory holding the name.
+        parent: RelPath,
+        /// Why the path was refused.
+        source: PathError,
+    },
+    /// The file type bits are none Linux knows.
+    #[error("{} has an unknown file type (mode {mode:#o})", shown(.path))]
+    UnknownType {
+        /// The path.
+        path: RelPath,
+        /// Its `st_mode`.
+        mode: u32,
+    },
+}
+
+/// A path for messages: the root has no name of its own.
+fn shown(path: &RelPath) -> String {
+    if path.is_root() {
+        "the volume root".to_owned()
+    } else {
+        format!("{path:?}")
+    }
+}
+
+/// Wraps an I/O error with the path and what was being done to it.
+fn io_error<'a>(
+    path: &'a RelPath,
+    op: &'static str,
+) -> impl FnOnce(io::Error) -> ManifestError + 'a {
+    move |source| ManifestError::Io {
+        path: path.clone(),
+        op,
+        source,
+    }
+}
+
+/// Whether the error means the object is gone: something removed it while the scan
+/// was looking, which is a change like any other, not a failure.
+fn vanished(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOENT)
+}
+
+/// Whether the directory behind `dir` has been removed.
+fn removed(dir: BorrowedFd<'_>) -> bool {
+    sys::fstat(dir).is_ok_and(|st| st.st_nlink == 0)
+}
+
+/// One directory level of the walk: its fd and the entries not visited yet.
+struct Level {
+    dir: OwnedFd,
+    path: RelPath,
+    names: std::vec::IntoIter<sys::DirEntry>,
+}
+
+/// Scans the tree below `root` (an `O_PATH` fd of the volume's backing directory)
+/// into a manifest of every entry except the root itself.
+///
+/// - Symlinks are recorded, never followed; a symlink to a directory is a
+///   [`Kind::Symlink`] entry and nothing below it is scanned.
+/// - `filter(path, kind)` returning false leaves the entry out, and for a directory
+///   everything below it too. Names starting with [`RESERVED_PREFIX`] are never
+///   recorded.
+/// - Regular files are hashed with xxh3-128 unless `cache` holds a hash for the same
+///   inode, size, mtime and ctime; `cache.last_scan()` tells how much was hashed.
+/// - Something that vanishes during the scan is left out. The tree may change while
+///   it is scanned, so the manifest is a fuzzy snapshot: the change stream, started
+///   before the scan, brings what changed meanwhile.
+///
+/// The walk is depth first and holds one fd per directory level (plus one listing
+/// per level), so tree size does not bound it, only depth.
+pub fn scan(
+    root: BorrowedFd<'_>,
+    filter: impl Fn(&RelPath, Kind) -> bool,
+    cache: &mut HashCache,
+) -> Result<Manifest, ManifestError> {
+    cache.begin_scan();
+    let mut manifest = Manifest::new();
+    let mut buf = vec![0u8; CHUNK];
+    let top = RelPath::root();
+    let names = sys::read_dir(root).map_err(io_error(&top, "list"))?;
+    let dir = root
+        .try_clone_to_owned()
+        .map_err(io_error(&top, "duplicate the fd of"))?;
+    let mut stack = vec![Level {
+        dir,
+        path: top,
+        names: names.into_iter(),
+    }];
+    while let Some(level) = stack.last_mut() {
+        let Some(dirent) = level.names.next() else {
+            stack.pop();
+            continue;
+        };
+        if dirent.name.as_bytes().starts_with(RESERVED_PREFIX) {
+            continue;
+        }
+        let path = level
+            .path
+            .join(&dirent.name)
+            .map_err(|source| ManifestError::Path {
+                parent: level.path.clone(),
+                source,
+            })?;
+        let Some((meta, fd)) = visit(
+            level.dir.as_fd(),
+            &dirent.name,
+            &path,
+            &filter,
+            cache,
+            &mut buf,
+        )?
+        else {
+            continue;
+        };
+        if meta.kind != Kind::Dir {
+            manifest.entries.insert(path, meta);
+            continue;
+        }
+        match sys::read_dir(fd.as_fd()) {
+            // glibc reports a removed directory as an empty one; its link count tells.
+            Ok(names) if names.is_empty() && removed(fd.as_fd()) => {
+                tracing::debug!(%path, "directory removed during the scan");
+            }
+            Ok(names) => {
+                manifest.entries.insert(path.clone(), meta);
+                stack.push(Level {
+                    dir: fd,
+                    path,
+                    names: names.into_iter(),
+                });
+            }
+            Err(e) if vanished(&e) => tracing::debug!(%path, "directory removed during the scan"),
+            Err(e) => return Err(io_error(&path, "list")(e)),
+        }
+    }
+    cache.finish_scan();
+    let stats = cache.last_scan();
+    tracing::debug!(
+        entries = manifest.len(),
+        hits = stats.hits,
+        misses = stats.misses,
+        bytes_hashed = stats.bytes_hashed,
+        "scanned"
+    );
+    Ok(manifest)
+}
+
+/// Describes one directory entry; `None` if it vanished or the filter refused it. For
+/// a directory, also returns its `O_PATH` fd for the next level of the walk.
+fn visit(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    path: &RelPath,
+    filter: &impl Fn(&RelPath, Kind) -> bool,
+    cache: &mut HashCache,
+    buf: &mut [u8],
+) -> Result<Option<(Meta, OwnedFd)>, ManifestError> {
+    // Everything below comes through this one O_PATH fd (sys::openat adds O_NOFOLLOW),
+    // so stat, xattrs, link target and content all describe the same object even if
+    // the name is replaced meanwhile, and nothing but a regular file is ever opened for
+    // reading (opening a FIFO blocks, opening a device can act on it).
+    let fd = match sys::openat(dir, name, libc::O_PATH, 0) {
+        Ok(fd) => fd,
+        Err(e) if vanished(&e) => {
+            tracing::debug!(%path, "vanished during the scan");
+            return Ok(None);
+        }
+        Err(e) => return Err(io_error(path, "open")(e)),
+    };
+    let st = sys::fstat(fd.as_fd()).map_err(io_error(path, "stat"))?;
+    let kind = Kind::of_mode(st.st_mode).ok_or_else(|| ManifestError::UnknownType {
+        path: path.clone(),
+        mode: st.st_mode,
+    })?;
+    if !filter(path, kind) {
+        return Ok(None);
+    }
+    let mut meta = Meta {
+        kind,
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+        size: 0,
+        rdev: 0,
+        hash: None,
+        target: None,
+        xattrs: read_xattrs(At::Fd(fd.as_fd())).map_err(io_error(path, "read the xattrs of"))?,
+    };
+    match kind {
+        Kind::File => {
+            meta.size = st.st_size as u64;
+            meta.hash = Some(
+                cache
+                    .content_hash(fd.as_fd(), &st, buf)
+                    .map_err(io_error(path, "hash"))?,
+            );
+        }
+        Kind::Symlink => {
+            // An empty name makes readlinkat read the symlink the O_PATH fd is.
+            meta.target = Some(
+                sys::readlinkat(fd.as_fd(), OsStr::new(""))
+                    .map_err(io_error(path, "read the target of"))?,
+            );
+        }
+        Kind::CharDev | Kind::BlockDev => meta.rdev = st.st_rdev,
+        Kind::Dir | Kind::Fifo | Kind::Socket => {}
+    }
+    Ok(Some((meta, fd)))
+}
+
+/// Reads `f` into a buffer sized by a first call with an empty buffer, asking again if
+/// the value grew in between (`ERANGE`).
+fn read_sized(mut f: impl FnMut(&mut [u8]) -> io::Result<usize>) -> io::Result<Vec<u8>> {
+    let mut attempts = 0;
+    loop {
+        let size = f(&mut [])?;
+        let mut buf = vec![0u8; size];
+        match f(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) && attempts < 8 => attempts += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Every extended attribute the process can read, sorted by name.
+fn read_xattrs(at: At<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let names = match read_sized(|buf| at.listxattr(buf)) {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut xattrs = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        match read_sized(|buf| at.getxattr(OsStr::from_bytes(name), buf)) {
+            Ok(value) => xattrs.push((name.to_vec(), value)),
+            // Removed since the listing, or in a namespace this process may list but
+            // not read: neither is something a standby could be given.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENODATA | libc::EACCES | libc::EPERM)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    xattrs.sort();
+    Ok(xattrs)
+}
+
+/// What must be unchanged for a cached hash to hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    size: u64,
+    mtime: (i64, u32),
+    ctime: (i64, u32),
+}
+
+impl Stamp {
+    fn of(st: &Stat) -> Stamp {
+        Stamp {
+            size: st.st_size as u64,
+            mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+            ctime: (st.st_ctime, st.st_ctime_nsec as u32),
+        }
+    }
+
+    /// Whether the last change is far enough before `now` that a later change is
+    /// bound to move the ctime.
+    fn settled(&self, now: SystemTime) -> bool {
+        let ctime = UNIX_EPOCH
+            .checked_add(Duration::new(
+                u64::try_from(self.ctime.0).unwrap_or(0),
+                self.ctime.1,
+            ))
+            .unwrap_or(UNIX_EPOCH);
+        now.duration_since(ctime)
+            .is_ok_and(|age| age >= CACHE_MIN_AGE)
+    }
+}
+
+/// A cached content hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Cached {
+    stamp: Stamp,
+    hash: u128,
+}
+
+/// How much work the last scan did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Files whose hash came from the cache.
+    pub hits: u64,
+    /// Files that were read and hashed.
+    pub misses: u64,
+    /// Bytes read to hash them.
+    pub bytes_hashed: u64,
+}
+
+/// Content hashes by inode, valid while the file's size, mtime and ctime stay the
+/// same (any write or `utimensat` moves the ctime, and nothing can set it back). Keep
+/// one per volume: a scan drops the entries it did not see.
+#[derive(Debug, Default)]
+pub struct HashCache {
+    /// Keyed by (device, inode), so hard links are hashed once.
+    entries: HashMap<(u64, u64), Cached>,
+    seen: HashSet<(u64, u64)>,
+    stats: CacheStats,
+}
+
+/// The first bytes of a cache file; the last two say the format version.
+const CACHE_MAGIC: &[u8; 8] = b"twfshc01";
+
+/// Why the cache could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// Writing, syncing or renaming the file failed.
+    #[error("cannot {op} the hash cache {}: {source}", .path.display())]
+    Io {
+        /// The cache file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// Encoding failed.
+    #[error("cannot encode the hash cache: {0}")]
+    Encode(#[from] postcard::Error),
+}
+
+impl HashCache {
+    /// An empty cache.
+    pub fn new() -> HashCache {
+        HashCache::default()
+    }
+
+    /// The cache stored at `path`. A missing, unreadable or corrupt file gives an empty
+    /// cache (logged): it only costs one full hash of the volume.
+    pub fn load(path: &Path) -> HashCache {
+        let entries = match fs::read(path) {
+            Ok(bytes) => decode(&bytes).unwrap_or_else(|reason| {
+                tracing::warn!(path = %path.display(), reason, "ignoring the hash cache");
+                HashMap::new()
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::debug!(path = %path.display(), "no hash cache yet");
+                HashMap::new()
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the hash cache; starting empty");
+                HashMap::new()
+            }
+        };
+        HashCache {
+            entries,
+            ..HashCache::default()
+        }
+    }
+
+    /// Writes the cache to `path` atomically: a temporary file next to it, fsync,
+    /// rename, fsync of the directory. Only one process may store to a given path.
+    pub fn store(&self, path: &Path) -> Result<(), CacheError> {
+        let mut body = postcard::to_allocvec(&self.entries)?;
+        let sum = xxh3_64(&body);
+        body.extend_from_slice(&sum.to_le_bytes());
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let fail = |op, source| CacheError::Io {
+            path: path.to_owned(),
+            op,
+            source,
+        };
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(CACHE_MAGIC)?;
+                f.write_all(&body)?;
+                f.sync_all()
+            })
+            .map_err(|e| fail("write", e))
+            .and_then(|()| fs::rename(&tmp, path).map_err(|e| fail("rename into place", e)));
+        if let Err(e) = written {
+            // Best effort: the error that matters is the one returned.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| fail("sync the directory of", e))
+    }
+
+    /// Number of cached hashes.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no hash is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The work done by the last scan.
+    pub fn last_scan(&self) -> CacheStats {
+        self.stats
+    }
+
+    fn begin_scan(&mut self) {
+        self.seen.clear();
+        self.stats = CacheStats::default();
+    }
+
+    /// Drops what the scan did not see (deleted files, filtered paths), so the cache
+    /// does not grow forever. Only after a complete scan: a failed one saw too little.
+    fn finish_scan(&mut self) {
+        let seen = std::mem::take(&mut self.seen);
+        self.entries.retain(|key, _| seen.contains(key));
+    }
+
+    /// The content hash of the regular file behind the `O_PATH` fd `file`, whose stat
+    /// is `st`, from the cache or by reading it.
+    fn content_hash(
+        &mut self,
+        file: BorrowedFd<'_>,
+        st: &Stat,
+        buf: &mut [u8],
+    ) -> io::Result<u128> {
+        let key = (st.st_dev, st.st_ino);
+        let stamp = Stamp::of(st);
+        self.seen.insert(key);
+        if let Some(cached) = self.entries.get(&key) {
+            if cached.stamp == stamp {
+                self.stats.hits += 1;
+                return Ok(cached.hash);
+            }
+        }
+        let started = SystemTime::now();
+        // Reopening through /proc reaches the very inode the O_PATH fd holds.
+        let reader = fs::File::open(OsStr::from_bytes(sys::proc_path(file).as_bytes()))?;
+        let mut hasher = Xxh3Default::new();
+        let mut offset = 0u64;
+        loop {
+            let n = sys::pread(reader.as_fd(), buf, offset)?;
+            hasher.update(&buf[..n]);
+            offset += n as u64;
+            if n < buf.len() {
+                break;
+            }
+        }
+        let hash = hasher.digest128();
+        self.stats.misses += 1;
+        self.stats.bytes_hashed += offset;
+        // A file written while we read it has a hash of no particular version: report
+        // it (the change stream ships the final one) but never cache it.
+        let unchanged = Stamp::of(&sys::fstat(reader.as_fd())?) == stamp;
+        if unchanged && stamp.settled(started) {
+            self.entries.insert(key, Cached { stamp, hash });
+        } else {
+            self.entries.remove(&key);
+        }
+        Ok(hash)
+    }
+}
+
+/// Parses a cache file; the error says why it was refused.
+fn decode(bytes: &[u8]) -> Result<HashMap<(u64, u64), Cached>, &'static str> {
+    let rest = bytes
+        .strip_prefix(CACHE_MAGIC)
+        .ok_or("not a hash cache of this twinfs version")?;
+    let (body, sum) = rest
+        .split_at_checked(rest.len().wrapping_sub(8))
+        .ok_or("truncated")?;
+    if sum != xxh3_64(body).to_le_bytes() {
+        return Err("checksum mismatch");
+    }
+    postcard::from_bytes(body).map_err(|_| "undecodable")
+}
+
+/// One entry to send to a standby.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    /// The path and what it must become.
+    pub entry: Entry,
+    /// Whether the content must travel (new path, new kind, or different content);
+    /// false when the standby has the content and only mode, owner, mtime or xattrs
+    /// differ.
+    pub content: bool,
+}
+
+/// The work that makes a standby's tree match the active's.
+///
+/// **Order:** apply every `delete` first, in order, then every `send`, in order. A path
+/// whose kind changed (a file that became a directory, ...) is in both lists: the old
+/// object must be gone before the new one can be created. Deletes go first because
+/// they cost nothing next to sends, so priority-1 content is barely delayed.
+///
+/// A directory's mtime moves whenever something is created in it, so an applier sets
+/// directory times after their children have been applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// Entries of the active that the standby lacks or holds differently. Priority 1
+    /// first, together with the new or changed directories above them, then the rest;
+    /// within each group parents before children.
+    pub send: Vec<Transfer>,
+    /// Paths the standby must remove (recursively for directories): those the active
+    /// does not have and those whose kind changed. Children before parents.
+    pub delete: Vec<RelPath>,
+}
+
+impl Diff {
+    /// Whether the two manifests were equal.
+    pub fn is_empty(&self) -> bool {
+        self.send.is_empty() && self.delete.is_empty()
+    }
+}
+
+/// What to do so that a standby holding `standby` holds `active`; `priority_of` gives
+/// each path's priority (1 = must be in sync before a takeover). The volume root is
+/// never sent or deleted, even if a manifest lists it.
+pub fn diff(active: &Manifest, standby: &Manifest, priority_of: impl Fn(&RelPath) -> u8) -> Diff {
+    let delete = standby
+        .iter()
+        .rev()
+        .filter(|(path, old)| {
+            !path.is_root() && active.get(path).is_none_or(|new| new.kind != old.kind)
+        })
+        .map(|(path, _)| path.clone())
+        .collect();
+
+    let mut send = Vec::new();
+    for (path, new) in active.iter().filter(|(path, _)| !path.is_root()) {
+        let content = match standby.get(path) {
+            Some(old) if old.same_content(new) => {
+                if old.same_metadata(new) {
+                    continue;
+                }
+                false
+            }
+            _ => true,
+        };
+        send.push(Transfer {
+            entry: Entry {
+                path: path.clone(),
+                meta: new.clone(),
+            },
+            content,
+        });
+    }
+
+    // A priority-1 file in a new directory is no use before that directory exists, so
+    // the directories above it travel with it even if they are priority 2.
+    let index: HashMap<&RelPath, usize> = send
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (&t.entry.path, i))
+        .collect();
+    let mut urgent = vec![false; send.len()];
+    for (i, t) in send.iter().enumerate() {
+        if priority_of(&t.entry.path) != 1 {
+            continue;
+        }
+        urgent[i] = true;
+        let mut up = t.entry.path.split_last().map(|(parent, _)| parent);
+        while let Some(parent) = up {
+            if let Some(&j) = index.get(&parent) {
+                if urgent[j] {
+                    // Marked earlier, together with its own ancestors.
+                    break;
+                }
+                urgent[j] = true;
+            }
+            up = parent.split_last().map(|(parent, _)| parent);
+        }
+    }
+    drop(index);
+    let (mut first, rest): (Vec<_>, Vec<_>) = send
+        .into_iter()
+        .zip(urgent)
+        .partition(|(_, urgent)| *urgent);
+    first.extend(rest);
+    Diff {
+        send: first.into_iter().map(|(t, _)| t).collect(),
+        delete,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn rel(s: &str) -> RelPath {
+        RelPath::new(s).expect("valid path")
+    }
+
+    fn meta(kind: Kind, hash: u128) -> Meta {
+        Meta {
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: (1, 0),
+            size: if kind == Kind::File { 1 } else { 0 },
+            rdev: 0,
+            hash: (kind == Kind::File).then_some(hash),
+            target: None,
+            xattrs: Vec::new(),
+        }
+    }
+
+    fn manifest(entries: &[(&str, Meta)]) -> Manifest {
+        entries
+            .iter()
+            .map(|(path, meta)| Entry {
+                path: rel(path),
+                meta: meta.clone(),
+            })
+            .collect()
+    }
+
+    /// What a standby that applies `diff` in the documented order ends up with.
+    fn apply(mut standby: Manifest, diff: &Diff) -> Manifest {
+        for path in &diff.delete {
+            standby.remove(path);
+        }
+        for t in &diff.send {
+            standby.insert(t.entry.clone());
+        }
+        standby
+    }
+
+    fn paths(diff: &Diff) -> Vec<String> {
+        diff.send.iter().map(|t| t.entry.path.to_string()).collect()
+    }
+
+    #[test]
+    fn priority_one_first_with_its_directories() {
+        let active = manifest(&[
+            ("a", meta(Kind::File, 1)),
+            ("d", meta(Kind::Dir, 0)),
+            ("d/key", meta(Kind::File, 2)),
+            ("d/other", meta(Kind::File, 3)),
+            ("z", meta(Kind::File, 4)),
+        ]);
+        let standby = manifest(&[
+            ("old", meta(Kind::Dir, 0)),
+            ("old/x", meta(Kind::File, 5)),
+            ("old/x2", meta(Kind::File, 5)),
+        ]);
+        let urgent = [rel("d/key"), rel("z")];
+        let d = diff(
+            &active,
+            &standby,
+            |p| if urgent.contains(p) { 1 } else { 2 },
+        );
+        assert_eq!(paths(&d), ["d", "d/key", "z", "a", "d/other"]);
+        assert!(d.send.iter().all(|t| t.content));
+        assert_eq!(d.delete, [rel("old/x2"), rel("old/x"), rel("old")]);
+        assert_eq!(apply(standby, &d), active);
+    }
+
+    #[test]
+    fn kind_change_is_deleted_then_sent() {
+        let active = manifest(&[("x", meta(Kind::File, 1))]);
+        let standby = manifest(&[("x", meta(Kind::Dir, 0)), ("x/y", meta(Kind::File, 1))]);
+        let d = diff(&active, &standby, |_| 2);
+        assert_eq!(d.delete, [rel("x/y"), rel("x")]);
+        assert_eq!(paths(&d), ["x"]);
+        assert!(d.send[0].content);
+    }
+
+    #[test]
+    fn metadata_only_change_leaves_content_home() {
+        let mut touched = meta(Kind::File, 7);
+        touched.mtime = (2, 5);
+        touched.xattrs = vec![(b"user.a".to_vec(), b"1".to_vec())];
+        let active = manifest(&[("f", touched)]);
+        let standby = manifest(&[("f", meta(Kind::File, 7)), ("", meta(Kind::Dir, 0))]);
+        let d = diff(&active, &standby, |_| 2);
+        assert_eq!(paths(&d), ["f"]);
+        assert!(!d.send[0].content);
+        // The root is never deleted, even when a manifest lists it.
+        assert!(d.delete.is_empty());
+        assert!(diff(&active, &active, |_| 1).is_empty());
+    }
+
+    #[test]
+    fn manifest_round_trips_through_postcard() {
+        let mut m = meta(Kind::Symlink, 0);
+        m.target = Some(b"../x".to_vec());
+        let manifest = manifest(&[("a", meta(Kind::File, u128::MAX)), ("b", m)]);
+        let bytes = postcard::to_allocvec(&manifest).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<Manifest>(&bytes).expect("decode"),
+            manifest
+        );
+    }
+
+    fn arb_meta() -> impl Strategy<Value = Meta> {
+        let kind = prop::sample::select(vec![Kind::File, Kind::Dir, Kind::Symlink]);
+        (kind, 0u128..3, 0u32..2, 0i64..2, any::<bool>()).prop_map(
+            |(kind, hash, mode, mtime, xattr)| {
+                let mut m = meta(kind, hash);
+                m.mode = 0o600 | mode;
+                m.mtime = (mtime, 0);
+                if kind == Kind::Symlink {
+                    m.target = Some(vec![b'a' + hash as u8]);
+                }
+                if xattr {
+                    m.xattrs = vec![(b"user.x".to_vec(), vec![1])];
+                }
+                m
+            },
+        )
+    }
+
+    fn arb_manifest() -> impl Strategy<Value = BTreeMap<RelPath, Meta>> {
+        let path = prop::collection::vec(prop::sample::select(vec!["a", "b", "c"]), 1..=3)
+            .prop_map(|parts| rel(&parts.join("/")));
+        prop::collection::btree_map(path, arb_meta(), 0..10)
+    }
+
+    fn priority(path: &RelPath) -> u8 {
+        if path.as_bytes().ends_with(b"b") {
+            1
+        } else {
+            2
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn applying_the_diff_gives_the_active(
+            base in arb_manifest(),
+            only_a in arb_manifest(),
+            only_b in arb_manifest(),
+        ) {
+            let mut a = base.clone();
+            a.extend(only_a);
+            let mut b = base;
+            b.extend(only_b);
+            let to_manifest = |m: BTreeMap<RelPath, Meta>| Manifest { entries: m };
+            let (a, b) = (to_manifest(a), to_manifest(b));
+            let d = diff(&a, &b, priority);
+
+            prop_assert_eq!(&apply(b.clone(), &d), &a);
+            for t in &d.send {
+                let old = b.get(&t.entry.path);
+                let same = old.is_some_and(|old| old.same_content(&t.entry.meta));
+                prop_assert_eq!(t.content, !same, "{:?}", t.entry.path);
+            }
+            // Parents before children in `send`; children before parents in `delete`.
+            for (i, t) in d.send.iter().enumerate() {
+                for later in &d.send[i + 1..] {
+                    prop_assert!(!t.entry.path.starts_with(&later.entry.path));
+                }
+            }
+            for (i, p) in d.delete.iter().enumerate() {
+                for later in &d.delete[i + 1..] {
+                    prop_assert!(!later.starts_with(p));
+                }
+            }
+            // Nothing that is neither priority 1 nor above a priority-1 entry comes
+            // before a priority-1 entry.
+            let needed = |p: &RelPath| {
+                priority(p) == 1
+                    || d.send.iter().any(|t| priority(&t.entry.path) == 1 && t.entry.path.starts_with(p))
+            };
+            if let Some(last_urgent) = d.send.iter().rposition(|t| priority(&t.entry.path) == 1) {
+                prop_assert!(d.send[..last_urgent].iter().all(|t| needed(&t.entry.path)));
+            }
+            prop_assert!(diff(&a, &a, priority).is_empty());
+        }
+    }
+}
