@@ -1,0 +1,1030 @@
+//! Apply: carries out on a standby what the active sends, writing into the directory
+//! under the mount through the volume's root fd.
+//!
+//! Two promises hold for every operation:
+//!
+//! - **Nothing leads out of the volume.** Parents are resolved beneath the root with
+//!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+//!   RESOLVE_NO_XDEV)` (or an equivalent walk on kernels before 5.6), and the last
+//!   component is never followed: a symlink in the volume is replicated as a symlink,
+//!   never written through.
+//! - **Replacements are atomic and durable.** Files, symlinks and nodes are built under
+//!   a temp name (`.twinfs-tmp.<hex>`, hidden from the mount's users by the `.twinfs-`
+//!   prefix), given their metadata, fsynced and renamed over the target; then the
+//!   directory is fsynced. A reader sees the old version or the new one, never a mix.
+//!   Temp entries left by a crash are cleared by [`Applier::remove_stale_temps`].
+
+use std::collections::hash_map::RandomState;
+use std::ffi::{CString, OsStr, OsString};
+use std::hash::{BuildHasher, Hasher};
+use std::io::{self, Read};
+use std::num::NonZeroU32;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use twinfs_fs::sys::{self, At, DirEntry, Stat};
+
+use crate::path::RelPath;
+
+/// The name prefix of temp entries; the FUSE layer hides every `.twinfs-` name.
+pub const TEMP_PREFIX: &str = ".twinfs-tmp.";
+
+/// Buffer size for streaming content and for copying by hand.
+const COPY_BUF: usize = 256 * 1024;
+
+/// How many temp names are tried before giving up: a clash is already unlikely once.
+const TEMP_ATTEMPTS: u32 = 16;
+
+/// How often `openat2` is retried when it reports a concurrent rename (`EAGAIN`).
+const OPENAT2_RETRIES: u32 = 4;
+
+/// Set once `openat2` answered `ENOSYS`, so later lookups go straight to the walk.
+static OPENAT2_MISSING: AtomicBool = AtomicBool::new(false);
+
+/// The metadata an applied entry ends up with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileMeta {
+    /// Permission bits (`0o7777`); file-type bits are ignored. Not applied to symlinks.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time: seconds since the epoch and nanoseconds (below 10^9).
+    pub mtime: (i64, u32),
+    /// Extended attributes (name, value). The entry ends up with exactly these.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The kind of a special file made by [`Applier::make_node`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    /// A named pipe.
+    Fifo,
+    /// A character device.
+    Char,
+    /// A block device.
+    Block,
+    /// A Unix socket inode (no listener behind it).
+    Socket,
+}
+
+impl NodeKind {
+    fn file_type(self) -> u32 {
+        match self {
+            NodeKind::Fifo => libc::S_IFIFO,
+            NodeKind::Char => libc::S_IFCHR,
+            NodeKind::Block => libc::S_IFBLK,
+            NodeKind::Socket => libc::S_IFSOCK,
+        }
+    }
+}
+
+/// Why applying a change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The path crosses a symlink or a mount point on its way: following it could
+    /// write outside the volume, so nothing was done.
+    #[error(
+        "refused {path:?}: it leads through a symlink or mount point, maybe out of the volume"
+    )]
+    Escape {
+        /// The refused path.
+        path: RelPath,
+    },
+    /// A system call on the underlying directory failed.
+    #[error("{op} {path:?} failed")]
+    Io {
+        /// What was being done, phrased to precede the path ("create temp file for").
+        op: &'static str,
+        /// The volume path it was done for.
+        path: RelPath,
+        /// The error from the system.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading the content to write failed (the stream from the active broke).
+    #[error("reading the new content of {path:?} failed")]
+    Content {
+        /// The file being written.
+        path: RelPath,
+        /// The error from the reader.
+        #[source]
+        source: io::Error,
+    },
+    /// A rename or exchange failed.
+    #[error("renaming {from:?} to {to:?} failed")]
+    Rename {
+        /// The source path.
+        from: RelPath,
+        /// The destination path.
+        to: RelPath,
+        /// The error from the system.
+        #[source]
+        source: io::Error,
+    },
+    /// A directory is where a file, symlink or node is to go; the caller must delete
+    /// it first (replacing a whole tree is never done implicitly).
+    #[error("{path:?} is a directory; delete it before putting a {want} there")]
+    IsDirectory {
+        /// The path of the directory.
+        path: RelPath,
+        /// What was to be put there.
+        want: &'static str,
+    },
+    /// Something other than a directory is where a directory is to go.
+    #[error("{path:?} exists and is not a directory")]
+    NotDirectory {
+        /// The path of the entry in the way.
+        path: RelPath,
+    },
+    /// A block delta was sent for something that is not a regular file here.
+    #[error("cannot patch {path:?}: it is not a regular file")]
+    NotRegular {
+        /// The path of the entry.
+        path: RelPath,
+    },
+    /// The operation cannot apply to the volume root (deleting or renaming it).
+    #[error("cannot {op} the volume root")]
+    Root {
+        /// The refused operation.
+        op: &'static str,
+    },
+}
+
+impl ApplyError {
+    /// Whether this is "no such file or directory" on the way to the path.
+    fn is_missing(&self) -> bool {
+        matches!(self, ApplyError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+    }
+}
+
+type Result<T> = std::result::Result<T, ApplyError>;
+
+/// Wraps an `io::Error` as [`ApplyError::Io`] for `op` on `path`.
+fn io_err<'p>(op: &'static str, path: &'p RelPath) -> impl FnOnce(io::Error) -> ApplyError + 'p {
+    move |source| ApplyError::Io {
+        op,
+        path: path.clone(),
+        source,
+    }
+}
+
+/// Writes changes from the active into one volume's underlying directory.
+pub struct Applier<'a> {
+    root: BorrowedFd<'a>,
+}
+
+impl<'a> Applier<'a> {
+    /// An applier for the volume whose underlying directory is `root` (an `O_PATH`
+    /// directory fd opened before the mount, as `Volume::root_fd` gives it).
+    pub fn new(root: BorrowedFd<'a>) -> Self {
+        Applier { root }
+    }
+
+    /// Opens the parent directory of `path` (an `O_PATH` fd) and returns it with the
+    /// last component. For the root, the "parent" is the root itself and the name is
+    /// empty. A path that crosses a symlink or a mount point gives
+    /// [`ApplyError::Escape`].
+    pub fn open_parent(&self, path: &RelPath) -> Result<(OwnedFd, OsString)> {
+        let (opened, name) = match path.split_last() {
+            None => (self.root.try_clone_to_owned(), OsString::new()),
+            Some((parent, name)) if parent.is_root() => {
+                (self.root.try_clone_to_owned(), name.to_owned())
+            }
+            Some((parent, name)) => (open_beneath(self.root, &parent), name.to_owned()),
+        };
+        match opened {
+            Ok(fd) => Ok((fd, name)),
+            // ELOOP: a symlink on the way (RESOLVE_NO_SYMLINKS); EXDEV: a mount point or
+            // an attempt to climb above the root (RESOLVE_NO_XDEV, RESOLVE_BENEATH).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EXDEV)) => {
+                tracing::warn!(%path, error = %e, "refused a path that leads through a symlink or mount point");
+                Err(ApplyError::Escape { path: path.clone() })
+            }
+            Err(e) => Err(io_err("open the parent directory of", path)(e)),
+        }
+    }
+
+    /// Replaces `path` with a regular file holding everything `content` yields, with
+    /// `meta`. An existing file, symlink or node there is replaced atomically; an
+    /// existing directory is an error.
+    pub fn write_file(
+        &self,
+        path: &RelPath,
+        content: &mut dyn Read,
+        meta: &FileMeta,
+    ) -> Result<()> {
+        let (dir, name) = self.open_parent(path)?;
+        let dir = dir.as_fd();
+        refuse_directory(dir, &name, path, "file")?;
+        let (temp, file) = create_temp(dir, |tmp| {
+            sys::openat(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
+        })
+        .map_err(io_err("create a temp file for", path))?;
+        let mut buf = vec![0u8; COPY_BUF];
+        let mut size = 0u64;
+        loop {
+            let n = match content.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(ApplyError::Content {
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            };
+            sys::pwrite(file.as_fd(), &buf[..n], size).map_err(io_err("write", path))?;
+            size += n as u64;
+        }
+        commit_file(temp, file.as_fd(), &name, path, meta)?;
+        tracing::debug!(%path, size, "wrote file");
+        Ok(())
+    }
+
+    /// Replaces the regular file at `path` with a copy of itself in which each block
+    /// `(offset, data)` is written and whose size is `new_size`, with `meta`; as
+    /// atomic as [`Applier::write_file`].
+    pub fn patch_file(
+        &self,
+        path: &RelPath,
+        blocks: &[(u64, Vec<u8>)],
+        new_size: u64,
+        meta: &FileMeta,
+    ) -> Result<()> {
+        let (dir, name) = self.open_parent(path)?;
+        let dir = dir.as_fd();
+        let current = open_regular(dir, &name, path)?
+            .ok_or_else(|| ApplyError::NotRegular { path: path.clone() })?;
+        let old_size = sys::fstat(current.as_fd())
+            .map_err(io_err("stat", path))?
+            .st_size as u64;
+        let (temp, file) = create_temp(dir, |tmp| {
+            sys::openat(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
+        })
+        .map_err(io_err("create a temp file for", path))?;
+        copy_prefix(current.as_fd(), file.as_fd(), old_size.min(new_size))
+            .map_err(io_err("copy the current content of", path))?;
+        for (offset, data) in blocks {
+            sys::pwrite(file.as_fd(), data, *offset).map_err(io_err("write a block of", path))?;
+        }
+        sys::ftruncate(file.as_fd(), new_size).map_err(io_err("truncate", path))?;
+        commit_file(temp, file.as_fd(), &name, path, meta)?;
+        tracing::debug!(%path, blocks = blocks.len(), new_size, "patched file");
+        Ok(())
+    }
+
+    /// The xxh3-64 hash of each `block_size` block of the regular file at `path` (the
+    /// last block may be short). Empty if there is no regular file there: then every
+    /// block has to be sent.
+    pub fn read_block_hashes(&self, path: &RelPath, block_size: NonZeroU32) -> Result<Vec<u64>> {
+        let (dir, name) = match self.open_parent(path) {
+            Err(e) if e.is_missing() => return Ok(Vec::new()),
+            other => other?,
+        };
+        let Some(file) = open_regular(dir.as_fd(), &name, path)? else {
+            return Ok(Vec::new());
+        };
+        let mut buf = vec![0u8; block_size.get() as usize];
+        let mut hashes = Vec::new();
+        let mut offset = 0u64;
+        loop {
+            let n = sys::pread(file.as_fd(), &mut buf, offset).map_err(io_err("read", path))?;
+            if n == 0 {
+                break;
+            }
+            hashes.push(xxhash_rust::xxh3::xxh3_64(&buf[..n]));
+            if n < buf.len() {
+                break;
+            }
+            offset += n as u64;
+        }
+        Ok(hashes)
+    }
+
+    /// Makes `path` a directory with `meta`: creates it if missing, otherwise only sets
+    /// the metadata. Anything other than a directory in the way is an error.
+    pub fn make_dir(&self, path: &RelPath, meta: &FileMeta) -> Result<()> {
+        let (dir, name) = self.open_parent(path)?;
+        let dir = dir.as_fd();
+        // The root (empty name) always exists. A new directory is 0700 until its
+        // metadata is set, so nobody can use it half-made.
+        let created = !name.is_empty()
+            && match sys::mkdirat(dir, &name, 0o700) {
+                Ok(()) => true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(io_err("create directory", path)(e)),
+            };
+        let fd = if name.is_empty() {
+            dir.try_clone_to_owned()
+        } else {
+            sys::openat(dir, &name, libc::O_PATH | libc::O_DIRECTORY, 0)
+        }
+        .map_err(|e| match e.raw_os_error() {
+            // O_NOFOLLOW on a symlink gives ELOOP; O_DIRECTORY on anything else ENOTDIR.
+            Some(libc::ENOTDIR | libc::ELOOP) => ApplyError::NotDirectory { path: path.clone() },
+            _ => io_err("open directory", path)(e),
+        })?;
+        apply_meta(At::Fd(fd.as_fd()), true, meta, path)?;
+        sync_dir(fd.as_fd()).map_err(io_err("fsync directory", path))?;
+        if created {
+            sync_dir(dir).map_err(io_err("fsync the parent directory of", path))?;
+        }
+        tracing::debug!(%path, created, "made directory");
+        Ok(())
+    }
+
+    /// Replaces `path` atomically with a symlink to `target` (stored as is, never
+    /// resolved here), with `meta` except the mode.
+    pub fn make_symlink(&self, path: &RelPath, target: &[u8], meta: &FileMeta) -> Result<()> {
+        let (dir, name) = self.open_parent(path)?;
+        let dir = dir.as_fd();
+        refuse_directory(dir, &name, path, "symlink")?;
+        let (temp, ()) = create_temp(dir, |tmp| {
+            sys::symlinkat(OsStr::from_bytes(target), dir, tmp)
+        })
+        .map_err(io_err("create a temp symlink for", path))?;
+        meta_on_entry(dir, &temp.name, path, meta)?;
+        place(temp, &name, path, "symlink")?;
+        tracing::debug!(%path, "made symlink");
+        Ok(())
+    }
+
+    /// Replaces `path` atomically with a special file of `kind` (`rdev` is the device
+    /// number for character and block devices), with `meta`.
+    pub fn make_node(
+        &self,
+        path: &RelPath,
+        kind: NodeKind,
+        rdev: u64,
+        meta: &FileMeta,
+    ) -> Result<()> {
+        let (dir, name) = self.open_parent(path)?;
+        let dir = dir.as_fd();
+        refuse_directory(dir, &name, path, "special file")?;
+        let (temp, ()) = create_temp(dir, |tmp| {
+            sys::mknodat(dir, tmp, kind.file_type() | 0o600, rdev)
+        })
+        .map_err(io_err("create a temp node for", path))?;
+        meta_on_entry(dir, &temp.name, path, meta)?;
+        place(temp, &name, path, "special file")?;
+        tracing::debug!(%path, ?kind, "made special file");
+        Ok(())
+    }
+
+    /// Gives the existing entry at `path` the owner, mode (not for symlinks), xattrs
+    /// (exactly `meta.xattrs`) and mtime of `meta`, and makes that durable.
+    pub fn set_metadata(&self, path: &RelPath, meta: &FileMeta) -> Result<()> {
+        let (dir, name) = self.open_parent(path)?;
+        let dir = dir.as_fd();
+        let kind = meta_on_entry(dir, &name, path, meta)?;
+        match kind {
+            libc::S_IFDIR if name.is_empty() => sync_dir(dir),
+            libc::S_IFDIR => sys::openat(dir, &name, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .and_then(|fd| sync_dir(fd.as_fd())),
+            // O_NONBLOCK: the target was just seen to be a regular file, but opening
+            // must never hang should it have become a FIFO meanwhile.
+            libc::S_IFREG => sys::openat(dir, &name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+                .and_then(|fd| sys::fsync(fd.as_fd(), false)),
+            // Symlinks and special files cannot be opened for fsync; their inode change
+            // is committed with the directory's.
+            _ => sync_dir(dir),
+        }
+        .map_err(io_err("fsync", path))?;
+        tracing::debug!(%path, "set metadata");
+        Ok(())
+    }
+
+    /// Renames `from` to `to`, replacing `to` as `rename(2)` does; with `exchange`,
+    /// swaps the two atomically (both must exist).
+    pub fn rename(&self, from: &RelPath, to: &RelPath, exchange: bool) -> Result<()> {
+        if from.is_root() || to.is_root() {
+            return Err(ApplyError::Root { op: "rename" });
+        }
+        let (from_dir, from_name) = self.open_parent(from)?;
+        let (to_dir, to_name) = self.open_parent(to)?;
+        let flags = if exchange { libc::RENAME_EXCHANGE } else { 0 };
+        sys::renameat2(
+            from_dir.as_fd(),
+            &from_name,
+            to_dir.as_fd(),
+            &to_name,
+            flags,
+        )
+        .map_err(|source| ApplyError::Rename {
+            from: from.clone(),
+            to: to.clone(),
+            source,
+        })?;
+        sync_dir(from_dir.as_fd()).map_err(io_err("fsync the parent directory of", from))?;
+        if from.split_last().map(|(p, _)| p) != to.split_last().map(|(p, _)| p) {
+            sync_dir(to_dir.as_fd()).map_err(io_err("fsync the parent directory of", to))?;
+        }
+        tracing::debug!(%from, %to, exchange, "renamed");
+        Ok(())
+    }
+
+    /// Removes `path`: a file, symlink or node is unlinked (a symlink itself, never its
+    /// target); a directory is removed with everything below it, without following
+    /// any symlink or entering another filesystem. Missing is fine.
+    pub fn delete(&self, path: &RelPath) -> Result<()> {
+        if path.is_root() {
+            return Err(ApplyError::Root { op: "delete" });
+        }
+        let (dir, name) = match self.open_parent(path) {
+            Err(e) if e.is_missing() => return Ok(()),
+            other => other?,
+        };
+        let dir = dir.as_fd();
+        let st = match sys::statat(dir, &name) {
+            Ok(st) => st,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("stat", path)(e)),
+        };
+        if is_dir(&st) {
+            self.remove_tree(dir, &name, path)?;
+        } else {
+            ignore_missing(sys::unlinkat(dir, &name, 0)).map_err(io_err("unlink", path))?;
+        }
+        sync_dir(dir).map_err(io_err("fsync the parent directory of", path))?;
+        tracing::debug!(%path, "deleted");
+        Ok(())
+    }
+
+    /// Removes the directory `name` in `parent` and everything below it, depth first
+    /// with an explicit stack (a tree may be deeper than the call stack allows).
+    fn remove_tree(&self, parent: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<()> {
+        let root_dev = self.root_dev(path)?;
+        let top = open_subdir(parent, name, root_dev, path)?;
+        let mut stack = vec![top];
+        while let Some(level) = stack.last_mut() {
+            if let Some(entry) = level.entries.pop() {
+                let child = level
+                    .path
+                    .join(&entry.name)
+                    .unwrap_or_else(|_| level.path.clone());
+                if entry_is_dir(level.fd.as_fd(), &entry).map_err(io_err("stat", &child))? {
+                    let sub = open_subdir(level.fd.as_fd(), &entry.name, root_dev, &child)?;
+                    stack.push(sub);
+                } else {
+                    ignore_missing(sys::unlinkat(level.fd.as_fd(), &entry.name, 0))
+                        .map_err(io_err("unlink", &child))?;
+                }
+                continue;
+            }
+            // Emptied: remove the directory itself from the one above it.
+            let Some(done) = stack.pop() else { break };
+            let above = stack.last().map_or(parent, |l| l.fd.as_fd());
+            ignore_missing(sys::unlinkat(above, &done.name, libc::AT_REMOVEDIR))
+                .map_err(io_err("remove directory", &done.path))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every `.twinfs-tmp.*` entry in the volume (left by a crash between
+    /// creating a temp entry and renaming it into place); returns how many. Does not
+    /// follow symlinks or enter other filesystems.
+    pub fn remove_stale_temps(&self) -> Result<usize> {
+        let root = RelPath::root();
+        let root_dev = self.root_dev(&root)?;
+        let mut pending = vec![Level {
+            entries: sys::read_dir(self.root).map_err(io_err("list", &root))?,
+            fd: self
+                .root
+                .try_clone_to_owned()
+                .map_err(io_err("duplicate the fd of", &root))?,
+            name: OsString::new(),
+            path: root,
+        }];
+        let mut removed = 0;
+        while let Some(level) = pending.pop() {
+            for entry in &level.entries {
+                let child = level
+                    .path
+                    .join(&entry.name)
+                    .unwrap_or_else(|_| level.path.clone());
+                let is_dir =
+                    entry_is_dir(level.fd.as_fd(), entry).map_err(io_err("stat", &child))?;
+                if is_dir {
+                    match open_subdir(level.fd.as_fd(), &entry.name, root_dev, &child) {
+                        Ok(sub) => pending.push(sub),
+                        // Another filesystem mounted inside is not ours to clean.
+                        Err(ApplyError::Escape { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                } else if entry.name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
+                    match sys::unlinkat(level.fd.as_fd(), &entry.name, 0) {
+                        Ok(()) => removed += 1,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io_err("remove stale temp", &child)(e)),
+                    }
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed stale temp entries");
+        }
+        Ok(removed)
+    }
+
+    /// The device of the root, which every directory entered must share.
+    fn root_dev(&self, path: &RelPath) -> Result<u64> {
+        Ok(sys::fstat(self.root)
+            .map_err(io_err("stat the volume root for", path))?
+            .st_dev)
+    }
+}
+
+/// One directory being walked: its fd, the entries not handled yet, its name in its
+/// parent and its volume path (for errors).
+struct Level {
+    fd: OwnedFd,
+    entries: Vec<DirEntry>,
+    name: OsString,
+    path: RelPath,
+}
+
+/// Opens and lists the subdirectory `name` of `parent`, refusing symlinks (by
+/// `O_NOFOLLOW`) and mount points (another device than `root_dev`).
+fn open_subdir(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    root_dev: u64,
+    path: &RelPath,
+) -> Result<Level> {
+    let fd = sys::openat(parent, name, libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(io_err("open directory", path))?;
+    let st = sys::fstat(fd.as_fd()).map_err(io_err("stat", path))?;
+    if st.st_dev != root_dev {
+        tracing::warn!(%path, "not entering a mount point inside the volume");
+        return Err(ApplyError::Escape { path: path.clone() });
+    }
+    Ok(Level {
+        entries: sys::read_dir(fd.as_fd()).map_err(io_err("list", path))?,
+        fd,
+        name: name.to_owned(),
+        path: path.clone(),
+    })
+}
+
+/// Whether a listed entry is a directory (not a symlink to one), asking the inode when
+/// the filesystem does not fill in the entry type.
+fn entry_is_dir(dir: BorrowedFd<'_>, entry: &DirEntry) -> io::Result<bool> {
+    match entry.kind {
+        libc::DT_DIR => Ok(true),
+        libc::DT_UNKNOWN => Ok(is_dir(&sys::statat(dir, &entry.name)?)),
+        _ => Ok(false),
+    }
+}
+
+/// A removal that finds nothing there has reached its goal.
+fn ignore_missing(result: io::Result<()>) -> io::Result<()> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+fn is_dir(st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+/// Fails with [`ApplyError::IsDirectory`] if `name` in `dir` is a directory: a rename
+/// would refuse it anyway, but only after the whole new content had been written.
+fn refuse_directory(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    path: &RelPath,
+    want: &'static str,
+) -> Result<()> {
+    match sys::statat(dir, name) {
+        Ok(st) if is_dir(&st) => Err(ApplyError::IsDirectory {
+            path: path.clone(),
+            want,
+        }),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("stat", path)(e)),
+    }
+}
+
+/// Opens `name` in `dir` for reading if it is a regular file; `None` if it is missing
+/// or something else. Never opens a FIFO or a device, whose open may block or act.
+fn open_regular(dir: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<Option<OwnedFd>> {
+    let is_regular = |st: &Stat| st.st_mode & libc::S_IFMT == libc::S_IFREG;
+    match sys::statat(dir, name) {
+        Ok(st) if is_regular(&st) && !name.is_empty() => {}
+        Ok(_) => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("stat", path)(e)),
+    }
+    let fd = sys::openat(dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+        .map_err(io_err("open", path))?;
+    let st = sys::fstat(fd.as_fd()).map_err(io_err("stat", path))?;
+    Ok(is_regular(&st).then_some(fd))
+}
+
+/// A temp entry in a directory, removed when dropped unless it was renamed into place.
+struct TempEntry<'d> {
+    dir: BorrowedFd<'d>,
+    name: OsString,
+    placed: bool,
+}
+
+impl Drop for TempEntry<'_> {
+    fn drop(&mut self) {
+        if self.placed {
+            return;
+        }
+        if let Err(e) = sys::unlinkat(self.dir, &self.name, 0) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(name = ?self.name, error = %e, "could not remove a temp entry");
+            }
+        }
+    }
+}
+
+/// A fresh temp name. `RandomState` is seeded from the OS once per thread; the counter
+/// and the pid set apart names made here; `O_EXCL`/`EEXIST` catches any clash left.
+fn temp_name() -> OsString {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u32(std::process::id());
+    OsString::from(format!("{TEMP_PREFIX}{:016x}", hasher.finish()))
+}
+
+/// Creates a temp entry in `dir` with `make`, which must fail with `EEXIST` if the
+/// name is taken; returns the guard and what `make` returned.
+fn create_temp<T>(
+    dir: BorrowedFd<'_>,
+    mut make: impl FnMut(&OsStr) -> io::Result<T>,
+) -> io::Result<(TempEntry<'_>, T)> {
+    let mut last = io::Error::from_raw_os_error(libc::EEXIST);
+    for _ in 0..TEMP_ATTEMPTS {
+        let name = temp_name();
+        match make(&name) {
+            Ok(made) => {
+                let temp = TempEntry {
+                    dir,
+                    name,
+                    placed: false,
+                };
+                return Ok((temp, made));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+/// Sets the metadata of a temp file, fsyncs it and renames it over `name`.
+fn commit_file(
+    temp: TempEntry<'_>,
+    file: BorrowedFd<'_>,
+    name: &OsStr,
+    path: &RelPath,
+    meta: &FileMeta,
+) -> Result<()> {
+    apply_meta(At::Fd(file), true, meta, path)?;
+    // Metadata before the fsync, so that one fsync makes content and metadata durable
+    // together and the renamed file is never seen with the temp file's 0600.
+    sys::fsync(file, false).map_err(io_err("fsync", path))?;
+    place(temp, name, path, "file")
+}
+
+/// Renames a finished temp entry over `name` in the same directory, then fsyncs the
+/// directory so the rename itself survives a crash.
+fn place(mut temp: TempEntry<'_>, name: &OsStr, path: &RelPath, want: &'static str) -> Result<()> {
+    let dir = temp.dir;
+    sys::renameat2(dir, &temp.name, dir, name, 0).map_err(|e| match e.raw_os_error() {
+        // A directory appeared since the check.
+        Some(libc::EISDIR) => ApplyError::IsDirectory {
+            path: path.clone(),
+            want,
+        },
+        _ => io_err("rename into place", path)(e),
+    })?;
+    temp.placed = true;
+    sync_dir(dir).map_err(io_err("fsync the parent directory of", path))
+}
+
+/// Sets `meta` on the entry `name` in `dir` (`dir` itself for an empty name) without
+/// following it if it is a symlink; returns its file type (`S_IF*`).
+fn meta_on_entry(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    path: &RelPath,
+    meta: &FileMeta,
+) -> Result<u32> {
+    // O_PATH pins the inode without opening it: FIFOs and devices must not be opened.
+    let fd = if name.is_empty() {
+        dir.try_clone_to_owned()
+    } else {
+        sys::openat(dir, name, libc::O_PATH, 0)
+    }
+    .map_err(io_err("open", path))?;
+    let kind = sys::fstat(fd.as_fd())
+        .map_err(io_err("stat", path))?
+        .st_mode
+        & libc::S_IFMT;
+    if kind == libc::S_IFLNK {
+        // Addressed by name: chown and utimens take AT_SYMLINK_NOFOLLOW, and a symlink
+        // has no mode of its own to set.
+        apply_meta(At::Entry(dir, name), false, meta, path)?;
+    } else {
+        apply_meta(At::Fd(fd.as_fd()), true, meta, path)?;
+    }
+    Ok(kind)
+}
+
+/// Owner, then mode, then xattrs, then times: chown clears set-id bits and file
+/// capabilities, and every other change would move the times again.
+fn apply_meta(at: At<'_>, chmod: bool, meta: &FileMeta, path: &RelPath) -> Result<()> {
+    let st = at.stat().map_err(io_err("stat", path))?;
+    // Skipped when already right, so that an unprivileged daemon can apply its own files.
+    if st.st_uid != meta.uid || st.st_gid != meta.gid {
+        at.chown(Some(meta.uid), Some(meta.gid))
+            .map_err(io_err("chown", path))?;
+    }
+    if chmod {
+        at.chmod(meta.mode & 0o7777)
+            .map_err(io_err("chmod", path))?;
+    }
+    sync_xattrs(at, &meta.xattrs, path)?;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: meta.mtime.0 as libc::time_t,
+            tv_nsec: meta.mtime.1 as libc::c_long,
+        },
+    ];
+    at.utimens(&times).map_err(io_err("set the times of", path))
+}
+
+/// Makes the xattrs of `at` exactly `wanted`.
+fn sync_xattrs(at: At<'_>, wanted: &[(Vec<u8>, Vec<u8>)], path: &RelPath) -> Result<()> {
+    let present = match list_xattrs(at) {
+        Ok(names) => names,
+        // A filesystem without xattrs already matches an empty set.
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && wanted.is_empty() => return Ok(()),
+        Err(e) => return Err(io_err("list the xattrs of", path)(e)),
+    };
+    for name in present
+        .iter()
+        .filter(|n| !wanted.iter().any(|(w, _)| w == *n))
+    {
+        match at.removexattr(OsStr::from_bytes(name)) {
+            Err(e) if e.raw_os_error() != Some(libc::ENODATA) => {
+                return Err(io_err("remove an xattr of", path)(e))
+            }
+            _ => {}
+        }
+    }
+    for (name, value) in wanted {
+        at.setxattr(OsStr::from_bytes(name), value, 0)
+            .map_err(io_err("set an xattr of", path))?;
+    }
+    Ok(())
+}
+
+/// The names of the xattrs of `at`.
+fn list_xattrs(at: At<'_>) -> io::Result<Vec<Vec<u8>>> {
+    loop {
+        let size = at.listxattr(&mut [])?;
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; size];
+        match at.listxattr(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf
+                    .split(|&b| b == 0)
+                    .filter(|n| !n.is_empty())
+                    .map(<[u8]>::to_vec)
+                    .collect());
+            }
+            // An xattr was added between the two calls: ask for the size again.
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// fsyncs the directory behind an `O_PATH` fd (fsync needs a real open).
+fn sync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
+    let fd = sys::reopen_dir(dir)?;
+    sys::fsync(fd.as_fd(), false)
+}
+
+/// Copies the first `len` bytes of `src` into the empty `dst` (more is fine: the caller
+/// truncates). Clones extents where the filesystem can (btrfs, XFS), else copies in
+/// the kernel, else by hand.
+fn copy_prefix(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    // SAFETY: both fds are valid for the call; FICLONE takes the source fd as argument
+    // and fails without side effects where cloning is not supported.
+    if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    let mut done = 0u64;
+    while done < len {
+        let mut off_in = done as libc::loff_t;
+        let mut off_out = done as libc::loff_t;
+        let chunk = (len - done).min(1 << 30) as usize;
+        // SAFETY: valid fds; the offsets point to live loff_t values the kernel updates.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                chunk,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // Not offered by this kernel or for this pair of files.
+                Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP) => {
+                    return copy_by_hand(src, dst, done, len)
+                }
+                _ => return Err(e),
+            }
+        }
+        if n == 0 {
+            // The source is shorter than it was when measured; the truncate pads.
+            break;
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Copies bytes `from..len` of `src` into `dst` through a buffer.
+fn copy_by_hand(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, from: u64, len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut offset = from;
+    while offset < len {
+        let want = (len - offset).min(COPY_BUF as u64) as usize;
+        let n = sys::pread(src, &mut buf[..want], offset)?;
+        if n == 0 {
+            break;
+        }
+        sys::pwrite(dst, &buf[..n], offset)?;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// Opens the directory `parent` (not the root) beneath `root` without crossing any
+/// symlink or mount point. Fails with `ELOOP` at a symlink and `EXDEV` at a mount
+/// point, from `openat2` or from the walk alike.
+fn open_beneath(root: BorrowedFd<'_>, parent: &RelPath) -> io::Result<OwnedFd> {
+    if !OPENAT2_MISSING.load(Ordering::Relaxed) {
+        let resolve = libc::RESOLVE_BENEATH
+            | libc::RESOLVE_NO_SYMLINKS
+            | libc::RESOLVE_NO_MAGICLINKS
+            | libc::RESOLVE_NO_XDEV;
+        let mut retries = 0;
+        loop {
+            match openat2(
+                root,
+                parent.as_path().as_os_str(),
+                libc::O_PATH | libc::O_DIRECTORY,
+                resolve,
+            ) {
+                // A rename elsewhere raced with the lookup; the kernel asks to try again.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && retries < OPENAT2_RETRIES => {
+                    retries += 1;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                    OPENAT2_MISSING.store(true, Ordering::Relaxed);
+                    tracing::info!("openat2 is missing (Linux before 5.6); resolving paths one component at a time");
+                    break;
+                }
+                other => return other,
+            }
+        }
+    }
+    walk_beneath(root, parent)
+}
+
+/// The walk `open_beneath` falls back to: one `openat(O_NOFOLLOW)` per component,
+/// checking the device at each step.
+fn walk_beneath(root: BorrowedFd<'_>, parent: &RelPath) -> io::Result<OwnedFd> {
+    let root_dev = sys::fstat(root)?.st_dev;
+    let mut dir = root.try_clone_to_owned()?;
+    for name in parent.components() {
+        let next = match sys::openat(dir.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0) {
+            Ok(fd) => fd,
+            Err(e) => {
+                // O_NOFOLLOW with O_DIRECTORY reports a symlink as ENOTDIR; say which.
+                let is_link = sys::statat(dir.as_fd(), name)
+                    .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
+                return Err(if is_link {
+                    io::Error::from_raw_os_error(libc::ELOOP)
+                } else {
+                    e
+                });
+            }
+        };
+        if sys::fstat(next.as_fd())?.st_dev != root_dev {
+            return Err(io::Error::from_raw_os_error(libc::EXDEV));
+        }
+        dir = next;
+    }
+    Ok(dir)
+}
+
+/// `openat2(dir, path, flags | O_CLOEXEC, resolve)`; libc has no wrapper for it.
+fn openat2(dir: BorrowedFd<'_>, path: &OsStr, flags: i32, resolve: u64) -> io::Result<OwnedFd> {
+    let c =
+        CString::new(path.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open_how is plain integers; all zeros is its "no options" value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = resolve;
+    // SAFETY: valid fd, a NUL-terminated string, and a pointer to an open_how whose
+    // size is passed along; the kernel only reads both.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a non-negative return is a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn rel(p: &str) -> RelPath {
+        RelPath::new(p).expect("valid path")
+    }
+
+    #[test]
+    fn walk_fallback_refuses_symlinks_and_opens_real_dirs() {
+        let vol = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(vol.path().join("a/b")).expect("mkdir");
+        symlink(outside.path(), vol.path().join("a/evil")).expect("symlink");
+        symlink("b", vol.path().join("a/inner")).expect("symlink");
+        let root = sys::open_dir_path(vol.path()).expect("open root");
+
+        let fd = walk_beneath(root.as_fd(), &rel("a/b")).expect("real directory");
+        assert!(is_dir(&sys::fstat(fd.as_fd()).expect("stat")));
+        for p in ["a/evil", "a/evil/x", "a/inner"] {
+            let e = walk_beneath(root.as_fd(), &rel(p)).expect_err(p);
+            assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{p}");
+        }
+        let e = walk_beneath(root.as_fd(), &rel("a/missing")).expect_err("missing");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn openat2_refuses_what_the_walk_refuses() {
+        let vol = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(vol.path().join("a/b")).expect("mkdir");
+        symlink(outside.path(), vol.path().join("a/evil")).expect("symlink");
+        let root = sys::open_dir_path(vol.path()).expect("open root");
+        let resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
+        let flags = libc::O_PATH | libc::O_DIRECTORY;
+        match openat2(root.as_fd(), OsStr::new("a/b"), flags, resolve) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return,
+            other => {
+                other.expect("real directory");
+            }
+        }
+        let e = openat2(root.as_fd(), OsStr::new("a/evil/x"), flags, resolve).expect_err("symlink");
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
+        let e = openat2(root.as_fd(), OsStr::new("a/../.."), flags, resolve).expect_err("climb");
+        assert_eq!(e.raw_os_error(), Some(libc::EXDEV));
+    }
+
+    #[test]
+    fn temp_names_are_hidden_and_distinct() {
+        let names: std::collections::HashSet<_> = (0..1000).map(|_| temp_name()).collect();
+        assert_eq!(names.len(), 1000);
+        assert!(names.iter().all(|n| n.as_bytes().starts_with(b".twinfs-")));
+    }
+}

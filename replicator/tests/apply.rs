@@ -1,0 +1,551 @@
+//! Apply against a plain temp directory standing in for a standby's volume (no FUSE):
+//! content and metadata arrive intact, replacements are atomic, and nothing is ever
+//! written or deleted outside the volume.
+
+use std::fs;
+use std::io::{self, Read};
+use std::num::NonZeroU32;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use twinfs_fs::sys;
+use twinfs_replicator::apply::{Applier, ApplyError, FileMeta, NodeKind, TEMP_PREFIX};
+use twinfs_replicator::path::RelPath;
+
+/// A temp directory as the volume, with its root fd open as the daemon holds it.
+struct Vol {
+    dir: tempfile::TempDir,
+    root: OwnedFd,
+}
+
+impl Vol {
+    fn new() -> Vol {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = sys::open_dir_path(dir.path()).expect("open root");
+        Vol { dir, root }
+    }
+
+    fn applier(&self) -> Applier<'_> {
+        Applier::new(self.root.as_fd())
+    }
+
+    fn path(&self, p: &str) -> std::path::PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Every temp entry anywhere in the volume.
+    fn temps(&self) -> Vec<std::path::PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in fs::read_dir(dir).expect("read_dir") {
+                let entry = entry.expect("entry");
+                if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                    out.push(entry.path());
+                }
+                if entry.file_type().expect("file type").is_dir() {
+                    walk(&entry.path(), out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.dir.path(), &mut out);
+        out
+    }
+}
+
+fn rel(p: &str) -> RelPath {
+    RelPath::new(p).expect("valid path")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Metadata owned by the running user, so the tests also pass unprivileged.
+fn meta(mode: u32) -> FileMeta {
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    FileMeta {
+        mode,
+        uid,
+        gid,
+        mtime: (1_600_000_000, 123_456_789),
+        xattrs: Vec::new(),
+    }
+}
+
+fn mtime_of(p: &Path) -> (i64, u32) {
+    let m = fs::symlink_metadata(p).expect("lstat");
+    (m.mtime(), m.mtime_nsec() as u32)
+}
+
+#[test]
+fn write_file_round_trips_content_and_metadata() {
+    let vol = Vol::new();
+    fs::create_dir(vol.path("etc")).expect("mkdir");
+    let mut want = meta(0o640);
+    want.xattrs = vec![(b"user.twinfs.test".to_vec(), b"value".to_vec())];
+    if is_root() {
+        want.uid = 1234;
+        want.gid = 5678;
+    }
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    vol.applier()
+        .write_file(&rel("etc/conf"), &mut &content[..], &want)
+        .expect("write");
+
+    let p = vol.path("etc/conf");
+    assert_eq!(fs::read(&p).expect("read"), content);
+    let m = fs::metadata(&p).expect("stat");
+    assert_eq!(m.permissions().mode() & 0o7777, 0o640);
+    assert_eq!((m.uid(), m.gid()), (want.uid, want.gid));
+    assert_eq!(mtime_of(&p), want.mtime);
+    let mut buf = [0u8; 16];
+    let n = sys::At::Entry(
+        sys::open_dir_path(&vol.path("etc")).expect("open").as_fd(),
+        std::ffi::OsStr::new("conf"),
+    )
+    .getxattr(std::ffi::OsStr::new("user.twinfs.test"), &mut buf)
+    .expect("getxattr");
+    assert_eq!(&buf[..n], b"value");
+    assert!(vol.temps().is_empty());
+}
+
+#[test]
+fn rewrites_are_atomic_for_a_concurrent_reader() {
+    const SIZE: usize = 64 * 1024;
+    let vol = Vol::new();
+    let target = vol.path("file");
+    vol.applier()
+        .write_file(&rel("file"), &mut &vec![0u8; SIZE][..], &meta(0o644))
+        .expect("first version");
+
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let done = Arc::clone(&done);
+        let target = target.clone();
+        std::thread::spawn(move || {
+            let mut reads = 0u32;
+            while !done.load(Ordering::Relaxed) {
+                let data = fs::read(&target).expect("the file is always there");
+                assert_eq!(data.len(), SIZE, "torn file");
+                assert!(data.iter().all(|&b| b == data[0]), "mixed versions");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for version in 1..=500u32 {
+        let content = vec![(version % 256) as u8; SIZE];
+        vol.applier()
+            .write_file(&rel("file"), &mut &content[..], &meta(0o644))
+            .expect("write");
+    }
+    done.store(true, Ordering::Relaxed);
+    let reads = reader.join().expect("reader saw only whole versions");
+    assert!(reads > 0);
+    assert_eq!(
+        fs::read(&target).expect("read"),
+        vec![(500 % 256) as u8; SIZE]
+    );
+    assert!(vol.temps().is_empty());
+}
+
+#[test]
+fn a_symlink_on_the_way_is_refused() {
+    let vol = Vol::new();
+    let outside = tempfile::tempdir().expect("tempdir");
+    symlink(outside.path(), vol.path("evil")).expect("symlink");
+    fs::create_dir(vol.path("d")).expect("mkdir");
+    symlink("../evil", vol.path("d/up")).expect("symlink");
+    let applier = vol.applier();
+
+    for p in ["evil/x", "d/up/x", "evil/sub/x"] {
+        let err = applier
+            .write_file(&rel(p), &mut &b"pwned"[..], &meta(0o644))
+            .expect_err(p);
+        assert!(matches!(err, ApplyError::Escape { .. }), "{p}: {err:?}");
+        assert!(matches!(
+            applier.make_dir(&rel(p), &meta(0o755)),
+            Err(ApplyError::Escape { .. })
+        ));
+        assert!(matches!(
+            applier.make_symlink(&rel(p), b"/", &meta(0o777)),
+            Err(ApplyError::Escape { .. })
+        ));
+        assert!(matches!(
+            applier.delete(&rel(p)),
+            Err(ApplyError::Escape { .. })
+        ));
+    }
+    assert_eq!(fs::read_dir(outside.path()).expect("list").count(), 0);
+    assert!(vol.temps().is_empty());
+}
+
+#[test]
+fn a_symlink_as_the_target_is_replaced_not_followed() {
+    let vol = Vol::new();
+    let outside = tempfile::tempdir().expect("tempdir");
+    let secret = outside.path().join("passwd");
+    fs::write(&secret, b"root:x:0:0").expect("write");
+    symlink(&secret, vol.path("link")).expect("symlink");
+    let applier = vol.applier();
+
+    applier
+        .write_file(&rel("link"), &mut &b"new"[..], &meta(0o600))
+        .expect("write");
+    assert!(fs::symlink_metadata(vol.path("link"))
+        .expect("lstat")
+        .file_type()
+        .is_file());
+    assert_eq!(fs::read(vol.path("link")).expect("read"), b"new");
+    assert_eq!(fs::read(&secret).expect("read"), b"root:x:0:0");
+
+    // Metadata of a symlink lands on the link, not on what it points to.
+    symlink(&secret, vol.path("link2")).expect("symlink");
+    let before = fs::metadata(&secret).expect("stat");
+    applier
+        .set_metadata(&rel("link2"), &meta(0o000))
+        .expect("set metadata");
+    let after = fs::metadata(&secret).expect("stat");
+    assert_eq!(before.mode(), after.mode());
+    assert_eq!(before.mtime(), after.mtime());
+    assert_eq!(mtime_of(&vol.path("link2")), meta(0).mtime);
+
+    // A patch is refused rather than read through the link.
+    assert!(matches!(
+        applier.patch_file(&rel("link2"), &[], 0, &meta(0o644)),
+        Err(ApplyError::NotRegular { .. })
+    ));
+    assert!(applier
+        .read_block_hashes(&rel("link2"), NonZeroU32::new(4096).expect("non-zero"))
+        .expect("hashes")
+        .is_empty());
+    assert_eq!(fs::read(&secret).expect("read"), b"root:x:0:0");
+}
+
+#[test]
+fn patch_changes_only_the_given_blocks_and_the_size() {
+    const BLOCK: usize = 4096;
+    let vol = Vol::new();
+    let applier = vol.applier();
+    let block_size = NonZeroU32::new(BLOCK as u32).expect("non-zero");
+    let original: Vec<u8> = (0..4 * BLOCK).map(|i| (i / BLOCK) as u8 + 1).collect();
+    applier
+        .write_file(&rel("big"), &mut &original[..], &meta(0o644))
+        .expect("write");
+    let hashes = applier
+        .read_block_hashes(&rel("big"), block_size)
+        .expect("hashes");
+    assert_eq!(hashes.len(), 4);
+    assert_eq!(
+        hashes[2],
+        xxhash_rust::xxh3::xxh3_64(&original[2 * BLOCK..3 * BLOCK])
+    );
+
+    // Change block 1, append a fifth, partial block.
+    let mut want = meta(0o600);
+    want.mtime = (1_700_000_000, 1);
+    let new_size = (4 * BLOCK + 100) as u64;
+    let blocks = vec![
+        (BLOCK as u64, vec![0xAA; BLOCK]),
+        ((4 * BLOCK) as u64, vec![0xBB; 100]),
+    ];
+    applier
+        .patch_file(&rel("big"), &blocks, new_size, &want)
+        .expect("patch");
+    let mut expected = original.clone();
+    expected[BLOCK..2 * BLOCK].fill(0xAA);
+    expected.extend_from_slice(&[0xBB; 100]);
+    assert_eq!(fs::read(vol.path("big")).expect("read"), expected);
+    assert_eq!(mtime_of(&vol.path("big")), want.mtime);
+    let after = applier
+        .read_block_hashes(&rel("big"), block_size)
+        .expect("hashes");
+    assert_eq!(after.len(), 5);
+    assert_eq!(
+        (after[0], after[2], after[3]),
+        (hashes[0], hashes[2], hashes[3])
+    );
+    assert_ne!(after[1], hashes[1]);
+
+    // Shrink to a block and a half, no block changed.
+    applier
+        .patch_file(&rel("big"), &[], (BLOCK + BLOCK / 2) as u64, &want)
+        .expect("shrink");
+    assert_eq!(
+        fs::read(vol.path("big")).expect("read"),
+        expected[..BLOCK + BLOCK / 2]
+    );
+    assert!(applier
+        .read_block_hashes(&rel("missing/file"), block_size)
+        .expect("missing")
+        .is_empty());
+    assert!(vol.temps().is_empty());
+}
+
+#[test]
+fn delete_removes_a_tree_but_not_what_its_symlinks_point_to() {
+    let vol = Vol::new();
+    let outside = tempfile::tempdir().expect("tempdir");
+    fs::write(outside.path().join("precious"), b"keep").expect("write");
+    fs::create_dir_all(vol.path("tree/a/b")).expect("mkdir");
+    fs::write(vol.path("tree/a/b/f"), b"x").expect("write");
+    fs::write(vol.path("tree/g"), b"y").expect("write");
+    symlink(outside.path(), vol.path("tree/a/out")).expect("symlink");
+    symlink(outside.path().join("precious"), vol.path("tree/file-link")).expect("symlink");
+    symlink(outside.path(), vol.path("top-link")).expect("symlink");
+    let applier = vol.applier();
+
+    applier.delete(&rel("tree")).expect("delete tree");
+    assert!(!vol.path("tree").exists());
+    applier.delete(&rel("top-link")).expect("delete link");
+    assert!(fs::symlink_metadata(vol.path("top-link")).is_err());
+    assert_eq!(
+        fs::read(outside.path().join("precious")).expect("outside kept"),
+        b"keep"
+    );
+    applier.delete(&rel("tree")).expect("missing is fine");
+    applier
+        .delete(&rel("no/such/dir"))
+        .expect("missing parent is fine");
+    assert!(matches!(
+        applier.delete(&RelPath::root()),
+        Err(ApplyError::Root { .. })
+    ));
+}
+
+#[test]
+fn make_dir_symlink_node_and_exact_metadata() {
+    let vol = Vol::new();
+    let applier = vol.applier();
+    let mut dir_meta = meta(0o750);
+    dir_meta.xattrs = vec![(b"user.a".to_vec(), b"1".to_vec())];
+    applier.make_dir(&rel("d"), &dir_meta).expect("mkdir");
+    let m = fs::metadata(vol.path("d")).expect("stat");
+    assert!(m.is_dir());
+    assert_eq!(m.permissions().mode() & 0o7777, 0o750);
+    assert_eq!(mtime_of(&vol.path("d")), dir_meta.mtime);
+
+    // Existing: only the metadata changes; the xattr set is made exactly equal.
+    fs::write(vol.path("d/inside"), b"x").expect("write");
+    let mut redo = meta(0o700);
+    redo.xattrs = vec![(b"user.b".to_vec(), b"2".to_vec())];
+    applier.make_dir(&rel("d"), &redo).expect("mkdir again");
+    assert!(vol.path("d/inside").exists());
+    assert_eq!(
+        fs::metadata(vol.path("d"))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o700
+    );
+    let names = xattr_names(&vol.path("d"));
+    assert_eq!(names, vec![b"user.b".to_vec()]);
+
+    applier
+        .make_symlink(&rel("d/ln"), b"../nowhere", &meta(0o777))
+        .expect("symlink");
+    assert_eq!(
+        fs::read_link(vol.path("d/ln")).expect("readlink"),
+        Path::new("../nowhere")
+    );
+    assert_eq!(mtime_of(&vol.path("d/ln")), meta(0).mtime);
+    applier
+        .make_symlink(&rel("d/ln"), b"elsewhere", &meta(0o777))
+        .expect("replace symlink");
+    assert_eq!(
+        fs::read_link(vol.path("d/ln")).expect("readlink"),
+        Path::new("elsewhere")
+    );
+
+    applier
+        .make_node(&rel("d/pipe"), NodeKind::Fifo, 0, &meta(0o620))
+        .expect("fifo");
+    let m = fs::symlink_metadata(vol.path("d/pipe")).expect("stat");
+    assert!(m.file_type().is_fifo());
+    assert_eq!(m.permissions().mode() & 0o7777, 0o620);
+    applier
+        .set_metadata(&rel("d/pipe"), &meta(0o600))
+        .expect("set metadata of a fifo without opening it");
+
+    // Kinds in the way.
+    assert!(matches!(
+        applier.make_dir(&rel("d/inside"), &meta(0o755)),
+        Err(ApplyError::NotDirectory { .. })
+    ));
+    assert!(matches!(
+        applier.make_dir(&rel("d/ln"), &meta(0o755)),
+        Err(ApplyError::NotDirectory { .. })
+    ));
+    assert!(matches!(
+        applier.write_file(&rel("d"), &mut &b""[..], &meta(0o644)),
+        Err(ApplyError::IsDirectory { .. })
+    ));
+    assert!(matches!(
+        applier.make_symlink(&rel("d"), b"x", &meta(0o777)),
+        Err(ApplyError::IsDirectory { .. })
+    ));
+    assert!(vol.temps().is_empty());
+}
+
+fn xattr_names(p: &Path) -> Vec<Vec<u8>> {
+    let dir = sys::open_dir_path(p).expect("open");
+    let at = sys::At::Fd(dir.as_fd());
+    let mut buf = vec![0u8; 4096];
+    let n = at.listxattr(&mut buf).expect("listxattr");
+    buf[..n]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+#[test]
+fn rename_and_exchange() {
+    let vol = Vol::new();
+    let applier = vol.applier();
+    fs::create_dir(vol.path("d")).expect("mkdir");
+    fs::write(vol.path("a"), b"A").expect("write");
+    fs::write(vol.path("d/b"), b"B").expect("write");
+    applier
+        .rename(&rel("a"), &rel("d/b"), true)
+        .expect("exchange");
+    assert_eq!(fs::read(vol.path("a")).expect("read"), b"B");
+    assert_eq!(fs::read(vol.path("d/b")).expect("read"), b"A");
+    applier
+        .rename(&rel("a"), &rel("d/b"), false)
+        .expect("rename");
+    assert!(!vol.path("a").exists());
+    assert_eq!(fs::read(vol.path("d/b")).expect("read"), b"B");
+    assert!(matches!(
+        applier.rename(&rel("a"), &rel("c"), false),
+        Err(ApplyError::Rename { .. })
+    ));
+}
+
+#[test]
+fn stale_temps_are_removed_everywhere_but_outside() {
+    let vol = Vol::new();
+    let outside = tempfile::tempdir().expect("tempdir");
+    let foreign = outside.path().join(format!("{TEMP_PREFIX}foreign"));
+    fs::write(&foreign, b"").expect("write");
+    fs::create_dir_all(vol.path("a/b")).expect("mkdir");
+    fs::write(vol.path(&format!("{TEMP_PREFIX}1")), b"").expect("write");
+    fs::write(vol.path(&format!("a/b/{TEMP_PREFIX}2")), b"").expect("write");
+    symlink("/nowhere", vol.path(&format!("a/{TEMP_PREFIX}3"))).expect("symlink");
+    fs::write(vol.path(".twinfs-other"), b"").expect("write");
+    fs::write(vol.path("a/keep"), b"").expect("write");
+    symlink(outside.path(), vol.path("a/out")).expect("symlink");
+
+    assert_eq!(vol.applier().remove_stale_temps().expect("clean"), 3);
+    assert!(vol.temps().is_empty());
+    assert!(vol.path(".twinfs-other").exists());
+    assert!(vol.path("a/keep").exists());
+    assert!(foreign.exists());
+}
+
+/// A reader that fails after handing out some bytes, like a stream that broke.
+struct Broken(usize);
+
+impl Read for Broken {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.0 == 0 {
+            return Err(io::Error::new(io::ErrorKind::ConnectionReset, "peer left"));
+        }
+        let n = self.0.min(buf.len());
+        buf[..n].fill(b'x');
+        self.0 -= n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn failures_leave_no_temp_and_the_old_version() {
+    let vol = Vol::new();
+    let applier = vol.applier();
+    applier
+        .write_file(&rel("f"), &mut &b"old"[..], &meta(0o644))
+        .expect("write");
+
+    let err = applier
+        .write_file(&rel("f"), &mut Broken(1_000_000), &meta(0o644))
+        .expect_err("broken stream");
+    assert!(matches!(err, ApplyError::Content { .. }), "{err:?}");
+
+    let mut bad = meta(0o644);
+    bad.mtime.1 = 2_000_000_000; // not a valid nanosecond count
+    let err = applier
+        .write_file(&rel("f"), &mut &b"new"[..], &bad)
+        .expect_err("bad time");
+    assert!(
+        matches!(
+            err,
+            ApplyError::Io {
+                op: "set the times of",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = applier
+        .patch_file(&rel("f"), &[(0, b"N".to_vec())], 3, &bad)
+        .expect_err("bad time");
+    assert!(matches!(err, ApplyError::Io { .. }), "{err:?}");
+    let err = applier
+        .make_symlink(&rel("f"), b"target", &bad)
+        .expect_err("bad time");
+    assert!(matches!(err, ApplyError::Io { .. }), "{err:?}");
+    let err = applier
+        .write_file(&rel("no/such/dir/f"), &mut &b"x"[..], &meta(0o644))
+        .expect_err("missing parent");
+    assert!(matches!(err, ApplyError::Io { .. }), "{err:?}");
+
+    assert_eq!(fs::read(vol.path("f")).expect("read"), b"old");
+    assert!(vol.temps().is_empty());
+}
+
+#[test]
+fn the_root_takes_metadata_but_is_never_replaced() {
+    let vol = Vol::new();
+    let applier = vol.applier();
+    applier
+        .make_dir(&RelPath::root(), &meta(0o751))
+        .expect("root metadata");
+    assert_eq!(
+        fs::metadata(vol.dir.path())
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o751
+    );
+    assert!(matches!(
+        applier.write_file(&RelPath::root(), &mut &b""[..], &meta(0o644)),
+        Err(ApplyError::IsDirectory { .. })
+    ));
+    assert!(matches!(
+        applier.rename(&RelPath::root(), &rel("x"), false),
+        Err(ApplyError::Root { .. })
+    ));
+}
+
+#[test]
+fn device_nodes_when_root() {
+    if !is_root() {
+        return;
+    }
+    let vol = Vol::new();
+    // /dev/null's numbers: 1, 3.
+    let rdev = libc::makedev(1, 3);
+    vol.applier()
+        .make_node(&rel("null"), NodeKind::Char, rdev, &meta(0o666))
+        .expect("mknod");
+    let m = fs::symlink_metadata(vol.path("null")).expect("stat");
+    assert!(m.file_type().is_char_device());
+    assert_eq!(m.rdev(), rdev);
+}
