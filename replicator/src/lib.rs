@@ -1,10 +1,23 @@
 //! twinfs replication.
 //!
+//! - [`apply`]: writes what the active sends into a standby's volume: beneath the
+//!   root only, atomically (temp entry, fsync, rename), durably.
 //! - [`capture`]: the change sink of a volume: resolves policies, counts changes.
+//! - [`manifest`]: what a volume holds (kind, mode, owner, mtime, xxh3 hash, xattrs):
+//!   scanning with a hash cache, and the diff a full sync applies.
 //! - [`path`]: validated relative paths, the form every path from a peer takes.
 //! - [`policy`]: which paths are replicated, how often and how urgently,
 //!   from the glob rules of a volume.
+//! - [`protocol`]: the messages of a volume's session, postcard-encoded.
+//! - [`session`]: the replication session as a state machine without I/O or clock.
+//! - [`transport`]: QUIC endpoints with mutual TLS pinned by certificate hash, and
+//!   length-prefixed frames on streams.
 
+pub mod apply;
 pub mod capture;
+pub mod manifest;
 pub mod path;
 pub mod policy;
+pub mod protocol;
+pub mod session;
+pub mod transport;

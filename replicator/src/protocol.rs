@@ -1,0 +1,160 @@
+//! The messages two nodes exchange for one volume, encoded with postcard. One volume's
+//! session runs on one QUIC stream; the TLS handshake has already proven which node is
+//! on the other end, so messages carry no node identity of their own.
+
+use serde::{Deserialize, Serialize};
+use twinfs_fs::Role;
+
+use crate::manifest::Entry;
+use crate::path::RelPath;
+
+/// Protocol version; a peer with another version is refused at `Hello`.
+pub const VERSION: u32 = 1;
+
+/// The largest encoded message accepted (a manifest chunk or an inline file).
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// Most entries in one `Manifest` message.
+pub const MANIFEST_CHUNK: usize = 2048;
+
+/// What to do to one path on the standby.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Make `entry.path` exactly `entry` (creating, replacing or re-attributing it).
+    /// `content` is the whole file for regular files whose content changed, `None`
+    /// when only metadata changed (or for non-files).
+    Put {
+        /// Path and metadata as on the active.
+        entry: Entry,
+        /// The file's bytes, when they must travel.
+        content: Option<Vec<u8>>,
+    },
+    /// Rename `from` to `to` (swapping them with `exchange`).
+    Rename {
+        /// Old path.
+        from: RelPath,
+        /// New path.
+        to: RelPath,
+        /// `RENAME_EXCHANGE`.
+        exchange: bool,
+    },
+    /// Remove `path` (recursively for a directory); missing is fine.
+    Delete {
+        /// The path.
+        path: RelPath,
+    },
+    /// Nothing to do: `path` vanished on the active before it could be read; a later
+    /// op (or a full sync) says what became of it. Keeps the sequence unbroken.
+    Skip {
+        /// The path.
+        path: RelPath,
+    },
+}
+
+impl Op {
+    /// The path the op changes (the new one for a rename).
+    pub fn path(&self) -> &RelPath {
+        match self {
+            Op::Put { entry, .. } => &entry.path,
+            Op::Rename { to, .. } => to,
+            Op::Delete { path } | Op::Skip { path } => path,
+        }
+    }
+}
+
+/// One message of a volume's session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message on each side: who I am for this volume.
+    Hello {
+        /// [`VERSION`].
+        version: u32,
+        /// The volume's name.
+        volume: String,
+        /// The sender's role for it.
+        role: Role,
+        /// The sender's epoch for it.
+        epoch: u64,
+    },
+    /// Active → standby: send me your manifest (starts full sync number `sync`).
+    RequestManifest {
+        /// Numbers full syncs, so parts of an abandoned one are told apart.
+        sync: u64,
+    },
+    /// Standby → active: part of its manifest; `done` on the last part.
+    Manifest {
+        /// The full sync it answers.
+        sync: u64,
+        /// Entries, in path order.
+        entries: Vec<Entry>,
+        /// Last part.
+        done: bool,
+    },
+    /// Active → standby: the ops of full sync `sync` follow, numbered from `base + 1`.
+    FullSyncStart {
+        /// The full sync.
+        sync: u64,
+        /// The sequence number before the first op.
+        base: u64,
+    },
+    /// Active → standby: one op.
+    Op {
+        /// Sequence number, one more than the previous op's.
+        seq: u64,
+        /// What to do.
+        op: Op,
+    },
+    /// Active → standby: the full sync is complete once ops up to `seq` are applied.
+    FullSyncDone {
+        /// The last op of the full sync.
+        seq: u64,
+    },
+    /// Standby → active: every op up to `seq` is durably applied (or rejected).
+    Ack {
+        /// The last op handled.
+        seq: u64,
+    },
+    /// Standby → active: op `seq` was refused (unsafe path, disk error); still acked.
+    Rejected {
+        /// The op.
+        seq: u64,
+        /// Its path.
+        path: RelPath,
+        /// Why.
+        reason: String,
+    },
+    /// Standby → active: I missed ops; start a full sync.
+    Resync,
+    /// Either way: I am alive.
+    Heartbeat,
+}
+
+/// Errors decoding a message.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// Not a valid message (garbage, a path that escapes the volume, an unknown variant).
+    #[error("bad message: {0}")]
+    Decode(#[from] postcard::Error),
+    /// Larger than [`MAX_MESSAGE`].
+    #[error("message of {0} bytes is over the limit of {MAX_MESSAGE}")]
+    TooLarge(usize),
+}
+
+impl Message {
+    /// Encodes for the wire.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        let bytes = postcard::to_allocvec(self)?;
+        if bytes.len() > MAX_MESSAGE {
+            return Err(ProtocolError::TooLarge(bytes.len()));
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes one message; paths in it are validated ([`RelPath`]).
+    pub fn decode(bytes: &[u8]) -> Result<Message, ProtocolError> {
+        if bytes.len() > MAX_MESSAGE {
+            return Err(ProtocolError::TooLarge(bytes.len()));
+        }
+        Ok(postcard::from_bytes(bytes)?)
+    }
+}

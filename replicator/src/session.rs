@@ -1,0 +1,796 @@
+//! The replication session of one volume between an active node and one standby, as a
+//! state machine with no sockets and no clock: it takes messages, change records, local
+//! manifests and the time as inputs, and returns [`Output`]s for a driver to carry out
+//! (send a message, scan the volume, read a file and ship it, apply an op).
+//!
+//! Active side: hello → ask for the standby's manifest and scan its own → send the
+//! difference (priority 1 first, then the rest, then deletions) → stream changes by
+//! policy. Standby side: hello → send its manifest → apply ops in sequence, acking each;
+//! a gap in the sequence (lost or reordered messages) asks for a new full sync, so the
+//! two sides converge whatever the network did.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use twinfs_fs::{ChangeKind, Role};
+
+use crate::capture::Record;
+use crate::manifest::{self, Entry, Manifest};
+use crate::path::RelPath;
+use crate::policy::{PolicySet, Priority, SyncMode};
+use crate::protocol::{Message, Op, MANIFEST_CHUNK, VERSION};
+
+/// Settings of a session.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// The volume's name.
+    pub volume: String,
+    /// This node's role for it.
+    pub role: Role,
+    /// This node's epoch for it.
+    pub epoch: u64,
+    /// The volume's rules.
+    pub policies: PolicySet,
+    /// Send a heartbeat after this much silence.
+    pub heartbeat: Duration,
+    /// Give up on a peer silent for this long.
+    pub peer_timeout: Duration,
+    /// Active: start over with a full sync when a full sync or sent ops make no
+    /// progress for this long (a message went missing).
+    pub stall_timeout: Duration,
+    /// Ops sent but not yet acked before further ops wait in the queue.
+    pub max_in_flight: u64,
+    /// Changes queued before the session gives up on them and resyncs by manifest.
+    pub max_queue: usize,
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send this message to the peer.
+    Send(Message),
+    /// Scan the local volume (without `never` paths) and call
+    /// [`Session::local_manifest`].
+    ScanLocal,
+    /// Active: read `path` now and send it as op `seq`: `Op::Put` with its current
+    /// metadata, and its bytes if `content` or if its hash now differs from
+    /// `standby_hash`. If it no longer exists: `Op::Delete` when `delete_if_missing`,
+    /// else `Op::Skip` and a call to [`Session::vanished`] (the change that removed it
+    /// is queued behind, and deleting now could undo a rename it is part of).
+    Ship {
+        /// The op's sequence number.
+        seq: u64,
+        /// The path.
+        path: RelPath,
+        /// Whether the file's bytes must travel.
+        content: bool,
+        /// The hash of the standby's copy when the full sync compared them: the file
+        /// may have changed since, so equal hashes are checked again at read time.
+        standby_hash: Option<u128>,
+        /// A missing path is a deletion to ship (interval paths, whose deletions are
+        /// not shipped on their own).
+        delete_if_missing: bool,
+    },
+    /// Standby: apply `op`, then call [`Session::applied`] with `seq`.
+    Apply {
+        /// The op's sequence number.
+        seq: u64,
+        /// The op.
+        op: Op,
+    },
+    /// Standby: the full sync is complete; everything the active had at its start is
+    /// here.
+    InSync,
+    /// Close the connection; the reason is for the log.
+    Close(String),
+}
+
+/// Where the session is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the peer's hello.
+    Hello,
+    /// Exchanging manifests and sending the difference.
+    FullSync,
+    /// Following changes as they happen.
+    Streaming,
+    /// Closed.
+    Closed,
+}
+
+/// One queued change of the active side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Pending {
+    Ship {
+        path: RelPath,
+        content: bool,
+        delete_if_missing: bool,
+    },
+    Send(Op),
+}
+
+/// Counters for status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Ops sent (active) or applied (standby).
+    pub ops: u64,
+    /// Highest op acked by the standby (active) or applied (standby).
+    pub acked: u64,
+    /// Ops of the current or last full sync, and how many of them are acked.
+    pub full_sync_ops: u64,
+    /// Full syncs started.
+    pub full_syncs: u64,
+    /// Ops the standby refused.
+    pub rejected: u64,
+    /// Changes waiting to be sent.
+    pub queued: usize,
+}
+
+/// The session of one volume with one peer.
+pub struct Session {
+    config: SessionConfig,
+    phase: Phase,
+    out: VecDeque<Output>,
+    started: Instant,
+    last_sent: Instant,
+    last_received: Instant,
+    stats: SessionStats,
+    // Active side.
+    sync_id: u64,
+    progress_at: Instant,
+    next_seq: u64,
+    theirs: Vec<Entry>,
+    theirs_done: bool,
+    ours: Option<Manifest>,
+    full_sync_end: Option<u64>,
+    queue: VecDeque<Pending>,
+    queued_ships: HashSet<RelPath>,
+    /// Renames and deletions in the queue: a ship queued before one must not absorb a
+    /// ship of the same path queued after it.
+    queued_ops: usize,
+    dirty: BTreeMap<RelPath, Instant>,
+    resync_wanted: bool,
+    // Standby side.
+    expected: u64,
+    lost: bool,
+    in_sync_at: Option<u64>,
+    in_sync: bool,
+}
+
+impl Session {
+    /// A new session, started at `now`: the hello is the first output.
+    pub fn new(config: SessionConfig, now: Instant) -> Session {
+        let mut s = Session {
+            phase: Phase::Hello,
+            out: VecDeque::new(),
+            started: now,
+            last_sent: now,
+            last_received: now,
+            stats: SessionStats::default(),
+            sync_id: 0,
+            progress_at: now,
+            next_seq: 1,
+            theirs: Vec::new(),
+            theirs_done: false,
+            ours: None,
+            full_sync_end: None,
+            queue: VecDeque::new(),
+            queued_ships: HashSet::new(),
+            queued_ops: 0,
+            dirty: BTreeMap::new(),
+            resync_wanted: false,
+            expected: 1,
+            lost: false,
+            in_sync_at: None,
+            in_sync: false,
+            config,
+        };
+        let hello = Message::Hello {
+            version: VERSION,
+            volume: s.config.volume.clone(),
+            role: s.config.role,
+            epoch: s.config.epoch,
+        };
+        s.send(hello, now);
+        s
+    }
+
+    /// The next thing for the driver to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// Where the session is.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SessionStats {
+        SessionStats {
+            queued: self.queue.len() + self.dirty.len(),
+            ..self.stats
+        }
+    }
+
+    /// Standby: whether a full sync completed and everything sent since is applied.
+    pub fn in_sync(&self) -> bool {
+        self.in_sync && !self.lost
+    }
+
+    /// The last op sequence number handed out (active).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    fn send(&mut self, message: Message, now: Instant) {
+        self.last_sent = now;
+        self.out.push_back(Output::Send(message));
+    }
+
+    fn close(&mut self, reason: String) {
+        if self.phase != Phase::Closed {
+            self.phase = Phase::Closed;
+            self.out.push_back(Output::Close(reason));
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        self.config.role == Role::Active
+    }
+
+    /// A message from the peer.
+    pub fn on_message(&mut self, message: Message, now: Instant) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.last_received = now;
+        match message {
+            Message::Hello {
+                version,
+                volume,
+                role,
+                epoch,
+            } => self.on_hello(version, &volume, role, epoch, now),
+            Message::Heartbeat => {}
+            _ if self.phase == Phase::Hello => {
+                self.close("message before hello".into());
+            }
+            m if self.is_active() => self.active_message(m, now),
+            m => self.standby_message(m, now),
+        }
+    }
+
+    fn on_hello(&mut self, version: u32, volume: &str, role: Role, epoch: u64, now: Instant) {
+        if self.phase != Phase::Hello {
+            // A repeated hello (the network duplicated it) changes nothing.
+            return;
+        }
+        if version != VERSION {
+            return self.close(format!(
+                "peer speaks protocol {version}, we speak {VERSION}"
+            ));
+        }
+        if volume != self.config.volume {
+            return self.close(format!(
+                "peer offers volume {volume:?}, expected {:?}",
+                self.config.volume
+            ));
+        }
+        if role == self.config.role {
+            return self.close(format!("peer is {role} too for volume {volume}"));
+        }
+        if !self.is_active() && epoch < self.config.epoch {
+            return self.close(format!(
+                "active's epoch {epoch} is older than ours ({}): not following it",
+                self.config.epoch
+            ));
+        }
+        if self.is_active() && epoch > self.config.epoch {
+            return self.close(format!(
+                "standby has seen epoch {epoch}, newer than ours ({}): this active is stale",
+                self.config.epoch
+            ));
+        }
+        self.phase = Phase::FullSync;
+        if self.is_active() {
+            self.start_full_sync(now);
+        }
+    }
+
+    fn start_full_sync(&mut self, now: Instant) {
+        self.phase = Phase::FullSync;
+        self.stats.full_syncs += 1;
+        self.theirs.clear();
+        self.theirs_done = false;
+        self.ours = None;
+        self.full_sync_end = None;
+        // The full sync covers every change made so far; what happens from here on is
+        // queued and shipped after it.
+        self.queue.clear();
+        self.queued_ships.clear();
+        self.queued_ops = 0;
+        self.dirty.clear();
+        self.resync_wanted = false;
+        self.sync_id += 1;
+        self.progress_at = now;
+        self.send(Message::RequestManifest { sync: self.sync_id }, now);
+        self.out.push_back(Output::ScanLocal);
+    }
+
+    /// The local volume's manifest, after [`Output::ScanLocal`].
+    pub fn local_manifest(&mut self, manifest: Manifest, now: Instant) {
+        if self.phase != Phase::FullSync {
+            return;
+        }
+        if self.is_active() {
+            self.ours = Some(manifest);
+            self.try_diff(now);
+        } else {
+            let sync = self.sync_id;
+            let entries: Vec<Entry> = manifest
+                .iter()
+                .map(|(path, meta)| Entry {
+                    path: path.clone(),
+                    meta: meta.clone(),
+                })
+                .collect();
+            let mut chunks = entries.chunks(MANIFEST_CHUNK).peekable();
+            if chunks.peek().is_none() {
+                self.send(
+                    Message::Manifest {
+                        sync,
+                        entries: Vec::new(),
+                        done: true,
+                    },
+                    now,
+                );
+            }
+            while let Some(chunk) = chunks.next() {
+                let done = chunks.peek().is_none();
+                let entries = chunk.to_vec();
+                self.send(
+                    Message::Manifest {
+                        sync,
+                        entries,
+                        done,
+                    },
+                    now,
+                );
+            }
+        }
+    }
+
+    fn active_message(&mut self, message: Message, now: Instant) {
+        match message {
+            Message::Manifest {
+                sync,
+                entries,
+                done,
+            } => {
+                // Parts of an abandoned full sync, or repeated ones, are dropped.
+                if sync != self.sync_id || self.theirs_done || self.phase != Phase::FullSync {
+                    return;
+                }
+                self.progress_at = now;
+                self.theirs.extend(entries);
+                self.theirs_done = done;
+                self.try_diff(now);
+            }
+            Message::Ack { seq } => {
+                if seq >= self.next_seq {
+                    return self.close(format!("ack of op {seq} that was never sent"));
+                }
+                if seq > self.stats.acked {
+                    self.progress_at = now;
+                }
+                self.stats.acked = self.stats.acked.max(seq);
+                if let Some(end) = self.full_sync_end {
+                    if self.stats.acked >= end && self.phase == Phase::FullSync {
+                        self.phase = Phase::Streaming;
+                    }
+                }
+                self.drain(now);
+            }
+            Message::Rejected { seq, path, reason } => {
+                self.stats.rejected += 1;
+                tracing::warn!(volume = %self.config.volume, seq, %path, %reason,
+                    "standby refused a change");
+                // A change refused while streaming (a rename whose source the standby
+                // lacks, say) leaves the two apart: compare manifests. One refused
+                // during a full sync would only be refused again.
+                if self.full_sync_end.is_some_and(|end| seq > end) {
+                    self.resync_wanted = true;
+                }
+            }
+            Message::Resync => self.start_full_sync(now),
+            other => self.close(format!("unexpected message for an active: {other:?}")),
+        }
+    }
+
+    fn try_diff(&mut self, now: Instant) {
+        if !self.theirs_done {
+            return;
+        }
+        let Some(ours) = self.ours.take() else {
+            return;
+        };
+        let mut theirs = Manifest::default();
+        for entry in self.theirs.drain(..) {
+            // The standby's `never` paths are its own business: never deleted.
+            if self.config.policies.resolve(entry.path.as_path()).sync != SyncMode::Never {
+                theirs.insert(entry);
+            }
+        }
+        let policies = self.config.policies.clone();
+        let diff = manifest::diff(&ours, &theirs, |p| {
+            policies.resolve(p.as_path()).priority.get()
+        });
+        let base = self.next_seq - 1;
+        self.send(
+            Message::FullSyncStart {
+                sync: self.sync_id,
+                base,
+            },
+            now,
+        );
+        // Deletions first (they also clear paths whose kind changed), then the sends,
+        // priority 1 leading.
+        let mut ops = 0;
+        for path in diff.delete {
+            let seq = self.take_seq();
+            self.send(
+                Message::Op {
+                    seq,
+                    op: Op::Delete { path },
+                },
+                now,
+            );
+            ops += 1;
+        }
+        for transfer in diff.send {
+            let seq = self.take_seq();
+            let standby_hash = theirs.get(&transfer.entry.path).and_then(|m| m.hash);
+            self.out.push_back(Output::Ship {
+                seq,
+                path: transfer.entry.path,
+                content: transfer.content,
+                standby_hash,
+                delete_if_missing: false,
+            });
+            ops += 1;
+        }
+        let end = self.next_seq - 1;
+        self.stats.full_sync_ops = ops;
+        self.full_sync_end = Some(end);
+        self.send(Message::FullSyncDone { seq: end }, now);
+        if self.stats.acked >= end {
+            self.phase = Phase::Streaming;
+        }
+        // Changes made during the full sync follow it.
+        self.drain(now);
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.stats.ops += 1;
+        seq
+    }
+
+    fn in_flight(&self) -> u64 {
+        (self.next_seq - 1).saturating_sub(self.stats.acked)
+    }
+
+    /// Sends queued changes while the window allows.
+    fn drain(&mut self, now: Instant) {
+        if self.full_sync_end.is_none() {
+            return;
+        }
+        while self.in_flight() < self.config.max_in_flight {
+            let Some(pending) = self.queue.pop_front() else {
+                break;
+            };
+            match pending {
+                Pending::Ship {
+                    path,
+                    content,
+                    delete_if_missing,
+                } => {
+                    self.queued_ships.remove(&path);
+                    let seq = self.take_seq();
+                    self.out.push_back(Output::Ship {
+                        seq,
+                        path,
+                        content,
+                        standby_hash: None,
+                        delete_if_missing,
+                    });
+                }
+                Pending::Send(op) => {
+                    self.queued_ops -= 1;
+                    let seq = self.take_seq();
+                    self.send(Message::Op { seq, op }, now);
+                }
+            }
+        }
+    }
+
+    fn enqueue(&mut self, pending: Pending, now: Instant) {
+        if let Pending::Ship { path, content, .. } = &pending {
+            // A ship of the same path already waiting, with no rename or delete queued
+            // after it, will read the file when it goes: one is enough.
+            if self.queued_ships.contains(path) && self.queued_ops == 0 {
+                if *content {
+                    for p in self.queue.iter_mut() {
+                        if let Pending::Ship {
+                            path: q,
+                            content: c,
+                            ..
+                        } = p
+                        {
+                            if q == path {
+                                *c = true;
+                            }
+                        }
+                    }
+                }
+                return;
+            }
+            self.queued_ships.insert(path.clone());
+        }
+        if self.queue.len() >= self.config.max_queue {
+            // Too far behind to remember each change: a full sync by manifest will
+            // bring the standby up to date without holding them in memory.
+            tracing::info!(volume = %self.config.volume, queued = self.queue.len(),
+                "standby too far behind; resyncing by manifest");
+            self.queue.clear();
+            self.queued_ships.clear();
+            self.queued_ops = 0;
+            self.resync_wanted = true;
+            return;
+        }
+        if matches!(pending, Pending::Send(_)) {
+            self.queued_ops += 1;
+        }
+        self.queue.push_back(pending);
+        self.drain(now);
+    }
+
+    /// A change captured on the active's volume.
+    pub fn on_change(&mut self, record: &Record, now: Instant) {
+        if !self.is_active() || self.phase == Phase::Closed || self.phase == Phase::Hello {
+            return;
+        }
+        let Ok(path) = RelPath::from_path(&record.change.path) else {
+            return;
+        };
+        if let ChangeKind::Rename { from, exchange } = &record.change.kind {
+            return self.rename(from, path, *exchange, record.policy.sync, now);
+        }
+        match record.policy.sync {
+            SyncMode::Never | SyncMode::Once => {}
+            SyncMode::Interval(every) => {
+                self.dirty.entry(path).or_insert(now + every);
+            }
+            SyncMode::Always => self.always(path, &record.change.kind, now),
+        }
+    }
+
+    /// A rename ships as a rename when both names ship at once. Otherwise the standby
+    /// may lack what moved, or must lose the old name without getting the new one:
+    /// a full sync by manifest sorts that out.
+    fn rename(
+        &mut self,
+        from: &std::path::Path,
+        to: RelPath,
+        exchange: bool,
+        to_sync: SyncMode,
+        now: Instant,
+    ) {
+        let Ok(from) = RelPath::from_path(from) else {
+            return;
+        };
+        let from_sync = self.config.policies.resolve(from.as_path()).sync;
+        match (from_sync, to_sync) {
+            (SyncMode::Always, SyncMode::Always) => {
+                self.enqueue(Pending::Send(Op::Rename { from, to, exchange }), now)
+            }
+            (SyncMode::Never, SyncMode::Never) => {}
+            _ => self.resync_wanted = true,
+        }
+    }
+
+    fn always(&mut self, path: RelPath, kind: &ChangeKind, now: Instant) {
+        let pending = match kind {
+            ChangeKind::Unlink | ChangeKind::Rmdir => Pending::Send(Op::Delete { path }),
+            // Handled by `rename` before the policy is looked at.
+            ChangeKind::Rename { .. } => return,
+            ChangeKind::Attr(a) => Pending::Ship {
+                path,
+                // A touch forces the file's bytes across too: it is how an
+                // administrator repairs a standby's copy.
+                content: a.size || a.times,
+                delete_if_missing: false,
+            },
+            ChangeKind::Xattr | ChangeKind::Mkdir | ChangeKind::Mknod | ChangeKind::Symlink => {
+                Pending::Ship {
+                    path,
+                    content: false,
+                    delete_if_missing: false,
+                }
+            }
+            ChangeKind::Write | ChangeKind::Create | ChangeKind::Link { .. } => Pending::Ship {
+                path,
+                content: true,
+                delete_if_missing: false,
+            },
+        };
+        self.enqueue(pending, now);
+    }
+
+    /// Time passes: heartbeats, timeouts, interval flushes, wanted resyncs.
+    pub fn on_tick(&mut self, now: Instant) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        if self.phase == Phase::Hello
+            && now.duration_since(self.started) >= self.config.peer_timeout
+        {
+            return self.close("no hello from the peer".into());
+        }
+        if now.duration_since(self.last_received) >= self.config.peer_timeout {
+            return self.close(format!(
+                "peer silent for {:?}",
+                now.duration_since(self.last_received)
+            ));
+        }
+        let waiting = self.phase == Phase::FullSync || self.in_flight() > 0;
+        if self.is_active()
+            && self.phase != Phase::Hello
+            && waiting
+            && now.duration_since(self.progress_at) >= self.config.stall_timeout
+        {
+            tracing::info!(volume = %self.config.volume, "no progress; starting a full sync");
+            self.start_full_sync(now);
+            return;
+        }
+        if self.is_active() && self.phase == Phase::Streaming {
+            if self.resync_wanted && self.in_flight() == 0 {
+                self.start_full_sync(now);
+                return;
+            }
+            let due: Vec<RelPath> = self
+                .dirty
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(p, _)| p.clone())
+                .collect();
+            for path in due {
+                self.dirty.remove(&path);
+                self.enqueue(
+                    Pending::Ship {
+                        path,
+                        content: true,
+                        delete_if_missing: true,
+                    },
+                    now,
+                );
+            }
+        }
+        if now.duration_since(self.last_sent) >= self.config.heartbeat {
+            self.send(Message::Heartbeat, now);
+        }
+    }
+
+    /// The earliest time [`Session::on_tick`] has something to do.
+    pub fn next_deadline(&self) -> Instant {
+        let mut at = (self.last_sent + self.config.heartbeat)
+            .min(self.last_received + self.config.peer_timeout);
+        if self.phase == Phase::Hello {
+            at = at.min(self.started + self.config.peer_timeout);
+        }
+        if self.is_active() {
+            at = at.min(self.progress_at + self.config.stall_timeout);
+        }
+        if let Some(due) = self.dirty.values().min() {
+            at = at.min(*due);
+        }
+        at
+    }
+
+    fn standby_message(&mut self, message: Message, now: Instant) {
+        match message {
+            Message::RequestManifest { sync } => {
+                self.sync_id = sync;
+                // Ops still on their way from before are covered by the full sync
+                // that follows; applying them after the scan would undo its work.
+                self.lost = true;
+                self.phase = Phase::FullSync;
+                self.stats.full_syncs += 1;
+                self.in_sync_at = None;
+                self.out.push_back(Output::ScanLocal);
+            }
+            Message::FullSyncStart { sync, base } => {
+                if sync != self.sync_id {
+                    return;
+                }
+                self.expected = base + 1;
+                self.lost = false;
+                self.in_sync_at = None;
+            }
+            Message::Op { seq, op } => {
+                if self.lost {
+                    return;
+                }
+                if seq < self.expected {
+                    // A duplicate: already applied, say so again.
+                    return self.send(
+                        Message::Ack {
+                            seq: self.stats.acked,
+                        },
+                        now,
+                    );
+                }
+                if seq > self.expected {
+                    // Something went missing: only a full sync can tell what.
+                    self.lost = true;
+                    return self.send(Message::Resync, now);
+                }
+                self.expected += 1;
+                self.out.push_back(Output::Apply { seq, op });
+            }
+            Message::FullSyncDone { seq } => {
+                if !self.lost {
+                    self.in_sync_at = Some(seq);
+                    self.check_in_sync();
+                }
+            }
+            other => self.close(format!("unexpected message for a standby: {other:?}")),
+        }
+    }
+
+    /// Standby: op `seq` was applied (`Ok`) or refused (`Err` with the reason).
+    pub fn applied(&mut self, seq: u64, path: &RelPath, result: Result<(), String>, now: Instant) {
+        self.stats.ops += 1;
+        if let Err(reason) = result {
+            self.stats.rejected += 1;
+            self.send(
+                Message::Rejected {
+                    seq,
+                    path: path.clone(),
+                    reason,
+                },
+                now,
+            );
+        }
+        self.stats.acked = self.stats.acked.max(seq);
+        self.send(Message::Ack { seq }, now);
+        self.check_in_sync();
+    }
+
+    fn check_in_sync(&mut self) {
+        if let Some(end) = self.in_sync_at {
+            if self.stats.acked >= end {
+                self.in_sync_at = None;
+                self.phase = Phase::Streaming;
+                if !self.in_sync {
+                    self.in_sync = true;
+                    self.out.push_back(Output::InSync);
+                }
+            }
+        }
+    }
+
+    /// Active: the path of ship `seq` had vanished and went out as `Op::Skip`. What
+    /// removed it follows, but the standby may lack what a rename behind it moves, so
+    /// the two are compared by manifest once the queue is through.
+    pub fn vanished(&mut self, _seq: u64) {
+        self.resync_wanted = true;
+    }
+
+    /// The priority of a path under this session's rules.
+    pub fn priority(&self, path: &RelPath) -> Priority {
+        self.config.policies.resolve(path.as_path()).priority
+    }
+}

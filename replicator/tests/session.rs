@@ -1,0 +1,768 @@
+//! The session state machine driven through a simulated network, without sockets or a
+//! clock: message loss, duplication, reordering and disconnects in the middle of a
+//! full sync, with the active changing its tree all along. Every run must end with
+//! the standby's tree equal to the active's.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use twinfs_fs::{AttrChange, Change, ChangeKind, Role};
+use twinfs_replicator::capture::Record;
+use twinfs_replicator::manifest::{Entry, Kind, Manifest, Meta};
+use twinfs_replicator::path::RelPath;
+use twinfs_replicator::policy::{Policy, PolicySet, Priority, Rule, SyncMode};
+use twinfs_replicator::protocol::{Message, Op};
+use twinfs_replicator::session::{Output, Session, SessionConfig};
+
+/// An in-memory volume: path → (metadata, content).
+type Tree = BTreeMap<RelPath, (Meta, Vec<u8>)>;
+
+fn rel(s: &str) -> RelPath {
+    RelPath::new(s).expect("valid path")
+}
+
+fn file_meta(content: &[u8], mtime: i64) -> Meta {
+    Meta {
+        kind: Kind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: (mtime, 0),
+        size: content.len() as u64,
+        rdev: 0,
+        hash: Some(xxhash_rust::xxh3::xxh3_128(content)),
+        target: None,
+        xattrs: Vec::new(),
+    }
+}
+
+fn dir_meta() -> Meta {
+    Meta {
+        kind: Kind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: (0, 0),
+        size: 0,
+        rdev: 0,
+        hash: None,
+        target: None,
+        xattrs: Vec::new(),
+    }
+}
+
+fn policies() -> PolicySet {
+    let rule = |pattern: &str, sync| {
+        Rule::new(
+            pattern,
+            Policy {
+                sync,
+                priority: Priority::NORMAL,
+            },
+        )
+        .expect("rule")
+    };
+    PolicySet::new(vec![
+        rule("*.sif", SyncMode::Once),
+        rule("local", SyncMode::Never),
+        rule("*.int", SyncMode::Interval(Duration::from_secs(2))),
+    ])
+}
+
+/// The manifest the driver would scan: everything but `never` paths.
+fn manifest_of(tree: &Tree, policies: &PolicySet) -> Manifest {
+    tree.iter()
+        .filter(|(p, _)| policies.resolve(p.as_path()).sync != SyncMode::Never)
+        .map(|(path, (meta, _))| Entry {
+            path: path.clone(),
+            meta: meta.clone(),
+        })
+        .collect()
+}
+
+fn remove_tree(tree: &mut Tree, path: &RelPath) {
+    let doomed: Vec<RelPath> = tree
+        .keys()
+        .filter(|p| p.starts_with(path))
+        .cloned()
+        .collect();
+    for p in doomed {
+        tree.remove(&p);
+    }
+}
+
+fn subtree(tree: &Tree, path: &RelPath) -> Vec<(RelPath, (Meta, Vec<u8>))> {
+    tree.iter()
+        .filter(|(p, _)| p.starts_with(path))
+        .map(|(p, v)| (p.clone(), v.clone()))
+        .collect()
+}
+
+fn rebase(p: &RelPath, old: &RelPath, new: &RelPath) -> RelPath {
+    let rest = &p.as_bytes()[old.as_bytes().len()..];
+    let mut bytes = new.as_bytes().to_vec();
+    bytes.extend_from_slice(rest);
+    RelPath::new(bytes).expect("rebased path")
+}
+
+/// Applies an op to the standby's tree, as the real applier does to a directory.
+fn apply(tree: &mut Tree, op: &Op) -> Result<(), String> {
+    match op {
+        Op::Put { entry, content } => {
+            // An object of another kind is replaced, not re-attributed.
+            let same_kind = tree
+                .get(&entry.path)
+                .filter(|(old, _)| old.kind == entry.meta.kind);
+            let data = match (content, same_kind) {
+                (Some(c), _) => c.clone(),
+                (None, Some((_, old))) => old.clone(),
+                (None, None) if entry.meta.kind != Kind::File => Vec::new(),
+                (None, None) => return Err("metadata for a file we do not have".into()),
+            };
+            if let Some((parent, _)) = entry.path.split_last() {
+                let parent_is_dir = tree.get(&parent).map(|(m, _)| m.kind) == Some(Kind::Dir);
+                if !parent.is_root() && !parent_is_dir {
+                    return Err(format!("no parent directory for {}", entry.path));
+                }
+            }
+            tree.insert(entry.path.clone(), (entry.meta.clone(), data));
+            Ok(())
+        }
+        Op::Delete { path } => {
+            remove_tree(tree, path);
+            Ok(())
+        }
+        Op::Skip { .. } => Ok(()),
+        Op::Rename { from, to, exchange } => {
+            let moved = subtree(tree, from);
+            if moved.is_empty() {
+                return Err(format!("rename of missing {from}"));
+            }
+            let swapped = if *exchange {
+                subtree(tree, to)
+            } else {
+                Vec::new()
+            };
+            remove_tree(tree, from);
+            remove_tree(tree, to);
+            for (p, v) in moved {
+                tree.insert(rebase(&p, from, to), v);
+            }
+            for (p, v) in swapped {
+                tree.insert(rebase(&p, to, from), v);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A deterministic random source (xorshift), so failures replay.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// How unreliable the simulated network is, in percent per message.
+#[derive(Clone, Copy, Debug)]
+struct Faults {
+    loss: u64,
+    duplicate: u64,
+    reorder: u64,
+    disconnect: u64,
+}
+
+const CLEAN: Faults = Faults {
+    loss: 0,
+    duplicate: 0,
+    reorder: 0,
+    disconnect: 0,
+};
+
+struct World {
+    rng: Rng,
+    now: Instant,
+    policies: PolicySet,
+    active_tree: Tree,
+    standby_tree: Tree,
+    active: Session,
+    standby: Session,
+    to_standby: VecDeque<Message>,
+    to_active: VecDeque<Message>,
+    connections: u32,
+    in_sync_seen: bool,
+}
+
+fn config(role: Role, policies: &PolicySet) -> SessionConfig {
+    SessionConfig {
+        volume: "vol".into(),
+        role,
+        epoch: 1,
+        policies: policies.clone(),
+        heartbeat: Duration::from_millis(500),
+        peer_timeout: Duration::from_secs(5),
+        stall_timeout: Duration::from_secs(2),
+        max_in_flight: 64,
+        max_queue: 500,
+    }
+}
+
+impl World {
+    fn new(seed: u64, active_tree: Tree, standby_tree: Tree) -> World {
+        let now = Instant::now();
+        let policies = policies();
+        World {
+            rng: Rng(seed | 1),
+            now,
+            active: Session::new(config(Role::Active, &policies), now),
+            standby: Session::new(config(Role::Standby, &policies), now),
+            policies,
+            active_tree,
+            standby_tree,
+            to_standby: VecDeque::new(),
+            to_active: VecDeque::new(),
+            connections: 1,
+            in_sync_seen: false,
+        }
+    }
+
+    /// A new connection: both sessions start over, as the driver does after a close.
+    fn reconnect(&mut self) {
+        self.active = Session::new(config(Role::Active, &self.policies), self.now);
+        self.standby = Session::new(config(Role::Standby, &self.policies), self.now);
+        self.to_standby.clear();
+        self.to_active.clear();
+        self.connections += 1;
+    }
+
+    fn deliver(queue: &mut VecDeque<Message>, message: Message, rng: &mut Rng, faults: Faults) {
+        if std::env::var_os("SIM_TRACE").is_some() {
+            eprintln!("send {message:?}");
+        }
+        if rng.chance(faults.loss) {
+            if std::env::var_os("SIM_TRACE").is_some() {
+                eprintln!("  LOST");
+            }
+            return;
+        }
+        if rng.chance(faults.duplicate) {
+            queue.push_back(message.clone());
+        }
+        if rng.chance(faults.reorder) && !queue.is_empty() {
+            let at = rng.below(queue.len() as u64) as usize;
+            queue.insert(at, message);
+        } else {
+            queue.push_back(message);
+        }
+    }
+
+    /// Runs both drivers and delivers one message each way; returns whether anything
+    /// happened.
+    fn pump(&mut self, faults: Faults) -> bool {
+        let mut busy = false;
+        while let Some(out) = self.active.poll_output() {
+            busy = true;
+            match out {
+                Output::Send(m) => Self::deliver(&mut self.to_standby, m, &mut self.rng, faults),
+                Output::ScanLocal => {
+                    let m = manifest_of(&self.active_tree, &self.policies);
+                    self.active.local_manifest(m, self.now);
+                }
+                Output::Ship {
+                    seq,
+                    path,
+                    content,
+                    standby_hash,
+                    delete_if_missing,
+                } => {
+                    let op = match self.active_tree.get(&path) {
+                        Some((meta, data)) => Op::Put {
+                            entry: Entry {
+                                path,
+                                meta: meta.clone(),
+                            },
+                            content: (meta.kind == Kind::File
+                                && (content || meta.hash != standby_hash))
+                                .then(|| data.clone()),
+                        },
+                        None if delete_if_missing => Op::Delete { path },
+                        None => {
+                            self.active.vanished(seq);
+                            Op::Skip { path }
+                        }
+                    };
+                    let message = Message::Op { seq, op };
+                    Self::deliver(&mut self.to_standby, message, &mut self.rng, faults);
+                }
+                Output::Close(_) => {
+                    self.reconnect();
+                    return true;
+                }
+                other => panic!("active produced {other:?}"),
+            }
+        }
+        while let Some(out) = self.standby.poll_output() {
+            busy = true;
+            match out {
+                Output::Send(m) => Self::deliver(&mut self.to_active, m, &mut self.rng, faults),
+                Output::ScanLocal => {
+                    let m = manifest_of(&self.standby_tree, &self.policies);
+                    self.standby.local_manifest(m, self.now);
+                }
+                Output::Apply { seq, op } => {
+                    let result = apply(&mut self.standby_tree, &op);
+                    self.standby.applied(seq, op.path(), result, self.now);
+                }
+                Output::InSync => self.in_sync_seen = true,
+                Output::Close(_) => {
+                    self.reconnect();
+                    return true;
+                }
+                other => panic!("standby produced {other:?}"),
+            }
+        }
+        if let Some(m) = self.to_standby.pop_front() {
+            busy = true;
+            self.standby.on_message(m, self.now);
+        }
+        if let Some(m) = self.to_active.pop_front() {
+            busy = true;
+            self.active.on_message(m, self.now);
+        }
+        if self.rng.chance(faults.disconnect) {
+            self.reconnect();
+            busy = true;
+        }
+        busy
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.active.on_tick(self.now);
+        self.standby.on_tick(self.now);
+    }
+
+    fn drain(&mut self) {
+        let mut steps = 0;
+        while self.pump(CLEAN) {
+            steps += 1;
+            assert!(steps < 1_000_000, "no quiescence");
+        }
+    }
+
+    /// Lets everything settle on a clean network: deliveries, then time for timers
+    /// (interval flushes, stall detection, resyncs).
+    fn settle(&mut self) {
+        for _ in 0..100 {
+            self.drain();
+            self.advance(Duration::from_millis(700));
+            self.drain();
+            if self.converged() {
+                self.advance(Duration::from_secs(3));
+                self.drain();
+                if self.converged() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Equal trees, but for `never` paths (each side's own) and `once` paths (which
+    /// follow only at a new contact; `once_paths_ship_only_at_full_sync` checks them).
+    fn converged(&self) -> bool {
+        let shipped = |tree: &Tree| -> Vec<(RelPath, Meta, Vec<u8>)> {
+            tree.iter()
+                .filter(|(p, _)| {
+                    !matches!(
+                        self.policies.resolve(p.as_path()).sync,
+                        SyncMode::Never | SyncMode::Once
+                    )
+                })
+                .map(|(p, (m, d))| (p.clone(), m.clone(), d.clone()))
+                .collect()
+        };
+        shipped(&self.active_tree) == shipped(&self.standby_tree)
+    }
+
+    /// What differs, for a failure message.
+    fn difference(&self) -> String {
+        let mut out = String::new();
+        let keys: std::collections::BTreeSet<&RelPath> = self
+            .active_tree
+            .keys()
+            .chain(self.standby_tree.keys())
+            .collect();
+        for k in keys {
+            if matches!(
+                self.policies.resolve(k.as_path()).sync,
+                SyncMode::Never | SyncMode::Once
+            ) {
+                continue;
+            }
+            let a = self.active_tree.get(k);
+            let b = self.standby_tree.get(k);
+            if a != b {
+                let show = |v: Option<&(Meta, Vec<u8>)>| {
+                    v.map(|(m, d)| format!("{:?} {:?}", m.kind, String::from_utf8_lossy(d)))
+                };
+                out.push_str(&format!(
+                    "{k}: active {:?} standby {:?}\n",
+                    show(a),
+                    show(b)
+                ));
+            }
+        }
+        out.push_str(&format!(
+            "active {:?} {:?}; standby {:?} {:?}; connections {}",
+            self.active.phase(),
+            self.active.stats(),
+            self.standby.phase(),
+            self.standby.stats(),
+            self.connections
+        ));
+        out
+    }
+
+    /// One random change on the active, reported to its session.
+    fn mutate(&mut self, step: u64) {
+        let names = [
+            "a", "b", "c.int", "d", "d/e", "d/f", "x.sif", "local", "local/l",
+        ];
+        let pick = |rng: &mut Rng| rel(names[rng.below(names.len() as u64) as usize]);
+        let path = pick(&mut self.rng);
+        let parent_ok = |tree: &Tree, p: &RelPath| match p.split_last() {
+            Some((parent, _)) => {
+                parent.is_root() || tree.get(&parent).map(|(m, _)| m.kind) == Some(Kind::Dir)
+            }
+            None => false,
+        };
+        let kind = match self.rng.below(6) {
+            0 | 1 => {
+                if !parent_ok(&self.active_tree, &path)
+                    || self.active_tree.get(&path).map(|(m, _)| m.kind) == Some(Kind::Dir)
+                {
+                    return;
+                }
+                let data = format!("{path} at step {step}").into_bytes();
+                let created = !self.active_tree.contains_key(&path);
+                self.active_tree
+                    .insert(path.clone(), (file_meta(&data, step as i64), data));
+                if created {
+                    self.report(&path, ChangeKind::Create);
+                }
+                ChangeKind::Write
+            }
+            2 => {
+                if !parent_ok(&self.active_tree, &path) || self.active_tree.contains_key(&path) {
+                    return;
+                }
+                self.active_tree
+                    .insert(path.clone(), (dir_meta(), Vec::new()));
+                ChangeKind::Mkdir
+            }
+            3 => {
+                let Some((meta, _)) = self.active_tree.get(&path) else {
+                    return;
+                };
+                let kind = if meta.kind == Kind::Dir {
+                    ChangeKind::Rmdir
+                } else {
+                    ChangeKind::Unlink
+                };
+                // As `rm -r` does through the mount: every child is removed (and
+                // reported) before its directory.
+                let children: Vec<(RelPath, Kind)> = subtree(&self.active_tree, &path)
+                    .into_iter()
+                    .rev()
+                    .filter(|(p, _)| p != &path)
+                    .map(|(p, (m, _))| (p, m.kind))
+                    .collect();
+                for (child, child_kind) in children {
+                    self.active_tree.remove(&child);
+                    let k = if child_kind == Kind::Dir {
+                        ChangeKind::Rmdir
+                    } else {
+                        ChangeKind::Unlink
+                    };
+                    self.report(&child, k);
+                }
+                remove_tree(&mut self.active_tree, &path);
+                kind
+            }
+            4 => {
+                let to = pick(&mut self.rng);
+                if !self.active_tree.contains_key(&path)
+                    || to.starts_with(&path)
+                    || path.starts_with(&to)
+                    || !parent_ok(&self.active_tree, &to)
+                    || self.active_tree.get(&to).map(|(m, _)| m.kind) == Some(Kind::Dir)
+                {
+                    return;
+                }
+                let op = Op::Rename {
+                    from: path.clone(),
+                    to: to.clone(),
+                    exchange: false,
+                };
+                apply(&mut self.active_tree, &op).expect("rename on the active");
+                let from = PathBuf::from(path.as_path());
+                let kind = ChangeKind::Rename {
+                    from,
+                    exchange: false,
+                };
+                self.report(&to, kind);
+                return;
+            }
+            _ => {
+                let Some((meta, _)) = self.active_tree.get_mut(&path) else {
+                    return;
+                };
+                meta.mtime = (step as i64, 7);
+                ChangeKind::Attr(AttrChange {
+                    times: true,
+                    ..AttrChange::default()
+                })
+            }
+        };
+        self.report(&path, kind);
+    }
+
+    fn report(&mut self, path: &RelPath, kind: ChangeKind) {
+        let record = Record {
+            change: Change {
+                path: PathBuf::from(path.as_path()),
+                kind,
+            },
+            policy: self.policies.resolve(path.as_path()),
+        };
+        self.active.on_change(&record, self.now);
+    }
+}
+
+fn initial_trees() -> (Tree, Tree) {
+    let mut active = Tree::new();
+    let mut standby = Tree::new();
+    active.insert(rel("d"), (dir_meta(), Vec::new()));
+    active.insert(
+        rel("x.sif"),
+        (file_meta(b"firmware", 1), b"firmware".to_vec()),
+    );
+    active.insert(rel("a"), (file_meta(b"alpha", 1), b"alpha".to_vec()));
+    active.insert(rel("local"), (dir_meta(), Vec::new()));
+    active.insert(rel("local/l"), (file_meta(b"mine", 1), b"mine".to_vec()));
+    // The standby has stale and extra things of its own, and its own local files.
+    standby.insert(rel("a"), (file_meta(b"old", 0), b"old".to_vec()));
+    standby.insert(rel("zzz"), (file_meta(b"gone", 0), b"gone".to_vec()));
+    standby.insert(rel("local"), (dir_meta(), Vec::new()));
+    standby.insert(
+        rel("local/l"),
+        (file_meta(b"theirs", 0), b"theirs".to_vec()),
+    );
+    (active, standby)
+}
+
+fn run(seed: u64, faults: Faults, changes: u64) -> World {
+    let (active, standby) = initial_trees();
+    let mut w = World::new(seed, active, standby);
+    for step in 0..changes {
+        if w.rng.chance(30) {
+            w.mutate(step);
+        }
+        w.pump(faults);
+        if w.rng.chance(10) {
+            w.advance(Duration::from_millis(300));
+        }
+    }
+    w.settle();
+    w
+}
+
+#[test]
+#[ignore]
+fn replay() {
+    let seed: u64 = std::env::var("SIM_SEED")
+        .expect("SIM_SEED")
+        .parse()
+        .expect("seed");
+    let num = |k: &str| -> u64 {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let faults = Faults {
+        loss: num("SIM_LOSS"),
+        duplicate: num("SIM_DUP"),
+        reorder: num("SIM_REORDER"),
+        disconnect: num("SIM_DISCONNECT"),
+    };
+    let w = run(seed, faults, num("SIM_CHANGES"));
+    eprintln!("{}", w.difference());
+}
+
+#[test]
+fn full_sync_on_a_clean_network() {
+    let w = run(1, CLEAN, 0);
+    assert!(w.converged());
+    assert!(w.in_sync_seen, "standby reported in sync");
+    assert!(
+        !w.standby_tree.contains_key(&rel("zzz")),
+        "extra file deleted"
+    );
+    assert_eq!(
+        w.standby_tree[&rel("x.sif")].1,
+        b"firmware",
+        "once ships at contact"
+    );
+    // `never` paths stay as they are on each side.
+    assert_eq!(w.standby_tree[&rel("local/l")].1, b"theirs");
+    assert_eq!(w.connections, 1);
+}
+
+#[test]
+fn streaming_on_a_clean_network_needs_no_reconnect() {
+    let w = run(7, CLEAN, 2_000);
+    assert!(w.converged());
+    assert_eq!(w.connections, 1);
+}
+
+#[test]
+fn once_paths_ship_only_at_full_sync() {
+    let (active, standby) = initial_trees();
+    let mut w = World::new(3, active, standby);
+    w.settle();
+    assert_eq!(w.standby_tree[&rel("x.sif")].1, b"firmware");
+    let data = b"new firmware".to_vec();
+    w.active_tree
+        .insert(rel("x.sif"), (file_meta(&data, 9), data.clone()));
+    w.report(&rel("x.sif"), ChangeKind::Write);
+    w.settle();
+    assert_eq!(
+        w.standby_tree[&rel("x.sif")].1,
+        b"firmware",
+        "not re-shipped"
+    );
+    // A new contact ships it.
+    w.reconnect();
+    w.settle();
+    assert_eq!(w.standby_tree[&rel("x.sif")].1, data);
+}
+
+#[test]
+fn interval_paths_wait_for_their_interval() {
+    let (active, standby) = initial_trees();
+    let mut w = World::new(5, active, standby);
+    w.settle();
+    let data = b"every two seconds".to_vec();
+    w.active_tree
+        .insert(rel("c.int"), (file_meta(&data, 3), data.clone()));
+    w.report(&rel("c.int"), ChangeKind::Create);
+    w.drain();
+    w.advance(Duration::from_millis(1500));
+    w.drain();
+    assert!(
+        !w.standby_tree.contains_key(&rel("c.int")),
+        "not before 2 s"
+    );
+    w.advance(Duration::from_millis(600));
+    w.drain();
+    assert_eq!(w.standby_tree[&rel("c.int")].1, data);
+}
+
+#[test]
+fn a_standby_refuses_an_active_with_an_older_epoch() {
+    let policies = policies();
+    let now = Instant::now();
+    let mut standby_config = config(Role::Standby, &policies);
+    standby_config.epoch = 5;
+    let mut standby = Session::new(standby_config, now);
+    let mut active = Session::new(config(Role::Active, &policies), now);
+    let hello = loop {
+        match active.poll_output() {
+            Some(Output::Send(m @ Message::Hello { .. })) => break m,
+            Some(_) => {}
+            None => panic!("no hello"),
+        }
+    };
+    standby.on_message(hello, now);
+    let outputs: Vec<Output> = std::iter::from_fn(|| standby.poll_output()).collect();
+    assert!(
+        outputs
+            .iter()
+            .any(|o| matches!(o, Output::Close(r) if r.contains("epoch"))),
+        "{outputs:?}"
+    );
+    assert!(!outputs.iter().any(|o| matches!(o, Output::Apply { .. })));
+}
+
+#[test]
+fn an_op_before_hello_closes_the_session_and_applies_nothing() {
+    let policies = policies();
+    let now = Instant::now();
+    let mut standby = Session::new(config(Role::Standby, &policies), now);
+    standby.on_message(
+        Message::Op {
+            seq: 1,
+            op: Op::Delete { path: rel("a") },
+        },
+        now,
+    );
+    let outputs: Vec<Output> = std::iter::from_fn(|| standby.poll_output()).collect();
+    assert!(outputs.iter().any(|o| matches!(o, Output::Close(_))));
+    assert!(!outputs.iter().any(|o| matches!(o, Output::Apply { .. })));
+}
+
+#[test]
+fn garbage_and_escaping_paths_do_not_decode() {
+    assert!(Message::decode(b"\xff\xff\xff\xff garbage").is_err());
+    let ok = Message::Op {
+        seq: 1,
+        op: Op::Delete { path: rel("a/b") },
+    };
+    let mut bytes = ok.encode().expect("encode");
+    // Turn "a/b" into "../" inside the encoded message.
+    let at = bytes
+        .windows(3)
+        .position(|w| w == b"a/b")
+        .expect("path bytes in the encoding");
+    bytes[at..at + 3].copy_from_slice(b"../");
+    assert!(Message::decode(&bytes).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+    ))]
+
+    /// Whatever the network does, the standby ends up with the active's tree.
+    #[test]
+    fn converges_despite_loss_duplication_reordering_and_disconnects(
+        seed in any::<u64>(),
+        loss in 0u64..15,
+        duplicate in 0u64..15,
+        reorder in 0u64..15,
+        disconnect in 0u64..2,
+        changes in 50u64..600,
+    ) {
+        let faults = Faults { loss, duplicate, reorder, disconnect };
+        let w = run(seed, faults, changes);
+        prop_assert!(w.converged(), "seed {seed} {faults:?}: not converged:\n{}", w.difference());
+        // `never` files are each side's own.
+        prop_assert_eq!(&w.standby_tree[&rel("local/l")].1, b"theirs");
+    }
+}
