@@ -20,5 +20,5 @@ pub mod volume;
 
 pub use change::{AttrChange, Change, ChangeKind, ChangeSink, Discard};
 pub use error::{Error, Result};
-pub use mount::{MountOptions, Mounted};
+pub use mount::{Invalidator, MountOptions, Mounted};
 pub use volume::{Role, Volume};

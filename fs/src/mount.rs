@@ -84,21 +84,15 @@ impl Mounted {
     /// so the next access sees the directory as it is now. Used after the standby
     /// applies a change through the volume's fd.
     pub fn invalidate(&self, path: &Path) -> io::Result<()> {
-        let Some(name) = path.file_name() else {
-            return self.notifier.inval_inode(INodeNo::ROOT, 0, 0);
-        };
-        let parent_path = path.parent().unwrap_or(Path::new(""));
-        let Some((_, parent)) = self.volume.ino_of(parent_path) else {
-            // The kernel does not hold the parent, so it caches nothing below it.
-            return Ok(());
-        };
-        let child = self.volume.forget_entry(parent, name);
-        self.notifier.inval_entry(INodeNo(parent), name)?;
-        self.notifier.inval_inode(INodeNo(parent), 0, 0)?;
-        if let Some(child) = child {
-            self.notifier.inval_inode(INodeNo(child), 0, 0)?;
+        self.invalidator().invalidate(path)
+    }
+
+    /// A handle that invalidates paths of this mount from another thread or task.
+    pub fn invalidator(&self) -> Invalidator {
+        Invalidator {
+            volume: self.volume.clone(),
+            notifier: self.notifier.clone(),
         }
-        Ok(())
     }
 
     /// Unmounts and waits up to `timeout` for the session to end; a session still held
@@ -137,5 +131,33 @@ impl Drop for Mounted {
             let _ = crate::sys::umount(&self.mountpoint, true);
             let _ = session.umount_and_join();
         }
+    }
+}
+
+/// Invalidates the kernel's caches for paths of one mounted volume (cheap to clone).
+#[derive(Clone)]
+pub struct Invalidator {
+    volume: Arc<Volume>,
+    notifier: Notifier,
+}
+
+impl Invalidator {
+    /// See [`Mounted::invalidate`].
+    pub fn invalidate(&self, path: &Path) -> io::Result<()> {
+        let Some(name) = path.file_name() else {
+            return self.notifier.inval_inode(INodeNo::ROOT, 0, 0);
+        };
+        let parent_path = path.parent().unwrap_or(Path::new(""));
+        let Some((_, parent)) = self.volume.ino_of(parent_path) else {
+            // The kernel does not hold the parent, so it caches nothing below it.
+            return Ok(());
+        };
+        let child = self.volume.forget_entry(parent, name);
+        self.notifier.inval_entry(INodeNo(parent), name)?;
+        self.notifier.inval_inode(INodeNo(parent), 0, 0)?;
+        if let Some(child) = child {
+            self.notifier.inval_inode(INodeNo(child), 0, 0)?;
+        }
+        Ok(())
     }
 }

@@ -5,6 +5,7 @@
 //! - [`capture`]: the change sink of a volume: resolves policies, counts changes.
 //! - [`manifest`]: what a volume holds (kind, mode, owner, mtime, xxh3 hash, xattrs):
 //!   scanning with a hash cache, and the diff a full sync applies.
+//! - [`node`]: the driver: sessions over QUIC, scans, reads, applies, invalidations.
 //! - [`path`]: validated relative paths, the form every path from a peer takes.
 //! - [`policy`]: which paths are replicated, how often and how urgently,
 //!   from the glob rules of a volume.
@@ -16,6 +17,7 @@
 pub mod apply;
 pub mod capture;
 pub mod manifest;
+pub mod node;
 pub mod path;
 pub mod policy;
 pub mod protocol;

@@ -342,6 +342,34 @@ pub fn scan(
     Ok(manifest)
 }
 
+/// Describes the single path `path` of the volume under `root` as a scan would, without
+/// following symlinks on the way; `None` if it does not exist. Also returns an
+/// `O_PATH` fd of the object and one of its parent directory.
+pub fn describe(
+    root: BorrowedFd<'_>,
+    path: &RelPath,
+    cache: &mut HashCache,
+) -> Result<Option<(Meta, OwnedFd, OwnedFd)>, ManifestError> {
+    let Some((parent, name)) = path.split_last() else {
+        return Ok(None);
+    };
+    let mut dir = root
+        .try_clone_to_owned()
+        .map_err(io_error(path, "duplicate the fd of"))?;
+    for part in parent.components() {
+        dir = match sys::openat(dir.as_fd(), part, libc::O_PATH | libc::O_DIRECTORY, 0) {
+            Ok(fd) => fd,
+            Err(e) if vanished(&e) || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(None),
+            Err(e) => return Err(io_error(path, "open a parent of")(e)),
+        };
+    }
+    let mut buf = vec![0u8; CHUNK];
+    Ok(
+        visit(dir.as_fd(), name, path, &|_, _| true, cache, &mut buf)?
+            .map(|(meta, fd)| (meta, fd, dir)),
+    )
+}
+
 /// Describes one directory entry; `None` if it vanished or the filter refused it. For
 /// a directory, also returns its `O_PATH` fd for the next level of the walk.
 fn visit(

@@ -782,6 +782,12 @@ impl Session {
         }
     }
 
+    /// Active: changes were missed (the record stream lagged): compare manifests once
+    /// what is in flight is through.
+    pub fn resync(&mut self) {
+        self.resync_wanted = true;
+    }
+
     /// Active: the path of ship `seq` had vanished and went out as `Op::Skip`. What
     /// removed it follows, but the standby may lack what a rename behind it moves, so
     /// the two are compared by manifest once the queue is through.

@@ -11,10 +11,16 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use twinfs_fs::{MountOptions, Mounted, Volume};
 use twinfs_replicator::capture::Capture;
+use twinfs_replicator::manifest::HashCache;
+use twinfs_replicator::node::{self, Peer, VolumeLink};
+use twinfs_replicator::transport::{self, PinnedPeers, TlsIdentity};
 
 use crate::config::{Config, Role, VolumeConfig};
 use crate::control::{self, ChangeCounts, NodeStatus, Request, Response, VolumeStatus};
 use crate::state::VolumeState;
+
+/// Change records a volume keeps for sessions that have not read them yet.
+const CHANGE_BACKLOG: usize = 65_536;
 
 /// How long an unmount at shutdown waits for the kernel to let go.
 const UNMOUNT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +40,7 @@ struct VolumeRuntime {
     mounted: Mounted,
     capture: Arc<Capture>,
     state: Mutex<VolumeState>,
+    changes: tokio::sync::broadcast::Sender<twinfs_replicator::capture::Record>,
 }
 
 /// The running daemon's state, shared by the control connections.
@@ -48,7 +55,13 @@ fn mount_volume(
     options: &DaemonOptions,
 ) -> anyhow::Result<VolumeRuntime> {
     let state = VolumeState::load_or_init(&config.node.state_dir, &vc.name, vc.initial_role)?;
-    let capture = Arc::new(Capture::new(&vc.name, vc.policies.clone(), None));
+    // Bounded: a session that falls this far behind resyncs by manifest instead.
+    let (changes, _) = tokio::sync::broadcast::channel(CHANGE_BACKLOG);
+    let capture = Arc::new(Capture::new(
+        &vc.name,
+        vc.policies.clone(),
+        Some(Box::new(node::Broadcast(changes.clone()))),
+    ));
     let volume = Volume::new(&vc.path, state.role, capture.clone()).map_err(|e| {
         if e.errno() == libc::EBUSY {
             anyhow::anyhow!(
@@ -80,6 +93,7 @@ fn mount_volume(
         mounted,
         capture,
         state: Mutex::new(state),
+        changes,
     })
 }
 
@@ -115,6 +129,16 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
             }
         }
     }
+    if !config.peers.is_empty() {
+        let _runtime = runtime.enter();
+        if let Err(e) = start_replication(&config, &volumes) {
+            for v in volumes {
+                unmount(v);
+            }
+            let _ = std::fs::remove_file(&config.node.control_socket);
+            return Err(e);
+        }
+    }
     let socket = config.node.control_socket.clone();
     let daemon = Arc::new(Daemon { config, volumes });
     tracing::info!(socket = %socket.display(), "twinfs daemon ready");
@@ -132,6 +156,55 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("control connections still open; leaving the unmount to exit"),
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+/// Listens for peers and dials them, with this node's identity and the pinned
+/// peer IDs. Needs the tokio runtime entered.
+fn start_replication(config: &Config, volumes: &[VolumeRuntime]) -> anyhow::Result<()> {
+    let (identity, created) =
+        crate::identity::Identity::load_or_create(&config.node.state_dir, &config.node.name)?;
+    if created {
+        tracing::info!(node_id = %identity.node_id(), "created this node's identity");
+    }
+    let tls = TlsIdentity {
+        cert: identity.certificate().clone(),
+        key: rustls_pki_types::PrivateKeyDer::Pkcs8(identity.private_key().clone_key()),
+    };
+    let pinned = PinnedPeers::new(config.peers.iter().map(|p| *p.node_id.as_bytes()));
+    let endpoint = transport::endpoint(config.node.listen, &tls, pinned)
+        .with_context(|| format!("cannot listen on {}", config.node.listen))?;
+    let mut links = Vec::new();
+    for v in volumes {
+        let state = *v.state.lock().unwrap_or_else(|e| e.into_inner());
+        let root = v
+            .mounted
+            .volume()
+            .root_fd()
+            .try_clone_to_owned()
+            .with_context(|| format!("volume {}: cannot duplicate its fd", v.config.name))?;
+        links.push(VolumeLink {
+            name: v.config.name.clone(),
+            root: Arc::new(root),
+            policies: v.config.policies.clone(),
+            role: state.role,
+            epoch: state.epoch,
+            changes: v.changes.clone(),
+            invalidator: v.mounted.invalidator(),
+            cache: Arc::new(Mutex::new(HashCache::new())),
+        });
+    }
+    let peers = config
+        .peers
+        .iter()
+        .map(|p| Peer {
+            name: p.name.clone(),
+            address: p.address.clone(),
+            id: *p.node_id.as_bytes(),
+        })
+        .collect();
+    tracing::info!(listen = %config.node.listen, node_id = %identity.node_id(), "replication started");
+    node::start(endpoint, links, peers);
     Ok(())
 }
 
