@@ -192,3 +192,123 @@ impl Drop for Node {
         }
     }
 }
+
+/// Waits until `done` holds, up to `timeout`; false if it never did.
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+static CLUSTERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Nodes replicating one volume `vol` over QUIC on loopback: node 0 is the active,
+/// the others its standbys. Each node listens on its own 127.x.y.z address.
+pub struct Cluster {
+    /// The nodes; `nodes[0]` is the active.
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// `n` nodes with `rules` for the volume; the active's volume is filled by `fill`.
+    pub fn new(n: usize, rules: &str, fill: impl FnOnce(&Path)) -> Cluster {
+        let serial = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let net = (std::process::id() % 200 + 20) as u8;
+        let sub = (serial % 250) as u8;
+        let mut fill = Some(fill);
+        let mut nodes: Vec<Node> = (0..n)
+            .map(|i| {
+                if i == 0 {
+                    Node::new(rules, |p| (fill.take().expect("fill once"))(p))
+                } else {
+                    Node::new(rules, |_| {})
+                }
+            })
+            .collect();
+        let ids: Vec<String> = nodes
+            .iter()
+            .map(|node| {
+                let out = node.twinfs(&["init"]);
+                assert!(out.status.success(), "twinfs init: {out:?}");
+                let text = String::from_utf8(out.stdout).expect("utf-8");
+                text.trim()
+                    .strip_prefix("node_id = \"")
+                    .and_then(|s| s.strip_suffix('"'))
+                    .expect("node_id line")
+                    .to_owned()
+            })
+            .collect();
+        let addr = |i: usize| format!("127.{net}.{sub}.{}:7790", i + 1);
+        for (i, node) in nodes.iter_mut().enumerate() {
+            let mut text = format!(
+                "[node]\nname = \"node{i}\"\nlisten = \"{}\"\nstate_dir = \"{}\"\n\n",
+                addr(i),
+                node.state_dir.display()
+            );
+            for (j, id) in ids.iter().enumerate() {
+                if j != i {
+                    text.push_str(&format!(
+                        "[[peer]]\nname = \"node{j}\"\naddress = \"{}\"\nnode_id = \"{id}\"\n\n",
+                        addr(j)
+                    ));
+                }
+            }
+            text.push_str(&format!(
+                "[[volume]]\nname = \"vol\"\npath = \"{}\"\ninitial_role = \"{}\"\n\n{rules}\n",
+                node.volume.display(),
+                if i == 0 { "active" } else { "standby" }
+            ));
+            std::fs::write(&node.config, text).expect("write config");
+        }
+        Cluster { nodes }
+    }
+
+    /// Starts every daemon, standbys first.
+    pub fn start(&mut self) {
+        for node in self.nodes.iter_mut().rev() {
+            node.start(&[]);
+        }
+    }
+
+    /// The active's volume.
+    pub fn active(&self) -> &Path {
+        &self.nodes[0].volume
+    }
+
+    /// Waits until every standby's tree equals the active's; panics with the
+    /// difference after `timeout`.
+    pub fn wait_converged(&self, timeout: Duration) {
+        let ok = wait_until(timeout, || {
+            let want = crate::tree::digest(self.active());
+            self.nodes[1..]
+                .iter()
+                .all(|n| crate::tree::digest(&n.volume) == want)
+        });
+        if !ok {
+            let want = crate::tree::digest(self.active());
+            for (i, n) in self.nodes.iter().enumerate().skip(1) {
+                let got = crate::tree::digest(&n.volume);
+                let diff = crate::tree::difference(&want, &got);
+                if !diff.is_empty() {
+                    panic!(
+                        "standby {i} did not converge in {timeout:?}:\n{diff}\nactive log:\n{}\nstandby log:\n{}",
+                        tail(&self.nodes[0].log_text()),
+                        tail(&n.log_text())
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}

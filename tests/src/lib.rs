@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod inproc;
+pub mod tree;
 
 use std::path::Path;
 

@@ -1,0 +1,229 @@
+//! Replication end to end: real `twinfs mount` daemons, each with its own mounted
+//! directory and state directory, talking QUIC over loopback.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use twinfs_tests::daemon::{wait_until, Cluster};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+const RULES: &str = r#"
+[[volume.rule]]
+match = "*.sif"
+sync = "once"
+priority = 1
+
+[[volume.rule]]
+match = "hosts"
+sync = "interval"
+interval = "2s"
+
+[[volume.rule]]
+match = "local"
+sync = "never"
+"#;
+
+fn sh(script: &str) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("run sh");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn fill(dir: &Path) {
+    fs::write(dir.join("cmm.conf"), "chassis_id = 42\n").expect("fill");
+    fs::create_dir(dir.join("ssh")).expect("fill");
+    fs::write(dir.join("ssh/known_hosts"), "b ssh-ed25519 AAAA\n").expect("fill");
+    fs::write(dir.join("blade.sif"), vec![3u8; 200_000]).expect("fill");
+}
+
+#[test]
+fn normal_tools_on_the_active_reach_the_standby() {
+    let mut c = Cluster::new(2, RULES, fill);
+    fs::write(c.nodes[1].volume.join("stale"), "only on the standby").expect("stale");
+    c.start();
+    // The full sync at contact: the standby gets everything, loses what the active
+    // does not have.
+    c.wait_converged(CONVERGE);
+    assert!(!c.nodes[1].volume.join("stale").exists());
+
+    let a = c.active().display().to_string();
+    sh(&format!("cp /etc/services {a}/services"));
+    sh(&format!("echo 'fan = loud' > {a}/fan.conf"));
+    sh(&format!("sed -i 's/42/43/' {a}/cmm.conf"));
+    sh(&format!("mv {a}/ssh/known_hosts {a}/ssh/known_hosts.old"));
+    sh(&format!("rm {a}/fan.conf"));
+    sh(&format!(
+        "mkdir -p {a}/deep/er/est && echo bottom > {a}/deep/er/est/file"
+    ));
+    sh(&format!("ln -s cmm.conf {a}/current.conf"));
+    sh(&format!("chmod 600 {a}/cmm.conf"));
+    sh(&format!("touch -d '2021-02-03 04:05:06.789' {a}/services"));
+    c.wait_converged(CONVERGE);
+
+    let b = &c.nodes[1].volume;
+    assert_eq!(
+        fs::read_to_string(b.join("cmm.conf")).expect("read"),
+        "chassis_id = 43\n"
+    );
+    assert_eq!(
+        fs::metadata(b.join("cmm.conf"))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o600
+    );
+    assert_eq!(
+        fs::read_link(b.join("current.conf")).expect("readlink"),
+        Path::new("cmm.conf")
+    );
+    // The standby stays read-only for its own users.
+    assert!(fs::write(b.join("x"), "no").is_err());
+}
+
+#[test]
+fn fan_out_to_three_standbys() {
+    let mut c = Cluster::new(4, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    for i in 0..50 {
+        fs::write(c.active().join(format!("f{i}")), format!("file {i}")).expect("write");
+    }
+    c.wait_converged(CONVERGE);
+}
+
+#[test]
+fn a_standby_that_was_down_catches_up() {
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    assert!(c.nodes[1].stop().success());
+
+    // 1,000 changes while it is away: creates, edits, renames, deletes.
+    let a = c.active().to_path_buf();
+    fs::create_dir(a.join("many")).expect("mkdir");
+    for i in 0..400 {
+        fs::write(a.join(format!("many/{i}")), format!("v1 {i}")).expect("create");
+    }
+    for i in 0..300 {
+        fs::write(a.join(format!("many/{i}")), format!("v2 {i}")).expect("edit");
+    }
+    for i in 0..200 {
+        fs::rename(a.join(format!("many/{i}")), a.join(format!("many/r{i}"))).expect("rename");
+    }
+    for i in 300..400 {
+        fs::remove_file(a.join(format!("many/{i}"))).expect("delete");
+    }
+    c.nodes[1].start(&[]);
+    c.wait_converged(CONVERGE);
+}
+
+#[test]
+fn policies_end_to_end() {
+    let mut c = Cluster::new(2, RULES, |d| {
+        fill(d);
+        fs::create_dir(d.join("local")).expect("fill");
+        fs::write(d.join("local/boot-count"), "7").expect("fill");
+    });
+    c.start();
+    let b = c.nodes[1].volume.clone();
+    assert!(wait_until(CONVERGE, || b.join("blade.sif").exists()));
+    // `never`: not sent at contact.
+    assert!(!b.join("local/boot-count").exists());
+
+    // `once`: a change after contact is not shipped...
+    fs::write(c.active().join("blade.sif"), "new firmware").expect("write");
+    sh(&format!("touch {}/blade.sif", c.active().display()));
+    // `interval` (2 s): not at once, but after the interval.
+    fs::write(c.active().join("hosts"), "10.0.0.9 new\n").expect("write");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!b.join("hosts").exists(), "interval path shipped early");
+    assert!(wait_until(Duration::from_secs(10), || {
+        fs::read_to_string(b.join("hosts")).ok().as_deref() == Some("10.0.0.9 new\n")
+    }));
+    assert_eq!(fs::read(b.join("blade.sif")).expect("read").len(), 200_000);
+
+    // `always`: a touch of an unchanged file re-ships it; the standby's mtime follows.
+    sh(&format!(
+        "touch -d '2020-05-06 07:08:09' {}/cmm.conf",
+        c.active().display()
+    ));
+    let want = fs::metadata(c.active().join("cmm.conf"))
+        .expect("stat")
+        .modified()
+        .expect("mtime");
+    assert!(wait_until(CONVERGE, || {
+        fs::metadata(b.join("cmm.conf"))
+            .and_then(|m| m.modified())
+            .ok()
+            == Some(want)
+    }));
+
+    // ...but a standby that connects again (new contact) gets the `once` file.
+    assert!(c.nodes[1].stop().success());
+    c.nodes[1].start(&[]);
+    assert!(wait_until(CONVERGE, || {
+        fs::read(b.join("blade.sif")).ok().as_deref() == Some(b"new firmware".as_slice())
+    }));
+    assert!(
+        !b.join("local/boot-count").exists(),
+        "never file stayed local"
+    );
+}
+
+#[test]
+fn a_node_that_is_not_pinned_cannot_replicate() {
+    // Two separate clusters: the active of the second one is told about the first
+    // cluster's standby (address and real node ID), but that standby does not pin it.
+    let mut good = Cluster::new(2, RULES, fill);
+    good.start();
+    good.wait_converged(CONVERGE);
+    let mut intruder = Cluster::new(2, RULES, |d| {
+        fs::write(d.join("cmm.conf"), "evil").expect("fill");
+    });
+    let standby = &good.nodes[1];
+    let standby_config = fs::read_to_string(&standby.config).expect("config");
+    let listen = standby_config
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = "))
+        .expect("listen line")
+        .trim_matches('"')
+        .to_owned();
+    let id = String::from_utf8(standby.twinfs(&["init"]).stdout).expect("utf-8");
+    let intruder_config = fs::read_to_string(&intruder.nodes[0].config).expect("config");
+    let patched = format!(
+        "{intruder_config}\n[[peer]]\nname = \"victim\"\naddress = \"{listen}\"\n{}",
+        id.trim()
+    );
+    // The [[peer]] table must come before [[volume]]: rebuild the file in that order.
+    let (head, volume) = patched.split_once("[[volume]]").expect("volume table");
+    let (volume, extra_peer) = volume.split_once("\n[[peer]]").expect("appended peer");
+    fs::write(
+        &intruder.nodes[0].config,
+        format!("{head}[[peer]]{extra_peer}\n[[volume]]{volume}"),
+    )
+    .expect("write config");
+    intruder.nodes[0].start(&[]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        fs::read_to_string(standby.volume.join("cmm.conf")).expect("read"),
+        "chassis_id = 42\n",
+        "the standby applied nothing from an unpinned node"
+    );
+    let log = standby.log_text();
+    assert!(
+        log.contains("refused") || log.contains("not pinned") || log.contains("failed"),
+        "the refusal is logged:\n{log}"
+    );
+}
