@@ -133,6 +133,14 @@ pub struct OpenFile {
 }
 
 impl OpenFile {
+    /// Whether our fd of the file was opened with write access.
+    fn fd_writable(&self) -> bool {
+        // SAFETY: F_GETFL on a valid fd has no side effect.
+        let flags =
+            unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&self.fd), libc::F_GETFL) };
+        flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY
+    }
+
     /// Whether the file may have changed since this handle was last recorded; if so,
     /// remembers its current state as recorded.
     fn take_change(&self) -> Result<bool> {
@@ -695,21 +703,84 @@ impl Volume {
         }
         let loc = self.locate(ino)?;
         let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EISDIR))?;
-        let fd = sys::openat(loc.dir.as_fd(), name, flags, 0)?;
-        if flags & libc::O_TRUNC != 0 && caller.uid != 0 {
-            // The kernel leaves the truncation of an O_TRUNC open to us (atomic
-            // O_TRUNC), and we truncate as root, which keeps set-ID bits: drop them as
-            // a truncation by this (unprivileged) caller would.
-            let st = sys::fstat(fd.as_fd())?;
+        let truncate = flags & libc::O_TRUNC != 0;
+        let fd = sys::openat(loc.dir.as_fd(), name, flags & !libc::O_TRUNC, 0)?;
+        // The open file is registered before the truncation, so a replicator that reads
+        // the file meanwhile knows a writer is at it and does not ship the empty file.
+        let (fh, file) = self.add_file(ino, fd, writable);
+        if truncate {
+            if let Err(e) = self.truncate_on_open(&loc, name, &file, caller) {
+                self.files
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&fh);
+                return Err(e);
+            }
+        }
+        Ok((fh, file))
+    }
+
+    /// The truncation of an `O_TRUNC` open, which the kernel leaves to us (atomic
+    /// O_TRUNC).
+    fn truncate_on_open(
+        &self,
+        loc: &Location,
+        name: &OsStr,
+        file: &OpenFile,
+        caller: Caller,
+    ) -> Result<()> {
+        let st = sys::fstat(file.fd.as_fd())?;
+        if caller.uid != 0 {
+            // We truncate as root, which keeps set-ID bits: drop them as a truncation
+            // by this (unprivileged) caller would.
             let mut kill = libc::S_ISUID;
             if st.st_mode & libc::S_IXGRP != 0 {
                 kill |= libc::S_ISGID;
             }
             if st.st_mode & kill != 0 {
-                sys::fchmod(fd.as_fd(), st.st_mode & 0o7777 & !kill)?;
+                sys::fchmod(file.fd.as_fd(), st.st_mode & 0o7777 & !kill)?;
             }
         }
-        Ok(self.add_file(ino, fd, writable))
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(());
+        }
+        if file.fd_writable() {
+            sys::ftruncate(file.fd.as_fd(), 0)?;
+        } else {
+            // O_RDONLY|O_TRUNC truncates too.
+            let fd = sys::openat(loc.dir.as_fd(), name, libc::O_WRONLY, 0)?;
+            sys::ftruncate(fd.as_fd(), 0)?;
+        }
+        // Like O_TRUNC, and unlike ftruncate of an empty file, mark both times.
+        let now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        };
+        At::Fd(file.fd.as_fd()).utimens(&[
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            now,
+        ])?;
+        Ok(())
+    }
+
+    /// Whether a process has `path` open for writing and has not closed (or fsync'd)
+    /// that open file yet: its content may be half written, and the close to come
+    /// will be recorded as a change anyway.
+    pub fn being_written(&self, path: &Path) -> bool {
+        let Some((_, ino)) = self.ino_of(path) else {
+            return false;
+        };
+        self.read_files().values().any(|f| {
+            f.ino == ino
+                && f.writable
+                && f.recorded
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_none()
+        })
     }
 
     /// Any open file of `ino`: reaches a file whose last name is gone.

@@ -21,7 +21,7 @@ use crate::capture::{Record, RecordSink};
 use crate::manifest::{self, HashCache, Kind, Manifest, Meta};
 use crate::path::RelPath;
 use crate::policy::{PolicySet, SyncMode};
-use crate::protocol::{Message, Op, MAX_MESSAGE};
+use crate::protocol::{Message, Op, ProtocolError, MAX_MESSAGE};
 use crate::session::{Output, Session, SessionConfig};
 use crate::transport::{self, PeerId};
 
@@ -55,6 +55,8 @@ pub struct VolumeLink {
     pub changes: broadcast::Sender<Record>,
     /// Tells FUSE that a path changed underneath.
     pub invalidator: Invalidator,
+    /// The mounted volume (to see whether a file is being written).
+    pub volume: Arc<twinfs_fs::Volume>,
     /// Hashes already computed, shared by the sessions of this volume.
     pub cache: Arc<Mutex<HashCache>>,
 }
@@ -302,22 +304,37 @@ async fn carry_out(
             delete_if_missing,
         } => {
             let v = volume.clone();
+            let shipped = path.clone();
             let read = tokio::task::spawn_blocking(move || {
                 read_op(&v, path, content, standby_hash, delete_if_missing)
             })
             .await;
-            let op = match read {
-                Ok(Ok(op)) => op,
+            let (op, vanished) = match read {
+                Ok(Ok(x)) => x,
                 Ok(Err(e)) => {
                     tracing::warn!(volume = %volume.name, error = %e, "cannot read a change to ship");
                     return false;
                 }
                 Err(_) => return false,
             };
-            if matches!(op, Op::Skip { .. }) {
+            if vanished {
                 session.vanished(seq);
             }
-            write(send, &Message::Op { seq, op }).await
+            match (Message::Op { seq, op }).encode() {
+                Ok(bytes) => transport::write_frame(send, &bytes).await.is_ok(),
+                // Files travel whole in one message for now: one that does not fit is
+                // left out (and said so), not allowed to break the session.
+                Err(ProtocolError::TooLarge(size)) => {
+                    tracing::error!(volume = %volume.name, path = %shipped, size,
+                        "file too large to replicate (limit {MAX_MESSAGE} bytes); skipped");
+                    let op = Op::Skip { path: shipped };
+                    write(send, &Message::Op { seq, op }).await
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot encode a message");
+                    false
+                }
+            }
         }
         Output::Apply { seq, op } => {
             let v = volume.clone();
@@ -355,22 +372,27 @@ fn scan(volume: &VolumeLink) -> Result<Manifest, manifest::ManifestError> {
     )
 }
 
+/// The op that ships `path` as it is now, and whether it had vanished.
 fn read_op(
     volume: &VolumeLink,
     path: RelPath,
     content: bool,
     standby_hash: Option<u128>,
     delete_if_missing: bool,
-) -> Result<Op, manifest::ManifestError> {
+) -> Result<(Op, bool), manifest::ManifestError> {
+    if volume.volume.being_written(path.as_path()) {
+        // Half written, maybe: its writer's close is recorded and ships it whole.
+        return Ok((Op::Skip { path }, false));
+    }
     let described = {
         let mut cache = volume.cache.lock().unwrap_or_else(|e| e.into_inner());
         manifest::describe(volume.root.as_fd(), &path, &mut cache)?
     };
     let Some((meta, _fd, parent)) = described else {
         return Ok(if delete_if_missing {
-            Op::Delete { path }
+            (Op::Delete { path }, false)
         } else {
-            Op::Skip { path }
+            (Op::Skip { path }, true)
         });
     };
     let bytes = if meta.kind == Kind::File && (content || meta.hash != standby_hash) {
@@ -383,12 +405,25 @@ fn read_op(
                 let mut buf = vec![0u8; meta.size as usize];
                 let n = twinfs_fs::sys::pread(fd.as_fd(), &mut buf, 0)?;
                 buf.truncate(n);
-                Ok(buf)
+                let after = twinfs_fs::sys::fstat(fd.as_fd())?;
+                Ok((buf, after))
             });
         match read {
-            Ok(b) => Some(b),
+            Ok((b, after)) => {
+                // Changed while it was read, or a writer opened it meanwhile: what was
+                // read may be half of something; the writer's close ships it whole.
+                let unchanged = after.st_size as u64 == meta.size
+                    && (after.st_mtime, after.st_mtime_nsec as u32) == meta.mtime
+                    && b.len() as u64 == meta.size;
+                if !unchanged || volume.volume.being_written(path.as_path()) {
+                    return Ok((Op::Skip { path }, false));
+                }
+                Some(b)
+            }
             // Gone between the stat and the read: a later op says what became of it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Op::Skip { path }),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok((Op::Skip { path }, true))
+            }
             Err(source) => {
                 return Err(manifest::ManifestError::Io {
                     path,
@@ -401,10 +436,13 @@ fn read_op(
         None
     };
     let entry = manifest::Entry { path, meta };
-    Ok(Op::Put {
-        entry,
-        content: bytes,
-    })
+    Ok((
+        Op::Put {
+            entry,
+            content: bytes,
+        },
+        false,
+    ))
 }
 
 fn file_meta(meta: &Meta) -> FileMeta {

@@ -227,3 +227,76 @@ fn a_node_that_is_not_pinned_cannot_replicate() {
         "the refusal is logged:\n{log}"
     );
 }
+
+#[test]
+fn readers_on_the_standby_see_only_whole_versions() {
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let target = c.nodes[1].volume.join("blob");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        let target = target.clone();
+        std::thread::spawn(move || {
+            let mut seen = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(data) = fs::read(&target) {
+                    // Each version is 32 KiB of one byte value: a torn or mixed read
+                    // would show two values or a wrong length.
+                    assert_eq!(data.len(), 32 * 1024, "torn read: {} bytes", data.len());
+                    assert!(data.iter().all(|b| *b == data[0]), "mixed versions");
+                    seen += 1;
+                }
+            }
+            seen
+        })
+    };
+    for i in 0..1000u32 {
+        fs::write(c.active().join("blob"), vec![(i % 251) as u8; 32 * 1024]).expect("write");
+    }
+    let last = vec![(999 % 251) as u8; 32 * 1024];
+    // The last version arrives, and is readable at once (no cache timeout).
+    assert!(wait_until(CONVERGE, || fs::read(&target).ok().as_deref()
+        == Some(&last[..])));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = reader.join().expect("reader never saw a torn version");
+    assert!(seen > 0, "the reader read something");
+}
+
+#[test]
+fn changes_made_while_the_standby_was_away_arrive_after_an_active_restart() {
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    assert!(c.nodes[1].stop().success());
+    fs::write(c.active().join("while-away"), "made with the standby down").expect("write");
+    fs::remove_file(c.active().join("cmm.conf")).expect("rm");
+    // The active restarts before it could ship anything.
+    assert!(c.nodes[0].stop().success());
+    c.nodes[0].start(&[]);
+    c.nodes[1].start(&[]);
+    c.wait_converged(CONVERGE);
+    assert!(!c.nodes[1].volume.join("cmm.conf").exists());
+}
+
+#[test]
+fn a_file_too_large_to_ship_is_skipped_without_stopping_the_rest() {
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    fs::write(c.active().join("huge.img"), vec![1u8; 20 << 20]).expect("write");
+    fs::write(c.active().join("after"), "small").expect("write");
+    let b = c.nodes[1].volume.clone();
+    assert!(wait_until(CONVERGE, || fs::read_to_string(b.join("after"))
+        .ok()
+        .as_deref()
+        == Some("small")));
+    assert!(
+        !b.join("huge.img").exists(),
+        "files over 16 MiB are not replicated yet"
+    );
+    assert!(c.nodes[0]
+        .log_text()
+        .contains("file too large to replicate"));
+}

@@ -191,6 +191,7 @@ fn start_replication(config: &Config, volumes: &[VolumeRuntime]) -> anyhow::Resu
             epoch: state.epoch,
             changes: v.changes.clone(),
             invalidator: v.mounted.invalidator(),
+            volume: v.mounted.volume().clone(),
             cache: Arc::new(Mutex::new(HashCache::new())),
         });
     }
