@@ -59,6 +59,8 @@ pub struct VolumeLink {
     pub volume: Arc<twinfs_fs::Volume>,
     /// Hashes already computed, shared by the sessions of this volume.
     pub cache: Arc<Mutex<HashCache>>,
+    /// Where the hash cache is kept across restarts.
+    pub cache_file: std::path::PathBuf,
 }
 
 /// Another node.
@@ -70,6 +72,73 @@ pub struct Peer {
     pub address: String,
     /// Its pinned certificate hash.
     pub id: PeerId,
+}
+
+/// What `twinfs status` shows for one volume and one peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    /// The volume.
+    pub volume: String,
+    /// The peer's name.
+    pub peer: String,
+    /// The peer's address as configured (or as seen, for an incoming connection).
+    pub address: String,
+    /// Whether a session with it runs now.
+    pub connected: bool,
+    /// Seconds since the epoch of the last message from it.
+    pub last_contact: Option<u64>,
+    /// "never", "in progress" or "done".
+    pub full_sync: String,
+    /// Ops of the current or last full sync.
+    pub full_sync_ops: u64,
+    /// Seconds since the epoch when the last full sync completed.
+    pub full_sync_done: Option<u64>,
+    /// Ops sent (active) or applied (standby) in this session.
+    pub ops: u64,
+    /// Highest op acknowledged (active) or applied (standby).
+    pub acked: u64,
+    /// Changes waiting to be sent.
+    pub pending: u64,
+    /// Ops the standby refused (unsafe paths, disk errors).
+    pub rejected: u64,
+    /// Bytes sent and received in this session.
+    pub bytes_sent: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+}
+
+/// The status of every (volume, peer) pair, shared with the daemon.
+pub type Board = Arc<Mutex<std::collections::BTreeMap<(String, String), PeerStatus>>>;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Who a session talks to, and where its status goes.
+#[derive(Clone)]
+struct Link {
+    peer: String,
+    address: String,
+    board: Board,
+}
+
+impl Link {
+    fn update(&self, volume: &str, f: impl FnOnce(&mut PeerStatus)) {
+        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = board
+            .entry((volume.to_owned(), self.peer.clone()))
+            .or_insert_with(|| PeerStatus {
+                volume: volume.to_owned(),
+                peer: self.peer.clone(),
+                full_sync: "never".into(),
+                ..PeerStatus::default()
+            });
+        entry.address = self.address.clone();
+        f(entry);
+    }
 }
 
 fn session_config(volume: &VolumeLink) -> SessionConfig {
@@ -86,26 +155,58 @@ fn session_config(volume: &VolumeLink) -> SessionConfig {
     }
 }
 
-/// Starts the driver on the current tokio runtime.
-pub fn start(endpoint: quinn::Endpoint, volumes: Vec<VolumeLink>, peers: Vec<Peer>) {
+/// Starts the driver on the current tokio runtime; `board` receives the status of
+/// every session.
+pub fn start(endpoint: quinn::Endpoint, volumes: Vec<VolumeLink>, peers: Vec<Peer>, board: Board) {
     let volumes = Arc::new(volumes);
-    tokio::spawn(accept_loop(endpoint.clone(), volumes.clone()));
+    let peers = Arc::new(peers);
+    tokio::spawn(accept_loop(
+        endpoint.clone(),
+        volumes.clone(),
+        peers.clone(),
+        board.clone(),
+    ));
     if volumes.iter().any(|v| v.role == Role::Active) {
-        for peer in peers {
-            tokio::spawn(dial_loop(endpoint.clone(), volumes.clone(), peer));
+        for peer in peers.iter() {
+            let link = Link {
+                peer: peer.name.clone(),
+                address: peer.address.clone(),
+                board: board.clone(),
+            };
+            tokio::spawn(dial_loop(
+                endpoint.clone(),
+                volumes.clone(),
+                peer.clone(),
+                link,
+            ));
         }
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, volumes: Arc<Vec<VolumeLink>>) {
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    volumes: Arc<Vec<VolumeLink>>,
+    peers: Arc<Vec<Peer>>,
+    board: Board,
+) {
     while let Some(accepted) = transport::accept(&endpoint).await {
-        let Ok((connection, _peer)) = accepted else {
+        let Ok((connection, id)) = accepted else {
             continue;
+        };
+        let name = peers
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| "unknown".into());
+        let link = Link {
+            peer: name,
+            address: connection.remote_address().to_string(),
+            board: board.clone(),
         };
         let volumes = volumes.clone();
         tokio::spawn(async move {
             while let Ok((send, recv)) = connection.accept_bi().await {
-                tokio::spawn(standby_stream(volumes.clone(), send, recv));
+                tokio::spawn(standby_stream(volumes.clone(), send, recv, link.clone()));
             }
         });
     }
@@ -115,7 +216,12 @@ async fn resolve(address: &str) -> Option<SocketAddr> {
     tokio::net::lookup_host(address).await.ok()?.next()
 }
 
-async fn dial_loop(endpoint: quinn::Endpoint, volumes: Arc<Vec<VolumeLink>>, peer: Peer) {
+async fn dial_loop(
+    endpoint: quinn::Endpoint,
+    volumes: Arc<Vec<VolumeLink>>,
+    peer: Peer,
+    link: Link,
+) {
     loop {
         let Some(addr) = resolve(&peer.address).await else {
             tracing::warn!(peer = %peer.name, address = %peer.address, "cannot resolve");
@@ -135,6 +241,7 @@ async fn dial_loop(endpoint: quinn::Endpoint, volumes: Arc<Vec<VolumeLink>>, pee
                                 send,
                                 recv,
                                 None,
+                                link.clone(),
                             )));
                         }
                         Err(e) => {
@@ -159,6 +266,7 @@ async fn standby_stream(
     volumes: Arc<Vec<VolumeLink>>,
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    link: Link,
 ) {
     let first = match transport::read_frame(&mut recv, MAX_MESSAGE).await {
         Ok(Some(bytes)) => Message::decode(&bytes),
@@ -186,12 +294,15 @@ async fn standby_stream(
         return;
     };
     let session = Session::new(session_config(volume), std::time::Instant::now());
-    run_session(volume.clone(), session, send, recv, Some(hello)).await;
+    run_session(volume.clone(), session, send, recv, Some(hello), link).await;
 }
 
 /// Reads frames into decoded messages on a channel (so the session loop can wait on
 /// several things without losing half-read frames). Ends on a bad frame.
-fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Message> {
+fn spawn_reader(
+    mut recv: quinn::RecvStream,
+    received: Arc<std::sync::atomic::AtomicU64>,
+) -> mpsc::Receiver<Message> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -203,6 +314,7 @@ fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Message> {
                     return;
                 }
             };
+            received.fetch_add(bytes.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
             match Message::decode(&bytes) {
                 Ok(m) => {
                     if tx.send(m).await.is_err() {
@@ -225,24 +337,48 @@ async fn run_session(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     first: Option<Message>,
+    link: Link,
 ) {
-    let mut messages = spawn_reader(recv);
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut messages = spawn_reader(recv, received.clone());
     let mut changes = (volume.role == Role::Active).then(|| volume.changes.subscribe());
+    let mut sent = 0u64;
+    link.update(&volume.name, |s| {
+        s.connected = true;
+        s.last_contact = Some(unix_now());
+    });
     if let Some(m) = first {
         session.on_message(m, std::time::Instant::now());
     }
     loop {
         while let Some(out) = session.poll_output() {
-            if !carry_out(&volume, &mut session, &mut send, out).await {
-                let _ = send.finish();
-                return;
+            if matches!(out, Output::InSync) {
+                link.update(&volume.name, |s| s.full_sync_done = Some(unix_now()));
+            }
+            match carry_out(&volume, &mut session, &mut send, out).await {
+                Some(n) => sent += n,
+                None => {
+                    let _ = send.finish();
+                    link.update(&volume.name, |s| s.connected = false);
+                    return;
+                }
             }
         }
+        report(
+            &link,
+            &volume,
+            &session,
+            sent,
+            received.load(std::sync::atomic::Ordering::Relaxed),
+        );
         let deadline = Instant::from_std(session.next_deadline());
         tokio::select! {
             m = messages.recv() => match m {
-                Some(m) => session.on_message(m, std::time::Instant::now()),
-                None => return,
+                Some(m) => {
+                    link.update(&volume.name, |s| s.last_contact = Some(unix_now()));
+                    session.on_message(m, std::time::Instant::now());
+                }
+                None => break,
             },
             r = async {
                 match changes.as_mut() {
@@ -255,30 +391,64 @@ async fn run_session(
                     tracing::info!(volume = %volume.name, missed = n, "change stream lagged; resyncing");
                     session.resync();
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
+                Err(broadcast::error::RecvError::Closed) => break,
             },
             _ = tokio::time::sleep_until(deadline) => session.on_tick(std::time::Instant::now()),
         }
     }
+    link.update(&volume.name, |s| s.connected = false);
 }
 
-async fn write(send: &mut quinn::SendStream, message: &Message) -> bool {
+fn report(link: &Link, volume: &VolumeLink, session: &Session, sent: u64, received: u64) {
+    let stats = session.stats();
+    let phase = session.phase();
+    let active = volume.role == Role::Active;
+    link.update(&volume.name, |s| {
+        s.full_sync = match phase {
+            crate::session::Phase::Hello if s.full_sync_done.is_none() => "never",
+            crate::session::Phase::FullSync => "in progress",
+            _ if s.full_sync_done.is_some() || (active && stats.full_syncs > 0) => "done",
+            _ => "never",
+        }
+        .into();
+        if active && phase == crate::session::Phase::Streaming && s.full_sync_done.is_none() {
+            s.full_sync_done = Some(unix_now());
+        }
+        s.full_sync_ops = stats.full_sync_ops;
+        s.ops = stats.ops;
+        s.acked = stats.acked;
+        s.pending = stats.queued as u64 + stats.ops.saturating_sub(stats.acked).min(stats.ops);
+        s.rejected = stats.rejected;
+        s.bytes_sent = sent;
+        s.bytes_received = received;
+    });
+}
+
+/// Writes one message; the bytes written, or `None` if the stream broke.
+async fn write(send: &mut quinn::SendStream, message: &Message) -> Option<u64> {
     match message.encode() {
-        Ok(bytes) => transport::write_frame(send, &bytes).await.is_ok(),
+        Ok(bytes) => write_bytes(send, &bytes).await,
         Err(e) => {
             tracing::warn!(error = %e, "cannot encode a message");
-            false
+            None
         }
     }
 }
 
-/// Carries out one output; false ends the session.
+async fn write_bytes(send: &mut quinn::SendStream, bytes: &[u8]) -> Option<u64> {
+    transport::write_frame(send, bytes)
+        .await
+        .ok()
+        .map(|()| bytes.len() as u64 + 4)
+}
+
+/// Carries out one output: the bytes it sent, or `None` to end the session.
 async fn carry_out(
     volume: &VolumeLink,
     session: &mut Session,
     send: &mut quinn::SendStream,
     out: Output,
-) -> bool {
+) -> Option<u64> {
     match out {
         Output::Send(m) => write(send, &m).await,
         Output::ScanLocal => {
@@ -287,13 +457,13 @@ async fn carry_out(
             match scanned {
                 Ok(Ok(m)) => {
                     session.local_manifest(m, std::time::Instant::now());
-                    true
+                    Some(0)
                 }
                 Ok(Err(e)) => {
                     tracing::error!(volume = %volume.name, error = %e, "cannot scan the volume");
-                    false
+                    None
                 }
-                Err(_) => false,
+                Err(_) => None,
             }
         }
         Output::Ship {
@@ -313,15 +483,15 @@ async fn carry_out(
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => {
                     tracing::warn!(volume = %volume.name, error = %e, "cannot read a change to ship");
-                    return false;
+                    return None;
                 }
-                Err(_) => return false,
+                Err(_) => return None,
             };
             if vanished {
                 session.vanished(seq);
             }
             match (Message::Op { seq, op }).encode() {
-                Ok(bytes) => transport::write_frame(send, &bytes).await.is_ok(),
+                Ok(bytes) => write_bytes(send, &bytes).await,
                 // Files travel whole in one message for now: one that does not fit is
                 // left out (and said so), not allowed to break the session.
                 Err(ProtocolError::TooLarge(size)) => {
@@ -332,7 +502,7 @@ async fn carry_out(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot encode a message");
-                    false
+                    None
                 }
             }
         }
@@ -349,15 +519,15 @@ async fn carry_out(
                 Err(_) => Err("apply task failed".to_owned()),
             };
             session.applied(seq, &path, result, std::time::Instant::now());
-            true
+            Some(0)
         }
         Output::InSync => {
             tracing::info!(volume = %volume.name, "in sync with the active");
-            true
+            Some(0)
         }
         Output::Close(reason) => {
             tracing::info!(volume = %volume.name, %reason, "session closed");
-            false
+            None
         }
     }
 }
@@ -365,11 +535,19 @@ async fn carry_out(
 fn scan(volume: &VolumeLink) -> Result<Manifest, manifest::ManifestError> {
     let mut cache = volume.cache.lock().unwrap_or_else(|e| e.into_inner());
     let policies = &volume.policies;
-    manifest::scan(
+    let manifest = manifest::scan(
         volume.root.as_fd(),
         |path, _| policies.resolve(path.as_path()).sync != SyncMode::Never,
         &mut cache,
-    )
+    )?;
+    let stats = cache.last_scan();
+    tracing::info!(volume = %volume.name, entries = manifest.len(), hashed_bytes = stats.bytes_hashed,
+        cached = stats.hits, "scanned");
+    // Kept so a restart does not read every file again; losing it only costs time.
+    if let Err(e) = cache.store(&volume.cache_file) {
+        tracing::warn!(volume = %volume.name, error = %e, "cannot save the hash cache");
+    }
+    Ok(manifest)
 }
 
 /// The op that ships `path` as it is now, and whether it had vanished.

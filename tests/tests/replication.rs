@@ -300,3 +300,45 @@ fn a_file_too_large_to_ship_is_skipped_without_stopping_the_rest() {
         .log_text()
         .contains("file too large to replicate"));
 }
+
+#[test]
+fn status_shows_each_peer() {
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    fs::write(c.active().join("one-more"), "x").expect("write");
+    c.wait_converged(CONVERGE);
+    let peer_of = |i: usize| c.nodes[i].volume_status()["peers"][0].clone();
+    assert!(wait_until(CONVERGE, || {
+        let p = peer_of(0);
+        p["connected"] == true
+            && p["full_sync"] == "done"
+            && p["pending"] == 0
+            && p["acked"] == p["ops"]
+    }));
+    let active_view = peer_of(0);
+    assert_eq!(active_view["peer"], "node1", "{active_view}");
+    assert!(
+        active_view["bytes_sent"].as_u64().unwrap_or(0) > 200_000,
+        "{active_view}"
+    );
+    assert!(
+        active_view["last_contact"].as_u64().is_some(),
+        "{active_view}"
+    );
+    let standby_view = peer_of(1);
+    assert_eq!(standby_view["peer"], "node0", "{standby_view}");
+    assert_eq!(standby_view["connected"], true, "{standby_view}");
+    assert_eq!(standby_view["full_sync"], "done", "{standby_view}");
+    assert!(standby_view["bytes_received"].as_u64().unwrap_or(0) > 200_000);
+    // The table shows them too.
+    let table = String::from_utf8(c.nodes[0].twinfs(&["status"]).stdout).expect("utf-8");
+    assert!(table.contains("peer node1"), "{table}");
+
+    // A standby that goes away shows as disconnected on the active.
+    assert!(c.nodes[1].stop().success());
+    let active = &c.nodes[0];
+    assert!(wait_until(CONVERGE, || {
+        active.volume_status()["peers"][0]["connected"] == false
+    }));
+}

@@ -79,6 +79,9 @@ pub struct VolumeStatus {
     pub open_for_write: usize,
     /// Inodes the kernel holds.
     pub inodes: usize,
+    /// Replication with each peer, for this volume.
+    #[serde(default)]
+    pub peers: Vec<twinfs_replicator::node::PeerStatus>,
 }
 
 /// The status of the node.

@@ -47,6 +47,7 @@ struct VolumeRuntime {
 struct Daemon {
     config: Config,
     volumes: Vec<VolumeRuntime>,
+    board: node::Board,
 }
 
 fn mount_volume(
@@ -129,9 +130,10 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
             }
         }
     }
+    let board = node::Board::default();
     if !config.peers.is_empty() {
         let _runtime = runtime.enter();
-        if let Err(e) = start_replication(&config, &volumes) {
+        if let Err(e) = start_replication(&config, &volumes, board.clone()) {
             for v in volumes {
                 unmount(v);
             }
@@ -140,7 +142,11 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
         }
     }
     let socket = config.node.control_socket.clone();
-    let daemon = Arc::new(Daemon { config, volumes });
+    let daemon = Arc::new(Daemon {
+        config,
+        volumes,
+        board,
+    });
     tracing::info!(socket = %socket.display(), "twinfs daemon ready");
 
     runtime.block_on(serve(daemon.clone(), listener, signals));
@@ -161,7 +167,11 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
 
 /// Listens for peers and dials them, with this node's identity and the pinned
 /// peer IDs. Needs the tokio runtime entered.
-fn start_replication(config: &Config, volumes: &[VolumeRuntime]) -> anyhow::Result<()> {
+fn start_replication(
+    config: &Config,
+    volumes: &[VolumeRuntime],
+    board: node::Board,
+) -> anyhow::Result<()> {
     let (identity, created) =
         crate::identity::Identity::load_or_create(&config.node.state_dir, &config.node.name)?;
     if created {
@@ -183,6 +193,11 @@ fn start_replication(config: &Config, volumes: &[VolumeRuntime]) -> anyhow::Resu
             .root_fd()
             .try_clone_to_owned()
             .with_context(|| format!("volume {}: cannot duplicate its fd", v.config.name))?;
+        let cache_file = config
+            .node
+            .state_dir
+            .join("volumes")
+            .join(format!("{}.hashes", v.config.name));
         links.push(VolumeLink {
             name: v.config.name.clone(),
             root: Arc::new(root),
@@ -192,7 +207,8 @@ fn start_replication(config: &Config, volumes: &[VolumeRuntime]) -> anyhow::Resu
             changes: v.changes.clone(),
             invalidator: v.mounted.invalidator(),
             volume: v.mounted.volume().clone(),
-            cache: Arc::new(Mutex::new(HashCache::new())),
+            cache: Arc::new(Mutex::new(HashCache::load(&cache_file))),
+            cache_file,
         });
     }
     let peers = config
@@ -205,7 +221,7 @@ fn start_replication(config: &Config, volumes: &[VolumeRuntime]) -> anyhow::Resu
         })
         .collect();
     tracing::info!(listen = %config.node.listen, node_id = %identity.node_id(), "replication started");
-    node::start(endpoint, links, peers);
+    node::start(endpoint, links, peers, board);
     Ok(())
 }
 
@@ -364,6 +380,14 @@ impl Daemon {
                     open_files: stats.open_files,
                     open_for_write: stats.open_for_write,
                     inodes: stats.inodes,
+                    peers: self
+                        .board
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .values()
+                        .filter(|p| p.volume == v.config.name)
+                        .cloned()
+                        .collect(),
                 }
             })
             .collect();

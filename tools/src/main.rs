@@ -242,5 +242,20 @@ fn print_status(s: &NodeStatus) {
             format!("{}/{}/{}/{}", c.always, c.once, c.interval, c.never),
             v.path.display()
         );
+        for p in &v.peers {
+            println!(
+                "  peer {:<10} {:<22} {:<13} full sync {:<11} ops {} acked {} pending {} rejected {} sent {} B received {} B",
+                p.peer,
+                p.address,
+                if p.connected { "connected" } else { "disconnected" },
+                p.full_sync,
+                p.ops,
+                p.acked,
+                p.pending,
+                p.rejected,
+                p.bytes_sent,
+                p.bytes_received
+            );
+        }
     }
 }
