@@ -29,12 +29,131 @@ use crate::transport::{self, PeerId};
 const REDIAL: Duration = Duration::from_secs(1);
 
 /// Forwards a volume's change records to every session of that volume.
-pub struct Broadcast(pub broadcast::Sender<Record>);
+/// A change record numbered in capture order.
+pub type Numbered = (u64, Record);
+
+/// Forwards a volume's change records to every session of that volume and, for a
+/// volume with `durability = "sync"`, holds the writer until every connected standby
+/// has applied the change, or until the timeout.
+pub struct Broadcast {
+    tx: broadcast::Sender<Numbered>,
+    next: std::sync::atomic::AtomicU64,
+    gate: Arc<SyncGate>,
+    sync_timeout: Option<Duration>,
+}
+
+impl Broadcast {
+    /// A sink sending into `tx`; `sync_timeout` set for synchronous durability.
+    pub fn new(
+        tx: broadcast::Sender<Numbered>,
+        gate: Arc<SyncGate>,
+        sync_timeout: Option<Duration>,
+    ) -> Broadcast {
+        Broadcast {
+            tx,
+            next: std::sync::atomic::AtomicU64::new(1),
+            gate,
+            sync_timeout,
+        }
+    }
+}
 
 impl RecordSink for Broadcast {
     fn push(&self, record: Record) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ships_now = record.policy.sync == SyncMode::Always;
         // No receiver (no standby connected) is fine: the next full sync covers it.
-        let _ = self.0.send(record);
+        let _ = self.tx.send((id, record));
+        if let (Some(timeout), true) = (self.sync_timeout, ships_now) {
+            self.gate.wait(id, timeout);
+        }
+    }
+}
+
+/// Where the writers of a `sync` volume wait for the standbys: each connected session
+/// reports the highest change it has caught up with.
+#[derive(Default)]
+pub struct SyncGate {
+    sessions: Mutex<std::collections::HashMap<u64, GateEntry>>,
+    changed: std::sync::Condvar,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Clone, Copy, Default)]
+struct GateEntry {
+    caught_up: u64,
+    out_of_sync: bool,
+}
+
+impl SyncGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, GateEntry>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new session to wait for.
+    fn register(&self) -> u64 {
+        let id = self
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().insert(id, GateEntry::default());
+        id
+    }
+
+    /// The session ended: nobody waits for it any more.
+    fn unregister(&self, session: u64) {
+        self.lock().remove(&session);
+        self.changed.notify_all();
+    }
+
+    /// The session's standby has applied every change up to `id`.
+    fn caught_up(&self, session: u64, id: u64) {
+        if let Some(e) = self.lock().get_mut(&session) {
+            if id > e.caught_up {
+                e.caught_up = id;
+                e.out_of_sync = false;
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    fn out_of_sync(&self, session: u64) -> bool {
+        self.lock().get(&session).is_some_and(|e| e.out_of_sync)
+    }
+
+    /// Waits until every session registered now has caught up with `id`, or
+    /// `timeout`; a session that did not is marked out of sync (status says so).
+    fn wait(&self, id: u64, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut sessions = self.lock();
+        let waiting: Vec<u64> = sessions.keys().copied().collect();
+        loop {
+            let behind: Vec<u64> = waiting
+                .iter()
+                .copied()
+                .filter(|s| sessions.get(s).is_some_and(|e| e.caught_up < id))
+                .collect();
+            if behind.is_empty() {
+                return;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                for s in behind {
+                    if let Some(e) = sessions.get_mut(&s) {
+                        e.out_of_sync = true;
+                    }
+                }
+                tracing::warn!(
+                    change = id,
+                    ?timeout,
+                    "a standby did not apply a sync write in time"
+                );
+                return;
+            }
+            sessions = match self.changed.wait_timeout(sessions, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(e) => e.into_inner().0,
+            };
+        }
     }
 }
 
@@ -52,7 +171,9 @@ pub struct VolumeLink {
     /// This node's epoch for it.
     pub epoch: u64,
     /// Its change records.
-    pub changes: broadcast::Sender<Record>,
+    pub changes: broadcast::Sender<Numbered>,
+    /// Where its `sync` writers wait.
+    pub gate: Arc<SyncGate>,
     /// Tells FUSE that a path changed underneath.
     pub invalidator: Invalidator,
     /// The mounted volume (to see whether a file is being written).
@@ -101,6 +222,9 @@ pub struct PeerStatus {
     pub pending: u64,
     /// Ops the standby refused (unsafe paths, disk errors).
     pub rejected: u64,
+    /// A `sync` write timed out waiting for this standby, and it has not caught up
+    /// since.
+    pub out_of_sync: bool,
     /// Bytes sent and received in this session.
     pub bytes_sent: u64,
     /// Bytes received.
@@ -343,6 +467,10 @@ async fn run_session(
     let mut messages = spawn_reader(recv, received.clone());
     let mut changes = (volume.role == Role::Active).then(|| volume.changes.subscribe());
     let mut sent = 0u64;
+    // The highest change record handed to the session, and this session's place in
+    // the volume's sync gate.
+    let mut seen = 0u64;
+    let gate_id = volume.gate.register();
     link.update(&volume.name, |s| {
         s.connected = true;
         s.last_contact = Some(unix_now());
@@ -359,10 +487,14 @@ async fn run_session(
                 Some(n) => sent += n,
                 None => {
                     let _ = send.finish();
+                    volume.gate.unregister(gate_id);
                     link.update(&volume.name, |s| s.connected = false);
                     return;
                 }
             }
+        }
+        if session.caught_up() {
+            volume.gate.caught_up(gate_id, seen);
         }
         report(
             &link,
@@ -371,6 +503,8 @@ async fn run_session(
             sent,
             received.load(std::sync::atomic::Ordering::Relaxed),
         );
+        let out_of_sync = volume.gate.out_of_sync(gate_id);
+        link.update(&volume.name, |s| s.out_of_sync = out_of_sync);
         let deadline = Instant::from_std(session.next_deadline());
         tokio::select! {
             m = messages.recv() => match m {
@@ -386,7 +520,10 @@ async fn run_session(
                     None => std::future::pending().await,
                 }
             } => match r {
-                Ok(record) => session.on_change(&record, std::time::Instant::now()),
+                Ok((id, record)) => {
+                    seen = id;
+                    session.on_change(&record, std::time::Instant::now());
+                }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::info!(volume = %volume.name, missed = n, "change stream lagged; resyncing");
                     session.resync();
@@ -396,6 +533,7 @@ async fn run_session(
             _ = tokio::time::sleep_until(deadline) => session.on_tick(std::time::Instant::now()),
         }
     }
+    volume.gate.unregister(gate_id);
     link.update(&volume.name, |s| s.connected = false);
 }
 

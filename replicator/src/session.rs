@@ -218,6 +218,16 @@ impl Session {
         self.in_sync && !self.lost
     }
 
+    /// Active: every change handed to the session so far is applied on the standby
+    /// (streaming, nothing queued or in flight, no full sync wanted).
+    pub fn caught_up(&self) -> bool {
+        self.is_active()
+            && self.phase == Phase::Streaming
+            && self.queue.is_empty()
+            && self.in_flight() == 0
+            && !self.resync_wanted
+    }
+
     /// The last op sequence number handed out (active).
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1

@@ -342,3 +342,39 @@ fn status_shows_each_peer() {
         active.volume_status()["peers"][0]["connected"] == false
     }));
 }
+
+#[test]
+fn sync_durability_waits_for_the_standby_and_gives_up_at_the_timeout() {
+    let rules = format!("durability = \"sync\"\nsync_timeout = \"3s\"\n{RULES}");
+    let mut c = Cluster::new(2, &rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let b = c.nodes[1].volume.clone();
+
+    // close() returns only once the standby has applied the file: no waiting here.
+    for i in 0..20 {
+        let name = format!("synced-{i}");
+        fs::write(c.active().join(&name), format!("version {i}")).expect("write");
+        assert_eq!(
+            fs::read_to_string(b.join(&name)).ok().as_deref(),
+            Some(format!("version {i}").as_str()),
+            "on the standby when close() returned"
+        );
+    }
+
+    // A standby that does not answer: the write completes after sync_timeout, and
+    // status says that standby is out of sync.
+    let standby_pid = c.nodes[1].pid().expect("running") as i32;
+    // SAFETY: signals to our own child process.
+    unsafe { libc::kill(standby_pid, libc::SIGSTOP) };
+    fs::write(c.active().join("while-paused"), "late").expect("write completes");
+    let peer = c.nodes[0].volume_status()["peers"][0].clone();
+    assert_eq!(peer["out_of_sync"], true, "{peer}");
+    // SAFETY: as above.
+    unsafe { libc::kill(standby_pid, libc::SIGCONT) };
+    c.wait_converged(CONVERGE);
+    let active = &c.nodes[0];
+    assert!(wait_until(CONVERGE, || {
+        active.volume_status()["peers"][0]["out_of_sync"] == false
+    }));
+}

@@ -40,7 +40,8 @@ struct VolumeRuntime {
     mounted: Mounted,
     capture: Arc<Capture>,
     state: Mutex<VolumeState>,
-    changes: tokio::sync::broadcast::Sender<twinfs_replicator::capture::Record>,
+    changes: tokio::sync::broadcast::Sender<node::Numbered>,
+    gate: Arc<node::SyncGate>,
 }
 
 /// The running daemon's state, shared by the control connections.
@@ -58,10 +59,17 @@ fn mount_volume(
     let state = VolumeState::load_or_init(&config.node.state_dir, &vc.name, vc.initial_role)?;
     // Bounded: a session that falls this far behind resyncs by manifest instead.
     let (changes, _) = tokio::sync::broadcast::channel(CHANGE_BACKLOG);
+    let gate = Arc::new(node::SyncGate::default());
+    let sync_timeout =
+        (vc.durability == crate::config::Durability::Sync).then_some(vc.sync_timeout);
     let capture = Arc::new(Capture::new(
         &vc.name,
         vc.policies.clone(),
-        Some(Box::new(node::Broadcast(changes.clone()))),
+        Some(Box::new(node::Broadcast::new(
+            changes.clone(),
+            gate.clone(),
+            sync_timeout,
+        ))),
     ));
     let volume = Volume::new(&vc.path, state.role, capture.clone()).map_err(|e| {
         if e.errno() == libc::EBUSY {
@@ -95,6 +103,7 @@ fn mount_volume(
         capture,
         state: Mutex::new(state),
         changes,
+        gate,
     })
 }
 
@@ -205,6 +214,7 @@ fn start_replication(
             role: state.role,
             epoch: state.epoch,
             changes: v.changes.clone(),
+            gate: v.gate.clone(),
             invalidator: v.mounted.invalidator(),
             volume: v.mounted.volume().clone(),
             cache: Arc::new(Mutex::new(HashCache::load(&cache_file))),
