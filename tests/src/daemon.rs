@@ -38,6 +38,8 @@ pub struct Node {
     pub state_dir: PathBuf,
     /// The daemon's stderr.
     pub log: PathBuf,
+    /// The network namespace the daemon runs in (`ip netns` name), if any.
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -69,6 +71,7 @@ impl Node {
             volume,
             state_dir,
             log,
+            netns: None,
             child: None,
         }
     }
@@ -87,7 +90,17 @@ impl Node {
     pub fn start(&mut self, args: &[&str]) {
         assert!(self.child.is_none(), "daemon already running");
         let log = std::fs::File::create(&self.log).expect("create log");
-        let child = Command::new(twinfs_bin())
+        // nsenter enters only the network namespace: the mount stays visible here.
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}"))
+                    .arg(twinfs_bin());
+                c
+            }
+            None => Command::new(twinfs_bin()),
+        };
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .arg("mount")
@@ -222,6 +235,19 @@ impl Cluster {
         let serial = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let net = (std::process::id() % 200 + 20) as u8;
         let sub = (serial % 250) as u8;
+        let addresses = (0..n)
+            .map(|i| format!("127.{net}.{sub}.{}:7790", i + 1))
+            .collect();
+        Self::with_addresses(addresses, rules, fill)
+    }
+
+    /// One node per address (`ip:port`), with `rules`; node 0's volume is filled.
+    pub fn with_addresses(
+        addresses: Vec<String>,
+        rules: &str,
+        fill: impl FnOnce(&Path),
+    ) -> Cluster {
+        let n = addresses.len();
         let mut fill = Some(fill);
         let mut nodes: Vec<Node> = (0..n)
             .map(|i| {
@@ -245,7 +271,7 @@ impl Cluster {
                     .to_owned()
             })
             .collect();
-        let addr = |i: usize| format!("127.{net}.{sub}.{}:7790", i + 1);
+        let addr = |i: usize| addresses[i].clone();
         for (i, node) in nodes.iter_mut().enumerate() {
             let mut text = format!(
                 "[node]\nname = \"node{i}\"\nlisten = \"{}\"\nstate_dir = \"{}\"\n\n",
@@ -311,4 +337,76 @@ impl Cluster {
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Two network namespaces joined by a veth pair, with addresses from 198.18.0.0/15
+/// (reserved for network tests); removed on drop.
+pub struct NetPair {
+    /// The namespaces' names.
+    pub names: [String; 2],
+    /// Their addresses.
+    pub addresses: [String; 2],
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NetPair {
+    /// Creates the pair; `subnet` (0-255) picks 198.18.<subnet>.0/24.
+    pub fn new(subnet: u8) -> NetPair {
+        let tag = format!("tw{}x{subnet}", std::process::id() % 100_000);
+        let names = [format!("{tag}a"), format!("{tag}b")];
+        let addresses = [format!("198.18.{subnet}.1"), format!("198.18.{subnet}.2")];
+        let pair = NetPair { names, addresses };
+        for n in &pair.names {
+            ip(&["netns", "add", n]);
+            ip(&["-n", n, "link", "set", "lo", "up"]);
+        }
+        let (va, vb) = (format!("{tag}va"), format!("{tag}vb"));
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &pair.names[0]]);
+        ip(&["link", "set", &vb, "netns", &pair.names[1]]);
+        for (i, v) in [&va, &vb].into_iter().enumerate() {
+            let cidr = format!("{}/24", pair.addresses[i]);
+            ip(&["-n", &pair.names[i], "addr", "add", &cidr, "dev", v]);
+            ip(&["-n", &pair.names[i], "link", "set", v, "up"]);
+        }
+        pair
+    }
+
+    fn veth(&self, i: usize) -> String {
+        format!(
+            "{}v{}",
+            &self.names[i][..self.names[i].len() - 1],
+            if i == 0 { "a" } else { "b" }
+        )
+    }
+
+    /// Cuts the link (both ends down).
+    pub fn cut(&self) {
+        for i in 0..2 {
+            ip(&["-n", &self.names[i], "link", "set", &self.veth(i), "down"]);
+        }
+    }
+
+    /// Heals it.
+    pub fn heal(&self) {
+        for i in 0..2 {
+            ip(&["-n", &self.names[i], "link", "set", &self.veth(i), "up"]);
+        }
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
 }
