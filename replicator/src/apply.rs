@@ -632,6 +632,9 @@ struct TempEntry<'d> {
     dir: BorrowedFd<'d>,
     name: OsString,
     placed: bool,
+    /// The directory's times before the temp entry was made: a replacement of an
+    /// existing entry restores them, as the active's directory did not change.
+    dir_times: Option<[libc::timespec; 2]>,
 }
 
 impl Drop for TempEntry<'_> {
@@ -664,6 +667,18 @@ fn create_temp<T>(
     mut make: impl FnMut(&OsStr) -> io::Result<T>,
 ) -> io::Result<(TempEntry<'_>, T)> {
     let mut last = io::Error::from_raw_os_error(libc::EEXIST);
+    let dir_times = sys::fstat(dir).ok().map(|st| {
+        [
+            libc::timespec {
+                tv_sec: st.st_atime,
+                tv_nsec: st.st_atime_nsec,
+            },
+            libc::timespec {
+                tv_sec: st.st_mtime,
+                tv_nsec: st.st_mtime_nsec,
+            },
+        ]
+    });
     for _ in 0..TEMP_ATTEMPTS {
         let name = temp_name();
         match make(&name) {
@@ -672,6 +687,7 @@ fn create_temp<T>(
                     dir,
                     name,
                     placed: false,
+                    dir_times,
                 };
                 return Ok((temp, made));
             }
@@ -701,6 +717,7 @@ fn commit_file(
 /// directory so the rename itself survives a crash.
 fn place(mut temp: TempEntry<'_>, name: &OsStr, path: &RelPath, want: &'static str) -> Result<()> {
     let dir = temp.dir;
+    let replaces = sys::statat(dir, name).is_ok();
     sys::renameat2(dir, &temp.name, dir, name, 0).map_err(|e| match e.raw_os_error() {
         // A directory appeared since the check.
         Some(libc::EISDIR) => ApplyError::IsDirectory {
@@ -710,6 +727,12 @@ fn place(mut temp: TempEntry<'_>, name: &OsStr, path: &RelPath, want: &'static s
         _ => io_err("rename into place", path)(e),
     })?;
     temp.placed = true;
+    if let (true, Some(times)) = (replaces, temp.dir_times) {
+        // Replacing an entry's content leaves the active's directory untouched.
+        At::Fd(dir)
+            .utimens(&times)
+            .map_err(io_err("restore the times of the parent directory of", path))?;
+    }
     sync_dir(dir).map_err(io_err("fsync the parent directory of", path))
 }
 

@@ -447,7 +447,10 @@ impl Session {
         // Deletions first (they also clear paths whose kind changed), then the sends,
         // priority 1 leading.
         let mut ops = 0;
+        let mut changed: Vec<RelPath> = Vec::new();
+        let mut changed_dirs: Vec<RelPath> = Vec::new();
         for path in diff.delete {
+            changed.push(path.clone());
             let seq = self.take_seq();
             self.send(
                 Message::Op {
@@ -459,6 +462,12 @@ impl Session {
             ops += 1;
         }
         for transfer in diff.send {
+            if transfer.content || theirs.get(&transfer.entry.path).is_none() {
+                changed.push(transfer.entry.path.clone());
+            }
+            if transfer.entry.meta.kind == manifest::Kind::Dir {
+                changed_dirs.push(transfer.entry.path.clone());
+            }
             let seq = self.take_seq();
             let standby_hash = theirs.get(&transfer.entry.path).and_then(|m| m.hash);
             self.out.push_back(Output::Ship {
@@ -469,6 +478,36 @@ impl Session {
                 delete_if_missing: false,
             });
             ops += 1;
+        }
+        // Creating and deleting entries moved the standby's directory mtimes: send the
+        // metadata of every directory touched again, deepest first, once its entries
+        // are in place.
+        let mut touched = std::collections::BTreeSet::new();
+        for path in &changed {
+            let mut at = path.split_last().map(|(p, _)| p);
+            while let Some(dir) = at.filter(|d| !d.is_root()) {
+                at = dir.split_last().map(|(p, _)| p);
+                touched.insert(dir);
+            }
+        }
+        for dir in changed_dirs {
+            touched.insert(dir);
+        }
+        for dir in touched.into_iter().rev() {
+            if ours
+                .get(&dir)
+                .is_some_and(|m| m.kind == manifest::Kind::Dir)
+            {
+                let seq = self.take_seq();
+                self.out.push_back(Output::Ship {
+                    seq,
+                    path: dir,
+                    content: false,
+                    standby_hash: None,
+                    delete_if_missing: false,
+                });
+                ops += 1;
+            }
         }
         let end = self.next_seq - 1;
         self.stats.full_sync_ops = ops;
@@ -604,7 +643,16 @@ impl Session {
         let from_sync = self.config.policies.resolve(from.as_path()).sync;
         match (from_sync, to_sync) {
             (SyncMode::Always, SyncMode::Always) => {
-                self.enqueue(Pending::Send(Op::Rename { from, to, exchange }), now)
+                let parents = [
+                    from.split_last().map(|(p, _)| p),
+                    to.split_last().map(|(p, _)| p),
+                ];
+                self.enqueue(Pending::Send(Op::Rename { from, to, exchange }), now);
+                let [a, b] = parents;
+                if a != b {
+                    self.ship_directory(a, now);
+                }
+                self.ship_directory(b, now);
             }
             (SyncMode::Never, SyncMode::Never) => {}
             _ => self.resync_wanted = true,
@@ -636,7 +684,36 @@ impl Session {
                 delete_if_missing: false,
             },
         };
+        let namespace = matches!(
+            kind,
+            ChangeKind::Unlink
+                | ChangeKind::Rmdir
+                | ChangeKind::Mkdir
+                | ChangeKind::Mknod
+                | ChangeKind::Symlink
+                | ChangeKind::Create
+                | ChangeKind::Link { .. }
+        );
+        let parent = pending_path(&pending).split_last().map(|(p, _)| p);
         self.enqueue(pending, now);
+        if namespace {
+            self.ship_directory(parent, now);
+        }
+    }
+
+    /// A namespace change moved its directory's mtime on the active; the standby's
+    /// apply moved it too, to another time: ship the directory's metadata after it.
+    fn ship_directory(&mut self, dir: Option<RelPath>, now: Instant) {
+        if let Some(dir) = dir.filter(|d| !d.is_root()) {
+            self.enqueue(
+                Pending::Ship {
+                    path: dir,
+                    content: false,
+                    delete_if_missing: false,
+                },
+                now,
+            );
+        }
     }
 
     /// Time passes: heartbeats, timeouts, interval flushes, wanted resyncs.
@@ -808,5 +885,12 @@ impl Session {
     /// The priority of a path under this session's rules.
     pub fn priority(&self, path: &RelPath) -> Priority {
         self.config.policies.resolve(path.as_path()).priority
+    }
+}
+
+fn pending_path(pending: &Pending) -> &RelPath {
+    match pending {
+        Pending::Ship { path, .. } => path,
+        Pending::Send(op) => op.path(),
     }
 }

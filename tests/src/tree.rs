@@ -1,7 +1,6 @@
 //! A digest of a whole directory tree, to compare an active's volume with a standby's:
-//! every path with its kind, mode, owner, size, mtime (not for directories: their
-//! mtime moves with every entry made in them), content hash, symlink target and
-//! user xattrs. Read through the mount, as a user would.
+//! every path with its kind, mode, owner, size, mtime, content hash and symlink
+//! target (not the volume root itself). Read through the mount, as a user would.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
