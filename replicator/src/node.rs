@@ -225,6 +225,8 @@ pub struct PeerStatus {
     /// A `sync` write timed out waiting for this standby, and it has not caught up
     /// since.
     pub out_of_sync: bool,
+    /// The last paths refused by the standby, as "path: reason".
+    pub rejected_paths: Vec<String>,
     /// Bytes sent and received in this session.
     pub bytes_sent: u64,
     /// Bytes received.
@@ -557,6 +559,10 @@ fn report(link: &Link, volume: &VolumeLink, session: &Session, sent: u64, receiv
         s.acked = stats.acked;
         s.pending = stats.queued as u64 + stats.ops.saturating_sub(stats.acked).min(stats.ops);
         s.rejected = stats.rejected;
+        s.rejected_paths = session
+            .rejected_paths()
+            .map(|(p, why)| format!("{p}: {why}"))
+            .collect();
         s.bytes_sent = sent;
         s.bytes_received = received;
     });

@@ -155,7 +155,12 @@ pub struct Session {
     lost: bool,
     in_sync_at: Option<u64>,
     in_sync: bool,
+    // Both sides: the last paths refused, with why.
+    rejected: VecDeque<(RelPath, String)>,
 }
+
+/// How many refused paths a session remembers for status.
+const REJECTED_KEPT: usize = 16;
 
 impl Session {
     /// A new session, started at `now`: the hello is the first output.
@@ -183,6 +188,7 @@ impl Session {
             lost: false,
             in_sync_at: None,
             in_sync: false,
+            rejected: VecDeque::new(),
             config,
         };
         let hello = Message::Hello {
@@ -226,6 +232,18 @@ impl Session {
             && self.queue.is_empty()
             && self.in_flight() == 0
             && !self.resync_wanted
+    }
+
+    fn remember_rejected(&mut self, path: RelPath, reason: String) {
+        if self.rejected.len() == REJECTED_KEPT {
+            self.rejected.pop_front();
+        }
+        self.rejected.push_back((path, reason));
+    }
+
+    /// The last paths the standby refused (up to 16), with the reason, oldest first.
+    pub fn rejected_paths(&self) -> impl Iterator<Item = &(RelPath, String)> {
+        self.rejected.iter()
     }
 
     /// The last op sequence number handed out (active).
@@ -406,6 +424,7 @@ impl Session {
                 self.stats.rejected += 1;
                 tracing::warn!(volume = %self.config.volume, seq, %path, %reason,
                     "standby refused a change");
+                self.remember_rejected(path, reason);
                 // A change refused while streaming (a rename whose source the standby
                 // lacks, say) leaves the two apart: compare manifests. One refused
                 // during a full sync would only be refused again.
@@ -842,6 +861,7 @@ impl Session {
         self.stats.ops += 1;
         if let Err(reason) = result {
             self.stats.rejected += 1;
+            self.remember_rejected(path.clone(), reason.clone());
             self.send(
                 Message::Rejected {
                     seq,

@@ -421,3 +421,47 @@ fn a_network_cut_during_a_stream_of_writes_heals_by_itself() {
     // and a full sync settles the difference.
     c.wait_converged(Duration::from_secs(60));
 }
+
+/// Makes a file mutable again when dropped (after the cluster, so after the unmount),
+/// even when the test fails, so its scratch directory can be removed.
+struct Unlock(Option<std::path::PathBuf>);
+
+impl Drop for Unlock {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = Command::new("chattr").arg("-i").arg(p).status();
+        }
+    }
+}
+
+#[test]
+fn a_change_the_standby_cannot_apply_is_reported_and_the_rest_goes_on() {
+    let mut unlock = Unlock(None);
+    let mut c = Cluster::new(2, RULES, |d| {
+        fill(d);
+        fs::write(d.join("locked.conf"), "new").expect("fill");
+    });
+    // An immutable file on the standby: replacing it fails there (EPERM).
+    let locked = c.nodes[1].volume.join("locked.conf");
+    fs::write(&locked, "old").expect("fill");
+    sh(&format!("chattr +i {}", locked.display()));
+    unlock.0 = Some(locked.clone());
+    c.start();
+    let b = c.nodes[1].volume.clone();
+    assert!(wait_until(CONVERGE, || b.join("ssh/known_hosts").exists()));
+    let active = &c.nodes[0];
+    let reported = wait_until(CONVERGE, || {
+        let peer = active.volume_status()["peers"][0].clone();
+        peer["rejected"].as_u64().unwrap_or(0) >= 1
+            && peer["rejected_paths"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|p| p.as_str().is_some_and(|p| p.starts_with("locked.conf")))
+            })
+    });
+    // Later changes still flow.
+    fs::write(c.active().join("after"), "still replicating").expect("write");
+    let flowed = wait_until(CONVERGE, || b.join("after").exists());
+    let status = active.volume_status();
+    assert!(reported, "status lists the refused path: {status}");
+    assert!(flowed);
+}
