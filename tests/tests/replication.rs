@@ -423,13 +423,15 @@ fn a_network_cut_during_a_stream_of_writes_heals_by_itself() {
 }
 
 /// Makes a file mutable again when dropped (after the cluster, so after the unmount),
-/// even when the test fails, so its scratch directory can be removed.
-struct Unlock(Option<std::path::PathBuf>);
+/// even when the test fails, and removes the scratch directory the node's own cleanup
+/// could not remove because of it.
+struct Unlock(Option<(std::path::PathBuf, std::path::PathBuf)>);
 
 impl Drop for Unlock {
     fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            let _ = Command::new("chattr").arg("-i").arg(p).status();
+        if let Some((file, scratch)) = &self.0 {
+            let _ = Command::new("chattr").arg("-i").arg(file).status();
+            let _ = fs::remove_dir_all(scratch);
         }
     }
 }
@@ -445,7 +447,7 @@ fn a_change_the_standby_cannot_apply_is_reported_and_the_rest_goes_on() {
     let locked = c.nodes[1].volume.join("locked.conf");
     fs::write(&locked, "old").expect("fill");
     sh(&format!("chattr +i {}", locked.display()));
-    unlock.0 = Some(locked.clone());
+    unlock.0 = Some((locked.clone(), c.nodes[1].dir.path().to_path_buf()));
     c.start();
     let b = c.nodes[1].volume.clone();
     assert!(wait_until(CONVERGE, || b.join("ssh/known_hosts").exists()));
