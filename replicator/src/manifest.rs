@@ -19,9 +19,7 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
 use crate::path::{PathError, RelPath};
 
-/// Names starting with this are twinfs's own temporary files inside a volume; a scan
-/// never records them.
-pub const RESERVED_PREFIX: &[u8] = b".twinfs-";
+pub use twinfs_fs::volume::RESERVED_PREFIX;
 
 /// Files are hashed in reads of this size: large enough to keep syscalls few, small
 /// enough that one buffer serves the whole scan.
