@@ -467,3 +467,100 @@ fn a_change_the_standby_cannot_apply_is_reported_and_the_rest_goes_on() {
     assert!(reported, "status lists the refused path: {status}");
     assert!(flowed);
 }
+
+/// The listen address in a node's config.
+fn listen_of(node: &twinfs_tests::daemon::Node) -> String {
+    fs::read_to_string(&node.config)
+        .expect("config")
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = "))
+        .expect("listen line")
+        .trim_matches('"')
+        .to_owned()
+}
+
+#[test]
+fn crafted_frames_from_a_pinned_peer_close_only_their_session() {
+    use twinfs_replicator::protocol::{Message, Op};
+    use twinfs_replicator::transport::{self, PinnedPeers, TlsIdentity};
+    use twinfs_tools::identity::Identity;
+
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    // A peer the standby trusts (it holds the active's key) turned hostile or buggy.
+    let (active_id, _) = Identity::load_or_create(&c.nodes[0].state_dir, "node0").expect("id");
+    let (standby_id, _) = Identity::load_or_create(&c.nodes[1].state_dir, "node1").expect("id");
+    let tls = TlsIdentity {
+        cert: active_id.certificate().clone(),
+        key: rustls_pki_types::PrivateKeyDer::Pkcs8(active_id.private_key().clone_key()),
+    };
+    let standby_addr: std::net::SocketAddr = listen_of(&c.nodes[1]).parse().expect("addr");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let pinned = PinnedPeers::new([*standby_id.node_id().as_bytes()]);
+        let bind = std::net::SocketAddr::new(standby_addr.ip(), 0);
+        let endpoint = transport::endpoint(bind, &tls, pinned).expect("endpoint");
+        let (conn, _) =
+            transport::connect(&endpoint, standby_addr, *standby_id.node_id().as_bytes())
+                .await
+                .expect("a pinned identity connects");
+        let hello = Message::Hello {
+            version: twinfs_replicator::protocol::VERSION,
+            volume: "vol".into(),
+            role: twinfs_fs::Role::Active,
+            epoch: 1,
+        }
+        .encode()
+        .expect("encode");
+        // 1. Garbage after a valid hello.
+        let (mut send, _recv) = conn.open_bi().await.expect("stream");
+        transport::write_frame(&mut send, &hello)
+            .await
+            .expect("hello");
+        transport::write_frame(&mut send, b"\xff\xfe garbage")
+            .await
+            .expect("garbage");
+        // 2. A frame announced far over the limit.
+        let (mut send2, _recv2) = conn.open_bi().await.expect("stream");
+        send2
+            .write_all(&u32::MAX.to_be_bytes())
+            .await
+            .expect("prefix");
+        // 3. An op whose path climbs out of the volume.
+        let (mut send3, _recv3) = conn.open_bi().await.expect("stream");
+        transport::write_frame(&mut send3, &hello)
+            .await
+            .expect("hello");
+        let op = Message::Op {
+            seq: 1,
+            op: Op::Delete {
+                path: twinfs_replicator::path::RelPath::new("x/y").expect("path"),
+            },
+        };
+        let mut bytes = op.encode().expect("encode");
+        let at = bytes
+            .windows(3)
+            .position(|w| w == b"x/y")
+            .expect("path bytes");
+        bytes[at..at + 3].copy_from_slice(b"../");
+        transport::write_frame(&mut send3, &bytes)
+            .await
+            .expect("frame");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        conn.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+    });
+    // The standby is alive, serves its users, and still follows the real active.
+    assert!(
+        c.nodes[1].status_json().is_some(),
+        "standby daemon still answers"
+    );
+    fs::write(c.active().join("after-attack"), "fine").expect("write");
+    c.wait_converged(CONVERGE);
+    let log = c.nodes[1].log_text();
+    assert!(
+        log.contains("bad message"),
+        "garbage was refused and logged:\n{log}"
+    );
+}
