@@ -249,6 +249,64 @@ struct Link {
     peer: String,
     address: String,
     board: Board,
+    /// The connection, for the streams that carry large files.
+    connection: Option<quinn::Connection>,
+    /// Standby side: large files arriving on their own streams, by op number.
+    streams: Option<Arc<Streams>>,
+}
+
+/// Files over this size travel on their own stream instead of inside their op.
+const INLINE_MAX: u64 = 1 << 20;
+
+/// How long a standby waits for the stream of a large file its op announced.
+const STREAM_WAIT: Duration = Duration::from_secs(60);
+
+/// The unidirectional streams of one connection that carry large files, keyed by the
+/// op number each starts with.
+#[derive(Default)]
+pub struct Streams {
+    waiting: Mutex<std::collections::HashMap<u64, quinn::RecvStream>>,
+    arrived: tokio::sync::Notify,
+}
+
+impl Streams {
+    /// Accepts the connection's unidirectional streams until it closes.
+    async fn accept(self: Arc<Self>, connection: quinn::Connection) {
+        while let Ok(mut recv) = connection.accept_uni().await {
+            let streams = self.clone();
+            tokio::spawn(async move {
+                let mut header = [0u8; 8];
+                if recv.read_exact(&mut header).await.is_ok() {
+                    let seq = u64::from_be_bytes(header);
+                    streams
+                        .waiting
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(seq, recv);
+                    streams.arrived.notify_waiters();
+                }
+            });
+        }
+    }
+
+    /// The stream of op `seq`, once it has arrived.
+    async fn take(&self, seq: u64) -> Option<quinn::RecvStream> {
+        let wait = async {
+            loop {
+                let notified = self.arrived.notified();
+                if let Some(s) = self
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&seq)
+                {
+                    return s;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(STREAM_WAIT, wait).await.ok()
+    }
 }
 
 impl Link {
@@ -298,6 +356,8 @@ pub fn start(endpoint: quinn::Endpoint, volumes: Vec<VolumeLink>, peers: Vec<Pee
                 peer: peer.name.clone(),
                 address: peer.address.clone(),
                 board: board.clone(),
+                connection: None,
+                streams: None,
             };
             tokio::spawn(dial_loop(
                 endpoint.clone(),
@@ -324,10 +384,14 @@ async fn accept_loop(
             .find(|p| p.id == id)
             .map(|p| p.name.clone())
             .unwrap_or_else(|| "unknown".into());
+        let streams = Arc::new(Streams::default());
+        tokio::spawn(streams.clone().accept(connection.clone()));
         let link = Link {
             peer: name,
             address: connection.remote_address().to_string(),
             board: board.clone(),
+            connection: Some(connection.clone()),
+            streams: Some(streams),
         };
         let volumes = volumes.clone();
         tokio::spawn(async move {
@@ -357,6 +421,10 @@ async fn dial_loop(
         match transport::connect(&endpoint, addr, peer.id).await {
             Ok((connection, _)) => {
                 tracing::info!(peer = %peer.name, %addr, "connected");
+                let link = Link {
+                    connection: Some(connection.clone()),
+                    ..link.clone()
+                };
                 let mut tasks = Vec::new();
                 for volume in volumes.iter().filter(|v| v.role == Role::Active) {
                     match connection.open_bi().await {
@@ -485,7 +553,7 @@ async fn run_session(
             if matches!(out, Output::InSync) {
                 link.update(&volume.name, |s| s.full_sync_done = Some(unix_now()));
             }
-            match carry_out(&volume, &mut session, &mut send, out).await {
+            match carry_out(&volume, &mut session, &mut send, out, &link).await {
                 Some(n) => sent += n,
                 None => {
                     let _ = send.finish();
@@ -592,6 +660,7 @@ async fn carry_out(
     session: &mut Session,
     send: &mut quinn::SendStream,
     out: Output,
+    link: &Link,
 ) -> Option<u64> {
     match out {
         Output::Send(m) => write(send, &m).await,
@@ -619,11 +688,19 @@ async fn carry_out(
         } => {
             let v = volume.clone();
             let shipped = path.clone();
+            let can_stream = link.connection.is_some();
             let read = tokio::task::spawn_blocking(move || {
-                read_op(&v, path, content, standby_hash, delete_if_missing)
+                read_op(
+                    &v,
+                    path,
+                    content,
+                    standby_hash,
+                    delete_if_missing,
+                    can_stream,
+                )
             })
             .await;
-            let (op, vanished) = match read {
+            let (op, vanished, source) = match read {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => {
                     tracing::warn!(volume = %volume.name, error = %e, "cannot read a change to ship");
@@ -633,6 +710,9 @@ async fn carry_out(
             };
             if vanished {
                 session.vanished(seq);
+            }
+            if let (Some(file), Some(connection)) = (source, &link.connection) {
+                tokio::spawn(stream_file(connection.clone(), seq, file, shipped.clone()));
             }
             match (Message::Op { seq, op }).encode() {
                 Ok(bytes) => write_bytes(send, &bytes).await,
@@ -649,6 +729,18 @@ async fn carry_out(
                     None
                 }
             }
+        }
+        Output::Apply {
+            seq,
+            op: Op::PutStream { entry },
+        } => {
+            let path = entry.path.clone();
+            let result = apply_streamed(volume, link, seq, entry).await;
+            if let Err(e) = &result {
+                tracing::warn!(volume = %volume.name, %path, error = %e, "refused or failed to apply");
+            }
+            session.applied(seq, &path, result, std::time::Instant::now());
+            Some(0)
         }
         Output::Apply { seq, op } => {
             let v = volume.clone();
@@ -694,17 +786,19 @@ fn scan(volume: &VolumeLink) -> Result<Manifest, manifest::ManifestError> {
     Ok(manifest)
 }
 
-/// The op that ships `path` as it is now, and whether it had vanished.
+/// The op that ships `path` as it is now, whether it had vanished, and for a large
+/// file the open file whose bytes follow on their own stream.
 fn read_op(
     volume: &VolumeLink,
     path: RelPath,
     content: bool,
     standby_hash: Option<u128>,
     delete_if_missing: bool,
-) -> Result<(Op, bool), manifest::ManifestError> {
+    can_stream: bool,
+) -> Result<(Op, bool, Option<OwnedFd>), manifest::ManifestError> {
     if volume.volume.being_written(path.as_path()) {
         // Half written, maybe: its writer's close is recorded and ships it whole.
-        return Ok((Op::Skip { path }, false));
+        return Ok((Op::Skip { path }, false, None));
     }
     let described = {
         let mut cache = volume.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -712,59 +806,206 @@ fn read_op(
     };
     let Some((meta, _fd, parent)) = described else {
         return Ok(if delete_if_missing {
-            (Op::Delete { path }, false)
+            (Op::Delete { path }, false, None)
         } else {
-            (Op::Skip { path }, true)
+            (Op::Skip { path }, true, None)
         });
     };
-    let bytes = if meta.kind == Kind::File && (content || meta.hash != standby_hash) {
-        let name = path
-            .split_last()
-            .map(|(_, n)| n.to_owned())
-            .unwrap_or_default();
-        let read =
-            twinfs_fs::sys::openat(parent.as_fd(), &name, libc::O_RDONLY, 0).and_then(|fd| {
-                let mut buf = vec![0u8; meta.size as usize];
-                let n = twinfs_fs::sys::pread(fd.as_fd(), &mut buf, 0)?;
-                buf.truncate(n);
-                let after = twinfs_fs::sys::fstat(fd.as_fd())?;
-                Ok((buf, after))
-            });
-        match read {
-            Ok((b, after)) => {
-                // Changed while it was read, or a writer opened it meanwhile: what was
-                // read may be half of something; the writer's close ships it whole.
-                let unchanged = after.st_size as u64 == meta.size
-                    && (after.st_mtime, after.st_mtime_nsec as u32) == meta.mtime
-                    && b.len() as u64 == meta.size;
-                if !unchanged || volume.volume.being_written(path.as_path()) {
-                    return Ok((Op::Skip { path }, false));
-                }
-                Some(b)
-            }
-            // Gone between the stat and the read: a later op says what became of it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                return Ok((Op::Skip { path }, true))
-            }
-            Err(source) => {
-                return Err(manifest::ManifestError::Io {
-                    path,
-                    op: "read",
-                    source,
-                })
-            }
+    let wants_bytes = meta.kind == Kind::File && (content || meta.hash != standby_hash);
+    if !wants_bytes {
+        let entry = manifest::Entry { path, meta };
+        return Ok((
+            Op::Put {
+                entry,
+                content: None,
+            },
+            false,
+            None,
+        ));
+    }
+    let name = path
+        .split_last()
+        .map(|(_, n)| n.to_owned())
+        .unwrap_or_default();
+    let file = match twinfs_fs::sys::openat(parent.as_fd(), &name, libc::O_RDONLY, 0) {
+        Ok(fd) => fd,
+        // Gone between the stat and the open: a later op says what became of it.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            return Ok((Op::Skip { path }, true, None))
         }
-    } else {
-        None
+        Err(source) => {
+            return Err(manifest::ManifestError::Io {
+                path,
+                op: "open",
+                source,
+            })
+        }
     };
+    if can_stream && meta.size > INLINE_MAX {
+        // The standby checks the streamed bytes against the hash: a file that changes
+        // while it streams is refused there, never put in place half old, half new.
+        let entry = manifest::Entry { path, meta };
+        return Ok((Op::PutStream { entry }, false, Some(file)));
+    }
+    let mut buf = vec![0u8; meta.size as usize];
+    let read = twinfs_fs::sys::pread(file.as_fd(), &mut buf, 0)
+        .and_then(|n| Ok((n, twinfs_fs::sys::fstat(file.as_fd())?)));
+    let (n, after) = match read {
+        Ok(x) => x,
+        Err(source) => {
+            return Err(manifest::ManifestError::Io {
+                path,
+                op: "read",
+                source,
+            })
+        }
+    };
+    buf.truncate(n);
+    // Changed while it was read, or a writer opened it meanwhile: what was read may be
+    // half of something; the writer's close ships it whole.
+    let unchanged = after.st_size as u64 == meta.size
+        && (after.st_mtime, after.st_mtime_nsec as u32) == meta.mtime
+        && buf.len() as u64 == meta.size;
+    if !unchanged || volume.volume.being_written(path.as_path()) {
+        return Ok((Op::Skip { path }, false, None));
+    }
     let entry = manifest::Entry { path, meta };
     Ok((
         Op::Put {
             entry,
-            content: bytes,
+            content: Some(buf),
         },
         false,
+        None,
     ))
+}
+
+/// Sends the bytes of a large file on a stream of its own, headed by its op number.
+async fn stream_file(connection: quinn::Connection, seq: u64, file: OwnedFd, path: RelPath) {
+    let mut send = match connection.open_uni().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%path, error = %e, "cannot open a stream for a large file");
+            return;
+        }
+    };
+    if send.write_all(&seq.to_be_bytes()).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    // Reading is blocking file I/O: a thread reads, this task sends.
+    tokio::task::spawn_blocking(move || {
+        let mut offset = 0u64;
+        loop {
+            let mut chunk = vec![0u8; 1 << 20];
+            match twinfs_fs::sys::pread(file.as_fd(), &mut chunk, offset) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    offset += n as u64;
+                    if tx.blocking_send(chunk).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    while let Some(chunk) = rx.recv().await {
+        if let Err(e) = send.write_all(&chunk).await {
+            tracing::warn!(%path, error = %e, "large file stream broke");
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Reads a large file's stream as a blocking `Read`, and fails at the end if the bytes
+/// do not hash to what the active announced, so a torn file is never put in place.
+struct StreamReader {
+    chunks: mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    at: usize,
+    hasher: xxhash_rust::xxh3::Xxh3Default,
+    expected: Option<u128>,
+}
+
+impl std::io::Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.chunks.blocking_recv() {
+                Some(chunk) => {
+                    self.hasher.update(&chunk);
+                    self.current = chunk;
+                    self.at = 0;
+                }
+                None => {
+                    if Some(self.hasher.digest128()) != self.expected {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "streamed bytes do not match the announced hash (changed while sent, or cut off)",
+                        ));
+                    }
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Standby: applies a `PutStream` op with the bytes from its stream.
+async fn apply_streamed(
+    volume: &VolumeLink,
+    link: &Link,
+    seq: u64,
+    entry: manifest::Entry,
+) -> Result<(), String> {
+    let Some(streams) = &link.streams else {
+        return Err("large file announced on a connection without streams".into());
+    };
+    let Some(mut recv) = streams.take(seq).await else {
+        return Err(format!("the stream of {} never arrived", entry.path));
+    };
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
+    let pump = tokio::spawn(async move {
+        while let Ok(Some(chunk)) = recv.read_chunk(1 << 20, true).await {
+            if tx.send(chunk.bytes.to_vec()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let v = volume.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut reader = StreamReader {
+            chunks: rx,
+            current: Vec::new(),
+            at: 0,
+            hasher: xxhash_rust::xxh3::Xxh3Default::new(),
+            expected: entry.meta.hash,
+        };
+        let applier = Applier::new(v.root.as_fd());
+        let fm = file_meta(&entry.meta);
+        let written = match applier.write_file(&entry.path, &mut reader, &fm) {
+            Err(ApplyError::IsDirectory { .. }) => applier
+                .delete(&entry.path)
+                .and_then(|()| applier.write_file(&entry.path, &mut reader, &fm)),
+            other => other,
+        };
+        if written.is_ok() {
+            invalidate(&v, &entry.path);
+        }
+        written
+    })
+    .await;
+    pump.abort();
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("apply task failed".into()),
+    }
 }
 
 fn file_meta(meta: &Meta) -> FileMeta {
@@ -818,7 +1059,8 @@ fn apply_op(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
             applier.delete(path)?;
             invalidate(volume, path);
         }
-        Op::Skip { .. } => {}
+        // Streamed files are applied by `apply_streamed`, with their stream.
+        Op::Skip { .. } | Op::PutStream { .. } => {}
     }
     Ok(())
 }

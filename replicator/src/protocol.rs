@@ -29,6 +29,15 @@ pub enum Op {
         /// The file's bytes, when they must travel.
         content: Option<Vec<u8>>,
     },
+    /// Make `entry.path` exactly `entry`, a regular file whose bytes follow on a
+    /// unidirectional stream of the same connection that starts with this op's
+    /// sequence number (8 bytes, big endian). Large files travel this way, so they
+    /// never hold up the small changes behind them; the standby checks the bytes
+    /// against `entry.meta.hash` before it puts the file in place.
+    PutStream {
+        /// Path and metadata as on the active.
+        entry: Entry,
+    },
     /// Rename `from` to `to` (swapping them with `exchange`).
     Rename {
         /// Old path.
@@ -55,7 +64,7 @@ impl Op {
     /// The path the op changes (the new one for a rename).
     pub fn path(&self) -> &RelPath {
         match self {
-            Op::Put { entry, .. } => &entry.path,
+            Op::Put { entry, .. } | Op::PutStream { entry } => &entry.path,
             Op::Rename { to, .. } => to,
             Op::Delete { path } | Op::Skip { path } => path,
         }

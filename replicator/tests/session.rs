@@ -135,6 +135,7 @@ fn apply(tree: &mut Tree, op: &Op) -> Result<(), String> {
             Ok(())
         }
         Op::Skip { .. } => Ok(()),
+        Op::PutStream { .. } => Err("the simulated active never streams".into()),
         Op::Rename { from, to, exchange } => {
             let moved = subtree(tree, from);
             if moved.is_empty() {

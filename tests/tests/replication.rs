@@ -281,24 +281,28 @@ fn changes_made_while_the_standby_was_away_arrive_after_an_active_restart() {
 }
 
 #[test]
-fn a_file_too_large_to_ship_is_skipped_without_stopping_the_rest() {
+fn large_files_travel_on_their_own_streams() {
     let mut c = Cluster::new(2, RULES, fill);
     c.start();
     c.wait_converged(CONVERGE);
-    fs::write(c.active().join("huge.img"), vec![1u8; 20 << 20]).expect("write");
+    // Bigger than one message may be; distinct bytes so a misplaced chunk shows.
+    let big: Vec<u8> = (0..40u32 << 20).map(|i| (i % 253) as u8).collect();
+    fs::write(c.active().join("huge.img"), &big).expect("write");
     fs::write(c.active().join("after"), "small").expect("write");
     let b = c.nodes[1].volume.clone();
     assert!(wait_until(CONVERGE, || fs::read_to_string(b.join("after"))
         .ok()
         .as_deref()
         == Some("small")));
-    assert!(
-        !b.join("huge.img").exists(),
-        "files over 16 MiB are not replicated yet"
-    );
-    assert!(c.nodes[0]
-        .log_text()
-        .contains("file too large to replicate"));
+    c.wait_converged(Duration::from_secs(60));
+    assert_eq!(fs::read(b.join("huge.img")).expect("read"), big);
+    // And at contact too (full sync): a standby that was away gets a new one.
+    assert!(c.nodes[1].stop().success());
+    let big2: Vec<u8> = (0..20u32 << 20).map(|i| (i % 251) as u8).collect();
+    fs::write(c.active().join("huge2.img"), &big2).expect("write");
+    c.nodes[1].start(&[]);
+    c.wait_converged(Duration::from_secs(60));
+    assert_eq!(fs::read(b.join("huge2.img")).expect("read"), big2);
 }
 
 #[test]
