@@ -332,8 +332,11 @@ fn session_config(volume: &VolumeLink) -> SessionConfig {
         epoch: volume.epoch,
         policies: volume.policies.clone(),
         heartbeat: Duration::from_secs(1),
-        peer_timeout: Duration::from_secs(10),
-        stall_timeout: Duration::from_secs(30),
+        // QUIC keep-alives find a dead peer within its 10 s idle timeout; this one only
+        // catches a peer whose session stalls (a standby busy applying a large file
+        // sends nothing meanwhile).
+        peer_timeout: Duration::from_secs(120),
+        stall_timeout: Duration::from_secs(120),
         max_in_flight: 256,
         max_queue: 100_000,
     }
