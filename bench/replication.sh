@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# bench/replication.sh: how long a change takes to be readable on the other node,
+# twinfs (two daemons, QUIC on loopback) against lsyncd (inotify, rsync to an rsync
+# daemon on loopback with TCP_NODELAY, delay = 0), on a scratch ext4 image on a loop
+# device. Prints a Markdown table: p50 and p99 in ms over N changes of a 4 KiB file.
+#
+# Run as root:  bench/replication.sh          Environment: N=1000 ROUNDS=3 TWINFS_BIN=PATH
+set -euo pipefail
+
+N=${N:-1000}
+ROUNDS=${ROUNDS:-3}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+say() { printf 'bench: %s\n' "$*" >&2; }
+
+[[ $(id -u) -eq 0 ]] || { say "must run as root"; exit 1; }
+missing=()
+for pair in fusermount3:fuse3 lsyncd:lsyncd rsync:rsync python3:python3 mkfs.ext4:e2fsprogs; do
+    command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+done
+if ((${#missing[@]})); then
+    say "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+fi
+if [[ -z ${TWINFS_BIN:-} ]]; then
+    say "building twinfs (cargo build --release)"
+    (cd "$ROOT" && cargo build --release >&2)
+    TWINFS_BIN=$ROOT/target/release/twinfs
+fi
+
+WORK=$(mktemp -d /tmp/twinfs-replbench.XXXXXX)
+S=$WORK/scratch
+PIDS=()
+LOOP=
+cleanup() {
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    sleep 1
+    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    for m in "$S/a/vol" "$S/b/vol"; do
+        grep -q " $m fuse" /proc/mounts && fusermount3 -u -z "$m" 2>/dev/null || true
+    done
+    mountpoint -q "$S" && umount "$S" || true
+    [[ -n $LOOP ]] && losetup -d "$LOOP" || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+truncate -s 2G "$WORK/scratch.img"
+mkfs.ext4 -q "$WORK/scratch.img"
+LOOP=$(losetup -f --show "$WORK/scratch.img")
+mkdir -p "$S"
+mount "$LOOP" "$S"
+mkdir -p "$S"/{a,b}/{vol,state} "$S"/lsyncd/{src,dst}
+
+# --- twinfs: two nodes on loopback ------------------------------------------------
+declare -A ADDR=([a]=127.0.0.1:7851 [b]=127.0.0.2:7852) ID
+for n in a b; do
+    printf '[node]\nname = "%s"\nstate_dir = "%s"\n' "$n" "$S/$n/state" > "$S/$n/twinfs.toml"
+    ID[$n]=$("$TWINFS_BIN" --config "$S/$n/twinfs.toml" init 2>/dev/null | cut -d'"' -f2)
+done
+for n in a b; do
+    o=a; [[ $n == a ]] && o=b
+    role=standby; [[ $n == a ]] && role=active
+    cat > "$S/$n/twinfs.toml" <<TOML
+[node]
+name = "$n"
+listen = "${ADDR[$n]}"
+state_dir = "$S/$n/state"
+[[peer]]
+name = "$o"
+address = "${ADDR[$o]}"
+node_id = "${ID[$o]}"
+[[volume]]
+name = "vol"
+path = "$S/$n/vol"
+initial_role = "$role"
+TOML
+done
+for n in b a; do
+    "$TWINFS_BIN" --config "$S/$n/twinfs.toml" mount 2> "$WORK/$n.log" &
+    PIDS+=($!)
+    for _ in $(seq 100); do
+        "$TWINFS_BIN" --config "$S/$n/twinfs.toml" status >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+done
+
+# --- lsyncd: inotify + rsync to an rsync daemon, its lowest-latency tuning ---------
+cat > "$WORK/rsyncd.conf" <<CONF
+port = 8730
+address = 127.0.0.1
+use chroot = no
+[bench]
+path = $S/lsyncd/dst
+read only = no
+uid = root
+gid = root
+CONF
+rsync --daemon --no-detach --config="$WORK/rsyncd.conf" &
+PIDS+=($!)
+cat > "$WORK/lsyncd.lua" <<LUA
+settings { nodaemon = true, logfile = "$WORK/lsyncd.log", insist = true }
+sync {
+    default.rsync,
+    source = "$S/lsyncd/src/",
+    target = "rsync://127.0.0.1:8730/bench/",
+    delay = 0,
+    rsync = { _extra = { "--sockopts=TCP_NODELAY" } },
+}
+LUA
+sleep 1
+lsyncd "$WORK/lsyncd.lua" &
+PIDS+=($!)
+sleep 2
+
+# --- measure, alternating --------------------------------------------------------
+declare -a T50 T99 L50 L99
+for r in $(seq "$ROUNDS"); do
+    read -r p50 p99 < <(python3 "$HERE/latency.py" "$S/a/vol" "$S/b/vol" "$N")
+    say "round $r twinfs: p50 $p50 ms, p99 $p99 ms"
+    T50+=("$p50"); T99+=("$p99")
+    read -r p50 p99 < <(python3 "$HERE/latency.py" "$S/lsyncd/src" "$S/lsyncd/dst" "$N")
+    say "round $r lsyncd: p50 $p50 ms, p99 $p99 ms"
+    L50+=("$p50"); L99+=("$p99")
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+echo "## Replication latency, $(date -u +%Y-%m-%dT%H:%MZ)"
+echo
+echo "- close() of a 4 KiB file on one side until the same bytes are readable on the other; $N changes per round, $ROUNDS rounds alternating, medians of the rounds"
+echo "- kernel $(uname -r), $(nproc) CPUs; both tools write to a scratch ext4 image on a loop device"
+echo "- twinfs: two daemons, QUIC over loopback, durability async; lsyncd $(lsyncd --version 2>&1 | head -1 | awk '{print $2}'): inotify, delay = 0, rsync to an rsync daemon on loopback with --sockopts=TCP_NODELAY"
+echo
+echo "| tool | p50 (ms) | p99 (ms) |"
+echo "|---|---|---|"
+echo "| twinfs | $(median "${T50[@]}") | $(median "${T99[@]}") |"
+echo "| lsyncd + rsync daemon | $(median "${L50[@]}") | $(median "${L99[@]}") |"
