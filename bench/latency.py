@@ -3,7 +3,7 @@
 the same bytes are readable there. Prints the median and the 99th percentile in
 milliseconds over N changes (a new file each time: rsync skips a same-size rewrite within the same second).
 
-usage: latency.py SRC DST N
+usage: latency.py SRC DST N [TAG]   (TAG keeps rounds apart: names and bytes differ)
 """
 import os
 import sys
@@ -12,10 +12,11 @@ import time
 
 def main():
     src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    tag = sys.argv[4] if len(sys.argv) > 4 else "0"
     latencies = []
     for i in range(n):
-        name = f"lat-{i}"
-        data = (f"{i:08d}" * 512).encode()  # 4096 bytes, distinct per change
+        name = f"lat-{tag}-{i}"
+        data = (f"{tag[:2]:>2}{i:06d}" * 512).encode()  # 4096 bytes, distinct per change
         with open(os.path.join(src, name), "wb") as f:
             f.write(data)
         start = time.perf_counter()

@@ -97,7 +97,7 @@ read only = no
 uid = root
 gid = root
 CONF
-rsync --daemon --no-detach --config="$WORK/rsyncd.conf" &
+rsync --daemon --no-detach --config="$WORK/rsyncd.conf" > "$WORK/rsyncd.out" 2>&1 &
 PIDS+=($!)
 cat > "$WORK/lsyncd.lua" <<LUA
 settings { nodaemon = true, logfile = "$WORK/lsyncd.log", insist = true }
@@ -110,17 +110,17 @@ sync {
 }
 LUA
 sleep 1
-lsyncd "$WORK/lsyncd.lua" &
+lsyncd "$WORK/lsyncd.lua" > "$WORK/lsyncd.out" 2>&1 &
 PIDS+=($!)
 sleep 2
 
 # --- measure, alternating --------------------------------------------------------
 declare -a T50 T99 L50 L99
 for r in $(seq "$ROUNDS"); do
-    read -r p50 p99 < <(python3 "$HERE/latency.py" "$S/a/vol" "$S/b/vol" "$N")
+    read -r p50 p99 < <(python3 "$HERE/latency.py" "$S/a/vol" "$S/b/vol" "$N" "r$r")
     say "round $r twinfs: p50 $p50 ms, p99 $p99 ms"
     T50+=("$p50"); T99+=("$p99")
-    read -r p50 p99 < <(python3 "$HERE/latency.py" "$S/lsyncd/src" "$S/lsyncd/dst" "$N")
+    read -r p50 p99 < <(python3 "$HERE/latency.py" "$S/lsyncd/src" "$S/lsyncd/dst" "$N" "r$r")
     say "round $r lsyncd: p50 $p50 ms, p99 $p99 ms"
     L50+=("$p50"); L99+=("$p99")
 done
