@@ -820,10 +820,12 @@ impl Volume {
             st = self.own(&dir, name, st, caller)?;
         }
         let attr = self.remember(parent, &dir, name, st)?;
+        // The open file is registered before the change is recorded, so a replicator
+        // that reads the new (still empty) file knows its writer is at it.
+        let (fh, file) = self.add_file(attr.ino, fd, true);
         if created {
             self.record(attr.ino, ChangeKind::Create);
         }
-        let (fh, file) = self.add_file(attr.ino, fd, true);
         Ok((attr, fh, file))
     }
 

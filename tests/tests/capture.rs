@@ -344,3 +344,48 @@ fn a_standby_records_nothing_and_an_active_again_does() {
     fs::write(m.path.join("f"), b"y").expect("write");
     assert_eq!(records.kinds(), vec![(p("f"), ChangeKind::Write)]);
 }
+
+/// A sink that asks the volume, at the moment each record is made, whether the path
+/// is still being written: what the replicator will see when it reads the file.
+#[derive(Default)]
+struct Probe {
+    volume: std::sync::OnceLock<Arc<twinfs_fs::Volume>>,
+    seen: Mutex<Vec<(PathBuf, ChangeKind, bool)>>,
+}
+
+impl twinfs_fs::ChangeSink for Probe {
+    fn record(&self, change: twinfs_fs::Change) {
+        let writing = self
+            .volume
+            .get()
+            .is_some_and(|v| v.being_written(&change.path));
+        self.seen
+            .lock()
+            .expect("probe")
+            .push((change.path, change.kind, writing));
+    }
+}
+
+#[test]
+fn a_new_file_is_being_written_when_its_creation_is_recorded() {
+    let _serial = serial();
+    let probe = Arc::new(Probe::default());
+    let m = MountedDir::with_sink(true, probe.clone(), Arc::new(Recorder::default()), |_| {});
+    probe
+        .volume
+        .set(m.mounted().volume().clone())
+        .unwrap_or_else(|_| panic!("set once"));
+    let mut f = fs::File::create(m.path.join("new")).expect("create");
+    f.write_all(b"content").expect("write");
+    drop(f);
+    let seen = std::mem::take(&mut *probe.seen.lock().expect("probe"));
+    // At the create the file is empty and its writer registered: a replicator must not
+    // ship it then. At the close the writer is done: ship.
+    assert_eq!(
+        seen,
+        vec![
+            (p("new"), ChangeKind::Create, true),
+            (p("new"), ChangeKind::Write, false),
+        ]
+    );
+}
