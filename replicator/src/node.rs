@@ -629,11 +629,14 @@ fn report(link: &Link, volume: &VolumeLink, session: &Session, sent: u64, receiv
         s.ops = stats.ops;
         s.acked = stats.acked;
         s.pending = stats.queued as u64 + stats.ops.saturating_sub(stats.acked).min(stats.ops);
+        // Refusals are rare: rebuild their list only when one was added.
+        if s.rejected != stats.rejected {
+            s.rejected_paths = session
+                .rejected_paths()
+                .map(|(p, why)| format!("{p}: {why}"))
+                .collect();
+        }
         s.rejected = stats.rejected;
-        s.rejected_paths = session
-            .rejected_paths()
-            .map(|(p, why)| format!("{p}: {why}"))
-            .collect();
         s.bytes_sent = sent;
         s.bytes_received = received;
     });
