@@ -43,3 +43,14 @@ pub fn is_mounted(path: &Path) -> bool {
         .filter_map(|l| l.split(' ').nth(1))
         .any(|m| m.replace("\\040", " ") == want)
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Makes the tests of one test binary that take it run one at a time. A child process
+/// forked by one test (the CLI, sh, touch) inherits every fd this process has open,
+/// including files another test has open on a mount, and its exec closes them: a real
+/// close, recorded as a change, which would disturb tests that count records or check
+/// that only whole versions are shipped.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}

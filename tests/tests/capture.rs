@@ -14,16 +14,6 @@ use twinfs_replicator::capture::{Capture, Record, RecordSink};
 use twinfs_replicator::policy::{Policy, PolicySet, Priority, Rule, SyncMode};
 use twinfs_tests::inproc::{MountedDir, Recorder};
 
-/// The tests in this file run one at a time: a test that forks a child (touch, sh)
-/// makes the child inherit every fd of this process, and the child's exec closes them,
-/// which is a real close of another test's open file, and a real (but unwanted here)
-/// change record.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[derive(Clone, Default)]
 struct Records(Arc<Mutex<Vec<Record>>>);
 
@@ -99,7 +89,7 @@ fn touch_times(path: &Path, secs: i64) {
 
 #[test]
 fn one_record_per_close_after_write_not_per_write() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     for passthrough in [true, false] {
         let (m, records) = mount(passthrough, |d| {
             fs::write(d.join("cfg"), b"old").expect("fill")
@@ -176,7 +166,7 @@ fn one_record_per_close_after_write_not_per_write() {
 
 #[test]
 fn touch_of_an_unchanged_file_is_a_change() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let (m, records) = mount(true, |d| fs::write(d.join("hosts"), b"h").expect("fill"));
     touch_times(&m.path.join("hosts"), 1_600_000_000);
     let times = ChangeKind::Attr(AttrChange {
@@ -199,7 +189,7 @@ fn touch_of_an_unchanged_file_is_a_change() {
 
 #[test]
 fn every_namespace_and_attribute_operation_is_recorded() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let (m, records) = mount(true, |_| {});
     let d = &m.path;
     fs::create_dir(d.join("dir")).expect("mkdir");
@@ -281,7 +271,7 @@ fn every_namespace_and_attribute_operation_is_recorded() {
 
 #[test]
 fn each_record_carries_the_policy_of_its_path() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let (m, records) = mount(true, |d| {
         fs::create_dir_all(d.join("fw/img")).expect("fill");
         fs::create_dir(d.join("local")).expect("fill");
@@ -334,7 +324,7 @@ fn each_record_carries_the_policy_of_its_path() {
 
 #[test]
 fn a_standby_records_nothing_and_an_active_again_does() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let (m, records) = mount(true, |d| fs::write(d.join("f"), b"x").expect("fill"));
     m.volume().set_role(Role::Standby);
     assert!(fs::write(m.path.join("f"), b"y").is_err());
@@ -368,7 +358,7 @@ impl twinfs_fs::ChangeSink for Probe {
 
 #[test]
 fn a_new_file_is_being_written_when_its_creation_is_recorded() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let probe = Arc::new(Probe::default());
     let m = MountedDir::with_sink(true, probe.clone(), Arc::new(Recorder::default()), |_| {});
     probe

@@ -13,15 +13,6 @@ use std::time::Duration;
 use twinfs_tests::daemon::{twinfs_bin, Node};
 use twinfs_tests::is_mounted;
 
-/// The tests in this file run one at a time: a child process forked by one test (the
-/// CLI, sed, touch) inherits the files another test has open on a mount, and its exec
-/// closes them, a real close that would add to the change counters being checked.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 const CMM_RULES: &str = r#"
 [[volume.rule]]
 match = "*.sif"
@@ -48,7 +39,7 @@ fn fill_cmm(dir: &Path) {
 
 #[test]
 fn every_command_has_help() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let help = |args: &[&str]| {
         let out = std::process::Command::new(twinfs_bin())
             .args(args)
@@ -70,7 +61,7 @@ fn every_command_has_help() {
 
 #[test]
 fn init_prints_the_same_node_id_twice() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let node = Node::new("", |_| {});
     let first = node.twinfs(&["init"]);
     assert!(first.status.success(), "{first:?}");
@@ -89,7 +80,7 @@ fn init_prints_the_same_node_id_twice() {
 
 #[test]
 fn config_check_names_file_line_and_key() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let node = Node::new(
         "[[volume.rule]]\nmatch = \"*.sif\"\nsync = \"sometimes\"\n",
         |_| {},
@@ -108,7 +99,7 @@ fn config_check_names_file_line_and_key() {
 
 #[test]
 fn mounts_in_place_and_leaves_changes_behind() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut node = Node::new(CMM_RULES, fill_cmm);
     node.start(&[]);
     let vol = node.volume.clone();
@@ -177,7 +168,7 @@ fn mounts_in_place_and_leaves_changes_behind() {
 
 #[test]
 fn kill_9_leaves_the_directory_accessible_and_intact() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut node = Node::new(CMM_RULES, fill_cmm);
     node.start(&[]);
     let vol = node.volume.clone();
@@ -213,7 +204,7 @@ fn kill_9_leaves_the_directory_accessible_and_intact() {
 
 #[test]
 fn a_second_daemon_on_the_same_config_is_refused() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut node = Node::new("", |_| {});
     node.start(&[]);
     let out = node.twinfs(&["mount"]);
@@ -225,7 +216,7 @@ fn a_second_daemon_on_the_same_config_is_refused() {
 
 #[test]
 fn status_counts_changes_by_policy() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut node = Node::new(CMM_RULES, fill_cmm);
     node.start(&[]);
     let vol = node.volume.clone();
@@ -331,7 +322,7 @@ fn utimes(path: &Path, secs: i64) -> std::io::Result<()> {
 
 #[test]
 fn standby_refuses_every_write_and_keeps_reads() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut node = Node::new(CMM_RULES, |d| {
         fill_cmm(d);
         fs::create_dir(d.join("emptydir")).expect("emptydir");
@@ -463,7 +454,7 @@ fn standby_refuses_every_write_and_keeps_reads() {
 
 #[test]
 fn role_of_an_unknown_volume_is_an_error() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut node = Node::new("", |_| {});
     node.start(&[]);
     let out = node.twinfs(&["role", "nope", "standby"]);
@@ -473,7 +464,7 @@ fn role_of_an_unknown_volume_is_an_error() {
 
 #[test]
 fn status_without_a_daemon_says_so() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let node = Node::new("", |_| {});
     let out = node.twinfs(&["status"]);
     assert!(!out.status.success());
@@ -482,7 +473,7 @@ fn status_without_a_daemon_says_so() {
 
 #[test]
 fn without_passthrough_the_fallback_serves_io() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut node = Node::new(CMM_RULES, fill_cmm);
     node.start(&["--no-passthrough"]);
     assert_eq!(node.volume_status()["passthrough"], false);

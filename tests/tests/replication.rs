@@ -11,16 +11,6 @@ use twinfs_tests::daemon::{wait_until, Cluster};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
-/// The tests in this file run one at a time: a child forked by another test (the
-/// CLI, sh) inherits the files this process has open on a mount, and its exec closes
-/// them. That close is real, and is recorded: a file another test was in the middle
-/// of writing could be shipped in that state, which the torn-read test would report.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 const RULES: &str = r#"
 [[volume.rule]]
 match = "*.sif"
@@ -59,7 +49,7 @@ fn fill(dir: &Path) {
 
 #[test]
 fn normal_tools_on_the_active_reach_the_standby() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(2, RULES, fill);
     fs::write(c.nodes[1].volume.join("stale"), "only on the standby").expect("stale");
     c.start();
@@ -105,7 +95,7 @@ fn normal_tools_on_the_active_reach_the_standby() {
 
 #[test]
 fn fan_out_to_three_standbys() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(4, RULES, fill);
     c.start();
     c.wait_converged(CONVERGE);
@@ -117,7 +107,7 @@ fn fan_out_to_three_standbys() {
 
 #[test]
 fn a_standby_that_was_down_catches_up() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(2, RULES, fill);
     c.start();
     c.wait_converged(CONVERGE);
@@ -144,7 +134,7 @@ fn a_standby_that_was_down_catches_up() {
 
 #[test]
 fn policies_end_to_end() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(2, RULES, |d| {
         fill(d);
         fs::create_dir(d.join("local")).expect("fill");
@@ -198,7 +188,7 @@ fn policies_end_to_end() {
 
 #[test]
 fn a_node_that_is_not_pinned_cannot_replicate() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     // Two separate clusters: the active of the second one is told about the first
     // cluster's standby (address and real node ID), but that standby does not pin it.
     let mut good = Cluster::new(2, RULES, fill);
@@ -245,7 +235,7 @@ fn a_node_that_is_not_pinned_cannot_replicate() {
 
 #[test]
 fn readers_on_the_standby_see_only_whole_versions() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(2, RULES, fill);
     c.start();
     c.wait_converged(CONVERGE);
@@ -282,7 +272,7 @@ fn readers_on_the_standby_see_only_whole_versions() {
 
 #[test]
 fn changes_made_while_the_standby_was_away_arrive_after_an_active_restart() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(2, RULES, fill);
     c.start();
     c.wait_converged(CONVERGE);
@@ -299,7 +289,7 @@ fn changes_made_while_the_standby_was_away_arrive_after_an_active_restart() {
 
 #[test]
 fn large_files_travel_on_their_own_streams() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(2, RULES, fill);
     c.start();
     c.wait_converged(CONVERGE);
@@ -325,7 +315,7 @@ fn large_files_travel_on_their_own_streams() {
 
 #[test]
 fn status_shows_each_peer() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(2, RULES, fill);
     c.start();
     c.wait_converged(CONVERGE);
@@ -368,7 +358,7 @@ fn status_shows_each_peer() {
 
 #[test]
 fn sync_durability_waits_for_the_standby_and_gives_up_at_the_timeout() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let rules = format!("durability = \"sync\"\nsync_timeout = \"3s\"\n{RULES}");
     let mut c = Cluster::new(2, &rules, fill);
     c.start();
@@ -405,7 +395,7 @@ fn sync_durability_waits_for_the_standby_and_gives_up_at_the_timeout() {
 
 #[test]
 fn a_network_cut_during_a_stream_of_writes_heals_by_itself() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     use twinfs_tests::daemon::NetPair;
     let net = NetPair::new((std::process::id() % 250) as u8);
     let addresses = net.addresses.iter().map(|a| format!("{a}:7790")).collect();
@@ -463,7 +453,7 @@ impl Drop for Unlock {
 
 #[test]
 fn a_change_the_standby_cannot_apply_is_reported_and_the_rest_goes_on() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     let mut unlock = Unlock(None);
     let mut c = Cluster::new(2, RULES, |d| {
         fill(d);
@@ -507,7 +497,7 @@ fn listen_of(node: &twinfs_tests::daemon::Node) -> String {
 
 #[test]
 fn crafted_frames_from_a_pinned_peer_close_only_their_session() {
-    let _serial = serial();
+    let _serial = twinfs_tests::serial();
     use twinfs_replicator::protocol::{Message, Op};
     use twinfs_replicator::transport::{self, PinnedPeers, TlsIdentity};
     use twinfs_tools::identity::Identity;
