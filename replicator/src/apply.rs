@@ -18,13 +18,13 @@ use std::collections::hash_map::RandomState;
 use std::ffi::{CString, OsStr, OsString};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read};
-use std::num::NonZeroU32;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use twinfs_fs::sys::{self, At, DirEntry, Stat};
 
+use crate::delta::{self, BlockList};
 use crate::path::RelPath;
 
 /// The name prefix of temp entries; the FUSE layer hides every `.twinfs-` name.
@@ -245,64 +245,126 @@ impl<'a> Applier<'a> {
         Ok(())
     }
 
-    /// Replaces the regular file at `path` with a copy of itself in which each block
-    /// `(offset, data)` is written and whose size is `new_size`, with `meta`; as
-    /// atomic as [`Applier::write_file`].
-    pub fn patch_file(
+    /// The block list of the regular file at `path` for a block delta: the block size
+    /// [`delta::block_size`] picks for its length and the hash of each block. An empty
+    /// list if there is no regular file there: then every block has to be sent.
+    pub fn block_list(&self, path: &RelPath) -> Result<BlockList> {
+        let (dir, name) = match self.open_parent(path) {
+            Err(e) if e.is_missing() => return Ok(BlockList::empty()),
+            other => other?,
+        };
+        let Some(file) = open_regular(dir.as_fd(), &name, path)? else {
+            return Ok(BlockList::empty());
+        };
+        let len = sys::fstat(file.as_fd())
+            .map_err(io_err("stat", path))?
+            .st_size as u64;
+        let block_size = delta::block_size(len);
+        let mut buf = vec![0u8; block_size as usize];
+        let mut hashes = Vec::with_capacity(len.div_ceil(u64::from(block_size)) as usize);
+        let mut offset = 0u64;
+        while offset < len {
+            let want = (len - offset).min(u64::from(block_size)) as usize;
+            let n =
+                read_full(file.as_fd(), &mut buf[..want], offset).map_err(io_err("read", path))?;
+            if n == 0 {
+                break;
+            }
+            hashes.push(delta::block_hash(&buf[..n]));
+            offset += n as u64;
+        }
+        Ok(BlockList { block_size, hashes })
+    }
+
+    /// Replaces `path` with a regular file of `new_size` bytes built from the current
+    /// regular file there (if any) and the `(offset, bytes)` blocks `blocks` yields in
+    /// ascending order, the rest of the bytes being the current file's; with `meta`.
+    /// The result must hash (xxh3-128) to `expected`, or nothing changes: a block list
+    /// that did not match, a stream cut short or a file that changed on the active
+    /// while it was read never gets in place. As atomic as [`Applier::write_file`].
+    pub fn write_blocks(
         &self,
         path: &RelPath,
-        blocks: &[(u64, Vec<u8>)],
         new_size: u64,
+        blocks: &mut dyn Iterator<Item = io::Result<(u64, Vec<u8>)>>,
+        expected: u128,
         meta: &FileMeta,
     ) -> Result<()> {
         let (dir, name) = self.open_parent(path)?;
         let dir = dir.as_fd();
-        let current = open_regular(dir, &name, path)?
-            .ok_or_else(|| ApplyError::NotRegular { path: path.clone() })?;
-        let old_size = sys::fstat(current.as_fd())
-            .map_err(io_err("stat", path))?
-            .st_size as u64;
+        refuse_directory(dir, &name, path, "file")?;
+        let current = open_regular(dir, &name, path)?;
         let (temp, file) = create_temp(dir, |tmp| {
             sys::openat(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
         })
         .map_err(io_err("create a temp file for", path))?;
-        copy_prefix(current.as_fd(), file.as_fd(), old_size.min(new_size))
-            .map_err(io_err("copy the current content of", path))?;
-        for (offset, data) in blocks {
-            sys::pwrite(file.as_fd(), data, *offset).map_err(io_err("write a block of", path))?;
+        let file = file.as_fd();
+        let mut have = 0u64;
+        if let Some(current) = &current {
+            let old = sys::fstat(current.as_fd())
+                .map_err(io_err("stat", path))?
+                .st_size as u64;
+            have = old.min(new_size);
+            copy_prefix(current.as_fd(), file, have)
+                .map_err(io_err("copy the current content of", path))?;
         }
-        sys::ftruncate(file.as_fd(), new_size).map_err(io_err("truncate", path))?;
-        commit_file(temp, file.as_fd(), &name, path, meta)?;
-        tracing::debug!(%path, blocks = blocks.len(), new_size, "patched file");
+        let content = |what: &str| ApplyError::Content {
+            path: path.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, what.to_owned()),
+        };
+        // Hashes the kept bytes between the blocks as it goes, so the result is checked
+        // in one pass.
+        let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+        let mut buf = vec![0u8; COPY_BUF];
+        let mut hash_kept = |from: u64, to: u64, hasher: &mut xxhash_rust::xxh3::Xxh3Default| {
+            let mut at = from;
+            while at < to {
+                let want = (to - at).min(COPY_BUF as u64) as usize;
+                let n = read_full(file, &mut buf[..want], at).map_err(io_err("read back", path))?;
+                if n < want {
+                    return Err(content(
+                        "the standby's copy is shorter than the blocks assume",
+                    ));
+                }
+                hasher.update(&buf[..n]);
+                at += n as u64;
+            }
+            Ok(())
+        };
+        let mut cursor = 0u64;
+        let mut sent = 0u64;
+        for block in blocks {
+            let (offset, data) = block.map_err(|source| ApplyError::Content {
+                path: path.clone(),
+                source,
+            })?;
+            let end = offset.checked_add(data.len() as u64);
+            if offset < cursor || end.is_none_or(|end| end > new_size) {
+                return Err(content("blocks out of order or past the end of the file"));
+            }
+            if offset > have {
+                return Err(content("a gap past the end of the standby's copy"));
+            }
+            hash_kept(cursor, offset, &mut hasher)?;
+            sys::pwrite(file, &data, offset).map_err(io_err("write a block of", path))?;
+            hasher.update(&data);
+            cursor = offset + data.len() as u64;
+            have = have.max(cursor);
+            sent += data.len() as u64;
+        }
+        if cursor < new_size && have < new_size {
+            return Err(content("the blocks end before the file does"));
+        }
+        hash_kept(cursor, new_size, &mut hasher)?;
+        if hasher.digest128() != expected {
+            return Err(content(
+                "the rebuilt file does not match the announced hash (changed while sent, or cut off)",
+            ));
+        }
+        sys::ftruncate(file, new_size).map_err(io_err("truncate", path))?;
+        commit_file(temp, file, &name, path, meta)?;
+        tracing::debug!(%path, new_size, sent, "wrote file from blocks");
         Ok(())
-    }
-
-    /// The xxh3-64 hash of each `block_size` block of the regular file at `path` (the
-    /// last block may be short). Empty if there is no regular file there: then every
-    /// block has to be sent.
-    pub fn read_block_hashes(&self, path: &RelPath, block_size: NonZeroU32) -> Result<Vec<u64>> {
-        let (dir, name) = match self.open_parent(path) {
-            Err(e) if e.is_missing() => return Ok(Vec::new()),
-            other => other?,
-        };
-        let Some(file) = open_regular(dir.as_fd(), &name, path)? else {
-            return Ok(Vec::new());
-        };
-        let mut buf = vec![0u8; block_size.get() as usize];
-        let mut hashes = Vec::new();
-        let mut offset = 0u64;
-        loop {
-            let n = sys::pread(file.as_fd(), &mut buf, offset).map_err(io_err("read", path))?;
-            if n == 0 {
-                break;
-            }
-            hashes.push(xxhash_rust::xxh3::xxh3_64(&buf[..n]));
-            if n < buf.len() {
-                break;
-            }
-            offset += n as u64;
-        }
-        Ok(hashes)
     }
 
     /// Makes `path` a directory with `meta`: creates it if missing, otherwise only sets
@@ -891,6 +953,20 @@ fn copy_prefix(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> io::Result
         done += n as u64;
     }
     Ok(())
+}
+
+/// Reads into all of `buf` from `offset` unless the file ends first: the bytes read.
+fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match sys::pread(fd, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// Copies bytes `from..len` of `src` into `dst` through a buffer.

@@ -3,6 +3,7 @@
 //! - [`apply`]: writes what the active sends into a standby's volume: beneath the
 //!   root only, atomically (temp entry, fsync, rename), durably.
 //! - [`capture`]: the change sink of a volume: resolves policies, counts changes.
+//! - [`delta`]: block deltas for large files: block lists and block records.
 //! - [`manifest`]: what a volume holds (kind, mode, owner, mtime, xxh3 hash, xattrs):
 //!   scanning with a hash cache, and the diff a full sync applies.
 //! - [`node`]: the driver: sessions over QUIC, scans, reads, applies, invalidations.
@@ -16,6 +17,7 @@
 
 pub mod apply;
 pub mod capture;
+pub mod delta;
 pub mod manifest;
 pub mod node;
 pub mod path;

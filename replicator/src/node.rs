@@ -18,6 +18,7 @@ use twinfs_fs::{Invalidator, Role};
 
 use crate::apply::{Applier, ApplyError, FileMeta, NodeKind};
 use crate::capture::{Record, RecordSink};
+use crate::delta::{self, BlockList};
 use crate::manifest::{self, HashCache, Kind, Manifest, Meta};
 use crate::path::RelPath;
 use crate::policy::{PolicySet, SyncMode};
@@ -261,12 +262,30 @@ const INLINE_MAX: u64 = 1 << 20;
 /// How long a standby waits for the stream of a large file its op announced.
 const STREAM_WAIT: Duration = Duration::from_secs(60);
 
-/// The unidirectional streams of one connection that carry large files, keyed by the
-/// op number each starts with.
+/// The unidirectional streams of one connection that carry large files (blocks one
+/// way, block lists the other), keyed by the volume's [`stream_tag`] and the op number
+/// they start with.
 #[derive(Default)]
 pub struct Streams {
-    waiting: Mutex<std::collections::HashMap<u64, quinn::RecvStream>>,
+    waiting: Mutex<std::collections::HashMap<(u64, u64), quinn::RecvStream>>,
     arrived: tokio::sync::Notify,
+}
+
+/// Streams waiting to be taken before the oldest are dropped (their op was refused or
+/// its session ended).
+const STREAMS_KEPT: usize = 1024;
+
+/// Tells apart the streams of the volumes sharing a connection.
+fn stream_tag(volume: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(volume.as_bytes())
+}
+
+/// The 16-byte head of a large-file stream.
+fn stream_header(volume: &str, seq: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&stream_tag(volume).to_be_bytes());
+    h[8..].copy_from_slice(&seq.to_be_bytes());
+    h
 }
 
 impl Streams {
@@ -275,37 +294,45 @@ impl Streams {
         while let Ok(mut recv) = connection.accept_uni().await {
             let streams = self.clone();
             tokio::spawn(async move {
-                let mut header = [0u8; 8];
+                let mut header = [0u8; 16];
                 if recv.read_exact(&mut header).await.is_ok() {
-                    let seq = u64::from_be_bytes(header);
-                    streams
-                        .waiting
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(seq, recv);
+                    let mut tag = [0u8; 8];
+                    tag.copy_from_slice(&header[..8]);
+                    let mut seq = [0u8; 8];
+                    seq.copy_from_slice(&header[8..]);
+                    let key = (u64::from_be_bytes(tag), u64::from_be_bytes(seq));
+                    let mut waiting = streams.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                    if waiting.len() >= STREAMS_KEPT {
+                        if let Some(oldest) = waiting.keys().min_by_key(|k| k.1).copied() {
+                            waiting.remove(&oldest);
+                        }
+                    }
+                    waiting.insert(key, recv);
+                    drop(waiting);
                     streams.arrived.notify_waiters();
                 }
             });
         }
     }
 
-    /// The stream of op `seq`, once it has arrived.
-    async fn take(&self, seq: u64) -> Option<quinn::RecvStream> {
-        let wait = async {
+    /// The stream of op `seq` of `volume`, once it has arrived, waiting up to `wait`.
+    async fn take(&self, volume: &str, seq: u64, wait: Duration) -> Option<quinn::RecvStream> {
+        let key = (stream_tag(volume), seq);
+        let waited = async {
             loop {
                 let notified = self.arrived.notified();
                 if let Some(s) = self
                     .waiting
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&seq)
+                    .remove(&key)
                 {
                     return s;
                 }
                 notified.await;
             }
         };
-        tokio::time::timeout(STREAM_WAIT, wait).await.ok()
+        tokio::time::timeout(wait, waited).await.ok()
     }
 }
 
@@ -424,8 +451,13 @@ async fn dial_loop(
         match transport::connect(&endpoint, addr, peer.id).await {
             Ok((connection, _)) => {
                 tracing::info!(peer = %peer.name, %addr, "connected");
+                // The standby's block lists for large files come back on streams of
+                // their own.
+                let streams = Arc::new(Streams::default());
+                let acceptor = tokio::spawn(streams.clone().accept(connection.clone()));
                 let link = Link {
                     connection: Some(connection.clone()),
+                    streams: Some(streams),
                     ..link.clone()
                 };
                 let mut tasks = Vec::new();
@@ -450,6 +482,7 @@ async fn dial_loop(
                     let _ = task.await;
                 }
                 connection.close(0u32.into(), b"sessions ended");
+                acceptor.abort();
                 tracing::info!(peer = %peer.name, "disconnected");
             }
             Err(e) => tracing::debug!(peer = %peer.name, error = %e, "cannot connect"),
@@ -540,6 +573,7 @@ async fn run_session(
     let mut messages = spawn_reader(recv, received.clone());
     let mut changes = (volume.role == Role::Active).then(|| volume.changes.subscribe());
     let mut sent = 0u64;
+    let counters = StreamCounters::default();
     // The highest change record handed to the session, and this session's place in
     // the volume's sync gate.
     let mut seen = 0u64;
@@ -556,7 +590,7 @@ async fn run_session(
             if matches!(out, Output::InSync) {
                 link.update(&volume.name, |s| s.full_sync_done = Some(unix_now()));
             }
-            match carry_out(&volume, &mut session, &mut send, out, &link).await {
+            match carry_out(&volume, &mut session, &mut send, out, &link, &counters).await {
                 Some(n) => sent += n,
                 None => {
                     let _ = send.finish();
@@ -573,8 +607,9 @@ async fn run_session(
             &link,
             &volume,
             &session,
-            sent,
-            received.load(std::sync::atomic::Ordering::Relaxed),
+            sent + counters.sent.load(std::sync::atomic::Ordering::Relaxed),
+            received.load(std::sync::atomic::Ordering::Relaxed)
+                + counters.received.load(std::sync::atomic::Ordering::Relaxed),
         );
         let out_of_sync = volume.gate.out_of_sync(gate_id);
         link.update(&volume.name, |s| s.out_of_sync = out_of_sync);
@@ -667,6 +702,7 @@ async fn carry_out(
     send: &mut quinn::SendStream,
     out: Output,
     link: &Link,
+    counters: &StreamCounters,
 ) -> Option<u64> {
     match out {
         Output::Send(m) => write(send, &m).await,
@@ -694,7 +730,7 @@ async fn carry_out(
         } => {
             let v = volume.clone();
             let shipped = path.clone();
-            let can_stream = link.connection.is_some();
+            let can_stream = link.connection.is_some() && link.streams.is_some();
             let read = tokio::task::spawn_blocking(move || {
                 read_op(
                     &v,
@@ -717,8 +753,15 @@ async fn carry_out(
             if vanished {
                 session.vanished(seq);
             }
-            if let (Some(file), Some(connection)) = (source, &link.connection) {
-                tokio::spawn(stream_file(connection.clone(), seq, file, shipped.clone()));
+            if let Some(file) = source {
+                tokio::spawn(stream_file(
+                    link.clone(),
+                    volume.name.clone(),
+                    seq,
+                    file,
+                    shipped.clone(),
+                    counters.clone(),
+                ));
             }
             match (Message::Op { seq, op }).encode() {
                 Ok(bytes) => write_bytes(send, &bytes).await,
@@ -741,7 +784,7 @@ async fn carry_out(
             op: Op::PutStream { entry },
         } => {
             let path = entry.path.clone();
-            let result = apply_streamed(volume, link, seq, entry).await;
+            let result = apply_streamed(volume, link, seq, entry, counters).await;
             if let Err(e) = &result {
                 tracing::warn!(volume = %volume.name, %path, error = %e, "refused or failed to apply");
             }
@@ -886,8 +929,38 @@ fn read_op(
     ))
 }
 
-/// Sends the bytes of a large file on a stream of its own, headed by its op number.
-async fn stream_file(connection: quinn::Connection, seq: u64, file: OwnedFd, path: RelPath) {
+/// Active: sends a large file as a block delta. Waits for the standby's block list
+/// (it sends one when it reaches the op), then sends on a stream of its own, headed by
+/// the op number, the blocks the standby lacks. Counts the bytes both ways.
+async fn stream_file(
+    link: Link,
+    volume: String,
+    seq: u64,
+    file: OwnedFd,
+    path: RelPath,
+    counters: StreamCounters,
+) {
+    let (Some(connection), Some(streams)) = (link.connection, link.streams) else {
+        return;
+    };
+    // The standby asks only when it gets to this op; a refused op never asks.
+    let Some(mut recv) = streams.take(&volume, seq, BLOCK_LIST_WAIT).await else {
+        tracing::debug!(%path, "no block list for a large file; not sent");
+        return;
+    };
+    let list = match read_block_list(&mut recv).await {
+        Ok(list) => {
+            let bytes = 16 + BlockList::HEADER + 8 * list.hashes.len();
+            counters
+                .received
+                .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+            list
+        }
+        Err(e) => {
+            tracing::warn!(%path, error = %e, "bad block list from the standby");
+            return;
+        }
+    };
     let mut send = match connection.open_uni().await {
         Ok(s) => s,
         Err(e) => {
@@ -895,109 +968,186 @@ async fn stream_file(connection: quinn::Connection, seq: u64, file: OwnedFd, pat
             return;
         }
     };
-    if send.write_all(&seq.to_be_bytes()).await.is_err() {
+    if send.write_all(&stream_header(&volume, seq)).await.is_err() {
         return;
     }
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
-    // Reading is blocking file I/O: a thread reads, this task sends.
+    // Reading and hashing are blocking work: a thread reads, this task sends. A read
+    // error ends the stream early; the standby's hash check refuses the result.
     tokio::task::spawn_blocking(move || {
+        let block = list.block_size as usize;
         let mut offset = 0u64;
+        let mut index = 0usize;
         loop {
-            let mut chunk = vec![0u8; 1 << 20];
-            match twinfs_fs::sys::pread(file.as_fd(), &mut chunk, offset) {
+            let mut record = vec![0u8; delta::RECORD_HEADER + block];
+            let n = match read_block(file.as_fd(), &mut record[delta::RECORD_HEADER..], offset) {
                 Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    chunk.truncate(n);
-                    offset += n as u64;
-                    if tx.blocking_send(chunk).is_err() {
-                        return;
-                    }
+                Ok(n) => n,
+            };
+            let data = &record[delta::RECORD_HEADER..delta::RECORD_HEADER + n];
+            if list.must_send(index, data) {
+                record[..delta::RECORD_HEADER]
+                    .copy_from_slice(&delta::record_header(offset, n as u32));
+                record.truncate(delta::RECORD_HEADER + n);
+                if tx.blocking_send(record).is_err() {
+                    return;
                 }
             }
+            offset += n as u64;
+            index += 1;
         }
     });
-    while let Some(chunk) = rx.recv().await {
-        if let Err(e) = send.write_all(&chunk).await {
+    let sent = |n: usize| {
+        counters
+            .sent
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed)
+    };
+    sent(16);
+    while let Some(record) = rx.recv().await {
+        if let Err(e) = send.write_all(&record).await {
             tracing::warn!(%path, error = %e, "large file stream broke");
             return;
         }
+        sent(record.len());
     }
     let _ = send.finish();
 }
 
-/// Reads a large file's stream as a blocking `Read`, and fails at the end if the bytes
-/// do not hash to what the active announced, so a torn file is never put in place.
-struct StreamReader {
-    chunks: mpsc::Receiver<Vec<u8>>,
-    current: Vec<u8>,
-    at: usize,
-    hasher: xxhash_rust::xxh3::Xxh3Default,
-    expected: Option<u128>,
+/// How long the active keeps a large file open waiting for the standby to ask for it.
+const BLOCK_LIST_WAIT: Duration = Duration::from_secs(120);
+
+/// Reads a whole block (fewer bytes only at the end of the file).
+fn read_block(
+    fd: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+    offset: u64,
+) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match twinfs_fs::sys::pread(fd, &mut buf[done..], offset + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    Ok(done)
 }
 
-impl std::io::Read for StreamReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.at == self.current.len() {
-            match self.chunks.blocking_recv() {
-                Some(chunk) => {
-                    self.hasher.update(&chunk);
-                    self.current = chunk;
-                    self.at = 0;
-                }
-                None => {
-                    if Some(self.hasher.digest128()) != self.expected {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            "streamed bytes do not match the announced hash (changed while sent, or cut off)",
-                        ));
-                    }
-                    return Ok(0);
-                }
+/// Errors reading a block list or blocks from a stream.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Delta(#[from] delta::DeltaError),
+    #[error("stream: {0}")]
+    Read(#[from] quinn::ReadExactError),
+}
+
+async fn read_block_list(recv: &mut quinn::RecvStream) -> Result<BlockList, StreamError> {
+    let mut header = [0u8; BlockList::HEADER];
+    recv.read_exact(&mut header).await?;
+    let (block_size, count) = BlockList::check_header(header)?;
+    let mut bytes = vec![0u8; count as usize * 8];
+    recv.read_exact(&mut bytes).await?;
+    Ok(BlockList {
+        block_size,
+        hashes: BlockList::hashes_from(&bytes),
+    })
+}
+
+/// Reads the records of a blocks stream onto a channel, an error last if the stream
+/// broke or held a bad record; the channel closes at the stream's clean end.
+async fn pump_blocks(
+    mut recv: quinn::RecvStream,
+    tx: mpsc::Sender<std::io::Result<(u64, Vec<u8>)>>,
+    received: Arc<std::sync::atomic::AtomicU64>,
+) {
+    loop {
+        let mut header = [0u8; delta::RECORD_HEADER];
+        match recv.read_exact(&mut header).await {
+            Ok(()) => {}
+            // The clean end: the stream finished between records.
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return,
+            Err(e) => {
+                let _ = tx.send(Err(std::io::Error::other(e))).await;
+                return;
             }
         }
-        let n = buf.len().min(self.current.len() - self.at);
-        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
+        let record = match delta::parse_record_header(header) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(Err(std::io::Error::other(e))).await;
+                return;
+            }
+        };
+        let (offset, len) = record;
+        let mut data = vec![0u8; len as usize];
+        if let Err(e) = recv.read_exact(&mut data).await {
+            let _ = tx.send(Err(std::io::Error::other(e))).await;
+            return;
+        }
+        received.fetch_add(
+            (delta::RECORD_HEADER + data.len()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if tx.send(Ok((offset, data))).await.is_err() {
+            return;
+        }
     }
 }
 
-/// Standby: applies a `PutStream` op with the bytes from its stream.
+/// Standby: applies a `PutStream` op as a block delta: sends the block list of its
+/// copy, then builds the file from the blocks that come back.
 async fn apply_streamed(
     volume: &VolumeLink,
     link: &Link,
     seq: u64,
     entry: manifest::Entry,
+    counters: &StreamCounters,
 ) -> Result<(), String> {
-    let Some(streams) = &link.streams else {
+    let (Some(streams), Some(connection)) = (&link.streams, &link.connection) else {
         return Err("large file announced on a connection without streams".into());
     };
-    let Some(mut recv) = streams.take(seq).await else {
-        return Err(format!("the stream of {} never arrived", entry.path));
+    let Some(expected) = entry.meta.hash else {
+        return Err(format!(
+            "large file {} announced without a hash",
+            entry.path
+        ));
     };
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
-    let pump = tokio::spawn(async move {
-        while let Ok(Some(chunk)) = recv.read_chunk(1 << 20, true).await {
-            if tx.send(chunk.bytes.to_vec()).await.is_err() {
-                return;
-            }
-        }
-    });
+    let v = volume.clone();
+    let path = entry.path.clone();
+    let list = tokio::task::spawn_blocking(move || Applier::new(v.root.as_fd()).block_list(&path))
+        .await
+        .map_err(|_| "block list task failed".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let mut ask = connection
+        .open_uni()
+        .await
+        .map_err(|e| format!("cannot open a stream: {e}"))?;
+    let mut bytes = stream_header(&volume.name, seq).to_vec();
+    bytes.extend_from_slice(&list.encode());
+    ask.write_all(&bytes)
+        .await
+        .map_err(|e| format!("cannot send the block list: {e}"))?;
+    let _ = ask.finish();
+    counters
+        .sent
+        .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let Some(recv) = streams.take(&volume.name, seq, STREAM_WAIT).await else {
+        return Err(format!("the blocks of {} never arrived", entry.path));
+    };
+    let (tx, mut rx) = mpsc::channel(4);
+    let pump = tokio::spawn(pump_blocks(recv, tx, counters.received.clone()));
     let v = volume.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let mut reader = StreamReader {
-            chunks: rx,
-            current: Vec::new(),
-            at: 0,
-            hasher: xxhash_rust::xxh3::Xxh3Default::new(),
-            expected: entry.meta.hash,
-        };
         let applier = Applier::new(v.root.as_fd());
         let fm = file_meta(&entry.meta);
-        let written = match applier.write_file(&entry.path, &mut reader, &fm) {
-            Err(ApplyError::IsDirectory { .. }) => applier
-                .delete(&entry.path)
-                .and_then(|()| applier.write_file(&entry.path, &mut reader, &fm)),
+        let mut blocks = std::iter::from_fn(|| rx.blocking_recv());
+        let mut write = |applier: &Applier<'_>| {
+            applier.write_blocks(&entry.path, entry.meta.size, &mut blocks, expected, &fm)
+        };
+        let written = match write(&applier) {
+            Err(ApplyError::IsDirectory { .. }) => {
+                applier.delete(&entry.path).and_then(|()| write(&applier))
+            }
             other => other,
         };
         if written.is_ok() {
@@ -1012,6 +1162,13 @@ async fn apply_streamed(
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("apply task failed".into()),
     }
+}
+
+/// Bytes of a session's large-file streams, which bypass its message stream.
+#[derive(Clone, Default)]
+struct StreamCounters {
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    received: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn file_meta(meta: &Meta) -> FileMeta {

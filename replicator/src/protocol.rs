@@ -9,7 +9,7 @@ use crate::manifest::Entry;
 use crate::path::RelPath;
 
 /// Protocol version; a peer with another version is refused at `Hello`.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The largest encoded message accepted (a manifest chunk or an inline file).
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -29,11 +29,12 @@ pub enum Op {
         /// The file's bytes, when they must travel.
         content: Option<Vec<u8>>,
     },
-    /// Make `entry.path` exactly `entry`, a regular file whose bytes follow on a
-    /// unidirectional stream of the same connection that starts with this op's
-    /// sequence number (8 bytes, big endian). Large files travel this way, so they
-    /// never hold up the small changes behind them; the standby checks the bytes
-    /// against `entry.meta.hash` before it puts the file in place.
+    /// Make `entry.path` exactly `entry`, a regular file sent as a block delta on
+    /// unidirectional streams of the same connection (see [`crate::delta`]): the
+    /// standby answers with the block hashes of its copy, the active sends the blocks
+    /// that differ. Large files travel this way, so they never hold up the small
+    /// changes behind them; the standby checks the rebuilt file against
+    /// `entry.meta.hash` before it puts it in place.
     PutStream {
         /// Path and metadata as on the active.
         entry: Entry,

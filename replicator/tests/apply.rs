@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::io::{self, Read};
-use std::num::NonZeroU32;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -13,6 +12,7 @@ use std::sync::Arc;
 
 use twinfs_fs::sys;
 use twinfs_replicator::apply::{Applier, ApplyError, FileMeta, NodeKind, TEMP_PREFIX};
+use twinfs_replicator::delta::{block_hash, BlockList, MIN_BLOCK};
 use twinfs_replicator::path::RelPath;
 
 /// A temp directory as the volume, with its root fd open as the daemon holds it.
@@ -215,76 +215,172 @@ fn a_symlink_as_the_target_is_replaced_not_followed() {
     assert_eq!(before.mtime(), after.mtime());
     assert_eq!(mtime_of(&vol.path("link2")), meta(0).mtime);
 
-    // A patch is refused rather than read through the link.
-    assert!(matches!(
-        applier.patch_file(&rel("link2"), &[], 0, &meta(0o644)),
-        Err(ApplyError::NotRegular { .. })
-    ));
+    // Blocks never read through the link: it offers no blocks, and a delta that
+    // assumes some is refused.
     assert!(applier
-        .read_block_hashes(&rel("link2"), NonZeroU32::new(4096).expect("non-zero"))
-        .expect("hashes")
+        .block_list(&rel("link2"))
+        .expect("block list")
+        .hashes
         .is_empty());
+    let err = applier
+        .write_blocks(
+            &rel("link2"),
+            10,
+            &mut std::iter::empty(),
+            xxh3_128(b"root:x:0:0"),
+            &meta(0o644),
+        )
+        .expect_err("no base to build on");
+    assert!(matches!(err, ApplyError::Content { .. }), "{err:?}");
     assert_eq!(fs::read(&secret).expect("read"), b"root:x:0:0");
 }
 
+fn xxh3_128(data: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(data)
+}
+
+/// The blocks of `new` whose hash differs from the standby's list, as the active sends
+/// them.
+fn delta_of(list: &BlockList, new: &[u8]) -> Vec<(u64, Vec<u8>)> {
+    new.chunks(list.block_size as usize)
+        .enumerate()
+        .filter(|(i, c)| list.must_send(*i, c))
+        .map(|(i, c)| ((i * list.block_size as usize) as u64, c.to_vec()))
+        .collect()
+}
+
+fn write_blocks(
+    applier: &Applier<'_>,
+    path: &str,
+    new: &[u8],
+    blocks: Vec<(u64, Vec<u8>)>,
+    meta: &FileMeta,
+) -> Result<(), ApplyError> {
+    applier.write_blocks(
+        &rel(path),
+        new.len() as u64,
+        &mut blocks.into_iter().map(Ok),
+        xxh3_128(new),
+        meta,
+    )
+}
+
 #[test]
-fn patch_changes_only_the_given_blocks_and_the_size() {
-    const BLOCK: usize = 4096;
+fn a_block_delta_sends_only_changed_blocks_and_rebuilds_the_file() {
+    const BLOCK: usize = MIN_BLOCK as usize;
     let vol = Vol::new();
     let applier = vol.applier();
-    let block_size = NonZeroU32::new(BLOCK as u32).expect("non-zero");
     let original: Vec<u8> = (0..4 * BLOCK).map(|i| (i / BLOCK) as u8 + 1).collect();
-    applier
-        .write_file(&rel("big"), &mut &original[..], &meta(0o644))
-        .expect("write");
-    let hashes = applier
-        .read_block_hashes(&rel("big"), block_size)
-        .expect("hashes");
-    assert_eq!(hashes.len(), 4);
-    assert_eq!(
-        hashes[2],
-        xxhash_rust::xxh3::xxh3_64(&original[2 * BLOCK..3 * BLOCK])
-    );
 
-    // Change block 1, append a fifth, partial block.
+    // No copy yet: the list is empty and every block travels.
+    let list = applier.block_list(&rel("big")).expect("list");
+    assert!(list.hashes.is_empty());
+    let blocks = delta_of(&list, &original);
+    assert_eq!(blocks.len(), 4);
+    write_blocks(&applier, "big", &original, blocks, &meta(0o644)).expect("first copy");
+    assert_eq!(fs::read(vol.path("big")).expect("read"), original);
+
+    let list = applier.block_list(&rel("big")).expect("list");
+    assert_eq!(list.block_size, MIN_BLOCK);
+    assert_eq!(list.hashes.len(), 4);
+    assert_eq!(list.hashes[2], block_hash(&original[2 * BLOCK..3 * BLOCK]));
+
+    // Change part of block 1, append a fifth, partial block: two blocks travel.
     let mut want = meta(0o600);
     want.mtime = (1_700_000_000, 1);
-    let new_size = (4 * BLOCK + 100) as u64;
-    let blocks = vec![
-        (BLOCK as u64, vec![0xAA; BLOCK]),
-        ((4 * BLOCK) as u64, vec![0xBB; 100]),
-    ];
-    applier
-        .patch_file(&rel("big"), &blocks, new_size, &want)
-        .expect("patch");
-    let mut expected = original.clone();
-    expected[BLOCK..2 * BLOCK].fill(0xAA);
-    expected.extend_from_slice(&[0xBB; 100]);
-    assert_eq!(fs::read(vol.path("big")).expect("read"), expected);
+    let mut changed = original.clone();
+    changed[BLOCK + 10..BLOCK + 20].fill(0xAA);
+    changed.extend_from_slice(&[0xBB; 100]);
+    let blocks = delta_of(&list, &changed);
+    assert_eq!(
+        blocks.iter().map(|b| b.0).collect::<Vec<_>>(),
+        [BLOCK as u64, 4 * BLOCK as u64]
+    );
+    write_blocks(&applier, "big", &changed, blocks, &want).expect("delta");
+    assert_eq!(fs::read(vol.path("big")).expect("read"), changed);
     assert_eq!(mtime_of(&vol.path("big")), want.mtime);
-    let after = applier
-        .read_block_hashes(&rel("big"), block_size)
-        .expect("hashes");
-    assert_eq!(after.len(), 5);
-    assert_eq!(
-        (after[0], after[2], after[3]),
-        (hashes[0], hashes[2], hashes[3])
-    );
-    assert_ne!(after[1], hashes[1]);
 
-    // Shrink to a block and a half, no block changed.
-    applier
-        .patch_file(&rel("big"), &[], (BLOCK + BLOCK / 2) as u64, &want)
-        .expect("shrink");
-    assert_eq!(
-        fs::read(vol.path("big")).expect("read"),
-        expected[..BLOCK + BLOCK / 2]
-    );
-    assert!(applier
-        .read_block_hashes(&rel("missing/file"), block_size)
-        .expect("missing")
-        .is_empty());
+    // Shrink to a block and a half: only the now-short block travels.
+    let list = applier.block_list(&rel("big")).expect("list");
+    let shrunk = changed[..BLOCK + BLOCK / 2].to_vec();
+    let blocks = delta_of(&list, &shrunk);
+    assert_eq!(blocks.len(), 1);
+    write_blocks(&applier, "big", &shrunk, blocks, &want).expect("shrink");
+    assert_eq!(fs::read(vol.path("big")).expect("read"), shrunk);
     assert!(vol.temps().is_empty());
+}
+
+#[test]
+fn a_block_delta_that_does_not_add_up_changes_nothing() {
+    const BLOCK: usize = MIN_BLOCK as usize;
+    let vol = Vol::new();
+    let applier = vol.applier();
+    let original: Vec<u8> = (0..3 * BLOCK).map(|i| (i % 251) as u8).collect();
+    fs::write(vol.path("f"), &original).expect("write");
+    let list = applier.block_list(&rel("f")).expect("list");
+    let mut new = original.clone();
+    new[5] = 0xFF;
+    let content_error = |r: Result<(), ApplyError>| match r {
+        Err(ApplyError::Content { .. }) => {}
+        other => panic!("expected a content error, got {other:?}"),
+    };
+    // The standby's copy is not what the list said (it changed since): hash mismatch.
+    let mut other_base = original.clone();
+    other_base[2 * BLOCK] ^= 1;
+    fs::write(vol.path("f"), &other_base).expect("write");
+    content_error(write_blocks(
+        &applier,
+        "f",
+        &new,
+        delta_of(&list, &new),
+        &meta(0o644),
+    ));
+    assert_eq!(fs::read(vol.path("f")).expect("read"), other_base);
+    fs::write(vol.path("f"), &original).expect("write");
+    // Out of order, past the end, a gap past the copy's end, cut short, a stream error.
+    let block = |at: usize| (at as u64, new[at..at + BLOCK].to_vec());
+    content_error(write_blocks(
+        &applier,
+        "f",
+        &new,
+        vec![block(BLOCK), block(0)],
+        &meta(0o644),
+    ));
+    content_error(write_blocks(
+        &applier,
+        "f",
+        &new,
+        vec![(3 * BLOCK as u64 - 1, vec![1, 2])],
+        &meta(0o644),
+    ));
+    let longer = [&new[..], &[7u8; 10]].concat();
+    content_error(write_blocks(
+        &applier,
+        "f",
+        &longer,
+        vec![(3 * BLOCK as u64 + 5, vec![7; 5])],
+        &meta(0o644),
+    ));
+    content_error(write_blocks(
+        &applier,
+        "f",
+        &longer,
+        vec![block(0)],
+        &meta(0o644),
+    ));
+    let mut broken = vec![Ok(block(0)), Err(io::Error::other("stream reset"))].into_iter();
+    content_error(applier.write_blocks(
+        &rel("f"),
+        new.len() as u64,
+        &mut broken,
+        xxh3_128(&new),
+        &meta(0o644),
+    ));
+    assert_eq!(fs::read(vol.path("f")).expect("read"), original);
+    assert!(vol.temps().is_empty());
+    // And the honest delta works.
+    write_blocks(&applier, "f", &new, delta_of(&list, &new), &meta(0o644)).expect("delta");
+    assert_eq!(fs::read(vol.path("f")).expect("read"), new);
 }
 
 #[test]
@@ -492,8 +588,7 @@ fn failures_leave_no_temp_and_the_old_version() {
         ),
         "{err:?}"
     );
-    let err = applier
-        .patch_file(&rel("f"), &[(0, b"N".to_vec())], 3, &bad)
+    let err = write_blocks(&applier, "f", b"New", vec![(0, b"New".to_vec())], &bad)
         .expect_err("bad time");
     assert!(matches!(err, ApplyError::Io { .. }), "{err:?}");
     let err = applier

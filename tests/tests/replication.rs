@@ -288,7 +288,7 @@ fn changes_made_while_the_standby_was_away_arrive_after_an_active_restart() {
 }
 
 #[test]
-fn large_files_travel_on_their_own_streams() {
+fn large_files_travel_on_their_own_streams_as_block_deltas() {
     let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(2, RULES, fill);
     c.start();
@@ -304,6 +304,34 @@ fn large_files_travel_on_their_own_streams() {
         == Some("small")));
     c.wait_converged(Duration::from_secs(60));
     assert_eq!(fs::read(b.join("huge.img")).expect("read"), big);
+
+    // A 1 MiB change in the middle travels as the blocks it touches, not the file.
+    let sent = || {
+        c.nodes[0].volume_status()["peers"][0]["bytes_sent"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = sent();
+    let mut changed = big.clone();
+    let at = (17 << 20) + 12_345;
+    changed[at..at + (1 << 20)].fill(0x5A);
+    {
+        use std::io::{Seek, Write};
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(c.active().join("huge.img"))
+            .expect("open");
+        f.seek(std::io::SeekFrom::Start(at as u64)).expect("seek");
+        f.write_all(&changed[at..at + (1 << 20)]).expect("write");
+    }
+    c.wait_converged(Duration::from_secs(60));
+    assert_eq!(fs::read(b.join("huge.img")).expect("read"), changed);
+    let delta = sent() - before;
+    assert!(
+        delta < (1 << 20) + 3 * 65_536 + 10_000,
+        "a 1 MiB change sent {delta} bytes"
+    );
+
     // And at contact too (full sync): a standby that was away gets a new one.
     assert!(c.nodes[1].stop().success());
     let big2: Vec<u8> = (0..20u32 << 20).map(|i| (i % 251) as u8).collect();

@@ -1,0 +1,210 @@
+//! Block deltas for large files, the way rsync's fixed-block half works: the standby
+//! tells the active the xxh3-64 hash of each block of its copy, the active sends only
+//! the blocks whose hash differs (and those past the end of the standby's copy), and
+//! the standby builds the new file from its old copy plus those blocks, checking the
+//! whole result against the active's xxh3-128 hash before putting it in place.
+//!
+//! Both messages travel on unidirectional QUIC streams of the connection, each headed
+//! by the op's sequence number (8 bytes, big endian):
+//!
+//! - standby → active, the *block list*: `seq`, `block_size: u32`, `count: u32`, then
+//!   `count` hashes (`u64`), all big endian;
+//! - active → standby, the *blocks*: `seq`, then records `offset: u64`, `len: u32`,
+//!   `len` bytes, until the stream finishes.
+//!
+//! Blocks do not slide (no rolling hash): an insertion near the start of a file resends
+//! everything after it. The files twinfs is for (images, databases, logs) change in
+//! place or grow at the end, where fixed blocks find the unchanged parts.
+
+/// The smallest block, and the size for files up to 1 GiB: a 1 MiB change anywhere
+/// costs at most 1 MiB + 2 blocks on the wire.
+pub const MIN_BLOCK: u32 = 64 << 10;
+
+/// The largest block a peer may announce.
+pub const MAX_BLOCK: u32 = 64 << 20;
+
+/// Most hashes in a block list (blocks grow with the file to stay under this).
+pub const MAX_BLOCKS: u32 = 16 << 10;
+
+/// Bytes of one record header on the blocks stream.
+pub const RECORD_HEADER: usize = 12;
+
+/// The block size for a file of `len` bytes: [`MIN_BLOCK`], doubled until the file
+/// has at most [`MAX_BLOCKS`] blocks.
+pub fn block_size(len: u64) -> u32 {
+    let mut block = MIN_BLOCK;
+    while len.div_ceil(u64::from(block)) > u64::from(MAX_BLOCKS) && block < MAX_BLOCK {
+        block *= 2;
+    }
+    block
+}
+
+/// The hash of one block, as both sides compute it.
+pub fn block_hash(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data)
+}
+
+/// A standby's block list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockList {
+    /// Bytes per block (the last block may be short).
+    pub block_size: u32,
+    /// The hash of each block of the standby's copy; empty when it has none.
+    pub hashes: Vec<u64>,
+}
+
+/// Errors reading a peer's block list or blocks.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeltaError {
+    /// A block size that is not a power of two between 4 KiB and [`MAX_BLOCK`].
+    #[error("block size {0} is not a power of two between 4 KiB and {MAX_BLOCK}")]
+    BlockSize(u32),
+    /// More hashes than [`MAX_BLOCKS`].
+    #[error("{0} blocks, more than the limit of {MAX_BLOCKS}")]
+    TooManyBlocks(u32),
+    /// A record longer than [`MAX_BLOCK`].
+    #[error("a block of {0} bytes is over the limit of {MAX_BLOCK}")]
+    RecordTooLong(u32),
+}
+
+impl BlockList {
+    /// No blocks: the receiver has no copy.
+    pub fn empty() -> BlockList {
+        BlockList {
+            block_size: MIN_BLOCK,
+            hashes: Vec::new(),
+        }
+    }
+
+    /// The header of the encoded list: `block_size` and `count`, after the op number.
+    pub const HEADER: usize = 8;
+
+    /// Encodes the list (without the op number that heads the stream).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::HEADER + 8 * self.hashes.len());
+        out.extend_from_slice(&self.block_size.to_be_bytes());
+        out.extend_from_slice(&(self.hashes.len() as u32).to_be_bytes());
+        for h in &self.hashes {
+            out.extend_from_slice(&h.to_be_bytes());
+        }
+        out
+    }
+
+    /// Checks a received header: `(block_size, count)`.
+    pub fn check_header(header: [u8; Self::HEADER]) -> Result<(u32, u32), DeltaError> {
+        let block = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let count = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        if !block.is_power_of_two() || !(4096..=MAX_BLOCK).contains(&block) {
+            return Err(DeltaError::BlockSize(block));
+        }
+        if count > MAX_BLOCKS {
+            return Err(DeltaError::TooManyBlocks(count));
+        }
+        Ok((block, count))
+    }
+
+    /// Decodes `count` hashes from their bytes.
+    pub fn hashes_from(bytes: &[u8]) -> Vec<u64> {
+        bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect()
+    }
+
+    /// Whether block `index`, whose bytes are `data`, must be sent: the standby has no
+    /// such block or a different one.
+    pub fn must_send(&self, index: usize, data: &[u8]) -> bool {
+        self.hashes.get(index) != Some(&block_hash(data))
+    }
+}
+
+/// Encodes the header of one record of the blocks stream.
+pub fn record_header(offset: u64, len: u32) -> [u8; RECORD_HEADER] {
+    let mut out = [0u8; RECORD_HEADER];
+    out[..8].copy_from_slice(&offset.to_be_bytes());
+    out[8..].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// Decodes and checks a record header: `(offset, len)`.
+pub fn parse_record_header(header: [u8; RECORD_HEADER]) -> Result<(u64, u32), DeltaError> {
+    let mut offset = [0u8; 8];
+    offset.copy_from_slice(&header[..8]);
+    let len = u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
+    if len > MAX_BLOCK {
+        return Err(DeltaError::RecordTooLong(len));
+    }
+    Ok((u64::from_be_bytes(offset), len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_size_grows_to_keep_the_list_short() {
+        assert_eq!(block_size(0), MIN_BLOCK);
+        assert_eq!(block_size(512 << 20), MIN_BLOCK);
+        assert_eq!(block_size(1 << 30), MIN_BLOCK);
+        assert_eq!(block_size((1 << 30) + 1), 2 * MIN_BLOCK);
+        assert_eq!(block_size(u64::MAX), MAX_BLOCK);
+        for len in [1u64, 4 << 30, 100 << 30] {
+            let b = u64::from(block_size(len));
+            assert!(len.div_ceil(b) <= u64::from(MAX_BLOCKS), "{len}");
+        }
+    }
+
+    #[test]
+    fn block_list_round_trips_and_checks_its_header() {
+        let list = BlockList {
+            block_size: MIN_BLOCK,
+            hashes: vec![1, u64::MAX, 7],
+        };
+        let bytes = list.encode();
+        let mut header = [0u8; BlockList::HEADER];
+        header.copy_from_slice(&bytes[..BlockList::HEADER]);
+        assert_eq!(BlockList::check_header(header), Ok((MIN_BLOCK, 3)));
+        assert_eq!(
+            BlockList::hashes_from(&bytes[BlockList::HEADER..]),
+            list.hashes
+        );
+
+        let bad = |block: u32, count: u32| {
+            let mut h = [0u8; BlockList::HEADER];
+            h[..4].copy_from_slice(&block.to_be_bytes());
+            h[4..].copy_from_slice(&count.to_be_bytes());
+            BlockList::check_header(h)
+        };
+        assert_eq!(bad(3000, 1), Err(DeltaError::BlockSize(3000)));
+        assert_eq!(bad(0, 1), Err(DeltaError::BlockSize(0)));
+        assert_eq!(
+            bad(MAX_BLOCK * 2, 1),
+            Err(DeltaError::BlockSize(MAX_BLOCK * 2))
+        );
+        assert_eq!(
+            bad(MIN_BLOCK, MAX_BLOCKS + 1),
+            Err(DeltaError::TooManyBlocks(MAX_BLOCKS + 1))
+        );
+    }
+
+    #[test]
+    fn only_differing_or_missing_blocks_are_sent() {
+        let list = BlockList {
+            block_size: 4096,
+            hashes: vec![block_hash(b"a"), block_hash(b"b")],
+        };
+        assert!(!list.must_send(0, b"a"));
+        assert!(list.must_send(1, b"c"));
+        assert!(list.must_send(2, b"b"), "past the standby's end");
+    }
+
+    #[test]
+    fn record_headers_round_trip_and_long_ones_are_refused() {
+        let h = record_header(1 << 40, 4096);
+        assert_eq!(parse_record_header(h), Ok((1 << 40, 4096)));
+        assert_eq!(
+            parse_record_header(record_header(0, MAX_BLOCK + 1)),
+            Err(DeltaError::RecordTooLong(MAX_BLOCK + 1))
+        );
+    }
+}
