@@ -213,14 +213,27 @@ pub struct PeerStatus {
     pub full_sync: String,
     /// Ops of the current or last full sync.
     pub full_sync_ops: u64,
+    /// How many of them are applied on the standby.
+    pub full_sync_ops_done: u64,
+    /// Active: bytes of file content of the current or last full sync.
+    pub full_sync_bytes: u64,
+    /// Active: how many of them the standby has applied.
+    pub full_sync_bytes_done: u64,
+    /// Progress of the current or last full sync in percent (by bytes where the active
+    /// knows them, else by ops).
+    pub full_sync_percent: u8,
     /// Seconds since the epoch when the last full sync completed.
     pub full_sync_done: Option<u64>,
     /// Ops sent (active) or applied (standby) in this session.
     pub ops: u64,
     /// Highest op acknowledged (active) or applied (standby).
     pub acked: u64,
-    /// Changes waiting to be sent.
+    /// Changes not yet applied on the standby: queued, or sent and not yet acked
+    /// (active side).
     pub pending: u64,
+    /// Bytes of file content sent and not yet acked (active side; changes still queued
+    /// are counted in `pending` only, their size is known once they are read).
+    pub pending_bytes: u64,
     /// Ops the standby refused (unsafe paths, disk errors).
     pub rejected: u64,
     /// A `sync` write timed out waiting for this standby, and it has not caught up
@@ -661,6 +674,17 @@ fn report(link: &Link, volume: &VolumeLink, session: &Session, sent: u64, receiv
             s.full_sync_done = Some(unix_now());
         }
         s.full_sync_ops = stats.full_sync_ops;
+        s.full_sync_ops_done = stats.full_sync_ops_done;
+        s.full_sync_bytes = stats.full_sync_bytes;
+        s.full_sync_bytes_done = stats.full_sync_bytes_done;
+        s.full_sync_percent = percent(
+            stats.full_sync_bytes_done,
+            stats.full_sync_bytes,
+            stats.full_sync_ops_done,
+            stats.full_sync_ops,
+            phase == crate::session::Phase::FullSync,
+        );
+        s.pending_bytes = stats.unacked_bytes;
         s.ops = stats.ops;
         s.acked = stats.acked;
         s.pending = stats.queued as u64 + stats.ops.saturating_sub(stats.acked).min(stats.ops);
@@ -675,6 +699,21 @@ fn report(link: &Link, volume: &VolumeLink, session: &Session, sent: u64, receiv
         s.bytes_sent = sent;
         s.bytes_received = received;
     });
+}
+
+/// Full-sync progress in percent: by bytes when there are any, else by ops; 100 once
+/// it is over, 0 while the total is not yet known.
+fn percent(bytes_done: u64, bytes: u64, ops_done: u64, ops: u64, running: bool) -> u8 {
+    let (done, total) = if bytes > 0 {
+        (bytes_done, bytes)
+    } else {
+        (ops_done, ops)
+    };
+    match (running, total) {
+        (false, _) => 100,
+        (true, 0) => 0,
+        (true, t) => (done.min(t) * 100 / t) as u8,
+    }
 }
 
 /// Writes one message; the bytes written, or `None` if the stream broke.
@@ -753,6 +792,14 @@ async fn carry_out(
             if vanished {
                 session.vanished(seq);
             }
+            let bytes = match &op {
+                Op::Put {
+                    content: Some(c), ..
+                } => c.len() as u64,
+                Op::PutStream { entry } => entry.meta.size,
+                _ => 0,
+            };
+            session.shipping(seq, bytes);
             if let Some(file) = source {
                 tokio::spawn(stream_file(
                     link.clone(),

@@ -116,8 +116,16 @@ pub struct SessionStats {
     pub ops: u64,
     /// Highest op acked by the standby (active) or applied (standby).
     pub acked: u64,
-    /// Ops of the current or last full sync, and how many of them are acked.
+    /// Ops of the current or last full sync.
     pub full_sync_ops: u64,
+    /// How many of them are acked (active) or applied (standby).
+    pub full_sync_ops_done: u64,
+    /// Active: bytes of file content the current or last full sync sends.
+    pub full_sync_bytes: u64,
+    /// Active: how many of them the standby has acked.
+    pub full_sync_bytes_done: u64,
+    /// Active: bytes of file content sent and not yet acked.
+    pub unacked_bytes: u64,
     /// Full syncs started.
     pub full_syncs: u64,
     /// Ops the standby refused.
@@ -143,6 +151,10 @@ pub struct Session {
     theirs_done: bool,
     ours: Option<Manifest>,
     full_sync_end: Option<u64>,
+    /// The sequence number before the first op of the current full sync.
+    full_sync_base: u64,
+    /// Content bytes of ops sent and not yet acked, by sequence number.
+    unacked: VecDeque<(u64, u64)>,
     queue: VecDeque<Pending>,
     queued_ships: HashSet<RelPath>,
     /// Renames and deletions in the queue: a ship queued before one must not absorb a
@@ -179,6 +191,8 @@ impl Session {
             theirs_done: false,
             ours: None,
             full_sync_end: None,
+            full_sync_base: 0,
+            unacked: VecDeque::new(),
             queue: VecDeque::new(),
             queued_ships: HashSet::new(),
             queued_ops: 0,
@@ -213,9 +227,29 @@ impl Session {
 
     /// Counters.
     pub fn stats(&self) -> SessionStats {
+        let done = match (self.is_active(), self.full_sync_end) {
+            (true, Some(end)) => self
+                .stats
+                .acked
+                .min(end)
+                .saturating_sub(self.full_sync_base),
+            (true, None) => 0,
+            (false, _) if self.phase == Phase::Streaming => self.stats.full_sync_ops,
+            (false, _) => self.stats.acked.saturating_sub(self.full_sync_base),
+        };
         SessionStats {
             queued: self.queue.len() + self.dirty.len(),
+            full_sync_ops_done: done,
+            unacked_bytes: self.unacked.iter().map(|(_, b)| b).sum(),
             ..self.stats
+        }
+    }
+
+    /// Active: op `seq` carries `bytes` of file content (the driver read the file).
+    /// Counted as pending until the standby acks it.
+    pub fn shipping(&mut self, seq: u64, bytes: u64) {
+        if bytes > 0 && seq > self.stats.acked && seq >= self.full_sync_base {
+            self.unacked.push_back((seq, bytes));
         }
     }
 
@@ -333,6 +367,11 @@ impl Session {
         self.theirs_done = false;
         self.ours = None;
         self.full_sync_end = None;
+        self.full_sync_base = self.next_seq - 1;
+        self.stats.full_sync_ops = 0;
+        self.stats.full_sync_bytes = 0;
+        self.stats.full_sync_bytes_done = 0;
+        self.unacked.clear();
         // The full sync covers every change made so far; what happens from here on is
         // queued and shipped after it.
         self.queue.clear();
@@ -413,6 +452,15 @@ impl Session {
                     self.progress_at = now;
                 }
                 self.stats.acked = self.stats.acked.max(seq);
+                while let Some(&(s, bytes)) = self.unacked.front() {
+                    if s > self.stats.acked {
+                        break;
+                    }
+                    self.unacked.pop_front();
+                    if self.full_sync_end.is_some_and(|end| s <= end) {
+                        self.stats.full_sync_bytes_done += bytes;
+                    }
+                }
                 if let Some(end) = self.full_sync_end {
                     if self.stats.acked >= end && self.phase == Phase::FullSync {
                         self.phase = Phase::Streaming;
@@ -456,6 +504,13 @@ impl Session {
             policies.resolve(p.as_path()).priority.get()
         });
         let base = self.next_seq - 1;
+        self.full_sync_base = base;
+        self.stats.full_sync_bytes = diff
+            .send
+            .iter()
+            .filter(|t| t.content)
+            .map(|t| t.entry.meta.size)
+            .sum();
         self.send(
             Message::FullSyncStart {
                 sync: self.sync_id,
@@ -822,6 +877,7 @@ impl Session {
                     return;
                 }
                 self.expected = base + 1;
+                self.full_sync_base = base;
                 self.lost = false;
                 self.in_sync_at = None;
             }
@@ -848,6 +904,7 @@ impl Session {
             }
             Message::FullSyncDone { seq } => {
                 if !self.lost {
+                    self.stats.full_sync_ops = seq.saturating_sub(self.full_sync_base);
                     self.in_sync_at = Some(seq);
                     self.check_in_sync();
                 }

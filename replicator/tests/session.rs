@@ -307,6 +307,12 @@ impl World {
                             Op::Skip { path }
                         }
                     };
+                    if let Op::Put {
+                        content: Some(c), ..
+                    } = &op
+                    {
+                        self.active.shipping(seq, c.len() as u64);
+                    }
                     let message = Message::Op { seq, op };
                     Self::deliver(&mut self.to_standby, message, &mut self.rng, faults);
                 }
@@ -633,6 +639,46 @@ fn full_sync_on_a_clean_network() {
     // `never` paths stay as they are on each side.
     assert_eq!(w.standby_tree[&rel("local/l")].1, b"theirs");
     assert_eq!(w.connections, 1);
+}
+
+#[test]
+fn full_sync_progress_counts_ops_and_bytes_up_to_the_whole() {
+    let (active, standby) = initial_trees();
+    let mut w = World::new(5, active, standby);
+    let mut seen = Vec::new();
+    let mut steps = 0;
+    while w.pump(CLEAN) {
+        steps += 1;
+        assert!(steps < 100_000);
+        let a = w.active.stats();
+        if a.full_sync_ops > 0 {
+            seen.push((
+                a.full_sync_ops_done,
+                a.full_sync_bytes_done,
+                a.unacked_bytes,
+            ));
+            assert!(a.full_sync_ops_done <= a.full_sync_ops, "{a:?}");
+            assert!(a.full_sync_bytes_done <= a.full_sync_bytes, "{a:?}");
+        }
+    }
+    let a = w.active.stats();
+    assert!(a.full_sync_bytes > 0 && a.full_sync_ops > 1, "{a:?}");
+    assert_eq!(a.full_sync_ops_done, a.full_sync_ops, "{a:?}");
+    assert_eq!(a.full_sync_bytes_done, a.full_sync_bytes, "{a:?}");
+    assert_eq!(a.unacked_bytes, 0, "{a:?}");
+    assert!(
+        seen.windows(2)
+            .all(|p| p[0].0 <= p[1].0 && p[0].1 <= p[1].1),
+        "progress never goes back: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|&(ops, _, unacked)| ops < a.full_sync_ops && unacked > 0),
+        "progress was seen part way, with bytes in flight: {seen:?}"
+    );
+    let s = w.standby.stats();
+    assert_eq!(s.full_sync_ops, a.full_sync_ops, "{s:?}");
+    assert_eq!(s.full_sync_ops_done, a.full_sync_ops, "{s:?}");
 }
 
 #[test]

@@ -359,6 +359,14 @@ fn status_shows_each_peer() {
     }));
     let active_view = peer_of(0);
     assert_eq!(active_view["peer"], "node1", "{active_view}");
+    assert_eq!(active_view["full_sync_percent"], 100, "{active_view}");
+    assert_eq!(active_view["pending_bytes"], 0, "{active_view}");
+    assert!(
+        active_view["full_sync_bytes"].as_u64().unwrap_or(0) > 0
+            && active_view["full_sync_bytes"] == active_view["full_sync_bytes_done"]
+            && active_view["full_sync_ops"] == active_view["full_sync_ops_done"],
+        "{active_view}"
+    );
     assert!(
         active_view["bytes_sent"].as_u64().unwrap_or(0) > 200_000,
         "{active_view}"

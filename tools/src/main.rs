@@ -243,15 +243,21 @@ fn print_status(s: &NodeStatus) {
             v.path.display()
         );
         for p in &v.peers {
+            let full_sync = if p.full_sync == "in progress" {
+                format!("in progress {}%", p.full_sync_percent)
+            } else {
+                p.full_sync.clone()
+            };
             println!(
-                "  peer {:<10} {:<22} {:<13} full sync {:<11} ops {} acked {} pending {} rejected {} sent {} B received {} B",
+                "  peer {:<10} {:<22} {:<13} full sync {:<16} ops {} acked {} pending {} ({} B) rejected {} sent {} B received {} B",
                 p.peer,
                 p.address,
                 if p.connected { "connected" } else { "disconnected" },
-                p.full_sync,
+                full_sync,
                 p.ops,
                 p.acked,
                 p.pending,
+                p.pending_bytes,
                 p.rejected,
                 p.bytes_sent,
                 p.bytes_received
