@@ -245,6 +245,86 @@ impl<'a> Applier<'a> {
         Ok(())
     }
 
+    /// Writes `content` with `meta` to a temp file beside `path`, for
+    /// [`Applier::place_prepared`] to put in place later; with `durable`, fsync'd. A
+    /// batch of files is prepared without fsync, made durable by one
+    /// [`Applier::sync_filesystem`], then placed: never a torn file after a crash,
+    /// at a fraction of the fsyncs.
+    pub fn prepare_file(
+        &self,
+        path: &RelPath,
+        content: &[u8],
+        meta: &FileMeta,
+        durable: bool,
+    ) -> Result<Prepared> {
+        let (dir, name) = self.open_parent(path)?;
+        refuse_directory(dir.as_fd(), &name, path, "file")?;
+        let (mut temp, file) = create_temp(dir.as_fd(), |tmp| {
+            sys::openat(
+                dir.as_fd(),
+                tmp,
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+                0o600,
+            )
+        })
+        .map_err(io_err("create a temp file for", path))?;
+        let mut at = 0usize;
+        while at < content.len() {
+            at += sys::pwrite(file.as_fd(), &content[at..], at as u64)
+                .map_err(io_err("write", path))?;
+        }
+        apply_meta(At::Fd(file.as_fd()), true, meta, path)?;
+        if durable {
+            sys::fsync(file.as_fd(), false).map_err(io_err("fsync", path))?;
+        }
+        // The guard's job passes to the `Prepared`, which owns the directory.
+        let temp_name = std::mem::take(&mut temp.name);
+        let dir_times = temp.dir_times;
+        temp.placed = true;
+        drop(temp);
+        let dir_key = sys::fstat(dir.as_fd())
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino));
+        Ok(Prepared {
+            dir,
+            name,
+            temp: temp_name,
+            path: path.clone(),
+            dir_times,
+            dir_key,
+            placed: false,
+        })
+    }
+
+    /// Renames a prepared file into place; with `durable`, fsyncs the directory too.
+    pub fn place_prepared(&self, mut prepared: Prepared, durable: bool) -> Result<()> {
+        prepared.placed = true;
+        let temp = TempEntry {
+            dir: prepared.dir.as_fd(),
+            name: std::mem::take(&mut prepared.temp),
+            placed: false,
+            dir_times: prepared.dir_times,
+        };
+        place_with(temp, &prepared.name, &prepared.path, "file", durable)
+    }
+
+    /// Makes everything written to the volume's filesystem durable (`syncfs`).
+    pub fn sync_filesystem(&self) -> Result<()> {
+        let root = RelPath::root();
+        let fd = sys::openat(
+            self.root,
+            OsStr::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(io_err("open", &root))?;
+        // SAFETY: a valid fd for the duration of the call.
+        if unsafe { libc::syncfs(fd.as_raw_fd()) } != 0 {
+            return Err(io_err("syncfs", &root)(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// The block list of the regular file at `path` for a block delta: the block size
     /// [`delta::block_size`] picks for its length and the hash of each block. An empty
     /// list if there is no regular file there: then every block has to be sent.
@@ -689,6 +769,63 @@ fn open_regular(dir: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<Opt
     Ok(is_regular(&st).then_some(fd))
 }
 
+/// A file written beside its target by [`Applier::prepare_file`], not yet in place;
+/// removed when dropped unless placed.
+pub struct Prepared {
+    dir: OwnedFd,
+    name: OsString,
+    temp: OsString,
+    path: RelPath,
+    dir_times: Option<[libc::timespec; 2]>,
+    dir_key: Option<(u64, u64)>,
+    placed: bool,
+}
+
+impl Prepared {
+    /// Makes the temp file's content and metadata durable (fsync).
+    pub fn sync_data(&self) -> Result<()> {
+        let file = sys::openat(
+            self.dir.as_fd(),
+            &self.temp,
+            libc::O_RDONLY | libc::O_NOFOLLOW,
+            0,
+        )
+        .map_err(io_err("open the temp file of", &self.path))?;
+        sys::fsync(file.as_fd(), false).map_err(io_err("fsync", &self.path))
+    }
+
+    /// The path it is for.
+    pub fn path(&self) -> &RelPath {
+        &self.path
+    }
+
+    /// Gives it the parent directory's times recorded in `first` for an earlier file of
+    /// the same batch in the same directory (or records its own): a batch's temp
+    /// files move the directory's mtime, and a replacement restores the time from
+    /// before the first of them.
+    pub fn share_dir_times(&mut self, first: &mut DirTimesSeen) {
+        if let Some(key) = self.dir_key {
+            self.dir_times = *first.entry(key).or_insert(self.dir_times);
+        }
+    }
+}
+
+/// Directory times by (device, inode), kept across one batch of prepared files.
+pub type DirTimesSeen = std::collections::HashMap<(u64, u64), Option<[libc::timespec; 2]>>;
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if self.placed {
+            return;
+        }
+        if let Err(e) = sys::unlinkat(self.dir.as_fd(), &self.temp, 0) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(name = ?self.temp, error = %e, "could not remove a temp entry");
+            }
+        }
+    }
+}
+
 /// A temp entry in a directory, removed when dropped unless it was renamed into place.
 struct TempEntry<'d> {
     dir: BorrowedFd<'d>,
@@ -777,7 +914,18 @@ fn commit_file(
 
 /// Renames a finished temp entry over `name` in the same directory, then fsyncs the
 /// directory so the rename itself survives a crash.
-fn place(mut temp: TempEntry<'_>, name: &OsStr, path: &RelPath, want: &'static str) -> Result<()> {
+fn place(temp: TempEntry<'_>, name: &OsStr, path: &RelPath, want: &'static str) -> Result<()> {
+    place_with(temp, name, path, want, true)
+}
+
+/// [`place`], with the directory fsync left to the caller when `sync` is false.
+fn place_with(
+    mut temp: TempEntry<'_>,
+    name: &OsStr,
+    path: &RelPath,
+    want: &'static str,
+    sync: bool,
+) -> Result<()> {
     let dir = temp.dir;
     let replaces = sys::statat(dir, name).is_ok();
     sys::renameat2(dir, &temp.name, dir, name, 0).map_err(|e| match e.raw_os_error() {
@@ -794,6 +942,9 @@ fn place(mut temp: TempEntry<'_>, name: &OsStr, path: &RelPath, want: &'static s
         At::Fd(dir)
             .utimens(&times)
             .map_err(io_err("restore the times of the parent directory of", path))?;
+    }
+    if !sync {
+        return Ok(());
     }
     sync_dir(dir).map_err(io_err("fsync the parent directory of", path))
 }

@@ -164,6 +164,10 @@ pub struct Session {
     resync_wanted: bool,
     // Standby side.
     expected: u64,
+    /// Every op up to here is applied; ops applied ahead of a slower one (a large
+    /// file) wait in `applied_ahead` for the ack.
+    applied_upto: u64,
+    applied_ahead: std::collections::BTreeSet<u64>,
     lost: bool,
     in_sync_at: Option<u64>,
     in_sync: bool,
@@ -199,6 +203,8 @@ impl Session {
             dirty: BTreeMap::new(),
             resync_wanted: false,
             expected: 1,
+            applied_upto: 0,
+            applied_ahead: std::collections::BTreeSet::new(),
             lost: false,
             in_sync_at: None,
             in_sync: false,
@@ -877,6 +883,8 @@ impl Session {
                     return;
                 }
                 self.expected = base + 1;
+                self.applied_upto = base;
+                self.applied_ahead.clear();
                 self.full_sync_base = base;
                 self.lost = false;
                 self.in_sync_at = None;
@@ -913,7 +921,9 @@ impl Session {
         }
     }
 
-    /// Standby: op `seq` was applied (`Ok`) or refused (`Err` with the reason).
+    /// Standby: op `seq` was applied (`Ok`) or refused (`Err` with the reason). Ops may
+    /// be reported out of order (a large file applied while later ops go on); the ack
+    /// covers only what is applied without a gap.
     pub fn applied(&mut self, seq: u64, path: &RelPath, result: Result<(), String>, now: Instant) {
         self.stats.ops += 1;
         if let Err(reason) = result {
@@ -928,9 +938,25 @@ impl Session {
                 now,
             );
         }
-        self.stats.acked = self.stats.acked.max(seq);
-        self.send(Message::Ack { seq }, now);
-        self.check_in_sync();
+        if seq <= self.applied_upto {
+            // An op of an abandoned full sync finishing late: nothing to ack.
+            return;
+        }
+        self.applied_ahead.insert(seq);
+        let before = self.applied_upto;
+        while self.applied_ahead.remove(&(self.applied_upto + 1)) {
+            self.applied_upto += 1;
+        }
+        if self.applied_upto > before {
+            self.stats.acked = self.applied_upto;
+            self.send(
+                Message::Ack {
+                    seq: self.applied_upto,
+                },
+                now,
+            );
+            self.check_in_sync();
+        }
     }
 
     fn check_in_sync(&mut self) {

@@ -813,3 +813,46 @@ proptest! {
         prop_assert_eq!(&w.standby_tree[&rel("local/l")].1, b"theirs");
     }
 }
+
+#[test]
+fn ops_applied_out_of_order_are_acked_only_without_a_gap() {
+    let policies = policies();
+    let now = Instant::now();
+    let mut standby = Session::new(config(Role::Standby, &policies), now);
+    let hello = Message::Hello {
+        version: twinfs_replicator::protocol::VERSION,
+        volume: "vol".into(),
+        role: Role::Active,
+        epoch: 1,
+    };
+    standby.on_message(hello, now);
+    standby.on_message(Message::RequestManifest { sync: 1 }, now);
+    standby.on_message(Message::FullSyncStart { sync: 1, base: 10 }, now);
+    for seq in 11..=13 {
+        let op = Op::Delete {
+            path: rel(&format!("f{seq}")),
+        };
+        standby.on_message(Message::Op { seq, op }, now);
+    }
+    standby.on_message(Message::FullSyncDone { seq: 13 }, now);
+    let _ = std::iter::from_fn(|| standby.poll_output()).count();
+    let acks = |s: &mut Session| -> Vec<u64> {
+        std::iter::from_fn(|| s.poll_output())
+            .filter_map(|o| match o {
+                Output::Send(Message::Ack { seq }) => Some(seq),
+                _ => None,
+            })
+            .collect()
+    };
+    // Op 11 (a large file, say) is still being applied when 12 and 13 are done.
+    standby.applied(12, &rel("f12"), Ok(()), now);
+    standby.applied(13, &rel("f13"), Ok(()), now);
+    assert_eq!(acks(&mut standby), Vec::<u64>::new());
+    assert!(!standby.in_sync());
+    standby.applied(11, &rel("f11"), Ok(()), now);
+    assert_eq!(acks(&mut standby), vec![13]);
+    assert!(standby.in_sync());
+    // A late report of an op of an abandoned full sync changes nothing.
+    standby.applied(5, &rel("old"), Ok(()), now);
+    assert_eq!(acks(&mut standby), Vec::<u64>::new());
+}
