@@ -58,7 +58,10 @@ cleanup() {
     grep " fuse.twinfs " /proc/mounts | awk '{print $2}' | grep "^$S/" | while read -r m; do
         fusermount3 -u -z "$m" 2>/dev/null || true
     done
-    mountpoint -q "$S" && umount "$S" || true
+    if mountpoint -q "$S"; then
+        sleep 0.5
+        umount "$S" 2>/dev/null || umount -l "$S" || true
+    fi
     [[ -n $LOOP ]] && losetup -d "$LOOP" || true
     rm -rf "$WORK"
 }

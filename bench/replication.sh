@@ -40,7 +40,10 @@ cleanup() {
     for m in "$S/a/vol" "$S/b/vol"; do
         grep -q " $m fuse" /proc/mounts && fusermount3 -u -z "$m" 2>/dev/null || true
     done
-    mountpoint -q "$S" && umount "$S" || true
+    if mountpoint -q "$S"; then
+        sleep 0.5
+        umount "$S" 2>/dev/null || umount -l "$S" || true
+    fi
     [[ -n $LOOP ]] && losetup -d "$LOOP" || true
     rm -rf "$WORK"
 }
