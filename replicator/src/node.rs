@@ -187,6 +187,10 @@ pub struct VolumeLink {
     pub cache: Arc<Mutex<HashCache>>,
     /// Where the hash cache is kept across restarts.
     pub cache_file: std::path::PathBuf,
+    /// Held (shared) by each large file being applied in the background, and
+    /// (exclusively) by a standby's scan: a new session's full sync never starts while
+    /// an old session's large file may still be put in place.
+    pub applying: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Another node.
@@ -651,6 +655,10 @@ async fn run_session(
                     seq,
                     op: Op::PutStream { entry },
                 } => {
+                    // Earlier small files first: one may be an older version of it.
+                    if !batch.is_empty() {
+                        batch.flush(&volume, &mut session).await;
+                    }
                     large.start(&volume, &link, &counters, seq, entry);
                     continue;
                 }
@@ -814,6 +822,8 @@ async fn carry_out(
     match out {
         Output::Send(m) => write(send, &m).await,
         Output::ScanLocal => {
+            // Large files of an earlier session still being applied land first.
+            let _applying = volume.applying.write().await;
             let v = volume.clone();
             let scanned = tokio::task::spawn_blocking(move || scan(&v)).await;
             match scanned {
@@ -1319,6 +1329,7 @@ impl LargeApplies {
         );
         self.busy.insert(seq, entry.path.clone());
         tokio::spawn(async move {
+            let _applying = volume.applying.clone().read_owned().await;
             let path = entry.path.clone();
             let result = apply_streamed(&volume, &link, seq, entry, &counters).await;
             let _ = done.send((seq, path, result));

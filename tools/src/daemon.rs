@@ -231,6 +231,7 @@ fn start_replication(
             volume: v.mounted.volume().clone(),
             cache: Arc::new(Mutex::new(HashCache::load(&cache_file))),
             cache_file,
+            applying: Default::default(),
         });
     }
     let peers = config
