@@ -233,21 +233,7 @@ pub fn endpoint(
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
     client.transport_config(transport);
 
-    let mut endpoint_config = quinn::EndpointConfig::default();
-    // What this endpoint accepts; the default (1472) would cap the MTU discovery below.
-    endpoint_config
-        .max_udp_payload_size(MAX_UDP_PAYLOAD)
-        .map_err(|e| TransportError::Bind {
-            addr: bind,
-            source: std::io::Error::other(e),
-        })?;
-    let socket = std::net::UdpSocket::bind(bind)
-        .map_err(|source| TransportError::Bind { addr: bind, source })?;
-    let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
-        addr: bind,
-        source: std::io::Error::other("no async runtime"),
-    })?;
-    let mut endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)
+    let mut endpoint = quinn::Endpoint::server(server, bind)
         .map_err(|source| TransportError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
@@ -264,17 +250,8 @@ fn transport_config() -> quinn::TransportConfig {
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(u64::from(CONNECTION_WINDOW));
-    // Probe for the path's largest datagram: about 1450 bytes on Ethernet, up to 64 KiB
-    // on loopback, where one large packet replaces dozens of small ones and their
-    // per-packet crypto and syscalls.
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    config.mtu_discovery_config(Some(mtu));
     config
 }
-
-/// The largest UDP payload QUIC may probe for.
-const MAX_UDP_PAYLOAD: u16 = 65_527 - 48;
 
 /// Connects to the peer at `addr` and checks that it is `expected`, not merely some
 /// pinned peer. Returns the connection and the peer's ID.
