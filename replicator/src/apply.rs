@@ -1107,7 +1107,7 @@ fn copy_prefix(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> io::Result
 }
 
 /// Reads into all of `buf` from `offset` unless the file ends first: the bytes read.
-fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+pub(crate) fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match sys::pread(fd, &mut buf[done..], offset + done as u64) {

@@ -1093,7 +1093,11 @@ async fn stream_file(
         let mut index = 0usize;
         loop {
             let mut record = vec![0u8; delta::RECORD_HEADER + block];
-            let n = match read_block(file.as_fd(), &mut record[delta::RECORD_HEADER..], offset) {
+            let n = match crate::apply::read_full(
+                file.as_fd(),
+                &mut record[delta::RECORD_HEADER..],
+                offset,
+            ) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
@@ -1128,22 +1132,6 @@ async fn stream_file(
 
 /// How long the active keeps a large file open waiting for the standby to ask for it.
 const BLOCK_LIST_WAIT: Duration = Duration::from_secs(120);
-
-/// Reads a whole block (fewer bytes only at the end of the file).
-fn read_block(
-    fd: std::os::fd::BorrowedFd<'_>,
-    buf: &mut [u8],
-    offset: u64,
-) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match twinfs_fs::sys::pread(fd, &mut buf[done..], offset + done as u64)? {
-            0 => break,
-            n => done += n,
-        }
-    }
-    Ok(done)
-}
 
 /// Errors reading a block list or blocks from a stream.
 #[derive(Debug, thiserror::Error)]
