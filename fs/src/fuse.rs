@@ -633,6 +633,22 @@ impl Filesystem for FuseAdapter {
         );
     }
 
+    /// No ioctls: ENOTTY, which is what `isatty()` (every Python `open()`) expects,
+    /// answered quietly (fuser's default logs a warning per call).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn lseek(
         &self,
         _req: &Request,

@@ -308,6 +308,19 @@ impl<'a> Applier<'a> {
         place_with(temp, &prepared.name, &prepared.path, "file", durable)
     }
 
+    /// Puts a prepared file in place and returns at once, so readers see it; the
+    /// rename is durable only after [`Placed::sync`]. Its content must already be
+    /// ([`Prepared::sync_data`]) for a crash to leave the old or the new file whole.
+    pub fn place_visible(&self, prepared: Prepared) -> Result<Placed> {
+        let dir = prepared
+            .dir
+            .try_clone()
+            .map_err(io_err("open the parent directory of", &prepared.path))?;
+        let path = prepared.path.clone();
+        self.place_prepared(prepared, false)?;
+        Ok(Placed { dir, path })
+    }
+
     /// Makes everything written to the volume's filesystem durable (`syncfs`).
     pub fn sync_filesystem(&self) -> Result<()> {
         let root = RelPath::root();
@@ -807,6 +820,20 @@ impl Prepared {
         if let Some(key) = self.dir_key {
             self.dir_times = *first.entry(key).or_insert(self.dir_times);
         }
+    }
+}
+
+/// A file [`Applier::place_visible`] put in place whose directory entry may not be
+/// durable yet.
+pub struct Placed {
+    dir: OwnedFd,
+    path: RelPath,
+}
+
+impl Placed {
+    /// Makes the rename durable (fsync of the parent directory).
+    pub fn sync(self) -> Result<()> {
+        sync_dir(self.dir.as_fd()).map_err(io_err("fsync the parent directory of", &self.path))
     }
 }
 

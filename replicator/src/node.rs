@@ -1455,11 +1455,16 @@ impl Batch {
                 let result = match (&synced, s.prepared, s.content) {
                     (Err(e), _, _) => Err(e.to_string()),
                     (Ok(()), Some(p), _) if single => {
-                        // One file: fsync it and its directory, as the plain path does.
-                        sync_prepared(&applier, p)
+                        // One file: fsync it, rename, let readers see it, and only
+                        // then fsync the directory (the ack waits for that).
+                        place_single(&applier, p, || invalidate(&v, &path))
                     }
                     (Ok(()), Some(p), _) => {
-                        applier.place_prepared(p, false).map_err(|e| e.to_string())
+                        let placed = applier.place_prepared(p, false).map_err(|e| e.to_string());
+                        if placed.is_ok() {
+                            invalidate(&v, &path);
+                        }
+                        placed
                     }
                     (Ok(()), None, Some(bytes)) => apply_op(
                         &v,
@@ -1471,9 +1476,6 @@ impl Batch {
                     .map_err(|e| e.to_string()),
                     (Ok(()), None, None) => Err("nothing to apply".into()),
                 };
-                if result.is_ok() {
-                    invalidate(&v, &path);
-                }
                 results.push((s.seq, path, result));
             }
             // The renames now; the temp files' data already was.
@@ -1501,12 +1503,18 @@ impl Batch {
     }
 }
 
-/// Puts a single prepared file in place durably: fsync it, rename, fsync the directory.
-fn sync_prepared(applier: &Applier<'_>, prepared: crate::apply::Prepared) -> Result<(), String> {
+/// Puts a single prepared file in place durably: fsync it, rename, call `visible`
+/// (readers may see it now: a crash leaves the old or the new file whole), fsync the
+/// directory.
+fn place_single(
+    applier: &Applier<'_>,
+    prepared: crate::apply::Prepared,
+    visible: impl FnOnce(),
+) -> Result<(), String> {
     prepared.sync_data().map_err(|e| e.to_string())?;
-    applier
-        .place_prepared(prepared, true)
-        .map_err(|e| e.to_string())
+    let placed = applier.place_visible(prepared).map_err(|e| e.to_string())?;
+    visible();
+    placed.sync().map_err(|e| e.to_string())
 }
 
 /// Bytes of a session's large-file streams, which bypass its message stream.
