@@ -21,7 +21,7 @@ use crate::capture::{Record, RecordSink};
 use crate::delta::{self, BlockList};
 use crate::manifest::{self, HashCache, Kind, Manifest, Meta};
 use crate::path::RelPath;
-use crate::policy::{PolicySet, SyncMode};
+use crate::policy::{Durability, PolicySet, SyncMode};
 use crate::protocol::{Message, Op, ProtocolError, MAX_MESSAGE};
 use crate::session::{Output, Session, SessionConfig};
 use crate::transport::{self, PeerId};
@@ -33,31 +33,34 @@ const REDIAL: Duration = Duration::from_millis(500);
 /// up meanwhile answers the next attempt at once, not a backed-off retransmission).
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(2);
 
-/// Forwards a volume's change records to every session of that volume.
 /// A change record numbered in capture order.
 pub type Numbered = (u64, Record);
 
 /// Forwards a volume's change records to every session of that volume and, for a
-/// volume with `durability = "sync"`, holds the writer until every connected standby
-/// has applied the change, or until the timeout.
+/// path whose durability is `sync` (its rule's, else the volume's), holds the writer
+/// until every connected standby has applied the change, or until the timeout.
 pub struct Broadcast {
     tx: broadcast::Sender<Numbered>,
     next: std::sync::atomic::AtomicU64,
     gate: Arc<SyncGate>,
-    sync_timeout: Option<Duration>,
+    durability: Durability,
+    sync_timeout: Duration,
 }
 
 impl Broadcast {
-    /// A sink sending into `tx`; `sync_timeout` set for synchronous durability.
+    /// A sink sending into `tx`; `durability` is the volume's, for paths whose rule
+    /// does not say, and a sync write waits at most `sync_timeout`.
     pub fn new(
         tx: broadcast::Sender<Numbered>,
         gate: Arc<SyncGate>,
-        sync_timeout: Option<Duration>,
+        durability: Durability,
+        sync_timeout: Duration,
     ) -> Broadcast {
         Broadcast {
             tx,
             next: std::sync::atomic::AtomicU64::new(1),
             gate,
+            durability,
             sync_timeout,
         }
     }
@@ -67,10 +70,11 @@ impl RecordSink for Broadcast {
     fn push(&self, record: Record) {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ships_now = record.policy.sync == SyncMode::Always;
+        let durability = record.policy.durability.unwrap_or(self.durability);
         // No receiver (no standby connected) is fine: the next full sync covers it.
         let _ = self.tx.send((id, record));
-        if let (Some(timeout), true) = (self.sync_timeout, ships_now) {
-            self.gate.wait(id, timeout);
+        if ships_now && durability == Durability::Sync {
+            self.gate.wait(id, self.sync_timeout);
         }
     }
 }

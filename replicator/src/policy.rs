@@ -58,8 +58,35 @@ impl SyncMode {
     }
 }
 
-/// How much a change matters: 1 must reach the standbys before the write is
-/// acknowledged (with sync durability), 2 is best effort.
+/// When a write of a changed `always` path on the active node returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// At once; the standbys catch up.
+    Async,
+    /// When every connected standby has applied the change, or at the volume's
+    /// `sync_timeout`.
+    Sync,
+}
+
+impl Durability {
+    /// The name used in the configuration file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Async => "async",
+            Durability::Sync => "sync",
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How much a change matters: 1 is a file a standby must have before it may take
+/// over, 2 is normal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Priority(u8);
 
@@ -97,13 +124,17 @@ pub struct Policy {
     pub sync: SyncMode,
     /// How much its changes matter.
     pub priority: Priority,
+    /// Whether its writes wait for the standbys; `None` for the volume's setting.
+    pub durability: Option<Durability>,
 }
 
 impl Policy {
-    /// The policy of a path that no rule matches: sync always, priority 2.
+    /// The policy of a path that no rule matches: sync always, priority 2, the
+    /// volume's durability.
     pub const DEFAULT: Policy = Policy {
         sync: SyncMode::Always,
         priority: Priority::NORMAL,
+        durability: None,
     };
 }
 
@@ -238,10 +269,12 @@ mod tests {
     const NEVER: Policy = Policy {
         sync: SyncMode::Never,
         priority: Priority::NORMAL,
+        durability: None,
     };
     const ONCE: Policy = Policy {
         sync: SyncMode::Once,
         priority: Priority::MUST_SYNC,
+        durability: None,
     };
 
     fn set(rules: &[(&str, Policy)]) -> PolicySet {
@@ -393,7 +426,11 @@ mod tests {
             ],
             prop_oneof![Just(Priority::MUST_SYNC), Just(Priority::NORMAL)],
         )
-            .prop_map(|(sync, priority)| Policy { sync, priority })
+            .prop_map(|(sync, priority)| Policy {
+                sync,
+                priority,
+                durability: None,
+            })
     }
 
     fn rules() -> impl Strategy<Value = Vec<Rule>> {

@@ -60,6 +60,7 @@ fn policies() -> PolicySet {
             Policy {
                 sync,
                 priority: Priority::NORMAL,
+                durability: None,
             },
         )
         .expect("rule")

@@ -44,6 +44,7 @@ fn cmm_policies() -> PolicySet {
             Policy {
                 sync,
                 priority: Priority::new(priority).expect("priority"),
+                durability: None,
             },
         )
         .expect("rule")
@@ -291,14 +292,17 @@ fn each_record_carries_the_policy_of_its_path() {
     let once1 = Policy {
         sync: SyncMode::Once,
         priority: Priority::MUST_SYNC,
+        durability: None,
     };
     let interval = Policy {
         sync: SyncMode::Interval(std::time::Duration::from_secs(3600)),
         priority: Priority::NORMAL,
+        durability: None,
     };
     let never = Policy {
         sync: SyncMode::Never,
         priority: Priority::NORMAL,
+        durability: None,
     };
     let want = [
         ("a.sif", once1),

@@ -430,6 +430,43 @@ fn sync_durability_waits_for_the_standby_and_gives_up_at_the_timeout() {
 }
 
 #[test]
+fn sync_durability_per_rule_holds_only_the_paths_it_names() {
+    let _serial = twinfs_tests::serial();
+    let rules = format!(
+        "sync_timeout = \"3s\"\n\n[[volume.rule]]\nmatch = \"critical\"\nsync = \"always\"\ndurability = \"sync\"\n{RULES}"
+    );
+    let mut c = Cluster::new(2, &rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let b = c.nodes[1].volume.clone();
+    fs::create_dir(c.active().join("critical")).expect("mkdir");
+    for i in 0..10 {
+        let name = format!("critical/passwd-{i}");
+        fs::write(c.active().join(&name), format!("version {i}")).expect("write");
+        assert_eq!(
+            fs::read_to_string(b.join(&name)).ok().as_deref(),
+            Some(format!("version {i}").as_str()),
+            "a sync path is on the standby when close() returns"
+        );
+    }
+
+    // With the standby paused, a write to a path of the (async) volume does not
+    // wait, so it cannot time out; one under the sync rule does, and times out.
+    let standby_pid = c.nodes[1].pid().expect("running") as i32;
+    // SAFETY: signals to our own child process.
+    unsafe { libc::kill(standby_pid, libc::SIGSTOP) };
+    fs::write(c.active().join("cmm.conf"), "async while paused\n").expect("write");
+    let peer = c.nodes[0].volume_status()["peers"][0].clone();
+    assert_eq!(peer["out_of_sync"], false, "an async write waited: {peer}");
+    fs::write(c.active().join("critical/late"), "late").expect("write completes");
+    let peer = c.nodes[0].volume_status()["peers"][0].clone();
+    assert_eq!(peer["out_of_sync"], true, "{peer}");
+    // SAFETY: as above.
+    unsafe { libc::kill(standby_pid, libc::SIGCONT) };
+    c.wait_converged(CONVERGE);
+}
+
+#[test]
 fn a_network_cut_during_a_stream_of_writes_heals_by_itself() {
     let _serial = twinfs_tests::serial();
     use twinfs_tests::daemon::NetPair;

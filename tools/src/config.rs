@@ -25,17 +25,18 @@
 //! sync = "interval"                   # always | once | interval | never
 //! interval = "1h"                     # with sync = "interval" only, and then required
 //! priority = 1                        # 1 (must sync) or 2 (default)
+//! durability = "sync"                 # optional: the volume's when left out
 //! ```
 
 use std::collections::HashMap;
-use std::fmt;
+
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use toml::Spanned;
 use twinfs_replicator::policy::{Policy, PolicySet, Priority, Rule, SyncMode};
 
@@ -111,31 +112,7 @@ pub struct VolumeConfig {
 pub use twinfs_fs::Role;
 
 /// When a write on the active node returns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// At once; the standbys catch up.
-    Async,
-    /// When the standbys have the change (for priority 1 paths), or at
-    /// `sync_timeout`.
-    Sync,
-}
-
-impl Durability {
-    /// The name used in the configuration file.
-    pub fn name(self) -> &'static str {
-        match self {
-            Durability::Async => "async",
-            Durability::Sync => "sync",
-        }
-    }
-}
-
-impl fmt::Display for Durability {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use twinfs_replicator::policy::Durability;
 
 /// Why a configuration file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -410,6 +387,7 @@ struct RawRule {
     sync: Spanned<SyncName>,
     interval: Option<Spanned<String>>,
     priority: Option<Spanned<i64>>,
+    durability: Option<Durability>,
 }
 
 /// `sync` as written; the interval is a key of its own.
@@ -626,7 +604,12 @@ impl RawRule {
                 })?,
             None => Priority::NORMAL,
         };
-        Rule::new(self.pattern.get_ref(), Policy { sync, priority })
+        let policy = Policy {
+            sync,
+            priority,
+            durability: self.durability,
+        };
+        Rule::new(self.pattern.get_ref(), policy)
             .map_err(|e| doc.invalid(self.pattern.span(), &format!("{key}.match"), e.to_string()))
     }
 }

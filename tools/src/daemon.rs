@@ -60,15 +60,14 @@ fn mount_volume(
     // Bounded: a session that falls this far behind resyncs by manifest instead.
     let (changes, _) = tokio::sync::broadcast::channel(CHANGE_BACKLOG);
     let gate = Arc::new(node::SyncGate::default());
-    let sync_timeout =
-        (vc.durability == crate::config::Durability::Sync).then_some(vc.sync_timeout);
     let capture = Arc::new(Capture::new(
         &vc.name,
         vc.policies.clone(),
         Some(Box::new(node::Broadcast::new(
             changes.clone(),
             gate.clone(),
-            sync_timeout,
+            vc.durability,
+            vc.sync_timeout,
         ))),
     ));
     let volume = Volume::new(&vc.path, state.role, capture.clone()).map_err(|e| {

@@ -114,6 +114,7 @@ interval = "1h 30m"
 match = "local"
 sync = "never"
 priority = 2
+durability = "async"
 
 [[volume]]
 name = "second.vol_2"
@@ -157,7 +158,8 @@ path = "{{VOL2}}"
         rules[0].policy(),
         Policy {
             sync: SyncMode::Once,
-            priority: Priority::MUST_SYNC
+            priority: Priority::MUST_SYNC,
+            durability: None,
         }
     );
     assert_eq!(rules[1].pattern(), "fw/*.bin");
@@ -165,10 +167,12 @@ path = "{{VOL2}}"
         rules[1].policy(),
         Policy {
             sync: SyncMode::Interval(Duration::from_secs(90 * 60)),
-            priority: Priority::NORMAL
+            priority: Priority::NORMAL,
+            durability: None,
         }
     );
     assert_eq!(rules[2].policy().sync, SyncMode::Never);
+    assert_eq!(rules[2].policy().durability, Some(Durability::Async));
     assert_eq!(
         cmm.policies.resolve(Path::new("local/x/a.sif")).sync,
         SyncMode::Once,
@@ -508,6 +512,16 @@ fn a_bad_role() {
         &text,
         4,
         "volume[0].durability",
+        "unknown variant `eventual`",
+    );
+    let text = format!(
+        "{}[[volume.rule]]\nmatch = \"x\"\nsync = \"always\"\ndurability = \"eventual\"\n",
+        minimal_volume()
+    );
+    setup.assert_error(
+        &text,
+        7,
+        "volume[0].rule[0].durability",
         "unknown variant `eventual`",
     );
 }
