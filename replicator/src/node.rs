@@ -623,10 +623,13 @@ async fn run_session(
     }
     let mut batch = Batch::default();
     let mut large = LargeApplies::new();
+    // Full syncs finished, and those whose memory was given back since.
+    let (mut synced, mut compacted) = (0u64, 0u64);
     loop {
         while let Some(out) = session.poll_output() {
             if matches!(out, Output::InSync) {
                 link.update(&volume.name, |s| s.full_sync_done = Some(unix_now()));
+                synced += 1;
             }
             // An op on a path a large file is still being applied to (or above or
             // below it) waits for it; a scan waits for all of them.
@@ -692,6 +695,14 @@ async fn run_session(
         }
         if session.caught_up() {
             volume.gate.caught_up(gate_id, seen);
+            synced = synced.max(session.stats().full_syncs);
+        }
+        if synced > compacted {
+            // A full sync is through: its manifests and queues are gone; give the
+            // room back rather than keep the peak for the life of the daemon.
+            compacted = synced;
+            session.compact();
+            release_memory();
         }
         report(
             &link,
@@ -736,6 +747,15 @@ async fn run_session(
     }
     volume.gate.unregister(gate_id);
     link.update(&volume.name, |s| s.connected = false);
+}
+
+/// Returns the heap's free memory to the system (glibc keeps it otherwise).
+fn release_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn report(link: &Link, volume: &VolumeLink, session: &Session, sent: u64, received: u64) {

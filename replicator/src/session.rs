@@ -274,6 +274,24 @@ impl Session {
             && !self.resync_wanted
     }
 
+    /// Gives back the room its queues grew to during a full sync, once they are
+    /// empty (a full sync of 100,000 files leaves queues sized for all of them).
+    pub fn compact(&mut self) {
+        if self.queue.is_empty() {
+            self.queue.shrink_to_fit();
+            self.queued_ships.shrink_to_fit();
+        }
+        if self.unacked.is_empty() {
+            self.unacked.shrink_to_fit();
+        }
+        if self.out.is_empty() {
+            self.out.shrink_to_fit();
+        }
+        if self.theirs.is_empty() {
+            self.theirs.shrink_to_fit();
+        }
+    }
+
     fn remember_rejected(&mut self, path: RelPath, reason: String) {
         if self.rejected.len() == REJECTED_KEPT {
             self.rejected.pop_front();
@@ -499,7 +517,8 @@ impl Session {
             return;
         };
         let mut theirs = Manifest::default();
-        for entry in self.theirs.drain(..) {
+        // Taken, not drained: a drained Vec would keep room for the whole manifest.
+        for entry in std::mem::take(&mut self.theirs) {
             // The standby's `never` paths are its own business: never deleted.
             if self.config.policies.resolve(entry.path.as_path()).sync != SyncMode::Never {
                 theirs.insert(entry);
