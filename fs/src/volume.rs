@@ -192,6 +192,10 @@ pub struct Volume {
     dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
     next_fh: AtomicU64,
     role: AtomicU8,
+    /// Held shared by each write-type operation while it runs, and exclusively by a
+    /// role switch: once [`Volume::set_role`] to standby returns, no local write is in
+    /// progress, and none starts.
+    writing: RwLock<()>,
     passthrough: AtomicBool,
     sink: Arc<dyn ChangeSink>,
 }
@@ -269,6 +273,7 @@ impl Volume {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             role: AtomicU8::new(role as u8),
+            writing: RwLock::new(()),
             passthrough: AtomicBool::new(false),
             sink,
         })
@@ -293,9 +298,25 @@ impl Volume {
         }
     }
 
-    /// Switches the role at once, without remounting. Open handles stay open.
+    /// Switches the role without remounting, once the write-type operations under
+    /// way have finished (they are short; a sync write waits at most its timeout).
+    /// Open handles stay open; through FUSE (not passthrough) their writes get EROFS
+    /// from then on.
+    ///
+    /// Switching to standby records a change for each file open for writing that was
+    /// written since its last record: its writer can write no more, and what it
+    /// wrote while this node was active must be shipped without waiting for a close.
     pub fn set_role(&self, role: Role) {
+        let _quiet = self.writing.write().unwrap_or_else(|e| e.into_inner());
         self.role.store(role as u8, Ordering::Release);
+        if role == Role::Standby {
+            let open: Vec<Arc<OpenFile>> = self.read_files().values().cloned().collect();
+            for file in open.iter().filter(|f| f.writable) {
+                if file.take_change().unwrap_or(true) {
+                    self.record(file.ino, ChangeKind::Write);
+                }
+            }
+        }
     }
 
     /// Whether open files are served by FUSE passthrough.
@@ -330,9 +351,12 @@ impl Volume {
         self.files.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn writable(&self) -> Result<()> {
+    /// Whether local writes are allowed; the guard keeps the role from switching
+    /// until the write is done.
+    fn writable(&self) -> Result<RwLockReadGuard<'_, ()>> {
+        let guard = self.writing.read().unwrap_or_else(|e| e.into_inner());
         match self.role() {
-            Role::Active => Ok(()),
+            Role::Active => Ok(guard),
             Role::Standby => Err(Error::ReadOnly),
         }
     }
@@ -496,7 +520,7 @@ impl Volume {
     /// Changes attributes: owner first, then mode, size and times, in the order
     /// `chown` clearing set-id bits needs.
     pub fn setattr(&self, ino: u64, set: SetAttr) -> Result<Attr> {
-        self.writable()?;
+        let _writing = self.writable()?;
         let file = match set.fh {
             Some(fh) => self.file(fh).ok(),
             None => None,
@@ -566,7 +590,7 @@ impl Volume {
         rdev: u64,
         caller: Caller,
     ) -> Result<Attr> {
-        self.writable()?;
+        let _writing = self.writable()?;
         check_name(name)?;
         sys::clear_thread_umask();
         let dir = self.dir_fd(parent)?;
@@ -579,7 +603,7 @@ impl Volume {
 
     /// Creates a directory.
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
-        self.writable()?;
+        let _writing = self.writable()?;
         check_name(name)?;
         sys::clear_thread_umask();
         let dir = self.dir_fd(parent)?;
@@ -598,7 +622,7 @@ impl Volume {
         target: &OsStr,
         caller: Caller,
     ) -> Result<Attr> {
-        self.writable()?;
+        let _writing = self.writable()?;
         check_name(name)?;
         let dir = self.dir_fd(parent)?;
         sys::symlinkat(target, dir.as_fd(), name)?;
@@ -610,7 +634,7 @@ impl Volume {
 
     /// Removes a non-directory.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
-        self.writable()?;
+        let _writing = self.writable()?;
         check_exists(name)?;
         let dir = self.dir_fd(parent)?;
         sys::unlinkat(dir.as_fd(), name, 0)?;
@@ -621,7 +645,7 @@ impl Volume {
 
     /// Removes an empty directory.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
-        self.writable()?;
+        let _writing = self.writable()?;
         check_exists(name)?;
         let dir = self.dir_fd(parent)?;
         sys::unlinkat(dir.as_fd(), name, libc::AT_REMOVEDIR)?;
@@ -639,7 +663,7 @@ impl Volume {
         newname: &OsStr,
         flags: u32,
     ) -> Result<()> {
-        self.writable()?;
+        let _writing = self.writable()?;
         check_exists(name)?;
         check_name(newname)?;
         let from_dir = self.dir_fd(parent)?;
@@ -657,7 +681,7 @@ impl Volume {
 
     /// Creates a hard link to `ino` at (`newparent`, `newname`).
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
-        self.writable()?;
+        let _writing = self.writable()?;
         check_name(newname)?;
         let loc = self.locate(ino)?;
         let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EPERM))?;
@@ -698,9 +722,11 @@ impl Volume {
     /// Opens `ino` with `flags` for `caller`; returns the handle and the open file.
     pub fn open(&self, ino: u64, flags: i32, caller: Caller) -> Result<(u64, Arc<OpenFile>)> {
         let (flags, writable) = Self::open_flags(flags);
-        if writable {
-            self.writable()?;
-        }
+        let _writing = if writable {
+            Some(self.writable()?)
+        } else {
+            None
+        };
         let loc = self.locate(ino)?;
         let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EISDIR))?;
         let truncate = flags & libc::O_TRUNC != 0;
@@ -797,7 +823,7 @@ impl Volume {
         flags: i32,
         caller: Caller,
     ) -> Result<(Attr, u64, Arc<OpenFile>)> {
-        self.writable()?;
+        let _writing = self.writable()?;
         check_name(name)?;
         sys::clear_thread_umask();
         let dir = self.dir_fd(parent)?;
@@ -840,7 +866,7 @@ impl Volume {
 
     /// Writes `data` at `offset` (the non-passthrough path).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
-        self.writable()?;
+        let _writing = self.writable()?;
         let file = self.file(fh)?;
         Ok(sys::pwrite(file.fd.as_fd(), data, offset)?)
     }
@@ -890,7 +916,7 @@ impl Volume {
 
     /// `fallocate` on an open file.
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
-        self.writable()?;
+        let _writing = self.writable()?;
         let file = self.file(fh)?;
         Ok(sys::fallocate(file.fd.as_fd(), mode, offset, length)?)
     }
@@ -992,7 +1018,7 @@ impl Volume {
 
     /// Sets an extended attribute.
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        self.writable()?;
+        let _writing = self.writable()?;
         let loc = self.locate(ino)?;
         loc.at().setxattr(name, value, flags)?;
         self.record(ino, ChangeKind::Xattr);
@@ -1013,7 +1039,7 @@ impl Volume {
 
     /// Removes an extended attribute.
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
-        self.writable()?;
+        let _writing = self.writable()?;
         let loc = self.locate(ino)?;
         loc.at().removexattr(name)?;
         self.record(ino, ChangeKind::Xattr);

@@ -982,8 +982,10 @@ fn read_op(
     delete_if_missing: bool,
     can_stream: bool,
 ) -> Result<(Op, bool, Option<OwnedFd>), manifest::ManifestError> {
-    if volume.volume.being_written(path.as_path()) {
+    let writers_allowed = volume.volume.role() == Role::Active;
+    if writers_allowed && volume.volume.being_written(path.as_path()) {
         // Half written, maybe: its writer's close is recorded and ships it whole.
+        // (Once local writes are refused, what is there is final: it ships.)
         return Ok((Op::Skip { path }, false, None));
     }
     let described = {
@@ -1052,7 +1054,7 @@ fn read_op(
     let unchanged = after.st_size as u64 == meta.size
         && (after.st_mtime, after.st_mtime_nsec as u32) == meta.mtime
         && buf.len() as u64 == meta.size;
-    if !unchanged || volume.volume.being_written(path.as_path()) {
+    if !unchanged || (writers_allowed && volume.volume.being_written(path.as_path())) {
         return Ok((Op::Skip { path }, false, None));
     }
     let entry = manifest::Entry { path, meta };

@@ -339,6 +339,35 @@ fn a_standby_records_nothing_and_an_active_again_does() {
     assert_eq!(records.kinds(), vec![(p("f"), ChangeKind::Write)]);
 }
 
+#[test]
+fn demotion_refuses_open_handles_and_records_what_they_wrote() {
+    let _serial = twinfs_tests::serial();
+    // Without passthrough, as a replicated volume is mounted.
+    let (m, records) = mount(false, |d| fs::write(d.join("log"), b"").expect("fill"));
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(m.path.join("log"))
+        .expect("open");
+    f.write_all(b"line 1\n").expect("write while active");
+    assert!(records.take().is_empty(), "no record before a close");
+    m.volume().set_role(Role::Standby);
+    assert_eq!(
+        records.kinds(),
+        vec![(p("log"), ChangeKind::Write)],
+        "what the open handle wrote is recorded at the switch"
+    );
+    let err = f
+        .write_all(b"line 2\n")
+        .expect_err("EROFS after the switch");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    drop(f);
+    assert!(
+        records.take().is_empty(),
+        "nothing new to record at the close"
+    );
+    assert_eq!(fs::read(m.path.join("log")).expect("read"), b"line 1\n");
+}
+
 /// A sink that asks the volume, at the moment each record is made, whether the path
 /// is still being written: what the replicator will see when it reads the file.
 #[derive(Default)]

@@ -83,7 +83,11 @@ fn mount_volume(
     })?;
     let mount_options = MountOptions {
         name: vc.name.clone(),
-        passthrough: options.passthrough,
+        // A replicated volume serves writes itself: a handle opened while this node
+        // was active must get EROFS once it is demoted, which passthrough (the kernel
+        // writing to the backing file directly) cannot do, and the kernel wants all
+        // handles of an inode passthrough or none.
+        passthrough: options.passthrough && config.peers.is_empty(),
         threads: options.threads,
     };
     let mounted = Mounted::mount(Arc::new(volume), &mount_options)
