@@ -23,5 +23,6 @@ pub mod node;
 pub mod path;
 pub mod policy;
 pub mod protocol;
+pub mod roles;
 pub mod session;
 pub mod transport;

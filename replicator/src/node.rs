@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use twinfs_fs::{Invalidator, Role};
 
@@ -23,6 +23,7 @@ use crate::manifest::{self, HashCache, Kind, Manifest, Meta};
 use crate::path::RelPath;
 use crate::policy::{Durability, PolicySet, SyncMode};
 use crate::protocol::{Message, Op, ProtocolError, MAX_MESSAGE};
+use crate::roles::RoleCell;
 use crate::session::{Output, Session, SessionConfig};
 use crate::transport::{self, PeerId};
 
@@ -175,10 +176,8 @@ pub struct VolumeLink {
     pub root: Arc<OwnedFd>,
     /// Its rules.
     pub policies: PolicySet,
-    /// This node's role for it.
-    pub role: Role,
-    /// This node's epoch for it.
-    pub epoch: u64,
+    /// This node's role and epoch for it.
+    pub roles: Arc<RoleCell>,
     /// Its change records.
     pub changes: broadcast::Sender<Numbered>,
     /// Where its `sync` writers wait.
@@ -191,10 +190,101 @@ pub struct VolumeLink {
     pub cache: Arc<Mutex<HashCache>>,
     /// Where the hash cache is kept across restarts.
     pub cache_file: std::path::PathBuf,
+    /// Where a standby keeps its [`SyncRecord`].
+    pub sync_file: std::path::PathBuf,
+    /// Standby: where `twinfs promote` asks the session with the active, if one runs,
+    /// for a planned handover.
+    pub handover: HandoverSlot,
     /// Held (shared) by each large file being applied in the background, and
     /// (exclusively) by a standby's scan: a new session's full sync never starts while
     /// an old session's large file may still be put in place.
     pub applying: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// What a standby knows of its fitness to take over, kept across restarts in the
+/// state directory: whether its last full sync completed and every priority-1 path
+/// sent since is applied, as of the last message from the active.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SyncRecord {
+    /// Fit to take over.
+    pub synced: bool,
+    /// When this was recorded (seconds since the Unix epoch).
+    pub at: u64,
+    /// The epoch of the active it followed.
+    pub epoch: u64,
+    /// Priority-1 paths not known to be in sync.
+    pub priority1_pending: Vec<String>,
+    /// More of them, not named.
+    pub priority1_more: u64,
+}
+
+impl SyncRecord {
+    /// The record in `path`; `None` if there is none (this node never synced).
+    pub fn load(path: &Path) -> Result<Option<SyncRecord>, String> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Saves it durably (temp file, fsync, rename, fsync of the directory).
+    pub fn store(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let temp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&temp)?;
+        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&temp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+/// Standby: saves what the session knows of this node's fitness to take over.
+async fn record_fitness(volume: &VolumeLink, session: &Session) {
+    let (pending, more) = session.priority1_pending();
+    let record = SyncRecord {
+        synced: session.fit(),
+        at: unix_now(),
+        epoch: volume.roles.get().epoch,
+        priority1_pending: pending.iter().map(|p| p.to_string()).collect(),
+        priority1_more: more,
+    };
+    let path = volume.sync_file.clone();
+    let stored = tokio::task::spawn_blocking(move || record.store(&path)).await;
+    if !matches!(stored, Ok(Ok(()))) {
+        tracing::error!(volume = %volume.name, file = %volume.sync_file.display(),
+            "cannot record the sync state; promotion will see an older one");
+    }
+}
+
+/// Where the standby's session answers a handover request: the epoch of the active
+/// that handed over, or why it did not.
+pub type HandoverReply = tokio::sync::oneshot::Sender<Result<u64, String>>;
+
+/// Where a standby's session with its active takes handover requests, while it runs.
+pub type HandoverSlot = Arc<Mutex<Option<mpsc::Sender<HandoverReply>>>>;
+
+/// How long an active that is handing over waits for its standby to acknowledge
+/// everything before it takes local writes again.
+const HANDOVER_DRAIN: Duration = Duration::from_secs(30);
+
+/// Asks the active this standby follows for `volume` to hand over; `None` when no
+/// session with an active runs (unreachable), else its answer within `wait`.
+pub async fn request_handover(slot: &HandoverSlot, wait: Duration) -> Option<Result<u64, String>> {
+    let asker = slot.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    asker.send(tx).await.ok()?;
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(answer)) => Some(answer),
+        // The session ended without an answer: the active is gone.
+        Ok(Err(_)) => None,
+        Err(_) => Some(Err(format!("the active did not hand over within {wait:?}"))),
+    }
 }
 
 /// Another node.
@@ -219,6 +309,13 @@ pub struct PeerStatus {
     pub address: String,
     /// Whether a session with it runs now.
     pub connected: bool,
+    /// The session that set `connected` (an old session ending after a new one started
+    /// must not mark the peer disconnected).
+    #[serde(skip)]
+    pub session: u64,
+    /// Its role in the last session: `active` (this node follows it) or `standby`.
+    #[serde(default)]
+    pub peer_role: Option<Role>,
     /// Seconds since the epoch of the last message from it.
     pub last_contact: Option<u64>,
     /// "never", "in progress" or "done".
@@ -279,6 +376,8 @@ struct Link {
     connection: Option<quinn::Connection>,
     /// Standby side: large files arriving on their own streams, by op number.
     streams: Option<Arc<Streams>>,
+    /// Whether this node stays active when it meets this peer active at the same epoch.
+    wins_ties: bool,
 }
 
 /// Files over this size travel on their own stream instead of inside their op.
@@ -377,11 +476,13 @@ impl Link {
     }
 }
 
-fn session_config(volume: &VolumeLink) -> SessionConfig {
+fn session_config(volume: &VolumeLink, link: &Link) -> SessionConfig {
+    let now = volume.roles.get();
     SessionConfig {
         volume: volume.name.clone(),
-        role: volume.role,
-        epoch: volume.epoch,
+        role: now.role,
+        epoch: now.epoch,
+        wins_ties: link.wins_ties,
         policies: volume.policies.clone(),
         heartbeat: Duration::from_secs(1),
         // QUIC keep-alives find a dead peer within its 10 s idle timeout; this one only
@@ -395,37 +496,47 @@ fn session_config(volume: &VolumeLink) -> SessionConfig {
 }
 
 /// Starts the driver on the current tokio runtime; `board` receives the status of
-/// every session.
-pub fn start(endpoint: quinn::Endpoint, volumes: Vec<VolumeLink>, peers: Vec<Peer>, board: Board) {
+/// every session, `own` is this node's ID, and `roles` changes whenever a volume of
+/// this node changes role (each peer is dialled while any volume is active).
+pub fn start(
+    endpoint: quinn::Endpoint,
+    own: PeerId,
+    volumes: Vec<VolumeLink>,
+    peers: Vec<Peer>,
+    board: Board,
+    roles: watch::Receiver<u64>,
+) {
     let volumes = Arc::new(volumes);
     let peers = Arc::new(peers);
     tokio::spawn(accept_loop(
         endpoint.clone(),
+        own,
         volumes.clone(),
         peers.clone(),
         board.clone(),
     ));
-    if volumes.iter().any(|v| v.role == Role::Active) {
-        for peer in peers.iter() {
-            let link = Link {
-                peer: peer.name.clone(),
-                address: peer.address.clone(),
-                board: board.clone(),
-                connection: None,
-                streams: None,
-            };
-            tokio::spawn(dial_loop(
-                endpoint.clone(),
-                volumes.clone(),
-                peer.clone(),
-                link,
-            ));
-        }
+    for peer in peers.iter() {
+        let link = Link {
+            peer: peer.name.clone(),
+            address: peer.address.clone(),
+            board: board.clone(),
+            connection: None,
+            streams: None,
+            wins_ties: own < peer.id,
+        };
+        tokio::spawn(dial_loop(
+            endpoint.clone(),
+            volumes.clone(),
+            peer.clone(),
+            link,
+            roles.clone(),
+        ));
     }
 }
 
 async fn accept_loop(
     endpoint: quinn::Endpoint,
+    own: PeerId,
     volumes: Arc<Vec<VolumeLink>>,
     peers: Arc<Vec<Peer>>,
     board: Board,
@@ -447,11 +558,12 @@ async fn accept_loop(
             board: board.clone(),
             connection: Some(connection.clone()),
             streams: Some(streams),
+            wins_ties: own < id,
         };
         let volumes = volumes.clone();
         tokio::spawn(async move {
             while let Ok((send, recv)) = connection.accept_bi().await {
-                tokio::spawn(standby_stream(volumes.clone(), send, recv, link.clone()));
+                tokio::spawn(peer_stream(volumes.clone(), send, recv, link.clone()));
             }
         });
     }
@@ -461,13 +573,32 @@ async fn resolve(address: &str) -> Option<SocketAddr> {
     tokio::net::lookup_host(address).await.ok()?.next()
 }
 
+fn active_volumes(volumes: &[VolumeLink]) -> Vec<VolumeLink> {
+    volumes
+        .iter()
+        .filter(|v| v.roles.get().role == Role::Active)
+        .cloned()
+        .collect()
+}
+
+/// Dials `peer` while any volume of this node is active, and runs a session for each
+/// active volume; starts over whenever a volume changes role.
 async fn dial_loop(
     endpoint: quinn::Endpoint,
     volumes: Arc<Vec<VolumeLink>>,
     peer: Peer,
     link: Link,
+    mut roles: watch::Receiver<u64>,
 ) {
     loop {
+        roles.borrow_and_update();
+        let active = active_volumes(&volumes);
+        if active.is_empty() {
+            if roles.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
         let Some(addr) = resolve(&peer.address).await else {
             tracing::warn!(peer = %peer.name, address = %peer.address, "cannot resolve");
             tokio::time::sleep(REDIAL).await;
@@ -496,39 +627,53 @@ async fn dial_loop(
                     streams: Some(streams),
                     ..link.clone()
                 };
-                let mut tasks = Vec::new();
-                for volume in volumes.iter().filter(|v| v.role == Role::Active) {
+                let mut tasks = tokio::task::JoinSet::new();
+                for volume in active {
                     match connection.open_bi().await {
                         Ok((send, recv)) => {
-                            tasks.push(tokio::spawn(run_session(
-                                volume.clone(),
-                                Session::new(session_config(volume), std::time::Instant::now()),
+                            let config = session_config(&volume, &link);
+                            tasks.spawn(run_session(
+                                volume,
+                                Session::new(config, std::time::Instant::now()),
                                 send,
                                 recv,
                                 None,
                                 link.clone(),
-                            )));
+                            ));
                         }
                         Err(e) => {
                             tracing::warn!(peer = %peer.name, error = %e, "cannot open a stream")
                         }
                     }
                 }
-                for task in tasks {
-                    let _ = task.await;
-                }
+                let role_changed = tokio::select! {
+                    _ = async { while tasks.join_next().await.is_some() {} } => false,
+                    _ = roles.changed() => true,
+                };
+                // Closing the connection ends the sessions still running (a role
+                // changed: they start over in the new roles); each cleans up after
+                // itself.
                 connection.close(0u32.into(), b"sessions ended");
+                while tasks.join_next().await.is_some() {}
                 acceptor.abort();
                 tracing::info!(peer = %peer.name, "disconnected");
+                if role_changed {
+                    continue;
+                }
             }
             Err(e) => tracing::debug!(peer = %peer.name, error = %e, "cannot connect"),
         }
-        tokio::time::sleep(REDIAL).await;
+        tokio::select! {
+            _ = tokio::time::sleep(REDIAL) => {}
+            _ = roles.changed() => {}
+        }
     }
 }
 
-/// A stream the active opened: its first message names the volume.
-async fn standby_stream(
+/// A stream a peer opened for a volume it is active for: its first message names the
+/// volume. Served in this node's role, whatever it is: two actives meeting find out
+/// which one steps down.
+async fn peer_stream(
     volumes: Arc<Vec<VolumeLink>>,
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -552,14 +697,11 @@ async fn standby_stream(
     let Message::Hello { volume: name, .. } = &hello else {
         return;
     };
-    let Some(volume) = volumes
-        .iter()
-        .find(|v| &v.name == name && v.role == Role::Standby)
-    else {
-        tracing::warn!(volume = %name, "peer offers a volume this node is not a standby of");
+    let Some(volume) = volumes.iter().find(|v| &v.name == name) else {
+        tracing::warn!(volume = %name, "peer offers a volume this node does not have");
         return;
     };
-    let session = Session::new(session_config(volume), std::time::Instant::now());
+    let session = Session::new(session_config(volume, &link), std::time::Instant::now());
     run_session(volume.clone(), session, send, recv, Some(hello), link).await;
 }
 
@@ -607,16 +749,31 @@ async fn run_session(
 ) {
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut messages = spawn_reader(recv, received.clone());
-    let mut changes = (volume.role == Role::Active).then(|| volume.changes.subscribe());
+    let role = session.role();
+    let mut changes = (role == Role::Active).then(|| volume.changes.subscribe());
+    // The session ends when this node's role for the volume changes.
+    let mut roles = volume.roles.subscribe();
     let mut sent = 0u64;
     let counters = StreamCounters::default();
     // The highest change record handed to the session, and this session's place in
     // the volume's sync gate.
     let mut seen = 0u64;
     let gate_id = volume.gate.register();
+    static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let session_id = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let disconnected = move |s: &mut PeerStatus| {
+        if s.session == session_id {
+            s.connected = false;
+        }
+    };
     link.update(&volume.name, |s| {
         s.connected = true;
+        s.session = session_id;
         s.last_contact = Some(unix_now());
+        s.peer_role = Some(match role {
+            Role::Active => Role::Standby,
+            Role::Standby => Role::Active,
+        });
     });
     if let Some(m) = first {
         session.on_message(m, std::time::Instant::now());
@@ -625,11 +782,41 @@ async fn run_session(
     let mut large = LargeApplies::new();
     // Full syncs finished, and those whose memory was given back since.
     let (mut synced, mut compacted) = (0u64, 0u64);
-    loop {
+    // Standby: what decided the fitness last recorded by this session (whether fit,
+    // whether priority-1 paths are pending, refusals so far, phase): recorded again
+    // when it changes. The pending list shrinks as files are applied without being
+    // recorded each time; what is on disk is never less than what is pending.
+    let mut recorded_fit = None;
+    // Standby: a promotion waiting for the active's handover. Active: since when this
+    // node has been handing over (local writes refused, draining).
+    let (ask_tx, mut asks) = mpsc::channel::<HandoverReply>(1);
+    let mut waiting_handover: Option<HandoverReply> = None;
+    let mut handing_over: Option<std::time::Instant> = None;
+    if role == Role::Standby {
+        *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx);
+    }
+    'session: loop {
         while let Some(out) = session.poll_output() {
             if matches!(out, Output::InSync) {
                 link.update(&volume.name, |s| s.full_sync_done = Some(unix_now()));
                 synced += 1;
+            }
+            match out {
+                Output::Fenced { epoch } => {
+                    fence(&volume, &link, epoch).await;
+                    continue;
+                }
+                Output::Follow { epoch } => {
+                    // Persisted before anything from this active is applied.
+                    let roles = volume.roles.clone();
+                    let followed = tokio::task::spawn_blocking(move || roles.follow(epoch)).await;
+                    if !matches!(followed, Ok(Ok(()))) {
+                        tracing::error!(volume = %volume.name, epoch, "cannot persist the epoch; not following");
+                        break 'session;
+                    }
+                    continue;
+                }
+                _ => {}
             }
             // An op on a path a large file is still being applied to (or above or
             // below it) waits for it; a scan waits for all of them.
@@ -679,7 +866,7 @@ async fn run_session(
                 None => {
                     let _ = send.finish();
                     volume.gate.unregister(gate_id);
-                    link.update(&volume.name, |s| s.connected = false);
+                    link.update(&volume.name, disconnected);
                     return;
                 }
             }
@@ -696,6 +883,45 @@ async fn run_session(
         if session.caught_up() {
             volume.gate.caught_up(gate_id, seen);
             synced = synced.max(session.stats().full_syncs);
+        }
+        if role == Role::Standby && session.phase() != crate::session::Phase::Hello {
+            let key = (
+                session.fit(),
+                session.priority1_pending_len() == 0,
+                session.stats().rejected,
+                session.phase(),
+            );
+            if recorded_fit != Some(key) {
+                record_fitness(&volume, &session).await;
+                recorded_fit = Some(key);
+            }
+        }
+        if let Some(since) = handing_over {
+            if session.caught_up() {
+                // Everything is acknowledged: tell the standby (and wait until it has
+                // the message: stepping down closes this connection), then step down.
+                // Should this node die in between, the standby's new epoch fences it.
+                let epoch = volume.roles.get().epoch;
+                if write(&mut send, &Message::HandoverReady { epoch })
+                    .await
+                    .is_some()
+                {
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+                }
+                let roles = volume.roles.clone();
+                let demoted = tokio::task::spawn_blocking(move || roles.demote(epoch)).await;
+                if matches!(demoted, Ok(Ok(_))) {
+                    tracing::warn!(volume = %volume.name, peer = %link.peer, epoch, "handed over");
+                } else {
+                    tracing::error!(volume = %volume.name, "cannot persist the handover; local writes stay refused");
+                }
+                handing_over = None;
+            } else if since.elapsed() > HANDOVER_DRAIN {
+                tracing::warn!(volume = %volume.name, peer = %link.peer, "handover: the standby did not catch up in time; taking writes again");
+                volume.roles.resume_writes();
+                handing_over = None;
+            }
         }
         if synced > compacted {
             // A full sync is through: its manifests and queues are gone; give the
@@ -719,10 +945,31 @@ async fn run_session(
             m = messages.recv() => match m {
                 Some(m) => {
                     link.update(&volume.name, |s| s.last_contact = Some(unix_now()));
+                    match &m {
+                        Message::HandoverRequest if role == Role::Active && handing_over.is_none() => {
+                            tracing::warn!(volume = %volume.name, peer = %link.peer, "handing over: local writes refused, shipping what is pending");
+                            let roles = volume.roles.clone();
+                            let _ = tokio::task::spawn_blocking(move || roles.stop_writes()).await;
+                            handing_over = Some(std::time::Instant::now());
+                        }
+                        Message::HandoverReady { epoch } if role == Role::Standby => {
+                            if let Some(reply) = waiting_handover.take() {
+                                let _ = reply.send(Ok(*epoch));
+                            }
+                        }
+                        _ => {}
+                    }
                     session.on_message(m, std::time::Instant::now());
                 }
                 None => break,
             },
+            Some(reply) = asks.recv() => {
+                if write(&mut send, &Message::HandoverRequest).await.is_none() {
+                    let _ = reply.send(Err("the connection to the active failed".into()));
+                } else {
+                    waiting_handover = Some(reply);
+                }
+            }
             r = async {
                 match changes.as_mut() {
                     Some(rx) => rx.recv().await,
@@ -743,10 +990,41 @@ async fn run_session(
                 large.finished(seq, &path, result, &mut session);
             }
             _ = tokio::time::sleep_until(deadline) => session.on_tick(std::time::Instant::now()),
+            changed = roles.changed() => {
+                if changed.is_err() || roles.borrow().role != role {
+                    tracing::info!(volume = %volume.name, peer = %link.peer, "role changed; ending the session");
+                    break;
+                }
+            }
         }
     }
+    if role == Role::Standby && session.phase() != crate::session::Phase::Hello {
+        record_fitness(&volume, &session).await;
+    }
+    if role == Role::Standby {
+        *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+    if handing_over.is_some() {
+        // The standby went away mid-handover: this node takes writes again.
+        volume.roles.resume_writes();
+    }
     volume.gate.unregister(gate_id);
-    link.update(&volume.name, |s| s.connected = false);
+    link.update(&volume.name, disconnected);
+}
+
+/// This node met an active of a later epoch (or one that wins the tie), or a standby
+/// that followed one: it stops being active at once and becomes a standby, which the
+/// winner then brings to its state.
+async fn fence(volume: &VolumeLink, link: &Link, epoch: u64) {
+    tracing::warn!(volume = %volume.name, peer = %link.peer, epoch,
+        "fenced: another node is active with a later epoch (or wins the tie); stepping down");
+    let roles = volume.roles.clone();
+    match tokio::task::spawn_blocking(move || roles.demote(epoch)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(volume = %volume.name, error = %e,
+            "fenced, local writes refused, but the new role could not be persisted"),
+        Err(e) => tracing::error!(volume = %volume.name, error = %e, "fencing failed"),
+    }
 }
 
 /// Returns the heap's free memory to the system (glibc keeps it otherwise).
@@ -761,7 +1039,7 @@ fn release_memory() {
 fn report(link: &Link, volume: &VolumeLink, session: &Session, sent: u64, received: u64) {
     let stats = session.stats();
     let phase = session.phase();
-    let active = volume.role == Role::Active;
+    let active = session.role() == Role::Active;
     link.update(&volume.name, |s| {
         s.full_sync = match phase {
             crate::session::Phase::Hello if s.full_sync_done.is_none() => "never",
@@ -845,6 +1123,8 @@ async fn carry_out(
 ) -> Option<u64> {
     match out {
         Output::Send(m) => write(send, &m).await,
+        // Handled by `run_session` before they get here.
+        Output::Fenced { .. } | Output::Follow { .. } => Some(0),
         Output::ScanLocal => {
             // Large files of an earlier session still being applied land first.
             let _applying = volume.applying.write().await;

@@ -9,7 +9,10 @@ use crate::manifest::Entry;
 use crate::path::RelPath;
 
 /// Protocol version; a peer with another version is refused at `Hello`.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+
+/// Most priority-1 paths a full sync names in its start message.
+pub const PRIORITY1_LISTED: usize = 10_000;
 
 /// The largest encoded message accepted (a manifest chunk or an inline file).
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -109,6 +112,12 @@ pub enum Message {
         sync: u64,
         /// The sequence number before the first op.
         base: u64,
+        /// The priority-1 paths among the ops that follow (up to
+        /// [`PRIORITY1_LISTED`]): the standby is not fit to take over until they are
+        /// applied.
+        priority1: Vec<RelPath>,
+        /// Priority-1 paths beyond those listed.
+        priority1_more: u64,
     },
     /// Active → standby: one op.
     Op {
@@ -140,6 +149,16 @@ pub enum Message {
     Resync,
     /// Either way: I am alive.
     Heartbeat,
+    /// Standby → active: hand the active role over to me (`twinfs promote` with the
+    /// active reachable). The active refuses local writes, ships what is pending, and
+    /// answers [`Message::HandoverReady`] once this standby has acknowledged it all.
+    HandoverRequest,
+    /// Active → standby: everything is acknowledged and this node is a standby from
+    /// now on; take over with an epoch above `epoch`.
+    HandoverReady {
+        /// The epoch of the active handing over.
+        epoch: u64,
+    },
 }
 
 /// Errors decoding a message.

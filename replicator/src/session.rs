@@ -18,7 +18,7 @@ use crate::capture::Record;
 use crate::manifest::{self, Entry, Manifest};
 use crate::path::RelPath;
 use crate::policy::{PolicySet, Priority, SyncMode};
-use crate::protocol::{Message, Op, MANIFEST_CHUNK, VERSION};
+use crate::protocol::{Message, Op, MANIFEST_CHUNK, PRIORITY1_LISTED, VERSION};
 
 /// Settings of a session.
 #[derive(Clone, Debug)]
@@ -42,6 +42,9 @@ pub struct SessionConfig {
     pub max_in_flight: u64,
     /// Changes queued before the session gives up on them and resyncs by manifest.
     pub max_queue: usize,
+    /// Two actives of the same epoch meet: whether this node stays active (the one
+    /// whose node ID is lower does; both sides compute the same answer).
+    pub wins_ties: bool,
 }
 
 /// What the driver must do.
@@ -81,6 +84,20 @@ pub enum Output {
     /// Standby: the full sync is complete; everything the active had at its start is
     /// here.
     InSync,
+    /// This node must stop being active: the peer is an active of a later epoch (or
+    /// of the same epoch and wins the tie), or a standby that followed a later active.
+    /// Demote, keeping what this node wrote on its own (split brain), then follow.
+    /// A [`Output::Close`] comes with it.
+    Fenced {
+        /// The epoch that fenced this node.
+        epoch: u64,
+    },
+    /// Standby: the active's epoch is newer than this node's; persist it before
+    /// applying anything (a later promotion must go above it).
+    Follow {
+        /// The active's epoch.
+        epoch: u64,
+    },
     /// Close the connection; the reason is for the log.
     Close(String),
 }
@@ -169,6 +186,9 @@ pub struct Session {
     applied_upto: u64,
     applied_ahead: std::collections::BTreeSet<u64>,
     lost: bool,
+    /// Priority-1 paths of the full sync not applied yet, or refused since.
+    priority1_pending: std::collections::BTreeSet<RelPath>,
+    priority1_more: u64,
     in_sync_at: Option<u64>,
     in_sync: bool,
     // Both sides: the last paths refused, with why.
@@ -206,6 +226,8 @@ impl Session {
             applied_upto: 0,
             applied_ahead: std::collections::BTreeSet::new(),
             lost: false,
+            priority1_pending: Default::default(),
+            priority1_more: 0,
             in_sync_at: None,
             in_sync: false,
             rejected: VecDeque::new(),
@@ -304,6 +326,35 @@ impl Session {
         self.rejected.iter()
     }
 
+    /// Standby: whether a full sync is complete and every priority-1 path it or a
+    /// later change sent is applied (as of the last message from the active).
+    pub fn fit(&self) -> bool {
+        self.in_sync
+            && !self.lost
+            && self.phase == Phase::Streaming
+            && self.priority1_pending.is_empty()
+            && self.priority1_more == 0
+    }
+
+    /// Standby: priority-1 paths sent (or about to be, in this full sync) and not
+    /// applied; and how many more the active did not name.
+    pub fn priority1_pending(&self) -> (Vec<RelPath>, u64) {
+        (
+            self.priority1_pending.iter().cloned().collect(),
+            self.priority1_more,
+        )
+    }
+
+    /// Standby: how many priority-1 paths are pending (named ones).
+    pub fn priority1_pending_len(&self) -> usize {
+        self.priority1_pending.len()
+    }
+
+    /// This node's role in the session.
+    pub fn role(&self) -> Role {
+        self.config.role
+    }
+
     /// The last op sequence number handed out (active).
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1
@@ -338,7 +389,8 @@ impl Session {
                 role,
                 epoch,
             } => self.on_hello(version, &volume, role, epoch, now),
-            Message::Heartbeat => {}
+            // Carried out by the driver (they change roles); alive all the same.
+            Message::Heartbeat | Message::HandoverRequest | Message::HandoverReady { .. } => {}
             _ if self.phase == Phase::Hello => {
                 self.close("message before hello".into());
             }
@@ -363,20 +415,42 @@ impl Session {
                 self.config.volume
             ));
         }
-        if role == self.config.role {
-            return self.close(format!("peer is {role} too for volume {volume}"));
-        }
-        if !self.is_active() && epoch < self.config.epoch {
-            return self.close(format!(
-                "active's epoch {epoch} is older than ours ({}): not following it",
-                self.config.epoch
-            ));
-        }
-        if self.is_active() && epoch > self.config.epoch {
-            return self.close(format!(
-                "standby has seen epoch {epoch}, newer than ours ({}): this active is stale",
-                self.config.epoch
-            ));
+        let ours = self.config.epoch;
+        match (self.config.role, role) {
+            (Role::Standby, Role::Standby) => {
+                return self.close(format!("peer is a standby too for volume {volume}"));
+            }
+            (Role::Standby, Role::Active) if epoch < ours => {
+                // The active sees our hello and finds itself fenced.
+                return self.close(format!(
+                    "active's epoch {epoch} is older than ours ({ours}): not following it"
+                ));
+            }
+            (Role::Standby, Role::Active) if epoch > ours => {
+                self.out.push_back(Output::Follow { epoch });
+                self.config.epoch = epoch;
+            }
+            (Role::Active, Role::Active)
+                if epoch > ours || (epoch == ours && !self.config.wins_ties) =>
+            {
+                self.out.push_back(Output::Fenced { epoch });
+                return self.close(format!(
+                    "peer is active for volume {volume} with epoch {epoch} (ours {ours}): it wins"
+                ));
+            }
+            (Role::Active, Role::Active) => {
+                // The peer sees our hello and steps down.
+                return self.close(format!(
+                    "peer is active for volume {volume} with epoch {epoch} (ours {ours}): we win"
+                ));
+            }
+            (Role::Active, Role::Standby) if epoch > ours => {
+                self.out.push_back(Output::Fenced { epoch });
+                return self.close(format!(
+                    "standby has followed epoch {epoch}, newer than ours ({ours}): this active is stale"
+                ));
+            }
+            _ => {}
         }
         self.phase = Phase::FullSync;
         if self.is_active() {
@@ -536,10 +610,24 @@ impl Session {
             .filter(|t| t.content)
             .map(|t| t.entry.meta.size)
             .sum();
+        let must_sync =
+            |p: &RelPath| self.config.policies.resolve(p.as_path()).priority == Priority::MUST_SYNC;
+        let priority1: Vec<RelPath> = diff
+            .delete
+            .iter()
+            .chain(diff.send.iter().map(|t| &t.entry.path))
+            .filter(|p| must_sync(p))
+            .cloned()
+            .collect();
+        let priority1_more = priority1.len().saturating_sub(PRIORITY1_LISTED) as u64;
+        let mut priority1 = priority1;
+        priority1.truncate(PRIORITY1_LISTED);
         self.send(
             Message::FullSyncStart {
                 sync: self.sync_id,
                 base,
+                priority1,
+                priority1_more,
             },
             now,
         );
@@ -897,10 +985,17 @@ impl Session {
                 self.in_sync_at = None;
                 self.out.push_back(Output::ScanLocal);
             }
-            Message::FullSyncStart { sync, base } => {
+            Message::FullSyncStart {
+                sync,
+                base,
+                priority1,
+                priority1_more,
+            } => {
                 if sync != self.sync_id {
                     return;
                 }
+                self.priority1_pending = priority1.into_iter().collect();
+                self.priority1_more = priority1_more;
                 self.expected = base + 1;
                 self.applied_upto = base;
                 self.applied_ahead.clear();
@@ -945,6 +1040,17 @@ impl Session {
     /// covers only what is applied without a gap.
     pub fn applied(&mut self, seq: u64, path: &RelPath, result: Result<(), String>, now: Instant) {
         self.stats.ops += 1;
+        match &result {
+            Ok(()) => {
+                self.priority1_pending.remove(path);
+            }
+            Err(_)
+                if self.config.policies.resolve(path.as_path()).priority == Priority::MUST_SYNC =>
+            {
+                self.priority1_pending.insert(path.clone());
+            }
+            Err(_) => {}
+        }
         if let Err(reason) = result {
             self.stats.rejected += 1;
             self.remember_rejected(path.clone(), reason.clone());
@@ -983,6 +1089,8 @@ impl Session {
             if self.stats.acked >= end {
                 self.in_sync_at = None;
                 self.phase = Phase::Streaming;
+                // Every op of the full sync is applied; those refused are still listed.
+                self.priority1_more = 0;
                 if !self.in_sync {
                     self.in_sync = true;
                     self.out.push_back(Output::InSync);

@@ -221,6 +221,7 @@ fn config(role: Role, policies: &PolicySet) -> SessionConfig {
         stall_timeout: Duration::from_secs(2),
         max_in_flight: 64,
         max_queue: 500,
+        wins_ties: role == Role::Active,
     }
 }
 
@@ -758,6 +759,101 @@ fn a_standby_refuses_an_active_with_an_older_epoch() {
     assert!(!outputs.iter().any(|o| matches!(o, Output::Apply { .. })));
 }
 
+/// The outputs of a session with `config` after the peer's hello.
+fn after_hello(config: SessionConfig, role: Role, epoch: u64) -> Vec<Output> {
+    let now = Instant::now();
+    let mut s = Session::new(config, now);
+    let _ = std::iter::from_fn(|| s.poll_output()).count();
+    s.on_message(
+        Message::Hello {
+            version: twinfs_replicator::protocol::VERSION,
+            volume: "vol".into(),
+            role,
+            epoch,
+        },
+        now,
+    );
+    std::iter::from_fn(|| s.poll_output()).collect()
+}
+
+fn fenced(outputs: &[Output]) -> Option<u64> {
+    outputs.iter().find_map(|o| match o {
+        Output::Fenced { epoch } => Some(*epoch),
+        _ => None,
+    })
+}
+
+#[test]
+fn two_actives_meet_and_exactly_one_is_fenced() {
+    let policies = policies();
+    let at = |epoch: u64, wins_ties: bool| SessionConfig {
+        epoch,
+        wins_ties,
+        ..config(Role::Active, &policies)
+    };
+    // A later epoch wins, whatever the tie rule says.
+    assert_eq!(fenced(&after_hello(at(3, true), Role::Active, 4)), Some(4));
+    assert_eq!(fenced(&after_hello(at(4, false), Role::Active, 3)), None);
+    // Equal epochs: the side that wins ties stays; the other is fenced. Both sides
+    // meet with opposite `wins_ties`, so exactly one steps down.
+    assert_eq!(fenced(&after_hello(at(5, true), Role::Active, 5)), None);
+    assert_eq!(fenced(&after_hello(at(5, false), Role::Active, 5)), Some(5));
+    // Every meeting of two actives ends the session.
+    for (epoch, wins) in [(3, true), (4, false), (5, true), (5, false)] {
+        let out = after_hello(
+            at(epoch, wins),
+            Role::Active,
+            if epoch == 4 { 3 } else { 5 },
+        );
+        assert!(out.iter().any(|o| matches!(o, Output::Close(_))), "{out:?}");
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::ScanLocal)),
+            "{out:?}"
+        );
+    }
+}
+
+#[test]
+fn an_active_meeting_a_standby_of_a_later_epoch_is_fenced() {
+    let policies = policies();
+    let stale = SessionConfig {
+        epoch: 2,
+        ..config(Role::Active, &policies)
+    };
+    let out = after_hello(stale.clone(), Role::Standby, 3);
+    assert_eq!(fenced(&out), Some(3), "{out:?}");
+    // A standby of the same or an older epoch follows it.
+    let out = after_hello(stale, Role::Standby, 2);
+    assert_eq!(fenced(&out), None, "{out:?}");
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Close(_))),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_standby_follows_and_remembers_a_later_epoch() {
+    let policies = policies();
+    let standby = SessionConfig {
+        epoch: 2,
+        ..config(Role::Standby, &policies)
+    };
+    let out = after_hello(standby.clone(), Role::Active, 7);
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Follow { epoch: 7 })),
+        "{out:?}"
+    );
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Close(_))),
+        "{out:?}"
+    );
+    let out = after_hello(standby, Role::Active, 2);
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Follow { .. })),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn an_op_before_hello_closes_the_session_and_applies_nothing() {
     let policies = policies();
@@ -828,7 +924,15 @@ fn ops_applied_out_of_order_are_acked_only_without_a_gap() {
     };
     standby.on_message(hello, now);
     standby.on_message(Message::RequestManifest { sync: 1 }, now);
-    standby.on_message(Message::FullSyncStart { sync: 1, base: 10 }, now);
+    standby.on_message(
+        Message::FullSyncStart {
+            sync: 1,
+            base: 10,
+            priority1: vec![],
+            priority1_more: 0,
+        },
+        now,
+    );
     for seq in 11..=13 {
         let op = Op::Delete {
             path: rel(&format!("f{seq}")),
@@ -856,4 +960,58 @@ fn ops_applied_out_of_order_are_acked_only_without_a_gap() {
     // A late report of an op of an abandoned full sync changes nothing.
     standby.applied(5, &rel("old"), Ok(()), now);
     assert_eq!(acks(&mut standby), Vec::<u64>::new());
+}
+
+#[test]
+fn a_standby_is_fit_only_once_every_priority1_path_is_applied() {
+    let policies = policies();
+    let now = Instant::now();
+    let run = |refuse_b: bool| {
+        let mut standby = Session::new(config(Role::Standby, &policies), now);
+        standby.on_message(
+            Message::Hello {
+                version: twinfs_replicator::protocol::VERSION,
+                volume: "vol".into(),
+                role: Role::Active,
+                epoch: 1,
+            },
+            now,
+        );
+        standby.on_message(Message::RequestManifest { sync: 1 }, now);
+        standby.on_message(
+            Message::FullSyncStart {
+                sync: 1,
+                base: 0,
+                priority1: vec![rel("a.sif"), rel("b.sif")],
+                priority1_more: 0,
+            },
+            now,
+        );
+        for (seq, name) in [(1, "a.sif"), (2, "b.sif")] {
+            let op = Op::Delete { path: rel(name) };
+            standby.on_message(Message::Op { seq, op }, now);
+        }
+        standby.on_message(Message::FullSyncDone { seq: 2 }, now);
+        assert!(!standby.fit());
+        assert_eq!(
+            standby.priority1_pending().0,
+            vec![rel("a.sif"), rel("b.sif")]
+        );
+        standby.applied(1, &rel("a.sif"), Ok(()), now);
+        assert!(!standby.fit(), "b.sif is still pending");
+        assert_eq!(standby.priority1_pending().0, vec![rel("b.sif")]);
+        let b = if refuse_b {
+            Err("disk full".to_string())
+        } else {
+            Ok(())
+        };
+        standby.applied(2, &rel("b.sif"), b, now);
+        standby
+    };
+    let fine = run(false);
+    assert!(fine.fit());
+    assert!(fine.priority1_pending().0.is_empty());
+    let refused = run(true);
+    assert!(!refused.fit(), "a refused priority-1 file is not in sync");
+    assert_eq!(refused.priority1_pending().0, vec![rel("b.sif")]);
 }

@@ -311,21 +311,29 @@ impl Cluster {
     /// Waits until every standby's tree equals the active's; panics with the
     /// difference after `timeout`.
     pub fn wait_converged(&self, timeout: Duration) {
+        self.wait_converged_to(0, timeout);
+    }
+
+    /// Waits until every node's tree equals node `to`'s; panics with the difference
+    /// after `timeout`.
+    pub fn wait_converged_to(&self, to: usize, timeout: Duration) {
+        let reference = &self.nodes[to].volume;
         let ok = wait_until(timeout, || {
-            let want = crate::tree::digest(self.active());
-            self.nodes[1..]
+            let want = crate::tree::digest(reference);
+            self.nodes
                 .iter()
-                .all(|n| crate::tree::digest(&n.volume) == want)
+                .enumerate()
+                .all(|(i, n)| i == to || crate::tree::digest(&n.volume) == want)
         });
         if !ok {
-            let want = crate::tree::digest(self.active());
-            for (i, n) in self.nodes.iter().enumerate().skip(1) {
+            let want = crate::tree::digest(reference);
+            for (i, n) in self.nodes.iter().enumerate().filter(|(i, _)| *i != to) {
                 let got = crate::tree::digest(&n.volume);
                 let diff = crate::tree::difference(&want, &got);
                 if !diff.is_empty() {
                     panic!(
-                        "standby {i} did not converge in {timeout:?}:\n{diff}\nactive log:\n{}\nstandby log:\n{}",
-                        tail(&self.nodes[0].log_text()),
+                        "node {i} did not converge to node {to} in {timeout:?}:\n{diff}\nnode {to} log:\n{}\nnode {i} log:\n{}",
+                        tail(&self.nodes[to].log_text()),
                         tail(&n.log_text())
                     );
                 }

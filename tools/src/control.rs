@@ -27,6 +27,19 @@ pub enum Request {
         /// The new role.
         role: Role,
     },
+    /// Make this node active for a volume (all when `None`), with a new epoch.
+    Promote {
+        /// The volume, or all.
+        volume: Option<String>,
+        /// Promote even when not fit to take over.
+        force: bool,
+    },
+    /// Make this node a standby for a volume (all when `None`), after shipping what is
+    /// pending.
+    Demote {
+        /// The volume, or all.
+        volume: Option<String>,
+    },
 }
 
 /// The daemon's answer.

@@ -12,7 +12,8 @@ use tokio::net::{UnixListener, UnixStream};
 use twinfs_fs::{MountOptions, Mounted, Volume};
 use twinfs_replicator::capture::Capture;
 use twinfs_replicator::manifest::HashCache;
-use twinfs_replicator::node::{self, Peer, VolumeLink};
+use twinfs_replicator::node::{self, Peer, SyncRecord, VolumeLink};
+use twinfs_replicator::roles::{RoleCell, RoleState};
 use twinfs_replicator::transport::{self, PinnedPeers, TlsIdentity};
 
 use crate::config::{Config, Role, VolumeConfig};
@@ -39,7 +40,9 @@ struct VolumeRuntime {
     config: VolumeConfig,
     mounted: Mounted,
     capture: Arc<Capture>,
-    state: Mutex<VolumeState>,
+    roles: Arc<RoleCell>,
+    /// Where `promote` reaches the session with the active (shared with the link).
+    handover: node::HandoverSlot,
     changes: tokio::sync::broadcast::Sender<node::Numbered>,
     gate: Arc<node::SyncGate>,
 }
@@ -51,7 +54,17 @@ struct Daemon {
     board: node::Board,
 }
 
+/// How long `twinfs demote` waits for the standbys to acknowledge what is pending.
+const DEMOTE_WAIT: Duration = Duration::from_secs(30);
+
+/// How long `twinfs promote` waits for a reachable active to hand over.
+const HANDOVER_WAIT: Duration = Duration::from_secs(40);
+
+/// An active silent for this long is taken as gone (it sends a heartbeat every second).
+const SILENT: Duration = Duration::from_secs(3);
+
 fn mount_volume(
+    node_roles: &tokio::sync::watch::Sender<u64>,
     config: &Config,
     vc: &VolumeConfig,
     options: &DaemonOptions,
@@ -100,11 +113,33 @@ fn mount_volume(
         passthrough = mounted.volume().passthrough(),
         "mounted in place"
     );
+    let state_dir = config.node.state_dir.clone();
+    let name = vc.name.clone();
+    let store: twinfs_replicator::roles::Store = Box::new(move |r: RoleState| {
+        VolumeState {
+            role: r.role,
+            epoch: r.epoch,
+        }
+        .store(&state_dir, &name)
+        .map_err(|e| e.to_string())
+    });
+    let roles = Arc::new(RoleCell::new(
+        &vc.name,
+        RoleState {
+            role: state.role,
+            epoch: state.epoch,
+        },
+        mounted.volume().clone(),
+        store,
+        sync_file(config, &vc.name),
+        node_roles.clone(),
+    ));
     Ok(VolumeRuntime {
         config: vc.clone(),
         mounted,
         capture,
-        state: Mutex::new(state),
+        roles,
+        handover: Default::default(),
         changes,
         gate,
     })
@@ -129,9 +164,10 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
         Signals::new()?
     };
 
+    let node_roles = tokio::sync::watch::Sender::new(0u64);
     let mut volumes = Vec::new();
     for vc in &config.volumes {
-        match mount_volume(&config, vc, &options) {
+        match mount_volume(&node_roles, &config, vc, &options) {
             Ok(v) => volumes.push(v),
             Err(e) => {
                 for v in volumes {
@@ -146,7 +182,7 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
     let mut endpoint = None;
     if !config.peers.is_empty() {
         let _runtime = runtime.enter();
-        match start_replication(&config, &volumes, board.clone()) {
+        match start_replication(&config, &volumes, board.clone(), node_roles.subscribe()) {
             Ok(e) => endpoint = Some(e),
             Err(e) => {
                 for v in volumes {
@@ -195,6 +231,7 @@ fn start_replication(
     config: &Config,
     volumes: &[VolumeRuntime],
     board: node::Board,
+    roles: tokio::sync::watch::Receiver<u64>,
 ) -> anyhow::Result<quinn::Endpoint> {
     let (identity, created) =
         crate::identity::Identity::load_or_create(&config.node.state_dir, &config.node.name)?;
@@ -210,7 +247,6 @@ fn start_replication(
         .with_context(|| format!("cannot listen on {}", config.node.listen))?;
     let mut links = Vec::new();
     for v in volumes {
-        let state = *v.state.lock().unwrap_or_else(|e| e.into_inner());
         let root = v
             .mounted
             .volume()
@@ -222,18 +258,20 @@ fn start_replication(
             .state_dir
             .join("volumes")
             .join(format!("{}.hashes", v.config.name));
+        let sync_file = sync_file(config, &v.config.name);
         links.push(VolumeLink {
             name: v.config.name.clone(),
             root: Arc::new(root),
             policies: v.config.policies.clone(),
-            role: state.role,
-            epoch: state.epoch,
+            roles: v.roles.clone(),
             changes: v.changes.clone(),
             gate: v.gate.clone(),
             invalidator: v.mounted.invalidator(),
             volume: v.mounted.volume().clone(),
             cache: Arc::new(Mutex::new(HashCache::load(&cache_file))),
             cache_file,
+            sync_file,
+            handover: v.handover.clone(),
             applying: Default::default(),
         });
     }
@@ -247,8 +285,18 @@ fn start_replication(
         })
         .collect();
     tracing::info!(listen = %config.node.listen, node_id = %identity.node_id(), "replication started");
-    node::start(endpoint.clone(), links, peers, board);
+    let own: [u8; 32] = *identity.node_id().as_bytes();
+    node::start(endpoint.clone(), own, links, peers, board, roles);
     Ok(endpoint)
+}
+
+/// Where a standby keeps its fitness to take over (a [`SyncRecord`]).
+fn sync_file(config: &Config, volume: &str) -> PathBuf {
+    config
+        .node
+        .state_dir
+        .join("volumes")
+        .join(format!("{volume}.sync.json"))
 }
 
 fn unmount(v: VolumeRuntime) {
@@ -325,7 +373,7 @@ async fn handle_connection(daemon: &Daemon, stream: UnixStream) -> std::io::Resu
     let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
     let response = match read {
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => daemon.handle(request),
+            Ok(request) => daemon.handle(request).await,
             Err(e) => Response::Error(format!("bad request: {e}")),
         },
         Ok(Err(e)) => return Err(e),
@@ -337,13 +385,193 @@ async fn handle_connection(daemon: &Daemon, stream: UnixStream) -> std::io::Resu
 }
 
 impl Daemon {
-    fn handle(&self, request: Request) -> Response {
+    async fn handle(&self, request: Request) -> Response {
+        let done = |r: anyhow::Result<String>| match r {
+            Ok(message) => Response::Done(message),
+            Err(e) => Response::Error(format!("{e:#}")),
+        };
         match request {
             Request::Status => Response::Status(self.status()),
-            Request::Role { volume, role } => match self.set_role(&volume, role) {
-                Ok(message) => Response::Done(message),
-                Err(e) => Response::Error(format!("{e:#}")),
-            },
+            Request::Role { volume, role } => done(self.set_role(&volume, role).await),
+            Request::Promote { volume, force } => {
+                done(self.promote(volume.as_deref(), force).await)
+            }
+            Request::Demote { volume } => done(self.demote(volume.as_deref()).await),
+        }
+    }
+
+    /// The volumes a command names: one, or all when none is named.
+    fn selected(&self, name: Option<&str>) -> anyhow::Result<Vec<&VolumeRuntime>> {
+        Ok(match name {
+            Some(name) => vec![self.volume(name)?],
+            None => self.volumes.iter().collect(),
+        })
+    }
+
+    /// `twinfs promote`: this node becomes active for each selected standby volume it
+    /// is fit to take over (or with `force`), with an epoch above any it has seen.
+    async fn promote(&self, name: Option<&str>, force: bool) -> anyhow::Result<String> {
+        let mut lines = Vec::new();
+        let mut refused = Vec::new();
+        for v in self.selected(name)? {
+            let name = &v.config.name;
+            let now = v.roles.get();
+            if now.role == Role::Active {
+                lines.push(format!(
+                    "volume {name}: already active (epoch {})",
+                    now.epoch
+                ));
+                continue;
+            }
+            if let Some(peer) = self.connected_active(name) {
+                let answer = tokio::select! {
+                    a = node::request_handover(&v.handover, HANDOVER_WAIT) => a,
+                    _ = self.silent(name, &peer) => None,
+                };
+                match answer {
+                    Some(Ok(active_epoch)) => {
+                        let epoch = now.epoch.max(active_epoch) + 1;
+                        let roles = v.roles.clone();
+                        tokio::task::spawn_blocking(move || roles.promote(epoch))
+                            .await
+                            .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
+                            .map_err(|e| {
+                                anyhow::anyhow!("volume {name}: cannot persist the promotion: {e}")
+                            })?;
+                        lines.push(format!(
+                            "volume {name}: standby -> active, epoch {epoch} (planned switchover: {peer} handed over and is a standby now)"
+                        ));
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        refused.push(format!("volume {name}: not promoted: {e}"));
+                        continue;
+                    }
+                    None => {
+                        tracing::warn!(volume = %name, %peer, "the active does not answer; taking over as in an unplanned failover");
+                    }
+                }
+            }
+            let record = SyncRecord::load(&sync_file(&self.config, name))
+                .map_err(|e| anyhow::anyhow!("volume {name}: cannot read the sync record: {e}"))?;
+            if let Some(why) = unfit(record.as_ref()) {
+                if !force {
+                    refused.push(format!(
+                        "volume {name}: not promoted: {why}; `--force` promotes anyway"
+                    ));
+                    continue;
+                }
+                tracing::warn!(volume = %name, reason = %why, "promotion forced");
+                lines.push(format!("volume {name}: forced although {why}"));
+            }
+            let epoch = now.epoch + 1;
+            let roles = v.roles.clone();
+            tokio::task::spawn_blocking(move || roles.promote(epoch))
+                .await
+                .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
+                .map_err(|e| anyhow::anyhow!("volume {name}: cannot persist the promotion: {e}"))?;
+            lines.push(format!("volume {name}: standby -> active, epoch {epoch}"));
+        }
+        if !refused.is_empty() {
+            lines.extend(refused);
+            bail!("{}", lines.join("\n"));
+        }
+        Ok(lines.join("\n"))
+    }
+
+    /// Returns once `peer`, the active of `volume`, has been silent for [`SILENT`] or
+    /// is disconnected.
+    async fn silent(&self, volume: &str, peer: &str) {
+        loop {
+            let quiet = self
+                .board
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&(volume.to_owned(), peer.to_owned()))
+                .is_none_or(|p| {
+                    !p.connected
+                        || p.last_contact
+                            .is_some_and(|t| unix_now().saturating_sub(t) >= SILENT.as_secs())
+                });
+            if quiet {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The peer that is connected as this volume's active, if any.
+    fn connected_active(&self, volume: &str) -> Option<String> {
+        self.board
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|p| p.volume == volume && p.connected && p.peer_role == Some(Role::Active))
+            .map(|p| p.peer.clone())
+    }
+
+    /// `twinfs demote`: local writes refused at once, then what is pending is shipped
+    /// and acknowledged (or the wait times out), then this node is a standby.
+    async fn demote(&self, name: Option<&str>) -> anyhow::Result<String> {
+        let mut lines = Vec::new();
+        for v in self.selected(name)? {
+            let name = &v.config.name;
+            let now = v.roles.get();
+            if now.role == Role::Standby {
+                lines.push(format!(
+                    "volume {name}: already standby (epoch {})",
+                    now.epoch
+                ));
+                continue;
+            }
+            let roles = v.roles.clone();
+            tokio::task::spawn_blocking(move || roles.stop_writes())
+                .await
+                .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?;
+            let (acked, behind) = self.wait_for_standbys(name, DEMOTE_WAIT).await;
+            let roles = v.roles.clone();
+            let epoch = now.epoch;
+            tokio::task::spawn_blocking(move || roles.demote(epoch))
+                .await
+                .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
+                .map_err(|e| anyhow::anyhow!("volume {name}: cannot persist the demotion: {e}"))?;
+            let mut line = format!("volume {name}: active -> standby (epoch {epoch})");
+            if !acked.is_empty() {
+                line.push_str(&format!("; acknowledged everything: {}", acked.join(", ")));
+            }
+            if !behind.is_empty() {
+                line.push_str(&format!("; NOT acknowledged: {}", behind.join(", ")));
+            }
+            lines.push(line);
+        }
+        Ok(lines.join("\n"))
+    }
+
+    /// Waits until every connected standby of `volume` has acknowledged everything, or
+    /// `wait`; returns those that did and those that did not (with what is pending).
+    async fn wait_for_standbys(&self, volume: &str, wait: Duration) -> (Vec<String>, Vec<String>) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let (mut acked, mut behind) = (Vec::new(), Vec::new());
+            for p in self
+                .board
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+            {
+                if p.volume != volume || p.peer_role != Some(Role::Standby) {
+                    continue;
+                }
+                if p.connected && p.pending == 0 && p.full_sync != "in progress" {
+                    acked.push(p.peer.clone());
+                } else {
+                    behind.push(format!("{} ({} changes pending)", p.peer, p.pending));
+                }
+            }
+            if behind.is_empty() || tokio::time::Instant::now() >= deadline {
+                return (acked, behind);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -361,15 +589,20 @@ impl Daemon {
             })
     }
 
-    fn set_role(&self, name: &str, role: Role) -> anyhow::Result<String> {
+    /// `twinfs role`: switches the role locally, keeping the epoch (no fitness check,
+    /// no handover: `promote` and `demote` are the failover commands).
+    async fn set_role(&self, name: &str, role: Role) -> anyhow::Result<String> {
         let v = self.volume(name)?;
-        let mut state = v.state.lock().unwrap_or_else(|e| e.into_inner());
-        let before = state.role;
-        // Persist first: after a crash the node must come back in the role it last had.
-        let next = VolumeState { role, ..*state };
-        next.store(&self.config.node.state_dir, name)?;
-        *state = next;
-        v.mounted.volume().set_role(role);
+        let before = v.roles.get();
+        let roles = v.roles.clone();
+        tokio::task::spawn_blocking(move || match role {
+            Role::Active => roles.promote(before.epoch),
+            Role::Standby => roles.demote(before.epoch),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
+        .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?;
+        let before = before.role;
         tracing::info!(volume = name, from = %before, to = %role, "role switched");
         let writers = v.mounted.volume().stats().open_for_write;
         let mut message = format!("volume {name}: role {before} -> {role}");
@@ -386,7 +619,7 @@ impl Daemon {
             .volumes
             .iter()
             .map(|v| {
-                let state = *v.state.lock().unwrap_or_else(|e| e.into_inner());
+                let state = v.roles.get();
                 let c = v.capture.counters();
                 let stats = v.mounted.volume().stats();
                 VolumeStatus {
@@ -440,4 +673,34 @@ fn is_twinfs_mount(path: &Path) -> bool {
         mount_point.as_deref().map(Path::new) == Some(want.as_path())
             && fields.get(sep + 1) == Some(&"fuse.twinfs")
     })
+}
+
+/// Why a standby is not fit to take over, from its sync record; `None` when it is.
+fn unfit(record: Option<&SyncRecord>) -> Option<String> {
+    let Some(record) = record else {
+        return Some("this node never completed a full sync with an active".into());
+    };
+    if record.synced {
+        return None;
+    }
+    let mut why = String::from("not in sync with the last active");
+    if record.priority1_pending.is_empty() && record.priority1_more == 0 {
+        why.push_str(" (its last full sync did not complete)");
+        return Some(why);
+    }
+    why.push_str(&format!(
+        "; priority-1 paths not known to be in sync: {}",
+        record.priority1_pending.join(", ")
+    ));
+    if record.priority1_more > 0 {
+        why.push_str(&format!(" and {} more", record.priority1_more));
+    }
+    Some(why)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

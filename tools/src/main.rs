@@ -51,9 +51,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take over as the active node for VOLUME (all volumes when none is named), with
+    /// an epoch above any this node has seen, switching the mount to read-write without
+    /// remounting. Refused (exit 1, naming the priority-1 paths not known to be in
+    /// sync) when this node is not fit to take over; --force promotes anyway.
+    Promote {
+        /// The volume (default: all).
+        volume: Option<String>,
+        /// Promote even when not fit to take over (the log says so).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Step down as the active node for VOLUME (all when none is named): local writes
+    /// get EROFS at once, what is pending is shipped to the standbys and acknowledged
+    /// (or the wait times out after 30 s), then this node is a standby. Reports which
+    /// standbys acknowledged everything.
+    Demote {
+        /// The volume (default: all).
+        volume: Option<String>,
+    },
     /// Switch a volume of the running daemon to active (read-write) or standby
-    /// (read-only) at once, without remounting. An admin command; promote and demote
-    /// will do this with the safety checks of a failover.
+    /// (read-only) at once, without remounting and keeping the epoch. A low-level
+    /// command: promote and demote do this with the checks of a failover.
     Role {
         /// The volume's name.
         volume: String,
@@ -165,6 +184,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Promote { volume, force } => {
+            let config = load(&cli.config)?;
+            done(ask_for(
+                &config,
+                &Request::Promote { volume, force },
+                FAILOVER_WAIT,
+            )?)
+        }
+        Command::Demote { volume } => {
+            let config = load(&cli.config)?;
+            done(ask_for(
+                &config,
+                &Request::Demote { volume },
+                FAILOVER_WAIT,
+            )?)
+        }
         Command::Role { volume, role } => {
             let config = load(&cli.config)?;
             let role = match role {
@@ -223,13 +258,26 @@ fn describe_sync(sync: twinfs_replicator::policy::SyncMode) -> String {
     }
 }
 
+/// How long promote and demote may take (demote waits up to 30 s for the standbys).
+const FAILOVER_WAIT: Duration = Duration::from_secs(90);
+
+fn done(response: Response) -> anyhow::Result<()> {
+    match response {
+        Response::Done(message) => {
+            println!("{message}");
+            Ok(())
+        }
+        other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
 fn ask(config: &Config, request: &Request) -> anyhow::Result<Response> {
-    let response = control::call(
-        &config.node.control_socket,
-        request,
-        Duration::from_secs(30),
-    )
-    .context("cannot reach the daemon")?;
+    ask_for(config, request, Duration::from_secs(30))
+}
+
+fn ask_for(config: &Config, request: &Request, wait: Duration) -> anyhow::Result<Response> {
+    let response = control::call(&config.node.control_socket, request, wait)
+        .context("cannot reach the daemon")?;
     if let Response::Error(e) = response {
         anyhow::bail!("{e}");
     }

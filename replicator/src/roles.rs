@@ -1,0 +1,159 @@
+//! A volume's role and epoch at run time: one place that persists them, switches the
+//! mount between read-write and read-only, and tells the replication sessions, always
+//! in the order that keeps a crash safe.
+//!
+//! - Promotion persists the new role and epoch first (a node that crashes right after
+//!   comes back active with the new epoch, never active with the old one), then
+//!   allows local writes, then tells the sessions.
+//! - Demotion refuses local writes first (at once, after the writes under way), then
+//!   persists, then tells the sessions.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use twinfs_fs::{Role, Volume};
+
+/// A role and the epoch it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RoleState {
+    /// Active or standby.
+    pub role: Role,
+    /// The highest epoch this node has held or followed.
+    pub epoch: u64,
+}
+
+/// Saves a volume's role and epoch durably; an error is the message for the operator.
+pub type Store = Box<dyn Fn(RoleState) -> Result<(), String> + Send + Sync>;
+
+/// One volume's role and epoch, shared by the daemon and the replication.
+pub struct RoleCell {
+    name: String,
+    tx: watch::Sender<RoleState>,
+    /// Bumped on any role change of any volume of the node (the dial loops follow it).
+    node: watch::Sender<u64>,
+    volume: Arc<Volume>,
+    store: Store,
+    /// The standby's record of its fitness to take over: it speaks of the active of
+    /// the time, so a role change drops it.
+    sync_record: std::path::PathBuf,
+    /// Role changes one at a time.
+    changing: Mutex<()>,
+}
+
+impl RoleCell {
+    /// The cell of volume `name`, now in `state`; `node` is shared by all volumes.
+    pub fn new(
+        name: &str,
+        state: RoleState,
+        volume: Arc<Volume>,
+        store: Store,
+        sync_record: std::path::PathBuf,
+        node: watch::Sender<u64>,
+    ) -> RoleCell {
+        RoleCell {
+            name: name.to_owned(),
+            tx: watch::Sender::new(state),
+            node,
+            volume,
+            store,
+            sync_record,
+            changing: Mutex::new(()),
+        }
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The role and epoch now.
+    pub fn get(&self) -> RoleState {
+        *self.tx.borrow()
+    }
+
+    /// Follows changes.
+    pub fn subscribe(&self) -> watch::Receiver<RoleState> {
+        self.tx.subscribe()
+    }
+
+    /// The mounted volume.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, state: RoleState) {
+        if self.get().role != state.role {
+            // Fit again only after a full sync with the active of the new order.
+            if let Err(e) = std::fs::remove_file(&self.sync_record) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(volume = %self.name, error = %e, "cannot drop the sync record");
+                }
+            }
+        }
+        self.tx.send_replace(state);
+        self.node.send_modify(|g| *g += 1);
+    }
+
+    /// Becomes active with `epoch` (higher than any seen): persisted, then writable,
+    /// then the sessions follow. Blocks briefly; call from a blocking context.
+    pub fn promote(&self, epoch: u64) -> Result<RoleState, String> {
+        let _one = self.lock();
+        let next = RoleState {
+            role: Role::Active,
+            epoch,
+        };
+        (self.store)(next)?;
+        self.volume.set_role(Role::Active);
+        self.publish(next);
+        tracing::warn!(volume = %self.name, epoch, "now active");
+        Ok(next)
+    }
+
+    /// Refuses local writes from now on, without telling the sessions yet (they go on
+    /// shipping what was written before). Blocks until the writes under way are done.
+    pub fn stop_writes(&self) {
+        self.volume.set_role(Role::Standby);
+    }
+
+    /// Lets local writes in again after [`RoleCell::stop_writes`], if still active.
+    pub fn resume_writes(&self) {
+        let _one = self.lock();
+        if self.get().role == Role::Active {
+            self.volume.set_role(Role::Active);
+        }
+    }
+
+    /// Becomes a standby that follows epoch `epoch` or later: read-only at once,
+    /// persisted, then the sessions follow. Blocks briefly.
+    pub fn demote(&self, epoch: u64) -> Result<RoleState, String> {
+        let _one = self.lock();
+        self.volume.set_role(Role::Standby);
+        let next = RoleState {
+            role: Role::Standby,
+            epoch: epoch.max(self.get().epoch),
+        };
+        (self.store)(next)?;
+        self.publish(next);
+        tracing::warn!(volume = %self.name, epoch = next.epoch, "now standby");
+        Ok(next)
+    }
+
+    /// A standby follows an active of `epoch`: remembered if newer (a later promotion
+    /// must go above it). Persisted before the session applies anything from it.
+    pub fn follow(&self, epoch: u64) -> Result<(), String> {
+        let _one = self.lock();
+        let now = self.get();
+        if now.role != Role::Standby || epoch <= now.epoch {
+            return Ok(());
+        }
+        let next = RoleState { epoch, ..now };
+        (self.store)(next)?;
+        // Not published: the session that follows this epoch goes on.
+        self.tx.send_replace(next);
+        Ok(())
+    }
+}

@@ -1,0 +1,315 @@
+//! Failover end to end: real `twinfs mount` daemons on loopback, promoted, demoted,
+//! killed and restarted; epochs fence a node that was active before.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use twinfs_tests::daemon::{wait_until, Cluster, Node};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+const RULES: &str = r#"
+[[volume.rule]]
+match = "passwd"
+sync = "always"
+priority = 1
+"#;
+
+fn fill(dir: &Path) {
+    fs::write(dir.join("passwd"), "root:x:0:0\n").expect("fill");
+    fs::write(dir.join("cmm.conf"), "chassis_id = 42\n").expect("fill");
+}
+
+/// The node's role and epoch for the volume, from `twinfs status --json`.
+fn role_epoch(node: &Node) -> (String, u64) {
+    let v = node.volume_status();
+    (
+        v["role"].as_str().unwrap_or_default().to_owned(),
+        v["epoch"].as_u64().unwrap_or_default(),
+    )
+}
+
+fn wait_role(node: &Node, role: &str, epoch: u64) {
+    assert!(
+        wait_until(CONVERGE, || role_epoch(node) == (role.to_owned(), epoch)),
+        "expected {role} at epoch {epoch}, got {:?}; log:\n{}",
+        role_epoch(node),
+        node.log_text()
+    );
+}
+
+/// Waits until the standby `node` follows a connected active and is in sync.
+fn wait_ready(node: &Node, active: &Node) {
+    assert!(
+        wait_until(CONVERGE, || {
+            let v = node.volume_status();
+            v["peers"].as_array().is_some_and(|peers| {
+                peers.iter().any(|p| {
+                    p["connected"] == true && p["peer_role"] == "active" && p["full_sync"] == "done"
+                })
+            })
+        }),
+        "standby not in sync: {}\nlog:\n{}\nactive's log:\n{}",
+        node.volume_status(),
+        node.log_text(),
+        active.log_text()
+    );
+}
+
+fn run_ok(node: &Node, args: &[&str]) -> String {
+    let out = node.twinfs(args);
+    assert!(
+        out.status.success(),
+        "twinfs {args:?}: {}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.log_text()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn is_erofs(result: std::io::Result<()>) -> bool {
+    matches!(result, Err(e) if e.raw_os_error() == Some(libc::EROFS))
+}
+
+#[test]
+fn unplanned_failover_and_the_old_active_comes_back_as_a_standby() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(3, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    fs::write(c.active().join("passwd"), "root:x:0:0\nadmin:x:1000:1000\n").expect("write");
+    c.wait_converged(CONVERGE);
+
+    c.nodes[0].kill9();
+    let said = run_ok(&c.nodes[1], &["promote"]);
+    assert!(said.contains("epoch 2"), "{said}");
+    assert_eq!(role_epoch(&c.nodes[1]), ("active".into(), 2));
+    // Writes on the new active reach the remaining standby, which follows epoch 2.
+    fs::write(
+        c.nodes[1].volume.join("after-failover"),
+        "written on node1\n",
+    )
+    .expect("write");
+    assert!(
+        wait_until(CONVERGE, || c.nodes[2]
+            .volume
+            .join("after-failover")
+            .exists()),
+        "node2 log:\n{}",
+        c.nodes[2].log_text()
+    );
+    wait_role(&c.nodes[2], "standby", 2);
+
+    // The old active comes back with its old state, and a file written behind its
+    // back meanwhile: it is fenced, becomes a standby, and nothing of it reaches the
+    // others.
+    fs::write(
+        c.nodes[0].volume.join("stale-write"),
+        "from the old active\n",
+    )
+    .expect("write");
+    c.nodes[0].start(&[]);
+    wait_role(&c.nodes[0], "standby", 2);
+    c.wait_converged_to(1, CONVERGE);
+    for node in &c.nodes[1..] {
+        assert!(!node.volume.join("stale-write").exists());
+    }
+    assert!(
+        is_erofs(fs::write(c.nodes[0].volume.join("x"), "y")),
+        "a fenced node refuses local writes"
+    );
+    assert!(
+        c.nodes[0].log_text().contains("fenced"),
+        "the log says why it stepped down"
+    );
+}
+
+#[test]
+fn demote_then_promote_elsewhere_moves_the_active_role() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    fs::write(c.active().join("cmm.conf"), "chassis_id = 43\n").expect("write");
+
+    let said = run_ok(&c.nodes[0], &["demote"]);
+    assert!(said.contains("acknowledged everything: node1"), "{said}");
+    assert!(is_erofs(fs::write(c.active().join("late"), "x")));
+    assert_eq!(role_epoch(&c.nodes[0]), ("standby".into(), 1));
+    assert_eq!(
+        fs::read_to_string(c.nodes[1].volume.join("cmm.conf")).expect("read"),
+        "chassis_id = 43\n",
+        "what was written before the demotion is on the standby when demote returns"
+    );
+
+    run_ok(&c.nodes[1], &["promote", "vol"]);
+    assert_eq!(role_epoch(&c.nodes[1]), ("active".into(), 2));
+    fs::write(c.nodes[1].volume.join("passwd"), "root:x:0:0\nnew:x:1:1\n").expect("write");
+    wait_role(&c.nodes[0], "standby", 2);
+    c.wait_converged_to(1, CONVERGE);
+    // Promoting an active node is a no-op, and says so.
+    assert!(run_ok(&c.nodes[1], &["promote"]).contains("already active"));
+}
+
+/// Clears the immutable flag it set, so the test's directories can be removed. Made
+/// before the cluster, so it is dropped after the cluster has unmounted (the flag is
+/// on the backing file, which chattr cannot reach through the mount).
+#[derive(Default)]
+struct Immutable(Option<PathBuf>);
+
+impl Immutable {
+    fn set(&mut self, path: &Path) {
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "chattr +i {}", path.display());
+        self.0 = Some(path.to_owned());
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = Command::new("chattr").arg("-i").arg(path).status();
+            // The node's directory (NODE/vol/FILE) could not be removed with the file
+            // still immutable: remove it now.
+            if let Some(node_dir) = path.parent().and_then(Path::parent) {
+                let _ = fs::remove_dir_all(node_dir);
+            }
+        }
+    }
+}
+
+#[test]
+fn promotion_is_refused_while_a_priority1_file_is_not_in_sync() {
+    let _serial = twinfs_tests::serial();
+    let mut immutable = Immutable::default();
+    let mut c = Cluster::new(2, RULES, fill);
+    // The standby's own copy of passwd cannot be replaced (immutable in its backing
+    // directory), so the full sync cannot bring it in sync.
+    fs::write(c.nodes[1].volume.join("passwd"), "old\n").expect("write");
+    immutable.set(&c.nodes[1].volume.join("passwd"));
+    c.start();
+    let standby = &c.nodes[1];
+    assert!(
+        wait_until(CONVERGE, || {
+            standby.volume_status()["peers"][0]["rejected"]
+                .as_u64()
+                .is_some_and(|n| n > 0)
+        }),
+        "the standby refuses passwd; log:\n{}",
+        standby.log_text()
+    );
+    assert!(
+        wait_until(CONVERGE, || c.nodes[1].volume.join("cmm.conf").exists()),
+        "the rest arrives"
+    );
+    c.nodes[0].kill9();
+
+    let out = c.nodes[1].twinfs(&["promote"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "promotion must be refused: {said}");
+    assert!(said.contains("passwd"), "names the path: {said}");
+    assert_eq!(role_epoch(&c.nodes[1]), ("standby".into(), 1));
+
+    let said = run_ok(&c.nodes[1], &["promote", "--force"]);
+    assert!(said.contains("forced"), "{said}");
+    assert_eq!(role_epoch(&c.nodes[1]), ("active".into(), 2));
+    assert!(c.nodes[1].log_text().contains("promotion forced"));
+}
+
+#[test]
+fn a_standby_that_never_synced_is_not_promoted() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.nodes[1].start(&[]);
+    let out = c.nodes[1].twinfs(&["promote"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never completed a full sync"));
+    assert_eq!(role_epoch(&c.nodes[1]), ("standby".into(), 1));
+}
+
+#[test]
+fn planned_switchover_back_and_forth_loses_no_acknowledged_write() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let volumes: Vec<PathBuf> = c.nodes.iter().map(|n| n.volume.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Appends numbered lines to a log on whichever node takes writes; keeps the
+    // numbers whose write returned success.
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut acked, mut refused, mut at) = (Vec::new(), 0u32, 0usize);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let line = format!("line {n}\n");
+                let wrote = fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(volumes[at].join("app.log"))
+                    .and_then(|mut f| f.write_all(line.as_bytes()));
+                match wrote {
+                    Ok(()) => {
+                        acked.push(n);
+                        n += 1;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+                        refused += 1;
+                        at = 1 - at;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("write to node {at}: {e}"),
+                }
+            }
+            (acked, refused)
+        })
+    };
+    const SWITCHES: usize = 20;
+    for i in 0..SWITCHES {
+        std::thread::sleep(Duration::from_millis(150));
+        let (from, to) = if i % 2 == 0 { (0, 1) } else { (1, 0) };
+        let said = run_ok(&c.nodes[to], &["promote"]);
+        assert!(said.contains("planned switchover"), "switch {i}: {said}");
+        let epoch = 2 + i as u64;
+        assert_eq!(role_epoch(&c.nodes[to]), ("active".into(), epoch));
+        wait_role(&c.nodes[from], "standby", epoch);
+        // As an administrator would: switch back once the new standby is in sync.
+        wait_ready(&c.nodes[from], &c.nodes[to]);
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    stop.store(true, Ordering::Relaxed);
+    let (acked, refused) = writer.join().expect("writer");
+    let last = if SWITCHES % 2 == 0 { 0 } else { 1 };
+    c.wait_converged_to(last, CONVERGE);
+    for node in &c.nodes {
+        let log = fs::read_to_string(node.volume.join("app.log")).expect("read");
+        let lines: Vec<&str> = log.lines().collect();
+        let want: Vec<String> = acked.iter().map(|n| format!("line {n}")).collect();
+        assert_eq!(lines, want, "every acknowledged line, once, in order");
+    }
+    assert!(
+        acked.len() > 100,
+        "the writer kept writing: {}",
+        acked.len()
+    );
+    assert!(refused > 0, "writes during a switch get EROFS");
+    assert_eq!(
+        role_epoch(&c.nodes[last]),
+        ("active".into(), 1 + SWITCHES as u64)
+    );
+    assert_eq!(
+        role_epoch(&c.nodes[1 - last]),
+        ("standby".into(), 1 + SWITCHES as u64)
+    );
+}
