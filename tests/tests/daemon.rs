@@ -49,7 +49,9 @@ fn every_command_has_help() {
         String::from_utf8(out.stdout).expect("utf-8 help")
     };
     let top = help(&["--help"]);
-    for cmd in ["init", "mount", "status", "role", "config"] {
+    for cmd in [
+        "init", "mount", "status", "promote", "demote", "role", "config",
+    ] {
         assert!(top.contains(cmd), "top-level help lists {cmd}:\n{top}");
         let sub = help(&[cmd, "--help"]);
         assert!(sub.contains("Usage: twinfs"), "{cmd} --help:\n{sub}");
