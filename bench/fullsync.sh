@@ -55,7 +55,8 @@ cleanup() {
     sleep 1
     for n in "${!PID[@]}"; do [[ -n ${PID[$n]} ]] && kill -KILL "${PID[$n]}" 2>/dev/null || true; done
     for p in "${OTHER_PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    grep " fuse.twinfs " /proc/mounts | awk '{print $2}' | grep "^$S/" | while read -r m; do
+    # (|| true: with pipefail, a grep that finds nothing would end the trap here.)
+    { grep " fuse.twinfs " /proc/mounts | awk '{print $2}' | grep "^$S/" || true; } | while read -r m; do
         fusermount3 -u -z "$m" 2>/dev/null || true
     done
     if mountpoint -q "$S"; then

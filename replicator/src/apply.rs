@@ -20,6 +20,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use twinfs_fs::sys::{self, At, DirEntry, Stat};
@@ -319,6 +321,72 @@ impl<'a> Applier<'a> {
         let path = prepared.path.clone();
         self.place_prepared(prepared, false)?;
         Ok(Placed { dir, path })
+    }
+
+    /// Copies what is at `path` (a regular file, a symlink, or a directory and all it
+    /// holds) to `dest`, a path outside the volume that must not exist yet, keeping
+    /// mode and mtime; for keeping a file before it is overwritten. Returns how many
+    /// entries were copied: 0 when there is nothing at `path`. FIFOs, sockets and
+    /// devices are skipped (no content to keep).
+    pub fn copy_out(&self, path: &RelPath, dest: &Path) -> Result<u64> {
+        let (dir, name) = match self.open_parent(path) {
+            Err(e) if e.is_missing() => return Ok(0),
+            other => other?,
+        };
+        let st = match sys::statat(dir.as_fd(), &name) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            other => other.map_err(io_err("stat", path))?,
+        };
+        let write = |e: io::Error| ApplyError::Io {
+            path: path.clone(),
+            op: "copy out",
+            source: e,
+        };
+        let mtime = std::time::UNIX_EPOCH
+            + std::time::Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => {
+                let fd = sys::openat(dir.as_fd(), &name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+                    .map_err(io_err("open", path))?;
+                let mut from = std::fs::File::from(fd);
+                let mut to = std::fs::File::create(dest).map_err(write)?;
+                io::copy(&mut from, &mut to).map_err(write)?;
+                to.set_permissions(std::fs::Permissions::from_mode(st.st_mode & 0o7777))
+                    .map_err(write)?;
+                to.set_modified(mtime).map_err(write)?;
+                to.sync_all().map_err(write)?;
+                Ok(1)
+            }
+            libc::S_IFLNK => {
+                let target =
+                    sys::readlinkat(dir.as_fd(), &name).map_err(io_err("readlink", path))?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(&target), dest).map_err(write)?;
+                Ok(1)
+            }
+            libc::S_IFDIR => {
+                std::fs::create_dir(dest).map_err(write)?;
+                let here = if name.is_empty() {
+                    dir
+                } else {
+                    sys::openat(dir.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                        .map_err(io_err("open", path))?
+                };
+                let mut copied = 1;
+                for entry in sys::read_dir(here.as_fd()).map_err(io_err("read", path))? {
+                    if entry.name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
+                        continue;
+                    }
+                    let child = path.join(&entry.name).map_err(|e| ApplyError::Io {
+                        path: path.clone(),
+                        op: "copy out",
+                        source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+                    })?;
+                    copied += self.copy_out(&child, &dest.join(&entry.name))?;
+                }
+                Ok(copied)
+            }
+            _ => Ok(0),
+        }
     }
 
     /// Makes everything written to the volume's filesystem durable (`syncfs`).

@@ -17,6 +17,7 @@
 
 pub mod apply;
 pub mod capture;
+pub mod conflicts;
 pub mod delta;
 pub mod manifest;
 pub mod node;

@@ -192,6 +192,8 @@ pub struct VolumeLink {
     pub cache_file: std::path::PathBuf,
     /// Where a standby keeps its [`SyncRecord`].
     pub sync_file: std::path::PathBuf,
+    /// Where a fenced node keeps its own versions of what the winner replaces.
+    pub conflicts: crate::conflicts::Area,
     /// Standby: where `twinfs promote` asks the session with the active, if one runs,
     /// for a planned handover.
     pub handover: HandoverSlot,
@@ -782,6 +784,9 @@ async fn run_session(
     let mut large = LargeApplies::new();
     // Full syncs finished, and those whose memory was given back since.
     let (mut synced, mut compacted) = (0u64, 0u64);
+    // Standby after a fencing: keep this node's versions of what the winner's full
+    // sync replaces or deletes, until that full sync is through.
+    let mut keeping = role == Role::Standby && volume.conflicts.armed().is_some();
     // Standby: what decided the fitness last recorded by this session (whether fit,
     // whether priority-1 paths are pending, refusals so far, phase): recorded again
     // when it changes. The pending list shrinks as files are applied without being
@@ -800,6 +805,15 @@ async fn run_session(
             if matches!(out, Output::InSync) {
                 link.update(&volume.name, |s| s.full_sync_done = Some(unix_now()));
                 synced += 1;
+                if keeping {
+                    keeping = false;
+                    if let Err(e) = volume.conflicts.disarm() {
+                        tracing::warn!(volume = %volume.name, error = %e, "cannot clear the conflicts marker");
+                    }
+                }
+            }
+            if let (true, Output::Apply { op, .. }) = (keeping, &out) {
+                keep_before(&volume, op).await;
             }
             match out {
                 Output::Fenced { epoch } => {
@@ -1019,11 +1033,50 @@ async fn fence(volume: &VolumeLink, link: &Link, epoch: u64) {
     tracing::warn!(volume = %volume.name, peer = %link.peer, epoch,
         "fenced: another node is active with a later epoch (or wins the tie); stepping down");
     let roles = volume.roles.clone();
-    match tokio::task::spawn_blocking(move || roles.demote(epoch)).await {
+    let conflicts = volume.conflicts.clone();
+    let demoted = tokio::task::spawn_blocking(move || {
+        // Armed before the role changes: the winner's full sync keeps what it replaces
+        // even if this node restarts in between.
+        if let Err(e) = conflicts.arm(epoch, unix_now()) {
+            tracing::error!(error = %e, dir = %conflicts.dir().display(),
+                "cannot arm the conflicts area: this node's own writes will be overwritten");
+        }
+        roles.demote(epoch)
+    });
+    match demoted.await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::error!(volume = %volume.name, error = %e,
             "fenced, local writes refused, but the new role could not be persisted"),
         Err(e) => tracing::error!(volume = %volume.name, error = %e, "fencing failed"),
+    }
+}
+
+/// Keeps this node's version of what `op` (from the winner's full sync after a
+/// fencing) is about to replace or delete.
+async fn keep_before(volume: &VolumeLink, op: &Op) {
+    let (path, what) = match op {
+        Op::Put {
+            entry,
+            content: Some(_),
+        } => (entry.path.clone(), "replaced"),
+        Op::Put { entry, .. } if entry.meta.kind == Kind::Symlink => {
+            (entry.path.clone(), "replaced")
+        }
+        Op::PutStream { entry } => (entry.path.clone(), "replaced"),
+        Op::Delete { path } => (path.clone(), "deleted"),
+        _ => return,
+    };
+    let v = volume.clone();
+    let kept = tokio::task::spawn_blocking(move || {
+        let applier = Applier::new(v.root.as_fd());
+        v.conflicts
+            .keep(&applier, &path, what)
+            .map_err(|e| (path, e))
+    })
+    .await;
+    if let Ok(Err((path, e))) = kept {
+        tracing::error!(volume = %volume.name, %path, error = %e,
+            "split brain: cannot keep this node's version before it is replaced");
     }
 }
 

@@ -50,7 +50,14 @@ fn every_command_has_help() {
     };
     let top = help(&["--help"]);
     for cmd in [
-        "init", "mount", "status", "promote", "demote", "role", "config",
+        "init",
+        "mount",
+        "status",
+        "promote",
+        "demote",
+        "conflicts",
+        "role",
+        "config",
     ] {
         assert!(top.contains(cmd), "top-level help lists {cmd}:\n{top}");
         let sub = help(&[cmd, "--help"]);

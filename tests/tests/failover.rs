@@ -81,6 +81,13 @@ fn unplanned_failover_and_the_old_active_comes_back_as_a_standby() {
     c.wait_converged(CONVERGE);
     fs::write(c.active().join("passwd"), "root:x:0:0\nadmin:x:1000:1000\n").expect("write");
     c.wait_converged(CONVERGE);
+    assert!(
+        wait_until(CONVERGE, || c.nodes[1].volume_status()["takeover"]
+            == "ready"),
+        "{}",
+        c.nodes[1].volume_status()
+    );
+    assert_eq!(c.nodes[0].volume_status()["takeover"], "active");
 
     c.nodes[0].kill9();
     let said = run_ok(&c.nodes[1], &["promote"]);
@@ -208,6 +215,13 @@ fn promotion_is_refused_while_a_priority1_file_is_not_in_sync() {
         wait_until(CONVERGE, || c.nodes[1].volume.join("cmm.conf").exists()),
         "the rest arrives"
     );
+    let takeover = c.nodes[1].volume_status()["takeover"].clone();
+    assert!(
+        takeover
+            .as_str()
+            .is_some_and(|t| t.starts_with("not ready") && t.contains("passwd")),
+        "{takeover}"
+    );
     c.nodes[0].kill9();
 
     let out = c.nodes[1].twinfs(&["promote"]);
@@ -312,4 +326,68 @@ fn planned_switchover_back_and_forth_loses_no_acknowledged_write() {
         role_epoch(&c.nodes[1 - last]),
         ("standby".into(), 1 + SWITCHES as u64)
     );
+}
+
+#[test]
+fn split_brain_keeps_the_losers_writes_in_its_conflicts_area() {
+    let _serial = twinfs_tests::serial();
+    use twinfs_tests::daemon::NetPair;
+    let net = NetPair::new((std::process::id() % 250) as u8);
+    let addresses = net.addresses.iter().map(|a| format!("{a}:7790")).collect();
+    let mut c = Cluster::with_addresses(addresses, RULES, fill);
+    c.nodes[0].netns = Some(net.names[0].clone());
+    c.nodes[1].netns = Some(net.names[1].clone());
+    c.start();
+    c.wait_converged(CONVERGE);
+
+    // A partition: node1 no longer hears the active and takes over (it was in sync).
+    net.cut();
+    let said = run_ok(&c.nodes[1], &["promote"]);
+    assert!(said.contains("epoch 2"), "{said}");
+    // Both take writes: to the same file, and to files of their own.
+    let (a, b) = (c.nodes[0].volume.clone(), c.nodes[1].volume.clone());
+    fs::write(a.join("cmm.conf"), "chassis_id = 0 (node0)\n").expect("write on node0");
+    fs::write(a.join("only-on-node0"), "mine\n").expect("write on node0");
+    fs::create_dir(a.join("newdir")).expect("mkdir on node0");
+    fs::write(a.join("newdir/f"), "deep\n").expect("write on node0");
+    fs::write(b.join("cmm.conf"), "chassis_id = 1 (node1)\n").expect("write on node1");
+    fs::write(b.join("only-on-node1"), "theirs\n").expect("write on node1");
+
+    net.heal();
+    // One active remains: node1, of the higher epoch; node0 is fenced and follows it.
+    wait_role(&c.nodes[0], "standby", 2);
+    assert_eq!(role_epoch(&c.nodes[1]), ("active".into(), 2));
+    c.wait_converged_to(1, Duration::from_secs(60));
+    assert_eq!(
+        fs::read_to_string(a.join("cmm.conf")).expect("read"),
+        "chassis_id = 1 (node1)\n"
+    );
+
+    // Everything node0 wrote on its own is in its conflicts area, and listed.
+    let listed = run_ok(&c.nodes[0], &["conflicts"]);
+    for path in ["cmm.conf", "only-on-node0", "newdir"] {
+        assert!(listed.contains(path), "{path} listed:\n{listed}");
+    }
+    let area = c.nodes[0].state_dir.join("conflicts/vol");
+    let set = fs::read_dir(&area)
+        .expect("conflicts area")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .expect("a conflict set");
+    assert!(set.join("MANIFEST.json").exists());
+    for (path, content) in [
+        ("cmm.conf", "chassis_id = 0 (node0)\n"),
+        ("only-on-node0", "mine\n"),
+        ("newdir/f", "deep\n"),
+    ] {
+        assert_eq!(
+            fs::read_to_string(set.join(path)).ok().as_deref(),
+            Some(content),
+            "{path} kept with node0's content"
+        );
+    }
+    assert!(c.nodes[0].volume_status()["conflicts"].as_u64() >= Some(3));
+    // The winner keeps nothing; its files were never at risk.
+    assert!(run_ok(&c.nodes[1], &["conflicts"]).contains("no conflicts"));
 }

@@ -95,6 +95,15 @@ pub struct VolumeStatus {
     /// Replication with each peer, for this volume.
     #[serde(default)]
     pub peers: Vec<twinfs_replicator::node::PeerStatus>,
+    /// Standby: whether it may take over now ("ready") or why not; active: "active".
+    #[serde(default)]
+    pub takeover: String,
+    /// Files kept in the conflicts area after split brains (`twinfs conflicts`).
+    #[serde(default)]
+    pub conflicts: usize,
+    /// Where the conflicts area is.
+    #[serde(default)]
+    pub conflicts_dir: PathBuf,
 }
 
 /// The status of the node.

@@ -271,6 +271,10 @@ fn start_replication(
             cache: Arc::new(Mutex::new(HashCache::load(&cache_file))),
             cache_file,
             sync_file,
+            conflicts: twinfs_replicator::conflicts::Area::new(
+                &config.node.state_dir,
+                &v.config.name,
+            ),
             handover: v.handover.clone(),
             applying: Default::default(),
         });
@@ -500,6 +504,20 @@ impl Daemon {
         }
     }
 
+    /// Whether this node may take over `v` now, as `twinfs promote` would judge it.
+    fn takeover(&self, v: &VolumeRuntime) -> String {
+        if v.roles.get().role == Role::Active {
+            return "active".into();
+        }
+        match SyncRecord::load(&sync_file(&self.config, &v.config.name)) {
+            Err(e) => format!("not ready: {e}"),
+            Ok(record) => match unfit(record.as_ref()) {
+                None => "ready".into(),
+                Some(why) => format!("not ready: {why}"),
+            },
+        }
+    }
+
     /// The peer that is connected as this volume's active, if any.
     fn connected_active(&self, volume: &str) -> Option<String> {
         self.board
@@ -620,6 +638,10 @@ impl Daemon {
             .iter()
             .map(|v| {
                 let state = v.roles.get();
+                let area = twinfs_replicator::conflicts::Area::new(
+                    &self.config.node.state_dir,
+                    &v.config.name,
+                );
                 let c = v.capture.counters();
                 let stats = v.mounted.volume().stats();
                 VolumeStatus {
@@ -647,6 +669,9 @@ impl Daemon {
                         .filter(|p| p.volume == v.config.name)
                         .cloned()
                         .collect(),
+                    takeover: self.takeover(v),
+                    conflicts: area.count(),
+                    conflicts_dir: area.dir().to_owned(),
                 }
             })
             .collect();

@@ -70,6 +70,13 @@ enum Command {
         /// The volume (default: all).
         volume: Option<String>,
     },
+    /// List what split brains left in the conflicts area (this node's own versions of
+    /// files the winner's full sync replaced or deleted), per volume; reads the state
+    /// directory, no daemon needed. Nothing there is ever deleted by twinfs.
+    Conflicts {
+        /// The volume (default: all).
+        volume: Option<String>,
+    },
     /// Switch a volume of the running daemon to active (read-write) or standby
     /// (read-only) at once, without remounting and keeping the epoch. A low-level
     /// command: promote and demote do this with the checks of a failover.
@@ -200,6 +207,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 FAILOVER_WAIT,
             )?)
         }
+        Command::Conflicts { volume } => {
+            let config = load(&cli.config)?;
+            let names: Vec<&str> = match &volume {
+                Some(v) => {
+                    if !config.volumes.iter().any(|c| &c.name == v) {
+                        anyhow::bail!("no volume named {v:?} in {}", config.source.display());
+                    }
+                    vec![v.as_str()]
+                }
+                None => config.volumes.iter().map(|v| v.name.as_str()).collect(),
+            };
+            for name in names {
+                let area = twinfs_replicator::conflicts::Area::new(&config.node.state_dir, name);
+                let sets = area.sets();
+                if sets.is_empty() {
+                    println!("volume {name}: no conflicts");
+                }
+                for (dir, manifest) in sets {
+                    println!(
+                        "volume {name}: {} file(s) in {} (fenced by epoch {})",
+                        manifest.kept.len(),
+                        dir.display(),
+                        manifest.fenced_by_epoch
+                    );
+                    for kept in &manifest.kept {
+                        println!("  {:<9} {}", kept.what, kept.path);
+                    }
+                }
+            }
+            Ok(())
+        }
         Command::Role { volume, role } => {
             let config = load(&cli.config)?;
             let role = match role {
@@ -302,6 +340,15 @@ fn print_status(s: &NodeStatus) {
             format!("{}/{}/{}/{}", c.always, c.once, c.interval, c.never),
             v.path.display()
         );
+        println!("  takeover: {}", v.takeover);
+        if v.conflicts > 0 {
+            println!(
+                "  conflicts: {} file(s) kept in {} (`twinfs conflicts {}`)",
+                v.conflicts,
+                v.conflicts_dir.display(),
+                v.name
+            );
+        }
         for p in &v.peers {
             let full_sync = if p.full_sync == "in progress" {
                 format!("in progress {}%", p.full_sync_percent)

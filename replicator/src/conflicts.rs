@@ -1,0 +1,201 @@
+//! The conflicts area: where a node that was fenced after a split brain keeps its own
+//! versions of the files the winner's full sync overwrites or deletes, before they
+//! go. Nothing in it is ever deleted by twinfs.
+//!
+//! Layout, under the state directory: `conflicts/VOLUME/EPOCH-TIMESTAMP/` holds the
+//! files at their paths in the volume, and `MANIFEST.json` says what each one was.
+//! A file `conflicts/VOLUME/PENDING` (with the epoch that fenced the node) marks that
+//! the next full sync must keep what it replaces, so a restart in between does not
+//! lose that.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::apply::Applier;
+use crate::path::RelPath;
+
+/// The name of the marker file.
+const PENDING: &str = "PENDING";
+
+/// The name of each set's manifest.
+pub const MANIFEST: &str = "MANIFEST.json";
+
+/// One kept file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kept {
+    /// Its path in the volume.
+    pub path: String,
+    /// What the winner's full sync did to it: `"replaced"` or `"deleted"`.
+    pub what: String,
+    /// Entries copied (more than 1 for a directory).
+    pub entries: u64,
+}
+
+/// A set's manifest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The volume.
+    pub volume: String,
+    /// The epoch of the active that won.
+    pub fenced_by_epoch: u64,
+    /// When the node was fenced (seconds since the Unix epoch).
+    pub at: u64,
+    /// The files kept, in the order they were.
+    pub kept: Vec<Kept>,
+}
+
+/// The conflicts area of one volume.
+#[derive(Clone, Debug)]
+pub struct Area {
+    dir: PathBuf,
+    volume: String,
+}
+
+impl Area {
+    /// The area of `volume` under `state_dir`.
+    pub fn new(state_dir: &Path, volume: &str) -> Area {
+        Area {
+            dir: state_dir.join("conflicts").join(volume),
+            volume: volume.to_owned(),
+        }
+    }
+
+    /// Where it is.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Marks that the next full sync must keep what it replaces: this node was fenced
+    /// by `epoch` at `at`. Durable before it returns.
+    pub fn arm(&self, epoch: u64, at: u64) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self.dir.join(PENDING);
+        let mut f = std::fs::File::create(&path)?;
+        writeln!(f, "{epoch} {at}")?;
+        f.sync_all()?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// The armed marker: (epoch, time) of the fencing, if any.
+    pub fn armed(&self) -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string(self.dir.join(PENDING)).ok()?;
+        let mut parts = text.split_whitespace().map(str::parse::<u64>);
+        match (parts.next(), parts.next()) {
+            (Some(Ok(epoch)), Some(Ok(at))) => Some((epoch, at)),
+            _ => Some((0, 0)),
+        }
+    }
+
+    /// The full sync after the fencing is through: nothing more to keep.
+    pub fn disarm(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(self.dir.join(PENDING)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Keeps what is at `path` in the volume (through `applier`) before the winner's
+    /// op `what` ("replaced" or "deleted") changes it. Nothing there: nothing kept.
+    pub fn keep(&self, applier: &Applier<'_>, path: &RelPath, what: &str) -> Result<u64, String> {
+        let (epoch, at) = self.armed().unwrap_or((0, 0));
+        let set = self.dir.join(format!("{epoch}-{}", timestamp(at)));
+        let dest = set.join(path.as_path());
+        if dest.symlink_metadata().is_ok() {
+            // Kept already in this set (a path touched twice by one full sync).
+            return Ok(0);
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        let entries = applier.copy_out(path, &dest).map_err(|e| e.to_string())?;
+        if entries == 0 {
+            return Ok(0);
+        }
+        let manifest_path = set.join(MANIFEST);
+        let mut manifest = read_manifest(&manifest_path).unwrap_or_else(|| Manifest {
+            volume: self.volume.clone(),
+            fenced_by_epoch: epoch,
+            at,
+            kept: Vec::new(),
+        });
+        manifest.kept.push(Kept {
+            path: path.to_string(),
+            what: what.to_owned(),
+            entries,
+        });
+        write_manifest(&manifest_path, &manifest)
+            .map_err(|e| format!("{}: {e}", manifest_path.display()))?;
+        tracing::warn!(volume = %self.volume, %path, what, kept_in = %set.display(),
+            "split brain: kept this node's version before the winner's full sync changed it");
+        Ok(entries)
+    }
+
+    /// Every set, oldest first, with its manifest.
+    pub fn sets(&self) -> Vec<(PathBuf, Manifest)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut sets: Vec<(PathBuf, Manifest)> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .filter_map(|p| read_manifest(&p.join(MANIFEST)).map(|m| (p, m)))
+            .collect();
+        sets.sort_by(|a, b| a.0.cmp(&b.0));
+        sets
+    }
+
+    /// How many files are kept, over all sets.
+    pub fn count(&self) -> usize {
+        self.sets().iter().map(|(_, m)| m.kept.len()).sum()
+    }
+}
+
+fn read_manifest(path: &Path) -> Option<Manifest> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+fn write_manifest(path: &Path, manifest: &Manifest) -> std::io::Result<()> {
+    let temp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&temp)?;
+    f.write_all(&serde_json::to_vec_pretty(manifest).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&temp, path)
+}
+
+/// `YYYYMMDDTHHMMSSZ` for seconds since the Unix epoch (UTC).
+fn timestamp(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_utc_calendar_times() {
+        assert_eq!(timestamp(0), "19700101T000000Z");
+        assert_eq!(timestamp(951_782_400), "20000229T000000Z");
+        assert_eq!(timestamp(1_795_463_482), "20261123T195122Z");
+    }
+}
