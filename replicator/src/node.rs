@@ -924,7 +924,8 @@ async fn run_session(
                     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
                 }
                 let roles = volume.roles.clone();
-                let demoted = tokio::task::spawn_blocking(move || roles.demote(epoch)).await;
+                let demoted =
+                    tokio::task::spawn_blocking(move || roles.demote(epoch, "manual")).await;
                 if matches!(demoted, Ok(Ok(_))) {
                     tracing::warn!(volume = %volume.name, peer = %link.peer, epoch, "handed over");
                 } else {
@@ -1041,7 +1042,7 @@ async fn fence(volume: &VolumeLink, link: &Link, epoch: u64) {
             tracing::error!(error = %e, dir = %conflicts.dir().display(),
                 "cannot arm the conflicts area: this node's own writes will be overwritten");
         }
-        roles.demote(epoch)
+        roles.demote(epoch, "fenced")
     });
     match demoted.await {
         Ok(Ok(_)) => {}

@@ -25,6 +25,24 @@ pub struct RoleState {
 /// Saves a volume's role and epoch durably; an error is the message for the operator.
 pub type Store = Box<dyn Fn(RoleState) -> Result<(), String> + Send + Sync>;
 
+/// A role change, for the hooks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleChange {
+    /// The volume.
+    pub volume: String,
+    /// Before.
+    pub previous: RoleState,
+    /// After.
+    pub next: RoleState,
+    /// Why: `manual` (promote, demote, a handover, `twinfs role`), `fenced`, or
+    /// `rollback` (a failed promote hook).
+    pub reason: &'static str,
+}
+
+/// Runs after each role change (the hooks); returns `true` to hand back a promotion
+/// whose hook failed.
+pub type Hook = Box<dyn Fn(&RoleChange) -> bool + Send + Sync>;
+
 /// One volume's role and epoch, shared by the daemon and the replication.
 pub struct RoleCell {
     name: String,
@@ -36,6 +54,7 @@ pub struct RoleCell {
     /// The standby's record of its fitness to take over: it speaks of the active of
     /// the time, so a role change drops it.
     sync_record: std::path::PathBuf,
+    hook: Option<Hook>,
     /// Role changes one at a time.
     changing: Mutex<()>,
 }
@@ -49,6 +68,7 @@ impl RoleCell {
         store: Store,
         sync_record: std::path::PathBuf,
         node: watch::Sender<u64>,
+        hook: Option<Hook>,
     ) -> RoleCell {
         RoleCell {
             name: name.to_owned(),
@@ -57,6 +77,7 @@ impl RoleCell {
             volume,
             store,
             sync_record,
+            hook,
             changing: Mutex::new(()),
         }
     }
@@ -99,9 +120,11 @@ impl RoleCell {
     }
 
     /// Becomes active with `epoch` (higher than any seen): persisted, then writable,
-    /// then the sessions follow. Blocks briefly; call from a blocking context.
-    pub fn promote(&self, epoch: u64) -> Result<RoleState, String> {
+    /// then the sessions follow, then the hook runs (a failed one may hand the role
+    /// back). Blocks for as long as the hook; call from a blocking context.
+    pub fn promote(&self, epoch: u64, reason: &'static str) -> Result<RoleState, String> {
         let _one = self.lock();
+        let previous = self.get();
         let next = RoleState {
             role: Role::Active,
             epoch,
@@ -109,8 +132,26 @@ impl RoleCell {
         (self.store)(next)?;
         self.volume.set_role(Role::Active);
         self.publish(next);
-        tracing::warn!(volume = %self.name, epoch, "now active");
+        tracing::warn!(volume = %self.name, epoch, reason, "now active");
+        if self.run_hook(previous, next, reason) && previous.role != Role::Active {
+            tracing::warn!(volume = %self.name, "the promote hook failed: handing the role back");
+            return self.demote_locked(epoch, "rollback");
+        }
         Ok(next)
+    }
+
+    /// Runs the hook for a change of role (not for an unchanged one); whether to roll
+    /// back.
+    fn run_hook(&self, previous: RoleState, next: RoleState, reason: &'static str) -> bool {
+        match &self.hook {
+            Some(hook) if previous.role != next.role => hook(&RoleChange {
+                volume: self.name.clone(),
+                previous,
+                next,
+                reason,
+            }),
+            _ => false,
+        }
     }
 
     /// Refuses local writes from now on, without telling the sessions yet (they go on
@@ -128,17 +169,24 @@ impl RoleCell {
     }
 
     /// Becomes a standby that follows epoch `epoch` or later: read-only at once,
-    /// persisted, then the sessions follow. Blocks briefly.
-    pub fn demote(&self, epoch: u64) -> Result<RoleState, String> {
+    /// persisted, then the sessions follow, then the hook runs. Blocks for as long as
+    /// the hook.
+    pub fn demote(&self, epoch: u64, reason: &'static str) -> Result<RoleState, String> {
         let _one = self.lock();
+        self.demote_locked(epoch, reason)
+    }
+
+    fn demote_locked(&self, epoch: u64, reason: &'static str) -> Result<RoleState, String> {
+        let previous = self.get();
         self.volume.set_role(Role::Standby);
         let next = RoleState {
             role: Role::Standby,
-            epoch: epoch.max(self.get().epoch),
+            epoch: epoch.max(previous.epoch),
         };
         (self.store)(next)?;
         self.publish(next);
-        tracing::warn!(volume = %self.name, epoch = next.epoch, "now standby");
+        tracing::warn!(volume = %self.name, epoch = next.epoch, reason, "now standby");
+        self.run_hook(previous, next, reason);
         Ok(next)
     }
 

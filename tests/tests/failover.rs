@@ -391,3 +391,119 @@ fn split_brain_keeps_the_losers_writes_in_its_conflicts_area() {
     // The winner keeps nothing; its files were never at risk.
     assert!(run_ok(&c.nodes[1], &["conflicts"]).contains("no conflicts"));
 }
+
+/// The `TWINFS_*` variables of each hook run, in the order they ran.
+fn hook_runs(dir: &Path) -> Vec<(String, String)> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("hook dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let kind = name
+                .split('-')
+                .nth(1)
+                .and_then(|k| k.strip_suffix(".env"))
+                .unwrap_or_default()
+                .to_owned();
+            (
+                kind,
+                fs::read_to_string(f).expect("read").replace('\n', " "),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn hooks_run_with_the_documented_environment_and_a_failure_shows_in_status() {
+    let _serial = twinfs_tests::serial();
+    let events = tempfile::tempdir().expect("tempdir");
+    let dir = events.path().display();
+    // Each run records its TWINFS_* variables; the promote hook fails at epoch 3.
+    let rules = format!(
+        "on_promote = 'env | grep -E \"^TWINFS_(VOLUME|ROLE|PREVIOUS_ROLE|EPOCH|REASON)=\" | sort > {dir}/$(date +%s%N)-promote.env; [ \"$TWINFS_EPOCH\" != 3 ]'\n\
+         on_demote = 'env | grep -E \"^TWINFS_(VOLUME|ROLE|PREVIOUS_ROLE|EPOCH|REASON)=\" | sort > {dir}/$(date +%s%N)-demote.env'\n{RULES}"
+    );
+    let mut c = Cluster::new(2, &rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    assert!(
+        hook_runs(events.path()).is_empty(),
+        "no hook without a role change"
+    );
+
+    run_ok(&c.nodes[0], &["demote"]);
+    c.nodes[0].stop();
+    run_ok(&c.nodes[1], &["promote"]);
+    // node0 comes back with the state of an active of epoch 1 (as if it had been
+    // active all along): it meets the new active and is fenced.
+    fs::write(
+        c.nodes[0].state_dir.join("volumes/vol.json"),
+        "{\"role\": \"active\", \"epoch\": 1}\n",
+    )
+    .expect("old state");
+    c.nodes[0].start(&[]);
+    wait_role(&c.nodes[0], "standby", 2);
+    wait_ready(&c.nodes[0], &c.nodes[1]);
+    // A planned handover to node0 at epoch 3, where its promote hook fails.
+    let said = run_ok(&c.nodes[0], &["promote"]);
+    assert!(said.contains("epoch 3"), "{said}");
+
+    let runs = hook_runs(events.path());
+    let want = [
+        ("demote", "TWINFS_EPOCH=1 TWINFS_PREVIOUS_ROLE=active TWINFS_REASON=manual TWINFS_ROLE=standby TWINFS_VOLUME=vol "),
+        ("promote", "TWINFS_EPOCH=2 TWINFS_PREVIOUS_ROLE=standby TWINFS_REASON=manual TWINFS_ROLE=active TWINFS_VOLUME=vol "),
+        ("demote", "TWINFS_EPOCH=2 TWINFS_PREVIOUS_ROLE=active TWINFS_REASON=fenced TWINFS_ROLE=standby TWINFS_VOLUME=vol "),
+        ("demote", "TWINFS_EPOCH=2 TWINFS_PREVIOUS_ROLE=active TWINFS_REASON=manual TWINFS_ROLE=standby TWINFS_VOLUME=vol "),
+        ("promote", "TWINFS_EPOCH=3 TWINFS_PREVIOUS_ROLE=standby TWINFS_REASON=manual TWINFS_ROLE=active TWINFS_VOLUME=vol "),
+    ];
+    let mut got: Vec<(&str, &str)> = runs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut want = want.to_vec();
+    // The two sides of the handover run their hooks at the same time: either order.
+    if got.len() == want.len() {
+        got[3..].sort();
+        want[3..].sort();
+    }
+    assert_eq!(got, want, "hook runs in order");
+
+    // The failed promote hook is in status; the node stays active (the default).
+    let hook = c.nodes[0].volume_status()["last_hook"].clone();
+    assert_eq!(hook["hook"], "on_promote", "{hook}");
+    assert_eq!(hook["ok"], false, "{hook}");
+    assert_eq!(hook["exit_code"], 1, "{hook}");
+    assert_eq!(role_epoch(&c.nodes[0]), ("active".into(), 3));
+    assert!(String::from_utf8_lossy(&c.nodes[0].twinfs(&["status"]).stdout).contains("FAILED"));
+    assert_eq!(c.nodes[1].volume_status()["last_hook"]["ok"], true);
+}
+
+#[test]
+fn a_failed_promote_hook_hands_the_role_back_when_configured() {
+    let _serial = twinfs_tests::serial();
+    let rules = format!("on_promote = 'echo cannot start xcatd >&2; exit 4'\non_promote_failure = \"rollback\"\n{RULES}");
+    let mut c = Cluster::new(2, &rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    run_ok(&c.nodes[0], &["demote"]);
+    let out = c.nodes[1].twinfs(&["promote"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("handed back"), "{said}");
+    assert_eq!(role_epoch(&c.nodes[1]).0, "standby");
+    let hook = c.nodes[1].volume_status()["last_hook"].clone();
+    assert_eq!(hook["exit_code"], 4, "{hook}");
+    assert!(
+        hook["output"]
+            .as_str()
+            .is_some_and(|o| o.contains("cannot start xcatd")),
+        "{hook}"
+    );
+    assert!(
+        c.nodes[1].log_text().contains("cannot start xcatd"),
+        "hook output is logged"
+    );
+    assert!(is_erofs(fs::write(c.nodes[1].volume.join("x"), "y")));
+}

@@ -19,6 +19,10 @@
 //! initial_role = "active"             # or "standby"; default "active"
 //! durability = "async"                # or "sync"; default "async"
 //! sync_timeout = "10s"                # default 10s
+//! on_promote = "ip addr add 10.0.0.9/24 dev eth0"   # optional, run with sh -c
+//! on_demote = "ip addr del 10.0.0.9/24 dev eth0"    # optional
+//! hook_timeout = "30s"                # default 30s
+//! on_promote_failure = "keep"         # or "rollback"; default "keep"
 //!
 //! [[volume.rule]]                     # zero or more, first match wins
 //! match = "*.sif"                     # glob, see twinfs_replicator::policy
@@ -106,6 +110,34 @@ pub struct VolumeConfig {
     pub sync_timeout: Duration,
     /// The `[[volume.rule]]`s, in order.
     pub policies: PolicySet,
+    /// Commands run (`sh -c`) when this node becomes active / stops being active.
+    pub hooks: Hooks,
+}
+
+/// A volume's hook commands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// Run after this node became active.
+    pub on_promote: Option<String>,
+    /// Run after this node stopped being active.
+    pub on_demote: Option<String>,
+    /// How long a hook may run before it is killed.
+    pub timeout: Duration,
+    /// A failed `on_promote` hands the role back (the node demotes itself).
+    pub rollback_failed_promote: bool,
+}
+
+/// How long a hook may run when `hook_timeout` is not given.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a failed `on_promote` hook does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PromoteFailure {
+    /// Stay active; status shows the failure.
+    Keep,
+    /// Demote again.
+    Rollback,
 }
 
 /// A node's role for a volume (defined by the FUSE layer, which enforces it).
@@ -375,6 +407,10 @@ struct RawVolume {
     initial_role: Option<Role>,
     durability: Option<Durability>,
     sync_timeout: Option<Spanned<String>>,
+    on_promote: Option<String>,
+    on_demote: Option<String>,
+    hook_timeout: Option<Spanned<String>>,
+    on_promote_failure: Option<PromoteFailure>,
     #[serde(default)]
     rule: Vec<RawRule>,
 }
@@ -547,6 +583,15 @@ impl RawVolume {
             Some(timeout) => duration(&timeout, doc, &key("sync_timeout"))?,
             None => DEFAULT_SYNC_TIMEOUT,
         };
+        let hooks = Hooks {
+            on_promote: self.on_promote.filter(|c| !c.trim().is_empty()),
+            on_demote: self.on_demote.filter(|c| !c.trim().is_empty()),
+            timeout: match self.hook_timeout {
+                Some(t) => duration(&t, doc, &key("hook_timeout"))?,
+                None => DEFAULT_HOOK_TIMEOUT,
+            },
+            rollback_failed_promote: self.on_promote_failure == Some(PromoteFailure::Rollback),
+        };
         let rules = self
             .rule
             .into_iter()
@@ -560,6 +605,7 @@ impl RawVolume {
             durability: self.durability.unwrap_or(Durability::Async),
             sync_timeout,
             policies: PolicySet::new(rules),
+            hooks,
         })
     }
 }

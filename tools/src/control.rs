@@ -104,9 +104,31 @@ pub struct VolumeStatus {
     /// Where the conflicts area is.
     #[serde(default)]
     pub conflicts_dir: PathBuf,
+    /// The last `on_promote`/`on_demote` hook run for this volume.
+    #[serde(default)]
+    pub last_hook: Option<HookResult>,
 }
 
 /// The status of the node.
+/// What a hook did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookResult {
+    /// `on_promote` or `on_demote`.
+    pub hook: String,
+    /// Why the role changed: `manual`, `fenced` or `rollback`.
+    pub reason: String,
+    /// When it ran (seconds since the Unix epoch).
+    pub at: u64,
+    /// It exited with status 0 within the timeout.
+    pub ok: bool,
+    /// Its exit status, if it exited.
+    pub exit_code: Option<i32>,
+    /// It was killed at `hook_timeout`.
+    pub timed_out: bool,
+    /// The last 1 KiB of its stdout and stderr.
+    pub output: String,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NodeStatus {
     /// The node's name.

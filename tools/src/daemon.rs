@@ -41,6 +41,8 @@ struct VolumeRuntime {
     mounted: Mounted,
     capture: Arc<Capture>,
     roles: Arc<RoleCell>,
+    /// The last hook run, for status.
+    last_hook: Arc<Mutex<Option<HookResult>>>,
     /// Where `promote` reaches the session with the active (shared with the link).
     handover: node::HandoverSlot,
     changes: tokio::sync::broadcast::Sender<node::Numbered>,
@@ -113,6 +115,7 @@ fn mount_volume(
         passthrough = mounted.volume().passthrough(),
         "mounted in place"
     );
+    let last_hook: Arc<Mutex<Option<HookResult>>> = Arc::default();
     let state_dir = config.node.state_dir.clone();
     let name = vc.name.clone();
     let store: twinfs_replicator::roles::Store = Box::new(move |r: RoleState| {
@@ -133,12 +136,14 @@ fn mount_volume(
         store,
         sync_file(config, &vc.name),
         node_roles.clone(),
+        Some(hook_runner(vc.hooks.clone(), last_hook.clone())),
     ));
     Ok(VolumeRuntime {
         config: vc.clone(),
         mounted,
         capture,
         roles,
+        last_hook,
         handover: Default::default(),
         changes,
         gate,
@@ -435,16 +440,12 @@ impl Daemon {
                 match answer {
                     Some(Ok(active_epoch)) => {
                         let epoch = now.epoch.max(active_epoch) + 1;
-                        let roles = v.roles.clone();
-                        tokio::task::spawn_blocking(move || roles.promote(epoch))
-                            .await
-                            .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
-                            .map_err(|e| {
-                                anyhow::anyhow!("volume {name}: cannot persist the promotion: {e}")
-                            })?;
-                        lines.push(format!(
-                            "volume {name}: standby -> active, epoch {epoch} (planned switchover: {peer} handed over and is a standby now)"
-                        ));
+                        match take_over(v, epoch).await? {
+                            Ok(line) => lines.push(format!(
+                                "{line} (planned switchover: {peer} handed over and is a standby now)"
+                            )),
+                            Err(line) => refused.push(line),
+                        }
                         continue;
                     }
                     Some(Err(e)) => {
@@ -468,13 +469,10 @@ impl Daemon {
                 tracing::warn!(volume = %name, reason = %why, "promotion forced");
                 lines.push(format!("volume {name}: forced although {why}"));
             }
-            let epoch = now.epoch + 1;
-            let roles = v.roles.clone();
-            tokio::task::spawn_blocking(move || roles.promote(epoch))
-                .await
-                .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
-                .map_err(|e| anyhow::anyhow!("volume {name}: cannot persist the promotion: {e}"))?;
-            lines.push(format!("volume {name}: standby -> active, epoch {epoch}"));
+            match take_over(v, now.epoch + 1).await? {
+                Ok(line) => lines.push(line),
+                Err(line) => refused.push(line),
+            }
         }
         if !refused.is_empty() {
             lines.extend(refused);
@@ -549,7 +547,7 @@ impl Daemon {
             let (acked, behind) = self.wait_for_standbys(name, DEMOTE_WAIT).await;
             let roles = v.roles.clone();
             let epoch = now.epoch;
-            tokio::task::spawn_blocking(move || roles.demote(epoch))
+            tokio::task::spawn_blocking(move || roles.demote(epoch, "manual"))
                 .await
                 .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
                 .map_err(|e| anyhow::anyhow!("volume {name}: cannot persist the demotion: {e}"))?;
@@ -614,8 +612,8 @@ impl Daemon {
         let before = v.roles.get();
         let roles = v.roles.clone();
         tokio::task::spawn_blocking(move || match role {
-            Role::Active => roles.promote(before.epoch),
-            Role::Standby => roles.demote(before.epoch),
+            Role::Active => roles.promote(before.epoch, "manual"),
+            Role::Standby => roles.demote(before.epoch, "manual"),
         })
         .await
         .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
@@ -670,6 +668,11 @@ impl Daemon {
                         .cloned()
                         .collect(),
                     takeover: self.takeover(v),
+                    last_hook: v
+                        .last_hook
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone(),
                     conflicts: area.count(),
                     conflicts_dir: area.dir().to_owned(),
                 }
@@ -728,4 +731,146 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Promotes `v` to active with `epoch` (the hook runs): what to print, or, when a
+/// failed promote hook handed the role back, why not.
+async fn take_over(v: &VolumeRuntime, epoch: u64) -> anyhow::Result<Result<String, String>> {
+    let name = &v.config.name;
+    let roles = v.roles.clone();
+    let now = tokio::task::spawn_blocking(move || roles.promote(epoch, "manual"))
+        .await
+        .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
+        .map_err(|e| anyhow::anyhow!("volume {name}: cannot persist the promotion: {e}"))?;
+    Ok(if now.role == Role::Active {
+        Ok(format!("volume {name}: standby -> active, epoch {epoch}"))
+    } else {
+        Err(format!(
+            "volume {name}: promoted to epoch {epoch}, but the on_promote hook failed and the role was handed back (on_promote_failure = \"rollback\"); see `twinfs status`"
+        ))
+    })
+}
+
+/// What the last hook of a volume did, for `twinfs status`.
+use crate::control::HookResult;
+
+/// The hook of a volume's role cell: runs `on_promote` or `on_demote` (`sh -c`) with
+/// the `TWINFS_*` environment, logs its output, keeps the result for status, and asks
+/// for a rollback when a promote hook failed and the config says so.
+fn hook_runner(
+    hooks: crate::config::Hooks,
+    last: Arc<Mutex<Option<HookResult>>>,
+) -> twinfs_replicator::roles::Hook {
+    Box::new(move |change| {
+        let (hook, command) = match change.next.role {
+            Role::Active => ("on_promote", hooks.on_promote.as_deref()),
+            Role::Standby => ("on_demote", hooks.on_demote.as_deref()),
+        };
+        let Some(command) = command else {
+            return false;
+        };
+        let result = run_hook(hook, command, change, hooks.timeout);
+        let failed = !result.ok;
+        *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        failed && hook == "on_promote" && hooks.rollback_failed_promote
+    })
+}
+
+/// Runs one hook to completion or `timeout` (then kills it).
+fn run_hook(
+    hook: &str,
+    command: &str,
+    change: &twinfs_replicator::roles::RoleChange,
+    timeout: Duration,
+) -> HookResult {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    let mut result = HookResult {
+        hook: hook.to_owned(),
+        reason: change.reason.to_owned(),
+        at: unix_now(),
+        ok: false,
+        exit_code: None,
+        timed_out: false,
+        output: String::new(),
+    };
+    let spawned = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env("TWINFS_VOLUME", &change.volume)
+        .env("TWINFS_ROLE", change.next.role.name())
+        .env("TWINFS_PREVIOUS_ROLE", change.previous.role.name())
+        .env("TWINFS_EPOCH", change.next.epoch.to_string())
+        .env("TWINFS_REASON", change.reason)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            result.output = format!("cannot run sh: {e}");
+            tracing::error!(volume = %change.volume, hook, error = %e, "hook not run");
+            return result;
+        }
+    };
+    // Both pipes are drained on threads of their own, so a chatty hook never blocks.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if started.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => {
+                result.timed_out = true;
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let text = format!(
+        "{}{}",
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default()
+    );
+    for line in text.lines() {
+        tracing::info!(volume = %change.volume, hook, "{line}");
+    }
+    result.exit_code = status.and_then(|s| s.code());
+    result.ok = status.is_some_and(|s| s.success());
+    // The last 1 KiB is enough to see why it failed.
+    let cut = text.len().saturating_sub(1024);
+    let cut = (cut..=text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    result.output = text[cut..].to_owned();
+    if result.ok {
+        tracing::info!(volume = %change.volume, hook, reason = change.reason, "hook succeeded");
+    } else {
+        tracing::error!(volume = %change.volume, hook, reason = change.reason,
+            exit_code = ?result.exit_code, timed_out = result.timed_out, "hook failed");
+    }
+    result
 }

@@ -341,6 +341,20 @@ fn print_status(s: &NodeStatus) {
             v.path.display()
         );
         println!("  takeover: {}", v.takeover);
+        if let Some(h) = &v.last_hook {
+            println!(
+                "  last hook: {} ({}) {}",
+                h.hook,
+                h.reason,
+                if h.ok {
+                    "ok".to_owned()
+                } else if h.timed_out {
+                    "FAILED: timed out".to_owned()
+                } else {
+                    format!("FAILED: exit {:?}", h.exit_code)
+                }
+            );
+        }
         if v.conflicts > 0 {
             println!(
                 "  conflicts: {} file(s) kept in {} (`twinfs conflicts {}`)",

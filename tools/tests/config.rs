@@ -514,6 +514,21 @@ fn a_bad_role() {
         "volume[0].durability",
         "unknown variant `eventual`",
     );
+    let text = format!("{}hook_timeout = \"soon\"\n", minimal_volume());
+    let err = setup.load(&text).expect_err("bad hook_timeout");
+    assert!(err.to_string().contains("volume[0].hook_timeout"), "{err}");
+    let text = format!("{}on_promote_failure = \"ignore\"\n", minimal_volume());
+    let err = setup.load(&text).expect_err("bad on_promote_failure");
+    assert!(err.to_string().contains("on_promote_failure"), "{err}");
+    let text = format!(
+        "{}on_promote = \"true\"\non_promote_failure = \"rollback\"\nhook_timeout = \"5s\"\n",
+        minimal_volume()
+    );
+    let hooks = setup.load(&text).expect("hooks").volumes[0].hooks.clone();
+    assert_eq!(hooks.on_promote.as_deref(), Some("true"));
+    assert_eq!(hooks.on_demote, None);
+    assert!(hooks.rollback_failed_promote);
+    assert_eq!(hooks.timeout, Duration::from_secs(5));
     let text = format!(
         "{}[[volume.rule]]\nmatch = \"x\"\nsync = \"always\"\ndurability = \"eventual\"\n",
         minimal_volume()
