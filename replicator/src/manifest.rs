@@ -161,6 +161,28 @@ impl Manifest {
         self.entries.insert(entry.path, entry.meta)
     }
 
+    /// Its entries in path order, in parts of at most `size` entries, each with
+    /// whether it is the last (an empty manifest is one empty last part): what
+    /// travels in `Manifest` messages.
+    pub fn parts(&self, size: usize) -> Vec<(Vec<Entry>, bool)> {
+        let entries: Vec<Entry> = self
+            .iter()
+            .map(|(path, meta)| Entry {
+                path: path.clone(),
+                meta: meta.clone(),
+            })
+            .collect();
+        let mut parts: Vec<(Vec<Entry>, bool)> = entries
+            .chunks(size.max(1))
+            .map(|chunk| (chunk.to_vec(), false))
+            .collect();
+        match parts.last_mut() {
+            Some(last) => last.1 = true,
+            None => parts.push((Vec::new(), true)),
+        }
+        parts
+    }
+
     /// Removes the entry of `path` (not its children); returns what was there.
     pub fn remove(&mut self, path: &RelPath) -> Option<Meta> {
         self.entries.remove(path)

@@ -194,6 +194,8 @@ pub struct VolumeLink {
     pub sync_file: std::path::PathBuf,
     /// Where a fenced node keeps its own versions of what the winner replaces.
     pub conflicts: crate::conflicts::Area,
+    /// Requests of the administrator to the active sessions (`twinfs sync`).
+    pub commands: broadcast::Sender<Command>,
     /// Standby: where `twinfs promote` asks the session with the active, if one runs,
     /// for a planned handover.
     pub handover: HandoverSlot,
@@ -262,6 +264,35 @@ async fn record_fitness(volume: &VolumeLink, session: &Session) {
         tracing::error!(volume = %volume.name, file = %volume.sync_file.display(),
             "cannot record the sync state; promotion will see an older one");
     }
+}
+
+/// A request to every session in which this node is active for the volume; each
+/// answers on `reply` with the peer's name.
+#[derive(Clone, Debug)]
+pub enum Command {
+    /// Ship these paths now (or, with `full`, compare manifests and send what differs)
+    /// and answer once the standby has acknowledged it.
+    Sync {
+        /// The paths (ignored with `full`).
+        paths: Vec<RelPath>,
+        /// A full sync.
+        full: bool,
+        /// Where the answer goes.
+        reply: mpsc::Sender<(String, Result<(), String>)>,
+    },
+    /// Hash every file on both sides now (no cache) and answer with the paths that
+    /// differ (content or metadata), `never` paths left out.
+    Verify {
+        /// Where the answer goes.
+        reply: mpsc::Sender<(String, Result<Vec<String>, String>)>,
+    },
+}
+
+/// A `twinfs verify` waiting for the standby's manifest.
+struct Verifying {
+    id: u64,
+    entries: Vec<manifest::Entry>,
+    reply: mpsc::Sender<(String, Result<Vec<String>, String>)>,
 }
 
 /// Where the standby's session answers a handover request: the epoch of the active
@@ -797,6 +828,10 @@ async fn run_session(
     let (ask_tx, mut asks) = mpsc::channel::<HandoverReply>(1);
     let mut waiting_handover: Option<HandoverReply> = None;
     let mut handing_over: Option<std::time::Instant> = None;
+    // Active: `twinfs sync` requests waiting for the standby to catch up.
+    let mut commands = (role == Role::Active).then(|| volume.commands.subscribe());
+    let mut syncs: Vec<mpsc::Sender<(String, Result<(), String>)>> = Vec::new();
+    let mut verifying: Option<Verifying> = None;
     if role == Role::Standby {
         *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx);
     }
@@ -910,6 +945,11 @@ async fn run_session(
                 recorded_fit = Some(key);
             }
         }
+        if !syncs.is_empty() && session.caught_up() {
+            for reply in syncs.drain(..) {
+                let _ = reply.try_send((link.peer.clone(), Ok(())));
+            }
+        }
         if let Some(since) = handing_over {
             if session.caught_up() {
                 // Everything is acknowledged: tell the standby (and wait until it has
@@ -972,12 +1012,55 @@ async fn run_session(
                                 let _ = reply.send(Ok(*epoch));
                             }
                         }
+                        Message::VerifyRequest { id } if role == Role::Standby => {
+                            let answered = answer_verify(&volume, &mut send, *id).await;
+                            if answered.is_none() {
+                                break;
+                            }
+                        }
+                        Message::VerifyManifest { id, entries, done } if role == Role::Active => {
+                            if let Some(v) = verifying.as_mut().filter(|v| v.id == *id) {
+                                v.entries.extend(entries.iter().cloned());
+                                if *done {
+                                    if let Some(v) = verifying.take() {
+                                        let answer = compare_fresh(&volume, v.entries).await;
+                                        let _ = v.reply.try_send((link.peer.clone(), answer));
+                                    }
+                                }
+                            }
+                        }
                         _ => {}
                     }
                     session.on_message(m, std::time::Instant::now());
                 }
                 None => break,
             },
+            command = async {
+                match commands.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match command {
+                    Ok(Command::Sync { paths, full, reply }) => {
+                        if full {
+                            session.resync();
+                        } else {
+                            session.ship_now(paths, std::time::Instant::now());
+                        }
+                        syncs.push(reply);
+                    }
+                    Ok(Command::Verify { reply }) => {
+                        let id = verifying.as_ref().map_or(1, |v| v.id + 1);
+                        if write(&mut send, &Message::VerifyRequest { id }).await.is_some() {
+                            verifying = Some(Verifying { id, entries: Vec::new(), reply });
+                        } else {
+                            let _ = reply.try_send((link.peer.clone(), Err("cannot reach the standby".into())));
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
             Some(reply) = asks.recv() => {
                 if write(&mut send, &Message::HandoverRequest).await.is_none() {
                     let _ = reply.send(Err("the connection to the active failed".into()));
@@ -1022,6 +1105,14 @@ async fn run_session(
     if handing_over.is_some() {
         // The standby went away mid-handover: this node takes writes again.
         volume.roles.resume_writes();
+    }
+    for reply in syncs.drain(..) {
+        let _ = reply.try_send((link.peer.clone(), Err("the session ended".into())));
+    }
+    if let Some(v) = verifying {
+        let _ = v
+            .reply
+            .try_send((link.peer.clone(), Err("the session ended".into())));
     }
     volume.gate.unregister(gate_id);
     link.update(&volume.name, disconnected);
@@ -1286,6 +1377,67 @@ async fn carry_out(
             None
         }
     }
+}
+
+/// The volume's manifest with every file hashed now (`twinfs verify`), `never` paths
+/// left out.
+fn scan_fresh(volume: &VolumeLink) -> Result<Manifest, manifest::ManifestError> {
+    let policies = &volume.policies;
+    manifest::scan(
+        volume.root.as_fd(),
+        |path, _| policies.resolve(path.as_path()).sync != SyncMode::Never,
+        &mut HashCache::new(),
+    )
+}
+
+/// Standby: answers a `twinfs verify` with a freshly hashed manifest.
+async fn answer_verify(volume: &VolumeLink, send: &mut quinn::SendStream, id: u64) -> Option<()> {
+    let v = volume.clone();
+    let scanned = tokio::task::spawn_blocking(move || scan_fresh(&v)).await;
+    let manifest = match scanned {
+        Ok(Ok(m)) => m,
+        // No answer: the active reports that this standby did not answer (an empty
+        // manifest would claim every path differs).
+        Ok(Err(e)) => {
+            tracing::error!(volume = %volume.name, error = %e, "verify: cannot scan the volume");
+            return Some(());
+        }
+        Err(e) => {
+            tracing::error!(volume = %volume.name, error = %e, "verify: scan failed");
+            return Some(());
+        }
+    };
+    for (entries, done) in manifest.parts(crate::protocol::MANIFEST_CHUNK) {
+        write(send, &Message::VerifyManifest { id, entries, done }).await?;
+    }
+    Some(())
+}
+
+/// Active: the paths where the standby's fresh manifest differs from this node's.
+async fn compare_fresh(
+    volume: &VolumeLink,
+    theirs: Vec<manifest::Entry>,
+) -> Result<Vec<String>, String> {
+    let v = volume.clone();
+    let ours = tokio::task::spawn_blocking(move || scan_fresh(&v))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut standby = Manifest::new();
+    for entry in theirs {
+        standby.insert(entry);
+    }
+    let diff = manifest::diff(&ours, &standby, |_| 2);
+    let mut paths: Vec<String> = diff
+        .send
+        .iter()
+        .map(|t| t.entry.path.to_string())
+        .chain(diff.delete.iter().map(|p| p.to_string()))
+        .filter(|p| !p.is_empty())
+        .collect();
+    paths.sort();
+    paths.dedup();
+    Ok(paths)
 }
 
 fn scan(volume: &VolumeLink) -> Result<Manifest, manifest::ManifestError> {

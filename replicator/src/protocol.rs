@@ -159,6 +159,21 @@ pub enum Message {
         /// The epoch of the active handing over.
         epoch: u64,
     },
+    /// Active → standby (`twinfs verify`): hash every file now, not from the cache,
+    /// and send the manifest back.
+    VerifyRequest {
+        /// Tells the answers apart.
+        id: u64,
+    },
+    /// Standby → active: part of the freshly hashed manifest.
+    VerifyManifest {
+        /// The request answered.
+        id: u64,
+        /// Entries, in path order.
+        entries: Vec<Entry>,
+        /// Last part.
+        done: bool,
+    },
 }
 
 /// Errors decoding a message.

@@ -390,7 +390,11 @@ impl Session {
                 epoch,
             } => self.on_hello(version, &volume, role, epoch, now),
             // Carried out by the driver (they change roles); alive all the same.
-            Message::Heartbeat | Message::HandoverRequest | Message::HandoverReady { .. } => {}
+            Message::Heartbeat
+            | Message::HandoverRequest
+            | Message::HandoverReady { .. }
+            | Message::VerifyRequest { .. }
+            | Message::VerifyManifest { .. } => {}
             _ if self.phase == Phase::Hello => {
                 self.close("message before hello".into());
             }
@@ -493,27 +497,7 @@ impl Session {
             self.try_diff(now);
         } else {
             let sync = self.sync_id;
-            let entries: Vec<Entry> = manifest
-                .iter()
-                .map(|(path, meta)| Entry {
-                    path: path.clone(),
-                    meta: meta.clone(),
-                })
-                .collect();
-            let mut chunks = entries.chunks(MANIFEST_CHUNK).peekable();
-            if chunks.peek().is_none() {
-                self.send(
-                    Message::Manifest {
-                        sync,
-                        entries: Vec::new(),
-                        done: true,
-                    },
-                    now,
-                );
-            }
-            while let Some(chunk) = chunks.next() {
-                let done = chunks.peek().is_none();
-                let entries = chunk.to_vec();
+            for (entries, done) in manifest.parts(MANIFEST_CHUNK) {
                 self.send(
                     Message::Manifest {
                         sync,
@@ -794,6 +778,27 @@ impl Session {
     }
 
     /// A change captured on the active's volume.
+    /// Active: ship `paths` now, whatever their policy (`once`, `interval` and `never`
+    /// too: an administrator asked), with their content; a path that no longer exists
+    /// is deleted on the standby. See [`Session::caught_up`] for when they are acked.
+    pub fn ship_now(&mut self, paths: Vec<RelPath>, now: Instant) {
+        if !self.is_active() || self.phase == Phase::Closed || self.phase == Phase::Hello {
+            return;
+        }
+        for path in paths {
+            self.dirty.remove(&path);
+            self.enqueue(
+                Pending::Ship {
+                    path,
+                    content: true,
+                    delete_if_missing: true,
+                },
+                now,
+            );
+        }
+        self.drain(now);
+    }
+
     pub fn on_change(&mut self, record: &Record, now: Instant) {
         if !self.is_active() || self.phase == Phase::Closed || self.phase == Phase::Hello {
             return;

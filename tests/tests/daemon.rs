@@ -56,6 +56,8 @@ fn every_command_has_help() {
         "promote",
         "demote",
         "conflicts",
+        "sync",
+        "verify",
         "role",
         "config",
     ] {

@@ -507,3 +507,65 @@ fn a_failed_promote_hook_hands_the_role_back_when_configured() {
     );
     assert!(is_erofs(fs::write(c.nodes[1].volume.join("x"), "y")));
 }
+
+/// The path through which daemon `pid` reaches the backing directory under the mount at
+/// `volume` (its own fd on it): a write there goes behind the mount's back.
+fn backing_dir(pid: u32, volume: &Path) -> PathBuf {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|fd| fs::read_link(fd).is_ok_and(|target| target == volume) && fd.is_dir())
+        .expect("the daemon holds the backing directory open")
+}
+
+#[test]
+fn verify_finds_a_file_changed_behind_a_standbys_back_and_sync_repairs_it() {
+    let _serial = twinfs_tests::serial();
+    let rules = format!("{RULES}\n[[volume.rule]]\nmatch = \"*.sif\"\nsync = \"once\"\n");
+    let mut c = Cluster::new(2, &rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let said = run_ok(&c.nodes[0], &["verify"]);
+    assert!(said.contains("node1: identical"), "{said}");
+
+    // Straight into the standby's backing directory: no FUSE operation, nothing seen.
+    let pid = c.nodes[1].pid().expect("running");
+    let back = backing_dir(pid, &c.nodes[1].volume);
+    fs::write(back.join("cmm.conf"), "tampered\n").expect("write behind its back");
+    let out = c.nodes[0].twinfs(&["verify"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("node1: 1 path(s) differ") && said.contains("  cmm.conf"),
+        "{said}"
+    );
+    // A standby cannot be verified from, nor synced from.
+    assert!(!c.nodes[1].twinfs(&["verify"]).status.success());
+
+    let said = run_ok(&c.nodes[0], &["sync", "--full"]);
+    assert!(said.contains("full sync acknowledged by node1"), "{said}");
+    assert_eq!(
+        fs::read_to_string(c.nodes[1].volume.join("cmm.conf")).expect("read"),
+        "chassis_id = 42\n"
+    );
+    assert!(run_ok(&c.nodes[0], &["verify"]).contains("node1: identical"));
+
+    // A `once` file changed after contact stays put; `twinfs sync` ships it anyway.
+    fs::write(c.active().join("blade.sif"), "firmware 2\n").expect("write");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!c.nodes[1].volume.join("blade.sif").exists());
+    let path = c.active().join("blade.sif");
+    let said = run_ok(&c.nodes[0], &["sync", "vol", &path.display().to_string()]);
+    assert!(said.contains("1 path(s) acknowledged by node1"), "{said}");
+    assert_eq!(
+        fs::read_to_string(c.nodes[1].volume.join("blade.sif"))
+            .expect("on the standby when sync returns"),
+        "firmware 2\n"
+    );
+    let out = c.nodes[0].twinfs(&["sync", "vol", "../etc/passwd"]);
+    assert!(
+        !out.status.success(),
+        "a path outside the volume is refused"
+    );
+}

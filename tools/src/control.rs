@@ -40,6 +40,20 @@ pub enum Request {
         /// The volume, or all.
         volume: Option<String>,
     },
+    /// Hash every file on this node and every connected standby now and compare.
+    Verify {
+        /// The volume, or all.
+        volume: Option<String>,
+    },
+    /// Ship paths now (or run a full sync) and wait for every connected standby.
+    Sync {
+        /// The volume, or all.
+        volume: Option<String>,
+        /// Paths in the volume (relative, or absolute under its path).
+        paths: Vec<String>,
+        /// A full sync instead.
+        full: bool,
+    },
 }
 
 /// The daemon's answer.

@@ -43,6 +43,8 @@ struct VolumeRuntime {
     roles: Arc<RoleCell>,
     /// The last hook run, for status.
     last_hook: Arc<Mutex<Option<HookResult>>>,
+    /// Where `twinfs sync` reaches the active sessions (shared with the link).
+    commands: tokio::sync::broadcast::Sender<node::Command>,
     /// Where `promote` reaches the session with the active (shared with the link).
     handover: node::HandoverSlot,
     changes: tokio::sync::broadcast::Sender<node::Numbered>,
@@ -58,6 +60,9 @@ struct Daemon {
 
 /// How long `twinfs demote` waits for the standbys to acknowledge what is pending.
 const DEMOTE_WAIT: Duration = Duration::from_secs(30);
+
+/// How long `twinfs sync` waits for the standbys' acknowledgements.
+const SYNC_WAIT: Duration = Duration::from_secs(600);
 
 /// How long `twinfs promote` waits for a reachable active to hand over.
 const HANDOVER_WAIT: Duration = Duration::from_secs(40);
@@ -144,6 +149,7 @@ fn mount_volume(
         capture,
         roles,
         last_hook,
+        commands: tokio::sync::broadcast::channel(16).0,
         handover: Default::default(),
         changes,
         gate,
@@ -281,6 +287,7 @@ fn start_replication(
                 &v.config.name,
             ),
             handover: v.handover.clone(),
+            commands: v.commands.clone(),
             applying: Default::default(),
         });
     }
@@ -406,6 +413,12 @@ impl Daemon {
                 done(self.promote(volume.as_deref(), force).await)
             }
             Request::Demote { volume } => done(self.demote(volume.as_deref()).await),
+            Request::Sync {
+                volume,
+                paths,
+                full,
+            } => done(self.sync(volume.as_deref(), paths, full).await),
+            Request::Verify { volume } => done(self.verify(volume.as_deref()).await),
         }
     }
 
@@ -559,6 +572,144 @@ impl Daemon {
                 line.push_str(&format!("; NOT acknowledged: {}", behind.join(", ")));
             }
             lines.push(line);
+        }
+        Ok(lines.join("\n"))
+    }
+
+    /// `twinfs sync`: ships `paths` (or runs a full sync) to every connected standby of
+    /// each selected volume this node is active for, and waits for their acks.
+    async fn sync(
+        &self,
+        name: Option<&str>,
+        paths: Vec<String>,
+        full: bool,
+    ) -> anyhow::Result<String> {
+        let volumes = self.selected(name)?;
+        if !paths.is_empty() && volumes.len() != 1 {
+            bail!("name the volume the paths are in (twinfs sync VOLUME PATH...)");
+        }
+        if paths.is_empty() && !full {
+            bail!("name the paths to ship, or ask for a full sync with --full");
+        }
+        let mut lines = Vec::new();
+        let mut failed = false;
+        for v in volumes {
+            let name = &v.config.name;
+            if v.roles.get().role != Role::Active {
+                bail!("volume {name}: this node is a standby; run `twinfs sync` on the active");
+            }
+            let rel = paths
+                .iter()
+                .map(|p| volume_path(&v.config.path, p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?;
+            let (reply, mut answers) = tokio::sync::mpsc::channel(64);
+            let asked = v
+                .commands
+                .send(node::Command::Sync {
+                    paths: rel.clone(),
+                    full,
+                    reply,
+                })
+                .unwrap_or(0);
+            if asked == 0 {
+                lines.push(format!(
+                    "volume {name}: no standby is connected; nothing shipped"
+                ));
+                failed = true;
+                continue;
+            }
+            let deadline = tokio::time::Instant::now() + SYNC_WAIT;
+            let (mut acked, mut not) = (Vec::new(), Vec::new());
+            while acked.len() + not.len() < asked {
+                match tokio::time::timeout_at(deadline, answers.recv()).await {
+                    Ok(Some((peer, Ok(())))) => acked.push(peer),
+                    Ok(Some((peer, Err(e)))) => not.push(format!("{peer} ({e})")),
+                    _ => {
+                        not.push(format!(
+                            "{} standby(s) did not answer",
+                            asked - acked.len() - not.len()
+                        ));
+                        break;
+                    }
+                }
+            }
+            let what = if full {
+                "full sync".to_owned()
+            } else {
+                format!("{} path(s)", rel.len())
+            };
+            let mut line = format!("volume {name}: {what}");
+            if !acked.is_empty() {
+                line.push_str(&format!(" acknowledged by {}", acked.join(", ")));
+            }
+            if !not.is_empty() {
+                failed = true;
+                line.push_str(&format!("; NOT acknowledged: {}", not.join(", ")));
+            }
+            lines.push(line);
+        }
+        if failed {
+            bail!("{}", lines.join("\n"));
+        }
+        Ok(lines.join("\n"))
+    }
+
+    /// `twinfs verify`: every file hashed now on this node (the active) and on every
+    /// connected standby, compared; an error (exit 1) lists what differs per standby.
+    async fn verify(&self, name: Option<&str>) -> anyhow::Result<String> {
+        let mut lines = Vec::new();
+        let mut differ = false;
+        for v in self.selected(name)? {
+            let name = &v.config.name;
+            if v.roles.get().role != Role::Active {
+                bail!("volume {name}: this node is a standby; run `twinfs verify` on the active");
+            }
+            let (reply, mut answers) = tokio::sync::mpsc::channel(64);
+            let asked = v
+                .commands
+                .send(node::Command::Verify { reply })
+                .unwrap_or(0);
+            if asked == 0 {
+                lines.push(format!(
+                    "volume {name}: no standby is connected; nothing compared"
+                ));
+                differ = true;
+                continue;
+            }
+            let deadline = tokio::time::Instant::now() + SYNC_WAIT;
+            let mut answered = 0;
+            while answered < asked {
+                match tokio::time::timeout_at(deadline, answers.recv()).await {
+                    Ok(Some((peer, Ok(paths)))) if paths.is_empty() => {
+                        lines.push(format!("volume {name}: {peer}: identical"));
+                    }
+                    Ok(Some((peer, Ok(paths)))) => {
+                        differ = true;
+                        lines.push(format!(
+                            "volume {name}: {peer}: {} path(s) differ:",
+                            paths.len()
+                        ));
+                        lines.extend(paths.iter().map(|p| format!("  {p}")));
+                    }
+                    Ok(Some((peer, Err(e)))) => {
+                        differ = true;
+                        lines.push(format!("volume {name}: {peer}: not compared: {e}"));
+                    }
+                    _ => {
+                        differ = true;
+                        lines.push(format!(
+                            "volume {name}: {} standby(s) did not answer",
+                            asked - answered
+                        ));
+                        break;
+                    }
+                }
+                answered += 1;
+            }
+        }
+        if differ {
+            bail!("{}", lines.join("\n"));
         }
         Ok(lines.join("\n"))
     }
@@ -873,4 +1024,17 @@ fn run_hook(
             exit_code = ?result.exit_code, timed_out = result.timed_out, "hook failed");
     }
     result
+}
+
+/// The path of `given` in the volume mounted at `root`: relative as is, or absolute
+/// under `root`; never outside the volume.
+fn volume_path(root: &Path, given: &str) -> Result<twinfs_replicator::path::RelPath, String> {
+    let p = Path::new(given);
+    let inside = if p.is_absolute() {
+        p.strip_prefix(root)
+            .map_err(|_| format!("{given} is not in the volume ({})", root.display()))?
+    } else {
+        p
+    };
+    twinfs_replicator::path::RelPath::from_path(inside).map_err(|e| format!("{given}: {e}"))
 }

@@ -70,6 +70,26 @@ enum Command {
         /// The volume (default: all).
         volume: Option<String>,
     },
+    /// On the active: hash every file of the volume now (not from the cache) on this
+    /// node and on every connected standby, compare, and list the paths that differ
+    /// per standby. Exit 0 when all are identical, 1 otherwise.
+    Verify {
+        /// The volume (default: all).
+        volume: Option<String>,
+    },
+    /// On the active: ship the named paths to every connected standby now, whatever
+    /// their policy (once, interval and never paths too), or with --full compare
+    /// manifests and send everything that differs; waits for the standbys'
+    /// acknowledgements and exits 0 only when every one acknowledged.
+    Sync {
+        /// The volume (default: all; required with paths when there are several).
+        volume: Option<String>,
+        /// Paths in the volume, relative or absolute under its path.
+        paths: Vec<String>,
+        /// Run a full sync instead of shipping paths.
+        #[arg(long)]
+        full: bool,
+    },
     /// List what split brains left in the conflicts area (this node's own versions of
     /// files the winner's full sync replaced or deleted), per volume; reads the state
     /// directory, no daemon needed. Nothing there is ever deleted by twinfs.
@@ -207,6 +227,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 FAILOVER_WAIT,
             )?)
         }
+        Command::Sync {
+            volume,
+            paths,
+            full,
+        } => {
+            let config = load(&cli.config)?;
+            done(ask_for(
+                &config,
+                &Request::Sync {
+                    volume,
+                    paths,
+                    full,
+                },
+                SYNC_WAIT,
+            )?)
+        }
+        Command::Verify { volume } => {
+            let config = load(&cli.config)?;
+            done(ask_for(&config, &Request::Verify { volume }, SYNC_WAIT)?)
+        }
         Command::Conflicts { volume } => {
             let config = load(&cli.config)?;
             let names: Vec<&str> = match &volume {
@@ -295,6 +335,9 @@ fn describe_sync(sync: twinfs_replicator::policy::SyncMode) -> String {
         other => other.name().to_owned(),
     }
 }
+
+/// How long `twinfs sync` waits for the daemon (which waits up to 10 min).
+const SYNC_WAIT: Duration = Duration::from_secs(660);
 
 /// How long promote and demote may take (demote waits up to 30 s for the standbys).
 const FAILOVER_WAIT: Duration = Duration::from_secs(90);
