@@ -115,7 +115,9 @@ impl Node {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.status_json() {
-                if status["volumes"][0]["mounted"] == serde_json::Value::Bool(true) {
+                let v = &status["volumes"][0];
+                // An active takes writes once a standby accepted it (or after 5 s).
+                if v["mounted"] == true && (v["role"] != "active" || v["writable"] == true) {
                     return;
                 }
             }

@@ -279,9 +279,16 @@ fn changes_made_while_the_standby_was_away_arrive_after_an_active_restart() {
     assert!(c.nodes[1].stop().success());
     fs::write(c.active().join("while-away"), "made with the standby down").expect("write");
     fs::remove_file(c.active().join("cmm.conf")).expect("rm");
-    // The active restarts before it could ship anything.
+    // The active restarts before it could ship anything. With no standby to accept
+    // it, it holds local writes back for a while (another node might have taken
+    // over meanwhile), then takes them.
     assert!(c.nodes[0].stop().success());
     c.nodes[0].start(&[]);
+    assert!(
+        c.nodes[0].log_text().contains("no standby answered"),
+        "{}",
+        c.nodes[0].log_text()
+    );
     c.nodes[1].start(&[]);
     c.wait_converged(CONVERGE);
     assert!(!c.nodes[1].volume.join("cmm.conf").exists());

@@ -109,6 +109,10 @@ pub struct VolumeStatus {
     /// Replication with each peer, for this volume.
     #[serde(default)]
     pub peers: Vec<twinfs_replicator::node::PeerStatus>,
+    /// Whether local writes are taken now: false on a standby, and on an active for a
+    /// moment at start (until a standby accepted it) and during a handover or demote.
+    #[serde(default)]
+    pub writable: bool,
     /// Standby: whether it may take over now ("ready") or why not; active: "active".
     #[serde(default)]
     pub takeover: String,

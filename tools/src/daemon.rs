@@ -90,7 +90,11 @@ fn mount_volume(
             vc.sync_timeout,
         ))),
     ));
-    let volume = Volume::new(&vc.path, state.role, capture.clone()).map_err(|e| {
+    // An active with peers starts read-only: another node may have taken over while
+    // it was down, and it must meet the others (and be fenced) before it takes writes.
+    let held = state.role == Role::Active && !config.peers.is_empty();
+    let fs_role = if held { Role::Standby } else { state.role };
+    let volume = Volume::new(&vc.path, fs_role, capture.clone()).map_err(|e| {
         if e.errno() == libc::EBUSY {
             anyhow::anyhow!(
                 "volume {}: {} is already a FUSE mount (is another twinfs running?)",
@@ -194,7 +198,19 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
     if !config.peers.is_empty() {
         let _runtime = runtime.enter();
         match start_replication(&config, &volumes, board.clone(), node_roles.subscribe()) {
-            Ok(e) => endpoint = Some(e),
+            Ok(e) => {
+                endpoint = Some(e);
+                for v in volumes
+                    .iter()
+                    .filter(|v| v.roles.get().role == Role::Active)
+                {
+                    tokio::spawn(hold_writes_until_unchallenged(
+                        v.config.name.clone(),
+                        v.roles.clone(),
+                        board.clone(),
+                    ));
+                }
+            }
             Err(e) => {
                 for v in volumes {
                     unmount(v);
@@ -304,6 +320,41 @@ fn start_replication(
     let own: [u8; 32] = *identity.node_id().as_bytes();
     node::start(endpoint.clone(), own, links, peers, board, roles);
     Ok(endpoint)
+}
+
+/// How long an active that starts waits to meet a standby before it takes writes.
+const STARTUP_HOLD: Duration = Duration::from_secs(5);
+
+/// An active that starts with peers takes local writes only once a standby has
+/// accepted it as its active (so no other node took over with a later epoch: it
+/// would have been fenced instead), or after [`STARTUP_HOLD`] if none answers.
+async fn hold_writes_until_unchallenged(volume: String, roles: Arc<RoleCell>, board: node::Board) {
+    let deadline = tokio::time::Instant::now() + STARTUP_HOLD;
+    loop {
+        if roles.get().role != Role::Active {
+            return;
+        }
+        let accepted = board
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|p| {
+                p.volume == volume
+                    && p.connected
+                    && p.peer_role == Some(Role::Standby)
+                    && p.full_sync != "never"
+            });
+        let timed_out = tokio::time::Instant::now() >= deadline;
+        if accepted || timed_out {
+            if timed_out && !accepted {
+                tracing::warn!(volume = %volume, "no standby answered within {STARTUP_HOLD:?}; taking writes");
+            }
+            let r = roles.clone();
+            let _ = tokio::task::spawn_blocking(move || r.resume_writes()).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Where a standby keeps its fitness to take over (a [`SyncRecord`]).
@@ -819,6 +870,7 @@ impl Daemon {
                         .cloned()
                         .collect(),
                     takeover: self.takeover(v),
+                    writable: v.mounted.volume().role() == Role::Active,
                     last_hook: v
                         .last_hook
                         .lock()
