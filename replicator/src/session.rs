@@ -785,6 +785,13 @@ impl Session {
         if !self.is_active() || self.phase == Phase::Closed || self.phase == Phase::Hello {
             return;
         }
+        self.ship_with_content(paths, now);
+        self.drain(now);
+    }
+
+    /// Queues each path to ship with its content (a vanished one is deleted on the
+    /// standby); no longer waiting for its interval.
+    fn ship_with_content(&mut self, paths: Vec<RelPath>, now: Instant) {
         for path in paths {
             self.dirty.remove(&path);
             self.enqueue(
@@ -796,7 +803,6 @@ impl Session {
                 now,
             );
         }
-        self.drain(now);
     }
 
     pub fn on_change(&mut self, record: &Record, now: Instant) {
@@ -945,17 +951,7 @@ impl Session {
                 .filter(|(_, at)| **at <= now)
                 .map(|(p, _)| p.clone())
                 .collect();
-            for path in due {
-                self.dirty.remove(&path);
-                self.enqueue(
-                    Pending::Ship {
-                        path,
-                        content: true,
-                        delete_if_missing: true,
-                    },
-                    now,
-                );
-            }
+            self.ship_with_content(due, now);
         }
         if now.duration_since(self.last_sent) >= self.config.heartbeat {
             self.send(Message::Heartbeat, now);

@@ -243,6 +243,17 @@ impl Cluster {
         Self::with_addresses(addresses, rules, fill)
     }
 
+    /// Two nodes, each in one of the namespaces of `net` (traffic crosses its veth
+    /// pair, which [`NetPair::cut`] cuts), with `rules`; node 0's volume is filled.
+    pub fn in_namespaces(net: &NetPair, rules: &str, fill: impl FnOnce(&Path)) -> Cluster {
+        let addresses = net.addresses.iter().map(|a| format!("{a}:7790")).collect();
+        let mut c = Self::with_addresses(addresses, rules, fill);
+        for (node, ns) in c.nodes.iter_mut().zip(&net.names) {
+            node.netns = Some(ns.clone());
+        }
+        c
+    }
+
     /// One node per address (`ip:port`), with `rules`; node 0's volume is filled.
     pub fn with_addresses(
         addresses: Vec<String>,

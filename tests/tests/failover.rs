@@ -333,10 +333,7 @@ fn split_brain_keeps_the_losers_writes_in_its_conflicts_area() {
     let _serial = twinfs_tests::serial();
     use twinfs_tests::daemon::NetPair;
     let net = NetPair::new((std::process::id() % 250) as u8);
-    let addresses = net.addresses.iter().map(|a| format!("{a}:7790")).collect();
-    let mut c = Cluster::with_addresses(addresses, RULES, fill);
-    c.nodes[0].netns = Some(net.names[0].clone());
-    c.nodes[1].netns = Some(net.names[1].clone());
+    let mut c = Cluster::in_namespaces(&net, RULES, fill);
     c.start();
     c.wait_converged(CONVERGE);
 

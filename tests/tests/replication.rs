@@ -406,29 +406,15 @@ fn sync_durability_waits_for_the_standby_and_gives_up_at_the_timeout() {
     let mut c = Cluster::new(2, &rules, fill);
     c.start();
     c.wait_converged(CONVERGE);
-    let b = c.nodes[1].volume.clone();
-
-    // close() returns only once the standby has applied the file: no waiting here.
-    for i in 0..20 {
-        let name = format!("synced-{i}");
-        fs::write(c.active().join(&name), format!("version {i}")).expect("write");
-        assert_eq!(
-            fs::read_to_string(b.join(&name)).ok().as_deref(),
-            Some(format!("version {i}").as_str()),
-            "on the standby when close() returned"
-        );
-    }
+    there_when_close_returns(&c, (0..20).map(|i| format!("synced-{i}")));
 
     // A standby that does not answer: the write completes after sync_timeout, and
     // status says that standby is out of sync.
-    let standby_pid = c.nodes[1].pid().expect("running") as i32;
-    // SAFETY: signals to our own child process.
-    unsafe { libc::kill(standby_pid, libc::SIGSTOP) };
+    signal(&c.nodes[1], libc::SIGSTOP);
     fs::write(c.active().join("while-paused"), "late").expect("write completes");
     let peer = c.nodes[0].volume_status()["peers"][0].clone();
     assert_eq!(peer["out_of_sync"], true, "{peer}");
-    // SAFETY: as above.
-    unsafe { libc::kill(standby_pid, libc::SIGCONT) };
+    signal(&c.nodes[1], libc::SIGCONT);
     c.wait_converged(CONVERGE);
     let active = &c.nodes[0];
     assert!(wait_until(CONVERGE, || {
@@ -445,32 +431,42 @@ fn sync_durability_per_rule_holds_only_the_paths_it_names() {
     let mut c = Cluster::new(2, &rules, fill);
     c.start();
     c.wait_converged(CONVERGE);
-    let b = c.nodes[1].volume.clone();
     fs::create_dir(c.active().join("critical")).expect("mkdir");
-    for i in 0..10 {
-        let name = format!("critical/passwd-{i}");
-        fs::write(c.active().join(&name), format!("version {i}")).expect("write");
-        assert_eq!(
-            fs::read_to_string(b.join(&name)).ok().as_deref(),
-            Some(format!("version {i}").as_str()),
-            "a sync path is on the standby when close() returns"
-        );
-    }
+    there_when_close_returns(&c, (0..10).map(|i| format!("critical/passwd-{i}")));
 
     // With the standby paused, a write to a path of the (async) volume does not
     // wait, so it cannot time out; one under the sync rule does, and times out.
-    let standby_pid = c.nodes[1].pid().expect("running") as i32;
-    // SAFETY: signals to our own child process.
-    unsafe { libc::kill(standby_pid, libc::SIGSTOP) };
+    signal(&c.nodes[1], libc::SIGSTOP);
     fs::write(c.active().join("cmm.conf"), "async while paused\n").expect("write");
     let peer = c.nodes[0].volume_status()["peers"][0].clone();
     assert_eq!(peer["out_of_sync"], false, "an async write waited: {peer}");
     fs::write(c.active().join("critical/late"), "late").expect("write completes");
     let peer = c.nodes[0].volume_status()["peers"][0].clone();
     assert_eq!(peer["out_of_sync"], true, "{peer}");
-    // SAFETY: as above.
-    unsafe { libc::kill(standby_pid, libc::SIGCONT) };
+    signal(&c.nodes[1], libc::SIGCONT);
     c.wait_converged(CONVERGE);
+}
+
+/// Writes each file on the active and checks that the standby has it as soon as
+/// close() returned (sync durability: no waiting here).
+fn there_when_close_returns(c: &Cluster, names: impl Iterator<Item = String>) {
+    for (i, name) in names.enumerate() {
+        fs::write(c.active().join(&name), format!("version {i}")).expect("write");
+        assert_eq!(
+            fs::read_to_string(c.nodes[1].volume.join(&name))
+                .ok()
+                .as_deref(),
+            Some(format!("version {i}").as_str()),
+            "{name} on the standby when close() returned"
+        );
+    }
+}
+
+/// Stops (`SIGSTOP`) or continues (`SIGCONT`) a node's daemon.
+fn signal(node: &twinfs_tests::daemon::Node, sig: i32) {
+    let pid = node.pid().expect("running") as i32;
+    // SAFETY: a signal to our own child process.
+    unsafe { libc::kill(pid, sig) };
 }
 
 #[test]
@@ -478,10 +474,7 @@ fn a_network_cut_during_a_stream_of_writes_heals_by_itself() {
     let _serial = twinfs_tests::serial();
     use twinfs_tests::daemon::NetPair;
     let net = NetPair::new((std::process::id() % 250) as u8);
-    let addresses = net.addresses.iter().map(|a| format!("{a}:7790")).collect();
-    let mut c = Cluster::with_addresses(addresses, RULES, fill);
-    c.nodes[0].netns = Some(net.names[0].clone());
-    c.nodes[1].netns = Some(net.names[1].clone());
+    let mut c = Cluster::in_namespaces(&net, RULES, fill);
     c.start();
     c.wait_converged(CONVERGE);
 
