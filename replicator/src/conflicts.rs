@@ -158,11 +158,7 @@ fn read_manifest(path: &Path) -> Option<Manifest> {
 }
 
 fn write_manifest(path: &Path, manifest: &Manifest) -> std::io::Result<()> {
-    let temp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&temp)?;
-    f.write_all(&serde_json::to_vec_pretty(manifest).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&temp, path)
+    crate::durable::write_json(path, manifest)
 }
 
 /// `YYYYMMDDTHHMMSSZ` for seconds since the Unix epoch (UTC).

@@ -19,6 +19,7 @@ pub mod apply;
 pub mod capture;
 pub mod conflicts;
 pub mod delta;
+pub mod durable;
 pub mod manifest;
 pub mod node;
 pub mod path;

@@ -234,17 +234,9 @@ impl SyncRecord {
         }
     }
 
-    /// Saves it durably (temp file, fsync, rename, fsync of the directory).
+    /// Saves it durably (a crash leaves the old or the new record).
     pub fn store(&self, path: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let temp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&temp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&temp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        crate::durable::write_json(path, self)
     }
 }
 
