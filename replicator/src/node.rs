@@ -373,6 +373,12 @@ pub struct PeerStatus {
     /// A `sync` write timed out waiting for this standby, and it has not caught up
     /// since.
     pub out_of_sync: bool,
+    /// Since when (seconds since the Unix epoch) it has been out of sync.
+    #[serde(default)]
+    pub out_of_sync_since: Option<u64>,
+    /// The connection's current round-trip time estimate, in microseconds.
+    #[serde(default)]
+    pub rtt_us: Option<u64>,
     /// The last paths refused by the standby, as "path: reason".
     pub rejected_paths: Vec<String>,
     /// Bytes sent and received in this session.
@@ -986,7 +992,16 @@ async fn run_session(
                 + counters.received.load(std::sync::atomic::Ordering::Relaxed),
         );
         let out_of_sync = volume.gate.out_of_sync(gate_id);
-        link.update(&volume.name, |s| s.out_of_sync = out_of_sync);
+        let rtt = link.connection.as_ref().map(|c| c.rtt().as_micros() as u64);
+        link.update(&volume.name, |s| {
+            match (out_of_sync, s.out_of_sync_since) {
+                (true, None) => s.out_of_sync_since = Some(unix_now()),
+                (false, Some(_)) => s.out_of_sync_since = None,
+                _ => {}
+            }
+            s.out_of_sync = out_of_sync;
+            s.rtt_us = rtt;
+        });
         let deadline = Instant::from_std(session.next_deadline());
         tokio::select! {
             m = messages.recv() => match m {

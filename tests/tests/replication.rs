@@ -382,6 +382,10 @@ fn status_shows_each_peer() {
         active_view["last_contact"].as_u64().is_some(),
         "{active_view}"
     );
+    assert!(
+        active_view["rtt_us"].as_u64().is_some_and(|us| us > 0),
+        "round-trip time: {active_view}"
+    );
     let standby_view = peer_of(1);
     assert_eq!(standby_view["peer"], "node0", "{standby_view}");
     assert_eq!(standby_view["connected"], true, "{standby_view}");
@@ -414,11 +418,15 @@ fn sync_durability_waits_for_the_standby_and_gives_up_at_the_timeout() {
     fs::write(c.active().join("while-paused"), "late").expect("write completes");
     let peer = c.nodes[0].volume_status()["peers"][0].clone();
     assert_eq!(peer["out_of_sync"], true, "{peer}");
+    assert!(peer["out_of_sync_since"].as_u64().is_some(), "{peer}");
+    let table = String::from_utf8(c.nodes[0].twinfs(&["status"]).stdout).expect("utf-8");
+    assert!(table.contains("OUT OF SYNC since"), "{table}");
     signal(&c.nodes[1], libc::SIGCONT);
     c.wait_converged(CONVERGE);
     let active = &c.nodes[0];
     assert!(wait_until(CONVERGE, || {
-        active.volume_status()["peers"][0]["out_of_sync"] == false
+        let peer = &active.volume_status()["peers"][0];
+        peer["out_of_sync"] == false && peer["out_of_sync_since"].is_null()
     }));
 }
 

@@ -412,11 +412,20 @@ fn print_status(s: &NodeStatus) {
             } else {
                 p.full_sync.clone()
             };
+            let link = match (p.connected, p.rtt_us) {
+                (true, Some(us)) => format!("connected {:.1} ms", us as f64 / 1000.0),
+                (true, None) => "connected".to_owned(),
+                (false, _) => "disconnected".to_owned(),
+            };
+            let full_sync = match p.out_of_sync_since {
+                Some(t) => format!("{full_sync}, OUT OF SYNC since {t}"),
+                None => full_sync,
+            };
             println!(
-                "  peer {:<10} {:<22} {:<13} full sync {:<16} ops {} acked {} pending {} ({} B) rejected {} sent {} B received {} B",
+                "  peer {:<10} {:<22} {:<19} full sync {:<16} ops {} acked {} pending {} ({} B) rejected {} sent {} B received {} B",
                 p.peer,
                 p.address,
-                if p.connected { "connected" } else { "disconnected" },
+                link,
                 full_sync,
                 p.ops,
                 p.acked,
