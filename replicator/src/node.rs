@@ -826,6 +826,7 @@ async fn run_session(
     let (ask_tx, mut asks) = mpsc::channel::<HandoverReply>(1);
     let mut waiting_handover: Option<HandoverReply> = None;
     let mut handing_over: Option<std::time::Instant> = None;
+    let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
     // Active: `twinfs sync` requests waiting for the standby to catch up.
     let mut commands = (role == Role::Active).then(|| volume.commands.subscribe());
     let mut syncs: Vec<mpsc::Sender<(String, Result<(), String>)>> = Vec::new();
@@ -1008,11 +1009,14 @@ async fn run_session(
                 Some(m) => {
                     link.update(&volume.name, |s| s.last_contact = Some(unix_now()));
                     match &m {
-                        Message::HandoverRequest if role == Role::Active && handing_over.is_none() => {
+                        Message::HandoverRequest
+                            if role == Role::Active && handing_over.is_none() && stopping.is_none() =>
+                        {
                             tracing::warn!(volume = %volume.name, peer = %link.peer, "handing over: local writes refused, shipping what is pending");
+                            // Not awaited here: a write under way may wait (sync
+                            // durability) for the very acks this loop must go on taking.
                             let roles = volume.roles.clone();
-                            let _ = tokio::task::spawn_blocking(move || roles.stop_writes()).await;
-                            handing_over = Some(std::time::Instant::now());
+                            stopping = Some(tokio::task::spawn_blocking(move || roles.stop_writes()));
                         }
                         Message::HandoverReady { epoch } if role == Role::Standby => {
                             if let Some(reply) = waiting_handover.take() {
@@ -1068,6 +1072,18 @@ async fn run_session(
                     Err(_) => {}
                 }
             }
+            _ = async {
+                match stopping.as_mut() {
+                    Some(task) => {
+                        let _ = task.await;
+                    }
+                    None => std::future::pending().await,
+                }
+            } => {
+                // Local writes are refused and none is under way: drain, then hand over.
+                stopping = None;
+                handing_over = Some(std::time::Instant::now());
+            }
             Some(reply) = asks.recv() => {
                 if write(&mut send, &Message::HandoverRequest).await.is_none() {
                     let _ = reply.send(Err("the connection to the active failed".into()));
@@ -1109,9 +1125,14 @@ async fn run_session(
     if role == Role::Standby {
         *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
+    if let Some(task) = stopping.take() {
+        let _ = task.await;
+        handing_over = Some(std::time::Instant::now());
+    }
     if handing_over.is_some() {
         // The standby went away mid-handover: this node takes writes again.
-        volume.roles.resume_writes();
+        let roles = volume.roles.clone();
+        let _ = tokio::task::spawn_blocking(move || roles.resume_writes()).await;
     }
     for reply in syncs.drain(..) {
         let _ = reply.try_send((link.peer.clone(), Err("the session ended".into())));
