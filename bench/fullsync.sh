@@ -17,24 +17,13 @@ MIXED=${MIXED:-1000}
 RSS_FILES=${RSS_FILES:-100000}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
-say() { printf 'bench: %s\n' "$*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 
 [[ $(id -u) -eq 0 ]] || { say "must run as root"; exit 1; }
-missing=()
-for pair in fusermount3:fuse3 rsync:rsync python3:python3 mkfs.ext4:e2fsprogs \
-    sshd:openssh-server ssh:openssh-client; do
-    command -v "${pair%%:*}" >/dev/null || [[ -x /usr/sbin/${pair%%:*} ]] || missing+=("${pair#*:}")
-done
-if ((${#missing[@]})); then
-    say "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
-fi
-if [[ -z ${TWINFS_BIN:-} ]]; then
-    say "building twinfs (cargo build --release)"
-    (cd "$ROOT" && cargo build --release >&2)
-    TWINFS_BIN=$ROOT/target/release/twinfs
-fi
+install_missing fusermount3:fuse3 rsync:rsync python3:python3 mkfs.ext4:e2fsprogs \
+    sshd:openssh-server ssh:openssh-client
+build_twinfs
 
 WORK=$(mktemp -d /tmp/twinfs-syncbench.XXXXXX)
 S=$WORK/scratch
@@ -59,20 +48,12 @@ cleanup() {
     { grep " fuse.twinfs " /proc/mounts | awk '{print $2}' | grep "^$S/" || true; } | while read -r m; do
         fusermount3 -u -z "$m" 2>/dev/null || true
     done
-    if mountpoint -q "$S"; then
-        sleep 0.5
-        umount "$S" 2>/dev/null || umount -l "$S" || true
-    fi
-    [[ -n $LOOP ]] && losetup -d "$LOOP" || true
+    release_scratch "$S"
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-truncate -s 12G "$WORK/scratch.img"
-mkfs.ext4 -q "$WORK/scratch.img"
-LOOP=$(losetup -f --show "$WORK/scratch.img")
-mkdir -p "$S"
-mount "$LOOP" "$S"
+mount_scratch "$WORK/scratch.img" 12G "$S"
 
 say "making the data set: $SMALL x 4 KiB, one $BIG_MIB MiB file, $MIXED mixed"
 mkdir -p "$S/src" "$S/rd" "$S/rs"
@@ -82,33 +63,6 @@ TOTAL_FILES=$(find "$S/src" -type f | wc -l)
 
 # --- twinfs: node a (active, a copy of the data), node b (standby, empty) ---------
 # nodes: a/b for the sync benchmark, ra/rb for the memory one.
-declare -A ADDR=([a]=127.0.0.1:7861 [b]=127.0.0.2:7862 [ra]=127.0.0.1:7863 [rb]=127.0.0.2:7864) ID
-configure_pair() {
-    local x=$1 y=$2 n o role
-    for n in "$x" "$y"; do
-        mkdir -p "$S/$n/vol" "$S/$n/state"
-        printf '[node]\nname = "%s"\nstate_dir = "%s"\n' "$n" "$S/$n/state" > "$S/$n/twinfs.toml"
-        ID[$n]=$("$TWINFS_BIN" --config "$S/$n/twinfs.toml" init 2>/dev/null | cut -d'"' -f2)
-    done
-    for n in "$x" "$y"; do
-        o=$x; role=standby
-        [[ $n == "$x" ]] && { o=$y; role=active; }
-        cat > "$S/$n/twinfs.toml" <<TOML
-[node]
-name = "$n"
-listen = "${ADDR[$n]}"
-state_dir = "$S/$n/state"
-[[peer]]
-name = "$o"
-address = "${ADDR[$o]}"
-node_id = "${ID[$o]}"
-[[volume]]
-name = "vol"
-path = "$S/$n/vol"
-initial_role = "$role"
-TOML
-    done
-}
 start_node() {
     local n=$1
     "$TWINFS_BIN" --config "$S/$n/twinfs.toml" mount 2>> "$WORK/$n.log" &
@@ -130,7 +84,7 @@ wait_up() {
 wire() { echo $(($(peer_field a bytes_sent) + $(peer_field a bytes_received))); }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
-configure_pair a b
+configure_pair "$S" a 127.0.0.1:7861 b 127.0.0.2:7862
 cp -a "$S/src/." "$S/a/vol/"
 start_node a
 wait_up a
@@ -247,7 +201,7 @@ stop_node a
 
 # --- (d) memory with many files -------------------------------------------------
 say "memory: $RSS_FILES files"
-configure_pair ra rb
+configure_pair "$S" ra 127.0.0.1:7863 rb 127.0.0.2:7864
 python3 - "$S/ra/vol" "$RSS_FILES" <<'PY'
 import os, sys
 root, n = sys.argv[1], int(sys.argv[2])

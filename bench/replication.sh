@@ -11,23 +11,12 @@ N=${N:-1000}
 ROUNDS=${ROUNDS:-3}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
-say() { printf 'bench: %s\n' "$*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 
 [[ $(id -u) -eq 0 ]] || { say "must run as root"; exit 1; }
-missing=()
-for pair in fusermount3:fuse3 lsyncd:lsyncd rsync:rsync python3:python3 mkfs.ext4:e2fsprogs; do
-    command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
-done
-if ((${#missing[@]})); then
-    say "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
-fi
-if [[ -z ${TWINFS_BIN:-} ]]; then
-    say "building twinfs (cargo build --release)"
-    (cd "$ROOT" && cargo build --release >&2)
-    TWINFS_BIN=$ROOT/target/release/twinfs
-fi
+install_missing fusermount3:fuse3 lsyncd:lsyncd rsync:rsync python3:python3 mkfs.ext4:e2fsprogs
+build_twinfs
 
 WORK=$(mktemp -d /tmp/twinfs-replbench.XXXXXX)
 S=$WORK/scratch
@@ -40,46 +29,16 @@ cleanup() {
     for m in "$S/a/vol" "$S/b/vol"; do
         grep -q " $m fuse" /proc/mounts && fusermount3 -u -z "$m" 2>/dev/null || true
     done
-    if mountpoint -q "$S"; then
-        sleep 0.5
-        umount "$S" 2>/dev/null || umount -l "$S" || true
-    fi
-    [[ -n $LOOP ]] && losetup -d "$LOOP" || true
+    release_scratch "$S"
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-truncate -s 2G "$WORK/scratch.img"
-mkfs.ext4 -q "$WORK/scratch.img"
-LOOP=$(losetup -f --show "$WORK/scratch.img")
-mkdir -p "$S"
-mount "$LOOP" "$S"
-mkdir -p "$S"/{a,b}/{vol,state} "$S"/lsyncd/{src,dst}
+mount_scratch "$WORK/scratch.img" 2G "$S"
+mkdir -p "$S"/lsyncd/{src,dst}
 
 # --- twinfs: two nodes on loopback ------------------------------------------------
-declare -A ADDR=([a]=127.0.0.1:7851 [b]=127.0.0.2:7852) ID
-for n in a b; do
-    printf '[node]\nname = "%s"\nstate_dir = "%s"\n' "$n" "$S/$n/state" > "$S/$n/twinfs.toml"
-    ID[$n]=$("$TWINFS_BIN" --config "$S/$n/twinfs.toml" init 2>/dev/null | cut -d'"' -f2)
-done
-for n in a b; do
-    o=a; [[ $n == a ]] && o=b
-    role=standby; [[ $n == a ]] && role=active
-    cat > "$S/$n/twinfs.toml" <<TOML
-[node]
-name = "$n"
-listen = "${ADDR[$n]}"
-state_dir = "$S/$n/state"
-[[peer]]
-name = "$o"
-address = "${ADDR[$o]}"
-node_id = "${ID[$o]}"
-[[volume]]
-name = "vol"
-path = "$S/$n/vol"
-initial_role = "$role"
-TOML
-done
+configure_pair "$S" a 127.0.0.1:7851 b 127.0.0.2:7852
 for n in b a; do
     "$TWINFS_BIN" --config "$S/$n/twinfs.toml" mount 2> "$WORK/$n.log" &
     PIDS+=($!)

@@ -21,7 +21,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
 WORKLOAD=$HERE/workload.py
 
-say() { printf 'bench: %s\n' "$*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 die() { say "error: $*"; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (loop devices, mount, drop_caches, FUSE in place)"
@@ -31,21 +32,8 @@ done
 
 # --- dependencies -----------------------------------------------------------
 
-missing=()
-for pair in fusermount3:fuse3 python3:python3 mkfs.ext4:e2fsprogs losetup:util-linux; do
-    command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
-done
-if ((${#missing[@]})); then
-    say "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
-fi
-
-if [[ -z ${TWINFS_BIN:-} ]]; then
-    say "building twinfs (cargo build --release)"
-    (cd "$ROOT" && cargo build --release >&2)
-    TWINFS_BIN=$ROOT/target/release/twinfs
-fi
+install_missing fusermount3:fuse3 python3:python3 mkfs.ext4:e2fsprogs losetup:util-linux
+build_twinfs
 [[ -x $TWINFS_BIN ]] || die "$TWINFS_BIN is not an executable"
 
 # --- scratch file system, and cleanup of everything this script sets up ------
@@ -122,11 +110,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 say "scratch ext4 image of $IMAGE_SIZE in $WORK"
-truncate -s "$IMAGE_SIZE" "$IMAGE"
-mkfs.ext4 -q -F "$IMAGE"
-LOOP=$(losetup -f --show "$IMAGE")
-mkdir "$SCRATCH"
-mount -t ext4 "$LOOP" "$SCRATCH"
+mount_scratch "$IMAGE" "$IMAGE_SIZE" "$SCRATCH"
 mkdir "$NATIVE" "$VOLUME" "$WORK/state"
 cat >"$CONFIG" <<EOF
 [node]

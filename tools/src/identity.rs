@@ -13,7 +13,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
 
-use crate::atomic::{sync_dir, write_synced};
+use twinfs_replicator::durable::{sync_dir, write_synced};
 
 /// The directory under the state directory that holds the identity.
 const IDENTITY_DIR: &str = "identity";

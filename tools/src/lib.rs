@@ -4,11 +4,9 @@
 //!   structs.
 //! - [`identity`]: the node's TLS certificate and key, and its node id.
 //! - [`state`]: what each volume remembers across restarts (role, epoch).
-//! - [`atomic`]: crash-safe file writes, shared by `identity` and `state`.
 //! - [`control`]: the control socket protocol between the command and the daemon.
 //! - [`daemon`]: `twinfs mount`: mounts, control socket, clean shutdown.
 
-pub mod atomic;
 pub mod config;
 pub mod control;
 pub mod daemon;

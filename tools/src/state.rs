@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::atomic::atomic_write;
 use crate::config::{is_valid_name, Role};
+use twinfs_replicator::durable::atomic_write;
 
 /// The directory under the state directory that holds the volume states.
 const VOLUMES_DIR: &str = "volumes";
