@@ -361,6 +361,13 @@ impl Volume {
         }
     }
 
+    /// Held while a close, fsync or release records what a handle wrote (allowed in
+    /// either role): a switch to standby waits for it, so every change made while
+    /// active is recorded before the switch returns (a handover ships up to there).
+    fn recording(&self) -> RwLockReadGuard<'_, ()> {
+        self.writing.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn record(&self, ino: u64, kind: ChangeKind) {
         let path = self.read_table().path(ino);
         if let Some(path) = path {
@@ -875,6 +882,7 @@ impl Volume {
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let file = self.file(fh)?;
         sys::fsync(file.fd.as_fd(), datasync)?;
+        let _recording = self.recording();
         if file.writable && file.take_change()? {
             self.record(file.ino, ChangeKind::Write);
         }
@@ -887,6 +895,7 @@ impl Volume {
     /// or after an fsync records again only if the file changed in between.
     pub fn flush(&self, fh: u64) -> Result<()> {
         let file = self.file(fh)?;
+        let _recording = self.recording();
         if file.writable && file.take_change()? {
             self.record(file.ino, ChangeKind::Write);
         }
@@ -897,6 +906,7 @@ impl Volume {
     /// process, so later writes through other handles may already have happened).
     /// Records the handle only if no close or fsync did.
     pub fn release(&self, fh: u64) -> Result<Arc<OpenFile>> {
+        let _recording = self.recording();
         let file = self
             .files
             .write()

@@ -42,7 +42,6 @@ pub type Numbered = (u64, Record);
 /// until every connected standby has applied the change, or until the timeout.
 pub struct Broadcast {
     tx: broadcast::Sender<Numbered>,
-    next: std::sync::atomic::AtomicU64,
     gate: Arc<SyncGate>,
     durability: Durability,
     sync_timeout: Duration,
@@ -59,7 +58,6 @@ impl Broadcast {
     ) -> Broadcast {
         Broadcast {
             tx,
-            next: std::sync::atomic::AtomicU64::new(1),
             gate,
             durability,
             sync_timeout,
@@ -69,7 +67,7 @@ impl Broadcast {
 
 impl RecordSink for Broadcast {
     fn push(&self, record: Record) {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self.gate.issue();
         let ships_now = record.policy.sync == SyncMode::Always;
         let durability = record.policy.durability.unwrap_or(self.durability);
         // No receiver (no standby connected) is fine: the next full sync covers it.
@@ -80,13 +78,16 @@ impl RecordSink for Broadcast {
     }
 }
 
-/// Where the writers of a `sync` volume wait for the standbys: each connected session
-/// reports the highest change it has caught up with.
+/// The numbering of a volume's change records, and where the writers of a `sync`
+/// volume wait for the standbys: each connected session reports the highest change it
+/// has caught up with.
 #[derive(Default)]
 pub struct SyncGate {
     sessions: Mutex<std::collections::HashMap<u64, GateEntry>>,
     changed: std::sync::Condvar,
     next_session: std::sync::atomic::AtomicU64,
+    /// The number of the last change record issued.
+    issued: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -98,6 +99,19 @@ struct GateEntry {
 impl SyncGate {
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, GateEntry>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Numbers the next change record (from 1).
+    fn issue(&self) -> u64 {
+        self.issued
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1
+    }
+
+    /// The number of the last change record issued (0 before any): once local writes
+    /// are refused, a handover must see and ship every record up to it.
+    fn last_issued(&self) -> u64 {
+        self.issued.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A new session to wait for.
@@ -782,13 +796,14 @@ async fn run_session(
     let mut messages = spawn_reader(recv, received.clone());
     let role = session.role();
     let mut changes = (role == Role::Active).then(|| volume.changes.subscribe());
+    // The highest change record handed to the session, and this session's place in
+    // the volume's sync gate. Records issued before the subscription are covered by
+    // the full sync this session starts with.
+    let mut seen = volume.gate.last_issued();
     // The session ends when this node's role for the volume changes.
     let mut roles = volume.roles.subscribe();
     let mut sent = 0u64;
     let counters = StreamCounters::default();
-    // The highest change record handed to the session, and this session's place in
-    // the volume's sync gate.
-    let mut seen = 0u64;
     let gate_id = volume.gate.register();
     static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let session_id = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -822,10 +837,11 @@ async fn run_session(
     // recorded each time; what is on disk is never less than what is pending.
     let mut recorded_fit = None;
     // Standby: a promotion waiting for the active's handover. Active: since when this
-    // node has been handing over (local writes refused, draining).
+    // node has been handing over (local writes refused, draining), and the last change
+    // record issued when writes stopped, which must be seen and acknowledged first.
     let (ask_tx, mut asks) = mpsc::channel::<HandoverReply>(1);
     let mut waiting_handover: Option<HandoverReply> = None;
-    let mut handing_over: Option<std::time::Instant> = None;
+    let mut handing_over: Option<(std::time::Instant, u64)> = None;
     let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
     // Active: `twinfs sync` requests waiting for the standby to catch up.
     let mut commands = (role == Role::Active).then(|| volume.commands.subscribe());
@@ -949,8 +965,14 @@ async fn run_session(
                 let _ = reply.try_send((link.peer.clone(), Ok(())));
             }
         }
-        if let Some(since) = handing_over {
-            if session.caught_up() {
+        if let Some((since, drain_to)) = handing_over {
+            // A record still in the broadcast channel is not in the session yet, so
+            // `caught_up` alone could hand over without it; interval paths waiting
+            // for their time go now.
+            if seen >= drain_to && session.ship_waiting(std::time::Instant::now()) {
+                continue;
+            }
+            if seen >= drain_to && session.caught_up() {
                 // Everything is acknowledged: tell the standby (and wait until it has
                 // the message: stepping down closes this connection), then step down.
                 // Should this node die in between, the standby's new epoch fences it.
@@ -1082,7 +1104,7 @@ async fn run_session(
             } => {
                 // Local writes are refused and none is under way: drain, then hand over.
                 stopping = None;
-                handing_over = Some(std::time::Instant::now());
+                handing_over = Some((std::time::Instant::now(), volume.gate.last_issued()));
             }
             Some(reply) = asks.recv() => {
                 if write(&mut send, &Message::HandoverRequest).await.is_none() {
@@ -1104,6 +1126,7 @@ async fn run_session(
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::info!(volume = %volume.name, missed = n, "change stream lagged; resyncing");
                     session.resync();
+                    seen = seen.max(volume.gate.last_issued());
                 }
                 Err(broadcast::error::RecvError::Closed) => break,
             },
@@ -1127,7 +1150,7 @@ async fn run_session(
     }
     if let Some(task) = stopping.take() {
         let _ = task.await;
-        handing_over = Some(std::time::Instant::now());
+        handing_over = Some((std::time::Instant::now(), volume.gate.last_issued()));
     }
     if handing_over.is_some() {
         // The standby went away mid-handover: this node takes writes again.

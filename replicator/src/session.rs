@@ -789,6 +789,18 @@ impl Session {
         self.drain(now);
     }
 
+    /// Active: ship every `interval` path that waits for its interval now (a handover
+    /// leaves nothing behind); whether there were any.
+    pub fn ship_waiting(&mut self, now: Instant) -> bool {
+        if self.dirty.is_empty() || !self.is_active() || self.phase != Phase::Streaming {
+            return false;
+        }
+        let waiting: Vec<RelPath> = self.dirty.keys().cloned().collect();
+        self.ship_with_content(waiting, now);
+        self.drain(now);
+        true
+    }
+
     /// Queues each path to ship with its content (a vanished one is deleted on the
     /// standby); no longer waiting for its interval.
     fn ship_with_content(&mut self, paths: Vec<RelPath>, now: Instant) {

@@ -310,7 +310,21 @@ fn planned_switchover_back_and_forth_loses_no_acknowledged_write() {
         let log = fs::read_to_string(node.volume.join("app.log")).expect("read");
         let lines: Vec<&str> = log.lines().collect();
         let want: Vec<String> = acked.iter().map(|n| format!("line {n}")).collect();
-        assert_eq!(lines, want, "every acknowledged line, once, in order");
+        if lines != want {
+            let have: std::collections::HashSet<&str> = lines.iter().copied().collect();
+            let missing: Vec<&String> =
+                want.iter().filter(|l| !have.contains(l.as_str())).collect();
+            panic!(
+                "{}: {} lines, {} acknowledged; missing {:?}; first lines that differ: {:?}\nnode 0 log:\n{}\nnode 1 log:\n{}",
+                node.volume.display(),
+                lines.len(),
+                want.len(),
+                &missing[..missing.len().min(20)],
+                lines.iter().zip(&want).find(|(a, b)| **a != b.as_str()),
+                c.nodes[0].log_text(),
+                c.nodes[1].log_text()
+            );
+        }
     }
     assert!(
         acked.len() > 100,
