@@ -22,7 +22,7 @@ use crate::delta::{self, BlockList};
 use crate::manifest::{self, HashCache, Kind, Manifest, Meta};
 use crate::path::RelPath;
 use crate::policy::{Durability, PolicySet, SyncMode};
-use crate::protocol::{Message, Op, ProtocolError, MAX_MESSAGE};
+use crate::protocol::{Message, Op, ProtocolError, VolumeView, MAX_MESSAGE};
 use crate::roles::RoleCell;
 use crate::session::{Output, Session, SessionConfig};
 use crate::transport::{self, PeerId};
@@ -335,6 +335,8 @@ pub struct Peer {
     pub address: String,
     /// Its pinned certificate hash.
     pub id: PeerId,
+    /// A witness: asked only by automatic failover, never dialled for a session.
+    pub witness: bool,
 }
 
 /// What `twinfs status` shows for one volume and one peer.
@@ -357,6 +359,10 @@ pub struct PeerStatus {
     pub peer_role: Option<Role>,
     /// Seconds since the epoch of the last message from it.
     pub last_contact: Option<u64>,
+    /// When the last message from it arrived (automatic failover measures silence by
+    /// it).
+    #[serde(skip)]
+    pub heard: Option<std::time::Instant>,
     /// "never", "in progress" or "done".
     pub full_sync: String,
     /// Ops of the current or last full sync.
@@ -403,6 +409,43 @@ pub struct PeerStatus {
 
 /// The status of every (volume, peer) pair, shared with the daemon.
 pub type Board = Arc<Mutex<std::collections::BTreeMap<(String, String), PeerStatus>>>;
+
+/// How this node sees its volumes, for a peer deciding on an automatic failover:
+/// this node's name and a view of each volume.
+pub type Prober = Arc<dyn Fn() -> (String, Vec<VolumeView>) + Send + Sync>;
+
+/// Asks `peer` how it sees its volumes (its name and views), on a connection of its
+/// own; `None` when it cannot be reached or does not answer within `wait`.
+pub async fn probe(
+    endpoint: &quinn::Endpoint,
+    peer: &Peer,
+    wait: Duration,
+) -> Option<(String, Vec<VolumeView>)> {
+    let asked = async {
+        let addr = resolve(&peer.address).await?;
+        let (connection, _) = transport::connect(endpoint, addr, peer.id).await.ok()?;
+        let answer = async {
+            let (mut send, mut recv) = connection.open_bi().await.ok()?;
+            write(
+                &mut send,
+                &Message::Probe {
+                    version: crate::protocol::VERSION,
+                },
+            )
+            .await?;
+            let _ = send.finish();
+            let bytes = transport::read_frame(&mut recv, MAX_MESSAGE).await.ok()??;
+            match Message::decode(&bytes).ok()? {
+                Message::ProbeAnswer { node, volumes } => Some((node, volumes)),
+                _ => None,
+            }
+        }
+        .await;
+        connection.close(0u32.into(), b"probed");
+        answer
+    };
+    tokio::time::timeout(wait, asked).await.ok()?
+}
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -550,6 +593,7 @@ pub fn start(
     peers: Vec<Peer>,
     board: Board,
     roles: watch::Receiver<u64>,
+    prober: Prober,
 ) {
     let volumes = Arc::new(volumes);
     let peers = Arc::new(peers);
@@ -559,8 +603,9 @@ pub fn start(
         volumes.clone(),
         peers.clone(),
         board.clone(),
+        prober,
     ));
-    for peer in peers.iter() {
+    for peer in peers.iter().filter(|p| !p.witness) {
         let link = Link {
             peer: peer.name.clone(),
             address: peer.address.clone(),
@@ -585,6 +630,7 @@ async fn accept_loop(
     volumes: Arc<Vec<VolumeLink>>,
     peers: Arc<Vec<Peer>>,
     board: Board,
+    prober: Prober,
 ) {
     while let Some(accepted) = transport::accept(&endpoint).await {
         let Ok((connection, id)) = accepted else {
@@ -606,9 +652,16 @@ async fn accept_loop(
             wins_ties: own < id,
         };
         let volumes = volumes.clone();
+        let prober = prober.clone();
         tokio::spawn(async move {
             while let Ok((send, recv)) = connection.accept_bi().await {
-                tokio::spawn(peer_stream(volumes.clone(), send, recv, link.clone()));
+                tokio::spawn(peer_stream(
+                    volumes.clone(),
+                    send,
+                    recv,
+                    link.clone(),
+                    prober.clone(),
+                ));
             }
         });
     }
@@ -720,9 +773,10 @@ async fn dial_loop(
 /// which one steps down.
 async fn peer_stream(
     volumes: Arc<Vec<VolumeLink>>,
-    send: quinn::SendStream,
+    mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     link: Link,
+    prober: Prober,
 ) {
     let first = match transport::read_frame(&mut recv, MAX_MESSAGE).await {
         Ok(Some(bytes)) => Message::decode(&bytes),
@@ -730,6 +784,21 @@ async fn peer_stream(
     };
     let hello = match first {
         Ok(m @ Message::Hello { .. }) => m,
+        Ok(Message::Probe { version }) => {
+            if version != crate::protocol::VERSION {
+                tracing::warn!(peer = %link.peer, version, "probe of another protocol version; not answered");
+                return;
+            }
+            let (node, volumes) = prober();
+            if write(&mut send, &Message::ProbeAnswer { node, volumes })
+                .await
+                .is_some()
+            {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            }
+            return;
+        }
         Ok(other) => {
             tracing::warn!(message = ?other, "stream did not start with a hello");
             return;
@@ -816,6 +885,7 @@ async fn run_session(
         s.connected = true;
         s.session = session_id;
         s.last_contact = Some(unix_now());
+        s.heard = Some(std::time::Instant::now());
         s.peer_role = Some(match role {
             Role::Active => Role::Standby,
             Role::Standby => Role::Active,
@@ -1029,7 +1099,10 @@ async fn run_session(
         tokio::select! {
             m = messages.recv() => match m {
                 Some(m) => {
-                    link.update(&volume.name, |s| s.last_contact = Some(unix_now()));
+                    link.update(&volume.name, |s| {
+                        s.last_contact = Some(unix_now());
+                        s.heard = Some(std::time::Instant::now());
+                    });
                     match &m {
                         Message::HandoverRequest
                             if role == Role::Active && handing_over.is_none() && stopping.is_none() =>

@@ -9,7 +9,7 @@ use crate::manifest::Entry;
 use crate::path::RelPath;
 
 /// Protocol version; a peer with another version is refused at `Hello`.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// Most priority-1 paths a full sync names in its start message.
 pub const PRIORITY1_LISTED: usize = 10_000;
@@ -174,6 +174,35 @@ pub enum Message {
         /// Last part.
         done: bool,
     },
+    /// Any node → any node, as the first message of a stream of its own (automatic
+    /// failover): tell me how you see your volumes. Answered with
+    /// [`Message::ProbeAnswer`], then the stream ends.
+    Probe {
+        /// The asking node's protocol version.
+        version: u32,
+    },
+    /// The answer to a [`Message::Probe`].
+    ProbeAnswer {
+        /// The answering node's name (its `[node] name`).
+        node: String,
+        /// Its volumes (none on a witness).
+        volumes: Vec<VolumeView>,
+    },
+}
+
+/// How a node sees one of its volumes, for another node deciding whether to take over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeView {
+    /// The volume's name.
+    pub volume: String,
+    /// The node's role for it.
+    pub role: Role,
+    /// The highest epoch it has held or followed.
+    pub epoch: u64,
+    /// Standby: fit to take over (a completed full sync, everything sent applied).
+    pub fit: bool,
+    /// Standby: it heard from an active of the volume within the failover timeout.
+    pub hears_active: bool,
 }
 
 /// Errors decoding a message.

@@ -40,6 +40,8 @@ pub struct Node {
     pub log: PathBuf,
     /// The network namespace the daemon runs in (`ip netns` name), if any.
     pub netns: Option<String>,
+    /// A witness: no volume, it only answers the others' failover probes.
+    pub witness: bool,
     child: Option<Child>,
 }
 
@@ -72,6 +74,7 @@ impl Node {
             state_dir,
             log,
             netns: None,
+            witness: false,
             child: None,
         }
     }
@@ -115,6 +118,9 @@ impl Node {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.status_json() {
+                if self.witness {
+                    return;
+                }
                 let v = &status["volumes"][0];
                 // An active takes writes once a standby accepted it (or after 5 s).
                 if v["mounted"] == true && (v["role"] != "active" || v["writable"] == true) {
@@ -166,6 +172,12 @@ impl Node {
         // SAFETY: sending a signal to our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         wait_or_kill(&mut child, Duration::from_secs(20))
+    }
+
+    /// Whether this node is expected to hold the volume's tree: a running daemon that
+    /// is not a witness.
+    fn follows(&self) -> bool {
+        self.child.is_some() && !self.witness
     }
 
     /// Kills the daemon with SIGKILL, as a crash would.
@@ -260,7 +272,35 @@ impl Cluster {
         rules: &str,
         fill: impl FnOnce(&Path),
     ) -> Cluster {
+        Self::with_witnesses(addresses, 0, rules, fill)
+    }
+
+    /// One node per address of `net`, each in its own namespace (a link of each can
+    /// be cut with [`NetBridge::cut`]); the last `witnesses` are witnesses (no volume,
+    /// `witness = true` in the others' configs).
+    pub fn in_bridge(
+        net: &NetBridge,
+        witnesses: usize,
+        rules: &str,
+        fill: impl FnOnce(&Path),
+    ) -> Cluster {
+        let addresses = net.addresses.iter().map(|a| format!("{a}:7790")).collect();
+        let mut c = Self::with_witnesses(addresses, witnesses, rules, fill);
+        for (node, ns) in c.nodes.iter_mut().zip(&net.names) {
+            node.netns = Some(ns.clone());
+        }
+        c
+    }
+
+    /// One node per address; the last `witnesses` are witnesses.
+    pub fn with_witnesses(
+        addresses: Vec<String>,
+        witnesses: usize,
+        rules: &str,
+        fill: impl FnOnce(&Path),
+    ) -> Cluster {
         let n = addresses.len();
+        let is_witness = |i: usize| i + witnesses >= n;
         let mut fill = Some(fill);
         let mut nodes: Vec<Node> = (0..n)
             .map(|i| {
@@ -294,10 +334,16 @@ impl Cluster {
             for (j, id) in ids.iter().enumerate() {
                 if j != i {
                     text.push_str(&format!(
-                        "[[peer]]\nname = \"node{j}\"\naddress = \"{}\"\nnode_id = \"{id}\"\n\n",
-                        addr(j)
+                        "[[peer]]\nname = \"node{j}\"\naddress = \"{}\"\nnode_id = \"{id}\"\nwitness = {}\n\n",
+                        addr(j),
+                        is_witness(j)
                     ));
                 }
+            }
+            if is_witness(i) {
+                node.witness = true;
+                std::fs::write(&node.config, text).expect("write config");
+                continue;
             }
             text.push_str(&format!(
                 "[[volume]]\nname = \"vol\"\npath = \"{}\"\ninitial_role = \"{}\"\n\n{rules}\n",
@@ -309,7 +355,7 @@ impl Cluster {
         Cluster { nodes }
     }
 
-    /// Starts every daemon, standbys first.
+    /// Starts every daemon, standbys (and witnesses) first.
     pub fn start(&mut self) {
         for node in self.nodes.iter_mut().rev() {
             node.start(&[]);
@@ -327,8 +373,8 @@ impl Cluster {
         self.wait_converged_to(0, timeout);
     }
 
-    /// Waits until every node's tree equals node `to`'s; panics with the difference
-    /// after `timeout`.
+    /// Waits until the tree of every node with a running daemon (witnesses aside) equals
+    /// node `to`'s; panics with the difference after `timeout`.
     pub fn wait_converged_to(&self, to: usize, timeout: Duration) {
         let reference = &self.nodes[to].volume;
         let ok = wait_until(timeout, || {
@@ -336,11 +382,16 @@ impl Cluster {
             self.nodes
                 .iter()
                 .enumerate()
-                .all(|(i, n)| i == to || crate::tree::digest(&n.volume) == want)
+                .all(|(i, n)| i == to || !n.follows() || crate::tree::digest(&n.volume) == want)
         });
         if !ok {
             let want = crate::tree::digest(reference);
-            for (i, n) in self.nodes.iter().enumerate().filter(|(i, _)| *i != to) {
+            for (i, n) in self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, n)| *i != to && n.follows())
+            {
                 let got = crate::tree::digest(&n.volume);
                 let diff = crate::tree::difference(&want, &got);
                 if !diff.is_empty() {
@@ -420,6 +471,72 @@ impl NetPair {
     pub fn heal(&self) {
         for i in 0..2 {
             ip(&["-n", &self.names[i], "link", "set", &self.veth(i), "up"]);
+        }
+    }
+}
+
+/// One network namespace per node, each joined by a veth pair to a bridge in a
+/// namespace of its own, with addresses from 198.18.<subnet>.0/24 (reserved for
+/// network tests); a node's link can be cut alone. Removed on drop.
+pub struct NetBridge {
+    /// The nodes' namespaces.
+    pub names: Vec<String>,
+    /// Their addresses.
+    pub addresses: Vec<String>,
+    hub: String,
+}
+
+impl NetBridge {
+    /// `n` (at most 9) namespaces on one bridge; `subnet` picks 198.18.<subnet>.0/24.
+    pub fn new(subnet: u8, n: usize) -> NetBridge {
+        assert!(n <= 9, "at most 9 nodes");
+        let tag = format!("tw{}b{subnet}", std::process::id() % 100_000);
+        let hub = format!("{tag}h");
+        let net = NetBridge {
+            names: (0..n).map(|i| format!("{tag}n{i}")).collect(),
+            addresses: (0..n)
+                .map(|i| format!("198.18.{subnet}.{}", i + 1))
+                .collect(),
+            hub,
+        };
+        ip(&["netns", "add", &net.hub]);
+        ip(&["-n", &net.hub, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &net.hub, "link", "set", "br0", "up"]);
+        for (i, ns) in net.names.iter().enumerate() {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            let (v, p) = (format!("{tag}v{i}"), format!("{tag}p{i}"));
+            ip(&["link", "add", &v, "type", "veth", "peer", "name", &p]);
+            ip(&["link", "set", &v, "netns", ns]);
+            ip(&["link", "set", &p, "netns", &net.hub]);
+            ip(&["-n", &net.hub, "link", "set", &p, "master", "br0"]);
+            ip(&["-n", &net.hub, "link", "set", &p, "up"]);
+            let cidr = format!("{}/24", net.addresses[i]);
+            ip(&["-n", ns, "addr", "add", &cidr, "dev", &v]);
+            ip(&["-n", ns, "link", "set", &v, "up"]);
+        }
+        net
+    }
+
+    fn veth(&self, i: usize) -> String {
+        format!("{}v{i}", &self.hub[..self.hub.len() - 1])
+    }
+
+    /// Cuts node `i` off from every other node.
+    pub fn cut(&self, i: usize) {
+        ip(&["-n", &self.names[i], "link", "set", &self.veth(i), "down"]);
+    }
+
+    /// Joins node `i` again.
+    pub fn heal(&self, i: usize) {
+        ip(&["-n", &self.names[i], "link", "set", &self.veth(i), "up"]);
+    }
+}
+
+impl Drop for NetBridge {
+    fn drop(&mut self) {
+        for n in self.names.iter().chain(std::iter::once(&self.hub)) {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
         }
     }
 }

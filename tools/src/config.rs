@@ -93,6 +93,9 @@ pub struct PeerConfig {
     pub address: String,
     /// The peer's certificate must hash to this.
     pub node_id: NodeId,
+    /// A witness: a node with no volumes that only counts towards a majority for
+    /// automatic failover (never dialled for replication).
+    pub witness: bool,
 }
 
 /// One `[[volume]]`.
@@ -112,6 +115,49 @@ pub struct VolumeConfig {
     pub policies: PolicySet,
     /// Commands run (`sh -c`) when this node becomes active / stops being active.
     pub hooks: Hooks,
+    /// Whether a standby takes over by itself when the active falls silent.
+    pub failover: Failover,
+    /// How the active checks that it can still serve.
+    pub health: Health,
+}
+
+/// `failover` and `peer_timeout` of a volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failover {
+    /// `auto`: a fit standby that hears nothing from the active for `peer_timeout`
+    /// (and reaches a majority of the nodes, when there are more than two) promotes
+    /// itself. `manual`: only `twinfs promote` does.
+    pub auto: bool,
+    /// How long the active may be silent before an automatic failover.
+    pub peer_timeout: Duration,
+}
+
+/// `peer_timeout` when not given.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `health_*` of a volume: the active gives up the role when it cannot serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    /// Run with `sh -c` every `interval` on the active; a non-zero exit (or running
+    /// longer than `interval`) is a failure.
+    pub command: Option<String>,
+    /// How often the active checks its backing directory and runs `command`.
+    pub interval: Duration,
+    /// Consecutive failures after which the active demotes itself.
+    pub failures: u32,
+}
+
+/// `health_interval` when not given.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// `health_failures` when not given.
+pub const DEFAULT_HEALTH_FAILURES: u32 = 3;
+
+/// `failover` as written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum FailoverMode {
+    Manual,
+    Auto,
 }
 
 /// A volume's hook commands.
@@ -397,6 +443,8 @@ struct RawPeer {
     name: Spanned<String>,
     address: Spanned<String>,
     node_id: Spanned<String>,
+    #[serde(default)]
+    witness: bool,
 }
 
 #[derive(Deserialize)]
@@ -411,6 +459,11 @@ struct RawVolume {
     on_demote: Option<String>,
     hook_timeout: Option<Spanned<String>>,
     on_promote_failure: Option<PromoteFailure>,
+    failover: Option<FailoverMode>,
+    peer_timeout: Option<Spanned<String>>,
+    health_command: Option<String>,
+    health_interval: Option<Spanned<String>>,
+    health_failures: Option<Spanned<i64>>,
     #[serde(default)]
     rule: Vec<RawRule>,
 }
@@ -560,6 +613,7 @@ impl RawPeer {
             name: self.name.into_inner(),
             address: self.address.into_inner(),
             node_id,
+            witness: self.witness,
         })
     }
 }
@@ -592,6 +646,33 @@ impl RawVolume {
             },
             rollback_failed_promote: self.on_promote_failure == Some(PromoteFailure::Rollback),
         };
+        let failover = Failover {
+            auto: self.failover == Some(FailoverMode::Auto),
+            peer_timeout: match self.peer_timeout {
+                Some(t) => duration(&t, doc, &key("peer_timeout"))?,
+                None => DEFAULT_PEER_TIMEOUT,
+            },
+        };
+        let health = Health {
+            command: self.health_command.filter(|c| !c.trim().is_empty()),
+            interval: match self.health_interval {
+                Some(t) => duration(&t, doc, &key("health_interval"))?,
+                None => DEFAULT_HEALTH_INTERVAL,
+            },
+            failures: match self.health_failures {
+                Some(n) => u32::try_from(*n.get_ref())
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| {
+                        doc.invalid(
+                            n.span(),
+                            &key("health_failures"),
+                            format!("{} is not a count from 1 to 1000", n.get_ref()),
+                        )
+                    })?,
+                None => DEFAULT_HEALTH_FAILURES,
+            },
+        };
         let rules = self
             .rule
             .into_iter()
@@ -606,6 +687,8 @@ impl RawVolume {
             sync_timeout,
             policies: PolicySet::new(rules),
             hooks,
+            failover,
+            health,
         })
     }
 }

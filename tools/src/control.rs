@@ -125,6 +125,20 @@ pub struct VolumeStatus {
     /// The last `on_promote`/`on_demote` hook run for this volume.
     #[serde(default)]
     pub last_hook: Option<HookResult>,
+    /// `auto` or `manual`.
+    #[serde(default)]
+    pub failover: String,
+    /// The volume's `peer_timeout`, in milliseconds.
+    #[serde(default)]
+    pub peer_timeout_ms: u64,
+    /// Standby with `failover = "auto"`: what the watch last found ("the active
+    /// answers", "the active is silent; waiting: no majority: 1 of 3 nodes reachable",
+    /// "took over: ...").
+    #[serde(default)]
+    pub auto_failover: Option<String>,
+    /// The active's health checks (backing directory, `health_command`).
+    #[serde(default)]
+    pub health: crate::failover::HealthStatus,
 }
 
 /// The status of the node.

@@ -18,6 +18,7 @@ use twinfs_replicator::transport::{self, PinnedPeers, TlsIdentity};
 
 use crate::config::{Config, Role, VolumeConfig};
 use crate::control::{self, ChangeCounts, NodeStatus, Request, Response, VolumeStatus};
+use crate::failover::unfit;
 use crate::state::VolumeState;
 
 /// Change records a volume keeps for sessions that have not read them yet.
@@ -49,6 +50,10 @@ struct VolumeRuntime {
     handover: node::HandoverSlot,
     changes: tokio::sync::broadcast::Sender<node::Numbered>,
     gate: Arc<node::SyncGate>,
+    /// What the automatic failover last found (standby, `failover = "auto"`).
+    failover_note: Arc<Mutex<String>>,
+    /// The active's health checks.
+    health: Arc<Mutex<crate::failover::HealthStatus>>,
 }
 
 /// The running daemon's state, shared by the control connections.
@@ -157,6 +162,8 @@ fn mount_volume(
         handover: Default::default(),
         changes,
         gate,
+        failover_note: Arc::default(),
+        health: Arc::default(),
     })
 }
 
@@ -226,6 +233,10 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
         volumes,
         board,
     });
+    if let Some(endpoint) = &endpoint {
+        let _runtime = runtime.enter();
+        start_watches(&daemon, endpoint);
+    }
     tracing::info!(socket = %socket.display(), "twinfs daemon ready");
 
     runtime.block_on(serve(daemon.clone(), listener, signals));
@@ -314,12 +325,90 @@ fn start_replication(
             name: p.name.clone(),
             address: p.address.clone(),
             id: *p.node_id.as_bytes(),
+            witness: p.witness,
         })
         .collect();
     tracing::info!(listen = %config.node.listen, node_id = %identity.node_id(), "replication started");
     let own: [u8; 32] = *identity.node_id().as_bytes();
-    node::start(endpoint.clone(), own, links, peers, board, roles);
+    let viewed = volumes.iter().map(|v| viewed(config, v)).collect();
+    let prober = crate::failover::prober(config.node.name.clone(), viewed, board.clone());
+    node::start(endpoint.clone(), own, links, peers, board, roles, prober);
     Ok(endpoint)
+}
+
+/// What the automatic failover needs of a volume.
+fn viewed(config: &Config, v: &VolumeRuntime) -> crate::failover::Viewed {
+    crate::failover::Viewed {
+        name: v.config.name.clone(),
+        roles: v.roles.clone(),
+        sync_file: sync_file(config, &v.config.name),
+        peer_timeout: v.config.failover.peer_timeout,
+    }
+}
+
+/// Starts, for each volume, the automatic failover (`failover = "auto"`) and the
+/// active's health watch. Needs the tokio runtime entered.
+fn start_watches(daemon: &Arc<Daemon>, endpoint: &quinn::Endpoint) {
+    let peers: Vec<Peer> = daemon
+        .config
+        .peers
+        .iter()
+        .map(|p| Peer {
+            name: p.name.clone(),
+            address: p.address.clone(),
+            id: *p.node_id.as_bytes(),
+            witness: p.witness,
+        })
+        .collect();
+    for (i, v) in daemon.volumes.iter().enumerate() {
+        if v.config.failover.auto {
+            let d = daemon.clone();
+            tokio::spawn(crate::failover::watch(
+                viewed(&daemon.config, v),
+                daemon.config.node.name.clone(),
+                daemon.board.clone(),
+                endpoint.clone(),
+                peers.clone(),
+                v.failover_note.clone(),
+                move |epoch| {
+                    let d = d.clone();
+                    async move {
+                        match take_over(&d.volumes[i], epoch, "auto").await {
+                            Ok(Ok(line)) => Ok(line),
+                            Ok(Err(line)) => Err(line),
+                            Err(e) => Err(format!("{e:#}")),
+                        }
+                    }
+                },
+            ));
+        }
+        let root = match v.mounted.volume().root_fd().try_clone_to_owned() {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                tracing::error!(volume = %v.config.name, error = %e, "cannot duplicate the volume's fd; no health checks");
+                continue;
+            }
+        };
+        let d = daemon.clone();
+        let name = v.config.name.clone();
+        tokio::spawn(crate::failover::health(
+            v.config.name.clone(),
+            v.roles.clone(),
+            root,
+            v.config.health.command.clone(),
+            v.config.health.interval,
+            v.config.health.failures,
+            v.health.clone(),
+            move || {
+                let (d, name) = (d.clone(), name.clone());
+                async move {
+                    d.demote(Some(&name), "health")
+                        .await
+                        .map_err(|e| format!("{e:#}"))
+                }
+            },
+        ));
+    }
 }
 
 /// How long an active that starts waits to meet a standby before it takes writes.
@@ -463,7 +552,7 @@ impl Daemon {
             Request::Promote { volume, force } => {
                 done(self.promote(volume.as_deref(), force).await)
             }
-            Request::Demote { volume } => done(self.demote(volume.as_deref()).await),
+            Request::Demote { volume } => done(self.demote(volume.as_deref(), "manual").await),
             Request::Sync {
                 volume,
                 paths,
@@ -504,7 +593,7 @@ impl Daemon {
                 match answer {
                     Some(Ok(active_epoch)) => {
                         let epoch = now.epoch.max(active_epoch) + 1;
-                        match take_over(v, epoch).await? {
+                        match take_over(v, epoch, "manual").await? {
                             Ok(line) => lines.push(format!(
                                 "{line} (planned switchover: {peer} handed over and is a standby now)"
                             )),
@@ -533,7 +622,7 @@ impl Daemon {
                 tracing::warn!(volume = %name, reason = %why, "promotion forced");
                 lines.push(format!("volume {name}: forced although {why}"));
             }
-            match take_over(v, now.epoch + 1).await? {
+            match take_over(v, now.epoch + 1, "manual").await? {
                 Ok(line) => lines.push(line),
                 Err(line) => refused.push(line),
             }
@@ -592,7 +681,7 @@ impl Daemon {
 
     /// `twinfs demote`: local writes refused at once, then what is pending is shipped
     /// and acknowledged (or the wait times out), then this node is a standby.
-    async fn demote(&self, name: Option<&str>) -> anyhow::Result<String> {
+    async fn demote(&self, name: Option<&str>, reason: &'static str) -> anyhow::Result<String> {
         let mut lines = Vec::new();
         for v in self.selected(name)? {
             let name = &v.config.name;
@@ -611,7 +700,7 @@ impl Daemon {
             let (acked, behind) = self.wait_for_standbys(name, DEMOTE_WAIT).await;
             let roles = v.roles.clone();
             let epoch = now.epoch;
-            tokio::task::spawn_blocking(move || roles.demote(epoch, "manual"))
+            tokio::task::spawn_blocking(move || roles.demote(epoch, reason))
                 .await
                 .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
                 .map_err(|e| anyhow::anyhow!("volume {name}: cannot persist the demotion: {e}"))?;
@@ -878,6 +967,20 @@ impl Daemon {
                         .clone(),
                     conflicts: area.count(),
                     conflicts_dir: area.dir().to_owned(),
+                    failover: if v.config.failover.auto {
+                        "auto".into()
+                    } else {
+                        "manual".into()
+                    },
+                    peer_timeout_ms: v.config.failover.peer_timeout.as_millis() as u64,
+                    auto_failover: Some(
+                        v.failover_note
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .clone(),
+                    )
+                    .filter(|n| !n.is_empty()),
+                    health: v.health.lock().unwrap_or_else(|e| e.into_inner()).clone(),
                 }
             })
             .collect();
@@ -906,29 +1009,6 @@ fn is_twinfs_mount(path: &Path) -> bool {
     })
 }
 
-/// Why a standby is not fit to take over, from its sync record; `None` when it is.
-fn unfit(record: Option<&SyncRecord>) -> Option<String> {
-    let Some(record) = record else {
-        return Some("this node never completed a full sync with an active".into());
-    };
-    if record.synced {
-        return None;
-    }
-    let mut why = String::from("not in sync with the last active");
-    if record.priority1_pending.is_empty() && record.priority1_more == 0 {
-        why.push_str(" (its last full sync did not complete)");
-        return Some(why);
-    }
-    why.push_str(&format!(
-        "; priority-1 paths not known to be in sync: {}",
-        record.priority1_pending.join(", ")
-    ));
-    if record.priority1_more > 0 {
-        why.push_str(&format!(" and {} more", record.priority1_more));
-    }
-    Some(why)
-}
-
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -938,10 +1018,14 @@ fn unix_now() -> u64 {
 
 /// Promotes `v` to active with `epoch` (the hook runs): what to print, or, when a
 /// failed promote hook handed the role back, why not.
-async fn take_over(v: &VolumeRuntime, epoch: u64) -> anyhow::Result<Result<String, String>> {
+async fn take_over(
+    v: &VolumeRuntime,
+    epoch: u64,
+    reason: &'static str,
+) -> anyhow::Result<Result<String, String>> {
     let name = &v.config.name;
     let roles = v.roles.clone();
-    let now = tokio::task::spawn_blocking(move || roles.promote(epoch, "manual"))
+    let now = tokio::task::spawn_blocking(move || roles.promote(epoch, reason))
         .await
         .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
         .map_err(|e| anyhow::anyhow!("volume {name}: cannot persist the promotion: {e}"))?;

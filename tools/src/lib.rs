@@ -6,9 +6,11 @@
 //! - [`state`]: what each volume remembers across restarts (role, epoch).
 //! - [`control`]: the control socket protocol between the command and the daemon.
 //! - [`daemon`]: `twinfs mount`: mounts, control socket, clean shutdown.
+//! - [`failover`]: automatic failover of a standby, and the active's health watch.
 
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod failover;
 pub mod identity;
 pub mod state;

@@ -1,0 +1,206 @@
+//! Automatic failover end to end: real daemons, each in its own network namespace on
+//! one bridge, so a test can kill the active or cut one node off from the others.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use twinfs_tests::daemon::{wait_until, Cluster, NetBridge, Node};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// The volume's `peer_timeout` in these tests.
+const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Appended to the `[[volume]]` table: automatic failover, then one priority-1 rule.
+const AUTO: &str = r#"failover = "auto"
+peer_timeout = "3s"
+
+[[volume.rule]]
+match = "passwd"
+sync = "always"
+priority = 1
+"#;
+
+fn fill(dir: &Path) {
+    fs::write(dir.join("passwd"), "root:x:0:0\n").expect("fill");
+    fs::write(dir.join("cmm.conf"), "chassis_id = 42\n").expect("fill");
+}
+
+fn subnet() -> u8 {
+    (std::process::id() % 200 + 20) as u8
+}
+
+fn role_epoch(node: &Node) -> (String, u64) {
+    let v = node.volume_status();
+    (
+        v["role"].as_str().unwrap_or_default().to_owned(),
+        v["epoch"].as_u64().unwrap_or_default(),
+    )
+}
+
+fn logs(c: &Cluster) -> String {
+    c.nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("--- node {i} log:\n{}", n.log_text()))
+        .collect()
+}
+
+/// Waits until every node of `standbys` says it is ready to take over.
+fn wait_ready(c: &Cluster, standbys: &[usize]) {
+    for &i in standbys {
+        assert!(
+            wait_until(CONVERGE, || c.nodes[i].volume_status()["takeover"]
+                == "ready"),
+            "node {i} not ready: {}\n{}",
+            c.nodes[i].volume_status(),
+            logs(c)
+        );
+    }
+}
+
+/// The nodes of `among` that are active now.
+fn actives(c: &Cluster, among: &[usize]) -> Vec<usize> {
+    among
+        .iter()
+        .copied()
+        .filter(|&i| role_epoch(&c.nodes[i]).0 == "active")
+        .collect()
+}
+
+/// Waits up to `peer_timeout` + 2 s from `from` for one node of `among` to be active
+/// at `epoch`, then a little longer to see that no second one promotes; returns it.
+fn exactly_one_promotes(c: &Cluster, among: &[usize], epoch: u64, from: Instant) -> usize {
+    let deadline = PEER_TIMEOUT + Duration::from_secs(2);
+    let promoted = wait_until(deadline.saturating_sub(from.elapsed()), || {
+        !actives(c, among).is_empty()
+    });
+    assert!(
+        promoted,
+        "no standby promoted within {deadline:?}: {:?}\n{}",
+        among
+            .iter()
+            .map(|&i| role_epoch(&c.nodes[i]))
+            .collect::<Vec<_>>(),
+        logs(c)
+    );
+    std::thread::sleep(PEER_TIMEOUT + Duration::from_secs(1));
+    let now = actives(c, among);
+    assert_eq!(now.len(), 1, "exactly one promotes: {now:?}\n{}", logs(c));
+    let winner = now[0];
+    assert_eq!(role_epoch(&c.nodes[winner]), ("active".into(), epoch));
+    for &i in among.iter().filter(|&&i| i != winner) {
+        assert!(
+            wait_until(CONVERGE, || role_epoch(&c.nodes[i])
+                == ("standby".into(), epoch)),
+            "node {i} follows the new active: {:?}\n{}",
+            role_epoch(&c.nodes[i]),
+            logs(c)
+        );
+        assert!(
+            !c.nodes[i].log_text().contains("now active"),
+            "node {i} never promoted"
+        );
+    }
+    winner
+}
+
+/// Waits until node `i` has stayed a standby for `peer_timeout` + 3 s after `from`
+/// and its status says why it does not take over.
+fn stays_standby(c: &Cluster, i: usize, from: Instant, why: &str) {
+    while from.elapsed() < PEER_TIMEOUT + Duration::from_secs(3) {
+        assert_eq!(
+            role_epoch(&c.nodes[i]).0,
+            "standby",
+            "node {i} must not promote\n{}",
+            logs(c)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let note = c.nodes[i].volume_status()["auto_failover"].clone();
+    assert!(
+        note.as_str().is_some_and(|n| n.contains(why)),
+        "node {i}: {note}"
+    );
+}
+
+#[test]
+fn three_nodes_exactly_one_standby_takes_over_from_a_dead_active() {
+    let _serial = twinfs_tests::serial();
+    let net = NetBridge::new(subnet(), 3);
+    let mut c = Cluster::in_bridge(&net, 0, AUTO, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    wait_ready(&c, &[1, 2]);
+    assert_eq!(c.nodes[1].volume_status()["failover"], "auto");
+
+    c.nodes[0].kill9();
+    let winner = exactly_one_promotes(&c, &[1, 2], 2, Instant::now());
+    assert!(c.nodes[winner]
+        .log_text()
+        .contains("automatic failover: the active is silent; taking over"));
+    // Writes on the new active reach the remaining standby.
+    fs::write(
+        c.nodes[winner].volume.join("after"),
+        "written after failover\n",
+    )
+    .expect("write");
+    c.wait_converged_to(winner, CONVERGE);
+}
+
+#[test]
+fn a_node_cut_off_from_the_majority_does_not_promote() {
+    let _serial = twinfs_tests::serial();
+    let net = NetBridge::new(subnet(), 3);
+    let mut c = Cluster::in_bridge(&net, 0, AUTO, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    wait_ready(&c, &[1, 2]);
+
+    // A standby alone: it hears no active, but reaches 1 of 3 nodes.
+    net.cut(2);
+    stays_standby(&c, 2, Instant::now(), "no majority");
+    assert_eq!(role_epoch(&c.nodes[0]), ("active".into(), 1));
+    fs::write(c.active().join("while-cut"), "node2 was away\n").expect("write");
+    net.heal(2);
+    c.wait_converged(CONVERGE);
+    wait_ready(&c, &[1, 2]);
+
+    // The active alone: the two standbys are the majority, and one of them takes
+    // over; the old active, healed, meets the new epoch and steps down.
+    net.cut(0);
+    let winner = exactly_one_promotes(&c, &[1, 2], 2, Instant::now());
+    net.heal(0);
+    assert!(
+        wait_until(CONVERGE, || role_epoch(&c.nodes[0])
+            == ("standby".into(), 2)),
+        "the old active is fenced: {:?}\n{}",
+        role_epoch(&c.nodes[0]),
+        logs(&c)
+    );
+    c.wait_converged_to(winner, CONVERGE);
+}
+
+#[test]
+fn two_nodes_and_a_witness_behave_the_same() {
+    let _serial = twinfs_tests::serial();
+    let net = NetBridge::new(subnet(), 3);
+    let mut c = Cluster::in_bridge(&net, 1, AUTO, fill);
+    assert!(c.nodes[2].witness);
+    c.start();
+    c.wait_converged(CONVERGE);
+    wait_ready(&c, &[1]);
+
+    // Cut off from the active and the witness: 1 of 3, no promotion.
+    net.cut(1);
+    stays_standby(&c, 1, Instant::now(), "no majority");
+    net.heal(1);
+    c.wait_converged(CONVERGE);
+    wait_ready(&c, &[1]);
+
+    // The active dies: the standby and the witness are the majority.
+    c.nodes[0].kill9();
+    let winner = exactly_one_promotes(&c, &[1], 2, Instant::now());
+    assert_eq!(winner, 1);
+}

@@ -1,0 +1,418 @@
+//! Automatic failover and the active's health watch.
+//!
+//! - A standby of a volume with `failover = "auto"` watches how long its active has
+//!   been silent. After `peer_timeout` it asks every configured peer (witnesses too)
+//!   how they see the volume, and promotes itself only when it is fit, reaches a
+//!   majority of the nodes (when there are more than two), nobody it reaches is
+//!   active at its epoch or later or still hears the active, and no other fit,
+//!   silent standby it reaches outranks it (higher epoch, then lower node name).
+//! - An active checks that it can still serve: its backing directory takes a create
+//!   and an unlink, and the volume's `health_command` exits 0. After
+//!   `health_failures` failures in a row it demotes itself (reason `health`) so a
+//!   standby can take over.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use twinfs_fs::Role;
+use twinfs_replicator::node::{self, Board, Peer, SyncRecord};
+use twinfs_replicator::protocol::VolumeView;
+use twinfs_replicator::roles::RoleCell;
+
+/// How often the watch looks at the board.
+const TICK: Duration = Duration::from_millis(200);
+
+/// How long a probe of one peer may take (peers are probed at once).
+const PROBE_WAIT: Duration = Duration::from_millis(800);
+
+/// What one volume needs for a view of it (shared by the probe answers and the
+/// watch).
+#[derive(Clone)]
+pub struct Viewed {
+    /// The volume's name.
+    pub name: String,
+    /// Its role cell.
+    pub roles: Arc<RoleCell>,
+    /// Where its standby keeps its fitness.
+    pub sync_file: PathBuf,
+    /// Its `peer_timeout`: an active silent for longer is not heard.
+    pub peer_timeout: Duration,
+}
+
+/// Whether a connected active of `volume` was heard from within `within`.
+pub fn hears_active(board: &Board, volume: &str, within: Duration) -> bool {
+    board
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .any(|p| {
+            p.volume == volume
+                && p.connected
+                && p.peer_role == Some(Role::Active)
+                && p.heard.is_some_and(|t| t.elapsed() < within)
+        })
+}
+
+/// When an active of `volume` was last heard from, if ever.
+fn last_heard(board: &Board, volume: &str) -> Option<Instant> {
+    board
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .filter(|p| p.volume == volume && p.peer_role == Some(Role::Active))
+        .filter_map(|p| p.heard)
+        .max()
+}
+
+/// Why a standby is not fit to take over, from its sync record; `None` when it is.
+pub fn unfit(record: Option<&SyncRecord>) -> Option<String> {
+    let Some(record) = record else {
+        return Some("this node never completed a full sync with an active".into());
+    };
+    if record.synced {
+        return None;
+    }
+    let mut why = String::from("not in sync with the last active");
+    if record.priority1_pending.is_empty() && record.priority1_more == 0 {
+        why.push_str(" (its last full sync did not complete)");
+        return Some(why);
+    }
+    why.push_str(&format!(
+        "; priority-1 paths not known to be in sync: {}",
+        record.priority1_pending.join(", ")
+    ));
+    if record.priority1_more > 0 {
+        why.push_str(&format!(" and {} more", record.priority1_more));
+    }
+    Some(why)
+}
+
+/// Why this node may not take over `v` now (from its sync record), if it may not.
+fn unfit_now(v: &Viewed) -> Option<String> {
+    match SyncRecord::load(&v.sync_file) {
+        Ok(record) => unfit(record.as_ref()),
+        Err(e) => Some(format!("cannot read the sync record: {e}")),
+    }
+}
+
+/// How this node sees `v` now.
+pub fn view(v: &Viewed, board: &Board) -> VolumeView {
+    let state = v.roles.get();
+    let standby = state.role == Role::Standby;
+    VolumeView {
+        volume: v.name.clone(),
+        role: state.role,
+        epoch: state.epoch,
+        fit: standby && unfit_now(v).is_none(),
+        hears_active: standby && hears_active(board, &v.name, v.peer_timeout),
+    }
+}
+
+/// The answer this node gives to a peer's probe.
+pub fn prober(node: String, volumes: Vec<Viewed>, board: Board) -> node::Prober {
+    Arc::new(move || {
+        (
+            node.clone(),
+            volumes.iter().map(|v| view(v, &board)).collect(),
+        )
+    })
+}
+
+/// What the watch decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Take over with this epoch.
+    Promote(u64),
+    /// Not now, and why.
+    Wait(String),
+}
+
+/// The rule, on what the probes brought back: `mine` is this node's view, `own` its
+/// name, `total` the number of nodes configured (this one included), and `answers`
+/// one per peer that answered (its name and views).
+pub fn decide(
+    mine: &VolumeView,
+    own: &str,
+    total: usize,
+    answers: &[(String, Vec<VolumeView>)],
+) -> Decision {
+    let reachable = 1 + answers.len();
+    if total > 2 && reachable * 2 <= total {
+        return Decision::Wait(format!(
+            "no majority: {reachable} of {total} nodes reachable"
+        ));
+    }
+    let mut highest = mine.epoch;
+    for (node, views) in answers {
+        let Some(view) = views.iter().find(|w| w.volume == mine.volume) else {
+            continue;
+        };
+        highest = highest.max(view.epoch);
+        match view.role {
+            Role::Active if view.epoch >= mine.epoch => {
+                return Decision::Wait(format!("{node} is active at epoch {}", view.epoch));
+            }
+            // An active of an older epoch is stale: the new one fences it.
+            Role::Active => {}
+            Role::Standby if view.hears_active => {
+                return Decision::Wait(format!("{node} still hears the active"));
+            }
+            Role::Standby
+                if view.fit
+                    && (view.epoch > mine.epoch
+                        || (view.epoch == mine.epoch && node.as_str() < own)) =>
+            {
+                return Decision::Wait(format!(
+                    "{node} takes over (fit, epoch {}, and first by the rule)",
+                    view.epoch
+                ));
+            }
+            Role::Standby => {}
+        }
+    }
+    Decision::Promote(highest + 1)
+}
+
+/// Watches the active of `v` while this node is its standby, and promotes this node
+/// by [`decide`] once the active has been silent for `peer_timeout`. `promote` takes
+/// over with the epoch given; `note` is what status shows.
+pub async fn watch<F, Fut>(
+    v: Viewed,
+    own: String,
+    board: Board,
+    endpoint: quinn::Endpoint,
+    peers: Vec<Peer>,
+    note: Arc<Mutex<String>>,
+    promote: F,
+) where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
+    let say = |text: String| {
+        let mut n = note.lock().unwrap_or_else(|e| e.into_inner());
+        if *n != text {
+            tracing::info!(volume = %v.name, "automatic failover: {text}");
+            *n = text;
+        }
+    };
+    // Silence counts from the last message of an active, or from when this node
+    // became (or started as) a standby.
+    let mut since = Instant::now();
+    let mut roles = v.roles.subscribe();
+    loop {
+        tokio::time::sleep(TICK).await;
+        if roles.has_changed().unwrap_or(false) {
+            roles.borrow_and_update();
+            since = Instant::now();
+        }
+        if v.roles.get().role != Role::Standby {
+            say("this node is active".into());
+            continue;
+        }
+        if let Some(t) = last_heard(&board, &v.name) {
+            since = since.max(t);
+        }
+        if since.elapsed() < v.peer_timeout {
+            say("the active answers".into());
+            continue;
+        }
+        if let Some(why) = unfit_now(&v) {
+            say(format!("the active is silent; not taking over: {why}"));
+            continue;
+        }
+        let mut asked = tokio::task::JoinSet::new();
+        for peer in peers.clone() {
+            let endpoint = endpoint.clone();
+            asked.spawn(async move { node::probe(&endpoint, &peer, PROBE_WAIT).await });
+        }
+        let mut answers = Vec::new();
+        while let Some(answer) = asked.join_next().await {
+            if let Ok(Some(a)) = answer {
+                answers.push(a);
+            }
+        }
+        // The active may have spoken (or this node changed role) while it asked.
+        if v.roles.get().role != Role::Standby || hears_active(&board, &v.name, v.peer_timeout) {
+            continue;
+        }
+        let mine = view(&v, &board);
+        match decide(&mine, &own, peers.len() + 1, &answers) {
+            Decision::Wait(why) => say(format!("the active is silent; waiting: {why}")),
+            Decision::Promote(epoch) => {
+                tracing::warn!(volume = %v.name, epoch, silent = ?since.elapsed(),
+                    reachable = answers.len() + 1, "automatic failover: the active is silent; taking over");
+                match promote(epoch).await {
+                    Ok(line) => say(format!("took over: {line}")),
+                    Err(e) => say(format!("the takeover failed: {e}")),
+                }
+                since = Instant::now();
+            }
+        }
+    }
+}
+
+/// Checks once that the active can serve `root` (the backing directory): a create
+/// and an unlink of a reserved name in it, then `command` if any.
+fn check(root: &std::os::fd::OwnedFd, command: Option<&str>, wait: Duration) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    // Reserved names never show through the mount, and are never replicated.
+    let name = std::ffi::OsStr::new(".twinfs-health");
+    let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC;
+    twinfs_fs::sys::openat(root.as_fd(), name, flags, 0o600)
+        .and_then(|_| twinfs_fs::sys::unlinkat(root.as_fd(), name, 0))
+        .map_err(|e| format!("backing directory: {e}"))?;
+    let Some(command) = command else {
+        return Ok(());
+    };
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run sh: {e}"))?;
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("health_command: {status}")),
+            Ok(None) if started.elapsed() < wait => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("health_command: still running after {wait:?}"));
+            }
+        }
+    }
+}
+
+/// What status shows of an active's health.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthStatus {
+    /// Failures in a row so far.
+    pub failures: u32,
+    /// The last failure, if the last check failed.
+    pub last_error: Option<String>,
+    /// When the node last demoted itself for its health (seconds since the epoch).
+    pub demoted_at: Option<u64>,
+}
+
+/// Checks the active's health every `interval` while it is active and takes writes;
+/// after `failures` failures in a row calls `demote` (which hands the role over).
+#[allow(clippy::too_many_arguments)]
+pub async fn health<F, Fut>(
+    name: String,
+    roles: Arc<RoleCell>,
+    root: Arc<std::os::fd::OwnedFd>,
+    command: Option<String>,
+    interval: Duration,
+    failures: u32,
+    status: Arc<Mutex<HealthStatus>>,
+    demote: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
+    let mut failed = 0u32;
+    loop {
+        tokio::time::sleep(interval).await;
+        if roles.get().role != Role::Active || roles.volume().role() != Role::Active {
+            failed = 0;
+            continue;
+        }
+        let (root, command) = (root.clone(), command.clone());
+        let result =
+            tokio::task::spawn_blocking(move || check(&root, command.as_deref(), interval))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+        let mut s = status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match result {
+            Ok(()) => {
+                failed = 0;
+                s.failures = 0;
+                s.last_error = None;
+            }
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(volume = %name, failures = failed, of = failures, error = %e, "health check failed");
+                s.failures = failed;
+                s.last_error = Some(e);
+            }
+        }
+        *status.lock().unwrap_or_else(|e| e.into_inner()) = s.clone();
+        if failed >= failures {
+            tracing::error!(volume = %name, failures = failed, "cannot serve: giving up the active role");
+            match demote().await {
+                Ok(line) => tracing::warn!(volume = %name, "{line}"),
+                Err(e) => tracing::error!(volume = %name, error = %e, "cannot demote"),
+            }
+            failed = 0;
+            s.demoted_at = Some(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            );
+            *status.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(role: Role, epoch: u64, fit: bool, hears: bool) -> VolumeView {
+        VolumeView {
+            volume: "cmm".into(),
+            role,
+            epoch,
+            fit,
+            hears_active: hears,
+        }
+    }
+
+    #[test]
+    fn the_first_fit_standby_by_name_takes_over() {
+        let mine = v(Role::Standby, 1, true, false);
+        let other = vec![("b".to_owned(), vec![v(Role::Standby, 1, true, false)])];
+        assert_eq!(decide(&mine, "a", 3, &other), Decision::Promote(2));
+        assert!(
+            matches!(decide(&mine, "c", 3, &other), Decision::Wait(w) if w.contains("b takes over"))
+        );
+        // An unfit standby does not count; one of a later epoch goes first.
+        let unfit = vec![("b".to_owned(), vec![v(Role::Standby, 1, false, false)])];
+        assert_eq!(decide(&mine, "c", 3, &unfit), Decision::Promote(2));
+        let later = vec![("z".to_owned(), vec![v(Role::Standby, 2, true, false)])];
+        assert!(matches!(decide(&mine, "a", 3, &later), Decision::Wait(_)));
+    }
+
+    #[test]
+    fn no_majority_no_takeover() {
+        let mine = v(Role::Standby, 1, true, false);
+        assert!(
+            matches!(decide(&mine, "a", 3, &[]), Decision::Wait(w) if w.contains("no majority"))
+        );
+        // Two nodes: no majority needed.
+        assert_eq!(decide(&mine, "a", 2, &[]), Decision::Promote(2));
+        // A witness (no views) makes the majority.
+        let witness = vec![("w".to_owned(), vec![])];
+        assert_eq!(decide(&mine, "a", 3, &witness), Decision::Promote(2));
+        assert!(matches!(decide(&mine, "a", 5, &witness), Decision::Wait(_)));
+    }
+
+    #[test]
+    fn an_active_or_a_standby_that_hears_it_holds_the_takeover() {
+        let mine = v(Role::Standby, 3, true, false);
+        let active = vec![("b".to_owned(), vec![v(Role::Active, 3, false, false)])];
+        assert!(
+            matches!(decide(&mine, "a", 2, &active), Decision::Wait(w) if w.contains("active"))
+        );
+        let stale = vec![("b".to_owned(), vec![v(Role::Active, 2, false, false)])];
+        assert_eq!(decide(&mine, "a", 2, &stale), Decision::Promote(4));
+        let hears = vec![("z".to_owned(), vec![v(Role::Standby, 3, true, true)])];
+        assert!(matches!(decide(&mine, "a", 3, &hears), Decision::Wait(w) if w.contains("hears")));
+    }
+}
