@@ -204,3 +204,54 @@ fn two_nodes_and_a_witness_behave_the_same() {
     let winner = exactly_one_promotes(&c, &[1], 2, Instant::now());
     assert_eq!(winner, 1);
 }
+
+#[test]
+fn an_active_that_fails_its_health_check_hands_over_to_the_standby() {
+    let _serial = twinfs_tests::serial();
+    let scratch = tempfile::tempdir().expect("scratch");
+    let sick = scratch.path().join("sick");
+    let hooks = scratch.path().join("hooks");
+    let rules = format!(
+        "health_command = \"test ! -e {}\"\nhealth_interval = \"1s\"\nhealth_failures = 2\n\
+         on_promote = \"echo $TWINFS_ROLE $TWINFS_REASON >> {hooks}\"\n\
+         on_demote = \"echo $TWINFS_ROLE $TWINFS_REASON >> {hooks}\"\n{AUTO}",
+        sick.display(),
+        hooks = hooks.display()
+    );
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, &rules, fill);
+    // Each node its own health: only node 0 falls sick.
+    let cmd = format!("test ! -e {}", sick.display());
+    for (i, node) in c.nodes.iter().enumerate() {
+        let text = fs::read_to_string(&node.config).expect("config");
+        fs::write(&node.config, text.replace(&cmd, &format!("{cmd}-{i}"))).expect("config");
+    }
+    let sick = scratch.path().join("sick-0");
+    c.start();
+    c.wait_converged(CONVERGE);
+    wait_ready(&c, &[1]);
+    assert_eq!(c.nodes[0].volume_status()["health"]["failures"], 0);
+
+    fs::write(&sick, "").expect("make the active sick");
+    let from = Instant::now();
+    assert!(
+        wait_until(CONVERGE, || role_epoch(&c.nodes[0]).0 == "standby"),
+        "the sick active demotes itself\n{}",
+        logs(&c)
+    );
+    let health = c.nodes[0].volume_status()["health"].clone();
+    assert!(
+        health["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("health_command")),
+        "{health}"
+    );
+    assert!(health["demoted_at"].as_u64().is_some(), "{health}");
+    // The standby, hearing no active, takes over.
+    exactly_one_promotes(&c, &[1], 2, from + Duration::from_secs(2));
+    let runs = fs::read_to_string(&hooks).expect("hooks ran");
+    assert!(runs.contains("standby health"), "{runs}");
+    assert!(runs.contains("active auto"), "{runs}");
+    fs::write(c.nodes[1].volume.join("after"), "on the new active\n").expect("write");
+    c.wait_converged_to(1, CONVERGE);
+}

@@ -214,7 +214,11 @@ pub async fn watch<F, Fut>(
             since = since.max(t);
         }
         if since.elapsed() < v.peer_timeout {
-            say("the active answers".into());
+            say(if hears_active(&board, &v.name, v.peer_timeout) {
+                "the active answers".into()
+            } else {
+                "no active heard from yet; waiting for peer_timeout".into()
+            });
             continue;
         }
         if let Some(why) = unfit_now(&v) {
@@ -387,6 +391,40 @@ mod tests {
         assert_eq!(decide(&mine, "c", 3, &unfit), Decision::Promote(2));
         let later = vec![("z".to_owned(), vec![v(Role::Standby, 2, true, false)])];
         assert!(matches!(decide(&mine, "a", 3, &later), Decision::Wait(_)));
+    }
+
+    #[test]
+    fn a_backing_directory_that_takes_no_writes_fails_the_check() {
+        let dir = tempfile::tempdir().expect("scratch");
+        let fd = twinfs_fs::sys::open_dir_path(dir.path()).expect("open");
+        assert_eq!(check(&fd, None, Duration::from_secs(5)), Ok(()));
+        assert_eq!(check(&fd, Some("true"), Duration::from_secs(5)), Ok(()));
+        let failed = check(&fd, Some("exit 3"), Duration::from_secs(5));
+        assert!(failed.is_err_and(|e| e.contains("exit status: 3")));
+        let slow = check(&fd, Some("sleep 5"), Duration::from_millis(100));
+        assert!(slow.is_err_and(|e| e.contains("still running")));
+        // A filesystem gone read-only (as ext4 does on I/O errors): needs root.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let ro = dir.path().join("ro");
+        std::fs::create_dir(&ro).expect("mkdir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=1m", "twinfs-test"])
+            .arg(&ro)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(mounted, "mount a read-only tmpfs");
+        let fd = twinfs_fs::sys::open_dir_path(&ro).expect("open");
+        let result = check(&fd, None, Duration::from_secs(5));
+        drop(fd);
+        let _ = std::process::Command::new("umount").arg(&ro).status();
+        assert!(
+            result
+                .as_ref()
+                .is_err_and(|e| e.contains("backing directory")),
+            "{result:?}"
+        );
     }
 
     #[test]
