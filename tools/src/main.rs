@@ -384,6 +384,20 @@ fn print_status(s: &NodeStatus) {
             v.path.display()
         );
         println!("  takeover: {}", v.takeover);
+        let timeout = std::time::Duration::from_millis(v.peer_timeout_ms);
+        match &v.auto_failover {
+            Some(note) => println!(
+                "  failover: {} (peer_timeout {timeout:?}): {note}",
+                v.failover
+            ),
+            None => println!("  failover: {}", v.failover),
+        }
+        if let Some(e) = &v.health.last_error {
+            println!("  health: FAILING ({} in a row): {e}", v.health.failures);
+        }
+        if let Some(t) = v.health.demoted_at {
+            println!("  health: gave up the active role at {t}");
+        }
         if let Some(h) = &v.last_hook {
             println!(
                 "  last hook: {} ({}) {}",
