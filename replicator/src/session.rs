@@ -1035,6 +1035,13 @@ impl Session {
                     return self.send(Message::Resync, now);
                 }
                 self.expected += 1;
+                // A priority-1 path is not in sync from the moment its change is known
+                // until it is applied: a link cut in the middle of a large file must
+                // leave this node unfit.
+                if self.config.policies.resolve(op.path().as_path()).priority == Priority::MUST_SYNC
+                {
+                    self.priority1_pending.insert(op.path().clone());
+                }
                 self.out.push_back(Output::Apply { seq, op });
             }
             Message::FullSyncDone { seq } => {

@@ -1015,3 +1015,55 @@ fn a_standby_is_fit_only_once_every_priority1_path_is_applied() {
     assert!(!refused.fit(), "a refused priority-1 file is not in sync");
     assert_eq!(refused.priority1_pending().0, vec![rel("b.sif")]);
 }
+
+#[test]
+fn a_priority1_change_received_but_not_applied_leaves_the_standby_unfit() {
+    let policies = PolicySet::new(vec![Rule::new(
+        "*.sif",
+        Policy {
+            sync: SyncMode::Always,
+            priority: Priority::MUST_SYNC,
+            durability: None,
+        },
+    )
+    .expect("rule")]);
+    let now = Instant::now();
+    let mut standby = Session::new(config(Role::Standby, &policies), now);
+    standby.on_message(
+        Message::Hello {
+            version: twinfs_replicator::protocol::VERSION,
+            volume: "vol".into(),
+            role: Role::Active,
+            epoch: 1,
+        },
+        now,
+    );
+    standby.on_message(Message::RequestManifest { sync: 1 }, now);
+    standby.on_message(
+        Message::FullSyncStart {
+            sync: 1,
+            base: 0,
+            priority1: vec![],
+            priority1_more: 0,
+        },
+        now,
+    );
+    standby.on_message(Message::FullSyncDone { seq: 0 }, now);
+    assert!(standby.fit());
+    // Streaming: a change to a priority-1 file arrives (a large one, whose blocks
+    // are still on their way when the link is cut), and one to another file.
+    let op = Op::Delete {
+        path: rel("fw.sif"),
+    };
+    standby.on_message(Message::Op { seq: 1, op }, now);
+    let op = Op::Delete { path: rel("notes") };
+    standby.on_message(Message::Op { seq: 2, op }, now);
+    standby.applied(2, &rel("notes"), Ok(()), now);
+    assert!(
+        !standby.fit(),
+        "fw.sif is known to have changed, not applied"
+    );
+    assert_eq!(standby.priority1_pending().0, vec![rel("fw.sif")]);
+    standby.applied(1, &rel("fw.sif"), Ok(()), now);
+    assert!(standby.fit());
+}

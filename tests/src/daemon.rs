@@ -467,6 +467,35 @@ impl NetPair {
         }
     }
 
+    /// Limits the link to `rate` (as `tc` writes it, e.g. `"4mbit"`) each way.
+    pub fn limit_rate(&self, rate: &str) {
+        for i in 0..2 {
+            let dev = self.veth(i);
+            let args = [
+                "-n",
+                &self.names[i],
+                "qdisc",
+                "replace",
+                "dev",
+                &dev,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "32kbit",
+                "latency",
+                "400ms",
+            ];
+            let out = Command::new("tc").args(args).output().expect("run tc");
+            assert!(
+                out.status.success(),
+                "tc {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// Heals it.
     pub fn heal(&self) {
         for i in 0..2 {

@@ -237,6 +237,58 @@ fn promotion_is_refused_while_a_priority1_file_is_not_in_sync() {
 }
 
 #[test]
+fn promotion_is_refused_when_the_link_is_cut_during_a_priority1_transfer() {
+    let _serial = twinfs_tests::serial();
+    use twinfs_tests::daemon::NetPair;
+    let net = NetPair::new((std::process::id() % 250) as u8);
+    let rules =
+        format!("{RULES}\n[[volume.rule]]\nmatch = \"*.bin\"\nsync = \"always\"\npriority = 1\n");
+    let mut c = Cluster::in_namespaces(&net, &rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    assert!(wait_until(CONVERGE, || c.nodes[1].volume_status()
+        ["takeover"]
+        == "ready"));
+
+    // 8 MiB over a 4 Mbit/s link: about 16 s of transfer, cut after it started.
+    net.limit_rate("4mbit");
+    let mut image = vec![0u8; 8 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in image.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    fs::write(c.active().join("blade.bin"), &image).expect("write the image");
+    assert!(
+        wait_until(CONVERGE, || c.nodes[1].volume_status()["takeover"]
+            .as_str()
+            .is_some_and(
+                |t| t.starts_with("not ready") && t.contains("blade.bin")
+            )),
+        "the standby knows blade.bin is on its way: {}",
+        c.nodes[1].volume_status()
+    );
+    net.cut();
+    c.nodes[0].kill9();
+
+    let out = c.nodes[1].twinfs(&["promote"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "promotion must be refused: {said}");
+    assert!(said.contains("blade.bin"), "names the path: {said}");
+    assert_eq!(role_epoch(&c.nodes[1]), ("standby".into(), 1));
+    assert!(
+        !c.nodes[1].volume.join("blade.bin").exists(),
+        "no part of the image is visible"
+    );
+
+    let said = run_ok(&c.nodes[1], &["promote", "--force"]);
+    assert!(said.contains("forced"), "{said}");
+    assert_eq!(role_epoch(&c.nodes[1]), ("active".into(), 2));
+}
+
+#[test]
 fn a_standby_that_never_synced_is_not_promoted() {
     let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(2, RULES, fill);
