@@ -1,12 +1,13 @@
-//! Failover end to end: real `twinfs mount` daemons on loopback, promoted, demoted,
-//! killed and restarted; epochs fence a node that was active before.
+//! Failover end to end: real `twinfs mount` daemons, each in its own network
+//! namespace (on one bridge, or a veth pair where a test cuts the link), promoted,
+//! demoted, killed and restarted; epochs fence a node that was active before.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use twinfs_tests::daemon::{wait_until, Cluster, Node};
+use twinfs_tests::daemon::{wait_until, Cluster, NetBridge, Node};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -16,6 +17,11 @@ match = "passwd"
 sync = "always"
 priority = 1
 "#;
+
+/// A subnet of 198.18.0.0/15 for this test process's namespaces.
+fn subnet() -> u8 {
+    (std::process::id() % 200 + 20) as u8
+}
 
 fn fill(dir: &Path) {
     fs::write(dir.join("passwd"), "root:x:0:0\n").expect("fill");
@@ -76,7 +82,8 @@ fn is_erofs(result: std::io::Result<()>) -> bool {
 #[test]
 fn unplanned_failover_and_the_old_active_comes_back_as_a_standby() {
     let _serial = twinfs_tests::serial();
-    let mut c = Cluster::new(3, RULES, fill);
+    let net = NetBridge::new(subnet(), 3);
+    let mut c = Cluster::in_bridge(&net, 0, RULES, fill);
     c.start();
     c.wait_converged(CONVERGE);
     fs::write(c.active().join("passwd"), "root:x:0:0\nadmin:x:1000:1000\n").expect("write");
@@ -136,7 +143,8 @@ fn unplanned_failover_and_the_old_active_comes_back_as_a_standby() {
 #[test]
 fn demote_then_promote_elsewhere_moves_the_active_role() {
     let _serial = twinfs_tests::serial();
-    let mut c = Cluster::new(2, RULES, fill);
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, RULES, fill);
     c.start();
     c.wait_converged(CONVERGE);
     fs::write(c.active().join("cmm.conf"), "chassis_id = 43\n").expect("write");
@@ -195,7 +203,8 @@ impl Drop for Immutable {
 fn promotion_is_refused_while_a_priority1_file_is_not_in_sync() {
     let _serial = twinfs_tests::serial();
     let mut immutable = Immutable::default();
-    let mut c = Cluster::new(2, RULES, fill);
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, RULES, fill);
     // The standby's own copy of passwd cannot be replaced (immutable in its backing
     // directory), so the full sync cannot bring it in sync.
     fs::write(c.nodes[1].volume.join("passwd"), "old\n").expect("write");
@@ -291,7 +300,8 @@ fn promotion_is_refused_when_the_link_is_cut_during_a_priority1_transfer() {
 #[test]
 fn a_standby_that_never_synced_is_not_promoted() {
     let _serial = twinfs_tests::serial();
-    let mut c = Cluster::new(2, RULES, fill);
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, RULES, fill);
     c.nodes[1].start(&[]);
     let out = c.nodes[1].twinfs(&["promote"]);
     assert!(!out.status.success());
@@ -306,7 +316,8 @@ fn planned_switchover_back_and_forth_loses_no_acknowledged_write() {
     use std::sync::Arc;
 
     let _serial = twinfs_tests::serial();
-    let mut c = Cluster::new(2, RULES, fill);
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, RULES, fill);
     c.start();
     c.wait_converged(CONVERGE);
     let volumes: Vec<PathBuf> = c.nodes.iter().map(|n| n.volume.clone()).collect();
@@ -491,7 +502,8 @@ fn hooks_run_with_the_documented_environment_and_a_failure_shows_in_status() {
         "on_promote = 'env | grep -E \"^TWINFS_(VOLUME|ROLE|PREVIOUS_ROLE|EPOCH|REASON)=\" | sort > {dir}/$(date +%s%N)-promote.env; [ \"$TWINFS_EPOCH\" != 3 ]'\n\
          on_demote = 'env | grep -E \"^TWINFS_(VOLUME|ROLE|PREVIOUS_ROLE|EPOCH|REASON)=\" | sort > {dir}/$(date +%s%N)-demote.env'\n{RULES}"
     );
-    let mut c = Cluster::new(2, &rules, fill);
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, &rules, fill);
     c.start();
     c.wait_converged(CONVERGE);
     assert!(
@@ -549,7 +561,8 @@ fn hooks_run_with_the_documented_environment_and_a_failure_shows_in_status() {
 fn a_failed_promote_hook_hands_the_role_back_when_configured() {
     let _serial = twinfs_tests::serial();
     let rules = format!("on_promote = 'echo cannot start xcatd >&2; exit 4'\non_promote_failure = \"rollback\"\n{RULES}");
-    let mut c = Cluster::new(2, &rules, fill);
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, &rules, fill);
     c.start();
     c.wait_converged(CONVERGE);
     run_ok(&c.nodes[0], &["demote"]);
@@ -588,7 +601,8 @@ fn backing_dir(pid: u32, volume: &Path) -> PathBuf {
 fn verify_finds_a_file_changed_behind_a_standbys_back_and_sync_repairs_it() {
     let _serial = twinfs_tests::serial();
     let rules = format!("{RULES}\n[[volume.rule]]\nmatch = \"*.sif\"\nsync = \"once\"\n");
-    let mut c = Cluster::new(2, &rules, fill);
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, &rules, fill);
     c.start();
     c.wait_converged(CONVERGE);
     let said = run_ok(&c.nodes[0], &["verify"]);
