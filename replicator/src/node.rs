@@ -410,17 +410,30 @@ pub struct PeerStatus {
 /// The status of every (volume, peer) pair, shared with the daemon.
 pub type Board = Arc<Mutex<std::collections::BTreeMap<(String, String), PeerStatus>>>;
 
-/// How this node sees its volumes, for a peer deciding on an automatic failover:
-/// this node's name and a view of each volume.
-pub type Prober = Arc<dyn Fn() -> (String, Vec<VolumeView>) + Send + Sync>;
+/// What a node answers a probe with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeReply {
+    /// Its name (`[node] name`).
+    pub node: String,
+    /// How it sees each of its volumes.
+    pub volumes: Vec<VolumeView>,
+    /// Whether it grants the vote asked for.
+    pub granted: bool,
+}
 
-/// Asks `peer` how it sees its volumes (its name and views), on a connection of its
-/// own; `None` when it cannot be reached or does not answer within `wait`.
+/// How this node answers a peer deciding on an automatic failover: called with the
+/// asking peer's name and the volume it asks this node's vote for, if any.
+pub type Prober = Arc<dyn Fn(&str, Option<&str>) -> ProbeReply + Send + Sync>;
+
+/// Asks `peer` how it sees its volumes, and for its vote for `vote` (a volume this
+/// node would become active for), on a connection of its own; `None` when it cannot
+/// be reached or does not answer within `wait`.
 pub async fn probe(
     endpoint: &quinn::Endpoint,
     peer: &Peer,
+    vote: Option<&str>,
     wait: Duration,
-) -> Option<(String, Vec<VolumeView>)> {
+) -> Option<ProbeReply> {
     let asked = async {
         let addr = resolve(&peer.address).await?;
         let (connection, _) = transport::connect(endpoint, addr, peer.id).await.ok()?;
@@ -430,13 +443,22 @@ pub async fn probe(
                 &mut send,
                 &Message::Probe {
                     version: crate::protocol::VERSION,
+                    vote: vote.map(str::to_owned),
                 },
             )
             .await?;
             let _ = send.finish();
             let bytes = transport::read_frame(&mut recv, MAX_MESSAGE).await.ok()??;
             match Message::decode(&bytes).ok()? {
-                Message::ProbeAnswer { node, volumes } => Some((node, volumes)),
+                Message::ProbeAnswer {
+                    node,
+                    volumes,
+                    granted,
+                } => Some(ProbeReply {
+                    node,
+                    volumes,
+                    granted,
+                }),
                 _ => None,
             }
         }
@@ -784,16 +806,22 @@ async fn peer_stream(
     };
     let hello = match first {
         Ok(m @ Message::Hello { .. }) => m,
-        Ok(Message::Probe { version }) => {
+        Ok(Message::Probe { version, vote }) => {
             if version != crate::protocol::VERSION {
                 tracing::warn!(peer = %link.peer, version, "probe of another protocol version; not answered");
                 return;
             }
-            let (node, volumes) = prober();
-            if write(&mut send, &Message::ProbeAnswer { node, volumes })
-                .await
-                .is_some()
-            {
+            let ProbeReply {
+                node,
+                volumes,
+                granted,
+            } = prober(&link.peer, vote.as_deref());
+            let answer = Message::ProbeAnswer {
+                node,
+                volumes,
+                granted,
+            };
+            if write(&mut send, &answer).await.is_some() {
                 let _ = send.finish();
                 let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
             }

@@ -180,6 +180,9 @@ pub enum Message {
     Probe {
         /// The asking node's protocol version.
         version: u32,
+        /// The volume the asking node asks this node's vote for, to become its active
+        /// (a node grants one candidate per volume at a time).
+        vote: Option<String>,
     },
     /// The answer to a [`Message::Probe`].
     ProbeAnswer {
@@ -187,6 +190,8 @@ pub enum Message {
         node: String,
         /// Its volumes (none on a witness).
         volumes: Vec<VolumeView>,
+        /// The vote asked for is granted.
+        granted: bool,
     },
 }
 

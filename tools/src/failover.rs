@@ -2,10 +2,12 @@
 //!
 //! - A standby of a volume with `failover = "auto"` watches how long its active has
 //!   been silent. After `peer_timeout` it asks every configured peer (witnesses too)
-//!   how they see the volume, and promotes itself only when it is fit, reaches a
-//!   majority of the nodes (when there are more than two), nobody it reaches is
-//!   active at its epoch or later or still hears the active, and no other fit,
-//!   silent standby it reaches outranks it (higher epoch, then lower node name).
+//!   how they see the volume, and for its vote, and promotes itself only when it is
+//!   fit, nobody it reaches is active at its epoch or later or still hears the
+//!   active, no other fit, silent standby it reaches outranks it (higher epoch, then
+//!   lower node name), and (with more than two nodes) a majority of the nodes voted
+//!   for it. A node votes for one candidate per volume at a time ([`Ballot`]), so
+//!   two candidates that cannot see each other never both get a majority.
 //! - An active checks that it can still serve: its backing directory takes a create
 //!   and an unlink, and the volume's `health_command` exits 0. After
 //!   `health_failures` failures in a row it demotes itself (reason `health`) so a
@@ -109,13 +111,58 @@ pub fn view(v: &Viewed, board: &Board) -> VolumeView {
     }
 }
 
-/// The answer this node gives to a peer's probe.
+/// How long a vote binds the node that gave it: no other candidate gets its vote
+/// for that volume meanwhile (the one it voted for has promoted and is heard by then,
+/// or has failed).
+const VOTE_LEASE: Duration = Duration::from_secs(10);
+
+/// The votes this node gave, per volume: to whom and when.
+#[derive(Default)]
+pub struct Ballot {
+    given: Mutex<std::collections::HashMap<String, (String, Instant)>>,
+}
+
+impl Ballot {
+    /// Whether this node votes for `candidate` to become the active of `volume`, as
+    /// it sees the volume (`mine`; `None` on a node without it, such as a witness):
+    /// not while it is active for it or still hears its active, and not for a second
+    /// candidate within [`VOTE_LEASE`] of a vote for another.
+    pub fn grant(&self, volume: &str, candidate: &str, mine: Option<&VolumeView>) -> bool {
+        if mine.is_some_and(|m| m.role == Role::Active || m.hears_active) {
+            return false;
+        }
+        let mut given = self.given.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((to, at)) = given.get(volume) {
+            if to != candidate && at.elapsed() < VOTE_LEASE {
+                return false;
+            }
+        }
+        given.insert(volume.to_owned(), (candidate.to_owned(), Instant::now()));
+        true
+    }
+}
+
+/// The answer this node gives to a peer's probe (and its vote, when asked).
 pub fn prober(node: String, volumes: Vec<Viewed>, board: Board) -> node::Prober {
-    Arc::new(move || {
-        (
-            node.clone(),
-            volumes.iter().map(|v| view(v, &board)).collect(),
-        )
+    let ballot = Ballot::default();
+    Arc::new(move |asker, vote| {
+        let views: Vec<VolumeView> = volumes.iter().map(|v| view(v, &board)).collect();
+        let granted = vote.is_some_and(|volume| {
+            let mine = views.iter().find(|w| w.volume == volume);
+            let granted = ballot.grant(volume, asker, mine);
+            tracing::info!(
+                volume,
+                candidate = asker,
+                granted,
+                "vote asked for an automatic failover"
+            );
+            granted
+        });
+        node::ProbeReply {
+            node: node.clone(),
+            volumes: views,
+            granted,
+        }
     })
 }
 
@@ -130,12 +177,12 @@ pub enum Decision {
 
 /// The rule, on what the probes brought back: `mine` is this node's view, `own` its
 /// name, `total` the number of nodes configured (this one included), and `answers`
-/// one per peer that answered (its name and views).
+/// one per peer that answered (with its vote for this node).
 pub fn decide(
     mine: &VolumeView,
     own: &str,
     total: usize,
-    answers: &[(String, Vec<VolumeView>)],
+    answers: &[node::ProbeReply],
 ) -> Decision {
     let reachable = 1 + answers.len();
     if total > 2 && reachable * 2 <= total {
@@ -144,7 +191,12 @@ pub fn decide(
         ));
     }
     let mut highest = mine.epoch;
-    for (node, views) in answers {
+    for node::ProbeReply {
+        node,
+        volumes: views,
+        ..
+    } in answers
+    {
         let Some(view) = views.iter().find(|w| w.volume == mine.volume) else {
             continue;
         };
@@ -170,6 +222,12 @@ pub fn decide(
             }
             Role::Standby => {}
         }
+    }
+    let votes = 1 + answers.iter().filter(|a| a.granted).count();
+    if total > 2 && votes * 2 <= total {
+        return Decision::Wait(format!(
+            "no majority of votes: {votes} of {total} (another candidate may have them)"
+        ));
     }
     Decision::Promote(highest + 1)
 }
@@ -228,7 +286,10 @@ pub async fn watch<F, Fut>(
         let mut asked = tokio::task::JoinSet::new();
         for peer in peers.clone() {
             let endpoint = endpoint.clone();
-            asked.spawn(async move { node::probe(&endpoint, &peer, PROBE_WAIT).await });
+            let volume = v.name.clone();
+            asked.spawn(
+                async move { node::probe(&endpoint, &peer, Some(&volume), PROBE_WAIT).await },
+            );
         }
         let mut answers = Vec::new();
         while let Some(answer) = asked.join_next().await {
@@ -242,7 +303,14 @@ pub async fn watch<F, Fut>(
         }
         let mine = view(&v, &board);
         match decide(&mine, &own, peers.len() + 1, &answers) {
-            Decision::Wait(why) => say(format!("the active is silent; waiting: {why}")),
+            Decision::Wait(why) => {
+                let split = why.starts_with("no majority of votes");
+                say(format!("the active is silent; waiting: {why}"));
+                if split {
+                    // Two candidates split the votes: try again at different times.
+                    tokio::time::sleep(jitter(v.peer_timeout)).await;
+                }
+            }
             Decision::Promote(epoch) => {
                 tracing::warn!(volume = %v.name, epoch, silent = ?since.elapsed(),
                     reachable = answers.len() + 1, "automatic failover: the active is silent; taking over");
@@ -254,6 +322,14 @@ pub async fn watch<F, Fut>(
             }
         }
     }
+}
+
+/// A random pause up to `most`.
+fn jitter(most: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id() as u64);
+    most.mul_f64((h.finish() % 1000) as f64 / 1000.0)
 }
 
 /// Checks once that the active can serve `root` (the backing directory): a create
@@ -378,19 +454,115 @@ mod tests {
         }
     }
 
+    /// A peer's answer: its name, its view of the volume (none for a witness), and its
+    /// vote.
+    fn a(node: &str, view: Option<VolumeView>, granted: bool) -> node::ProbeReply {
+        node::ProbeReply {
+            node: node.into(),
+            volumes: view.into_iter().collect(),
+            granted,
+        }
+    }
+
     #[test]
     fn the_first_fit_standby_by_name_takes_over() {
         let mine = v(Role::Standby, 1, true, false);
-        let other = vec![("b".to_owned(), vec![v(Role::Standby, 1, true, false)])];
+        let other = vec![a("b", Some(v(Role::Standby, 1, true, false)), true)];
         assert_eq!(decide(&mine, "a", 3, &other), Decision::Promote(2));
         assert!(
             matches!(decide(&mine, "c", 3, &other), Decision::Wait(w) if w.contains("b takes over"))
         );
         // An unfit standby does not count; one of a later epoch goes first.
-        let unfit = vec![("b".to_owned(), vec![v(Role::Standby, 1, false, false)])];
+        let unfit = vec![a("b", Some(v(Role::Standby, 1, false, false)), true)];
         assert_eq!(decide(&mine, "c", 3, &unfit), Decision::Promote(2));
-        let later = vec![("z".to_owned(), vec![v(Role::Standby, 2, true, false)])];
+        let later = vec![a("z", Some(v(Role::Standby, 2, true, false)), true)];
         assert!(matches!(decide(&mine, "a", 3, &later), Decision::Wait(_)));
+    }
+
+    #[test]
+    fn no_majority_no_takeover() {
+        let mine = v(Role::Standby, 1, true, false);
+        assert!(
+            matches!(decide(&mine, "a", 3, &[]), Decision::Wait(w) if w.contains("no majority"))
+        );
+        // Two nodes: no majority needed.
+        assert_eq!(decide(&mine, "a", 2, &[]), Decision::Promote(2));
+        // A witness (no views) makes the majority, with its vote.
+        assert_eq!(
+            decide(&mine, "a", 3, &[a("w", None, true)]),
+            Decision::Promote(2)
+        );
+        assert!(matches!(
+            decide(&mine, "a", 5, &[a("w", None, true)]),
+            Decision::Wait(_)
+        ));
+        // Reached but its vote went to another candidate.
+        assert!(matches!(
+            decide(&mine, "a", 3, &[a("w", None, false)]),
+            Decision::Wait(w) if w.contains("votes")
+        ));
+    }
+
+    #[test]
+    fn an_active_or_a_standby_that_hears_it_holds_the_takeover() {
+        let mine = v(Role::Standby, 3, true, false);
+        let active = vec![a("b", Some(v(Role::Active, 3, false, false)), false)];
+        assert!(
+            matches!(decide(&mine, "a", 2, &active), Decision::Wait(w) if w.contains("active"))
+        );
+        let stale = vec![a("b", Some(v(Role::Active, 2, false, false)), false)];
+        assert_eq!(decide(&mine, "a", 2, &stale), Decision::Promote(4));
+        let hears = vec![a("z", Some(v(Role::Standby, 3, true, true)), false)];
+        assert!(matches!(decide(&mine, "a", 3, &hears), Decision::Wait(w) if w.contains("hears")));
+    }
+
+    #[test]
+    fn a_node_votes_for_one_candidate_at_a_time() {
+        let ballot = Ballot::default();
+        assert!(ballot.grant("cmm", "s1", None));
+        assert!(ballot.grant("cmm", "s1", None), "asked again");
+        assert!(!ballot.grant("cmm", "s2", None), "a second candidate");
+        assert!(ballot.grant("other", "s2", None), "per volume");
+        let fresh = Ballot::default();
+        let active = v(Role::Active, 1, false, false);
+        assert!(
+            !fresh.grant("cmm", "s1", Some(&active)),
+            "an active votes for nobody"
+        );
+        let hears = v(Role::Standby, 1, true, true);
+        assert!(
+            !fresh.grant("cmm", "s1", Some(&hears)),
+            "nor one that hears it"
+        );
+        let silent = v(Role::Standby, 1, true, false);
+        assert!(fresh.grant("cmm", "s1", Some(&silent)));
+    }
+
+    /// Five nodes, the active dead; two standbys that cannot see each other both reach
+    /// the two witnesses: whatever order the witnesses are asked in, at most one of
+    /// them gets a majority.
+    #[test]
+    fn candidates_that_cannot_see_each_other_never_both_win() {
+        let mine = v(Role::Standby, 1, true, false);
+        for order in [[0, 0, 1, 1], [0, 1, 1, 0], [1, 0, 0, 1], [1, 1, 0, 0]] {
+            let witnesses = [Ballot::default(), Ballot::default()];
+            let mut answers: [Vec<node::ProbeReply>; 2] = [Vec::new(), Vec::new()];
+            // Each step: candidate `c` asks witness `w` (each asks each witness once).
+            let steps = [(order[0], 0), (order[1], 1), (order[2], 0), (order[3], 1)];
+            let mut asked = [[false; 2]; 2];
+            for (c, w) in steps {
+                let (c, w) = if asked[c][w] { (c, 1 - w) } else { (c, w) };
+                asked[c][w] = true;
+                let name = ["s1", "s2"][c];
+                let granted = witnesses[w].grant("cmm", name, None);
+                answers[c].push(a(["w1", "w2"][w], None, granted));
+            }
+            let wins = [("s1", &answers[0]), ("s2", &answers[1])]
+                .iter()
+                .filter(|(name, ans)| matches!(decide(&mine, name, 5, ans), Decision::Promote(_)))
+                .count();
+            assert!(wins <= 1, "order {order:?}: {wins} winners");
+        }
     }
 
     #[test]
@@ -425,32 +597,5 @@ mod tests {
                 .is_err_and(|e| e.contains("backing directory")),
             "{result:?}"
         );
-    }
-
-    #[test]
-    fn no_majority_no_takeover() {
-        let mine = v(Role::Standby, 1, true, false);
-        assert!(
-            matches!(decide(&mine, "a", 3, &[]), Decision::Wait(w) if w.contains("no majority"))
-        );
-        // Two nodes: no majority needed.
-        assert_eq!(decide(&mine, "a", 2, &[]), Decision::Promote(2));
-        // A witness (no views) makes the majority.
-        let witness = vec![("w".to_owned(), vec![])];
-        assert_eq!(decide(&mine, "a", 3, &witness), Decision::Promote(2));
-        assert!(matches!(decide(&mine, "a", 5, &witness), Decision::Wait(_)));
-    }
-
-    #[test]
-    fn an_active_or_a_standby_that_hears_it_holds_the_takeover() {
-        let mine = v(Role::Standby, 3, true, false);
-        let active = vec![("b".to_owned(), vec![v(Role::Active, 3, false, false)])];
-        assert!(
-            matches!(decide(&mine, "a", 2, &active), Decision::Wait(w) if w.contains("active"))
-        );
-        let stale = vec![("b".to_owned(), vec![v(Role::Active, 2, false, false)])];
-        assert_eq!(decide(&mine, "a", 2, &stale), Decision::Promote(4));
-        let hears = vec![("z".to_owned(), vec![v(Role::Standby, 3, true, true)])];
-        assert!(matches!(decide(&mine, "a", 3, &hears), Decision::Wait(w) if w.contains("hears")));
     }
 }
