@@ -233,7 +233,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             full,
         } => {
             let config = load(&cli.config)?;
-            done(ask_for(
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr())
+                .then(|| Progress::start(&config, volume.clone()));
+            let answer = ask_for(
                 &config,
                 &Request::Sync {
                     volume,
@@ -241,7 +243,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     full,
                 },
                 SYNC_WAIT,
-            )?)
+            );
+            drop(progress);
+            done(answer?)
         }
         Command::Verify { volume } => {
             let config = load(&cli.config)?;
@@ -363,6 +367,67 @@ fn ask_for(config: &Config, request: &Request, wait: Duration) -> anyhow::Result
         anyhow::bail!("{e}");
     }
     Ok(response)
+}
+
+/// A line on the terminal (stderr) that shows, while a command waits, what each
+/// standby still has to apply; cleared when dropped.
+struct Progress {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(config: &Config, volume: Option<String>) -> Progress {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let socket = config.node.control_socket.clone();
+        let done = stop.clone();
+        let thread = std::thread::spawn(move || {
+            use std::io::Write;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(300));
+                let Ok(Response::Status(s)) =
+                    control::call(&socket, &Request::Status, Duration::from_secs(2))
+                else {
+                    continue;
+                };
+                let parts: Vec<String> = s
+                    .volumes
+                    .iter()
+                    .filter(|v| volume.as_ref().is_none_or(|n| *n == v.name))
+                    .flat_map(|v| v.peers.iter().map(move |p| (v, p)))
+                    .filter(|(_, p)| p.connected && p.peer_role == Some(Role::Standby))
+                    .map(|(v, p)| {
+                        if p.full_sync == "in progress" {
+                            format!("{}/{}: full sync {}%", v.name, p.peer, p.full_sync_percent)
+                        } else {
+                            format!(
+                                "{}/{}: {} pending ({} B)",
+                                v.name, p.peer, p.pending, p.pending_bytes
+                            )
+                        }
+                    })
+                    .collect();
+                if !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    eprint!("\r\x1b[K{}", parts.join("  "));
+                    let _ = std::io::stderr().flush();
+                }
+            }
+            eprint!("\r\x1b[K");
+        });
+        Progress {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn print_status(s: &NodeStatus) {
