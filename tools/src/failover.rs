@@ -424,18 +424,20 @@ pub async fn health<F, Fut>(
         *status.lock().unwrap_or_else(|e| e.into_inner()) = s.clone();
         if failed >= failures {
             tracing::error!(volume = %name, failures = failed, "cannot serve: giving up the active role");
-            match demote().await {
-                Ok(line) => tracing::warn!(volume = %name, "{line}"),
-                Err(e) => tracing::error!(volume = %name, error = %e, "cannot demote"),
-            }
-            failed = 0;
             s.demoted_at = Some(
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
             );
+            // In status before the role changes: whoever sees the node a standby
+            // also sees why.
             *status.lock().unwrap_or_else(|e| e.into_inner()) = s;
+            match demote().await {
+                Ok(line) => tracing::warn!(volume = %name, "{line}"),
+                Err(e) => tracing::error!(volume = %name, error = %e, "cannot demote"),
+            }
+            failed = 0;
         }
     }
 }
