@@ -962,31 +962,37 @@ fn ops_applied_out_of_order_are_acked_only_without_a_gap() {
     assert_eq!(acks(&mut standby), Vec::<u64>::new());
 }
 
+/// A standby meets an active of epoch 1, which starts a full sync (from op 1) naming
+/// `priority1`.
+fn start_full_sync(standby: &mut Session, priority1: Vec<RelPath>, now: Instant) {
+    standby.on_message(
+        Message::Hello {
+            version: twinfs_replicator::protocol::VERSION,
+            volume: "vol".into(),
+            role: Role::Active,
+            epoch: 1,
+        },
+        now,
+    );
+    standby.on_message(Message::RequestManifest { sync: 1 }, now);
+    standby.on_message(
+        Message::FullSyncStart {
+            sync: 1,
+            base: 0,
+            priority1,
+            priority1_more: 0,
+        },
+        now,
+    );
+}
+
 #[test]
 fn a_standby_is_fit_only_once_every_priority1_path_is_applied() {
     let policies = policies();
     let now = Instant::now();
     let run = |refuse_b: bool| {
         let mut standby = Session::new(config(Role::Standby, &policies), now);
-        standby.on_message(
-            Message::Hello {
-                version: twinfs_replicator::protocol::VERSION,
-                volume: "vol".into(),
-                role: Role::Active,
-                epoch: 1,
-            },
-            now,
-        );
-        standby.on_message(Message::RequestManifest { sync: 1 }, now);
-        standby.on_message(
-            Message::FullSyncStart {
-                sync: 1,
-                base: 0,
-                priority1: vec![rel("a.sif"), rel("b.sif")],
-                priority1_more: 0,
-            },
-            now,
-        );
+        start_full_sync(&mut standby, vec![rel("a.sif"), rel("b.sif")], now);
         for (seq, name) in [(1, "a.sif"), (2, "b.sif")] {
             let op = Op::Delete { path: rel(name) };
             standby.on_message(Message::Op { seq, op }, now);
@@ -1029,25 +1035,7 @@ fn a_priority1_change_received_but_not_applied_leaves_the_standby_unfit() {
     .expect("rule")]);
     let now = Instant::now();
     let mut standby = Session::new(config(Role::Standby, &policies), now);
-    standby.on_message(
-        Message::Hello {
-            version: twinfs_replicator::protocol::VERSION,
-            volume: "vol".into(),
-            role: Role::Active,
-            epoch: 1,
-        },
-        now,
-    );
-    standby.on_message(Message::RequestManifest { sync: 1 }, now);
-    standby.on_message(
-        Message::FullSyncStart {
-            sync: 1,
-            base: 0,
-            priority1: vec![],
-            priority1_more: 0,
-        },
-        now,
-    );
+    start_full_sync(&mut standby, vec![], now);
     standby.on_message(Message::FullSyncDone { seq: 0 }, now);
     assert!(standby.fit());
     // Streaming: a change to a priority-1 file arrives (a large one, whose blocks

@@ -60,6 +60,17 @@ fn wait_ready(c: &Cluster, standbys: &[usize]) {
     }
 }
 
+/// `n` nodes (the last `witnesses` of them witnesses) on one bridge with `rules`,
+/// started and in sync, every standby ready to take over. The bridge goes last.
+fn started(n: usize, witnesses: usize, rules: &str) -> (NetBridge, Cluster) {
+    let net = NetBridge::new(subnet(), n);
+    let mut c = Cluster::in_bridge(&net, witnesses, rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    wait_ready(&c, &(1..n - witnesses).collect::<Vec<_>>());
+    (net, c)
+}
+
 /// The nodes of `among` that are active now.
 fn actives(c: &Cluster, among: &[usize]) -> Vec<usize> {
     among
@@ -128,11 +139,7 @@ fn stays_standby(c: &Cluster, i: usize, from: Instant, why: &str) {
 #[test]
 fn three_nodes_exactly_one_standby_takes_over_from_a_dead_active() {
     let _serial = twinfs_tests::serial();
-    let net = NetBridge::new(subnet(), 3);
-    let mut c = Cluster::in_bridge(&net, 0, AUTO, fill);
-    c.start();
-    c.wait_converged(CONVERGE);
-    wait_ready(&c, &[1, 2]);
+    let (_net, mut c) = started(3, 0, AUTO);
     assert_eq!(c.nodes[1].volume_status()["failover"], "auto");
 
     c.nodes[0].kill9();
@@ -152,11 +159,7 @@ fn three_nodes_exactly_one_standby_takes_over_from_a_dead_active() {
 #[test]
 fn a_node_cut_off_from_the_majority_does_not_promote() {
     let _serial = twinfs_tests::serial();
-    let net = NetBridge::new(subnet(), 3);
-    let mut c = Cluster::in_bridge(&net, 0, AUTO, fill);
-    c.start();
-    c.wait_converged(CONVERGE);
-    wait_ready(&c, &[1, 2]);
+    let (net, c) = started(3, 0, AUTO);
 
     // A standby alone: it hears no active, but reaches 1 of 3 nodes.
     net.cut(2);
@@ -185,12 +188,8 @@ fn a_node_cut_off_from_the_majority_does_not_promote() {
 #[test]
 fn two_nodes_and_a_witness_behave_the_same() {
     let _serial = twinfs_tests::serial();
-    let net = NetBridge::new(subnet(), 3);
-    let mut c = Cluster::in_bridge(&net, 1, AUTO, fill);
+    let (net, mut c) = started(3, 1, AUTO);
     assert!(c.nodes[2].witness);
-    c.start();
-    c.wait_converged(CONVERGE);
-    wait_ready(&c, &[1]);
 
     // Cut off from the active and the witness: 1 of 3, no promotion.
     net.cut(1);

@@ -318,7 +318,18 @@ fn start_replication(
             applying: Default::default(),
         });
     }
-    let peers = config
+    let peers = peers(config);
+    tracing::info!(listen = %config.node.listen, node_id = %identity.node_id(), "replication started");
+    let own: [u8; 32] = *identity.node_id().as_bytes();
+    let viewed = volumes.iter().map(|v| viewed(config, v)).collect();
+    let prober = crate::failover::prober(config.node.name.clone(), viewed, board.clone());
+    node::start(endpoint.clone(), own, links, peers, board, roles, prober);
+    Ok(endpoint)
+}
+
+/// The configured peers, as the replication knows them.
+fn peers(config: &Config) -> Vec<Peer> {
+    config
         .peers
         .iter()
         .map(|p| Peer {
@@ -327,13 +338,7 @@ fn start_replication(
             id: *p.node_id.as_bytes(),
             witness: p.witness,
         })
-        .collect();
-    tracing::info!(listen = %config.node.listen, node_id = %identity.node_id(), "replication started");
-    let own: [u8; 32] = *identity.node_id().as_bytes();
-    let viewed = volumes.iter().map(|v| viewed(config, v)).collect();
-    let prober = crate::failover::prober(config.node.name.clone(), viewed, board.clone());
-    node::start(endpoint.clone(), own, links, peers, board, roles, prober);
-    Ok(endpoint)
+        .collect()
 }
 
 /// What the automatic failover needs of a volume.
@@ -349,17 +354,7 @@ fn viewed(config: &Config, v: &VolumeRuntime) -> crate::failover::Viewed {
 /// Starts, for each volume, the automatic failover (`failover = "auto"`) and the
 /// active's health watch. Needs the tokio runtime entered.
 fn start_watches(daemon: &Arc<Daemon>, endpoint: &quinn::Endpoint) {
-    let peers: Vec<Peer> = daemon
-        .config
-        .peers
-        .iter()
-        .map(|p| Peer {
-            name: p.name.clone(),
-            address: p.address.clone(),
-            id: *p.node_id.as_bytes(),
-            witness: p.witness,
-        })
-        .collect();
+    let peers = peers(&daemon.config);
     for (i, v) in daemon.volumes.iter().enumerate() {
         if v.config.failover.auto {
             let d = daemon.clone();
