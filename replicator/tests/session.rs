@@ -61,6 +61,7 @@ fn policies() -> PolicySet {
                 sync,
                 priority: Priority::NORMAL,
                 durability: None,
+                ..Policy::DEFAULT
             },
         )
         .expect("rule")

@@ -45,6 +45,7 @@ fn cmm_policies() -> PolicySet {
                 sync,
                 priority: Priority::new(priority).expect("priority"),
                 durability: None,
+                ..Policy::DEFAULT
             },
         )
         .expect("rule")
@@ -293,16 +294,19 @@ fn each_record_carries_the_policy_of_its_path() {
         sync: SyncMode::Once,
         priority: Priority::MUST_SYNC,
         durability: None,
+        ..Policy::DEFAULT
     };
     let interval = Policy {
         sync: SyncMode::Interval(std::time::Duration::from_secs(3600)),
         priority: Priority::NORMAL,
         durability: None,
+        ..Policy::DEFAULT
     };
     let never = Policy {
         sync: SyncMode::Never,
         priority: Priority::NORMAL,
         durability: None,
+        ..Policy::DEFAULT
     };
     let want = [
         ("a.sif", once1),
