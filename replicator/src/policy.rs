@@ -86,7 +86,9 @@ impl std::fmt::Display for Durability {
 }
 
 /// Which way a path's changes travel.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// From the active to the standbys only; a standby refuses local writes (`EROFS`).
