@@ -254,3 +254,40 @@ fn a_concurrent_change_the_actives_version_wins_and_the_standby_keeps_its_own() 
         String::from_utf8_lossy(&active.twinfs(&["conflicts"]).stdout).contains("no conflicts")
     );
 }
+
+#[test]
+fn the_active_refuses_a_path_that_is_not_both_under_its_own_rules() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    // The standby (wrongly) believes cmm.conf is a `both` path; the active does not.
+    let config = &c.nodes[1].config;
+    let mut text = fs::read_to_string(config).expect("config");
+    text.push_str(
+        "\n[[volume.rule]]\nmatch = \"cmm.conf\"\nsync = \"always\"\ndirection = \"both\"\n",
+    );
+    fs::write(config, text).expect("config");
+    c.start();
+    c.wait_converged(CONVERGE);
+    let standby = &c.nodes[1];
+    write_once_open(standby, "cmm.conf", "chassis_id = 666\n");
+
+    // Refused and logged by the active, which stays up; its version comes back.
+    assert!(
+        wait_until(CONVERGE, || c.nodes[0]
+            .log_text()
+            .contains("is not a direction = \"both\" path on the active")),
+        "active log:\n{}",
+        c.nodes[0].log_text()
+    );
+    wait_content(standby, "cmm.conf", "chassis_id = 42\n");
+    c.wait_converged(CONVERGE);
+    let listed = || String::from_utf8_lossy(&standby.twinfs(&["conflicts"]).stdout).into_owned();
+    assert!(
+        wait_until(CONVERGE, || listed().contains("cmm.conf")),
+        "{}",
+        listed()
+    );
+    // Still replicating.
+    fs::write(c.active().join("passwd"), "root:x:0:0\nnew:x:2:2\n").expect("write on the active");
+    wait_content(standby, "passwd", "root:x:0:0\nnew:x:2:2\n");
+}
