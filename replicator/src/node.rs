@@ -1564,9 +1564,19 @@ fn start_upstream_worker(
     (jobs_tx, done)
 }
 
-/// Active: judges and applies one upstream write, and records it as a change of the
-/// volume so that every session ships it on.
+/// Active: judges and applies one upstream write, records it as a change of the
+/// volume so that every session ships it on, then tells the kernel.
 fn take_upstream(volume: &VolumeLink, op: &Op, base: Option<u128>) -> Result<(), String> {
+    take_upstream_recorded(volume, op, base)?;
+    // Not under the write guard: the kernel may wait for a FUSE request of the same
+    // directory, which may wait for the guard behind a role switch.
+    for path in op_paths(op) {
+        invalidate(volume, path);
+    }
+    Ok(())
+}
+
+fn take_upstream_recorded(volume: &VolumeLink, op: &Op, base: Option<u128>) -> Result<(), String> {
     use twinfs_fs::{AttrChange, Change, ChangeKind};
     // Held until the change is recorded: a handover waits for it and ships it.
     let _writing = volume
@@ -1591,7 +1601,7 @@ fn take_upstream(volume: &VolumeLink, op: &Op, base: Option<u128>) -> Result<(),
         base,
         current.as_ref().and_then(|m| m.hash),
     )?;
-    apply_op(volume, op).map_err(|e| e.to_string())?;
+    apply_quietly(volume, op).map_err(|e| e.to_string())?;
     let (path, kind) = match op {
         Op::Put { entry, .. } => {
             let kind = match (&current, entry.meta.kind) {
@@ -2563,6 +2573,17 @@ fn file_meta(meta: &Meta) -> FileMeta {
 }
 
 fn apply_op(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
+    apply_quietly(volume, op)?;
+    if !matches!(op, Op::Skip { .. } | Op::PutStream { .. }) {
+        for path in op_paths(op) {
+            invalidate(volume, path);
+        }
+    }
+    Ok(())
+}
+
+/// [`apply_op`] without telling the kernel.
+fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
     let applier = Applier::new(volume.root.as_fd());
     match op {
         Op::Put { entry, content } => {
@@ -2592,17 +2613,9 @@ fn apply_op(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
                 }
                 other => other?,
             }
-            invalidate(volume, path);
         }
-        Op::Rename { from, to, exchange } => {
-            applier.rename(from, to, *exchange)?;
-            invalidate(volume, from);
-            invalidate(volume, to);
-        }
-        Op::Delete { path } => {
-            applier.delete(path)?;
-            invalidate(volume, path);
-        }
+        Op::Rename { from, to, exchange } => applier.rename(from, to, *exchange)?,
+        Op::Delete { path } => applier.delete(path)?,
         // Streamed files are applied by `apply_streamed`, with their stream.
         Op::Skip { .. } | Op::PutStream { .. } => {}
     }
