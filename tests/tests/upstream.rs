@@ -249,6 +249,10 @@ fn a_concurrent_change_the_actives_version_wins_and_the_standby_keeps_its_own() 
     let out = standby.twinfs(&["conflicts"]);
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(listed.contains("users/admin"), "{listed}");
+    assert!(
+        listed.contains("refused by the active of epoch 1"),
+        "{listed}"
+    );
     assert!(active.twinfs(&["conflicts"]).status.success());
     assert!(
         String::from_utf8_lossy(&active.twinfs(&["conflicts"]).stdout).contains("no conflicts")
@@ -290,4 +294,27 @@ fn the_active_refuses_a_path_that_is_not_both_under_its_own_rules() {
     // Still replicating.
     fs::write(c.active().join("passwd"), "root:x:0:0\nnew:x:2:2\n").expect("write on the active");
     wait_content(standby, "passwd", "root:x:0:0\nnew:x:2:2\n");
+}
+
+#[test]
+fn a_sync_upstream_write_is_on_the_active_when_close_returns() {
+    let _serial = twinfs_tests::serial();
+    let rules = "[[volume.rule]]\nmatch = \"passwd\"\nsync = \"always\"\ndirection = \"both\"\ndurability = \"sync\"\n";
+    let mut c = Cluster::new(3, rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    write_once_open(&c.nodes[1], "passwd", "root:x:0:0\nfirst:x:1:1\n");
+    for i in 0..5 {
+        let content = format!("root:x:0:0\nuser{i}:x:1:1\n");
+        fs::write(c.nodes[1].volume.join("passwd"), &content).expect("write on the standby");
+        // With async durability the write is usually still on its way here.
+        for node in [&c.nodes[0], &c.nodes[2]] {
+            assert_eq!(
+                read(node.volume.join("passwd")).as_deref(),
+                Some(content.as_str()),
+                "{} when close() returned on the standby",
+                node.volume.display()
+            );
+        }
+    }
 }
