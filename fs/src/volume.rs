@@ -52,7 +52,8 @@ fn check_exists(name: &OsStr) -> Result<()> {
 pub enum Role {
     /// Local processes may write; every change is recorded.
     Active,
-    /// Local processes may only read: every write-type operation fails with `EROFS`.
+    /// Local processes may only read: every write-type operation fails with `EROFS`,
+    /// but for the upstream paths of [`Volume::with_upstream`] while they are open.
     Standby,
 }
 
@@ -182,6 +183,11 @@ pub struct VolumeStats {
     pub open_for_write: usize,
 }
 
+/// Says whether a local user may write a path (relative to the volume root) while the
+/// volume is a standby: the upstream exceptions of the replicator's rules. Called on a
+/// standby only, with every path an operation changes.
+pub type UpstreamFilter = Arc<dyn Fn(&Path) -> bool + Send + Sync>;
+
 /// One in-place volume: the directory fd it serves and the state of its inodes and
 /// open files.
 pub struct Volume {
@@ -198,6 +204,10 @@ pub struct Volume {
     writing: RwLock<()>,
     passthrough: AtomicBool,
     sink: Arc<dyn ChangeSink>,
+    /// Standby: the paths local users may still write, and whether that is allowed
+    /// now (only while a session with the active can ship such writes upstream).
+    upstream: Option<UpstreamFilter>,
+    upstream_open: AtomicBool,
 }
 
 fn enoent() -> Error {
@@ -276,7 +286,41 @@ impl Volume {
             writing: RwLock::new(()),
             passthrough: AtomicBool::new(false),
             sink,
+            upstream: None,
+            upstream_open: AtomicBool::new(false),
         })
+    }
+
+    /// Lets local users write the paths `filter` accepts while this volume is a
+    /// standby, once [`Volume::set_upstream_open`] says their writes can be shipped.
+    pub fn with_upstream(mut self, filter: UpstreamFilter) -> Volume {
+        self.upstream = Some(filter);
+        self
+    }
+
+    /// Standby: whether the upstream paths take local writes now. Closing waits for
+    /// the writes under way, so every write allowed before has been recorded when it
+    /// returns.
+    pub fn set_upstream_open(&self, open: bool) {
+        if open {
+            self.upstream_open.store(true, Ordering::Release);
+        } else {
+            let _quiet = self.writing.write().unwrap_or_else(|e| e.into_inner());
+            self.upstream_open.store(false, Ordering::Release);
+        }
+    }
+
+    /// Records a change made to the volume's directory behind the mount (the active
+    /// applying a standby's upstream write), so that it is shipped like a local one.
+    pub fn note_change(&self, change: Change) {
+        self.emit(change.path, change.kind);
+    }
+
+    /// Whether local writes are allowed and the role is active, for a change made
+    /// behind the mount that must be shipped like a local write; the guard keeps the
+    /// role from switching until it is recorded.
+    pub fn active_write(&self) -> Result<RwLockReadGuard<'_, ()>> {
+        self.writable_for(|| [None])
     }
 
     /// The directory this volume serves.
@@ -351,14 +395,35 @@ impl Volume {
         self.files.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether local writes are allowed; the guard keeps the role from switching
-    /// until the write is done.
-    fn writable(&self) -> Result<RwLockReadGuard<'_, ()>> {
+    /// Whether a local write changing `paths` is allowed; the guard keeps the role
+    /// from switching until the write is done. On the active, the paths are never
+    /// computed; on a standby, every one must be known and an upstream path.
+    fn writable_for<const N: usize>(
+        &self,
+        paths: impl FnOnce() -> [Option<PathBuf>; N],
+    ) -> Result<RwLockReadGuard<'_, ()>> {
         let guard = self.writing.read().unwrap_or_else(|e| e.into_inner());
         match self.role() {
             Role::Active => Ok(guard),
-            Role::Standby => Err(Error::ReadOnly),
+            Role::Standby => {
+                let allowed = self.upstream_open.load(Ordering::Acquire)
+                    && self.upstream.as_ref().is_some_and(|upstream| {
+                        paths()
+                            .iter()
+                            .all(|p| p.as_deref().is_some_and(|p| upstream(p)))
+                    });
+                if allowed {
+                    Ok(guard)
+                } else {
+                    Err(Error::ReadOnly)
+                }
+            }
         }
+    }
+
+    /// The path of `name` in the directory `parent`, if the directory has a name.
+    fn entry_path(&self, parent: u64, name: &OsStr) -> Option<PathBuf> {
+        self.path_of(parent).map(|p| p.join(name))
     }
 
     /// Held while a close, fsync or release records what a handle wrote (allowed in
@@ -405,8 +470,21 @@ impl Volume {
     }
 
     /// Forgets the kernel-visible name `name` in `parent` after the directory changed
-    /// underneath (the standby's apply); the next lookup sees the new file.
+    /// underneath (the standby's apply); the next lookup sees the new file. A name
+    /// still naming the same backing inode (only its attributes changed) is kept, so
+    /// its path stays known meanwhile (a standby's upstream writes need it).
     pub fn forget_entry(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        let known = {
+            let table = self.read_table();
+            table
+                .entry(parent, name)
+                .and_then(|ino| Some((ino, table.get(ino)?.key)))
+        };
+        if let (Some((ino, key)), Ok(dir)) = (known, self.dir_fd(parent)) {
+            if sys::statat(dir.as_fd(), name).is_ok_and(|st| (st.st_dev, st.st_ino) == key) {
+                return Some(ino);
+            }
+        }
         self.write_table().drop_link(parent, name)
     }
 
@@ -527,7 +605,7 @@ impl Volume {
     /// Changes attributes: owner first, then mode, size and times, in the order
     /// `chown` clearing set-id bits needs.
     pub fn setattr(&self, ino: u64, set: SetAttr) -> Result<Attr> {
-        let _writing = self.writable()?;
+        let _writing = self.writable_for(|| [self.path_of(ino)])?;
         let file = match set.fh {
             Some(fh) => self.file(fh).ok(),
             None => None,
@@ -597,7 +675,7 @@ impl Volume {
         rdev: u64,
         caller: Caller,
     ) -> Result<Attr> {
-        let _writing = self.writable()?;
+        let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_name(name)?;
         sys::clear_thread_umask();
         let dir = self.dir_fd(parent)?;
@@ -610,7 +688,7 @@ impl Volume {
 
     /// Creates a directory.
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
-        let _writing = self.writable()?;
+        let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_name(name)?;
         sys::clear_thread_umask();
         let dir = self.dir_fd(parent)?;
@@ -629,7 +707,7 @@ impl Volume {
         target: &OsStr,
         caller: Caller,
     ) -> Result<Attr> {
-        let _writing = self.writable()?;
+        let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_name(name)?;
         let dir = self.dir_fd(parent)?;
         sys::symlinkat(target, dir.as_fd(), name)?;
@@ -641,7 +719,7 @@ impl Volume {
 
     /// Removes a non-directory.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
-        let _writing = self.writable()?;
+        let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_exists(name)?;
         let dir = self.dir_fd(parent)?;
         sys::unlinkat(dir.as_fd(), name, 0)?;
@@ -652,7 +730,7 @@ impl Volume {
 
     /// Removes an empty directory.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
-        let _writing = self.writable()?;
+        let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_exists(name)?;
         let dir = self.dir_fd(parent)?;
         sys::unlinkat(dir.as_fd(), name, libc::AT_REMOVEDIR)?;
@@ -670,7 +748,12 @@ impl Volume {
         newname: &OsStr,
         flags: u32,
     ) -> Result<()> {
-        let _writing = self.writable()?;
+        let _writing = self.writable_for(|| {
+            [
+                self.entry_path(parent, name),
+                self.entry_path(newparent, newname),
+            ]
+        })?;
         check_exists(name)?;
         check_name(newname)?;
         let from_dir = self.dir_fd(parent)?;
@@ -688,7 +771,9 @@ impl Volume {
 
     /// Creates a hard link to `ino` at (`newparent`, `newname`).
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
-        let _writing = self.writable()?;
+        // Both names: a link would let writes to the upstream name reach the other.
+        let _writing =
+            self.writable_for(|| [self.path_of(ino), self.entry_path(newparent, newname)])?;
         check_name(newname)?;
         let loc = self.locate(ino)?;
         let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EPERM))?;
@@ -730,7 +815,7 @@ impl Volume {
     pub fn open(&self, ino: u64, flags: i32, caller: Caller) -> Result<(u64, Arc<OpenFile>)> {
         let (flags, writable) = Self::open_flags(flags);
         let _writing = if writable {
-            Some(self.writable()?)
+            Some(self.writable_for(|| [self.path_of(ino)])?)
         } else {
             None
         };
@@ -830,7 +915,7 @@ impl Volume {
         flags: i32,
         caller: Caller,
     ) -> Result<(Attr, u64, Arc<OpenFile>)> {
-        let _writing = self.writable()?;
+        let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_name(name)?;
         sys::clear_thread_umask();
         let dir = self.dir_fd(parent)?;
@@ -873,8 +958,8 @@ impl Volume {
 
     /// Writes `data` at `offset` (the non-passthrough path).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
-        let _writing = self.writable()?;
         let file = self.file(fh)?;
+        let _writing = self.writable_for(|| [self.path_of(file.ino)])?;
         Ok(sys::pwrite(file.fd.as_fd(), data, offset)?)
     }
 
@@ -926,8 +1011,8 @@ impl Volume {
 
     /// `fallocate` on an open file.
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
-        let _writing = self.writable()?;
         let file = self.file(fh)?;
+        let _writing = self.writable_for(|| [self.path_of(file.ino)])?;
         Ok(sys::fallocate(file.fd.as_fd(), mode, offset, length)?)
     }
 
@@ -1028,7 +1113,7 @@ impl Volume {
 
     /// Sets an extended attribute.
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        let _writing = self.writable()?;
+        let _writing = self.writable_for(|| [self.path_of(ino)])?;
         let loc = self.locate(ino)?;
         loc.at().setxattr(name, value, flags)?;
         self.record(ino, ChangeKind::Xattr);
@@ -1049,7 +1134,7 @@ impl Volume {
 
     /// Removes an extended attribute.
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
-        let _writing = self.writable()?;
+        let _writing = self.writable_for(|| [self.path_of(ino)])?;
         let loc = self.locate(ino)?;
         loc.at().removexattr(name)?;
         self.record(ino, ChangeKind::Xattr);

@@ -7,6 +7,10 @@
 //! A file `conflicts/VOLUME/PENDING` (with the epoch that fenced the node) marks that
 //! the next full sync must keep what it replaces, so a restart in between does not
 //! lose that.
+//!
+//! A standby whose upstream write (see [`crate::upstream`]) the active refused keeps
+//! that write here too, in a set named by the active's epoch and the time, with
+//! `what` = `"refused"`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,7 +31,8 @@ pub const MANIFEST: &str = "MANIFEST.json";
 pub struct Kept {
     /// Its path in the volume.
     pub path: String,
-    /// What the winner's full sync did to it: `"replaced"` or `"deleted"`.
+    /// What the winner's full sync did to it: `"replaced"` or `"deleted"`; or
+    /// `"refused"`: the active refused this node's upstream write of it.
     pub what: String,
     /// Entries copied (more than 1 for a directory).
     pub entries: u64,
@@ -130,6 +135,56 @@ impl Area {
         tracing::warn!(volume = %self.volume, %path, what, kept_in = %set.display(),
             "split brain: kept this node's version before the winner's full sync changed it");
         Ok(entries)
+    }
+
+    /// Keeps this standby's upstream write of `path` that the active of `epoch`
+    /// refused at `at`: `content` is the file as the standby wrote it (`None` for a
+    /// write with no content to keep: a deletion, a rename, a directory). Nothing is
+    /// overwritten: a second refused version of a path in the same set gets a `.N`
+    /// suffix.
+    pub fn keep_refused(
+        &self,
+        epoch: u64,
+        at: u64,
+        path: &RelPath,
+        content: Option<&[u8]>,
+        reason: &str,
+    ) -> Result<(), String> {
+        let set = self.dir.join(format!("{epoch}-{}", timestamp(at)));
+        let mut kept_as = path.to_string();
+        if let Some(content) = content {
+            let mut dest = set.join(path.as_path());
+            let mut n = 1;
+            while dest.symlink_metadata().is_ok() {
+                n += 1;
+                kept_as = format!("{path}.{n}");
+                dest = set.join(&kept_as);
+            }
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| format!("{}: {e}", parent.display()))?;
+            }
+            // Owner-only: what is kept may be a password file.
+            crate::durable::atomic_write(&dest, content, 0o600)
+                .map_err(|e| format!("{}: {e}", dest.display()))?;
+        }
+        let manifest_path = set.join(MANIFEST);
+        let mut manifest = read_manifest(&manifest_path).unwrap_or_else(|| Manifest {
+            volume: self.volume.clone(),
+            fenced_by_epoch: epoch,
+            at,
+            kept: Vec::new(),
+        });
+        manifest.kept.push(Kept {
+            path: kept_as,
+            what: "refused".to_owned(),
+            entries: u64::from(content.is_some()),
+        });
+        write_manifest(&manifest_path, &manifest)
+            .map_err(|e| format!("{}: {e}", manifest_path.display()))?;
+        tracing::warn!(volume = %self.volume, %path, %reason, kept_in = %set.display(),
+            "the active refused this standby's write; kept this node's version");
+        Ok(())
     }
 
     /// Every set, oldest first, with its manifest.

@@ -14,6 +14,8 @@
 //! - [`session`]: the replication session as a state machine without I/O or clock.
 //! - [`transport`]: QUIC endpoints with mutual TLS pinned by certificate hash, and
 //!   length-prefixed frames on streams.
+//! - [`upstream`]: a standby's writes of `direction = "both"` paths, and the
+//!   active's rule for taking them.
 
 pub mod apply;
 pub mod capture;
@@ -28,3 +30,4 @@ pub mod protocol;
 pub mod roles;
 pub mod session;
 pub mod transport;
+pub mod upstream;

@@ -26,6 +26,7 @@ use crate::protocol::{Message, Op, ProtocolError, VolumeView, MAX_MESSAGE};
 use crate::roles::RoleCell;
 use crate::session::{Output, Session, SessionConfig};
 use crate::transport::{self, PeerId};
+use crate::upstream::{self, Outbox};
 
 /// How long to wait before dialling a peer again.
 const REDIAL: Duration = Duration::from_millis(500);
@@ -892,7 +893,28 @@ async fn run_session(
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut messages = spawn_reader(recv, received.clone());
     let role = session.role();
-    let mut changes = (role == Role::Active).then(|| volume.changes.subscribe());
+    // A standby with `direction = "both"` rules follows its own change records too:
+    // its local writes of those paths go upstream, to the active.
+    let has_upstream = volume
+        .policies
+        .rules()
+        .iter()
+        .any(|r| r.policy().upstream());
+    let mut outbox =
+        (role == Role::Standby && has_upstream).then(|| Outbox::new(volume.policies.clone()));
+    // Standby: whether the upstream paths take local writes (from the first complete
+    // full sync of this session to its end).
+    let mut upstream_live = false;
+    // Active: the standby's upstream writes, taken one after the other by a worker.
+    let (upstream_jobs, mut upstream_done) = match role {
+        Role::Active => {
+            let (jobs, done) = start_upstream_worker(volume.clone());
+            (Some(jobs), Some(done))
+        }
+        Role::Standby => (None, None),
+    };
+    let mut changes =
+        (role == Role::Active || outbox.is_some()).then(|| volume.changes.subscribe());
     // The highest change record handed to the session, and this session's place in
     // the volume's sync gate. Records issued before the subscription are covered by
     // the full sync this session starts with.
@@ -923,6 +945,8 @@ async fn run_session(
         session.on_message(m, std::time::Instant::now());
     }
     let mut batch = Batch::default();
+    // A message for this loop that came while a batch was being gathered.
+    let mut held: Option<Message> = None;
     let mut large = LargeApplies::new();
     // Full syncs finished, and those whose memory was given back since.
     let (mut synced, mut compacted) = (0u64, 0u64);
@@ -959,6 +983,42 @@ async fn run_session(
                         tracing::warn!(volume = %volume.name, error = %e, "cannot clear the conflicts marker");
                     }
                 }
+                if outbox.is_some() && !upstream_live {
+                    upstream_live = true;
+                    volume.volume.set_upstream_open(true);
+                    tracing::info!(volume = %volume.name, "taking local writes of direction = \"both\" paths");
+                }
+            }
+            if let (Output::Apply { op, .. }, Some(outbox)) = (&out, outbox.as_mut()) {
+                if upstream_live {
+                    // A local write closed before this op came goes upstream first:
+                    // applying the op replaces the file it wrote.
+                    while let Some(rx) = changes.as_mut() {
+                        match rx.try_recv() {
+                            Ok((id, record)) => {
+                                seen = id;
+                                if ship_upstream(&volume, outbox, &mut send, &record)
+                                    .await
+                                    .is_none()
+                                {
+                                    break 'session;
+                                }
+                            }
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                tracing::error!(volume = %volume.name, missed = n,
+                                    "upstream writes lagged; keeping this node's versions and resyncing");
+                                arm_keeping(&volume).await;
+                                keeping = true;
+                                seen = seen.max(volume.gate.last_issued());
+                                if write(&mut send, &Message::Resync).await.is_none() {
+                                    break 'session;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                outbox.learn_applied(op);
             }
             if let (true, Output::Apply { op, .. }) = (keeping, &out) {
                 keep_before(&volume, op).await;
@@ -988,6 +1048,24 @@ async fn run_session(
                 }
                 Output::ScanLocal => large.wait_all(&mut session).await,
                 _ => {}
+            }
+            if let (Output::Apply { seq, op }, Some(outbox)) = (&out, outbox.as_ref()) {
+                // (A streamed file is left alone: the active waits for its block list.)
+                let entry = match op {
+                    Op::Put { entry, .. } => Some(entry),
+                    _ => None,
+                };
+                if let Some(entry) = entry.filter(|e| outbox.upstream(&e.path)) {
+                    // This node's own write coming back from the active: replacing the
+                    // file with itself would only make its name unknown for a moment.
+                    if !batch.is_empty() {
+                        batch.flush(&volume, &mut session).await;
+                    }
+                    if already_there(&volume, entry).await {
+                        session.applied(*seq, &entry.path, Ok(()), std::time::Instant::now());
+                        continue;
+                    }
+                }
             }
             // Small files to write go into a batch, made durable together; a large
             // file is applied in the background while later ops go on; anything else
@@ -1023,13 +1101,26 @@ async fn run_session(
             if !batch.is_empty() {
                 batch.flush(&volume, &mut session).await;
             }
+            if let (Output::ScanLocal, Some(outbox)) = (&out, outbox.as_mut()) {
+                match scan_for_standby(&volume).await {
+                    Some(manifest) => {
+                        outbox.learn_manifest(&manifest);
+                        session.local_manifest(manifest, std::time::Instant::now());
+                        continue;
+                    }
+                    None => {
+                        let _ = send.finish();
+                        break 'session;
+                    }
+                }
+            }
             match carry_out(&volume, &mut session, &mut send, out, &link, &counters).await {
                 Some(n) => sent += n,
                 None => {
                     let _ = send.finish();
-                    volume.gate.unregister(gate_id);
-                    link.update(&volume.name, disconnected);
-                    return;
+                    // The cleanup after the loop ends the session (and an upstream
+                    // outbox: what it could not ship is kept).
+                    break 'session;
                 }
             }
         }
@@ -1037,6 +1128,12 @@ async fn run_session(
             // More ops already here join the batch; else it is written out now and
             // its acks go next time round.
             match messages.try_recv() {
+                // Carried out by this loop, not the session: taken below, after the
+                // batch (the session alone would drop them).
+                Ok(m) if for_the_driver(&m) => {
+                    held = Some(m);
+                    batch.flush(&volume, &mut session).await;
+                }
                 Ok(m) => session.on_message(m, std::time::Instant::now()),
                 Err(_) => batch.flush(&volume, &mut session).await,
             }
@@ -1045,6 +1142,10 @@ async fn run_session(
         if session.caught_up() {
             volume.gate.caught_up(gate_id, seen);
             synced = synced.max(session.stats().full_syncs);
+        }
+        if outbox.as_ref().is_some_and(|o| o.waiting() == 0) {
+            // A standby's `sync` writer waits until the active has taken its write.
+            volume.gate.caught_up(gate_id, seen);
         }
         if role == Role::Standby && session.phase() != crate::session::Phase::Hello {
             let key = (
@@ -1125,7 +1226,7 @@ async fn run_session(
         });
         let deadline = Instant::from_std(session.next_deadline());
         tokio::select! {
-            m = messages.recv() => match m {
+            m = next_message(&mut held, &mut messages) => match m {
                 Some(m) => {
                     link.update(&volume.name, |s| {
                         s.last_contact = Some(unix_now());
@@ -1150,6 +1251,32 @@ async fn run_session(
                             let answered = answer_verify(&volume, &mut send, *id).await;
                             if answered.is_none() {
                                 break;
+                            }
+                        }
+                        Message::Upstream { id, base, op } => {
+                            let refused = match upstream_jobs.as_ref() {
+                                Some(jobs) => jobs
+                                    .try_send((*id, *base, op.clone()))
+                                    .err()
+                                    .map(|_| "the active is busy with upstream writes".to_owned()),
+                                None => Some("a standby takes no upstream writes".to_owned()),
+                            };
+                            if let Some(reason) = refused {
+                                let path = upstream::checked_path(op).clone();
+                                let answered = refuse_upstream(&volume, &mut session, &mut send, *id, vec![path], reason).await;
+                                if answered.is_none() {
+                                    break;
+                                }
+                            }
+                        }
+                        Message::UpstreamApplied { id } => {
+                            if let Some(outbox) = outbox.as_mut() {
+                                outbox.answered(*id);
+                            }
+                        }
+                        Message::UpstreamRefused { id, path, reason } => {
+                            if let Some(sent) = outbox.as_mut().and_then(|o| o.answered(*id)) {
+                                keep_refused(&volume, sent, path, reason).await;
                             }
                         }
                         Message::VerifyManifest { id, entries, done } if role == Role::Active => {
@@ -1222,7 +1349,25 @@ async fn run_session(
             } => match r {
                 Ok((id, record)) => {
                     seen = id;
-                    session.on_change(&record, std::time::Instant::now());
+                    if role == Role::Active {
+                        session.on_change(&record, std::time::Instant::now());
+                    } else if let Some(outbox) = outbox.as_mut().filter(|_| upstream_live) {
+                        if ship_upstream(&volume, outbox, &mut send, &record).await.is_none() {
+                            break;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) if role == Role::Standby => {
+                    // Local writes that cannot go upstream any more: the full sync
+                    // asked for keeps this node's versions of what it replaces.
+                    tracing::error!(volume = %volume.name, missed = n,
+                        "upstream writes lagged; keeping this node's versions and resyncing");
+                    arm_keeping(&volume).await;
+                    keeping = true;
+                    seen = seen.max(volume.gate.last_issued());
+                    if write(&mut send, &Message::Resync).await.is_none() {
+                        break;
+                    }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::info!(volume = %volume.name, missed = n, "change stream lagged; resyncing");
@@ -1231,6 +1376,20 @@ async fn run_session(
                 }
                 Err(broadcast::error::RecvError::Closed) => break,
             },
+            Some((id, paths, result)) = async {
+                match upstream_done.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let answered = match result {
+                    Ok(()) => write(&mut send, &Message::UpstreamApplied { id }).await,
+                    Err(reason) => refuse_upstream(&volume, &mut session, &mut send, id, paths, reason).await,
+                };
+                if answered.is_none() {
+                    break;
+                }
+            }
             Some((seq, path, result)) = large.done.recv(), if !large.busy.is_empty() => {
                 large.finished(seq, &path, result, &mut session);
             }
@@ -1267,7 +1426,323 @@ async fn run_session(
             .try_send((link.peer.clone(), Err("the session ended".into())));
     }
     volume.gate.unregister(gate_id);
+    if let Some(outbox) = outbox {
+        close_upstream(&volume, outbox, changes, upstream_live).await;
+    }
     link.update(&volume.name, disconnected);
+}
+
+/// Messages `run_session` carries out itself (beside the session, which only notes
+/// them as signs of life).
+fn for_the_driver(m: &Message) -> bool {
+    matches!(
+        m,
+        Message::HandoverRequest
+            | Message::HandoverReady { .. }
+            | Message::VerifyRequest { .. }
+            | Message::VerifyManifest { .. }
+            | Message::Upstream { .. }
+            | Message::UpstreamApplied { .. }
+            | Message::UpstreamRefused { .. }
+    )
+}
+
+/// The held message if there is one, else the next from the peer.
+async fn next_message(
+    held: &mut Option<Message>,
+    messages: &mut mpsc::Receiver<Message>,
+) -> Option<Message> {
+    match held.take() {
+        Some(m) => Some(m),
+        None => messages.recv().await,
+    }
+}
+
+/// Standby: the session ends; local writes of the upstream paths stop (once those
+/// under way are recorded). What was not shipped, or not answered, may be replaced by
+/// the next full sync: it keeps this node's versions of what it replaces.
+async fn close_upstream(
+    volume: &VolumeLink,
+    outbox: Outbox,
+    changes: Option<broadcast::Receiver<Numbered>>,
+    live: bool,
+) {
+    if live {
+        let v = volume.clone();
+        let _ = tokio::task::spawn_blocking(move || v.volume.set_upstream_open(false)).await;
+    }
+    let mut unshipped = outbox.waiting();
+    if let Some(mut rx) = changes {
+        loop {
+            match rx.try_recv() {
+                Ok((_, record)) => {
+                    let upstream =
+                        RelPath::from_path(&record.change.path).is_ok_and(|p| outbox.upstream(&p));
+                    unshipped += usize::from(upstream);
+                }
+                Err(broadcast::error::TryRecvError::Lagged(n)) => unshipped += n as usize,
+                Err(_) => break,
+            }
+        }
+    }
+    if unshipped > 0 {
+        tracing::warn!(volume = %volume.name, writes = unshipped,
+            "upstream writes not confirmed by the active; the next full sync keeps what it replaces");
+        arm_keeping(volume).await;
+    }
+}
+
+/// Arms the conflicts area: the next full sync keeps this node's versions of what it
+/// replaces or deletes.
+async fn arm_keeping(volume: &VolumeLink) {
+    let epoch = volume.roles.get().epoch;
+    let conflicts = volume.conflicts.clone();
+    let armed = tokio::task::spawn_blocking(move || conflicts.arm(epoch, unix_now())).await;
+    if !matches!(armed, Ok(Ok(()))) {
+        tracing::error!(volume = %volume.name, dir = %volume.conflicts.dir().display(),
+            "cannot arm the conflicts area: unconfirmed upstream writes may be overwritten");
+    }
+}
+
+/// Standby: scans the volume for the full sync (as [`carry_out`] does), handing the
+/// manifest back so the upstream outbox learns from it too.
+async fn scan_for_standby(volume: &VolumeLink) -> Option<Manifest> {
+    let _applying = volume.applying.write().await;
+    let v = volume.clone();
+    match tokio::task::spawn_blocking(move || scan(&v)).await {
+        Ok(Ok(m)) => Some(m),
+        Ok(Err(e)) => {
+            tracing::error!(volume = %volume.name, error = %e, "cannot scan the volume");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Standby: whether the volume has `entry` exactly (content and metadata) already.
+async fn already_there(volume: &VolumeLink, entry: &manifest::Entry) -> bool {
+    let (v, path) = (volume.clone(), entry.path.clone());
+    let described = tokio::task::spawn_blocking(move || {
+        let mut cache = v.cache.lock().unwrap_or_else(|e| e.into_inner());
+        manifest::describe(v.root.as_fd(), &path, &mut cache).map(|d| d.map(|(meta, _, _)| meta))
+    })
+    .await;
+    matches!(described, Ok(Ok(Some(meta))) if meta == entry.meta)
+}
+
+/// Standby: ships a local change of an upstream path to the active. `None` if the
+/// stream broke.
+async fn ship_upstream(
+    volume: &VolumeLink,
+    outbox: &mut Outbox,
+    send: &mut quinn::SendStream,
+    record: &Record,
+) -> Option<()> {
+    let Ok(path) = RelPath::from_path(&record.change.path) else {
+        return Some(());
+    };
+    // A handle opened while this node was active, closed since: not an upstream path.
+    if !outbox.upstream(&path) {
+        return Some(());
+    }
+    let op = match &record.change.kind {
+        twinfs_fs::ChangeKind::Unlink | twinfs_fs::ChangeKind::Rmdir => Op::Delete { path },
+        twinfs_fs::ChangeKind::Rename { from, exchange } => match RelPath::from_path(from) {
+            Ok(from) => Op::Rename {
+                from,
+                to: path,
+                exchange: *exchange,
+            },
+            Err(_) => return Some(()),
+        },
+        // Still open for writing (a create, say): its close ships it whole.
+        _ if volume.volume.being_written(&record.change.path) => return Some(()),
+        _ => {
+            let v = volume.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                read_op(&v, path, true, None, true, false).map(|(op, _, _)| op)
+            })
+            .await;
+            match read {
+                Ok(Ok(op)) => op,
+                Ok(Err(e)) => {
+                    tracing::warn!(volume = %volume.name, error = %e, "cannot read an upstream write");
+                    return Some(());
+                }
+                Err(_) => return Some(()),
+            }
+        }
+    };
+    // Changed while it was read: the close that follows ships it.
+    if matches!(op, Op::Skip { .. }) {
+        return Some(());
+    }
+    let shipped = op.path().clone();
+    let message = outbox.send(op);
+    match message.encode() {
+        Ok(bytes) => {
+            tracing::debug!(volume = %volume.name, path = %shipped, "shipped upstream");
+            write_bytes(send, &bytes).await.map(|_| ())
+        }
+        Err(e) => {
+            tracing::error!(volume = %volume.name, path = %shipped, error = %e,
+                "cannot ship this write upstream; it stays on this node only");
+            if let Message::Upstream { id, .. } = message {
+                outbox.answered(id);
+            }
+            Some(())
+        }
+    }
+}
+
+/// Standby: the active refused upstream write `sent` of `path`: keeps it in the
+/// conflicts area (the active's version follows on the stream).
+async fn keep_refused(volume: &VolumeLink, sent: upstream::Sent, path: &RelPath, reason: &str) {
+    let content = match sent.op {
+        Op::Put {
+            content: Some(c), ..
+        } => Some(c),
+        _ => None,
+    };
+    let epoch = volume.roles.get().epoch;
+    let (area, path, reason) = (volume.conflicts.clone(), path.clone(), reason.to_owned());
+    let kept = tokio::task::spawn_blocking(move || {
+        area.keep_refused(epoch, unix_now(), &path, content.as_deref(), &reason)
+    })
+    .await;
+    if !matches!(kept, Ok(Ok(()))) {
+        tracing::error!(volume = %volume.name, ?kept,
+            "cannot keep a refused upstream write in the conflicts area");
+    }
+}
+
+/// Active: tells the standby that upstream write `id` is refused, and ships the
+/// active's version of `paths` to it again. `None` if the stream broke.
+async fn refuse_upstream(
+    volume: &VolumeLink,
+    session: &mut Session,
+    send: &mut quinn::SendStream,
+    id: u64,
+    paths: Vec<RelPath>,
+    reason: String,
+) -> Option<u64> {
+    let path = paths.first().cloned().unwrap_or_else(RelPath::root);
+    tracing::warn!(volume = %volume.name, %path, %reason, "refused a standby's upstream write");
+    let sent = write(send, &Message::UpstreamRefused { id, path, reason }).await;
+    session.ship_now(paths, std::time::Instant::now());
+    sent
+}
+
+/// One upstream write for the active's worker: (id, base, op).
+type UpstreamJob = (u64, Option<u128>, Op);
+
+/// What became of it: (id, the paths it changes, applied or why not).
+type UpstreamResult = (u64, Vec<RelPath>, Result<(), String>);
+
+/// Upstream writes waiting for the worker before further ones are refused as busy.
+const UPSTREAM_QUEUE: usize = 256;
+
+/// Active: applies a standby's upstream writes in the order they came, beside the
+/// session loop (a `sync` path's record waits for the standbys' acks, which that loop
+/// takes).
+fn start_upstream_worker(
+    volume: VolumeLink,
+) -> (mpsc::Sender<UpstreamJob>, mpsc::Receiver<UpstreamResult>) {
+    let (jobs_tx, mut jobs) = mpsc::channel::<UpstreamJob>(UPSTREAM_QUEUE);
+    let (done_tx, done) = mpsc::channel(UPSTREAM_QUEUE);
+    tokio::spawn(async move {
+        while let Some((id, base, op)) = jobs.recv().await {
+            let paths = upstream::changed_paths(&op);
+            let v = volume.clone();
+            let result = tokio::task::spawn_blocking(move || take_upstream(&v, &op, base))
+                .await
+                .unwrap_or_else(|_| Err("the apply task failed".to_owned()));
+            if done_tx.send((id, paths, result)).await.is_err() {
+                return;
+            }
+        }
+    });
+    (jobs_tx, done)
+}
+
+/// Active: judges and applies one upstream write, records it as a change of the
+/// volume so that every session ships it on, then tells the kernel.
+fn take_upstream(volume: &VolumeLink, op: &Op, base: Option<u128>) -> Result<(), String> {
+    take_upstream_recorded(volume, op, base)?;
+    // Not under the write guard: the kernel may wait for a FUSE request of the same
+    // directory, which may wait for the guard behind a role switch.
+    for path in op_paths(op) {
+        invalidate(volume, path);
+    }
+    Ok(())
+}
+
+fn take_upstream_recorded(volume: &VolumeLink, op: &Op, base: Option<u128>) -> Result<(), String> {
+    use twinfs_fs::{AttrChange, Change, ChangeKind};
+    // Held until the change is recorded: a handover waits for it and ships it.
+    let _writing = volume
+        .volume
+        .active_write()
+        .map_err(|_| "the active takes no writes now (handing over)".to_owned())?;
+    let checked = upstream::checked_path(op);
+    if volume.volume.being_written(checked.as_path()) {
+        return Err(format!(
+            "{checked} is being written on the active; the active's version stands"
+        ));
+    }
+    let current = {
+        let mut cache = volume.cache.lock().unwrap_or_else(|e| e.into_inner());
+        manifest::describe(volume.root.as_fd(), checked, &mut cache)
+            .map_err(|e| e.to_string())?
+            .map(|(meta, _, _)| meta)
+    };
+    upstream::judge(
+        &volume.policies,
+        op,
+        base,
+        current.as_ref().and_then(|m| m.hash),
+    )?;
+    apply_quietly(volume, op).map_err(|e| e.to_string())?;
+    let (path, kind) = match op {
+        Op::Put { entry, .. } => {
+            let kind = match (&current, entry.meta.kind) {
+                (None, Kind::File) => ChangeKind::Create,
+                (None, Kind::Dir) => ChangeKind::Mkdir,
+                (None, Kind::Symlink) => ChangeKind::Symlink,
+                (None, _) => ChangeKind::Mknod,
+                (Some(_), Kind::File) => ChangeKind::Write,
+                (Some(_), _) => ChangeKind::Attr(AttrChange {
+                    times: true,
+                    mode: true,
+                    owner: true,
+                    size: false,
+                }),
+            };
+            (entry.path.clone(), kind)
+        }
+        Op::Delete { path } => {
+            let dir = current.as_ref().is_some_and(|m| m.kind == Kind::Dir);
+            let kind = if dir {
+                ChangeKind::Rmdir
+            } else {
+                ChangeKind::Unlink
+            };
+            (path.clone(), kind)
+        }
+        Op::Rename { from, to, exchange } => (
+            to.clone(),
+            ChangeKind::Rename {
+                from: from.as_path().to_owned(),
+                exchange: *exchange,
+            },
+        ),
+        Op::PutStream { .. } | Op::Skip { .. } => return Ok(()),
+    };
+    volume.volume.note_change(Change {
+        path: path.as_path().to_owned(),
+        kind,
+    });
+    Ok(())
 }
 
 /// This node met an active of a later epoch (or one that wins the tie), or a standby
@@ -2199,6 +2674,17 @@ fn file_meta(meta: &Meta) -> FileMeta {
 }
 
 fn apply_op(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
+    apply_quietly(volume, op)?;
+    if !matches!(op, Op::Skip { .. } | Op::PutStream { .. }) {
+        for path in op_paths(op) {
+            invalidate(volume, path);
+        }
+    }
+    Ok(())
+}
+
+/// [`apply_op`] without telling the kernel.
+fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
     let applier = Applier::new(volume.root.as_fd());
     match op {
         Op::Put { entry, content } => {
@@ -2228,17 +2714,9 @@ fn apply_op(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
                 }
                 other => other?,
             }
-            invalidate(volume, path);
         }
-        Op::Rename { from, to, exchange } => {
-            applier.rename(from, to, *exchange)?;
-            invalidate(volume, from);
-            invalidate(volume, to);
-        }
-        Op::Delete { path } => {
-            applier.delete(path)?;
-            invalidate(volume, path);
-        }
+        Op::Rename { from, to, exchange } => applier.rename(from, to, *exchange)?,
+        Op::Delete { path } => applier.delete(path)?,
         // Streamed files are applied by `apply_streamed`, with their stream.
         Op::Skip { .. } | Op::PutStream { .. } => {}
     }

@@ -85,6 +85,31 @@ impl std::fmt::Display for Durability {
     }
 }
 
+/// Which way a path's changes travel.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// From the active to the standbys only; a standby refuses local writes (`EROFS`).
+    #[default]
+    Down,
+    /// Also upstream: a standby takes local writes of the path while it is connected
+    /// to its active, and ships them to the active, which decides (see
+    /// [`crate::upstream`]) and ships them on to the other standbys.
+    Both,
+}
+
+impl Direction {
+    /// The name used in the configuration file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Down => "down",
+            Direction::Both => "both",
+        }
+    }
+}
+
 /// How much a change matters: 1 is a file a standby must have before it may take
 /// over, 2 is normal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -126,6 +151,8 @@ pub struct Policy {
     pub priority: Priority,
     /// Whether its writes wait for the standbys; `None` for the volume's setting.
     pub durability: Option<Durability>,
+    /// Whether a standby may write it too.
+    pub direction: Direction,
 }
 
 impl Policy {
@@ -135,7 +162,14 @@ impl Policy {
         sync: SyncMode::Always,
         priority: Priority::NORMAL,
         durability: None,
+        direction: Direction::Down,
     };
+
+    /// Whether a standby may write the path and ship the change upstream: a `both`
+    /// rule of sync `always` (configuration refuses `both` with other sync modes).
+    pub fn upstream(&self) -> bool {
+        self.direction == Direction::Both && self.sync == SyncMode::Always
+    }
 }
 
 impl Default for Policy {
@@ -270,11 +304,13 @@ mod tests {
         sync: SyncMode::Never,
         priority: Priority::NORMAL,
         durability: None,
+        direction: Direction::Down,
     };
     const ONCE: Policy = Policy {
         sync: SyncMode::Once,
         priority: Priority::MUST_SYNC,
         durability: None,
+        direction: Direction::Down,
     };
 
     fn set(rules: &[(&str, Policy)]) -> PolicySet {
@@ -430,6 +466,7 @@ mod tests {
                 sync,
                 priority,
                 durability: None,
+                ..Policy::DEFAULT
             })
     }
 

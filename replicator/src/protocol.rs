@@ -193,6 +193,34 @@ pub enum Message {
         /// The vote asked for is granted.
         granted: bool,
     },
+    /// Standby → active: a local write of a `direction = "both"` path (see
+    /// [`crate::upstream`]). The active applies it if its own version of the path
+    /// still has the hash `base`, and ships it on to every standby.
+    Upstream {
+        /// Numbers the standby's upstream writes, for the answer.
+        id: u64,
+        /// The content hash of the version the write replaced (for a rename, of the
+        /// one it moves); `None` where the standby had no regular file.
+        base: Option<u128>,
+        /// The write: `Put` (with the whole file for a regular file), `Rename` or
+        /// `Delete`.
+        op: Op,
+    },
+    /// Active → standby: upstream write `id` is applied.
+    UpstreamApplied {
+        /// The write.
+        id: u64,
+    },
+    /// Active → standby: upstream write `id` was refused; the active's version of
+    /// `path` stands and is shipped to the standby again.
+    UpstreamRefused {
+        /// The write.
+        id: u64,
+        /// The path it changed.
+        path: RelPath,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// How a node sees one of its volumes, for another node deciding whether to take over.

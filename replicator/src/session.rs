@@ -394,7 +394,10 @@ impl Session {
             | Message::HandoverRequest
             | Message::HandoverReady { .. }
             | Message::VerifyRequest { .. }
-            | Message::VerifyManifest { .. } => {}
+            | Message::VerifyManifest { .. }
+            | Message::Upstream { .. }
+            | Message::UpstreamApplied { .. }
+            | Message::UpstreamRefused { .. } => {}
             _ if self.phase == Phase::Hello => {
                 self.close("message before hello".into());
             }

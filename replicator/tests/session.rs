@@ -61,6 +61,7 @@ fn policies() -> PolicySet {
                 sync,
                 priority: Priority::NORMAL,
                 durability: None,
+                ..Policy::DEFAULT
             },
         )
         .expect("rule")
@@ -1029,7 +1030,7 @@ fn a_priority1_change_received_but_not_applied_leaves_the_standby_unfit() {
         Policy {
             sync: SyncMode::Always,
             priority: Priority::MUST_SYNC,
-            durability: None,
+            ..Policy::DEFAULT
         },
     )
     .expect("rule")]);

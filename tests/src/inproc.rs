@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use twinfs_fs::{Change, ChangeSink, MountOptions, Mounted, Role, Volume};
+use twinfs_fs::{Change, ChangeSink, MountOptions, Mounted, Role, UpstreamFilter, Volume};
 
 /// A change sink that keeps every record for the test to inspect.
 #[derive(Default)]
@@ -55,6 +55,23 @@ impl MountedDir {
         recorder: Arc<Recorder>,
         fill: impl FnOnce(&Path),
     ) -> MountedDir {
+        Self::mount(passthrough, sink, recorder, None, fill)
+    }
+
+    /// Like [`MountedDir::new`] without passthrough (as a replicated volume is
+    /// mounted), with the standby's upstream paths given by `upstream`.
+    pub fn with_upstream(upstream: UpstreamFilter, fill: impl FnOnce(&Path)) -> MountedDir {
+        let recorder = Arc::new(Recorder::default());
+        Self::mount(false, recorder.clone(), recorder, Some(upstream), fill)
+    }
+
+    fn mount(
+        passthrough: bool,
+        sink: Arc<dyn ChangeSink>,
+        recorder: Arc<Recorder>,
+        upstream: Option<UpstreamFilter>,
+        fill: impl FnOnce(&Path),
+    ) -> MountedDir {
         crate::require_fuse();
         let scratch = tempfile::Builder::new()
             .prefix("twinfs-test-")
@@ -63,7 +80,10 @@ impl MountedDir {
         let path = scratch.path().join("vol");
         std::fs::create_dir(&path).expect("mkdir vol");
         fill(&path);
-        let volume = Volume::new(&path, Role::Active, sink).expect("open volume");
+        let mut volume = Volume::new(&path, Role::Active, sink).expect("open volume");
+        if let Some(upstream) = upstream {
+            volume = volume.with_upstream(upstream);
+        }
         let options = MountOptions {
             name: "test".into(),
             passthrough,

@@ -45,6 +45,7 @@ fn cmm_policies() -> PolicySet {
                 sync,
                 priority: Priority::new(priority).expect("priority"),
                 durability: None,
+                ..Policy::DEFAULT
             },
         )
         .expect("rule")
@@ -293,16 +294,19 @@ fn each_record_carries_the_policy_of_its_path() {
         sync: SyncMode::Once,
         priority: Priority::MUST_SYNC,
         durability: None,
+        ..Policy::DEFAULT
     };
     let interval = Policy {
         sync: SyncMode::Interval(std::time::Duration::from_secs(3600)),
         priority: Priority::NORMAL,
         durability: None,
+        ..Policy::DEFAULT
     };
     let never = Policy {
         sync: SyncMode::Never,
         priority: Priority::NORMAL,
         durability: None,
+        ..Policy::DEFAULT
     };
     let want = [
         ("a.sif", once1),
@@ -411,4 +415,88 @@ fn a_new_file_is_being_written_when_its_creation_is_recorded() {
             (p("new"), ChangeKind::Write, false),
         ]
     );
+}
+
+fn erofs<T: std::fmt::Debug>(what: &str, result: std::io::Result<T>) {
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+        other => panic!("{what}: expected EROFS, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_standby_takes_and_records_writes_of_its_upstream_paths_only_while_open() {
+    let _serial = twinfs_tests::serial();
+    let upstream: twinfs_fs::UpstreamFilter = Arc::new(|path: &Path| path.starts_with("users"));
+    let m = MountedDir::with_upstream(upstream, |d| {
+        fs::create_dir(d.join("users")).expect("fill");
+        fs::write(d.join("users/a"), b"1").expect("fill");
+        fs::write(d.join("conf"), b"c").expect("fill");
+    });
+    let v = &m.path;
+    m.volume().set_role(Role::Standby);
+    erofs(
+        "before the upstream opens",
+        fs::write(v.join("users/a"), b"2"),
+    );
+    assert!(m.recorder.take().is_empty());
+
+    m.volume().set_upstream_open(true);
+    fs::write(v.join("users/a"), b"2").expect("write");
+    fs::write(v.join("users/b"), b"b").expect("create");
+    fs::create_dir(v.join("users/d")).expect("mkdir");
+    std::os::unix::fs::symlink("a", v.join("users/l")).expect("symlink");
+    fs::rename(v.join("users/b"), v.join("users/d/b")).expect("rename");
+    fs::set_permissions(v.join("users/a"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    fs::remove_file(v.join("users/l")).expect("unlink");
+    erofs("write", fs::write(v.join("conf"), b"x"));
+    erofs("create", fs::write(v.join("new"), b"x"));
+    erofs("unlink", fs::remove_file(v.join("conf")));
+    erofs("mkdir", fs::create_dir(v.join("top")));
+    erofs("rename out", fs::rename(v.join("users/a"), v.join("a")));
+    erofs(
+        "rename in",
+        fs::rename(v.join("conf"), v.join("users/conf")),
+    );
+    erofs(
+        "link in",
+        fs::hard_link(v.join("conf"), v.join("users/conf")),
+    );
+    erofs(
+        "chmod",
+        fs::set_permissions(v.join("conf"), fs::Permissions::from_mode(0o600)),
+    );
+    erofs(
+        "chmod root",
+        fs::set_permissions(v, fs::Permissions::from_mode(0o700)),
+    );
+    let records = m.recorder.take();
+    assert!(
+        records.iter().all(|c| c.path.starts_with("users")),
+        "{records:#?}"
+    );
+    for (path, kind) in [
+        ("users/a", ChangeKind::Write),
+        ("users/b", ChangeKind::Create),
+        ("users/d", ChangeKind::Mkdir),
+        ("users/l", ChangeKind::Unlink),
+    ] {
+        assert!(
+            records.iter().any(|c| c.path == p(path) && c.kind == kind),
+            "{path} {kind:?} in {records:#?}"
+        );
+    }
+
+    // A file open for writing loses its write access when the upstream closes.
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(v.join("users/a"))
+        .expect("open");
+    f.write_all(b"3").expect("write while open");
+    m.volume().set_upstream_open(false);
+    erofs("after the upstream closed", f.write_all(b"4"));
+    drop(f);
+    assert_eq!(fs::read(v.join("users/a")).expect("read"), b"23");
+    m.volume().set_role(Role::Active);
+    fs::write(v.join("conf"), b"active again").expect("write on an active");
 }

@@ -30,6 +30,8 @@
 //! interval = "1h"                     # with sync = "interval" only, and then required
 //! priority = 1                        # 1 (must sync) or 2 (default)
 //! durability = "sync"                 # optional: the volume's when left out
+//! direction = "both"                  # down (default) or both: standbys may write it too;
+//!                                     # both needs sync = "always"
 //! ```
 
 use std::collections::HashMap;
@@ -42,7 +44,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
-use twinfs_replicator::policy::{Policy, PolicySet, Priority, Rule, SyncMode};
+use twinfs_replicator::policy::{Direction, Policy, PolicySet, Priority, Rule, SyncMode};
 
 use crate::identity::NodeId;
 
@@ -477,6 +479,7 @@ struct RawRule {
     interval: Option<Spanned<String>>,
     priority: Option<Spanned<i64>>,
     durability: Option<Durability>,
+    direction: Option<Spanned<Direction>>,
 }
 
 /// `sync` as written; the interval is a key of its own.
@@ -733,10 +736,24 @@ impl RawRule {
                 })?,
             None => Priority::NORMAL,
         };
+        let direction = match self.direction {
+            // Upstream writes ship at once like `always` changes; the other modes would
+            // leave a standby's write waiting, or never shipped.
+            Some(d) if *d.get_ref() == Direction::Both && sync != SyncMode::Always => {
+                return Err(doc.invalid(
+                    d.span(),
+                    &format!("{key}.direction"),
+                    "\"both\" is only allowed with sync = \"always\"",
+                ))
+            }
+            Some(d) => d.into_inner(),
+            None => Direction::Down,
+        };
         let policy = Policy {
             sync,
             priority,
             durability: self.durability,
+            direction,
         };
         Rule::new(self.pattern.get_ref(), policy)
             .map_err(|e| doc.invalid(self.pattern.span(), &format!("{key}.match"), e.to_string()))

@@ -110,6 +110,16 @@ fn mount_volume(
             anyhow::anyhow!("volume {}: cannot open {}: {e}", vc.name, vc.path.display())
         }
     })?;
+    // A standby takes local writes of its `direction = "both"` paths (while its
+    // session with the active can ship them upstream).
+    let volume = if vc.policies.rules().iter().any(|r| r.policy().upstream()) {
+        let policies = vc.policies.clone();
+        volume.with_upstream(Arc::new(move |path: &Path| {
+            policies.resolve(path).upstream()
+        }))
+    } else {
+        volume
+    };
     let mount_options = MountOptions {
         name: vc.name.clone(),
         // A replicated volume serves writes itself: a handle opened while this node

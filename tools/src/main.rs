@@ -269,8 +269,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("volume {name}: no conflicts");
                 }
                 for (dir, manifest) in sets {
+                    // A standby's refused upstream writes share the layout of a
+                    // fencing's set; say which it is.
+                    let why = if manifest.kept.iter().all(|k| k.what == "refused") {
+                        "refused by the active of epoch"
+                    } else {
+                        "fenced by epoch"
+                    };
                     println!(
-                        "volume {name}: {} file(s) in {} (fenced by epoch {})",
+                        "volume {name}: {} file(s) in {} ({why} {})",
                         manifest.kept.len(),
                         dir.display(),
                         manifest.fenced_by_epoch

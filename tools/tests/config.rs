@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tempfile::TempDir;
-use twinfs_replicator::policy::{Policy, Priority, SyncMode};
+use twinfs_replicator::policy::{Direction, Policy, Priority, SyncMode};
 use twinfs_tools::config::{Config, ConfigError, Durability, Role};
 use twinfs_tools::identity::NodeId;
 
@@ -160,6 +160,7 @@ path = "{{VOL2}}"
             sync: SyncMode::Once,
             priority: Priority::MUST_SYNC,
             durability: None,
+            ..Policy::DEFAULT
         }
     );
     assert_eq!(rules[1].pattern(), "fw/*.bin");
@@ -169,6 +170,7 @@ path = "{{VOL2}}"
             sync: SyncMode::Interval(Duration::from_secs(90 * 60)),
             priority: Priority::NORMAL,
             durability: None,
+            ..Policy::DEFAULT
         }
     );
     assert_eq!(rules[2].policy().sync, SyncMode::Never);
@@ -566,4 +568,46 @@ fn an_unreadable_file() {
         "{message}"
     );
     assert!(message.contains("No such file"), "{message}");
+}
+
+#[test]
+fn rule_directions() {
+    let setup = Setup::new();
+    let rule = |extra: &str| {
+        format!(
+            "{}[[volume.rule]]\nmatch = \"passwd\"\nsync = \"always\"\n{extra}",
+            minimal_volume()
+        )
+    };
+    let config = setup.load(&rule("direction = \"both\"\n")).expect("both");
+    let policies = &config.volumes[0].policies;
+    assert_eq!(policies.rules()[0].policy().direction, Direction::Both);
+    assert!(policies.resolve(Path::new("x/passwd")).upstream());
+    assert!(!policies.resolve(Path::new("cmm.conf")).upstream());
+    let config = setup.load(&rule("direction = \"down\"\n")).expect("down");
+    assert_eq!(
+        config.volumes[0].policies.rules()[0].policy().direction,
+        Direction::Down
+    );
+    let config = setup.load(&rule("")).expect("default");
+    assert_eq!(
+        config.volumes[0].policies.rules()[0].policy().direction,
+        Direction::Down
+    );
+    setup.assert_error(
+        &rule("direction = \"up\"\n"),
+        7,
+        "volume[0].rule[0].direction",
+        "unknown variant `up`, expected `down` or `both`",
+    );
+    let text = format!(
+        "{}[[volume.rule]]\nmatch = \"passwd\"\nsync = \"once\"\ndirection = \"both\"\n",
+        minimal_volume()
+    );
+    setup.assert_error(
+        &text,
+        7,
+        "volume[0].rule[0].direction",
+        "only allowed with sync = \"always\"",
+    );
 }

@@ -1,0 +1,183 @@
+//! Upstream writes: a standby's local change to a `direction = "both"` path, shipped
+//! to the active, which decides. No I/O here: the standby's [`Outbox`] numbers its
+//! writes and remembers what each one was based on; [`judge`] is the active's rule.
+//!
+//! The rule: the standby says which version of the path its write replaced (the
+//! content hash of the last version it had from the active, or of its own last write
+//! it shipped; none for a path it had no file at). The active applies the write only
+//! if its own current version still has that hash, so nobody changed the path on the
+//! active meanwhile. Otherwise the active's version wins: it stays, is shipped to the
+//! standby again, and the standby keeps its own version in its conflicts area. The
+//! active checks the path's rule itself and never trusts the standby's word for it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::manifest::Manifest;
+use crate::path::RelPath;
+use crate::policy::PolicySet;
+use crate::protocol::{Message, Op};
+
+/// One upstream write sent and not answered yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sent {
+    /// The write.
+    pub op: Op,
+    /// The hash it was based on.
+    pub base: Option<u128>,
+}
+
+/// Standby: the upstream writes of one session.
+#[derive(Debug)]
+pub struct Outbox {
+    policies: PolicySet,
+    /// The hash of the version each upstream path has as far as the active knows
+    /// (`None`: no regular file there).
+    known: HashMap<RelPath, Option<u128>>,
+    next_id: u64,
+    sent: BTreeMap<u64, Sent>,
+}
+
+impl Outbox {
+    /// An empty outbox for a volume with these rules.
+    pub fn new(policies: PolicySet) -> Outbox {
+        Outbox {
+            policies,
+            known: HashMap::new(),
+            next_id: 1,
+            sent: BTreeMap::new(),
+        }
+    }
+
+    /// Whether `path` is an upstream path under this node's rules.
+    pub fn upstream(&self, path: &RelPath) -> bool {
+        !path.is_root() && self.policies.resolve(path.as_path()).upstream()
+    }
+
+    /// The standby's manifest at the start of a full sync: what the active compares
+    /// it with, and so the versions the active's ops are based on.
+    pub fn learn_manifest(&mut self, manifest: &Manifest) {
+        self.known.clear();
+        for (path, meta) in manifest.iter() {
+            if self.upstream(path) {
+                self.known.insert(path.clone(), meta.hash);
+            }
+        }
+    }
+
+    /// An op from the active was applied: the standby has the active's version.
+    pub fn learn_applied(&mut self, op: &Op) {
+        match op {
+            Op::Put { entry, .. } | Op::PutStream { entry } => {
+                self.learn(&entry.path, entry.meta.hash)
+            }
+            Op::Delete { path } => {
+                let below: Vec<RelPath> = self
+                    .known
+                    .keys()
+                    .filter(|p| p.starts_with(path))
+                    .cloned()
+                    .collect();
+                for p in below {
+                    self.known.remove(&p);
+                }
+            }
+            Op::Rename { from, to, exchange } => {
+                let a = self.known.remove(from).flatten();
+                let b = self.known.remove(to).flatten();
+                self.learn(to, a);
+                if *exchange {
+                    self.learn(from, b);
+                }
+            }
+            Op::Skip { .. } => {}
+        }
+    }
+
+    fn learn(&mut self, path: &RelPath, hash: Option<u128>) {
+        if self.upstream(path) {
+            self.known.insert(path.clone(), hash);
+        } else {
+            self.known.remove(path);
+        }
+    }
+
+    /// The message that ships a local write `op` upstream. Later writes of the
+    /// same path are based on this one: the active applies them in order.
+    pub fn send(&mut self, op: Op) -> Message {
+        let checked = checked_path(&op).clone();
+        let base = self.known.get(&checked).copied().flatten();
+        self.learn_applied(&op);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.sent.insert(
+            id,
+            Sent {
+                op: op.clone(),
+                base,
+            },
+        );
+        Message::Upstream { id, base, op }
+    }
+
+    /// The active answered write `id`: what was sent, if it was waiting.
+    pub fn answered(&mut self, id: u64) -> Option<Sent> {
+        self.sent.remove(&id)
+    }
+
+    /// Writes sent and not answered.
+    pub fn waiting(&self) -> usize {
+        self.sent.len()
+    }
+}
+
+/// The path whose version the write is based on: the one it replaces, or for a
+/// rename the one it moves.
+pub fn checked_path(op: &Op) -> &RelPath {
+    match op {
+        Op::Rename { from, .. } => from,
+        other => other.path(),
+    }
+}
+
+/// Every path an upstream write changes.
+pub fn changed_paths(op: &Op) -> Vec<RelPath> {
+    match op {
+        Op::Rename { from, to, .. } => vec![from.clone(), to.clone()],
+        other => vec![other.path().clone()],
+    }
+}
+
+/// Active: whether to apply upstream write `op`, based on `base`, when the active's
+/// own version of [`checked_path`] has the hash `current` (`None`: no regular file).
+/// `Err` says why not, for the standby and the log.
+pub fn judge(
+    policies: &PolicySet,
+    op: &Op,
+    base: Option<u128>,
+    current: Option<u128>,
+) -> Result<(), String> {
+    if matches!(op, Op::Skip { .. } | Op::PutStream { .. }) {
+        return Err("not an upstream write".into());
+    }
+    if matches!(op, Op::Put { entry, content: None } if entry.meta.kind == crate::manifest::Kind::File)
+    {
+        return Err("an upstream file comes with its content".into());
+    }
+    for path in changed_paths(op) {
+        if path.is_root() || !policies.resolve(path.as_path()).upstream() {
+            return Err(format!(
+                "{path} is not a direction = \"both\" path on the active"
+            ));
+        }
+        if path.components().any(twinfs_fs::volume::is_reserved) {
+            return Err(format!("{path} is a name reserved for twinfs"));
+        }
+    }
+    if base != current {
+        return Err(format!(
+            "{} changed on the active since the standby's version; the active's stands",
+            checked_path(op)
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! The upstream rule without I/O: what a standby's outbox says each write was based
+//! on, and which writes the active takes (the active's rules, never the standby's,
+//! decide; a write based on a version the active no longer has is refused).
+
+use std::path::Path;
+
+use twinfs_replicator::manifest::{Entry, Kind, Manifest, Meta};
+use twinfs_replicator::path::RelPath;
+use twinfs_replicator::policy::{Direction, Policy, PolicySet, Rule, SyncMode};
+use twinfs_replicator::protocol::{Message, Op};
+use twinfs_replicator::upstream::{judge, Outbox};
+
+fn rel(s: &str) -> RelPath {
+    RelPath::new(s).expect("valid path")
+}
+
+fn policies() -> PolicySet {
+    let both = Policy {
+        direction: Direction::Both,
+        ..Policy::DEFAULT
+    };
+    PolicySet::new(vec![
+        // `both` with another sync mode is refused by the configuration; were it
+        // there, it would not count.
+        Rule::new(
+            "/local",
+            Policy {
+                sync: SyncMode::Never,
+                ..both
+            },
+        )
+        .expect("rule"),
+        Rule::new("passwd", both).expect("rule"),
+        Rule::new("/users", both).expect("rule"),
+    ])
+}
+
+fn meta(kind: Kind, hash: Option<u128>) -> Meta {
+    Meta {
+        kind,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: (1, 0),
+        size: 1,
+        rdev: 0,
+        hash,
+        target: None,
+        xattrs: Vec::new(),
+    }
+}
+
+fn put(path: &str, hash: u128) -> Op {
+    Op::Put {
+        entry: Entry {
+            path: rel(path),
+            meta: meta(Kind::File, Some(hash)),
+        },
+        content: Some(b"x".to_vec()),
+    }
+}
+
+#[test]
+fn upstream_paths_follow_the_rules() {
+    let p = policies();
+    for path in ["passwd", "x/passwd", "users", "users/a/b"] {
+        assert!(p.resolve(Path::new(path)).upstream(), "{path}");
+    }
+    for path in ["", "cmm.conf", "passwd.old", "x/users/a", "local/passwd"] {
+        assert!(!p.resolve(Path::new(path)).upstream(), "{path}");
+    }
+}
+
+#[test]
+fn the_active_takes_a_write_based_on_its_current_version() {
+    let p = policies();
+    assert_eq!(judge(&p, &put("passwd", 2), Some(1), Some(1)), Ok(()));
+    // A new file where the active has none either.
+    assert_eq!(judge(&p, &put("users/bob", 2), None, None), Ok(()));
+    assert_eq!(
+        judge(
+            &p,
+            &Op::Delete {
+                path: rel("users/bob")
+            },
+            Some(2),
+            Some(2)
+        ),
+        Ok(())
+    );
+    let rename = Op::Rename {
+        from: rel("users/bob"),
+        to: rel("users/robert"),
+        exchange: false,
+    };
+    assert_eq!(judge(&p, &rename, Some(2), Some(2)), Ok(()));
+}
+
+#[test]
+fn the_active_refuses_a_write_based_on_a_version_it_no_longer_has() {
+    let p = policies();
+    let err = judge(&p, &put("passwd", 3), Some(1), Some(2)).expect_err("changed meanwhile");
+    assert!(err.contains("changed on the active"), "{err}");
+    // The standby had no file; the active has one now.
+    assert!(judge(&p, &put("users/bob", 3), None, Some(2)).is_err());
+    // The standby deletes what the active has changed.
+    assert!(judge(
+        &p,
+        &Op::Delete {
+            path: rel("passwd")
+        },
+        Some(1),
+        Some(2)
+    )
+    .is_err());
+}
+
+#[test]
+fn the_active_checks_the_rule_itself() {
+    let p = policies();
+    for op in [
+        put("cmm.conf", 1),
+        put("local/passwd", 1),
+        Op::Delete {
+            path: rel("cmm.conf"),
+        },
+        Op::Delete {
+            path: RelPath::root(),
+        },
+        // Either end of a rename outside the rule.
+        Op::Rename {
+            from: rel("passwd"),
+            to: rel("passwd.old"),
+            exchange: false,
+        },
+        Op::Rename {
+            from: rel("cmm.conf"),
+            to: rel("users/cmm.conf"),
+            exchange: false,
+        },
+        // Names twinfs keeps for itself.
+        put("users/.twinfs-tmp", 1),
+        // Not writes a standby sends.
+        Op::Skip {
+            path: rel("passwd"),
+        },
+        Op::PutStream {
+            entry: Entry {
+                path: rel("passwd"),
+                meta: meta(Kind::File, None),
+            },
+        },
+        // A file without its content.
+        Op::Put {
+            entry: Entry {
+                path: rel("passwd"),
+                meta: meta(Kind::File, None),
+            },
+            content: None,
+        },
+    ] {
+        assert!(judge(&p, &op, None, None).is_err(), "{op:?} taken");
+    }
+}
+
+fn base_of(message: &Message) -> Option<u128> {
+    match message {
+        Message::Upstream { base, .. } => *base,
+        other => panic!("not an upstream message: {other:?}"),
+    }
+}
+
+#[test]
+fn the_outbox_bases_each_write_on_the_last_version_agreed_or_sent() {
+    let mut outbox = Outbox::new(policies());
+    let mut manifest = Manifest::new();
+    manifest.insert(Entry {
+        path: rel("passwd"),
+        meta: meta(Kind::File, Some(1)),
+    });
+    manifest.insert(Entry {
+        path: rel("cmm.conf"),
+        meta: meta(Kind::File, Some(9)),
+    });
+    outbox.learn_manifest(&manifest);
+
+    // Based on the full sync's version, then on its own write before any answer.
+    let first = outbox.send(put("passwd", 2));
+    assert_eq!(base_of(&first), Some(1));
+    let second = outbox.send(put("passwd", 3));
+    assert_eq!(base_of(&second), Some(2));
+    assert_eq!(outbox.waiting(), 2);
+    let Message::Upstream { id, .. } = first else {
+        unreachable!()
+    };
+    assert_eq!(outbox.answered(id).map(|s| s.base), Some(Some(1)));
+    assert_eq!(outbox.answered(id), None, "answered once");
+    assert_eq!(outbox.waiting(), 1);
+
+    // The active's version arrives: the next write is based on it.
+    outbox.learn_applied(&put("passwd", 7));
+    assert_eq!(base_of(&outbox.send(put("passwd", 8))), Some(7));
+
+    // A new file has no base; a rename carries the base of what it moves.
+    assert_eq!(base_of(&outbox.send(put("users/bob", 4))), None);
+    let rename = Op::Rename {
+        from: rel("users/bob"),
+        to: rel("users/robert"),
+        exchange: false,
+    };
+    assert_eq!(base_of(&outbox.send(rename)), Some(4));
+    assert_eq!(
+        base_of(&outbox.send(Op::Delete {
+            path: rel("users/robert")
+        })),
+        Some(4)
+    );
+    // Deleted: a new file there is based on nothing.
+    assert_eq!(base_of(&outbox.send(put("users/robert", 5))), None);
+    // Deleting a directory forgets what was below it.
+    outbox.learn_applied(&Op::Delete { path: rel("users") });
+    assert_eq!(base_of(&outbox.send(put("users/robert", 6))), None);
+}

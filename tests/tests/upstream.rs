@@ -1,0 +1,320 @@
+//! Upstream writes end to end: a standby's local writes of `direction = "both"`
+//! paths reach the active and the other standbys; everything else stays read-only on
+//! a standby; when both sides change a file, the active's version wins and the
+//! standby keeps its own in its conflicts area. Real `twinfs mount` daemons.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use twinfs_tests::daemon::{wait_until, Cluster, Node};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+const RULES: &str = r#"
+[[volume.rule]]
+match = "passwd"
+sync = "always"
+direction = "both"
+
+[[volume.rule]]
+match = "/users"
+sync = "always"
+direction = "both"
+"#;
+
+fn fill(dir: &Path) {
+    fs::write(dir.join("passwd"), "root:x:0:0\n").expect("fill");
+    fs::write(dir.join("cmm.conf"), "chassis_id = 42\n").expect("fill");
+    fs::create_dir(dir.join("users")).expect("fill");
+    fs::write(dir.join("users/admin"), "password = old\n").expect("fill");
+}
+
+fn read(path: impl AsRef<Path>) -> Option<String> {
+    fs::read_to_string(path).ok()
+}
+
+fn erofs<T: std::fmt::Debug>(what: &str, result: std::io::Result<T>) {
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+        other => panic!("{what}: expected EROFS, got {other:?}"),
+    }
+}
+
+/// Waits until the standby takes local writes of its upstream paths (it does once
+/// its first full sync with the active is through), by writing `content` to `path`.
+fn write_once_open(node: &Node, path: &str, content: &str) {
+    let target = node.volume.join(path);
+    assert!(
+        wait_until(CONVERGE, || fs::write(&target, content).is_ok()),
+        "the standby never took a write of {path}: {:?}\nlog:\n{}",
+        fs::write(&target, content),
+        node.log_text()
+    );
+}
+
+fn wait_content(node: &Node, path: &str, want: &str) {
+    let at = node.volume.join(path);
+    assert!(
+        wait_until(CONVERGE, || read(&at).as_deref() == Some(want)),
+        "{path} on {}: {:?}, want {want:?}\nlog:\n{}",
+        node.volume.display(),
+        read(&at),
+        node.log_text()
+    );
+}
+
+fn sh(script: &str) {
+    let status = Command::new("sh")
+        .args(["-c", script])
+        .status()
+        .expect("sh");
+    assert!(status.success(), "sh -c {script:?}: {status}");
+}
+
+#[test]
+fn both_writes_on_a_standby_reach_the_active_and_the_other_standbys() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(3, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let standby = &c.nodes[1];
+
+    // A password reset on the standby, with fs::write.
+    write_once_open(standby, "passwd", "root:x:0:0\nadmin:x:1000:1000\n");
+    for node in [&c.nodes[0], &c.nodes[2]] {
+        wait_content(node, "passwd", "root:x:0:0\nadmin:x:1000:1000\n");
+    }
+    c.wait_converged(CONVERGE);
+
+    // A shell redirection, to an existing file and to a new one under a `both`
+    // directory.
+    let users = standby.volume.join("users");
+    sh(&format!(
+        "echo 'password = new' > {0}/admin && echo 'password = bob' > {0}/bob",
+        users.display()
+    ));
+    for node in [&c.nodes[0], &c.nodes[2]] {
+        wait_content(node, "users/admin", "password = new\n");
+        wait_content(node, "users/bob", "password = bob\n");
+    }
+    c.wait_converged(CONVERGE);
+
+    // chmod and touch.
+    fs::set_permissions(users.join("bob"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mode = |node: &Node| {
+        fs::metadata(node.volume.join("users/bob"))
+            .map(|m| m.permissions().mode() & 0o7777)
+            .ok()
+    };
+    assert!(
+        wait_until(CONVERGE, || mode(&c.nodes[0]) == Some(0o600)),
+        "mode on the active: {:?}\nactive log:\n{}\nstandby log:\n{}",
+        mode(&c.nodes[0]),
+        c.nodes[0].log_text(),
+        standby.log_text()
+    );
+    sh(&format!(
+        "touch -d '2001-02-03 04:05:06' {}/bob",
+        users.display()
+    ));
+    let mtime = |node: &Node| {
+        fs::metadata(node.volume.join("users/bob"))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    let want = mtime(standby);
+    assert!(
+        wait_until(CONVERGE, || mtime(&c.nodes[0]) == want),
+        "mtime on the active: {:?}, want {want:?}",
+        mtime(&c.nodes[0])
+    );
+    c.wait_converged(CONVERGE);
+
+    // Within the `both` directory: a new directory, a rename, a deletion.
+    fs::create_dir(users.join("team")).expect("mkdir under users");
+    fs::rename(users.join("bob"), users.join("team/robert")).expect("rename under users");
+    fs::remove_file(users.join("admin")).expect("rm under users");
+    for node in [&c.nodes[0], &c.nodes[2]] {
+        wait_content(node, "users/team/robert", "password = bob\n");
+        let gone = node.volume.join("users/admin");
+        assert!(
+            wait_until(CONVERGE, || !gone.exists()
+                && !node.volume.join("users/bob").exists()),
+            "users/admin and users/bob still on {}",
+            node.volume.display()
+        );
+    }
+    c.wait_converged(CONVERGE);
+    // Nothing conflicted.
+    assert_eq!(standby.volume_status()["conflicts"].as_u64(), Some(0));
+}
+
+#[test]
+fn everything_else_stays_read_only_on_a_standby() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let standby = &c.nodes[1];
+    let v = &standby.volume;
+    write_once_open(standby, "passwd", "root:x:0:0\nop:x:1:1\n");
+
+    erofs("write a plain file", fs::write(v.join("cmm.conf"), "x"));
+    erofs("create a plain file", fs::write(v.join("new.conf"), "x"));
+    erofs("delete a plain file", fs::remove_file(v.join("cmm.conf")));
+    erofs(
+        "rename both -> plain",
+        fs::rename(v.join("passwd"), v.join("passwd.old")),
+    );
+    erofs(
+        "rename plain -> both",
+        fs::rename(v.join("cmm.conf"), v.join("users/cmm.conf")),
+    );
+    erofs("mkdir outside a both rule", fs::create_dir(v.join("etc")));
+    erofs(
+        "chmod a plain file",
+        fs::set_permissions(v.join("cmm.conf"), fs::Permissions::from_mode(0o600)),
+    );
+    erofs(
+        "chmod the root",
+        fs::set_permissions(v, fs::Permissions::from_mode(0o700)),
+    );
+    erofs(
+        "hard link of a plain file into a both directory",
+        fs::hard_link(v.join("cmm.conf"), v.join("users/link")),
+    );
+    erofs(
+        "symlink outside a both rule",
+        std::os::unix::fs::symlink("passwd", v.join("pw")),
+    );
+
+    // The active still takes every write, and the standby gets them.
+    fs::write(c.active().join("cmm.conf"), "chassis_id = 7\n").expect("write on the active");
+    wait_content(standby, "cmm.conf", "chassis_id = 7\n");
+    c.wait_converged(CONVERGE);
+    assert_eq!(
+        read(c.active().join("passwd")).as_deref(),
+        Some("root:x:0:0\nop:x:1:1\n")
+    );
+    assert!(!c.active().join("new.conf").exists());
+}
+
+#[test]
+fn a_concurrent_change_the_actives_version_wins_and_the_standby_keeps_its_own() {
+    let _serial = twinfs_tests::serial();
+    use twinfs_tests::daemon::NetPair;
+    let net = NetPair::new((std::process::id() % 250) as u8);
+    let mut c = Cluster::in_namespaces(&net, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let (active, standby) = (&c.nodes[0], &c.nodes[1]);
+    write_once_open(standby, "users/admin", "password = agreed\n");
+    wait_content(active, "users/admin", "password = agreed\n");
+
+    // Neither hears the other while both change the same file: the standby's write
+    // is based on "agreed", which the active no longer has when it arrives.
+    net.cut();
+    fs::write(active.volume.join("users/admin"), "password = active\n").expect("active");
+    fs::write(standby.volume.join("users/admin"), "password = standby\n").expect("standby");
+    net.heal();
+
+    wait_content(standby, "users/admin", "password = active\n");
+    c.wait_converged(CONVERGE);
+    assert_eq!(
+        read(active.volume.join("users/admin")).as_deref(),
+        Some("password = active\n")
+    );
+
+    // The standby's version is in its conflicts area, and listed.
+    let area = standby.state_dir.join("conflicts/vol");
+    let kept = || {
+        fs::read_dir(&area)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("users/admin"))
+            .find_map(read)
+    };
+    assert!(
+        wait_until(CONVERGE, || kept().as_deref()
+            == Some("password = standby\n")),
+        "kept: {:?}\nstandby log:\n{}\nactive log:\n{}",
+        kept(),
+        standby.log_text(),
+        active.log_text()
+    );
+    let out = standby.twinfs(&["conflicts"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("users/admin"), "{listed}");
+    assert!(
+        listed.contains("refused by the active of epoch 1"),
+        "{listed}"
+    );
+    assert!(active.twinfs(&["conflicts"]).status.success());
+    assert!(
+        String::from_utf8_lossy(&active.twinfs(&["conflicts"]).stdout).contains("no conflicts")
+    );
+}
+
+#[test]
+fn the_active_refuses_a_path_that_is_not_both_under_its_own_rules() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    // The standby (wrongly) believes cmm.conf is a `both` path; the active does not.
+    let config = &c.nodes[1].config;
+    let mut text = fs::read_to_string(config).expect("config");
+    text.push_str(
+        "\n[[volume.rule]]\nmatch = \"cmm.conf\"\nsync = \"always\"\ndirection = \"both\"\n",
+    );
+    fs::write(config, text).expect("config");
+    c.start();
+    c.wait_converged(CONVERGE);
+    let standby = &c.nodes[1];
+    write_once_open(standby, "cmm.conf", "chassis_id = 666\n");
+
+    // Refused and logged by the active, which stays up; its version comes back.
+    assert!(
+        wait_until(CONVERGE, || c.nodes[0]
+            .log_text()
+            .contains("is not a direction = \"both\" path on the active")),
+        "active log:\n{}",
+        c.nodes[0].log_text()
+    );
+    wait_content(standby, "cmm.conf", "chassis_id = 42\n");
+    c.wait_converged(CONVERGE);
+    let listed = || String::from_utf8_lossy(&standby.twinfs(&["conflicts"]).stdout).into_owned();
+    assert!(
+        wait_until(CONVERGE, || listed().contains("cmm.conf")),
+        "{}",
+        listed()
+    );
+    // Still replicating.
+    fs::write(c.active().join("passwd"), "root:x:0:0\nnew:x:2:2\n").expect("write on the active");
+    wait_content(standby, "passwd", "root:x:0:0\nnew:x:2:2\n");
+}
+
+#[test]
+fn a_sync_upstream_write_is_on_the_active_when_close_returns() {
+    let _serial = twinfs_tests::serial();
+    let rules = "[[volume.rule]]\nmatch = \"passwd\"\nsync = \"always\"\ndirection = \"both\"\ndurability = \"sync\"\n";
+    let mut c = Cluster::new(3, rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    write_once_open(&c.nodes[1], "passwd", "root:x:0:0\nfirst:x:1:1\n");
+    for i in 0..5 {
+        let content = format!("root:x:0:0\nuser{i}:x:1:1\n");
+        fs::write(c.nodes[1].volume.join("passwd"), &content).expect("write on the standby");
+        // With async durability the write is usually still on its way here.
+        for node in [&c.nodes[0], &c.nodes[2]] {
+            assert_eq!(
+                read(node.volume.join("passwd")).as_deref(),
+                Some(content.as_str()),
+                "{} when close() returned on the standby",
+                node.volume.display()
+            );
+        }
+    }
+}
