@@ -127,6 +127,9 @@ pub struct OpenFile {
     pub fd: OwnedFd,
     /// Opened for writing (or with `O_TRUNC`): its close is a change.
     pub writable: bool,
+    /// Standby: the path an upstream file was opened for writing at (see
+    /// [`Volume::with_rescue`]); `None` on an active.
+    standby_path: Option<PathBuf>,
     /// (size, mtime, ctime) of the file when this handle was last recorded; `None`
     /// until the first record. With passthrough the volume does not see writes, so it
     /// tells a close after writing from a second close of a dup'd fd by these.
@@ -188,6 +191,11 @@ pub struct VolumeStats {
 /// standby only, with every path an operation changes.
 pub type UpstreamFilter = Arc<dyn Fn(&Path) -> bool + Send + Sync>;
 
+/// Keeps what a local writer on a standby wrote to an upstream file that the active's
+/// version replaced while it was open (its fd is of a file no longer in the volume):
+/// called at its close with the path it was opened at and the fd of what it wrote.
+pub type Rescue = Arc<dyn Fn(&Path, BorrowedFd<'_>) + Send + Sync>;
+
 /// One in-place volume: the directory fd it serves and the state of its inodes and
 /// open files.
 pub struct Volume {
@@ -208,6 +216,7 @@ pub struct Volume {
     /// now (only while a session with the active can ship such writes upstream).
     upstream: Option<UpstreamFilter>,
     upstream_open: AtomicBool,
+    rescue: Option<Rescue>,
 }
 
 fn enoent() -> Error {
@@ -288,6 +297,7 @@ impl Volume {
             sink,
             upstream: None,
             upstream_open: AtomicBool::new(false),
+            rescue: None,
         })
     }
 
@@ -295,6 +305,14 @@ impl Volume {
     /// standby, once [`Volume::set_upstream_open`] says their writes can be shipped.
     pub fn with_upstream(mut self, filter: UpstreamFilter) -> Volume {
         self.upstream = Some(filter);
+        self
+    }
+
+    /// Standby: where an upstream file's local writer's content goes when the
+    /// active's version replaced the file while it was open for writing, so nothing
+    /// written on the standby is lost without a trace.
+    pub fn with_rescue(mut self, rescue: Rescue) -> Volume {
+        self.rescue = Some(rescue);
         self
     }
 
@@ -790,10 +808,16 @@ impl Volume {
 
     fn add_file(&self, ino: u64, fd: OwnedFd, writable: bool) -> (u64, Arc<OpenFile>) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        // Only a standby's writable handles need their path later; an active's never
+        // computes it.
+        let standby_path = (writable && self.rescue.is_some() && self.role() == Role::Standby)
+            .then(|| self.path_of(ino))
+            .flatten();
         let file = Arc::new(OpenFile {
             ino,
             fd,
             writable,
+            standby_path,
             recorded: Mutex::new(None),
         });
         self.files
@@ -982,9 +1006,27 @@ impl Volume {
         let file = self.file(fh)?;
         let _recording = self.recording();
         if file.writable && file.take_change()? {
+            if self.rescued(&file) {
+                // Its path holds the active's version now: nothing of it to ship.
+                return Ok(());
+            }
             self.record(file.ino, ChangeKind::Write);
         }
         Ok(())
+    }
+
+    /// Standby: if `file` was opened for writing at an upstream path whose file has
+    /// been replaced since (the active's version put in place over it), hands what
+    /// it wrote to the rescue; whether it did.
+    fn rescued(&self, file: &OpenFile) -> bool {
+        let (Some(rescue), Some(path)) = (&self.rescue, &file.standby_path) else {
+            return false;
+        };
+        if !sys::fstat(file.fd.as_fd()).is_ok_and(|st| st.st_nlink == 0) {
+            return false;
+        }
+        rescue(path, file.fd.as_fd());
+        true
     }
 
     /// Forgets an open file after its last reference went away (asynchronous to the

@@ -318,3 +318,56 @@ fn a_sync_upstream_write_is_on_the_active_when_close_returns() {
         }
     }
 }
+
+#[test]
+fn a_standby_write_still_open_when_the_actives_version_arrives_is_kept() {
+    use std::io::Write;
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let (active, standby) = (&c.nodes[0], &c.nodes[1]);
+    write_once_open(standby, "users/admin", "password = old\n");
+    c.wait_converged(CONVERGE);
+
+    // A local writer on the standby holds the file open while the active changes it.
+    let mut held = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(standby.volume.join("users/admin"))
+        .expect("open on the standby");
+    held.write_all(b"password = typed on the standby")
+        .expect("write on the standby");
+    fs::write(active.volume.join("users/admin"), "password = active\n").expect("write");
+    wait_content(standby, "users/admin", "password = active\n");
+    // Its file is gone from the volume: further writes are refused, not lost.
+    erofs(
+        "a write to the replaced file",
+        held.write_all(b", and more\n"),
+    );
+    drop(held);
+
+    // The active's version stands everywhere; what the writer wrote is kept.
+    c.wait_converged(CONVERGE);
+    assert_eq!(
+        read(active.volume.join("users/admin")).as_deref(),
+        Some("password = active\n")
+    );
+    let area = standby.state_dir.join("conflicts/vol");
+    let kept = || {
+        fs::read_dir(&area)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("users/admin"))
+            .find_map(read)
+    };
+    assert_eq!(
+        kept().as_deref(),
+        Some("password = typed on the standby"),
+        "standby log:\n{}",
+        standby.log_text()
+    );
+    let listed = String::from_utf8_lossy(&standby.twinfs(&["conflicts"]).stdout).into_owned();
+    assert!(listed.contains("users/admin"), "{listed}");
+}

@@ -114,9 +114,18 @@ fn mount_volume(
     // session with the active can ship them upstream).
     let volume = if vc.policies.rules().iter().any(|r| r.policy().upstream()) {
         let policies = vc.policies.clone();
-        volume.with_upstream(Arc::new(move |path: &Path| {
-            policies.resolve(path).upstream()
-        }))
+        let area = twinfs_replicator::conflicts::Area::new(&config.node.state_dir, &vc.name);
+        let (state_dir, name) = (config.node.state_dir.clone(), vc.name.clone());
+        volume
+            .with_upstream(Arc::new(move |path: &Path| {
+                policies.resolve(path).upstream()
+            }))
+            .with_rescue(Arc::new(move |path: &Path, fd| {
+                // The state file exists by now: the volume's role was loaded from it.
+                let epoch = VolumeState::load_or_init(&state_dir, &name, Role::Standby)
+                    .map_or(0, |s| s.epoch);
+                rescue(&area, epoch, path, fd);
+            }))
     } else {
         volume
     };
@@ -448,6 +457,36 @@ async fn hold_writes_until_unchallenged(volume: String, roles: Arc<RoleCell>, bo
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Keeps in the conflicts area what a local writer on this standby wrote to `path`
+/// after the active's version replaced it (the file behind `fd` is no longer in the
+/// volume).
+fn rescue(
+    area: &twinfs_replicator::conflicts::Area,
+    epoch: u64,
+    path: &Path,
+    fd: std::os::fd::BorrowedFd<'_>,
+) {
+    use std::os::fd::AsRawFd;
+    let kept = twinfs_replicator::path::RelPath::from_path(path)
+        .map_err(|e| e.to_string())
+        .and_then(|rel| {
+            // Opened anew through /proc: the writer's fd may be write-only.
+            let content = std::fs::read(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .map_err(|e| e.to_string())?;
+            area.keep_refused(
+                epoch,
+                unix_now(),
+                &rel,
+                Some(&content),
+                "the active's version replaced it while it was open for writing on this standby",
+            )
+        });
+    if let Err(e) = kept {
+        tracing::error!(path = %path.display(), error = %e,
+            "cannot keep a standby write that the active's version replaced");
     }
 }
 
