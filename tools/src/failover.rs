@@ -2,7 +2,8 @@
 //!
 //! - A standby of a volume with `failover = "auto"` watches how long its active has
 //!   been silent. After `peer_timeout` it asks every configured peer (witnesses too)
-//!   how they see the volume, and for its vote, and promotes itself only when it is
+//!   how they see the volume, then (if the rule picks this node) those that answered
+//!   for their vote, and promotes itself only when it is
 //!   fit, nobody it reaches is active at its epoch or later or still hears the
 //!   active, no other fit, silent standby it reaches outranks it (higher epoch, then
 //!   lower node name), and (with more than two nodes) a majority of the nodes voted
@@ -184,6 +185,25 @@ pub fn decide(
     total: usize,
     answers: &[node::ProbeReply],
 ) -> Decision {
+    match rank(mine, own, total, answers) {
+        Decision::Promote(epoch) => votes(total, answers.iter().filter(|a| a.granted).count())
+            .map_or(Decision::Promote(epoch), Decision::Wait),
+        wait => wait,
+    }
+}
+
+/// Why `granted` votes of peers (and this node's own) are not enough among `total`
+/// nodes, if they are not.
+fn votes(total: usize, granted: usize) -> Option<String> {
+    let votes = 1 + granted;
+    (total > 2 && votes * 2 <= total).then(|| {
+        format!("no majority of votes: {votes} of {total} (another candidate may have them)")
+    })
+}
+
+/// The rule but for the votes: whether this node is the one to take over, as far as
+/// it can tell from the peers that answered.
+fn rank(mine: &VolumeView, own: &str, total: usize, answers: &[node::ProbeReply]) -> Decision {
     let reachable = 1 + answers.len();
     if total > 2 && reachable * 2 <= total {
         return Decision::Wait(format!(
@@ -223,13 +243,32 @@ pub fn decide(
             Role::Standby => {}
         }
     }
-    let votes = 1 + answers.iter().filter(|a| a.granted).count();
-    if total > 2 && votes * 2 <= total {
-        return Decision::Wait(format!(
-            "no majority of votes: {votes} of {total} (another candidate may have them)"
-        ));
-    }
     Decision::Promote(highest + 1)
+}
+
+/// Probes `peers` at once (asking their vote for `vote`, if given); those that
+/// answered, with their answers.
+async fn probe_all(
+    endpoint: &quinn::Endpoint,
+    peers: &[Peer],
+    vote: Option<&str>,
+) -> Vec<(Peer, node::ProbeReply)> {
+    let mut asked = tokio::task::JoinSet::new();
+    for peer in peers.iter().cloned() {
+        let endpoint = endpoint.clone();
+        let vote = vote.map(str::to_owned);
+        asked.spawn(async move {
+            let answer = node::probe(&endpoint, &peer, vote.as_deref(), PROBE_WAIT).await;
+            answer.map(|a| (peer, a))
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(answer) = asked.join_next().await {
+        if let Ok(Some(a)) = answer {
+            answers.push(a);
+        }
+    }
+    answers
 }
 
 /// Watches the active of `v` while this node is its standby, and promotes this node
@@ -283,26 +322,26 @@ pub async fn watch<F, Fut>(
             say(format!("the active is silent; not taking over: {why}"));
             continue;
         }
-        let mut asked = tokio::task::JoinSet::new();
-        for peer in peers.clone() {
-            let endpoint = endpoint.clone();
-            let volume = v.name.clone();
-            asked.spawn(
-                async move { node::probe(&endpoint, &peer, Some(&volume), PROBE_WAIT).await },
-            );
-        }
-        let mut answers = Vec::new();
-        while let Some(answer) = asked.join_next().await {
-            if let Ok(Some(a)) = answer {
-                answers.push(a);
-            }
-        }
+        // First how everyone sees it; only the node the rule picks asks for votes (a
+        // node that defers to another must not hold votes the other needs).
+        let (reached, answers): (Vec<Peer>, Vec<node::ProbeReply>) =
+            probe_all(&endpoint, &peers, None).await.into_iter().unzip();
         // The active may have spoken (or this node changed role) while it asked.
         if v.roles.get().role != Role::Standby || hears_active(&board, &v.name, v.peer_timeout) {
             continue;
         }
         let mine = view(&v, &board);
-        match decide(&mine, &own, peers.len() + 1, &answers) {
+        let total = peers.len() + 1;
+        let decision = match rank(&mine, &own, total, &answers) {
+            Decision::Promote(epoch) if total > 2 => {
+                // Only those that answered can vote; the others would only cost time.
+                let ballots = probe_all(&endpoint, &reached, Some(&v.name)).await;
+                votes(total, ballots.iter().filter(|(_, a)| a.granted).count())
+                    .map_or(Decision::Promote(epoch), Decision::Wait)
+            }
+            other => other,
+        };
+        match decision {
             Decision::Wait(why) => {
                 let split = why.starts_with("no majority of votes");
                 say(format!("the active is silent; waiting: {why}"));
