@@ -218,6 +218,10 @@ pub struct VolumeLink {
     /// (exclusively) by a standby's scan: a new session's full sync never starts while
     /// an old session's large file may still be put in place.
     pub applying: Arc<tokio::sync::RwLock<()>>,
+    /// The epoch at which this node last handed the active role over with everything
+    /// acknowledged by the new active (0: never). If the new active fences it before
+    /// its own demotion is through, it has nothing to keep in its conflicts area.
+    pub handed_over: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What a standby knows of its fitness to take over, kept across restarts in the
@@ -1176,6 +1180,9 @@ async fn run_session(
                 // the message: stepping down closes this connection), then step down.
                 // Should this node die in between, the standby's new epoch fences it.
                 let epoch = volume.roles.get().epoch;
+                volume
+                    .handed_over
+                    .store(epoch, std::sync::atomic::Ordering::Release);
                 if write(&mut send, &Message::HandoverReady { epoch })
                     .await
                     .is_some()
@@ -1749,9 +1756,26 @@ fn take_upstream_recorded(volume: &VolumeLink, op: &Op, base: Option<u128>) -> R
 /// that followed one: it stops being active at once and becomes a standby, which the
 /// winner then brings to its state.
 async fn fence(volume: &VolumeLink, link: &Link, epoch: u64) {
+    let roles = volume.roles.clone();
+    // The node this one just handed over to, meeting it before its own demotion is
+    // through: local writes have been refused since everything was acknowledged, so
+    // there is nothing of this node's to keep, and this is the handover's demotion.
+    let handed_over = volume
+        .handed_over
+        .load(std::sync::atomic::Ordering::Acquire)
+        == roles.get().epoch
+        && volume.volume.role() == Role::Standby;
+    if handed_over {
+        tracing::info!(volume = %volume.name, peer = %link.peer, epoch,
+            "the node this one handed over to is active; stepping down");
+        let demoted = tokio::task::spawn_blocking(move || roles.demote(epoch, "manual")).await;
+        if !matches!(demoted, Ok(Ok(_))) {
+            tracing::error!(volume = %volume.name, ?demoted, "cannot persist the handover");
+        }
+        return;
+    }
     tracing::warn!(volume = %volume.name, peer = %link.peer, epoch,
         "fenced: another node is active with a later epoch (or wins the tie); stepping down");
-    let roles = volume.roles.clone();
     let conflicts = volume.conflicts.clone();
     let demoted = tokio::task::spawn_blocking(move || {
         // Armed before the role changes: the winner's full sync keeps what it replaces

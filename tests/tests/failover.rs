@@ -395,6 +395,12 @@ fn planned_switchover_back_and_forth_loses_no_acknowledged_write() {
         acked.len()
     );
     assert!(refused > 0, "writes during a switch get EROFS");
+    // Nothing was at risk in a planned switchover: nothing is kept as a conflict.
+    for node in &c.nodes {
+        let listed = run_ok(node, &["conflicts"]);
+        assert!(listed.contains("no conflicts"), "{listed}");
+        assert_eq!(node.volume_status()["conflicts"], 0);
+    }
     assert_eq!(
         role_epoch(&c.nodes[last]),
         ("active".into(), 1 + SWITCHES as u64)

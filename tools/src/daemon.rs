@@ -335,6 +335,7 @@ fn start_replication(
             handover: v.handover.clone(),
             commands: v.commands.clone(),
             applying: Default::default(),
+            handed_over: Default::default(),
         });
     }
     let peers = peers(config);
