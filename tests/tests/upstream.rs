@@ -66,6 +66,16 @@ fn wait_content(node: &Node, path: &str, want: &str) {
     );
 }
 
+/// The content `node` keeps of `path` in a set of its conflicts area, if any.
+fn kept(node: &Node, path: &str) -> Option<String> {
+    fs::read_dir(node.state_dir.join("conflicts/vol"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path().join(path))
+        .find_map(read)
+}
+
 fn sh(script: &str) {
     let status = Command::new("sh")
         .args(["-c", script])
@@ -229,15 +239,7 @@ fn a_concurrent_change_the_actives_version_wins_and_the_standby_keeps_its_own() 
     );
 
     // The standby's version is in its conflicts area, and listed.
-    let area = standby.state_dir.join("conflicts/vol");
-    let kept = || {
-        fs::read_dir(&area)
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .map(|e| e.path().join("users/admin"))
-            .find_map(read)
-    };
+    let kept = || kept(standby, "users/admin");
     assert!(
         wait_until(CONVERGE, || kept().as_deref()
             == Some("password = standby\n")),
@@ -353,17 +355,8 @@ fn a_standby_write_still_open_when_the_actives_version_arrives_is_kept() {
         read(active.volume.join("users/admin")).as_deref(),
         Some("password = active\n")
     );
-    let area = standby.state_dir.join("conflicts/vol");
-    let kept = || {
-        fs::read_dir(&area)
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .map(|e| e.path().join("users/admin"))
-            .find_map(read)
-    };
     assert_eq!(
-        kept().as_deref(),
+        kept(standby, "users/admin").as_deref(),
         Some("password = typed on the standby"),
         "standby log:\n{}",
         standby.log_text()
