@@ -118,20 +118,16 @@ impl Area {
         if entries == 0 {
             return Ok(0);
         }
-        let manifest_path = set.join(MANIFEST);
-        let mut manifest = read_manifest(&manifest_path).unwrap_or_else(|| Manifest {
-            volume: self.volume.clone(),
-            fenced_by_epoch: epoch,
+        self.list(
+            &set,
+            epoch,
             at,
-            kept: Vec::new(),
-        });
-        manifest.kept.push(Kept {
-            path: path.to_string(),
-            what: what.to_owned(),
-            entries,
-        });
-        write_manifest(&manifest_path, &manifest)
-            .map_err(|e| format!("{}: {e}", manifest_path.display()))?;
+            Kept {
+                path: path.to_string(),
+                what: what.to_owned(),
+                entries,
+            },
+        )?;
         tracing::warn!(volume = %self.volume, %path, what, kept_in = %set.display(),
             "split brain: kept this node's version before the winner's full sync changed it");
         Ok(entries)
@@ -168,6 +164,23 @@ impl Area {
             crate::durable::atomic_write(&dest, content, 0o600)
                 .map_err(|e| format!("{}: {e}", dest.display()))?;
         }
+        self.list(
+            &set,
+            epoch,
+            at,
+            Kept {
+                path: kept_as,
+                what: "refused".to_owned(),
+                entries: u64::from(content.is_some()),
+            },
+        )?;
+        tracing::warn!(volume = %self.volume, %path, %reason, kept_in = %set.display(),
+            "the active refused this standby's write; kept this node's version");
+        Ok(())
+    }
+
+    /// Adds `kept` to the manifest of `set` (made for `epoch` and `at` if new).
+    fn list(&self, set: &Path, epoch: u64, at: u64, kept: Kept) -> Result<(), String> {
         let manifest_path = set.join(MANIFEST);
         let mut manifest = read_manifest(&manifest_path).unwrap_or_else(|| Manifest {
             volume: self.volume.clone(),
@@ -175,16 +188,9 @@ impl Area {
             at,
             kept: Vec::new(),
         });
-        manifest.kept.push(Kept {
-            path: kept_as,
-            what: "refused".to_owned(),
-            entries: u64::from(content.is_some()),
-        });
+        manifest.kept.push(kept);
         write_manifest(&manifest_path, &manifest)
-            .map_err(|e| format!("{}: {e}", manifest_path.display()))?;
-        tracing::warn!(volume = %self.volume, %path, %reason, kept_in = %set.display(),
-            "the active refused this standby's write; kept this node's version");
-        Ok(())
+            .map_err(|e| format!("{}: {e}", manifest_path.display()))
     }
 
     /// Every set, oldest first, with its manifest.

@@ -1009,12 +1009,9 @@ async fn run_session(
                                 }
                             }
                             Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                                tracing::error!(volume = %volume.name, missed = n,
-                                    "upstream writes lagged; keeping this node's versions and resyncing");
-                                arm_keeping(&volume).await;
                                 keeping = true;
                                 seen = seen.max(volume.gate.last_issued());
-                                if write(&mut send, &Message::Resync).await.is_none() {
+                                if upstream_lagged(&volume, &mut send, n).await.is_none() {
                                     break 'session;
                                 }
                             }
@@ -1365,14 +1362,9 @@ async fn run_session(
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) if role == Role::Standby => {
-                    // Local writes that cannot go upstream any more: the full sync
-                    // asked for keeps this node's versions of what it replaces.
-                    tracing::error!(volume = %volume.name, missed = n,
-                        "upstream writes lagged; keeping this node's versions and resyncing");
-                    arm_keeping(&volume).await;
                     keeping = true;
                     seen = seen.max(volume.gate.last_issued());
-                    if write(&mut send, &Message::Resync).await.is_none() {
+                    if upstream_lagged(&volume, &mut send, n).await.is_none() {
                         break;
                     }
                 }
@@ -1509,6 +1501,19 @@ async fn arm_keeping(volume: &VolumeLink) {
         tracing::error!(volume = %volume.name, dir = %volume.conflicts.dir().display(),
             "cannot arm the conflicts area: unconfirmed upstream writes may be overwritten");
     }
+}
+
+/// Standby: `missed` local writes can no longer go upstream; the full sync asked for
+/// keeps this node's versions of what it replaces. `None` when the stream failed.
+async fn upstream_lagged(
+    volume: &VolumeLink,
+    send: &mut quinn::SendStream,
+    missed: u64,
+) -> Option<()> {
+    tracing::error!(volume = %volume.name, missed,
+        "upstream writes lagged; keeping this node's versions and resyncing");
+    arm_keeping(volume).await;
+    write(send, &Message::Resync).await.map(|_| ())
 }
 
 /// Standby: scans the volume for the full sync (as [`carry_out`] does), handing the
