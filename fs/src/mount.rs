@@ -152,12 +152,21 @@ impl Invalidator {
             // The kernel does not hold the parent, so it caches nothing below it.
             return Ok(());
         };
-        let child = self.volume.forget_entry(parent, name);
-        self.notifier.inval_entry(INodeNo(parent), name)?;
-        self.notifier.inval_inode(INodeNo(parent), 0, 0)?;
-        if let Some(child) = child {
-            self.notifier.inval_inode(INodeNo(child), 0, 0)?;
+        let known = self.volume.entry_state(parent, name);
+        let told = self
+            .notifier
+            .inval_entry(INodeNo(parent), name)
+            .and_then(|()| self.notifier.inval_inode(INodeNo(parent), 0, 0))
+            .and_then(|()| match known {
+                Some((child, _)) => self.notifier.inval_inode(INodeNo(child), 0, 0),
+                None => Ok(()),
+            });
+        // Only once the kernel has forgotten the entry: an operation it sent on the
+        // old entry before that still finds the name (forgetting the name first
+        // failed such an open with ENOENT).
+        if let Some((child, true)) = known {
+            self.volume.drop_stale_entry(parent, name, child);
         }
-        Ok(())
+        told
     }
 }

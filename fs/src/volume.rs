@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use crate::change::{AttrChange, Change, ChangeKind, ChangeSink};
 use crate::error::{Error, Result};
-use crate::inode::{Table, ROOT};
+use crate::inode::{Key, Table, ROOT};
 use crate::sys::{self, At, Stat};
 
 /// `FUSE_SUPER_MAGIC`: the directory is already a FUSE mount (twinfs running twice).
@@ -217,6 +217,13 @@ pub struct Volume {
     upstream: Option<UpstreamFilter>,
     upstream_open: AtomicBool,
     rescue: Option<Rescue>,
+    /// Standby: new versions the replicator has written to temp files beside their
+    /// names but not yet made durable and renamed into place, by (parent directory's
+    /// backing key, name) → temp name. Lookups and opens of such a name get the temp
+    /// file, so readers see a version as soon as it is whole, not after its fsync.
+    staged: RwLock<HashMap<(Key, OsString), OsString>>,
+    /// Whether `staged` holds anything (lookups skip its lock when it does not).
+    any_staged: AtomicBool,
 }
 
 fn enoent() -> Error {
@@ -224,9 +231,12 @@ fn enoent() -> Error {
 }
 
 /// Where an inode lives: its own fd (directories) or a name in its parent's fd.
+/// `unstaged` is the real name when `name` is a staged temp file (see
+/// [`Volume::show_staged`]), for a retry if the temp file was renamed meanwhile.
 struct Location {
     dir: Arc<OwnedFd>,
     name: Option<OsString>,
+    unstaged: Option<OsString>,
 }
 
 impl Location {
@@ -234,6 +244,18 @@ impl Location {
         match &self.name {
             Some(name) => At::Entry(self.dir.as_fd(), name),
             None => At::Fd(self.dir.as_fd()),
+        }
+    }
+
+    /// Runs `op` on the entry; if it was a staged temp file that has gone since it
+    /// was located (renamed into place, or dropped), runs it again on the real name,
+    /// which then holds the newest version.
+    fn retry<T>(&self, mut op: impl FnMut(At<'_>) -> std::io::Result<T>) -> std::io::Result<T> {
+        match (op(self.at()), &self.unstaged) {
+            (Err(e), Some(real)) if e.raw_os_error() == Some(libc::ENOENT) => {
+                op(At::Entry(self.dir.as_fd(), real))
+            }
+            (result, _) => result,
         }
     }
 }
@@ -298,6 +320,8 @@ impl Volume {
             upstream: None,
             upstream_open: AtomicBool::new(false),
             rescue: None,
+            staged: RwLock::new(HashMap::new()),
+            any_staged: AtomicBool::new(false),
         })
     }
 
@@ -487,23 +511,47 @@ impl Volume {
         Some((parent, ino))
     }
 
-    /// Forgets the kernel-visible name `name` in `parent` after the directory changed
-    /// underneath (the standby's apply); the next lookup sees the new file. A name
-    /// still naming the same backing inode (only its attributes changed) is kept, so
-    /// its path stays known meanwhile (a standby's upstream writes need it).
-    pub fn forget_entry(&self, parent: u64, name: &OsStr) -> Option<u64> {
-        let known = {
+    /// The inode the kernel knows as `name` in `parent`, if any, and whether that name
+    /// now names another file (or none) after the directory changed underneath (the
+    /// standby's apply). A name still naming the same backing inode (only its
+    /// attributes changed) is not stale, so its path stays known (a standby's upstream
+    /// writes need it).
+    pub fn entry_state(&self, parent: u64, name: &OsStr) -> Option<(u64, bool)> {
+        let (ino, key) = {
             let table = self.read_table();
-            table
-                .entry(parent, name)
-                .and_then(|ino| Some((ino, table.get(ino)?.key)))
+            let ino = table.entry(parent, name)?;
+            (ino, table.get(ino)?.key)
         };
-        if let (Some((ino, key)), Ok(dir)) = (known, self.dir_fd(parent)) {
-            if sys::statat(dir.as_fd(), name).is_ok_and(|st| (st.st_dev, st.st_ino) == key) {
-                return Some(ino);
+        Some((ino, !self.names_key(parent, name, key)))
+    }
+
+    /// Forgets the stale name `name` of `ino` in `parent` (see [`Volume::entry_state`]),
+    /// unless a lookup since found it naming `ino`'s file after all; the next lookup
+    /// sees the new file. Called after the kernel was told to forget it, so that an
+    /// operation it sent on the old entry before that still finds the name.
+    pub fn drop_stale_entry(&self, parent: u64, name: &OsStr, ino: u64) {
+        let key = {
+            let table = self.read_table();
+            match (table.entry(parent, name), table.get(ino)) {
+                (Some(known), Some(node)) if known == ino => node.key,
+                _ => return,
             }
+        };
+        if self.names_key(parent, name, key) {
+            return;
         }
-        self.write_table().drop_link(parent, name)
+        let mut table = self.write_table();
+        if table.entry(parent, name) == Some(ino) {
+            table.drop_link(parent, name);
+        }
+    }
+
+    /// Whether `name` in `parent` is the backing file `key` now.
+    fn names_key(&self, parent: u64, name: &OsStr, key: Key) -> bool {
+        self.dir_fd(parent).is_ok_and(|dir| {
+            self.stat_entry(parent, &dir, name)
+                .is_ok_and(|st| (st.st_dev, st.st_ino) == key)
+        })
     }
 
     fn dir_fd(&self, ino: u64) -> Result<Arc<OwnedFd>> {
@@ -522,17 +570,118 @@ impl Volume {
             return Ok(Location {
                 dir: fd.clone(),
                 name: None,
+                unstaged: None,
             });
         }
         let (parent, name) = node.links.first().ok_or_else(enoent)?;
-        let dir = table
-            .get(*parent)
-            .and_then(|p| p.dir.clone())
-            .ok_or(Error::Stale("parent"))?;
-        Ok(Location {
-            dir,
-            name: Some(name.clone()),
+        let parent = table.get(*parent).ok_or(Error::Stale("parent"))?;
+        let dir = parent.dir.clone().ok_or(Error::Stale("parent"))?;
+        Ok(match self.staged_name(parent.key, name) {
+            Some(temp) => Location {
+                dir,
+                name: Some(temp),
+                unstaged: Some(name.clone()),
+            },
+            None => Location {
+                dir,
+                name: Some(name.clone()),
+                unstaged: None,
+            },
         })
+    }
+
+    /// Standby: serves `name` in the directory whose backing key is `dir` from `temp`,
+    /// a whole new version the replicator wrote beside it and will make durable and
+    /// rename into place (then [`Volume::unshow_staged`]). Lookups and opens get the
+    /// new version at once; the file on disk changes only by the rename, so a crash
+    /// still leaves the old or the new version whole. Returns false, and shows
+    /// nothing, for a path local users may write (an upstream path) and on an active
+    /// volume: their names change only by the rename.
+    pub fn show_staged(&self, dir: Key, name: &OsStr, temp: &OsStr, path: &Path) -> bool {
+        if self.role() != Role::Standby || self.upstream.as_ref().is_some_and(|u| u(path)) {
+            return false;
+        }
+        let mut staged = self.staged.write().unwrap_or_else(|e| e.into_inner());
+        staged.insert((dir, name.to_owned()), temp.to_owned());
+        self.any_staged.store(true, Ordering::Release);
+        true
+    }
+
+    /// Stops serving `name` from `temp` (renamed into place, or given up). A later
+    /// version staged for the same name meanwhile stays shown.
+    pub fn unshow_staged(&self, dir: Key, name: &OsStr, temp: &OsStr) {
+        let mut staged = self.staged.write().unwrap_or_else(|e| e.into_inner());
+        let key = (dir, name.to_owned());
+        if staged.get(&key).is_some_and(|t| t == temp) {
+            staged.remove(&key);
+        }
+        if staged.is_empty() {
+            self.any_staged.store(false, Ordering::Release);
+        }
+    }
+
+    /// The temp file `name` in the directory `dir` is served from, if it is staged
+    /// and the volume a standby.
+    fn staged_name(&self, dir: Key, name: &OsStr) -> Option<OsString> {
+        if !self.any_staged.load(Ordering::Acquire) || self.role() != Role::Standby {
+            return None;
+        }
+        let staged = self.staged.read().unwrap_or_else(|e| e.into_inner());
+        staged.get(&(dir, name.to_owned())).cloned()
+    }
+
+    /// Standby: puts the names staged in the directory `dir_key` into its listing
+    /// `out`, with their new versions' inode numbers (a new file is listed as soon as
+    /// it can be opened, not once it is renamed into place).
+    fn list_staged(&self, dir_key: Key, dir: &OwnedFd, out: &mut Vec<DirEntry>) {
+        if !self.any_staged.load(Ordering::Acquire) || self.role() != Role::Standby {
+            return;
+        }
+        let here: Vec<(OsString, OsString)> = self
+            .staged
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((key, _), _)| *key == dir_key)
+            .map(|((_, name), temp)| (name.clone(), temp.clone()))
+            .collect();
+        for (name, temp) in here {
+            // Gone meanwhile: renamed into place (the listing may show it already) or
+            // given up.
+            let Ok(st) = sys::statat(dir.as_fd(), &temp) else {
+                continue;
+            };
+            let ino = self
+                .read_table()
+                .by_key((st.st_dev, st.st_ino))
+                .unwrap_or(st.st_ino);
+            match out.iter_mut().find(|e| e.name == name) {
+                Some(e) => e.ino = ino,
+                None => out.push(DirEntry {
+                    ino,
+                    kind: libc::DT_REG,
+                    name,
+                }),
+            }
+        }
+    }
+
+    /// `fstatat` of `name` in the directory `parent` (whose fd is `dir`), through its
+    /// staged temp file if it has one.
+    fn stat_entry(&self, parent: u64, dir: &OwnedFd, name: &OsStr) -> std::io::Result<Stat> {
+        let parent_key = if self.any_staged.load(Ordering::Acquire) {
+            self.read_table().get(parent).map(|n| n.key)
+        } else {
+            None
+        };
+        if let Some(temp) = parent_key.and_then(|key| self.staged_name(key, name)) {
+            match sys::statat(dir.as_fd(), &temp) {
+                // Renamed into place (or given up) since: the name has the newest.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                other => return other,
+            }
+        }
+        sys::statat(dir.as_fd(), name)
     }
 
     fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
@@ -585,7 +734,7 @@ impl Volume {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
         check_exists(name)?;
         let dir = self.dir_fd(parent)?;
-        let st = sys::statat(dir.as_fd(), name)?;
+        let st = self.stat_entry(parent, &dir, name)?;
         self.remember(parent, &dir, name, st)
     }
 
@@ -607,7 +756,7 @@ impl Volume {
         match self.locate(ino) {
             Ok(loc) => Ok(Attr {
                 ino,
-                st: loc.at().stat()?,
+                st: loc.retry(|at| at.stat())?,
             }),
             // Unlinked but still open: the kernel asks without a handle.
             Err(e) => match self.open_file_of(ino) {
@@ -636,6 +785,7 @@ impl Volume {
                 Some(f) => Location {
                     dir: Arc::new(f.fd.try_clone()?),
                     name: None,
+                    unstaged: None,
                 },
                 None => return Err(e),
             },
@@ -846,7 +996,10 @@ impl Volume {
         let loc = self.locate(ino)?;
         let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EISDIR))?;
         let truncate = flags & libc::O_TRUNC != 0;
-        let fd = sys::openat(loc.dir.as_fd(), name, flags & !libc::O_TRUNC, 0)?;
+        let fd = loc.retry(|at| match at {
+            At::Entry(dir, name) => sys::openat(dir, name, flags & !libc::O_TRUNC, 0),
+            At::Fd(_) => Err(std::io::Error::from_raw_os_error(libc::EISDIR)),
+        })?;
         // The open file is registered before the truncation, so a replicator that reads
         // the file meanwhile knows a writer is at it and does not ship the empty file.
         let (fh, file) = self.add_file(ino, fd, writable);
@@ -1104,6 +1257,8 @@ impl Volume {
                 name: e.name,
             });
         }
+        drop(table);
+        self.list_staged((st.st_dev, st.st_ino), &dir, &mut out);
         Ok(out)
     }
 
@@ -1165,13 +1320,13 @@ impl Volume {
     /// Reads an extended attribute into `buf` (or returns its size for an empty buffer).
     pub fn getxattr(&self, ino: u64, name: &OsStr, buf: &mut [u8]) -> Result<usize> {
         let loc = self.locate(ino)?;
-        Ok(loc.at().getxattr(name, buf)?)
+        Ok(loc.retry(|at| at.getxattr(name, buf))?)
     }
 
     /// Lists extended attribute names into `buf` (or returns the size).
     pub fn listxattr(&self, ino: u64, buf: &mut [u8]) -> Result<usize> {
         let loc = self.locate(ino)?;
-        Ok(loc.at().listxattr(buf)?)
+        Ok(loc.retry(|at| at.listxattr(buf))?)
     }
 
     /// Removes an extended attribute.

@@ -880,6 +880,21 @@ impl Prepared {
         &self.path
     }
 
+    /// Its parent directory's backing (device, inode), if it could be read.
+    pub fn dir_key(&self) -> Option<(u64, u64)> {
+        self.dir_key
+    }
+
+    /// The name it will take in its parent directory.
+    pub fn name(&self) -> &std::ffi::OsStr {
+        &self.name
+    }
+
+    /// The name of the temp file it is written to until it is put in place.
+    pub fn temp_name(&self) -> &std::ffi::OsStr {
+        &self.temp
+    }
+
     /// Gives it the parent directory's times recorded in `first` for an earlier file of
     /// the same batch in the same directory (or records its own): a batch's temp
     /// files move the directory's mtime, and a replacement restores the time from

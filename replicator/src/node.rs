@@ -1069,7 +1069,7 @@ async fn run_session(
                 }
             }
             // Small files to write go into a batch, made durable together; a large
-            // file is applied in the background while later ops go on; anything else
+            // file is applied in the background while later ops go on; any other op
             // waits for the batch to be in place first.
             let out = match out {
                 Output::Apply {
@@ -1082,8 +1082,16 @@ async fn run_session(
                 } if entry.meta.kind == Kind::File => {
                     batch.stage(&volume, seq, entry, bytes).await;
                     if batch.is_full() {
-                        batch.flush(&volume, &mut session).await;
+                        batch.place_full(&volume, &mut session).await;
                     }
+                    continue;
+                }
+                // Nothing to do: it need not wait for the files before it.
+                Output::Apply {
+                    seq,
+                    op: Op::Skip { path },
+                } => {
+                    session.applied(seq, &path, Ok(()), std::time::Instant::now());
                     continue;
                 }
                 Output::Apply {
@@ -1099,7 +1107,8 @@ async fn run_session(
                 }
                 other => other,
             };
-            if !batch.is_empty() {
+            // (Messages to send, acks among them, need not wait.)
+            if !batch.is_empty() && matches!(out, Output::Apply { .. } | Output::ScanLocal) {
                 batch.flush(&volume, &mut session).await;
             }
             if let (Output::ScanLocal, Some(outbox)) = (&out, outbox.as_mut()) {
@@ -1125,9 +1134,9 @@ async fn run_session(
                 }
             }
         }
-        if !batch.is_empty() {
-            // More ops already here join the batch; else it is written out now and
-            // its acks go next time round.
+        if batch.can_start() {
+            // More ops already here join the batch; else it goes into place in the
+            // background and its acks come when it is through.
             match messages.try_recv() {
                 // Carried out by this loop, not the session: taken below, after the
                 // batch (the session alone would drop them).
@@ -1136,7 +1145,7 @@ async fn run_session(
                     batch.flush(&volume, &mut session).await;
                 }
                 Ok(m) => session.on_message(m, std::time::Instant::now()),
-                Err(_) => batch.flush(&volume, &mut session).await,
+                Err(_) => batch.start_placing(&volume),
             }
             continue;
         }
@@ -1388,6 +1397,9 @@ async fn run_session(
                 if answered.is_none() {
                     break;
                 }
+            }
+            results = batch.placed(), if batch.placing.is_some() => {
+                batch.report(results, &volume, &mut session);
             }
             Some((seq, path, result)) = large.done.recv(), if !large.busy.is_empty() => {
                 large.finished(seq, &path, result, &mut session);
@@ -1953,17 +1965,30 @@ async fn carry_out(
             let v = volume.clone();
             let shipped = path.clone();
             let can_stream = link.connection.is_some() && link.streams.is_some();
-            let read = tokio::task::spawn_blocking(move || {
-                read_op(
+            // A small file is read here: a hop to the blocking pool and back would
+            // cost more than reading it, on the path of every change's latency.
+            let read = if is_small(volume, &path) {
+                Ok(read_op(
                     &v,
                     path,
                     content,
                     standby_hash,
                     delete_if_missing,
                     can_stream,
-                )
-            })
-            .await;
+                ))
+            } else {
+                tokio::task::spawn_blocking(move || {
+                    read_op(
+                        &v,
+                        path,
+                        content,
+                        standby_hash,
+                        delete_if_missing,
+                        can_stream,
+                    )
+                })
+                .await
+            };
             let (op, vanished, source) = match read {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => {
@@ -2116,6 +2141,22 @@ fn scan(volume: &VolumeLink) -> Result<Manifest, manifest::ManifestError> {
 
 /// The op that ships `path` as it is now, whether it had vanished, and for a large
 /// file the open file whose bytes follow on their own stream.
+/// Files up to this size are read, written and hashed by the session's own task, not
+/// in the blocking pool.
+const SMALL_FILE: u64 = 64 << 10;
+
+/// Whether `path` is something other than a regular file larger than [`SMALL_FILE`]
+/// (a hint from one `fstatat`: a file that grows meanwhile is still handled right,
+/// only on the session's task).
+fn is_small(volume: &VolumeLink, path: &RelPath) -> bool {
+    // A relative path with slashes is fine for fstatat; nothing here follows a symlink
+    // but the path's own directories, and only to stat.
+    match twinfs_fs::sys::statat(volume.root.as_fd(), path.as_path().as_os_str()) {
+        Ok(st) => st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_size as u64 <= SMALL_FILE,
+        Err(_) => true,
+    }
+}
+
 fn read_op(
     volume: &VolumeLink,
     path: RelPath,
@@ -2130,7 +2171,11 @@ fn read_op(
         // (Once local writes are refused, what is there is final: it ships.)
         return Ok((Op::Skip { path }, false, None));
     }
-    let described = {
+    let described = if is_small(volume, &path) {
+        // Hashing it costs less than the shared cache's lock could (a scan holds it):
+        // small files are hashed afresh.
+        manifest::describe(volume.root.as_fd(), &path, &mut HashCache::new())?
+    } else {
         let mut cache = volume.cache.lock().unwrap_or_else(|e| e.into_inner());
         manifest::describe(volume.root.as_fd(), &path, &mut cache)?
     };
@@ -2538,14 +2583,27 @@ const BATCH_BYTES: u64 = 64 << 20;
 /// per file, and still never a torn file after a crash. A batch of one (a single
 /// change while streaming) takes the plain path: fsync the file, rename, fsync the
 /// directory.
+///
+/// Readers see each file as soon as its temp file is written ([`Shown`]), before any
+/// of that. While one batch is being put in place in the background, the next files
+/// are staged (and shown) and wait for it: the session goes on taking messages, so
+/// one file's fsyncs never delay the next file being readable.
 #[derive(Default)]
 struct Batch {
     staged: Vec<Staged>,
     bytes: u64,
+    /// Per directory, its times before the first temp file not yet placed in it
+    /// (staged here or being placed), which every placement there restores.
+    dir_times: crate::apply::DirTimesSeen,
+    /// The previous batch, being put in place in the background.
+    placing: Option<tokio::task::JoinHandle<Option<Vec<Applied>>>>,
 }
 
 struct Staged {
     seq: u64,
+    /// Readers on the standby see the temp file under its name until it is placed
+    /// (dropped before `prepared`, which removes the temp file if never placed).
+    shown: Option<Shown>,
     entry: manifest::Entry,
     /// The content, kept until the batch is flushed in case it must be applied the
     /// plain way (the temp file could not be made: a directory in the way).
@@ -2554,15 +2612,21 @@ struct Staged {
 }
 
 impl Batch {
+    /// Nothing staged and nothing being placed.
     fn is_empty(&self) -> bool {
-        self.staged.is_empty()
+        self.staged.is_empty() && self.placing.is_none()
+    }
+
+    /// Files staged and no batch being placed: [`Batch::start_placing`] would start.
+    fn can_start(&self) -> bool {
+        !self.staged.is_empty() && self.placing.is_none()
     }
 
     fn is_full(&self) -> bool {
         self.staged.len() >= BATCH_FILES || self.bytes >= BATCH_BYTES
     }
 
-    /// Writes the file to a temp entry beside its target.
+    /// Writes the file to a temp entry beside its target, and shows it to readers.
     async fn stage(
         &mut self,
         volume: &VolumeLink,
@@ -2571,93 +2635,96 @@ impl Batch {
         bytes: Vec<u8>,
     ) {
         self.bytes += bytes.len() as u64;
+        let small = bytes.len() as u64 <= SMALL_FILE;
         let v = volume.clone();
-        let prepared = tokio::task::spawn_blocking(move || {
+        let prepare = move || {
             let applier = Applier::new(v.root.as_fd());
             let prepared =
                 applier.prepare_file(&entry.path, &bytes, &file_meta(&entry.meta), false);
-            (entry, bytes, prepared)
-        })
-        .await;
-        let Ok((entry, bytes, prepared)) = prepared else {
+            // Whole now: readers may see it before it is durable, since the file on
+            // disk changes only when it is renamed into place after its fsync.
+            let shown = prepared.as_ref().ok().and_then(|p| Shown::new(&v, p));
+            if shown.is_some() {
+                invalidate(&v, &entry.path);
+            }
+            (entry, bytes, prepared, shown)
+        };
+        // A small file is written here, sparing the latency of a blocking-pool hop.
+        let prepared = if small {
+            Ok(prepare())
+        } else {
+            tokio::task::spawn_blocking(prepare).await
+        };
+        let Ok((entry, bytes, prepared, shown)) = prepared else {
             return;
         };
         let (content, prepared) = match prepared {
-            Ok(p) => (None, Some(p)),
+            Ok(mut p) => {
+                p.share_dir_times(&mut self.dir_times);
+                (None, Some(p))
+            }
             // Applied the plain way at the flush, which deals with what is in the way
             // or reports why it cannot.
             Err(_) => (Some(bytes), None),
         };
         self.staged.push(Staged {
             seq,
+            shown,
             entry,
             content,
             prepared,
         });
     }
 
-    /// Puts the batch in place and reports each op to the session, in order.
-    async fn flush(&mut self, volume: &VolumeLink, session: &mut Session) {
+    /// Starts putting the staged files in place in the background, unless a batch is
+    /// being placed already (they go when it is through). [`Batch::placed`] reports.
+    fn start_placing(&mut self, volume: &VolumeLink) {
+        if !self.can_start() {
+            return;
+        }
         let staged = std::mem::take(&mut self.staged);
         self.bytes = 0;
         let v = volume.clone();
-        let results = tokio::task::spawn_blocking(move || {
-            let applier = Applier::new(v.root.as_fd());
-            let single = staged.len() == 1;
-            let mut results = Vec::with_capacity(staged.len());
-            let mut staged = staged;
-            // Data first: after this, a crash leaves whole temp files, never a torn file.
-            let synced = if single {
-                Ok(())
-            } else {
-                applier.sync_filesystem()
-            };
-            let mut first = crate::apply::DirTimesSeen::new();
-            for s in staged.iter_mut() {
-                if let Some(p) = s.prepared.as_mut() {
-                    p.share_dir_times(&mut first);
-                }
-            }
-            for s in staged {
-                let path = s.entry.path.clone();
-                let result = match (&synced, s.prepared, s.content) {
-                    (Err(e), _, _) => Err(e.to_string()),
-                    (Ok(()), Some(p), _) if single => {
-                        // One file: fsync it, rename, let readers see it, and only
-                        // then fsync the directory (the ack waits for that).
-                        place_single(&applier, p, || invalidate(&v, &path))
-                    }
-                    (Ok(()), Some(p), _) => {
-                        let placed = applier.place_prepared(p, false).map_err(|e| e.to_string());
-                        if placed.is_ok() {
-                            invalidate(&v, &path);
-                        }
-                        placed
-                    }
-                    (Ok(()), None, Some(bytes)) => apply_op(
-                        &v,
-                        &Op::Put {
-                            entry: s.entry,
-                            content: Some(bytes),
-                        },
-                    )
-                    .map_err(|e| e.to_string()),
-                    (Ok(()), None, None) => Err("nothing to apply".into()),
-                };
-                results.push((s.seq, path, result));
-            }
-            // The renames now; the temp files' data already was.
-            if !single && results.iter().any(|r| r.2.is_ok()) {
-                if let Err(e) = applier.sync_filesystem() {
-                    for r in results.iter_mut().filter(|r| r.2.is_ok()) {
-                        r.2 = Err(e.to_string());
-                    }
-                }
-            }
-            results
-        })
-        .await;
-        let Ok(results) = results else {
+        self.placing = Some(tokio::spawn(async move {
+            // A later session's scan waits for it, as for a large file.
+            let _applying = v.applying.clone().read_owned().await;
+            tokio::task::spawn_blocking(move || place_batch(&v, staged))
+                .await
+                .ok()
+        }));
+    }
+
+    /// A full batch: starts placing it once the one before is through, so the next
+    /// is written while it is made durable.
+    async fn place_full(&mut self, volume: &VolumeLink, session: &mut Session) {
+        if self.placing.is_some() {
+            let results = self.placed().await;
+            self.report(results, volume, session);
+        }
+        self.start_placing(volume);
+    }
+
+    /// Waits for the batch being placed in the background (never returns if none).
+    async fn placed(&mut self) -> Option<Vec<Applied>> {
+        let Some(placing) = self.placing.as_mut() else {
+            return std::future::pending().await;
+        };
+        let results = placing.await.ok().flatten();
+        self.placing = None;
+        results
+    }
+
+    /// Reports each op of a placed batch to the session, in order.
+    fn report(
+        &mut self,
+        results: Option<Vec<Applied>>,
+        volume: &VolumeLink,
+        session: &mut Session,
+    ) {
+        if self.is_empty() {
+            self.dir_times.clear();
+        }
+        let Some(results) = results else {
             tracing::error!(volume = %volume.name, "batch task failed; resyncing");
             session.resync();
             return;
@@ -2667,6 +2734,121 @@ impl Batch {
                 tracing::warn!(volume = %volume.name, %path, error = %e, "refused or failed to apply");
             }
             session.applied(seq, &path, result, std::time::Instant::now());
+        }
+    }
+
+    /// Puts everything in place (the batch being placed, then the staged files) and
+    /// reports each op to the session, in order.
+    async fn flush(&mut self, volume: &VolumeLink, session: &mut Session) {
+        if self.placing.is_some() {
+            let results = self.placed().await;
+            self.report(results, volume, session);
+        }
+        if self.staged.is_empty() {
+            return;
+        }
+        let staged = std::mem::take(&mut self.staged);
+        self.bytes = 0;
+        let v = volume.clone();
+        let results = tokio::task::spawn_blocking(move || place_batch(&v, staged))
+            .await
+            .ok();
+        self.report(results, volume, session);
+    }
+}
+
+/// Puts staged files in place, in order; returns each op's result.
+fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
+    let applier = Applier::new(v.root.as_fd());
+    let single = staged.len() == 1;
+    let mut results = Vec::with_capacity(staged.len());
+    // Data first: after this, a crash leaves whole temp files, never a torn file.
+    let synced = if single {
+        Ok(())
+    } else {
+        applier.sync_filesystem()
+    };
+    for s in staged {
+        let path = s.entry.path.clone();
+        // Stops showing the temp file once it is in place (or given up).
+        let mut shown = s.shown;
+        let result = match (&synced, s.prepared, s.content) {
+            (Err(e), _, _) => Err(e.to_string()),
+            (Ok(()), Some(p), _) if single => {
+                // One file: fsync it, rename, and only then fsync the directory (the
+                // ack waits for that).
+                place_single(&applier, p, || invalidate(v, &path))
+            }
+            (Ok(()), Some(p), _) => {
+                let placed = applier.place_prepared(p, false).map_err(|e| e.to_string());
+                if placed.is_ok() {
+                    invalidate(v, &path);
+                }
+                placed
+            }
+            (Ok(()), None, Some(bytes)) => apply_op(
+                v,
+                &Op::Put {
+                    entry: s.entry,
+                    content: Some(bytes),
+                },
+            )
+            .map_err(|e| e.to_string()),
+            (Ok(()), None, None) => Err("nothing to apply".into()),
+        };
+        if let Some(shown) = shown.as_mut() {
+            shown.placed = result.is_ok();
+        }
+        drop(shown);
+        results.push((s.seq, path, result));
+    }
+    // The renames now; the temp files' data already was.
+    if !single && results.iter().any(|r| r.2.is_ok()) {
+        if let Err(e) = applier.sync_filesystem() {
+            for r in results.iter_mut().filter(|r| r.2.is_ok()) {
+                r.2 = Err(e.to_string());
+            }
+        }
+    }
+    results
+}
+
+/// A staged file shown to the standby's readers under its name before it is in
+/// place ([`twinfs_fs::Volume::show_staged`]); no longer shown once dropped, and if it
+/// was never put in place, the kernel is told to forget the version it was shown.
+struct Shown {
+    link: VolumeLink,
+    path: RelPath,
+    dir: (u64, u64),
+    name: std::ffi::OsString,
+    temp: std::ffi::OsString,
+    placed: bool,
+}
+
+impl Shown {
+    fn new(link: &VolumeLink, prepared: &crate::apply::Prepared) -> Option<Shown> {
+        let dir = prepared.dir_key()?;
+        let (name, temp) = (prepared.name(), prepared.temp_name());
+        link.volume
+            .show_staged(dir, name, temp, prepared.path().as_path())
+            .then(|| Shown {
+                link: link.clone(),
+                path: prepared.path().clone(),
+                dir,
+                name: name.to_owned(),
+                temp: temp.to_owned(),
+                placed: false,
+            })
+    }
+}
+
+impl Drop for Shown {
+    fn drop(&mut self) {
+        self.link
+            .volume
+            .unshow_staged(self.dir, &self.name, &self.temp);
+        if !self.placed {
+            invalidate(&self.link, &self.path);
         }
     }
 }
