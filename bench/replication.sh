@@ -80,7 +80,7 @@ sleep 2
 declare -a T50 T99 L50 L99 F50 F99 D50 D99
 for r in $(seq "$ROUNDS"); do
     read -r v50 v99 d50 d99 < <(python3 "$HERE/floor.py" "$S/floor/r$r" "$N")
-    say "round $r floor: visible p50 $v50 ms, p99 $v99 ms; durable p50 $d50 ms, p99 $d99 ms"
+    say "round $r reference: renamed p50 $v50 ms, p99 $v99 ms; durable p50 $d50 ms, p99 $d99 ms"
     F50+=("$v50"); F99+=("$v99"); D50+=("$d50"); D99+=("$d99")
     read -r p50 p99 < <(python3 "$HERE/latency.py" "$S/a/vol" "$S/b/vol" "$N" "r$r")
     say "round $r twinfs: p50 $p50 ms, p99 $p99 ms"
@@ -94,12 +94,12 @@ echo "## Replication latency, $(date -u +%Y-%m-%dT%H:%MZ)"
 echo
 echo "- close() of a 4 KiB file on one side until the same bytes are readable on the other; $N changes per round, $ROUNDS rounds alternating, medians of the rounds"
 echo "- kernel $(uname -r), $(nproc) CPUs; both tools write to a scratch ext4 image on a loop device"
-echo "- floor: no replication, just the durable atomic apply a standby must do (python, same image, same rounds)"
+echo "- reference: no replication, just a durable atomic replace of the file (python, same image, same rounds); twinfs makes a file readable before this and durable in the background, so this is not a floor for it"
 echo "- twinfs: two daemons, QUIC over loopback, durability async; lsyncd $(lsyncd --version 2>&1 | head -1 | awk '{print $2}'): inotify, delay = 0, rsync to an rsync daemon on loopback with --sockopts=TCP_NODELAY"
 echo
 echo "| tool | p50 (ms) | p99 (ms) |"
 echo "|---|---|---|"
 echo "| twinfs | $(median "${T50[@]}") | $(median "${T99[@]}") |"
 echo "| lsyncd + rsync daemon | $(median "${L50[@]}") | $(median "${L99[@]}") |"
-echo "| floor: write, fsync, rename on the same image (visible) | $(median "${F50[@]}") | $(median "${F99[@]}") |"
-echo "| floor, then fsync of the directory (durable) | $(median "${D50[@]}") | $(median "${D99[@]}") |"
+echo "| reference: write, fsync, rename on the same image | $(median "${F50[@]}") | $(median "${F99[@]}") |"
+echo "| reference, then fsync of the directory | $(median "${D50[@]}") | $(median "${D99[@]}") |"
