@@ -165,20 +165,49 @@ impl Manifest {
     /// whether it is the last (an empty manifest is one empty last part): what
     /// travels in `Manifest` messages.
     pub fn parts(&self, size: usize) -> Vec<(Vec<Entry>, bool)> {
-        let entries: Vec<Entry> = self
-            .iter()
-            .map(|(path, meta)| Entry {
+        Self::split(
+            self.iter().map(|(path, meta)| Entry {
                 path: path.clone(),
                 meta: meta.clone(),
-            })
-            .collect();
-        let mut parts: Vec<(Vec<Entry>, bool)> = entries
-            .chunks(size.max(1))
-            .map(|chunk| (chunk.to_vec(), false))
-            .collect();
-        match parts.last_mut() {
-            Some(last) => last.1 = true,
-            None => parts.push((Vec::new(), true)),
+            }),
+            self.len(),
+            size,
+        )
+    }
+
+    /// [`Manifest::parts`], consuming the manifest: its entries move into the parts
+    /// instead of being copied (a standby sends a manifest of 100,000 files this way).
+    pub fn into_parts(self, size: usize) -> Vec<(Vec<Entry>, bool)> {
+        let len = self.len();
+        Self::split(
+            self.entries
+                .into_iter()
+                .map(|(path, meta)| Entry { path, meta }),
+            len,
+            size,
+        )
+    }
+
+    fn split(
+        entries: impl Iterator<Item = Entry>,
+        len: usize,
+        size: usize,
+    ) -> Vec<(Vec<Entry>, bool)> {
+        let size = size.max(1);
+        let mut parts: Vec<(Vec<Entry>, bool)> = Vec::with_capacity(len.div_ceil(size).max(1));
+        let mut part = Vec::with_capacity(size.min(len));
+        for entry in entries {
+            part.push(entry);
+            if part.len() == size {
+                let full = std::mem::replace(&mut part, Vec::with_capacity(size));
+                parts.push((full, false));
+            }
+        }
+        if !part.is_empty() || parts.is_empty() {
+            parts.push((part, false));
+        }
+        if let Some(last) = parts.last_mut() {
+            last.1 = true;
         }
         parts
     }
@@ -737,8 +766,13 @@ fn decode(bytes: &[u8]) -> Result<HashMap<(u64, u64), Cached>, &'static str> {
 /// One entry to send to a standby.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transfer {
-    /// The path and what it must become.
-    pub entry: Entry,
+    /// The path (what it must become is in the active's manifest; a full sync's list
+    /// can name every file of the volume, so it does not carry a copy).
+    pub path: RelPath,
+    /// What it is on the active.
+    pub kind: Kind,
+    /// Its size on the active.
+    pub size: u64,
     /// Whether the content must travel (new path, new kind, or different content);
     /// false when the standby has the content and only mode, owner, mtime or xattrs
     /// differ.
@@ -797,28 +831,24 @@ pub fn diff(active: &Manifest, standby: &Manifest, priority_of: impl Fn(&RelPath
             _ => true,
         };
         send.push(Transfer {
-            entry: Entry {
-                path: path.clone(),
-                meta: new.clone(),
-            },
+            path: path.clone(),
+            kind: new.kind,
+            size: new.size,
             content,
         });
     }
 
     // A priority-1 file in a new directory is no use before that directory exists, so
     // the directories above it travel with it even if they are priority 2.
-    let index: HashMap<&RelPath, usize> = send
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (&t.entry.path, i))
-        .collect();
+    let index: HashMap<&RelPath, usize> =
+        send.iter().enumerate().map(|(i, t)| (&t.path, i)).collect();
     let mut urgent = vec![false; send.len()];
     for (i, t) in send.iter().enumerate() {
-        if priority_of(&t.entry.path) != 1 {
+        if priority_of(&t.path) != 1 {
             continue;
         }
         urgent[i] = true;
-        let mut up = t.entry.path.split_last().map(|(parent, _)| parent);
+        let mut up = t.path.split_last().map(|(parent, _)| parent);
         while let Some(parent) = up {
             if let Some(&j) = index.get(&parent) {
                 if urgent[j] {
@@ -831,15 +861,20 @@ pub fn diff(active: &Manifest, standby: &Manifest, priority_of: impl Fn(&RelPath
         }
     }
     drop(index);
-    let (mut first, rest): (Vec<_>, Vec<_>) = send
-        .into_iter()
-        .zip(urgent)
-        .partition(|(_, urgent)| *urgent);
-    first.extend(rest);
-    Diff {
-        send: first.into_iter().map(|(t, _)| t).collect(),
-        delete,
-    }
+    // Moved out in place, in order: copying the whole list (it can hold every file of
+    // the volume) would double the peak memory of a first full sync.
+    let mut at = 0;
+    let mut first: Vec<Transfer> = Vec::new();
+    send.retain(|t| {
+        at += 1;
+        if urgent[at - 1] {
+            first.push(t.clone());
+        }
+        !urgent[at - 1]
+    });
+    // Room for them is left over from what was taken out.
+    send.splice(0..0, first);
+    Diff { send, delete }
 }
 
 #[cfg(test)]
@@ -878,18 +913,21 @@ mod tests {
     }
 
     /// What a standby that applies `diff` in the documented order ends up with.
-    fn apply(mut standby: Manifest, diff: &Diff) -> Manifest {
+    fn apply(mut standby: Manifest, active: &Manifest, diff: &Diff) -> Manifest {
         for path in &diff.delete {
             standby.remove(path);
         }
         for t in &diff.send {
-            standby.insert(t.entry.clone());
+            standby.insert(Entry {
+                path: t.path.clone(),
+                meta: active.get(&t.path).expect("sent from the active").clone(),
+            });
         }
         standby
     }
 
     fn paths(diff: &Diff) -> Vec<String> {
-        diff.send.iter().map(|t| t.entry.path.to_string()).collect()
+        diff.send.iter().map(|t| t.path.to_string()).collect()
     }
 
     #[test]
@@ -915,7 +953,7 @@ mod tests {
         assert_eq!(paths(&d), ["d", "d/key", "z", "a", "d/other"]);
         assert!(d.send.iter().all(|t| t.content));
         assert_eq!(d.delete, [rel("old/x2"), rel("old/x"), rel("old")]);
-        assert_eq!(apply(standby, &d), active);
+        assert_eq!(apply(standby, &active, &d), active);
     }
 
     #[test]
@@ -1002,16 +1040,17 @@ mod tests {
             let (a, b) = (to_manifest(a), to_manifest(b));
             let d = diff(&a, &b, priority);
 
-            prop_assert_eq!(&apply(b.clone(), &d), &a);
+            prop_assert_eq!(&apply(b.clone(), &a, &d), &a);
             for t in &d.send {
-                let old = b.get(&t.entry.path);
-                let same = old.is_some_and(|old| old.same_content(&t.entry.meta));
-                prop_assert_eq!(t.content, !same, "{:?}", t.entry.path);
+                let old = b.get(&t.path);
+                let new = a.get(&t.path).expect("sent from the active");
+                let same = old.is_some_and(|old| old.same_content(new));
+                prop_assert_eq!(t.content, !same, "{:?}", t.path);
             }
             // Parents before children in `send`; children before parents in `delete`.
             for (i, t) in d.send.iter().enumerate() {
                 for later in &d.send[i + 1..] {
-                    prop_assert!(!t.entry.path.starts_with(&later.entry.path));
+                    prop_assert!(!t.path.starts_with(&later.path));
                 }
             }
             for (i, p) in d.delete.iter().enumerate() {
@@ -1023,10 +1062,10 @@ mod tests {
             // before a priority-1 entry.
             let needed = |p: &RelPath| {
                 priority(p) == 1
-                    || d.send.iter().any(|t| priority(&t.entry.path) == 1 && t.entry.path.starts_with(p))
+                    || d.send.iter().any(|t| priority(&t.path) == 1 && t.path.starts_with(p))
             };
-            if let Some(last_urgent) = d.send.iter().rposition(|t| priority(&t.entry.path) == 1) {
-                prop_assert!(d.send[..last_urgent].iter().all(|t| needed(&t.entry.path)));
+            if let Some(last_urgent) = d.send.iter().rposition(|t| priority(&t.path) == 1) {
+                prop_assert!(d.send[..last_urgent].iter().all(|t| needed(&t.path)));
             }
             prop_assert!(diff(&a, &a, priority).is_empty());
         }

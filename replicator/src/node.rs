@@ -2112,7 +2112,7 @@ async fn compare_fresh(
     let mut paths: Vec<String> = diff
         .send
         .iter()
-        .map(|t| t.entry.path.to_string())
+        .map(|t| t.path.to_string())
         .chain(diff.delete.iter().map(|p| p.to_string()))
         .filter(|p| !p.is_empty())
         .collect();

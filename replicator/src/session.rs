@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use twinfs_fs::{ChangeKind, Role};
 
 use crate::capture::Record;
-use crate::manifest::{self, Entry, Manifest};
+use crate::manifest::{self, Manifest};
 use crate::path::RelPath;
 use crate::policy::{PolicySet, Priority, SyncMode};
 use crate::protocol::{Message, Op, MANIFEST_CHUNK, PRIORITY1_LISTED, VERSION};
@@ -102,6 +102,59 @@ pub enum Output {
     Close(String),
 }
 
+/// An output waiting for the driver. A full sync queues a ship per differing path
+/// (100,000s of them at once), so ships are kept small; anything else is boxed.
+enum Queued {
+    Ship {
+        seq: u64,
+        path: RelPath,
+        content: bool,
+        delete_if_missing: bool,
+        standby_hash: Option<u128>,
+    },
+    Other(Box<Output>),
+}
+
+impl Queued {
+    fn of(output: Output) -> Queued {
+        match output {
+            Output::Ship {
+                seq,
+                path,
+                content,
+                standby_hash,
+                delete_if_missing,
+            } => Queued::Ship {
+                seq,
+                path,
+                content,
+                delete_if_missing,
+                standby_hash,
+            },
+            other => Queued::Other(Box::new(other)),
+        }
+    }
+
+    fn into_output(self) -> Output {
+        match self {
+            Queued::Ship {
+                seq,
+                path,
+                content,
+                delete_if_missing,
+                standby_hash,
+            } => Output::Ship {
+                seq,
+                path,
+                content,
+                standby_hash,
+                delete_if_missing,
+            },
+            Queued::Other(output) => *output,
+        }
+    }
+}
+
 /// Where the session is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -155,7 +208,7 @@ pub struct SessionStats {
 pub struct Session {
     config: SessionConfig,
     phase: Phase,
-    out: VecDeque<Output>,
+    out: VecDeque<Queued>,
     started: Instant,
     last_sent: Instant,
     last_received: Instant,
@@ -164,7 +217,7 @@ pub struct Session {
     sync_id: u64,
     progress_at: Instant,
     next_seq: u64,
-    theirs: Vec<Entry>,
+    theirs: Manifest,
     theirs_done: bool,
     ours: Option<Manifest>,
     full_sync_end: Option<u64>,
@@ -211,7 +264,7 @@ impl Session {
             sync_id: 0,
             progress_at: now,
             next_seq: 1,
-            theirs: Vec::new(),
+            theirs: Manifest::new(),
             theirs_done: false,
             ours: None,
             full_sync_end: None,
@@ -245,7 +298,11 @@ impl Session {
 
     /// The next thing for the driver to do.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.out.pop_front()
+        self.out.pop_front().map(Queued::into_output)
+    }
+
+    fn queue(&mut self, output: Output) {
+        self.out.push_back(Queued::of(output));
     }
 
     /// Where the session is.
@@ -309,9 +366,6 @@ impl Session {
         if self.out.is_empty() {
             self.out.shrink_to_fit();
         }
-        if self.theirs.is_empty() {
-            self.theirs.shrink_to_fit();
-        }
     }
 
     fn remember_rejected(&mut self, path: RelPath, reason: String) {
@@ -362,13 +416,13 @@ impl Session {
 
     fn send(&mut self, message: Message, now: Instant) {
         self.last_sent = now;
-        self.out.push_back(Output::Send(message));
+        self.queue(Output::Send(message));
     }
 
     fn close(&mut self, reason: String) {
         if self.phase != Phase::Closed {
             self.phase = Phase::Closed;
-            self.out.push_back(Output::Close(reason));
+            self.queue(Output::Close(reason));
         }
     }
 
@@ -434,13 +488,13 @@ impl Session {
                 ));
             }
             (Role::Standby, Role::Active) if epoch > ours => {
-                self.out.push_back(Output::Follow { epoch });
+                self.queue(Output::Follow { epoch });
                 self.config.epoch = epoch;
             }
             (Role::Active, Role::Active)
                 if epoch > ours || (epoch == ours && !self.config.wins_ties) =>
             {
-                self.out.push_back(Output::Fenced { epoch });
+                self.queue(Output::Fenced { epoch });
                 return self.close(format!(
                     "peer is active for volume {volume} with epoch {epoch} (ours {ours}): it wins"
                 ));
@@ -452,7 +506,7 @@ impl Session {
                 ));
             }
             (Role::Active, Role::Standby) if epoch > ours => {
-                self.out.push_back(Output::Fenced { epoch });
+                self.queue(Output::Fenced { epoch });
                 return self.close(format!(
                     "standby has followed epoch {epoch}, newer than ours ({ours}): this active is stale"
                 ));
@@ -468,7 +522,7 @@ impl Session {
     fn start_full_sync(&mut self, now: Instant) {
         self.phase = Phase::FullSync;
         self.stats.full_syncs += 1;
-        self.theirs.clear();
+        self.theirs = Manifest::new();
         self.theirs_done = false;
         self.ours = None;
         self.full_sync_end = None;
@@ -487,7 +541,7 @@ impl Session {
         self.sync_id += 1;
         self.progress_at = now;
         self.send(Message::RequestManifest { sync: self.sync_id }, now);
-        self.out.push_back(Output::ScanLocal);
+        self.queue(Output::ScanLocal);
     }
 
     /// The local volume's manifest, after [`Output::ScanLocal`].
@@ -500,7 +554,7 @@ impl Session {
             self.try_diff(now);
         } else {
             let sync = self.sync_id;
-            for (entries, done) in manifest.parts(MANIFEST_CHUNK) {
+            for (entries, done) in manifest.into_parts(MANIFEST_CHUNK) {
                 self.send(
                     Message::Manifest {
                         sync,
@@ -525,7 +579,12 @@ impl Session {
                     return;
                 }
                 self.progress_at = now;
-                self.theirs.extend(entries);
+                for entry in entries {
+                    // The standby's `never` paths are its own business: never deleted.
+                    if self.config.policies.resolve(entry.path.as_path()).sync != SyncMode::Never {
+                        self.theirs.insert(entry);
+                    }
+                }
                 self.theirs_done = done;
                 self.try_diff(now);
             }
@@ -577,32 +636,20 @@ impl Session {
         let Some(ours) = self.ours.take() else {
             return;
         };
-        let mut theirs = Manifest::default();
-        // Taken, not drained: a drained Vec would keep room for the whole manifest.
-        for entry in std::mem::take(&mut self.theirs) {
-            // The standby's `never` paths are its own business: never deleted.
-            if self.config.policies.resolve(entry.path.as_path()).sync != SyncMode::Never {
-                theirs.insert(entry);
-            }
-        }
+        let theirs = std::mem::take(&mut self.theirs);
         let policies = self.config.policies.clone();
         let diff = manifest::diff(&ours, &theirs, |p| {
             policies.resolve(p.as_path()).priority.get()
         });
         let base = self.next_seq - 1;
         self.full_sync_base = base;
-        self.stats.full_sync_bytes = diff
-            .send
-            .iter()
-            .filter(|t| t.content)
-            .map(|t| t.entry.meta.size)
-            .sum();
+        self.stats.full_sync_bytes = diff.send.iter().filter(|t| t.content).map(|t| t.size).sum();
         let must_sync =
             |p: &RelPath| self.config.policies.resolve(p.as_path()).priority == Priority::MUST_SYNC;
         let priority1: Vec<RelPath> = diff
             .delete
             .iter()
-            .chain(diff.send.iter().map(|t| &t.entry.path))
+            .chain(diff.send.iter().map(|t| &t.path))
             .filter(|p| must_sync(p))
             .cloned()
             .collect();
@@ -620,11 +667,28 @@ impl Session {
         );
         // Deletions first (they also clear paths whose kind changed), then the sends,
         // priority 1 leading.
+        // Only its directories are needed from here on (the rest can be 100,000s of
+        // entries): keep them, let the manifest go.
+        let our_dirs: std::collections::HashSet<RelPath> = ours
+            .iter()
+            .filter(|(_, m)| m.kind == manifest::Kind::Dir)
+            .map(|(p, _)| p.clone())
+            .collect();
+        drop(ours);
+        // Creating and deleting entries moves the standby's directory mtimes: the
+        // metadata of every directory touched is sent again, deepest first, once its
+        // entries are in place.
+        let mut touched = std::collections::BTreeSet::new();
+        let touch_parents = |path: &RelPath, touched: &mut std::collections::BTreeSet<RelPath>| {
+            let mut at = path.split_last().map(|(p, _)| p);
+            while let Some(dir) = at.filter(|d| !d.is_root()) {
+                at = dir.split_last().map(|(p, _)| p);
+                touched.insert(dir);
+            }
+        };
         let mut ops = 0;
-        let mut changed: Vec<RelPath> = Vec::new();
-        let mut changed_dirs: Vec<RelPath> = Vec::new();
         for path in diff.delete {
-            changed.push(path.clone());
+            touch_parents(&path, &mut touched);
             let seq = self.take_seq();
             self.send(
                 Message::Op {
@@ -636,44 +700,28 @@ impl Session {
             ops += 1;
         }
         for transfer in diff.send {
-            if transfer.content || theirs.get(&transfer.entry.path).is_none() {
-                changed.push(transfer.entry.path.clone());
+            let theirs_meta = theirs.get(&transfer.path);
+            if transfer.content || theirs_meta.is_none() {
+                touch_parents(&transfer.path, &mut touched);
             }
-            if transfer.entry.meta.kind == manifest::Kind::Dir {
-                changed_dirs.push(transfer.entry.path.clone());
+            if transfer.kind == manifest::Kind::Dir {
+                touched.insert(transfer.path.clone());
             }
             let seq = self.take_seq();
-            let standby_hash = theirs.get(&transfer.entry.path).and_then(|m| m.hash);
-            self.out.push_back(Output::Ship {
+            let standby_hash = theirs_meta.and_then(|m| m.hash);
+            self.queue(Output::Ship {
                 seq,
-                path: transfer.entry.path,
+                path: transfer.path,
                 content: transfer.content,
                 standby_hash,
                 delete_if_missing: false,
             });
             ops += 1;
         }
-        // Creating and deleting entries moved the standby's directory mtimes: send the
-        // metadata of every directory touched again, deepest first, once its entries
-        // are in place.
-        let mut touched = std::collections::BTreeSet::new();
-        for path in &changed {
-            let mut at = path.split_last().map(|(p, _)| p);
-            while let Some(dir) = at.filter(|d| !d.is_root()) {
-                at = dir.split_last().map(|(p, _)| p);
-                touched.insert(dir);
-            }
-        }
-        for dir in changed_dirs {
-            touched.insert(dir);
-        }
         for dir in touched.into_iter().rev() {
-            if ours
-                .get(&dir)
-                .is_some_and(|m| m.kind == manifest::Kind::Dir)
-            {
+            if our_dirs.contains(&dir) {
                 let seq = self.take_seq();
-                self.out.push_back(Output::Ship {
+                self.queue(Output::Ship {
                     seq,
                     path: dir,
                     content: false,
@@ -722,7 +770,7 @@ impl Session {
                 } => {
                     self.queued_ships.remove(&path);
                     let seq = self.take_seq();
-                    self.out.push_back(Output::Ship {
+                    self.queue(Output::Ship {
                         seq,
                         path,
                         content,
@@ -999,7 +1047,7 @@ impl Session {
                 self.phase = Phase::FullSync;
                 self.stats.full_syncs += 1;
                 self.in_sync_at = None;
-                self.out.push_back(Output::ScanLocal);
+                self.queue(Output::ScanLocal);
             }
             Message::FullSyncStart {
                 sync,
@@ -1045,7 +1093,7 @@ impl Session {
                 {
                     self.priority1_pending.insert(op.path().clone());
                 }
-                self.out.push_back(Output::Apply { seq, op });
+                self.queue(Output::Apply { seq, op });
             }
             Message::FullSyncDone { seq } => {
                 if !self.lost {
@@ -1116,7 +1164,7 @@ impl Session {
                 self.priority1_more = 0;
                 if !self.in_sync {
                     self.in_sync = true;
-                    self.out.push_back(Output::InSync);
+                    self.queue(Output::InSync);
                 }
             }
         }
