@@ -217,9 +217,11 @@ pub struct Session {
     sync_id: u64,
     progress_at: Instant,
     next_seq: u64,
-    theirs: Manifest,
+    /// Active: the standby's manifest entries that came before our own scan did.
+    theirs: Vec<manifest::Entry>,
+    /// Active: our manifest, compared with the standby's as its entries come.
+    differ: Option<manifest::Differ>,
     theirs_done: bool,
-    ours: Option<Manifest>,
     full_sync_end: Option<u64>,
     /// The sequence number before the first op of the current full sync.
     full_sync_base: u64,
@@ -264,9 +266,9 @@ impl Session {
             sync_id: 0,
             progress_at: now,
             next_seq: 1,
-            theirs: Manifest::new(),
+            theirs: Vec::new(),
+            differ: None,
             theirs_done: false,
-            ours: None,
             full_sync_end: None,
             full_sync_base: 0,
             unacked: VecDeque::new(),
@@ -522,9 +524,9 @@ impl Session {
     fn start_full_sync(&mut self, now: Instant) {
         self.phase = Phase::FullSync;
         self.stats.full_syncs += 1;
-        self.theirs = Manifest::new();
+        self.theirs = Vec::new();
+        self.differ = None;
         self.theirs_done = false;
-        self.ours = None;
         self.full_sync_end = None;
         self.full_sync_base = self.next_seq - 1;
         self.stats.full_sync_ops = 0;
@@ -550,7 +552,13 @@ impl Session {
             return;
         }
         if self.is_active() {
-            self.ours = Some(manifest);
+            let mut differ = manifest::Differ::new(manifest);
+            for entry in std::mem::take(&mut self.theirs) {
+                if let Err(e) = differ.feed(entry) {
+                    return self.close(e.to_string());
+                }
+            }
+            self.differ = Some(differ);
             self.try_diff(now);
         } else {
             let sync = self.sync_id;
@@ -581,8 +589,17 @@ impl Session {
                 self.progress_at = now;
                 for entry in entries {
                     // The standby's `never` paths are its own business: never deleted.
-                    if self.config.policies.resolve(entry.path.as_path()).sync != SyncMode::Never {
-                        self.theirs.insert(entry);
+                    if self.config.policies.resolve(entry.path.as_path()).sync == SyncMode::Never {
+                        continue;
+                    }
+                    match self.differ.as_mut() {
+                        // Compared as it comes: the standby's manifest is never held.
+                        Some(differ) => {
+                            if let Err(e) = differ.feed(entry) {
+                                return self.close(e.to_string());
+                            }
+                        }
+                        None => self.theirs.push(entry),
                     }
                 }
                 self.theirs_done = done;
@@ -633,14 +650,11 @@ impl Session {
         if !self.theirs_done {
             return;
         }
-        let Some(ours) = self.ours.take() else {
+        let Some(differ) = self.differ.take() else {
             return;
         };
-        let theirs = std::mem::take(&mut self.theirs);
         let policies = self.config.policies.clone();
-        let diff = manifest::diff(&ours, &theirs, |p| {
-            policies.resolve(p.as_path()).priority.get()
-        });
+        let (diff, ours) = differ.finish(|p| policies.resolve(p.as_path()).priority.get());
         let base = self.next_seq - 1;
         self.full_sync_base = base;
         self.stats.full_sync_bytes = diff.send.iter().filter(|t| t.content).map(|t| t.size).sum();
@@ -700,20 +714,18 @@ impl Session {
             ops += 1;
         }
         for transfer in diff.send {
-            let theirs_meta = theirs.get(&transfer.path);
-            if transfer.content || theirs_meta.is_none() {
+            if transfer.content || !transfer.on_standby {
                 touch_parents(&transfer.path, &mut touched);
             }
             if transfer.kind == manifest::Kind::Dir {
                 touched.insert(transfer.path.clone());
             }
             let seq = self.take_seq();
-            let standby_hash = theirs_meta.and_then(|m| m.hash);
             self.queue(Output::Ship {
                 seq,
                 path: transfer.path,
                 content: transfer.content,
-                standby_hash,
+                standby_hash: transfer.standby_hash,
                 delete_if_missing: false,
             });
             ops += 1;
