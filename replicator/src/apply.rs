@@ -451,11 +451,27 @@ impl<'a> Applier<'a> {
         expected: u128,
         meta: &FileMeta,
     ) -> Result<()> {
-        let (dir, name) = self.open_parent(path)?;
-        let dir = dir.as_fd();
+        let prepared = self.build_from_blocks(path, new_size, blocks, expected, meta)?;
+        prepared.sync_data()?;
+        self.place_prepared(prepared, true)
+    }
+
+    /// [`Applier::write_blocks`] up to the checked, whole temp file with `meta`, not
+    /// yet durable nor in place: [`Prepared::sync_data`] and
+    /// [`Applier::place_prepared`] finish it (meanwhile a standby can show it).
+    pub fn build_from_blocks(
+        &self,
+        path: &RelPath,
+        new_size: u64,
+        blocks: &mut dyn Iterator<Item = io::Result<(u64, Vec<u8>)>>,
+        expected: u128,
+        meta: &FileMeta,
+    ) -> Result<Prepared> {
+        let (dir_fd, name) = self.open_parent(path)?;
+        let dir = dir_fd.as_fd();
         refuse_directory(dir, &name, path, "file")?;
         let current = open_regular(dir, &name, path)?;
-        let (temp, file) = create_temp(dir, |tmp| {
+        let (mut temp, file) = create_temp(dir, |tmp| {
             sys::openat(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
         })
         .map_err(io_err("create a temp file for", path))?;
@@ -468,6 +484,8 @@ impl<'a> Applier<'a> {
             have = old.min(new_size);
             copy_prefix(current.as_fd(), file, have)
                 .map_err(io_err("copy the current content of", path))?;
+            // A head start for the disk on the copy, while the blocks come.
+            let _ = sys::start_writeback(file, 0, have);
         }
         let content = |what: &str| ApplyError::Content {
             path: path.clone(),
@@ -494,6 +512,9 @@ impl<'a> Applier<'a> {
         };
         let mut cursor = 0u64;
         let mut sent = 0u64;
+        // The disk starts on what is written while the rest is still on its way, so
+        // the fsync at the end has little left to wait for.
+        let mut written_back = 0u64;
         for block in blocks {
             let (offset, data) = block.map_err(|source| ApplyError::Content {
                 path: path.clone(),
@@ -512,6 +533,11 @@ impl<'a> Applier<'a> {
             cursor = offset + data.len() as u64;
             have = have.max(cursor);
             sent += data.len() as u64;
+            if cursor >= written_back + WRITEBACK_STEP {
+                // Only a head start: the fsync below is what makes it durable.
+                let _ = sys::start_writeback(file, written_back, cursor - written_back);
+                written_back = cursor;
+            }
         }
         if cursor < new_size && have < new_size {
             return Err(content("the blocks end before the file does"));
@@ -523,9 +549,23 @@ impl<'a> Applier<'a> {
             ));
         }
         sys::ftruncate(file, new_size).map_err(io_err("truncate", path))?;
-        commit_file(temp, file, &name, path, meta)?;
-        tracing::debug!(%path, new_size, sent, "wrote file from blocks");
-        Ok(())
+        apply_meta(At::Fd(file), true, meta, path)?;
+        tracing::debug!(%path, new_size, sent, "built file from blocks");
+        // The guard's job passes to the `Prepared`, which owns the directory.
+        let temp_name = std::mem::take(&mut temp.name);
+        let dir_times = temp.dir_times;
+        temp.placed = true;
+        drop(temp);
+        let dir_key = sys::fstat(dir).ok().map(|st| (st.st_dev, st.st_ino));
+        Ok(Prepared {
+            dir: dir_fd,
+            name,
+            temp: temp_name,
+            path: path.clone(),
+            dir_times,
+            dir_key,
+            placed: false,
+        })
     }
 
     /// Makes `path` a directory with `meta`: creates it if missing, otherwise only sets
@@ -851,6 +891,9 @@ fn open_regular(dir: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<Opt
 }
 
 /// A file written beside its target by [`Applier::prepare_file`], not yet in place;
+/// How much of a large file is written before the disk is asked to start on it.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
 /// removed when dropped unless placed.
 pub struct Prepared {
     dir: OwnedFd,

@@ -624,6 +624,12 @@ pub fn start(
 ) {
     let volumes = Arc::new(volumes);
     let peers = Arc::new(peers);
+    let bells: Bells = Arc::new(
+        peers
+            .iter()
+            .map(|p| (p.id, Arc::new(tokio::sync::Notify::new())))
+            .collect(),
+    );
     tokio::spawn(accept_loop(
         endpoint.clone(),
         own,
@@ -631,8 +637,18 @@ pub fn start(
         peers.clone(),
         board.clone(),
         prober,
+        bells.clone(),
     ));
+    // A standby that starts knocks at its peers' doors: an active waiting to dial it
+    // again (its last attempt's packets were lost while this node was down) dials at
+    // once instead of after its next retransmission.
+    if volumes.iter().any(|v| v.roles.get().role == Role::Standby) {
+        for peer in peers.iter().filter(|p| !p.witness) {
+            tokio::spawn(knock(endpoint.clone(), peer.clone()));
+        }
+    }
     for peer in peers.iter().filter(|p| !p.witness) {
+        let bell = bells.get(&peer.id).cloned().unwrap_or_default();
         let link = Link {
             peer: peer.name.clone(),
             address: peer.address.clone(),
@@ -647,7 +663,27 @@ pub fn start(
             peer.clone(),
             link,
             roles.clone(),
+            bell,
         ));
+    }
+}
+
+/// Per peer, rung when it connects to this node: its dial loop dials at once.
+type Bells = Arc<std::collections::HashMap<PeerId, Arc<tokio::sync::Notify>>>;
+
+/// Connects to `peer` once and closes at once: a peer that is active dials this node
+/// right away (see `accept_loop`).
+async fn knock(endpoint: quinn::Endpoint, peer: Peer) {
+    let Some(addr) = resolve(&peer.address).await else {
+        return;
+    };
+    let attempt = tokio::time::timeout(
+        CONNECT_ATTEMPT,
+        transport::connect(&endpoint, addr, peer.id),
+    );
+    if let Ok(Ok((connection, _))) = attempt.await {
+        tracing::debug!(peer = %peer.name, %addr, "knocked");
+        connection.close(0u32.into(), b"knock");
     }
 }
 
@@ -658,11 +694,17 @@ async fn accept_loop(
     peers: Arc<Vec<Peer>>,
     board: Board,
     prober: Prober,
+    bells: Bells,
 ) {
     while let Some(accepted) = transport::accept(&endpoint).await {
         let Ok((connection, id)) = accepted else {
             continue;
         };
+        // The peer is up (it may have just started): if this node is waiting to dial
+        // it, it dials now.
+        if let Some(bell) = bells.get(&id) {
+            bell.notify_one();
+        }
         let name = peers
             .iter()
             .find(|p| p.id == id)
@@ -714,6 +756,7 @@ async fn dial_loop(
     peer: Peer,
     link: Link,
     mut roles: watch::Receiver<u64>,
+    bell: Arc<tokio::sync::Notify>,
 ) {
     loop {
         roles.borrow_and_update();
@@ -733,10 +776,16 @@ async fn dial_loop(
             CONNECT_ATTEMPT,
             transport::connect(&endpoint, addr, peer.id),
         );
-        let connected = match attempt.await {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::debug!(peer = %peer.name, %addr, "no answer; dialling again");
+        let connected = tokio::select! {
+            attempt = attempt => match attempt {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::debug!(peer = %peer.name, %addr, "no answer; dialling again");
+                    continue;
+                }
+            },
+            _ = bell.notified() => {
+                tracing::debug!(peer = %peer.name, %addr, "the peer knocked; dialling again at once");
                 continue;
             }
         };
@@ -791,6 +840,7 @@ async fn dial_loop(
         tokio::select! {
             _ = tokio::time::sleep(REDIAL) => {}
             _ = roles.changed() => {}
+            _ = bell.notified() => {}
         }
     }
 }
@@ -2455,19 +2505,29 @@ async fn apply_streamed(
         let applier = Applier::new(v.root.as_fd());
         let fm = file_meta(&entry.meta);
         let mut blocks = std::iter::from_fn(|| rx.blocking_recv());
-        let mut write = |applier: &Applier<'_>| {
-            applier.write_blocks(&entry.path, entry.meta.size, &mut blocks, expected, &fm)
+        let mut build = |applier: &Applier<'_>| {
+            applier.build_from_blocks(&entry.path, entry.meta.size, &mut blocks, expected, &fm)
         };
-        let written = match write(&applier) {
+        let prepared = match build(&applier) {
             Err(ApplyError::IsDirectory { .. }) => {
-                applier.delete(&entry.path).and_then(|()| write(&applier))
+                applier.delete(&entry.path).and_then(|()| build(&applier))
             }
             other => other,
-        };
-        if written.is_ok() {
+        }?;
+        // Whole and checked: readers see it now, while it is made durable (for a
+        // large file that is most of the time).
+        let mut shown = Shown::new(&v, &prepared);
+        if shown.is_some() {
             invalidate(&v, &entry.path);
         }
-        written
+        prepared.sync_data()?;
+        applier.place_prepared(prepared, true)?;
+        if let Some(shown) = shown.as_mut() {
+            shown.placed = true;
+        }
+        drop(shown);
+        invalidate(&v, &entry.path);
+        Ok::<(), ApplyError>(())
     })
     .await;
     pump.abort();

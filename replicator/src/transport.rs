@@ -310,6 +310,14 @@ pub async fn accept(
     .await;
     match &result {
         Ok((_, peer)) => debug!(%addr, peer = %Hex(peer), "accepted"),
+        // A dialler that gave up on this handshake (it dials again at once when the
+        // peer it waits for knocks) is no fault of anyone's.
+        Err(TransportError::Handshake {
+            source: quinn::ConnectionError::ConnectionClosed(close),
+            ..
+        }) if close.error_code == quinn::TransportErrorCode::APPLICATION_ERROR => {
+            debug!(%addr, "incoming connection abandoned by the dialler")
+        }
         Err(error) => warn!(%addr, %error, "incoming connection failed"),
     }
     Some(result)

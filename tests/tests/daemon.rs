@@ -502,3 +502,24 @@ fn without_passthrough_the_fallback_serves_io() {
         .unwrap()
         .ends_with("appended\n"));
 }
+
+/// `twinfs status | true`: the command ends quietly when its reader goes away
+/// early, with no panic on stderr (it used to panic in `println!`).
+#[test]
+fn status_into_a_pipe_closed_early_ends_quietly() {
+    let _serial = twinfs_tests::serial();
+    let mut node = Node::new(CMM_RULES, fill_cmm);
+    node.start(&[]);
+    let script = format!(
+        "{} --config {} status --json | true",
+        twinfs_bin().display(),
+        node.config.display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .expect("sh");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}

@@ -149,8 +149,21 @@ fn limit_heap_arenas() {
     }
 }
 
+/// A command whose output goes to a pipe that closes early (`twinfs status | head`)
+/// ends quietly, as other command-line tools do, instead of panicking in `println!`.
+/// Not for the daemon, which must outlive any peer that goes away.
+fn die_quietly_on_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Mount { .. }) {
+        die_quietly_on_closed_pipe();
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
