@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use crate::change::{AttrChange, Change, ChangeKind, ChangeSink};
 use crate::error::{Error, Result};
-use crate::inode::{Key, Table, ROOT};
+use crate::inode::{Table, ROOT};
 use crate::sys::{self, At, Stat};
 
 /// `FUSE_SUPER_MAGIC`: the directory is already a FUSE mount (twinfs running twice).
@@ -217,13 +217,6 @@ pub struct Volume {
     upstream: Option<UpstreamFilter>,
     upstream_open: AtomicBool,
     rescue: Option<Rescue>,
-    /// Standby: new versions the replicator has written to temp files beside their
-    /// names but not yet made durable and renamed into place, by (parent directory's
-    /// backing key, name) → temp name. Lookups and opens of such a name get the temp
-    /// file, so readers see a version as soon as it is whole, not after its fsync.
-    staged: RwLock<HashMap<(Key, OsString), OsString>>,
-    /// Whether `staged` holds anything (lookups skip its lock when it does not).
-    any_staged: AtomicBool,
 }
 
 fn enoent() -> Error {
@@ -231,12 +224,9 @@ fn enoent() -> Error {
 }
 
 /// Where an inode lives: its own fd (directories) or a name in its parent's fd.
-/// `unstaged` is the real name when `name` is a staged temp file (see
-/// [`Volume::show_staged`]), for a retry if the temp file was renamed meanwhile.
 struct Location {
     dir: Arc<OwnedFd>,
     name: Option<OsString>,
-    unstaged: Option<OsString>,
 }
 
 impl Location {
@@ -244,18 +234,6 @@ impl Location {
         match &self.name {
             Some(name) => At::Entry(self.dir.as_fd(), name),
             None => At::Fd(self.dir.as_fd()),
-        }
-    }
-
-    /// Runs `op` on the entry; if it was a staged temp file that has gone since it
-    /// was located (renamed into place, or dropped), runs it again on the real name,
-    /// which then holds the newest version.
-    fn retry<T>(&self, mut op: impl FnMut(At<'_>) -> std::io::Result<T>) -> std::io::Result<T> {
-        match (op(self.at()), &self.unstaged) {
-            (Err(e), Some(real)) if e.raw_os_error() == Some(libc::ENOENT) => {
-                op(At::Entry(self.dir.as_fd(), real))
-            }
-            (result, _) => result,
         }
     }
 }
@@ -320,8 +298,6 @@ impl Volume {
             upstream: None,
             upstream_open: AtomicBool::new(false),
             rescue: None,
-            staged: RwLock::new(HashMap::new()),
-            any_staged: AtomicBool::new(false),
         })
     }
 
@@ -547,10 +523,9 @@ impl Volume {
     }
 
     /// Whether `name` in `parent` is the backing file `key` now.
-    fn names_key(&self, parent: u64, name: &OsStr, key: Key) -> bool {
+    fn names_key(&self, parent: u64, name: &OsStr, key: (u64, u64)) -> bool {
         self.dir_fd(parent).is_ok_and(|dir| {
-            self.stat_entry(parent, &dir, name)
-                .is_ok_and(|st| (st.st_dev, st.st_ino) == key)
+            sys::statat(dir.as_fd(), name).is_ok_and(|st| (st.st_dev, st.st_ino) == key)
         })
     }
 
@@ -570,118 +545,17 @@ impl Volume {
             return Ok(Location {
                 dir: fd.clone(),
                 name: None,
-                unstaged: None,
             });
         }
         let (parent, name) = node.links.first().ok_or_else(enoent)?;
-        let parent = table.get(*parent).ok_or(Error::Stale("parent"))?;
-        let dir = parent.dir.clone().ok_or(Error::Stale("parent"))?;
-        Ok(match self.staged_name(parent.key, name) {
-            Some(temp) => Location {
-                dir,
-                name: Some(temp),
-                unstaged: Some(name.clone()),
-            },
-            None => Location {
-                dir,
-                name: Some(name.clone()),
-                unstaged: None,
-            },
+        let dir = table
+            .get(*parent)
+            .and_then(|p| p.dir.clone())
+            .ok_or(Error::Stale("parent"))?;
+        Ok(Location {
+            dir,
+            name: Some(name.clone()),
         })
-    }
-
-    /// Standby: serves `name` in the directory whose backing key is `dir` from `temp`,
-    /// a whole new version the replicator wrote beside it and will make durable and
-    /// rename into place (then [`Volume::unshow_staged`]). Lookups and opens get the
-    /// new version at once; the file on disk changes only by the rename, so a crash
-    /// still leaves the old or the new version whole. Returns false, and shows
-    /// nothing, for a path local users may write (an upstream path) and on an active
-    /// volume: their names change only by the rename.
-    pub fn show_staged(&self, dir: Key, name: &OsStr, temp: &OsStr, path: &Path) -> bool {
-        if self.role() != Role::Standby || self.upstream.as_ref().is_some_and(|u| u(path)) {
-            return false;
-        }
-        let mut staged = self.staged.write().unwrap_or_else(|e| e.into_inner());
-        staged.insert((dir, name.to_owned()), temp.to_owned());
-        self.any_staged.store(true, Ordering::Release);
-        true
-    }
-
-    /// Stops serving `name` from `temp` (renamed into place, or given up). A later
-    /// version staged for the same name meanwhile stays shown.
-    pub fn unshow_staged(&self, dir: Key, name: &OsStr, temp: &OsStr) {
-        let mut staged = self.staged.write().unwrap_or_else(|e| e.into_inner());
-        let key = (dir, name.to_owned());
-        if staged.get(&key).is_some_and(|t| t == temp) {
-            staged.remove(&key);
-        }
-        if staged.is_empty() {
-            self.any_staged.store(false, Ordering::Release);
-        }
-    }
-
-    /// The temp file `name` in the directory `dir` is served from, if it is staged
-    /// and the volume a standby.
-    fn staged_name(&self, dir: Key, name: &OsStr) -> Option<OsString> {
-        if !self.any_staged.load(Ordering::Acquire) || self.role() != Role::Standby {
-            return None;
-        }
-        let staged = self.staged.read().unwrap_or_else(|e| e.into_inner());
-        staged.get(&(dir, name.to_owned())).cloned()
-    }
-
-    /// Standby: puts the names staged in the directory `dir_key` into its listing
-    /// `out`, with their new versions' inode numbers (a new file is listed as soon as
-    /// it can be opened, not once it is renamed into place).
-    fn list_staged(&self, dir_key: Key, dir: &OwnedFd, out: &mut Vec<DirEntry>) {
-        if !self.any_staged.load(Ordering::Acquire) || self.role() != Role::Standby {
-            return;
-        }
-        let here: Vec<(OsString, OsString)> = self
-            .staged
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|((key, _), _)| *key == dir_key)
-            .map(|((_, name), temp)| (name.clone(), temp.clone()))
-            .collect();
-        for (name, temp) in here {
-            // Gone meanwhile: renamed into place (the listing may show it already) or
-            // given up.
-            let Ok(st) = sys::statat(dir.as_fd(), &temp) else {
-                continue;
-            };
-            let ino = self
-                .read_table()
-                .by_key((st.st_dev, st.st_ino))
-                .unwrap_or(st.st_ino);
-            match out.iter_mut().find(|e| e.name == name) {
-                Some(e) => e.ino = ino,
-                None => out.push(DirEntry {
-                    ino,
-                    kind: libc::DT_REG,
-                    name,
-                }),
-            }
-        }
-    }
-
-    /// `fstatat` of `name` in the directory `parent` (whose fd is `dir`), through its
-    /// staged temp file if it has one.
-    fn stat_entry(&self, parent: u64, dir: &OwnedFd, name: &OsStr) -> std::io::Result<Stat> {
-        let parent_key = if self.any_staged.load(Ordering::Acquire) {
-            self.read_table().get(parent).map(|n| n.key)
-        } else {
-            None
-        };
-        if let Some(temp) = parent_key.and_then(|key| self.staged_name(key, name)) {
-            match sys::statat(dir.as_fd(), &temp) {
-                // Renamed into place (or given up) since: the name has the newest.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                other => return other,
-            }
-        }
-        sys::statat(dir.as_fd(), name)
     }
 
     fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
@@ -734,7 +608,7 @@ impl Volume {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
         check_exists(name)?;
         let dir = self.dir_fd(parent)?;
-        let st = self.stat_entry(parent, &dir, name)?;
+        let st = sys::statat(dir.as_fd(), name)?;
         self.remember(parent, &dir, name, st)
     }
 
@@ -756,7 +630,7 @@ impl Volume {
         match self.locate(ino) {
             Ok(loc) => Ok(Attr {
                 ino,
-                st: loc.retry(|at| at.stat())?,
+                st: loc.at().stat()?,
             }),
             // Unlinked but still open: the kernel asks without a handle.
             Err(e) => match self.open_file_of(ino) {
@@ -785,7 +659,6 @@ impl Volume {
                 Some(f) => Location {
                     dir: Arc::new(f.fd.try_clone()?),
                     name: None,
-                    unstaged: None,
                 },
                 None => return Err(e),
             },
@@ -996,10 +869,7 @@ impl Volume {
         let loc = self.locate(ino)?;
         let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EISDIR))?;
         let truncate = flags & libc::O_TRUNC != 0;
-        let fd = loc.retry(|at| match at {
-            At::Entry(dir, name) => sys::openat(dir, name, flags & !libc::O_TRUNC, 0),
-            At::Fd(_) => Err(std::io::Error::from_raw_os_error(libc::EISDIR)),
-        })?;
+        let fd = sys::openat(loc.dir.as_fd(), name, flags & !libc::O_TRUNC, 0)?;
         // The open file is registered before the truncation, so a replicator that reads
         // the file meanwhile knows a writer is at it and does not ship the empty file.
         let (fh, file) = self.add_file(ino, fd, writable);
@@ -1257,8 +1127,6 @@ impl Volume {
                 name: e.name,
             });
         }
-        drop(table);
-        self.list_staged((st.st_dev, st.st_ino), &dir, &mut out);
         Ok(out)
     }
 
@@ -1320,13 +1188,13 @@ impl Volume {
     /// Reads an extended attribute into `buf` (or returns its size for an empty buffer).
     pub fn getxattr(&self, ino: u64, name: &OsStr, buf: &mut [u8]) -> Result<usize> {
         let loc = self.locate(ino)?;
-        Ok(loc.retry(|at| at.getxattr(name, buf))?)
+        Ok(loc.at().getxattr(name, buf)?)
     }
 
     /// Lists extended attribute names into `buf` (or returns the size).
     pub fn listxattr(&self, ino: u64, buf: &mut [u8]) -> Result<usize> {
         let loc = self.locate(ino)?;
-        Ok(loc.retry(|at| at.listxattr(buf))?)
+        Ok(loc.at().listxattr(buf)?)
     }
 
     /// Removes an extended attribute.

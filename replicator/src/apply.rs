@@ -458,7 +458,7 @@ impl<'a> Applier<'a> {
 
     /// [`Applier::write_blocks`] up to the checked, whole temp file with `meta`, not
     /// yet durable nor in place: [`Prepared::sync_data`] and
-    /// [`Applier::place_prepared`] finish it (meanwhile a standby can show it).
+    /// [`Applier::place_prepared`] finish it.
     pub fn build_from_blocks(
         &self,
         path: &RelPath,
@@ -921,21 +921,6 @@ impl Prepared {
     /// The path it is for.
     pub fn path(&self) -> &RelPath {
         &self.path
-    }
-
-    /// Its parent directory's backing (device, inode), if it could be read.
-    pub fn dir_key(&self) -> Option<(u64, u64)> {
-        self.dir_key
-    }
-
-    /// The name it will take in its parent directory.
-    pub fn name(&self) -> &std::ffi::OsStr {
-        &self.name
-    }
-
-    /// The name of the temp file it is written to until it is put in place.
-    pub fn temp_name(&self) -> &std::ffi::OsStr {
-        &self.temp
     }
 
     /// Gives it the parent directory's times recorded in `first` for an earlier file of

@@ -861,19 +861,7 @@ impl Differ {
             return Err(OutOfOrder(theirs.path));
         }
         // Active paths before it: the standby has nothing there.
-        let from = match &self.cursor {
-            Some(c) => Bound::Excluded(c),
-            None => Bound::Unbounded,
-        };
-        for (path, new) in self
-            .active
-            .entries
-            .range::<RelPath, _>((from, Bound::Excluded(&theirs.path)))
-        {
-            if !path.is_root() {
-                self.send.push(Transfer::new(path, new, None, true));
-            }
-        }
+        self.send_missing(Bound::Excluded(&theirs.path));
         let old = &theirs.meta;
         if !theirs.path.is_root() {
             match self.active.get(&theirs.path) {
@@ -901,19 +889,7 @@ impl Differ {
 
     /// The work, once every standby entry is in, and the active's manifest back.
     pub fn finish(mut self, priority_of: impl Fn(&RelPath) -> u8) -> (Diff, Manifest) {
-        let from = match &self.cursor {
-            Some(c) => Bound::Excluded(c),
-            None => Bound::Unbounded,
-        };
-        for (path, new) in self
-            .active
-            .entries
-            .range::<RelPath, _>((from, Bound::Unbounded))
-        {
-            if !path.is_root() {
-                self.send.push(Transfer::new(path, new, None, true));
-            }
-        }
+        self.send_missing(Bound::Unbounded);
         let Differ {
             active,
             mut send,
@@ -923,6 +899,22 @@ impl Differ {
         delete.reverse();
         order_by_priority(&mut send, priority_of);
         (Diff { send, delete }, active)
+    }
+}
+
+impl Differ {
+    /// Sends whole the active's paths after the last standby path taken and before
+    /// `end`: the standby has nothing there.
+    fn send_missing(&mut self, end: Bound<&RelPath>) {
+        let from = match &self.cursor {
+            Some(c) => Bound::Excluded(c),
+            None => Bound::Unbounded,
+        };
+        for (path, new) in self.active.entries.range::<RelPath, _>((from, end)) {
+            if !path.is_root() {
+                self.send.push(Transfer::new(path, new, None, true));
+            }
+        }
     }
 }
 
