@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use crate::change::{AttrChange, Change, ChangeKind, ChangeSink};
 use crate::error::{Error, Result};
-use crate::inode::{Table, ROOT};
+use crate::inode::{Key, Table, ROOT};
 use crate::sys::{self, At, Stat};
 
 /// `FUSE_SUPER_MAGIC`: the directory is already a FUSE mount (twinfs running twice).
@@ -217,6 +217,15 @@ pub struct Volume {
     upstream: Option<UpstreamFilter>,
     upstream_open: AtomicBool,
     rescue: Option<Rescue>,
+    /// Standby: new versions the replicator has written to temp files beside their
+    /// names but not yet made durable and renamed into place, by (parent directory's
+    /// backing key, name) → temp name. Lookups and opens of such a name get the temp
+    /// file, so readers see a version as soon as it is whole, not after its fsync.
+    /// Several versions of one name can be staged at once (oldest first): the kernel
+    /// may still hold an earlier one, which stays itself.
+    staged: RwLock<HashMap<(Key, OsString), Vec<(OsString, Key)>>>,
+    /// Whether `staged` holds anything (lookups skip its lock when it does not).
+    any_staged: AtomicBool,
 }
 
 fn enoent() -> Error {
@@ -224,9 +233,12 @@ fn enoent() -> Error {
 }
 
 /// Where an inode lives: its own fd (directories) or a name in its parent's fd.
+/// `unstaged` is the real name when `name` is a staged temp file (see
+/// [`Volume::show_staged`]), for a retry if the temp file was renamed meanwhile.
 struct Location {
     dir: Arc<OwnedFd>,
     name: Option<OsString>,
+    unstaged: Option<OsString>,
 }
 
 impl Location {
@@ -234,6 +246,18 @@ impl Location {
         match &self.name {
             Some(name) => At::Entry(self.dir.as_fd(), name),
             None => At::Fd(self.dir.as_fd()),
+        }
+    }
+
+    /// Runs `op` on the entry; if it was a staged temp file that has gone since it
+    /// was located (renamed into place, or dropped), runs it again on the real name,
+    /// which then holds the newest version.
+    fn retry<T>(&self, mut op: impl FnMut(At<'_>) -> std::io::Result<T>) -> std::io::Result<T> {
+        match (op(self.at()), &self.unstaged) {
+            (Err(e), Some(real)) if e.raw_os_error() == Some(libc::ENOENT) => {
+                op(At::Entry(self.dir.as_fd(), real))
+            }
+            (result, _) => result,
         }
     }
 }
@@ -298,6 +322,8 @@ impl Volume {
             upstream: None,
             upstream_open: AtomicBool::new(false),
             rescue: None,
+            staged: RwLock::new(HashMap::new()),
+            any_staged: AtomicBool::new(false),
         })
     }
 
@@ -523,9 +549,10 @@ impl Volume {
     }
 
     /// Whether `name` in `parent` is the backing file `key` now.
-    fn names_key(&self, parent: u64, name: &OsStr, key: (u64, u64)) -> bool {
+    fn names_key(&self, parent: u64, name: &OsStr, key: Key) -> bool {
         self.dir_fd(parent).is_ok_and(|dir| {
-            sys::statat(dir.as_fd(), name).is_ok_and(|st| (st.st_dev, st.st_ino) == key)
+            self.stat_entry(parent, &dir, name)
+                .is_ok_and(|st| (st.st_dev, st.st_ino) == key)
         })
     }
 
@@ -545,17 +572,148 @@ impl Volume {
             return Ok(Location {
                 dir: fd.clone(),
                 name: None,
+                unstaged: None,
             });
         }
         let (parent, name) = node.links.first().ok_or_else(enoent)?;
-        let dir = table
-            .get(*parent)
-            .and_then(|p| p.dir.clone())
-            .ok_or(Error::Stale("parent"))?;
-        Ok(Location {
-            dir,
-            name: Some(name.clone()),
+        let parent = table.get(*parent).ok_or(Error::Stale("parent"))?;
+        let dir = parent.dir.clone().ok_or(Error::Stale("parent"))?;
+        // Only the inode that is the staged file itself: an older one the kernel still
+        // holds under the same name must not be served another file's content.
+        let staged = self.staged_version(parent.key, name, node.key);
+        Ok(match staged {
+            Some((temp, _)) => Location {
+                dir,
+                name: Some(temp),
+                unstaged: Some(name.clone()),
+            },
+            None => Location {
+                dir,
+                name: Some(name.clone()),
+                unstaged: None,
+            },
         })
+    }
+
+    /// Standby: serves `name` in the directory whose backing key is `dir` from `temp`,
+    /// a whole new version the replicator wrote beside it and will make durable and
+    /// rename into place (then [`Volume::unshow_staged`]). Lookups and opens get the
+    /// new version at once; the file on disk changes only by the rename, so a crash
+    /// still leaves the old or the new version whole. Returns false, and shows
+    /// nothing, for a path local users may write (an upstream path) and on an active
+    /// volume: their names change only by the rename.
+    pub fn show_staged(
+        &self,
+        dir: Key,
+        name: &OsStr,
+        temp: &OsStr,
+        temp_key: Key,
+        path: &Path,
+    ) -> bool {
+        if self.role() != Role::Standby || self.upstream.as_ref().is_some_and(|u| u(path)) {
+            return false;
+        }
+        let mut staged = self.staged.write().unwrap_or_else(|e| e.into_inner());
+        staged
+            .entry((dir, name.to_owned()))
+            .or_default()
+            .push((temp.to_owned(), temp_key));
+        self.any_staged.store(true, Ordering::Release);
+        true
+    }
+
+    /// Stops serving `name` from `temp` (renamed into place, or given up). A later
+    /// version staged for the same name meanwhile stays shown.
+    pub fn unshow_staged(&self, dir: Key, name: &OsStr, temp: &OsStr) {
+        let mut staged = self.staged.write().unwrap_or_else(|e| e.into_inner());
+        let key = (dir, name.to_owned());
+        if let Some(versions) = staged.get_mut(&key) {
+            versions.retain(|(t, _)| t != temp);
+            if versions.is_empty() {
+                staged.remove(&key);
+            }
+        }
+        if staged.is_empty() {
+            self.any_staged.store(false, Ordering::Release);
+        }
+    }
+
+    /// The temp file `name` in the directory `dir` is served from, and its key, if it
+    /// is staged and the volume a standby.
+    fn staged_name(&self, dir: Key, name: &OsStr) -> Option<(OsString, Key)> {
+        if !self.any_staged.load(Ordering::Acquire) || self.role() != Role::Standby {
+            return None;
+        }
+        let staged = self.staged.read().unwrap_or_else(|e| e.into_inner());
+        staged
+            .get(&(dir, name.to_owned()))
+            .and_then(|versions| versions.last().cloned())
+    }
+
+    /// The temp file of the version of `name` staged in `dir` whose backing key is
+    /// `key`: what an inode the kernel holds is, though a later version took the name.
+    fn staged_version(&self, dir: Key, name: &OsStr, key: Key) -> Option<(OsString, Key)> {
+        if !self.any_staged.load(Ordering::Acquire) || self.role() != Role::Standby {
+            return None;
+        }
+        let staged = self.staged.read().unwrap_or_else(|e| e.into_inner());
+        staged
+            .get(&(dir, name.to_owned()))
+            .and_then(|versions| versions.iter().find(|(_, k)| *k == key).cloned())
+    }
+
+    /// Standby: puts the names staged in the directory `dir_key` into its listing
+    /// `out`, with their new versions' inode numbers (a new file is listed as soon as
+    /// it can be opened, not once it is renamed into place).
+    fn list_staged(&self, dir_key: Key, dir: &OwnedFd, out: &mut Vec<DirEntry>) {
+        if !self.any_staged.load(Ordering::Acquire) || self.role() != Role::Standby {
+            return;
+        }
+        let here: Vec<(OsString, OsString)> = self
+            .staged
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((key, _), _)| *key == dir_key)
+            .filter_map(|((_, name), versions)| Some((name.clone(), versions.last()?.0.clone())))
+            .collect();
+        for (name, temp) in here {
+            // Gone meanwhile: renamed into place (the listing may show it already) or
+            // given up.
+            let Ok(st) = sys::statat(dir.as_fd(), &temp) else {
+                continue;
+            };
+            let ino = self
+                .read_table()
+                .by_key((st.st_dev, st.st_ino))
+                .unwrap_or(st.st_ino);
+            match out.iter_mut().find(|e| e.name == name) {
+                Some(e) => e.ino = ino,
+                None => out.push(DirEntry {
+                    ino,
+                    kind: libc::DT_REG,
+                    name,
+                }),
+            }
+        }
+    }
+
+    /// `fstatat` of `name` in the directory `parent` (whose fd is `dir`), through its
+    /// staged temp file if it has one.
+    fn stat_entry(&self, parent: u64, dir: &OwnedFd, name: &OsStr) -> std::io::Result<Stat> {
+        let parent_key = if self.any_staged.load(Ordering::Acquire) {
+            self.read_table().get(parent).map(|n| n.key)
+        } else {
+            None
+        };
+        if let Some((temp, _)) = parent_key.and_then(|key| self.staged_name(key, name)) {
+            match sys::statat(dir.as_fd(), &temp) {
+                // Renamed into place (or given up) since: the name has the newest.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                other => return other,
+            }
+        }
+        sys::statat(dir.as_fd(), name)
     }
 
     fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
@@ -608,7 +766,7 @@ impl Volume {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
         check_exists(name)?;
         let dir = self.dir_fd(parent)?;
-        let st = sys::statat(dir.as_fd(), name)?;
+        let st = self.stat_entry(parent, &dir, name)?;
         self.remember(parent, &dir, name, st)
     }
 
@@ -630,7 +788,7 @@ impl Volume {
         match self.locate(ino) {
             Ok(loc) => Ok(Attr {
                 ino,
-                st: loc.at().stat()?,
+                st: loc.retry(|at| at.stat())?,
             }),
             // Unlinked but still open: the kernel asks without a handle.
             Err(e) => match self.open_file_of(ino) {
@@ -659,6 +817,7 @@ impl Volume {
                 Some(f) => Location {
                     dir: Arc::new(f.fd.try_clone()?),
                     name: None,
+                    unstaged: None,
                 },
                 None => return Err(e),
             },
@@ -869,7 +1028,10 @@ impl Volume {
         let loc = self.locate(ino)?;
         let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EISDIR))?;
         let truncate = flags & libc::O_TRUNC != 0;
-        let fd = sys::openat(loc.dir.as_fd(), name, flags & !libc::O_TRUNC, 0)?;
+        let fd = loc.retry(|at| match at {
+            At::Entry(dir, name) => sys::openat(dir, name, flags & !libc::O_TRUNC, 0),
+            At::Fd(_) => Err(std::io::Error::from_raw_os_error(libc::EISDIR)),
+        })?;
         // The open file is registered before the truncation, so a replicator that reads
         // the file meanwhile knows a writer is at it and does not ship the empty file.
         let (fh, file) = self.add_file(ino, fd, writable);
@@ -1127,6 +1289,8 @@ impl Volume {
                 name: e.name,
             });
         }
+        drop(table);
+        self.list_staged((st.st_dev, st.st_ino), &dir, &mut out);
         Ok(out)
     }
 
@@ -1188,13 +1352,13 @@ impl Volume {
     /// Reads an extended attribute into `buf` (or returns its size for an empty buffer).
     pub fn getxattr(&self, ino: u64, name: &OsStr, buf: &mut [u8]) -> Result<usize> {
         let loc = self.locate(ino)?;
-        Ok(loc.at().getxattr(name, buf)?)
+        Ok(loc.retry(|at| at.getxattr(name, buf))?)
     }
 
     /// Lists extended attribute names into `buf` (or returns the size).
     pub fn listxattr(&self, ino: u64, buf: &mut [u8]) -> Result<usize> {
         let loc = self.locate(ino)?;
-        Ok(loc.at().listxattr(buf)?)
+        Ok(loc.retry(|at| at.listxattr(buf))?)
     }
 
     /// Removes an extended attribute.

@@ -279,6 +279,9 @@ impl<'a> Applier<'a> {
         if durable {
             sys::fsync(file.as_fd(), false).map_err(io_err("fsync", path))?;
         }
+        let temp_key = sys::fstat(file.as_fd())
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino));
         // The guard's job passes to the `Prepared`, which owns the directory.
         let temp_name = std::mem::take(&mut temp.name);
         let dir_times = temp.dir_times;
@@ -294,6 +297,7 @@ impl<'a> Applier<'a> {
             path: path.clone(),
             dir_times,
             dir_key,
+            temp_key,
             placed: false,
         })
     }
@@ -458,7 +462,7 @@ impl<'a> Applier<'a> {
 
     /// [`Applier::write_blocks`] up to the checked, whole temp file with `meta`, not
     /// yet durable nor in place: [`Prepared::sync_data`] and
-    /// [`Applier::place_prepared`] finish it.
+    /// [`Applier::place_prepared`] finish it (meanwhile a standby can show it).
     pub fn build_from_blocks(
         &self,
         path: &RelPath,
@@ -557,6 +561,7 @@ impl<'a> Applier<'a> {
         temp.placed = true;
         drop(temp);
         let dir_key = sys::fstat(dir).ok().map(|st| (st.st_dev, st.st_ino));
+        let temp_key = sys::fstat(file).ok().map(|st| (st.st_dev, st.st_ino));
         Ok(Prepared {
             dir: dir_fd,
             name,
@@ -564,6 +569,7 @@ impl<'a> Applier<'a> {
             path: path.clone(),
             dir_times,
             dir_key,
+            temp_key,
             placed: false,
         })
     }
@@ -902,6 +908,7 @@ pub struct Prepared {
     path: RelPath,
     dir_times: Option<[libc::timespec; 2]>,
     dir_key: Option<(u64, u64)>,
+    temp_key: Option<(u64, u64)>,
     placed: bool,
 }
 
@@ -921,6 +928,26 @@ impl Prepared {
     /// The path it is for.
     pub fn path(&self) -> &RelPath {
         &self.path
+    }
+
+    /// Its parent directory's backing (device, inode), if it could be read.
+    pub fn dir_key(&self) -> Option<(u64, u64)> {
+        self.dir_key
+    }
+
+    /// The name it will take in its parent directory.
+    pub fn name(&self) -> &std::ffi::OsStr {
+        &self.name
+    }
+
+    /// The name of the temp file it is written to until it is put in place.
+    pub fn temp_name(&self) -> &std::ffi::OsStr {
+        &self.temp
+    }
+
+    /// The temp file's backing (device, inode), if it could be read.
+    pub fn temp_key(&self) -> Option<(u64, u64)> {
+        self.temp_key
     }
 
     /// Gives it the parent directory's times recorded in `first` for an earlier file of

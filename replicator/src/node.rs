@@ -2508,8 +2508,18 @@ async fn apply_streamed(
             }
             other => other,
         }?;
+        // Whole and checked: readers see it now, while it is made durable (for a
+        // large file that is most of the time).
+        let mut shown = Shown::new(&v, &prepared);
+        if shown.is_some() {
+            invalidate(&v, &entry.path);
+        }
         prepared.sync_data()?;
         applier.place_prepared(prepared, true)?;
+        if let Some(shown) = shown.as_mut() {
+            shown.placed = true;
+        }
+        drop(shown);
         invalidate(&v, &entry.path);
         Ok::<(), ApplyError>(())
     })
@@ -2628,9 +2638,10 @@ const BATCH_BYTES: u64 = 64 << 20;
 /// change while streaming) takes the plain path: fsync the file, rename, fsync the
 /// directory.
 ///
-/// While one batch is being put in place in the background, the next files are
-/// written to their temp files and wait for it: the session goes on taking messages,
-/// so one file's fsyncs do not hold up the next file's.
+/// Readers see each file as soon as its temp file is written ([`Shown`]), before any
+/// of that. While one batch is being put in place in the background, the next files
+/// are staged (and shown) and wait for it: the session goes on taking messages, so
+/// one file's fsyncs never delay the next file being readable.
 #[derive(Default)]
 struct Batch {
     staged: Vec<Staged>,
@@ -2644,6 +2655,9 @@ struct Batch {
 
 struct Staged {
     seq: u64,
+    /// Readers on the standby see the temp file under its name until it is placed
+    /// (dropped before `prepared`, which removes the temp file if never placed).
+    shown: Option<Shown>,
     entry: manifest::Entry,
     /// The content, kept until the batch is flushed in case it must be applied the
     /// plain way (the temp file could not be made: a directory in the way).
@@ -2681,7 +2695,13 @@ impl Batch {
             let applier = Applier::new(v.root.as_fd());
             let prepared =
                 applier.prepare_file(&entry.path, &bytes, &file_meta(&entry.meta), false);
-            (entry, bytes, prepared)
+            // Whole now: readers may see it before it is durable, since the file on
+            // disk changes only when it is renamed into place after its fsync.
+            let shown = prepared.as_ref().ok().and_then(|p| Shown::new(&v, p));
+            if shown.is_some() {
+                invalidate(&v, &entry.path);
+            }
+            (entry, bytes, prepared, shown)
         };
         // A small file is written here, sparing the latency of a blocking-pool hop.
         let prepared = if small {
@@ -2689,7 +2709,7 @@ impl Batch {
         } else {
             tokio::task::spawn_blocking(prepare).await
         };
-        let Ok((entry, bytes, prepared)) = prepared else {
+        let Ok((entry, bytes, prepared, shown)) = prepared else {
             return;
         };
         let (content, prepared) = match prepared {
@@ -2703,6 +2723,7 @@ impl Batch {
         };
         self.staged.push(Staged {
             seq,
+            shown,
             entry,
             content,
             prepared,
@@ -2803,11 +2824,13 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
     };
     for s in staged {
         let path = s.entry.path.clone();
+        // Stops showing the temp file once it is in place (or given up).
+        let mut shown = s.shown;
         let result = match (&synced, s.prepared, s.content) {
             (Err(e), _, _) => Err(e.to_string()),
             (Ok(()), Some(p), _) if single => {
-                // One file: fsync it, rename, let readers see it, and only then fsync
-                // the directory (the ack waits for that).
+                // One file: fsync it, rename, and only then fsync the directory (the
+                // ack waits for that).
                 place_single(&applier, p, || invalidate(v, &path))
             }
             (Ok(()), Some(p), _) => {
@@ -2827,6 +2850,10 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
             .map_err(|e| e.to_string()),
             (Ok(()), None, None) => Err("nothing to apply".into()),
         };
+        if let Some(shown) = shown.as_mut() {
+            shown.placed = result.is_ok();
+        }
+        drop(shown);
         results.push((s.seq, path, result));
     }
     // The renames now; the temp files' data already was.
@@ -2838,6 +2865,46 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
         }
     }
     results
+}
+
+/// A staged file shown to the standby's readers under its name before it is in
+/// place ([`twinfs_fs::Volume::show_staged`]); no longer shown once dropped, and if it
+/// was never put in place, the kernel is told to forget the version it was shown.
+struct Shown {
+    link: VolumeLink,
+    path: RelPath,
+    dir: (u64, u64),
+    name: std::ffi::OsString,
+    temp: std::ffi::OsString,
+    placed: bool,
+}
+
+impl Shown {
+    fn new(link: &VolumeLink, prepared: &crate::apply::Prepared) -> Option<Shown> {
+        let (dir, temp_key) = (prepared.dir_key()?, prepared.temp_key()?);
+        let (name, temp) = (prepared.name(), prepared.temp_name());
+        link.volume
+            .show_staged(dir, name, temp, temp_key, prepared.path().as_path())
+            .then(|| Shown {
+                link: link.clone(),
+                path: prepared.path().clone(),
+                dir,
+                name: name.to_owned(),
+                temp: temp.to_owned(),
+                placed: false,
+            })
+    }
+}
+
+impl Drop for Shown {
+    fn drop(&mut self) {
+        self.link
+            .volume
+            .unshow_staged(self.dir, &self.name, &self.temp);
+        if !self.placed {
+            invalidate(&self.link, &self.path);
+        }
+    }
 }
 
 /// Puts a single prepared file in place durably: fsync it, rename, call `visible`
