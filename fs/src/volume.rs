@@ -223,10 +223,14 @@ pub struct Volume {
     /// file, so readers see a version as soon as it is whole, not after its fsync.
     /// Several versions of one name can be staged at once (oldest first): the kernel
     /// may still hold an earlier one, which stays itself.
-    staged: RwLock<HashMap<(Key, OsString), Vec<(OsString, Key)>>>,
+    staged: RwLock<StagedVersions>,
     /// Whether `staged` holds anything (lookups skip its lock when it does not).
     any_staged: AtomicBool,
 }
+
+/// Staged versions per (parent directory's backing key, name): (temp name, the temp
+/// file's backing key), oldest first.
+type StagedVersions = HashMap<(Key, OsString), Vec<(OsString, Key)>>;
 
 fn enoent() -> Error {
     Error::from_errno(libc::ENOENT)
