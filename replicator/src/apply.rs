@@ -261,7 +261,7 @@ impl<'a> Applier<'a> {
     ) -> Result<Prepared> {
         let (dir, name) = self.open_parent(path)?;
         refuse_directory(dir.as_fd(), &name, path, "file")?;
-        let (mut temp, file) = create_temp(dir.as_fd(), |tmp| {
+        let (temp, file) = create_temp(dir.as_fd(), |tmp| {
             sys::openat(
                 dir.as_fd(),
                 tmp,
@@ -279,27 +279,8 @@ impl<'a> Applier<'a> {
         if durable {
             sys::fsync(file.as_fd(), false).map_err(io_err("fsync", path))?;
         }
-        let temp_key = sys::fstat(file.as_fd())
-            .ok()
-            .map(|st| (st.st_dev, st.st_ino));
-        // The guard's job passes to the `Prepared`, which owns the directory.
-        let temp_name = std::mem::take(&mut temp.name);
-        let dir_times = temp.dir_times;
-        temp.placed = true;
-        drop(temp);
-        let dir_key = sys::fstat(dir.as_fd())
-            .ok()
-            .map(|st| (st.st_dev, st.st_ino));
-        Ok(Prepared {
-            dir,
-            name,
-            temp: temp_name,
-            path: path.clone(),
-            dir_times,
-            dir_key,
-            temp_key,
-            placed: false,
-        })
+        let handed = temp.hand_over();
+        Ok(Prepared::new(dir, name, path, handed, file.as_fd()))
     }
 
     /// Renames a prepared file into place; with `durable`, fsyncs the directory too.
@@ -475,7 +456,7 @@ impl<'a> Applier<'a> {
         let dir = dir_fd.as_fd();
         refuse_directory(dir, &name, path, "file")?;
         let current = open_regular(dir, &name, path)?;
-        let (mut temp, file) = create_temp(dir, |tmp| {
+        let (temp, file) = create_temp(dir, |tmp| {
             sys::openat(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
         })
         .map_err(io_err("create a temp file for", path))?;
@@ -555,23 +536,8 @@ impl<'a> Applier<'a> {
         sys::ftruncate(file, new_size).map_err(io_err("truncate", path))?;
         apply_meta(At::Fd(file), true, meta, path)?;
         tracing::debug!(%path, new_size, sent, "built file from blocks");
-        // The guard's job passes to the `Prepared`, which owns the directory.
-        let temp_name = std::mem::take(&mut temp.name);
-        let dir_times = temp.dir_times;
-        temp.placed = true;
-        drop(temp);
-        let dir_key = sys::fstat(dir).ok().map(|st| (st.st_dev, st.st_ino));
-        let temp_key = sys::fstat(file).ok().map(|st| (st.st_dev, st.st_ino));
-        Ok(Prepared {
-            dir: dir_fd,
-            name,
-            temp: temp_name,
-            path: path.clone(),
-            dir_times,
-            dir_key,
-            temp_key,
-            placed: false,
-        })
+        let handed = temp.hand_over();
+        Ok(Prepared::new(dir_fd, name, path, handed, file))
     }
 
     /// Makes `path` a directory with `meta`: creates it if missing, otherwise only sets
@@ -913,6 +879,28 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// Takes over a temp file `handed` over by its guard ([`TempEntry::hand_over`]),
+    /// of which `file` is an open fd, in the directory `dir`, to become `name`.
+    fn new(
+        dir: OwnedFd,
+        name: OsString,
+        path: &RelPath,
+        (temp, dir_times): (OsString, Option<[libc::timespec; 2]>),
+        file: BorrowedFd<'_>,
+    ) -> Prepared {
+        let key = |st: sys::Stat| (st.st_dev, st.st_ino);
+        Prepared {
+            dir_key: sys::fstat(dir.as_fd()).ok().map(key),
+            temp_key: sys::fstat(file).ok().map(key),
+            dir,
+            name,
+            temp,
+            path: path.clone(),
+            dir_times,
+            placed: false,
+        }
+    }
+
     /// Makes the temp file's content and metadata durable (fsync).
     pub fn sync_data(&self) -> Result<()> {
         let file = sys::openat(
@@ -999,6 +987,15 @@ struct TempEntry<'d> {
     /// The directory's times before the temp entry was made: a replacement of an
     /// existing entry restores them, as the active's directory did not change.
     dir_times: Option<[libc::timespec; 2]>,
+}
+
+impl TempEntry<'_> {
+    /// Ends the guard without removing the temp file, whose care passes to the caller
+    /// (a [`Prepared`]): its name and the directory's times from before it.
+    fn hand_over(mut self) -> (OsString, Option<[libc::timespec; 2]>) {
+        self.placed = true;
+        (std::mem::take(&mut self.name), self.dir_times)
+    }
 }
 
 impl Drop for TempEntry<'_> {

@@ -1634,7 +1634,8 @@ async fn ship_upstream(
         _ => {
             let v = volume.clone();
             let read = tokio::task::spawn_blocking(move || {
-                read_op(&v, path, true, None, true, false).map(|(op, _, _)| op)
+                let small = is_small(&v, &path);
+                read_op(&v, path, true, None, true, false, small).map(|(op, _, _)| op)
             })
             .await;
             match read {
@@ -2026,6 +2027,7 @@ async fn carry_out(
                     standby_hash,
                     delete_if_missing,
                     can_stream,
+                    small,
                 )
             };
             let read = if small {
@@ -2183,8 +2185,6 @@ fn scan(volume: &VolumeLink) -> Result<Manifest, manifest::ManifestError> {
     Ok(manifest)
 }
 
-/// The op that ships `path` as it is now, whether it had vanished, and for a large
-/// file the open file whose bytes follow on their own stream.
 /// Files up to this size are read, written and hashed by the session's own task, not
 /// in the blocking pool.
 const SMALL_FILE: u64 = 64 << 10;
@@ -2201,6 +2201,9 @@ fn is_small(volume: &VolumeLink, path: &RelPath) -> bool {
     }
 }
 
+/// The op that ships `path` as it is now, whether it had vanished, and for a large
+/// file the open file whose bytes follow on their own stream. `small` is
+/// [`is_small`] of the path, taken once by the caller.
 fn read_op(
     volume: &VolumeLink,
     path: RelPath,
@@ -2208,6 +2211,7 @@ fn read_op(
     standby_hash: Option<u128>,
     delete_if_missing: bool,
     can_stream: bool,
+    small: bool,
 ) -> Result<(Op, bool, Option<OwnedFd>), manifest::ManifestError> {
     let writers_allowed = volume.volume.role() == Role::Active;
     if writers_allowed && volume.volume.being_written(path.as_path()) {
@@ -2215,7 +2219,7 @@ fn read_op(
         // (Once local writes are refused, what is there is final: it ships.)
         return Ok((Op::Skip { path }, false, None));
     }
-    let described = if is_small(volume, &path) {
+    let described = if small {
         // Hashing it costs less than the shared cache's lock could (a scan holds it):
         // small files are hashed afresh.
         manifest::describe(volume.root.as_fd(), &path, &mut HashCache::new())?
