@@ -33,6 +33,10 @@ pub struct Node {
     pub dir: Option<Arc<OwnedFd>>,
     /// Lookups the kernel has not forgotten yet.
     pub lookups: u64,
+    /// For a non-directory whose last known name was removed while the kernel still
+    /// holds it (a fifo or socket opened outside FUSE, say), an `O_PATH` fd of it, so
+    /// `fstat` and `fchmod` through the kernel's inode keep working.
+    pub kept: Option<Arc<OwnedFd>>,
 }
 
 /// The table of nodes, the index of known directory entries and of backing files.
@@ -55,6 +59,7 @@ impl Table {
                 links: Vec::new(),
                 dir: Some(root),
                 lookups: 1,
+                kept: None,
             },
         );
         let mut by_key = HashMap::new();
@@ -111,6 +116,7 @@ impl Table {
                         links: Vec::new(),
                         dir,
                         lookups: 0,
+                        kept: None,
                     },
                 );
                 self.by_key.insert(key, ino);
@@ -157,6 +163,15 @@ impl Table {
             }
         }
         Some(ino)
+    }
+
+    /// Keeps `fd` for `ino` if it has no names left (see [`Node::kept`]).
+    pub fn keep(&mut self, ino: u64, fd: OwnedFd) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            if node.links.is_empty() && node.dir.is_none() {
+                node.kept = Some(Arc::new(fd));
+            }
+        }
     }
 
     /// Moves the name (`op`, `on`) to (`np`, `nn`), as a rename does; `exchange` swaps

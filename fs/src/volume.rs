@@ -579,7 +579,16 @@ impl Volume {
                 unstaged: None,
             });
         }
-        let (parent, name) = node.links.first().ok_or_else(enoent)?;
+        let Some((parent, name)) = node.links.first() else {
+            return match &node.kept {
+                Some(fd) => Ok(Location {
+                    dir: fd.clone(),
+                    name: None,
+                    unstaged: None,
+                }),
+                None => Err(enoent()),
+            };
+        };
         let parent = table.get(*parent).ok_or(Error::Stale("parent"))?;
         let dir = parent.dir.clone().ok_or(Error::Stale("parent"))?;
         // Only the inode that is the staged file itself: an older one the kernel still
@@ -926,10 +935,37 @@ impl Volume {
         let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_exists(name)?;
         let dir = self.dir_fd(parent)?;
+        let held = self.hold_last_name(parent, &dir, name);
         sys::unlinkat(dir.as_fd(), name, 0)?;
-        self.write_table().drop_link(parent, name);
+        self.drop_name(parent, name, held);
         self.record_entry(parent, name, ChangeKind::Unlink);
         Ok(())
+    }
+
+    /// Before `name` in `parent` goes away: an `O_PATH` fd of it if it is the last
+    /// known name of a non-directory the kernel holds, which [`crate::inode::Table::keep`] keeps so
+    /// the kernel's inode stays addressable (see [`crate::inode::Node::kept`]).
+    fn hold_last_name(&self, parent: u64, dir: &OwnedFd, name: &OsStr) -> Option<(u64, OwnedFd)> {
+        let (ino, key) = {
+            let table = self.read_table();
+            let ino = table.entry(parent, name)?;
+            let node = table.get(ino)?;
+            if node.dir.is_some() || node.links.len() != 1 {
+                return None;
+            }
+            (ino, node.key)
+        };
+        let fd = sys::openat(dir.as_fd(), name, libc::O_PATH, 0).ok()?;
+        let st = sys::fstat(fd.as_fd()).ok()?;
+        ((st.st_dev, st.st_ino) == key).then_some((ino, fd))
+    }
+
+    fn drop_name(&self, parent: u64, name: &OsStr, held: Option<(u64, OwnedFd)>) {
+        let mut table = self.write_table();
+        table.drop_link(parent, name);
+        if let Some((ino, fd)) = held {
+            table.keep(ino, fd);
+        }
     }
 
     /// Removes an empty directory.
@@ -962,11 +998,19 @@ impl Volume {
         check_name(newname)?;
         let from_dir = self.dir_fd(parent)?;
         let to_dir = self.dir_fd(newparent)?;
-        sys::renameat2(from_dir.as_fd(), name, to_dir.as_fd(), newname, flags)?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let replaced = match exchange {
+            true => None,
+            false => self.hold_last_name(newparent, &to_dir, newname),
+        };
+        sys::renameat2(from_dir.as_fd(), name, to_dir.as_fd(), newname, flags)?;
         let from = self.read_table().path(parent).map(|p| p.join(name));
-        self.write_table()
-            .rename(parent, name, newparent, newname, exchange);
+        let mut table = self.write_table();
+        table.rename(parent, name, newparent, newname, exchange);
+        if let Some((ino, fd)) = replaced {
+            table.keep(ino, fd);
+        }
+        drop(table);
         if let Some(from) = from {
             self.record_entry(newparent, newname, ChangeKind::Rename { from, exchange });
         }

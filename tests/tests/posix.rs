@@ -704,6 +704,52 @@ fn open_file_survives_unlink() {
 }
 
 #[test]
+fn open_fifo_survives_unlink_and_replace() {
+    // A fifo is opened by the kernel as a pipe, never through FUSE, so twinfs has no
+    // handle of it: after its last name goes (unlink, or a rename over it), fstat and
+    // fchmod still reach it through the kernel's inode.
+    let log = same_as_native(
+        |p| {
+            fs::create_dir(p.join("d")).expect("mkdir");
+            for name in ["a", "b"] {
+                let c = cpath(&p.join("d").join(name));
+                // SAFETY: a valid NUL-terminated path.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o640) }, 0, "mkfifo");
+            }
+            fs::write(p.join("d/c"), b"x").expect("write");
+        },
+        |p| {
+            let mut log = Log::default();
+            let open = |name: &str| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(p.join("d").join(name))
+                    .expect("open fifo")
+            };
+            let a = open("a");
+            let b = open("b");
+            log.note("unlink a", errno(fs::remove_file(p.join("d/a"))));
+            log.note(
+                "rename c over b",
+                errno(fs::rename(p.join("d/c"), p.join("d/b"))),
+            );
+            for (name, f) in [("a", &a), ("b", &b)] {
+                let nlink = errno(f.metadata().map(|m| m.nlink()));
+                log.note(&format!("fstat {name}"), nlink);
+                let chmod = errno(f.set_permissions(fs::Permissions::from_mode(0o600)));
+                log.note(&format!("fchmod {name}"), chmod);
+                let mode = errno(f.metadata().map(|m| m.mode() & 0o7777));
+                log.note(&format!("mode {name}"), mode);
+            }
+            log
+        },
+    );
+    assert!(log.has("fstat a: Ok(0)"), "{log:?}");
+    assert!(log.has("mode b: Ok(384)"), "{log:?}");
+}
+
+#[test]
 fn symlinks_relative_absolute_and_dangling() {
     same_as_native(
         |p| {
