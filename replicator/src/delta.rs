@@ -116,6 +116,25 @@ impl BlockList {
     pub fn must_send(&self, index: usize, data: &[u8]) -> bool {
         self.hashes.get(index) != Some(&block_hash(data))
     }
+
+    /// The byte ranges of `data` to send, whole blocks, consecutive ones merged: `data`
+    /// starts at block `first` and holds whole blocks but for a short last one.
+    pub fn runs_to_send(&self, first: usize, data: &[u8]) -> Vec<std::ops::Range<usize>> {
+        let block = self.block_size as usize;
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, part) in data.chunks(block).enumerate() {
+            if !self.must_send(first + i, part) {
+                continue;
+            }
+            let start = i * block;
+            let end = start + part.len();
+            match runs.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => runs.push(start..end),
+            }
+        }
+        runs
+    }
 }
 
 /// Encodes the header of one record of the blocks stream.
@@ -152,6 +171,33 @@ mod tests {
             let b = u64::from(block_size(len));
             assert!(len.div_ceil(b) <= u64::from(MAX_BLOCKS), "{len}");
         }
+    }
+
+    #[test]
+    fn runs_merge_consecutive_changed_blocks_and_skip_the_rest() {
+        let block = MIN_BLOCK as usize;
+        let data: Vec<u8> = (0..5 * block + 100).map(|i| (i / block) as u8).collect();
+        let hash = |b: usize| block_hash(&data[b * block..((b + 1) * block).min(data.len())]);
+        // The standby has blocks 0, 3 and 4 (of 6), and nothing past them: 1-2 and 5
+        // (the short last one) travel.
+        let list = BlockList {
+            block_size: MIN_BLOCK,
+            hashes: vec![hash(0), 9, 9, hash(3), hash(4)],
+        };
+        assert_eq!(
+            list.runs_to_send(0, &data),
+            vec![block..3 * block, 5 * block..data.len()]
+        );
+        // The same bytes as blocks 2.. of a file: other hashes apply.
+        let later = BlockList {
+            block_size: MIN_BLOCK,
+            hashes: vec![9, 9, hash(0), hash(1)],
+        };
+        assert_eq!(later.runs_to_send(2, &data), vec![2 * block..data.len()]);
+        assert_eq!(
+            list.runs_to_send(0, &[]),
+            Vec::<std::ops::Range<usize>>::new()
+        );
     }
 
     #[test]

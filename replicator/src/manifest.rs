@@ -322,7 +322,7 @@ pub fn scan(
 ) -> Result<Manifest, ManifestError> {
     cache.begin_scan();
     let mut manifest = Manifest::new();
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = Vec::new();
     let top = RelPath::root();
     let names = sys::read_dir(root).map_err(io_error(&top, "list"))?;
     let dir = root
@@ -413,7 +413,7 @@ pub fn describe(
             Err(e) => return Err(io_error(path, "open a parent of")(e)),
         };
     }
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = Vec::new();
     Ok(
         visit(dir.as_fd(), name, path, &|_, _| true, cache, &mut buf)?
             .map(|(meta, fd)| (meta, fd, dir)),
@@ -428,7 +428,7 @@ fn visit(
     path: &RelPath,
     filter: &impl Fn(&RelPath, Kind) -> bool,
     cache: &mut HashCache,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
 ) -> Result<Option<(Meta, OwnedFd)>, ManifestError> {
     // Everything below comes through this one O_PATH fd (sys::openat adds O_NOFOLLOW),
     // so stat, xattrs, link target and content all describe the same object even if
@@ -706,12 +706,14 @@ impl HashCache {
     }
 
     /// The content hash of the regular file behind the `O_PATH` fd `file`, whose stat
-    /// is `st`, from the cache or by reading it.
+    /// is `st`, from the cache or by reading it through `buf`, grown as the file needs
+    /// up to [`CHUNK`] (zeroing a whole chunk for each small file cost more than
+    /// hashing it).
     fn content_hash(
         &mut self,
         file: BorrowedFd<'_>,
         st: &Stat,
-        buf: &mut [u8],
+        buf: &mut Vec<u8>,
     ) -> io::Result<u128> {
         let key = (st.st_dev, st.st_ino);
         let stamp = Stamp::of(st);
@@ -725,6 +727,11 @@ impl HashCache {
         let started = SystemTime::now();
         // Reopening through /proc reaches the very inode the O_PATH fd holds.
         let reader = fs::File::open(OsStr::from_bytes(sys::proc_path(file).as_bytes()))?;
+        // One byte more than the file, so a file read whole is seen to end at once.
+        let want = usize::try_from(st.st_size).map_or(CHUNK, |n| n.saturating_add(1).min(CHUNK));
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
         let mut hasher = Xxh3Default::new();
         let mut offset = 0u64;
         loop {

@@ -1174,7 +1174,19 @@ async fn run_session(
                     }
                 }
             }
-            match carry_out(&volume, &mut session, &mut send, out, &link, &counters).await {
+            let done = match Ship::of(out) {
+                Ok(first) => {
+                    let mut ships = vec![first];
+                    while ships.len() < SHIP_GATHER && session.next_is_ship() {
+                        if let Some(Ok(ship)) = session.poll_output().map(Ship::of) {
+                            ships.push(ship);
+                        }
+                    }
+                    ship(&volume, &mut session, &mut send, ships, &link, &counters).await
+                }
+                Err(out) => carry_out(&volume, &mut session, &mut send, *out).await,
+            };
+            match done {
                 Some(n) => sent += n,
                 None => {
                     let _ = send.finish();
@@ -1982,13 +1994,11 @@ async fn carry_out(
     session: &mut Session,
     send: &mut quinn::SendStream,
     out: Output,
-    link: &Link,
-    counters: &StreamCounters,
 ) -> Option<u64> {
     match out {
         Output::Send(m) => write(send, &m).await,
         // Handled by `run_session` before they get here.
-        Output::Fenced { .. } | Output::Follow { .. } => Some(0),
+        Output::Fenced { .. } | Output::Follow { .. } | Output::Ship { .. } => Some(0),
         Output::ScanLocal => {
             // Large files of an earlier session still being applied land first.
             let _applying = volume.applying.write().await;
@@ -2004,80 +2014,6 @@ async fn carry_out(
                     None
                 }
                 Err(_) => None,
-            }
-        }
-        Output::Ship {
-            seq,
-            path,
-            content,
-            standby_hash,
-            delete_if_missing,
-        } => {
-            let v = volume.clone();
-            let shipped = path.clone();
-            let can_stream = link.connection.is_some() && link.streams.is_some();
-            // A small file is read here: a hop to the blocking pool and back would
-            // cost more than reading it, on the path of every change's latency.
-            let small = is_small(volume, &path);
-            let read = move || {
-                read_op(
-                    &v,
-                    path,
-                    content,
-                    standby_hash,
-                    delete_if_missing,
-                    can_stream,
-                    small,
-                )
-            };
-            let read = if small {
-                Ok(read())
-            } else {
-                tokio::task::spawn_blocking(read).await
-            };
-            let (op, vanished, source) = match read {
-                Ok(Ok(x)) => x,
-                Ok(Err(e)) => {
-                    tracing::warn!(volume = %volume.name, error = %e, "cannot read a change to ship");
-                    return None;
-                }
-                Err(_) => return None,
-            };
-            if vanished {
-                session.vanished(seq);
-            }
-            let bytes = match &op {
-                Op::Put {
-                    content: Some(c), ..
-                } => c.len() as u64,
-                Op::PutStream { entry } => entry.meta.size,
-                _ => 0,
-            };
-            session.shipping(seq, bytes);
-            if let Some(file) = source {
-                tokio::spawn(stream_file(
-                    link.clone(),
-                    volume.name.clone(),
-                    seq,
-                    file,
-                    shipped.clone(),
-                    counters.clone(),
-                ));
-            }
-            match (Message::Op { seq, op }).encode() {
-                Ok(bytes) => write_bytes(send, &bytes).await,
-                // Files travel whole in one message for now: one that does not fit is
-                // left out (and said so), not allowed to break the session.
-                Err(ProtocolError::TooLarge(size)) => {
-                    tracing::error!(volume = %volume.name, path = %shipped, size,
-                        "file too large to replicate (limit {MAX_MESSAGE} bytes); skipped");
-                    let op = Op::Skip { path: shipped };
-                    write(send, &Message::Op { seq, op }).await
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot encode a message");
-                    None
-                }
             }
         }
         Output::Apply { seq, op } => {
@@ -2101,6 +2037,181 @@ async fn carry_out(
         }
         Output::Close(reason) => {
             tracing::info!(volume = %volume.name, %reason, "session closed");
+            None
+        }
+    }
+}
+
+/// One [`Output::Ship`]: a file to read and ship as op `seq`.
+struct Ship {
+    seq: u64,
+    path: RelPath,
+    content: bool,
+    standby_hash: Option<u128>,
+    delete_if_missing: bool,
+}
+
+/// What reading a [`Ship`] gave: its number, its path, and [`read_op`]'s result.
+type ShipRead = (
+    u64,
+    RelPath,
+    Result<(Op, bool, Option<OwnedFd>), manifest::ManifestError>,
+);
+
+impl Ship {
+    /// The ship an output is, or the output back.
+    fn of(out: Output) -> Result<Ship, Box<Output>> {
+        match out {
+            Output::Ship {
+                seq,
+                path,
+                content,
+                standby_hash,
+                delete_if_missing,
+            } => Ok(Ship {
+                seq,
+                path,
+                content,
+                standby_hash,
+                delete_if_missing,
+            }),
+            other => Err(Box::new(other)),
+        }
+    }
+
+    fn read(self, volume: &VolumeLink, can_stream: bool, small: bool) -> ShipRead {
+        let path = self.path.clone();
+        let read = read_op(
+            volume,
+            self.path,
+            self.content,
+            self.standby_hash,
+            self.delete_if_missing,
+            can_stream,
+            small,
+        );
+        (self.seq, path, read)
+    }
+}
+
+/// Reads the files of `ships` and sends their ops, in order. One ship (a change on
+/// its own) is read by the session's task if it is small: a hop to the blocking pool
+/// and back would cost more than reading it, on the path of every change's latency.
+/// Ships that come in a row (a full sync, a burst of changes) are read at once by a
+/// few blocking threads: the disk gets several reads to work on and both cores a
+/// share, where one by one the session's task waited on each read in turn. The caller
+/// gathers at most [`SHIP_GATHER`], so at most that many files are held in memory.
+async fn ship(
+    volume: &VolumeLink,
+    session: &mut Session,
+    send: &mut quinn::SendStream,
+    mut ships: Vec<Ship>,
+    link: &Link,
+    counters: &StreamCounters,
+) -> Option<u64> {
+    let can_stream = link.connection.is_some() && link.streams.is_some();
+    if ships.len() == 1 {
+        let one = ships.pop()?;
+        let small = is_small(volume, &one.path);
+        let read = if small {
+            one.read(volume, can_stream, small)
+        } else {
+            let v = volume.clone();
+            tokio::task::spawn_blocking(move || one.read(&v, can_stream, small))
+                .await
+                .ok()?
+        };
+        return send_ship(volume, session, send, read, link, counters).await;
+    }
+    let mut groups: Vec<Vec<(usize, Ship)>> = (0..SHIP_READERS).map(|_| Vec::new()).collect();
+    let count = ships.len();
+    for (i, ship) in ships.into_iter().enumerate() {
+        groups[i % SHIP_READERS].push((i, ship));
+    }
+    let tasks: Vec<_> = groups
+        .into_iter()
+        .filter(|g| !g.is_empty())
+        .map(|group| {
+            let v = volume.clone();
+            tokio::task::spawn_blocking(move || {
+                group
+                    .into_iter()
+                    .map(|(i, ship)| {
+                        let small = is_small(&v, &ship.path);
+                        (i, ship.read(&v, can_stream, small))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut reads: Vec<Option<ShipRead>> = (0..count).map(|_| None).collect();
+    for task in tasks {
+        for (i, read) in task.await.ok()? {
+            reads[i] = Some(read);
+        }
+    }
+    let mut sent = 0;
+    for read in reads {
+        sent += send_ship(volume, session, send, read?, link, counters).await?;
+    }
+    Some(sent)
+}
+
+/// Ships read at once at most ([`ship`]), and the threads reading them.
+const SHIP_GATHER: usize = 16;
+const SHIP_READERS: usize = 4;
+
+/// Sends the op a [`Ship`] was read into (and starts the stream of a large file's
+/// blocks).
+async fn send_ship(
+    volume: &VolumeLink,
+    session: &mut Session,
+    send: &mut quinn::SendStream,
+    read: ShipRead,
+    link: &Link,
+    counters: &StreamCounters,
+) -> Option<u64> {
+    let (seq, shipped, read) = read;
+    let (op, vanished, source) = match read {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(volume = %volume.name, error = %e, "cannot read a change to ship");
+            return None;
+        }
+    };
+    if vanished {
+        session.vanished(seq);
+    }
+    let bytes = match &op {
+        Op::Put {
+            content: Some(c), ..
+        } => c.len() as u64,
+        Op::PutStream { entry } => entry.meta.size,
+        _ => 0,
+    };
+    session.shipping(seq, bytes);
+    if let Some(file) = source {
+        tokio::spawn(stream_file(
+            link.clone(),
+            volume.name.clone(),
+            seq,
+            file,
+            shipped.clone(),
+            counters.clone(),
+        ));
+    }
+    match (Message::Op { seq, op }).encode() {
+        Ok(bytes) => write_bytes(send, &bytes).await,
+        // Files travel whole in one message for now: one that does not fit is
+        // left out (and said so), not allowed to break the session.
+        Err(ProtocolError::TooLarge(size)) => {
+            tracing::error!(volume = %volume.name, path = %shipped, size,
+                        "file too large to replicate (limit {MAX_MESSAGE} bytes); skipped");
+            let op = Op::Skip { path: shipped };
+            write(send, &Message::Op { seq, op }).await
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot encode a message");
             None
         }
     }
@@ -2345,34 +2456,34 @@ async fn stream_file(
     if send.write_all(&stream_header(&volume, seq)).await.is_err() {
         return;
     }
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    let (tx, mut rx) = mpsc::channel::<([u8; delta::RECORD_HEADER], bytes::Bytes)>(4);
     // Reading and hashing are blocking work: a thread reads, this task sends. A read
     // error ends the stream early; the standby's hash check refuses the result.
     tokio::task::spawn_blocking(move || {
         let block = list.block_size as usize;
+        // Reads and records of up to a MiB (a whole number of blocks): one wake-up of
+        // each side per MiB, not per 64 KiB block.
+        let chunk = block.max(SEND_CHUNK);
         let mut offset = 0u64;
         let mut index = 0usize;
         loop {
-            let mut record = vec![0u8; delta::RECORD_HEADER + block];
-            let n = match crate::apply::read_full(
-                file.as_fd(),
-                &mut record[delta::RECORD_HEADER..],
-                offset,
-            ) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
+            let data = match crate::apply::read_new(file.as_fd(), chunk, offset) {
+                Ok(d) if d.is_empty() => return,
+                Ok(d) => bytes::Bytes::from(d),
+                Err(_) => return,
             };
-            let data = &record[delta::RECORD_HEADER..delta::RECORD_HEADER + n];
-            if list.must_send(index, data) {
-                record[..delta::RECORD_HEADER]
-                    .copy_from_slice(&delta::record_header(offset, n as u32));
-                record.truncate(delta::RECORD_HEADER + n);
-                if tx.blocking_send(record).is_err() {
+            // Runs of consecutive blocks the standby lacks, each one record.
+            for run in list.runs_to_send(index, &data) {
+                let header = delta::record_header(offset + run.start as u64, run.len() as u32);
+                if tx.blocking_send((header, data.slice(run))).is_err() {
                     return;
                 }
             }
-            offset += n as u64;
-            index += 1;
+            index += data.len().div_ceil(block);
+            offset += data.len() as u64;
+            if data.len() < chunk {
+                return;
+            }
         }
     });
     let sent = |n: usize| {
@@ -2381,15 +2492,28 @@ async fn stream_file(
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed)
     };
     sent(16);
-    while let Some(record) = rx.recv().await {
-        if let Err(e) = send.write_all(&record).await {
+    while let Some((header, data)) = rx.recv().await {
+        let len = header.len() + data.len();
+        let written = match send.write_all(&header).await {
+            Ok(()) => send.write_chunk(data).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             tracing::warn!(%path, error = %e, "large file stream broke");
             return;
         }
-        sent(record.len());
+        sent(len);
     }
+    let path_stats = connection.stats().path;
+    tracing::debug!(%path, lost_packets = path_stats.lost_packets,
+        congestion_events = path_stats.congestion_events, mtu = path_stats.current_mtu,
+        "large file sent");
     let _ = send.finish();
 }
+
+/// Bytes a large file is read and its records are sent in, at most (a whole number of
+/// blocks, at least one).
+const SEND_CHUNK: usize = 1 << 20;
 
 /// How long the active keeps a large file open waiting for the standby to ask for it.
 const BLOCK_LIST_WAIT: Duration = Duration::from_secs(120);
@@ -2440,18 +2564,37 @@ async fn pump_blocks(
                 return;
             }
         };
-        let (offset, len) = record;
-        let mut data = vec![0u8; len as usize];
-        if let Err(e) = recv.read_exact(&mut data).await {
-            let _ = tx.send(Err(std::io::Error::other(e))).await;
-            return;
-        }
+        let (mut offset, len) = record;
         received.fetch_add(
-            (delta::RECORD_HEADER + data.len()) as u64,
+            delta::RECORD_HEADER as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        if tx.send(Ok((offset, data))).await.is_err() {
-            return;
+        // Passed on in pieces of at most a MiB, gathered from the stream's chunks
+        // without zeroing a buffer first.
+        let mut left = len as usize;
+        while left > 0 {
+            let want = left.min(SEND_CHUNK);
+            let mut data = Vec::with_capacity(want);
+            while data.len() < want {
+                match recv.read_chunk(want - data.len(), true).await {
+                    Ok(Some(chunk)) => data.extend_from_slice(&chunk.bytes),
+                    Ok(None) => {
+                        let e = std::io::Error::other("the blocks stream ended inside a record");
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(std::io::Error::other(e))).await;
+                        return;
+                    }
+                }
+            }
+            received.fetch_add(want as u64, std::sync::atomic::Ordering::Relaxed);
+            if tx.send(Ok((offset, data))).await.is_err() {
+                return;
+            }
+            offset += want as u64;
+            left -= want;
         }
     }
 }

@@ -298,6 +298,12 @@ impl Session {
         s
     }
 
+    /// Whether the next output is an [`Output::Ship`] (the driver reads several
+    /// files at once when they come in a row).
+    pub fn next_is_ship(&self) -> bool {
+        matches!(self.out.front(), Some(Queued::Ship { .. }))
+    }
+
     /// The next thing for the driver to do.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front().map(Queued::into_output)

@@ -233,10 +233,56 @@ pub fn endpoint(
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
     client.transport_config(transport);
 
-    let mut endpoint = quinn::Endpoint::server(server, bind)
+    let socket = std::net::UdpSocket::bind(bind)
         .map_err(|source| TransportError::Bind { addr: bind, source })?;
+    socket_buffers(&socket);
+    let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
+        addr: bind,
+        source: std::io::Error::other("no async runtime"),
+    })?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )
+    .map_err(|source| TransportError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
+}
+
+/// Bytes of kernel buffer each way for the endpoint's socket. The default (208 KiB
+/// here) overflows when a full sync bursts at loopback speed: datagrams are dropped,
+/// QUIC takes each drop as congestion and the window stays small.
+const SOCKET_BUFFER: i32 = 8 << 20;
+
+/// Sets the socket's receive and send buffers to [`SOCKET_BUFFER`]: past
+/// `net.core.rmem_max` where the daemon may (root, `SO_RCVBUFFORCE`), else up to it.
+fn socket_buffers(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let set = |option: libc::c_int| {
+        // SAFETY: a valid socket fd and a pointer to an int of the given size.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&SOCKET_BUFFER as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            ) == 0
+        }
+    };
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if !set(force) && !set(plain) {
+            tracing::debug!(
+                option = plain,
+                "cannot size the socket buffer; kernel default kept"
+            );
+        }
+    }
 }
 
 fn transport_config() -> quinn::TransportConfig {
