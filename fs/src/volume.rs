@@ -586,7 +586,10 @@ impl Volume {
                     name: None,
                     unstaged: None,
                 }),
-                None => Err(enoent()),
+                // Its name now holds another file (the replicator put a new version
+                // there): ESTALE makes the kernel look the name up again, so an open
+                // that raced with the new version gets it rather than failing.
+                None => Err(Error::Stale("name")),
             };
         };
         let parent = table.get(*parent).ok_or(Error::Stale("parent"))?;

@@ -2125,8 +2125,14 @@ async fn ship(
     }
     let mut groups: Vec<Vec<(usize, Ship)>> = (0..SHIP_READERS).map(|_| Vec::new()).collect();
     let count = ships.len();
+    // Ships of one path stay in one group, read in their order: read by two threads,
+    // a later op could carry an older version than an earlier one and leave the
+    // standby with it.
     for (i, ship) in ships.into_iter().enumerate() {
-        groups[i % SHIP_READERS].push((i, ship));
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&ship.path, &mut hasher);
+        let group = std::hash::Hasher::finish(&hasher) as usize % SHIP_READERS;
+        groups[group].push((i, ship));
     }
     let tasks: Vec<_> = groups
         .into_iter()

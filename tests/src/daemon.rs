@@ -185,6 +185,12 @@ impl Node {
         let mut child = self.child.take().expect("daemon running");
         let _ = child.kill();
         let _ = child.wait();
+        // The mount goes when fusermount3's auto_unmount notices (a moment later,
+        // longer under load); until then the directory answers ENOTCONN.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while crate::is_mounted(&self.volume) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

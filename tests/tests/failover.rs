@@ -370,7 +370,8 @@ fn planned_switchover_back_and_forth_loses_no_acknowledged_write() {
     let last = if SWITCHES % 2 == 0 { 0 } else { 1 };
     c.wait_converged_to(last, CONVERGE);
     for node in &c.nodes {
-        let log = fs::read_to_string(node.volume.join("app.log")).expect("read");
+        let log = fs::read_to_string(node.volume.join("app.log"))
+            .unwrap_or_else(|e| panic!("read {}: {e}", node.volume.join("app.log").display()));
         let lines: Vec<&str> = log.lines().collect();
         let want: Vec<String> = acked.iter().map(|n| format!("line {n}")).collect();
         if lines != want {

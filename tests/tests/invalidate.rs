@@ -56,6 +56,25 @@ fn a_replaced_file_is_seen_after_invalidation() {
 }
 
 #[test]
+fn an_inode_whose_name_was_replaced_is_stale_not_missing() {
+    // An open the kernel sent on the old inode just as a new version took its name
+    // must make the kernel look the name up again (ESTALE), not fail (ENOENT).
+    use std::os::unix::fs::MetadataExt;
+    let m = MountedDir::new(true, |d| fs::write(d.join("f"), b"old").expect("fill"));
+    let f = m.path.join("f");
+    let old = fs::metadata(&f).expect("stat").ino();
+    replace_underneath(&m, "f", b"new");
+    m.mounted()
+        .invalidate(std::path::Path::new("f"))
+        .expect("invalidate");
+    match m.volume().getattr(old, None) {
+        Ok(_) => panic!("the old inode has no name now, yet getattr found one"),
+        Err(e) => assert_eq!(e.errno(), libc::ESTALE, "{e}"),
+    }
+    assert_eq!(fs::read(&f).expect("read"), b"new");
+}
+
+#[test]
 fn files_created_and_removed_underneath_in_a_subdirectory() {
     let m = MountedDir::new(true, |d| {
         fs::create_dir(d.join("sub")).expect("fill");
