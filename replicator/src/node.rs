@@ -36,7 +36,9 @@ const REDIAL: Duration = Duration::from_millis(500);
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(2);
 
 /// A change record numbered in capture order.
-pub type Numbered = (u64, Record);
+/// A change record with its number. Shared, not copied, by the sessions that read
+/// it: the backlog's slots hold a pointer each (7 MiB of slots held whole records).
+pub type Numbered = (u64, Arc<Record>);
 
 /// Forwards a volume's change records to every session of that volume and, for a
 /// path whose durability is `sync` (its rule's, else the volume's), holds the writer
@@ -72,7 +74,7 @@ impl RecordSink for Broadcast {
         let ships_now = record.policy.sync == SyncMode::Always;
         let durability = record.policy.durability.unwrap_or(self.durability);
         // No receiver (no standby connected) is fine: the next full sync covers it.
-        let _ = self.tx.send((id, record));
+        let _ = self.tx.send((id, Arc::new(record)));
         if ships_now && durability == Durability::Sync {
             self.gate.wait(id, self.sync_timeout);
         }

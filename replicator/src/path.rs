@@ -114,7 +114,9 @@ impl RelPath {
 
     /// `self/name`; `name` must be one valid component.
     pub fn join(&self, name: &OsStr) -> Result<RelPath, PathError> {
-        let mut bytes = self.0.clone();
+        // Sized exactly: a manifest holds one per entry.
+        let mut bytes = Vec::with_capacity(self.0.len() + 1 + name.len());
+        bytes.extend_from_slice(&self.0);
         if !bytes.is_empty() {
             bytes.push(b'/');
         }

@@ -110,7 +110,9 @@ enum Queued {
         path: RelPath,
         content: bool,
         delete_if_missing: bool,
-        standby_hash: Option<u128>,
+        /// Boxed: rare (a changed file the standby has), and an inline `u128` would
+        /// make every ship 80 bytes instead of 48.
+        standby_hash: Option<Box<u128>>,
     },
     Other(Box<Output>),
 }
@@ -129,7 +131,7 @@ impl Queued {
                 path,
                 content,
                 delete_if_missing,
-                standby_hash,
+                standby_hash: standby_hash.map(Box::new),
             },
             other => Queued::Other(Box::new(other)),
         }
@@ -147,7 +149,7 @@ impl Queued {
                 seq,
                 path,
                 content,
-                standby_hash,
+                standby_hash: standby_hash.map(|h| *h),
                 delete_if_missing,
             },
             Queued::Other(output) => *output,
@@ -731,7 +733,7 @@ impl Session {
                 seq,
                 path: transfer.path,
                 content: transfer.content,
-                standby_hash: transfer.standby_hash,
+                standby_hash: transfer.standby_hash.map(|h| *h),
                 delete_if_missing: false,
             });
             ops += 1;
