@@ -469,8 +469,9 @@ impl<'a> Applier<'a> {
             have = old.min(new_size);
             copy_prefix(current.as_fd(), file, have)
                 .map_err(io_err("copy the current content of", path))?;
-            // A head start for the disk on the copy, while the blocks come.
-            let _ = sys::start_writeback(file, 0, have);
+            // No writeback is started for the copy here: with the disk busy writing
+            // it, rebuilding a 512 MiB file for a 1 MiB change took 1.6 s instead of
+            // 0.4-0.6 s before it could be shown. Its fsync writes it anyway.
         }
         let content = |what: &str| ApplyError::Content {
             path: path.clone(),
@@ -497,8 +498,9 @@ impl<'a> Applier<'a> {
         };
         let mut cursor = 0u64;
         let mut sent = 0u64;
-        // The disk starts on what is written while the rest is still on its way, so
-        // the fsync at the end has little left to wait for.
+        // The disk starts on the blocks written while the rest is still on their way,
+        // so the fsync at the end has little left to wait for. Only on the blocks:
+        // kept bytes between them are left to the fsync (see above).
         let mut written_back = 0u64;
         for block in blocks {
             let (offset, data) = block.map_err(|source| ApplyError::Content {
@@ -513,6 +515,7 @@ impl<'a> Applier<'a> {
                 return Err(content("a gap past the end of the standby's copy"));
             }
             hash_kept(cursor, offset, &mut hasher)?;
+            written_back = written_back.max(offset);
             sys::pwrite(file, &data, offset).map_err(io_err("write a block of", path))?;
             hasher.update(&data);
             cursor = offset + data.len() as u64;
