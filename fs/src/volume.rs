@@ -946,8 +946,8 @@ impl Volume {
     }
 
     /// Before `name` in `parent` goes away: an `O_PATH` fd of it if it is the last
-    /// known name of a non-directory the kernel holds, which [`crate::inode::Table::keep`] keeps so
-    /// the kernel's inode stays addressable (see [`crate::inode::Node::kept`]).
+    /// known name of a non-directory the kernel holds, for `Table::keep`, so the
+    /// kernel's inode stays addressable (see [`crate::inode::Node::kept`]).
     fn hold_last_name(&self, parent: u64, dir: &OwnedFd, name: &OsStr) -> Option<(u64, OwnedFd)> {
         let (ino, key) = {
             let table = self.read_table();

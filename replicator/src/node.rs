@@ -35,9 +35,9 @@ const REDIAL: Duration = Duration::from_millis(500);
 /// up meanwhile answers the next attempt at once, not a backed-off retransmission).
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(2);
 
-/// A change record numbered in capture order.
-/// A change record with its number. Shared, not copied, by the sessions that read
-/// it: the backlog's slots hold a pointer each (7 MiB of slots held whole records).
+/// A change record numbered in capture order. Shared, not copied, by the sessions
+/// that read it: the backlog's slots hold a pointer each (7 MiB of slots held whole
+/// records).
 pub type Numbered = (u64, Arc<Record>);
 
 /// Forwards a volume's change records to every session of that volume and, for a
