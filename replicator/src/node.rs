@@ -24,7 +24,7 @@ use crate::path::RelPath;
 use crate::policy::{Durability, PolicySet, SyncMode};
 use crate::protocol::{Message, Op, ProtocolError, VolumeView, MAX_MESSAGE};
 use crate::roles::RoleCell;
-use crate::session::{Output, Session, SessionConfig};
+use crate::session::{Output, Session, SessionConfig, Ship};
 use crate::transport::{self, PeerId};
 use crate::upstream::{self, Outbox};
 
@@ -1211,17 +1211,17 @@ async fn run_session(
                     }
                 }
             }
-            let done = match Ship::of(out) {
-                Ok(first) => {
+            let done = match out {
+                Output::Ship(first) => {
                     let mut ships = vec![first];
                     while ships.len() < SHIP_GATHER && session.next_is_ship() {
-                        if let Some(Ok(ship)) = session.poll_output().map(Ship::of) {
+                        if let Some(Output::Ship(ship)) = session.poll_output() {
                             ships.push(ship);
                         }
                     }
                     ship(&volume, &mut session, &mut send, ships, &link, &counters).await
                 }
-                Err(out) => carry_out(&volume, &mut session, &mut send, *out).await,
+                out => carry_out(&volume, &mut session, &mut send, out).await,
             };
             match done {
                 Some(n) => sent += n,
@@ -2032,7 +2032,7 @@ async fn carry_out(
     match out {
         Output::Send(m) => write(send, &m).await,
         // Handled by `run_session` before they get here.
-        Output::Fenced { .. } | Output::Follow { .. } | Output::Ship { .. } => Some(0),
+        Output::Fenced { .. } | Output::Follow { .. } | Output::Ship(_) => Some(0),
         Output::ScanLocal => {
             // Large files of an earlier session still being applied land first.
             let _applying = volume.applying.write().await;
@@ -2076,15 +2076,6 @@ async fn carry_out(
     }
 }
 
-/// One [`Output::Ship`]: a file to read and ship as op `seq`.
-struct Ship {
-    seq: u64,
-    path: RelPath,
-    content: bool,
-    standby_hash: Option<u128>,
-    delete_if_missing: bool,
-}
-
 /// What reading a [`Ship`] gave: its number, its path, and [`read_op`]'s result.
 type ShipRead = (
     u64,
@@ -2092,40 +2083,18 @@ type ShipRead = (
     Result<(Op, bool, Option<OwnedFd>), manifest::ManifestError>,
 );
 
-impl Ship {
-    /// The ship an output is, or the output back.
-    fn of(out: Output) -> Result<Ship, Box<Output>> {
-        match out {
-            Output::Ship {
-                seq,
-                path,
-                content,
-                standby_hash,
-                delete_if_missing,
-            } => Ok(Ship {
-                seq,
-                path,
-                content,
-                standby_hash,
-                delete_if_missing,
-            }),
-            other => Err(Box::new(other)),
-        }
-    }
-
-    fn read(self, volume: &VolumeLink, can_stream: bool, small: bool) -> ShipRead {
-        let path = self.path.clone();
-        let read = read_op(
-            volume,
-            self.path,
-            self.content,
-            self.standby_hash,
-            self.delete_if_missing,
-            can_stream,
-            small,
-        );
-        (self.seq, path, read)
-    }
+/// Reads the file of `ship` (see [`read_op`]; `small` is [`is_small`] of its path).
+fn read_ship(volume: &VolumeLink, ship: Ship, can_stream: bool, small: bool) -> ShipRead {
+    let read = read_op(
+        volume,
+        ship.path.clone(),
+        ship.content,
+        ship.standby_hash.map(|h| *h),
+        ship.delete_if_missing,
+        can_stream,
+        small,
+    );
+    (ship.seq, ship.path, read)
 }
 
 /// Reads the files of `ships` and sends their ops, in order. One ship (a change on
@@ -2148,10 +2117,10 @@ async fn ship(
         let one = ships.pop()?;
         let small = is_small(volume, &one.path);
         let read = if small {
-            one.read(volume, can_stream, small)
+            read_ship(volume, one, can_stream, small)
         } else {
             let v = volume.clone();
-            tokio::task::spawn_blocking(move || one.read(&v, can_stream, small))
+            tokio::task::spawn_blocking(move || read_ship(&v, one, can_stream, small))
                 .await
                 .ok()?
         };
@@ -2178,7 +2147,7 @@ async fn ship(
                     .into_iter()
                     .map(|(i, ship)| {
                         let small = is_small(&v, &ship.path);
-                        (i, ship.read(&v, can_stream, small))
+                        (i, read_ship(&v, ship, can_stream, small))
                     })
                     .collect::<Vec<_>>()
             })

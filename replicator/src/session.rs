@@ -55,25 +55,8 @@ pub enum Output {
     /// Scan the local volume (without `never` paths) and call
     /// [`Session::local_manifest`].
     ScanLocal,
-    /// Active: read `path` now and send it as op `seq`: `Op::Put` with its current
-    /// metadata, and its bytes if `content` or if its hash now differs from
-    /// `standby_hash`. If it no longer exists: `Op::Delete` when `delete_if_missing`,
-    /// else `Op::Skip` and a call to [`Session::vanished`] (the change that removed it
-    /// is queued behind, and deleting now could undo a rename it is part of).
-    Ship {
-        /// The op's sequence number.
-        seq: u64,
-        /// The path.
-        path: RelPath,
-        /// Whether the file's bytes must travel.
-        content: bool,
-        /// The hash of the standby's copy when the full sync compared them: the file
-        /// may have changed since, so equal hashes are checked again at read time.
-        standby_hash: Option<u128>,
-        /// A missing path is a deletion to ship (interval paths, whose deletions are
-        /// not shipped on their own).
-        delete_if_missing: bool,
-    },
+    /// Active: read a file now and send it as an op (see [`Ship`]).
+    Ship(Ship),
     /// Standby: apply `op`, then call [`Session::applied`] with `seq`.
     Apply {
         /// The op's sequence number.
@@ -102,56 +85,50 @@ pub enum Output {
     Close(String),
 }
 
-/// An output waiting for the driver. A full sync queues a ship per differing path
-/// (100,000s of them at once), so ships are kept small; anything else is boxed.
+/// Active: read `path` now and send it as op `seq`: `Op::Put` with its current
+/// metadata, and its bytes if `content` or if its hash now differs from
+/// `standby_hash`. If it no longer exists: `Op::Delete` when `delete_if_missing`, else
+/// `Op::Skip` and a call to [`Session::vanished`] (the change that removed it is queued
+/// behind, and deleting now could undo a rename it is part of).
+///
+/// A full sync queues one per differing path (100,000s at once), so it is kept
+/// small: 48 bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ship {
+    /// The op's sequence number.
+    pub seq: u64,
+    /// The path.
+    pub path: RelPath,
+    /// Whether the file's bytes must travel.
+    pub content: bool,
+    /// The hash of the standby's copy when the full sync compared them: the file may
+    /// have changed since, so equal hashes are checked again at read time. Boxed: rare
+    /// (a changed file the standby has), and an inline `u128` would make each ship 80
+    /// bytes.
+    pub standby_hash: Option<Box<u128>>,
+    /// A missing path is a deletion to ship (interval paths, whose deletions are not
+    /// shipped on their own).
+    pub delete_if_missing: bool,
+}
+
+/// An output waiting for the driver: ships inline (see [`Ship`]), anything else
+/// boxed.
 enum Queued {
-    Ship {
-        seq: u64,
-        path: RelPath,
-        content: bool,
-        delete_if_missing: bool,
-        /// Boxed: rare (a changed file the standby has), and an inline `u128` would
-        /// make every ship 80 bytes instead of 48.
-        standby_hash: Option<Box<u128>>,
-    },
+    Ship(Ship),
     Other(Box<Output>),
 }
 
 impl Queued {
     fn of(output: Output) -> Queued {
         match output {
-            Output::Ship {
-                seq,
-                path,
-                content,
-                standby_hash,
-                delete_if_missing,
-            } => Queued::Ship {
-                seq,
-                path,
-                content,
-                delete_if_missing,
-                standby_hash: standby_hash.map(Box::new),
-            },
+            Output::Ship(ship) => Queued::Ship(ship),
             other => Queued::Other(Box::new(other)),
         }
     }
 
     fn into_output(self) -> Output {
         match self {
-            Queued::Ship {
-                seq,
-                path,
-                content,
-                delete_if_missing,
-                standby_hash,
-            } => Output::Ship {
-                seq,
-                path,
-                content,
-                standby_hash: standby_hash.map(|h| *h),
-                delete_if_missing,
-            },
+            Queued::Ship(ship) => Output::Ship(ship),
             Queued::Other(output) => *output,
         }
     }
@@ -303,7 +280,7 @@ impl Session {
     /// Whether the next output is an [`Output::Ship`] (the driver reads several
     /// files at once when they come in a row).
     pub fn next_is_ship(&self) -> bool {
-        matches!(self.out.front(), Some(Queued::Ship { .. }))
+        matches!(self.out.front(), Some(Queued::Ship(_)))
     }
 
     /// The next thing for the driver to do.
@@ -729,25 +706,25 @@ impl Session {
                 touched.insert(transfer.path.clone());
             }
             let seq = self.take_seq();
-            self.queue(Output::Ship {
+            self.queue(Output::Ship(Ship {
                 seq,
                 path: transfer.path,
                 content: transfer.content,
-                standby_hash: transfer.standby_hash.map(|h| *h),
+                standby_hash: transfer.standby_hash,
                 delete_if_missing: false,
-            });
+            }));
             ops += 1;
         }
         for dir in touched.into_iter().rev() {
             if our_dirs.contains(&dir) {
                 let seq = self.take_seq();
-                self.queue(Output::Ship {
+                self.queue(Output::Ship(Ship {
                     seq,
                     path: dir,
                     content: false,
                     standby_hash: None,
                     delete_if_missing: false,
-                });
+                }));
                 ops += 1;
             }
         }
@@ -790,13 +767,13 @@ impl Session {
                 } => {
                     self.queued_ships.remove(&path);
                     let seq = self.take_seq();
-                    self.queue(Output::Ship {
+                    self.queue(Output::Ship(Ship {
                         seq,
                         path,
                         content,
                         standby_hash: None,
                         delete_if_missing,
-                    });
+                    }));
                 }
                 Pending::Send(op) => {
                     self.queued_ops -= 1;

@@ -14,7 +14,7 @@ use twinfs_replicator::manifest::{Entry, Kind, Manifest, Meta};
 use twinfs_replicator::path::RelPath;
 use twinfs_replicator::policy::{Policy, PolicySet, Priority, Rule, SyncMode};
 use twinfs_replicator::protocol::{Message, Op};
-use twinfs_replicator::session::{Output, Session, SessionConfig};
+use twinfs_replicator::session::{Output, Session, SessionConfig, Ship};
 
 /// An in-memory volume: path → (metadata, content).
 type Tree = BTreeMap<RelPath, (Meta, Vec<u8>)>;
@@ -287,13 +287,13 @@ impl World {
                     let m = manifest_of(&self.active_tree, &self.policies);
                     self.active.local_manifest(m, self.now);
                 }
-                Output::Ship {
+                Output::Ship(Ship {
                     seq,
                     path,
                     content,
                     standby_hash,
                     delete_if_missing,
-                } => {
+                }) => {
                     let op = match self.active_tree.get(&path) {
                         Some((meta, data)) => Op::Put {
                             entry: Entry {
@@ -301,8 +301,8 @@ impl World {
                                 meta: meta.clone(),
                             },
                             content: (meta.kind == Kind::File
-                                && (content || meta.hash != standby_hash))
-                                .then(|| data.clone()),
+                                && (content || meta.hash != standby_hash.as_deref().copied()))
+                            .then(|| data.clone()),
                         },
                         None if delete_if_missing => Op::Delete { path },
                         None => {
