@@ -938,9 +938,16 @@ impl Differ {
             None => Bound::Unbounded,
         };
         let missing = self.active.entries.range::<RelPath, _>((from, end));
-        // Exactly: for an empty standby this is every path of the volume, and a Vec
-        // doubling its way there held up to twice that (10 MiB at 100,000 files).
-        self.send.reserve_exact(missing.clone().count());
+        // The first run exactly: for an empty standby it is every path of the volume,
+        // and a Vec doubling its way there held up to twice that (10 MiB at 100,000
+        // files). Later runs (the gaps between the standby's paths) amortized: exact
+        // growth by a few each time would copy the list over and over.
+        let count = missing.clone().count();
+        if self.send.is_empty() {
+            self.send.reserve_exact(count);
+        } else {
+            self.send.reserve(count);
+        }
         for (path, new) in missing {
             if !path.is_root() {
                 self.send.push(Transfer::new(path, new, None, true));
