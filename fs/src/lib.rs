@@ -21,4 +21,4 @@ pub mod volume;
 pub use change::{AttrChange, Change, ChangeKind, ChangeSink, Discard};
 pub use error::{Error, Result};
 pub use mount::{Invalidator, MountOptions, Mounted};
-pub use volume::{Role, UpstreamFilter, Volume};
+pub use volume::{PatchGuard, Role, UpstreamFilter, Volume};

@@ -226,6 +226,29 @@ pub struct Volume {
     staged: RwLock<StagedVersions>,
     /// Whether `staged` holds anything (lookups skip its lock when it does not).
     any_staged: AtomicBool,
+    /// Standby: backing files the replicator is updating in place (see
+    /// [`Volume::begin_patch`]); an open of one waits on `patched` until it is done.
+    patching: Mutex<std::collections::HashSet<Key>>,
+    patched: std::sync::Condvar,
+}
+
+/// An in-place update of one backing file under way ([`Volume::begin_patch`]): opens
+/// of the file wait until this is dropped.
+pub struct PatchGuard<'a> {
+    volume: &'a Volume,
+    key: Key,
+}
+
+impl Drop for PatchGuard<'_> {
+    fn drop(&mut self) {
+        let mut patching = self
+            .volume
+            .patching
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        patching.remove(&self.key);
+        self.volume.patched.notify_all();
+    }
 }
 
 /// Staged versions per (parent directory's backing key, name): (temp name, the temp
@@ -328,6 +351,8 @@ impl Volume {
             rescue: None,
             staged: RwLock::new(HashMap::new()),
             any_staged: AtomicBool::new(false),
+            patching: Mutex::new(std::collections::HashSet::new()),
+            patched: std::sync::Condvar::new(),
         })
     }
 
@@ -652,6 +677,68 @@ impl Volume {
         if staged.is_empty() {
             self.any_staged.store(false, Ordering::Release);
         }
+    }
+
+    /// Standby: lets the replicator update the backing file `key` in place, which no
+    /// one may read meanwhile. New opens of the file wait from now on; handles already
+    /// open are given up to `wait` to close. `None` if the volume is not a standby or a
+    /// handle is still open then (its reader would see the change happen): the
+    /// replicator then writes a new version beside the file and renames it over, as
+    /// for any other file. Drop the guard only once the kernel has been told to forget
+    /// what it cached of the file.
+    pub fn begin_patch(&self, key: Key, wait: std::time::Duration) -> Option<PatchGuard<'_>> {
+        if self.role() != Role::Standby {
+            return None;
+        }
+        // Marked first, then the open handles checked: an open registers its handle
+        // and then checks the mark (see `wait_patched`), so one of the two sees the
+        // other.
+        let mut patching = self.patching.lock().unwrap_or_else(|e| e.into_inner());
+        patching.insert(key);
+        drop(patching);
+        let guard = PatchGuard { volume: self, key };
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            // Checked with the mark's lock held, so a release cannot slip in between
+            // the check and the wait.
+            let patching = self.patching.lock().unwrap_or_else(|e| e.into_inner());
+            if !self.has_open(key) {
+                return Some(guard);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                drop(patching);
+                return None;
+            }
+            let _ = self
+                .patched
+                .wait_timeout(patching, left)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Whether a handle on the backing file `key` is open.
+    fn has_open(&self, key: Key) -> bool {
+        let files = self.files.read().unwrap_or_else(|e| e.into_inner());
+        let table = self.read_table();
+        files
+            .values()
+            .any(|f| table.get(f.ino).is_some_and(|n| n.key == key))
+    }
+
+    /// Waits while the backing file of `ino` is being updated in place.
+    fn wait_patched(&self, ino: u64) {
+        let patching = self.patching.lock().unwrap_or_else(|e| e.into_inner());
+        if patching.is_empty() {
+            return;
+        }
+        let Some(key) = self.read_table().get(ino).map(|n| n.key) else {
+            return;
+        };
+        let _done = self
+            .patched
+            .wait_while(patching, |p| p.contains(&key))
+            .unwrap_or_else(|e| e.into_inner());
     }
 
     /// The temp file `name` in the directory `dir` is served from, and its key, if it
@@ -1086,6 +1173,9 @@ impl Volume {
         // The open file is registered before the truncation, so a replicator that reads
         // the file meanwhile knows a writer is at it and does not ship the empty file.
         let (fh, file) = self.add_file(ino, fd, writable);
+        // Registered first: an in-place update that starts now sees this handle and
+        // leaves the file alone; one under way is waited for.
+        self.wait_patched(ino);
         if truncate {
             if let Err(e) = self.truncate_on_open(&loc, name, &file, caller) {
                 self.files
@@ -1276,6 +1366,12 @@ impl Volume {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&fh)
             .ok_or(Error::Stale("file handle"))?;
+        // An in-place update may be waiting for this handle to close.
+        let patching = self.patching.lock().unwrap_or_else(|e| e.into_inner());
+        if !patching.is_empty() {
+            self.patched.notify_all();
+        }
+        drop(patching);
         let never_recorded = file
             .recorded
             .lock()

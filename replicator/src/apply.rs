@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use twinfs_fs::sys::{self, At, DirEntry, Stat};
 
 use crate::delta::{self, BlockList};
+use crate::patch::FileStamp;
 use crate::path::RelPath;
 
 /// The name prefix of temp entries; the FUSE layer hides every `.twinfs-` name.
@@ -395,16 +396,33 @@ impl<'a> Applier<'a> {
     /// [`delta::block_size`] picks for its length and the hash of each block. An empty
     /// list if there is no regular file there: then every block has to be sent.
     pub fn block_list(&self, path: &RelPath) -> Result<BlockList> {
+        Ok(std::sync::Arc::unwrap_or_clone(
+            self.block_list_cached(path, &mut |_| None)?.0,
+        ))
+    }
+
+    /// [`Applier::block_list`], taken from `cached` if it has the list for the file as
+    /// it is (by its stamp); with the stamp of the file the list describes, if it did
+    /// not change while it was read.
+    pub fn block_list_cached(
+        &self,
+        path: &RelPath,
+        cached: &mut dyn FnMut(&FileStamp) -> Option<std::sync::Arc<BlockList>>,
+    ) -> Result<(std::sync::Arc<BlockList>, Option<FileStamp>)> {
+        let none = || (std::sync::Arc::new(BlockList::empty()), None);
         let (dir, name) = match self.open_parent(path) {
-            Err(e) if e.is_missing() => return Ok(BlockList::empty()),
+            Err(e) if e.is_missing() => return Ok(none()),
             other => other?,
         };
         let Some(file) = open_regular(dir.as_fd(), &name, path)? else {
-            return Ok(BlockList::empty());
+            return Ok(none());
         };
-        let len = sys::fstat(file.as_fd())
-            .map_err(io_err("stat", path))?
-            .st_size as u64;
+        let st = sys::fstat(file.as_fd()).map_err(io_err("stat", path))?;
+        let stamp = FileStamp::of(&st);
+        if let Some(list) = cached(&stamp) {
+            return Ok((list, Some(stamp)));
+        }
+        let len = st.st_size as u64;
         let block_size = delta::block_size(len);
         let mut buf = vec![0u8; block_size as usize];
         let mut hashes = Vec::with_capacity(len.div_ceil(u64::from(block_size)) as usize);
@@ -419,7 +437,64 @@ impl<'a> Applier<'a> {
             hashes.push(delta::block_hash(&buf[..n]));
             offset += n as u64;
         }
-        Ok(BlockList { block_size, hashes })
+        let after = sys::fstat(file.as_fd()).map_err(io_err("stat", path))?;
+        let list = std::sync::Arc::new(BlockList { block_size, hashes });
+        Ok((list, (FileStamp::of(&after) == stamp).then_some(stamp)))
+    }
+
+    /// Opens the regular file at `path` for an in-place update, with its status:
+    /// `None` if there is none, or if it has other hard links (they would change too).
+    pub fn open_for_patch(&self, path: &RelPath) -> Result<Option<(OwnedFd, Stat)>> {
+        let (dir, name) = match self.open_parent(path) {
+            Err(e) if e.is_missing() => return Ok(None),
+            other => other?,
+        };
+        // Never opens a FIFO or a device, whose open may block or act.
+        match sys::statat(dir.as_fd(), &name) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG && !name.is_empty() => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("stat", path)(e)),
+        }
+        let fd = match sys::openat(dir.as_fd(), &name, libc::O_RDWR | libc::O_NONBLOCK, 0) {
+            Ok(fd) => fd,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ELOOP | libc::EISDIR)
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(io_err("open", path)(e)),
+        };
+        let st = sys::fstat(fd.as_fd()).map_err(io_err("stat", path))?;
+        let ok = st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1;
+        Ok(ok.then_some((fd, st)))
+    }
+
+    /// Gives the open file `file` (at `path`) the metadata `meta`.
+    pub fn set_file_meta(
+        &self,
+        file: BorrowedFd<'_>,
+        meta: &FileMeta,
+        path: &RelPath,
+    ) -> Result<()> {
+        apply_meta(At::Fd(file), true, meta, path)
+    }
+
+    /// The xxh3-128 of all of `file`'s content.
+    pub fn content_hash(&self, file: BorrowedFd<'_>, path: &RelPath) -> Result<u128> {
+        let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+        let mut offset = 0u64;
+        loop {
+            let data = read_new(file, 1 << 20, offset).map_err(io_err("read", path))?;
+            if data.is_empty() {
+                return Ok(hasher.digest128());
+            }
+            hasher.update(&data);
+            offset += data.len() as u64;
+        }
     }
 
     /// Replaces `path` with a regular file of `new_size` bytes built from the current

@@ -44,6 +44,59 @@ pub fn block_hash(data: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(data)
 }
 
+/// Works out the block list of bytes fed in order, in pieces of any size.
+pub struct BlockHasher {
+    block: usize,
+    /// Bytes of the current block hashed so far.
+    filled: usize,
+    hasher: xxhash_rust::xxh3::Xxh3Default,
+    hashes: Vec<u64>,
+}
+
+impl BlockHasher {
+    /// For blocks of `block_size` bytes.
+    pub fn new(block_size: u32) -> BlockHasher {
+        BlockHasher {
+            block: block_size as usize,
+            filled: 0,
+            hasher: xxhash_rust::xxh3::Xxh3Default::new(),
+            hashes: Vec::new(),
+        }
+    }
+
+    /// Feeds the next bytes.
+    pub fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.filled == 0 && data.len() >= self.block {
+                // A whole block at once, the common case.
+                self.hashes.push(block_hash(&data[..self.block]));
+                data = &data[self.block..];
+                continue;
+            }
+            let take = data.len().min(self.block - self.filled);
+            self.hasher.update(&data[..take]);
+            self.filled += take;
+            data = &data[take..];
+            if self.filled == self.block {
+                self.hashes.push(self.hasher.digest());
+                self.hasher.reset();
+                self.filled = 0;
+            }
+        }
+    }
+
+    /// The list of everything fed.
+    pub fn finish(mut self) -> BlockList {
+        if self.filled > 0 {
+            self.hashes.push(self.hasher.digest());
+        }
+        BlockList {
+            block_size: self.block as u32,
+            hashes: self.hashes,
+        }
+    }
+}
+
 /// A standby's block list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockList {
@@ -109,6 +162,32 @@ impl BlockList {
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect()
+    }
+
+    /// The byte ranges of the active's file (of `len` bytes, whose block list is
+    /// `active`) to send to the standby this list is of: whole blocks, consecutive
+    /// ones merged. `None` if the two lists do not use the same block size (then the
+    /// active compares block by block as it reads: [`BlockList::runs_to_send`]).
+    pub fn runs_against(&self, active: &BlockList, len: u64) -> Option<Vec<std::ops::Range<u64>>> {
+        if self.block_size != active.block_size
+            || active.hashes.len() as u64 != len.div_ceil(u64::from(active.block_size))
+        {
+            return None;
+        }
+        let block = u64::from(self.block_size);
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        for (i, hash) in active.hashes.iter().enumerate() {
+            if self.hashes.get(i) == Some(hash) {
+                continue;
+            }
+            let start = i as u64 * block;
+            let end = (start + block).min(len);
+            match runs.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => runs.push(start..end),
+            }
+        }
+        Some(runs)
     }
 
     /// Whether block `index`, whose bytes are `data`, must be sent: the standby has no
@@ -230,6 +309,50 @@ mod tests {
         assert_eq!(
             bad(MIN_BLOCK, MAX_BLOCKS + 1),
             Err(DeltaError::TooManyBlocks(MAX_BLOCKS + 1))
+        );
+    }
+
+    #[test]
+    fn the_block_hasher_agrees_with_hashing_each_block() {
+        let block = MIN_BLOCK as usize;
+        let data: Vec<u8> = (0..3 * block + 500).map(|i| (i % 251) as u8).collect();
+        let want: Vec<u64> = data.chunks(block).map(block_hash).collect();
+        for piece in [1000, block, block + 1, 4 * block] {
+            let mut h = BlockHasher::new(MIN_BLOCK);
+            for part in data.chunks(piece) {
+                h.update(part);
+            }
+            assert_eq!(h.finish().hashes, want, "pieces of {piece}");
+        }
+        assert!(BlockHasher::new(MIN_BLOCK).finish().hashes.is_empty());
+    }
+
+    #[test]
+    fn runs_against_the_actives_list_are_its_differing_blocks() {
+        let block = u64::from(MIN_BLOCK);
+        let len = 5 * block + 100;
+        let active = BlockList {
+            block_size: MIN_BLOCK,
+            hashes: vec![1, 2, 3, 4, 5, 6],
+        };
+        let standby = BlockList {
+            block_size: MIN_BLOCK,
+            hashes: vec![1, 9, 9, 4],
+        };
+        assert_eq!(
+            standby.runs_against(&active, len),
+            Some(vec![block..3 * block, 4 * block..len])
+        );
+        assert_eq!(active.runs_against(&active, len), Some(vec![]));
+        let other = BlockList {
+            block_size: 2 * MIN_BLOCK,
+            hashes: vec![1],
+        };
+        assert_eq!(other.runs_against(&active, len), None);
+        assert_eq!(
+            standby.runs_against(&active, len + block),
+            None,
+            "list does not fit the length"
         );
     }
 

@@ -7,6 +7,7 @@
 //! - [`manifest`]: what a volume holds (kind, mode, owner, mtime, xxh3 hash, xattrs):
 //!   scanning with a hash cache, and the diff a full sync applies.
 //! - [`node`]: the driver: sessions over QUIC, scans, reads, applies, invalidations.
+//! - [`patch`]: in-place updates of large files on a standby, journaled.
 //! - [`path`]: validated relative paths, the form every path from a peer takes.
 //! - [`policy`]: which paths are replicated, how often and how urgently,
 //!   from the glob rules of a volume.
@@ -24,6 +25,7 @@ pub mod delta;
 pub mod durable;
 pub mod manifest;
 pub mod node;
+pub mod patch;
 pub mod path;
 pub mod policy;
 pub mod protocol;

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use twinfs_fs::sys::{self, At, Stat};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
+use crate::delta::{self, BlockHasher, BlockList};
+
 use crate::path::{PathError, RelPath};
 
 pub use twinfs_fs::volume::RESERVED_PREFIX;
@@ -589,6 +591,10 @@ pub struct HashCache {
     /// The number of the scan under way (see [`Cached::scan`]).
     scan: u32,
     stats: CacheStats,
+    /// While set ([`HashCache::collect_blocks`]), a file hashed afresh also gets its
+    /// block list, for a delta, from the same read.
+    collect: bool,
+    blocks: Option<BlockList>,
 }
 
 /// The first bytes of a cache file; the last two say the format version.
@@ -706,6 +712,18 @@ impl HashCache {
         self.entries.is_empty()
     }
 
+    /// Sets whether a file hashed afresh also gets its block list (taken with
+    /// [`HashCache::take_blocks`]); a file whose hash is cached gets none.
+    pub fn collect_blocks(&mut self, on: bool) {
+        self.collect = on;
+        self.blocks = None;
+    }
+
+    /// The block list of the last file hashed afresh while collecting, once.
+    pub fn take_blocks(&mut self) -> Option<BlockList> {
+        self.blocks.take()
+    }
+
     /// The work done by the last scan.
     pub fn last_scan(&self) -> CacheStats {
         self.stats
@@ -751,16 +769,33 @@ impl HashCache {
             buf.resize(want, 0);
         }
         let mut hasher = Xxh3Default::new();
-        let mut offset = 0u64;
-        loop {
-            let n = sys::pread(reader.as_fd(), buf, offset)?;
-            hasher.update(&buf[..n]);
-            offset += n as u64;
-            if n < buf.len() {
-                break;
+        let mut blocks = self
+            .collect
+            .then(|| BlockHasher::new(delta::block_size(st.st_size as u64)));
+        self.blocks = None;
+        let offset = if st.st_size as u64 >= PIPELINE_MIN {
+            read_pipelined(reader.as_fd(), &mut |data| {
+                hasher.update(data);
+                if let Some(b) = blocks.as_mut() {
+                    b.update(data);
+                }
+            })?
+        } else {
+            let mut offset = 0u64;
+            loop {
+                let n = sys::pread(reader.as_fd(), buf, offset)?;
+                hasher.update(&buf[..n]);
+                if let Some(b) = blocks.as_mut() {
+                    b.update(&buf[..n]);
+                }
+                offset += n as u64;
+                if n < buf.len() {
+                    break offset;
+                }
             }
-        }
+        };
         let hash = hasher.digest128();
+        self.blocks = blocks.map(BlockHasher::finish);
         self.stats.misses += 1;
         self.stats.bytes_hashed += offset;
         // A file written while we read it has a hash of no particular version: report
@@ -774,6 +809,72 @@ impl HashCache {
         }
         Ok(hash)
     }
+}
+
+/// Files from this size are read by a thread of their own while they are hashed.
+const PIPELINE_MIN: u64 = 8 << 20;
+
+/// Reads all of `file` in pieces of [`CHUNK`] on a thread of its own, passing each to
+/// `consume` in order on this one: reading (a copy out of the page cache, mostly) and
+/// hashing then take one core each. Returns the bytes read.
+fn read_pipelined(file: BorrowedFd<'_>, consume: &mut dyn FnMut(&[u8])) -> io::Result<u64> {
+    use std::sync::mpsc::sync_channel;
+    std::thread::scope(|scope| {
+        // Made in here, so that this side's ends are dropped (and the reader stops)
+        // before the scope waits for it, however this side returns.
+        // Three buffers go round: one being read, one being hashed, one waiting.
+        let (full_tx, full_rx) = sync_channel::<io::Result<Vec<u8>>>(3);
+        let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(3);
+        for _ in 0..3 {
+            let _ = empty_tx.send(vec![0u8; CHUNK]);
+        }
+        scope.spawn(move || {
+            let mut offset = 0u64;
+            while let Ok(mut buf) = empty_rx.recv() {
+                buf.resize(CHUNK, 0);
+                match read_full(file, &mut buf, offset) {
+                    Ok(n) => {
+                        buf.truncate(n);
+                        offset += n as u64;
+                        let last = n < CHUNK;
+                        if full_tx.send(Ok(buf)).is_err() || last {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = full_tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut total = 0u64;
+        while let Ok(piece) = full_rx.recv() {
+            let buf = piece?;
+            consume(&buf);
+            total += buf.len() as u64;
+            if buf.len() < CHUNK {
+                break;
+            }
+            // The reader may have stopped already; then this buffer is not needed.
+            let _ = empty_tx.send(buf);
+        }
+        Ok(total)
+    })
+}
+
+/// Reads into all of `buf` from `offset` unless the file ends first: the bytes read.
+fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match sys::pread(fd, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// Parses a cache file; the error says why it was refused.

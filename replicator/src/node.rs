@@ -224,6 +224,10 @@ pub struct VolumeLink {
     /// acknowledged by the new active (0: never). If the new active fences it before
     /// its own demotion is through, it has nothing to keep in its conflicts area.
     pub handed_over: Arc<std::sync::atomic::AtomicU64>,
+    /// Standby: the block lists of large files, kept between deltas.
+    pub blocks: Arc<Mutex<crate::patch::BlockCache>>,
+    /// Standby: where in-place updates of large files are journaled.
+    pub journal: crate::patch::Journal,
 }
 
 /// What a standby knows of its fitness to take over, kept across restarts in the
@@ -2080,8 +2084,12 @@ async fn carry_out(
 type ShipRead = (
     u64,
     RelPath,
-    Result<(Op, bool, Option<OwnedFd>), manifest::ManifestError>,
+    Result<(Op, bool, Option<Streamed>), manifest::ManifestError>,
 );
+
+/// A large file to send on a stream of its own: the open file, and its block list
+/// if it was read from the same pass as the hash its op announces.
+type Streamed = (OwnedFd, Option<BlockList>);
 
 /// Reads the file of `ship` (see [`read_op`]; `small` is [`is_small`] of its path).
 fn read_ship(volume: &VolumeLink, ship: Ship, can_stream: bool, small: bool) -> ShipRead {
@@ -2199,12 +2207,12 @@ async fn send_ship(
         _ => 0,
     };
     session.shipping(seq, bytes);
-    if let Some(file) = source {
+    if let Some((file, blocks)) = source {
         tokio::spawn(stream_file(
             link.clone(),
             volume.name.clone(),
             seq,
-            file,
+            (file, blocks),
             shipped.clone(),
             counters.clone(),
         ));
@@ -2288,6 +2296,13 @@ async fn compare_fresh(
 }
 
 fn scan(volume: &VolumeLink) -> Result<Manifest, manifest::ManifestError> {
+    // A full sync starts: the block lists kept since the last one go (the node may
+    // have been active meanwhile, its files written by others than the replicator).
+    volume
+        .blocks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
     let mut cache = volume.cache.lock().unwrap_or_else(|e| e.into_inner());
     let policies = &volume.policies;
     let manifest = manifest::scan(
@@ -2332,20 +2347,27 @@ fn read_op(
     delete_if_missing: bool,
     can_stream: bool,
     small: bool,
-) -> Result<(Op, bool, Option<OwnedFd>), manifest::ManifestError> {
+) -> Result<(Op, bool, Option<Streamed>), manifest::ManifestError> {
     let writers_allowed = volume.volume.role() == Role::Active;
     if writers_allowed && volume.volume.being_written(path.as_path()) {
         // Half written, maybe: its writer's close is recorded and ships it whole.
         // (Once local writes are refused, what is there is final: it ships.)
         return Ok((Op::Skip { path }, false, None));
     }
+    let mut blocks = None;
     let described = if small {
         // Hashing it costs less than the shared cache's lock could (a scan holds it):
         // small files are hashed afresh.
         manifest::describe(volume.root.as_fd(), &path, &mut HashCache::new())?
     } else {
         let mut cache = volume.cache.lock().unwrap_or_else(|e| e.into_inner());
-        manifest::describe(volume.root.as_fd(), &path, &mut cache)?
+        // A changed large file is read once: the pass that hashes it also gives the
+        // block list its delta is sent by.
+        cache.collect_blocks(can_stream);
+        let described = manifest::describe(volume.root.as_fd(), &path, &mut cache);
+        blocks = cache.take_blocks();
+        cache.collect_blocks(false);
+        described?
     };
     let Some((meta, _fd, parent)) = described else {
         return Ok(if delete_if_missing {
@@ -2388,7 +2410,7 @@ fn read_op(
         // The standby checks the streamed bytes against the hash: a file that changes
         // while it streams is refused there, never put in place half old, half new.
         let entry = manifest::Entry { path, meta };
-        return Ok((Op::PutStream { entry }, false, Some(file)));
+        return Ok((Op::PutStream { entry }, false, Some((file, blocks))));
     }
     let mut buf = vec![0u8; meta.size as usize];
     let read = twinfs_fs::sys::pread(file.as_fd(), &mut buf, 0)
@@ -2430,7 +2452,7 @@ async fn stream_file(
     link: Link,
     volume: String,
     seq: u64,
-    file: OwnedFd,
+    (file, active): Streamed,
     path: RelPath,
     counters: StreamCounters,
 ) {
@@ -2465,10 +2487,18 @@ async fn stream_file(
     if send.write_all(&stream_header(&volume, seq)).await.is_err() {
         return;
     }
-    let (tx, mut rx) = mpsc::channel::<([u8; delta::RECORD_HEADER], bytes::Bytes)>(4);
+    let (tx, mut rx) = mpsc::channel::<BlockRecord>(4);
     // Reading and hashing are blocking work: a thread reads, this task sends. A read
     // error ends the stream early; the standby's hash check refuses the result.
     tokio::task::spawn_blocking(move || {
+        let len = twinfs_fs::sys::fstat(file.as_fd()).map_or(0, |st| st.st_size as u64);
+        if let Some(runs) = active.as_ref().and_then(|a| list.runs_against(a, len)) {
+            // Its block list was read with its hash: only the differing blocks are
+            // read now.
+            let hashes = active.as_ref().map_or(&[][..], |a| &a.hashes[..]);
+            send_runs(file.as_fd(), &runs, hashes, list.block_size, &tx);
+            return;
+        }
         let block = list.block_size as usize;
         // Reads and records of up to a MiB (a whole number of blocks): one wake-up of
         // each side per MiB, not per 64 KiB block.
@@ -2484,7 +2514,7 @@ async fn stream_file(
             // Runs of consecutive blocks the standby lacks, each one record.
             for run in list.runs_to_send(index, &data) {
                 let header = delta::record_header(offset + run.start as u64, run.len() as u32);
-                if tx.blocking_send((header, data.slice(run))).is_err() {
+                if tx.blocking_send(Ok((header, data.slice(run)))).is_err() {
                     return;
                 }
             }
@@ -2501,7 +2531,15 @@ async fn stream_file(
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed)
     };
     sent(16);
-    while let Some((header, data)) = rx.recv().await {
+    while let Some(record) = rx.recv().await {
+        let (header, data) = match record {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::info!(%path, why, "large file not sent; its next change ships it");
+                let _ = send.reset(quinn::VarInt::from_u32(0));
+                return;
+            }
+        };
         let len = header.len() + data.len();
         let written = match send.write_all(&header).await {
             Ok(()) => send.write_chunk(data).await,
@@ -2519,6 +2557,51 @@ async fn stream_file(
         "large file sent");
     let _ = send.finish();
 }
+
+/// Reads the byte ranges `runs` (whole blocks of `block_size`) of `file` and puts them
+/// on `tx` as records of at most [`SEND_CHUNK`] (or a block). Each block read must
+/// still hash to `hashes[i]`: a file that changed since its hash was taken ends the
+/// records early, with an error for the stream, and the standby refuses the result.
+fn send_runs(
+    file: std::os::fd::BorrowedFd<'_>,
+    runs: &[std::ops::Range<u64>],
+    hashes: &[u64],
+    block_size: u32,
+    tx: &mpsc::Sender<BlockRecord>,
+) {
+    let block = u64::from(block_size);
+    let chunk = block.max(SEND_CHUNK as u64);
+    for run in runs {
+        let mut offset = run.start;
+        while offset < run.end {
+            let want = (run.end - offset).min(chunk);
+            let data = match crate::apply::read_new(file, want as usize, offset) {
+                Ok(d) if d.len() as u64 == want => bytes::Bytes::from(d),
+                _ => {
+                    let _ = tx.blocking_send(Err("the file shrank or could not be read"));
+                    return;
+                }
+            };
+            let first = (offset / block) as usize;
+            let changed = data
+                .chunks(block as usize)
+                .enumerate()
+                .any(|(i, part)| hashes.get(first + i) != Some(&delta::block_hash(part)));
+            if changed {
+                let _ = tx.blocking_send(Err("the file changed since it was hashed"));
+                return;
+            }
+            let header = delta::record_header(offset, data.len() as u32);
+            if tx.blocking_send(Ok((header, data))).is_err() {
+                return;
+            }
+            offset += want;
+        }
+    }
+}
+
+/// One record of a blocks stream, or why the stream must end unfinished.
+type BlockRecord = Result<([u8; delta::RECORD_HEADER], bytes::Bytes), &'static str>;
 
 /// Bytes a large file is read and its records are sent in, at most (a whole number of
 /// blocks, at least one).
@@ -2609,7 +2692,9 @@ async fn pump_blocks(
 }
 
 /// Standby: applies a `PutStream` op as a block delta: sends the block list of its
-/// copy, then builds the file from the blocks that come back.
+/// copy (kept from the last delta when the file has not changed since), then builds
+/// the file from the blocks that come back: in place when few bytes changed
+/// ([`crate::patch`]), else as a new copy beside it.
 async fn apply_streamed(
     volume: &VolumeLink,
     link: &Link,
@@ -2628,10 +2713,18 @@ async fn apply_streamed(
     };
     let v = volume.clone();
     let path = entry.path.clone();
-    let list = tokio::task::spawn_blocking(move || Applier::new(v.root.as_fd()).block_list(&path))
-        .await
-        .map_err(|_| "block list task failed".to_owned())?
-        .map_err(|e| e.to_string())?;
+    let (list, stamp) = tokio::task::spawn_blocking(move || {
+        let blocks = v.blocks.clone();
+        Applier::new(v.root.as_fd()).block_list_cached(&path, &mut |stamp| {
+            blocks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&path, stamp)
+        })
+    })
+    .await
+    .map_err(|_| "block list task failed".to_owned())?
+    .map_err(|e| e.to_string())?;
     let mut ask = connection
         .open_uni()
         .await
@@ -2654,7 +2747,54 @@ async fn apply_streamed(
     let result = tokio::task::spawn_blocking(move || {
         let applier = Applier::new(v.root.as_fd());
         let fm = file_meta(&entry.meta);
-        let mut blocks = std::iter::from_fn(|| rx.blocking_recv());
+        // The records, held while they are few enough to write in place.
+        let mut held: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut held_bytes = 0u64;
+        let mut more = true;
+        let patchable = stamp.is_some()
+            && v.volume.role() == Role::Standby
+            && entry.meta.size >= crate::patch::MIN_FILE;
+        if patchable {
+            loop {
+                match rx.blocking_recv() {
+                    Some(Ok(record)) => {
+                        held_bytes += record.1.len() as u64;
+                        held.push(record);
+                        if !crate::patch::worth_patching(held_bytes, entry.meta.size) {
+                            break;
+                        }
+                    }
+                    Some(Err(source)) => {
+                        return Err(ApplyError::Content {
+                            path: entry.path.clone(),
+                            source,
+                        })
+                    }
+                    None => {
+                        more = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if !more {
+            if let Some(stamp) = stamp {
+                match patch_in_place(&v, &applier, &entry, &fm, expected, &list, stamp, &held)? {
+                    Patched::Done => return Ok(()),
+                    Patched::Refused(why) => {
+                        tracing::debug!(path = %entry.path, why, "not updated in place");
+                    }
+                }
+            }
+        }
+        v.blocks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(&entry.path);
+        let mut blocks = held
+            .into_iter()
+            .map(Ok)
+            .chain(std::iter::from_fn(|| rx.blocking_recv()));
         let mut build = |applier: &Applier<'_>| {
             applier.build_from_blocks(&entry.path, entry.meta.size, &mut blocks, expected, &fm)
         };
@@ -2686,6 +2826,130 @@ async fn apply_streamed(
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("apply task failed".into()),
     }
+}
+
+/// How long an in-place update waits for readers of the file to close it (new opens
+/// wait meanwhile) before it writes a new copy beside it instead.
+const PATCH_WAIT: Duration = Duration::from_millis(20);
+
+/// What became of an attempt to update a file in place.
+enum Patched {
+    /// Updated, durable, checked.
+    Done,
+    /// Not attempted, for the reason given: the caller builds a new copy instead.
+    Refused(&'static str),
+}
+
+/// Standby: updates the large file `entry` in place with the received `records`
+/// (see [`crate::patch`]): `list` is the block list the active was sent, of the file
+/// as `stamp` describes it. Readers see the new version once it is all written; it
+/// is durable, and checked against the active's hash, when this returns `Done`.
+#[allow(clippy::too_many_arguments)]
+fn patch_in_place(
+    v: &VolumeLink,
+    applier: &Applier<'_>,
+    entry: &manifest::Entry,
+    meta: &FileMeta,
+    expected: u128,
+    list: &BlockList,
+    stamp: crate::patch::FileStamp,
+    records: &[(u64, Vec<u8>)],
+) -> Result<Patched, ApplyError> {
+    let path = &entry.path;
+    let Some((file, st)) = applier.open_for_patch(path)? else {
+        return Ok(Patched::Refused("no single-linked regular file there"));
+    };
+    if crate::patch::FileStamp::of(&st) != stamp {
+        return Ok(Patched::Refused(
+            "the file changed since its block list was made",
+        ));
+    }
+    let new_list = match crate::patch::patched_list(list, stamp.size, entry.meta.size, records) {
+        Ok(l) => l,
+        Err(why) => return Ok(Patched::Refused(why)),
+    };
+    let io = |op: &'static str| {
+        move |source: std::io::Error| ApplyError::Io {
+            op,
+            path: path.clone(),
+            source,
+        }
+    };
+    if entry.meta.size > stamp.size {
+        // The room first: once the journal is written, the file's update must not
+        // fail for want of space.
+        let grow = entry.meta.size - stamp.size;
+        if let Err(e) = twinfs_fs::sys::fallocate(file.as_fd(), 0, stamp.size, grow) {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(io("make room for")(e));
+            }
+        }
+    }
+    let journaled = crate::patch::Entry {
+        path: path.to_string(),
+        key: stamp.key,
+        size: entry.meta.size,
+        mode: meta.mode,
+        uid: meta.uid,
+        gid: meta.gid,
+        mtime: meta.mtime,
+        xattrs: meta.xattrs.clone(),
+        records: records.to_vec(),
+    };
+    let written = match v.journal.write(&journaled) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(%path, journal = %v.journal.dir().display(), error = %e,
+                "cannot journal an in-place update; writing a new copy instead");
+            return Ok(Patched::Refused("the journal cannot be written"));
+        }
+    };
+    drop(journaled);
+    let Some(guard) = v.volume.begin_patch(stamp.key, PATCH_WAIT) else {
+        v.journal
+            .done(written)
+            .map_err(io("remove the journal of"))?;
+        return Ok(Patched::Refused("a reader has the file open"));
+    };
+    let changed = crate::patch::write_records(file.as_fd(), records, entry.meta.size)
+        .map_err(io("update in place"))
+        .and_then(|()| applier.set_file_meta(file.as_fd(), meta, path));
+    if let Err(e) = changed {
+        // The journal stays: the next start finishes the update.
+        tracing::error!(%path, error = %e,
+            "in-place update failed halfway; it is finished at the next start of the daemon");
+        drop(guard);
+        invalidate(v, path);
+        return Err(e);
+    }
+    invalidate(v, path);
+    drop(guard);
+    twinfs_fs::sys::fsync(file.as_fd(), false).map_err(io("fsync"))?;
+    v.journal
+        .done(written)
+        .map_err(io("remove the journal of"))?;
+    // The kept bytes were taken on the strength of the block hashes: the whole file is
+    // checked too, as a new copy is, before the op counts as applied.
+    let after = twinfs_fs::sys::fstat(file.as_fd()).map_err(io("stat"))?;
+    let hash = applier.content_hash(file.as_fd(), path)?;
+    let mut blocks = v.blocks.lock().unwrap_or_else(|e| e.into_inner());
+    if hash != expected {
+        blocks.forget(path);
+        return Err(ApplyError::Content {
+            path: path.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the file updated in place does not match the announced hash",
+            ),
+        });
+    }
+    blocks.put(
+        path,
+        crate::patch::FileStamp::of(&after),
+        Arc::new(new_list),
+    );
+    tracing::debug!(%path, new_size = entry.meta.size, records = records.len(), "updated in place");
+    Ok(Patched::Done)
 }
 
 /// The paths an op changes.

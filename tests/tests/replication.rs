@@ -338,6 +338,40 @@ fn large_files_travel_on_their_own_streams_as_block_deltas() {
         delta < (1 << 20) + 3 * 65_536 + 10_000,
         "a 1 MiB change sent {delta} bytes"
     );
+    // Written into the standby's copy in place, not into a new 40 MiB copy.
+    assert!(
+        c.nodes[1].log_text().contains("updated in place"),
+        "{}",
+        c.nodes[1].log_text()
+    );
+
+    // A reader on the standby that has the file open while the next change arrives
+    // keeps reading the version it opened, whole; an open after the change gets the
+    // new one. (The change goes the copy way: in place, the reader would see it.)
+    let mut reader = fs::File::open(b.join("huge.img")).expect("open on the standby");
+    let mut next = changed.clone();
+    let at2 = (30 << 20) + 999;
+    next[at2..at2 + 4096].fill(0xA5);
+    {
+        use std::io::{Seek, Write};
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(c.active().join("huge.img"))
+            .expect("open");
+        f.seek(std::io::SeekFrom::Start(at2 as u64)).expect("seek");
+        f.write_all(&next[at2..at2 + 4096]).expect("write");
+    }
+    c.wait_converged(Duration::from_secs(60));
+    assert_eq!(fs::read(b.join("huge.img")).expect("read"), next);
+    let mut old = Vec::new();
+    std::io::Read::read_to_end(&mut reader, &mut old).expect("read the open version");
+    assert!(old == changed, "the open reader saw the change happen");
+    assert!(
+        c.nodes[1].log_text().contains("a reader has the file open"),
+        "{}",
+        c.nodes[1].log_text()
+    );
+    drop(reader);
 
     // And at contact too (full sync): a standby that was away gets a new one.
     assert!(c.nodes[1].stop().success());
@@ -346,6 +380,112 @@ fn large_files_travel_on_their_own_streams_as_block_deltas() {
     c.nodes[1].start(&[]);
     c.wait_converged(Duration::from_secs(60));
     assert_eq!(fs::read(b.join("huge2.img")).expect("read"), big2);
+}
+
+/// An in-place update of a large file that a crash interrupted is finished from its
+/// journal when the daemon starts again, before anything reads the file; a journal
+/// whose writing the crash cut short is discarded (its file was not touched yet).
+#[test]
+fn an_interrupted_in_place_update_is_finished_at_the_next_start() {
+    use std::os::unix::fs::MetadataExt;
+    use twinfs_replicator::patch::{Entry, Journal};
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    let big: Vec<u8> = (0..20u32 << 20).map(|i| (i % 241) as u8).collect();
+    fs::write(c.active().join("big.img"), &big).expect("write");
+    c.wait_converged(Duration::from_secs(60));
+    assert!(c.nodes[1].stop().success());
+    assert!(c.nodes[0].stop().success());
+
+    // What the standby was applying: 2 MiB at 5 MiB, and the file grown by 1000
+    // bytes. It had written the journal and half of the new bytes when it died.
+    let path = c.nodes[1].volume.join("big.img");
+    let st = fs::metadata(&path).expect("stat the standby's copy");
+    let mut new = big.clone();
+    new[5 << 20..7 << 20].fill(0x77);
+    new.extend(std::iter::repeat_n(0x33u8, 1000));
+    let records = vec![
+        (5u64 << 20, new[5 << 20..7 << 20].to_vec()),
+        (
+            big.len() as u64 - (big.len() as u64 % 65_536),
+            new[big.len() - big.len() % 65_536..].to_vec(),
+        ),
+    ];
+    let entry = Entry {
+        path: "big.img".into(),
+        key: (st.dev(), st.ino()),
+        size: new.len() as u64,
+        mode: 0o640,
+        uid: st.uid(),
+        gid: st.gid(),
+        mtime: (1_700_000_000, 5),
+        xattrs: vec![],
+        records,
+    };
+    let dir = c.nodes[1].state_dir.join("volumes").join("vol.journal");
+    let journal = Journal::new(&dir);
+    journal.write(&entry).expect("write the journal");
+    {
+        use std::io::{Seek, Write};
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        f.seek(std::io::SeekFrom::Start(5 << 20)).expect("seek");
+        f.write_all(&new[5 << 20..6 << 20])
+            .expect("half of the update");
+    }
+    // Another journal, cut short by the crash, for a file it never touched.
+    let conf = fs::metadata(c.nodes[1].volume.join("cmm.conf")).expect("stat");
+    let other = Entry {
+        path: "cmm.conf".into(),
+        key: (conf.dev(), conf.ino()),
+        size: 1,
+        records: vec![(0, b"X".to_vec())],
+        ..entry
+    };
+    let written = Journal::new(dir.join("scratch"))
+        .write(&other)
+        .expect("write");
+    drop(written);
+    let whole = fs::read_dir(dir.join("scratch"))
+        .expect("list")
+        .next()
+        .expect("one journal")
+        .expect("entry")
+        .path();
+    let bytes = fs::read(&whole).expect("read");
+    fs::write(dir.join("cut.journal"), &bytes[..bytes.len() / 2]).expect("write");
+    fs::remove_dir_all(dir.join("scratch")).expect("rm");
+    let conf_before = fs::read(c.nodes[1].volume.join("cmm.conf")).expect("read");
+
+    // The standby alone: no active to bring the file up to date, only the journal.
+    c.nodes[1].start(&[]);
+    let mounted = c.nodes[1].volume.join("big.img");
+    assert!(
+        fs::read(&mounted).expect("read") == new,
+        "the update was not finished"
+    );
+    let meta = fs::metadata(&mounted).expect("stat");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+    assert_eq!((meta.mtime(), meta.mtime_nsec()), (1_700_000_000, 5));
+    assert_eq!(
+        fs::read(c.nodes[1].volume.join("cmm.conf")).expect("read"),
+        conf_before,
+        "a cut journal was replayed"
+    );
+    assert_eq!(
+        fs::read_dir(&dir).expect("list").count(),
+        0,
+        "journals left"
+    );
+    let log = c.nodes[1].log_text();
+    assert!(
+        log.contains("finished an in-place update a crash interrupted"),
+        "{log}"
+    );
+    assert!(log.contains("discarded an incomplete journal"), "{log}");
 }
 
 #[test]

@@ -316,6 +316,26 @@ fn start_replication(
             .join("volumes")
             .join(format!("{}.hashes", v.config.name));
         let sync_file = sync_file(config, &v.config.name);
+        let journal = twinfs_replicator::patch::Journal::new(
+            config
+                .node
+                .state_dir
+                .join("volumes")
+                .join(format!("{}.journal", v.config.name)),
+        );
+        // An in-place update a crash cut short is finished before anything else
+        // reads the volume's files.
+        journal
+            .replay(&twinfs_replicator::apply::Applier::new(
+                std::os::fd::AsFd::as_fd(&root),
+            ))
+            .with_context(|| {
+                format!(
+                    "volume {}: cannot finish the in-place updates journaled in {}",
+                    v.config.name,
+                    journal.dir().display()
+                )
+            })?;
         links.push(VolumeLink {
             name: v.config.name.clone(),
             root: Arc::new(root),
@@ -336,6 +356,8 @@ fn start_replication(
             commands: v.commands.clone(),
             applying: Default::default(),
             handed_over: Default::default(),
+            blocks: Default::default(),
+            journal,
         });
     }
     let peers = peers(config);

@@ -1,0 +1,564 @@
+//! In-place updates of large files on a standby.
+//!
+//! A block delta normally builds a whole new copy of the file beside it and renames it
+//! over ([`crate::apply::Applier::build_from_blocks`]): for a 1 MiB change in a 512 MiB
+//! file that copies 512 MiB. When few bytes changed, the standby instead writes them
+//! into the file itself:
+//!
+//! 1. The new block hashes are worked out from the old ones ([`BlockCache`]) and the
+//!    records received ([`patched_list`]); records that do not fit whole blocks, or a
+//!    file whose block size would change, go the copy way.
+//! 2. The records and the new size and metadata are written to a **journal** in the
+//!    node's state directory and made durable ([`Journal::write`]).
+//! 3. The FUSE layer is asked for the file ([`twinfs_fs::Volume::begin_patch`]): it
+//!    refuses while a handle on it is open (that reader would see the bytes change;
+//!    the copy way keeps its version whole for it), and holds back new opens until
+//!    the kernel has been told to drop what it cached.
+//! 4. The records are written in place, the file truncated or extended, its metadata
+//!    set; the kernel's caches are invalidated and opens go on, seeing the new version.
+//! 5. The file is fsync'd, the journal removed.
+//!
+//! A crash between 2 and 5 leaves a journal that [`Journal::replay`] applies again at
+//! the next start (the writes are idempotent), so the file ends up whole: the new
+//! version. A journal that was not completely written is discarded; the file was not
+//! touched yet.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use twinfs_fs::sys::{self, Stat};
+use xxhash_rust::xxh3::Xxh3Default;
+
+use crate::apply::{Applier, FileMeta};
+use crate::delta::{self, BlockList};
+use crate::path::RelPath;
+
+/// Files smaller than this are always rebuilt beside the old copy: copying them costs
+/// little, and a file rewritten whole gains nothing from a journal.
+pub const MIN_FILE: u64 = 16 << 20;
+
+/// The most bytes of records an in-place update takes (they are held in memory and
+/// written twice: journal, then file); more go the copy way.
+pub const MAX_RECORDS: u64 = 8 << 20;
+
+/// Whether `sent` bytes of records for a file of `new_size` bytes are few enough to
+/// patch the file in place.
+pub fn worth_patching(sent: u64, new_size: u64) -> bool {
+    new_size >= MIN_FILE && sent <= MAX_RECORDS && sent <= new_size / 8
+}
+
+/// What must be unchanged for a file's block list to still describe it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    /// (device, inode).
+    pub key: (u64, u64),
+    /// Bytes.
+    pub size: u64,
+    /// Modification time.
+    pub mtime: (i64, u32),
+    /// Status change time.
+    pub ctime: (i64, u32),
+}
+
+impl FileStamp {
+    /// The stamp of a file as `st` shows it.
+    pub fn of(st: &Stat) -> FileStamp {
+        FileStamp {
+            key: (st.st_dev, st.st_ino),
+            size: st.st_size as u64,
+            mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+            ctime: (st.st_ctime, st.st_ctime_nsec as u32),
+        }
+    }
+}
+
+/// A standby's block lists of its large files, so that a delta does not read the
+/// whole old copy to tell the active what it has. Only the replicator writes a
+/// standby's files, and it updates the list it changed; a list whose file's stamp
+/// moved anyway is not used. Bounded: past [`BlockCache::MAX_HASHES`] hashes in all,
+/// lists are dropped.
+#[derive(Default)]
+pub struct BlockCache {
+    entries: HashMap<RelPath, (FileStamp, Arc<BlockList>)>,
+    hashes: usize,
+}
+
+impl BlockCache {
+    /// The most hashes kept (8 bytes each): 2 MiB, the lists of 16 GiB of files.
+    pub const MAX_HASHES: usize = 256 << 10;
+
+    /// The list kept for `path`, if it was made for the file `stamp` describes.
+    pub fn get(&self, path: &RelPath, stamp: &FileStamp) -> Option<Arc<BlockList>> {
+        self.entries
+            .get(path)
+            .filter(|(s, _)| s == stamp)
+            .map(|(_, list)| list.clone())
+    }
+
+    /// Keeps `list` for `path` as it is at `stamp`.
+    pub fn put(&mut self, path: &RelPath, stamp: FileStamp, list: Arc<BlockList>) {
+        self.forget(path);
+        if list.hashes.len() > Self::MAX_HASHES {
+            return;
+        }
+        while self.hashes + list.hashes.len() > Self::MAX_HASHES {
+            let Some(victim) = self.entries.keys().next().cloned() else {
+                break;
+            };
+            self.forget(&victim);
+        }
+        self.hashes += list.hashes.len();
+        self.entries.insert(path.clone(), (stamp, list));
+    }
+
+    /// Drops what is kept for `path`.
+    pub fn forget(&mut self, path: &RelPath) {
+        if let Some((_, list)) = self.entries.remove(path) {
+            self.hashes -= list.hashes.len();
+        }
+    }
+
+    /// Drops everything (the node stops being a standby).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.hashes = 0;
+    }
+
+    /// How many lists are kept.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The block list of the file `old` describes (of `old_size` bytes) once `records`
+/// (ascending `(offset, bytes)`, as a blocks stream brings them) are written into it
+/// and it is cut or extended to `new_size`. Refuses what an in-place update cannot
+/// vouch for: records that start or end inside a block (but at the end of the file),
+/// a block kept from the old copy whose length changes, a block size that changes
+/// with the size, bytes past the old end that no record brings.
+pub fn patched_list(
+    old: &BlockList,
+    old_size: u64,
+    new_size: u64,
+    records: &[(u64, Vec<u8>)],
+) -> Result<BlockList, &'static str> {
+    let block = u64::from(old.block_size);
+    if delta::block_size(new_size) != old.block_size
+        || delta::block_size(old_size) != old.block_size
+    {
+        return Err("the block size changes with the file's size");
+    }
+    if old.hashes.len() as u64 != old_size.div_ceil(block) {
+        return Err("the old block list does not fit the old size");
+    }
+    let count = usize::try_from(new_size.div_ceil(block)).map_err(|_| "too many blocks")?;
+    let mut hashes = vec![0u64; count];
+    let mut sent = vec![false; count];
+    // The block being hashed: its index, where it ends, the hash so far.
+    let mut open: Option<(usize, u64, Xxh3Default)> = None;
+    let mut cursor = 0u64;
+    for (offset, data) in records {
+        let offset = *offset;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or("a record past the largest offset")?;
+        if offset < cursor || end > new_size {
+            return Err("records out of order or past the end of the file");
+        }
+        if offset != cursor && open.is_some() {
+            return Err("a record ends inside a block");
+        }
+        if offset > old_size {
+            return Err("a gap past the end of the old copy");
+        }
+        let mut at = offset;
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let (index, block_end, mut hasher) = match open.take() {
+                Some(o) => o,
+                None => {
+                    if at % block != 0 {
+                        return Err("a record starts inside a block");
+                    }
+                    let index = (at / block) as usize;
+                    (index, (at + block).min(new_size), Xxh3Default::new())
+                }
+            };
+            let take = rest.len().min((block_end - at) as usize);
+            hasher.update(&rest[..take]);
+            rest = &rest[take..];
+            at += take as u64;
+            if at == block_end {
+                hashes[index] = hasher.digest();
+                sent[index] = true;
+            } else {
+                open = Some((index, block_end, hasher));
+            }
+        }
+        cursor = end;
+    }
+    if open.is_some() {
+        return Err("a record ends inside a block");
+    }
+    for (index, hash) in hashes.iter_mut().enumerate() {
+        if sent[index] {
+            continue;
+        }
+        let start = index as u64 * block;
+        let new_end = (start + block).min(new_size);
+        let old_end = (start + block).min(old_size);
+        if start >= old_size || new_end != old_end {
+            return Err("a block kept from the old copy changes length");
+        }
+        *hash = old.hashes[index];
+    }
+    Ok(BlockList {
+        block_size: old.block_size,
+        hashes,
+    })
+}
+
+/// Writes `records` into `file` and makes it `new_size` bytes long.
+pub fn write_records(
+    file: BorrowedFd<'_>,
+    records: &[(u64, Vec<u8>)],
+    new_size: u64,
+) -> io::Result<()> {
+    for (offset, data) in records {
+        let mut done = 0;
+        while done < data.len() {
+            match sys::pwrite(file, &data[done..], offset + done as u64) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if sys::fstat(file)?.st_size as u64 != new_size {
+        sys::ftruncate(file, new_size)?;
+    }
+    Ok(())
+}
+
+/// One in-place update as its journal keeps it.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The volume path of the file.
+    pub path: String,
+    /// The (device, inode) of the file: a journal for a file that was replaced since
+    /// is not replayed into the new one.
+    pub key: (u64, u64),
+    /// Its new size.
+    pub size: u64,
+    /// Its new metadata: mode, owner, mtime, xattrs.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time.
+    pub mtime: (i64, u32),
+    /// Extended attributes.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The bytes to write, ascending `(offset, bytes)`.
+    pub records: Vec<(u64, Vec<u8>)>,
+}
+
+impl Entry {
+    /// The metadata the file ends up with.
+    pub fn meta(&self) -> FileMeta {
+        FileMeta {
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            mtime: self.mtime,
+            xattrs: self.xattrs.clone(),
+        }
+    }
+}
+
+/// The first bytes of a journal file; the last two say the format version.
+const JOURNAL_MAGIC: &[u8; 8] = b"twfsjn01";
+
+/// Where a volume's in-place updates are journaled: a directory of the node's state
+/// directory, one file per update under way.
+#[derive(Clone, Debug)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+/// The journal file of one update, removed by [`Journal::done`].
+#[derive(Debug)]
+pub struct Written(PathBuf);
+
+impl Journal {
+    /// The journal kept in `dir` (made when first written).
+    pub fn new(dir: impl Into<PathBuf>) -> Journal {
+        Journal { dir: dir.into() }
+    }
+
+    /// Where it is kept.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `entry` durably (file and directory fsync'd).
+    pub fn write(&self, entry: &Entry) -> io::Result<Written> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        std::fs::create_dir_all(&self.dir)?;
+        let body = postcard::to_allocvec(entry).map_err(io::Error::other)?;
+        let mut bytes = Vec::with_capacity(JOURNAL_MAGIC.len() + body.len() + 8);
+        bytes.extend_from_slice(JOURNAL_MAGIC);
+        bytes.extend_from_slice(&body);
+        bytes.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes());
+        let name = format!(
+            "{}-{}.journal",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = self.dir.join(name);
+        let written = Written(path.clone());
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        io::Write::write_all(&mut &file, &bytes)?;
+        file.sync_all()?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        Ok(written)
+    }
+
+    /// Removes the journal of an update that is durable in the file. The directory is
+    /// fsync'd, so a journal of an older version can never be replayed over a newer one.
+    pub fn done(&self, written: Written) -> io::Result<()> {
+        std::fs::remove_file(&written.0)?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Applies again every update whose journal is whole (a crash cut it short), and
+    /// removes every journal. Returns how many updates were applied.
+    pub fn replay(&self, applier: &Applier<'_>) -> io::Result<usize> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut applied = 0;
+        for dirent in entries {
+            let file = dirent?.path();
+            if file.extension() != Some(std::ffi::OsStr::new("journal")) {
+                tracing::warn!(entry = %file.display(), "not a journal; left alone");
+                continue;
+            }
+            match std::fs::read(&file).map(|bytes| decode(&bytes)) {
+                Ok(Some(entry)) => match replay_one(applier, &entry) {
+                    Ok(true) => {
+                        applied += 1;
+                        tracing::warn!(path = %entry.path, "finished an in-place update a crash interrupted");
+                    }
+                    Ok(false) => {
+                        tracing::info!(path = %entry.path, "in-place update not replayed: the file was replaced since");
+                    }
+                    Err(e) => return Err(e),
+                },
+                Ok(None) => {
+                    tracing::info!(journal = %file.display(), "discarded an incomplete journal (its file was not touched)");
+                }
+                Err(e) => return Err(e),
+            }
+            std::fs::remove_file(&file)?;
+        }
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        Ok(applied)
+    }
+}
+
+/// The entry of a journal file, `None` unless it is whole.
+fn decode(bytes: &[u8]) -> Option<Entry> {
+    let body = bytes.strip_prefix(JOURNAL_MAGIC.as_slice())?;
+    let (body, sum) = body.split_at(body.len().checked_sub(8)?);
+    if xxhash_rust::xxh3::xxh3_64(body).to_le_bytes() != sum {
+        return None;
+    }
+    postcard::from_bytes(body).ok()
+}
+
+/// Applies one journaled update again; false if its file is no longer there.
+fn replay_one(applier: &Applier<'_>, entry: &Entry) -> io::Result<bool> {
+    let Ok(path) = RelPath::new(entry.path.as_bytes()) else {
+        return Ok(false);
+    };
+    let Some(file) = applier
+        .open_for_patch(&path)
+        .map_err(io::Error::other)?
+        .filter(|(_, st)| (st.st_dev, st.st_ino) == entry.key)
+        .map(|(fd, _)| fd)
+    else {
+        return Ok(false);
+    };
+    write_records(file.as_fd(), &entry.records, entry.size)?;
+    applier
+        .set_file_meta(file.as_fd(), &entry.meta(), &path)
+        .map_err(io::Error::other)?;
+    sys::fsync(file.as_fd(), false)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: usize = delta::MIN_BLOCK as usize;
+
+    fn list_of(data: &[u8]) -> BlockList {
+        BlockList {
+            block_size: delta::block_size(data.len() as u64),
+            hashes: data.chunks(B).map(delta::block_hash).collect(),
+        }
+    }
+
+    fn patched(
+        old: &[u8],
+        new: &[u8],
+        records: &[(u64, Vec<u8>)],
+    ) -> Result<BlockList, &'static str> {
+        patched_list(&list_of(old), old.len() as u64, new.len() as u64, records)
+    }
+
+    #[test]
+    fn streaming_and_one_shot_block_hashes_agree() {
+        let data: Vec<u8> = (0..B + 77).map(|i| (i * 7) as u8).collect();
+        let mut h = Xxh3Default::new();
+        h.update(&data[..1000]);
+        h.update(&data[1000..]);
+        assert_eq!(h.digest(), delta::block_hash(&data));
+    }
+
+    #[test]
+    fn the_patched_list_is_the_list_of_the_new_file() {
+        let old: Vec<u8> = (0..5 * B + 100).map(|i| (i / B) as u8).collect();
+        // Blocks 1-2 change, sent as two pieces (as the stream splits them).
+        let mut new = old.clone();
+        new[B..3 * B].fill(0xee);
+        let records = vec![
+            (B as u64, new[B..B + B / 2].to_vec()),
+            ((B + B / 2) as u64, new[B + B / 2..3 * B].to_vec()),
+        ];
+        assert_eq!(patched(&old, &new, &records), Ok(list_of(&new)));
+        // Grown by a block and a half: the old short last block and what follows are
+        // sent.
+        let mut grown = old.clone();
+        grown.extend(std::iter::repeat_n(9u8, B + B / 2));
+        let records = vec![(5 * B as u64, grown[5 * B..].to_vec())];
+        assert_eq!(patched(&old, &grown, &records), Ok(list_of(&grown)));
+        // Cut inside block 3: its new short version is sent.
+        let cut = old[..3 * B + 10].to_vec();
+        let records = vec![(3 * B as u64, cut[3 * B..].to_vec())];
+        assert_eq!(patched(&old, &cut, &records), Ok(list_of(&cut)));
+        // Cut at a block boundary: nothing to send.
+        let cut = old[..3 * B].to_vec();
+        assert_eq!(patched(&old, &cut, &[]), Ok(list_of(&cut)));
+    }
+
+    #[test]
+    fn what_an_in_place_update_cannot_vouch_for_is_refused() {
+        let old: Vec<u8> = vec![1u8; 4 * B];
+        let new = old.clone();
+        // A record starting inside a block.
+        assert!(patched(&old, &new, &[(10, vec![1; B])]).is_err());
+        // A record ending inside a block (not the file's end).
+        assert!(patched(&old, &new, &[(0, vec![1; B / 2])]).is_err());
+        // Out of order.
+        let r = vec![(B as u64, vec![1; B]), (0, vec![1; B])];
+        assert!(patched(&old, &new, &r).is_err());
+        // Past the end.
+        assert!(patched(&old, &new, &[(3 * B as u64, vec![1; 2 * B])]).is_err());
+        // Grown, with nothing sent for the new part.
+        let grown = vec![1u8; 5 * B];
+        assert!(patched(&old, &grown, &[]).is_err());
+        // Cut inside a block that is not sent.
+        let cut = vec![1u8; 3 * B + 5];
+        assert!(patched(&old, &cut, &[]).is_err());
+        // An old list that does not fit the old size.
+        let short = BlockList {
+            block_size: delta::MIN_BLOCK,
+            hashes: vec![0],
+        };
+        assert!(patched_list(&short, old.len() as u64, old.len() as u64, &[]).is_err());
+    }
+
+    #[test]
+    fn journal_entries_round_trip_and_torn_ones_are_refused() {
+        let entry = Entry {
+            path: "a/b".into(),
+            key: (1, 2),
+            size: 10,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: (5, 6),
+            xattrs: vec![(b"user.x".to_vec(), b"y".to_vec())],
+            records: vec![(0, vec![1, 2, 3])],
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::new(dir.path().join("j"));
+        let written = journal.write(&entry).expect("write");
+        let bytes = std::fs::read(&written.0).expect("read");
+        assert_eq!(decode(&bytes), Some(entry));
+        for cut in [0, 8, bytes.len() / 2, bytes.len() - 1] {
+            assert_eq!(decode(&bytes[..cut]), None, "cut at {cut}");
+        }
+        let mut flipped = bytes.clone();
+        flipped[12] ^= 1;
+        assert_eq!(decode(&flipped), None);
+        journal.done(written).expect("done");
+        assert_eq!(std::fs::read_dir(journal.dir()).expect("list").count(), 0);
+    }
+
+    #[test]
+    fn the_cache_serves_only_the_same_file_and_stays_bounded() {
+        let stamp = FileStamp {
+            key: (1, 1),
+            size: 1,
+            mtime: (1, 0),
+            ctime: (1, 0),
+        };
+        let path = |s: &str| RelPath::new(s).expect("path");
+        let list = |n: usize| {
+            Arc::new(BlockList {
+                block_size: delta::MIN_BLOCK,
+                hashes: vec![7; n],
+            })
+        };
+        let mut cache = BlockCache::default();
+        cache.put(&path("a"), stamp, list(3));
+        assert_eq!(
+            cache.get(&path("a"), &stamp).map(|l| l.hashes.len()),
+            Some(3)
+        );
+        let moved = FileStamp {
+            ctime: (2, 0),
+            ..stamp
+        };
+        assert!(cache.get(&path("a"), &moved).is_none());
+        cache.put(&path("b"), stamp, list(BlockCache::MAX_HASHES - 1));
+        assert_eq!(cache.len(), 1, "a was dropped to make room");
+        assert!(cache.get(&path("b"), &stamp).is_some());
+        cache.forget(&path("b"));
+        assert!(cache.is_empty());
+        cache.put(&path("c"), stamp, list(BlockCache::MAX_HASHES + 1));
+        assert!(cache.is_empty(), "a list over the bound is not kept");
+    }
+}
