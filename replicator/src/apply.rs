@@ -422,24 +422,25 @@ impl<'a> Applier<'a> {
         if let Some(list) = cached(&stamp) {
             return Ok((list, Some(stamp)));
         }
-        let len = st.st_size as u64;
-        let block_size = delta::block_size(len);
-        let mut buf = vec![0u8; block_size as usize];
-        let mut hashes = Vec::with_capacity(len.div_ceil(u64::from(block_size)) as usize);
-        let mut offset = 0u64;
-        while offset < len {
-            let want = (len - offset).min(u64::from(block_size)) as usize;
-            let n =
-                read_full(file.as_fd(), &mut buf[..want], offset).map_err(io_err("read", path))?;
-            if n == 0 {
-                break;
-            }
-            hashes.push(delta::block_hash(&buf[..n]));
-            offset += n as u64;
-        }
+        let mut blocks = delta::BlockHasher::new(delta::block_size(st.st_size as u64));
+        crate::manifest::read_pipelined(file.as_fd(), &mut |data| blocks.update(data))
+            .map_err(io_err("read", path))?;
         let after = sys::fstat(file.as_fd()).map_err(io_err("stat", path))?;
-        let list = std::sync::Arc::new(BlockList { block_size, hashes });
+        let list = std::sync::Arc::new(blocks.finish());
         Ok((list, (FileStamp::of(&after) == stamp).then_some(stamp)))
+    }
+
+    /// The stamp of the regular file at `path`, `None` if there is none.
+    pub fn stamp(&self, path: &RelPath) -> Result<Option<FileStamp>> {
+        let (dir, name) = self.open_parent(path)?;
+        match sys::statat(dir.as_fd(), &name) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG && !name.is_empty() => {
+                Ok(Some(FileStamp::of(&st)))
+            }
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("stat", path)(e)),
+        }
     }
 
     /// Opens the regular file at `path` for an in-place update, with its status:
@@ -555,8 +556,13 @@ impl<'a> Applier<'a> {
         // Hashes the kept bytes between the blocks as it goes, so the result is checked
         // in one pass.
         let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+        // The new file's block list, from the same bytes: kept for its next delta.
+        let mut new_blocks = delta::BlockHasher::new(delta::block_size(new_size));
         let mut buf = vec![0u8; COPY_BUF];
-        let mut hash_kept = |from: u64, to: u64, hasher: &mut xxhash_rust::xxh3::Xxh3Default| {
+        let mut hash_kept = |from: u64,
+                             to: u64,
+                             hasher: &mut xxhash_rust::xxh3::Xxh3Default,
+                             new_blocks: &mut delta::BlockHasher| {
             let mut at = from;
             while at < to {
                 let want = (to - at).min(COPY_BUF as u64) as usize;
@@ -567,6 +573,7 @@ impl<'a> Applier<'a> {
                     ));
                 }
                 hasher.update(&buf[..n]);
+                new_blocks.update(&buf[..n]);
                 at += n as u64;
             }
             Ok(())
@@ -589,10 +596,11 @@ impl<'a> Applier<'a> {
             if offset > have {
                 return Err(content("a gap past the end of the standby's copy"));
             }
-            hash_kept(cursor, offset, &mut hasher)?;
+            hash_kept(cursor, offset, &mut hasher, &mut new_blocks)?;
             written_back = written_back.max(offset);
             sys::pwrite(file, &data, offset).map_err(io_err("write a block of", path))?;
             hasher.update(&data);
+            new_blocks.update(&data);
             cursor = offset + data.len() as u64;
             have = have.max(cursor);
             sent += data.len() as u64;
@@ -605,7 +613,7 @@ impl<'a> Applier<'a> {
         if cursor < new_size && have < new_size {
             return Err(content("the blocks end before the file does"));
         }
-        hash_kept(cursor, new_size, &mut hasher)?;
+        hash_kept(cursor, new_size, &mut hasher, &mut new_blocks)?;
         if hasher.digest128() != expected {
             return Err(content(
                 "the rebuilt file does not match the announced hash (changed while sent, or cut off)",
@@ -615,7 +623,9 @@ impl<'a> Applier<'a> {
         apply_meta(At::Fd(file), true, meta, path)?;
         tracing::debug!(%path, new_size, sent, "built file from blocks");
         let handed = temp.hand_over();
-        Ok(Prepared::new(dir_fd, name, path, handed, file))
+        let mut prepared = Prepared::new(dir_fd, name, path, handed, file);
+        prepared.blocks = Some(new_blocks.finish());
+        Ok(prepared)
     }
 
     /// Makes `path` a directory with `meta`: creates it if missing, otherwise only sets
@@ -954,9 +964,15 @@ pub struct Prepared {
     dir_key: Option<(u64, u64)>,
     temp_key: Option<(u64, u64)>,
     placed: bool,
+    blocks: Option<BlockList>,
 }
 
 impl Prepared {
+    /// The block list of the new file, if it was built from blocks.
+    pub fn take_blocks(&mut self) -> Option<BlockList> {
+        self.blocks.take()
+    }
+
     /// Takes over a temp file `handed` over by its guard ([`TempEntry::hand_over`]),
     /// of which `file` is an open fd, in the directory `dir`, to become `name`.
     fn new(
@@ -976,6 +992,7 @@ impl Prepared {
             path: path.clone(),
             dir_times,
             placed: false,
+            blocks: None,
         }
     }
 

@@ -817,7 +817,10 @@ const PIPELINE_MIN: u64 = 8 << 20;
 /// Reads all of `file` in pieces of [`CHUNK`] on a thread of its own, passing each to
 /// `consume` in order on this one: reading (a copy out of the page cache, mostly) and
 /// hashing then take one core each. Returns the bytes read.
-fn read_pipelined(file: BorrowedFd<'_>, consume: &mut dyn FnMut(&[u8])) -> io::Result<u64> {
+pub(crate) fn read_pipelined(
+    file: BorrowedFd<'_>,
+    consume: &mut dyn FnMut(&[u8]),
+) -> io::Result<u64> {
     use std::sync::mpsc::sync_channel;
     std::thread::scope(|scope| {
         // Made in here, so that this side's ends are dropped (and the reader stops)

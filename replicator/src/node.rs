@@ -2715,12 +2715,17 @@ async fn apply_streamed(
     let path = entry.path.clone();
     let (list, stamp) = tokio::task::spawn_blocking(move || {
         let blocks = v.blocks.clone();
-        Applier::new(v.root.as_fd()).block_list_cached(&path, &mut |stamp| {
-            blocks
+        let mut kept = false;
+        let list = Applier::new(v.root.as_fd()).block_list_cached(&path, &mut |stamp| {
+            let list = blocks
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .get(&path, stamp)
-        })
+                .get(&path, stamp);
+            kept = list.is_some();
+            list
+        });
+        tracing::debug!(%path, kept, "block list");
+        list
     })
     .await
     .map_err(|_| "block list task failed".to_owned())?
@@ -2798,12 +2803,15 @@ async fn apply_streamed(
         let mut build = |applier: &Applier<'_>| {
             applier.build_from_blocks(&entry.path, entry.meta.size, &mut blocks, expected, &fm)
         };
-        let prepared = match build(&applier) {
+        let mut prepared = match build(&applier) {
             Err(ApplyError::IsDirectory { .. }) => {
                 applier.delete(&entry.path).and_then(|()| build(&applier))
             }
             other => other,
         }?;
+        let new_list = prepared
+            .take_blocks()
+            .filter(|_| entry.meta.size >= crate::patch::MIN_FILE);
         // Whole and checked: readers see it now, while it is made durable (for a
         // large file that is most of the time).
         let mut shown = Shown::new(&v, &prepared);
@@ -2817,6 +2825,14 @@ async fn apply_streamed(
         }
         drop(shown);
         invalidate(&v, &entry.path);
+        // Kept for the file's next delta, which then need not read it.
+        if let (Some(list), Ok(Some(stamp))) = (new_list, applier.stamp(&entry.path)) {
+            v.blocks.lock().unwrap_or_else(|e| e.into_inner()).put(
+                &entry.path,
+                stamp,
+                Arc::new(list),
+            );
+        }
         Ok::<(), ApplyError>(())
     })
     .await;
