@@ -142,6 +142,24 @@ pub struct Invalidator {
 }
 
 impl Invalidator {
+    /// Tells the kernel that the bytes `ranges` (offset, length) of the file at `path`
+    /// and its attributes changed underneath, the file itself staying the same inode
+    /// (an in-place update): only those pages of its cache are dropped.
+    pub fn invalidate_ranges(&self, path: &Path, ranges: &[(u64, u64)]) -> io::Result<()> {
+        let Some((_, ino)) = self.volume.ino_of(path) else {
+            // The kernel does not hold it, so it caches nothing of it.
+            return Ok(());
+        };
+        // A negative offset: the attributes only.
+        self.notifier.inval_inode(INodeNo(ino), -1, 0)?;
+        for &(offset, len) in ranges {
+            let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+            let len = i64::try_from(len).unwrap_or(i64::MAX);
+            self.notifier.inval_inode(INodeNo(ino), offset, len)?;
+        }
+        Ok(())
+    }
+
     /// See [`Mounted::invalidate`].
     pub fn invalidate(&self, path: &Path) -> io::Result<()> {
         let Some(name) = path.file_name() else {

@@ -313,10 +313,23 @@ impl Journal {
         &self.dir
     }
 
+    /// Makes the directory if it is missing, durably (its parent fsync'd): a journal
+    /// in a directory whose own entry a crash could lose would be no journal.
+    pub fn prepare(&self) -> io::Result<()> {
+        if self.dir.is_dir() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        if let Some(parent) = self.dir.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(())
+    }
+
     /// Writes `entry` durably (file and directory fsync'd).
     pub fn write(&self, entry: &Entry) -> io::Result<Written> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        std::fs::create_dir_all(&self.dir)?;
+        self.prepare()?;
         let body = postcard::to_allocvec(entry).map_err(io::Error::other)?;
         let mut bytes = Vec::with_capacity(JOURNAL_MAGIC.len() + body.len() + 8);
         bytes.extend_from_slice(JOURNAL_MAGIC);

@@ -326,9 +326,12 @@ fn start_replication(
         // An in-place update a crash cut short is finished before anything else
         // reads the volume's files.
         journal
-            .replay(&twinfs_replicator::apply::Applier::new(
-                std::os::fd::AsFd::as_fd(&root),
-            ))
+            .prepare()
+            .and_then(|()| {
+                journal.replay(&twinfs_replicator::apply::Applier::new(
+                    std::os::fd::AsFd::as_fd(&root),
+                ))
+            })
             .with_context(|| {
                 format!(
                     "volume {}: cannot finish the in-place updates journaled in {}",
