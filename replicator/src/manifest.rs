@@ -71,7 +71,12 @@ impl Kind {
 }
 
 /// Everything a manifest says about one path.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// The fields most objects lack (device number, link target, xattrs) live in a box
+/// that is absent when they are all empty: a manifest of 100,000 plain files is then
+/// about 6 MiB smaller. On the wire it is the flat [`MetaWire`].
+#[derive(Clone, Debug, Deserialize)]
+#[serde(from = "MetaWire")]
 pub struct Meta {
     /// What the object is.
     pub kind: Kind,
@@ -85,25 +90,164 @@ pub struct Meta {
     pub mtime: (i64, u32),
     /// Size in bytes for files, 0 for everything else.
     pub size: u64,
-    /// Device number for character and block devices, 0 for everything else.
-    pub rdev: u64,
     /// xxh3-128 of the content, for files only.
     pub hash: Option<u128>,
-    /// The link target, for symlinks only.
+    /// Device number, link target and xattrs, if any is not empty (see
+    /// [`Meta::rdev`], [`Meta::target`], [`Meta::xattrs`] and their setters).
+    pub extra: Option<Box<Extra>>,
+}
+
+/// The fields of a [`Meta`] most objects lack.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extra {
+    /// Device number for character and block devices.
+    pub rdev: u64,
+    /// The link target, for symlinks.
     pub target: Option<Vec<u8>>,
     /// Extended attributes (name, value), sorted by name.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// A [`Meta`] as it travels: every field flat.
+#[derive(Deserialize)]
+struct MetaWire {
+    kind: Kind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: (i64, u32),
+    size: u64,
+    rdev: u64,
+    hash: Option<u128>,
+    target: Option<Vec<u8>>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// [`MetaWire`] borrowed, for sending.
+#[derive(Serialize)]
+struct MetaWireRef<'a> {
+    kind: Kind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: (i64, u32),
+    size: u64,
+    rdev: u64,
+    hash: Option<u128>,
+    target: Option<&'a Vec<u8>>,
+    xattrs: &'a Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl From<MetaWire> for Meta {
+    fn from(w: MetaWire) -> Meta {
+        let mut meta = Meta::new(w.kind);
+        (
+            meta.mode, meta.uid, meta.gid, meta.mtime, meta.size, meta.hash,
+        ) = (w.mode, w.uid, w.gid, w.mtime, w.size, w.hash);
+        meta.set_extra(Extra {
+            rdev: w.rdev,
+            target: w.target,
+            xattrs: w.xattrs,
+        });
+        meta
+    }
+}
+
+impl Serialize for Meta {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        static NO_XATTRS: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let extra = self.extra.as_deref();
+        MetaWireRef {
+            kind: self.kind,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            mtime: self.mtime,
+            size: self.size,
+            rdev: self.rdev(),
+            hash: self.hash,
+            target: extra.and_then(|e| e.target.as_ref()),
+            xattrs: extra.map_or(&NO_XATTRS, |e| &e.xattrs),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl PartialEq for Meta {
+    fn eq(&self, other: &Meta) -> bool {
+        self.same_content(other) && self.same_metadata(other)
+    }
+}
+
+impl Eq for Meta {}
+
 impl Meta {
+    /// A `kind` with every other field zero or empty.
+    pub fn new(kind: Kind) -> Meta {
+        Meta {
+            kind,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime: (0, 0),
+            size: 0,
+            hash: None,
+            extra: None,
+        }
+    }
+
+    /// Device number for character and block devices, 0 for everything else.
+    pub fn rdev(&self) -> u64 {
+        self.extra.as_ref().map_or(0, |e| e.rdev)
+    }
+
+    /// The link target, for symlinks only.
+    pub fn target(&self) -> Option<&[u8]> {
+        self.extra.as_ref().and_then(|e| e.target.as_deref())
+    }
+
+    /// Extended attributes (name, value), sorted by name.
+    pub fn xattrs(&self) -> &[(Vec<u8>, Vec<u8>)] {
+        self.extra.as_ref().map_or(&[], |e| &e.xattrs)
+    }
+
+    /// Sets the device number.
+    pub fn set_rdev(&mut self, rdev: u64) {
+        let mut extra = self.take_extra();
+        extra.rdev = rdev;
+        self.set_extra(extra);
+    }
+
+    /// Sets the link target.
+    pub fn set_target(&mut self, target: Option<Vec<u8>>) {
+        let mut extra = self.take_extra();
+        extra.target = target;
+        self.set_extra(extra);
+    }
+
+    /// Sets the extended attributes (sorted by name).
+    pub fn set_xattrs(&mut self, xattrs: Vec<(Vec<u8>, Vec<u8>)>) {
+        let mut extra = self.take_extra();
+        extra.xattrs = xattrs;
+        self.set_extra(extra);
+    }
+
+    fn take_extra(&mut self) -> Extra {
+        self.extra.take().map(|e| *e).unwrap_or_default()
+    }
+
+    fn set_extra(&mut self, extra: Extra) {
+        self.extra = (extra != Extra::default()).then(|| Box::new(extra));
+    }
+
     /// Whether the two describe the same content: kind, size, hash, target and device
     /// number.
     pub fn same_content(&self, other: &Meta) -> bool {
         self.kind == other.kind
             && self.size == other.size
             && self.hash == other.hash
-            && self.target == other.target
-            && self.rdev == other.rdev
+            && self.target() == other.target()
+            && self.rdev() == other.rdev()
     }
 
     /// Whether the two carry the same metadata: mode, owner, mtime and xattrs.
@@ -112,7 +256,7 @@ impl Meta {
             && self.uid == other.uid
             && self.gid == other.gid
             && self.mtime == other.mtime
-            && self.xattrs == other.xattrs
+            && self.xattrs() == other.xattrs()
     }
 }
 
@@ -452,18 +596,12 @@ fn visit(
     if !filter(path, kind) {
         return Ok(None);
     }
-    let mut meta = Meta {
-        kind,
-        mode: st.st_mode & 0o7777,
-        uid: st.st_uid,
-        gid: st.st_gid,
-        mtime: (st.st_mtime, st.st_mtime_nsec as u32),
-        size: 0,
-        rdev: 0,
-        hash: None,
-        target: None,
-        xattrs: read_xattrs(At::Fd(fd.as_fd())).map_err(io_error(path, "read the xattrs of"))?,
-    };
+    let mut meta = Meta::new(kind);
+    meta.mode = st.st_mode & 0o7777;
+    meta.uid = st.st_uid;
+    meta.gid = st.st_gid;
+    meta.mtime = (st.st_mtime, st.st_mtime_nsec as u32);
+    meta.set_xattrs(read_xattrs(At::Fd(fd.as_fd())).map_err(io_error(path, "read the xattrs of"))?);
     match kind {
         Kind::File => {
             meta.size = st.st_size as u64;
@@ -475,12 +613,12 @@ fn visit(
         }
         Kind::Symlink => {
             // An empty name makes readlinkat read the symlink the O_PATH fd is.
-            meta.target = Some(
+            meta.set_target(Some(
                 sys::readlinkat(fd.as_fd(), OsStr::new(""))
                     .map_err(io_error(path, "read the target of"))?,
-            );
+            ));
         }
-        Kind::CharDev | Kind::BlockDev => meta.rdev = st.st_rdev,
+        Kind::CharDev | Kind::BlockDev => meta.set_rdev(st.st_rdev),
         Kind::Dir | Kind::Fifo | Kind::Socket => {}
     }
     Ok(Some((meta, fd)))
@@ -1132,11 +1270,62 @@ mod tests {
             gid: 0,
             mtime: (1, 0),
             size: if kind == Kind::File { 1 } else { 0 },
-            rdev: 0,
             hash: (kind == Kind::File).then_some(hash),
-            target: None,
-            xattrs: Vec::new(),
+            extra: None,
         }
+    }
+
+    /// The wire form of a `Meta` is the flat one it had before its rare fields were
+    /// boxed, and an empty box is the same as none.
+    #[test]
+    fn meta_travels_flat_and_its_rare_fields_are_boxed_only_when_set() {
+        #[derive(Serialize)]
+        struct Flat {
+            kind: Kind,
+            mode: u32,
+            uid: u32,
+            gid: u32,
+            mtime: (i64, u32),
+            size: u64,
+            rdev: u64,
+            hash: Option<u128>,
+            target: Option<Vec<u8>>,
+            xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+        }
+        let mut m = meta(Kind::Symlink, 7);
+        m.set_target(Some(b"there".to_vec()));
+        m.set_xattrs(vec![(b"user.a".to_vec(), b"1".to_vec())]);
+        let flat = Flat {
+            kind: Kind::Symlink,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: (1, 0),
+            size: 0,
+            rdev: 0,
+            hash: None,
+            target: Some(b"there".to_vec()),
+            xattrs: vec![(b"user.a".to_vec(), b"1".to_vec())],
+        };
+        let bytes = postcard::to_allocvec(&m).expect("encode");
+        assert_eq!(bytes, postcard::to_allocvec(&flat).expect("encode flat"));
+        assert_eq!(postcard::from_bytes::<Meta>(&bytes).expect("decode"), m);
+
+        let plain = meta(Kind::File, 9);
+        let decoded: Meta =
+            postcard::from_bytes(&postcard::to_allocvec(&plain).expect("encode")).expect("decode");
+        assert!(decoded.extra.is_none(), "nothing rare, nothing boxed");
+        m.set_target(None);
+        m.set_xattrs(Vec::new());
+        assert!(m.extra.is_none(), "emptied, unboxed");
+        let mut boxed = meta(Kind::File, 9);
+        boxed.extra = Some(Box::default());
+        assert_eq!(boxed, plain, "an empty box is no box");
+        assert!(
+            std::mem::size_of::<Meta>() <= 80,
+            "{}",
+            std::mem::size_of::<Meta>()
+        );
     }
 
     fn manifest(entries: &[(&str, Meta)]) -> Manifest {
@@ -1278,7 +1467,7 @@ mod tests {
     fn metadata_only_change_leaves_content_home() {
         let mut touched = meta(Kind::File, 7);
         touched.mtime = (2, 5);
-        touched.xattrs = vec![(b"user.a".to_vec(), b"1".to_vec())];
+        touched.set_xattrs(vec![(b"user.a".to_vec(), b"1".to_vec())]);
         let active = manifest(&[("f", touched)]);
         let standby = manifest(&[("f", meta(Kind::File, 7)), ("", meta(Kind::Dir, 0))]);
         let d = diff(&active, &standby, |_| 2);
@@ -1292,7 +1481,7 @@ mod tests {
     #[test]
     fn manifest_round_trips_through_postcard() {
         let mut m = meta(Kind::Symlink, 0);
-        m.target = Some(b"../x".to_vec());
+        m.set_target(Some(b"../x".to_vec()));
         let manifest = manifest(&[("a", meta(Kind::File, u128::MAX)), ("b", m)]);
         let bytes = postcard::to_allocvec(&manifest).expect("encode");
         assert_eq!(
@@ -1309,10 +1498,10 @@ mod tests {
                 m.mode = 0o600 | mode;
                 m.mtime = (mtime, 0);
                 if kind == Kind::Symlink {
-                    m.target = Some(vec![b'a' + hash as u8]);
+                    m.set_target(Some(vec![b'a' + hash as u8]));
                 }
                 if xattr {
-                    m.xattrs = vec![(b"user.x".to_vec(), vec![1])];
+                    m.set_xattrs(vec![(b"user.x".to_vec(), vec![1])]);
                 }
                 m
             },

@@ -3388,7 +3388,7 @@ fn file_meta(meta: &Meta) -> FileMeta {
         uid: meta.uid,
         gid: meta.gid,
         mtime: meta.mtime,
-        xattrs: meta.xattrs.clone(),
+        xattrs: meta.xattrs().to_vec(),
     }
 }
 
@@ -3413,16 +3413,16 @@ fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
                 (Kind::File, Some(bytes)) => applier.write_file(path, &mut bytes.as_slice(), &fm),
                 (Kind::File, None) => applier.set_metadata(path, &fm),
                 (Kind::Dir, _) => applier.make_dir(path, &fm),
-                (Kind::Symlink, _) => applier.make_symlink(
-                    path,
-                    entry.meta.target.as_deref().unwrap_or_default(),
-                    &fm,
-                ),
+                (Kind::Symlink, _) => {
+                    applier.make_symlink(path, entry.meta.target().unwrap_or_default(), &fm)
+                }
                 (Kind::Fifo, _) => applier.make_node(path, NodeKind::Fifo, 0, &fm),
                 (Kind::Socket, _) => applier.make_node(path, NodeKind::Socket, 0, &fm),
-                (Kind::CharDev, _) => applier.make_node(path, NodeKind::Char, entry.meta.rdev, &fm),
+                (Kind::CharDev, _) => {
+                    applier.make_node(path, NodeKind::Char, entry.meta.rdev(), &fm)
+                }
                 (Kind::BlockDev, _) => {
-                    applier.make_node(path, NodeKind::Block, entry.meta.rdev, &fm)
+                    applier.make_node(path, NodeKind::Block, entry.meta.rdev(), &fm)
                 }
             };
             match put(&applier) {

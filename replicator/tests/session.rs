@@ -31,10 +31,8 @@ fn file_meta(content: &[u8], mtime: i64) -> Meta {
         gid: 0,
         mtime: (mtime, 0),
         size: content.len() as u64,
-        rdev: 0,
         hash: Some(xxhash_rust::xxh3::xxh3_128(content)),
-        target: None,
-        xattrs: Vec::new(),
+        extra: None,
     }
 }
 
@@ -46,10 +44,8 @@ fn dir_meta() -> Meta {
         gid: 0,
         mtime: (0, 0),
         size: 0,
-        rdev: 0,
         hash: None,
-        target: None,
-        xattrs: Vec::new(),
+        extra: None,
     }
 }
 

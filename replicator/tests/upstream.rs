@@ -43,10 +43,8 @@ fn meta(kind: Kind, hash: Option<u128>) -> Meta {
         gid: 0,
         mtime: (1, 0),
         size: 1,
-        rdev: 0,
         hash,
-        target: None,
-        xattrs: Vec::new(),
+        extra: None,
     }
 }
 
