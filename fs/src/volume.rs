@@ -726,8 +726,10 @@ impl Volume {
             .any(|f| table.get(f.ino).is_some_and(|n| n.key == key))
     }
 
-    /// Waits while the backing file of `ino` is being updated in place.
-    fn wait_patched(&self, ino: u64) {
+    /// Waits while the backing file of `ino` is being updated in place. The handle
+    /// `fh` just opened on it steps aside meanwhile (the update waits for open handles
+    /// to close, and this one is not read before the update is done).
+    fn wait_patched(&self, ino: u64, fh: u64) {
         let patching = self.patching.lock().unwrap_or_else(|e| e.into_inner());
         if patching.is_empty() {
             return;
@@ -735,10 +737,26 @@ impl Volume {
         let Some(key) = self.read_table().get(ino).map(|n| n.key) else {
             return;
         };
-        let _done = self
+        if !patching.contains(&key) {
+            return;
+        }
+        let file = self
+            .files
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh);
+        self.patched.notify_all();
+        let done = self
             .patched
             .wait_while(patching, |p| p.contains(&key))
             .unwrap_or_else(|e| e.into_inner());
+        drop(done);
+        if let Some(file) = file {
+            self.files
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(fh, file);
+        }
     }
 
     /// The temp file `name` in the directory `dir` is served from, and its key, if it
@@ -1175,7 +1193,7 @@ impl Volume {
         let (fh, file) = self.add_file(ino, fd, writable);
         // Registered first: an in-place update that starts now sees this handle and
         // leaves the file alone; one under way is waited for.
-        self.wait_patched(ino);
+        self.wait_patched(ino, fh);
         if truncate {
             if let Err(e) = self.truncate_on_open(&loc, name, &file, caller) {
                 self.files
