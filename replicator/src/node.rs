@@ -2901,8 +2901,15 @@ fn patch_in_place(
             }
         }
     }
+    if !v.journal.is_empty() {
+        // An update that failed is still journaled: a second journal for the same
+        // file could be replayed before it.
+        return Ok(Patched::Refused(
+            "an earlier in-place update is still journaled",
+        ));
+    }
     let journaled = crate::patch::Entry {
-        path: path.to_string(),
+        path: path.as_bytes().to_vec(),
         key: stamp.key,
         size: entry.meta.size,
         mode: meta.mode,
@@ -2931,12 +2938,15 @@ fn patch_in_place(
         .map_err(io("update in place"))
         .and_then(|()| applier.set_file_meta(file.as_fd(), meta, path));
     if let Err(e) = changed {
-        // The journal stays: the next start finishes the update.
+        // Half written, maybe. A new copy is built from it and the same records at
+        // once (they cover every byte the update touched) and renamed over it; if
+        // that fails too, the journal, which stays, finishes the update at the next
+        // start. (A journal whose file was replaced is not replayed.)
         tracing::error!(%path, error = %e,
-            "in-place update failed halfway; it is finished at the next start of the daemon");
+            "in-place update failed; writing a new copy instead");
         drop(guard);
         invalidate(v, path);
-        return Err(e);
+        return Ok(Patched::Refused("the in-place write failed"));
     }
     // Only what changed leaves the kernel's cache: dropping all 512 MiB of a file
     // readers had cached took 20 ms, and they would read it all again.

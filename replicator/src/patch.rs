@@ -254,8 +254,8 @@ pub fn write_records(
 /// One in-place update as its journal keeps it.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// The volume path of the file.
-    pub path: String,
+    /// The volume path of the file (its bytes).
+    pub path: Vec<u8>,
     /// The (device, inode) of the file: a journal for a file that was replaced since
     /// is not replayed into the new one.
     pub key: (u64, u64),
@@ -326,6 +326,11 @@ impl Journal {
         Ok(())
     }
 
+    /// Whether no journal is kept (no update is under way or left by a failure).
+    pub fn is_empty(&self) -> bool {
+        std::fs::read_dir(&self.dir).map_or(true, |mut d| d.next().is_none())
+    }
+
     /// Writes `entry` durably (file and directory fsync'd).
     pub fn write(&self, entry: &Entry) -> io::Result<Written> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -379,10 +384,12 @@ impl Journal {
                 Ok(Some(entry)) => match replay_one(applier, &entry) {
                     Ok(true) => {
                         applied += 1;
-                        tracing::warn!(path = %entry.path, "finished an in-place update a crash interrupted");
+                        tracing::warn!(path = %String::from_utf8_lossy(&entry.path),
+                            "finished an in-place update a crash interrupted");
                     }
                     Ok(false) => {
-                        tracing::info!(path = %entry.path, "in-place update not replayed: the file was replaced since");
+                        tracing::info!(path = %String::from_utf8_lossy(&entry.path),
+                            "in-place update not replayed: the file was replaced since");
                     }
                     Err(e) => return Err(e),
                 },
@@ -410,7 +417,7 @@ fn decode(bytes: &[u8]) -> Option<Entry> {
 
 /// Applies one journaled update again; false if its file is no longer there.
 fn replay_one(applier: &Applier<'_>, entry: &Entry) -> io::Result<bool> {
-    let Ok(path) = RelPath::new(entry.path.as_bytes()) else {
+    let Ok(path) = RelPath::new(entry.path.clone()) else {
         return Ok(false);
     };
     let Some(file) = applier
@@ -515,7 +522,7 @@ mod tests {
     #[test]
     fn journal_entries_round_trip_and_torn_ones_are_refused() {
         let entry = Entry {
-            path: "a/b".into(),
+            path: b"a/b".to_vec(),
             key: (1, 2),
             size: 10,
             mode: 0o644,
