@@ -75,6 +75,17 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(40);
 /// An active silent for this long is taken as gone (it sends a heartbeat every second).
 const SILENT: Duration = Duration::from_secs(3);
 
+/// Where the in-place updates of volume `name` are journaled.
+fn journal(config: &Config, name: &str) -> twinfs_replicator::patch::Journal {
+    twinfs_replicator::patch::Journal::new(
+        config
+            .node
+            .state_dir
+            .join("volumes")
+            .join(format!("{name}.journal")),
+    )
+}
+
 fn mount_volume(
     node_roles: &tokio::sync::watch::Sender<u64>,
     config: &Config,
@@ -110,6 +121,19 @@ fn mount_volume(
             anyhow::anyhow!("volume {}: cannot open {}: {e}", vc.name, vc.path.display())
         }
     })?;
+    // An in-place update a crash cut short is finished before the volume is mounted,
+    // so no one reads its file half written.
+    let journal = journal(config, &vc.name);
+    journal
+        .prepare()
+        .and_then(|()| journal.replay(&twinfs_replicator::apply::Applier::new(volume.root_fd())))
+        .with_context(|| {
+            format!(
+                "volume {}: cannot finish the in-place updates journaled in {}",
+                vc.name,
+                journal.dir().display()
+            )
+        })?;
     // A standby takes local writes of its `direction = "both"` paths (while its
     // session with the active can ship them upstream).
     let volume = if vc.policies.rules().iter().any(|r| r.policy().upstream()) {
@@ -316,29 +340,7 @@ fn start_replication(
             .join("volumes")
             .join(format!("{}.hashes", v.config.name));
         let sync_file = sync_file(config, &v.config.name);
-        let journal = twinfs_replicator::patch::Journal::new(
-            config
-                .node
-                .state_dir
-                .join("volumes")
-                .join(format!("{}.journal", v.config.name)),
-        );
-        // An in-place update a crash cut short is finished before anything else
-        // reads the volume's files.
-        journal
-            .prepare()
-            .and_then(|()| {
-                journal.replay(&twinfs_replicator::apply::Applier::new(
-                    std::os::fd::AsFd::as_fd(&root),
-                ))
-            })
-            .with_context(|| {
-                format!(
-                    "volume {}: cannot finish the in-place updates journaled in {}",
-                    v.config.name,
-                    journal.dir().display()
-                )
-            })?;
+        let journal = journal(config, &v.config.name);
         links.push(VolumeLink {
             name: v.config.name.clone(),
             root: Arc::new(root),
