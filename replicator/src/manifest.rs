@@ -973,7 +973,7 @@ pub(crate) fn read_pipelined(
             let mut offset = 0u64;
             while let Ok(mut buf) = empty_rx.recv() {
                 buf.resize(CHUNK, 0);
-                match read_full(file, &mut buf, offset) {
+                match crate::apply::read_full(file, &mut buf, offset) {
                     Ok(n) => {
                         buf.truncate(n);
                         offset += n as u64;
@@ -1002,20 +1002,6 @@ pub(crate) fn read_pipelined(
         }
         Ok(total)
     })
-}
-
-/// Reads into all of `buf` from `offset` unless the file ends first: the bytes read.
-fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match sys::pread(fd, &mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 /// Parses a cache file; the error says why it was refused.
