@@ -2,7 +2,8 @@
 # bench/fullsync.sh: initial full sync, a 1 MiB change in a 512 MiB file, and the
 # daemon's memory with 100,000 files; twinfs (two daemons, QUIC on loopback) against
 # `rsync -a` to an rsync daemon on loopback (plaintext) and rsync over ssh on loopback
-# (encrypted, like twinfs), all on one scratch ext4 image on a loop device.
+# (encrypted, like twinfs), and a local `cp -a` + `sync -f` (the floor for a durable
+# copy), all on one scratch ext4 image on a loop device.
 # Prints Markdown tables.
 #
 # Run as root:  bench/fullsync.sh
@@ -140,7 +141,7 @@ stats_bytes() { # total bytes sent + received from rsync --stats output
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 # --- (b) initial full sync, alternating tools each round -------------------------
-declare -a TW TWB RD RDF RS
+declare -a TW TWB RD RDF RS CP
 for r in $(seq "$ROUNDS"); do
     stop_node b
     rm -rf "$S/b/vol" "$S/b/state/volumes" && mkdir -p "$S/b/vol"
@@ -170,7 +171,16 @@ for r in $(seq "$ROUNDS"); do
     t=$(timed rsync -a --stats -e "$SSH" "$S/src/" "root@127.0.0.1:$S/rs/")
     RS+=("$t"); RSB=$(stats_bytes)
     say "round $r rsync over ssh: $t s"
+
+    # The floor for a durable copy on this disk: a local cp -a, then syncfs of the
+    # image (no network, no encryption, no per-file fsync).
+    rm -rf "$S/cp"
+    drop_caches
+    t=$(timed sh -c "cp -a '$S/src' '$S/cp' && sync -f '$S/cp'")
+    CP+=("$t")
+    say "round $r cp -a + sync: $t s"
 done
+rm -rf "$S/cp"
 # The trees match (twinfs, and the last rsync over ssh).
 diff -r "$S/src" "$S/b/vol" > /dev/null || { say "twinfs standby differs from the source"; exit 1; }
 diff -r "$S/src" "$S/rs" > /dev/null || { say "rsync-over-ssh copy differs from the source"; exit 1; }
@@ -263,6 +273,7 @@ echo "| twinfs | $(fmt "$T") | 1.00 | ${TW[*]} |"
 echo "| rsync daemon | $(fmt "$(median "${RD[@]}")") | $(ratio "$T" "$(median "${RD[@]}")") | ${RD[*]} |"
 echo "| rsync daemon --fsync | $(fmt "$(median "${RDF[@]}")") | $(ratio "$T" "$(median "${RDF[@]}")") | ${RDF[*]} |"
 echo "| rsync over ssh | $(fmt "$(median "${RS[@]}")") | $(ratio "$T" "$(median "${RS[@]}")") | ${RS[*]} |"
+echo "| local \`cp -a\` + \`sync -f\` (durable, no network) | $(fmt "$(median "${CP[@]}")") | $(ratio "$T" "$(median "${CP[@]}")") | ${CP[*]} |"
 echo
 echo "Bytes on the wire (application level): twinfs $(median "${TWB[@]}"), rsync daemon $RDB, rsync over ssh $RSB."
 echo
