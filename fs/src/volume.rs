@@ -1192,7 +1192,8 @@ impl Volume {
         // the file meanwhile knows a writer is at it and does not ship the empty file.
         let (fh, file) = self.add_file(ino, fd, writable);
         // Registered first: an in-place update that starts now sees this handle and
-        // leaves the file alone; one under way is waited for.
+        // waits for it to close (or leaves the file alone); one under way is waited
+        // for, with this handle set aside meanwhile.
         self.wait_patched(ino, fh);
         if truncate {
             if let Err(e) = self.truncate_on_open(&loc, name, &file, caller) {
