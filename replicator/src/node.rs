@@ -2891,22 +2891,24 @@ fn patch_in_place(
             source,
         }
     };
-    if entry.meta.size > stamp.size {
-        // The room first: once the journal is written, the file's update must not
-        // fail for want of space.
-        let grow = entry.meta.size - stamp.size;
-        if let Err(e) = twinfs_fs::sys::fallocate(file.as_fd(), 0, stamp.size, grow) {
-            if e.raw_os_error() == Some(libc::ENOSPC) {
-                return Err(io("make room for")(e));
-            }
-        }
-    }
     if !v.journal.is_empty() {
         // An update that failed is still journaled: a second journal for the same
         // file could be replayed before it.
         return Ok(Patched::Refused(
             "an earlier in-place update is still journaled",
         ));
+    }
+    if entry.meta.size > stamp.size {
+        // The room first: once the journal is written, the file's update must not
+        // fail for want of space. Reserved past the end, the size left as it is:
+        // readers see the new size only with the new bytes.
+        let grow = entry.meta.size - stamp.size;
+        let keep_size = libc::FALLOC_FL_KEEP_SIZE;
+        if let Err(e) = twinfs_fs::sys::fallocate(file.as_fd(), keep_size, stamp.size, grow) {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(io("make room for")(e));
+            }
+        }
     }
     let journaled = crate::patch::Entry {
         path: path.as_bytes().to_vec(),
