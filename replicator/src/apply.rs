@@ -46,7 +46,7 @@ const OPENAT2_RETRIES: u32 = 4;
 static OPENAT2_MISSING: AtomicBool = AtomicBool::new(false);
 
 /// The metadata an applied entry ends up with.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileMeta {
     /// Permission bits (`0o7777`); file-type bits are ignored. Not applied to symlinks.
     pub mode: u32,
@@ -433,14 +433,7 @@ impl<'a> Applier<'a> {
     /// The stamp of the regular file at `path`, `None` if there is none.
     pub fn stamp(&self, path: &RelPath) -> Result<Option<FileStamp>> {
         let (dir, name) = self.open_parent(path)?;
-        match sys::statat(dir.as_fd(), &name) {
-            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG && !name.is_empty() => {
-                Ok(Some(FileStamp::of(&st)))
-            }
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("stat", path)(e)),
-        }
+        Ok(regular_at(dir.as_fd(), &name, path)?.map(|st| FileStamp::of(&st)))
     }
 
     /// Opens the regular file at `path` for an in-place update, with its status:
@@ -451,11 +444,8 @@ impl<'a> Applier<'a> {
             other => other?,
         };
         // Never opens a FIFO or a device, whose open may block or act.
-        match sys::statat(dir.as_fd(), &name) {
-            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG && !name.is_empty() => {}
-            Ok(_) => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("stat", path)(e)),
+        if regular_at(dir.as_fd(), &name, path)?.is_none() {
+            return Ok(None);
         }
         let fd = match sys::openat(dir.as_fd(), &name, libc::O_RDWR | libc::O_NONBLOCK, 0) {
             Ok(fd) => fd,
@@ -470,7 +460,7 @@ impl<'a> Applier<'a> {
             Err(e) => return Err(io_err("open", path)(e)),
         };
         let st = sys::fstat(fd.as_fd()).map_err(io_err("stat", path))?;
-        let ok = st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1;
+        let ok = is_regular(&st) && st.st_nlink == 1;
         Ok(ok.then_some((fd, st)))
     }
 
@@ -487,15 +477,9 @@ impl<'a> Applier<'a> {
     /// The xxh3-128 of all of `file`'s content.
     pub fn content_hash(&self, file: BorrowedFd<'_>, path: &RelPath) -> Result<u128> {
         let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
-        let mut offset = 0u64;
-        loop {
-            let data = read_new(file, 1 << 20, offset).map_err(io_err("read", path))?;
-            if data.is_empty() {
-                return Ok(hasher.digest128());
-            }
-            hasher.update(&data);
-            offset += data.len() as u64;
-        }
+        crate::manifest::read_pipelined(file, &mut |data| hasher.update(data))
+            .map_err(io_err("read", path))?;
+        Ok(hasher.digest128())
     }
 
     /// Replaces `path` with a regular file of `new_size` bytes built from the current
@@ -937,17 +921,28 @@ fn refuse_directory(
 /// Opens `name` in `dir` for reading if it is a regular file; `None` if it is missing
 /// or something else. Never opens a FIFO or a device, whose open may block or act.
 fn open_regular(dir: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<Option<OwnedFd>> {
-    let is_regular = |st: &Stat| st.st_mode & libc::S_IFMT == libc::S_IFREG;
-    match sys::statat(dir, name) {
-        Ok(st) if is_regular(&st) && !name.is_empty() => {}
-        Ok(_) => return Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("stat", path)(e)),
+    if regular_at(dir, name, path)?.is_none() {
+        return Ok(None);
     }
     let fd = sys::openat(dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
         .map_err(io_err("open", path))?;
     let st = sys::fstat(fd.as_fd()).map_err(io_err("stat", path))?;
     Ok(is_regular(&st).then_some(fd))
+}
+
+/// The status of `name` in `dir` (not followed) if it is a regular file; `None` if it
+/// is missing or something else.
+fn regular_at(dir: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<Option<Stat>> {
+    match sys::statat(dir, name) {
+        Ok(st) if is_regular(&st) && !name.is_empty() => Ok(Some(st)),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("stat", path)(e)),
+    }
+}
+
+fn is_regular(st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFREG
 }
 
 /// A file written beside its target by [`Applier::prepare_file`], not yet in place;

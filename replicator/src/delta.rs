@@ -181,11 +181,7 @@ impl BlockList {
                 continue;
             }
             let start = i as u64 * block;
-            let end = (start + block).min(len);
-            match runs.last_mut() {
-                Some(last) if last.end == start => last.end = end,
-                _ => runs.push(start..end),
-            }
+            push_run(&mut runs, start..(start + block).min(len));
         }
         Some(runs)
     }
@@ -206,13 +202,20 @@ impl BlockList {
                 continue;
             }
             let start = i * block;
-            let end = start + part.len();
-            match runs.last_mut() {
-                Some(last) if last.end == start => last.end = end,
-                _ => runs.push(start..end),
-            }
+            push_run(&mut runs, start..start + part.len());
         }
         runs
+    }
+}
+
+/// Appends `range` to `runs`, merged into the last run if it starts where that ends.
+pub fn push_run<T: PartialEq + Copy>(
+    runs: &mut Vec<std::ops::Range<T>>,
+    range: std::ops::Range<T>,
+) {
+    match runs.last_mut() {
+        Some(last) if last.end == range.start => last.end = range.end,
+        _ => runs.push(range),
     }
 }
 

@@ -76,7 +76,7 @@ impl Kind {
 /// that is absent when they are all empty: a manifest of 100,000 plain files is then
 /// about 6 MiB smaller. On the wire it is the flat [`MetaWire`].
 #[derive(Clone, Debug, Deserialize)]
-#[serde(from = "MetaWire")]
+#[serde(from = "OwnedWire")]
 pub struct Meta {
     /// What the object is.
     pub kind: Kind,
@@ -108,9 +108,10 @@ pub struct Extra {
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
-/// A [`Meta`] as it travels: every field flat.
-#[derive(Deserialize)]
-struct MetaWire {
+/// A [`Meta`] as it travels: every field flat. Received owned; sent borrowed
+/// (`T` = `&Vec<u8>`, `X` = `&Vec<..>`), which serializes the same.
+#[derive(Serialize, Deserialize)]
+struct MetaWire<T, X> {
     kind: Kind,
     mode: u32,
     uid: u32,
@@ -119,27 +120,15 @@ struct MetaWire {
     size: u64,
     rdev: u64,
     hash: Option<u128>,
-    target: Option<Vec<u8>>,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    target: Option<T>,
+    xattrs: X,
 }
 
-/// [`MetaWire`] borrowed, for sending.
-#[derive(Serialize)]
-struct MetaWireRef<'a> {
-    kind: Kind,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: (i64, u32),
-    size: u64,
-    rdev: u64,
-    hash: Option<u128>,
-    target: Option<&'a Vec<u8>>,
-    xattrs: &'a Vec<(Vec<u8>, Vec<u8>)>,
-}
+/// The [`MetaWire`] a [`Meta`] is decoded from.
+type OwnedWire = MetaWire<Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>>;
 
-impl From<MetaWire> for Meta {
-    fn from(w: MetaWire) -> Meta {
+impl From<OwnedWire> for Meta {
+    fn from(w: OwnedWire) -> Meta {
         let mut meta = Meta::new(w.kind);
         (
             meta.mode, meta.uid, meta.gid, meta.mtime, meta.size, meta.hash,
@@ -157,7 +146,7 @@ impl Serialize for Meta {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         static NO_XATTRS: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let extra = self.extra.as_deref();
-        MetaWireRef {
+        MetaWire {
             kind: self.kind,
             mode: self.mode,
             uid: self.uid,
@@ -667,16 +656,20 @@ fn read_xattrs(at: At<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(xattrs)
 }
 
-/// What must be unchanged for a cached hash to hold.
+/// What must be unchanged for a cached hash (or block list) of a file to hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Stamp {
-    size: u64,
-    mtime: (i64, u32),
-    ctime: (i64, u32),
+pub struct Stamp {
+    /// Bytes.
+    pub size: u64,
+    /// Modification time.
+    pub mtime: (i64, u32),
+    /// Status change time.
+    pub ctime: (i64, u32),
 }
 
 impl Stamp {
-    fn of(st: &Stat) -> Stamp {
+    /// The stamp of a file as `st` shows it.
+    pub fn of(st: &Stat) -> Stamp {
         Stamp {
             size: st.st_size as u64,
             mtime: (st.st_mtime, st.st_mtime_nsec as u32),

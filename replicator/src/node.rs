@@ -2492,11 +2492,13 @@ async fn stream_file(
     // error ends the stream early; the standby's hash check refuses the result.
     tokio::task::spawn_blocking(move || {
         let len = twinfs_fs::sys::fstat(file.as_fd()).map_or(0, |st| st.st_size as u64);
-        if let Some(runs) = active.as_ref().and_then(|a| list.runs_against(a, len)) {
+        let planned = active
+            .as_ref()
+            .and_then(|a| Some((a, list.runs_against(a, len)?)));
+        if let Some((active, runs)) = planned {
             // Its block list was read with its hash: only the differing blocks are
             // read now.
-            let hashes = active.as_ref().map_or(&[][..], |a| &a.hashes[..]);
-            send_runs(file.as_fd(), &runs, hashes, list.block_size, &tx);
+            send_runs(file.as_fd(), &runs, &active.hashes, list.block_size, &tx);
             return;
         }
         let block = list.block_size as usize;
@@ -2754,36 +2756,17 @@ async fn apply_streamed(
         let fm = file_meta(&entry.meta);
         // The records, held while they are few enough to write in place.
         let mut held: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut held_bytes = 0u64;
-        let mut more = true;
-        let patchable = stamp.is_some()
-            && v.volume.role() == Role::Standby
-            && entry.meta.size >= crate::patch::MIN_FILE;
-        if patchable {
-            loop {
-                match rx.blocking_recv() {
-                    Some(Ok(record)) => {
-                        held_bytes += record.1.len() as u64;
-                        held.push(record);
-                        if !crate::patch::worth_patching(held_bytes, entry.meta.size) {
-                            break;
-                        }
-                    }
-                    Some(Err(source)) => {
-                        return Err(ApplyError::Content {
-                            path: entry.path.clone(),
-                            source,
-                        })
-                    }
-                    None => {
-                        more = false;
-                        break;
-                    }
+        let patchable = stamp.filter(|_| {
+            v.volume.role() == Role::Standby && entry.meta.size >= crate::patch::MIN_FILE
+        });
+        if let Some(stamp) = patchable {
+            let all_held = hold_records(&mut rx, &mut held, entry.meta.size).map_err(|source| {
+                ApplyError::Content {
+                    path: entry.path.clone(),
+                    source,
                 }
-            }
-        }
-        if !more {
-            if let Some(stamp) = stamp {
+            })?;
+            if all_held {
                 match patch_in_place(&v, &applier, &entry, &fm, expected, &list, stamp, &held)? {
                     Patched::Done => return Ok(()),
                     Patched::Refused(why) => {
@@ -2844,6 +2827,26 @@ async fn apply_streamed(
     }
 }
 
+/// Takes records from `rx` into `held` while they are few enough to write in place
+/// into a file of `size` bytes: true if that took them all (the stream ended), false
+/// if it stopped at one too many (the rest are still on `rx`).
+fn hold_records(
+    rx: &mut mpsc::Receiver<std::io::Result<(u64, Vec<u8>)>>,
+    held: &mut Vec<(u64, Vec<u8>)>,
+    size: u64,
+) -> std::io::Result<bool> {
+    let mut bytes = 0u64;
+    while let Some(record) = rx.blocking_recv() {
+        let record = record?;
+        bytes += record.1.len() as u64;
+        held.push(record);
+        if !crate::patch::worth_patching(bytes, size) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// How long an in-place update waits for readers of the file to close it (new opens
 /// wait meanwhile) before it writes a new copy beside it instead.
 const PATCH_WAIT: Duration = Duration::from_millis(20);
@@ -2880,7 +2883,7 @@ fn patch_in_place(
             "the file changed since its block list was made",
         ));
     }
-    let new_list = match crate::patch::patched_list(list, stamp.size, entry.meta.size, records) {
+    let new_list = match crate::patch::patched_list(list, stamp.size(), entry.meta.size, records) {
         Ok(l) => l,
         Err(why) => return Ok(Patched::Refused(why)),
     };
@@ -2898,13 +2901,13 @@ fn patch_in_place(
             "an earlier in-place update is still journaled",
         ));
     }
-    if entry.meta.size > stamp.size {
+    if entry.meta.size > stamp.size() {
         // The room first: once the journal is written, the file's update must not
         // fail for want of space. Reserved past the end, the size left as it is:
         // readers see the new size only with the new bytes.
-        let grow = entry.meta.size - stamp.size;
+        let grow = entry.meta.size - stamp.size();
         let keep_size = libc::FALLOC_FL_KEEP_SIZE;
-        if let Err(e) = twinfs_fs::sys::fallocate(file.as_fd(), keep_size, stamp.size, grow) {
+        if let Err(e) = twinfs_fs::sys::fallocate(file.as_fd(), keep_size, stamp.size(), grow) {
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 return Err(io("make room for")(e));
             }
@@ -2914,12 +2917,8 @@ fn patch_in_place(
         path: path.as_bytes().to_vec(),
         key: stamp.key,
         size: entry.meta.size,
-        mode: meta.mode,
-        uid: meta.uid,
-        gid: meta.gid,
-        mtime: meta.mtime,
-        xattrs: meta.xattrs.clone(),
-        records: records.to_vec(),
+        meta: meta.clone(),
+        records,
     };
     let written = match v.journal.write(&journaled) {
         Ok(w) => w,
@@ -2929,7 +2928,6 @@ fn patch_in_place(
             return Ok(Patched::Refused("the journal cannot be written"));
         }
     };
-    drop(journaled);
     let Some(guard) = v.volume.begin_patch(stamp.key, PATCH_WAIT) else {
         v.journal
             .done(written)
@@ -2952,14 +2950,12 @@ fn patch_in_place(
     }
     // Only what changed leaves the kernel's cache: dropping all 512 MiB of a file
     // readers had cached took 20 ms, and they would read it all again.
-    let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(records.len() + 1);
+    let mut runs = Vec::with_capacity(records.len() + 1);
     for (offset, data) in records {
-        match ranges.last_mut() {
-            Some((start, len)) if *start + *len == *offset => *len += data.len() as u64,
-            _ => ranges.push((*offset, data.len() as u64)),
-        }
+        delta::push_run(&mut runs, *offset..offset + data.len() as u64);
     }
-    if entry.meta.size < stamp.size {
+    let mut ranges: Vec<(u64, u64)> = runs.iter().map(|r| (r.start, r.end - r.start)).collect();
+    if entry.meta.size < stamp.size() {
         ranges.push((entry.meta.size, u64::MAX));
     }
     if let Err(e) = v

@@ -32,10 +32,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use twinfs_fs::sys::{self, Stat};
-use xxhash_rust::xxh3::Xxh3Default;
 
 use crate::apply::{Applier, FileMeta};
-use crate::delta::{self, BlockList};
+use crate::delta::{self, BlockHasher, BlockList};
+use crate::manifest::Stamp;
 use crate::path::RelPath;
 
 /// Files smaller than this are always rebuilt beside the old copy: copying them costs
@@ -52,17 +52,14 @@ pub fn worth_patching(sent: u64, new_size: u64) -> bool {
     new_size >= MIN_FILE && sent <= MAX_RECORDS && sent <= new_size / 8
 }
 
-/// What must be unchanged for a file's block list to still describe it.
+/// What must be unchanged for a file's block list to still describe it: the file
+/// itself, and its [`Stamp`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileStamp {
     /// (device, inode).
     pub key: (u64, u64),
-    /// Bytes.
-    pub size: u64,
-    /// Modification time.
-    pub mtime: (i64, u32),
-    /// Status change time.
-    pub ctime: (i64, u32),
+    /// Size and times.
+    pub changed: Stamp,
 }
 
 impl FileStamp {
@@ -70,10 +67,13 @@ impl FileStamp {
     pub fn of(st: &Stat) -> FileStamp {
         FileStamp {
             key: (st.st_dev, st.st_ino),
-            size: st.st_size as u64,
-            mtime: (st.st_mtime, st.st_mtime_nsec as u32),
-            ctime: (st.st_ctime, st.st_ctime_nsec as u32),
+            changed: Stamp::of(st),
         }
+    }
+
+    /// The file's size.
+    pub fn size(&self) -> u64 {
+        self.changed.size
     }
 }
 
@@ -164,8 +164,23 @@ pub fn patched_list(
     let count = usize::try_from(new_size.div_ceil(block)).map_err(|_| "too many blocks")?;
     let mut hashes = vec![0u64; count];
     let mut sent = vec![false; count];
-    // The block being hashed: its index, where it ends, the hash so far.
-    let mut open: Option<(usize, u64, Xxh3Default)> = None;
+    // Consecutive records make a run, hashed block by block from its start: it must
+    // start at a block and end at one (or at the end of the file).
+    let mut end_run = |run: Option<(u64, BlockHasher)>, end: u64| {
+        let Some((start, hasher)) = run else {
+            return Ok(());
+        };
+        if end % block != 0 && end != new_size {
+            return Err("a record ends inside a block");
+        }
+        let first = (start / block) as usize;
+        for (i, hash) in hasher.finish().hashes.into_iter().enumerate() {
+            hashes[first + i] = hash;
+            sent[first + i] = true;
+        }
+        Ok(())
+    };
+    let mut run: Option<(u64, BlockHasher)> = None;
     let mut cursor = 0u64;
     for (offset, data) in records {
         let offset = *offset;
@@ -175,41 +190,21 @@ pub fn patched_list(
         if offset < cursor || end > new_size {
             return Err("records out of order or past the end of the file");
         }
-        if offset != cursor && open.is_some() {
-            return Err("a record ends inside a block");
-        }
         if offset > old_size {
             return Err("a gap past the end of the old copy");
         }
-        let mut at = offset;
-        let mut rest = &data[..];
-        while !rest.is_empty() {
-            let (index, block_end, mut hasher) = match open.take() {
-                Some(o) => o,
-                None => {
-                    if at % block != 0 {
-                        return Err("a record starts inside a block");
-                    }
-                    let index = (at / block) as usize;
-                    (index, (at + block).min(new_size), Xxh3Default::new())
-                }
-            };
-            let take = rest.len().min((block_end - at) as usize);
-            hasher.update(&rest[..take]);
-            rest = &rest[take..];
-            at += take as u64;
-            if at == block_end {
-                hashes[index] = hasher.digest();
-                sent[index] = true;
-            } else {
-                open = Some((index, block_end, hasher));
-            }
+        if run.is_some() && offset != cursor {
+            end_run(run.take(), cursor)?;
         }
+        let (_, hasher) = match &mut run {
+            Some(run) => run,
+            None if offset % block != 0 => return Err("a record starts inside a block"),
+            None => run.insert((offset, BlockHasher::new(old.block_size))),
+        };
+        hasher.update(data);
         cursor = end;
     }
-    if open.is_some() {
-        return Err("a record ends inside a block");
-    }
+    end_run(run.take(), cursor)?;
     for (index, hash) in hashes.iter_mut().enumerate() {
         if sent[index] {
             continue;
@@ -251,9 +246,10 @@ pub fn write_records(
     Ok(())
 }
 
-/// One in-place update as its journal keeps it.
+/// One in-place update as its journal keeps it. Written with the records borrowed
+/// (`R` = `&[(u64, Vec<u8>)]`), read back owned.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
+pub struct Entry<R = Vec<(u64, Vec<u8>)>> {
     /// The volume path of the file (its bytes).
     pub path: Vec<u8>,
     /// The (device, inode) of the file: a journal for a file that was replaced since
@@ -261,31 +257,10 @@ pub struct Entry {
     pub key: (u64, u64),
     /// Its new size.
     pub size: u64,
-    /// Its new metadata: mode, owner, mtime, xattrs.
-    pub mode: u32,
-    /// Owner.
-    pub uid: u32,
-    /// Group.
-    pub gid: u32,
-    /// Modification time.
-    pub mtime: (i64, u32),
-    /// Extended attributes.
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Its new metadata.
+    pub meta: FileMeta,
     /// The bytes to write, ascending `(offset, bytes)`.
-    pub records: Vec<(u64, Vec<u8>)>,
-}
-
-impl Entry {
-    /// The metadata the file ends up with.
-    pub fn meta(&self) -> FileMeta {
-        FileMeta {
-            mode: self.mode,
-            uid: self.uid,
-            gid: self.gid,
-            mtime: self.mtime,
-            xattrs: self.xattrs.clone(),
-        }
-    }
+    pub records: R,
 }
 
 /// The first bytes of a journal file; the last two say the format version.
@@ -332,14 +307,11 @@ impl Journal {
     }
 
     /// Writes `entry` durably (file and directory fsync'd).
-    pub fn write(&self, entry: &Entry) -> io::Result<Written> {
+    pub fn write<R: Serialize>(&self, entry: &Entry<R>) -> io::Result<Written> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         self.prepare()?;
         let body = postcard::to_allocvec(entry).map_err(io::Error::other)?;
-        let mut bytes = Vec::with_capacity(JOURNAL_MAGIC.len() + body.len() + 8);
-        bytes.extend_from_slice(JOURNAL_MAGIC);
-        bytes.extend_from_slice(&body);
-        bytes.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes());
+        let sum = xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes();
         let name = format!(
             "{}-{}.journal",
             std::process::id(),
@@ -352,7 +324,9 @@ impl Journal {
             .create(true)
             .truncate(true)
             .open(&path)?;
-        io::Write::write_all(&mut &file, &bytes)?;
+        for part in [&JOURNAL_MAGIC[..], &body, &sum] {
+            io::Write::write_all(&mut &file, part)?;
+        }
         file.sync_all()?;
         std::fs::File::open(&self.dir)?.sync_all()?;
         Ok(written)
@@ -430,7 +404,7 @@ fn replay_one(applier: &Applier<'_>, entry: &Entry) -> io::Result<bool> {
     };
     write_records(file.as_fd(), &entry.records, entry.size)?;
     applier
-        .set_file_meta(file.as_fd(), &entry.meta(), &path)
+        .set_file_meta(file.as_fd(), &entry.meta, &path)
         .map_err(io::Error::other)?;
     sys::fsync(file.as_fd(), false)?;
     Ok(true)
@@ -455,15 +429,6 @@ mod tests {
         records: &[(u64, Vec<u8>)],
     ) -> Result<BlockList, &'static str> {
         patched_list(&list_of(old), old.len() as u64, new.len() as u64, records)
-    }
-
-    #[test]
-    fn streaming_and_one_shot_block_hashes_agree() {
-        let data: Vec<u8> = (0..B + 77).map(|i| (i * 7) as u8).collect();
-        let mut h = Xxh3Default::new();
-        h.update(&data[..1000]);
-        h.update(&data[1000..]);
-        assert_eq!(h.digest(), delta::block_hash(&data));
     }
 
     #[test]
@@ -525,11 +490,13 @@ mod tests {
             path: b"a/b".to_vec(),
             key: (1, 2),
             size: 10,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: (5, 6),
-            xattrs: vec![(b"user.x".to_vec(), b"y".to_vec())],
+            meta: FileMeta {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime: (5, 6),
+                xattrs: vec![(b"user.x".to_vec(), b"y".to_vec())],
+            },
             records: vec![(0, vec![1, 2, 3])],
         };
         let dir = tempfile::tempdir().expect("tempdir");
@@ -551,9 +518,11 @@ mod tests {
     fn the_cache_serves_only_the_same_file_and_stays_bounded() {
         let stamp = FileStamp {
             key: (1, 1),
-            size: 1,
-            mtime: (1, 0),
-            ctime: (1, 0),
+            changed: Stamp {
+                size: 1,
+                mtime: (1, 0),
+                ctime: (1, 0),
+            },
         };
         let path = |s: &str| RelPath::new(s).expect("path");
         let list = |n: usize| {
@@ -569,7 +538,10 @@ mod tests {
             Some(3)
         );
         let moved = FileStamp {
-            ctime: (2, 0),
+            changed: Stamp {
+                ctime: (2, 0),
+                ..stamp.changed
+            },
             ..stamp
         };
         assert!(cache.get(&path("a"), &moved).is_none());

@@ -38,14 +38,8 @@ fn file_meta(content: &[u8], mtime: i64) -> Meta {
 
 fn dir_meta() -> Meta {
     Meta {
-        kind: Kind::Dir,
         mode: 0o755,
-        uid: 0,
-        gid: 0,
-        mtime: (0, 0),
-        size: 0,
-        hash: None,
-        extra: None,
+        ..Meta::new(Kind::Dir)
     }
 }
 

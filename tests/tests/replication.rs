@@ -233,6 +233,29 @@ fn a_node_that_is_not_pinned_cannot_replicate() {
     );
 }
 
+/// Calls `read` on a thread of its own until the flag returned is set; the thread
+/// returns how many calls read something (`read` returned true). An assertion that
+/// fails in `read` fails the thread's join.
+fn keep_reading(
+    mut read: impl FnMut() -> bool + Send + 'static,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<u32>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let reader = std::thread::spawn(move || {
+        let mut seen = 0u32;
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            if read() {
+                seen += 1;
+            }
+        }
+        seen
+    });
+    (stop, reader)
+}
+
 #[test]
 fn readers_on_the_standby_see_only_whole_versions() {
     let _serial = twinfs_tests::serial();
@@ -240,24 +263,19 @@ fn readers_on_the_standby_see_only_whole_versions() {
     c.start();
     c.wait_converged(CONVERGE);
     let target = c.nodes[1].volume.join("blob");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let stop = stop.clone();
+    let (stop, reader) = keep_reading({
         let target = target.clone();
-        std::thread::spawn(move || {
-            let mut seen = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(data) = fs::read(&target) {
-                    // Each version is 32 KiB of one byte value: a torn or mixed read
-                    // would show two values or a wrong length.
-                    assert_eq!(data.len(), 32 * 1024, "torn read: {} bytes", data.len());
-                    assert!(data.iter().all(|b| *b == data[0]), "mixed versions");
-                    seen += 1;
-                }
-            }
-            seen
-        })
-    };
+        move || {
+            let Ok(data) = fs::read(&target) else {
+                return false;
+            };
+            // Each version is 32 KiB of one byte value: a torn or mixed read would
+            // show two values or a wrong length.
+            assert_eq!(data.len(), 32 * 1024, "torn read: {} bytes", data.len());
+            assert!(data.iter().all(|b| *b == data[0]), "mixed versions");
+            true
+        }
+    });
     for i in 0..1000u32 {
         fs::write(c.active().join("blob"), vec![(i % 251) as u8; 32 * 1024]).expect("write");
     }
@@ -286,30 +304,24 @@ fn readers_on_the_standby_see_only_whole_versions_of_a_large_file() {
     fs::write(c.active().join("image.bin"), vec![0u8; SIZE]).expect("write");
     c.wait_converged(Duration::from_secs(60));
     let target = c.nodes[1].volume.join("image.bin");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let stop = stop.clone();
+    let (stop, reader) = keep_reading({
         let target = target.clone();
-        std::thread::spawn(move || {
-            let mut seen = 0u32;
-            let (mut a, mut b) = (vec![0u8; REGION], vec![0u8; REGION]);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok(f) = fs::File::open(&target) else {
-                    continue;
-                };
-                let len = f.metadata().expect("fstat").len();
-                f.read_exact_at(&mut a, A).expect("read a");
-                f.read_exact_at(&mut b, B).expect("read b");
-                drop(f);
-                assert_eq!(len, SIZE as u64, "torn: {len} bytes");
-                assert!(a.iter().all(|x| *x == a[0]), "a region half written");
-                assert_eq!(a, b, "regions of two versions in one read");
-                seen += 1;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            seen
-        })
-    };
+        let (mut a, mut b) = (vec![0u8; REGION], vec![0u8; REGION]);
+        move || {
+            let Ok(f) = fs::File::open(&target) else {
+                return false;
+            };
+            let len = f.metadata().expect("fstat").len();
+            f.read_exact_at(&mut a, A).expect("read a");
+            f.read_exact_at(&mut b, B).expect("read b");
+            drop(f);
+            assert_eq!(len, SIZE as u64, "torn: {len} bytes");
+            assert!(a.iter().all(|x| *x == a[0]), "a region half written");
+            assert_eq!(a, b, "regions of two versions in one read");
+            std::thread::sleep(Duration::from_millis(1));
+            true
+        }
+    });
     // Spaced out so that most versions ship: one that changes while the active reads
     // it is not sent (the next one is).
     for i in 1..=12u8 {
@@ -494,11 +506,13 @@ fn an_interrupted_in_place_update_is_finished_at_the_next_start() {
         path: b"big.img".to_vec(),
         key: (st.dev(), st.ino()),
         size: new.len() as u64,
-        mode: 0o640,
-        uid: st.uid(),
-        gid: st.gid(),
-        mtime: (1_700_000_000, 5),
-        xattrs: vec![],
+        meta: twinfs_replicator::apply::FileMeta {
+            mode: 0o640,
+            uid: st.uid(),
+            gid: st.gid(),
+            mtime: (1_700_000_000, 5),
+            xattrs: vec![],
+        },
         records,
     };
     let dir = c.nodes[1].state_dir.join("volumes").join("vol.journal");
