@@ -688,7 +688,7 @@ impl Session {
         let mut ops = 0;
         for path in diff.delete {
             touch_parents(&path, &mut touched);
-            let seq = self.take_seq();
+            let seq = self.take_seq(now);
             self.send(
                 Message::Op {
                     seq,
@@ -705,7 +705,7 @@ impl Session {
             if transfer.kind == manifest::Kind::Dir {
                 touched.insert(transfer.path.clone());
             }
-            let seq = self.take_seq();
+            let seq = self.take_seq(now);
             self.queue(Output::Ship(Ship {
                 seq,
                 path: transfer.path,
@@ -717,7 +717,7 @@ impl Session {
         }
         for dir in touched.into_iter().rev() {
             if our_dirs.contains(&dir) {
-                let seq = self.take_seq();
+                let seq = self.take_seq(now);
                 self.queue(Output::Ship(Ship {
                     seq,
                     path: dir,
@@ -739,11 +739,22 @@ impl Session {
         self.drain(now);
     }
 
-    fn take_seq(&mut self) -> u64 {
+    fn take_seq(&mut self, now: Instant) -> u64 {
+        if self.in_flight() == 0 {
+            // Nothing was awaited until now: the wait for progress starts here, not at
+            // the last ack, which may be long ago (else the first change after an idle
+            // spell would look like a stalled standby and start a full sync).
+            self.progress_at = now;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.stats.ops += 1;
         seq
+    }
+
+    /// Active: a full sync or ops are under way, so acks are due (stall detection).
+    fn awaiting_progress(&self) -> bool {
+        self.phase == Phase::FullSync || self.in_flight() > 0
     }
 
     fn in_flight(&self) -> u64 {
@@ -766,7 +777,7 @@ impl Session {
                     delete_if_missing,
                 } => {
                     self.queued_ships.remove(&path);
-                    let seq = self.take_seq();
+                    let seq = self.take_seq(now);
                     self.queue(Output::Ship(Ship {
                         seq,
                         path,
@@ -777,7 +788,7 @@ impl Session {
                 }
                 Pending::Send(op) => {
                     self.queued_ops -= 1;
-                    let seq = self.take_seq();
+                    let seq = self.take_seq(now);
                     self.send(Message::Op { seq, op }, now);
                 }
             }
@@ -990,10 +1001,9 @@ impl Session {
                 now.duration_since(self.last_received)
             ));
         }
-        let waiting = self.phase == Phase::FullSync || self.in_flight() > 0;
         if self.is_active()
             && self.phase != Phase::Hello
-            && waiting
+            && self.awaiting_progress()
             && now.duration_since(self.progress_at) >= self.config.stall_timeout
         {
             tracing::info!(volume = %self.config.volume, "no progress; starting a full sync");
@@ -1025,11 +1035,17 @@ impl Session {
         if self.phase == Phase::Hello {
             at = at.min(self.started + self.config.peer_timeout);
         }
-        if self.is_active() {
+        // Each only when `on_tick` acts on it: a deadline in the past that `on_tick`
+        // does nothing about would have the driver spin. (An idle active's last
+        // progress soon lies more than a stall timeout back; an `interval` path
+        // changed during a full sync waits for its end.)
+        if self.is_active() && self.phase != Phase::Hello && self.awaiting_progress() {
             at = at.min(self.progress_at + self.config.stall_timeout);
         }
-        if let Some(due) = self.dirty.values().min() {
-            at = at.min(*due);
+        if self.is_active() && self.phase == Phase::Streaming {
+            if let Some(due) = self.dirty.values().min() {
+                at = at.min(*due);
+            }
         }
         at
     }

@@ -14,7 +14,7 @@ use twinfs_replicator::manifest::{Entry, Kind, Manifest, Meta};
 use twinfs_replicator::path::RelPath;
 use twinfs_replicator::policy::{Policy, PolicySet, Priority, Rule, SyncMode};
 use twinfs_replicator::protocol::{Message, Op};
-use twinfs_replicator::session::{Output, Session, SessionConfig, Ship};
+use twinfs_replicator::session::{Output, Phase, Session, SessionConfig, Ship};
 
 /// An in-memory volume: path → (metadata, content).
 type Tree = BTreeMap<RelPath, (Meta, Vec<u8>)>;
@@ -199,6 +199,8 @@ struct World {
     to_active: VecDeque<Message>,
     connections: u32,
     in_sync_seen: bool,
+    /// The standby's acks are lost on the way (a standby that stalls).
+    lose_acks: bool,
 }
 
 fn config(role: Role, policies: &PolicySet) -> SessionConfig {
@@ -232,6 +234,7 @@ impl World {
             to_active: VecDeque::new(),
             connections: 1,
             in_sync_seen: false,
+            lose_acks: false,
         }
     }
 
@@ -319,6 +322,7 @@ impl World {
         while let Some(out) = self.standby.poll_output() {
             busy = true;
             match out {
+                Output::Send(Message::Ack { .. }) if self.lose_acks => {}
                 Output::Send(m) => Self::deliver(&mut self.to_active, m, &mut self.rng, faults),
                 Output::ScanLocal => {
                     let m = manifest_of(&self.standby_tree, &self.policies);
@@ -722,6 +726,99 @@ fn interval_paths_wait_for_their_interval() {
     w.advance(Duration::from_millis(600));
     w.drain();
     assert_eq!(w.standby_tree[&rel("c.int")].1, data);
+}
+
+/// The driver sleeps until `next_deadline`: one in the past that `on_tick` does
+/// nothing about would have it spin (an idle active did, once its last ack was more
+/// than a stall timeout back).
+fn assert_deadlines_ahead(w: &World, when: &str) {
+    assert!(w.active.next_deadline() > w.now, "active, {when}");
+    assert!(w.standby.next_deadline() > w.now, "standby, {when}");
+}
+
+#[test]
+fn an_idle_active_sleeps_and_its_next_change_is_not_taken_for_a_stall() {
+    let (active, standby) = initial_trees();
+    let mut w = World::new(11, active, standby);
+    w.settle();
+    let syncs = w.active.stats().full_syncs;
+    // Ten stall timeouts (2 s) without a change; heartbeats go both ways.
+    for _ in 0..40 {
+        w.advance(Duration::from_millis(500));
+        w.drain();
+        assert_deadlines_ahead(&w, "idle");
+    }
+    // A change, and time passes before its ack comes back.
+    let data = b"after a long idle".to_vec();
+    w.active_tree
+        .insert(rel("b"), (file_meta(&data, 20), data.clone()));
+    w.report(&rel("b"), ChangeKind::Write);
+    w.advance(Duration::from_millis(100));
+    w.settle();
+    assert_eq!(w.standby_tree[&rel("b")].1, data);
+    assert_eq!(
+        w.active.stats().full_syncs,
+        syncs,
+        "no full sync: the standby was never stalled"
+    );
+}
+
+#[test]
+fn an_interval_path_changed_during_a_full_sync_waits_for_its_end_without_a_past_deadline() {
+    let (active, standby) = initial_trees();
+    let mut w = World::new(13, active, standby);
+    w.settle();
+    w.reconnect();
+    // (No stall detection in the way of the time this test lets pass.)
+    let long_stall = SessionConfig {
+        stall_timeout: Duration::from_secs(60),
+        ..config(Role::Active, &w.policies)
+    };
+    w.active = Session::new(long_stall, w.now);
+    let mut steps = 0;
+    while w.active.phase() != Phase::FullSync {
+        assert!(w.pump(CLEAN) && steps < 100, "no full sync started");
+        steps += 1;
+    }
+    let data = b"every two seconds, again".to_vec();
+    w.active_tree
+        .insert(rel("c.int"), (file_meta(&data, 21), data.clone()));
+    w.report(&rel("c.int"), ChangeKind::Write);
+    // Past its interval, the full sync still under way (the standby's messages held):
+    // once `on_tick` has done what it can, nothing it does nothing about is due.
+    let held: Vec<Message> = w.to_active.drain(..).collect();
+    w.now += Duration::from_millis(2500);
+    w.active.on_tick(w.now);
+    assert_eq!(w.active.phase(), Phase::FullSync);
+    assert!(w.active.next_deadline() > w.now, "a deadline in the past");
+    w.to_active.extend(held);
+    w.settle();
+    assert_eq!(w.standby_tree[&rel("c.int")].1, data);
+}
+
+#[test]
+fn a_standby_that_takes_ops_but_never_acks_is_taken_for_stalled() {
+    let (active, standby) = initial_trees();
+    let mut w = World::new(17, active, standby);
+    w.settle();
+    let syncs = w.active.stats().full_syncs;
+    let data = b"never acknowledged".to_vec();
+    w.active_tree
+        .insert(rel("b"), (file_meta(&data, 22), data.clone()));
+    w.report(&rel("b"), ChangeKind::Write);
+    // The standby applies and heartbeats, but its acks are lost.
+    w.lose_acks = true;
+    for _ in 0..6 {
+        w.drain();
+        assert_eq!(w.active.stats().full_syncs, syncs, "not before 2 s");
+        w.advance(Duration::from_millis(300));
+    }
+    w.advance(Duration::from_millis(300));
+    assert_eq!(
+        w.active.stats().full_syncs,
+        syncs + 1,
+        "a full sync after the stall timeout (2 s)"
+    );
 }
 
 #[test]
