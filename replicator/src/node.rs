@@ -963,6 +963,14 @@ fn spawn_reader(
             let bytes = match transport::read_frame(&mut recv, MAX_MESSAGE).await {
                 Ok(Some(bytes)) => bytes,
                 Ok(None) => return,
+                // The peer went away (its daemon stopped, the network was cut): not
+                // a bad frame, and said as such.
+                Err(transport::TransportError::Read(
+                    e @ (quinn::ReadError::ConnectionLost(_) | quinn::ReadError::Reset(_)),
+                )) => {
+                    tracing::info!(error = %e, "connection ended; closing the session");
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "bad frame; closing the session");
                     return;
