@@ -227,6 +227,21 @@ pub fn record_header(offset: u64, len: u32) -> [u8; RECORD_HEADER] {
     out
 }
 
+/// The record that ends a blocks stream unfinished: the active gave up on this version
+/// of the file (it changed while being sent, or could not be read), and the standby
+/// refuses the op before writing anything. (Not a stream reset: a reset can overtake
+/// the stream's header, and the standby would not know which op it ended.)
+pub fn abort_record() -> [u8; RECORD_HEADER] {
+    record_header(ABORT_OFFSET, 0)
+}
+
+/// Whether a parsed record header is [`abort_record`].
+pub fn is_abort(offset: u64, len: u32) -> bool {
+    offset == ABORT_OFFSET && len == 0
+}
+
+const ABORT_OFFSET: u64 = u64::MAX;
+
 /// Decodes and checks a record header: `(offset, len)`.
 pub fn parse_record_header(header: [u8; RECORD_HEADER]) -> Result<(u64, u32), DeltaError> {
     let mut offset = [0u8; 8];
@@ -378,5 +393,13 @@ mod tests {
             parse_record_header(record_header(0, MAX_BLOCK + 1)),
             Err(DeltaError::RecordTooLong(MAX_BLOCK + 1))
         );
+    }
+
+    #[test]
+    fn the_abort_record_parses_and_is_told_from_data() {
+        let (offset, len) = parse_record_header(abort_record()).expect("parses");
+        assert!(is_abort(offset, len));
+        assert!(!is_abort(0, 0), "an empty record at 0 is data");
+        assert!(!is_abort(u64::MAX - 4096, 4096));
     }
 }

@@ -2519,7 +2519,11 @@ async fn stream_file(
             let data = match crate::apply::read_new(file.as_fd(), chunk, offset) {
                 Ok(d) if d.is_empty() => return,
                 Ok(d) => bytes::Bytes::from(d),
-                Err(_) => return,
+                // Not a clean end: the records so far are not the whole delta.
+                Err(_) => {
+                    let _ = tx.blocking_send(Err("the file could not be read"));
+                    return;
+                }
             };
             // Runs of consecutive blocks the standby lacks, each one record.
             for run in list.runs_to_send(index, &data) {
@@ -2546,7 +2550,11 @@ async fn stream_file(
             Ok(r) => r,
             Err(why) => {
                 tracing::info!(%path, why, "large file not sent; its next change ships it");
-                let _ = send.reset(quinn::VarInt::from_u32(0));
+                // Delivered in order after the header, so the standby knows which op
+                // it ends, and refuses it before writing anything.
+                if send.write_all(&delta::abort_record()).await.is_ok() {
+                    let _ = send.finish();
+                }
                 return;
             }
         };
@@ -2667,6 +2675,13 @@ async fn pump_blocks(
             }
         };
         let (mut offset, len) = record;
+        if delta::is_abort(offset, len) {
+            let e = std::io::Error::other(
+                "the active gave up on this version (it changed while being sent, or could not be read); its next change ships it",
+            );
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
         received.fetch_add(
             delta::RECORD_HEADER as u64,
             std::sync::atomic::Ordering::Relaxed,
