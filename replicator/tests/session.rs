@@ -546,6 +546,21 @@ impl World {
         self.report(&path, kind);
     }
 
+    /// A world of [`initial_trees`] after its first full sync.
+    fn settled(seed: u64) -> World {
+        let (active, standby) = initial_trees();
+        let mut w = World::new(seed, active, standby);
+        w.settle();
+        w
+    }
+
+    /// Writes `data` to the file at `path` on the active (mtime `mtime`) and reports it.
+    fn write(&mut self, path: &str, data: &[u8], mtime: i64, kind: ChangeKind) {
+        self.active_tree
+            .insert(rel(path), (file_meta(data, mtime), data.to_vec()));
+        self.report(&rel(path), kind);
+    }
+
     fn report(&mut self, path: &RelPath, kind: ChangeKind) {
         let record = Record {
             change: Change {
@@ -687,14 +702,10 @@ fn streaming_on_a_clean_network_needs_no_reconnect() {
 
 #[test]
 fn once_paths_ship_only_at_full_sync() {
-    let (active, standby) = initial_trees();
-    let mut w = World::new(3, active, standby);
-    w.settle();
+    let mut w = World::settled(3);
     assert_eq!(w.standby_tree[&rel("x.sif")].1, b"firmware");
     let data = b"new firmware".to_vec();
-    w.active_tree
-        .insert(rel("x.sif"), (file_meta(&data, 9), data.clone()));
-    w.report(&rel("x.sif"), ChangeKind::Write);
+    w.write("x.sif", &data, 9, ChangeKind::Write);
     w.settle();
     assert_eq!(
         w.standby_tree[&rel("x.sif")].1,
@@ -709,13 +720,9 @@ fn once_paths_ship_only_at_full_sync() {
 
 #[test]
 fn interval_paths_wait_for_their_interval() {
-    let (active, standby) = initial_trees();
-    let mut w = World::new(5, active, standby);
-    w.settle();
+    let mut w = World::settled(5);
     let data = b"every two seconds".to_vec();
-    w.active_tree
-        .insert(rel("c.int"), (file_meta(&data, 3), data.clone()));
-    w.report(&rel("c.int"), ChangeKind::Create);
+    w.write("c.int", &data, 3, ChangeKind::Create);
     w.drain();
     w.advance(Duration::from_millis(1500));
     w.drain();
@@ -738,9 +745,7 @@ fn assert_deadlines_ahead(w: &World, when: &str) {
 
 #[test]
 fn an_idle_active_sleeps_and_its_next_change_is_not_taken_for_a_stall() {
-    let (active, standby) = initial_trees();
-    let mut w = World::new(11, active, standby);
-    w.settle();
+    let mut w = World::settled(11);
     let syncs = w.active.stats().full_syncs;
     // Ten stall timeouts (2 s) without a change; heartbeats go both ways.
     for _ in 0..40 {
@@ -750,9 +755,7 @@ fn an_idle_active_sleeps_and_its_next_change_is_not_taken_for_a_stall() {
     }
     // A change, and time passes before its ack comes back.
     let data = b"after a long idle".to_vec();
-    w.active_tree
-        .insert(rel("b"), (file_meta(&data, 20), data.clone()));
-    w.report(&rel("b"), ChangeKind::Write);
+    w.write("b", &data, 20, ChangeKind::Write);
     w.advance(Duration::from_millis(100));
     w.settle();
     assert_eq!(w.standby_tree[&rel("b")].1, data);
@@ -765,9 +768,7 @@ fn an_idle_active_sleeps_and_its_next_change_is_not_taken_for_a_stall() {
 
 #[test]
 fn an_interval_path_changed_during_a_full_sync_waits_for_its_end_without_a_past_deadline() {
-    let (active, standby) = initial_trees();
-    let mut w = World::new(13, active, standby);
-    w.settle();
+    let mut w = World::settled(13);
     w.reconnect();
     // (No stall detection in the way of the time this test lets pass.)
     let long_stall = SessionConfig {
@@ -781,9 +782,7 @@ fn an_interval_path_changed_during_a_full_sync_waits_for_its_end_without_a_past_
         steps += 1;
     }
     let data = b"every two seconds, again".to_vec();
-    w.active_tree
-        .insert(rel("c.int"), (file_meta(&data, 21), data.clone()));
-    w.report(&rel("c.int"), ChangeKind::Write);
+    w.write("c.int", &data, 21, ChangeKind::Write);
     // Past its interval, the full sync still under way (the standby's messages held):
     // once `on_tick` has done what it can, nothing it does nothing about is due.
     let held: Vec<Message> = w.to_active.drain(..).collect();
@@ -798,14 +797,10 @@ fn an_interval_path_changed_during_a_full_sync_waits_for_its_end_without_a_past_
 
 #[test]
 fn a_standby_that_takes_ops_but_never_acks_is_taken_for_stalled() {
-    let (active, standby) = initial_trees();
-    let mut w = World::new(17, active, standby);
-    w.settle();
+    let mut w = World::settled(17);
     let syncs = w.active.stats().full_syncs;
     let data = b"never acknowledged".to_vec();
-    w.active_tree
-        .insert(rel("b"), (file_meta(&data, 22), data.clone()));
-    w.report(&rel("b"), ChangeKind::Write);
+    w.write("b", &data, 22, ChangeKind::Write);
     // The standby applies and heartbeats, but its acks are lost.
     w.lose_acks = true;
     for _ in 0..6 {
