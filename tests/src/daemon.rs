@@ -187,7 +187,7 @@ impl Node {
         let _ = child.wait();
         // The mount goes when fusermount3's auto_unmount notices (a moment later,
         // longer under load); until then the directory answers ENOTCONN.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while crate::is_mounted(&self.volume) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
