@@ -752,9 +752,12 @@ impl Session {
         seq
     }
 
-    /// Active: a full sync or ops are under way, so acks are due (stall detection).
-    fn awaiting_progress(&self) -> bool {
-        self.phase == Phase::FullSync || self.in_flight() > 0
+    /// Active past the hello with a full sync or ops under way: acks are due, and a
+    /// standby that sends none for `stall_timeout` is taken for stalled.
+    fn watching_for_stall(&self) -> bool {
+        self.is_active()
+            && self.phase != Phase::Hello
+            && (self.phase == Phase::FullSync || self.in_flight() > 0)
     }
 
     fn in_flight(&self) -> u64 {
@@ -1001,9 +1004,7 @@ impl Session {
                 now.duration_since(self.last_received)
             ));
         }
-        if self.is_active()
-            && self.phase != Phase::Hello
-            && self.awaiting_progress()
+        if self.watching_for_stall()
             && now.duration_since(self.progress_at) >= self.config.stall_timeout
         {
             tracing::info!(volume = %self.config.volume, "no progress; starting a full sync");
@@ -1039,7 +1040,7 @@ impl Session {
         // does nothing about would have the driver spin. (An idle active's last
         // progress soon lies more than a stall timeout back; an `interval` path
         // changed during a full sync waits for its end.)
-        if self.is_active() && self.phase != Phase::Hello && self.awaiting_progress() {
+        if self.watching_for_stall() {
             at = at.min(self.progress_at + self.config.stall_timeout);
         }
         if self.is_active() && self.phase == Phase::Streaming {
