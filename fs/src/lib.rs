@@ -7,6 +7,7 @@
 //! - [`mount`]: mounting in place, cache invalidation, bounded unmount.
 //! - [`change`]: change records and the [`ChangeSink`] trait the replicator implements.
 //! - [`inode`]: the inode table (FUSE inode numbers, names, directory fds).
+//! - [`watchdog`]: a dead daemon's mount is detached, not left answering ENOTCONN.
 //! - [`sys`]: safe wrappers over the `*at` system calls.
 //! - [`error`]: the error type, carried to the kernel as an errno.
 
@@ -17,6 +18,7 @@ pub mod inode;
 pub mod mount;
 pub mod sys;
 pub mod volume;
+pub mod watchdog;
 
 pub use change::{AttrChange, Change, ChangeKind, ChangeSink, Discard};
 pub use error::{Error, Result};

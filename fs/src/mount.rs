@@ -2,15 +2,17 @@
 //! already holds an fd of, cache invalidation, and a bounded unmount.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, SessionACL};
+use fuser::{BackgroundSession, Config, INodeNo, Notifier, Session, SessionACL};
 
 use crate::fuse::FuseAdapter;
 use crate::volume::Volume;
+use crate::watchdog::{MountIdentity, Watchdog, WatchdogCommand};
 
 /// How a volume is mounted.
 #[derive(Clone, Debug)]
@@ -21,6 +23,10 @@ pub struct MountOptions {
     pub passthrough: bool,
     /// Threads serving FUSE requests.
     pub threads: usize,
+    /// The watchdog that detaches the mount if this process dies without unmounting
+    /// it (see [`crate::watchdog`]). Without one, such a mount stays, answering
+    /// ENOTCONN, until someone unmounts it.
+    pub watchdog: Option<WatchdogCommand>,
 }
 
 impl Default for MountOptions {
@@ -29,6 +35,7 @@ impl Default for MountOptions {
             name: "volume".into(),
             passthrough: true,
             threads: 4,
+            watchdog: None,
         }
     }
 }
@@ -39,35 +46,56 @@ pub struct Mounted {
     mountpoint: PathBuf,
     notifier: Notifier,
     session: Option<BackgroundSession>,
+    watchdog: Option<Watchdog>,
 }
 
 impl Mounted {
     /// Mounts `volume` on top of its own directory. The volume's fd was opened before,
     /// so it keeps serving the files underneath.
+    ///
+    /// twinfs makes the mount itself (`mount(2)`: it runs as root) and hands the
+    /// /dev/fuse fd to fuser, so neither fusermount3 nor fuser ever unmounts anything:
+    /// - fusermount3's `auto_unmount` sometimes leaves a dead daemon's mount behind
+    ///   (see [`crate::watchdog`], which does that job instead);
+    /// - fuser, when a session it mounted ends, unmounts the mount point by path
+    ///   whether or not its mount is still there (0.18 reads a dead connection's
+    ///   POLLERR as "still mounted"), so after a lazy detach it would unmount
+    ///   whatever is mounted there now: the volume directory may be the mount point
+    ///   of a filesystem of its own.
     pub fn mount(volume: Arc<Volume>, options: &MountOptions) -> io::Result<Mounted> {
         crate::sys::raise_fd_limit();
         let mountpoint = volume.path().to_owned();
+        let device = crate::sys::mount_fuse(&mountpoint, &format!("twinfs:{}", options.name))?;
+        // The mount just made, whatever happens at its path from now on.
+        let (root, _) = MountIdentity::of_path(&mountpoint).inspect_err(|_| {
+            let _ = crate::sys::umount(&mountpoint, true);
+        })?;
         let mut config = Config::default();
-        config.mount_options = vec![
-            MountOption::FSName(format!("twinfs:{}", options.name)),
-            MountOption::Subtype("twinfs".into()),
-            MountOption::DefaultPermissions,
-            MountOption::AutoUnmount,
-            MountOption::Dev,
-            MountOption::Suid,
-        ];
-        config.acl = SessionACL::All;
         config.n_threads = Some(options.threads.max(1));
         config.clone_fd = true;
         let adapter = FuseAdapter::new(volume.clone(), options.passthrough);
-        let session = fuser::spawn_mount(adapter, &mountpoint, &config)?;
+        let session = Session::from_fd(adapter, device, SessionACL::All, config)
+            .and_then(Session::spawn)
+            .inspect_err(|_| {
+                let _ = crate::watchdog::detach(root.as_fd());
+            })?;
+        drop(root);
         let notifier = session.notifier();
-        Ok(Mounted {
+        let mut mounted = Mounted {
             volume,
             mountpoint,
             notifier,
             session: Some(session),
-        })
+            watchdog: None,
+        };
+        if let Some(command) = &options.watchdog {
+            // Dropped on error, `mounted` unmounts.
+            mounted.watchdog =
+                Some(Watchdog::start(command, &mounted.mountpoint).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot start the mount's watchdog: {e}"))
+                })?);
+        }
+        Ok(mounted)
     }
 
     /// The volume being served.
@@ -101,16 +129,20 @@ impl Mounted {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
-        // fusermount's auto_unmount only cleans up after a dead daemon; a live one
-        // unmounts itself. A busy mount is detached and goes away with its last user.
+        // The watchdog only cleans up after a dead daemon; a live one unmounts itself.
+        // A busy mount is detached and goes away with its last user.
         if let Err(e) = crate::sys::umount(&self.mountpoint, false) {
             tracing::warn!(path = %self.mountpoint.display(), error = %e,
                 "mount busy; detaching it lazily");
             crate::sys::umount(&self.mountpoint, true)?;
         }
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.release();
+        }
+        // The session ends once nothing holds the unmounted filesystem any more.
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(session.umount_and_join());
+            let _ = tx.send(session.join());
         });
         match rx.recv_timeout(timeout) {
             Ok(r) => r,
@@ -129,7 +161,10 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
             let _ = crate::sys::umount(&self.mountpoint, true);
-            let _ = session.umount_and_join();
+            if let Some(watchdog) = self.watchdog.take() {
+                watchdog.release();
+            }
+            let _ = session.join();
         }
     }
 }

@@ -513,6 +513,57 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// Opens the directory `path` for reading (`O_RDONLY | O_DIRECTORY`), which asks its
+/// filesystem, unlike [`open_dir_path`].
+pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: `c` is a valid NUL-terminated string; the returned fd is owned by us.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by open and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Mounts a FUSE filesystem of type `fuse.twinfs` at `mountpoint`, shown with `source`,
+/// open to every user with the kernel checking permissions (`allow_other`,
+/// `default_permissions`), device files and set-user-ID bits honoured as in the
+/// directory it covers. Returns the /dev/fuse fd that serves it.
+pub fn mount_fuse(mountpoint: &Path, source: &str) -> io::Result<OwnedFd> {
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open /dev/fuse: {e}")))?;
+    // SAFETY: getuid and getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let data = format!(
+        "fd={},rootmode={:o},user_id={uid},group_id={gid},default_permissions,allow_other",
+        device.as_raw_fd(),
+        libc::S_IFDIR
+    );
+    let target = cstr(mountpoint.as_os_str())?;
+    let source = cstr(OsStr::new(source))?;
+    let data = CString::new(data).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid NUL-terminated strings; `data` is the text FUSE parses.
+    check(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"fuse.twinfs".as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    })?;
+    Ok(OwnedFd::from(device))
+}
+
 /// `umount2(path)`, lazily (`MNT_DETACH`) if asked.
 pub fn umount(path: &Path, lazy: bool) -> io::Result<()> {
     let c = cstr(path.as_os_str())?;

@@ -182,15 +182,39 @@ impl Node {
 
     /// Kills the daemon with SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
-        let mut child = self.child.take().expect("daemon running");
-        let _ = child.kill();
-        let _ = child.wait();
-        // The mount goes when fusermount3's auto_unmount notices (a moment later,
-        // longer under load); until then the directory answers ENOTCONN.
+        self.kill9_only();
+        // The mount goes when the daemon's watchdog notices (a moment later, longer
+        // under load); until then the directory answers ENOTCONN.
         let deadline = Instant::now() + Duration::from_secs(30);
         while crate::is_mounted(&self.volume) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Kills the daemon with SIGKILL and waits for it to be gone, not for its mount.
+    pub fn kill9_only(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// The pid of the watchdog the daemon started with its mount, if one runs: the
+    /// process whose command line is `twinfs watch-mount <volume> ...`.
+    pub fn watchdog_pid(&self) -> Option<i32> {
+        let mut want = b"watch-mount\0".to_vec();
+        want.extend_from_slice(self.volume.as_os_str().as_encoded_bytes());
+        want.push(0);
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .find_map(|entry| {
+                let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                cmdline
+                    .windows(want.len())
+                    .any(|w| w == want.as_slice())
+                    .then_some(pid)
+            })
     }
 }
 

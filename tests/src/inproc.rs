@@ -88,6 +88,12 @@ impl MountedDir {
             name: "test".into(),
             passthrough,
             threads: 2,
+            // The daemon's own watchdog: a test process that dies leaves no dead mount.
+            watchdog: Some(twinfs_fs::watchdog::WatchdogCommand {
+                program: crate::daemon::twinfs_bin(),
+                name: "twinfs".into(),
+                args: vec!["watch-mount".into()],
+            }),
         };
         let mounted = Mounted::mount(Arc::new(volume), &options).expect("mount");
         MountedDir {

@@ -32,16 +32,18 @@ pub fn force_unmount(path: &Path) {
         .status();
 }
 
-/// Whether `path` is currently a mount point (listed in /proc/self/mounts).
+/// Whether a twinfs mount is on `path` (listed in /proc/self/mounts with type
+/// `fuse.twinfs`; a filesystem of another type mounted there does not count).
 pub fn is_mounted(path: &Path) -> bool {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
         return false;
     };
     let want = path.to_string_lossy();
-    mounts
-        .lines()
-        .filter_map(|l| l.split(' ').nth(1))
-        .any(|m| m.replace("\\040", " ") == want)
+    mounts.lines().any(|l| {
+        let mut fields = l.split(' ').skip(1);
+        fields.next().map(|m| m.replace("\\040", " ")).as_deref() == Some(&*want)
+            && fields.next() == Some("fuse.twinfs")
+    })
 }
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());

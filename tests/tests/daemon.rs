@@ -187,15 +187,25 @@ fn kill_9_leaves_the_directory_accessible_and_intact() {
     f.write_all(b"durable enough").unwrap();
     f.sync_all().unwrap();
     drop(f);
+    assert!(
+        node.watchdog_pid().is_some(),
+        "a watchdog runs with the mount"
+    );
     node.kill9();
 
-    // auto_unmount: fusermount3 notices the dead daemon and unmounts. (A moment
-    // later, longer under load: 10 s was once not enough on a slow machine.)
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while is_mounted(&vol) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+    // The daemon's watchdog notices it is gone, detaches the dead mount, says so in
+    // the daemon's log and ends.
+    assert!(!is_mounted(&vol), "the watchdog detached the dead mount");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while node.watchdog_pid().is_some() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(!is_mounted(&vol), "auto_unmount removed the dead mount");
+    assert_eq!(node.watchdog_pid(), None, "the watchdog ended");
+    assert!(
+        node.log_text().contains("its watchdog detached the mount"),
+        "{}",
+        node.log_text()
+    );
     // Not "Transport endpoint is not connected": the plain files are there.
     assert_eq!(
         fs::read_to_string(vol.join("hosts")).unwrap(),
@@ -212,6 +222,119 @@ fn kill_9_leaves_the_directory_accessible_and_intact() {
         fs::read_to_string(vol.join("written-before-crash")).unwrap(),
         "durable enough"
     );
+}
+
+#[test]
+fn a_dead_mount_left_behind_is_detached_when_the_daemon_starts_again() {
+    let _serial = twinfs_tests::serial();
+    let mut node = Node::new(CMM_RULES, fill_cmm);
+    node.start(&[]);
+    let vol = node.volume.clone();
+    fs::write(vol.join("written-before-crash"), "kept").unwrap();
+    // The watchdog first, then the daemon: as a service manager's last SIGKILL to the
+    // whole group would, leaving no one to detach the mount.
+    let watchdog = node.watchdog_pid().expect("a watchdog runs with the mount");
+    // SAFETY: sending a signal to a process this test's daemon started.
+    assert_eq!(unsafe { libc::kill(watchdog, libc::SIGKILL) }, 0);
+    node.kill9_only();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(is_mounted(&vol), "nothing detached the dead mount");
+    let err = fs::read_dir(&vol).expect_err("a dead mount answers nothing");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+
+    node.start(&[]);
+    assert!(
+        node.log_text()
+            .contains("a dead twinfs mount was left on the volume"),
+        "{}",
+        node.log_text()
+    );
+    assert_eq!(
+        fs::read_to_string(vol.join("written-before-crash")).unwrap(),
+        "kept"
+    );
+    assert_eq!(
+        fs::read_to_string(vol.join("hosts")).unwrap(),
+        "10.0.0.1 cmm-a\n"
+    );
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let on_vol = mounts
+        .lines()
+        .filter(|l| l.split(' ').nth(1) == Some(&*vol.to_string_lossy()))
+        .count();
+    assert_eq!(on_vol, 1, "one live mount, the dead one gone:\n{mounts}");
+}
+
+/// A filesystem mounted at a path, detached (exactly it, whatever was mounted on top
+/// since) when dropped.
+struct OwnMount(fs::File);
+
+impl OwnMount {
+    fn tmpfs(dir: &Path) -> OwnMount {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "twinfs-test"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount tmpfs on {}", dir.display());
+        OwnMount(
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                .open(dir)
+                .expect("open the tmpfs root"),
+        )
+    }
+
+    /// Whether `dir` leads to this filesystem (nothing mounted on top of it).
+    fn is_on_top(&self, dir: &Path) -> bool {
+        let here = fs::metadata(dir).expect("stat dir");
+        let own = self.0.metadata().expect("stat the tmpfs root");
+        (here.dev(), here.ino()) == (own.dev(), own.ino())
+    }
+}
+
+impl Drop for OwnMount {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        let path = CString::new(format!("/proc/self/fd/{}", self.0.as_raw_fd())).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+#[test]
+fn a_volume_that_is_a_mount_point_keeps_its_own_filesystem() {
+    let _serial = twinfs_tests::serial();
+    // A switch's config flash: the volume directory is a mount point itself. Neither
+    // a stop nor a crash of the daemon may unmount it.
+    let mut node = Node::new("", |_| {});
+    let own = OwnMount::tmpfs(&node.volume);
+    let vol = node.volume.clone();
+    fs::write(vol.join("on-flash"), "kept").unwrap();
+
+    node.start(&[]);
+    fs::write(vol.join("written-through-twinfs"), "one").unwrap();
+    node.stop();
+    assert!(!is_mounted(&vol));
+    assert!(own.is_on_top(&vol), "a stop left the flash mounted");
+    assert_eq!(
+        fs::read_to_string(vol.join("written-through-twinfs")).unwrap(),
+        "one"
+    );
+
+    node.start(&[]);
+    fs::write(vol.join("written-before-crash"), "two").unwrap();
+    node.kill9();
+    assert!(!is_mounted(&vol), "the watchdog detached the dead mount");
+    assert!(own.is_on_top(&vol), "a crash left the flash mounted");
+    assert_eq!(fs::read_to_string(vol.join("on-flash")).unwrap(), "kept");
+    assert_eq!(
+        fs::read_to_string(vol.join("written-before-crash")).unwrap(),
+        "two"
+    );
+    // Unmounted before the node's scratch directory is removed.
+    drop(own);
 }
 
 #[test]

@@ -631,6 +631,9 @@ impl RawVolume {
         match std::fs::metadata(&path) {
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => return Err(not_a_dir(format!("{} is not a directory", path.display()))),
+            // A dead FUSE mount: the daemon detaches it if it is a twinfs mount left by
+            // a killed daemon, and says what it is otherwise.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(not_a_dir(format!("{} does not exist", path.display())))
             }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use twinfs_fs::watchdog::WatchdogCommand;
 use twinfs_fs::{MountOptions, Mounted, Volume};
 use twinfs_replicator::capture::Capture;
 use twinfs_replicator::manifest::HashCache;
@@ -110,6 +111,14 @@ fn mount_volume(
     // it was down, and it must meet the others (and be fenced) before it takes writes.
     let held = state.role == Role::Active && !config.peers.is_empty();
     let fs_role = if held { Role::Standby } else { state.role };
+    // Left by a daemon killed together with its watchdog (a service manager's final
+    // SIGKILL to the whole group, say): the directory answers ENOTCONN until detached.
+    match twinfs_fs::watchdog::clear_dead_mount(&vc.path) {
+        Ok(true) => tracing::warn!(volume = %vc.name, path = %vc.path.display(),
+            "a dead twinfs mount was left on the volume (its daemon was killed?); detached it"),
+        Ok(false) => {}
+        Err(e) => tracing::debug!(volume = %vc.name, error = %e, "no check for a dead mount"),
+    }
     let volume = Volume::new(&vc.path, fs_role, capture.clone()).map_err(|e| {
         if e.errno() == libc::EBUSY {
             anyhow::anyhow!(
@@ -161,6 +170,12 @@ fn mount_volume(
         // handles of an inode passthrough or none.
         passthrough: options.passthrough && config.peers.is_empty(),
         threads: options.threads,
+        // This very binary, even if a package upgrade replaced its file since.
+        watchdog: Some(WatchdogCommand {
+            program: "/proc/self/exe".into(),
+            name: "twinfs".into(),
+            args: vec!["watch-mount".into()],
+        }),
     };
     let mounted = Mounted::mount(Arc::new(volume), &mount_options)
         .with_context(|| format!("volume {}: cannot mount {}", vc.name, vc.path.display()))?;

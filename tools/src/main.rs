@@ -111,6 +111,16 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Internal: the watchdog `twinfs mount` starts with each mount. Once the daemon is
+    /// gone (its end of the pipe on stdin closed), detaches the mount if the daemon
+    /// did not unmount it.
+    #[command(hide = true)]
+    WatchMount {
+        /// The mount point.
+        mountpoint: PathBuf,
+        /// The mount it must find there (`<id>:<u|r>:<major>:<minor>`).
+        identity: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,7 +171,10 @@ fn die_quietly_on_closed_pipe() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Mount { .. }) {
+    if !matches!(
+        cli.command,
+        Command::Mount { .. } | Command::WatchMount { .. }
+    ) {
         die_quietly_on_closed_pipe();
     }
     match run(cli) {
@@ -210,6 +223,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     threads: usize::from(threads),
                 },
             )
+        }
+        Command::WatchMount {
+            mountpoint,
+            identity,
+        } => {
+            init_logging();
+            let watched = twinfs_fs::watchdog::watch(&mountpoint, &identity)
+                .with_context(|| format!("watchdog of {}", mountpoint.display()))?;
+            if watched == twinfs_fs::watchdog::Watched::Detached {
+                tracing::warn!(path = %mountpoint.display(),
+                    "the daemon ended without unmounting; its watchdog detached the mount");
+            }
+            Ok(())
         }
         Command::Status { json } => {
             let config = load(&cli.config)?;
