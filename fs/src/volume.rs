@@ -1376,7 +1376,9 @@ impl Volume {
 
     /// Forgets an open file after its last reference went away (asynchronous to the
     /// process, so later writes through other handles may already have happened).
-    /// Records the handle only if no close or fsync did.
+    /// Records the handle if no close or fsync did, or if the file changed since the
+    /// last one did: pages written through a shared mapping reach twinfs when the
+    /// mapping is unmapped, after the close, and this is the last word on them.
     pub fn release(&self, fh: u64) -> Result<Arc<OpenFile>> {
         let _recording = self.recording();
         let file = self
@@ -1391,12 +1393,8 @@ impl Volume {
             self.patched.notify_all();
         }
         drop(patching);
-        let never_recorded = file
-            .recorded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none();
-        if file.writable && never_recorded {
+        // A file that cannot be looked at is recorded: shipping it again is harmless.
+        if file.writable && file.take_change().unwrap_or(true) {
             self.record(file.ino, ChangeKind::Write);
         }
         Ok(file)

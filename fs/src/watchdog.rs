@@ -205,7 +205,8 @@ pub enum Watched {
 ///
 /// SIGINT, SIGTERM and SIGHUP are ignored: a Ctrl-C in the daemon's terminal or a
 /// service manager stopping the daemon's whole group reaches the watchdog too, and it
-/// must outlive the daemon to do its job. It has its own session for the same reason.
+/// must outlive the daemon to do its job. It has its own session for the same reason,
+/// and works from `/` so it keeps no filesystem busy.
 pub fn watch(mountpoint: &Path, identity: &str) -> io::Result<Watched> {
     let identity: MountIdentity = identity
         .parse()
@@ -218,6 +219,7 @@ pub fn watch(mountpoint: &Path, identity: &str) -> io::Result<Watched> {
             libc::signal(sig, libc::SIG_IGN);
         }
     }
+    std::env::set_current_dir("/")?;
     let mut stdin = io::stdin().lock();
     let mut buf = [0u8; 64];
     loop {
@@ -234,6 +236,10 @@ pub fn watch(mountpoint: &Path, identity: &str) -> io::Result<Watched> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Watched::Unmounted),
         Err(e) => return Err(e),
     };
+    // Another mount at the path is not ours. (Where the kernel has no unique mount
+    // IDs, before Linux 6.8, a new mount could reuse the dead one's ID and device
+    // only if the dead one was unmounted by someone else and a new daemon mounted
+    // in the moment between the daemon's end and this check.)
     if now != identity {
         return Ok(Watched::Unmounted);
     }

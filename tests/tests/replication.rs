@@ -94,6 +94,54 @@ fn normal_tools_on_the_active_reach_the_standby() {
 }
 
 #[test]
+fn a_file_written_through_a_mapping_after_its_close_reaches_the_standby() {
+    use std::os::fd::AsRawFd;
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let path = c.active().join("mapped.db");
+    fs::write(&path, vec![b'.'; 8192]).expect("write");
+    c.wait_converged(CONVERGE);
+
+    // Map the file, close the fd (recorded: nothing changed yet), write through the
+    // mapping, unmap. The writes reach twinfs when the unmap writes the pages back,
+    // after the close; only the release that follows can record them.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open");
+    // SAFETY: a fresh shared mapping of an 8 KiB file this test owns, written only
+    // within its length, flushed and unmapped before the end of the block.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        drop(file);
+        let bytes = std::slice::from_raw_parts_mut(map.cast::<u8>(), 8192);
+        bytes[4096..4096 + 11].copy_from_slice(b"via mapping");
+        // No msync (its fsync would be recorded): the unmap writes the pages back.
+        assert_eq!(libc::munmap(map, 8192), 0);
+    }
+    let standby = c.nodes[1].volume.join("mapped.db");
+    let arrived = twinfs_tests::daemon::wait_until(CONVERGE, || {
+        fs::read(&standby).is_ok_and(|b| b.get(4096..4096 + 11) == Some(b"via mapping"))
+    });
+    assert!(
+        arrived,
+        "what was written through the mapping never reached the standby"
+    );
+    c.wait_converged(CONVERGE);
+}
+
+#[test]
 fn fan_out_to_three_standbys() {
     let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(4, RULES, fill);
