@@ -2294,13 +2294,41 @@ async fn compare_fresh(
     let mut paths: Vec<String> = diff
         .send
         .iter()
-        .map(|t| t.path.to_string())
-        .chain(diff.delete.iter().map(|p| p.to_string()))
-        .filter(|p| !p.is_empty())
+        .map(|t| &t.path)
+        .chain(diff.delete.iter())
+        .filter(|p| !p.is_root())
+        .map(|p| format!("{p} ({})", how_they_differ(ours.get(p), standby.get(p))))
         .collect();
     paths.sort();
     paths.dedup();
     Ok(paths)
+}
+
+/// What differs between the active's and a standby's entry of one path, for
+/// `twinfs verify`: "missing on the standby", or the fields, such as "content, mtime".
+fn how_they_differ(ours: Option<&manifest::Meta>, theirs: Option<&manifest::Meta>) -> String {
+    let (ours, theirs) = match (ours, theirs) {
+        (Some(o), Some(t)) => (o, t),
+        (Some(_), None) => return "missing on the standby".into(),
+        (None, _) => return "only on the standby".into(),
+    };
+    let fields = [
+        ("kind", ours.kind != theirs.kind),
+        ("content", ours.hash != theirs.hash),
+        ("size", ours.size != theirs.size),
+        ("mode", ours.mode != theirs.mode),
+        ("owner", (ours.uid, ours.gid) != (theirs.uid, theirs.gid)),
+        ("mtime", ours.mtime != theirs.mtime),
+        ("link target", ours.target() != theirs.target()),
+        ("xattrs", ours.xattrs() != theirs.xattrs()),
+        ("device", ours.rdev() != theirs.rdev()),
+    ];
+    let differ: Vec<&str> = fields.iter().filter(|f| f.1).map(|f| f.0).collect();
+    if differ.is_empty() {
+        "metadata".into()
+    } else {
+        differ.join(", ")
+    }
 }
 
 fn scan(volume: &VolumeLink) -> Result<Manifest, manifest::ManifestError> {

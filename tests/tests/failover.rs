@@ -612,8 +612,13 @@ fn verify_finds_a_file_changed_behind_a_standbys_back_and_sync_repairs_it() {
     let mut c = Cluster::in_bridge(&net, 0, &rules, fill);
     c.start();
     c.wait_converged(CONVERGE);
-    let said = run_ok(&c.nodes[0], &["verify"]);
-    assert!(said.contains("node1: identical"), "{said}");
+    let out = c.nodes[0].twinfs(&["verify"]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("node1: identical"),
+        "{}\nstandby's log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.nodes[1].log_text()
+    );
 
     // Straight into the standby's backing directory: no FUSE operation, nothing seen.
     let pid = c.nodes[1].pid().expect("running");
