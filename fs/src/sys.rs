@@ -43,14 +43,20 @@ pub fn proc_path(fd: BorrowedFd<'_>) -> CString {
 
 /// Opens `path` as an `O_PATH` directory handle (no read access needed).
 pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
+    open_directory(path, libc::O_PATH)
+}
+
+/// Opens the directory `path` for reading (`O_RDONLY | O_DIRECTORY`), which asks its
+/// filesystem, unlike [`open_dir_path`].
+pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    open_directory(path, libc::O_RDONLY)
+}
+
+/// `open(path, O_DIRECTORY | O_CLOEXEC | how)`.
+fn open_directory(path: &Path, how: libc::c_int) -> io::Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;
     // SAFETY: `c` is a valid NUL-terminated string; the returned fd is owned by us.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
+    let fd = unsafe { libc::open(c.as_ptr(), how | libc::O_DIRECTORY | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -511,24 +517,6 @@ pub fn raise_fd_limit() {
         // SAFETY: valid pointer; failure only leaves the old limit in place.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     }
-}
-
-/// Opens the directory `path` for reading (`O_RDONLY | O_DIRECTORY`), which asks its
-/// filesystem, unlike [`open_dir_path`].
-pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    let c = cstr(path.as_os_str())?;
-    // SAFETY: `c` is a valid NUL-terminated string; the returned fd is owned by us.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by open and is not owned elsewhere.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Mounts a FUSE filesystem of type `fuse.twinfs` at `mountpoint`, shown with `source`,
