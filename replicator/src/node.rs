@@ -1372,6 +1372,13 @@ async fn run_session(
                             }
                         }
                         Message::VerifyRequest { id } if role == Role::Standby => {
+                            // Files readers already see (staged, or large ones being
+                            // rebuilt) are put in place first: the scan reads the
+                            // directory underneath, where they are not yet.
+                            if !batch.is_empty() {
+                                batch.flush(&volume, &mut session).await;
+                            }
+                            large.wait_all(&mut session).await;
                             let answered = answer_verify(&volume, &mut send, *id).await;
                             if answered.is_none() {
                                 break;
