@@ -67,7 +67,7 @@ impl Mounted {
         let mountpoint = volume.path().to_owned();
         let device = crate::sys::mount_fuse(&mountpoint, &format!("twinfs:{}", options.name))?;
         // The mount just made, whatever happens at its path from now on.
-        let (root, _) = MountIdentity::of_path(&mountpoint).inspect_err(|_| {
+        let root = crate::sys::open_dir_path(&mountpoint).inspect_err(|_| {
             let _ = crate::sys::umount(&mountpoint, true);
         })?;
         let mut config = Config::default();
@@ -79,7 +79,6 @@ impl Mounted {
             .inspect_err(|_| {
                 let _ = crate::watchdog::detach(root.as_fd());
             })?;
-        drop(root);
         let notifier = session.notifier();
         let mut mounted = Mounted {
             volume,
@@ -90,10 +89,11 @@ impl Mounted {
         };
         if let Some(command) = &options.watchdog {
             // Dropped on error, `mounted` unmounts.
-            mounted.watchdog =
-                Some(Watchdog::start(command, &mounted.mountpoint).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot start the mount's watchdog: {e}"))
-                })?);
+            let started = MountIdentity::of(root.as_fd())
+                .and_then(|identity| Watchdog::start(command, &mounted.mountpoint, identity));
+            mounted.watchdog = Some(started.map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot start the mount's watchdog: {e}"))
+            })?);
         }
         Ok(mounted)
     }

@@ -50,7 +50,14 @@ impl MountIdentity {
     /// the filesystem, so a dead FUSE mount is identified as well as a live one.
     pub fn of_path(path: &Path) -> io::Result<(OwnedFd, MountIdentity)> {
         let root = sys::open_dir_path(path)?;
-        let stx = statx_cached(root.as_fd(), libc::STATX_MNT_ID | libc::STATX_MNT_ID_UNIQUE)?;
+        let identity = MountIdentity::of(root.as_fd())?;
+        Ok((root, identity))
+    }
+
+    /// Identifies the mount `root` (an fd on a mount's root) is on, without asking
+    /// the filesystem.
+    pub fn of(root: BorrowedFd<'_>) -> io::Result<MountIdentity> {
+        let stx = statx_cached(root, libc::STATX_MNT_ID | libc::STATX_MNT_ID_UNIQUE)?;
         let unique = stx.stx_mask & libc::STATX_MNT_ID_UNIQUE != 0;
         if !unique && stx.stx_mask & libc::STATX_MNT_ID == 0 {
             return Err(io::Error::new(
@@ -58,15 +65,12 @@ impl MountIdentity {
                 "the kernel gives no mount IDs (Linux 5.8 or later needed)",
             ));
         }
-        Ok((
-            root,
-            MountIdentity {
-                mnt_id: stx.stx_mnt_id,
-                unique,
-                dev_major: stx.stx_dev_major,
-                dev_minor: stx.stx_dev_minor,
-            },
-        ))
+        Ok(MountIdentity {
+            mnt_id: stx.stx_mnt_id,
+            unique,
+            dev_major: stx.stx_dev_major,
+            dev_minor: stx.stx_dev_minor,
+        })
     }
 }
 
@@ -160,9 +164,12 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Starts the watchdog of the mount just made at `mountpoint`.
-    pub fn start(command: &WatchdogCommand, mountpoint: &Path) -> io::Result<Watchdog> {
-        let (_root, identity) = MountIdentity::of_path(mountpoint)?;
+    /// Starts the watchdog of the mount `identity`, just made at `mountpoint`.
+    pub fn start(
+        command: &WatchdogCommand,
+        mountpoint: &Path,
+        identity: MountIdentity,
+    ) -> io::Result<Watchdog> {
         let child = Command::new(&command.program)
             .arg0(&command.name)
             .args(&command.args)
@@ -251,7 +258,7 @@ pub fn watch(mountpoint: &Path, identity: &str) -> io::Result<Watched> {
 /// together, say), so a daemon can mount the volume again; returns whether there was
 /// one. A live mount and any other filesystem are left alone.
 pub fn clear_dead_mount(path: &Path) -> io::Result<bool> {
-    let (root, identity) = MountIdentity::of_path(path)?;
+    let root = sys::open_dir_path(path)?;
     let stx = statx_cached(root.as_fd(), libc::STATX_MNT_ID)?;
     let attributes = libc::STATX_ATTR_MOUNT_ROOT as u64;
     if stx.stx_attributes_mask & attributes == 0 || stx.stx_attributes & attributes == 0 {
@@ -266,7 +273,7 @@ pub fn clear_dead_mount(path: &Path) -> io::Result<bool> {
         Ok(_) => Ok(false),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             detach(root.as_fd())?;
-            tracing::debug!(path = %path.display(), %identity, "dead mount detached");
+            tracing::debug!(path = %path.display(), mnt_id = stx.stx_mnt_id, "dead mount detached");
             Ok(true)
         }
         Err(e) => Err(e),
