@@ -474,18 +474,10 @@ impl<'a> Applier<'a> {
         apply_meta(At::Fd(file), true, meta, path)
     }
 
-    /// The xxh3-128 of all of `file`'s content.
-    pub fn content_hash(&self, file: BorrowedFd<'_>, path: &RelPath) -> Result<u128> {
-        let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
-        crate::manifest::read_pipelined(file, &mut |data| hasher.update(data))
-            .map_err(io_err("read", path))?;
-        Ok(hasher.digest128())
-    }
-
     /// Replaces `path` with a regular file of `new_size` bytes built from the current
     /// regular file there (if any) and the `(offset, bytes)` blocks `blocks` yields in
     /// ascending order, the rest of the bytes being the current file's; with `meta`.
-    /// The result must hash (xxh3-128) to `expected`, or nothing changes: a block list
+    /// The result must have the content hash `expected`, or nothing changes: a block list
     /// that did not match, a stream cut short or a file that changed on the active
     /// while it was read never gets in place. As atomic as [`Applier::write_file`].
     pub fn write_blocks(
@@ -538,15 +530,10 @@ impl<'a> Applier<'a> {
             source: io::Error::new(io::ErrorKind::InvalidData, what.to_owned()),
         };
         // Hashes the kept bytes between the blocks as it goes, so the result is checked
-        // in one pass.
-        let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
-        // The new file's block list, from the same bytes: kept for its next delta.
+        // in one pass. Its block list is kept for its next delta too.
         let mut new_blocks = delta::BlockHasher::new(delta::block_size(new_size));
         let mut buf = vec![0u8; COPY_BUF];
-        let mut hash_kept = |from: u64,
-                             to: u64,
-                             hasher: &mut xxhash_rust::xxh3::Xxh3Default,
-                             new_blocks: &mut delta::BlockHasher| {
+        let mut hash_kept = |from: u64, to: u64, new_blocks: &mut delta::BlockHasher| {
             let mut at = from;
             while at < to {
                 let want = (to - at).min(COPY_BUF as u64) as usize;
@@ -556,7 +543,6 @@ impl<'a> Applier<'a> {
                         "the standby's copy is shorter than the blocks assume",
                     ));
                 }
-                hasher.update(&buf[..n]);
                 new_blocks.update(&buf[..n]);
                 at += n as u64;
             }
@@ -580,10 +566,9 @@ impl<'a> Applier<'a> {
             if offset > have {
                 return Err(content("a gap past the end of the standby's copy"));
             }
-            hash_kept(cursor, offset, &mut hasher, &mut new_blocks)?;
+            hash_kept(cursor, offset, &mut new_blocks)?;
             written_back = written_back.max(offset);
             sys::pwrite(file, &data, offset).map_err(io_err("write a block of", path))?;
-            hasher.update(&data);
             new_blocks.update(&data);
             cursor = offset + data.len() as u64;
             have = have.max(cursor);
@@ -597,8 +582,9 @@ impl<'a> Applier<'a> {
         if cursor < new_size && have < new_size {
             return Err(content("the blocks end before the file does"));
         }
-        hash_kept(cursor, new_size, &mut hasher, &mut new_blocks)?;
-        if hasher.digest128() != expected {
+        hash_kept(cursor, new_size, &mut new_blocks)?;
+        let new_blocks = new_blocks.finish();
+        if delta::content_hash(&new_blocks, new_size) != expected {
             return Err(content(
                 "the rebuilt file does not match the announced hash (changed while sent, or cut off)",
             ));
@@ -608,7 +594,7 @@ impl<'a> Applier<'a> {
         tracing::debug!(%path, new_size, sent, "built file from blocks");
         let handed = temp.hand_over();
         let mut prepared = Prepared::new(dir_fd, name, path, handed, file);
-        prepared.blocks = Some(new_blocks.finish());
+        prepared.blocks = Some(new_blocks);
         Ok(prepared)
     }
 

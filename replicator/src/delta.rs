@@ -1,14 +1,21 @@
 //! Block deltas for large files, the way rsync's fixed-block half works: the standby
-//! tells the active the xxh3-64 hash of each block of its copy, the active sends only
-//! the blocks whose hash differs (and those past the end of the standby's copy), and
-//! the standby builds the new file from its old copy plus those blocks, checking the
-//! whole result against the active's xxh3-128 hash before putting it in place.
+//! tells the active the hash of each block of its copy, the active sends only the
+//! blocks whose hash differs (and those past the end of the standby's copy), and the
+//! standby builds the new file from its old copy plus those blocks, checking the
+//! result against the active's content hash before it counts as applied.
+//!
+//! A file's content hash is built from its blocks ([`content_hash`]): the xxh3-128
+//! of each block, and for a file of more than one block the xxh3-128 of that list.
+//! So a side that knows a file's block list and which blocks changed gets the new
+//! hash by reading those blocks only, not the whole file.
 //!
 //! Both messages travel on unidirectional QUIC streams of the connection, each headed
 //! by the op's sequence number (8 bytes, big endian):
 //!
 //! - standby → active, the *block list*: `seq`, `block_size: u32`, `count: u32`, then
-//!   `count` hashes (`u64`), all big endian;
+//!   `count` hashes, each the low 64 bits of the block's xxh3-128 ([`short`]; half
+//!   the bytes of the whole hashes, which only the content hash needs), all big
+//!   endian;
 //! - active → standby, the *blocks*: `seq`, then records `offset: u64`, `len: u32`,
 //!   `len` bytes, until the stream finishes.
 //!
@@ -39,9 +46,45 @@ pub fn block_size(len: u64) -> u32 {
     block
 }
 
-/// The hash of one block, as both sides compute it.
-pub fn block_hash(data: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(data)
+/// The hash of one block, as both sides compute it: its xxh3-128.
+pub fn block_hash(data: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(data)
+}
+
+/// What a block list on the wire carries of a block's hash: its low 64 bits.
+pub fn short(hash: u128) -> u64 {
+    hash as u64
+}
+
+/// The content hash of a file of `len` bytes whose block list is `list` (of
+/// [`block_size`]`(len)` blocks): for a file of one block or none, the xxh3-128 of
+/// its bytes (which is that block's hash); otherwise the xxh3-128 of a tag, the
+/// length, the block size and the blocks' hashes, all little endian.
+pub fn content_hash(list: &BlockList, len: u64) -> u128 {
+    match list.hashes.as_slice() {
+        [] => xxhash_rust::xxh3::xxh3_128(b""),
+        [one] => *one,
+        many => {
+            let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+            hasher.update(CONTENT_TAG);
+            hasher.update(&len.to_le_bytes());
+            hasher.update(&list.block_size.to_le_bytes());
+            for h in many {
+                hasher.update(&h.to_le_bytes());
+            }
+            hasher.digest128()
+        }
+    }
+}
+
+/// Heads what [`content_hash`] hashes for a file of several blocks.
+const CONTENT_TAG: &[u8] = b"twinfs blocks v1";
+
+/// The content hash of `data`, a whole file's bytes ([`content_hash`]).
+pub fn content_hash_of(data: &[u8]) -> u128 {
+    let mut hasher = BlockHasher::new(block_size(data.len() as u64));
+    hasher.update(data);
+    content_hash(&hasher.finish(), data.len() as u64)
 }
 
 /// Works out the block list of bytes fed in order, in pieces of any size.
@@ -50,7 +93,7 @@ pub struct BlockHasher {
     /// Bytes of the current block hashed so far.
     filled: usize,
     hasher: xxhash_rust::xxh3::Xxh3Default,
-    hashes: Vec<u64>,
+    hashes: Vec<u128>,
 }
 
 impl BlockHasher {
@@ -78,7 +121,7 @@ impl BlockHasher {
             self.filled += take;
             data = &data[take..];
             if self.filled == self.block {
-                self.hashes.push(self.hasher.digest());
+                self.hashes.push(self.hasher.digest128());
                 self.hasher.reset();
                 self.filled = 0;
             }
@@ -88,7 +131,7 @@ impl BlockHasher {
     /// The list of everything fed.
     pub fn finish(mut self) -> BlockList {
         if self.filled > 0 {
-            self.hashes.push(self.hasher.digest());
+            self.hashes.push(self.hasher.digest128());
         }
         BlockList {
             block_size: self.block as u32,
@@ -97,13 +140,14 @@ impl BlockHasher {
     }
 }
 
-/// A standby's block list.
+/// A file's block list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockList {
     /// Bytes per block (the last block may be short).
     pub block_size: u32,
-    /// The hash of each block of the standby's copy; empty when it has none.
-    pub hashes: Vec<u64>,
+    /// The hash of each block ([`block_hash`]); empty for an empty file or none. A
+    /// list received from a peer holds only the low 64 bits of each ([`short`]).
+    pub hashes: Vec<u128>,
 }
 
 /// Errors reading a peer's block list or blocks.
@@ -132,13 +176,17 @@ impl BlockList {
     /// The header of the encoded list: `block_size` and `count`, after the op number.
     pub const HEADER: usize = 8;
 
-    /// Encodes the list (without the op number that heads the stream).
+    /// Bytes of one hash on the wire.
+    pub const HASH: usize = 8;
+
+    /// Encodes the list (without the op number that heads the stream); each hash as
+    /// its [`short`] form.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::HEADER + 8 * self.hashes.len());
+        let mut out = Vec::with_capacity(Self::HEADER + Self::HASH * self.hashes.len());
         out.extend_from_slice(&self.block_size.to_be_bytes());
         out.extend_from_slice(&(self.hashes.len() as u32).to_be_bytes());
         for h in &self.hashes {
-            out.extend_from_slice(&h.to_be_bytes());
+            out.extend_from_slice(&short(*h).to_be_bytes());
         }
         out
     }
@@ -156,12 +204,22 @@ impl BlockList {
         Ok((block, count))
     }
 
-    /// Decodes `count` hashes from their bytes.
-    pub fn hashes_from(bytes: &[u8]) -> Vec<u64> {
+    /// Decodes hashes from their bytes (their [`short`] forms).
+    pub fn hashes_from(bytes: &[u8]) -> Vec<u128> {
         bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .chunks_exact(Self::HASH)
+            .map(|c| {
+                u128::from(u64::from_be_bytes([
+                    c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+                ]))
+            })
             .collect()
+    }
+
+    /// Whether this list's block `index` is the block whose hash is `hash`, compared
+    /// as [`short`] forms (this list may have come from the wire).
+    fn has(&self, index: usize, hash: u128) -> bool {
+        self.hashes.get(index).map(|h| short(*h)) == Some(short(hash))
     }
 
     /// The byte ranges of the active's file (of `len` bytes, whose block list is
@@ -177,7 +235,7 @@ impl BlockList {
         let block = u64::from(self.block_size);
         let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
         for (i, hash) in active.hashes.iter().enumerate() {
-            if self.hashes.get(i) == Some(hash) {
+            if self.has(i, *hash) {
                 continue;
             }
             let start = i as u64 * block;
@@ -189,7 +247,7 @@ impl BlockList {
     /// Whether block `index`, whose bytes are `data`, must be sent: the standby has no
     /// such block or a different one.
     pub fn must_send(&self, index: usize, data: &[u8]) -> bool {
-        self.hashes.get(index) != Some(&block_hash(data))
+        !self.has(index, block_hash(data))
     }
 
     /// The byte ranges of `data` to send, whole blocks, consecutive ones merged: `data`
@@ -301,15 +359,22 @@ mod tests {
     fn block_list_round_trips_and_checks_its_header() {
         let list = BlockList {
             block_size: MIN_BLOCK,
-            hashes: vec![1, u64::MAX, 7],
+            hashes: vec![1, u128::from(u64::MAX), 7 | (5 << 64)],
         };
         let bytes = list.encode();
+        assert_eq!(bytes.len(), BlockList::HEADER + 3 * BlockList::HASH);
         let mut header = [0u8; BlockList::HEADER];
         header.copy_from_slice(&bytes[..BlockList::HEADER]);
         assert_eq!(BlockList::check_header(header), Ok((MIN_BLOCK, 3)));
+        // Only the low 64 bits travel, and they are what lists are compared by.
+        let received = BlockList {
+            block_size: MIN_BLOCK,
+            hashes: BlockList::hashes_from(&bytes[BlockList::HEADER..]),
+        };
+        assert_eq!(received.hashes, vec![1, u128::from(u64::MAX), 7]);
         assert_eq!(
-            BlockList::hashes_from(&bytes[BlockList::HEADER..]),
-            list.hashes
+            received.runs_against(&list, 3 * u64::from(MIN_BLOCK)),
+            Some(vec![])
         );
 
         let bad = |block: u32, count: u32| {
@@ -334,7 +399,7 @@ mod tests {
     fn the_block_hasher_agrees_with_hashing_each_block() {
         let block = MIN_BLOCK as usize;
         let data: Vec<u8> = (0..3 * block + 500).map(|i| (i % 251) as u8).collect();
-        let want: Vec<u64> = data.chunks(block).map(block_hash).collect();
+        let want: Vec<u128> = data.chunks(block).map(block_hash).collect();
         for piece in [1000, block, block + 1, 4 * block] {
             let mut h = BlockHasher::new(MIN_BLOCK);
             for part in data.chunks(piece) {
@@ -372,6 +437,32 @@ mod tests {
             None,
             "list does not fit the length"
         );
+    }
+
+    #[test]
+    fn the_content_hash_is_built_from_the_blocks() {
+        use xxhash_rust::xxh3::xxh3_128;
+        let block = MIN_BLOCK as usize;
+        // One block or none: the plain xxh3-128 of the bytes.
+        assert_eq!(content_hash_of(b""), xxh3_128(b""));
+        assert_eq!(content_hash_of(b"hello"), xxh3_128(b"hello"));
+        let one = vec![7u8; block];
+        assert_eq!(content_hash_of(&one), xxh3_128(&one));
+        // More: from the list, so a list and its length are enough to get it.
+        let data: Vec<u8> = (0..3 * block + 10).map(|i| (i % 253) as u8).collect();
+        let mut h = BlockHasher::new(MIN_BLOCK);
+        h.update(&data);
+        let list = h.finish();
+        let hash = content_hash_of(&data);
+        assert_eq!(content_hash(&list, data.len() as u64), hash);
+        assert_ne!(hash, xxh3_128(&data));
+        // Every byte counts, wherever it is.
+        for at in [0, block, 2 * block + 1, data.len() - 1] {
+            let mut other = data.clone();
+            other[at] ^= 1;
+            assert_ne!(content_hash_of(&other), hash, "byte {at}");
+        }
+        assert_ne!(content_hash_of(&data[..data.len() - 1]), hash);
     }
 
     #[test]

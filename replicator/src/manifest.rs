@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use twinfs_fs::sys::{self, At, Stat};
-use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::delta::{self, BlockHasher, BlockList};
 
@@ -90,7 +90,7 @@ pub struct Meta {
     pub mtime: (i64, u32),
     /// Size in bytes for files, 0 for everything else.
     pub size: u64,
-    /// xxh3-128 of the content, for files only.
+    /// Content hash ([`delta::content_hash`], an xxh3-128), for files only.
     pub hash: Option<u128>,
     /// Device number, link target and xattrs, if any is not empty (see
     /// [`Meta::rdev`], [`Meta::target`], [`Meta::xattrs`] and their setters).
@@ -729,7 +729,10 @@ pub struct HashCache {
 }
 
 /// The first bytes of a cache file; the last two say the format version.
-const CACHE_MAGIC: &[u8; 8] = b"twfshc01";
+///
+/// 02: content hashes of files of more than one block are built from their blocks
+/// (`delta::content_hash`); a cache of 01 is dropped, and the files hashed afresh.
+const CACHE_MAGIC: &[u8; 8] = b"twfshc02";
 
 /// Why the cache could not be stored.
 #[derive(Debug, thiserror::Error)]
@@ -899,34 +902,27 @@ impl HashCache {
         if buf.len() < want {
             buf.resize(want, 0);
         }
-        let mut hasher = Xxh3Default::new();
-        let mut blocks = self
-            .collect
-            .then(|| BlockHasher::new(delta::block_size(st.st_size as u64)));
+        // The content hash is built from the block list (`delta::content_hash`).
+        let mut blocks = BlockHasher::new(delta::block_size(st.st_size as u64));
         self.blocks = None;
         let offset = if st.st_size as u64 >= PIPELINE_MIN {
-            read_pipelined(reader.as_fd(), &mut |data| {
-                hasher.update(data);
-                if let Some(b) = blocks.as_mut() {
-                    b.update(data);
-                }
-            })?
+            read_pipelined(reader.as_fd(), &mut |data| blocks.update(data))?
         } else {
             let mut offset = 0u64;
             loop {
                 let n = sys::pread(reader.as_fd(), buf, offset)?;
-                hasher.update(&buf[..n]);
-                if let Some(b) = blocks.as_mut() {
-                    b.update(&buf[..n]);
-                }
+                blocks.update(&buf[..n]);
                 offset += n as u64;
                 if n < buf.len() {
                     break offset;
                 }
             }
         };
-        let hash = hasher.digest128();
-        self.blocks = blocks.map(BlockHasher::finish);
+        let list = blocks.finish();
+        let hash = delta::content_hash(&list, offset);
+        if self.collect {
+            self.blocks = Some(list);
+        }
         self.stats.misses += 1;
         self.stats.bytes_hashed += offset;
         // A file written while we read it has a hash of no particular version: report

@@ -2509,7 +2509,7 @@ async fn stream_file(
     };
     let list = match read_block_list(&mut recv).await {
         Ok(list) => {
-            let bytes = 16 + BlockList::HEADER + 8 * list.hashes.len();
+            let bytes = 16 + BlockList::HEADER + BlockList::HASH * list.hashes.len();
             counters
                 .received
                 .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
@@ -2618,7 +2618,7 @@ async fn stream_file(
 fn send_runs(
     file: std::os::fd::BorrowedFd<'_>,
     runs: &[std::ops::Range<u64>],
-    hashes: &[u64],
+    hashes: &[u128],
     block_size: u32,
     tx: &mpsc::Sender<BlockRecord>,
 ) {
@@ -2676,7 +2676,7 @@ async fn read_block_list(recv: &mut quinn::RecvStream) -> Result<BlockList, Stre
     let mut header = [0u8; BlockList::HEADER];
     recv.read_exact(&mut header).await?;
     let (block_size, count) = BlockList::check_header(header)?;
-    let mut bytes = vec![0u8; count as usize * 8];
+    let mut bytes = vec![0u8; count as usize * BlockList::HASH];
     recv.read_exact(&mut bytes).await?;
     Ok(BlockList {
         block_size,
@@ -2945,6 +2945,20 @@ fn patch_in_place(
         Ok(l) => l,
         Err(why) => return Ok(Patched::Refused(why)),
     };
+    // The check, before anything is written: the received blocks, hashed as they
+    // came, and the kept ones, taken on the strength of their hashes (the list is of
+    // the file as `stamp` describes it, checked above), must give the active's hash
+    // (`delta::content_hash`), so the file is never read whole. If they do not, the
+    // list is dropped and a new copy is built, which reads and checks every byte.
+    if delta::content_hash(&new_list, entry.meta.size) != expected {
+        v.blocks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(path);
+        return Ok(Patched::Refused(
+            "the blocks received and kept do not give the announced hash",
+        ));
+    }
     let io = |op: &'static str| {
         move |source: std::io::Error| ApplyError::Io {
             op,
@@ -3028,22 +3042,8 @@ fn patch_in_place(
     v.journal
         .done(written)
         .map_err(io("remove the journal of"))?;
-    // The kept bytes were taken on the strength of the block hashes: the whole file is
-    // checked too, as a new copy is, before the op counts as applied.
     let after = twinfs_fs::sys::fstat(file.as_fd()).map_err(io("stat"))?;
-    let hash = applier.content_hash(file.as_fd(), path)?;
-    let mut blocks = v.blocks.lock().unwrap_or_else(|e| e.into_inner());
-    if hash != expected {
-        blocks.forget(path);
-        return Err(ApplyError::Content {
-            path: path.clone(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "the file updated in place does not match the announced hash",
-            ),
-        });
-    }
-    blocks.put(
+    v.blocks.lock().unwrap_or_else(|e| e.into_inner()).put(
         path,
         crate::patch::FileStamp::of(&after),
         Arc::new(new_list),

@@ -7,7 +7,9 @@
 //!
 //! 1. The new block hashes are worked out from the old ones ([`BlockCache`]) and the
 //!    records received ([`patched_list`]); records that do not fit whole blocks, or a
-//!    file whose block size would change, go the copy way.
+//!    file whose block size would change, go the copy way. The new list must give the
+//!    active's content hash ([`crate::delta::content_hash`]), or the copy way (which
+//!    reads and checks every byte) is taken: the file is never read whole here.
 //! 2. The records and the new size and metadata are written to a **journal** in the
 //!    node's state directory and made durable ([`Journal::write`]).
 //! 3. The FUSE layer is asked for the file ([`twinfs_fs::Volume::begin_patch`]): it
@@ -89,7 +91,7 @@ pub struct BlockCache {
 }
 
 impl BlockCache {
-    /// The most hashes kept (8 bytes each): 2 MiB, the lists of 16 GiB of files.
+    /// The most hashes kept (16 bytes each): 4 MiB, the lists of 16 GiB of files.
     pub const MAX_HASHES: usize = 256 << 10;
 
     /// The list kept for `path`, if it was made for the file `stamp` describes.
@@ -162,7 +164,7 @@ pub fn patched_list(
         return Err("the old block list does not fit the old size");
     }
     let count = usize::try_from(new_size.div_ceil(block)).map_err(|_| "too many blocks")?;
-    let mut hashes = vec![0u64; count];
+    let mut hashes = vec![0u128; count];
     let mut sent = vec![false; count];
     // Consecutive records make a run, hashed block by block from its start: it must
     // start at a block and end at one (or at the end of the file).

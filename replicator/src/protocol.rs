@@ -9,7 +9,7 @@ use crate::manifest::Entry;
 use crate::path::RelPath;
 
 /// Protocol version; a peer with another version is refused at `Hello`.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// Most priority-1 paths a full sync names in its start message.
 pub const PRIORITY1_LISTED: usize = 10_000;

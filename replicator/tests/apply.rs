@@ -227,7 +227,7 @@ fn a_symlink_as_the_target_is_replaced_not_followed() {
             &rel("link2"),
             10,
             &mut std::iter::empty(),
-            xxh3_128(b"root:x:0:0"),
+            content_hash(b"root:x:0:0"),
             &meta(0o644),
         )
         .expect_err("no base to build on");
@@ -235,8 +235,9 @@ fn a_symlink_as_the_target_is_replaced_not_followed() {
     assert_eq!(fs::read(&secret).expect("read"), b"root:x:0:0");
 }
 
-fn xxh3_128(data: &[u8]) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(data)
+/// The content hash the active announces for a file of these bytes.
+fn content_hash(data: &[u8]) -> u128 {
+    twinfs_replicator::delta::content_hash_of(data)
 }
 
 /// The blocks of `new` whose hash differs from the standby's list, as the active sends
@@ -260,7 +261,7 @@ fn write_blocks(
         &rel(path),
         new.len() as u64,
         &mut blocks.into_iter().map(Ok),
-        xxh3_128(new),
+        content_hash(new),
         meta,
     )
 }
@@ -373,7 +374,7 @@ fn a_block_delta_that_does_not_add_up_changes_nothing() {
         &rel("f"),
         new.len() as u64,
         &mut broken,
-        xxh3_128(&new),
+        content_hash(&new),
         &meta(0o644),
     ));
     assert_eq!(fs::read(vol.path("f")).expect("read"), original);
