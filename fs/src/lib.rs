@@ -19,6 +19,7 @@ pub mod mount;
 pub mod sys;
 pub mod volume;
 pub mod watchdog;
+pub mod written;
 
 pub use change::{AttrChange, Change, ChangeKind, ChangeSink, Discard};
 pub use error::{Error, Result};

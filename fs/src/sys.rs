@@ -417,6 +417,18 @@ pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> io::Result<i64> {
     }
 }
 
+/// The inode's generation number (`FS_IOC_GETVERSION`), which tells an inode from a
+/// later one that reuses its number (ext4 and XFS draw it at random); an error where
+/// the filesystem has none.
+pub fn generation(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // _IOR('v', 1, long), which the libc crate does not define.
+    const FS_IOC_GETVERSION: libc::c_ulong = 0x8008_7601;
+    let mut version: libc::c_long = 0;
+    // SAFETY: valid fd; the kernel writes one long through the pointer.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_GETVERSION, &mut version) })?;
+    Ok(version as u64)
+}
+
 /// `fstatfs`.
 pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
     let mut st = MaybeUninit::<libc::statfs>::uninit();

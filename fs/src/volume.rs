@@ -123,8 +123,15 @@ pub struct SetAttr {
 pub struct OpenFile {
     /// FUSE inode number.
     pub ino: u64,
+    /// The backing file.
+    pub key: Key,
+    /// Its size when it was opened.
+    pub size_at_open: u64,
     /// Our own fd of the backing file (also registered for passthrough).
     pub fd: OwnedFd,
+    /// Served by FUSE passthrough ([`Volume::passthrough_opened`]): its writes are not
+    /// seen.
+    passthrough: AtomicBool,
     /// Opened for writing (or with `O_TRUNC`): its close is a change.
     pub writable: bool,
     /// Standby: the path an upstream file was opened for writing at (see
@@ -230,6 +237,8 @@ pub struct Volume {
     /// [`Volume::begin_patch`]); an open of one waits on `patched` until it is done.
     patching: Mutex<std::collections::HashSet<Key>>,
     patched: std::sync::Condvar,
+    /// What was written to the files the replicator watches (see [`crate::written`]).
+    written: crate::written::Written,
 }
 
 /// An in-place update of one backing file under way ([`Volume::begin_patch`]): opens
@@ -353,6 +362,7 @@ impl Volume {
             any_staged: AtomicBool::new(false),
             patching: Mutex::new(std::collections::HashSet::new()),
             patched: std::sync::Condvar::new(),
+            written: crate::written::Written::default(),
         })
     }
 
@@ -426,6 +436,8 @@ impl Volume {
     pub fn set_role(&self, role: Role) {
         let _quiet = self.writing.write().unwrap_or_else(|e| e.into_inner());
         self.role.store(role as u8, Ordering::Release);
+        // A standby's files are written by the replicator, beside the mount.
+        self.written.spoil_all();
         if role == Role::Standby {
             let open: Vec<Arc<OpenFile>> = self.read_files().values().cloned().collect();
             for file in open.iter().filter(|f| f.writable) {
@@ -444,6 +456,28 @@ impl Volume {
     /// Records whether the kernel accepted passthrough.
     pub fn set_passthrough(&self, on: bool) {
         self.passthrough.store(on, Ordering::Relaxed);
+    }
+
+    /// The FUSE layer serves `file` by passthrough: if it is open for writing, twinfs
+    /// does not see its writes, so its record is spoiled (see [`crate::written`]).
+    pub fn passthrough_opened(&self, file: &OpenFile) {
+        file.passthrough.store(true, Ordering::Relaxed);
+        if file.writable {
+            self.written.spoil(file.key);
+        }
+    }
+
+    /// Replicator: what was written through the mount to the backing file `key` since
+    /// the last call for it, `None` if there was none (see [`crate::written`]).
+    /// Starts a new record, spoiled if a handle that writes by passthrough is open.
+    pub fn take_written(&self, key: Key) -> Option<crate::written::Record> {
+        // Checked under the records' lock: a passthrough handle registered after the
+        // check spoils the new record once the take is done.
+        self.written.take_with(key, || {
+            self.read_files()
+                .values()
+                .any(|f| f.key == key && f.writable && f.passthrough.load(Ordering::Relaxed))
+        })
     }
 
     /// Counters for status.
@@ -951,15 +985,22 @@ impl Volume {
             at.chmod(mode & 0o7777)?;
         }
         if let Some(size) = set.size {
-            match (&file, loc.name.as_deref()) {
-                (Some(f), _) => sys::ftruncate(f.fd.as_fd(), size)?,
+            let key = match (&file, loc.name.as_deref()) {
+                (Some(f), _) => {
+                    sys::ftruncate(f.fd.as_fd(), size)?;
+                    f.key
+                }
                 (None, Some(name)) => {
                     let fd = sys::openat(loc.dir.as_fd(), name, libc::O_WRONLY, 0)?;
                     sys::ftruncate(fd.as_fd(), size)?;
+                    let st = sys::fstat(fd.as_fd())?;
+                    (st.st_dev, st.st_ino)
                 }
                 // A directory (ftruncate of an unlinked file always comes with its fh).
                 (None, None) => return Err(Error::from_errno(libc::EISDIR)),
-            }
+            };
+            // Bytes from the new end on changed (a growth is seen by the size).
+            self.written.record(key, size..u64::MAX);
         }
         if set.atime.is_some() || set.mtime.is_some() {
             at.utimens(&[timespec(set.atime), timespec(set.mtime)])?;
@@ -1146,6 +1187,11 @@ impl Volume {
 
     fn add_file(&self, ino: u64, fd: OwnedFd, writable: bool) -> (u64, Arc<OpenFile>) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        // (An fstat of an open fd does not fail; if it did, the file would only be
+        // served by passthrough and never watched.)
+        let (key, size_at_open) = sys::fstat(fd.as_fd())
+            .map(|st| ((st.st_dev, st.st_ino), st.st_size as u64))
+            .unwrap_or(((0, 0), 0));
         // Only a standby's writable handles need their path later; an active's never
         // computes it.
         let standby_path = (writable && self.rescue.is_some() && self.role() == Role::Standby)
@@ -1153,7 +1199,10 @@ impl Volume {
             .flatten();
         let file = Arc::new(OpenFile {
             ino,
+            key,
+            size_at_open,
             fd,
+            passthrough: AtomicBool::new(false),
             writable,
             standby_path,
             recorded: Mutex::new(None),
@@ -1238,6 +1287,7 @@ impl Volume {
             let fd = sys::openat(loc.dir.as_fd(), name, libc::O_WRONLY, 0)?;
             sys::ftruncate(fd.as_fd(), 0)?;
         }
+        self.written.record(file.key, 0..u64::MAX);
         // Like O_TRUNC, and unlike ftruncate of an empty file, mark both times.
         let now = libc::timespec {
             tv_sec: 0,
@@ -1329,7 +1379,12 @@ impl Volume {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
         let file = self.file(fh)?;
         let _writing = self.writable_for(|| [self.path_of(file.ino)])?;
-        Ok(sys::pwrite(file.fd.as_fd(), data, offset)?)
+        let n = sys::pwrite(file.fd.as_fd(), data, offset)?;
+        // After the write: a replicator that takes the record before this line read
+        // the bytes after they were written.
+        self.written
+            .record(file.key, offset..offset.saturating_add(n as u64));
+        Ok(n)
     }
 
     /// `fsync`/`fdatasync` of an open file; a change like a close after writing.
@@ -1404,7 +1459,16 @@ impl Volume {
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         let file = self.file(fh)?;
         let _writing = self.writable_for(|| [self.path_of(file.ino)])?;
-        Ok(sys::fallocate(file.fd.as_fd(), mode, offset, length)?)
+        sys::fallocate(file.fd.as_fd(), mode, offset, length)?;
+        // Collapsing or inserting a range moves every byte after it.
+        let shifts = mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0;
+        let end = if shifts {
+            u64::MAX
+        } else {
+            offset.saturating_add(length)
+        };
+        self.written.record(file.key, offset..end);
+        Ok(())
     }
 
     /// `lseek` on an open file (for `SEEK_DATA`/`SEEK_HOLE`).

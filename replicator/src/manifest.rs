@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use twinfs_fs::sys::{self, At, Stat};
+use twinfs_fs::written::Record;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::delta::{self, BlockHasher, BlockList};
@@ -726,7 +727,30 @@ pub struct HashCache {
     /// block list, for a delta, from the same read.
     collect: bool,
     blocks: Option<BlockList>,
+    /// For the next file hashed ([`HashCache::watch`]): its backing file and what the
+    /// mount saw written to it since its last watch.
+    watched: Option<((u64, u64), Option<Record>)>,
+    /// Active: the block lists of the large files the mount watches for it (see
+    /// `twinfs_fs::written`), each as it was when its watch began; not stored.
+    lists: HashMap<(u64, u64), Tracked>,
+    /// Hashes in `lists`.
+    list_hashes: usize,
 }
+
+/// The block list of a watched file.
+#[derive(Debug)]
+struct Tracked {
+    /// The inode's generation number: a new file that reuses the inode number is
+    /// another.
+    generation: u64,
+    /// Its length when the list was made.
+    len: u64,
+    list: BlockList,
+}
+
+/// Most hashes kept in [`HashCache::watch`]'s lists (16 bytes each): 4 MiB, the lists
+/// of 16 GiB of files.
+const MAX_LIST_HASHES: usize = 256 << 10;
 
 /// The first bytes of a cache file; the last two say the format version.
 ///
@@ -851,11 +875,21 @@ impl HashCache {
     pub fn collect_blocks(&mut self, on: bool) {
         self.collect = on;
         self.blocks = None;
+        self.watched = None;
     }
 
     /// The block list of the last file hashed afresh while collecting, once.
     pub fn take_blocks(&mut self) -> Option<BlockList> {
         self.blocks.take()
+    }
+
+    /// Active, before the file `key` is described while collecting: `written` is what
+    /// the mount saw written to it since it was last watched
+    /// (`twinfs_fs::Volume::take_written`, just called). If the list of its last
+    /// hash is still kept and only these ranges changed since, only their blocks are
+    /// read: its new hash is built from the list (see [`delta::content_hash`]).
+    pub fn watch(&mut self, key: (u64, u64), written: Option<Record>) {
+        self.watched = Some((key, written));
     }
 
     /// The work done by the last scan.
@@ -887,16 +921,34 @@ impl HashCache {
     ) -> io::Result<u128> {
         let key = (st.st_dev, st.st_ino);
         let stamp = Stamp::of(st);
+        // What the mount saw written to this file since its list was kept, if watched.
+        let watched = match self.watched.take() {
+            Some((k, written)) if k == key => Some(written),
+            _ => None,
+        };
         if let Some(cached) = self.entries.get_mut(&key) {
             if cached.stamp == stamp {
                 cached.scan = self.scan;
                 self.stats.hits += 1;
-                return Ok(cached.hash);
+                let hash = cached.hash;
+                match &watched {
+                    // Nothing written since the list was made: it is this version's.
+                    // (A file is watched only while blocks are collected.)
+                    Some(Some(Record::Ranges(r))) if r.is_empty() && self.collect => {
+                        self.blocks = self.lists.get(&key).map(|t| t.list.clone());
+                    }
+                    Some(_) => self.forget_list(key),
+                    None => {}
+                }
+                return Ok(hash);
             }
         }
         let started = SystemTime::now();
         // Reopening through /proc reaches the very inode the O_PATH fd holds.
         let reader = fs::File::open(OsStr::from_bytes(sys::proc_path(file).as_bytes()))?;
+        if let Some(written) = watched {
+            return self.hash_watched(key, reader, st, written);
+        }
         // One byte more than the file, so a file read whole is seen to end at once.
         let want = usize::try_from(st.st_size).map_or(CHUNK, |n| n.saturating_add(1).min(CHUNK));
         if buf.len() < want {
@@ -936,6 +988,141 @@ impl HashCache {
         }
         Ok(hash)
     }
+
+    /// [`HashCache::content_hash`] of a watched file (`written`: see
+    /// [`HashCache::watch`]) that is not in the cache: from its kept list and the
+    /// written blocks if it can, by reading it whole otherwise. Its list is kept for
+    /// the next change (a large file's), as it is after this read: the new watch began
+    /// before it. The hash is not cached by stamp: only whole reads are (a full sync
+    /// compares those).
+    fn hash_watched(
+        &mut self,
+        key: (u64, u64),
+        reader: fs::File,
+        st: &Stat,
+        written: Option<Record>,
+    ) -> io::Result<u128> {
+        self.entries.remove(&key);
+        let len = st.st_size as u64;
+        let generation = sys::generation(reader.as_fd()).ok();
+        let kept = self.lists.get(&key).filter(|t| {
+            Some(t.generation) == generation && t.list.block_size == delta::block_size(len)
+        });
+        let rebuilt = match (kept, &written) {
+            (Some(t), Some(Record::Ranges(ranges))) => {
+                rehash_written(reader.as_fd(), &t.list, t.len, len, ranges)?
+            }
+            _ => None,
+        };
+        let (list, read) = match rebuilt {
+            Some(x) => {
+                tracing::debug!(
+                    inode = key.1,
+                    len,
+                    read = x.1,
+                    "hashed from its written blocks"
+                );
+                x
+            }
+            None => {
+                let mut blocks = BlockHasher::new(delta::block_size(len));
+                let read = read_pipelined(reader.as_fd(), &mut |data| blocks.update(data))?;
+                (blocks.finish(), read)
+            }
+        };
+        self.stats.misses += 1;
+        self.stats.bytes_hashed += read;
+        // The list is of `len` bytes, unless the file changed meanwhile (then the hash
+        // is of no particular version, as with a whole read, and the watch has seen
+        // the change).
+        let hash = delta::content_hash(&list, len);
+        self.forget_list(key);
+        match generation {
+            Some(generation) if len >= twinfs_fs::written::TRACK_MIN => {
+                if self.list_hashes + list.hashes.len() > MAX_LIST_HASHES {
+                    self.lists.clear();
+                    self.list_hashes = 0;
+                }
+                self.list_hashes += list.hashes.len();
+                let tracked = Tracked {
+                    generation,
+                    len,
+                    list: list.clone(),
+                };
+                self.lists.insert(key, tracked);
+            }
+            _ => {}
+        }
+        if self.collect {
+            self.blocks = Some(list);
+        }
+        Ok(hash)
+    }
+
+    fn forget_list(&mut self, key: (u64, u64)) {
+        if let Some(t) = self.lists.remove(&key) {
+            self.list_hashes -= t.list.hashes.len();
+        }
+    }
+}
+
+/// The block list of a file now `new_len` bytes long, whose list was `old` when it
+/// was `old_len` bytes long, and of which only `written` changed since: the blocks
+/// that `written` touches, or whose extent changed, are read from `file` and hashed;
+/// the rest keep their hashes. With the bytes read; `None` if the file is shorter
+/// than `new_len` (it changed meanwhile: read it whole).
+fn rehash_written(
+    file: BorrowedFd<'_>,
+    old: &BlockList,
+    old_len: u64,
+    new_len: u64,
+    written: &[std::ops::Range<u64>],
+) -> io::Result<Option<(BlockList, u64)>> {
+    let block = u64::from(old.block_size);
+    let count = usize::try_from(new_len.div_ceil(block)).map_err(io::Error::other)?;
+    let mut hashes = Vec::with_capacity(count);
+    // Runs of consecutive blocks to read, as block indexes.
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for index in 0..count {
+        let start = index as u64 * block;
+        let end = (start + block).min(new_len);
+        let same_extent = start < old_len && end == (start + block).min(old_len);
+        let first = written.partition_point(|r| r.end <= start);
+        let touched = written.get(first).is_some_and(|r| r.start < end);
+        match old.hashes.get(index) {
+            Some(hash) if same_extent && !touched => hashes.push(*hash),
+            _ => {
+                hashes.push(0);
+                delta::push_run(&mut runs, index..index + 1);
+            }
+        }
+    }
+    let mut read = 0u64;
+    let mut buf = Vec::new();
+    for run in runs {
+        let mut index = run.start;
+        while index < run.end {
+            // Up to a chunk (whole blocks) at a time.
+            let blocks = (run.end - index).min((CHUNK as u64 / block).max(1) as usize);
+            let start = index as u64 * block;
+            let want = ((blocks as u64 * block).min(new_len - start)) as usize;
+            buf.resize(want, 0);
+            let n = crate::apply::read_full(file, &mut buf, start)?;
+            if n < want {
+                return Ok(None);
+            }
+            read += n as u64;
+            for (i, part) in buf.chunks(block as usize).enumerate() {
+                hashes[index + i] = delta::block_hash(part);
+            }
+            index += blocks;
+        }
+    }
+    let list = BlockList {
+        block_size: old.block_size,
+        hashes,
+    };
+    Ok(Some((list, read)))
 }
 
 /// Files from this size are read by a thread of their own while they are hashed.
@@ -1541,5 +1728,71 @@ mod tests {
             }
             prop_assert!(diff(&a, &a, priority).is_empty());
         }
+    }
+
+    #[test]
+    // Lists of one range are what is meant here, not ranges of numbers.
+    #[allow(clippy::single_range_in_vec_init)]
+    fn a_list_rehashed_from_the_written_ranges_is_the_list_of_the_new_bytes() {
+        let block = delta::MIN_BLOCK as usize;
+        let list_of = |data: &[u8]| {
+            let mut h = BlockHasher::new(delta::MIN_BLOCK);
+            h.update(data);
+            h.finish()
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let old: Vec<u8> = (0..5 * block + 100).map(|i| (i % 251) as u8).collect();
+        let old_list = list_of(&old);
+        let check = |new: &[u8], written: &[std::ops::Range<u64>], want_read: u64| {
+            fs::write(&path, new).expect("write");
+            let f = fs::File::open(&path).expect("open");
+            let (list, read) = rehash_written(
+                f.as_fd(),
+                &old_list,
+                old.len() as u64,
+                new.len() as u64,
+                written,
+            )
+            .expect("read")
+            .expect("long enough");
+            assert_eq!(list, list_of(new), "written {written:?}");
+            assert_eq!(read, want_read, "written {written:?}");
+        };
+        // A few bytes across a block boundary: those two blocks are read.
+        let mut new = old.clone();
+        new[2 * block - 3..2 * block + 3].fill(0);
+        check(
+            &new,
+            &[(2 * block - 3) as u64..(2 * block + 3) as u64],
+            2 * block as u64,
+        );
+        // Shorter: the new last block, whose extent changed, is read; nothing else.
+        let short = &old[..3 * block + 10];
+        check(short, &[(3 * block + 10) as u64..u64::MAX], 10);
+        // Longer: the old short block and the new ones.
+        let mut long = old.clone();
+        long.resize(7 * block, 9);
+        check(&long, &[], 2 * block as u64);
+        // Cut and grown back to the same length: the record says so.
+        let mut zeroed = old.clone();
+        zeroed[block..].fill(0);
+        check(
+            &zeroed,
+            &[block as u64..u64::MAX],
+            (old.len() - block) as u64,
+        );
+        // A file shorter than it should be has changed again: read it whole.
+        fs::write(&path, &old[..block]).expect("write");
+        let f = fs::File::open(&path).expect("open");
+        let got = rehash_written(
+            f.as_fd(),
+            &old_list,
+            old.len() as u64,
+            old.len() as u64,
+            &[3 * block as u64..3 * block as u64 + 1],
+        )
+        .expect("read");
+        assert_eq!(got, None);
     }
 }

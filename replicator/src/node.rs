@@ -2405,8 +2405,16 @@ fn read_op(
     } else {
         let mut cache = volume.cache.lock().unwrap_or_else(|e| e.into_inner());
         // A changed large file is read once: the pass that hashes it also gives the
-        // block list its delta is sent by.
+        // block list its delta is sent by. On an active, the mount tells which of its
+        // blocks were written since that list was made: only those are read.
         cache.collect_blocks(can_stream);
+        if can_stream && writers_allowed {
+            let at = path.as_path().as_os_str();
+            if let Ok(st) = twinfs_fs::sys::statat(volume.root.as_fd(), at) {
+                let key = (st.st_dev, st.st_ino);
+                cache.watch(key, volume.volume.take_written(key));
+            }
+        }
         let described = manifest::describe(volume.root.as_fd(), &path, &mut cache);
         blocks = cache.take_blocks();
         cache.collect_blocks(false);

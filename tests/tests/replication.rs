@@ -482,6 +482,25 @@ fn large_files_travel_on_their_own_streams_as_block_deltas() {
         "{}",
         c.nodes[1].log_text()
     );
+    // And the active read only the blocks the write touched (17 of 64 KiB) to hash
+    // the new version, not the 40 MiB: the mount told it which were written.
+    let active_log = c.nodes[0].log_text();
+    let reads: Vec<u64> = active_log
+        .lines()
+        .filter(|l| l.contains("hashed from its written blocks"))
+        .filter_map(|l| {
+            l.split("read=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        reads.contains(&(17 * 65_536)),
+        "no hash from the written blocks alone: {reads:?}\n{active_log}"
+    );
 
     // A reader on the standby that has the file open while the next change arrives
     // keeps reading the version it opened, whole; an open after the change gets the
@@ -518,6 +537,144 @@ fn large_files_travel_on_their_own_streams_as_block_deltas() {
     c.nodes[1].start(&[]);
     c.wait_converged(Duration::from_secs(60));
     assert_eq!(fs::read(b.join("huge2.img")).expect("read"), big2);
+}
+
+/// The active hashes a large file changed through the mount by reading only the
+/// blocks the mount saw written: whatever the change (a write across blocks, a
+/// truncation, a growth, an append, a punched hole, an `O_TRUNC` open, a write through
+/// a second handle), the standby ends up with the same bytes, and most of these
+/// changes were hashed that way.
+#[test]
+fn a_large_file_changed_in_every_way_is_hashed_from_its_written_blocks_and_stays_equal() {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::fd::AsRawFd;
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let path = c.active().join("disk.img");
+    let mut want: Vec<u8> = (0..20u32 << 20).map(|i| (i % 241) as u8).collect();
+    fs::write(&path, &want).expect("write");
+    c.wait_converged(Duration::from_secs(60));
+    let b = c.nodes[1].volume.join("disk.img");
+    let incremental = |c: &Cluster| {
+        c.nodes[0]
+            .log_text()
+            .matches("hashed from its written blocks")
+            .count()
+    };
+    let open = || {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open")
+    };
+    let mut step = |name: &str, c: &mut Cluster, change: &mut dyn FnMut(&mut Vec<u8>)| {
+        change(&mut want);
+        c.wait_converged(Duration::from_secs(60));
+        assert!(
+            fs::read(&b).expect("read on the standby") == want,
+            "after {name}: the standby's copy differs"
+        );
+    };
+    step("a write across blocks", &mut c, &mut |want| {
+        let at = (3 << 20) + 4_000;
+        want[at..at + 200_000].fill(1);
+        let mut f = open();
+        f.seek(SeekFrom::Start(at as u64)).expect("seek");
+        f.write_all(&want[at..at + 200_000]).expect("write");
+    });
+    step("writes through two handles", &mut c, &mut |want| {
+        let (mut f, mut g) = (open(), open());
+        want[100..200].fill(2);
+        want[(9 << 20)..(9 << 20) + 10].fill(3);
+        f.seek(SeekFrom::Start(100)).expect("seek");
+        f.write_all(&want[100..200]).expect("write");
+        g.seek(SeekFrom::Start(9 << 20)).expect("seek");
+        g.write_all(&want[(9 << 20)..(9 << 20) + 10])
+            .expect("write");
+    });
+    step("a truncation inside a block", &mut c, &mut |want| {
+        want.truncate((18 << 20) + 777);
+        open().set_len(want.len() as u64).expect("truncate");
+    });
+    step("a growth with zeros", &mut c, &mut |want| {
+        want.resize((19 << 20) + 5, 0);
+        open().set_len(want.len() as u64).expect("grow");
+    });
+    step(
+        "a truncation and a growth back to the same length",
+        &mut c,
+        &mut |want| {
+            let len = want.len();
+            want[(10 << 20)..].fill(0);
+            let f = open();
+            f.set_len(10 << 20).expect("truncate");
+            f.set_len(len as u64).expect("grow");
+        },
+    );
+    step("an append", &mut c, &mut |want| {
+        let tail = vec![4u8; 100_000];
+        want.extend_from_slice(&tail);
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        f.write_all(&tail).expect("append");
+    });
+    step("a punched hole", &mut c, &mut |want| {
+        let (at, len) = ((5 << 20) + 10, 300_000usize);
+        want[at..at + len].fill(0);
+        let f = open();
+        // SAFETY: a valid fd.
+        let rc = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                at as i64,
+                len as i64,
+            )
+        };
+        assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
+    });
+    let before_trunc = incremental(&c);
+    assert!(
+        before_trunc >= 5,
+        "only {before_trunc} of the changes so far were hashed from their written blocks\n{}",
+        c.nodes[0].log_text()
+    );
+    step("an O_TRUNC open and a rewrite", &mut c, &mut |want| {
+        want.truncate(17 << 20);
+        want[(1 << 20)..(2 << 20)].fill(5);
+        fs::write(&path, &*want).expect("rewrite");
+    });
+    // After a new start, nothing is known: the file is read whole once, then the
+    // mount's record is used again.
+    assert!(c.nodes[0].stop().success());
+    c.nodes[0].start(&[]);
+    c.wait_converged(Duration::from_secs(60));
+    step(
+        "a write after a restart (read whole)",
+        &mut c,
+        &mut |want| {
+            want[7 << 20] = 6;
+            let mut f = open();
+            f.seek(SeekFrom::Start(7 << 20)).expect("seek");
+            f.write_all(&[6]).expect("write");
+        },
+    );
+    let after_restart = incremental(&c);
+    step("a write after that", &mut c, &mut |want| {
+        want[8 << 20] = 7;
+        let mut f = open();
+        f.seek(SeekFrom::Start(8 << 20)).expect("seek");
+        f.write_all(&[7]).expect("write");
+    });
+    assert!(
+        incremental(&c) > after_restart,
+        "the second write after a restart was not hashed from its written blocks"
+    );
 }
 
 /// An in-place update of a large file that a crash interrupted is finished from its
