@@ -108,18 +108,11 @@ fn caller(req: &Request) -> Caller {
 }
 
 /// Backing ids for passthrough: one per inode while any handle of it is open, as the
-/// kernel requires. The kernel also refuses to serve one inode by passthrough and
-/// through its cache at once, so an inode with a handle served through twinfs (a
-/// large file, see [`crate::written::TRACK_MIN`]) gets no passthrough handle until
-/// they are all closed, and the other way round.
+/// kernel requires.
 #[derive(Default)]
 struct Backing {
     by_inode: HashMap<u64, Weak<BackingId>>,
     by_handle: HashMap<u64, Arc<BackingId>>,
-    /// Handles served through twinfs while passthrough is on: count by inode.
-    cached_by_inode: HashMap<u64, usize>,
-    /// The same handles: inode by handle.
-    cached: HashMap<u64, u64>,
 }
 
 /// The fuser `Filesystem` over a `Volume`.
@@ -143,26 +136,16 @@ impl FuseAdapter {
         self.backing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The backing id for `fh`, reusing the inode's if one is live; `None` if the
-    /// handle is to be served through twinfs: a file of
-    /// [`crate::written::TRACK_MIN`] bytes or more, whose writes the replicator
-    /// watches, or an inode that has such a handle open.
+    /// The backing id for `fh`, reusing the inode's if one is live.
     fn backing_for(
         &self,
         fh: u64,
         file: &OpenFile,
         open: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>,
-    ) -> std::io::Result<Option<Arc<BackingId>>> {
+    ) -> std::io::Result<Arc<BackingId>> {
         let mut backing = self.backing();
         let id = match backing.by_inode.get(&file.ino).and_then(Weak::upgrade) {
             Some(id) => id,
-            None if backing.cached_by_inode.contains_key(&file.ino)
-                || file.size_at_open >= crate::written::TRACK_MIN =>
-            {
-                *backing.cached_by_inode.entry(file.ino).or_default() += 1;
-                backing.cached.insert(fh, file.ino);
-                return Ok(None);
-            }
             None => {
                 let id = Arc::new(open(file.fd.as_fd())?);
                 backing.by_inode.insert(file.ino, Arc::downgrade(&id));
@@ -170,23 +153,7 @@ impl FuseAdapter {
             }
         };
         backing.by_handle.insert(fh, id.clone());
-        self.volume.passthrough_opened(file);
-        Ok(Some(id))
-    }
-
-    /// Forgets `fh`; its backing id, if any, to be dropped once the volume is done
-    /// with the handle.
-    fn release_backing(&self, fh: u64) -> Option<Arc<BackingId>> {
-        let mut backing = self.backing();
-        if let Some(ino) = backing.cached.remove(&fh) {
-            if let Some(n) = backing.cached_by_inode.get_mut(&ino) {
-                *n -= 1;
-                if *n == 0 {
-                    backing.cached_by_inode.remove(&ino);
-                }
-            }
-        }
-        backing.by_handle.remove(&fh)
+        Ok(id)
     }
 
     fn passthrough_failed(&self, e: &std::io::Error) {
@@ -409,10 +376,9 @@ impl Filesystem for FuseAdapter {
         };
         if self.volume.passthrough() {
             match self.backing_for(fh, &file, |fd| reply.open_backing(fd)) {
-                Ok(Some(id)) => {
+                Ok(id) => {
                     return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
                 }
-                Ok(None) => {}
                 Err(e) => self.passthrough_failed(&e),
             }
         }
@@ -477,7 +443,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         span!("release", ino = ino.0);
-        let id = self.release_backing(fh.0);
+        let id = self.backing().by_handle.remove(&fh.0);
         let result = self.volume.release(fh.0);
         // The backing id must outlive the kernel's last use of this handle: drop after.
         drop(id);
@@ -628,7 +594,7 @@ impl Filesystem for FuseAdapter {
         let fattr = file_attr(&attr);
         if self.volume.passthrough() {
             match self.backing_for(fh, &file, |fd| reply.open_backing(fd)) {
-                Ok(Some(id)) => {
+                Ok(id) => {
                     return reply.created_passthrough(
                         &TTL,
                         &fattr,
@@ -638,7 +604,6 @@ impl Filesystem for FuseAdapter {
                         &id,
                     )
                 }
-                Ok(None) => {}
                 Err(e) => self.passthrough_failed(&e),
             }
         }

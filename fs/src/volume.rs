@@ -125,13 +125,8 @@ pub struct OpenFile {
     pub ino: u64,
     /// The backing file.
     pub key: Key,
-    /// Its size when it was opened.
-    pub size_at_open: u64,
     /// Our own fd of the backing file (also registered for passthrough).
     pub fd: OwnedFd,
-    /// Served by FUSE passthrough ([`Volume::passthrough_opened`]): its writes are not
-    /// seen.
-    passthrough: AtomicBool,
     /// Opened for writing (or with `O_TRUNC`): its close is a change.
     pub writable: bool,
     /// Standby: the path an upstream file was opened for writing at (see
@@ -458,26 +453,12 @@ impl Volume {
         self.passthrough.store(on, Ordering::Relaxed);
     }
 
-    /// The FUSE layer serves `file` by passthrough: if it is open for writing, twinfs
-    /// does not see its writes, so its record is spoiled (see [`crate::written`]).
-    pub fn passthrough_opened(&self, file: &OpenFile) {
-        file.passthrough.store(true, Ordering::Relaxed);
-        if file.writable {
-            self.written.spoil(file.key);
-        }
-    }
-
     /// Replicator: what was written through the mount to the backing file `key` since
     /// the last call for it, `None` if there was none (see [`crate::written`]).
-    /// Starts a new record, spoiled if a handle that writes by passthrough is open.
+    /// Starts a new record. With FUSE passthrough (only volumes without peers use
+    /// it) twinfs does not see writes: every record is spoiled.
     pub fn take_written(&self, key: Key) -> Option<crate::written::Record> {
-        // Checked under the records' lock: a passthrough handle registered after the
-        // check spoils the new record once the take is done.
-        self.written.take_with(key, || {
-            self.read_files()
-                .values()
-                .any(|f| f.key == key && f.writable && f.passthrough.load(Ordering::Relaxed))
-        })
+        self.written.take(key, self.passthrough())
     }
 
     /// Counters for status.
@@ -1187,11 +1168,11 @@ impl Volume {
 
     fn add_file(&self, ino: u64, fd: OwnedFd, writable: bool) -> (u64, Arc<OpenFile>) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        // (An fstat of an open fd does not fail; if it did, the file would only be
-        // served by passthrough and never watched.)
-        let (key, size_at_open) = sys::fstat(fd.as_fd())
-            .map(|st| ((st.st_dev, st.st_ino), st.st_size as u64))
-            .unwrap_or(((0, 0), 0));
+        // (An fstat of an open fd does not fail; if it did, the writes through this
+        // handle would be recorded for no file, and its file read whole.)
+        let key = sys::fstat(fd.as_fd())
+            .map(|st| (st.st_dev, st.st_ino))
+            .unwrap_or((0, 0));
         // Only a standby's writable handles need their path later; an active's never
         // computes it.
         let standby_path = (writable && self.rescue.is_some() && self.role() == Role::Standby)
@@ -1200,9 +1181,7 @@ impl Volume {
         let file = Arc::new(OpenFile {
             ino,
             key,
-            size_at_open,
             fd,
-            passthrough: AtomicBool::new(false),
             writable,
             standby_path,
             recorded: Mutex::new(None),

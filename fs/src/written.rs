@@ -10,12 +10,11 @@
 //! open), so the bytes the replicator read after a take, plus the ranges of the next
 //! take, describe the file as it is at that next take.
 //!
-//! A record is *spoiled* when twinfs cannot see the writes: a handle open for
-//! writing with FUSE passthrough (its writes go straight to the backing file), or a
-//! change of role (the replicator itself writes a standby's files). Files of
-//! [`TRACK_MIN`] bytes or more are therefore served without passthrough. Writes that
-//! bypass the mount altogether (a process that opened the backing file before the
-//! mount) are not seen either; neither are they recorded as changes.
+//! A record is *spoiled* when twinfs cannot see the writes: on a volume served by
+//! FUSE passthrough (only volumes without peers are), or at a change of role (the
+//! replicator itself writes a standby's files). Writes that bypass the mount
+//! altogether (a process that opened the backing file before the mount) are not
+//! seen either; neither are they recorded as changes.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -23,8 +22,7 @@ use std::sync::Mutex;
 
 use crate::inode::Key;
 
-/// Files from this size are opened without FUSE passthrough, so their writes are
-/// seen (unless another handle of the inode is passthrough already).
+/// Files from this size are watched (smaller ones are cheap to read whole).
 pub const TRACK_MIN: u64 = 16 << 20;
 
 /// Most files watched at once: past that, every record is dropped (a record not
@@ -86,13 +84,6 @@ impl Written {
         }
     }
 
-    /// Spoils the record of `key`, if it is watched.
-    pub fn spoil(&self, key: Key) {
-        if let Some(record) = self.records().get_mut(&key) {
-            *record = Record::Spoiled;
-        }
-    }
-
     /// Spoils every record.
     pub fn spoil_all(&self) {
         self.records().clear();
@@ -101,13 +92,7 @@ impl Written {
     /// What was written to `key` since the last take, `None` if it was not watched;
     /// starts a new record (spoiled at once if `spoiled`).
     pub fn take(&self, key: Key, spoiled: bool) -> Option<Record> {
-        self.take_with(key, || spoiled)
-    }
-
-    /// [`Written::take`], with `spoiled` asked while the records are locked.
-    pub fn take_with(&self, key: Key, spoiled: impl FnOnce() -> bool) -> Option<Record> {
         let mut records = self.records();
-        let spoiled = spoiled();
         if records.len() >= MAX_WATCHED && !records.contains_key(&key) {
             records.clear();
         }
@@ -171,9 +156,7 @@ mod tests {
             w.take(key, false),
             Some(Record::Ranges(vec![0..10, 20..30]))
         );
-        assert_eq!(w.take(key, false), Some(Record::Ranges(vec![])));
-        w.spoil(key);
-        assert_eq!(w.take(key, true), Some(Record::Spoiled));
+        assert_eq!(w.take(key, true), Some(Record::Ranges(vec![])));
         w.record(key, 0..1);
         assert_eq!(w.take(key, false), Some(Record::Spoiled), "started spoiled");
         w.spoil_all();

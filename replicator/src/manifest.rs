@@ -875,7 +875,11 @@ impl HashCache {
     pub fn collect_blocks(&mut self, on: bool) {
         self.collect = on;
         self.blocks = None;
-        self.watched = None;
+        // A record taken for a file that was not hashed (not a regular file, gone):
+        // its list misses those writes now.
+        if let Some((key, _)) = self.watched.take() {
+            self.take_list(key);
+        }
     }
 
     /// The block list of the last file hashed afresh while collecting, once.
@@ -889,7 +893,9 @@ impl HashCache {
     /// hash is still kept and only these ranges changed since, only their blocks are
     /// read: its new hash is built from the list (see [`delta::content_hash`]).
     pub fn watch(&mut self, key: (u64, u64), written: Option<Record>) {
-        self.watched = Some((key, written));
+        if let Some((unused, _)) = self.watched.replace((key, written)) {
+            self.take_list(unused);
+        }
     }
 
     /// The work done by the last scan.
@@ -922,23 +928,28 @@ impl HashCache {
         let key = (st.st_dev, st.st_ino);
         let stamp = Stamp::of(st);
         // What the mount saw written to this file since its list was kept, if watched.
+        // A watched file's kept list leaves `lists` here: only a hash that uses the
+        // new record puts a list back, so a record taken and not used (an error, a
+        // file replaced meanwhile) never leaves a list that misses its writes.
         let watched = match self.watched.take() {
-            Some((k, written)) if k == key => Some(written),
-            _ => None,
+            Some((k, written)) => {
+                let kept = self.take_list(k);
+                (k == key).then_some((written, kept))
+            }
+            None => None,
         };
         if let Some(cached) = self.entries.get_mut(&key) {
             if cached.stamp == stamp {
                 cached.scan = self.scan;
                 self.stats.hits += 1;
                 let hash = cached.hash;
-                match &watched {
-                    // Nothing written since the list was made: it is this version's.
-                    // (A file is watched only while blocks are collected.)
-                    Some(Some(Record::Ranges(r))) if r.is_empty() && self.collect => {
-                        self.blocks = self.lists.get(&key).map(|t| t.list.clone());
+                // Nothing written since the list was made: it is this version's.
+                // (A file is watched only while blocks are collected.)
+                if let Some((Some(Record::Ranges(r)), Some(kept))) = watched {
+                    if r.is_empty() {
+                        self.blocks = Some(kept.list.clone());
+                        self.put_list(key, kept);
                     }
-                    Some(_) => self.forget_list(key),
-                    None => {}
                 }
                 return Ok(hash);
             }
@@ -946,8 +957,8 @@ impl HashCache {
         let started = SystemTime::now();
         // Reopening through /proc reaches the very inode the O_PATH fd holds.
         let reader = fs::File::open(OsStr::from_bytes(sys::proc_path(file).as_bytes()))?;
-        if let Some(written) = watched {
-            return self.hash_watched(key, reader, st, written);
+        if let Some((written, kept)) = watched {
+            return self.hash_watched(key, reader, st, written, kept);
         }
         // One byte more than the file, so a file read whole is seen to end at once.
         let want = usize::try_from(st.st_size).map_or(CHUNK, |n| n.saturating_add(1).min(CHUNK));
@@ -1001,11 +1012,12 @@ impl HashCache {
         reader: fs::File,
         st: &Stat,
         written: Option<Record>,
+        kept: Option<Tracked>,
     ) -> io::Result<u128> {
         self.entries.remove(&key);
         let len = st.st_size as u64;
         let generation = sys::generation(reader.as_fd()).ok();
-        let kept = self.lists.get(&key).filter(|t| {
+        let kept = kept.filter(|t| {
             Some(t.generation) == generation && t.list.block_size == delta::block_size(len)
         });
         let rebuilt = match (kept, &written) {
@@ -1036,20 +1048,14 @@ impl HashCache {
         // is of no particular version, as with a whole read, and the watch has seen
         // the change).
         let hash = delta::content_hash(&list, len);
-        self.forget_list(key);
         match generation {
             Some(generation) if len >= twinfs_fs::written::TRACK_MIN => {
-                if self.list_hashes + list.hashes.len() > MAX_LIST_HASHES {
-                    self.lists.clear();
-                    self.list_hashes = 0;
-                }
-                self.list_hashes += list.hashes.len();
                 let tracked = Tracked {
                     generation,
                     len,
                     list: list.clone(),
                 };
-                self.lists.insert(key, tracked);
+                self.put_list(key, tracked);
             }
             _ => {}
         }
@@ -1059,9 +1065,20 @@ impl HashCache {
         Ok(hash)
     }
 
-    fn forget_list(&mut self, key: (u64, u64)) {
-        if let Some(t) = self.lists.remove(&key) {
-            self.list_hashes -= t.list.hashes.len();
+    fn take_list(&mut self, key: (u64, u64)) -> Option<Tracked> {
+        let t = self.lists.remove(&key)?;
+        self.list_hashes -= t.list.hashes.len();
+        Some(t)
+    }
+
+    fn put_list(&mut self, key: (u64, u64), tracked: Tracked) {
+        if self.list_hashes + tracked.list.hashes.len() > MAX_LIST_HASHES {
+            self.lists.clear();
+            self.list_hashes = 0;
+        }
+        self.list_hashes += tracked.list.hashes.len();
+        if let Some(old) = self.lists.insert(key, tracked) {
+            self.list_hashes -= old.list.hashes.len();
         }
     }
 }
