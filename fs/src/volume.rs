@@ -431,8 +431,12 @@ impl Volume {
     pub fn set_role(&self, role: Role) {
         let _quiet = self.writing.write().unwrap_or_else(|e| e.into_inner());
         self.role.store(role as u8, Ordering::Release);
-        // A standby's files are written by the replicator, beside the mount.
-        self.written.spoil_all();
+        // A standby's files are written by the replicator, beside the mount: what is
+        // watched now would miss those writes. (Only an active node watches, and it
+        // may do so while its writes are still held back, as at its start.)
+        if role == Role::Standby {
+            self.written.spoil_all();
+        }
         if role == Role::Standby {
             let open: Vec<Arc<OpenFile>> = self.read_files().values().cloned().collect();
             for file in open.iter().filter(|f| f.writable) {
@@ -459,6 +463,11 @@ impl Volume {
     /// it) twinfs does not see writes: every record is spoiled.
     pub fn take_written(&self, key: Key) -> Option<crate::written::Record> {
         self.written.take(key, self.passthrough())
+    }
+
+    /// Replicator: stops watching `key`, whose file it is about to change itself.
+    pub fn forget_written(&self, key: Key) {
+        self.written.forget(key);
     }
 
     /// Counters for status.

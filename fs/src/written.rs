@@ -11,8 +11,8 @@
 //! take, describe the file as it is at that next take.
 //!
 //! A record is *spoiled* when twinfs cannot see the writes: on a volume served by
-//! FUSE passthrough (only volumes without peers are), or at a change of role (the
-//! replicator itself writes a standby's files). Writes that bypass the mount
+//! FUSE passthrough (only volumes without peers are), or when the volume becomes a
+//! standby (the replicator itself writes a standby's files). Writes that bypass the mount
 //! altogether (a process that opened the backing file before the mount) are not
 //! seen either; neither are they recorded as changes.
 
@@ -82,6 +82,11 @@ impl Written {
         if let Some(record) = self.records().get_mut(&key) {
             record.add(range);
         }
+    }
+
+    /// Drops the record of `key`.
+    pub fn forget(&self, key: Key) {
+        self.records().remove(&key);
     }
 
     /// Spoils every record.

@@ -253,14 +253,28 @@ impl BlockList {
     /// The byte ranges of `data` to send, whole blocks, consecutive ones merged: `data`
     /// starts at block `first` and holds whole blocks but for a short last one.
     pub fn runs_to_send(&self, first: usize, data: &[u8]) -> Vec<std::ops::Range<usize>> {
+        let hashes: Vec<u128> = data
+            .chunks(self.block_size as usize)
+            .map(block_hash)
+            .collect();
+        self.runs_for(first, &hashes, data.len())
+    }
+
+    /// [`BlockList::runs_to_send`] of `len` bytes whose blocks' hashes are `hashes`.
+    pub fn runs_for(
+        &self,
+        first: usize,
+        hashes: &[u128],
+        len: usize,
+    ) -> Vec<std::ops::Range<usize>> {
         let block = self.block_size as usize;
         let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-        for (i, part) in data.chunks(block).enumerate() {
-            if !self.must_send(first + i, part) {
+        for (i, hash) in hashes.iter().enumerate() {
+            if self.has(first + i, *hash) {
                 continue;
             }
             let start = i * block;
-            push_run(&mut runs, start..start + part.len());
+            push_run(&mut runs, start..(start + block).min(len));
         }
         runs
     }

@@ -735,6 +735,10 @@ pub struct HashCache {
     lists: HashMap<(u64, u64), Tracked>,
     /// Hashes in `lists`.
     list_hashes: usize,
+    /// The number of the last watch, and of each watched file's last
+    /// ([`HashCache::adopt`]).
+    watches: u64,
+    last_watch: HashMap<(u64, u64), u64>,
 }
 
 /// The block list of a watched file.
@@ -751,6 +755,10 @@ struct Tracked {
 /// Most hashes kept in [`HashCache::watch`]'s lists (16 bytes each): 4 MiB, the lists
 /// of 16 GiB of files.
 const MAX_LIST_HASHES: usize = 256 << 10;
+
+/// Most files whose last watch number is kept (past that, they are all dropped:
+/// [`HashCache::adopt`] then keeps nothing until a file's next watch).
+const MAX_WATCHES: usize = 4096;
 
 /// The first bytes of a cache file; the last two say the format version.
 ///
@@ -892,9 +900,48 @@ impl HashCache {
     /// (`twinfs_fs::Volume::take_written`, just called). If the list of its last
     /// hash is still kept and only these ranges changed since, only their blocks are
     /// read: its new hash is built from the list (see [`delta::content_hash`]).
-    pub fn watch(&mut self, key: (u64, u64), written: Option<Record>) {
+    ///
+    /// Returns the watch's number, for [`HashCache::adopt`].
+    pub fn watch(&mut self, key: (u64, u64), written: Option<Record>) -> u64 {
         if let Some((unused, _)) = self.watched.replace((key, written)) {
             self.take_list(unused);
+        }
+        self.watches += 1;
+        if self.last_watch.len() >= MAX_WATCHES && !self.last_watch.contains_key(&key) {
+            self.last_watch.clear();
+        }
+        self.last_watch.insert(key, self.watches);
+        self.watches
+    }
+
+    /// Keeps `list`, the block list of the watched file `key` (whose generation
+    /// number is `generation`), made from its `len` bytes as read after its watch
+    /// number `watch` began (by the send of a file whose hash came from the cache,
+    /// which reads it whole anyway). Only if no later watch of the file began (its
+    /// record would not hold the writes since `watch`) and no list is kept.
+    pub fn adopt(
+        &mut self,
+        key: (u64, u64),
+        watch: u64,
+        generation: u64,
+        len: u64,
+        list: BlockList,
+    ) {
+        let fits = list.block_size == delta::block_size(len)
+            && list.hashes.len() as u64 == len.div_ceil(u64::from(list.block_size));
+        let current = self.last_watch.get(&key) == Some(&watch);
+        let kept = current
+            && fits
+            && !self.lists.contains_key(&key)
+            && len >= twinfs_fs::written::TRACK_MIN;
+        tracing::debug!(inode = key.1, len, kept, "block list made by a send");
+        if kept {
+            let tracked = Tracked {
+                generation,
+                len,
+                list,
+            };
+            self.put_list(key, tracked);
         }
     }
 

@@ -2104,7 +2104,41 @@ type ShipRead = (
 
 /// A large file to send on a stream of its own: the open file, and its block list
 /// if it was read from the same pass as the hash its op announces.
-type Streamed = (OwnedFd, Option<BlockList>);
+pub(crate) struct Streamed {
+    file: OwnedFd,
+    /// Its block list, if the pass that hashed it made one.
+    blocks: Option<BlockList>,
+    /// Without one, for a file the mount watches: where the send, which reads the
+    /// whole file then, leaves the list it makes on the way
+    /// ([`HashCache::adopt`]), so the file's next change reads only its written
+    /// blocks.
+    adopt: Option<Adopt>,
+}
+
+/// See [`Streamed::adopt`].
+pub(crate) struct Adopt {
+    cache: Arc<Mutex<HashCache>>,
+    key: (u64, u64),
+    token: u64,
+}
+
+impl Adopt {
+    /// Leaves the list of `file`, read whole (`len` bytes, blocks of `block_size`
+    /// whose hashes are `hashes`), in the cache, if `file` is the file watched.
+    fn give(self, file: std::os::fd::BorrowedFd<'_>, len: u64, hashes: Vec<u128>, block_size: u32) {
+        let same = twinfs_fs::sys::fstat(file).is_ok_and(|st| (st.st_dev, st.st_ino) == self.key);
+        let Ok(generation) = twinfs_fs::sys::generation(file) else {
+            return;
+        };
+        if same {
+            let list = BlockList { block_size, hashes };
+            self.cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .adopt(self.key, self.token, generation, len, list);
+        }
+    }
+}
 
 /// Reads the file of `ship` (see [`read_op`]; `small` is [`is_small`] of its path).
 fn read_ship(volume: &VolumeLink, ship: Ship, can_stream: bool, small: bool) -> ShipRead {
@@ -2222,12 +2256,12 @@ async fn send_ship(
         _ => 0,
     };
     session.shipping(seq, bytes);
-    if let Some((file, blocks)) = source {
+    if let Some(streamed) = source {
         tokio::spawn(stream_file(
             link.clone(),
             volume.name.clone(),
             seq,
-            (file, blocks),
+            streamed,
             shipped.clone(),
             counters.clone(),
         ));
@@ -2398,6 +2432,7 @@ fn read_op(
         return Ok((Op::Skip { path }, false, None));
     }
     let mut blocks = None;
+    let mut adopt = None;
     let described = if small {
         // Hashing it costs less than the shared cache's lock could (a scan holds it):
         // small files are hashed afresh.
@@ -2408,11 +2443,19 @@ fn read_op(
         // block list its delta is sent by. On an active, the mount tells which of its
         // blocks were written since that list was made: only those are read.
         cache.collect_blocks(can_stream);
-        if can_stream && writers_allowed {
+        // (Watched on an active node only, also while it holds local writes back.)
+        if can_stream && volume.roles.get().role == Role::Active {
             let at = path.as_path().as_os_str();
             if let Ok(st) = twinfs_fs::sys::statat(volume.root.as_fd(), at) {
                 let key = (st.st_dev, st.st_ino);
-                cache.watch(key, volume.volume.take_written(key));
+                let token = cache.watch(key, volume.volume.take_written(key));
+                if st.st_size as u64 >= twinfs_fs::written::TRACK_MIN {
+                    adopt = Some(Adopt {
+                        cache: volume.cache.clone(),
+                        key,
+                        token,
+                    });
+                }
             }
         }
         let described = manifest::describe(volume.root.as_fd(), &path, &mut cache);
@@ -2461,7 +2504,14 @@ fn read_op(
         // The standby checks the streamed bytes against the hash: a file that changes
         // while it streams is refused there, never put in place half old, half new.
         let entry = manifest::Entry { path, meta };
-        return Ok((Op::PutStream { entry }, false, Some((file, blocks))));
+        // A list made by the hash needs none made by the send.
+        let adopt = adopt.filter(|_| blocks.is_none());
+        let streamed = Streamed {
+            file,
+            blocks,
+            adopt,
+        };
+        return Ok((Op::PutStream { entry }, false, Some(streamed)));
     }
     let mut buf = vec![0u8; meta.size as usize];
     let read = twinfs_fs::sys::pread(file.as_fd(), &mut buf, 0)
@@ -2503,7 +2553,11 @@ async fn stream_file(
     link: Link,
     volume: String,
     seq: u64,
-    (file, active): Streamed,
+    Streamed {
+        file,
+        blocks: active,
+        adopt,
+    }: Streamed,
     path: RelPath,
     counters: StreamCounters,
 ) {
@@ -2553,6 +2607,12 @@ async fn stream_file(
             return;
         }
         let block = list.block_size as usize;
+        // The file's own block list, made on the way if the mount watches it and its
+        // block size is the standby's.
+        let mut made = adopt
+            .as_ref()
+            .filter(|_| list.block_size == delta::block_size(len))
+            .map(|_| Vec::<u128>::new());
         // Reads and records of up to a MiB (a whole number of blocks): one wake-up of
         // each side per MiB, not per 64 KiB block.
         let chunk = block.max(SEND_CHUNK);
@@ -2560,7 +2620,6 @@ async fn stream_file(
         let mut index = 0usize;
         loop {
             let data = match crate::apply::read_new(file.as_fd(), chunk, offset) {
-                Ok(d) if d.is_empty() => return,
                 Ok(d) => bytes::Bytes::from(d),
                 // Not a clean end: the records so far are not the whole delta.
                 Err(_) => {
@@ -2568,18 +2627,26 @@ async fn stream_file(
                     return;
                 }
             };
+            let hashes: Vec<u128> = data.chunks(block).map(delta::block_hash).collect();
+            if let Some(made) = made.as_mut() {
+                made.extend_from_slice(&hashes);
+            }
             // Runs of consecutive blocks the standby lacks, each one record.
-            for run in list.runs_to_send(index, &data) {
+            for run in list.runs_for(index, &hashes, data.len()) {
                 let header = delta::record_header(offset + run.start as u64, run.len() as u32);
                 if tx.blocking_send(Ok((header, data.slice(run)))).is_err() {
                     return;
                 }
             }
-            index += data.len().div_ceil(block);
+            index += hashes.len();
             offset += data.len() as u64;
             if data.len() < chunk {
-                return;
+                break;
             }
+        }
+        // Read whole, to its end.
+        if let (Some(adopt), Some(hashes)) = (adopt, made) {
+            adopt.give(file.as_fd(), offset, hashes, list.block_size);
         }
     });
     let sent = |n: usize| {
@@ -3008,6 +3075,8 @@ fn patch_in_place(
             return Ok(Patched::Refused("the journal cannot be written"));
         }
     };
+    // Written beside the mount: a record of it would miss this.
+    v.volume.forget_written(stamp.key);
     let Some(guard) = v.volume.begin_patch(stamp.key, PATCH_WAIT) else {
         v.journal
             .done(written)

@@ -168,6 +168,59 @@ fn demote_then_promote_elsewhere_moves_the_active_role() {
     assert!(run_ok(&c.nodes[1], &["promote"]).contains("already active"));
 }
 
+/// A large file changed on one node, then on the other after a switchover (which
+/// reaches the first node as an in-place update of its copy, beside its mount), then
+/// on the first again after a switch back: every version reaches the other node
+/// whole. The first node's record of what was written to the file (see
+/// `twinfs_fs::written`) must not outlive its time as a standby, or its next hash
+/// would miss the update it received.
+#[test]
+fn a_large_file_changed_on_each_side_in_turn_stays_equal() {
+    use std::io::{Seek, SeekFrom, Write};
+    let _serial = twinfs_tests::serial();
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let mut want: Vec<u8> = (0..20u32 << 20).map(|i| (i % 239) as u8).collect();
+    fs::write(c.nodes[0].volume.join("disk.img"), &want).expect("write");
+    c.wait_converged_to(0, Duration::from_secs(60));
+    let mut change = |c: &Cluster, node: usize, at: usize, byte: u8| {
+        want[at..at + 100_000].fill(byte);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(c.nodes[node].volume.join("disk.img"))
+            .expect("open");
+        f.seek(SeekFrom::Start(at as u64)).expect("seek");
+        f.write_all(&want[at..at + 100_000]).expect("write");
+        drop(f);
+        c.wait_converged_to(node, Duration::from_secs(60));
+        for n in &c.nodes {
+            assert!(
+                fs::read(n.volume.join("disk.img")).expect("read") == want,
+                "{} differs after a change on node {node}",
+                n.volume.display()
+            );
+        }
+    };
+    change(&c, 0, 1 << 20, 1);
+    change(&c, 0, 2 << 20, 2);
+    run_ok(&c.nodes[1], &["promote"]);
+    wait_role(&c.nodes[0], "standby", 2);
+    wait_ready(&c.nodes[0], &c.nodes[1]);
+    change(&c, 1, 5 << 20, 3);
+    run_ok(&c.nodes[0], &["promote"]);
+    wait_role(&c.nodes[1], "standby", 3);
+    wait_ready(&c.nodes[1], &c.nodes[0]);
+    change(&c, 0, 9 << 20, 4);
+    change(&c, 0, 1 << 20, 5);
+    assert!(
+        c.nodes[1].log_text().contains("updated in place")
+            && c.nodes[0].log_text().contains("updated in place"),
+        "each node's copy was updated in place at least once"
+    );
+}
+
 /// Clears the immutable flag it set, so the test's directories can be removed. Made
 /// before the cluster, so it is dropped after the cluster has unmounted (the flag is
 /// on the backing file, which chattr cannot reach through the mount).
