@@ -526,12 +526,14 @@ fn split_brain_keeps_the_losers_writes_in_its_conflicts_area() {
     assert!(run_ok(&c.nodes[1], &["conflicts"]).contains("no conflicts"));
 }
 
-/// The `TWINFS_*` variables of each hook run, in the order they ran.
+/// The `TWINFS_*` variables of each hook run, in the order they ran (each run
+/// writes a `.tmp` file and renames it to `.env` when it is complete).
 fn hook_runs(dir: &Path) -> Vec<(String, String)> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .expect("hook dir")
         .filter_map(Result::ok)
         .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "env"))
         .collect();
     files.sort();
     files
@@ -559,8 +561,8 @@ fn hooks_run_with_the_documented_environment_and_a_failure_shows_in_status() {
     let dir = events.path().display();
     // Each run records its TWINFS_* variables; the promote hook fails at epoch 3.
     let rules = format!(
-        "on_promote = 'env | grep -E \"^TWINFS_(VOLUME|ROLE|PREVIOUS_ROLE|EPOCH|REASON)=\" | sort > {dir}/$(date +%s%N)-promote.env; [ \"$TWINFS_EPOCH\" != 3 ]'\n\
-         on_demote = 'env | grep -E \"^TWINFS_(VOLUME|ROLE|PREVIOUS_ROLE|EPOCH|REASON)=\" | sort > {dir}/$(date +%s%N)-demote.env'\n{RULES}"
+        "on_promote = 'f={dir}/$(date +%s%N)-promote; env | grep -E \"^TWINFS_(VOLUME|ROLE|PREVIOUS_ROLE|EPOCH|REASON)=\" | sort > $f.tmp; mv $f.tmp $f.env; [ \"$TWINFS_EPOCH\" != 3 ]'\n\
+         on_demote = 'f={dir}/$(date +%s%N)-demote; env | grep -E \"^TWINFS_(VOLUME|ROLE|PREVIOUS_ROLE|EPOCH|REASON)=\" | sort > $f.tmp; mv $f.tmp $f.env'\n{RULES}"
     );
     let net = NetBridge::new(subnet(), 2);
     let mut c = Cluster::in_bridge(&net, 0, &rules, fill);
