@@ -2443,19 +2443,21 @@ fn read_op(
         // block list its delta is sent by. On an active, the mount tells which of its
         // blocks were written since that list was made: only those are read.
         cache.collect_blocks(can_stream);
-        // (Watched on an active node only, also while it holds local writes back.)
+        // (Watched on an active node only, also while it holds local writes back;
+        // only files worth it, so that the mount keeps few records.)
         if can_stream && volume.roles.get().role == Role::Active {
             let at = path.as_path().as_os_str();
-            if let Ok(st) = twinfs_fs::sys::statat(volume.root.as_fd(), at) {
+            let large = twinfs_fs::sys::statat(volume.root.as_fd(), at)
+                .ok()
+                .filter(|st| st.st_size as u64 >= twinfs_fs::written::TRACK_MIN);
+            if let Some(st) = large {
                 let key = (st.st_dev, st.st_ino);
                 let token = cache.watch(key, volume.volume.take_written(key));
-                if st.st_size as u64 >= twinfs_fs::written::TRACK_MIN {
-                    adopt = Some(Adopt {
-                        cache: volume.cache.clone(),
-                        key,
-                        token,
-                    });
-                }
+                adopt = Some(Adopt {
+                    cache: volume.cache.clone(),
+                    key,
+                    token,
+                });
             }
         }
         let described = manifest::describe(volume.root.as_fd(), &path, &mut cache);
