@@ -431,13 +431,11 @@ impl Volume {
     pub fn set_role(&self, role: Role) {
         let _quiet = self.writing.write().unwrap_or_else(|e| e.into_inner());
         self.role.store(role as u8, Ordering::Release);
-        // A standby's files are written by the replicator, beside the mount: what is
-        // watched now would miss those writes. (Only an active node watches, and it
-        // may do so while its writes are still held back, as at its start.)
         if role == Role::Standby {
-            self.written.spoil_all();
-        }
-        if role == Role::Standby {
+            // A standby's files are written by the replicator, beside the mount: a
+            // record kept now would miss those writes. (Only an active node watches,
+            // and it may do so while its writes are still held back, as at its start.)
+            self.written.forget_all();
             let open: Vec<Arc<OpenFile>> = self.read_files().values().cloned().collect();
             for file in open.iter().filter(|f| f.writable) {
                 if file.take_change().unwrap_or(true) {

@@ -10,11 +10,12 @@
 //! open), so the bytes the replicator read after a take, plus the ranges of the next
 //! take, describe the file as it is at that next take.
 //!
-//! A record is *spoiled* when twinfs cannot see the writes: on a volume served by
-//! FUSE passthrough (only volumes without peers are), or when the volume becomes a
-//! standby (the replicator itself writes a standby's files). Writes that bypass the mount
-//! altogether (a process that opened the backing file before the mount) are not
-//! seen either; neither are they recorded as changes.
+//! A record is *spoiled* when twinfs cannot see the writes, on a volume served by
+//! FUSE passthrough (only volumes without peers are), and every record is dropped
+//! when the volume becomes a standby (the replicator itself writes a standby's
+//! files). Writes that bypass the mount altogether (a process that opened the
+//! backing file before the mount) are not seen either; neither are they recorded as
+//! changes.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -89,8 +90,8 @@ impl Written {
         self.records().remove(&key);
     }
 
-    /// Spoils every record.
-    pub fn spoil_all(&self) {
+    /// Drops every record.
+    pub fn forget_all(&self) {
         self.records().clear();
     }
 
@@ -164,7 +165,7 @@ mod tests {
         assert_eq!(w.take(key, true), Some(Record::Ranges(vec![])));
         w.record(key, 0..1);
         assert_eq!(w.take(key, false), Some(Record::Spoiled), "started spoiled");
-        w.spoil_all();
+        w.forget_all();
         assert_eq!(w.take(key, false), None);
     }
 }

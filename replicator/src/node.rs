@@ -2104,7 +2104,7 @@ type ShipRead = (
 
 /// A large file to send on a stream of its own: the open file, and its block list
 /// if it was read from the same pass as the hash its op announces.
-pub(crate) struct Streamed {
+struct Streamed {
     file: OwnedFd,
     /// Its block list, if the pass that hashed it made one.
     blocks: Option<BlockList>,
@@ -2116,7 +2116,7 @@ pub(crate) struct Streamed {
 }
 
 /// See [`Streamed::adopt`].
-pub(crate) struct Adopt {
+struct Adopt {
     cache: Arc<Mutex<HashCache>>,
     key: (u64, u64),
     token: u64,
@@ -2127,16 +2127,15 @@ impl Adopt {
     /// whose hashes are `hashes`), in the cache, if `file` is the file watched.
     fn give(self, file: std::os::fd::BorrowedFd<'_>, len: u64, hashes: Vec<u128>, block_size: u32) {
         let same = twinfs_fs::sys::fstat(file).is_ok_and(|st| (st.st_dev, st.st_ino) == self.key);
-        let Ok(generation) = twinfs_fs::sys::generation(file) else {
+        let generation = twinfs_fs::sys::generation(file);
+        let (true, Ok(generation)) = (same, generation) else {
             return;
         };
-        if same {
-            let list = BlockList { block_size, hashes };
-            self.cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .adopt(self.key, self.token, generation, len, list);
-        }
+        let list = BlockList { block_size, hashes };
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .adopt(self.key, self.token, generation, len, list);
     }
 }
 
