@@ -123,8 +123,9 @@ pub struct SetAttr {
 pub struct OpenFile {
     /// FUSE inode number.
     pub ino: u64,
-    /// The backing file.
-    pub key: Key,
+    /// The backing file, looked up at the first change through this handle (not at
+    /// the open, which most handles never write through).
+    key: std::sync::OnceLock<Key>,
     /// Our own fd of the backing file (also registered for passthrough).
     pub fd: OwnedFd,
     /// Opened for writing (or with `O_TRUNC`): its close is a change.
@@ -139,6 +140,17 @@ pub struct OpenFile {
 }
 
 impl OpenFile {
+    /// The backing file. (An fstat of an open fd does not fail; if it did, the
+    /// changes through this handle would be recorded for no file, and its file read
+    /// whole.)
+    fn key(&self) -> Key {
+        *self.key.get_or_init(|| {
+            sys::fstat(self.fd.as_fd())
+                .map(|st| (st.st_dev, st.st_ino))
+                .unwrap_or((0, 0))
+        })
+    }
+
     /// Whether our fd of the file was opened with write access.
     fn fd_writable(&self) -> bool {
         // SAFETY: F_GETFL on a valid fd has no side effect.
@@ -976,7 +988,7 @@ impl Volume {
             let key = match (&file, loc.name.as_deref()) {
                 (Some(f), _) => {
                     sys::ftruncate(f.fd.as_fd(), size)?;
-                    f.key
+                    f.key()
                 }
                 (None, Some(name)) => {
                     let fd = sys::openat(loc.dir.as_fd(), name, libc::O_WRONLY, 0)?;
@@ -1175,11 +1187,6 @@ impl Volume {
 
     fn add_file(&self, ino: u64, fd: OwnedFd, writable: bool) -> (u64, Arc<OpenFile>) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        // (An fstat of an open fd does not fail; if it did, the writes through this
-        // handle would be recorded for no file, and its file read whole.)
-        let key = sys::fstat(fd.as_fd())
-            .map(|st| (st.st_dev, st.st_ino))
-            .unwrap_or((0, 0));
         // Only a standby's writable handles need their path later; an active's never
         // computes it.
         let standby_path = (writable && self.rescue.is_some() && self.role() == Role::Standby)
@@ -1187,7 +1194,7 @@ impl Volume {
             .flatten();
         let file = Arc::new(OpenFile {
             ino,
-            key,
+            key: std::sync::OnceLock::new(),
             fd,
             writable,
             standby_path,
@@ -1273,7 +1280,7 @@ impl Volume {
             let fd = sys::openat(loc.dir.as_fd(), name, libc::O_WRONLY, 0)?;
             sys::ftruncate(fd.as_fd(), 0)?;
         }
-        self.written.record(file.key, 0..u64::MAX);
+        self.written.record(file.key(), 0..u64::MAX);
         // Like O_TRUNC, and unlike ftruncate of an empty file, mark both times.
         let now = libc::timespec {
             tv_sec: 0,
@@ -1369,7 +1376,7 @@ impl Volume {
         // After the write: a replicator that takes the record before this line read
         // the bytes after they were written.
         self.written
-            .record(file.key, offset..offset.saturating_add(n as u64));
+            .record(file.key(), offset..offset.saturating_add(n as u64));
         Ok(n)
     }
 
@@ -1453,7 +1460,7 @@ impl Volume {
         } else {
             offset.saturating_add(length)
         };
-        self.written.record(file.key, offset..end);
+        self.written.record(file.key(), offset..end);
         Ok(())
     }
 

@@ -225,7 +225,7 @@ impl BlockList {
     /// The byte ranges of the active's file (of `len` bytes, whose block list is
     /// `active`) to send to the standby this list is of: whole blocks, consecutive
     /// ones merged. `None` if the two lists do not use the same block size (then the
-    /// active compares block by block as it reads: [`BlockList::runs_to_send`]).
+    /// active compares block by block as it reads: [`BlockList::runs_for`]).
     pub fn runs_against(&self, active: &BlockList, len: u64) -> Option<Vec<std::ops::Range<u64>>> {
         if self.block_size != active.block_size
             || active.hashes.len() as u64 != len.div_ceil(u64::from(active.block_size))
@@ -250,17 +250,10 @@ impl BlockList {
         !self.has(index, block_hash(data))
     }
 
-    /// The byte ranges of `data` to send, whole blocks, consecutive ones merged: `data`
-    /// starts at block `first` and holds whole blocks but for a short last one.
-    pub fn runs_to_send(&self, first: usize, data: &[u8]) -> Vec<std::ops::Range<usize>> {
-        let hashes: Vec<u128> = data
-            .chunks(self.block_size as usize)
-            .map(block_hash)
-            .collect();
-        self.runs_for(first, &hashes, data.len())
-    }
-
-    /// [`BlockList::runs_to_send`] of `len` bytes whose blocks' hashes are `hashes`.
+    /// The byte ranges to send of a piece of `len` bytes that starts at block `first`
+    /// and holds whole blocks but for a short last one, whose blocks' hashes are
+    /// `hashes`: the blocks the standby has not, or has otherwise, consecutive ones
+    /// merged.
     pub fn runs_for(
         &self,
         first: usize,
@@ -328,6 +321,17 @@ pub fn parse_record_header(header: [u8; RECORD_HEADER]) -> Result<(u64, u32), De
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl BlockList {
+        /// [`BlockList::runs_for`] of `data`, starting at block `first`.
+        fn runs_to_send(&self, first: usize, data: &[u8]) -> Vec<std::ops::Range<usize>> {
+            let hashes: Vec<u128> = data
+                .chunks(self.block_size as usize)
+                .map(block_hash)
+                .collect();
+            self.runs_for(first, &hashes, data.len())
+        }
+    }
 
     #[test]
     fn block_size_grows_to_keep_the_list_short() {

@@ -732,29 +732,22 @@ pub struct HashCache {
     watched: Option<((u64, u64), Option<Record>)>,
     /// Active: the block lists of the large files the mount watches for it (see
     /// `twinfs_fs::written`), each as it was when its watch began; not stored.
-    lists: HashMap<(u64, u64), Tracked>,
-    /// Hashes in `lists`.
-    list_hashes: usize,
+    lists: crate::patch::BlockCache<(u64, u64), Kept>,
     /// The number of the last watch, and of each watched file's last
     /// ([`HashCache::adopt`]).
     watches: u64,
     last_watch: HashMap<(u64, u64), u64>,
 }
 
-/// The block list of a watched file.
-#[derive(Debug)]
-struct Tracked {
+/// The file a watched file's kept block list was made for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Kept {
     /// The inode's generation number: a new file that reuses the inode number is
     /// another.
     generation: u64,
     /// Its length when the list was made.
     len: u64,
-    list: BlockList,
 }
-
-/// Most hashes kept in [`HashCache::watch`]'s lists (16 bytes each): 4 MiB, the lists
-/// of 16 GiB of files.
-const MAX_LIST_HASHES: usize = 256 << 10;
 
 /// Most files whose last watch number is kept (past that, they are all dropped:
 /// [`HashCache::adopt`] then keeps nothing until a file's next watch).
@@ -886,7 +879,7 @@ impl HashCache {
         // A record taken for a file that was not hashed (not a regular file, gone):
         // its list misses those writes now.
         if let Some((key, _)) = self.watched.take() {
-            self.take_list(key);
+            self.lists.forget(&key);
         }
     }
 
@@ -904,7 +897,7 @@ impl HashCache {
     /// Returns the watch's number, for [`HashCache::adopt`].
     pub fn watch(&mut self, key: (u64, u64), written: Option<Record>) -> u64 {
         if let Some((unused, _)) = self.watched.replace((key, written)) {
-            self.take_list(unused);
+            self.lists.forget(&unused);
         }
         self.watches += 1;
         if self.last_watch.len() >= MAX_WATCHES && !self.last_watch.contains_key(&key) {
@@ -930,18 +923,12 @@ impl HashCache {
         let fits = list.block_size == delta::block_size(len)
             && list.hashes.len() as u64 == len.div_ceil(u64::from(list.block_size));
         let current = self.last_watch.get(&key) == Some(&watch);
-        let kept = current
-            && fits
-            && !self.lists.contains_key(&key)
-            && len >= twinfs_fs::written::TRACK_MIN;
+        let kept =
+            current && fits && !self.lists.contains(&key) && len >= twinfs_fs::written::TRACK_MIN;
         tracing::debug!(inode = key.1, len, kept, "block list made by a send");
         if kept {
-            let tracked = Tracked {
-                generation,
-                len,
-                list,
-            };
-            self.put_list(key, tracked);
+            self.lists
+                .put(&key, Kept { generation, len }, std::sync::Arc::new(list));
         }
     }
 
@@ -980,7 +967,7 @@ impl HashCache {
         // file replaced meanwhile) never leaves a list that misses its writes.
         let watched = match self.watched.take() {
             Some((k, written)) => {
-                let kept = self.take_list(k);
+                let kept = self.lists.forget(&k);
                 (k == key).then_some((written, kept))
             }
             None => None,
@@ -992,10 +979,10 @@ impl HashCache {
                 let hash = cached.hash;
                 // Nothing written since the list was made: it is this version's.
                 // (A file is watched only while blocks are collected.)
-                if let Some((Some(Record::Ranges(r)), Some(kept))) = watched {
+                if let Some((Some(Record::Ranges(r)), Some((kept, list)))) = watched {
                     if r.is_empty() {
-                        self.blocks = Some(kept.list.clone());
-                        self.put_list(key, kept);
+                        self.blocks = Some(BlockList::clone(&list));
+                        self.lists.put(&key, kept, list);
                     }
                 }
                 return Ok(hash);
@@ -1059,17 +1046,17 @@ impl HashCache {
         reader: fs::File,
         st: &Stat,
         written: Option<Record>,
-        kept: Option<Tracked>,
+        kept: Option<(Kept, std::sync::Arc<BlockList>)>,
     ) -> io::Result<u128> {
         self.entries.remove(&key);
         let len = st.st_size as u64;
         let generation = sys::generation(reader.as_fd()).ok();
-        let kept = kept.filter(|t| {
-            Some(t.generation) == generation && t.list.block_size == delta::block_size(len)
+        let kept = kept.filter(|(k, list)| {
+            Some(k.generation) == generation && list.block_size == delta::block_size(len)
         });
         let rebuilt = match (kept, &written) {
-            (Some(t), Some(Record::Ranges(ranges))) => {
-                rehash_written(reader.as_fd(), &t.list, t.len, len, ranges)?
+            (Some((k, list)), Some(Record::Ranges(ranges))) => {
+                rehash_written(reader.as_fd(), &list, k.len, len, ranges)?
             }
             _ => None,
         };
@@ -1097,12 +1084,9 @@ impl HashCache {
         let hash = delta::content_hash(&list, len);
         match generation {
             Some(generation) if len >= twinfs_fs::written::TRACK_MIN => {
-                let tracked = Tracked {
-                    generation,
-                    len,
-                    list: list.clone(),
-                };
-                self.put_list(key, tracked);
+                let kept = Kept { generation, len };
+                self.lists
+                    .put(&key, kept, std::sync::Arc::new(list.clone()));
             }
             _ => {}
         }
@@ -1110,23 +1094,6 @@ impl HashCache {
             self.blocks = Some(list);
         }
         Ok(hash)
-    }
-
-    fn take_list(&mut self, key: (u64, u64)) -> Option<Tracked> {
-        let t = self.lists.remove(&key)?;
-        self.list_hashes -= t.list.hashes.len();
-        Some(t)
-    }
-
-    fn put_list(&mut self, key: (u64, u64), tracked: Tracked) {
-        if self.list_hashes + tracked.list.hashes.len() > MAX_LIST_HASHES {
-            self.lists.clear();
-            self.list_hashes = 0;
-        }
-        self.list_hashes += tracked.list.hashes.len();
-        if let Some(old) = self.lists.insert(key, tracked) {
-            self.list_hashes -= old.list.hashes.len();
-        }
     }
 }
 

@@ -79,50 +79,67 @@ impl FileStamp {
     }
 }
 
-/// A standby's block lists of its large files, so that a delta does not read the
-/// whole old copy to tell the active what it has. Only the replicator writes a
-/// standby's files, and it updates the list it changed; a list whose file's stamp
-/// moved anyway is not used. Bounded: past [`BlockCache::MAX_HASHES`] hashes in all,
-/// lists are dropped.
-#[derive(Default)]
-pub struct BlockCache {
-    entries: HashMap<RelPath, (FileStamp, Arc<BlockList>)>,
+/// Block lists of large files, by a key (a standby's: by path), each with the stamp
+/// of the file it was made for, so that a delta does not read the whole old copy to
+/// tell the active what it has. Only the replicator writes a standby's files, and it
+/// updates the list it changed; a list whose file's stamp moved anyway is not used.
+/// (The active keeps the lists of the files its mount watches in one too; see
+/// [`crate::manifest::HashCache::watch`].) Bounded: past [`MAX_HASHES`] hashes in
+/// all, lists are dropped.
+#[derive(Debug)]
+pub struct BlockCache<K = RelPath, S = FileStamp> {
+    entries: HashMap<K, (S, Arc<BlockList>)>,
     hashes: usize,
 }
 
-impl BlockCache {
-    /// The most hashes kept (16 bytes each): 4 MiB, the lists of 16 GiB of files.
-    pub const MAX_HASHES: usize = 256 << 10;
+/// The most hashes one [`BlockCache`] keeps (16 bytes each): 4 MiB, the lists of
+/// 16 GiB of files.
+pub const MAX_HASHES: usize = 256 << 10;
 
-    /// The list kept for `path`, if it was made for the file `stamp` describes.
-    pub fn get(&self, path: &RelPath, stamp: &FileStamp) -> Option<Arc<BlockList>> {
+impl<K, S> Default for BlockCache<K, S> {
+    fn default() -> Self {
+        BlockCache {
+            entries: HashMap::new(),
+            hashes: 0,
+        }
+    }
+}
+
+impl<K: Eq + std::hash::Hash + Clone, S: PartialEq> BlockCache<K, S> {
+    /// The list kept for `key`, if it was made for the file `stamp` describes.
+    pub fn get(&self, key: &K, stamp: &S) -> Option<Arc<BlockList>> {
         self.entries
-            .get(path)
+            .get(key)
             .filter(|(s, _)| s == stamp)
             .map(|(_, list)| list.clone())
     }
 
-    /// Keeps `list` for `path` as it is at `stamp`.
-    pub fn put(&mut self, path: &RelPath, stamp: FileStamp, list: Arc<BlockList>) {
-        self.forget(path);
-        if list.hashes.len() > Self::MAX_HASHES {
+    /// Whether a list is kept for `key`.
+    pub fn contains(&self, key: &K) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// Keeps `list` for `key` as it is at `stamp`.
+    pub fn put(&mut self, key: &K, stamp: S, list: Arc<BlockList>) {
+        self.forget(key);
+        if list.hashes.len() > MAX_HASHES {
             return;
         }
-        while self.hashes + list.hashes.len() > Self::MAX_HASHES {
+        while self.hashes + list.hashes.len() > MAX_HASHES {
             let Some(victim) = self.entries.keys().next().cloned() else {
                 break;
             };
             self.forget(&victim);
         }
         self.hashes += list.hashes.len();
-        self.entries.insert(path.clone(), (stamp, list));
+        self.entries.insert(key.clone(), (stamp, list));
     }
 
-    /// Drops what is kept for `path`.
-    pub fn forget(&mut self, path: &RelPath) {
-        if let Some((_, list)) = self.entries.remove(path) {
-            self.hashes -= list.hashes.len();
-        }
+    /// Drops what is kept for `key`, and returns it.
+    pub fn forget(&mut self, key: &K) -> Option<(S, Arc<BlockList>)> {
+        let (stamp, list) = self.entries.remove(key)?;
+        self.hashes -= list.hashes.len();
+        Some((stamp, list))
     }
 
     /// Drops everything (the node stops being a standby).
@@ -547,12 +564,12 @@ mod tests {
             ..stamp
         };
         assert!(cache.get(&path("a"), &moved).is_none());
-        cache.put(&path("b"), stamp, list(BlockCache::MAX_HASHES - 1));
+        cache.put(&path("b"), stamp, list(MAX_HASHES - 1));
         assert_eq!(cache.len(), 1, "a was dropped to make room");
         assert!(cache.get(&path("b"), &stamp).is_some());
         cache.forget(&path("b"));
         assert!(cache.is_empty());
-        cache.put(&path("c"), stamp, list(BlockCache::MAX_HASHES + 1));
+        cache.put(&path("c"), stamp, list(MAX_HASHES + 1));
         assert!(cache.is_empty(), "a list over the bound is not kept");
     }
 }
