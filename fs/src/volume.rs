@@ -133,10 +133,10 @@ pub struct OpenFile {
     /// Standby: the path an upstream file was opened for writing at (see
     /// [`Volume::with_rescue`]); `None` on an active.
     standby_path: Option<PathBuf>,
-    /// (size, mtime, ctime) of the file when this handle was last recorded; `None`
+    /// (size, mtime) of the file when this handle was last recorded; `None`
     /// until the first record. With passthrough the volume does not see writes, so it
     /// tells a close after writing from a second close of a dup'd fd by these.
-    recorded: Mutex<Option<[i64; 5]>>,
+    recorded: Mutex<Option<[i64; 3]>>,
 }
 
 impl OpenFile {
@@ -159,17 +159,14 @@ impl OpenFile {
         flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY
     }
 
-    /// Whether the file may have changed since this handle was last recorded; if so,
-    /// remembers its current state as recorded.
+    /// Whether the file's content may have changed since this handle was last
+    /// recorded; if so, remembers its current state as recorded. Not the ctime: a
+    /// chmod, an xattr or a link changes it, and those are recorded by their own
+    /// operations (a late release would record the file a second time). A write sets
+    /// the mtime and the ctime to the same time, so the ctime would tell nothing more.
     fn take_change(&self) -> Result<bool> {
         let st = sys::fstat(self.fd.as_fd())?;
-        let stamp = [
-            st.st_size,
-            st.st_mtime,
-            st.st_mtime_nsec,
-            st.st_ctime,
-            st.st_ctime_nsec,
-        ];
+        let stamp = [st.st_size, st.st_mtime, st.st_mtime_nsec];
         let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
         if *recorded == Some(stamp) {
             return Ok(false);
