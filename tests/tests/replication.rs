@@ -160,6 +160,12 @@ fn a_standby_that_was_down_catches_up() {
     c.start();
     c.wait_converged(CONVERGE);
     assert!(c.nodes[1].stop().success());
+    // A clean stop unmounts the volume itself; its watchdog is for a daemon that died.
+    let log = c.nodes[1].log_text();
+    assert!(
+        log.contains("unmounted") && !log.contains("leaving the unmount"),
+        "the stopped daemon did not unmount its volume: {log}"
+    );
 
     // 1,000 changes while it is away: creates, edits, renames, deletes.
     let a = c.active().to_path_buf();

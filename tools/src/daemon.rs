@@ -309,16 +309,38 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
             let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
         });
     }
-    match Arc::try_unwrap(daemon) {
-        Ok(daemon) => {
+    match sole_owner(daemon, CONTROL_DRAIN) {
+        Some(daemon) => {
             for v in daemon.volumes {
                 unmount(v);
             }
         }
-        Err(_) => tracing::warn!("control connections still open; leaving the unmount to exit"),
+        None => {
+            tracing::warn!("control requests still running; leaving the unmount to the watchdog")
+        }
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// How long the shutdown waits for control requests under way (a `promote` may wait
+/// for its standby) before it leaves the unmount to the watchdog.
+const CONTROL_DRAIN: Duration = Duration::from_secs(2);
+
+/// The daemon, once the control requests under way (which hold it) are through;
+/// `None` if some still run after `wait`.
+fn sole_owner(mut daemon: Arc<Daemon>, wait: Duration) -> Option<Daemon> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match Arc::try_unwrap(daemon) {
+            Ok(daemon) => return Some(daemon),
+            Err(held) if std::time::Instant::now() < deadline => {
+                daemon = held;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => return None,
+        }
+    }
 }
 
 /// Listens for peers and dials them, with this node's identity and the pinned
@@ -418,8 +440,10 @@ fn viewed(config: &Config, v: &VolumeRuntime) -> crate::failover::Viewed {
 fn start_watches(daemon: &Arc<Daemon>, endpoint: &quinn::Endpoint) {
     let peers = peers(&daemon.config);
     for (i, v) in daemon.volumes.iter().enumerate() {
+        // The watches hold the daemon weakly: the shutdown unmounts the volumes only
+        // once nothing else holds it.
         if v.config.failover.auto {
-            let d = daemon.clone();
+            let d = Arc::downgrade(daemon);
             tokio::spawn(crate::failover::watch(
                 viewed(&daemon.config, v),
                 daemon.config.node.name.clone(),
@@ -428,8 +452,11 @@ fn start_watches(daemon: &Arc<Daemon>, endpoint: &quinn::Endpoint) {
                 peers.clone(),
                 v.failover_note.clone(),
                 move |epoch| {
-                    let d = d.clone();
+                    let d = d.upgrade();
                     async move {
+                        let Some(d) = d else {
+                            return Err("the daemon is shutting down".to_owned());
+                        };
                         match take_over(&d.volumes[i], epoch, "auto").await {
                             Ok(Ok(line)) => Ok(line),
                             Ok(Err(line)) => Err(line),
@@ -446,7 +473,7 @@ fn start_watches(daemon: &Arc<Daemon>, endpoint: &quinn::Endpoint) {
                 continue;
             }
         };
-        let d = daemon.clone();
+        let d = Arc::downgrade(daemon);
         let name = v.config.name.clone();
         tokio::spawn(crate::failover::health(
             v.config.name.clone(),
@@ -457,8 +484,11 @@ fn start_watches(daemon: &Arc<Daemon>, endpoint: &quinn::Endpoint) {
             v.config.health.failures,
             v.health.clone(),
             move || {
-                let (d, name) = (d.clone(), name.clone());
+                let (d, name) = (d.upgrade(), name.clone());
                 async move {
+                    let Some(d) = d else {
+                        return Err("the daemon is shutting down".to_owned());
+                    };
                     d.demote(Some(&name), "health")
                         .await
                         .map_err(|e| format!("{e:#}"))
@@ -596,7 +626,10 @@ async fn serve(daemon: Arc<Daemon>, listener: UnixListener, mut signals: Signals
             _ = signals.terminate.recv() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let daemon = daemon.clone();
+                    // Held strongly only while a request is carried out: a client that
+                    // connects and says nothing does not keep the shutdown from
+                    // unmounting.
+                    let daemon = Arc::downgrade(&daemon);
                     tokio::spawn(async move {
                         if let Err(e) = handle_connection(&daemon, stream).await {
                             tracing::debug!(error = %e, "control connection failed");
@@ -609,14 +642,20 @@ async fn serve(daemon: Arc<Daemon>, listener: UnixListener, mut signals: Signals
     }
 }
 
-async fn handle_connection(daemon: &Daemon, stream: UnixStream) -> std::io::Result<()> {
+async fn handle_connection(
+    daemon: &std::sync::Weak<Daemon>,
+    stream: UnixStream,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(control::MAX_LINE as u64));
     let mut line = String::new();
     let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
     let response = match read {
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => daemon.handle(request).await,
+            Ok(request) => match daemon.upgrade() {
+                Some(daemon) => daemon.handle(request).await,
+                None => Response::Error("the daemon is shutting down".into()),
+            },
             Err(e) => Response::Error(format!("bad request: {e}")),
         },
         Ok(Err(e)) => return Err(e),
