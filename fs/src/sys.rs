@@ -354,7 +354,6 @@ pub fn pwrite(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> io::Result<usize>
     Ok(done)
 }
 
-/// `fsync` or `fdatasync`.
 /// Starts writing back the dirty pages of `fd` in `offset..offset + len` and returns
 /// without waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a later fsync has that
 /// much less to do. Makes nothing durable by itself.
@@ -370,6 +369,7 @@ pub fn start_writeback(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<
     })
 }
 
+/// `fsync` or `fdatasync`.
 pub fn fsync(fd: BorrowedFd<'_>, data_only: bool) -> io::Result<()> {
     // SAFETY: plain syscall on a valid fd.
     check(unsafe {
