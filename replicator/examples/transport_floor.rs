@@ -1,8 +1,9 @@
 //! The transport's floor for bulk bytes: how long twinfs's QUIC endpoints (the same
 //! configuration as the daemon's: pinned mutual TLS, windows, datagram size) take to
 //! move N MiB from memory to memory over loopback, on S streams at once, against a
-//! plain TCP connection on loopback moving the same bytes in the same run. No disk,
-//! no files: what no full sync over this transport can beat.
+//! plain TCP connection on loopback moving the same bytes in the same run, with the
+//! CPU time each took (both ends run in this process). No disk, no files: what no
+//! full sync over this transport can beat, in time or in CPU.
 //!
 //! usage: cargo run --release -p twinfs-replicator --example transport_floor -- [MIB] [STREAMS] [ROUNDS]
 
