@@ -72,11 +72,13 @@ async fn quic(mib: usize, streams: usize) -> Result<(Duration, Duration, u64)> {
         for t in tasks {
             total += t.await??;
         }
+        // Every byte is in: the transfer ends here, not after the close's drain.
+        let done = (Instant::now(), cpu());
         let rtt = conn.rtt();
         let mtu = conn.stats().path.current_mtu;
         conn.close(0u32.into(), b"done");
         eb.wait_idle().await;
-        Ok::<_, Box<dyn Error + Send + Sync>>((total, rtt, mtu))
+        Ok::<_, Box<dyn Error + Send + Sync>>((total, rtt, mtu, done))
     });
     let (conn, _) = connect(&ea, b_addr, b_id).await?;
     let data = bytes::Bytes::from(vec![0x5au8; CHUNK]);
@@ -98,8 +100,8 @@ async fn quic(mib: usize, streams: usize) -> Result<(Duration, Duration, u64)> {
     for s in senders {
         s.await??;
     }
-    let (total, rtt, mtu) = receiver.await??;
-    let (took, used) = (start.elapsed(), cpu() - cpu0);
+    let (total, rtt, mtu, (done, cpu1)) = receiver.await??;
+    let (took, used) = (done - start, cpu1 - cpu0);
     eprintln!(
         "  quic: rtt {rtt:?}, mtu {mtu}, lost {}",
         conn.stats().path.lost_packets
