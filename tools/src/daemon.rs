@@ -323,6 +323,9 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a watch or a control request that finds the daemon gone gets.
+const SHUTTING_DOWN: &str = "the daemon is shutting down";
+
 /// How long the shutdown waits for control requests under way (a `promote` may wait
 /// for its standby) before it leaves the unmount to the watchdog.
 const CONTROL_DRAIN: Duration = Duration::from_secs(2);
@@ -455,7 +458,7 @@ fn start_watches(daemon: &Arc<Daemon>, endpoint: &quinn::Endpoint) {
                     let d = d.upgrade();
                     async move {
                         let Some(d) = d else {
-                            return Err("the daemon is shutting down".to_owned());
+                            return Err(SHUTTING_DOWN.to_owned());
                         };
                         match take_over(&d.volumes[i], epoch, "auto").await {
                             Ok(Ok(line)) => Ok(line),
@@ -487,7 +490,7 @@ fn start_watches(daemon: &Arc<Daemon>, endpoint: &quinn::Endpoint) {
                 let (d, name) = (d.upgrade(), name.clone());
                 async move {
                     let Some(d) = d else {
-                        return Err("the daemon is shutting down".to_owned());
+                        return Err(SHUTTING_DOWN.to_owned());
                     };
                     d.demote(Some(&name), "health")
                         .await
@@ -654,7 +657,7 @@ async fn handle_connection(
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             Ok(request) => match daemon.upgrade() {
                 Some(daemon) => daemon.handle(request).await,
-                None => Response::Error("the daemon is shutting down".into()),
+                None => Response::Error(SHUTTING_DOWN.into()),
             },
             Err(e) => Response::Error(format!("bad request: {e}")),
         },
