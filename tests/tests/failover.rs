@@ -648,6 +648,34 @@ fn a_failed_promote_hook_hands_the_role_back_when_configured() {
     assert!(is_erofs(fs::write(c.nodes[1].volume.join("x"), "y")));
 }
 
+/// A hook that starts a service in the background (`cmmd &`) returns when its shell
+/// does: the service holding the hook's output open holds up neither the role change
+/// nor the hook's result, and what it writes later still reaches the daemon's log.
+#[test]
+fn a_hook_that_leaves_a_process_running_does_not_hold_the_role_change() {
+    let _serial = twinfs_tests::serial();
+    let rules = format!("on_promote = '(sleep 4; echo late-line) & echo started'\n{RULES}");
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, &rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    run_ok(&c.nodes[0], &["demote"]);
+    run_ok(&c.nodes[1], &["promote"]);
+    let hook = c.nodes[1].volume_status()["last_hook"].clone();
+    assert_eq!(hook["ok"], true, "{hook}");
+    assert_eq!(
+        hook["output"], "started\n",
+        "the hook's result waited for the background process: {hook}"
+    );
+    assert!(
+        wait_until(CONVERGE, || c.nodes[1]
+            .log_text()
+            .contains("late-line (from a process the hook left running)")),
+        "the background process's output is not in the log\n{}",
+        c.nodes[1].log_text()
+    );
+}
+
 /// The path through which daemon `pid` reaches the backing directory under the mount at
 /// `volume` (its own fd on it): a write there goes behind the mount's back.
 fn backing_dir(pid: u32, volume: &Path) -> PathBuf {

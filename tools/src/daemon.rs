@@ -1199,8 +1199,6 @@ fn run_hook(
     change: &twinfs_replicator::roles::RoleChange,
     timeout: Duration,
 ) -> HookResult {
-    use std::io::Read;
-    let started = std::time::Instant::now();
     let mut result = HookResult {
         hook: hook.to_owned(),
         reason: change.reason.to_owned(),
@@ -1210,72 +1208,42 @@ fn run_hook(
         timed_out: false,
         output: String::new(),
     };
-    let spawned = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .env("TWINFS_VOLUME", &change.volume)
-        .env("TWINFS_ROLE", change.next.role.name())
-        .env("TWINFS_PREVIOUS_ROLE", change.previous.role.name())
-        .env("TWINFS_EPOCH", change.next.epoch.to_string())
-        .env("TWINFS_REASON", change.reason)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(c) => c,
+    let env = [
+        ("TWINFS_VOLUME", change.volume.clone()),
+        ("TWINFS_ROLE", change.next.role.name().to_owned()),
+        (
+            "TWINFS_PREVIOUS_ROLE",
+            change.previous.role.name().to_owned(),
+        ),
+        ("TWINFS_EPOCH", change.next.epoch.to_string()),
+        ("TWINFS_REASON", change.reason.to_owned()),
+    ];
+    let outcome = match crate::shell::run(command, &env, timeout, true) {
+        Ok(o) => o,
         Err(e) => {
             result.output = format!("cannot run sh: {e}");
             tracing::error!(volume = %change.volume, hook, error = %e, "hook not run");
             return result;
         }
     };
-    // Both pipes are drained on threads of their own, so a chatty hook never blocks.
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_string(&mut text);
-            }
-            text
-        })
-    };
-    let out = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let err = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if started.elapsed() < timeout => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            _ => {
-                result.timed_out = true;
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    let text = format!(
-        "{}{}",
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default()
-    );
+    let text = outcome.output;
     for line in text.lines() {
         tracing::info!(volume = %change.volume, hook, "{line}");
     }
-    result.exit_code = status.and_then(|s| s.code());
-    result.ok = status.is_some_and(|s| s.success());
+    // Processes the hook left running (a service it started with `&`) log on; their
+    // output must not break on a closed pipe.
+    if let Some(rest) = outcome.rest {
+        let (volume, hook) = (change.volume.clone(), hook.to_owned());
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(rest).lines().map_while(Result::ok) {
+                tracing::info!(%volume, hook, "{line} (from a process the hook left running)");
+            }
+        });
+    }
+    result.exit_code = outcome.status.and_then(|s| s.code());
+    result.ok = outcome.status.is_some_and(|s| s.success());
+    result.timed_out = outcome.timed_out;
     // The last 1 KiB is enough to see why it failed.
     let cut = text.len().saturating_sub(1024);
     let cut = (cut..=text.len())

@@ -384,26 +384,12 @@ fn check(root: &std::os::fd::OwnedFd, command: Option<&str>, wait: Duration) -> 
     let Some(command) = command else {
         return Ok(());
     };
-    let mut child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run sh: {e}"))?;
-    let started = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => return Err(format!("health_command: {status}")),
-            Ok(None) if started.elapsed() < wait => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("health_command: still running after {wait:?}"));
-            }
-        }
+    let outcome =
+        crate::shell::run(command, &[], wait, false).map_err(|e| format!("cannot run sh: {e}"))?;
+    match outcome.status {
+        Some(status) if status.success() => Ok(()),
+        Some(status) => Err(format!("health_command: {status}")),
+        None => Err(format!("health_command: still running after {wait:?}")),
     }
 }
 

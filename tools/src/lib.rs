@@ -7,10 +7,12 @@
 //! - [`control`]: the control socket protocol between the command and the daemon.
 //! - [`daemon`]: `twinfs mount`: mounts, control socket, clean shutdown.
 //! - [`failover`]: automatic failover of a standby, and the active's health watch.
+//! - [`shell`]: hooks and health commands, run with a time limit.
 
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod failover;
 pub mod identity;
+pub mod shell;
 pub mod state;
