@@ -23,7 +23,7 @@ use crate::manifest::{self, HashCache, Kind, Manifest, Meta};
 use crate::path::RelPath;
 use crate::policy::{Durability, PolicySet, SyncMode};
 use crate::protocol::{Message, Op, ProtocolError, VolumeView, MAX_MESSAGE};
-use crate::roles::RoleCell;
+use crate::roles::{Hold, RoleCell};
 use crate::session::{Output, Session, SessionConfig, Ship};
 use crate::transport::{self, PeerId};
 use crate::upstream::{self, Outbox};
@@ -1318,7 +1318,7 @@ async fn run_session(
                 handing_over = None;
             } else if since.elapsed() > HANDOVER_DRAIN {
                 tracing::warn!(volume = %volume.name, peer = %link.peer, "handover: the standby did not catch up in time; taking writes again");
-                volume.roles.resume_writes();
+                volume.roles.resume_writes(Hold::Handover);
                 handing_over = None;
             }
         }
@@ -1364,7 +1364,7 @@ async fn run_session(
                             // Not awaited here: a write under way may wait (sync
                             // durability) for the very acks this loop must go on taking.
                             let roles = volume.roles.clone();
-                            stopping = Some(tokio::task::spawn_blocking(move || roles.stop_writes()));
+                            stopping = Some(tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Handover)));
                         }
                         Message::HandoverReady { epoch } if role == Role::Standby => {
                             if let Some(reply) = waiting_handover.take() {
@@ -1544,7 +1544,7 @@ async fn run_session(
     if handing_over.is_some() {
         // The standby went away mid-handover: this node takes writes again.
         let roles = volume.roles.clone();
-        let _ = tokio::task::spawn_blocking(move || roles.resume_writes()).await;
+        let _ = tokio::task::spawn_blocking(move || roles.resume_writes(Hold::Handover)).await;
     }
     for reply in syncs.drain(..) {
         let _ = reply.try_send((link.peer.clone(), Err("the session ended".into())));

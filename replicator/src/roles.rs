@@ -43,6 +43,25 @@ pub struct RoleChange {
 /// whose hook failed.
 pub type Hook = Box<dyn Fn(&RoleChange) -> bool + Send + Sync>;
 
+/// Why an active node's local writes are held back. Each holder lifts only its own
+/// hold; writes come back when none is left (so the end of the start-up hold cannot
+/// undo a `demote` under way, nor a failed handover a `demote`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// An active that starts waits to meet its standbys.
+    Startup,
+    /// `twinfs demote` ships what is pending before the node becomes a standby.
+    Demote,
+    /// A planned handover ships what is pending before the standby takes over.
+    Handover,
+}
+
+impl Hold {
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
 /// One volume's role and epoch, shared by the daemon and the replication.
 pub struct RoleCell {
     name: String,
@@ -57,6 +76,9 @@ pub struct RoleCell {
     hook: Option<Hook>,
     /// Role changes one at a time.
     changing: Mutex<()>,
+    /// The [`Hold`]s on local writes, as bits. Its own lock, taken after `changing`
+    /// if both: stopping writes must not wait for a role change's hook.
+    holds: Mutex<u8>,
 }
 
 impl RoleCell {
@@ -79,6 +101,7 @@ impl RoleCell {
             sync_record,
             hook,
             changing: Mutex::new(()),
+            holds: Mutex::new(0),
         }
     }
 
@@ -130,7 +153,12 @@ impl RoleCell {
             epoch,
         };
         (self.store)(next)?;
-        self.volume.set_role(Role::Active);
+        {
+            // A promotion takes writes, whatever held them back in an earlier term.
+            let mut holds = self.holds();
+            *holds = 0;
+            self.volume.set_role(Role::Active);
+        }
         self.publish(next);
         tracing::warn!(volume = %self.name, epoch, reason, "now active");
         if self.run_hook(previous, next, reason) && previous.role != Role::Active {
@@ -154,18 +182,28 @@ impl RoleCell {
         }
     }
 
-    /// Refuses local writes from now on, without telling the sessions yet (they go on
-    /// shipping what was written before). Blocks until the writes under way are done.
-    pub fn stop_writes(&self) {
+    /// Refuses local writes from now on, for `hold`, without telling the sessions yet
+    /// (they go on shipping what was written before). Blocks until the writes under
+    /// way are done. Does not wait for a role change under way (a hook may take long).
+    pub fn stop_writes(&self, hold: Hold) {
+        let mut holds = self.holds();
+        *holds |= hold.bit();
         self.volume.set_role(Role::Standby);
     }
 
-    /// Lets local writes in again after [`RoleCell::stop_writes`], if still active.
-    pub fn resume_writes(&self) {
+    /// Lifts `hold`; lets local writes in again if no other hold is left and the node
+    /// is still active.
+    pub fn resume_writes(&self, hold: Hold) {
         let _one = self.lock();
-        if self.get().role == Role::Active {
+        let mut holds = self.holds();
+        *holds &= !hold.bit();
+        if *holds == 0 && self.get().role == Role::Active {
             self.volume.set_role(Role::Active);
         }
+    }
+
+    fn holds(&self) -> std::sync::MutexGuard<'_, u8> {
+        self.holds.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Becomes a standby that follows epoch `epoch` or later: read-only at once,
@@ -203,5 +241,62 @@ impl RoleCell {
         // Not published: the session that follows this epoch goes on.
         self.tx.send_replace(next);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(dir: &std::path::Path, role: Role) -> RoleCell {
+        let volume = Volume::new(dir, role, Arc::new(twinfs_fs::Discard)).expect("volume");
+        RoleCell::new(
+            "v",
+            RoleState { role, epoch: 1 },
+            Arc::new(volume),
+            Box::new(|_| Ok(())),
+            dir.join("no-sync-record"),
+            watch::Sender::new(0),
+            None,
+        )
+    }
+
+    #[test]
+    fn writes_come_back_only_when_every_hold_is_lifted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let roles = cell(dir.path(), Role::Active);
+        let writable = || roles.volume().role() == Role::Active;
+        roles.stop_writes(Hold::Startup);
+        // A demote starts while the start-up hold is on; the start-up hold ends.
+        roles.stop_writes(Hold::Demote);
+        roles.resume_writes(Hold::Startup);
+        assert!(
+            !writable(),
+            "the end of the start-up hold undid a demote under way"
+        );
+        // A handover that times out does not undo it either.
+        roles.stop_writes(Hold::Handover);
+        roles.resume_writes(Hold::Handover);
+        assert!(!writable());
+        roles.resume_writes(Hold::Demote);
+        assert!(writable());
+    }
+
+    #[test]
+    fn a_promotion_takes_writes_whatever_held_them_before() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let roles = cell(dir.path(), Role::Active);
+        roles.stop_writes(Hold::Demote);
+        roles.demote(1, "manual").expect("demote");
+        assert_eq!(roles.volume().role(), Role::Standby);
+        // Lifting a hold never makes a standby writable.
+        roles.resume_writes(Hold::Demote);
+        assert_eq!(roles.volume().role(), Role::Standby);
+        roles.promote(2, "manual").expect("promote");
+        assert_eq!(roles.volume().role(), Role::Active);
+        // Nothing of the earlier term is left to hold writes back.
+        roles.stop_writes(Hold::Handover);
+        roles.resume_writes(Hold::Handover);
+        assert_eq!(roles.volume().role(), Role::Active);
     }
 }

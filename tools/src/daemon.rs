@@ -14,7 +14,7 @@ use twinfs_fs::{MountOptions, Mounted, Volume};
 use twinfs_replicator::capture::Capture;
 use twinfs_replicator::manifest::HashCache;
 use twinfs_replicator::node::{self, Peer, SyncRecord, VolumeLink};
-use twinfs_replicator::roles::{RoleCell, RoleState};
+use twinfs_replicator::roles::{Hold, RoleCell, RoleState};
 use twinfs_replicator::transport::{self, PinnedPeers, TlsIdentity};
 
 use crate::config::{Config, Role, VolumeConfig};
@@ -210,6 +210,10 @@ fn mount_volume(
         node_roles.clone(),
         Some(hook_runner(vc.hooks.clone(), last_hook.clone())),
     ));
+    if held {
+        // Lifted by `hold_writes_until_unchallenged` once replication runs.
+        roles.stop_writes(Hold::Startup);
+    }
     Ok(VolumeRuntime {
         config: vc.clone(),
         mounted,
@@ -529,7 +533,7 @@ async fn hold_writes_until_unchallenged(volume: String, roles: Arc<RoleCell>, bo
                 tracing::warn!(volume = %volume, "no standby answered within {STARTUP_HOLD:?}; taking writes");
             }
             let r = roles.clone();
-            let _ = tokio::task::spawn_blocking(move || r.resume_writes()).await;
+            let _ = tokio::task::spawn_blocking(move || r.resume_writes(Hold::Startup)).await;
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -823,7 +827,7 @@ impl Daemon {
                 continue;
             }
             let roles = v.roles.clone();
-            tokio::task::spawn_blocking(move || roles.stop_writes())
+            tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Demote))
                 .await
                 .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?;
             let (acked, behind) = self.wait_for_standbys(name, DEMOTE_WAIT).await;
