@@ -350,6 +350,52 @@ fn a_second_daemon_on_the_same_config_is_refused() {
 }
 
 #[test]
+fn a_peer_with_this_nodes_own_id_is_refused() {
+    let _serial = twinfs_tests::serial();
+    let node = Node::new("", |_| {});
+    let out = node.twinfs(&["init"]);
+    assert!(out.status.success(), "{out:?}");
+    let own = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The node under another name: config check cannot know the id is its own.
+    let text = fs::read_to_string(&node.config).expect("read config");
+    let text = text.replacen(
+        "\n[[volume]]",
+        &format!(
+            "\n[[peer]]\nname = \"me-again\"\naddress = \"127.0.0.1:7790\"\n{own}\n[[volume]]"
+        ),
+        1,
+    );
+    fs::write(&node.config, text).expect("write config");
+    let check = node.twinfs(&["config", "check"]);
+    assert!(check.status.success(), "{check:?}");
+
+    let mut daemon = std::process::Command::new(twinfs_bin())
+        .arg("--config")
+        .arg(&node.config)
+        .arg("mount")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&node.log).expect("create log"))
+        .spawn()
+        .expect("spawn twinfs mount");
+    // A guard against a hang, not a timing assertion: the daemon must exit by itself.
+    let exited = twinfs_tests::daemon::wait_until(Duration::from_secs(60), || {
+        matches!(daemon.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        panic!("the daemon started with itself as a peer");
+    }
+    let status = daemon.wait().expect("wait for the daemon");
+    assert!(!status.success());
+    let err = node.log_text();
+    assert!(err.contains("\"me-again\""), "names the peer: {err}");
+    assert!(err.contains("own node_id"), "{err}");
+    assert!(!is_mounted(&node.volume));
+}
+
+#[test]
 fn status_counts_changes_by_policy() {
     let _serial = twinfs_tests::serial();
     let mut node = Node::new(CMM_RULES, fill_cmm);

@@ -501,6 +501,17 @@ impl RawConfig {
             let name_span = raw.name.span();
             let node_id_span = raw.node_id.span();
             let peer = raw.validate(doc, i)?;
+            if peer.name == node.name {
+                return Err(doc.invalid(
+                    name_span,
+                    &format!("peer[{i}].name"),
+                    format!(
+                        "{:?} is this node's own name (node.name): a node does not list \
+                         itself as a peer",
+                        peer.name
+                    ),
+                ));
+            }
             if let Some(j) = peers.iter().position(|p| p.name == peer.name) {
                 return Err(doc.invalid(
                     name_span,

@@ -359,6 +359,21 @@ fn start_replication(
     if created {
         tracing::info!(node_id = %identity.node_id(), "created this node's identity");
     }
+    // The active would dial itself and fence itself, and an automatic failover would
+    // count this node twice.
+    if let Some(peer) = config
+        .peers
+        .iter()
+        .find(|p| p.node_id == identity.node_id())
+    {
+        bail!(
+            "{}: peer {:?} has this node's own node_id ({}): a node does not list itself \
+             as a peer; remove that [[peer]] from this node's configuration",
+            config.source.display(),
+            peer.name,
+            peer.node_id
+        );
+    }
     let tls = TlsIdentity {
         cert: identity.certificate().clone(),
         key: rustls_pki_types::PrivateKeyDer::Pkcs8(identity.private_key().clone_key()),

@@ -458,6 +458,15 @@ fn duplicate_peers() {
 }
 
 #[test]
+fn a_peer_named_like_this_node() {
+    let setup = Setup::new();
+    let text = format!(
+        "[node]\nname = \"cmm-a\"\n\n[[peer]]\nname = \"cmm-a\"\naddress = \"b:7790\"\nnode_id = \"{ID_B}\"\n"
+    );
+    setup.assert_error(&text, 5, "peer[0].name", "this node's own name (node.name)");
+}
+
+#[test]
 fn a_bad_peer_address() {
     let setup = Setup::new();
     for address in [
