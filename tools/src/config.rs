@@ -39,7 +39,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -494,6 +494,8 @@ enum SyncName {
 
 impl RawConfig {
     fn validate(self, doc: &Document) -> Result<Config, ConfigError> {
+        let state_dir_span = self.node.state_dir.as_ref().map(Spanned::span);
+        let control_socket_span = self.node.control_socket.as_ref().map(Spanned::span);
         let node = self.node.validate(doc)?;
 
         let mut peers: Vec<PeerConfig> = Vec::with_capacity(self.peer.len());
@@ -530,6 +532,8 @@ impl RawConfig {
         }
 
         let mut volumes: Vec<VolumeConfig> = Vec::with_capacity(self.volume.len());
+        // Each volume's path as resolved (symlinks, `.` and `..`), and where it is written.
+        let mut paths: Vec<(PathBuf, Range<usize>)> = Vec::with_capacity(self.volume.len());
         for (i, raw) in self.volume.into_iter().enumerate() {
             let name_span = raw.name.span();
             let path_span = raw.path.span();
@@ -541,17 +545,76 @@ impl RawConfig {
                     format!("{:?} is already the name of volume[{j}]", volume.name),
                 ));
             }
-            if let Some(j) = volumes.iter().position(|v| v.path == volume.path) {
-                return Err(doc.invalid(
-                    path_span,
-                    &format!("volume[{i}].path"),
-                    format!(
-                        "{} is already the path of volume[{j}]",
-                        volume.path.display()
+            let real = resolved(&volume.path);
+            for (j, (other, _)) in paths.iter().enumerate() {
+                let Some(how) = nesting(&real, other) else {
+                    continue;
+                };
+                let message = match how {
+                    Nesting::Same if real == volume.path => {
+                        format!("{} is already the path of volume[{j}]", real.display())
+                    }
+                    Nesting::Same => format!(
+                        "{} is {}, already the path of volume[{j}]",
+                        volume.path.display(),
+                        real.display()
                     ),
-                ));
+                    _ => format!(
+                        "{} {} {}, the path of volume[{j}]: volumes must not overlap (each \
+                         is mounted in place on a directory of its own)",
+                        volume.path.display(),
+                        how.words(),
+                        volumes[j].path.display()
+                    ),
+                };
+                return Err(doc.invalid(path_span, &format!("volume[{i}].path"), message));
             }
+            paths.push((real, path_span));
             volumes.push(volume);
+        }
+
+        // The daemon's own files in a volume would be replicated (and read-only on a
+        // standby); a volume in the state directory would hold the daemon's files.
+        for (key, path, span) in [
+            ("node.state_dir", &node.state_dir, state_dir_span),
+            (
+                "node.control_socket",
+                &node.control_socket,
+                control_socket_span,
+            ),
+        ] {
+            let real = resolved(path);
+            for (i, (volume, volume_span)) in paths.iter().enumerate() {
+                let why = "the daemon's own files must be outside every volume";
+                let error = match (nesting(&real, volume), span.clone()) {
+                    (None, _) => continue,
+                    (Some(how), Some(span)) => doc.invalid(
+                        span,
+                        key,
+                        format!(
+                            "{} {} {}, volume[{i}].path: {why}",
+                            path.display(),
+                            how.words(),
+                            volumes[i].path.display()
+                        ),
+                    ),
+                    // Not written: the default is at fault only together with the volume.
+                    (Some(_), None) => {
+                        let how = nesting(volume, &real).unwrap_or(Nesting::Same);
+                        doc.invalid(
+                            volume_span.clone(),
+                            &format!("volume[{i}].path"),
+                            format!(
+                                "{} {} {}, {key} (by default): {why}; set {key}",
+                                volumes[i].path.display(),
+                                how.words(),
+                                path.display()
+                            ),
+                        )
+                    }
+                };
+                return Err(error);
+            }
         }
 
         Ok(Config {
@@ -822,6 +885,67 @@ fn duration(text: &Spanned<String>, doc: &Document, key: &str) -> Result<Duratio
                 text.get_ref()
             ),
         )),
+    }
+}
+
+/// `path` with symlinks, `.` and `..` resolved as far as it exists, and the rest
+/// taken as written (`..` there removes the name before it): two names of one
+/// directory come out the same. `path` is absolute.
+fn resolved(path: &Path) -> PathBuf {
+    let mut real = PathBuf::from("/");
+    let mut exists = true;
+    for component in path.components() {
+        match component {
+            Component::Prefix(_) | Component::RootDir | Component::CurDir => {}
+            // `real` is resolved up to here, so its parent is the real one.
+            Component::ParentDir => {
+                real.pop();
+            }
+            Component::Normal(name) => {
+                real.push(name);
+                if exists {
+                    match std::fs::canonicalize(&real) {
+                        Ok(canonical) => real = canonical,
+                        // Not there yet (a state directory `twinfs init` creates), or
+                        // a dead mount: the rest is compared as written.
+                        Err(_) => exists = false,
+                    }
+                }
+            }
+        }
+    }
+    real
+}
+
+/// How one resolved path lies relative to another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Nesting {
+    Same,
+    Inside,
+    Contains,
+}
+
+impl Nesting {
+    fn words(self) -> &'static str {
+        match self {
+            Nesting::Same => "is the same as",
+            Nesting::Inside => "is inside",
+            Nesting::Contains => "contains",
+        }
+    }
+}
+
+/// How `a` lies relative to `b` (both resolved), or `None` when neither is inside the
+/// other.
+fn nesting(a: &Path, b: &Path) -> Option<Nesting> {
+    if a == b {
+        Some(Nesting::Same)
+    } else if a.starts_with(b) {
+        Some(Nesting::Inside)
+    } else if b.starts_with(a) {
+        Some(Nesting::Contains)
+    } else {
+        None
     }
 }
 

@@ -354,6 +354,76 @@ fn duplicate_volume_paths() {
 }
 
 #[test]
+fn nested_volumes() {
+    let setup = Setup::new();
+    fs::create_dir(setup.volume().join("sub")).expect("mkdir sub");
+    let inner = "[[volume]]\nname = \"b\"\npath = \"{VOL}/sub\"\n";
+    let text = format!("{}\n{inner}", minimal_volume());
+    setup.assert_error(
+        &text,
+        7,
+        "volume[1].path",
+        "sub is inside {VOL}, the path of volume[0]: volumes must not overlap"
+            .replace("{VOL}", &setup.volume().display().to_string())
+            .as_str(),
+    );
+    let text = format!("{inner}\n{}", minimal_volume());
+    setup.assert_error(&text, 7, "volume[1].path", "contains");
+}
+
+#[test]
+fn two_names_of_one_volume_directory() {
+    let setup = Setup::new();
+    std::os::unix::fs::symlink(setup.volume(), setup.dir.path().join("link")).expect("symlink");
+    let dir = setup.dir.path().display().to_string();
+    for other in [
+        format!("{dir}/link"),
+        format!("{dir}/vol2/../vol"),
+        format!("{dir}/./vol"),
+    ] {
+        let text = format!(
+            "{}\n[[volume]]\nname = \"b\"\npath = \"{other}\"\n",
+            minimal_volume()
+        );
+        setup.assert_error(&text, 7, "volume[1].path", "already the path of volume[0]");
+    }
+}
+
+#[test]
+fn the_state_directory_and_control_socket_outside_every_volume() {
+    let setup = Setup::new();
+    let volumes = format!(
+        "{}\n[[volume]]\nname = \"b\"\npath = \"{{VOL2}}\"\n",
+        minimal_volume()
+    );
+    // Inside a volume, whether it exists yet or not.
+    for state_dir in ["{VOL2}/.twinfs", "{VOL2}"] {
+        let text = format!("[node]\nname = \"a\"\nstate_dir = \"{state_dir}\"\n\n{volumes}");
+        setup.assert_error(
+            &text,
+            3,
+            "node.state_dir",
+            "volume[1].path: the daemon's own files",
+        );
+    }
+    // Holding a volume.
+    let dir = setup.dir.path().display();
+    let text = format!("[node]\nname = \"a\"\nstate_dir = \"{dir}\"\n\n{volumes}");
+    setup.assert_error(&text, 3, "node.state_dir", "contains");
+    let text = format!(
+        "[node]\nname = \"a\"\nstate_dir = \"/srv/tw\"\ncontrol_socket = \"{{VOL}}/../vol/c.sock\"\n\n{volumes}"
+    );
+    setup.assert_error(&text, 4, "node.control_socket", "is inside");
+    // The default state directory (/var/lib/twinfs) in a volume at /var.
+    setup.assert_error(
+        "[node]\nname = \"a\"\n\n[[volume]]\nname = \"var\"\npath = \"/var\"\n",
+        6,
+        "volume[0].path",
+        "/var contains /var/lib/twinfs, node.state_dir (by default)",
+    );
+}
+
+#[test]
 fn a_bad_volume_name() {
     let setup = Setup::new();
     setup.assert_error(
