@@ -714,14 +714,14 @@ impl RawVolume {
             Err(e) => return Err(not_a_dir(format!("{}: {e}", path.display()))),
         }
         let sync_timeout = match self.sync_timeout {
-            Some(timeout) => duration(&timeout, doc, &key("sync_timeout"))?,
+            Some(timeout) => duration(&timeout, doc, &key("sync_timeout"), MAX_SYNC_TIMEOUT)?,
             None => DEFAULT_SYNC_TIMEOUT,
         };
         let hooks = Hooks {
             on_promote: self.on_promote.filter(|c| !c.trim().is_empty()),
             on_demote: self.on_demote.filter(|c| !c.trim().is_empty()),
             timeout: match self.hook_timeout {
-                Some(t) => duration(&t, doc, &key("hook_timeout"))?,
+                Some(t) => duration(&t, doc, &key("hook_timeout"), MAX_TIMEOUT)?,
                 None => DEFAULT_HOOK_TIMEOUT,
             },
             rollback_failed_promote: self.on_promote_failure == Some(PromoteFailure::Rollback),
@@ -729,14 +729,14 @@ impl RawVolume {
         let failover = Failover {
             auto: self.failover == Some(FailoverMode::Auto),
             peer_timeout: match self.peer_timeout {
-                Some(t) => duration(&t, doc, &key("peer_timeout"))?,
+                Some(t) => duration(&t, doc, &key("peer_timeout"), MAX_TIMEOUT)?,
                 None => DEFAULT_PEER_TIMEOUT,
             },
         };
         let health = Health {
             command: self.health_command.filter(|c| !c.trim().is_empty()),
             interval: match self.health_interval {
-                Some(t) => duration(&t, doc, &key("health_interval"))?,
+                Some(t) => duration(&t, doc, &key("health_interval"), MAX_TIMEOUT)?,
                 None => DEFAULT_HEALTH_INTERVAL,
             },
             failures: match self.health_failures {
@@ -779,9 +779,12 @@ impl RawRule {
             (SyncName::Always, None) => SyncMode::Always,
             (SyncName::Once, None) => SyncMode::Once,
             (SyncName::Never, None) => SyncMode::Never,
-            (SyncName::Interval, Some(interval)) => {
-                SyncMode::Interval(duration(interval, doc, &format!("{key}.interval"))?)
-            }
+            (SyncName::Interval, Some(interval)) => SyncMode::Interval(duration(
+                interval,
+                doc,
+                &format!("{key}.interval"),
+                MAX_INTERVAL,
+            )?),
             (SyncName::Interval, None) => {
                 return Err(doc.invalid(
                     self.sync.span(),
@@ -873,10 +876,33 @@ fn absolute(path: Spanned<PathBuf>, doc: &Document, key: &str) -> Result<PathBuf
     ))
 }
 
-fn duration(text: &Spanned<String>, doc: &Document, key: &str) -> Result<Duration, ConfigError> {
+/// The longest `sync_timeout`: a `sync` write holds its writer that long.
+pub const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+/// The longest `hook_timeout`, `peer_timeout` and `health_interval`.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+/// The longest rule `interval`: a year (of 365.25 days, as humantime counts it).
+pub const MAX_INTERVAL: Duration = Duration::from_secs(31_557_600);
+
+/// A duration of at most `max`: longer ones are mistakes, and added to the clock
+/// they could overflow it.
+fn duration(
+    text: &Spanned<String>,
+    doc: &Document,
+    key: &str,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
     match humantime::parse_duration(text.get_ref()) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(doc.invalid(text.span(), key, "must be longer than zero")),
+        Ok(d) if d.is_zero() => Err(doc.invalid(text.span(), key, "must be longer than zero")),
+        Ok(d) if d > max => Err(doc.invalid(
+            text.span(),
+            key,
+            format!(
+                "{:?} is too long: at most {}",
+                text.get_ref(),
+                humantime::format_duration(max)
+            ),
+        )),
+        Ok(d) => Ok(d),
         Err(_) => Err(doc.invalid(
             text.span(),
             key,

@@ -274,6 +274,37 @@ fn a_bad_duration() {
 }
 
 #[test]
+fn a_duration_too_long() {
+    let setup = Setup::new();
+    for (key, most) in [
+        ("sync_timeout", "1h"),
+        ("hook_timeout", "1day"),
+        ("peer_timeout", "1day"),
+        ("health_interval", "1day"),
+    ] {
+        // Long enough to overflow the clock when added to it.
+        let text = format!("{}{key} = \"300000000000years\"\n", minimal_volume());
+        let what = format!("\"300000000000years\" is too long: at most {most}");
+        setup.assert_error(&text, 4, &format!("volume[0].{key}"), &what);
+        let text = format!("{}{key} = \"{most}\"\n", minimal_volume());
+        setup.load(&text).expect("the longest duration is allowed");
+    }
+    let rule = |interval: &str| {
+        format!(
+            "{}\n[[volume.rule]]\nmatch = \"a\"\nsync = \"interval\"\ninterval = \"{interval}\"\n",
+            minimal_volume()
+        )
+    };
+    setup.assert_error(
+        &rule("1year 1s"),
+        8,
+        "volume[0].rule[0].interval",
+        "at most 1year",
+    );
+    setup.load(&rule("1year")).expect("a yearly interval");
+}
+
+#[test]
 fn a_bad_glob() {
     let setup = Setup::new();
     let text = format!(
