@@ -757,7 +757,7 @@ impl RawVolume {
             .rule
             .into_iter()
             .enumerate()
-            .map(|(j, rule)| rule.validate(doc, &format!("volume[{i}].rule[{j}]")))
+            .map(|(j, rule)| rule.validate(doc, &format!("volume[{i}].rule[{j}]"), &path))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VolumeConfig {
             name: self.name.into_inner(),
@@ -774,7 +774,11 @@ impl RawVolume {
 }
 
 impl RawRule {
-    fn validate(self, doc: &Document, key: &str) -> Result<Rule, ConfigError> {
+    /// The rule of the volume at `volume` (its path).
+    fn validate(self, doc: &Document, key: &str, volume: &Path) -> Result<Rule, ConfigError> {
+        if let Some(why) = never_matches(self.pattern.get_ref(), volume) {
+            return Err(doc.invalid(self.pattern.span(), &format!("{key}.match"), why));
+        }
         let sync = match (*self.sync.get_ref(), &self.interval) {
             (SyncName::Always, None) => SyncMode::Always,
             (SyncName::Once, None) => SyncMode::Once,
@@ -838,6 +842,34 @@ impl RawRule {
         Rule::new(self.pattern.get_ref(), policy)
             .map_err(|e| doc.invalid(self.pattern.span(), &format!("{key}.match"), e.to_string()))
     }
+}
+
+/// Why `pattern` can never match a path of the volume at `volume`, if it cannot: the
+/// paths it is matched against are relative to the volume root, without `.` or `..`.
+fn never_matches(pattern: &str, volume: &Path) -> Option<String> {
+    if pattern.split('/').any(|part| part == "." || part == "..") {
+        return Some(format!(
+            "{pattern:?} has a \".\" or \"..\" part, which no path in the volume has: write \
+             it from the volume root (\"fw/*.bin\"), or without '/' to match a name at any depth"
+        ));
+    }
+    if !pattern.starts_with('/') {
+        return None;
+    }
+    // A leading '/' means the volume root, so the volume's own path is no prefix.
+    let pattern_path = Path::new(pattern);
+    let rest = [volume.to_owned(), resolved(volume)]
+        .iter()
+        .find_map(|v| pattern_path.strip_prefix(v).ok())?;
+    Some(if rest.as_os_str().is_empty() {
+        format!("{pattern:?} is the volume's own path: a pattern is relative to the volume root")
+    } else {
+        format!(
+            "{pattern:?} starts with the volume's own path, but a pattern is relative to the \
+             volume root (a leading '/' is the volume root): write {:?}",
+            rest.display().to_string()
+        )
+    })
 }
 
 /// Whether `name` is a valid volume or node name: ASCII letters, digits, `_`,

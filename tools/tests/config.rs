@@ -305,6 +305,40 @@ fn a_duration_too_long() {
 }
 
 #[test]
+fn a_pattern_that_can_never_match() {
+    let setup = Setup::new();
+    let rule = |pattern: &str| {
+        format!(
+            "{}\n[[volume.rule]]\nmatch = \"{pattern}\"\nsync = \"never\"\n",
+            minimal_volume()
+        )
+    };
+    let key = "volume[0].rule[0].match";
+    setup.assert_error(
+        &rule("{VOL}/fw/*.sif"),
+        6,
+        key,
+        "starts with the volume's own path, but a pattern is relative to the volume root \
+         (a leading '/' is the volume root): write \"fw/*.sif\"",
+    );
+    setup.assert_error(&rule("{VOL}/../vol/hosts"), 6, key, "\"..\" part");
+    setup.assert_error(&rule("{VOL}"), 6, key, "the volume's own path");
+    for pattern in ["./local", "../x", "fw/./x", "a/../b", "x/.."] {
+        setup.assert_error(&rule(pattern), 6, key, "\"..\" part");
+    }
+    // The volume's path through a symlink, the pattern with the real one.
+    let link = setup.dir.path().join("link");
+    std::os::unix::fs::symlink(setup.volume(), &link).expect("symlink");
+    let text = rule("{VOL}/x").replacen("{VOL}", &link.display().to_string(), 1);
+    setup.assert_error(&text, 6, key, "write \"x\"");
+    // What can match stays allowed: anchored names, dot files, dots in names.
+    for pattern in ["/hosts", "/fw/*.bin", ".ssh", "**/.*", "...", "a..b", "/.x"] {
+        let config = setup.load(&rule(pattern)).expect(pattern);
+        assert_eq!(config.volumes[0].policies.rules()[0].pattern(), pattern);
+    }
+}
+
+#[test]
 fn a_bad_glob() {
     let setup = Setup::new();
     let text = format!(
