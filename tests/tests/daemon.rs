@@ -396,6 +396,22 @@ fn a_peer_with_this_nodes_own_id_is_refused() {
 }
 
 #[test]
+fn role_waits_for_a_hook_as_long_as_its_hook_timeout() {
+    let _serial = twinfs_tests::serial();
+    // Longer than the 30 s the command used to wait, well within hook_timeout.
+    let mut node = Node::new(
+        "on_demote = \"sleep 35\"\nhook_timeout = \"2min\"\n",
+        |_| {},
+    );
+    node.start(&[]);
+    let out = node.twinfs(&["role", "vol", "standby"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("cannot reach"), "{err}");
+    assert_eq!(node.volume_status()["role"], "standby");
+}
+
+#[test]
 fn status_counts_changes_by_policy() {
     let _serial = twinfs_tests::serial();
     let mut node = Node::new(CMM_RULES, fill_cmm);

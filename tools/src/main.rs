@@ -252,19 +252,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Promote { volume, force } => {
             let config = load(&cli.config)?;
-            done(ask_for(
-                &config,
-                &Request::Promote { volume, force },
-                FAILOVER_WAIT,
-            )?)
+            done(ask(&config, &Request::Promote { volume, force })?)
         }
         Command::Demote { volume } => {
             let config = load(&cli.config)?;
-            done(ask_for(
-                &config,
-                &Request::Demote { volume },
-                FAILOVER_WAIT,
-            )?)
+            done(ask(&config, &Request::Demote { volume })?)
         }
         Command::Sync {
             volume,
@@ -274,21 +266,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load(&cli.config)?;
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr())
                 .then(|| Progress::start(&config, volume.clone()));
-            let answer = ask_for(
+            let answer = ask(
                 &config,
                 &Request::Sync {
                     volume,
                     paths,
                     full,
                 },
-                SYNC_WAIT,
             );
             drop(progress);
             done(answer?)
         }
         Command::Verify { volume } => {
             let config = load(&cli.config)?;
-            done(ask_for(&config, &Request::Verify { volume }, SYNC_WAIT)?)
+            done(ask(&config, &Request::Verify { volume })?)
         }
         Command::Conflicts { volume } => {
             let config = load(&cli.config)?;
@@ -386,12 +377,6 @@ fn describe_sync(sync: twinfs_replicator::policy::SyncMode) -> String {
     }
 }
 
-/// How long `twinfs sync` waits for the daemon (which waits up to 10 min).
-const SYNC_WAIT: Duration = Duration::from_secs(660);
-
-/// How long promote and demote may take (demote waits up to 30 s for the standbys).
-const FAILOVER_WAIT: Duration = Duration::from_secs(90);
-
 fn done(response: Response) -> anyhow::Result<()> {
     match response {
         Response::Done(message) => {
@@ -402,13 +387,16 @@ fn done(response: Response) -> anyhow::Result<()> {
     }
 }
 
+/// Sends `request` to the daemon and waits for its answer as long as the daemon may
+/// take for it (see [`daemon::answer_within`]).
 fn ask(config: &Config, request: &Request) -> anyhow::Result<Response> {
-    ask_for(config, request, Duration::from_secs(30))
-}
-
-fn ask_for(config: &Config, request: &Request, wait: Duration) -> anyhow::Result<Response> {
-    let response = control::call(&config.node.control_socket, request, wait)
-        .context("cannot reach the daemon")?;
+    let wait = daemon::answer_within(config, request);
+    let response = match control::call(&config.node.control_socket, request, wait) {
+        Ok(response) => response,
+        // The daemon has the request: it is not a matter of reaching it.
+        Err(e @ control::ControlError::NoAnswer { .. }) => return Err(e.into()),
+        Err(e) => return Err(anyhow::Error::new(e).context("cannot reach the daemon")),
+    };
     if let Response::Error(e) = response {
         anyhow::bail!("{e}");
     }
