@@ -1087,7 +1087,7 @@ impl Daemon {
         let before = v.roles.get();
         let roles = v.roles.clone();
         tokio::task::spawn_blocking(move || match role {
-            Role::Active => roles.promote(before.epoch, "manual"),
+            Role::Active => roles.activate("manual"),
             Role::Standby => roles.demote(before.epoch, "manual"),
         })
         .await
@@ -1213,6 +1213,8 @@ async fn take_over(
         .await
         .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
         .map_err(|e| anyhow::anyhow!("volume {name}: cannot persist the promotion: {e}"))?;
+    // The epoch given, or a later one if this node followed a newer active meanwhile.
+    let epoch = now.epoch;
     Ok(if now.role == Role::Active {
         Ok(format!("volume {name}: standby -> active, epoch {epoch}"))
     } else {
