@@ -412,6 +412,18 @@ fn role_waits_for_a_hook_as_long_as_its_hook_timeout() {
 }
 
 #[test]
+fn sync_takes_paths_without_the_volume_on_a_node_with_one() {
+    let _serial = twinfs_tests::serial();
+    let mut node = Node::new("", fill_cmm);
+    node.start(&[]);
+    let out = node.twinfs(&["sync", "hosts", "ssh/known_hosts"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("no volume named"), "{err}");
+    // Taken as paths of the volume `vol`; with no standby there is nobody to ship to.
+    assert!(err.contains("volume vol: no standby is connected"), "{err}");
+}
+
+#[test]
 fn status_counts_changes_by_policy() {
     let _serial = twinfs_tests::serial();
     let mut node = Node::new(CMM_RULES, fill_cmm);

@@ -82,7 +82,8 @@ enum Command {
     /// manifests and send everything that differs; waits for the standbys'
     /// acknowledgements and exits 0 only when every one acknowledged.
     Sync {
-        /// The volume (default: all; required with paths when there are several).
+        /// The volume (default: all). Needed with paths only when there are several:
+        /// on a node with one volume, a first argument that names no volume is a path.
         volume: Option<String>,
         /// Paths in the volume, relative or absolute under its path.
         paths: Vec<String>,
@@ -264,6 +265,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             full,
         } => {
             let config = load(&cli.config)?;
+            let (volume, paths) = sync_arguments(&config, volume, paths);
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr())
                 .then(|| Progress::start(&config, volume.clone()));
             let answer = ask(
@@ -365,6 +367,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// The volume and paths of `twinfs sync VOLUME PATH...`: on a node with one volume,
+/// a first argument that names no volume is the first path (`twinfs sync passwd`).
+fn sync_arguments(
+    config: &Config,
+    volume: Option<String>,
+    mut paths: Vec<String>,
+) -> (Option<String>, Vec<String>) {
+    match (volume, config.volumes.as_slice()) {
+        (Some(first), [only]) if first != only.name => {
+            paths.insert(0, first);
+            (Some(only.name.clone()), paths)
+        }
+        (volume, _) => (volume, paths),
     }
 }
 
@@ -549,5 +567,61 @@ fn print_status(s: &NodeStatus) {
                 p.bytes_received
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(volumes: &[&str]) -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut text = String::from("[node]\nname = \"a\"\n");
+        for name in volumes {
+            std::fs::create_dir(dir.path().join(name)).expect("mkdir");
+            text.push_str(&format!(
+                "[[volume]]\nname = \"{name}\"\npath = \"{}\"\n",
+                dir.path().join(name).display()
+            ));
+        }
+        let config = Config::parse(&text, &dir.path().join("twinfs.toml")).expect("config");
+        (dir, config)
+    }
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn sync_paths_without_the_volume_on_a_node_with_one() {
+        let (_dir, one) = config(&["cmm"]);
+        let args = |v: &[&str]| {
+            sync_arguments(
+                &one,
+                v.first().map(|s| s.to_string()),
+                strings(&v[1.min(v.len())..]),
+            )
+        };
+        assert_eq!(
+            args(&["passwd"]),
+            (Some("cmm".into()), strings(&["passwd"]))
+        );
+        assert_eq!(
+            args(&["passwd", "ssh/x"]),
+            (Some("cmm".into()), strings(&["passwd", "ssh/x"]))
+        );
+        assert_eq!(
+            args(&["cmm", "passwd"]),
+            (Some("cmm".into()), strings(&["passwd"]))
+        );
+        assert_eq!(args(&["cmm"]), (Some("cmm".into()), vec![]));
+        assert_eq!(args(&[]), (None, vec![]));
+
+        // With several, the first argument stays the volume (the daemon names an unknown one).
+        let (_dir, two) = config(&["cmm", "xcat"]);
+        assert_eq!(
+            sync_arguments(&two, Some("passwd".into()), vec![]),
+            (Some("passwd".into()), vec![])
+        );
     }
 }
