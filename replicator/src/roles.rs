@@ -142,11 +142,25 @@ impl RoleCell {
         self.node.send_modify(|g| *g += 1);
     }
 
-    /// Becomes active with `epoch` (higher than any seen): persisted, then writable,
-    /// then the sessions follow, then the hook runs (a failed one may hand the role
-    /// back). Blocks for as long as the hook; call from a blocking context.
+    /// Becomes active with an epoch above any this node has seen: `epoch`, or one more
+    /// than the epoch it holds now if that has reached `epoch` (the caller chose it
+    /// before a wait, during which this node followed a newer active). Persisted, then
+    /// writable, then the sessions follow, then the hook runs (a failed one may hand
+    /// the role back). Blocks for as long as the hook; call from a blocking context.
     pub fn promote(&self, epoch: u64, reason: &'static str) -> Result<RoleState, String> {
         let _one = self.lock();
+        let epoch = epoch.max(self.get().epoch.saturating_add(1));
+        self.promote_locked(epoch, reason)
+    }
+
+    /// Becomes active keeping the epoch it holds (`twinfs role`, low level: no new
+    /// epoch), as [`RoleCell::promote`] does otherwise.
+    pub fn activate(&self, reason: &'static str) -> Result<RoleState, String> {
+        let _one = self.lock();
+        self.promote_locked(self.get().epoch, reason)
+    }
+
+    fn promote_locked(&self, epoch: u64, reason: &'static str) -> Result<RoleState, String> {
         let previous = self.get();
         let next = RoleState {
             role: Role::Active,
@@ -298,5 +312,68 @@ mod tests {
         roles.stop_writes(Hold::Handover);
         roles.resume_writes(Hold::Handover);
         assert_eq!(roles.volume().role(), Role::Active);
+    }
+
+    /// A cell of a standby at `epoch` over a scratch directory, and what it stored.
+    fn standby(epoch: u64) -> (tempfile::TempDir, RoleCell, Arc<Mutex<Vec<RoleState>>>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let volume =
+            Volume::new(dir.path(), Role::Standby, Arc::new(twinfs_fs::Discard)).expect("volume");
+        let stored = Arc::new(Mutex::new(Vec::new()));
+        let into = stored.clone();
+        let store: Store = Box::new(move |state| {
+            into.lock().expect("stored").push(state);
+            Ok(())
+        });
+        let cell = RoleCell::new(
+            "vol",
+            RoleState {
+                role: Role::Standby,
+                epoch,
+            },
+            Arc::new(volume),
+            store,
+            dir.path().join("vol.sync.json"),
+            watch::Sender::new(0),
+            None,
+        );
+        (dir, cell, stored)
+    }
+
+    #[test]
+    fn a_promotion_goes_above_an_epoch_followed_while_the_caller_waited() {
+        let (_dir, cell, stored) = standby(3);
+        // The caller chose 4, then waited; meanwhile the node followed an active of 7.
+        let chosen = cell.get().epoch + 1;
+        cell.follow(7).expect("follow");
+        let now = cell.promote(chosen, "manual").expect("promote");
+        assert_eq!(
+            now,
+            RoleState {
+                role: Role::Active,
+                epoch: 8
+            }
+        );
+        assert_eq!(cell.get(), now);
+        assert_eq!(stored.lock().expect("stored").last(), Some(&now));
+    }
+
+    #[test]
+    fn a_promotion_keeps_an_epoch_given_above_the_one_held() {
+        let (_dir, cell, _stored) = standby(3);
+        assert_eq!(cell.promote(10, "manual").expect("promote").epoch, 10);
+    }
+
+    #[test]
+    fn activate_keeps_the_epoch() {
+        let (_dir, cell, _stored) = standby(5);
+        let now = cell.activate("manual").expect("activate");
+        assert_eq!(
+            now,
+            RoleState {
+                role: Role::Active,
+                epoch: 5
+            }
+        );
     }
 }

@@ -350,6 +350,80 @@ fn a_second_daemon_on_the_same_config_is_refused() {
 }
 
 #[test]
+fn a_peer_with_this_nodes_own_id_is_refused() {
+    let _serial = twinfs_tests::serial();
+    let node = Node::new("", |_| {});
+    let out = node.twinfs(&["init"]);
+    assert!(out.status.success(), "{out:?}");
+    let own = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The node under another name: config check cannot know the id is its own.
+    let text = fs::read_to_string(&node.config).expect("read config");
+    let text = text.replacen(
+        "\n[[volume]]",
+        &format!(
+            "\n[[peer]]\nname = \"me-again\"\naddress = \"127.0.0.1:7790\"\n{own}\n[[volume]]"
+        ),
+        1,
+    );
+    fs::write(&node.config, text).expect("write config");
+    let check = node.twinfs(&["config", "check"]);
+    assert!(check.status.success(), "{check:?}");
+
+    let mut daemon = std::process::Command::new(twinfs_bin())
+        .arg("--config")
+        .arg(&node.config)
+        .arg("mount")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&node.log).expect("create log"))
+        .spawn()
+        .expect("spawn twinfs mount");
+    // A guard against a hang, not a timing assertion: the daemon must exit by itself.
+    let exited = twinfs_tests::daemon::wait_until(Duration::from_secs(60), || {
+        matches!(daemon.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        panic!("the daemon started with itself as a peer");
+    }
+    let status = daemon.wait().expect("wait for the daemon");
+    assert!(!status.success());
+    let err = node.log_text();
+    assert!(err.contains("\"me-again\""), "names the peer: {err}");
+    assert!(err.contains("own node_id"), "{err}");
+    assert!(!is_mounted(&node.volume));
+}
+
+#[test]
+fn role_waits_for_a_hook_as_long_as_its_hook_timeout() {
+    let _serial = twinfs_tests::serial();
+    // Longer than the 30 s the command used to wait, well within hook_timeout.
+    let mut node = Node::new(
+        "on_demote = \"sleep 35\"\nhook_timeout = \"2min\"\n",
+        |_| {},
+    );
+    node.start(&[]);
+    let out = node.twinfs(&["role", "vol", "standby"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("cannot reach"), "{err}");
+    assert_eq!(node.volume_status()["role"], "standby");
+}
+
+#[test]
+fn sync_takes_paths_without_the_volume_on_a_node_with_one() {
+    let _serial = twinfs_tests::serial();
+    let mut node = Node::new("", fill_cmm);
+    node.start(&[]);
+    let out = node.twinfs(&["sync", "hosts", "ssh/known_hosts"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("no volume named"), "{err}");
+    // Taken as paths of the volume `vol`; with no standby there is nobody to ship to.
+    assert!(err.contains("volume vol: no standby is connected"), "{err}");
+}
+
+#[test]
 fn status_counts_changes_by_policy() {
     let _serial = twinfs_tests::serial();
     let mut node = Node::new(CMM_RULES, fill_cmm);

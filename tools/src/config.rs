@@ -39,7 +39,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -494,6 +494,8 @@ enum SyncName {
 
 impl RawConfig {
     fn validate(self, doc: &Document) -> Result<Config, ConfigError> {
+        let state_dir_span = self.node.state_dir.as_ref().map(Spanned::span);
+        let control_socket_span = self.node.control_socket.as_ref().map(Spanned::span);
         let node = self.node.validate(doc)?;
 
         let mut peers: Vec<PeerConfig> = Vec::with_capacity(self.peer.len());
@@ -501,6 +503,17 @@ impl RawConfig {
             let name_span = raw.name.span();
             let node_id_span = raw.node_id.span();
             let peer = raw.validate(doc, i)?;
+            if peer.name == node.name {
+                return Err(doc.invalid(
+                    name_span,
+                    &format!("peer[{i}].name"),
+                    format!(
+                        "{:?} is this node's own name (node.name): a node does not list \
+                         itself as a peer",
+                        peer.name
+                    ),
+                ));
+            }
             if let Some(j) = peers.iter().position(|p| p.name == peer.name) {
                 return Err(doc.invalid(
                     name_span,
@@ -519,6 +532,8 @@ impl RawConfig {
         }
 
         let mut volumes: Vec<VolumeConfig> = Vec::with_capacity(self.volume.len());
+        // Each volume's path as resolved (symlinks, `.` and `..`), and where it is written.
+        let mut paths: Vec<(PathBuf, Range<usize>)> = Vec::with_capacity(self.volume.len());
         for (i, raw) in self.volume.into_iter().enumerate() {
             let name_span = raw.name.span();
             let path_span = raw.path.span();
@@ -530,17 +545,76 @@ impl RawConfig {
                     format!("{:?} is already the name of volume[{j}]", volume.name),
                 ));
             }
-            if let Some(j) = volumes.iter().position(|v| v.path == volume.path) {
-                return Err(doc.invalid(
-                    path_span,
-                    &format!("volume[{i}].path"),
-                    format!(
-                        "{} is already the path of volume[{j}]",
-                        volume.path.display()
+            let real = resolved(&volume.path);
+            for (j, (other, _)) in paths.iter().enumerate() {
+                let Some(how) = nesting(&real, other) else {
+                    continue;
+                };
+                let message = match how {
+                    Nesting::Same if real == volume.path => {
+                        format!("{} is already the path of volume[{j}]", real.display())
+                    }
+                    Nesting::Same => format!(
+                        "{} is {}, already the path of volume[{j}]",
+                        volume.path.display(),
+                        real.display()
                     ),
-                ));
+                    _ => format!(
+                        "{} {} {}, the path of volume[{j}]: volumes must not overlap (each \
+                         is mounted in place on a directory of its own)",
+                        volume.path.display(),
+                        how.words(),
+                        volumes[j].path.display()
+                    ),
+                };
+                return Err(doc.invalid(path_span, &format!("volume[{i}].path"), message));
             }
+            paths.push((real, path_span));
             volumes.push(volume);
+        }
+
+        // The daemon's own files in a volume would be replicated (and read-only on a
+        // standby); a volume in the state directory would hold the daemon's files.
+        for (key, path, span) in [
+            ("node.state_dir", &node.state_dir, state_dir_span),
+            (
+                "node.control_socket",
+                &node.control_socket,
+                control_socket_span,
+            ),
+        ] {
+            let real = resolved(path);
+            for (i, (volume, volume_span)) in paths.iter().enumerate() {
+                let why = "the daemon's own files must be outside every volume";
+                let error = match (nesting(&real, volume), span.clone()) {
+                    (None, _) => continue,
+                    (Some(how), Some(span)) => doc.invalid(
+                        span,
+                        key,
+                        format!(
+                            "{} {} {}, volume[{i}].path: {why}",
+                            path.display(),
+                            how.words(),
+                            volumes[i].path.display()
+                        ),
+                    ),
+                    // Not written: the default is at fault only together with the volume.
+                    (Some(_), None) => {
+                        let how = nesting(volume, &real).unwrap_or(Nesting::Same);
+                        doc.invalid(
+                            volume_span.clone(),
+                            &format!("volume[{i}].path"),
+                            format!(
+                                "{} {} {}, {key} (by default): {why}; set {key}",
+                                volumes[i].path.display(),
+                                how.words(),
+                                path.display()
+                            ),
+                        )
+                    }
+                };
+                return Err(error);
+            }
         }
 
         Ok(Config {
@@ -640,14 +714,14 @@ impl RawVolume {
             Err(e) => return Err(not_a_dir(format!("{}: {e}", path.display()))),
         }
         let sync_timeout = match self.sync_timeout {
-            Some(timeout) => duration(&timeout, doc, &key("sync_timeout"))?,
+            Some(timeout) => duration(&timeout, doc, &key("sync_timeout"), MAX_SYNC_TIMEOUT)?,
             None => DEFAULT_SYNC_TIMEOUT,
         };
         let hooks = Hooks {
             on_promote: self.on_promote.filter(|c| !c.trim().is_empty()),
             on_demote: self.on_demote.filter(|c| !c.trim().is_empty()),
             timeout: match self.hook_timeout {
-                Some(t) => duration(&t, doc, &key("hook_timeout"))?,
+                Some(t) => duration(&t, doc, &key("hook_timeout"), MAX_TIMEOUT)?,
                 None => DEFAULT_HOOK_TIMEOUT,
             },
             rollback_failed_promote: self.on_promote_failure == Some(PromoteFailure::Rollback),
@@ -655,14 +729,14 @@ impl RawVolume {
         let failover = Failover {
             auto: self.failover == Some(FailoverMode::Auto),
             peer_timeout: match self.peer_timeout {
-                Some(t) => duration(&t, doc, &key("peer_timeout"))?,
+                Some(t) => duration(&t, doc, &key("peer_timeout"), MAX_TIMEOUT)?,
                 None => DEFAULT_PEER_TIMEOUT,
             },
         };
         let health = Health {
             command: self.health_command.filter(|c| !c.trim().is_empty()),
             interval: match self.health_interval {
-                Some(t) => duration(&t, doc, &key("health_interval"))?,
+                Some(t) => duration(&t, doc, &key("health_interval"), MAX_TIMEOUT)?,
                 None => DEFAULT_HEALTH_INTERVAL,
             },
             failures: match self.health_failures {
@@ -683,7 +757,7 @@ impl RawVolume {
             .rule
             .into_iter()
             .enumerate()
-            .map(|(j, rule)| rule.validate(doc, &format!("volume[{i}].rule[{j}]")))
+            .map(|(j, rule)| rule.validate(doc, &format!("volume[{i}].rule[{j}]"), &path))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VolumeConfig {
             name: self.name.into_inner(),
@@ -700,14 +774,21 @@ impl RawVolume {
 }
 
 impl RawRule {
-    fn validate(self, doc: &Document, key: &str) -> Result<Rule, ConfigError> {
+    /// The rule of the volume at `volume` (its path).
+    fn validate(self, doc: &Document, key: &str, volume: &Path) -> Result<Rule, ConfigError> {
+        if let Some(why) = never_matches(self.pattern.get_ref(), volume) {
+            return Err(doc.invalid(self.pattern.span(), &format!("{key}.match"), why));
+        }
         let sync = match (*self.sync.get_ref(), &self.interval) {
             (SyncName::Always, None) => SyncMode::Always,
             (SyncName::Once, None) => SyncMode::Once,
             (SyncName::Never, None) => SyncMode::Never,
-            (SyncName::Interval, Some(interval)) => {
-                SyncMode::Interval(duration(interval, doc, &format!("{key}.interval"))?)
-            }
+            (SyncName::Interval, Some(interval)) => SyncMode::Interval(duration(
+                interval,
+                doc,
+                &format!("{key}.interval"),
+                MAX_INTERVAL,
+            )?),
             (SyncName::Interval, None) => {
                 return Err(doc.invalid(
                     self.sync.span(),
@@ -763,6 +844,34 @@ impl RawRule {
     }
 }
 
+/// Why `pattern` can never match a path of the volume at `volume`, if it cannot: the
+/// paths it is matched against are relative to the volume root, without `.` or `..`.
+fn never_matches(pattern: &str, volume: &Path) -> Option<String> {
+    if pattern.split('/').any(|part| part == "." || part == "..") {
+        return Some(format!(
+            "{pattern:?} has a \".\" or \"..\" part, which no path in the volume has: write \
+             it from the volume root (\"fw/*.bin\"), or without '/' to match a name at any depth"
+        ));
+    }
+    if !pattern.starts_with('/') {
+        return None;
+    }
+    // A leading '/' means the volume root, so the volume's own path is no prefix.
+    let pattern_path = Path::new(pattern);
+    let rest = [volume.to_owned(), resolved(volume)]
+        .iter()
+        .find_map(|v| pattern_path.strip_prefix(v).ok())?;
+    Some(if rest.as_os_str().is_empty() {
+        format!("{pattern:?} is the volume's own path: a pattern is relative to the volume root")
+    } else {
+        format!(
+            "{pattern:?} starts with the volume's own path, but a pattern is relative to the \
+             volume root (a leading '/' is the volume root): write {:?}",
+            rest.display().to_string()
+        )
+    })
+}
+
 /// Whether `name` is a valid volume or node name: ASCII letters, digits, `_`,
 /// `.` and `-`, and not `.` or `..`, so that it can name files.
 pub fn is_valid_name(name: &str) -> bool {
@@ -799,10 +908,33 @@ fn absolute(path: Spanned<PathBuf>, doc: &Document, key: &str) -> Result<PathBuf
     ))
 }
 
-fn duration(text: &Spanned<String>, doc: &Document, key: &str) -> Result<Duration, ConfigError> {
+/// The longest `sync_timeout`: a `sync` write holds its writer that long.
+pub const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+/// The longest `hook_timeout`, `peer_timeout` and `health_interval`.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+/// The longest rule `interval`: a year (of 365.25 days, as humantime counts it).
+pub const MAX_INTERVAL: Duration = Duration::from_secs(31_557_600);
+
+/// A duration of at most `max`: longer ones are mistakes, and added to the clock
+/// they could overflow it.
+fn duration(
+    text: &Spanned<String>,
+    doc: &Document,
+    key: &str,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
     match humantime::parse_duration(text.get_ref()) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(doc.invalid(text.span(), key, "must be longer than zero")),
+        Ok(d) if d.is_zero() => Err(doc.invalid(text.span(), key, "must be longer than zero")),
+        Ok(d) if d > max => Err(doc.invalid(
+            text.span(),
+            key,
+            format!(
+                "{:?} is too long: at most {}",
+                text.get_ref(),
+                humantime::format_duration(max)
+            ),
+        )),
+        Ok(d) => Ok(d),
         Err(_) => Err(doc.invalid(
             text.span(),
             key,
@@ -811,6 +943,67 @@ fn duration(text: &Spanned<String>, doc: &Document, key: &str) -> Result<Duratio
                 text.get_ref()
             ),
         )),
+    }
+}
+
+/// `path` with symlinks, `.` and `..` resolved as far as it exists, and the rest
+/// taken as written (`..` there removes the name before it): two names of one
+/// directory come out the same. `path` is absolute.
+fn resolved(path: &Path) -> PathBuf {
+    let mut real = PathBuf::from("/");
+    let mut exists = true;
+    for component in path.components() {
+        match component {
+            Component::Prefix(_) | Component::RootDir | Component::CurDir => {}
+            // `real` is resolved up to here, so its parent is the real one.
+            Component::ParentDir => {
+                real.pop();
+            }
+            Component::Normal(name) => {
+                real.push(name);
+                if exists {
+                    match std::fs::canonicalize(&real) {
+                        Ok(canonical) => real = canonical,
+                        // Not there yet (a state directory `twinfs init` creates), or
+                        // a dead mount: the rest is compared as written.
+                        Err(_) => exists = false,
+                    }
+                }
+            }
+        }
+    }
+    real
+}
+
+/// How one resolved path lies relative to another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Nesting {
+    Same,
+    Inside,
+    Contains,
+}
+
+impl Nesting {
+    fn words(self) -> &'static str {
+        match self {
+            Nesting::Same => "is the same as",
+            Nesting::Inside => "is inside",
+            Nesting::Contains => "contains",
+        }
+    }
+}
+
+/// How `a` lies relative to `b` (both resolved), or `None` when neither is inside the
+/// other.
+fn nesting(a: &Path, b: &Path) -> Option<Nesting> {
+    if a == b {
+        Some(Nesting::Same)
+    } else if a.starts_with(b) {
+        Some(Nesting::Inside)
+    } else if b.starts_with(a) {
+        Some(Nesting::Contains)
+    } else {
+        None
     }
 }
 

@@ -182,6 +182,17 @@ pub enum ControlError {
         /// Why the connection failed.
         source: std::io::Error,
     },
+    /// The daemon took the request but did not answer in time: it may still be at
+    /// work on it.
+    #[error(
+        "the daemon has not answered within {}; it may still be carrying out the request: \
+         see `twinfs status` for the outcome",
+        humantime::format_duration(*waited)
+    )]
+    NoAnswer {
+        /// How long the command waited.
+        waited: Duration,
+    },
     /// The conversation broke off.
     #[error("control socket {path}: {source}")]
     Io {
@@ -217,9 +228,34 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     stream.write_all(&line).map_err(io)?;
     let mut reader = BufReader::new(stream).take(MAX_LINE as u64);
     let mut answer = String::new();
-    reader.read_line(&mut answer).map_err(io)?;
+    reader.read_line(&mut answer).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            ControlError::NoAnswer { waited: timeout }
+        }
+        _ => io(e),
+    })?;
     serde_json::from_str(&answer).map_err(|source| ControlError::BadResponse {
         path: socket.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_daemon_that_does_not_answer_in_time_is_still_at_work() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("control.sock");
+        // Takes the request and never answers, as a daemon busy with a long hook does.
+        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        let err =
+            call(&socket, &Request::Status, Duration::from_millis(100)).expect_err("no answer");
+        assert!(matches!(err, ControlError::NoAnswer { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains("may still be carrying out"), "{message}");
+        assert!(message.contains("twinfs status"), "{message}");
+        drop(listener);
+    }
 }

@@ -73,6 +73,46 @@ const SYNC_WAIT: Duration = Duration::from_secs(600);
 /// How long `twinfs promote` waits for a reachable active to hand over.
 const HANDOVER_WAIT: Duration = Duration::from_secs(40);
 
+/// What [`answer_within`] allows beyond the daemon's own waits: the volume work around
+/// them (a demotion's stop of writes, the fsyncs of a role change).
+const ANSWER_MARGIN: Duration = Duration::from_secs(30);
+
+/// How long the daemon may take to answer `request` at most, from its waits and the
+/// hook timeouts of the volumes it concerns (all when it names none): how long the
+/// command waits before it says the daemon is still at work.
+pub fn answer_within(config: &Config, request: &Request) -> Duration {
+    let (volume, per_volume): (Option<&str>, fn(&crate::config::Hooks) -> Duration) = match request
+    {
+        Request::Status => return ANSWER_MARGIN,
+        // The promote hook, and the demote hook of a rollback.
+        Request::Role { volume, .. } => (Some(volume), |h| h.timeout.saturating_mul(2)),
+        Request::Promote { volume, .. } => (volume.as_deref(), |h| {
+            HANDOVER_WAIT.saturating_add(h.timeout.saturating_mul(2))
+        }),
+        Request::Demote { volume } => {
+            (volume.as_deref(), |h| DEMOTE_WAIT.saturating_add(h.timeout))
+        }
+        Request::Sync { volume, .. } | Request::Verify { volume } => {
+            (volume.as_deref(), |_| SYNC_WAIT)
+        }
+    };
+    let volumes = config
+        .volumes
+        .iter()
+        .filter(|v| volume.is_none_or(|name| name == v.name));
+    // A role change under way (an automatic failover, a health demotion) holds the
+    // volume's role lock for as long as its hooks.
+    let locked = volumes
+        .clone()
+        .map(|v| v.hooks.timeout.saturating_mul(2))
+        .max()
+        .unwrap_or_default();
+    volumes.map(|v| per_volume(&v.hooks)).fold(
+        ANSWER_MARGIN.saturating_add(locked),
+        Duration::saturating_add,
+    )
+}
+
 /// An active silent for this long is taken as gone (it sends a heartbeat every second).
 const SILENT: Duration = Duration::from_secs(3);
 
@@ -362,6 +402,21 @@ fn start_replication(
         crate::identity::Identity::load_or_create(&config.node.state_dir, &config.node.name)?;
     if created {
         tracing::info!(node_id = %identity.node_id(), "created this node's identity");
+    }
+    // The active would dial itself and fence itself, and an automatic failover would
+    // count this node twice.
+    if let Some(peer) = config
+        .peers
+        .iter()
+        .find(|p| p.node_id == identity.node_id())
+    {
+        bail!(
+            "{}: peer {:?} has this node's own node_id ({}): a node does not list itself \
+             as a peer; remove that [[peer]] from this node's configuration",
+            config.source.display(),
+            peer.name,
+            peer.node_id
+        );
     }
     let tls = TlsIdentity {
         cert: identity.certificate().clone(),
@@ -1036,7 +1091,7 @@ impl Daemon {
         let before = v.roles.get();
         let roles = v.roles.clone();
         tokio::task::spawn_blocking(move || match role {
-            Role::Active => roles.promote(before.epoch, "manual"),
+            Role::Active => roles.activate("manual"),
             Role::Standby => roles.demote(before.epoch, "manual"),
         })
         .await
@@ -1162,6 +1217,8 @@ async fn take_over(
         .await
         .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
         .map_err(|e| anyhow::anyhow!("volume {name}: cannot persist the promotion: {e}"))?;
+    // The epoch given, or a later one if this node followed a newer active meanwhile.
+    let epoch = now.epoch;
     Ok(if now.role == Role::Active {
         Ok(format!("volume {name}: standby -> active, epoch {epoch}"))
     } else {
@@ -1274,4 +1331,67 @@ fn volume_path(root: &Path, given: &str) -> Result<twinfs_replicator::path::RelP
         p
     };
     twinfs_replicator::path::RelPath::from_path(inside).map_err(|e| format!("{given}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config of two volumes with `hook_timeout` of 5 min.
+    fn two_volumes(dir: &Path) -> Config {
+        let mut text = String::from("[node]\nname = \"a\"\n");
+        for name in ["a", "b"] {
+            std::fs::create_dir(dir.join(name)).expect("mkdir");
+            text.push_str(&format!(
+                "[[volume]]\nname = \"{name}\"\npath = \"{}\"\nhook_timeout = \"5min\"\n",
+                dir.join(name).display()
+            ));
+        }
+        Config::parse(&text, &dir.join("twinfs.toml")).expect("valid config")
+    }
+
+    #[test]
+    fn the_command_waits_for_every_volume_and_hook() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = two_volumes(dir.path());
+        let hook = Duration::from_secs(300);
+        let demote_all = answer_within(&config, &Request::Demote { volume: None });
+        assert!(demote_all >= (DEMOTE_WAIT + hook) * 2, "{demote_all:?}");
+        let demote_one = answer_within(
+            &config,
+            &Request::Demote {
+                volume: Some("a".into()),
+            },
+        );
+        assert!(demote_one >= DEMOTE_WAIT + hook, "{demote_one:?}");
+        assert!(demote_one < demote_all, "{demote_one:?}");
+        let promote = answer_within(
+            &config,
+            &Request::Promote {
+                volume: None,
+                force: false,
+            },
+        );
+        // Each volume: the handover, its promote hook, a rollback's demote hook.
+        assert!(promote >= (HANDOVER_WAIT + hook * 2) * 2, "{promote:?}");
+        let role = answer_within(
+            &config,
+            &Request::Role {
+                volume: "b".into(),
+                role: Role::Standby,
+            },
+        );
+        assert!(role >= hook, "{role:?}");
+        for request in [
+            Request::Verify { volume: None },
+            Request::Sync {
+                volume: None,
+                paths: vec![],
+                full: true,
+            },
+        ] {
+            let wait = answer_within(&config, &request);
+            assert!(wait >= SYNC_WAIT * 2, "{request:?}: {wait:?}");
+        }
+    }
 }

@@ -82,7 +82,8 @@ enum Command {
     /// manifests and send everything that differs; waits for the standbys'
     /// acknowledgements and exits 0 only when every one acknowledged.
     Sync {
-        /// The volume (default: all; required with paths when there are several).
+        /// The volume (default: all). Needed with paths only when there are several:
+        /// on a node with one volume, a first argument that names no volume is a path.
         volume: Option<String>,
         /// Paths in the volume, relative or absolute under its path.
         paths: Vec<String>,
@@ -252,19 +253,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Promote { volume, force } => {
             let config = load(&cli.config)?;
-            done(ask_for(
-                &config,
-                &Request::Promote { volume, force },
-                FAILOVER_WAIT,
-            )?)
+            done(ask(&config, &Request::Promote { volume, force })?)
         }
         Command::Demote { volume } => {
             let config = load(&cli.config)?;
-            done(ask_for(
-                &config,
-                &Request::Demote { volume },
-                FAILOVER_WAIT,
-            )?)
+            done(ask(&config, &Request::Demote { volume })?)
         }
         Command::Sync {
             volume,
@@ -272,23 +265,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             full,
         } => {
             let config = load(&cli.config)?;
+            let (volume, paths) = sync_arguments(&config, volume, paths);
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr())
                 .then(|| Progress::start(&config, volume.clone()));
-            let answer = ask_for(
+            let answer = ask(
                 &config,
                 &Request::Sync {
                     volume,
                     paths,
                     full,
                 },
-                SYNC_WAIT,
             );
             drop(progress);
             done(answer?)
         }
         Command::Verify { volume } => {
             let config = load(&cli.config)?;
-            done(ask_for(&config, &Request::Verify { volume }, SYNC_WAIT)?)
+            done(ask(&config, &Request::Verify { volume })?)
         }
         Command::Conflicts { volume } => {
             let config = load(&cli.config)?;
@@ -377,6 +370,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The volume and paths of `twinfs sync VOLUME PATH...`: on a node with one volume,
+/// a first argument that names no volume is the first path (`twinfs sync passwd`).
+fn sync_arguments(
+    config: &Config,
+    volume: Option<String>,
+    mut paths: Vec<String>,
+) -> (Option<String>, Vec<String>) {
+    match (volume, config.volumes.as_slice()) {
+        (Some(first), [only]) if first != only.name => {
+            paths.insert(0, first);
+            (Some(only.name.clone()), paths)
+        }
+        (volume, _) => (volume, paths),
+    }
+}
+
 fn describe_sync(sync: twinfs_replicator::policy::SyncMode) -> String {
     match sync {
         twinfs_replicator::policy::SyncMode::Interval(d) => {
@@ -385,12 +394,6 @@ fn describe_sync(sync: twinfs_replicator::policy::SyncMode) -> String {
         other => other.name().to_owned(),
     }
 }
-
-/// How long `twinfs sync` waits for the daemon (which waits up to 10 min).
-const SYNC_WAIT: Duration = Duration::from_secs(660);
-
-/// How long promote and demote may take (demote waits up to 30 s for the standbys).
-const FAILOVER_WAIT: Duration = Duration::from_secs(90);
 
 fn done(response: Response) -> anyhow::Result<()> {
     match response {
@@ -402,13 +405,16 @@ fn done(response: Response) -> anyhow::Result<()> {
     }
 }
 
+/// Sends `request` to the daemon and waits for its answer as long as the daemon may
+/// take for it (see [`daemon::answer_within`]).
 fn ask(config: &Config, request: &Request) -> anyhow::Result<Response> {
-    ask_for(config, request, Duration::from_secs(30))
-}
-
-fn ask_for(config: &Config, request: &Request, wait: Duration) -> anyhow::Result<Response> {
-    let response = control::call(&config.node.control_socket, request, wait)
-        .context("cannot reach the daemon")?;
+    let wait = daemon::answer_within(config, request);
+    let response = match control::call(&config.node.control_socket, request, wait) {
+        Ok(response) => response,
+        // The daemon has the request: it is not a matter of reaching it.
+        Err(e @ control::ControlError::NoAnswer { .. }) => return Err(e.into()),
+        Err(e) => return Err(anyhow::Error::new(e).context("cannot reach the daemon")),
+    };
     if let Response::Error(e) = response {
         anyhow::bail!("{e}");
     }
@@ -561,5 +567,61 @@ fn print_status(s: &NodeStatus) {
                 p.bytes_received
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(volumes: &[&str]) -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut text = String::from("[node]\nname = \"a\"\n");
+        for name in volumes {
+            std::fs::create_dir(dir.path().join(name)).expect("mkdir");
+            text.push_str(&format!(
+                "[[volume]]\nname = \"{name}\"\npath = \"{}\"\n",
+                dir.path().join(name).display()
+            ));
+        }
+        let config = Config::parse(&text, &dir.path().join("twinfs.toml")).expect("config");
+        (dir, config)
+    }
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn sync_paths_without_the_volume_on_a_node_with_one() {
+        let (_dir, one) = config(&["cmm"]);
+        let args = |v: &[&str]| {
+            sync_arguments(
+                &one,
+                v.first().map(|s| s.to_string()),
+                strings(&v[1.min(v.len())..]),
+            )
+        };
+        assert_eq!(
+            args(&["passwd"]),
+            (Some("cmm".into()), strings(&["passwd"]))
+        );
+        assert_eq!(
+            args(&["passwd", "ssh/x"]),
+            (Some("cmm".into()), strings(&["passwd", "ssh/x"]))
+        );
+        assert_eq!(
+            args(&["cmm", "passwd"]),
+            (Some("cmm".into()), strings(&["passwd"]))
+        );
+        assert_eq!(args(&["cmm"]), (Some("cmm".into()), vec![]));
+        assert_eq!(args(&[]), (None, vec![]));
+
+        // With several, the first argument stays the volume (the daemon names an unknown one).
+        let (_dir, two) = config(&["cmm", "xcat"]);
+        assert_eq!(
+            sync_arguments(&two, Some("passwd".into()), vec![]),
+            (Some("passwd".into()), vec![])
+        );
     }
 }

@@ -274,6 +274,71 @@ fn a_bad_duration() {
 }
 
 #[test]
+fn a_duration_too_long() {
+    let setup = Setup::new();
+    for (key, most) in [
+        ("sync_timeout", "1h"),
+        ("hook_timeout", "1day"),
+        ("peer_timeout", "1day"),
+        ("health_interval", "1day"),
+    ] {
+        // Long enough to overflow the clock when added to it.
+        let text = format!("{}{key} = \"300000000000years\"\n", minimal_volume());
+        let what = format!("\"300000000000years\" is too long: at most {most}");
+        setup.assert_error(&text, 4, &format!("volume[0].{key}"), &what);
+        let text = format!("{}{key} = \"{most}\"\n", minimal_volume());
+        setup.load(&text).expect("the longest duration is allowed");
+    }
+    let rule = |interval: &str| {
+        format!(
+            "{}\n[[volume.rule]]\nmatch = \"a\"\nsync = \"interval\"\ninterval = \"{interval}\"\n",
+            minimal_volume()
+        )
+    };
+    setup.assert_error(
+        &rule("1year 1s"),
+        8,
+        "volume[0].rule[0].interval",
+        "at most 1year",
+    );
+    setup.load(&rule("1year")).expect("a yearly interval");
+}
+
+#[test]
+fn a_pattern_that_can_never_match() {
+    let setup = Setup::new();
+    let rule = |pattern: &str| {
+        format!(
+            "{}\n[[volume.rule]]\nmatch = \"{pattern}\"\nsync = \"never\"\n",
+            minimal_volume()
+        )
+    };
+    let key = "volume[0].rule[0].match";
+    setup.assert_error(
+        &rule("{VOL}/fw/*.sif"),
+        6,
+        key,
+        "starts with the volume's own path, but a pattern is relative to the volume root \
+         (a leading '/' is the volume root): write \"fw/*.sif\"",
+    );
+    setup.assert_error(&rule("{VOL}/../vol/hosts"), 6, key, "\"..\" part");
+    setup.assert_error(&rule("{VOL}"), 6, key, "the volume's own path");
+    for pattern in ["./local", "../x", "fw/./x", "a/../b", "x/.."] {
+        setup.assert_error(&rule(pattern), 6, key, "\"..\" part");
+    }
+    // The volume's path through a symlink, the pattern with the real one.
+    let link = setup.dir.path().join("link");
+    std::os::unix::fs::symlink(setup.volume(), &link).expect("symlink");
+    let text = rule("{VOL}/x").replacen("{VOL}", &link.display().to_string(), 1);
+    setup.assert_error(&text, 6, key, "write \"x\"");
+    // What can match stays allowed: anchored names, dot files, dots in names.
+    for pattern in ["/hosts", "/fw/*.bin", ".ssh", "**/.*", "...", "a..b", "/.x"] {
+        let config = setup.load(&rule(pattern)).expect(pattern);
+        assert_eq!(config.volumes[0].policies.rules()[0].pattern(), pattern);
+    }
+}
+
+#[test]
 fn a_bad_glob() {
     let setup = Setup::new();
     let text = format!(
@@ -351,6 +416,76 @@ fn duplicate_volume_paths() {
         minimal_volume()
     );
     setup.assert_error(&text, 7, "volume[1].path", "already the path of volume[0]");
+}
+
+#[test]
+fn nested_volumes() {
+    let setup = Setup::new();
+    fs::create_dir(setup.volume().join("sub")).expect("mkdir sub");
+    let inner = "[[volume]]\nname = \"b\"\npath = \"{VOL}/sub\"\n";
+    let text = format!("{}\n{inner}", minimal_volume());
+    setup.assert_error(
+        &text,
+        7,
+        "volume[1].path",
+        "sub is inside {VOL}, the path of volume[0]: volumes must not overlap"
+            .replace("{VOL}", &setup.volume().display().to_string())
+            .as_str(),
+    );
+    let text = format!("{inner}\n{}", minimal_volume());
+    setup.assert_error(&text, 7, "volume[1].path", "contains");
+}
+
+#[test]
+fn two_names_of_one_volume_directory() {
+    let setup = Setup::new();
+    std::os::unix::fs::symlink(setup.volume(), setup.dir.path().join("link")).expect("symlink");
+    let dir = setup.dir.path().display().to_string();
+    for other in [
+        format!("{dir}/link"),
+        format!("{dir}/vol2/../vol"),
+        format!("{dir}/./vol"),
+    ] {
+        let text = format!(
+            "{}\n[[volume]]\nname = \"b\"\npath = \"{other}\"\n",
+            minimal_volume()
+        );
+        setup.assert_error(&text, 7, "volume[1].path", "already the path of volume[0]");
+    }
+}
+
+#[test]
+fn the_state_directory_and_control_socket_outside_every_volume() {
+    let setup = Setup::new();
+    let volumes = format!(
+        "{}\n[[volume]]\nname = \"b\"\npath = \"{{VOL2}}\"\n",
+        minimal_volume()
+    );
+    // Inside a volume, whether it exists yet or not.
+    for state_dir in ["{VOL2}/.twinfs", "{VOL2}"] {
+        let text = format!("[node]\nname = \"a\"\nstate_dir = \"{state_dir}\"\n\n{volumes}");
+        setup.assert_error(
+            &text,
+            3,
+            "node.state_dir",
+            "volume[1].path: the daemon's own files",
+        );
+    }
+    // Holding a volume.
+    let dir = setup.dir.path().display();
+    let text = format!("[node]\nname = \"a\"\nstate_dir = \"{dir}\"\n\n{volumes}");
+    setup.assert_error(&text, 3, "node.state_dir", "contains");
+    let text = format!(
+        "[node]\nname = \"a\"\nstate_dir = \"/srv/tw\"\ncontrol_socket = \"{{VOL}}/../vol/c.sock\"\n\n{volumes}"
+    );
+    setup.assert_error(&text, 4, "node.control_socket", "is inside");
+    // The default state directory (/var/lib/twinfs) in a volume at /var.
+    setup.assert_error(
+        "[node]\nname = \"a\"\n\n[[volume]]\nname = \"var\"\npath = \"/var\"\n",
+        6,
+        "volume[0].path",
+        "/var contains /var/lib/twinfs, node.state_dir (by default)",
+    );
 }
 
 #[test]
@@ -455,6 +590,15 @@ fn duplicate_peers() {
         "peer[1].name",
         "\"b\" is already the name of peer[0]",
     );
+}
+
+#[test]
+fn a_peer_named_like_this_node() {
+    let setup = Setup::new();
+    let text = format!(
+        "[node]\nname = \"cmm-a\"\n\n[[peer]]\nname = \"cmm-a\"\naddress = \"b:7790\"\nnode_id = \"{ID_B}\"\n"
+    );
+    setup.assert_error(&text, 5, "peer[0].name", "this node's own name (node.name)");
 }
 
 #[test]
