@@ -1836,13 +1836,16 @@ fn take_upstream_recorded(volume: &VolumeLink, op: &Op, base: Option<u128>) -> R
             .map_err(|e| e.to_string())?
             .map(|(meta, _, _)| meta)
     };
-    upstream::judge(
-        &volume.policies,
-        op,
-        base,
-        current.as_ref().and_then(|m| m.hash),
-    )?;
-    apply_quietly(volume, op).map_err(|e| e.to_string())?;
+    upstream::judge(&volume.policies, op, base, current.as_ref())?;
+    apply_upstream(volume, op).map_err(|e| match e {
+        ApplyError::NotEmpty { path } => {
+            format!("{path} is not empty on the active; the active's stands")
+        }
+        ApplyError::IsDirectory { path, .. } | ApplyError::NotDirectory { path } => {
+            format!("{path} is of another kind on the active now; the active's stands")
+        }
+        e => e.to_string(),
+    })?;
     let (path, kind) = match op {
         Op::Put { entry, .. } => {
             let kind = match (&current, entry.meta.kind) {
@@ -3546,29 +3549,26 @@ fn apply_op(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// Active: applies an upstream write [`upstream::judge`] took, without telling the
+/// kernel. Unlike an op from the active, it never removes what is below a directory:
+/// a directory is deleted only if empty, and nothing is put where an entry of another
+/// kind appeared since the judgement.
+fn apply_upstream(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
+    let applier = Applier::new(volume.root.as_fd());
+    match op {
+        Op::Put { entry, content } => put_entry(&applier, entry, content.as_deref()),
+        Op::Delete { path } => applier.delete_entry(path),
+        other => apply_quietly(volume, other),
+    }
+}
+
 /// [`apply_op`] without telling the kernel.
 fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
     let applier = Applier::new(volume.root.as_fd());
     match op {
         Op::Put { entry, content } => {
-            let fm = file_meta(&entry.meta);
             let path = &entry.path;
-            let put = |applier: &Applier<'_>| match (entry.meta.kind, content) {
-                (Kind::File, Some(bytes)) => applier.write_file(path, &mut bytes.as_slice(), &fm),
-                (Kind::File, None) => applier.set_metadata(path, &fm),
-                (Kind::Dir, _) => applier.make_dir(path, &fm),
-                (Kind::Symlink, _) => {
-                    applier.make_symlink(path, entry.meta.target().unwrap_or_default(), &fm)
-                }
-                (Kind::Fifo, _) => applier.make_node(path, NodeKind::Fifo, 0, &fm),
-                (Kind::Socket, _) => applier.make_node(path, NodeKind::Socket, 0, &fm),
-                (Kind::CharDev, _) => {
-                    applier.make_node(path, NodeKind::Char, entry.meta.rdev(), &fm)
-                }
-                (Kind::BlockDev, _) => {
-                    applier.make_node(path, NodeKind::Block, entry.meta.rdev(), &fm)
-                }
-            };
+            let put = |applier: &Applier<'_>| put_entry(applier, entry, content.as_deref());
             match put(&applier) {
                 // Something of another kind is in the way: it goes, as on the active.
                 Err(ApplyError::IsDirectory { .. } | ApplyError::NotDirectory { .. }) => {
@@ -3584,6 +3584,29 @@ fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
         Op::Skip { .. } | Op::PutStream { .. } => {}
     }
     Ok(())
+}
+
+/// Puts `entry` at its path; a directory in the way of anything else (or anything else
+/// in the way of a directory) is an error.
+fn put_entry(
+    applier: &Applier<'_>,
+    entry: &manifest::Entry,
+    content: Option<&[u8]>,
+) -> Result<(), ApplyError> {
+    let fm = file_meta(&entry.meta);
+    let path = &entry.path;
+    match (entry.meta.kind, content) {
+        (Kind::File, Some(mut bytes)) => applier.write_file(path, &mut bytes, &fm),
+        (Kind::File, None) => applier.set_metadata(path, &fm),
+        (Kind::Dir, _) => applier.make_dir(path, &fm),
+        (Kind::Symlink, _) => {
+            applier.make_symlink(path, entry.meta.target().unwrap_or_default(), &fm)
+        }
+        (Kind::Fifo, _) => applier.make_node(path, NodeKind::Fifo, 0, &fm),
+        (Kind::Socket, _) => applier.make_node(path, NodeKind::Socket, 0, &fm),
+        (Kind::CharDev, _) => applier.make_node(path, NodeKind::Char, entry.meta.rdev(), &fm),
+        (Kind::BlockDev, _) => applier.make_node(path, NodeKind::Block, entry.meta.rdev(), &fm),
+    }
 }
 
 fn invalidate(volume: &VolumeLink, path: &RelPath) {
