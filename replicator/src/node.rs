@@ -929,6 +929,11 @@ impl Messages {
         self.decode(&bytes)
     }
 
+    /// Whether a message is here, not taken yet.
+    fn waiting(&self) -> bool {
+        !self.broken && !self.rx.is_empty()
+    }
+
     /// The next message if one is already here.
     fn try_recv(&mut self) -> Option<Message> {
         if self.broken {
@@ -1075,8 +1080,14 @@ async fn run_session(
     if role == Role::Standby {
         *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx);
     }
+    // Standby: the output that waits for large files being applied (an op on a related
+    // path, or a scan). Meanwhile this loop goes on: it takes messages, its timers run,
+    // heartbeats and acks go out; a wait of minutes must not look like a dead peer.
+    let mut parked: Option<Output> = None;
+    // Active: the bytes of large-file streams last seen, which count as progress.
+    let mut streamed = 0u64;
     'session: loop {
-        while let Some(out) = session.poll_output() {
+        while let Some(out) = next_output(&mut parked, &mut session, &large) {
             if matches!(out, Output::InSync) {
                 link.update(&volume.name, |s| s.full_sync_done = Some(unix_now()));
                 synced += 1;
@@ -1138,15 +1149,6 @@ async fn run_session(
                     }
                     continue;
                 }
-                _ => {}
-            }
-            // An op on a path a large file is still being applied to (or above or
-            // below it) waits for it; a scan waits for all of them.
-            match &out {
-                Output::Apply { op, .. } => {
-                    large.wait_related(op_paths(op), &mut session).await;
-                }
-                Output::ScanLocal => large.wait_all(&mut session).await,
                 _ => {}
             }
             if let (Output::Apply { seq, op }, Some(outbox)) = (&out, outbox.as_ref()) {
@@ -1348,9 +1350,23 @@ async fn run_session(
             s.out_of_sync = out_of_sync;
             s.rtt_us = rtt;
         });
+        // Standby: with many outputs backed up behind a parked one, messages wait in
+        // the reader's channel (and QUIC's flow control holds the active back) rather
+        // than pile up in memory; that they are there says the active is alive.
+        let backlog = parked.is_some() && session.outputs_waiting() >= PARKED_BACKLOG;
+        if backlog && (held.is_some() || messages.waiting()) {
+            session.peer_heard(std::time::Instant::now());
+            link.update(&volume.name, |s| s.heard = Some(std::time::Instant::now()));
+        }
+        let moved = counters.sent.load(std::sync::atomic::Ordering::Relaxed)
+            + counters.received.load(std::sync::atomic::Ordering::Relaxed);
+        if moved != streamed {
+            streamed = moved;
+            session.stream_progress(std::time::Instant::now());
+        }
         let deadline = Instant::from_std(session.next_deadline());
         tokio::select! {
-            m = next_message(&mut held, &mut messages) => match m {
+            m = next_message(&mut held, &mut messages), if !backlog => match m {
                 Some(m) => {
                     link.update(&volume.name, |s| {
                         s.last_contact = Some(unix_now());
@@ -1574,6 +1590,35 @@ fn for_the_driver(m: &Message) -> bool {
             | Message::UpstreamApplied { .. }
             | Message::UpstreamRefused { .. }
     )
+}
+
+/// Outputs backed up behind a parked one past which a standby takes no more messages
+/// until it can go on.
+const PARKED_BACKLOG: usize = 256;
+
+/// The next output for `run_session` to carry out. One that must wait for large
+/// files being applied (an op on a path one of them is applied to, or above or below
+/// it; a scan, for all of them) is parked until they are done, and only messages to
+/// send (or a close) go ahead of it.
+fn next_output(
+    parked: &mut Option<Output>,
+    session: &mut Session,
+    large: &LargeApplies,
+) -> Option<Output> {
+    let out = match parked.take() {
+        Some(out) => out,
+        None => session.poll_output()?,
+    };
+    let waits = match &out {
+        Output::Apply { op, .. } => large.related(&op_paths(op)),
+        Output::ScanLocal => !large.busy.is_empty(),
+        _ => false,
+    };
+    if waits {
+        *parked = Some(out);
+        return session.poll_message();
+    }
+    Some(out)
 }
 
 /// The held message if there is one, else the next from the peer.
@@ -3215,12 +3260,11 @@ impl LargeApplies {
         }
     }
 
-    async fn wait_related(&mut self, paths: Vec<&RelPath>, session: &mut Session) {
-        let paths: Vec<RelPath> = paths.into_iter().cloned().collect();
-        self.wait_until(session, |s| {
-            !s.busy.values().any(|b| paths.iter().any(|p| related(p, b)))
-        })
-        .await;
+    /// Whether a large file is being applied to one of `paths`, or above or below.
+    fn related(&self, paths: &[&RelPath]) -> bool {
+        self.busy
+            .values()
+            .any(|b| paths.iter().any(|p| related(p, b)))
     }
 
     async fn wait_all(&mut self, session: &mut Session) {

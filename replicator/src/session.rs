@@ -288,6 +288,31 @@ impl Session {
         self.out.pop_front().map(Queued::into_output)
     }
 
+    /// The first message to send or close waiting among the outputs, taken ahead of
+    /// the rest: a standby whose next output waits for a large file's apply goes on
+    /// sending its heartbeats and acks meanwhile (what it sends never depends on an
+    /// apply still to come: an ack covers only ops applied already).
+    pub fn poll_message(&mut self) -> Option<Output> {
+        let at = self.out.iter().position(
+            |q| matches!(q, Queued::Other(o) if matches!(**o, Output::Send(_) | Output::Close(_))),
+        )?;
+        self.out.remove(at).map(Queued::into_output)
+    }
+
+    /// How many outputs wait for the driver.
+    pub fn outputs_waiting(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Messages from the peer are here that the driver holds back (its outputs are
+    /// backed up behind one that waits for a large file's apply): the peer is alive,
+    /// though the session has not seen them yet.
+    pub fn peer_heard(&mut self, now: Instant) {
+        if self.phase != Phase::Closed {
+            self.last_received = self.last_received.max(now);
+        }
+    }
+
     fn queue(&mut self, output: Output) {
         self.out.push_back(Queued::of(output));
     }
@@ -322,6 +347,16 @@ impl Session {
     pub fn shipping(&mut self, seq: u64, bytes: u64) {
         if bytes > 0 && seq > self.stats.acked && seq >= self.full_sync_base {
             self.unacked.push_back((seq, bytes));
+        }
+    }
+
+    /// Active: bytes moved on the streams of a large file this session sends (its
+    /// blocks going out, the standby's block list coming in). Acks are cumulative, so
+    /// none comes while a large file travels, for as long as it takes: this is the
+    /// progress that keeps such a transfer from being taken for a stall.
+    pub fn stream_progress(&mut self, now: Instant) {
+        if self.watching_for_stall() {
+            self.progress_at = now;
         }
     }
 
