@@ -1252,3 +1252,71 @@ fn a_standby_holding_back_the_actives_messages_does_not_take_it_for_silent() {
         "{outputs:?}"
     );
 }
+
+/// What a standby does with a full sync of ops 1 and 2, `b` refused or not.
+fn full_sync_refusing(standby: &mut Session, sync: u64, base: u64, refuse: bool) -> Vec<Output> {
+    let now = Instant::now();
+    standby.on_message(Message::RequestManifest { sync }, now);
+    standby.on_message(
+        Message::FullSyncStart {
+            sync,
+            base,
+            priority1: vec![],
+            priority1_more: 0,
+        },
+        now,
+    );
+    for (seq, name) in [(base + 1, "a"), (base + 2, "b")] {
+        let op = Op::Delete { path: rel(name) };
+        standby.on_message(Message::Op { seq, op }, now);
+    }
+    standby.on_message(Message::FullSyncDone { seq: base + 2 }, now);
+    standby.applied(base + 1, &rel("a"), Ok(()), now);
+    let b = if refuse {
+        Err("the blocks never arrived".to_string())
+    } else {
+        Ok(())
+    };
+    standby.applied(base + 2, &rel("b"), b, now);
+    std::iter::from_fn(|| standby.poll_output()).collect()
+}
+
+#[test]
+fn a_standby_that_refused_an_op_of_its_full_sync_is_not_in_sync_and_asks_again() {
+    let now = Instant::now();
+    let mut standby = Session::new(config(Role::Standby, &policies()), now);
+    standby.on_message(
+        Message::Hello {
+            version: twinfs_replicator::protocol::VERSION,
+            volume: "vol".into(),
+            role: Role::Active,
+            epoch: 1,
+        },
+        now,
+    );
+    let in_sync = |o: &[Output]| o.iter().any(|o| matches!(o, Output::InSync));
+    let resync = |o: &[Output]| o.iter().any(|o| matches!(o, Output::Send(Message::Resync)));
+
+    let out = full_sync_refusing(&mut standby, 1, 0, true);
+    assert!(
+        !in_sync(&out) && !standby.in_sync() && !standby.fit(),
+        "{out:?}"
+    );
+    assert!(resync(&out), "asks for another full sync: {out:?}");
+    // Refused again: still not in sync, and no loop of full syncs.
+    let out = full_sync_refusing(&mut standby, 2, 2, true);
+    assert!(!in_sync(&out) && !standby.fit(), "{out:?}");
+    assert!(!resync(&out), "{out:?}");
+    // A full sync without refusals brings it in sync.
+    let out = full_sync_refusing(&mut standby, 3, 4, false);
+    assert!(
+        in_sync(&out) && standby.in_sync() && standby.fit(),
+        "{out:?}"
+    );
+    // In sync once: a later full sync with a refusal takes that back.
+    let out = full_sync_refusing(&mut standby, 4, 6, true);
+    assert!(
+        !standby.in_sync() && !standby.fit() && resync(&out),
+        "{out:?}"
+    );
+}
