@@ -510,15 +510,54 @@ const STREAM_WAIT: Duration = Duration::from_secs(60);
 /// The unidirectional streams of one connection that carry large files (blocks one
 /// way, block lists the other), keyed by the volume's [`stream_tag`] and the op number
 /// they start with.
+///
+/// A stream nobody takes must be stopped, not kept: its unread bytes hold their share
+/// of the connection's flow-control window, and a few such streams would leave the
+/// peer unable to send anything on the connection.
 #[derive(Default)]
 pub struct Streams {
-    waiting: Mutex<std::collections::HashMap<(u64, u64), quinn::RecvStream>>,
+    pending: Mutex<PendingStreams>,
     arrived: tokio::sync::Notify,
 }
 
-/// Streams waiting to be taken before the oldest are dropped (their op was refused or
+#[derive(Default)]
+struct PendingStreams {
+    /// Arrived, not taken yet, with when each came.
+    waiting: std::collections::HashMap<(u64, u64), (std::time::Instant, quinn::RecvStream)>,
+    /// Given up on (the wait for them ended), with when: stopped as they come.
+    abandoned: std::collections::HashMap<(u64, u64), std::time::Instant>,
+}
+
+/// Streams waiting to be taken before the oldest are stopped (their op was refused or
 /// its session ended).
 const STREAMS_KEPT: usize = 1024;
+
+/// A stream not taken this long after it came is stopped: every take waits less.
+const STREAM_KEPT_FOR: Duration = BLOCK_LIST_WAIT;
+
+/// How long a stream given up on is remembered, to stop it should it still come.
+const ABANDONED_KEPT_FOR: Duration = Duration::from_secs(600);
+
+impl PendingStreams {
+    /// Stops the streams kept too long and forgets old abandoned keys.
+    fn expire(&mut self, now: std::time::Instant) {
+        self.waiting.retain(|_, (at, recv)| {
+            let keep = now.duration_since(*at) < STREAM_KEPT_FOR;
+            if !keep {
+                let _ = recv.stop(STREAM_UNWANTED);
+            }
+            keep
+        });
+        self.abandoned
+            .retain(|_, at| now.duration_since(*at) < ABANDONED_KEPT_FOR);
+        if self.abandoned.len() > STREAMS_KEPT {
+            self.abandoned.clear();
+        }
+    }
+}
+
+/// The error code a stream nobody takes is stopped with.
+const STREAM_UNWANTED: quinn::VarInt = quinn::VarInt::from_u32(1);
 
 /// Tells apart the streams of the volumes sharing a connection.
 fn stream_tag(volume: &str) -> u64 {
@@ -546,14 +585,22 @@ impl Streams {
                     let mut seq = [0u8; 8];
                     seq.copy_from_slice(&header[8..]);
                     let key = (u64::from_be_bytes(tag), u64::from_be_bytes(seq));
-                    let mut waiting = streams.waiting.lock().unwrap_or_else(|e| e.into_inner());
-                    if waiting.len() >= STREAMS_KEPT {
-                        if let Some(oldest) = waiting.keys().min_by_key(|k| k.1).copied() {
-                            waiting.remove(&oldest);
+                    let now = std::time::Instant::now();
+                    let mut pending = streams.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    pending.expire(now);
+                    if pending.abandoned.remove(&key).is_some() {
+                        let _ = recv.stop(STREAM_UNWANTED);
+                        return;
+                    }
+                    if pending.waiting.len() >= STREAMS_KEPT {
+                        if let Some(oldest) = pending.waiting.keys().min_by_key(|k| k.1).copied() {
+                            if let Some((_, mut old)) = pending.waiting.remove(&oldest) {
+                                let _ = old.stop(STREAM_UNWANTED);
+                            }
                         }
                     }
-                    waiting.insert(key, recv);
-                    drop(waiting);
+                    pending.waiting.insert(key, (now, recv));
+                    drop(pending);
                     streams.arrived.notify_waiters();
                 }
             });
@@ -561,15 +608,17 @@ impl Streams {
     }
 
     /// The stream of op `seq` of `volume`, once it has arrived, waiting up to `wait`.
+    /// Not there by then: it is stopped if it still comes.
     async fn take(&self, volume: &str, seq: u64, wait: Duration) -> Option<quinn::RecvStream> {
         let key = (stream_tag(volume), seq);
         let waited = async {
             loop {
                 let notified = self.arrived.notified();
-                if let Some(s) = self
-                    .waiting
+                if let Some((_, s)) = self
+                    .pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
+                    .waiting
                     .remove(&key)
                 {
                     return s;
@@ -577,7 +626,22 @@ impl Streams {
                 notified.await;
             }
         };
-        tokio::time::timeout(wait, waited).await.ok()
+        let taken = tokio::time::timeout(wait, waited).await.ok();
+        if taken.is_none() {
+            let now = std::time::Instant::now();
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            match pending.waiting.remove(&key) {
+                // Came just as the wait ended: too late all the same.
+                Some((_, mut late)) => {
+                    let _ = late.stop(STREAM_UNWANTED);
+                }
+                None => {
+                    pending.abandoned.insert(key, now);
+                }
+            }
+            pending.expire(now);
+        }
+        taken
     }
 }
 
@@ -3656,5 +3720,72 @@ fn put_entry(
 fn invalidate(volume: &VolumeLink, path: &RelPath) {
     if let Err(e) = volume.invalidator.invalidate(Path::new(path.as_path())) {
         tracing::debug!(volume = %volume.name, %path, error = %e, "invalidation refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+    fn identity(name: &str) -> TestResult<transport::TlsIdentity> {
+        let generated = rcgen::generate_simple_self_signed(vec![name.into()])?;
+        Ok(transport::TlsIdentity {
+            cert: generated.cert.der().clone(),
+            key: rustls::pki_types::PrivatePkcs8KeyDer::from(generated.signing_key.serialize_der())
+                .into(),
+        })
+    }
+
+    /// A connection between two endpoints on 127.0.0.1: (sender's, receiver's).
+    async fn connected() -> TestResult<(quinn::Connection, quinn::Connection)> {
+        let (a, b) = (identity("a")?, identity("b")?);
+        let (a_id, b_id) = (
+            transport::peer_id_of(&a.cert),
+            transport::peer_id_of(&b.cert),
+        );
+        let local: SocketAddr = "127.0.0.1:0".parse()?;
+        let ea = transport::endpoint(local, &a, transport::PinnedPeers::new([b_id]))?;
+        let eb = transport::endpoint(local, &b, transport::PinnedPeers::new([a_id]))?;
+        let addr = eb.local_addr()?;
+        let accepting = tokio::spawn(async move {
+            let incoming = eb.accept().await.ok_or("no incoming connection")?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(incoming.await?)
+        });
+        let (sender, _) = transport::connect(&ea, addr, b_id).await?;
+        Ok((sender, accepting.await??))
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stream_that_comes_after_its_wait_is_stopped_not_kept() -> TestResult {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let (sender, receiver) = connected().await?;
+            let streams = Arc::new(Streams::default());
+            tokio::spawn(streams.clone().accept(receiver));
+            // Nobody sent op 7's stream in time.
+            assert!(streams
+                .take("vol", 7, Duration::from_millis(50))
+                .await
+                .is_none());
+            // It comes now, with data nobody will read: stopped, so its flow-control
+            // credit goes back to the connection.
+            let mut send = sender.open_uni().await?;
+            send.write_all(&stream_header("vol", 7)).await?;
+            send.write_all(&[0u8; 4096]).await?;
+            let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+            assert!(
+                matches!(stopped, Ok(Ok(Some(code))) if code == STREAM_UNWANTED),
+                "{stopped:?}"
+            );
+            // A stream that is waited for is still taken.
+            let mut send = sender.open_uni().await?;
+            send.write_all(&stream_header("vol", 8)).await?;
+            send.write_all(b"blocks").await?;
+            let taken = streams.take("vol", 8, Duration::from_secs(5)).await;
+            assert!(taken.is_some());
+            Ok(())
+        })
+        .await?
     }
 }
