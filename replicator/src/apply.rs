@@ -148,6 +148,12 @@ pub enum ApplyError {
         /// The path of the entry.
         path: RelPath,
     },
+    /// A directory to be removed without what is below it still holds entries.
+    #[error("{path:?} is a directory that is not empty")]
+    NotEmpty {
+        /// The path of the directory.
+        path: RelPath,
+    },
     /// The operation cannot apply to the volume root (deleting or renaming it).
     #[error("cannot {op} the volume root")]
     Root {
@@ -724,6 +730,17 @@ impl<'a> Applier<'a> {
     /// target); a directory is removed with everything below it, without following
     /// any symlink or entering another filesystem. Missing is fine.
     pub fn delete(&self, path: &RelPath) -> Result<()> {
+        self.remove(path, true)
+    }
+
+    /// Removes `path` as `unlink(2)` or `rmdir(2)` would: a directory only if it is
+    /// empty ([`ApplyError::NotEmpty`] otherwise), never what is below it. Missing is
+    /// fine.
+    pub fn delete_entry(&self, path: &RelPath) -> Result<()> {
+        self.remove(path, false)
+    }
+
+    fn remove(&self, path: &RelPath, tree: bool) -> Result<()> {
         if path.is_root() {
             return Err(ApplyError::Root { op: "delete" });
         }
@@ -737,8 +754,15 @@ impl<'a> Applier<'a> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_err("stat", path)(e)),
         };
-        if is_dir(&st) {
+        if is_dir(&st) && tree {
             self.remove_tree(dir, &name, path)?;
+        } else if is_dir(&st) {
+            match ignore_missing(sys::unlinkat(dir, &name, libc::AT_REMOVEDIR)) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                    return Err(ApplyError::NotEmpty { path: path.clone() })
+                }
+                other => other.map_err(io_err("remove directory", path))?,
+            }
         } else {
             ignore_missing(sys::unlinkat(dir, &name, 0)).map_err(io_err("unlink", path))?;
         }

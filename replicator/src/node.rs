@@ -510,15 +510,54 @@ const STREAM_WAIT: Duration = Duration::from_secs(60);
 /// The unidirectional streams of one connection that carry large files (blocks one
 /// way, block lists the other), keyed by the volume's [`stream_tag`] and the op number
 /// they start with.
+///
+/// A stream nobody takes must be stopped, not kept: its unread bytes hold their share
+/// of the connection's flow-control window, and a few such streams would leave the
+/// peer unable to send anything on the connection.
 #[derive(Default)]
 pub struct Streams {
-    waiting: Mutex<std::collections::HashMap<(u64, u64), quinn::RecvStream>>,
+    pending: Mutex<PendingStreams>,
     arrived: tokio::sync::Notify,
 }
 
-/// Streams waiting to be taken before the oldest are dropped (their op was refused or
+#[derive(Default)]
+struct PendingStreams {
+    /// Arrived, not taken yet, with when each came.
+    waiting: std::collections::HashMap<(u64, u64), (std::time::Instant, quinn::RecvStream)>,
+    /// Given up on (the wait for them ended), with when: stopped as they come.
+    abandoned: std::collections::HashMap<(u64, u64), std::time::Instant>,
+}
+
+/// Streams waiting to be taken before the oldest are stopped (their op was refused or
 /// its session ended).
 const STREAMS_KEPT: usize = 1024;
+
+/// A stream not taken this long after it came is stopped: every take waits less.
+const STREAM_KEPT_FOR: Duration = BLOCK_LIST_WAIT;
+
+/// How long a stream given up on is remembered, to stop it should it still come.
+const ABANDONED_KEPT_FOR: Duration = Duration::from_secs(600);
+
+impl PendingStreams {
+    /// Stops the streams kept too long and forgets old abandoned keys.
+    fn expire(&mut self, now: std::time::Instant) {
+        self.waiting.retain(|_, (at, recv)| {
+            let keep = now.duration_since(*at) < STREAM_KEPT_FOR;
+            if !keep {
+                let _ = recv.stop(STREAM_UNWANTED);
+            }
+            keep
+        });
+        self.abandoned
+            .retain(|_, at| now.duration_since(*at) < ABANDONED_KEPT_FOR);
+        if self.abandoned.len() > STREAMS_KEPT {
+            self.abandoned.clear();
+        }
+    }
+}
+
+/// The error code a stream nobody takes is stopped with.
+const STREAM_UNWANTED: quinn::VarInt = quinn::VarInt::from_u32(1);
 
 /// Tells apart the streams of the volumes sharing a connection.
 fn stream_tag(volume: &str) -> u64 {
@@ -546,14 +585,22 @@ impl Streams {
                     let mut seq = [0u8; 8];
                     seq.copy_from_slice(&header[8..]);
                     let key = (u64::from_be_bytes(tag), u64::from_be_bytes(seq));
-                    let mut waiting = streams.waiting.lock().unwrap_or_else(|e| e.into_inner());
-                    if waiting.len() >= STREAMS_KEPT {
-                        if let Some(oldest) = waiting.keys().min_by_key(|k| k.1).copied() {
-                            waiting.remove(&oldest);
+                    let now = std::time::Instant::now();
+                    let mut pending = streams.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    pending.expire(now);
+                    if pending.abandoned.remove(&key).is_some() {
+                        let _ = recv.stop(STREAM_UNWANTED);
+                        return;
+                    }
+                    if pending.waiting.len() >= STREAMS_KEPT {
+                        if let Some(oldest) = pending.waiting.keys().min_by_key(|k| k.1).copied() {
+                            if let Some((_, mut old)) = pending.waiting.remove(&oldest) {
+                                let _ = old.stop(STREAM_UNWANTED);
+                            }
                         }
                     }
-                    waiting.insert(key, recv);
-                    drop(waiting);
+                    pending.waiting.insert(key, (now, recv));
+                    drop(pending);
                     streams.arrived.notify_waiters();
                 }
             });
@@ -561,15 +608,17 @@ impl Streams {
     }
 
     /// The stream of op `seq` of `volume`, once it has arrived, waiting up to `wait`.
+    /// Not there by then: it is stopped if it still comes.
     async fn take(&self, volume: &str, seq: u64, wait: Duration) -> Option<quinn::RecvStream> {
         let key = (stream_tag(volume), seq);
         let waited = async {
             loop {
                 let notified = self.arrived.notified();
-                if let Some(s) = self
-                    .waiting
+                if let Some((_, s)) = self
+                    .pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
+                    .waiting
                     .remove(&key)
                 {
                     return s;
@@ -577,7 +626,22 @@ impl Streams {
                 notified.await;
             }
         };
-        tokio::time::timeout(wait, waited).await.ok()
+        let taken = tokio::time::timeout(wait, waited).await.ok();
+        if taken.is_none() {
+            let now = std::time::Instant::now();
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            match pending.waiting.remove(&key) {
+                // Came just as the wait ended: too late all the same.
+                Some((_, mut late)) => {
+                    let _ = late.stop(STREAM_UNWANTED);
+                }
+                None => {
+                    pending.abandoned.insert(key, now);
+                }
+            }
+            pending.expire(now);
+        }
+        taken
     }
 }
 
@@ -929,6 +993,11 @@ impl Messages {
         self.decode(&bytes)
     }
 
+    /// Whether a message is here, not taken yet.
+    fn waiting(&self) -> bool {
+        !self.broken && !self.rx.is_empty()
+    }
+
     /// The next message if one is already here.
     fn try_recv(&mut self) -> Option<Message> {
         if self.broken {
@@ -1075,8 +1144,14 @@ async fn run_session(
     if role == Role::Standby {
         *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx);
     }
+    // Standby: the output that waits for large files being applied (an op on a related
+    // path, or a scan). Meanwhile this loop goes on: it takes messages, its timers run,
+    // heartbeats and acks go out; a wait of minutes must not look like a dead peer.
+    let mut parked: Option<Output> = None;
+    // Active: the bytes of large-file streams last seen, which count as progress.
+    let mut streamed = 0u64;
     'session: loop {
-        while let Some(out) = session.poll_output() {
+        while let Some(out) = next_output(&mut parked, &mut session, &large) {
             if matches!(out, Output::InSync) {
                 link.update(&volume.name, |s| s.full_sync_done = Some(unix_now()));
                 synced += 1;
@@ -1138,15 +1213,6 @@ async fn run_session(
                     }
                     continue;
                 }
-                _ => {}
-            }
-            // An op on a path a large file is still being applied to (or above or
-            // below it) waits for it; a scan waits for all of them.
-            match &out {
-                Output::Apply { op, .. } => {
-                    large.wait_related(op_paths(op), &mut session).await;
-                }
-                Output::ScanLocal => large.wait_all(&mut session).await,
                 _ => {}
             }
             if let (Output::Apply { seq, op }, Some(outbox)) = (&out, outbox.as_ref()) {
@@ -1348,9 +1414,23 @@ async fn run_session(
             s.out_of_sync = out_of_sync;
             s.rtt_us = rtt;
         });
+        // Standby: with many outputs backed up behind a parked one, messages wait in
+        // the reader's channel (and QUIC's flow control holds the active back) rather
+        // than pile up in memory; that they are there says the active is alive.
+        let backlog = parked.is_some() && session.outputs_waiting() >= PARKED_BACKLOG;
+        if backlog && (held.is_some() || messages.waiting()) {
+            session.peer_heard(std::time::Instant::now());
+            link.update(&volume.name, |s| s.heard = Some(std::time::Instant::now()));
+        }
+        let moved = counters.sent.load(std::sync::atomic::Ordering::Relaxed)
+            + counters.received.load(std::sync::atomic::Ordering::Relaxed);
+        if moved != streamed {
+            streamed = moved;
+            session.stream_progress(std::time::Instant::now());
+        }
         let deadline = Instant::from_std(session.next_deadline());
         tokio::select! {
-            m = next_message(&mut held, &mut messages) => match m {
+            m = next_message(&mut held, &mut messages), if !backlog => match m {
                 Some(m) => {
                     link.update(&volume.name, |s| {
                         s.last_contact = Some(unix_now());
@@ -1574,6 +1654,35 @@ fn for_the_driver(m: &Message) -> bool {
             | Message::UpstreamApplied { .. }
             | Message::UpstreamRefused { .. }
     )
+}
+
+/// Outputs backed up behind a parked one past which a standby takes no more messages
+/// until it can go on.
+const PARKED_BACKLOG: usize = 256;
+
+/// The next output for `run_session` to carry out. One that must wait for large
+/// files being applied (an op on a path one of them is applied to, or above or below
+/// it; a scan, for all of them) is parked until they are done, and only messages to
+/// send (or a close) go ahead of it.
+fn next_output(
+    parked: &mut Option<Output>,
+    session: &mut Session,
+    large: &LargeApplies,
+) -> Option<Output> {
+    let out = match parked.take() {
+        Some(out) => out,
+        None => session.poll_output()?,
+    };
+    let waits = match &out {
+        Output::Apply { op, .. } => large.related(&op_paths(op)),
+        Output::ScanLocal => !large.busy.is_empty(),
+        _ => false,
+    };
+    if waits {
+        *parked = Some(out);
+        return session.poll_message();
+    }
+    Some(out)
 }
 
 /// The held message if there is one, else the next from the peer.
@@ -1836,13 +1945,16 @@ fn take_upstream_recorded(volume: &VolumeLink, op: &Op, base: Option<u128>) -> R
             .map_err(|e| e.to_string())?
             .map(|(meta, _, _)| meta)
     };
-    upstream::judge(
-        &volume.policies,
-        op,
-        base,
-        current.as_ref().and_then(|m| m.hash),
-    )?;
-    apply_quietly(volume, op).map_err(|e| e.to_string())?;
+    upstream::judge(&volume.policies, op, base, current.as_ref())?;
+    apply_upstream(volume, op).map_err(|e| match e {
+        ApplyError::NotEmpty { path } => {
+            format!("{path} is not empty on the active; the active's stands")
+        }
+        ApplyError::IsDirectory { path, .. } | ApplyError::NotDirectory { path } => {
+            format!("{path} is of another kind on the active now; the active's stands")
+        }
+        e => e.to_string(),
+    })?;
     let (path, kind) = match op {
         Op::Put { entry, .. } => {
             let kind = match (&current, entry.meta.kind) {
@@ -3212,12 +3324,11 @@ impl LargeApplies {
         }
     }
 
-    async fn wait_related(&mut self, paths: Vec<&RelPath>, session: &mut Session) {
-        let paths: Vec<RelPath> = paths.into_iter().cloned().collect();
-        self.wait_until(session, |s| {
-            !s.busy.values().any(|b| paths.iter().any(|p| related(p, b)))
-        })
-        .await;
+    /// Whether a large file is being applied to one of `paths`, or above or below.
+    fn related(&self, paths: &[&RelPath]) -> bool {
+        self.busy
+            .values()
+            .any(|b| paths.iter().any(|p| related(p, b)))
     }
 
     async fn wait_all(&mut self, session: &mut Session) {
@@ -3546,29 +3657,26 @@ fn apply_op(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// Active: applies an upstream write [`upstream::judge`] took, without telling the
+/// kernel. Unlike an op from the active, it never removes what is below a directory:
+/// a directory is deleted only if empty, and nothing is put where an entry of another
+/// kind appeared since the judgement.
+fn apply_upstream(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
+    let applier = Applier::new(volume.root.as_fd());
+    match op {
+        Op::Put { entry, content } => put_entry(&applier, entry, content.as_deref()),
+        Op::Delete { path } => applier.delete_entry(path),
+        other => apply_quietly(volume, other),
+    }
+}
+
 /// [`apply_op`] without telling the kernel.
 fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
     let applier = Applier::new(volume.root.as_fd());
     match op {
         Op::Put { entry, content } => {
-            let fm = file_meta(&entry.meta);
             let path = &entry.path;
-            let put = |applier: &Applier<'_>| match (entry.meta.kind, content) {
-                (Kind::File, Some(bytes)) => applier.write_file(path, &mut bytes.as_slice(), &fm),
-                (Kind::File, None) => applier.set_metadata(path, &fm),
-                (Kind::Dir, _) => applier.make_dir(path, &fm),
-                (Kind::Symlink, _) => {
-                    applier.make_symlink(path, entry.meta.target().unwrap_or_default(), &fm)
-                }
-                (Kind::Fifo, _) => applier.make_node(path, NodeKind::Fifo, 0, &fm),
-                (Kind::Socket, _) => applier.make_node(path, NodeKind::Socket, 0, &fm),
-                (Kind::CharDev, _) => {
-                    applier.make_node(path, NodeKind::Char, entry.meta.rdev(), &fm)
-                }
-                (Kind::BlockDev, _) => {
-                    applier.make_node(path, NodeKind::Block, entry.meta.rdev(), &fm)
-                }
-            };
+            let put = |applier: &Applier<'_>| put_entry(applier, entry, content.as_deref());
             match put(&applier) {
                 // Something of another kind is in the way: it goes, as on the active.
                 Err(ApplyError::IsDirectory { .. } | ApplyError::NotDirectory { .. }) => {
@@ -3586,8 +3694,98 @@ fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// Puts `entry` at its path; a directory in the way of anything else (or anything else
+/// in the way of a directory) is an error.
+fn put_entry(
+    applier: &Applier<'_>,
+    entry: &manifest::Entry,
+    content: Option<&[u8]>,
+) -> Result<(), ApplyError> {
+    let fm = file_meta(&entry.meta);
+    let path = &entry.path;
+    match (entry.meta.kind, content) {
+        (Kind::File, Some(mut bytes)) => applier.write_file(path, &mut bytes, &fm),
+        (Kind::File, None) => applier.set_metadata(path, &fm),
+        (Kind::Dir, _) => applier.make_dir(path, &fm),
+        (Kind::Symlink, _) => {
+            applier.make_symlink(path, entry.meta.target().unwrap_or_default(), &fm)
+        }
+        (Kind::Fifo, _) => applier.make_node(path, NodeKind::Fifo, 0, &fm),
+        (Kind::Socket, _) => applier.make_node(path, NodeKind::Socket, 0, &fm),
+        (Kind::CharDev, _) => applier.make_node(path, NodeKind::Char, entry.meta.rdev(), &fm),
+        (Kind::BlockDev, _) => applier.make_node(path, NodeKind::Block, entry.meta.rdev(), &fm),
+    }
+}
+
 fn invalidate(volume: &VolumeLink, path: &RelPath) {
     if let Err(e) = volume.invalidator.invalidate(Path::new(path.as_path())) {
         tracing::debug!(volume = %volume.name, %path, error = %e, "invalidation refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+    fn identity(name: &str) -> TestResult<transport::TlsIdentity> {
+        let generated = rcgen::generate_simple_self_signed(vec![name.into()])?;
+        Ok(transport::TlsIdentity {
+            cert: generated.cert.der().clone(),
+            key: rustls::pki_types::PrivatePkcs8KeyDer::from(generated.signing_key.serialize_der())
+                .into(),
+        })
+    }
+
+    /// A connection between two endpoints on 127.0.0.1: (sender's, receiver's).
+    async fn connected() -> TestResult<(quinn::Connection, quinn::Connection)> {
+        let (a, b) = (identity("a")?, identity("b")?);
+        let (a_id, b_id) = (
+            transport::peer_id_of(&a.cert),
+            transport::peer_id_of(&b.cert),
+        );
+        let local: SocketAddr = "127.0.0.1:0".parse()?;
+        let ea = transport::endpoint(local, &a, transport::PinnedPeers::new([b_id]))?;
+        let eb = transport::endpoint(local, &b, transport::PinnedPeers::new([a_id]))?;
+        let addr = eb.local_addr()?;
+        let accepting = tokio::spawn(async move {
+            let incoming = eb.accept().await.ok_or("no incoming connection")?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(incoming.await?)
+        });
+        let (sender, _) = transport::connect(&ea, addr, b_id).await?;
+        Ok((sender, accepting.await??))
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stream_that_comes_after_its_wait_is_stopped_not_kept() -> TestResult {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let (sender, receiver) = connected().await?;
+            let streams = Arc::new(Streams::default());
+            tokio::spawn(streams.clone().accept(receiver));
+            // Nobody sent op 7's stream in time.
+            assert!(streams
+                .take("vol", 7, Duration::from_millis(50))
+                .await
+                .is_none());
+            // It comes now, with data nobody will read: stopped, so its flow-control
+            // credit goes back to the connection.
+            let mut send = sender.open_uni().await?;
+            send.write_all(&stream_header("vol", 7)).await?;
+            send.write_all(&[0u8; 4096]).await?;
+            let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+            assert!(
+                matches!(stopped, Ok(Ok(Some(code))) if code == STREAM_UNWANTED),
+                "{stopped:?}"
+            );
+            // A stream that is waited for is still taken.
+            let mut send = sender.open_uni().await?;
+            send.write_all(&stream_header("vol", 8)).await?;
+            send.write_all(b"blocks").await?;
+            let taken = streams.take("vol", 8, Duration::from_secs(5)).await;
+            assert!(taken.is_some());
+            Ok(())
+        })
+        .await?
     }
 }

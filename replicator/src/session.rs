@@ -225,6 +225,11 @@ pub struct Session {
     priority1_more: u64,
     in_sync_at: Option<u64>,
     in_sync: bool,
+    /// An op of the current full sync was refused: it does not bring this node in sync.
+    refused_in_full_sync: bool,
+    /// A full sync with refusals was followed by a Resync already; the next one with
+    /// refusals is not (a refusal that stays would otherwise loop).
+    resynced_for_refusals: bool,
     // Both sides: the last paths refused, with why.
     rejected: VecDeque<(RelPath, String)>,
 }
@@ -264,6 +269,8 @@ impl Session {
             priority1_more: 0,
             in_sync_at: None,
             in_sync: false,
+            refused_in_full_sync: false,
+            resynced_for_refusals: false,
             rejected: VecDeque::new(),
             config,
         };
@@ -286,6 +293,31 @@ impl Session {
     /// The next thing for the driver to do.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front().map(Queued::into_output)
+    }
+
+    /// The first message to send or close waiting among the outputs, taken ahead of
+    /// the rest: a standby whose next output waits for a large file's apply goes on
+    /// sending its heartbeats and acks meanwhile (what it sends never depends on an
+    /// apply still to come: an ack covers only ops applied already).
+    pub fn poll_message(&mut self) -> Option<Output> {
+        let at = self.out.iter().position(
+            |q| matches!(q, Queued::Other(o) if matches!(**o, Output::Send(_) | Output::Close(_))),
+        )?;
+        self.out.remove(at).map(Queued::into_output)
+    }
+
+    /// How many outputs wait for the driver.
+    pub fn outputs_waiting(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Messages from the peer are here that the driver holds back (its outputs are
+    /// backed up behind one that waits for a large file's apply): the peer is alive,
+    /// though the session has not seen them yet.
+    pub fn peer_heard(&mut self, now: Instant) {
+        if self.phase != Phase::Closed {
+            self.last_received = self.last_received.max(now);
+        }
     }
 
     fn queue(&mut self, output: Output) {
@@ -322,6 +354,16 @@ impl Session {
     pub fn shipping(&mut self, seq: u64, bytes: u64) {
         if bytes > 0 && seq > self.stats.acked && seq >= self.full_sync_base {
             self.unacked.push_back((seq, bytes));
+        }
+    }
+
+    /// Active: bytes moved on the streams of a large file this session sends (its
+    /// blocks going out, the standby's block list coming in). Acks are cumulative, so
+    /// none comes while a large file travels, for as long as it takes: this is the
+    /// progress that keeps such a transfer from being taken for a stall.
+    pub fn stream_progress(&mut self, now: Instant) {
+        if self.watching_for_stall() {
+            self.progress_at = now;
         }
     }
 
@@ -1061,6 +1103,7 @@ impl Session {
                 self.phase = Phase::FullSync;
                 self.stats.full_syncs += 1;
                 self.in_sync_at = None;
+                self.refused_in_full_sync = false;
                 self.queue(Output::ScanLocal);
             }
             Message::FullSyncStart {
@@ -1113,7 +1156,7 @@ impl Session {
                 if !self.lost {
                     self.stats.full_sync_ops = seq.saturating_sub(self.full_sync_base);
                     self.in_sync_at = Some(seq);
-                    self.check_in_sync();
+                    self.check_in_sync(now);
                 }
             }
             other => self.close(format!("unexpected message for a standby: {other:?}")),
@@ -1125,6 +1168,7 @@ impl Session {
     /// covers only what is applied without a gap.
     pub fn applied(&mut self, seq: u64, path: &RelPath, result: Result<(), String>, now: Instant) {
         self.stats.ops += 1;
+        let rejected_before = self.stats.rejected;
         match &result {
             Ok(()) => {
                 self.priority1_pending.remove(path);
@@ -1152,6 +1196,12 @@ impl Session {
             // An op of an abandoned full sync finishing late: nothing to ack.
             return;
         }
+        if self.phase == Phase::FullSync
+            && self.stats.rejected > rejected_before
+            && self.in_sync_at.is_none_or(|end| seq <= end)
+        {
+            self.refused_in_full_sync = true;
+        }
         self.applied_ahead.insert(seq);
         let before = self.applied_upto;
         while self.applied_ahead.remove(&(self.applied_upto + 1)) {
@@ -1165,17 +1215,30 @@ impl Session {
                 },
                 now,
             );
-            self.check_in_sync();
+            self.check_in_sync(now);
         }
     }
 
-    fn check_in_sync(&mut self) {
+    fn check_in_sync(&mut self, now: Instant) {
         if let Some(end) = self.in_sync_at {
             if self.stats.acked >= end {
                 self.in_sync_at = None;
                 self.phase = Phase::Streaming;
                 // Every op of the full sync is applied; those refused are still listed.
                 self.priority1_more = 0;
+                if self.refused_in_full_sync {
+                    // What was refused (the blocks of a large file never came, say) may
+                    // be stale here: not in sync, so not fit. One more full sync may
+                    // bring it; if that has refusals too, they wait for the next one.
+                    self.in_sync = false;
+                    if !std::mem::replace(&mut self.resynced_for_refusals, true) {
+                        tracing::info!(volume = %self.config.volume,
+                            "changes refused during the full sync; asking for another");
+                        self.send(Message::Resync, now);
+                    }
+                    return;
+                }
+                self.resynced_for_refusals = false;
                 if !self.in_sync {
                     self.in_sync = true;
                     self.queue(Output::InSync);

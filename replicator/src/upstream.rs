@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::manifest::Manifest;
+use crate::manifest::{Kind, Manifest, Meta};
 use crate::path::RelPath;
 use crate::policy::PolicySet;
 use crate::protocol::{Message, Op};
@@ -148,19 +148,22 @@ pub fn changed_paths(op: &Op) -> Vec<RelPath> {
 }
 
 /// Active: whether to apply upstream write `op`, based on `base`, when the active's
-/// own version of [`checked_path`] has the hash `current` (`None`: no regular file).
+/// own version of [`checked_path`] is `current` (`None`: nothing there). The content
+/// hashes must agree (`None` where neither has a regular file), and a `Put` must find
+/// nothing or the same kind of thing: a file is never put over the active's directory
+/// (nor a directory over its file or symlink), whose contents the standby never saw.
+/// A `Delete` of a directory is applied as `rmdir(2)`, so only an empty one goes.
 /// `Err` says why not, for the standby and the log.
 pub fn judge(
     policies: &PolicySet,
     op: &Op,
     base: Option<u128>,
-    current: Option<u128>,
+    current: Option<&Meta>,
 ) -> Result<(), String> {
     if matches!(op, Op::Skip { .. } | Op::PutStream { .. }) {
         return Err("not an upstream write".into());
     }
-    if matches!(op, Op::Put { entry, content: None } if entry.meta.kind == crate::manifest::Kind::File)
-    {
+    if matches!(op, Op::Put { entry, content: None } if entry.meta.kind == Kind::File) {
         return Err("an upstream file comes with its content".into());
     }
     for path in changed_paths(op) {
@@ -173,11 +176,33 @@ pub fn judge(
             return Err(format!("{path} is a name reserved for twinfs"));
         }
     }
-    if base != current {
+    if let (Op::Put { entry, .. }, Some(current)) = (op, current) {
+        if entry.meta.kind != current.kind {
+            return Err(format!(
+                "{} is a {} on the active, not a {}; the active's stands",
+                entry.path,
+                noun(current.kind),
+                noun(entry.meta.kind)
+            ));
+        }
+    }
+    if base != current.and_then(|m| m.hash) {
         return Err(format!(
             "{} changed on the active since the standby's version; the active's stands",
             checked_path(op)
         ));
     }
     Ok(())
+}
+
+fn noun(kind: Kind) -> &'static str {
+    match kind {
+        Kind::File => "file",
+        Kind::Dir => "directory",
+        Kind::Symlink => "symlink",
+        Kind::Fifo => "fifo",
+        Kind::Socket => "socket",
+        Kind::CharDev => "character device",
+        Kind::BlockDev => "block device",
+    }
 }

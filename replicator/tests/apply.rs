@@ -416,6 +416,33 @@ fn delete_removes_a_tree_but_not_what_its_symlinks_point_to() {
 }
 
 #[test]
+fn delete_entry_removes_a_directory_only_if_empty() {
+    let vol = Vol::new();
+    fs::create_dir_all(vol.path("full/sub")).expect("mkdir");
+    fs::write(vol.path("full/sub/new.txt"), b"x").expect("write");
+    fs::create_dir(vol.path("empty")).expect("mkdir");
+    fs::write(vol.path("file"), b"y").expect("write");
+    let applier = vol.applier();
+
+    assert!(matches!(
+        applier.delete_entry(&rel("full")),
+        Err(ApplyError::NotEmpty { .. })
+    ));
+    assert_eq!(fs::read(vol.path("full/sub/new.txt")).expect("kept"), b"x");
+    applier.delete_entry(&rel("empty")).expect("rmdir");
+    assert!(!vol.path("empty").exists());
+    applier.delete_entry(&rel("file")).expect("unlink");
+    assert!(!vol.path("file").exists());
+    applier
+        .delete_entry(&rel("empty"))
+        .expect("missing is fine");
+    assert!(matches!(
+        applier.delete_entry(&RelPath::root()),
+        Err(ApplyError::Root { .. })
+    ));
+}
+
+#[test]
 fn make_dir_symlink_node_and_exact_metadata() {
     let vol = Vol::new();
     let applier = vol.applier();

@@ -1138,3 +1138,185 @@ fn a_priority1_change_received_but_not_applied_leaves_the_standby_unfit() {
     standby.applied(1, &rel("fw.sif"), Ok(()), now);
     assert!(standby.fit());
 }
+
+#[test]
+fn a_large_file_that_streams_for_minutes_is_not_taken_for_a_stall() {
+    let mut w = World::settled(19);
+    let syncs = w.active.stats().full_syncs;
+    // A large file: its op is acked only once all its blocks are in, after many stall
+    // timeouts (2 s), while its blocks keep moving on their own stream.
+    let data = b"a large file, blocks still on their way".to_vec();
+    w.write("big", &data, 23, ChangeKind::Write);
+    w.lose_acks = true;
+    for _ in 0..60 {
+        w.drain();
+        w.now += Duration::from_secs(1);
+        // The driver reports the stream's bytes before the session's timers run.
+        w.active.stream_progress(w.now);
+        w.active.on_tick(w.now);
+        w.standby.on_tick(w.now);
+    }
+    w.drain();
+    assert_eq!(
+        w.active.stats().full_syncs,
+        syncs,
+        "no full sync while the file's bytes move"
+    );
+    assert_eq!(w.active.phase(), Phase::Streaming);
+    // Its bytes stop moving and no ack comes: that is a stall.
+    for _ in 0..3 {
+        w.advance(Duration::from_secs(1));
+        w.drain();
+    }
+    assert_eq!(w.active.stats().full_syncs, syncs + 1);
+}
+
+/// A standby in streaming after a full sync of nothing.
+fn streaming_standby(now: Instant) -> Session {
+    let mut standby = Session::new(config(Role::Standby, &policies()), now);
+    start_full_sync(&mut standby, vec![], now);
+    standby.on_message(Message::FullSyncDone { seq: 0 }, now);
+    let _ = std::iter::from_fn(|| standby.poll_output()).count();
+    standby
+}
+
+#[test]
+fn a_standby_waiting_for_a_large_apply_still_heartbeats_and_acks() {
+    let mut now = Instant::now();
+    let mut standby = streaming_standby(now);
+    let put = |seq: u64, name: &str| Message::Op {
+        seq,
+        op: Op::Delete { path: rel(name) },
+    };
+    // Op 1 goes to the driver and is applied in the background (a large file); op 2,
+    // on a related path, waits for it; op 3 does not.
+    standby.on_message(put(1, "dir/big"), now);
+    standby.on_message(put(2, "dir/small"), now);
+    standby.on_message(put(3, "other"), now);
+    assert!(matches!(
+        standby.poll_output(),
+        Some(Output::Apply { seq: 1, .. })
+    ));
+    assert!(matches!(
+        standby.poll_output(),
+        Some(Output::Apply { seq: 2, .. })
+    ));
+    // Op 2 is parked: minutes pass, the active's heartbeats come, and the standby's
+    // own go out ahead of op 3.
+    let mut heartbeats = 0;
+    for _ in 0..600 {
+        now += Duration::from_millis(500);
+        standby.on_message(Message::Heartbeat, now);
+        standby.on_tick(now);
+        while let Some(out) = standby.poll_message() {
+            match out {
+                Output::Send(Message::Heartbeat) => heartbeats += 1,
+                other => panic!("{other:?} went ahead of the parked op"),
+            }
+        }
+    }
+    assert!(heartbeats >= 250, "{heartbeats} heartbeats in 300 s");
+    // The large file is in: its ack goes ahead of op 3 too.
+    standby.applied(1, &rel("dir/big"), Ok(()), now);
+    assert_eq!(
+        standby.poll_message(),
+        Some(Output::Send(Message::Ack { seq: 1 }))
+    );
+    assert!(matches!(
+        standby.poll_output(),
+        Some(Output::Apply { seq: 3, .. })
+    ));
+}
+
+#[test]
+fn a_standby_holding_back_the_actives_messages_does_not_take_it_for_silent() {
+    let mut now = Instant::now();
+    let mut standby = streaming_standby(now);
+    // The active's messages wait unread behind a long apply; the driver says so.
+    for _ in 0..60 {
+        now += Duration::from_secs(1);
+        standby.peer_heard(now);
+        standby.on_tick(now);
+    }
+    let outputs: Vec<Output> = std::iter::from_fn(|| standby.poll_output()).collect();
+    assert!(
+        !outputs.iter().any(|o| matches!(o, Output::Close(_))),
+        "{outputs:?}"
+    );
+    // Truly silent: closed after the peer timeout (5 s).
+    now += Duration::from_secs(6);
+    standby.on_tick(now);
+    let outputs: Vec<Output> = std::iter::from_fn(|| standby.poll_output()).collect();
+    assert!(
+        outputs.iter().any(|o| matches!(o, Output::Close(_))),
+        "{outputs:?}"
+    );
+}
+
+/// What a standby does with a full sync of ops 1 and 2, `b` refused or not.
+fn full_sync_refusing(standby: &mut Session, sync: u64, base: u64, refuse: bool) -> Vec<Output> {
+    let now = Instant::now();
+    standby.on_message(Message::RequestManifest { sync }, now);
+    standby.on_message(
+        Message::FullSyncStart {
+            sync,
+            base,
+            priority1: vec![],
+            priority1_more: 0,
+        },
+        now,
+    );
+    for (seq, name) in [(base + 1, "a"), (base + 2, "b")] {
+        let op = Op::Delete { path: rel(name) };
+        standby.on_message(Message::Op { seq, op }, now);
+    }
+    standby.on_message(Message::FullSyncDone { seq: base + 2 }, now);
+    standby.applied(base + 1, &rel("a"), Ok(()), now);
+    let b = if refuse {
+        Err("the blocks never arrived".to_string())
+    } else {
+        Ok(())
+    };
+    standby.applied(base + 2, &rel("b"), b, now);
+    std::iter::from_fn(|| standby.poll_output()).collect()
+}
+
+#[test]
+fn a_standby_that_refused_an_op_of_its_full_sync_is_not_in_sync_and_asks_again() {
+    let now = Instant::now();
+    let mut standby = Session::new(config(Role::Standby, &policies()), now);
+    standby.on_message(
+        Message::Hello {
+            version: twinfs_replicator::protocol::VERSION,
+            volume: "vol".into(),
+            role: Role::Active,
+            epoch: 1,
+        },
+        now,
+    );
+    let in_sync = |o: &[Output]| o.iter().any(|o| matches!(o, Output::InSync));
+    let resync = |o: &[Output]| o.iter().any(|o| matches!(o, Output::Send(Message::Resync)));
+
+    let out = full_sync_refusing(&mut standby, 1, 0, true);
+    assert!(
+        !in_sync(&out) && !standby.in_sync() && !standby.fit(),
+        "{out:?}"
+    );
+    assert!(resync(&out), "asks for another full sync: {out:?}");
+    // Refused again: still not in sync, and no loop of full syncs.
+    let out = full_sync_refusing(&mut standby, 2, 2, true);
+    assert!(!in_sync(&out) && !standby.fit(), "{out:?}");
+    assert!(!resync(&out), "{out:?}");
+    // A full sync without refusals brings it in sync.
+    let out = full_sync_refusing(&mut standby, 3, 4, false);
+    assert!(
+        in_sync(&out) && standby.in_sync() && standby.fit(),
+        "{out:?}"
+    );
+    // In sync once: a later full sync with a refusal takes that back.
+    let out = full_sync_refusing(&mut standby, 4, 6, true);
+    assert!(
+        !standby.in_sync() && !standby.fit() && resync(&out),
+        "{out:?}"
+    );
+}

@@ -48,6 +48,10 @@ fn meta(kind: Kind, hash: Option<u128>) -> Meta {
     }
 }
 
+fn file(hash: u128) -> Meta {
+    meta(Kind::File, Some(hash))
+}
+
 fn put(path: &str, hash: u128) -> Op {
     Op::Put {
         entry: Entry {
@@ -72,7 +76,10 @@ fn upstream_paths_follow_the_rules() {
 #[test]
 fn the_active_takes_a_write_based_on_its_current_version() {
     let p = policies();
-    assert_eq!(judge(&p, &put("passwd", 2), Some(1), Some(1)), Ok(()));
+    assert_eq!(
+        judge(&p, &put("passwd", 2), Some(1), Some(&file(1))),
+        Ok(())
+    );
     // A new file where the active has none either.
     assert_eq!(judge(&p, &put("users/bob", 2), None, None), Ok(()));
     assert_eq!(
@@ -82,7 +89,7 @@ fn the_active_takes_a_write_based_on_its_current_version() {
                 path: rel("users/bob")
             },
             Some(2),
-            Some(2)
+            Some(&file(2))
         ),
         Ok(())
     );
@@ -91,16 +98,16 @@ fn the_active_takes_a_write_based_on_its_current_version() {
         to: rel("users/robert"),
         exchange: false,
     };
-    assert_eq!(judge(&p, &rename, Some(2), Some(2)), Ok(()));
+    assert_eq!(judge(&p, &rename, Some(2), Some(&file(2))), Ok(()));
 }
 
 #[test]
 fn the_active_refuses_a_write_based_on_a_version_it_no_longer_has() {
     let p = policies();
-    let err = judge(&p, &put("passwd", 3), Some(1), Some(2)).expect_err("changed meanwhile");
+    let err = judge(&p, &put("passwd", 3), Some(1), Some(&file(2))).expect_err("changed meanwhile");
     assert!(err.contains("changed on the active"), "{err}");
     // The standby had no file; the active has one now.
-    assert!(judge(&p, &put("users/bob", 3), None, Some(2)).is_err());
+    assert!(judge(&p, &put("users/bob", 3), None, Some(&file(2))).is_err());
     // The standby deletes what the active has changed.
     assert!(judge(
         &p,
@@ -108,9 +115,38 @@ fn the_active_refuses_a_write_based_on_a_version_it_no_longer_has() {
             path: rel("passwd")
         },
         Some(1),
-        Some(2)
+        Some(&file(2))
     )
     .is_err());
+}
+
+#[test]
+fn a_put_must_find_what_the_standby_replaced_of_the_same_kind() {
+    let p = policies();
+    let dir = meta(Kind::Dir, None);
+    let symlink = meta(Kind::Symlink, None);
+    let mkdir = Op::Put {
+        entry: Entry {
+            path: rel("users/sub"),
+            meta: dir.clone(),
+        },
+        content: None,
+    };
+    // A file where the active has a directory now: its tree is never replaced.
+    let err = judge(&p, &put("users/sub", 1), None, Some(&dir)).expect_err("over a directory");
+    assert!(err.contains("is a directory on the active"), "{err}");
+    // A directory where the active has a symlink or a file.
+    assert!(judge(&p, &mkdir, None, Some(&symlink)).is_err());
+    assert!(judge(&p, &mkdir, None, Some(&file(1))).is_err());
+    // The same kind: a directory's metadata, a new directory.
+    assert_eq!(judge(&p, &mkdir, None, Some(&dir)), Ok(()));
+    assert_eq!(judge(&p, &mkdir, None, None), Ok(()));
+    // A directory the standby removed: taken, and applied as rmdir(2), which leaves
+    // one the active has filled meanwhile alone.
+    let rmdir = Op::Delete {
+        path: rel("users/sub"),
+    };
+    assert_eq!(judge(&p, &rmdir, None, Some(&dir)), Ok(()));
 }
 
 #[test]

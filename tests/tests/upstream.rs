@@ -364,3 +364,54 @@ fn a_standby_write_still_open_when_the_actives_version_arrives_is_kept() {
     let listed = String::from_utf8_lossy(&standby.twinfs(&["conflicts"]).stdout).into_owned();
     assert!(listed.contains("users/admin"), "{listed}");
 }
+
+#[test]
+fn an_upstream_write_never_removes_a_tree_the_active_filled_meanwhile() {
+    let _serial = twinfs_tests::serial();
+    use twinfs_tests::daemon::NetPair;
+    let net = NetPair::new((std::process::id() % 250) as u8);
+    let mut c = Cluster::in_namespaces(&net, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let (active, standby) = (&c.nodes[0], &c.nodes[1]);
+    fs::create_dir(active.volume.join("users/sub")).expect("mkdir on the active");
+    write_once_open(standby, "users/admin", "password = agreed\n");
+    c.wait_converged(CONVERGE);
+
+    // Cut off, the active fills users/sub and makes a directory users/team, while
+    // the standby removes users/sub (empty there) and writes a file users/team.
+    net.cut();
+    fs::write(
+        active.volume.join("users/sub/new.txt"),
+        "made on the active\n",
+    )
+    .expect("active");
+    fs::create_dir(active.volume.join("users/team")).expect("mkdir on the active");
+    fs::write(active.volume.join("users/team/a"), "in the team\n").expect("active");
+    fs::remove_dir(standby.volume.join("users/sub")).expect("rmdir on the standby");
+    fs::write(standby.volume.join("users/team"), "a file on the standby\n").expect("standby");
+    net.heal();
+
+    // The active's trees stand, everywhere; the standby keeps its file.
+    wait_content(standby, "users/sub/new.txt", "made on the active\n");
+    wait_content(standby, "users/team/a", "in the team\n");
+    c.wait_converged(CONVERGE);
+    assert_eq!(
+        read(active.volume.join("users/sub/new.txt")).as_deref(),
+        Some("made on the active\n"),
+        "active log:\n{}",
+        active.log_text()
+    );
+    assert_eq!(
+        read(active.volume.join("users/team/a")).as_deref(),
+        Some("in the team\n")
+    );
+    let kept = || kept(standby, "users/team");
+    assert!(
+        wait_until(CONVERGE, || kept().as_deref()
+            == Some("a file on the standby\n")),
+        "kept: {:?}\nstandby log:\n{}",
+        kept(),
+        standby.log_text()
+    );
+}

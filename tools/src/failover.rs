@@ -78,7 +78,7 @@ pub fn unfit(record: Option<&SyncRecord>) -> Option<String> {
     }
     let mut why = String::from("not in sync with the last active");
     if record.priority1_pending.is_empty() && record.priority1_more == 0 {
-        why.push_str(" (its last full sync did not complete)");
+        why.push_str(" (its last full sync did not complete, or refused changes)");
         return Some(why);
     }
     why.push_str(&format!(
