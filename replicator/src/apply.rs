@@ -778,8 +778,9 @@ impl<'a> Applier<'a> {
     }
 
     /// Removes every `.twinfs-tmp.*` entry in the volume (left by a crash between
-    /// creating a temp entry and renaming it into place); returns how many. Does not
-    /// follow symlinks or enter other filesystems.
+    /// creating a temp entry and renaming it into place), logging each; returns how
+    /// many. Does not follow symlinks or enter other filesystems. Only for a volume
+    /// nothing else is applying to (the daemon calls it before the mount).
     pub fn remove_stale_temps(&self) -> Result<usize> {
         let root = RelPath::root();
         let root_dev = self.root_dev(&root)?;
@@ -809,16 +810,19 @@ impl<'a> Applier<'a> {
                         Err(e) => return Err(e),
                     }
                 } else if entry.name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
+                    // Only for the log: what a crash cost, and where.
+                    let size =
+                        sys::statat(level.fd.as_fd(), &entry.name).map_or(0, |st| st.st_size);
                     match sys::unlinkat(level.fd.as_fd(), &entry.name, 0) {
-                        Ok(()) => removed += 1,
+                        Ok(()) => {
+                            tracing::info!(path = %child, size, "removed a stale temp entry");
+                            removed += 1;
+                        }
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                         Err(e) => return Err(io_err("remove stale temp", &child)(e)),
                     }
                 }
             }
-        }
-        if removed > 0 {
-            tracing::info!(removed, "removed stale temp entries");
         }
         Ok(removed)
     }
