@@ -415,6 +415,94 @@ fn delete_removes_a_tree_but_not_what_its_symlinks_point_to() {
     ));
 }
 
+/// A bind mount, detached when dropped, so that a failing test leaves none behind.
+/// Declared after the directories it joins, so it is dropped before they are removed
+/// (removing the volume's temp dir through the mount would empty the other one).
+struct BindMount(std::path::PathBuf);
+
+impl BindMount {
+    fn new(source: &Path, target: &Path) -> BindMount {
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL in a path")
+        };
+        let (source_c, target_c) = (c(source), c(target));
+        // SAFETY: valid NUL-terminated strings; a bind mount takes no type or data.
+        let ret = unsafe {
+            libc::mount(
+                source_c.as_ptr(),
+                target_c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(ret, 0, "bind mount: {}", io::Error::last_os_error());
+        BindMount(target.to_owned())
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        if let Ok(c) = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a valid NUL-terminated string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+#[test]
+fn bind_mounts_inside_the_volume_are_never_entered() {
+    if !is_root() {
+        return;
+    }
+    let vol = Vol::new();
+    let outside = tempfile::tempdir().expect("tempdir");
+    fs::create_dir(outside.path().join("sub")).expect("mkdir");
+    fs::write(outside.path().join("precious"), b"keep").expect("write");
+    fs::write(outside.path().join("sub/deep"), b"keep").expect("write");
+    fs::write(outside.path().join(format!("{TEMP_PREFIX}theirs")), b"").expect("write");
+    fs::set_permissions(outside.path(), fs::Permissions::from_mode(0o751)).expect("chmod");
+    let file = outside.path().join("file");
+    fs::write(&file, b"outside file").expect("write");
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).expect("chmod");
+    fs::create_dir_all(vol.path("d/m")).expect("mkdir");
+    fs::write(vol.path("d/own"), b"x").expect("write");
+    fs::write(vol.path("f"), b"").expect("write");
+    // Both on the same filesystem (one st_dev), as a bind mount usually is.
+    let _dir_mount = BindMount::new(outside.path(), &vol.path("d/m"));
+    let _file_mount = BindMount::new(&file, &vol.path("f"));
+    let applier = vol.applier();
+
+    for p in ["d", "d/m"] {
+        let err = applier.delete(&rel(p)).expect_err(p);
+        assert!(matches!(err, ApplyError::Escape { .. }), "{p}: {err:?}");
+    }
+    let err = applier
+        .make_dir(&rel("d/m"), &meta(0o700))
+        .expect_err("make_dir");
+    assert!(matches!(err, ApplyError::Escape { .. }), "{err:?}");
+    for p in ["d/m", "f"] {
+        let err = applier.set_metadata(&rel(p), &meta(0o600)).expect_err(p);
+        assert!(matches!(err, ApplyError::Escape { .. }), "{p}: {err:?}");
+    }
+    assert!(!matches!(applier.open_for_patch(&rel("f")), Ok(Some(_))));
+    assert_eq!(applier.remove_stale_temps().expect("clean"), 0);
+
+    assert_eq!(
+        fs::read(outside.path().join("precious")).expect("kept"),
+        b"keep"
+    );
+    assert_eq!(
+        fs::read(outside.path().join("sub/deep")).expect("kept"),
+        b"keep"
+    );
+    assert!(outside.path().join(format!("{TEMP_PREFIX}theirs")).exists());
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(outside.path()), 0o751);
+    assert_eq!(mode(&file), 0o640);
+    assert_eq!(fs::read(&file).expect("kept"), b"outside file");
+}
+
 #[test]
 fn make_dir_symlink_node_and_exact_metadata() {
     let vol = Vol::new();
