@@ -1176,10 +1176,13 @@ fn place_with(
     })?;
     temp.placed = true;
     if let (true, Some(times)) = (replaces, temp.dir_times) {
-        // Replacing an entry's content leaves the active's directory untouched.
-        At::Fd(dir)
-            .utimens(&times)
-            .map_err(io_err("restore the times of the parent directory of", path))?;
+        // Replacing an entry's content leaves the active's directory untouched. Only
+        // cosmetic: the rename is done and must still be made durable, so a failure
+        // here is logged, not returned (the caller would take the change as not made).
+        if let Err(e) = At::Fd(dir).utimens(&times) {
+            tracing::warn!(%path, error = %e,
+                "could not restore the times of the parent directory after replacing");
+        }
     }
     if !sync {
         return Ok(());

@@ -693,6 +693,64 @@ fn failures_leave_no_temp_and_the_old_version() {
     assert!(vol.temps().is_empty());
 }
 
+/// Drops `CAP_FOWNER` from the calling thread's effective capabilities (capabilities
+/// are per thread, so the rest of the test process keeps it).
+fn drop_fowner_in_this_thread() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_FOWNER: u32 = 3;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: valid pointers to a header and the two data words version 3 takes.
+    let ret = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    assert_eq!(ret, 0, "capget: {}", io::Error::last_os_error());
+    data[0].effective &= !(1 << CAP_FOWNER);
+    // SAFETY: as above; capset only reads them.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    assert_eq!(ret, 0, "capset: {}", io::Error::last_os_error());
+}
+
+#[test]
+fn a_replacement_is_done_even_when_the_directory_times_cannot_be_restored() {
+    if !is_root() {
+        return;
+    }
+    let vol = Vol::new();
+    fs::create_dir(vol.path("sub")).expect("mkdir");
+    fs::write(vol.path("sub/f"), b"old").expect("write");
+    // Writable by all, owned by someone else: without CAP_FOWNER its times cannot be
+    // set, while entries in it can still be created and renamed.
+    fs::set_permissions(vol.path("sub"), fs::Permissions::from_mode(0o777)).expect("chmod");
+    std::os::unix::fs::chown(vol.path("sub"), Some(12_345), Some(12_345)).expect("chown");
+
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            drop_fowner_in_this_thread();
+            vol.applier()
+                .write_file(&rel("sub/f"), &mut &b"new"[..], &meta(0o644))
+        })
+        .join()
+        .expect("thread")
+    });
+    result.expect("the file was replaced, so the write succeeded");
+    assert_eq!(fs::read(vol.path("sub/f")).expect("read"), b"new");
+    assert!(vol.temps().is_empty());
+}
+
 #[test]
 fn the_root_takes_metadata_but_is_never_replaced() {
     let vol = Vol::new();
