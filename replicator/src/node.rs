@@ -3096,10 +3096,10 @@ fn patch_in_place(
         // journal goes only once that copy is durably in place; if the copy fails too,
         // the journal stays and finishes the update at the next start (a journal whose
         // file was replaced since is not replayed: key and generation are checked).
+        // New opens stay held back until the copy has the name: none gets the
+        // half-written file, and one that waited is sent to the copy (ESTALE).
         tracing::error!(%path, error = %e,
             "in-place update failed; writing a new copy instead");
-        drop(guard);
-        invalidate(v, path);
         v.blocks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -3109,6 +3109,7 @@ fn patch_in_place(
             applier, &v.journal, written, path, size, records, expected, meta,
         );
         invalidate(v, path);
+        drop(guard);
         let list = list?;
         tracing::info!(%path, "a new copy replaced the file whose in-place update failed");
         if let (Some(list), Ok(Some(stamp))) = (list, applier.stamp(path)) {
@@ -3136,6 +3137,7 @@ fn patch_in_place(
         tracing::debug!(%path, error = %e, "invalidation of the changed ranges refused");
         invalidate(v, path);
     }
+    let held_opens = guard.held_opens();
     drop(guard);
     twinfs_fs::sys::fsync(file.as_fd(), false).map_err(io("fsync"))?;
     v.journal
@@ -3147,7 +3149,8 @@ fn patch_in_place(
         crate::patch::FileStamp::of(&after),
         Arc::new(new_list),
     );
-    tracing::debug!(%path, new_size = entry.meta.size, records = records.len(), "updated in place");
+    tracing::debug!(%path, new_size = entry.meta.size, records = records.len(), held_opens,
+        "updated in place");
     Ok(Patched::Done)
 }
 
