@@ -429,6 +429,35 @@ pub fn generation(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(version as u64)
 }
 
+/// The id of the mount `fd` is on, which tells a bind mount from the directory it sits
+/// in even when both are on one filesystem (one `st_dev`): `statx(STATX_MNT_ID)` (Linux
+/// 5.8), else the `mnt_id` line of `/proc/self/fdinfo/<fd>` (Linux 3.15).
+pub fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: valid fd, a NUL-terminated empty path and a valid out-pointer.
+    let ret = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            stx.as_mut_ptr(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: statx succeeded and the buffer was zeroed before.
+        let stx = unsafe { stx.assume_init() };
+        if stx.stx_mask & libc::STATX_MNT_ID != 0 {
+            return Ok(stx.stx_mnt_id);
+        }
+    }
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no mnt_id in /proc/self/fdinfo"))
+}
+
 /// `fstatfs`.
 pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
     let mut st = MaybeUninit::<libc::statfs>::uninit();

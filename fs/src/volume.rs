@@ -241,6 +241,8 @@ pub struct Volume {
     /// [`Volume::begin_patch`]); an open of one waits on `patched` until it is done.
     patching: Mutex<std::collections::HashSet<Key>>,
     patched: std::sync::Condvar,
+    /// How many opens are waiting on `patched` now.
+    held_opens: std::sync::atomic::AtomicUsize,
     /// What was written to the files the replicator watches (see [`crate::written`]).
     written: crate::written::Written,
 }
@@ -250,6 +252,13 @@ pub struct Volume {
 pub struct PatchGuard<'a> {
     volume: &'a Volume,
     key: Key,
+}
+
+impl PatchGuard<'_> {
+    /// How many opens are being held back now (by this update or another one).
+    pub fn held_opens(&self) -> usize {
+        self.volume.held_opens.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for PatchGuard<'_> {
@@ -366,6 +375,7 @@ impl Volume {
             any_staged: AtomicBool::new(false),
             patching: Mutex::new(std::collections::HashSet::new()),
             patched: std::sync::Condvar::new(),
+            held_opens: std::sync::atomic::AtomicUsize::new(0),
             written: crate::written::Written::default(),
         })
     }
@@ -759,17 +769,18 @@ impl Volume {
 
     /// Waits while the backing file of `ino` is being updated in place. The handle
     /// `fh` just opened on it steps aside meanwhile (the update waits for open handles
-    /// to close, and this one is not read before the update is done).
-    fn wait_patched(&self, ino: u64, fh: u64) {
+    /// to close, and this one is not read before the update is done). Returns whether
+    /// it waited.
+    fn wait_patched(&self, ino: u64, fh: u64) -> bool {
         let patching = self.patching.lock().unwrap_or_else(|e| e.into_inner());
         if patching.is_empty() {
-            return;
+            return false;
         }
         let Some(key) = self.read_table().get(ino).map(|n| n.key) else {
-            return;
+            return false;
         };
         if !patching.contains(&key) {
-            return;
+            return false;
         }
         let file = self
             .files
@@ -777,16 +788,36 @@ impl Volume {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&fh);
         self.patched.notify_all();
+        self.held_opens.fetch_add(1, Ordering::AcqRel);
         let done = self
             .patched
             .wait_while(patching, |p| p.contains(&key))
             .unwrap_or_else(|e| e.into_inner());
         drop(done);
+        self.held_opens.fetch_sub(1, Ordering::AcqRel);
         if let Some(file) = file {
             self.files
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(fh, file);
+        }
+        true
+    }
+
+    /// Whether the open file `file` of `ino` is still the file `ino`'s name holds.
+    fn still_named(&self, ino: u64, file: &OpenFile) -> bool {
+        let Ok(loc) = self.locate(ino) else {
+            return false;
+        };
+        let Some(name) = loc.name.as_deref() else {
+            return false;
+        };
+        match (
+            sys::statat(loc.dir.as_fd(), name),
+            sys::fstat(file.fd.as_fd()),
+        ) {
+            (Ok(named), Ok(open)) => (named.st_dev, named.st_ino) == (open.st_dev, open.st_ino),
+            _ => false,
         }
     }
 
@@ -1232,8 +1263,17 @@ impl Volume {
         let (fh, file) = self.add_file(ino, fd, writable);
         // Registered first: an in-place update that starts now sees this handle and
         // waits for it to close (or leaves the file alone); one under way is waited
-        // for, with this handle set aside meanwhile.
-        self.wait_patched(ino, fh);
+        // for, with this handle set aside meanwhile. An update whose write in place
+        // failed ends with a new copy renamed over the file: this handle's fd is then
+        // on the half-written old one, and ESTALE has the kernel look the name up
+        // again and open the new copy.
+        if self.wait_patched(ino, fh) && !self.still_named(ino, &file) {
+            self.files
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&fh);
+            return Err(Error::Stale("replaced while the open waited"));
+        }
         if truncate {
             if let Err(e) = self.truncate_on_open(&loc, name, &file, caller) {
                 self.files
@@ -1586,5 +1626,57 @@ impl Volume {
         loc.at().removexattr(name)?;
         self.record(ino, ChangeKind::Xattr);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_held_back_while_its_file_is_replaced_is_sent_to_the_new_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("f"), b"half written").expect("write");
+        let volume = Volume::new(dir.path(), Role::Standby, Arc::new(crate::change::Discard))
+            .expect("volume");
+        let attr = volume.lookup(ROOT, OsStr::new("f")).expect("lookup");
+        let key = (attr.st.st_dev, attr.st.st_ino);
+        let caller = Caller { uid: 0, gid: 0 };
+
+        let guard = volume
+            .begin_patch(key, std::time::Duration::ZERO)
+            .expect("no handle open");
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| volume.open(attr.ino, libc::O_RDONLY, caller));
+            while guard.held_opens() == 0 {
+                assert!(!reader.is_finished(), "the open was not held back");
+                std::thread::yield_now();
+            }
+            // The write in place failed: a new copy takes the name, the kernel is told.
+            std::fs::write(dir.path().join("copy"), b"the new copy").expect("write");
+            std::fs::rename(dir.path().join("copy"), dir.path().join("f")).expect("rename");
+            if let Some((ino, true)) = volume.entry_state(ROOT, OsStr::new("f")) {
+                volume.drop_stale_entry(ROOT, OsStr::new("f"), ino);
+            }
+            drop(guard);
+            match reader.join().expect("reader") {
+                Err(e) => assert_eq!(e.errno(), libc::ESTALE),
+                Ok((_, file)) => {
+                    let mut buf = [0u8; 32];
+                    let n = sys::pread(file.fd.as_fd(), &mut buf, 0).expect("read");
+                    panic!(
+                        "the held-back open got the replaced file: {:?}",
+                        String::from_utf8_lossy(&buf[..n])
+                    );
+                }
+            }
+        });
+        let again = volume.lookup(ROOT, OsStr::new("f")).expect("lookup");
+        let (_, file) = volume
+            .open(again.ino, libc::O_RDONLY, caller)
+            .expect("open");
+        let mut buf = [0u8; 32];
+        let n = sys::pread(file.fd.as_fd(), &mut buf, 0).expect("read");
+        assert_eq!(&buf[..n], b"the new copy");
     }
 }

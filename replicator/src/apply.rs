@@ -7,7 +7,9 @@
 //!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
 //!   RESOLVE_NO_XDEV)` (or an equivalent walk on kernels before 5.6), and the last
 //!   component is never followed: a symlink in the volume is replicated as a symlink,
-//!   never written through.
+//!   never written through. The last component and every directory a deletion enters
+//!   are opened the same way, so a mount point inside the volume (a bind mount of the
+//!   same filesystem too) is never entered, changed or emptied.
 //! - **Replacements are atomic and durable.** Files, symlinks and nodes are built under
 //!   a temp name (`.twinfs-tmp.<hex>`, hidden from the mount's users by the `.twinfs-`
 //!   prefix), given their metadata, fsynced and renamed over the target; then the
@@ -180,6 +182,19 @@ fn io_err<'p>(op: &'static str, path: &'p RelPath) -> impl FnOnce(io::Error) -> 
     }
 }
 
+/// Wraps an error of [`open_entry`] as [`ApplyError::Escape`] if the entry is a mount
+/// point (`EXDEV`), else as [`ApplyError::Io`] for `op` on `path`.
+fn entry_err<'p>(op: &'static str, path: &'p RelPath) -> impl FnOnce(io::Error) -> ApplyError + 'p {
+    move |source| {
+        if source.raw_os_error() == Some(libc::EXDEV) {
+            tracing::warn!(%path, "not entering a mount point inside the volume");
+            ApplyError::Escape { path: path.clone() }
+        } else {
+            io_err(op, path)(source)
+        }
+    }
+}
+
 /// Writes changes from the active into one volume's underlying directory.
 pub struct Applier<'a> {
     root: BorrowedFd<'a>,
@@ -338,8 +353,8 @@ impl<'a> Applier<'a> {
             + std::time::Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
         match st.st_mode & libc::S_IFMT {
             libc::S_IFREG => {
-                let fd = sys::openat(dir.as_fd(), &name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
-                    .map_err(io_err("open", path))?;
+                let fd = open_entry(dir.as_fd(), &name, libc::O_RDONLY)
+                    .map_err(entry_err("open", path))?;
                 let mut from = std::fs::File::from(fd);
                 let mut to = std::fs::File::create(dest).map_err(write)?;
                 io::copy(&mut from, &mut to).map_err(write)?;
@@ -360,8 +375,8 @@ impl<'a> Applier<'a> {
                 let here = if name.is_empty() {
                     dir
                 } else {
-                    sys::openat(dir.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)
-                        .map_err(io_err("open", path))?
+                    open_entry(dir.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
+                        .map_err(entry_err("open", path))?
                 };
                 let mut copied = 1;
                 for entry in sys::read_dir(here.as_fd()).map_err(io_err("read", path))? {
@@ -453,7 +468,7 @@ impl<'a> Applier<'a> {
         if regular_at(dir.as_fd(), &name, path)?.is_none() {
             return Ok(None);
         }
-        let fd = match sys::openat(dir.as_fd(), &name, libc::O_RDWR | libc::O_NONBLOCK, 0) {
+        let fd = match open_entry(dir.as_fd(), &name, libc::O_RDWR | libc::O_NONBLOCK) {
             Ok(fd) => fd,
             Err(e)
                 if matches!(
@@ -463,7 +478,7 @@ impl<'a> Applier<'a> {
             {
                 return Ok(None)
             }
-            Err(e) => return Err(io_err("open", path)(e)),
+            Err(e) => return Err(entry_err("open", path)(e)),
         };
         let st = sys::fstat(fd.as_fd()).map_err(io_err("stat", path))?;
         let ok = is_regular(&st) && st.st_nlink == 1;
@@ -620,12 +635,12 @@ impl<'a> Applier<'a> {
         let fd = if name.is_empty() {
             dir.try_clone_to_owned()
         } else {
-            sys::openat(dir, &name, libc::O_PATH | libc::O_DIRECTORY, 0)
+            open_entry(dir, &name, libc::O_PATH | libc::O_DIRECTORY)
         }
         .map_err(|e| match e.raw_os_error() {
             // O_NOFOLLOW on a symlink gives ELOOP; O_DIRECTORY on anything else ENOTDIR.
             Some(libc::ENOTDIR | libc::ELOOP) => ApplyError::NotDirectory { path: path.clone() },
-            _ => io_err("open directory", path)(e),
+            _ => entry_err("open directory", path)(e),
         })?;
         apply_meta(At::Fd(fd.as_fd()), true, meta, path)?;
         sync_dir(fd.as_fd()).map_err(io_err("fsync directory", path))?;
@@ -682,17 +697,17 @@ impl<'a> Applier<'a> {
         let kind = meta_on_entry(dir, &name, path, meta)?;
         match kind {
             libc::S_IFDIR if name.is_empty() => sync_dir(dir),
-            libc::S_IFDIR => sys::openat(dir, &name, libc::O_PATH | libc::O_DIRECTORY, 0)
+            libc::S_IFDIR => open_entry(dir, &name, libc::O_PATH | libc::O_DIRECTORY)
                 .and_then(|fd| sync_dir(fd.as_fd())),
             // O_NONBLOCK: the target was just seen to be a regular file, but opening
             // must never hang should it have become a FIFO meanwhile.
-            libc::S_IFREG => sys::openat(dir, &name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+            libc::S_IFREG => open_entry(dir, &name, libc::O_RDONLY | libc::O_NONBLOCK)
                 .and_then(|fd| sys::fsync(fd.as_fd(), false)),
             // Symlinks and special files cannot be opened for fsync; their inode change
             // is committed with the directory's.
             _ => sync_dir(dir),
         }
-        .map_err(io_err("fsync", path))?;
+        .map_err(entry_err("fsync", path))?;
         tracing::debug!(%path, "set metadata");
         Ok(())
     }
@@ -774,8 +789,7 @@ impl<'a> Applier<'a> {
     /// Removes the directory `name` in `parent` and everything below it, depth first
     /// with an explicit stack (a tree may be deeper than the call stack allows).
     fn remove_tree(&self, parent: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<()> {
-        let root_dev = self.root_dev(path)?;
-        let top = open_subdir(parent, name, root_dev, path)?;
+        let top = open_subdir(parent, name, path)?;
         let mut stack = vec![top];
         while let Some(level) = stack.last_mut() {
             if let Some(entry) = level.entries.pop() {
@@ -784,7 +798,7 @@ impl<'a> Applier<'a> {
                     .join(&entry.name)
                     .unwrap_or_else(|_| level.path.clone());
                 if entry_is_dir(level.fd.as_fd(), &entry).map_err(io_err("stat", &child))? {
-                    let sub = open_subdir(level.fd.as_fd(), &entry.name, root_dev, &child)?;
+                    let sub = open_subdir(level.fd.as_fd(), &entry.name, &child)?;
                     stack.push(sub);
                 } else {
                     ignore_missing(sys::unlinkat(level.fd.as_fd(), &entry.name, 0))
@@ -802,11 +816,11 @@ impl<'a> Applier<'a> {
     }
 
     /// Removes every `.twinfs-tmp.*` entry in the volume (left by a crash between
-    /// creating a temp entry and renaming it into place); returns how many. Does not
-    /// follow symlinks or enter other filesystems.
+    /// creating a temp entry and renaming it into place), logging each; returns how
+    /// many. Does not follow symlinks or enter other filesystems. Only for a volume
+    /// nothing else is applying to (the daemon calls it before the mount).
     pub fn remove_stale_temps(&self) -> Result<usize> {
         let root = RelPath::root();
-        let root_dev = self.root_dev(&root)?;
         let mut pending = vec![Level {
             entries: sys::read_dir(self.root).map_err(io_err("list", &root))?,
             fd: self
@@ -826,32 +840,28 @@ impl<'a> Applier<'a> {
                 let is_dir =
                     entry_is_dir(level.fd.as_fd(), entry).map_err(io_err("stat", &child))?;
                 if is_dir {
-                    match open_subdir(level.fd.as_fd(), &entry.name, root_dev, &child) {
+                    match open_subdir(level.fd.as_fd(), &entry.name, &child) {
                         Ok(sub) => pending.push(sub),
                         // Another filesystem mounted inside is not ours to clean.
                         Err(ApplyError::Escape { .. }) => {}
                         Err(e) => return Err(e),
                     }
                 } else if entry.name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
+                    // Only for the log: what a crash cost, and where.
+                    let size =
+                        sys::statat(level.fd.as_fd(), &entry.name).map_or(0, |st| st.st_size);
                     match sys::unlinkat(level.fd.as_fd(), &entry.name, 0) {
-                        Ok(()) => removed += 1,
+                        Ok(()) => {
+                            tracing::info!(path = %child, size, "removed a stale temp entry");
+                            removed += 1;
+                        }
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                         Err(e) => return Err(io_err("remove stale temp", &child)(e)),
                     }
                 }
             }
         }
-        if removed > 0 {
-            tracing::info!(removed, "removed stale temp entries");
-        }
         Ok(removed)
-    }
-
-    /// The device of the root, which every directory entered must share.
-    fn root_dev(&self, path: &RelPath) -> Result<u64> {
-        Ok(sys::fstat(self.root)
-            .map_err(io_err("stat the volume root for", path))?
-            .st_dev)
     }
 }
 
@@ -864,21 +874,11 @@ struct Level {
     path: RelPath,
 }
 
-/// Opens and lists the subdirectory `name` of `parent`, refusing symlinks (by
-/// `O_NOFOLLOW`) and mount points (another device than `root_dev`).
-fn open_subdir(
-    parent: BorrowedFd<'_>,
-    name: &OsStr,
-    root_dev: u64,
-    path: &RelPath,
-) -> Result<Level> {
-    let fd = sys::openat(parent, name, libc::O_PATH | libc::O_DIRECTORY, 0)
-        .map_err(io_err("open directory", path))?;
-    let st = sys::fstat(fd.as_fd()).map_err(io_err("stat", path))?;
-    if st.st_dev != root_dev {
-        tracing::warn!(%path, "not entering a mount point inside the volume");
-        return Err(ApplyError::Escape { path: path.clone() });
-    }
+/// Opens and lists the subdirectory `name` of `parent`, refusing symlinks and mount
+/// points, bind mounts of the volume's own filesystem included ([`open_entry`]).
+fn open_subdir(parent: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<Level> {
+    let fd = open_entry(parent, name, libc::O_PATH | libc::O_DIRECTORY)
+        .map_err(entry_err("open directory", path))?;
     Ok(Level {
         entries: sys::read_dir(fd.as_fd()).map_err(io_err("list", path))?,
         fd,
@@ -934,8 +934,8 @@ fn open_regular(dir: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<Opt
     if regular_at(dir, name, path)?.is_none() {
         return Ok(None);
     }
-    let fd = sys::openat(dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
-        .map_err(io_err("open", path))?;
+    let fd = open_entry(dir, name, libc::O_RDONLY | libc::O_NONBLOCK)
+        .map_err(entry_err("open", path))?;
     let st = sys::fstat(fd.as_fd()).map_err(io_err("stat", path))?;
     Ok(is_regular(&st).then_some(fd))
 }
@@ -1200,10 +1200,13 @@ fn place_with(
     })?;
     temp.placed = true;
     if let (true, Some(times)) = (replaces, temp.dir_times) {
-        // Replacing an entry's content leaves the active's directory untouched.
-        At::Fd(dir)
-            .utimens(&times)
-            .map_err(io_err("restore the times of the parent directory of", path))?;
+        // Replacing an entry's content leaves the active's directory untouched. Only
+        // cosmetic: the rename is done and must still be made durable, so a failure
+        // here is logged, not returned (the caller would take the change as not made).
+        if let Err(e) = At::Fd(dir).utimens(&times) {
+            tracing::warn!(%path, error = %e,
+                "could not restore the times of the parent directory after replacing");
+        }
     }
     if !sync {
         return Ok(());
@@ -1223,9 +1226,9 @@ fn meta_on_entry(
     let fd = if name.is_empty() {
         dir.try_clone_to_owned()
     } else {
-        sys::openat(dir, name, libc::O_PATH, 0)
+        open_entry(dir, name, libc::O_PATH)
     }
-    .map_err(io_err("open", path))?;
+    .map_err(entry_err("open", path))?;
     let kind = sys::fstat(fd.as_fd())
         .map_err(io_err("stat", path))?
         .st_mode
@@ -1433,46 +1436,52 @@ fn copy_by_hand(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, from: u64, len: u64) -
     Ok(())
 }
 
+/// What `openat2` may not cross on its way: nothing that leads out of the volume.
+const RESOLVE_IN_VOLUME: u64 = libc::RESOLVE_BENEATH
+    | libc::RESOLVE_NO_SYMLINKS
+    | libc::RESOLVE_NO_MAGICLINKS
+    | libc::RESOLVE_NO_XDEV;
+
+/// `openat2(dir, path, flags, RESOLVE_IN_VOLUME)`, retried when a concurrent rename
+/// asks for it; `None` once `openat2` is known to be missing.
+fn openat2_in_volume(dir: BorrowedFd<'_>, path: &OsStr, flags: i32) -> Option<io::Result<OwnedFd>> {
+    if OPENAT2_MISSING.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut retries = 0;
+    loop {
+        match openat2(dir, path, flags, RESOLVE_IN_VOLUME) {
+            // A rename elsewhere raced with the lookup; the kernel asks to try again.
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && retries < OPENAT2_RETRIES => {
+                retries += 1;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                OPENAT2_MISSING.store(true, Ordering::Relaxed);
+                tracing::info!("openat2 is missing (Linux before 5.6); resolving paths one component at a time");
+                return None;
+            }
+            other => return Some(other),
+        }
+    }
+}
+
 /// Opens the directory `parent` (not the root) beneath `root` without crossing any
 /// symlink or mount point. Fails with `ELOOP` at a symlink and `EXDEV` at a mount
 /// point, from `openat2` or from the walk alike.
 fn open_beneath(root: BorrowedFd<'_>, parent: &RelPath) -> io::Result<OwnedFd> {
-    if !OPENAT2_MISSING.load(Ordering::Relaxed) {
-        let resolve = libc::RESOLVE_BENEATH
-            | libc::RESOLVE_NO_SYMLINKS
-            | libc::RESOLVE_NO_MAGICLINKS
-            | libc::RESOLVE_NO_XDEV;
-        let mut retries = 0;
-        loop {
-            match openat2(
-                root,
-                parent.as_path().as_os_str(),
-                libc::O_PATH | libc::O_DIRECTORY,
-                resolve,
-            ) {
-                // A rename elsewhere raced with the lookup; the kernel asks to try again.
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && retries < OPENAT2_RETRIES => {
-                    retries += 1;
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-                    OPENAT2_MISSING.store(true, Ordering::Relaxed);
-                    tracing::info!("openat2 is missing (Linux before 5.6); resolving paths one component at a time");
-                    break;
-                }
-                other => return other,
-            }
-        }
-    }
-    walk_beneath(root, parent)
+    openat2_in_volume(
+        root,
+        parent.as_path().as_os_str(),
+        libc::O_PATH | libc::O_DIRECTORY,
+    )
+    .unwrap_or_else(|| walk_beneath(root, parent))
 }
 
-/// The walk `open_beneath` falls back to: one `openat(O_NOFOLLOW)` per component,
-/// checking the device at each step.
+/// The walk `open_beneath` falls back to: one [`open_entry_walk`] per component.
 fn walk_beneath(root: BorrowedFd<'_>, parent: &RelPath) -> io::Result<OwnedFd> {
-    let root_dev = sys::fstat(root)?.st_dev;
     let mut dir = root.try_clone_to_owned()?;
     for name in parent.components() {
-        let next = match sys::openat(dir.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0) {
+        let next = match open_entry_walk(dir.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY) {
             Ok(fd) => fd,
             Err(e) => {
                 // O_NOFOLLOW with O_DIRECTORY reports a symlink as ENOTDIR; say which.
@@ -1485,12 +1494,30 @@ fn walk_beneath(root: BorrowedFd<'_>, parent: &RelPath) -> io::Result<OwnedFd> {
                 });
             }
         };
-        if sys::fstat(next.as_fd())?.st_dev != root_dev {
-            return Err(io::Error::from_raw_os_error(libc::EXDEV));
-        }
         dir = next;
     }
     Ok(dir)
+}
+
+/// Opens the entry `name` (one component, not empty) of `dir` with `flags` (plus
+/// `O_NOFOLLOW`: with `O_PATH` a symlink is opened itself, otherwise it is `ELOOP`),
+/// never entering a mount point: a bind mount inside the volume (of a directory or of
+/// a single file) fails with `EXDEV` even when it shares the volume's filesystem.
+fn open_entry(dir: BorrowedFd<'_>, name: &OsStr, flags: i32) -> io::Result<OwnedFd> {
+    openat2_in_volume(dir, name, flags | libc::O_NOFOLLOW)
+        .unwrap_or_else(|| open_entry_walk(dir, name, flags))
+}
+
+/// [`open_entry`] without `openat2`: `openat(O_NOFOLLOW)`, which does enter a mount
+/// point, then a comparison of mount ids (the device alone is the same for a bind
+/// mount). Every directory fd handed in was itself reached from the root this way, so
+/// its mount is the root's.
+fn open_entry_walk(dir: BorrowedFd<'_>, name: &OsStr, flags: i32) -> io::Result<OwnedFd> {
+    let fd = sys::openat(dir, name, flags, 0)?;
+    if sys::mount_id(fd.as_fd())? != sys::mount_id(dir)? {
+        return Err(io::Error::from_raw_os_error(libc::EXDEV));
+    }
+    Ok(fd)
 }
 
 /// `openat2(dir, path, flags | O_CLOEXEC, resolve)`; libc has no wrapper for it.
@@ -1565,6 +1592,61 @@ mod tests {
         let e = openat2(root.as_fd(), OsStr::new("a/evil/x"), flags, resolve).expect_err("symlink");
         assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
         let e = openat2(root.as_fd(), OsStr::new("a/../.."), flags, resolve).expect_err("climb");
+        assert_eq!(e.raw_os_error(), Some(libc::EXDEV));
+    }
+
+    /// A bind mount, detached when dropped, so that a failing test leaves none behind.
+    struct BindMount(CString);
+
+    impl BindMount {
+        fn new(source: &Path, target: &Path) -> BindMount {
+            let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("no NUL");
+            let (source, target) = (c(source), c(target));
+            // SAFETY: valid NUL-terminated strings; a bind mount takes no type or data.
+            let ret = unsafe {
+                libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(ret, 0, "bind mount: {}", io::Error::last_os_error());
+            BindMount(target)
+        }
+    }
+
+    impl Drop for BindMount {
+        fn drop(&mut self) {
+            // SAFETY: a valid NUL-terminated string.
+            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+
+    #[test]
+    fn a_bind_mount_of_the_same_filesystem_is_refused_with_or_without_openat2() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let vol = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(vol.path().join("d/m")).expect("mkdir");
+        std::fs::create_dir(outside.path().join("x")).expect("mkdir");
+        let root = sys::open_dir_path(vol.path()).expect("open root");
+        // Dropped before the temp dirs are removed.
+        let _mount = BindMount::new(outside.path(), &vol.path().join("d/m"));
+        let d = walk_beneath(root.as_fd(), &rel("d")).expect("a plain directory");
+
+        for p in ["d/m", "d/m/x"] {
+            let e = walk_beneath(root.as_fd(), &rel(p)).expect_err(p);
+            assert_eq!(e.raw_os_error(), Some(libc::EXDEV), "{p}");
+        }
+        let flags = libc::O_PATH | libc::O_DIRECTORY;
+        let e = open_entry_walk(d.as_fd(), OsStr::new("m"), flags).expect_err("walk");
+        assert_eq!(e.raw_os_error(), Some(libc::EXDEV));
+        let e = open_entry(d.as_fd(), OsStr::new("m"), flags).expect_err("openat2");
         assert_eq!(e.raw_os_error(), Some(libc::EXDEV));
     }
 

@@ -3099,7 +3099,8 @@ const PATCH_WAIT: Duration = Duration::from_millis(20);
 
 /// What became of an attempt to update a file in place.
 enum Patched {
-    /// Updated, durable, checked.
+    /// Updated (in place, or by a new copy when the write in place failed), durable,
+    /// checked.
     Done,
     /// Not attempted, for the reason given: the caller builds a new copy instead.
     Refused(&'static str),
@@ -3176,6 +3177,8 @@ fn patch_in_place(
     let journaled = crate::patch::Entry {
         path: path.as_bytes().to_vec(),
         key: stamp.key,
+        // ext4 reuses inode numbers: the key alone could name a later file.
+        generation: twinfs_fs::sys::generation(file.as_fd()).ok(),
         size: entry.meta.size,
         meta: meta.clone(),
         records,
@@ -3201,14 +3204,33 @@ fn patch_in_place(
         .and_then(|()| applier.set_file_meta(file.as_fd(), meta, path));
     if let Err(e) = changed {
         // Half written, maybe. A new copy is built from it and the same records at
-        // once (they cover every byte the update touched) and renamed over it; if
-        // that fails too, the journal, which stays, finishes the update at the next
-        // start. (A journal whose file was replaced is not replayed.)
+        // once (they cover every byte the update touched) and renamed over it. The
+        // journal goes only once that copy is durably in place; if the copy fails too,
+        // the journal stays and finishes the update at the next start (a journal whose
+        // file was replaced since is not replayed: key and generation are checked).
+        // New opens stay held back until the copy has the name: none gets the
+        // half-written file, and one that waited is sent to the copy (ESTALE).
         tracing::error!(%path, error = %e,
             "in-place update failed; writing a new copy instead");
-        drop(guard);
+        v.blocks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(path);
+        let size = entry.meta.size;
+        let list = crate::patch::replace_by_copy(
+            applier, &v.journal, written, path, size, records, expected, meta,
+        );
         invalidate(v, path);
-        return Ok(Patched::Refused("the in-place write failed"));
+        drop(guard);
+        let list = list?;
+        tracing::info!(%path, "a new copy replaced the file whose in-place update failed");
+        if let (Some(list), Ok(Some(stamp))) = (list, applier.stamp(path)) {
+            v.blocks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put(path, stamp, Arc::new(list));
+        }
+        return Ok(Patched::Done);
     }
     // Only what changed leaves the kernel's cache: dropping all 512 MiB of a file
     // readers had cached took 20 ms, and they would read it all again.
@@ -3227,6 +3249,7 @@ fn patch_in_place(
         tracing::debug!(%path, error = %e, "invalidation of the changed ranges refused");
         invalidate(v, path);
     }
+    let held_opens = guard.held_opens();
     drop(guard);
     twinfs_fs::sys::fsync(file.as_fd(), false).map_err(io("fsync"))?;
     v.journal
@@ -3238,7 +3261,8 @@ fn patch_in_place(
         crate::patch::FileStamp::of(&after),
         Arc::new(new_list),
     );
-    tracing::debug!(%path, new_size = entry.meta.size, records = records.len(), "updated in place");
+    tracing::debug!(%path, new_size = entry.meta.size, records = records.len(), held_opens,
+        "updated in place");
     Ok(Patched::Done)
 }
 

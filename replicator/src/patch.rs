@@ -23,7 +23,11 @@
 //! A crash between 2 and 5 leaves a journal that [`Journal::replay`] applies again at
 //! the next start (the writes are idempotent), so the file ends up whole: the new
 //! version. A journal that was not completely written is discarded; the file was not
-//! touched yet.
+//! touched yet. A journal is only ever replayed into the inode it was written for
+//! (device, number and generation), and one that cannot be applied is dropped with a
+//! warning rather than stopping the daemon: the next full sync repairs its file. If
+//! the write in 4 fails, a new copy is built at once ([`replace_by_copy`]), and the
+//! journal goes once that copy is in place.
 
 use std::collections::HashMap;
 use std::io;
@@ -35,7 +39,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use twinfs_fs::sys::{self, Stat};
 
-use crate::apply::{Applier, FileMeta};
+use crate::apply::{Applier, ApplyError, FileMeta};
 use crate::delta::{self, BlockHasher, BlockList};
 use crate::manifest::Stamp;
 use crate::path::RelPath;
@@ -274,6 +278,10 @@ pub struct Entry<R = Vec<(u64, Vec<u8>)>> {
     /// The (device, inode) of the file: a journal for a file that was replaced since
     /// is not replayed into the new one.
     pub key: (u64, u64),
+    /// The file's inode generation ([`sys::generation`]), which tells it from a later
+    /// file given the same inode number (ext4 reuses them); `None` on a filesystem
+    /// without generation numbers, where the key alone is checked.
+    pub generation: Option<u64>,
     /// Its new size.
     pub size: u64,
     /// Its new metadata.
@@ -283,7 +291,10 @@ pub struct Entry<R = Vec<(u64, Vec<u8>)>> {
 }
 
 /// The first bytes of a journal file; the last two say the format version.
-const JOURNAL_MAGIC: &[u8; 8] = b"twfsjn01";
+const JOURNAL_MAGIC: &[u8; 8] = b"twfsjn02";
+
+/// The first bytes of a journal of format 01, which had no inode generation.
+const JOURNAL_MAGIC_01: &[u8; 8] = b"twfsjn01";
 
 /// Where a volume's in-place updates are journaled: a directory of the node's state
 /// directory, one file per update under way.
@@ -359,7 +370,11 @@ impl Journal {
     }
 
     /// Applies again every update whose journal is whole (a crash cut it short), and
-    /// removes every journal. Returns how many updates were applied.
+    /// removes its journal. An update that cannot be applied to its file (the file was
+    /// replaced or removed, its parent is now a symlink, its metadata cannot be set) is
+    /// logged and its journal removed: the next full sync repairs the file. One whose
+    /// writes fail (a disk error) keeps its journal for the next start. Only an
+    /// unreadable journal directory is an error. Returns how many were applied.
     pub fn replay(&self, applier: &Applier<'_>) -> io::Result<usize> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
@@ -368,65 +383,174 @@ impl Journal {
         };
         let mut applied = 0;
         for dirent in entries {
-            let file = dirent?.path();
+            let file = match dirent {
+                Ok(dirent) => dirent.path(),
+                Err(e) => {
+                    tracing::error!(journal = %self.dir.display(), error = %e,
+                        "cannot list the in-place update journals; the rest are left for the next start");
+                    break;
+                }
+            };
             if file.extension() != Some(std::ffi::OsStr::new("journal")) {
                 tracing::warn!(entry = %file.display(), "not a journal; left alone");
                 continue;
             }
-            match std::fs::read(&file).map(|bytes| decode(&bytes)) {
-                Ok(Some(entry)) => match replay_one(applier, &entry) {
-                    Ok(true) => {
-                        applied += 1;
-                        tracing::warn!(path = %String::from_utf8_lossy(&entry.path),
-                            "finished an in-place update a crash interrupted");
+            let bytes = match std::fs::read(&file) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::error!(journal = %file.display(), error = %e,
+                        "cannot read an in-place update journal; left for the next start");
+                    continue;
+                }
+            };
+            match decode(&bytes) {
+                Decoded::Whole(entry) => {
+                    let path = String::from_utf8_lossy(&entry.path).into_owned();
+                    match replay_one(applier, &entry) {
+                        Ok(Replayed::Applied) => {
+                            applied += 1;
+                            tracing::warn!(%path, "finished an in-place update a crash interrupted");
+                        }
+                        Ok(Replayed::Not(why)) => {
+                            tracing::warn!(%path, why = %why,
+                                "in-place update not replayed; the next full sync repairs the file");
+                        }
+                        Err(e) => {
+                            tracing::error!(%path, journal = %file.display(), error = %e,
+                                "in-place update could not be finished; its journal is kept for the next start");
+                            continue;
+                        }
                     }
-                    Ok(false) => {
-                        tracing::info!(path = %String::from_utf8_lossy(&entry.path),
-                            "in-place update not replayed: the file was replaced since");
-                    }
-                    Err(e) => return Err(e),
-                },
-                Ok(None) => {
+                }
+                Decoded::Format01 => {
+                    tracing::warn!(journal = %file.display(),
+                        "in-place update journaled by an older twinfs not replayed: its file \
+                         cannot be told from a later one on the same inode number; the next \
+                         full sync repairs the file");
+                }
+                Decoded::Torn => {
                     tracing::info!(journal = %file.display(), "discarded an incomplete journal (its file was not touched)");
                 }
-                Err(e) => return Err(e),
             }
-            std::fs::remove_file(&file)?;
+            if let Err(e) = std::fs::remove_file(&file) {
+                tracing::error!(journal = %file.display(), error = %e,
+                    "cannot remove an in-place update journal");
+            }
         }
-        std::fs::File::open(&self.dir)?.sync_all()?;
+        if let Err(e) = std::fs::File::open(&self.dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(journal = %self.dir.display(), error = %e,
+                "cannot fsync the journal directory after the replay");
+        }
         Ok(applied)
     }
 }
 
-/// The entry of a journal file, `None` unless it is whole.
-fn decode(bytes: &[u8]) -> Option<Entry> {
-    let body = bytes.strip_prefix(JOURNAL_MAGIC.as_slice())?;
-    let (body, sum) = body.split_at(body.len().checked_sub(8)?);
-    if xxhash_rust::xxh3::xxh3_64(body).to_le_bytes() != sum {
-        return None;
-    }
-    postcard::from_bytes(body).ok()
+/// After the in-place update of `path` journaled as `written` failed half way:
+/// builds a new copy of the file from what it holds and the update's `records`
+/// (which cover every byte the update touched), which must give the content hash
+/// `expected`, with `meta`, and renames it durably over the file; only then is the
+/// journal removed. If anything fails, the journal stays and finishes the update at
+/// the next start. Returns the new copy's block list.
+#[allow(clippy::too_many_arguments)]
+pub fn replace_by_copy(
+    applier: &Applier<'_>,
+    journal: &Journal,
+    written: Written,
+    path: &RelPath,
+    new_size: u64,
+    records: &[(u64, Vec<u8>)],
+    expected: u128,
+    meta: &FileMeta,
+) -> Result<Option<BlockList>, ApplyError> {
+    let mut blocks = records
+        .iter()
+        .map(|(offset, data)| Ok((*offset, data.clone())));
+    let mut prepared = applier.build_from_blocks(path, new_size, &mut blocks, expected, meta)?;
+    let list = prepared.take_blocks();
+    prepared.sync_data()?;
+    applier.place_prepared(prepared, true)?;
+    journal.done(written).map_err(|source| ApplyError::Io {
+        op: "remove the journal of",
+        path: path.clone(),
+        source,
+    })?;
+    Ok(list)
 }
 
-/// Applies one journaled update again; false if its file is no longer there.
-fn replay_one(applier: &Applier<'_>, entry: &Entry) -> io::Result<bool> {
+/// What a journal file holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Decoded {
+    /// A whole entry.
+    Whole(Entry),
+    /// A whole entry of format 01 (no inode generation), not decoded further.
+    Format01,
+    /// Anything else: a journal whose writing was cut short.
+    Torn,
+}
+
+/// The entry of a journal file, if it is whole.
+fn decode(bytes: &[u8]) -> Decoded {
+    let (body, old) = match (
+        bytes.strip_prefix(JOURNAL_MAGIC.as_slice()),
+        bytes.strip_prefix(JOURNAL_MAGIC_01.as_slice()),
+    ) {
+        (Some(body), _) => (body, false),
+        (None, Some(body)) => (body, true),
+        (None, None) => return Decoded::Torn,
+    };
+    let Some(at) = body.len().checked_sub(8) else {
+        return Decoded::Torn;
+    };
+    let (body, sum) = body.split_at(at);
+    if xxhash_rust::xxh3::xxh3_64(body).to_le_bytes() != sum {
+        return Decoded::Torn;
+    }
+    if old {
+        return Decoded::Format01;
+    }
+    postcard::from_bytes(body).map_or(Decoded::Torn, Decoded::Whole)
+}
+
+/// What became of one journaled update at its replay.
+#[derive(Debug)]
+enum Replayed {
+    /// Written again, with its metadata, and fsync'd.
+    Applied,
+    /// Not applied (or not all of it), for the reason given; the journal can go.
+    Not(String),
+}
+
+/// Applies one journaled update again. An error is a failed write or fsync of the
+/// file, which keeps the journal.
+fn replay_one(applier: &Applier<'_>, entry: &Entry) -> io::Result<Replayed> {
     let Ok(path) = RelPath::new(entry.path.clone()) else {
-        return Ok(false);
+        return Ok(Replayed::Not("not a volume path".into()));
     };
-    let Some(file) = applier
-        .open_for_patch(&path)
-        .map_err(io::Error::other)?
-        .filter(|(_, st)| (st.st_dev, st.st_ino) == entry.key)
-        .map(|(fd, _)| fd)
-    else {
-        return Ok(false);
+    let file = match applier.open_for_patch(&path) {
+        Ok(Some((fd, st))) if (st.st_dev, st.st_ino) == entry.key => fd,
+        Ok(_) => {
+            return Ok(Replayed::Not(
+                "the file was replaced or removed since".into(),
+            ))
+        }
+        Err(e) => return Ok(Replayed::Not(format!("cannot open the file: {e}"))),
     };
+    if let Some(generation) = entry.generation {
+        if sys::generation(file.as_fd()).ok() != Some(generation) {
+            return Ok(Replayed::Not(
+                "another file has the inode number of the one journaled".into(),
+            ));
+        }
+    }
     write_records(file.as_fd(), &entry.records, entry.size)?;
-    applier
-        .set_file_meta(file.as_fd(), &entry.meta, &path)
-        .map_err(io::Error::other)?;
+    let meta = applier.set_file_meta(file.as_fd(), &entry.meta, &path);
     sys::fsync(file.as_fd(), false)?;
-    Ok(true)
+    match meta {
+        Ok(()) => Ok(Replayed::Applied),
+        Err(e) => Ok(Replayed::Not(format!(
+            "the content was written but the metadata cannot be set: {e}"
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -508,6 +632,7 @@ mod tests {
         let entry = Entry {
             path: b"a/b".to_vec(),
             key: (1, 2),
+            generation: Some(3),
             size: 10,
             meta: FileMeta {
                 mode: 0o644,
@@ -522,15 +647,196 @@ mod tests {
         let journal = Journal::new(dir.path().join("j"));
         let written = journal.write(&entry).expect("write");
         let bytes = std::fs::read(&written.0).expect("read");
-        assert_eq!(decode(&bytes), Some(entry));
+        assert_eq!(decode(&bytes), Decoded::Whole(entry));
         for cut in [0, 8, bytes.len() / 2, bytes.len() - 1] {
-            assert_eq!(decode(&bytes[..cut]), None, "cut at {cut}");
+            assert_eq!(decode(&bytes[..cut]), Decoded::Torn, "cut at {cut}");
         }
         let mut flipped = bytes.clone();
         flipped[12] ^= 1;
-        assert_eq!(decode(&flipped), None);
+        assert_eq!(decode(&flipped), Decoded::Torn);
+        let mut old = bytes.clone();
+        old[..8].copy_from_slice(JOURNAL_MAGIC_01);
+        assert_eq!(decode(&old), Decoded::Format01);
         journal.done(written).expect("done");
         assert_eq!(std::fs::read_dir(journal.dir()).expect("list").count(), 0);
+    }
+
+    /// A temp directory as a standby's volume, with its applier's root fd.
+    struct Vol {
+        dir: tempfile::TempDir,
+        root: std::os::fd::OwnedFd,
+    }
+
+    impl Vol {
+        fn new() -> Vol {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let root = sys::open_dir_path(dir.path()).expect("open root");
+            Vol { dir, root }
+        }
+
+        fn applier(&self) -> Applier<'_> {
+            Applier::new(self.root.as_fd())
+        }
+
+        fn path(&self, p: &str) -> PathBuf {
+            self.dir.path().join(p)
+        }
+
+        /// The (device, inode) and generation of the file `p`.
+        fn id(&self, p: &str) -> ((u64, u64), Option<u64>) {
+            let f = std::fs::File::open(self.path(p)).expect("open");
+            let st = sys::fstat(f.as_fd()).expect("stat");
+            ((st.st_dev, st.st_ino), sys::generation(f.as_fd()).ok())
+        }
+
+        fn meta(&self, p: &str) -> FileMeta {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(self.path(p)).expect("stat");
+            FileMeta {
+                mode: 0o640,
+                uid: m.uid(),
+                gid: m.gid(),
+                mtime: (1_700_000_000, 0),
+                xattrs: Vec::new(),
+            }
+        }
+
+        /// A journal entry that writes `data` at the start of `p` as it is now.
+        fn entry(&self, p: &str, data: &[u8]) -> Entry {
+            let (key, generation) = self.id(p);
+            Entry {
+                path: p.as_bytes().to_vec(),
+                key,
+                generation,
+                size: std::fs::metadata(self.path(p)).expect("stat").len(),
+                meta: self.meta(p),
+                records: vec![(0, data.to_vec())],
+            }
+        }
+    }
+
+    /// The journal file format 01 wrote: no inode generation.
+    #[derive(Serialize)]
+    struct Entry01 {
+        path: Vec<u8>,
+        key: (u64, u64),
+        size: u64,
+        meta: FileMeta,
+        records: Vec<(u64, Vec<u8>)>,
+    }
+
+    #[test]
+    fn replay_finishes_only_its_own_file_and_never_fails_on_one_it_cannot_update() {
+        let vol = Vol::new();
+        let outside = tempfile::tempdir().expect("tempdir");
+        for f in ["own", "reused", "old-format", "xattr"] {
+            std::fs::write(vol.path(f), b"old bytes").expect("write");
+        }
+        std::fs::write(outside.path().join("linked"), b"old bytes").expect("write");
+        std::fs::create_dir(vol.path("d")).expect("mkdir");
+        std::fs::write(vol.path("d/linked"), b"old bytes").expect("write");
+        let journal = Journal::new(vol.path("journal"));
+
+        journal.write(&vol.entry("own", b"NEW")).expect("journal");
+        // Another file that got the inode number of the one journaled.
+        let mut reused = vol.entry("reused", b"NEW");
+        reused.generation = Some(reused.generation.expect("ext4 has generations") ^ 1);
+        journal.write(&reused).expect("journal");
+        // The parent became a symlink (to a directory outside) since.
+        let linked = vol.entry("d/linked", b"NEW");
+        std::fs::remove_dir_all(vol.path("d")).expect("rm");
+        std::os::unix::fs::symlink(outside.path(), vol.path("d")).expect("symlink");
+        journal.write(&linked).expect("journal");
+        // An xattr this filesystem cannot store (no such namespace).
+        let mut xattr = vol.entry("xattr", b"NEW");
+        xattr.meta.xattrs = vec![(b"bogus.name".to_vec(), b"v".to_vec())];
+        journal.write(&xattr).expect("journal");
+        // Format 01, for the file as it is: its inode cannot be told from a later one.
+        let (key, _) = vol.id("old-format");
+        let body = postcard::to_allocvec(&Entry01 {
+            path: b"old-format".to_vec(),
+            key,
+            size: 9,
+            meta: vol.meta("old-format"),
+            records: vec![(0, b"NEW".to_vec())],
+        })
+        .expect("encode");
+        let sum = xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes();
+        std::fs::write(
+            vol.path("journal/old.journal"),
+            [&JOURNAL_MAGIC_01[..], &body, &sum].concat(),
+        )
+        .expect("write");
+
+        let applied = journal.replay(&vol.applier()).expect("replay");
+        assert_eq!(applied, 1);
+        let read = |p: &Path| std::fs::read(p).expect("read");
+        assert_eq!(read(&vol.path("own")), b"NEW bytes");
+        assert_eq!(read(&vol.path("reused")), b"old bytes");
+        assert_eq!(read(&vol.path("old-format")), b"old bytes");
+        assert_eq!(read(&outside.path().join("linked")), b"old bytes");
+        // Its content was written; only the metadata is left to the next full sync.
+        assert_eq!(read(&vol.path("xattr")), b"NEW bytes");
+        assert!(journal.is_empty(), "every journal was dealt with");
+    }
+
+    #[test]
+    fn a_new_copy_after_a_failed_update_removes_the_journal_only_once_in_place() {
+        let vol = Vol::new();
+        let old: Vec<u8> = (0..3 * B).map(|i| (i % 251) as u8).collect();
+        let mut new = old.clone();
+        new[B..2 * B].fill(0xee);
+        std::fs::write(vol.path("f"), &old).expect("write");
+        let records = vec![(B as u64, new[B..2 * B].to_vec())];
+        let mut entry = vol.entry("f", b"");
+        entry.records = records.clone();
+        let journal = Journal::new(vol.path("journal"));
+        let path = RelPath::new("f").expect("path");
+        let meta = vol.meta("f");
+        let expected = delta::content_hash(&list_of(&new), new.len() as u64);
+
+        // A copy that does not check out (say, the file changed meanwhile) leaves the
+        // journal for the next start.
+        let written = journal.write(&entry).expect("journal");
+        let err = replace_by_copy(
+            &vol.applier(),
+            &journal,
+            written,
+            &path,
+            new.len() as u64,
+            &records,
+            expected ^ 1,
+            &meta,
+        )
+        .expect_err("hash mismatch");
+        assert!(matches!(err, ApplyError::Content { .. }), "{err:?}");
+        assert!(!journal.is_empty());
+        std::fs::remove_dir_all(journal.dir()).expect("rm");
+
+        // Half written when the write in place failed.
+        let written = journal.write(&entry).expect("journal");
+        let half = std::fs::OpenOptions::new()
+            .write(true)
+            .open(vol.path("f"))
+            .expect("open");
+        sys::pwrite(half.as_fd(), &new[B..B + B / 2], B as u64).expect("half");
+        let list = replace_by_copy(
+            &vol.applier(),
+            &journal,
+            written,
+            &path,
+            new.len() as u64,
+            &records,
+            expected,
+            &meta,
+        )
+        .expect("copy");
+        assert_eq!(std::fs::read(vol.path("f")).expect("read"), new);
+        assert_eq!(list, Some(list_of(&new)));
+        assert!(
+            journal.is_empty(),
+            "the journal went with the copy in place"
+        );
     }
 
     #[test]

@@ -415,6 +415,94 @@ fn delete_removes_a_tree_but_not_what_its_symlinks_point_to() {
     ));
 }
 
+/// A bind mount, detached when dropped, so that a failing test leaves none behind.
+/// Declared after the directories it joins, so it is dropped before they are removed
+/// (removing the volume's temp dir through the mount would empty the other one).
+struct BindMount(std::path::PathBuf);
+
+impl BindMount {
+    fn new(source: &Path, target: &Path) -> BindMount {
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL in a path")
+        };
+        let (source_c, target_c) = (c(source), c(target));
+        // SAFETY: valid NUL-terminated strings; a bind mount takes no type or data.
+        let ret = unsafe {
+            libc::mount(
+                source_c.as_ptr(),
+                target_c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(ret, 0, "bind mount: {}", io::Error::last_os_error());
+        BindMount(target.to_owned())
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        if let Ok(c) = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a valid NUL-terminated string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+#[test]
+fn bind_mounts_inside_the_volume_are_never_entered() {
+    if !is_root() {
+        return;
+    }
+    let vol = Vol::new();
+    let outside = tempfile::tempdir().expect("tempdir");
+    fs::create_dir(outside.path().join("sub")).expect("mkdir");
+    fs::write(outside.path().join("precious"), b"keep").expect("write");
+    fs::write(outside.path().join("sub/deep"), b"keep").expect("write");
+    fs::write(outside.path().join(format!("{TEMP_PREFIX}theirs")), b"").expect("write");
+    fs::set_permissions(outside.path(), fs::Permissions::from_mode(0o751)).expect("chmod");
+    let file = outside.path().join("file");
+    fs::write(&file, b"outside file").expect("write");
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).expect("chmod");
+    fs::create_dir_all(vol.path("d/m")).expect("mkdir");
+    fs::write(vol.path("d/own"), b"x").expect("write");
+    fs::write(vol.path("f"), b"").expect("write");
+    // Both on the same filesystem (one st_dev), as a bind mount usually is.
+    let _dir_mount = BindMount::new(outside.path(), &vol.path("d/m"));
+    let _file_mount = BindMount::new(&file, &vol.path("f"));
+    let applier = vol.applier();
+
+    for p in ["d", "d/m"] {
+        let err = applier.delete(&rel(p)).expect_err(p);
+        assert!(matches!(err, ApplyError::Escape { .. }), "{p}: {err:?}");
+    }
+    let err = applier
+        .make_dir(&rel("d/m"), &meta(0o700))
+        .expect_err("make_dir");
+    assert!(matches!(err, ApplyError::Escape { .. }), "{err:?}");
+    for p in ["d/m", "f"] {
+        let err = applier.set_metadata(&rel(p), &meta(0o600)).expect_err(p);
+        assert!(matches!(err, ApplyError::Escape { .. }), "{p}: {err:?}");
+    }
+    assert!(!matches!(applier.open_for_patch(&rel("f")), Ok(Some(_))));
+    assert_eq!(applier.remove_stale_temps().expect("clean"), 0);
+
+    assert_eq!(
+        fs::read(outside.path().join("precious")).expect("kept"),
+        b"keep"
+    );
+    assert_eq!(
+        fs::read(outside.path().join("sub/deep")).expect("kept"),
+        b"keep"
+    );
+    assert!(outside.path().join(format!("{TEMP_PREFIX}theirs")).exists());
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(outside.path()), 0o751);
+    assert_eq!(mode(&file), 0o640);
+    assert_eq!(fs::read(&file).expect("kept"), b"outside file");
+}
+
 #[test]
 fn delete_entry_removes_a_directory_only_if_empty() {
     let vol = Vol::new();
@@ -629,6 +717,64 @@ fn failures_leave_no_temp_and_the_old_version() {
     assert!(matches!(err, ApplyError::Io { .. }), "{err:?}");
 
     assert_eq!(fs::read(vol.path("f")).expect("read"), b"old");
+    assert!(vol.temps().is_empty());
+}
+
+/// Drops `CAP_FOWNER` from the calling thread's effective capabilities (capabilities
+/// are per thread, so the rest of the test process keeps it).
+fn drop_fowner_in_this_thread() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_FOWNER: u32 = 3;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: valid pointers to a header and the two data words version 3 takes.
+    let ret = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    assert_eq!(ret, 0, "capget: {}", io::Error::last_os_error());
+    data[0].effective &= !(1 << CAP_FOWNER);
+    // SAFETY: as above; capset only reads them.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    assert_eq!(ret, 0, "capset: {}", io::Error::last_os_error());
+}
+
+#[test]
+fn a_replacement_is_done_even_when_the_directory_times_cannot_be_restored() {
+    if !is_root() {
+        return;
+    }
+    let vol = Vol::new();
+    fs::create_dir(vol.path("sub")).expect("mkdir");
+    fs::write(vol.path("sub/f"), b"old").expect("write");
+    // Writable by all, owned by someone else: without CAP_FOWNER its times cannot be
+    // set, while entries in it can still be created and renamed.
+    fs::set_permissions(vol.path("sub"), fs::Permissions::from_mode(0o777)).expect("chmod");
+    std::os::unix::fs::chown(vol.path("sub"), Some(12_345), Some(12_345)).expect("chown");
+
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            drop_fowner_in_this_thread();
+            vol.applier()
+                .write_file(&rel("sub/f"), &mut &b"new"[..], &meta(0o644))
+        })
+        .join()
+        .expect("thread")
+    });
+    result.expect("the file was replaced, so the write succeeded");
+    assert_eq!(fs::read(vol.path("sub/f")).expect("read"), b"new");
     assert!(vol.temps().is_empty());
 }
 

@@ -225,6 +225,39 @@ fn kill_9_leaves_the_directory_accessible_and_intact() {
 }
 
 #[test]
+fn temp_files_a_crash_left_are_removed_when_the_daemon_starts() {
+    let _serial = twinfs_tests::serial();
+    // As a standby killed between writing a temp file and renaming it leaves them.
+    let mut node = Node::new(CMM_RULES, |dir| {
+        fill_cmm(dir);
+        fs::write(dir.join(".twinfs-tmp.00000000deadbeef"), vec![1u8; 1 << 20]).expect("temp");
+        fs::write(dir.join("ssh/.twinfs-tmp.0000000000c0ffee"), b"half").expect("temp");
+        fs::write(dir.join(".twinfs-keep"), b"not a temp").expect("reserved name");
+    });
+    node.start(&[]);
+    node.stop();
+
+    let vol = &node.volume;
+    assert!(
+        !vol.join(".twinfs-tmp.00000000deadbeef").exists(),
+        "{}",
+        node.log_text()
+    );
+    assert!(!vol.join("ssh/.twinfs-tmp.0000000000c0ffee").exists());
+    assert!(vol.join(".twinfs-keep").exists(), "only temp names go");
+    assert_eq!(
+        fs::read_to_string(vol.join("ssh/known_hosts")).expect("read"),
+        "cmm-b ssh-ed25519 AAAA\n"
+    );
+    let log = node.log_text();
+    assert!(
+        log.contains("removed a stale temp entry")
+            && log.contains("ssh/.twinfs-tmp.0000000000c0ffee"),
+        "{log}"
+    );
+}
+
+#[test]
 fn a_dead_mount_left_behind_is_detached_when_the_daemon_starts_again() {
     let _serial = twinfs_tests::serial();
     let mut node = Node::new(CMM_RULES, fill_cmm);

@@ -712,9 +712,13 @@ fn an_interrupted_in_place_update_is_finished_at_the_next_start() {
             new[big.len() - big.len() % 65_536..].to_vec(),
         ),
     ];
+    let generation = fs::File::open(&path)
+        .and_then(|f| twinfs_fs::sys::generation(std::os::fd::AsFd::as_fd(&f)))
+        .ok();
     let entry = Entry {
         path: b"big.img".to_vec(),
         key: (st.dev(), st.ino()),
+        generation,
         size: new.len() as u64,
         meta: twinfs_replicator::apply::FileMeta {
             mode: 0o640,

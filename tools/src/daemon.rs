@@ -183,6 +183,17 @@ fn mount_volume(
                 journal.dir().display()
             )
         })?;
+    // Temp files a crash left between writing and renaming (up to a whole copy of a
+    // large file each) would otherwise stay hidden on the disk for good. Nothing else
+    // uses the directory before the mount, so none of them is still being written.
+    match twinfs_replicator::apply::Applier::new(volume.root_fd()).remove_stale_temps() {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(volume = %vc.name, removed,
+            "removed the temp files a crash had left in the volume"),
+        // Only space is lost: the volume is served all the same.
+        Err(e) => tracing::warn!(volume = %vc.name, error = %e,
+            "could not remove the temp files a crash may have left in the volume"),
+    }
     // A standby takes local writes of its `direction = "both"` paths (while its
     // session with the active can ship them upstream).
     let volume = if vc.policies.rules().iter().any(|r| r.policy().upstream()) {
