@@ -133,10 +133,26 @@ pub struct OpenFile {
     /// Standby: the path an upstream file was opened for writing at (see
     /// [`Volume::with_rescue`]); `None` on an active.
     standby_path: Option<PathBuf>,
-    /// (size, mtime) of the file when this handle was last recorded; `None`
-    /// until the first record. With passthrough the volume does not see writes, so it
-    /// tells a close after writing from a second close of a dup'd fd by these.
-    recorded: Mutex<Option<[i64; 3]>>,
+    /// Changes of the file's bytes made through twinfs (writes, truncations,
+    /// `fallocate`), counted for every handle of the inode together: a shared
+    /// mapping's pages may be written back through another handle than its own.
+    changes: Arc<AtomicU64>,
+    /// What the file looked like when this handle was last recorded; `None` until
+    /// the first record. Tells a close after writing from a second close of a dup'd
+    /// fd.
+    recorded: Mutex<Option<Seen>>,
+}
+
+/// What a handle's record saw of its file. The count of changes made through twinfs
+/// is what tells: size and mtime can stay the same across a same-size rewrite, as
+/// the mtime moves only once per clock tick on many filesystems (ext4 before Linux
+/// 6.13: about 4 ms). Size and mtime still count for the writes twinfs does not see
+/// (FUSE passthrough).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seen {
+    changes: u64,
+    size: i64,
+    mtime: (i64, i64),
 }
 
 impl OpenFile {
@@ -164,15 +180,29 @@ impl OpenFile {
     /// chmod, an xattr or a link changes it, and those are recorded by their own
     /// operations (a late release would record the file a second time). A write sets
     /// the mtime and the ctime to the same time, so the ctime would tell nothing more.
+    ///
+    /// The count is read before the record is made, and each change counted after it
+    /// was made: a change counted later is one the record may not have seen.
     fn take_change(&self) -> Result<bool> {
+        let changes = self.changes.load(Ordering::Acquire);
         let st = sys::fstat(self.fd.as_fd())?;
-        let stamp = [st.st_size, st.st_mtime, st.st_mtime_nsec];
+        let seen = Seen {
+            changes,
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+        };
         let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
-        if *recorded == Some(stamp) {
+        if *recorded == Some(seen) {
             return Ok(false);
         }
-        *recorded = Some(stamp);
+        *recorded = Some(seen);
         Ok(true)
+    }
+
+    /// Counts a change of the file's bytes made through twinfs; call once it is made
+    /// (or failed part way).
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -998,6 +1028,9 @@ impl Volume {
             };
             // Bytes from the new end on changed (a growth is seen by the size).
             self.written.record(key, size..u64::MAX);
+            if let Some(f) = file.clone().or_else(|| self.open_file_of(ino)) {
+                f.changed();
+            }
         }
         if set.atime.is_some() || set.mtime.is_some() {
             at.utimens(&[timespec(set.atime), timespec(set.mtime)])?;
@@ -1189,18 +1222,22 @@ impl Volume {
         let standby_path = (writable && self.rescue.is_some() && self.role() == Role::Standby)
             .then(|| self.path_of(ino))
             .flatten();
+        let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
+        let changes = files
+            .values()
+            .find(|f| f.ino == ino)
+            .map(|f| f.changes.clone())
+            .unwrap_or_default();
         let file = Arc::new(OpenFile {
             ino,
             key: std::sync::OnceLock::new(),
             fd,
             writable,
             standby_path,
+            changes,
             recorded: Mutex::new(None),
         });
-        self.files
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(fh, file.clone());
+        files.insert(fh, file.clone());
         (fh, file)
     }
 
@@ -1278,6 +1315,7 @@ impl Volume {
             sys::ftruncate(fd.as_fd(), 0)?;
         }
         self.written.record(file.key(), 0..u64::MAX);
+        file.changed();
         // Like O_TRUNC, and unlike ftruncate of an empty file, mark both times.
         let now = libc::timespec {
             tv_sec: 0,
@@ -1374,6 +1412,7 @@ impl Volume {
         // the bytes after they were written.
         self.written
             .record(file.key(), offset..offset.saturating_add(n as u64));
+        file.changed();
         Ok(n)
     }
 
@@ -1458,6 +1497,7 @@ impl Volume {
             offset.saturating_add(length)
         };
         self.written.record(file.key(), offset..end);
+        file.changed();
         Ok(())
     }
 
@@ -1586,5 +1626,115 @@ impl Volume {
         loc.at().removexattr(name)?;
         self.record(ino, ChangeKind::Xattr);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keeps every record.
+    #[derive(Default)]
+    struct Records(Mutex<Vec<Change>>);
+
+    impl ChangeSink for Records {
+        fn record(&self, change: Change) {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(change);
+        }
+    }
+
+    impl Records {
+        fn writes(&self) -> usize {
+            let changes = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+            changes
+                .iter()
+                .filter(|c| c.kind == ChangeKind::Write)
+                .count()
+        }
+    }
+
+    const ROOT_CALLER: Caller = Caller { uid: 0, gid: 0 };
+
+    /// A volume over a scratch directory holding `f`, driven without a kernel.
+    fn volume(content: &[u8]) -> (tempfile::TempDir, Volume, Arc<Records>) {
+        let dir = tempfile::tempdir().expect("scratch dir");
+        std::fs::write(dir.path().join("f"), content).expect("fill");
+        let records = Arc::new(Records::default());
+        let volume = Volume::new(dir.path(), Role::Active, records.clone()).expect("volume");
+        (dir, volume, records)
+    }
+
+    /// Sets the backing file's mtime back to what `st` says, as a write within the
+    /// same tick of a coarse clock leaves it.
+    fn restore_mtime(volume: &Volume, st: &Stat) {
+        let omit = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        };
+        let mtime = libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        };
+        At::Entry(volume.root_fd(), OsStr::new("f"))
+            .utimens(&[omit, mtime])
+            .expect("utimensat");
+    }
+
+    fn stat_f(volume: &Volume) -> Stat {
+        sys::statat(volume.root_fd(), OsStr::new("f")).expect("stat")
+    }
+
+    #[test]
+    fn a_same_size_rewrite_within_one_mtime_tick_is_recorded() {
+        let (_dir, volume, records) = volume(b"old!");
+        let ino = volume.lookup(ROOT, OsStr::new("f")).expect("lookup").ino;
+        let (fh, _) = volume.open(ino, libc::O_RDWR, ROOT_CALLER).expect("open");
+        volume.write(fh, 0, b"aaaa").expect("write");
+        volume.fsync(fh, false).expect("fsync");
+        assert_eq!(records.writes(), 1, "the fsync records");
+        let st = stat_f(&volume);
+        volume.write(fh, 0, b"bbbb").expect("write");
+        restore_mtime(&volume, &st);
+        volume.flush(fh).expect("flush");
+        assert_eq!(records.writes(), 1, "the close after the rewrite records");
+        volume.flush(fh).expect("flush");
+        assert_eq!(
+            records.writes(),
+            0,
+            "a second close without a write does not"
+        );
+        volume.release(fh).expect("release");
+        assert_eq!(records.writes(), 0);
+    }
+
+    #[test]
+    fn a_mapping_written_back_after_the_close_is_recorded_at_release() {
+        // ftruncate, mmap, close (recorded), then the mapping's pages reach twinfs
+        // through another handle of the file before this one's release.
+        let (_dir, volume, records) = volume(b"");
+        let ino = volume.lookup(ROOT, OsStr::new("f")).expect("lookup").ino;
+        let (fh, _) = volume.open(ino, libc::O_RDWR, ROOT_CALLER).expect("open");
+        let (other, _) = volume.open(ino, libc::O_RDWR, ROOT_CALLER).expect("open");
+        let size = SetAttr {
+            size: Some(4096),
+            fh: Some(fh),
+            ..SetAttr::default()
+        };
+        volume.setattr(ino, size).expect("ftruncate");
+        volume.flush(fh).expect("flush");
+        volume.flush(other).expect("flush");
+        assert_eq!(records.writes(), 2, "each close records once");
+        let st = stat_f(&volume);
+        volume.write(other, 0, &[7u8; 4096]).expect("writeback");
+        restore_mtime(&volume, &st);
+        volume.release(fh).expect("release");
+        assert_eq!(
+            records.writes(),
+            1,
+            "the release after the writeback records"
+        );
     }
 }
