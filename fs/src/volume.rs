@@ -1488,8 +1488,10 @@ impl Volume {
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         let file = self.file(fh)?;
         let _writing = self.writable_for(|| [self.path_of(file.ino)])?;
-        sys::fallocate(file.fd.as_fd(), mode, offset, length)?;
-        // Collapsing or inserting a range moves every byte after it.
+        let result = sys::fallocate(file.fd.as_fd(), mode, offset, length);
+        // Recorded even if it failed: a zero range that ran out of space part way has
+        // changed what it did before. Collapsing or inserting a range moves every byte
+        // after it.
         let shifts = mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0;
         let end = if shifts {
             u64::MAX
@@ -1498,7 +1500,7 @@ impl Volume {
         };
         self.written.record(file.key(), offset..end);
         file.changed();
-        Ok(())
+        Ok(result?)
     }
 
     /// `lseek` on an open file (for `SEEK_DATA`/`SEEK_HOLE`).

@@ -1253,3 +1253,59 @@ fn permission_checks_for_another_user() {
     }
     assert!(log.0[1].contains("uid=65534 gid=65534"), "{log:?}");
 }
+
+/// The backing key (device, inode) of `name` in the backing directory `dir` (an fd
+/// opened before the mount).
+fn backing_key(dir: &File, name: &str) -> (u64, u64) {
+    let c = CString::new(name).expect("no NUL");
+    // SAFETY: an all-zero stat is valid to be written over.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, string and stat buffer.
+    let r = unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, 0) };
+    assert_eq!(r, 0, "fstatat {name}");
+    (st.st_dev, st.st_ino)
+}
+
+#[test]
+fn a_write_that_fills_the_disk_is_short_as_native_and_its_bytes_are_recorded() {
+    // 64 KiB free, a 128 KiB write (one FUSE request): the filesystem takes part of it.
+    const FREE: u64 = 64 << 10;
+    let scenario = |p: &Path| {
+        let mut log = Log::default();
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            // Not O_TRUNC: it would put the whole file in the mount's record.
+            .truncate(false)
+            .open(p.join("f"))
+            .expect("create");
+        log.note("write", errno(f.write_at(&[7u8; 128 << 10], 0)));
+        log.note("size", errno(f.metadata()).map(|m| m.len()));
+        log
+    };
+    let native_fs = twinfs_tests::Tmpfs::new(FREE);
+    let native = scenario(native_fs.path());
+    assert!(
+        native.has(&format!("write: Ok({FREE})")),
+        "the native write is short: {native:?}"
+    );
+
+    let mounted_fs = twinfs_tests::Tmpfs::new(FREE);
+    let mut backing = None;
+    let m = MountedDir::new_in(mounted_fs.path(), false, |d| {
+        fs::write(d.join("f"), b"").expect("fill");
+        backing = Some(File::open(d).expect("open backing dir"));
+    });
+    let key = backing_key(&backing.expect("backing dir"), "f");
+    assert_eq!(m.volume().take_written(key), None, "starts watching f");
+    let mounted = scenario(&m.path);
+    if let Some(d) = difference(&native, &mounted) {
+        panic!("{d}");
+    }
+    let written: std::ops::Range<u64> = 0..FREE;
+    assert_eq!(
+        m.volume().take_written(key),
+        Some(twinfs_fs::written::Record::Ranges(vec![written])),
+        "the bytes written are in the record"
+    );
+}
