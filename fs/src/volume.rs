@@ -1244,13 +1244,37 @@ impl Volume {
     fn open_flags(flags: i32) -> (i32, bool) {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         // The kernel already handled O_CREAT/O_EXCL; O_DIRECT would impose alignment on
-        // our own buffers in the non-passthrough path.
-        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT);
+        // our own buffers in the non-passthrough path. O_APPEND would make every write
+        // of ours append, whatever its offset: the kernel gives the end of the file as
+        // the offset of an appending write itself, but the pages of a shared mapping
+        // written back through the handle go to their own offsets. (With passthrough
+        // the kernel opens a backing file of its own per handle, with the caller's
+        // flags: our fd only names the file.) See `open_entry`.
+        let flags = flags
+            & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT | libc::O_APPEND);
         (flags, writable)
+    }
+
+    /// Opens `name` in `dir` with `flags` as [`Volume::open_flags`] made them, for a
+    /// caller that asked for O_APPEND if `append`: an append-only file (`chattr +a`)
+    /// opens for writing only with O_APPEND, and every write to it appends anyway.
+    fn open_entry(
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        flags: i32,
+        append: bool,
+    ) -> std::io::Result<OwnedFd> {
+        match sys::openat(dir, name, flags, 0) {
+            Err(e) if append && e.raw_os_error() == Some(libc::EPERM) => {
+                sys::openat(dir, name, flags | libc::O_APPEND, 0)
+            }
+            other => other,
+        }
     }
 
     /// Opens `ino` with `flags` for `caller`; returns the handle and the open file.
     pub fn open(&self, ino: u64, flags: i32, caller: Caller) -> Result<(u64, Arc<OpenFile>)> {
+        let append = flags & libc::O_APPEND != 0;
         let (flags, writable) = Self::open_flags(flags);
         let _writing = if writable {
             Some(self.writable_for(|| [self.path_of(ino)])?)
@@ -1261,7 +1285,7 @@ impl Volume {
         let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EISDIR))?;
         let truncate = flags & libc::O_TRUNC != 0;
         let fd = loc.retry(|at| match at {
-            At::Entry(dir, name) => sys::openat(dir, name, flags & !libc::O_TRUNC, 0),
+            At::Entry(dir, name) => Self::open_entry(dir, name, flags & !libc::O_TRUNC, append),
             At::Fd(_) => Err(std::io::Error::from_raw_os_error(libc::EISDIR)),
         })?;
         // The open file is registered before the truncation, so a replicator that reads
@@ -1376,7 +1400,8 @@ impl Volume {
             Ok(fd) => (fd, true),
             // Someone created it between the kernel's lookup and now: open it as is.
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
-                (sys::openat(dir.as_fd(), name, plain, 0)?, false)
+                let append = flags & libc::O_APPEND != 0;
+                (Self::open_entry(dir.as_fd(), name, plain, append)?, false)
             }
             Err(e) => return Err(e.into()),
         };

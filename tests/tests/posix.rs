@@ -2,6 +2,7 @@
 //! plain directory and on a mount (with and without passthrough) and must observe the
 //! same, so every test states "same as native" rather than hard-coding the kernel.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fmt::Debug;
 use std::fs::{self, File, OpenOptions};
@@ -1307,5 +1308,117 @@ fn a_write_that_fills_the_disk_is_short_as_native_and_its_bytes_are_recorded() {
         m.volume().take_written(key),
         Some(twinfs_fs::written::Record::Ranges(vec![written])),
         "the bytes written are in the record"
+    );
+}
+
+/// How `data` looks, compactly: its length and its runs of equal bytes.
+fn runs(data: &[u8]) -> String {
+    let mut out = format!("{} bytes:", data.len());
+    let mut i = 0;
+    while i < data.len() {
+        let n = data[i..].iter().take_while(|&&b| b == data[i]).count();
+        out.push_str(&format!(" {n}x{:?}", data[i] as char));
+        i += n;
+    }
+    out
+}
+
+#[test]
+fn pages_of_a_mapping_through_an_appending_handle_stay_in_place() {
+    const PAGE: usize = 4096;
+    same_as_native(
+        |p| fs::write(p.join("f"), vec![b'a'; 3 * PAGE]).expect("fill"),
+        |p| {
+            let mut log = Log::default();
+            let f = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(p.join("f"))
+                .expect("open O_RDWR|O_APPEND");
+            // SAFETY: a shared mapping of the file's three pages, written in bounds and
+            // unmapped before the file is closed.
+            unsafe {
+                let map = libc::mmap(
+                    std::ptr::null_mut(),
+                    3 * PAGE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    0,
+                );
+                assert_ne!(map, libc::MAP_FAILED, "mmap");
+                std::ptr::write_bytes(map.cast::<u8>().add(PAGE), b'b', PAGE);
+                log.note("msync", libc::msync(map, 3 * PAGE, libc::MS_SYNC));
+                libc::munmap(map, 3 * PAGE);
+            }
+            log.note(
+                "after the mapping",
+                runs(&fs::read(p.join("f")).expect("read")),
+            );
+            // Writes through the appending handle still append, whatever the offset.
+            log.note("append", errno(f.write_at(b"c", 0)));
+            drop(f);
+            log.note(
+                "after the append",
+                runs(&fs::read(p.join("f")).expect("read")),
+            );
+            // A handle without O_APPEND writes where it is told, also while an
+            // appending one is open (with passthrough they share one backing id).
+            let appending = OpenOptions::new()
+                .append(true)
+                .open(p.join("f"))
+                .expect("open O_WRONLY|O_APPEND");
+            let plain = OpenOptions::new()
+                .write(true)
+                .open(p.join("f"))
+                .expect("open O_WRONLY");
+            log.note("write at 0", errno(plain.write_at(b"d", 0)));
+            drop((appending, plain));
+            log.note(
+                "after the write",
+                runs(&fs::read(p.join("f")).expect("read")),
+            );
+            log
+        },
+    );
+}
+
+#[test]
+fn an_append_only_file_opens_for_appending() {
+    // chattr works on the directory underneath (twinfs has no ioctls): each run's is
+    // kept open, and reached as /proc/PID/fd/N, which is under the mount.
+    let dirs = std::sync::Mutex::new(HashMap::new());
+    let underneath = |p: &Path| {
+        let dirs = dirs.lock().unwrap_or_else(|e| e.into_inner());
+        let dir: &File = dirs.get(p).expect("directory of this run");
+        format!("/proc/{}/fd/{}", std::process::id(), dir.as_raw_fd())
+    };
+    same_as_native(
+        |p| {
+            fs::write(p.join("f"), b"a").expect("fill");
+            let dir = File::open(p).expect("open the directory");
+            dirs.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p.to_owned(), dir);
+        },
+        |p| {
+            let mut log = Log::default();
+            let f = p.join("f");
+            let under = underneath(p);
+            log.note("chattr +a", sh(p, false, &format!("chattr +a {under}/f")));
+            log.note(
+                "open O_WRONLY",
+                errno(OpenOptions::new().write(true).open(&f)).map(drop),
+            );
+            let appended = OpenOptions::new()
+                .append(true)
+                .open(&f)
+                .and_then(|mut a| a.write_all(b"b"));
+            log.note("append", errno(appended));
+            // Cleared before anything can fail, or the scratch directory stays.
+            log.note("chattr -a", sh(p, false, &format!("chattr -a {under}/f")));
+            log.note("content", errno(fs::read(&f)));
+            log
+        },
     );
 }
