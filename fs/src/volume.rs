@@ -665,7 +665,7 @@ impl Volume {
                 unstaged: None,
             });
         }
-        let Some((parent, name)) = node.links.first() else {
+        let Some((parent, name)) = table.link(ino) else {
             return match &node.kept {
                 Some(fd) => Ok(Location {
                     dir: fd.clone(),
@@ -1550,11 +1550,7 @@ impl Volume {
         let st = sys::fstat(dir.as_fd())?;
         let raw = sys::read_dir(dir.as_fd())?;
         let table = self.read_table();
-        let parent_ino = table
-            .get(ino)
-            .and_then(|n| n.links.first())
-            .map(|l| l.0)
-            .unwrap_or(ROOT);
+        let parent_ino = table.link(ino).map(|l| l.0).unwrap_or(ROOT);
         let mut out = Vec::with_capacity(raw.len() + 2);
         out.push(DirEntry {
             ino,
