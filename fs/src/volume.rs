@@ -344,17 +344,22 @@ fn timespec(t: Option<SetTime>) -> libc::timespec {
         },
         Some(SetTime::At(t)) => {
             let (sec, nsec) = match t.duration_since(SystemTime::UNIX_EPOCH) {
-                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Ok(d) => match i64::try_from(d.as_secs()) {
+                    Ok(sec) => (sec, i64::from(d.subsec_nanos())),
+                    Err(_) => (i64::MAX, 999_999_999),
+                },
                 Err(e) => {
-                    // Before 1970: negative seconds, positive nanoseconds.
+                    // Before 1970: negative seconds, positive nanoseconds. The lowest
+                    // second, i64::MIN, is 2^63 before the epoch, which no i64 negates.
                     let d = e.duration();
-                    if d.subsec_nanos() == 0 {
-                        (-(d.as_secs() as i64), 0)
-                    } else {
-                        (
-                            -(d.as_secs() as i64) - 1,
-                            1_000_000_000 - d.subsec_nanos() as i64,
-                        )
+                    let sec = 0i64.checked_sub_unsigned(d.as_secs());
+                    match (sec, d.subsec_nanos()) {
+                        (Some(sec), 0) => (sec, 0),
+                        (Some(sec), n) => match sec.checked_sub(1) {
+                            Some(sec) => (sec, 1_000_000_000 - i64::from(n)),
+                            None => (i64::MIN, 0),
+                        },
+                        (None, _) => (i64::MIN, 0),
                     }
                 }
             };
@@ -1655,6 +1660,7 @@ impl Volume {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// Keeps every record.
     #[derive(Default)]
@@ -1680,6 +1686,26 @@ mod tests {
     }
 
     const ROOT_CALLER: Caller = Caller { uid: 0, gid: 0 };
+
+    #[test]
+    fn times_to_set_convert_over_the_whole_64_bit_range() {
+        let at = |t: SystemTime| {
+            let ts = timespec(Some(SetTime::At(t)));
+            (ts.tv_sec, ts.tv_nsec)
+        };
+        let epoch = SystemTime::UNIX_EPOCH;
+        assert_eq!(at(epoch + Duration::new(7, 3)), (7, 3));
+        assert_eq!(at(epoch - Duration::new(1, 250_000_000)), (-2, 750_000_000));
+        assert_eq!(at(epoch - Duration::from_secs(1 << 63)), (i64::MIN, 0));
+        assert_eq!(
+            at(epoch - Duration::new((1 << 63) - 1, 1)),
+            (i64::MIN, 999_999_999)
+        );
+        assert_eq!(
+            at(epoch + Duration::new(i64::MAX as u64, 999_999_999)),
+            (i64::MAX, 999_999_999)
+        );
+    }
 
     /// A volume over a scratch directory holding `f`, driven without a kernel.
     fn volume(content: &[u8]) -> (tempfile::TempDir, Volume, Arc<Records>) {
