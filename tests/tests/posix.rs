@@ -1422,3 +1422,30 @@ fn an_append_only_file_opens_for_appending() {
         },
     );
 }
+
+#[test]
+fn set_id_bits_of_a_new_file_stay_as_a_user_asked() {
+    let fill = |p: &Path| {
+        open_up(p);
+        fs::create_dir(p.join("pub")).expect("mkdir pub");
+        chmod(&p.join("pub"), 0o777);
+        // Set-group-ID, of a group user 65534 is not in.
+        fs::create_dir(p.join("sg")).expect("mkdir sg");
+        chmod(&p.join("sg"), 0o2777);
+    };
+    let script = "umask 022; for f in pub/u pub/g pub/ug sg/u sg/g; do \
+        case $f in */ug) m=06755;; */u) m=04755;; *) m=02755;; esac; \
+        perl -MFcntl -e 'sysopen(F, $ARGV[0], O_CREAT|O_EXCL|O_WRONLY, oct($ARGV[1])) or die $!' $f $m; \
+        echo $f=$?; done; mkdir -m 2755 pub/d; echo d=$?; perl -MPOSIX -e 'POSIX::mkfifo(q(pub/p), 04644) or die $!'; echo p=$?";
+    let log = same_as_native(fill, |p| {
+        let mut log = Log::default();
+        log.note("as nobody", sh(p, true, script));
+        for f in ["pub/u", "pub/g", "pub/ug", "sg/u", "sg/g", "pub/d", "pub/p"] {
+            log.note(f, meta(&p.join(f)));
+        }
+        log
+    });
+    assert!(log.0[1].contains("mode=4755 uid=65534"), "{log:?}");
+    assert!(log.0[2].contains("mode=2755 uid=65534"), "{log:?}");
+    assert!(log.0[7].contains("mode=4644 uid=65534"), "{log:?}");
+}
