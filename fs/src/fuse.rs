@@ -27,12 +27,21 @@ fn reply_errno(e: &Error) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// A `stat` time: seconds from the epoch (negative before it) and nanoseconds after
+/// them. Any 64-bit second count is a valid time on Linux (tmpfs and btrfs store the
+/// lowest, `i64::MIN`, which cannot be negated), so every step is checked; a time
+/// `SystemTime` cannot hold becomes the epoch rather than a panic.
 fn time(sec: i64, nsec: i64) -> SystemTime {
-    if sec >= 0 {
-        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    let secs = Duration::from_secs(sec.unsigned_abs());
+    let whole = if sec >= 0 {
+        UNIX_EPOCH.checked_add(secs)
     } else {
-        UNIX_EPOCH - Duration::new((-sec) as u64, 0) + Duration::new(0, nsec as u32)
-    }
+        UNIX_EPOCH.checked_sub(secs)
+    };
+    let nanos = Duration::from_nanos(u64::try_from(nsec).unwrap_or(0).min(999_999_999));
+    whole
+        .and_then(|t| t.checked_add(nanos))
+        .unwrap_or(UNIX_EPOCH)
 }
 
 fn file_type(mode: u32) -> FileType {
@@ -92,10 +101,10 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
 /// lands where it does natively.
 fn fix_pre_epoch(t: SystemTime) -> SystemTime {
     match UNIX_EPOCH.duration_since(t) {
-        Ok(before) if before.subsec_nanos() != 0 => {
-            UNIX_EPOCH - Duration::from_secs(before.as_secs())
-                + Duration::from_nanos(u64::from(before.subsec_nanos()))
-        }
+        Ok(before) if before.subsec_nanos() != 0 => UNIX_EPOCH
+            .checked_sub(Duration::from_secs(before.as_secs()))
+            .and_then(|t| t.checked_add(Duration::from_nanos(u64::from(before.subsec_nanos()))))
+            .unwrap_or(t),
         _ => t,
     }
 }
@@ -662,5 +671,53 @@ impl Filesystem for FuseAdapter {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(log_err("lseek", &e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(t: SystemTime) -> (i128, u32) {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => (i128::from(d.as_secs()), d.subsec_nanos()),
+            Err(e) => {
+                let d = e.duration();
+                match d.subsec_nanos() {
+                    0 => (-i128::from(d.as_secs()), 0),
+                    n => (-i128::from(d.as_secs()) - 1, 1_000_000_000 - n),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stat_times_convert_over_the_whole_64_bit_range() {
+        for (sec, nsec) in [
+            (0, 0),
+            (1, 5),
+            (-1, 500_000_000),
+            (i64::MAX, 999_999_999),
+            (i64::MIN, 0),
+            (i64::MIN, 999_999_999),
+            (i64::MIN + 1, 1),
+        ] {
+            assert_eq!(
+                parts(time(sec, nsec)),
+                (i128::from(sec), nsec as u32),
+                "{sec}.{nsec}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pre_epoch_time_from_fuser_is_put_right_at_the_ends_of_the_range() {
+        // fuser gives -(s + n) for the kernel's (-s, +n).
+        let from_fuser = UNIX_EPOCH - Duration::new(5, 250_000_000);
+        assert_eq!(parts(fix_pre_epoch(from_fuser)), (-5, 250_000_000));
+        let lowest = UNIX_EPOCH - Duration::from_secs(1 << 63);
+        assert_eq!(parts(fix_pre_epoch(lowest)), (i128::from(i64::MIN), 0));
+        let below = UNIX_EPOCH - Duration::new((1 << 63) - 1, 1);
+        assert_eq!(parts(fix_pre_epoch(below)), (i128::from(i64::MIN) + 1, 1));
     }
 }

@@ -27,7 +27,8 @@ pub struct Node {
     pub key: Key,
     /// `S_IFMT` bits of the backing file.
     pub kind: u32,
-    /// Names this inode is known by, as (parent inode, name); the first is its path.
+    /// Names this inode is known by, as (parent inode, name); the first whose parent
+    /// is still known is its path (see [`Table::link`]).
     pub links: Vec<(u64, OsString)>,
     /// For directories, an `O_PATH` fd of the directory.
     pub dir: Option<Arc<OwnedFd>>,
@@ -223,8 +224,41 @@ impl Table {
             if self.by_key.get(&node.key) == Some(&ino) {
                 self.by_key.remove(&node.key);
             }
+            if node.kind == libc::S_IFDIR {
+                self.drop_links_in(ino);
+            }
         }
         true
+    }
+
+    /// Drops the names known in the directory `dir`, which the kernel has forgotten.
+    /// It forgets a directory only once it holds no entry below it, but a file with
+    /// hard links can still be held through a name in another directory, and must not
+    /// be addressed through this one. The files keep their backing keys: their names
+    /// here still exist, and a new lookup finds the same inode.
+    fn drop_links_in(&mut self, dir: u64) {
+        let mut children = Vec::new();
+        self.entries.retain(|(parent, name), child| {
+            let here = *parent == dir;
+            if here {
+                children.push((*child, name.clone()));
+            }
+            !here
+        });
+        for (child, name) in children {
+            if let Some(node) = self.nodes.get_mut(&child) {
+                node.links.retain(|(p, n)| !(*p == dir && *n == name));
+            }
+        }
+    }
+
+    /// The name `ino` is reached by: its first whose parent the table still holds.
+    pub fn link(&self, ino: u64) -> Option<&(u64, OsString)> {
+        self.nodes
+            .get(&ino)?
+            .links
+            .iter()
+            .find(|(parent, _)| self.nodes.contains_key(parent))
     }
 
     /// The path of `ino` relative to the root, through its first known name; `None`
@@ -232,7 +266,7 @@ impl Table {
     pub fn path(&self, mut ino: u64) -> Option<PathBuf> {
         let mut parts: Vec<&OsStr> = Vec::new();
         while ino != ROOT {
-            let (parent, name) = self.nodes.get(&ino)?.links.first()?;
+            let (parent, name) = self.link(ino)?;
             parts.push(name);
             ino = *parent;
             if parts.len() > 4096 {
@@ -298,5 +332,32 @@ mod tests {
         assert_eq!(t.path(b).unwrap(), PathBuf::from("b"));
         assert_eq!(t.path(a), None);
         assert_eq!(t.by_key((1, 30)), None);
+    }
+
+    #[test]
+    fn a_hard_link_is_reached_through_a_directory_still_known() {
+        let mut t = table();
+        let a = t.remember(ROOT, OsStr::new("a"), (1, 40), libc::S_IFDIR, None);
+        let b = t.remember(ROOT, OsStr::new("b"), (1, 41), libc::S_IFDIR, None);
+        let f = t.remember(a, OsStr::new("f"), (1, 42), libc::S_IFREG, None);
+        assert_eq!(
+            t.remember(b, OsStr::new("f"), (1, 42), libc::S_IFREG, None),
+            f
+        );
+        assert_eq!(t.path(f).unwrap(), PathBuf::from("a/f"));
+        // The kernel dropped a/f and then a; it still holds f through b/f.
+        assert!(t.forget(a, 1));
+        assert_eq!(t.path(f).unwrap(), PathBuf::from("b/f"));
+        assert_eq!(t.link(f), Some(&(b, OsString::from("f"))));
+        assert_eq!(t.get(f).unwrap().links.len(), 1, "the dead link is gone");
+        assert_eq!(t.entry(a, OsStr::new("f")), None);
+        assert_eq!(t.by_key((1, 42)), Some(f), "f keeps its number");
+        // Found again through a new a: the same inode, two names again.
+        let a2 = t.remember(ROOT, OsStr::new("a"), (1, 40), libc::S_IFDIR, None);
+        assert_eq!(
+            t.remember(a2, OsStr::new("f"), (1, 42), libc::S_IFREG, None),
+            f
+        );
+        assert_eq!(t.get(f).unwrap().links.len(), 2);
     }
 }

@@ -332,7 +332,9 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usiz
     Ok(done)
 }
 
-/// `pwrite` of the whole buffer.
+/// `pwrite` of the whole buffer, or as much of it as the file takes: an error after
+/// part of it was written (the disk full, a quota or size limit) is a short count, as
+/// a native `write` returns, not an error that would hide the bytes written.
 pub fn pwrite(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < data.len() {
@@ -346,8 +348,10 @@ pub fn pwrite(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> io::Result<usize>
             )
         };
         match check_size(n) {
+            Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) if done > 0 => break,
             Err(e) => return Err(e),
         }
     }

@@ -133,10 +133,26 @@ pub struct OpenFile {
     /// Standby: the path an upstream file was opened for writing at (see
     /// [`Volume::with_rescue`]); `None` on an active.
     standby_path: Option<PathBuf>,
-    /// (size, mtime) of the file when this handle was last recorded; `None`
-    /// until the first record. With passthrough the volume does not see writes, so it
-    /// tells a close after writing from a second close of a dup'd fd by these.
-    recorded: Mutex<Option<[i64; 3]>>,
+    /// Changes of the file's bytes made through twinfs (writes, truncations,
+    /// `fallocate`), counted for every handle of the inode together: a shared
+    /// mapping's pages may be written back through another handle than its own.
+    changes: Arc<AtomicU64>,
+    /// What the file looked like when this handle was last recorded; `None` until
+    /// the first record. Tells a close after writing from a second close of a dup'd
+    /// fd.
+    recorded: Mutex<Option<Seen>>,
+}
+
+/// What a handle's record saw of its file. The count of changes made through twinfs
+/// is what tells: size and mtime can stay the same across a same-size rewrite, as
+/// the mtime moves only once per clock tick on many filesystems (ext4 before Linux
+/// 6.13: about 4 ms). Size and mtime still count for the writes twinfs does not see
+/// (FUSE passthrough).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seen {
+    changes: u64,
+    size: i64,
+    mtime: (i64, i64),
 }
 
 impl OpenFile {
@@ -164,15 +180,29 @@ impl OpenFile {
     /// chmod, an xattr or a link changes it, and those are recorded by their own
     /// operations (a late release would record the file a second time). A write sets
     /// the mtime and the ctime to the same time, so the ctime would tell nothing more.
+    ///
+    /// The count is read before the record is made, and each change counted after it
+    /// was made: a change counted later is one the record may not have seen.
     fn take_change(&self) -> Result<bool> {
+        let changes = self.changes.load(Ordering::Acquire);
         let st = sys::fstat(self.fd.as_fd())?;
-        let stamp = [st.st_size, st.st_mtime, st.st_mtime_nsec];
+        let seen = Seen {
+            changes,
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+        };
         let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
-        if *recorded == Some(stamp) {
+        if *recorded == Some(seen) {
             return Ok(false);
         }
-        *recorded = Some(stamp);
+        *recorded = Some(seen);
         Ok(true)
+    }
+
+    /// Counts a change of the file's bytes made through twinfs; call once it is made
+    /// (or failed part way).
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -323,17 +353,22 @@ fn timespec(t: Option<SetTime>) -> libc::timespec {
         },
         Some(SetTime::At(t)) => {
             let (sec, nsec) = match t.duration_since(SystemTime::UNIX_EPOCH) {
-                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Ok(d) => match i64::try_from(d.as_secs()) {
+                    Ok(sec) => (sec, i64::from(d.subsec_nanos())),
+                    Err(_) => (i64::MAX, 999_999_999),
+                },
                 Err(e) => {
-                    // Before 1970: negative seconds, positive nanoseconds.
+                    // Before 1970: negative seconds, positive nanoseconds. The lowest
+                    // second, i64::MIN, is 2^63 before the epoch, which no i64 negates.
                     let d = e.duration();
-                    if d.subsec_nanos() == 0 {
-                        (-(d.as_secs() as i64), 0)
-                    } else {
-                        (
-                            -(d.as_secs() as i64) - 1,
-                            1_000_000_000 - d.subsec_nanos() as i64,
-                        )
+                    let sec = 0i64.checked_sub_unsigned(d.as_secs());
+                    match (sec, d.subsec_nanos()) {
+                        (Some(sec), 0) => (sec, 0),
+                        (Some(sec), n) => match sec.checked_sub(1) {
+                            Some(sec) => (sec, 1_000_000_000 - i64::from(n)),
+                            None => (i64::MIN, 0),
+                        },
+                        (None, _) => (i64::MIN, 0),
                     }
                 }
             };
@@ -645,7 +680,7 @@ impl Volume {
                 unstaged: None,
             });
         }
-        let Some((parent, name)) = node.links.first() else {
+        let Some((parent, name)) = table.link(ino) else {
             return match &node.kept {
                 Some(fd) => Ok(Location {
                     dir: fd.clone(),
@@ -939,8 +974,17 @@ impl Volume {
         };
         if st.st_uid != caller.uid || st.st_gid != gid {
             let at = At::Entry(dir.as_fd(), name);
+            let set_id = st.st_mode & (libc::S_ISUID | libc::S_ISGID);
             at.chown(Some(caller.uid), Some(gid))?;
             st = at.stat()?;
+            // The chown cleared the set-ID bits the caller created the file with.
+            // They are its to set: the kernel took S_ISGID out of the mode before it
+            // asked us if the caller is not in the group a set-group-ID directory
+            // gives the file (Linux 6.0+).
+            if st.st_mode & set_id != set_id && st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+                at.chmod((st.st_mode | set_id) & 0o7777)?;
+                st = at.stat()?;
+            }
         }
         Ok(st)
     }
@@ -1029,6 +1073,9 @@ impl Volume {
             };
             // Bytes from the new end on changed (a growth is seen by the size).
             self.written.record(key, size..u64::MAX);
+            if let Some(f) = file.clone().or_else(|| self.open_file_of(ino)) {
+                f.changed();
+            }
         }
         if set.atime.is_some() || set.mtime.is_some() {
             at.utimens(&[timespec(set.atime), timespec(set.mtime)])?;
@@ -1220,31 +1267,59 @@ impl Volume {
         let standby_path = (writable && self.rescue.is_some() && self.role() == Role::Standby)
             .then(|| self.path_of(ino))
             .flatten();
+        let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
+        let changes = files
+            .values()
+            .find(|f| f.ino == ino)
+            .map(|f| f.changes.clone())
+            .unwrap_or_default();
         let file = Arc::new(OpenFile {
             ino,
             key: std::sync::OnceLock::new(),
             fd,
             writable,
             standby_path,
+            changes,
             recorded: Mutex::new(None),
         });
-        self.files
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(fh, file.clone());
+        files.insert(fh, file.clone());
         (fh, file)
     }
 
     fn open_flags(flags: i32) -> (i32, bool) {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         // The kernel already handled O_CREAT/O_EXCL; O_DIRECT would impose alignment on
-        // our own buffers in the non-passthrough path.
-        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT);
+        // our own buffers in the non-passthrough path. O_APPEND would make every write
+        // of ours append, whatever its offset: the kernel gives the end of the file as
+        // the offset of an appending write itself, but the pages of a shared mapping
+        // written back through the handle go to their own offsets. (With passthrough
+        // the kernel opens a backing file of its own per handle, with the caller's
+        // flags: our fd only names the file.) See `open_entry`.
+        let flags = flags
+            & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT | libc::O_APPEND);
         (flags, writable)
+    }
+
+    /// Opens `name` in `dir` with `flags` as [`Volume::open_flags`] made them, for a
+    /// caller that asked for O_APPEND if `append`: an append-only file (`chattr +a`)
+    /// opens for writing only with O_APPEND, and every write to it appends anyway.
+    fn open_entry(
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        flags: i32,
+        append: bool,
+    ) -> std::io::Result<OwnedFd> {
+        match sys::openat(dir, name, flags, 0) {
+            Err(e) if append && e.raw_os_error() == Some(libc::EPERM) => {
+                sys::openat(dir, name, flags | libc::O_APPEND, 0)
+            }
+            other => other,
+        }
     }
 
     /// Opens `ino` with `flags` for `caller`; returns the handle and the open file.
     pub fn open(&self, ino: u64, flags: i32, caller: Caller) -> Result<(u64, Arc<OpenFile>)> {
+        let append = flags & libc::O_APPEND != 0;
         let (flags, writable) = Self::open_flags(flags);
         let _writing = if writable {
             Some(self.writable_for(|| [self.path_of(ino)])?)
@@ -1255,7 +1330,7 @@ impl Volume {
         let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EISDIR))?;
         let truncate = flags & libc::O_TRUNC != 0;
         let fd = loc.retry(|at| match at {
-            At::Entry(dir, name) => sys::openat(dir, name, flags & !libc::O_TRUNC, 0),
+            At::Entry(dir, name) => Self::open_entry(dir, name, flags & !libc::O_TRUNC, append),
             At::Fd(_) => Err(std::io::Error::from_raw_os_error(libc::EISDIR)),
         })?;
         // The open file is registered before the truncation, so a replicator that reads
@@ -1318,6 +1393,7 @@ impl Volume {
             sys::ftruncate(fd.as_fd(), 0)?;
         }
         self.written.record(file.key(), 0..u64::MAX);
+        file.changed();
         // Like O_TRUNC, and unlike ftruncate of an empty file, mark both times.
         let now = libc::timespec {
             tv_sec: 0,
@@ -1378,7 +1454,8 @@ impl Volume {
             Ok(fd) => (fd, true),
             // Someone created it between the kernel's lookup and now: open it as is.
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
-                (sys::openat(dir.as_fd(), name, plain, 0)?, false)
+                let append = flags & libc::O_APPEND != 0;
+                (Self::open_entry(dir.as_fd(), name, plain, append)?, false)
             }
             Err(e) => return Err(e.into()),
         };
@@ -1414,6 +1491,7 @@ impl Volume {
         // the bytes after they were written.
         self.written
             .record(file.key(), offset..offset.saturating_add(n as u64));
+        file.changed();
         Ok(n)
     }
 
@@ -1489,8 +1567,10 @@ impl Volume {
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         let file = self.file(fh)?;
         let _writing = self.writable_for(|| [self.path_of(file.ino)])?;
-        sys::fallocate(file.fd.as_fd(), mode, offset, length)?;
-        // Collapsing or inserting a range moves every byte after it.
+        let result = sys::fallocate(file.fd.as_fd(), mode, offset, length);
+        // Recorded even if it failed: a zero range that ran out of space part way has
+        // changed what it did before. Collapsing or inserting a range moves every byte
+        // after it.
         let shifts = mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0;
         let end = if shifts {
             u64::MAX
@@ -1498,7 +1578,8 @@ impl Volume {
             offset.saturating_add(length)
         };
         self.written.record(file.key(), offset..end);
-        Ok(())
+        file.changed();
+        Ok(result?)
     }
 
     /// `lseek` on an open file (for `SEEK_DATA`/`SEEK_HOLE`).
@@ -1523,11 +1604,7 @@ impl Volume {
         let st = sys::fstat(dir.as_fd())?;
         let raw = sys::read_dir(dir.as_fd())?;
         let table = self.read_table();
-        let parent_ino = table
-            .get(ino)
-            .and_then(|n| n.links.first())
-            .map(|l| l.0)
-            .unwrap_or(ROOT);
+        let parent_ino = table.link(ino).map(|l| l.0).unwrap_or(ROOT);
         let mut out = Vec::with_capacity(raw.len() + 2);
         out.push(DirEntry {
             ino,
@@ -1632,6 +1709,7 @@ impl Volume {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn an_open_held_back_while_its_file_is_replaced_is_sent_to_the_new_one() {
@@ -1678,5 +1756,130 @@ mod tests {
         let mut buf = [0u8; 32];
         let n = sys::pread(file.fd.as_fd(), &mut buf, 0).expect("read");
         assert_eq!(&buf[..n], b"the new copy");
+    }
+
+    /// Keeps every record.
+    #[derive(Default)]
+    struct Records(Mutex<Vec<Change>>);
+
+    impl ChangeSink for Records {
+        fn record(&self, change: Change) {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(change);
+        }
+    }
+
+    impl Records {
+        fn writes(&self) -> usize {
+            let changes = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+            changes
+                .iter()
+                .filter(|c| c.kind == ChangeKind::Write)
+                .count()
+        }
+    }
+
+    const ROOT_CALLER: Caller = Caller { uid: 0, gid: 0 };
+
+    #[test]
+    fn times_to_set_convert_over_the_whole_64_bit_range() {
+        let at = |t: SystemTime| {
+            let ts = timespec(Some(SetTime::At(t)));
+            (ts.tv_sec, ts.tv_nsec)
+        };
+        let epoch = SystemTime::UNIX_EPOCH;
+        assert_eq!(at(epoch + Duration::new(7, 3)), (7, 3));
+        assert_eq!(at(epoch - Duration::new(1, 250_000_000)), (-2, 750_000_000));
+        assert_eq!(at(epoch - Duration::from_secs(1 << 63)), (i64::MIN, 0));
+        assert_eq!(
+            at(epoch - Duration::new((1 << 63) - 1, 1)),
+            (i64::MIN, 999_999_999)
+        );
+        assert_eq!(
+            at(epoch + Duration::new(i64::MAX as u64, 999_999_999)),
+            (i64::MAX, 999_999_999)
+        );
+    }
+
+    /// A volume over a scratch directory holding `f`, driven without a kernel.
+    fn volume(content: &[u8]) -> (tempfile::TempDir, Volume, Arc<Records>) {
+        let dir = tempfile::tempdir().expect("scratch dir");
+        std::fs::write(dir.path().join("f"), content).expect("fill");
+        let records = Arc::new(Records::default());
+        let volume = Volume::new(dir.path(), Role::Active, records.clone()).expect("volume");
+        (dir, volume, records)
+    }
+
+    /// Sets the backing file's mtime back to what `st` says, as a write within the
+    /// same tick of a coarse clock leaves it.
+    fn restore_mtime(volume: &Volume, st: &Stat) {
+        let omit = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        };
+        let mtime = libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        };
+        At::Entry(volume.root_fd(), OsStr::new("f"))
+            .utimens(&[omit, mtime])
+            .expect("utimensat");
+    }
+
+    fn stat_f(volume: &Volume) -> Stat {
+        sys::statat(volume.root_fd(), OsStr::new("f")).expect("stat")
+    }
+
+    #[test]
+    fn a_same_size_rewrite_within_one_mtime_tick_is_recorded() {
+        let (_dir, volume, records) = volume(b"old!");
+        let ino = volume.lookup(ROOT, OsStr::new("f")).expect("lookup").ino;
+        let (fh, _) = volume.open(ino, libc::O_RDWR, ROOT_CALLER).expect("open");
+        volume.write(fh, 0, b"aaaa").expect("write");
+        volume.fsync(fh, false).expect("fsync");
+        assert_eq!(records.writes(), 1, "the fsync records");
+        let st = stat_f(&volume);
+        volume.write(fh, 0, b"bbbb").expect("write");
+        restore_mtime(&volume, &st);
+        volume.flush(fh).expect("flush");
+        assert_eq!(records.writes(), 1, "the close after the rewrite records");
+        volume.flush(fh).expect("flush");
+        assert_eq!(
+            records.writes(),
+            0,
+            "a second close without a write does not"
+        );
+        volume.release(fh).expect("release");
+        assert_eq!(records.writes(), 0);
+    }
+
+    #[test]
+    fn a_mapping_written_back_after_the_close_is_recorded_at_release() {
+        // ftruncate, mmap, close (recorded), then the mapping's pages reach twinfs
+        // through another handle of the file before this one's release.
+        let (_dir, volume, records) = volume(b"");
+        let ino = volume.lookup(ROOT, OsStr::new("f")).expect("lookup").ino;
+        let (fh, _) = volume.open(ino, libc::O_RDWR, ROOT_CALLER).expect("open");
+        let (other, _) = volume.open(ino, libc::O_RDWR, ROOT_CALLER).expect("open");
+        let size = SetAttr {
+            size: Some(4096),
+            fh: Some(fh),
+            ..SetAttr::default()
+        };
+        volume.setattr(ino, size).expect("ftruncate");
+        volume.flush(fh).expect("flush");
+        volume.flush(other).expect("flush");
+        assert_eq!(records.writes(), 2, "each close records once");
+        let st = stat_f(&volume);
+        volume.write(other, 0, &[7u8; 4096]).expect("writeback");
+        restore_mtime(&volume, &st);
+        volume.release(fh).expect("release");
+        assert_eq!(
+            records.writes(),
+            1,
+            "the release after the writeback records"
+        );
     }
 }

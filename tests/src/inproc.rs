@@ -47,6 +47,20 @@ impl MountedDir {
         Self::with_sink(passthrough, recorder.clone(), recorder, fill)
     }
 
+    /// Like [`MountedDir::new`] in a scratch directory made in `parent` (a small
+    /// filesystem of the test's own, say) instead of the system's temp directory.
+    pub fn new_in(parent: &Path, passthrough: bool, fill: impl FnOnce(&Path)) -> MountedDir {
+        let recorder = Arc::new(Recorder::default());
+        Self::mount_in(
+            Some(parent),
+            passthrough,
+            recorder.clone(),
+            recorder,
+            None,
+            fill,
+        )
+    }
+
     /// Like [`MountedDir::new`], with the volume reporting to `sink` (the recorder then
     /// stays empty unless `sink` forwards to it).
     pub fn with_sink(
@@ -72,11 +86,25 @@ impl MountedDir {
         upstream: Option<UpstreamFilter>,
         fill: impl FnOnce(&Path),
     ) -> MountedDir {
+        Self::mount_in(None, passthrough, sink, recorder, upstream, fill)
+    }
+
+    fn mount_in(
+        parent: Option<&Path>,
+        passthrough: bool,
+        sink: Arc<dyn ChangeSink>,
+        recorder: Arc<Recorder>,
+        upstream: Option<UpstreamFilter>,
+        fill: impl FnOnce(&Path),
+    ) -> MountedDir {
         crate::require_fuse();
-        let scratch = tempfile::Builder::new()
-            .prefix("twinfs-test-")
-            .tempdir()
-            .expect("scratch dir");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("twinfs-test-");
+        let scratch = match parent {
+            Some(parent) => builder.tempdir_in(parent),
+            None => builder.tempdir(),
+        }
+        .expect("scratch dir");
         let path = scratch.path().join("vol");
         std::fs::create_dir(&path).expect("mkdir vol");
         fill(&path);

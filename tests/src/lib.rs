@@ -56,3 +56,47 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// A tmpfs of a given size mounted on a fresh temp directory, for tests that fill a
+/// filesystem up; detached (exactly it) when dropped. Drop what was made inside it
+/// (a [`inproc::MountedDir`]) first.
+pub struct Tmpfs {
+    root: std::fs::File,
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` bytes (rounded up to pages).
+    pub fn new(size: u64) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("twinfs-tmpfs-")
+            .tempdir()
+            .expect("tmpfs mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
+            .arg("twinfs-test")
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount tmpfs on {}", dir.path().display());
+        let root = std::fs::File::open(dir.path()).expect("open the tmpfs root");
+        Tmpfs { root, dir }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        let Ok(path) = std::ffi::CString::new(format!("/proc/self/fd/{}", self.root.as_raw_fd()))
+        else {
+            return;
+        };
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
+}

@@ -512,3 +512,68 @@ fn a_standby_takes_and_records_writes_of_its_upstream_paths_only_while_open() {
     m.volume().set_role(Role::Active);
     fs::write(v.join("conf"), b"active again").expect("write on an active");
 }
+
+/// The mtime of `name` in the backing directory `dir`.
+fn backing_mtime(dir: &fs::File, name: &str) -> (i64, i64) {
+    use std::os::fd::AsRawFd;
+    let c = CString::new(name).expect("no NUL");
+    // SAFETY: an all-zero stat is valid to be written over.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, string and stat buffer.
+    let r = unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, 0) };
+    assert_eq!(r, 0, "fstatat {name}");
+    (st.st_mtime, st.st_mtime_nsec)
+}
+
+/// Sets the mtime of `name` in the backing directory `dir` (an fd opened before the
+/// mount, so this goes around it), leaving the atime alone.
+fn set_backing_mtime(dir: &fs::File, name: &str, mtime: (i64, i64)) {
+    use std::os::fd::AsRawFd;
+    let c = CString::new(name).expect("no NUL");
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: mtime.0,
+            tv_nsec: mtime.1,
+        },
+    ];
+    // SAFETY: valid fd, string and two timespecs.
+    let r = unsafe { libc::utimensat(dir.as_raw_fd(), c.as_ptr(), times.as_ptr(), 0) };
+    assert_eq!(r, 0, "utimensat {name}");
+}
+
+/// On a filesystem whose mtime moves once per clock tick (ext4 before Linux 6.13), a
+/// same-size rewrite within the tick of the last record leaves size and mtime as they
+/// were. Kernels since 6.13 give such a write a fresh time, so the test puts the
+/// mtime back behind the mount, as the coarse clock would have left it.
+#[test]
+fn a_same_size_rewrite_in_the_same_mtime_tick_is_recorded() {
+    use std::os::unix::fs::FileExt;
+    let _serial = twinfs_tests::serial();
+    let mut backing = None;
+    let (m, records) = mount(false, |d| {
+        fs::write(d.join("cfg"), b"old!").expect("fill");
+        backing = Some(fs::File::open(d).expect("open backing dir"));
+    });
+    let backing = backing.expect("backing dir");
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path.join("cfg"))
+        .expect("open");
+    f.write_all_at(b"aaaa", 0).expect("write");
+    f.sync_all().expect("fsync");
+    assert_eq!(records.kinds(), vec![(p("cfg"), ChangeKind::Write)]);
+    let mtime = backing_mtime(&backing, "cfg");
+    f.write_all_at(b"bbbb", 0).expect("write");
+    set_backing_mtime(&backing, "cfg", mtime);
+    drop(f);
+    assert_eq!(
+        records.kinds(),
+        vec![(p("cfg"), ChangeKind::Write)],
+        "the close after the second write records it"
+    );
+}

@@ -2,6 +2,7 @@
 //! plain directory and on a mount (with and without passthrough) and must observe the
 //! same, so every test states "same as native" rather than hard-coding the kernel.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fmt::Debug;
 use std::fs::{self, File, OpenOptions};
@@ -1252,4 +1253,199 @@ fn permission_checks_for_another_user() {
         assert!(out.contains(want), "native run lacks {want}: {log:?}");
     }
     assert!(log.0[1].contains("uid=65534 gid=65534"), "{log:?}");
+}
+
+/// The backing key (device, inode) of `name` in the backing directory `dir` (an fd
+/// opened before the mount).
+fn backing_key(dir: &File, name: &str) -> (u64, u64) {
+    let c = CString::new(name).expect("no NUL");
+    // SAFETY: an all-zero stat is valid to be written over.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, string and stat buffer.
+    let r = unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, 0) };
+    assert_eq!(r, 0, "fstatat {name}");
+    (st.st_dev, st.st_ino)
+}
+
+#[test]
+fn a_write_that_fills_the_disk_is_short_as_native_and_its_bytes_are_recorded() {
+    // 64 KiB free, a 128 KiB write (one FUSE request): the filesystem takes part of it.
+    const FREE: u64 = 64 << 10;
+    let scenario = |p: &Path| {
+        let mut log = Log::default();
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            // Not O_TRUNC: it would put the whole file in the mount's record.
+            .truncate(false)
+            .open(p.join("f"))
+            .expect("create");
+        log.note("write", errno(f.write_at(&[7u8; 128 << 10], 0)));
+        log.note("size", errno(f.metadata()).map(|m| m.len()));
+        log
+    };
+    let native_fs = twinfs_tests::Tmpfs::new(FREE);
+    let native = scenario(native_fs.path());
+    assert!(
+        native.has(&format!("write: Ok({FREE})")),
+        "the native write is short: {native:?}"
+    );
+
+    let mounted_fs = twinfs_tests::Tmpfs::new(FREE);
+    let mut backing = None;
+    let m = MountedDir::new_in(mounted_fs.path(), false, |d| {
+        fs::write(d.join("f"), b"").expect("fill");
+        backing = Some(File::open(d).expect("open backing dir"));
+    });
+    let key = backing_key(&backing.expect("backing dir"), "f");
+    assert_eq!(m.volume().take_written(key), None, "starts watching f");
+    let mounted = scenario(&m.path);
+    if let Some(d) = difference(&native, &mounted) {
+        panic!("{d}");
+    }
+    let written: std::ops::Range<u64> = 0..FREE;
+    assert_eq!(
+        m.volume().take_written(key),
+        Some(twinfs_fs::written::Record::Ranges(vec![written])),
+        "the bytes written are in the record"
+    );
+}
+
+/// How `data` looks, compactly: its length and its runs of equal bytes.
+fn runs(data: &[u8]) -> String {
+    let mut out = format!("{} bytes:", data.len());
+    let mut i = 0;
+    while i < data.len() {
+        let n = data[i..].iter().take_while(|&&b| b == data[i]).count();
+        out.push_str(&format!(" {n}x{:?}", data[i] as char));
+        i += n;
+    }
+    out
+}
+
+#[test]
+fn pages_of_a_mapping_through_an_appending_handle_stay_in_place() {
+    const PAGE: usize = 4096;
+    same_as_native(
+        |p| fs::write(p.join("f"), vec![b'a'; 3 * PAGE]).expect("fill"),
+        |p| {
+            let mut log = Log::default();
+            let f = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(p.join("f"))
+                .expect("open O_RDWR|O_APPEND");
+            // SAFETY: a shared mapping of the file's three pages, written in bounds and
+            // unmapped before the file is closed.
+            unsafe {
+                let map = libc::mmap(
+                    std::ptr::null_mut(),
+                    3 * PAGE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    0,
+                );
+                assert_ne!(map, libc::MAP_FAILED, "mmap");
+                std::ptr::write_bytes(map.cast::<u8>().add(PAGE), b'b', PAGE);
+                log.note("msync", libc::msync(map, 3 * PAGE, libc::MS_SYNC));
+                libc::munmap(map, 3 * PAGE);
+            }
+            log.note(
+                "after the mapping",
+                runs(&fs::read(p.join("f")).expect("read")),
+            );
+            // Writes through the appending handle still append, whatever the offset.
+            log.note("append", errno(f.write_at(b"c", 0)));
+            drop(f);
+            log.note(
+                "after the append",
+                runs(&fs::read(p.join("f")).expect("read")),
+            );
+            // A handle without O_APPEND writes where it is told, also while an
+            // appending one is open (with passthrough they share one backing id).
+            let appending = OpenOptions::new()
+                .append(true)
+                .open(p.join("f"))
+                .expect("open O_WRONLY|O_APPEND");
+            let plain = OpenOptions::new()
+                .write(true)
+                .open(p.join("f"))
+                .expect("open O_WRONLY");
+            log.note("write at 0", errno(plain.write_at(b"d", 0)));
+            drop((appending, plain));
+            log.note(
+                "after the write",
+                runs(&fs::read(p.join("f")).expect("read")),
+            );
+            log
+        },
+    );
+}
+
+#[test]
+fn an_append_only_file_opens_for_appending() {
+    // chattr works on the directory underneath (twinfs has no ioctls): each run's is
+    // kept open, and reached as /proc/PID/fd/N, which is under the mount.
+    let dirs = std::sync::Mutex::new(HashMap::new());
+    let underneath = |p: &Path| {
+        let dirs = dirs.lock().unwrap_or_else(|e| e.into_inner());
+        let dir: &File = dirs.get(p).expect("directory of this run");
+        format!("/proc/{}/fd/{}", std::process::id(), dir.as_raw_fd())
+    };
+    same_as_native(
+        |p| {
+            fs::write(p.join("f"), b"a").expect("fill");
+            let dir = File::open(p).expect("open the directory");
+            dirs.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p.to_owned(), dir);
+        },
+        |p| {
+            let mut log = Log::default();
+            let f = p.join("f");
+            let under = underneath(p);
+            log.note("chattr +a", sh(p, false, &format!("chattr +a {under}/f")));
+            log.note(
+                "open O_WRONLY",
+                errno(OpenOptions::new().write(true).open(&f)).map(drop),
+            );
+            let appended = OpenOptions::new()
+                .append(true)
+                .open(&f)
+                .and_then(|mut a| a.write_all(b"b"));
+            log.note("append", errno(appended));
+            // Cleared before anything can fail, or the scratch directory stays.
+            log.note("chattr -a", sh(p, false, &format!("chattr -a {under}/f")));
+            log.note("content", errno(fs::read(&f)));
+            log
+        },
+    );
+}
+
+#[test]
+fn set_id_bits_of_a_new_file_stay_as_a_user_asked() {
+    let fill = |p: &Path| {
+        open_up(p);
+        fs::create_dir(p.join("pub")).expect("mkdir pub");
+        chmod(&p.join("pub"), 0o777);
+        // Set-group-ID, of a group user 65534 is not in.
+        fs::create_dir(p.join("sg")).expect("mkdir sg");
+        chmod(&p.join("sg"), 0o2777);
+    };
+    let script = "umask 022; for f in pub/u pub/g pub/ug sg/u sg/g; do \
+        case $f in */ug) m=06755;; */u) m=04755;; *) m=02755;; esac; \
+        perl -MFcntl -e 'sysopen(F, $ARGV[0], O_CREAT|O_EXCL|O_WRONLY, oct($ARGV[1])) or die $!' $f $m; \
+        echo $f=$?; done; mkdir -m 2755 pub/d; echo d=$?; perl -MPOSIX -e 'POSIX::mkfifo(q(pub/p), 04644) or die $!'; echo p=$?";
+    let log = same_as_native(fill, |p| {
+        let mut log = Log::default();
+        log.note("as nobody", sh(p, true, script));
+        for f in ["pub/u", "pub/g", "pub/ug", "sg/u", "sg/g", "pub/d", "pub/p"] {
+            log.note(f, meta(&p.join(f)));
+        }
+        log
+    });
+    assert!(log.0[1].contains("mode=4755 uid=65534"), "{log:?}");
+    assert!(log.0[2].contains("mode=2755 uid=65534"), "{log:?}");
+    assert!(log.0[7].contains("mode=4644 uid=65534"), "{log:?}");
 }
