@@ -702,7 +702,8 @@ async fn accept_loop(
     prober: Prober,
     bells: Bells,
 ) {
-    while let Some(accepted) = transport::accept(&endpoint).await {
+    let mut listener = transport::Listener::new(endpoint);
+    while let Some(accepted) = listener.accept().await {
         let Ok((connection, id)) = accepted else {
             continue;
         };
