@@ -31,6 +31,10 @@ use crate::upstream::{self, Outbox};
 /// How long to wait before dialling a peer again.
 const REDIAL: Duration = Duration::from_millis(500);
 
+/// The longest pause before a volume whose sessions keep ending on a live connection
+/// gets a new stream; a session that lasted this long starts the pauses over.
+const REOPEN_MAX: Duration = Duration::from_secs(30);
+
 /// How long one dial waits for the handshake before starting over (a peer that comes
 /// up meanwhile answers the next attempt at once, not a backed-off retransmission).
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(2);
@@ -810,26 +814,44 @@ async fn dial_loop(
                 };
                 let mut tasks = tokio::task::JoinSet::new();
                 for volume in active {
-                    match connection.open_bi().await {
-                        Ok((send, recv)) => {
-                            let config = session_config(&volume, &link);
-                            tasks.spawn(run_session(
-                                volume,
-                                Session::new(config, std::time::Instant::now()),
-                                send,
-                                recv,
-                                None,
-                                link.clone(),
-                            ));
-                        }
-                        Err(e) => {
-                            tracing::warn!(peer = %peer.name, error = %e, "cannot open a stream")
-                        }
-                    }
+                    tasks.spawn(volume_session(
+                        volume,
+                        connection.clone(),
+                        link.clone(),
+                        Duration::ZERO,
+                    ));
                 }
-                let role_changed = tokio::select! {
-                    _ = async { while tasks.join_next().await.is_some() {} } => false,
-                    _ = roles.changed() => true,
+                // A volume whose session ends while the connection stays up (the peer
+                // closed its stream, a bad frame, a peer timeout) gets a new stream,
+                // after a pause that grows while its sessions keep ending at once.
+                let mut pauses = std::collections::HashMap::<String, Duration>::new();
+                let role_changed = loop {
+                    let ended = tokio::select! {
+                        ended = tasks.join_next() => ended,
+                        _ = roles.changed() => break true,
+                    };
+                    let Some(ended) = ended else { break false };
+                    let Ok((volume, lasted)) = ended else {
+                        continue;
+                    };
+                    if connection.close_reason().is_some()
+                        || volume.roles.get().role != Role::Active
+                    {
+                        continue;
+                    }
+                    let pause = pauses.entry(volume.name.clone()).or_insert(Duration::ZERO);
+                    *pause = match lasted {
+                        Some(lasted) if lasted >= REOPEN_MAX => REDIAL,
+                        _ => (*pause * 2).clamp(REDIAL, REOPEN_MAX),
+                    };
+                    tracing::info!(volume = %volume.name, peer = %peer.name, pause = ?*pause,
+                        "the volume's session ended; opening a new stream");
+                    tasks.spawn(volume_session(
+                        volume,
+                        connection.clone(),
+                        link.clone(),
+                        *pause,
+                    ));
                 };
                 // Closing the connection ends the sessions still running (a role
                 // changed: they start over in the new roles); each cleans up after
@@ -848,6 +870,34 @@ async fn dial_loop(
             _ = tokio::time::sleep(REDIAL) => {}
             _ = roles.changed() => {}
             _ = bell.notified() => {}
+        }
+    }
+}
+
+/// Active: after `pause` (unless the connection closes first), opens a stream for
+/// `volume` on `connection` and runs its session there. Returns the volume and how
+/// long its session ran (`None`: none started).
+async fn volume_session(
+    volume: VolumeLink,
+    connection: quinn::Connection,
+    link: Link,
+    pause: Duration,
+) -> (VolumeLink, Option<Duration>) {
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => {}
+        _ = connection.closed() => return (volume, None),
+    }
+    match connection.open_bi().await {
+        Ok((send, recv)) => {
+            let started = std::time::Instant::now();
+            let config = session_config(&volume, &link);
+            let session = Session::new(config, started);
+            run_session(volume.clone(), session, send, recv, None, link).await;
+            (volume, Some(started.elapsed()))
+        }
+        Err(e) => {
+            tracing::warn!(peer = %link.peer, volume = %volume.name, error = %e, "cannot open a stream");
+            (volume, None)
         }
     }
 }
