@@ -232,6 +232,33 @@ pub struct VolumeLink {
     pub blocks: Arc<Mutex<crate::patch::BlockCache>>,
     /// Standby: where in-place updates of large files are journaled.
     pub journal: crate::patch::Journal,
+    /// Standby: its sessions with an active, numbered as they start.
+    pub followings: Arc<Followings>,
+}
+
+/// Standby: the sessions of a volume with an active, numbered as they start. After
+/// the active restarts, its new session runs while the old one lingers until the
+/// connection's idle timeout; the old one ending must leave the new one's records
+/// alone.
+#[derive(Debug, Default)]
+pub struct Followings {
+    newest: std::sync::atomic::AtomicU64,
+    /// Held while a session checks that it is the newest and records the fitness, so
+    /// an old session's record never lands after a newer one's.
+    recording: tokio::sync::Mutex<()>,
+}
+
+impl Followings {
+    /// A session starts: its number.
+    fn start(&self) -> u64 {
+        self.newest
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1
+    }
+
+    fn is_newest(&self, following: u64) -> bool {
+        self.newest.load(std::sync::atomic::Ordering::Acquire) == following
+    }
 }
 
 /// What a standby knows of its fitness to take over, kept across restarts in the
@@ -269,8 +296,13 @@ impl SyncRecord {
     }
 }
 
-/// Standby: saves what the session knows of this node's fitness to take over.
-async fn record_fitness(volume: &VolumeLink, session: &Session) {
+/// Standby: saves what session number `following` knows of this node's fitness to
+/// take over, unless a newer session of the volume has started.
+async fn record_fitness(volume: &VolumeLink, session: &Session, following: u64) {
+    let _recording = volume.followings.recording.lock().await;
+    if !volume.followings.is_newest(following) {
+        return;
+    }
     let (pending, more) = session.priority1_pending();
     let record = SyncRecord {
         synced: session.fit(),
@@ -1123,8 +1155,13 @@ async fn run_session(
     let mut commands = (role == Role::Active).then(|| volume.commands.subscribe());
     let mut syncs: Vec<mpsc::Sender<(String, Result<(), String>)>> = Vec::new();
     let mut verifying: Option<Verifying> = None;
+    // Standby: this session's number among the volume's sessions with an active.
+    let following = match role {
+        Role::Standby => volume.followings.start(),
+        Role::Active => 0,
+    };
     if role == Role::Standby {
-        *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx);
+        *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx.clone());
     }
     'session: loop {
         while let Some(out) = session.poll_output() {
@@ -1327,7 +1364,7 @@ async fn run_session(
                 session.phase(),
             );
             if recorded_fit != Some(key) {
-                record_fitness(&volume, &session).await;
+                record_fitness(&volume, &session, following).await;
                 recorded_fit = Some(key);
             }
         }
@@ -1583,10 +1620,17 @@ async fn run_session(
         }
     }
     if role == Role::Standby && session.phase() != crate::session::Phase::Hello {
-        record_fitness(&volume, &session).await;
+        record_fitness(&volume, &session, following).await;
     }
     if role == Role::Standby {
-        *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // A newer session's place is left to it.
+        let mut slot = volume.handover.lock().unwrap_or_else(|e| e.into_inner());
+        if slot
+            .as_ref()
+            .is_some_and(|asker| asker.same_channel(&ask_tx))
+        {
+            *slot = None;
+        }
     }
     if let Some(task) = stopping.take() {
         let _ = task.await;
