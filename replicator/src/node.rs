@@ -1445,6 +1445,10 @@ async fn run_session(
                         s.heard = Some(std::time::Instant::now());
                     });
                     match &m {
+                        m if for_the_driver(m) && !session.driver_may_act(m) => {
+                            tracing::warn!(volume = %volume.name, peer = %link.peer, message = ?m,
+                                "message before the peer's hello or not for this node's role; dropped");
+                        }
                         Message::HandoverRequest
                             if role == Role::Active && handing_over.is_none() && stopping.is_none() =>
                         {
