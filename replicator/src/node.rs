@@ -748,11 +748,10 @@ async fn accept_loop(
         if let Some(bell) = bells.get(&id) {
             bell.notify_one();
         }
-        let name = peers
-            .iter()
-            .find(|p| p.id == id)
-            .map(|p| p.name.clone())
-            .unwrap_or_else(|| "unknown".into());
+        let peer = peers.iter().find(|p| p.id == id);
+        let name = peer.map_or_else(|| "unknown".into(), |p| p.name.clone());
+        // A witness only asks the failover probe: it never replicates a volume.
+        let witness = peer.is_some_and(|p| p.witness);
         let streams = Arc::new(Streams::default());
         tokio::spawn(streams.clone().accept(connection.clone()));
         let link = Link {
@@ -773,6 +772,7 @@ async fn accept_loop(
                     recv,
                     link.clone(),
                     prober.clone(),
+                    witness,
                 ));
             }
         });
@@ -936,19 +936,24 @@ async fn volume_session(
 
 /// A stream a peer opened for a volume it is active for: its first message names the
 /// volume. Served in this node's role, whatever it is: two actives meeting find out
-/// which one steps down.
+/// which one steps down. A `witness` may only probe.
 async fn peer_stream(
     volumes: Arc<Vec<VolumeLink>>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     link: Link,
     prober: Prober,
+    witness: bool,
 ) {
     let first = match transport::read_frame(&mut recv, MAX_MESSAGE).await {
         Ok(Some(bytes)) => Message::decode(&bytes),
         _ => return,
     };
     let hello = match first {
+        Ok(Message::Hello { volume, .. }) if witness => {
+            tracing::warn!(peer = %link.peer, %volume, "a witness offers a session; refused");
+            return;
+        }
         Ok(m @ Message::Hello { .. }) => m,
         Ok(Message::Probe { version, vote }) => {
             if version != crate::protocol::VERSION {

@@ -1195,3 +1195,62 @@ fn a_volume_whose_session_ends_gets_a_new_stream_while_the_others_run() {
     // The other volume's session was never interrupted.
     assert_eq!(streams, ["vol"]);
 }
+
+#[test]
+fn a_witness_identity_cannot_run_a_session() {
+    let _serial = twinfs_tests::serial();
+    use twinfs_replicator::protocol::{Message, MAX_MESSAGE};
+    use twinfs_replicator::transport::{self, PinnedPeers};
+
+    // Loopback addresses of their own (`Cluster::new` numbers its subnets below 250).
+    let net = std::process::id() % 200 + 20;
+    let addresses = (1..=3).map(|i| format!("127.{net}.251.{i}:7790")).collect();
+    let mut c = Cluster::with_witnesses(addresses, 1, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    // Node 2, the witness, offers the standby a session as an active of a later epoch.
+    let witness = identity_of(&c.nodes[2], "node2");
+    let (standby_id, _) =
+        twinfs_tools::identity::Identity::load_or_create(&c.nodes[1].state_dir, "node1")
+            .expect("id");
+    let standby_addr: std::net::SocketAddr = listen_of(&c.nodes[1]).parse().expect("addr");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let answer = runtime.block_on(async {
+        let standby_id = *standby_id.node_id().as_bytes();
+        let bind = std::net::SocketAddr::new(standby_addr.ip(), 0);
+        let endpoint =
+            transport::endpoint(bind, &witness, PinnedPeers::new([standby_id])).expect("endpoint");
+        let (conn, _) = transport::connect(&endpoint, standby_addr, standby_id)
+            .await
+            .expect("a witness is pinned");
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        let hello = Message::Hello {
+            version: twinfs_replicator::protocol::VERSION,
+            volume: "vol".into(),
+            role: twinfs_fs::Role::Active,
+            epoch: 5,
+        };
+        transport::write_frame(&mut send, &hello.encode().expect("encode"))
+            .await
+            .expect("hello");
+        let answer = tokio::time::timeout(CONVERGE, transport::read_frame(&mut recv, MAX_MESSAGE))
+            .await
+            .expect("the standby answers or closes the stream");
+        conn.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+        answer.ok().flatten()
+    });
+    assert!(
+        answer.is_none(),
+        "the standby answered a witness's hello; log:\n{}",
+        c.nodes[1].log_text()
+    );
+    assert_eq!(
+        c.nodes[1].volume_status()["epoch"],
+        1,
+        "the standby followed nobody"
+    );
+    // It still follows the real active.
+    fs::write(c.active().join("after-witness"), "fine").expect("write");
+    c.wait_converged(CONVERGE);
+}
