@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::PrivatePkcs8KeyDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use twinfs_replicator::transport::{
-    accept, connect, endpoint, peer_id_of, PinnedPeers, TlsIdentity,
+    connect, endpoint, peer_id_of, Listener, PinnedPeers, TlsIdentity,
 };
 
 type Result<T = ()> = std::result::Result<T, Box<dyn Error + Send + Sync>>;
@@ -56,7 +56,10 @@ async fn quic(mib: usize, streams: usize) -> Result<(Duration, Duration, u64)> {
     let eb = endpoint("127.0.0.2:0".parse()?, &b, PinnedPeers::new([a_id]))?;
     let b_addr = eb.local_addr()?;
     let receiver = tokio::spawn(async move {
-        let (conn, _) = accept(&eb).await.ok_or("endpoint closed")??;
+        let (conn, _) = Listener::new(eb.clone())
+            .accept()
+            .await
+            .ok_or("endpoint closed")??;
         let mut tasks = Vec::new();
         for _ in 0..streams {
             let mut recv = conn.accept_uni().await?;

@@ -31,6 +31,10 @@ use crate::upstream::{self, Outbox};
 /// How long to wait before dialling a peer again.
 const REDIAL: Duration = Duration::from_millis(500);
 
+/// The longest pause before a volume whose sessions keep ending on a live connection
+/// gets a new stream; a session that lasted this long starts the pauses over.
+const REOPEN_MAX: Duration = Duration::from_secs(30);
+
 /// How long one dial waits for the handshake before starting over (a peer that comes
 /// up meanwhile answers the next attempt at once, not a backed-off retransmission).
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(2);
@@ -228,6 +232,33 @@ pub struct VolumeLink {
     pub blocks: Arc<Mutex<crate::patch::BlockCache>>,
     /// Standby: where in-place updates of large files are journaled.
     pub journal: crate::patch::Journal,
+    /// Standby: its sessions with an active, numbered as they start.
+    pub followings: Arc<Followings>,
+}
+
+/// Standby: the sessions of a volume with an active, numbered as they start. After
+/// the active restarts, its new session runs while the old one lingers until the
+/// connection's idle timeout; the old one ending must leave the new one's records
+/// alone.
+#[derive(Debug, Default)]
+pub struct Followings {
+    newest: std::sync::atomic::AtomicU64,
+    /// Held while a session checks that it is the newest and records the fitness, so
+    /// an old session's record never lands after a newer one's.
+    recording: tokio::sync::Mutex<()>,
+}
+
+impl Followings {
+    /// A session starts: its number.
+    fn start(&self) -> u64 {
+        self.newest
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1
+    }
+
+    fn is_newest(&self, following: u64) -> bool {
+        self.newest.load(std::sync::atomic::Ordering::Acquire) == following
+    }
 }
 
 /// What a standby knows of its fitness to take over, kept across restarts in the
@@ -265,8 +296,13 @@ impl SyncRecord {
     }
 }
 
-/// Standby: saves what the session knows of this node's fitness to take over.
-async fn record_fitness(volume: &VolumeLink, session: &Session) {
+/// Standby: saves what session number `following` knows of this node's fitness to
+/// take over, unless a newer session of the volume has started.
+async fn record_fitness(volume: &VolumeLink, session: &Session, following: u64) {
+    let _recording = volume.followings.recording.lock().await;
+    if !volume.followings.is_newest(following) {
+        return;
+    }
     let (pending, more) = session.priority1_pending();
     let record = SyncRecord {
         synced: session.fit(),
@@ -766,7 +802,8 @@ async fn accept_loop(
     prober: Prober,
     bells: Bells,
 ) {
-    while let Some(accepted) = transport::accept(&endpoint).await {
+    let mut listener = transport::Listener::new(endpoint);
+    while let Some(accepted) = listener.accept().await {
         let Ok((connection, id)) = accepted else {
             continue;
         };
@@ -775,11 +812,10 @@ async fn accept_loop(
         if let Some(bell) = bells.get(&id) {
             bell.notify_one();
         }
-        let name = peers
-            .iter()
-            .find(|p| p.id == id)
-            .map(|p| p.name.clone())
-            .unwrap_or_else(|| "unknown".into());
+        let peer = peers.iter().find(|p| p.id == id);
+        let name = peer.map_or_else(|| "unknown".into(), |p| p.name.clone());
+        // A witness only asks the failover probe: it never replicates a volume.
+        let witness = peer.is_some_and(|p| p.witness);
         let streams = Arc::new(Streams::default());
         tokio::spawn(streams.clone().accept(connection.clone()));
         let link = Link {
@@ -800,6 +836,7 @@ async fn accept_loop(
                     recv,
                     link.clone(),
                     prober.clone(),
+                    witness,
                 ));
             }
         });
@@ -873,26 +910,44 @@ async fn dial_loop(
                 };
                 let mut tasks = tokio::task::JoinSet::new();
                 for volume in active {
-                    match connection.open_bi().await {
-                        Ok((send, recv)) => {
-                            let config = session_config(&volume, &link);
-                            tasks.spawn(run_session(
-                                volume,
-                                Session::new(config, std::time::Instant::now()),
-                                send,
-                                recv,
-                                None,
-                                link.clone(),
-                            ));
-                        }
-                        Err(e) => {
-                            tracing::warn!(peer = %peer.name, error = %e, "cannot open a stream")
-                        }
-                    }
+                    tasks.spawn(volume_session(
+                        volume,
+                        connection.clone(),
+                        link.clone(),
+                        Duration::ZERO,
+                    ));
                 }
-                let role_changed = tokio::select! {
-                    _ = async { while tasks.join_next().await.is_some() {} } => false,
-                    _ = roles.changed() => true,
+                // A volume whose session ends while the connection stays up (the peer
+                // closed its stream, a bad frame, a peer timeout) gets a new stream,
+                // after a pause that grows while its sessions keep ending at once.
+                let mut pauses = std::collections::HashMap::<String, Duration>::new();
+                let role_changed = loop {
+                    let ended = tokio::select! {
+                        ended = tasks.join_next() => ended,
+                        _ = roles.changed() => break true,
+                    };
+                    let Some(ended) = ended else { break false };
+                    let Ok((volume, lasted)) = ended else {
+                        continue;
+                    };
+                    if connection.close_reason().is_some()
+                        || volume.roles.get().role != Role::Active
+                    {
+                        continue;
+                    }
+                    let pause = pauses.entry(volume.name.clone()).or_insert(Duration::ZERO);
+                    *pause = match lasted {
+                        Some(lasted) if lasted >= REOPEN_MAX => REDIAL,
+                        _ => (*pause * 2).clamp(REDIAL, REOPEN_MAX),
+                    };
+                    tracing::info!(volume = %volume.name, peer = %peer.name, pause = ?*pause,
+                        "the volume's session ended; opening a new stream");
+                    tasks.spawn(volume_session(
+                        volume,
+                        connection.clone(),
+                        link.clone(),
+                        *pause,
+                    ));
                 };
                 // Closing the connection ends the sessions still running (a role
                 // changed: they start over in the new roles); each cleans up after
@@ -915,21 +970,54 @@ async fn dial_loop(
     }
 }
 
+/// Active: after `pause` (unless the connection closes first), opens a stream for
+/// `volume` on `connection` and runs its session there. Returns the volume and how
+/// long its session ran (`None`: none started).
+async fn volume_session(
+    volume: VolumeLink,
+    connection: quinn::Connection,
+    link: Link,
+    pause: Duration,
+) -> (VolumeLink, Option<Duration>) {
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => {}
+        _ = connection.closed() => return (volume, None),
+    }
+    match connection.open_bi().await {
+        Ok((send, recv)) => {
+            let started = std::time::Instant::now();
+            let config = session_config(&volume, &link);
+            let session = Session::new(config, started);
+            run_session(volume.clone(), session, send, recv, None, link).await;
+            (volume, Some(started.elapsed()))
+        }
+        Err(e) => {
+            tracing::warn!(peer = %link.peer, volume = %volume.name, error = %e, "cannot open a stream");
+            (volume, None)
+        }
+    }
+}
+
 /// A stream a peer opened for a volume it is active for: its first message names the
 /// volume. Served in this node's role, whatever it is: two actives meeting find out
-/// which one steps down.
+/// which one steps down. A `witness` may only probe.
 async fn peer_stream(
     volumes: Arc<Vec<VolumeLink>>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     link: Link,
     prober: Prober,
+    witness: bool,
 ) {
     let first = match transport::read_frame(&mut recv, MAX_MESSAGE).await {
         Ok(Some(bytes)) => Message::decode(&bytes),
         _ => return,
     };
     let hello = match first {
+        Ok(Message::Hello { volume, .. }) if witness => {
+            tracing::warn!(peer = %link.peer, %volume, "a witness offers a session; refused");
+            return;
+        }
         Ok(m @ Message::Hello { .. }) => m,
         Ok(Message::Probe { version, vote }) => {
             if version != crate::protocol::VERSION {
@@ -1141,8 +1229,13 @@ async fn run_session(
     let mut commands = (role == Role::Active).then(|| volume.commands.subscribe());
     let mut syncs: Vec<mpsc::Sender<(String, Result<(), String>)>> = Vec::new();
     let mut verifying: Option<Verifying> = None;
+    // Standby: this session's number among the volume's sessions with an active.
+    let following = match role {
+        Role::Standby => volume.followings.start(),
+        Role::Active => 0,
+    };
     if role == Role::Standby {
-        *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx);
+        *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx.clone());
     }
     // Standby: the output that waits for large files being applied (an op on a related
     // path, or a scan). Meanwhile this loop goes on: it takes messages, its timers run,
@@ -1342,7 +1435,7 @@ async fn run_session(
                 session.phase(),
             );
             if recorded_fit != Some(key) {
-                record_fitness(&volume, &session).await;
+                record_fitness(&volume, &session, following).await;
                 recorded_fit = Some(key);
             }
         }
@@ -1437,6 +1530,10 @@ async fn run_session(
                         s.heard = Some(std::time::Instant::now());
                     });
                     match &m {
+                        m if for_the_driver(m) && !session.driver_may_act(m) => {
+                            tracing::warn!(volume = %volume.name, peer = %link.peer, message = ?m,
+                                "message before the peer's hello or not for this node's role; dropped");
+                        }
                         Message::HandoverRequest
                             if role == Role::Active && handing_over.is_none() && stopping.is_none() =>
                         {
@@ -1612,10 +1709,17 @@ async fn run_session(
         }
     }
     if role == Role::Standby && session.phase() != crate::session::Phase::Hello {
-        record_fitness(&volume, &session).await;
+        record_fitness(&volume, &session, following).await;
     }
     if role == Role::Standby {
-        *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // A newer session's place is left to it.
+        let mut slot = volume.handover.lock().unwrap_or_else(|e| e.into_inner());
+        if slot
+            .as_ref()
+            .is_some_and(|asker| asker.same_channel(&ask_tx))
+        {
+            *slot = None;
+        }
     }
     if let Some(task) = stopping.take() {
         let _ = task.await;

@@ -459,6 +459,26 @@ impl Session {
         self.config.role == Role::Active
     }
 
+    /// Whether the driver may carry out `message` (one it handles beside the session:
+    /// a handover, a verify, an upstream write or its answer): only once the peer's
+    /// hello is taken, and only what the peer's role may send. Anything else is
+    /// dropped, so a peer cannot ask for a handover before saying who it is.
+    pub fn driver_may_act(&self, message: &Message) -> bool {
+        if matches!(self.phase, Phase::Hello | Phase::Closed) {
+            return false;
+        }
+        match message {
+            Message::HandoverRequest
+            | Message::VerifyManifest { .. }
+            | Message::Upstream { .. } => self.is_active(),
+            Message::HandoverReady { .. }
+            | Message::VerifyRequest { .. }
+            | Message::UpstreamApplied { .. }
+            | Message::UpstreamRefused { .. } => !self.is_active(),
+            _ => false,
+        }
+    }
+
     /// A message from the peer.
     pub fn on_message(&mut self, message: Message, now: Instant) {
         if self.phase == Phase::Closed {

@@ -140,6 +140,14 @@ pub enum TransportError {
         /// Why the connection ended.
         source: quinn::ConnectionError,
     },
+    /// An incoming handshake did not complete in time; its connection was dropped.
+    #[error("handshake with {addr} not completed within {after:?}")]
+    HandshakeTimeout {
+        /// The peer's address.
+        addr: SocketAddr,
+        /// How long it had.
+        after: Duration,
+    },
     /// The handshake completed without a peer certificate, which the TLS configuration
     /// should make impossible.
     #[error("peer at {addr} presented no certificate")]
@@ -344,29 +352,152 @@ pub async fn connect(
     result
 }
 
-/// Waits for the next incoming connection and completes its handshake. `None` once the
-/// endpoint is closed; `Some(Err(..))` for a connection that was refused or failed, after
-/// which the caller should simply accept again.
-///
-/// The handshake is awaited here, so a client that stalls mid-handshake delays the next
-/// accept by up to the idle timeout (10 s); with a handful of pinned peers that is an
-/// acceptable price for a simple loop.
-pub async fn accept(
-    endpoint: &quinn::Endpoint,
-) -> Option<Result<(Connection, PeerId), TransportError>> {
-    let incoming = endpoint.accept().await?;
-    let addr = incoming.remote_address();
-    let result = async {
-        let connection = incoming
-            .accept()
-            .map_err(|source| TransportError::Handshake { addr, source })?
-            .await
-            .map_err(|source| TransportError::Handshake { addr, source })?;
-        let peer = presented_id(&connection)?;
-        Ok((connection, peer))
+/// How long a peer has to complete a handshake it started. A dialler gives up after 2 s
+/// and tries again; what this bounds is a host that never finishes.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Handshakes under way at once, in all and from one IP address. Anyone who can reach
+/// the port can start one (a client's certificate is checked only in its second
+/// flight); past these limits new ones are refused rather than queued, and a host needs
+/// addresses it can receive on (see [`Listener`]) to take more than its share.
+const MAX_HANDSHAKES: usize = 64;
+/// See [`MAX_HANDSHAKES`].
+pub const MAX_HANDSHAKES_PER_IP: usize = 8;
+
+/// The connection of a completed handshake and its peer, or why it failed.
+pub type Accepted = Result<(Connection, PeerId), TransportError>;
+
+/// Takes an endpoint's incoming connections: each handshake runs in a task of its own,
+/// for at most [`HANDSHAKE_TIMEOUT`], so a host that starts handshakes and never
+/// finishes them delays nobody else's. A first packet from an address not yet proven
+/// is answered with a Retry, so a handshake holds a slot only for a host that receives
+/// what is sent to its address (no spoofed floods).
+pub struct Listener {
+    accepted: tokio::sync::mpsc::Receiver<Accepted>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Listener {
+    /// Starts taking `endpoint`'s incoming connections (on the current tokio runtime).
+    pub fn new(endpoint: quinn::Endpoint) -> Listener {
+        let (tx, accepted) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
+        let task = tokio::spawn(listen(endpoint, tx));
+        Listener { accepted, task }
     }
-    .await;
-    match &result {
+
+    /// The next completed or failed handshake, in the order they end. `None` once the
+    /// endpoint is closed; `Some(Err(..))` for a connection that was refused, failed or
+    /// timed out, after which the caller should simply accept again.
+    pub async fn accept(&mut self) -> Option<Accepted> {
+        self.accepted.recv().await
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Handshakes under way, in all and by IP address.
+#[derive(Default)]
+struct Handshakes {
+    total: usize,
+    by_ip: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+/// One handshake's place in [`Handshakes`], given back when dropped.
+struct Slot {
+    handshakes: Arc<std::sync::Mutex<Handshakes>>,
+    ip: std::net::IpAddr,
+}
+
+impl Slot {
+    fn take(handshakes: &Arc<std::sync::Mutex<Handshakes>>, ip: std::net::IpAddr) -> Option<Slot> {
+        let mut h = handshakes.lock().unwrap_or_else(PoisonError::into_inner);
+        let from_ip = h.by_ip.get(&ip).copied().unwrap_or(0);
+        if h.total >= MAX_HANDSHAKES || from_ip >= MAX_HANDSHAKES_PER_IP {
+            return None;
+        }
+        h.total += 1;
+        h.by_ip.insert(ip, from_ip + 1);
+        Some(Slot {
+            handshakes: handshakes.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut h = self
+            .handshakes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        h.total = h.total.saturating_sub(1);
+        if let Some(n) = h.by_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                h.by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+async fn listen(endpoint: quinn::Endpoint, tx: tokio::sync::mpsc::Sender<Accepted>) {
+    let handshakes = Arc::new(std::sync::Mutex::new(Handshakes::default()));
+    while let Some(incoming) = endpoint.accept().await {
+        let addr = incoming.remote_address();
+        if !incoming.remote_address_validated() {
+            // Dropping the Incoming a failed retry hands back refuses it; it cannot
+            // fail here, as an unvalidated address may always be retried.
+            let _ = incoming.retry();
+            continue;
+        }
+        let Some(slot) = Slot::take(&handshakes, addr.ip()) else {
+            warn!(%addr, "too many handshakes under way; connection refused");
+            incoming.refuse();
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let result = handshake(incoming, addr).await;
+            drop(slot);
+            log_accepted(addr, &result);
+            match result {
+                // Nobody may be listening any more; the connection then closes.
+                Ok(_) => {
+                    let _ = tx.send(result).await;
+                }
+                // Only for the caller's information: never wait for room.
+                Err(_) => {
+                    let _ = tx.try_send(result);
+                }
+            }
+        });
+    }
+}
+
+async fn handshake(incoming: quinn::Incoming, addr: SocketAddr) -> Accepted {
+    let connecting = incoming
+        .accept()
+        .map_err(|source| TransportError::Handshake { addr, source })?;
+    let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(connected) => connected.map_err(|source| TransportError::Handshake { addr, source })?,
+        // Dropping the handshake's future closes its connection.
+        Err(_) => {
+            return Err(TransportError::HandshakeTimeout {
+                addr,
+                after: HANDSHAKE_TIMEOUT,
+            })
+        }
+    };
+    let peer = presented_id(&connection)?;
+    Ok((connection, peer))
+}
+
+fn log_accepted(addr: SocketAddr, result: &Accepted) {
+    match result {
         Ok((_, peer)) => debug!(%addr, peer = %Hex(peer), "accepted"),
         // A dialler that gave up on this handshake (it dials again at once when the
         // peer it waits for knocks) is no fault of anyone's.
@@ -378,7 +509,6 @@ pub async fn accept(
         }
         Err(error) => warn!(%addr, %error, "incoming connection failed"),
     }
-    Some(result)
 }
 
 /// The ID of the certificate the peer of an established connection presented.

@@ -1320,3 +1320,56 @@ fn a_standby_that_refused_an_op_of_its_full_sync_is_not_in_sync_and_asks_again()
         "{out:?}"
     );
 }
+
+/// Handovers, verifies and upstream writes are carried out by the driver: only after
+/// the peer's hello, and only from a peer in the role that sends them.
+#[test]
+fn the_driver_acts_on_its_messages_only_after_the_hello_and_by_role() {
+    let policies = policies();
+    let now = Instant::now();
+    let hello = |role| Message::Hello {
+        version: twinfs_replicator::protocol::VERSION,
+        volume: "vol".into(),
+        role,
+        epoch: 1,
+    };
+    let upstream = Message::Upstream {
+        id: 1,
+        base: None,
+        op: Op::Delete { path: rel("f") },
+    };
+    let to_active = [
+        Message::HandoverRequest,
+        Message::VerifyManifest {
+            id: 1,
+            entries: vec![],
+            done: true,
+        },
+        upstream,
+    ];
+    let to_standby = [
+        Message::HandoverReady { epoch: 1 },
+        Message::VerifyRequest { id: 1 },
+        Message::UpstreamApplied { id: 1 },
+    ];
+
+    let mut active = Session::new(config(Role::Active, &policies), now);
+    let mut standby = Session::new(config(Role::Standby, &policies), now);
+    for m in to_active.iter().chain(&to_standby) {
+        assert!(!active.driver_may_act(m), "active before hello: {m:?}");
+        assert!(!standby.driver_may_act(m), "standby before hello: {m:?}");
+    }
+    active.on_message(hello(Role::Standby), now);
+    standby.on_message(hello(Role::Active), now);
+    assert_ne!(active.phase(), Phase::Hello);
+    assert_ne!(standby.phase(), Phase::Hello);
+    for m in &to_active {
+        assert!(active.driver_may_act(m), "active after hello: {m:?}");
+        assert!(!standby.driver_may_act(m), "not for a standby: {m:?}");
+    }
+    for m in &to_standby {
+        assert!(standby.driver_may_act(m), "standby after hello: {m:?}");
+        assert!(!active.driver_may_act(m), "not for an active: {m:?}");
+    }
+    assert!(!active.driver_may_act(&Message::Heartbeat));
+}

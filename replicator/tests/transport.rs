@@ -1,5 +1,6 @@
 //! Real-QUIC tests of the transport on 127.0.0.1: mutual pinning, refusals (unpinned
-//! peer, stolen certificate without its key, wrong pinned peer), and frame limits.
+//! peer, stolen certificate without its key, wrong pinned peer), handshakes left
+//! hanging, and frame limits.
 
 use std::error::Error;
 use std::future::Future;
@@ -16,8 +17,8 @@ use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::task::JoinHandle;
 use twinfs_replicator::transport::{
-    accept, connect, endpoint, peer_id_of, read_frame, write_frame, PeerId, PinnedPeers,
-    TlsIdentity, TransportError, ALPN,
+    connect, endpoint, peer_id_of, read_frame, write_frame, Accepted, Listener, PeerId,
+    PinnedPeers, TlsIdentity, TransportError, ALPN, MAX_HANDSHAKES_PER_IP,
 };
 
 type TestResult<T = ()> = Result<T, Box<dyn Error + Send + Sync>>;
@@ -60,6 +61,11 @@ fn pair() -> TestResult<(Node, Node)> {
     let (a, b) = (identity("node-a")?, identity("node-b")?);
     let (a_id, b_id) = (peer_id_of(&a.cert), peer_id_of(&b.cert));
     Ok((start(&a, &[b_id])?, start(&b, &[a_id])?))
+}
+
+/// The next handshake `endpoint` completes or fails, through a listener of its own.
+async fn accept(endpoint: &Endpoint) -> Option<Accepted> {
+    Listener::new(endpoint.clone()).accept().await
 }
 
 async fn within<T>(test: impl Future<Output = TestResult<T>>) -> TestResult<T> {
@@ -474,4 +480,142 @@ impl ServerCertVerifier for AnyServer {
 
 fn hex(id: &PeerId) -> String {
     id.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// How many handshakes `stalled_handshakes_do_not_keep_a_peer_out` leaves hanging.
+const STALLED: usize = 4;
+
+/// Anyone can send a first flight with the right ALPN (a client's certificate is only
+/// checked in its second flight) and never finish: pending handshakes must not keep a
+/// pinned peer out, and each is given up after a while.
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_handshakes_do_not_keep_a_peer_out() -> TestResult {
+    let (a, b) = pair()?;
+    let mut listener = Listener::new(b.endpoint.clone());
+    let mut stalled = Vec::new();
+    let mut listener = within(async {
+        for _ in 0..STALLED {
+            let socket = stall_handshake(b.addr, LOCALHOST.ip())
+                .await?
+                .ok_or("a stalled handshake was refused")?;
+            stalled.push(socket);
+        }
+        let server = tokio::spawn(async move {
+            let (connection, peer) = listener.accept().await.ok_or("endpoint closed")??;
+            assert_eq!(answer(&connection).await?, [b"hello"]);
+            connection.closed().await;
+            TestResult::Ok((listener, peer))
+        });
+        assert_eq!(exchange(&a.endpoint, b.addr, b.id).await?, b"reply:hello");
+        let (listener, peer) = server.await??;
+        assert_eq!(peer, a.id);
+        Ok(listener)
+    })
+    .await?;
+    // Each stalled handshake is given up (and its slot freed) in the end.
+    tokio::time::timeout(2 * TEST_TIMEOUT, async {
+        for _ in 0..STALLED {
+            let failed = listener.accept().await.ok_or("endpoint closed")?;
+            assert!(
+                matches!(failed, Err(TransportError::HandshakeTimeout { .. })),
+                "{failed:?}"
+            );
+        }
+        TestResult::Ok(())
+    })
+    .await??;
+    Ok(())
+}
+
+/// Handshakes from one address beyond the limit are refused, and those from another
+/// address still get in.
+#[tokio::test(flavor = "multi_thread")]
+async fn handshakes_past_the_limit_of_an_address_are_refused() -> TestResult {
+    let (a, b) = pair()?;
+    let mut listener = Listener::new(b.endpoint.clone());
+    // Another address of the loopback network.
+    let elsewhere = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+    within(async {
+        let mut stalled = Vec::new();
+        let mut refused = 0;
+        for _ in 0..MAX_HANDSHAKES_PER_IP + 4 {
+            match stall_handshake(b.addr, elsewhere).await? {
+                Some(socket) => stalled.push(socket),
+                None => refused += 1,
+            }
+        }
+        assert_eq!((stalled.len(), refused), (MAX_HANDSHAKES_PER_IP, 4));
+        let server = tokio::spawn(async move {
+            let (connection, _) = listener.accept().await.ok_or("endpoint closed")??;
+            answer(&connection).await?;
+            connection.closed().await;
+            TestResult::Ok(())
+        });
+        assert_eq!(exchange(&a.endpoint, b.addr, b.id).await?, b"reply:hello");
+        server.await??;
+        Ok(())
+    })
+    .await
+}
+
+/// Starts a handshake with `server` from an address of `from` and stops halfway, as an
+/// attacker would: it answers a Retry (proving its address), waits for the server's
+/// first flight and never sends its own second one. Returns its socket (the handshake
+/// stays pending while it is open), or `None` if the server refused the connection.
+async fn stall_handshake(
+    server: SocketAddr,
+    from: std::net::IpAddr,
+) -> TestResult<Option<tokio::net::UdpSocket>> {
+    use quinn_proto::{DatagramEvent, EndpointConfig, Event};
+
+    let socket = tokio::net::UdpSocket::bind((from, 0)).await?;
+    let mut endpoint =
+        quinn_proto::Endpoint::new(Arc::new(EndpointConfig::default()), None, false, None);
+    let (_, mut connection) = endpoint.connect(
+        std::time::Instant::now(),
+        any_server_client()?,
+        server,
+        "twinfs",
+    )?;
+    let mut buf = Vec::new();
+    let mut datagram = vec![0; 65536];
+    loop {
+        let now = std::time::Instant::now();
+        while let Some(transmit) = connection.poll_transmit(now, 1, &mut buf) {
+            socket
+                .send_to(&buf[..transmit.size], transmit.destination)
+                .await?;
+            buf.clear();
+        }
+        let (len, addr) = socket.recv_from(&mut datagram).await?;
+        let data = bytes::BytesMut::from(&datagram[..len]);
+        if let Some(DatagramEvent::ConnectionEvent(_, event)) =
+            endpoint.handle(now, addr, None, None, data, &mut buf)
+        {
+            connection.handle_event(event);
+        }
+        buf.clear();
+        while let Some(event) = connection.poll() {
+            match event {
+                Event::HandshakeDataReady => return Ok(Some(socket)),
+                Event::ConnectionLost { .. } => return Ok(None),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A client that offers twinfs's ALPN, accepts any server and has no certificate of its
+/// own (it never gets as far as sending one).
+fn any_server_client() -> TestResult<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls)?,
+    )))
 }

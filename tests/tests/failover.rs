@@ -743,3 +743,87 @@ fn verify_finds_a_file_changed_behind_a_standbys_back_and_sync_repairs_it() {
         "a path outside the volume is refused"
     );
 }
+
+/// How many times the standby's log says a session's connection ended.
+fn connections_ended(node: &Node) -> usize {
+    node.log_text().matches("connection ended").count()
+}
+
+/// An active killed and restarted at once: its new session reaches the standby while
+/// the old one lingers there until the connection's idle timeout. Waits for the new
+/// session to be in sync, then for the old one to end.
+fn restart_and_outlive_the_old_session(c: &mut Cluster, before_restart: impl FnOnce(&Path)) {
+    let ended = connections_ended(&c.nodes[1]);
+    c.nodes[0].kill9();
+    before_restart(&c.nodes[0].volume);
+    c.nodes[0].start(&[]);
+    assert!(
+        wait_until(CONVERGE, || connections_ended(&c.nodes[1]) > ended),
+        "the old session never ended; log:\n{}",
+        c.nodes[1].log_text()
+    );
+}
+
+#[test]
+fn an_old_session_ending_leaves_the_handover_to_the_new_one() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    wait_ready(&c.nodes[1], &c.nodes[0]);
+    restart_and_outlive_the_old_session(&mut c, |_| {});
+    wait_ready(&c.nodes[1], &c.nodes[0]);
+
+    let said = run_ok(&c.nodes[1], &["promote"]);
+    assert!(
+        said.contains("planned switchover"),
+        "the active is alive and asked to hand over: {said}\nlog:\n{}",
+        c.nodes[1].log_text()
+    );
+    wait_role(&c.nodes[0], "standby", 2);
+}
+
+#[test]
+fn an_old_session_ending_does_not_record_the_standby_fit_during_a_new_full_sync() {
+    let _serial = twinfs_tests::serial();
+    let mut immutable = Immutable::default();
+    let mut c = Cluster::new(2, RULES, fill);
+    // The standby has passwd as it is on the active, and cannot replace it.
+    let (theirs, ours) = (c.active().join("passwd"), c.nodes[1].volume.join("passwd"));
+    fs::copy(&theirs, &ours).expect("copy");
+    let mtime = fs::metadata(&theirs)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    fs::File::options()
+        .write(true)
+        .open(&ours)
+        .and_then(|f| f.set_modified(mtime))
+        .expect("set mtime");
+    immutable.set(&ours);
+    c.start();
+    c.wait_converged(CONVERGE);
+    assert!(
+        wait_until(CONVERGE, || c.nodes[1].volume_status()["takeover"]
+            == "ready"),
+        "{}",
+        c.nodes[1].volume_status()
+    );
+
+    // The restarted active has a new passwd, which the standby cannot take: its new
+    // full sync never completes.
+    restart_and_outlive_the_old_session(&mut c, |volume| {
+        fs::write(volume.join("passwd"), "root:x:0:0\nnew:x:1:1\n").expect("write");
+    });
+    let record = c.nodes[1].state_dir.join("volumes/vol.sync.json");
+    let synced = |record: &Path| {
+        let text = fs::read_to_string(record).expect("sync record");
+        let value: serde_json::Value = serde_json::from_str(&text).expect("json");
+        value["synced"].clone()
+    };
+    assert_eq!(
+        synced(&record),
+        false,
+        "a standby that cannot take passwd is not fit; log:\n{}",
+        c.nodes[1].log_text()
+    );
+}

@@ -1108,3 +1108,153 @@ fn crafted_frames_from_a_pinned_peer_close_only_their_session() {
         "garbage was refused and logged:\n{log}"
     );
 }
+
+/// The TLS identity of `node` (made by `twinfs init`), for the test to act as it.
+fn identity_of(
+    node: &twinfs_tests::daemon::Node,
+    name: &str,
+) -> twinfs_replicator::transport::TlsIdentity {
+    let (id, _) =
+        twinfs_tools::identity::Identity::load_or_create(&node.state_dir, name).expect("id");
+    twinfs_replicator::transport::TlsIdentity {
+        cert: id.certificate().clone(),
+        key: rustls_pki_types::PrivateKeyDer::Pkcs8(id.private_key().clone_key()),
+    }
+}
+
+/// The volume named in the hello a stream starts with.
+async fn hello_volume(recv: &mut quinn::RecvStream) -> String {
+    use twinfs_replicator::protocol::{Message, MAX_MESSAGE};
+    let bytes = twinfs_replicator::transport::read_frame(recv, MAX_MESSAGE)
+        .await
+        .expect("read")
+        .expect("a first frame");
+    match Message::decode(&bytes).expect("decode") {
+        Message::Hello { volume, .. } => volume,
+        other => panic!("stream started with {other:?}"),
+    }
+}
+
+#[test]
+fn a_volume_whose_session_ends_gets_a_new_stream_while_the_others_run() {
+    let _serial = twinfs_tests::serial();
+    use twinfs_replicator::transport::{self, PinnedPeers};
+
+    let mut c = Cluster::new(2, "", |_| {});
+    let second = c.nodes[0].dir.path().join("vol2");
+    fs::create_dir(&second).expect("mkdir");
+    let mut config = fs::read_to_string(&c.nodes[0].config).expect("config");
+    config.push_str(&format!(
+        "[[volume]]\nname = \"two\"\npath = \"{}\"\ninitial_role = \"active\"\n",
+        second.display()
+    ));
+    fs::write(&c.nodes[0].config, config).expect("config");
+    // The test plays node 1, the standby, at its address.
+    let standby = identity_of(&c.nodes[1], "node1");
+    let (active, _) =
+        twinfs_tools::identity::Identity::load_or_create(&c.nodes[0].state_dir, "node0")
+            .expect("id");
+    let addr: std::net::SocketAddr = listen_of(&c.nodes[1]).parse().expect("addr");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut listener = runtime.block_on(async {
+        let pinned = PinnedPeers::new([*active.node_id().as_bytes()]);
+        let endpoint = transport::endpoint(addr, &standby, pinned).expect("endpoint");
+        transport::Listener::new(endpoint)
+    });
+    c.nodes[0].start(&[]);
+    let streams = runtime.block_on(async {
+        let waited = tokio::time::timeout(CONVERGE, async {
+            let (conn, _) = listener
+                .accept()
+                .await
+                .expect("endpoint open")
+                .expect("the active connects");
+            let mut kept = Vec::new();
+            let mut two = 0;
+            loop {
+                let (send, mut recv) = conn.accept_bi().await.expect("a stream");
+                let volume = hello_volume(&mut recv).await;
+                if volume == "two" {
+                    two += 1;
+                    if two == 2 {
+                        break;
+                    }
+                    // The standby closes the stream of this volume only: its
+                    // session ends, the other's goes on.
+                    drop((send, recv));
+                } else {
+                    kept.push((volume, send, recv));
+                }
+            }
+            kept.into_iter().map(|(v, ..)| v).collect::<Vec<_>>()
+        });
+        waited.await
+    });
+    let streams = streams.unwrap_or_else(|_| {
+        panic!(
+            "no new stream for volume two in {CONVERGE:?}; active's log:\n{}",
+            c.nodes[0].log_text()
+        )
+    });
+    // The other volume's session was never interrupted.
+    assert_eq!(streams, ["vol"]);
+}
+
+#[test]
+fn a_witness_identity_cannot_run_a_session() {
+    let _serial = twinfs_tests::serial();
+    use twinfs_replicator::protocol::{Message, MAX_MESSAGE};
+    use twinfs_replicator::transport::{self, PinnedPeers};
+
+    // Loopback addresses of their own (`Cluster::new` numbers its subnets below 250).
+    let net = std::process::id() % 200 + 20;
+    let addresses = (1..=3).map(|i| format!("127.{net}.251.{i}:7790")).collect();
+    let mut c = Cluster::with_witnesses(addresses, 1, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    // Node 2, the witness, offers the standby a session as an active of a later epoch.
+    let witness = identity_of(&c.nodes[2], "node2");
+    let (standby_id, _) =
+        twinfs_tools::identity::Identity::load_or_create(&c.nodes[1].state_dir, "node1")
+            .expect("id");
+    let standby_addr: std::net::SocketAddr = listen_of(&c.nodes[1]).parse().expect("addr");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let answer = runtime.block_on(async {
+        let standby_id = *standby_id.node_id().as_bytes();
+        let bind = std::net::SocketAddr::new(standby_addr.ip(), 0);
+        let endpoint =
+            transport::endpoint(bind, &witness, PinnedPeers::new([standby_id])).expect("endpoint");
+        let (conn, _) = transport::connect(&endpoint, standby_addr, standby_id)
+            .await
+            .expect("a witness is pinned");
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        let hello = Message::Hello {
+            version: twinfs_replicator::protocol::VERSION,
+            volume: "vol".into(),
+            role: twinfs_fs::Role::Active,
+            epoch: 5,
+        };
+        transport::write_frame(&mut send, &hello.encode().expect("encode"))
+            .await
+            .expect("hello");
+        let answer = tokio::time::timeout(CONVERGE, transport::read_frame(&mut recv, MAX_MESSAGE))
+            .await
+            .expect("the standby answers or closes the stream");
+        conn.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+        answer.ok().flatten()
+    });
+    assert!(
+        answer.is_none(),
+        "the standby answered a witness's hello; log:\n{}",
+        c.nodes[1].log_text()
+    );
+    assert_eq!(
+        c.nodes[1].volume_status()["epoch"],
+        1,
+        "the standby followed nobody"
+    );
+    // It still follows the real active.
+    fs::write(c.active().join("after-witness"), "fine").expect("write");
+    c.wait_converged(CONVERGE);
+}

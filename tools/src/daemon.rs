@@ -473,6 +473,7 @@ fn start_replication(
             handed_over: Default::default(),
             blocks: Default::default(),
             journal,
+            followings: Default::default(),
         });
     }
     let peers = peers(config);
