@@ -30,6 +30,9 @@ pub struct Outcome {
     /// still hold it open. Dropping it makes their later writes fail (EPIPE, or
     /// SIGPIPE where they do not ignore it).
     pub rest: Option<std::fs::File>,
+    /// The process group the command ran in (its shell's PID): processes it left
+    /// running are in it, unless they left it.
+    pub group: u32,
 }
 
 impl Outcome {
@@ -133,6 +136,7 @@ pub fn run(
         timed_out,
         output: String::from_utf8_lossy(&output).into_owned(),
         rest: reader,
+        group: child.id(),
     })
 }
 
@@ -206,6 +210,13 @@ mod tests {
             "waited {took:?} for the background sleep"
         );
         assert!(o.rest.is_some(), "the sleep holds the output open");
+        let group = libc::pid_t::try_from(o.group).expect("pid");
+        // SAFETY: kill(2) of the test's own process group; no memory involved.
+        assert_eq!(
+            unsafe { libc::kill(-group, libc::SIGKILL) },
+            0,
+            "the sleep is gone"
+        );
     }
 
     #[test]
