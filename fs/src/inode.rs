@@ -7,7 +7,7 @@
 //! directory), and numbers from a private range when a backing number was reused while
 //! the kernel still held the old inode.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -43,7 +43,8 @@ pub struct Node {
 /// The table of nodes, the index of known directory entries and of backing files.
 pub struct Table {
     nodes: HashMap<u64, Node>,
-    entries: HashMap<(u64, OsString), u64>,
+    /// Ordered by directory, so a directory's names are one range of it.
+    entries: BTreeMap<(u64, OsString), u64>,
     by_key: HashMap<Key, u64>,
     next_private: u64,
 }
@@ -67,7 +68,7 @@ impl Table {
         by_key.insert(key, ROOT);
         Table {
             nodes,
-            entries: HashMap::new(),
+            entries: BTreeMap::new(),
             by_key,
             next_private: PRIVATE_BASE,
         }
@@ -237,14 +238,18 @@ impl Table {
     /// be addressed through this one. The files keep their backing keys: their names
     /// here still exist, and a new lookup finds the same inode.
     fn drop_links_in(&mut self, dir: u64) {
-        let mut children = Vec::new();
-        self.entries.retain(|(parent, name), child| {
-            let here = *parent == dir;
-            if here {
-                children.push((*child, name.clone()));
+        let here: Vec<(u64, OsString)> = self
+            .entries
+            .range((dir, OsString::new())..)
+            .take_while(|((parent, _), _)| *parent == dir)
+            .map(|(link, _)| link.clone())
+            .collect();
+        let mut children = Vec::with_capacity(here.len());
+        for link in here {
+            if let Some(child) = self.entries.remove(&link) {
+                children.push((child, link.1));
             }
-            !here
-        });
+        }
         for (child, name) in children {
             if let Some(node) = self.nodes.get_mut(&child) {
                 node.links.retain(|(p, n)| !(*p == dir && *n == name));

@@ -974,13 +974,18 @@ impl Volume {
         };
         if st.st_uid != caller.uid || st.st_gid != gid {
             let at = At::Entry(dir.as_fd(), name);
-            let set_id = st.st_mode & (libc::S_ISUID | libc::S_ISGID);
+            // The chown clears the set-ID bits the caller created the file with. Its
+            // own user's bit is its to set. The group's only if the group is its own:
+            // before Linux 6.0 the kernel leaves it to the filesystem to drop S_ISGID
+            // when a set-group-ID directory gives the file a group the caller is not
+            // in, and a supplementary group is not known here (so such a caller loses
+            // the bit, where a native directory would keep it).
+            let mut set_id = st.st_mode & libc::S_ISUID;
+            if gid == caller.gid {
+                set_id |= st.st_mode & libc::S_ISGID;
+            }
             at.chown(Some(caller.uid), Some(gid))?;
             st = at.stat()?;
-            // The chown cleared the set-ID bits the caller created the file with.
-            // They are its to set: the kernel took S_ISGID out of the mode before it
-            // asked us if the caller is not in the group a set-group-ID directory
-            // gives the file (Linux 6.0+).
             if st.st_mode & set_id != set_id && st.st_mode & libc::S_IFMT != libc::S_IFLNK {
                 at.chmod((st.st_mode | set_id) & 0o7777)?;
                 st = at.stat()?;

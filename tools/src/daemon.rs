@@ -1309,8 +1309,15 @@ fn run_hook(
         let (volume, hook) = (change.volume.clone(), hook.to_owned());
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(rest).lines().map_while(Result::ok) {
-                tracing::info!(%volume, hook, "{line} (from a process the hook left running)");
+            // Read to the end whatever the bytes: a reader that stopped would leave the
+            // process a closed pipe (SIGPIPE).
+            let mut reader = std::io::BufReader::new(rest);
+            let mut line = Vec::new();
+            while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end_matches('\n');
+                tracing::info!(%volume, hook, "{text} (from a process the hook left running)");
+                line.clear();
             }
         });
     }
