@@ -455,7 +455,17 @@ impl Filesystem for FuseAdapter {
         let id = self.backing().by_handle.remove(&fh.0);
         let result = self.volume.release(fh.0);
         // The backing id must outlive the kernel's last use of this handle: drop after.
-        drop(id);
+        if id.is_some() {
+            drop(id);
+            let mut backing = self.backing();
+            if backing
+                .by_inode
+                .get(&ino.0)
+                .is_some_and(|w| w.strong_count() == 0)
+            {
+                backing.by_inode.remove(&ino.0);
+            }
+        }
         match result {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(log_err("release", &e)),
