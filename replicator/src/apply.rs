@@ -156,6 +156,13 @@ pub enum ApplyError {
         /// The path of the directory.
         path: RelPath,
     },
+    /// A directory in the way of what the active puts holds paths this node never
+    /// syncs: they stay, so the directory stays, and nothing is put in its place.
+    #[error("{path:?} is a directory holding paths this node never syncs; not replaced")]
+    KeepsNever {
+        /// The path of the directory.
+        path: RelPath,
+    },
     /// The operation cannot apply to the volume root (deleting or renaming it).
     #[error("cannot {op} the volume root")]
     Root {
@@ -745,32 +752,42 @@ impl<'a> Applier<'a> {
     /// target); a directory is removed with everything below it, without following
     /// any symlink or entering another filesystem. Missing is fine.
     pub fn delete(&self, path: &RelPath) -> Result<()> {
-        self.remove(path, true)
+        self.remove(path, Some(&|_: &RelPath| false)).map(|_| ())
+    }
+
+    /// [`Applier::delete`], except that every path below `path` for which `keep` is
+    /// true stays, with what is below it, and so do the directories above it. Returns
+    /// whether anything stayed (then `path` is still there, a directory).
+    pub fn delete_keeping(&self, path: &RelPath, keep: &dyn Fn(&RelPath) -> bool) -> Result<bool> {
+        self.remove(path, Some(keep))
     }
 
     /// Removes `path` as `unlink(2)` or `rmdir(2)` would: a directory only if it is
     /// empty ([`ApplyError::NotEmpty`] otherwise), never what is below it. Missing is
     /// fine.
     pub fn delete_entry(&self, path: &RelPath) -> Result<()> {
-        self.remove(path, false)
+        self.remove(path, None).map(|_| ())
     }
 
-    fn remove(&self, path: &RelPath, tree: bool) -> Result<()> {
+    /// Removes `path`; a directory with what is below it if `tree` says which paths
+    /// below it stay (none: only an empty directory goes). Whether anything stayed.
+    fn remove(&self, path: &RelPath, tree: Option<&dyn Fn(&RelPath) -> bool>) -> Result<bool> {
         if path.is_root() {
             return Err(ApplyError::Root { op: "delete" });
         }
         let (dir, name) = match self.open_parent(path) {
-            Err(e) if e.is_missing() => return Ok(()),
+            Err(e) if e.is_missing() => return Ok(false),
             other => other?,
         };
         let dir = dir.as_fd();
         let st = match sys::statat(dir, &name) {
             Ok(st) => st,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(io_err("stat", path)(e)),
         };
-        if is_dir(&st) && tree {
-            self.remove_tree(dir, &name, path)?;
+        let mut kept = false;
+        if let (true, Some(keep)) = (is_dir(&st), tree) {
+            kept = self.remove_tree(dir, &name, path, keep)?;
         } else if is_dir(&st) {
             match ignore_missing(sys::unlinkat(dir, &name, libc::AT_REMOVEDIR)) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
@@ -782,22 +799,36 @@ impl<'a> Applier<'a> {
             ignore_missing(sys::unlinkat(dir, &name, 0)).map_err(io_err("unlink", path))?;
         }
         sync_dir(dir).map_err(io_err("fsync the parent directory of", path))?;
-        tracing::debug!(%path, "deleted");
-        Ok(())
+        if kept {
+            tracing::info!(%path, "deleted what is below, but kept the paths this node never syncs");
+        } else {
+            tracing::debug!(%path, "deleted");
+        }
+        Ok(kept)
     }
 
-    /// Removes the directory `name` in `parent` and everything below it, depth first
-    /// with an explicit stack (a tree may be deeper than the call stack allows).
-    fn remove_tree(&self, parent: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<()> {
+    /// Removes the directory `name` in `parent` and everything below it but the paths
+    /// `keep` names (and the directories above them), depth first with an explicit
+    /// stack (a tree may be deeper than the call stack allows). Whether anything stayed.
+    fn remove_tree(
+        &self,
+        parent: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &RelPath,
+        keep: &dyn Fn(&RelPath) -> bool,
+    ) -> Result<bool> {
         let top = open_subdir(parent, name, path)?;
         let mut stack = vec![top];
+        let mut kept = false;
         while let Some(level) = stack.last_mut() {
             if let Some(entry) = level.entries.pop() {
                 let child = level
                     .path
                     .join(&entry.name)
                     .unwrap_or_else(|_| level.path.clone());
-                if entry_is_dir(level.fd.as_fd(), &entry).map_err(io_err("stat", &child))? {
+                if keep(&child) {
+                    level.kept = true;
+                } else if entry_is_dir(level.fd.as_fd(), &entry).map_err(io_err("stat", &child))? {
                     let sub = open_subdir(level.fd.as_fd(), &entry.name, &child)?;
                     stack.push(sub);
                 } else {
@@ -806,13 +837,21 @@ impl<'a> Applier<'a> {
                 }
                 continue;
             }
-            // Emptied: remove the directory itself from the one above it.
+            // Emptied (but for what stays): remove the directory itself from the one
+            // above it.
             let Some(done) = stack.pop() else { break };
+            if done.kept {
+                match stack.last_mut() {
+                    Some(above) => above.kept = true,
+                    None => kept = true,
+                }
+                continue;
+            }
             let above = stack.last().map_or(parent, |l| l.fd.as_fd());
             ignore_missing(sys::unlinkat(above, &done.name, libc::AT_REMOVEDIR))
                 .map_err(io_err("remove directory", &done.path))?;
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// Removes every `.twinfs-tmp.*` entry in the volume (left by a crash between
@@ -829,6 +868,7 @@ impl<'a> Applier<'a> {
                 .map_err(io_err("duplicate the fd of", &root))?,
             name: OsString::new(),
             path: root,
+            kept: false,
         }];
         let mut removed = 0;
         while let Some(level) = pending.pop() {
@@ -866,12 +906,13 @@ impl<'a> Applier<'a> {
 }
 
 /// One directory being walked: its fd, the entries not handled yet, its name in its
-/// parent and its volume path (for errors).
+/// parent, its volume path (for errors), and whether something in it stays.
 struct Level {
     fd: OwnedFd,
     entries: Vec<DirEntry>,
     name: OsString,
     path: RelPath,
+    kept: bool,
 }
 
 /// Opens and lists the subdirectory `name` of `parent`, refusing symlinks and mount
@@ -884,6 +925,7 @@ fn open_subdir(parent: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<L
         fd,
         name: name.to_owned(),
         path: path.clone(),
+        kept: false,
     })
 }
 
