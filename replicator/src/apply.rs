@@ -22,8 +22,6 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use twinfs_fs::sys::{self, At, DirEntry, Stat};
@@ -338,11 +336,20 @@ impl<'a> Applier<'a> {
     }
 
     /// Copies what is at `path` (a regular file, a symlink, or a directory and all it
-    /// holds) to `dest`, a path outside the volume that must not exist yet, keeping
-    /// mode and mtime; for keeping a file before it is overwritten. Returns how many
-    /// entries were copied: 0 when there is nothing at `path`. FIFOs, sockets and
-    /// devices are skipped (no content to keep).
-    pub fn copy_out(&self, path: &RelPath, dest: &Path) -> Result<u64> {
+    /// holds) to the entry `dest_name` of the directory `dest_dir`, outside the volume,
+    /// keeping mode and mtime; for keeping a file before it is overwritten. Nothing
+    /// there is ever followed or overwritten: what exists already at `dest_name` (or
+    /// below it) stays and is not copied, except that a directory there (not a symlink
+    /// to one) is filled with what it lacks; a copied symlink is never written through.
+    /// Returns how many entries were copied: 0 when there is nothing at `path`. FIFOs,
+    /// sockets and devices are skipped (no content to keep). New directories are
+    /// owner-only: what is kept may be a password file.
+    pub fn copy_out(
+        &self,
+        path: &RelPath,
+        dest_dir: BorrowedFd<'_>,
+        dest_name: &OsStr,
+    ) -> Result<u64> {
         let (dir, name) = match self.open_parent(path) {
             Err(e) if e.is_missing() => return Ok(0),
             other => other?,
@@ -363,10 +370,19 @@ impl<'a> Applier<'a> {
                 let fd = open_entry(dir.as_fd(), &name, libc::O_RDONLY)
                     .map_err(entry_err("open", path))?;
                 let mut from = std::fs::File::from(fd);
-                let mut to = std::fs::File::create(dest).map_err(write)?;
+                // O_EXCL: never through a symlink, never over what is kept already.
+                let created = sys::openat(
+                    dest_dir,
+                    dest_name,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                    0o600,
+                );
+                let mut to = match created {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(0),
+                    other => std::fs::File::from(other.map_err(write)?),
+                };
                 io::copy(&mut from, &mut to).map_err(write)?;
-                to.set_permissions(std::fs::Permissions::from_mode(st.st_mode & 0o7777))
-                    .map_err(write)?;
+                sys::fchmod(to.as_fd(), st.st_mode & 0o7777).map_err(write)?;
                 to.set_modified(mtime).map_err(write)?;
                 to.sync_all().map_err(write)?;
                 Ok(1)
@@ -374,18 +390,38 @@ impl<'a> Applier<'a> {
             libc::S_IFLNK => {
                 let target =
                     sys::readlinkat(dir.as_fd(), &name).map_err(io_err("readlink", path))?;
-                std::os::unix::fs::symlink(OsStr::from_bytes(&target), dest).map_err(write)?;
-                Ok(1)
+                match sys::symlinkat(OsStr::from_bytes(&target), dest_dir, dest_name) {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(0),
+                    other => other.map(|()| 1).map_err(write),
+                }
             }
             libc::S_IFDIR => {
-                std::fs::create_dir(dest).map_err(write)?;
+                let made = match sys::mkdirat(dest_dir, dest_name, 0o700) {
+                    Ok(()) => 1,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => 0,
+                    Err(e) => return Err(write(e)),
+                };
+                // O_NOFOLLOW: a symlink kept there earlier is not a way in.
+                let into =
+                    match sys::openat(dest_dir, dest_name, libc::O_PATH | libc::O_DIRECTORY, 0) {
+                        Err(e)
+                            if made == 0
+                                && matches!(
+                                    e.raw_os_error(),
+                                    Some(libc::ENOTDIR | libc::ELOOP)
+                                ) =>
+                        {
+                            return Ok(0)
+                        }
+                        other => other.map_err(write)?,
+                    };
                 let here = if name.is_empty() {
                     dir
                 } else {
                     open_entry(dir.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
                         .map_err(entry_err("open", path))?
                 };
-                let mut copied = 1;
+                let mut copied = made;
                 for entry in sys::read_dir(here.as_fd()).map_err(io_err("read", path))? {
                     if entry.name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
                         continue;
@@ -395,7 +431,7 @@ impl<'a> Applier<'a> {
                         op: "copy out",
                         source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
                     })?;
-                    copied += self.copy_out(&child, &dest.join(&entry.name))?;
+                    copied += self.copy_out(&child, into.as_fd(), &entry.name)?;
                 }
                 Ok(copied)
             }
@@ -1592,6 +1628,7 @@ fn openat2(dir: BorrowedFd<'_>, path: &OsStr, flags: i32, resolve: u64) -> io::R
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+    use std::path::Path;
 
     fn rel(p: &str) -> RelPath {
         RelPath::new(p).expect("valid path")
