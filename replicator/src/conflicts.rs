@@ -9,8 +9,8 @@
 //! lose that.
 //!
 //! A standby whose upstream write (see [`crate::upstream`]) the active refused keeps
-//! that write here too, in a set named by the active's epoch and the time, with
-//! `what` = `"refused"`.
+//! that write here too, in a set `refused-EPOCH-TIMESTAMP` (the active's epoch and the
+//! time), with `what` = `"refused"`.
 
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
@@ -167,7 +167,9 @@ impl Area {
         content: Option<&[u8]>,
         reason: &str,
     ) -> Result<(), String> {
-        let set = self.dir.join(format!("{epoch}-{}", timestamp(at)));
+        // Apart from the sets of fencings: a fencing in the same second must not find
+        // a path kept already in a set of refused writes.
+        let set = self.dir.join(format!("refused-{epoch}-{}", timestamp(at)));
         let mut kept_as = path.to_string();
         if let Some(content) = content {
             let mut dest = set.join(path.as_path());
@@ -214,7 +216,7 @@ impl Area {
             .map_err(|e| format!("{}: {e}", manifest_path.display()))
     }
 
-    /// Every set, oldest first, with its manifest.
+    /// Every set, oldest first (by its manifest's time, then name), with its manifest.
     pub fn sets(&self) -> Vec<(PathBuf, Manifest)> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
@@ -225,7 +227,7 @@ impl Area {
             .filter(|p| p.is_dir())
             .filter_map(|p| read_manifest(&p.join(MANIFEST)).map(|m| (p, m)))
             .collect();
-        sets.sort_by(|a, b| a.0.cmp(&b.0));
+        sets.sort_by(|a, b| (a.1.at, &a.0).cmp(&(b.1.at, &b.0)));
         sets
     }
 

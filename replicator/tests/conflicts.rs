@@ -106,3 +106,31 @@ fn a_directory_kept_after_one_of_its_files_gets_the_rest() {
     );
     assert_eq!(listed, ["site/a", "site"]);
 }
+
+#[test]
+fn a_refused_write_and_a_fencing_in_the_same_second_keep_apart() {
+    let f = Fenced::new();
+    let v = f.volume.path();
+    let path = RelPath::new("hosts").expect("valid path");
+    // A refused upstream write, then a fencing by the same epoch in the same second.
+    f.area
+        .keep_refused(5, 0, &path, Some(b"refused version"), "test")
+        .expect("keep refused");
+    fs::write(v.join("hosts"), "later version").expect("write");
+    assert_eq!(
+        f.keep("hosts", "replaced"),
+        1,
+        "the later version was not kept"
+    );
+    let sets = f.area.sets();
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    let contents: Vec<(String, String)> = sets
+        .iter()
+        .map(|(dir, m)| {
+            let kept = fs::read_to_string(dir.join(&m.kept[0].path)).expect("kept");
+            (m.kept[0].what.clone(), kept)
+        })
+        .collect();
+    assert!(contents.contains(&("refused".into(), "refused version".into())));
+    assert!(contents.contains(&("replaced".into(), "later version".into())));
+}
