@@ -22,8 +22,6 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use twinfs_fs::sys::{self, At, DirEntry, Stat};
@@ -153,6 +151,13 @@ pub enum ApplyError {
     /// A directory to be removed without what is below it still holds entries.
     #[error("{path:?} is a directory that is not empty")]
     NotEmpty {
+        /// The path of the directory.
+        path: RelPath,
+    },
+    /// A directory in the way of what the active puts holds paths this node never
+    /// syncs: they stay, so the directory stays, and nothing is put in its place.
+    #[error("{path:?} is a directory holding paths this node never syncs; not replaced")]
+    KeepsNever {
         /// The path of the directory.
         path: RelPath,
     },
@@ -331,11 +336,20 @@ impl<'a> Applier<'a> {
     }
 
     /// Copies what is at `path` (a regular file, a symlink, or a directory and all it
-    /// holds) to `dest`, a path outside the volume that must not exist yet, keeping
-    /// mode and mtime; for keeping a file before it is overwritten. Returns how many
-    /// entries were copied: 0 when there is nothing at `path`. FIFOs, sockets and
-    /// devices are skipped (no content to keep).
-    pub fn copy_out(&self, path: &RelPath, dest: &Path) -> Result<u64> {
+    /// holds) to the entry `dest_name` of the directory `dest_dir`, outside the volume,
+    /// keeping mode and mtime; for keeping a file before it is overwritten. Nothing
+    /// there is ever followed or overwritten: what exists already at `dest_name` (or
+    /// below it) stays and is not copied, except that a directory there (not a symlink
+    /// to one) is filled with what it lacks; a copied symlink is never written through.
+    /// Returns how many entries were copied: 0 when there is nothing at `path`. FIFOs,
+    /// sockets and devices are skipped (no content to keep). New directories are
+    /// owner-only: what is kept may be a password file.
+    pub fn copy_out(
+        &self,
+        path: &RelPath,
+        dest_dir: BorrowedFd<'_>,
+        dest_name: &OsStr,
+    ) -> Result<u64> {
         let (dir, name) = match self.open_parent(path) {
             Err(e) if e.is_missing() => return Ok(0),
             other => other?,
@@ -356,10 +370,19 @@ impl<'a> Applier<'a> {
                 let fd = open_entry(dir.as_fd(), &name, libc::O_RDONLY)
                     .map_err(entry_err("open", path))?;
                 let mut from = std::fs::File::from(fd);
-                let mut to = std::fs::File::create(dest).map_err(write)?;
+                // O_EXCL: never through a symlink, never over what is kept already.
+                let created = sys::openat(
+                    dest_dir,
+                    dest_name,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                    0o600,
+                );
+                let mut to = match created {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(0),
+                    other => std::fs::File::from(other.map_err(write)?),
+                };
                 io::copy(&mut from, &mut to).map_err(write)?;
-                to.set_permissions(std::fs::Permissions::from_mode(st.st_mode & 0o7777))
-                    .map_err(write)?;
+                sys::fchmod(to.as_fd(), st.st_mode & 0o7777).map_err(write)?;
                 to.set_modified(mtime).map_err(write)?;
                 to.sync_all().map_err(write)?;
                 Ok(1)
@@ -367,18 +390,38 @@ impl<'a> Applier<'a> {
             libc::S_IFLNK => {
                 let target =
                     sys::readlinkat(dir.as_fd(), &name).map_err(io_err("readlink", path))?;
-                std::os::unix::fs::symlink(OsStr::from_bytes(&target), dest).map_err(write)?;
-                Ok(1)
+                match sys::symlinkat(OsStr::from_bytes(&target), dest_dir, dest_name) {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(0),
+                    other => other.map(|()| 1).map_err(write),
+                }
             }
             libc::S_IFDIR => {
-                std::fs::create_dir(dest).map_err(write)?;
+                let made = match sys::mkdirat(dest_dir, dest_name, 0o700) {
+                    Ok(()) => 1,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => 0,
+                    Err(e) => return Err(write(e)),
+                };
+                // O_NOFOLLOW: a symlink kept there earlier is not a way in.
+                let into =
+                    match sys::openat(dest_dir, dest_name, libc::O_PATH | libc::O_DIRECTORY, 0) {
+                        Err(e)
+                            if made == 0
+                                && matches!(
+                                    e.raw_os_error(),
+                                    Some(libc::ENOTDIR | libc::ELOOP)
+                                ) =>
+                        {
+                            return Ok(0)
+                        }
+                        other => other.map_err(write)?,
+                    };
                 let here = if name.is_empty() {
                     dir
                 } else {
                     open_entry(dir.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
                         .map_err(entry_err("open", path))?
                 };
-                let mut copied = 1;
+                let mut copied = made;
                 for entry in sys::read_dir(here.as_fd()).map_err(io_err("read", path))? {
                     if entry.name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
                         continue;
@@ -388,7 +431,7 @@ impl<'a> Applier<'a> {
                         op: "copy out",
                         source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
                     })?;
-                    copied += self.copy_out(&child, &dest.join(&entry.name))?;
+                    copied += self.copy_out(&child, into.as_fd(), &entry.name)?;
                 }
                 Ok(copied)
             }
@@ -745,32 +788,42 @@ impl<'a> Applier<'a> {
     /// target); a directory is removed with everything below it, without following
     /// any symlink or entering another filesystem. Missing is fine.
     pub fn delete(&self, path: &RelPath) -> Result<()> {
-        self.remove(path, true)
+        self.remove(path, Some(&|_: &RelPath| false)).map(|_| ())
+    }
+
+    /// [`Applier::delete`], except that every path below `path` for which `keep` is
+    /// true stays, with what is below it, and so do the directories above it. Returns
+    /// whether anything stayed (then `path` is still there, a directory).
+    pub fn delete_keeping(&self, path: &RelPath, keep: &dyn Fn(&RelPath) -> bool) -> Result<bool> {
+        self.remove(path, Some(keep))
     }
 
     /// Removes `path` as `unlink(2)` or `rmdir(2)` would: a directory only if it is
     /// empty ([`ApplyError::NotEmpty`] otherwise), never what is below it. Missing is
     /// fine.
     pub fn delete_entry(&self, path: &RelPath) -> Result<()> {
-        self.remove(path, false)
+        self.remove(path, None).map(|_| ())
     }
 
-    fn remove(&self, path: &RelPath, tree: bool) -> Result<()> {
+    /// Removes `path`; a directory with what is below it if `tree` says which paths
+    /// below it stay (none: only an empty directory goes). Whether anything stayed.
+    fn remove(&self, path: &RelPath, tree: Option<&dyn Fn(&RelPath) -> bool>) -> Result<bool> {
         if path.is_root() {
             return Err(ApplyError::Root { op: "delete" });
         }
         let (dir, name) = match self.open_parent(path) {
-            Err(e) if e.is_missing() => return Ok(()),
+            Err(e) if e.is_missing() => return Ok(false),
             other => other?,
         };
         let dir = dir.as_fd();
         let st = match sys::statat(dir, &name) {
             Ok(st) => st,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(io_err("stat", path)(e)),
         };
-        if is_dir(&st) && tree {
-            self.remove_tree(dir, &name, path)?;
+        let mut kept = false;
+        if let (true, Some(keep)) = (is_dir(&st), tree) {
+            kept = self.remove_tree(dir, &name, path, keep)?;
         } else if is_dir(&st) {
             match ignore_missing(sys::unlinkat(dir, &name, libc::AT_REMOVEDIR)) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
@@ -782,22 +835,36 @@ impl<'a> Applier<'a> {
             ignore_missing(sys::unlinkat(dir, &name, 0)).map_err(io_err("unlink", path))?;
         }
         sync_dir(dir).map_err(io_err("fsync the parent directory of", path))?;
-        tracing::debug!(%path, "deleted");
-        Ok(())
+        if kept {
+            tracing::info!(%path, "deleted what is below, but kept the paths this node never syncs");
+        } else {
+            tracing::debug!(%path, "deleted");
+        }
+        Ok(kept)
     }
 
-    /// Removes the directory `name` in `parent` and everything below it, depth first
-    /// with an explicit stack (a tree may be deeper than the call stack allows).
-    fn remove_tree(&self, parent: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<()> {
+    /// Removes the directory `name` in `parent` and everything below it but the paths
+    /// `keep` names (and the directories above them), depth first with an explicit
+    /// stack (a tree may be deeper than the call stack allows). Whether anything stayed.
+    fn remove_tree(
+        &self,
+        parent: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &RelPath,
+        keep: &dyn Fn(&RelPath) -> bool,
+    ) -> Result<bool> {
         let top = open_subdir(parent, name, path)?;
         let mut stack = vec![top];
+        let mut kept = false;
         while let Some(level) = stack.last_mut() {
             if let Some(entry) = level.entries.pop() {
                 let child = level
                     .path
                     .join(&entry.name)
                     .unwrap_or_else(|_| level.path.clone());
-                if entry_is_dir(level.fd.as_fd(), &entry).map_err(io_err("stat", &child))? {
+                if keep(&child) {
+                    level.kept = true;
+                } else if entry_is_dir(level.fd.as_fd(), &entry).map_err(io_err("stat", &child))? {
                     let sub = open_subdir(level.fd.as_fd(), &entry.name, &child)?;
                     stack.push(sub);
                 } else {
@@ -806,13 +873,21 @@ impl<'a> Applier<'a> {
                 }
                 continue;
             }
-            // Emptied: remove the directory itself from the one above it.
+            // Emptied (but for what stays): remove the directory itself from the one
+            // above it.
             let Some(done) = stack.pop() else { break };
+            if done.kept {
+                match stack.last_mut() {
+                    Some(above) => above.kept = true,
+                    None => kept = true,
+                }
+                continue;
+            }
             let above = stack.last().map_or(parent, |l| l.fd.as_fd());
             ignore_missing(sys::unlinkat(above, &done.name, libc::AT_REMOVEDIR))
                 .map_err(io_err("remove directory", &done.path))?;
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// Removes every `.twinfs-tmp.*` entry in the volume (left by a crash between
@@ -829,6 +904,7 @@ impl<'a> Applier<'a> {
                 .map_err(io_err("duplicate the fd of", &root))?,
             name: OsString::new(),
             path: root,
+            kept: false,
         }];
         let mut removed = 0;
         while let Some(level) = pending.pop() {
@@ -866,12 +942,13 @@ impl<'a> Applier<'a> {
 }
 
 /// One directory being walked: its fd, the entries not handled yet, its name in its
-/// parent and its volume path (for errors).
+/// parent, its volume path (for errors), and whether something in it stays.
 struct Level {
     fd: OwnedFd,
     entries: Vec<DirEntry>,
     name: OsString,
     path: RelPath,
+    kept: bool,
 }
 
 /// Opens and lists the subdirectory `name` of `parent`, refusing symlinks and mount
@@ -884,6 +961,7 @@ fn open_subdir(parent: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<L
         fd,
         name: name.to_owned(),
         path: path.clone(),
+        kept: false,
     })
 }
 
@@ -1550,6 +1628,7 @@ fn openat2(dir: BorrowedFd<'_>, path: &OsStr, flags: i32, resolve: u64) -> io::R
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+    use std::path::Path;
 
     fn rel(p: &str) -> RelPath {
         RelPath::new(p).expect("valid path")

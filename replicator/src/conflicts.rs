@@ -9,13 +9,16 @@
 //! lose that.
 //!
 //! A standby whose upstream write (see [`crate::upstream`]) the active refused keeps
-//! that write here too, in a set named by the active's epoch and the time, with
-//! `what` = `"refused"`.
+//! that write here too, in a set `refused-EPOCH-TIMESTAMP` (the active's epoch and the
+//! time), with `what` = `"refused"`.
 
+use std::ffi::{OsStr, OsString};
 use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use twinfs_fs::sys;
 
 use crate::apply::Applier;
 use crate::path::RelPath;
@@ -103,27 +106,45 @@ impl Area {
 
     /// Keeps what is at `path` in the volume (through `applier`) before the winner's
     /// op `what` ("replaced" or "deleted") changes it. Nothing there: nothing kept.
+    ///
+    /// The set is written without following anything kept in it: a kept symlink (or
+    /// file) where a directory of `path` would go is never entered; that directory is
+    /// made beside it under a `.N` suffix instead, and listed so. What is kept already
+    /// stays (a path touched twice by one full sync); a kept directory gets what it
+    /// lacks (a directory deleted after some of its files were).
     pub fn keep(&self, applier: &Applier<'_>, path: &RelPath, what: &str) -> Result<u64, String> {
         let (epoch, at) = self.armed().unwrap_or((0, 0));
         let set = self.dir.join(format!("{epoch}-{}", timestamp(at)));
-        let dest = set.join(path.as_path());
-        if dest.symlink_metadata().is_ok() {
-            // Kept already in this set (a path touched twice by one full sync).
-            return Ok(0);
+        let Some((parent, name)) = path.split_last() else {
+            return Err("cannot keep the volume root".to_owned());
+        };
+        std::fs::create_dir_all(&set).map_err(|e| format!("{}: {e}", set.display()))?;
+        let mut dir = sys::open_dir_path(&set).map_err(|e| format!("{}: {e}", set.display()))?;
+        let mut kept_as = PathBuf::new();
+        for component in parent.components() {
+            let (sub, used) = enter_or_make(dir.as_fd(), component)
+                .map_err(|e| format!("{}: {e}", set.join(&kept_as).join(component).display()))?;
+            dir = sub;
+            kept_as.push(used);
         }
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        }
-        let entries = applier.copy_out(path, &dest).map_err(|e| e.to_string())?;
+        kept_as.push(name);
+        let entries = applier
+            .copy_out(path, dir.as_fd(), name)
+            .map_err(|e| e.to_string())?;
         if entries == 0 {
             return Ok(0);
+        }
+        let kept_as = kept_as.to_string_lossy().into_owned();
+        if kept_as != path.to_string() {
+            tracing::warn!(volume = %self.volume, %path, %kept_as,
+                "a kept symlink or file is where a directory of this path would go: kept beside it");
         }
         self.list(
             &set,
             epoch,
             at,
             Kept {
-                path: path.to_string(),
+                path: kept_as,
                 what: what.to_owned(),
                 entries,
             },
@@ -146,7 +167,9 @@ impl Area {
         content: Option<&[u8]>,
         reason: &str,
     ) -> Result<(), String> {
-        let set = self.dir.join(format!("{epoch}-{}", timestamp(at)));
+        // Apart from the sets of fencings: a fencing in the same second must not find
+        // a path kept already in a set of refused writes.
+        let set = self.dir.join(format!("refused-{epoch}-{}", timestamp(at)));
         let mut kept_as = path.to_string();
         if let Some(content) = content {
             let mut dest = set.join(path.as_path());
@@ -193,7 +216,7 @@ impl Area {
             .map_err(|e| format!("{}: {e}", manifest_path.display()))
     }
 
-    /// Every set, oldest first, with its manifest.
+    /// Every set, oldest first (by its manifest's time, then name), with its manifest.
     pub fn sets(&self) -> Vec<(PathBuf, Manifest)> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
@@ -204,7 +227,7 @@ impl Area {
             .filter(|p| p.is_dir())
             .filter_map(|p| read_manifest(&p.join(MANIFEST)).map(|m| (p, m)))
             .collect();
-        sets.sort_by(|a, b| a.0.cmp(&b.0));
+        sets.sort_by(|a, b| (a.1.at, &a.0).cmp(&(b.1.at, &b.0)));
         sets
     }
 
@@ -212,6 +235,30 @@ impl Area {
     pub fn count(&self) -> usize {
         self.sets().iter().map(|(_, m)| m.kept.len()).sum()
     }
+}
+
+/// Opens the directory `name` of `dir` in a set, making it (owner-only) if it is
+/// missing, never through a symlink. Where something else is kept under that name, the
+/// first of `name.2`, `name.3`, ... that is a directory or free is used instead.
+/// Returns the directory and the name used.
+fn enter_or_make(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<(OwnedFd, OsString)> {
+    let mut used = name.to_owned();
+    for n in 2u32.. {
+        match sys::mkdirat(dir, &used, 0o700) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        // O_NOFOLLOW (always, in `sys::openat`): ELOOP or ENOTDIR for a symlink.
+        match sys::openat(dir, &used, libc::O_PATH | libc::O_DIRECTORY, 0) {
+            Ok(fd) => return Ok((fd, used)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                used = name.to_owned();
+                used.push(format!(".{n}"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
 }
 
 fn read_manifest(path: &Path) -> Option<Manifest> {

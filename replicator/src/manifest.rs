@@ -1037,8 +1037,8 @@ impl HashCache {
     /// [`HashCache::content_hash`] of a watched file (`written`: see
     /// [`HashCache::watch`]) that is not in the cache: from its kept list and the
     /// written blocks if it can, by reading it whole otherwise. Its list is kept for
-    /// the next change (a large file's), as it is after this read: the new watch began
-    /// before it. The hash is not cached by stamp: only whole reads are (a full sync
+    /// the next change (a large file's), as it is after this read (the new watch began
+    /// before it), if the file did not change during the read. The hash is not cached by stamp: only whole reads are (a full sync
     /// compares those).
     fn hash_watched(
         &mut self,
@@ -1060,6 +1060,7 @@ impl HashCache {
             }
             _ => None,
         };
+        let from_written = rebuilt.is_some();
         let (list, read) = match rebuilt {
             Some(x) => {
                 tracing::debug!(
@@ -1082,8 +1083,13 @@ impl HashCache {
         // is of no particular version, as with a whole read, and the watch has seen
         // the change).
         let hash = delta::content_hash(&list, len);
+        // Kept only as a list of exactly `len` bytes: a read that saw the file grow or
+        // shrink, or a change during the read (or the rebuild), would leave a wrong
+        // hash for its last block or any other, under a `Kept` that says it is right.
+        let whole = from_written || read == len;
+        let unchanged = Stamp::of(&sys::fstat(reader.as_fd())?) == Stamp::of(st);
         match generation {
-            Some(generation) if len >= twinfs_fs::written::TRACK_MIN => {
+            Some(generation) if whole && unchanged && len >= twinfs_fs::written::TRACK_MIN => {
                 let kept = Kept { generation, len };
                 self.lists
                     .put(&key, kept, std::sync::Arc::new(list.clone()));
@@ -1466,6 +1472,38 @@ mod tests {
             hash: (kind == Kind::File).then_some(hash),
             extra: None,
         }
+    }
+
+    /// A watched file that grew after its size was taken (and before it was read
+    /// whole): its block list is of other bytes than its `len`, so it is not kept.
+    #[test]
+    fn a_watched_file_that_grew_during_its_read_keeps_no_block_list() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("big");
+        let file = fs::File::create(&path)?;
+        file.set_len(twinfs_fs::written::TRACK_MIN)?;
+        let reader = fs::File::open(&path)?;
+        let st = sys::fstat(reader.as_fd())?;
+        let key = (st.st_dev, st.st_ino);
+        let mut cache = HashCache::new();
+        // It grows between the stat and the read.
+        file.set_len(twinfs_fs::written::TRACK_MIN + 100)?;
+        cache.hash_watched(key, reader, &st, None, None)?;
+        assert!(
+            !cache.lists.contains(&key),
+            "a list of a grown file was kept"
+        );
+        // Unchanged during the read: kept.
+        let reader = fs::File::open(&path)?;
+        let st = sys::fstat(reader.as_fd())?;
+        cache.hash_watched(key, reader, &st, None, None)?;
+        if sys::generation(file.as_fd()).is_ok() {
+            assert!(
+                cache.lists.contains(&key),
+                "the list of a stable file was not kept"
+            );
+        }
+        Ok(())
     }
 
     /// The wire form of a `Meta` is the flat one it had before its rare fields were

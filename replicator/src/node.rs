@@ -3138,7 +3138,7 @@ async fn apply_streamed(
         };
         let mut prepared = match build(&applier) {
             Err(ApplyError::IsDirectory { .. }) => {
-                applier.delete(&entry.path).and_then(|()| build(&applier))
+                clear_the_way(&v, &applier, &entry.path).and_then(|()| build(&applier))
             }
             other => other,
         }?;
@@ -3808,16 +3808,49 @@ fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
             match put(&applier) {
                 // Something of another kind is in the way: it goes, as on the active.
                 Err(ApplyError::IsDirectory { .. } | ApplyError::NotDirectory { .. }) => {
-                    applier.delete(path)?;
+                    clear_the_way(volume, &applier, path)?;
                     put(&applier)?;
                 }
                 other => other?,
             }
         }
         Op::Rename { from, to, exchange } => applier.rename(from, to, *exchange)?,
-        Op::Delete { path } => applier.delete(path)?,
+        Op::Delete { path } => {
+            delete_for_active(volume, &applier, path)?;
+        }
         // Streamed files are applied by `apply_streamed`, with their stream.
         Op::Skip { .. } | Op::PutStream { .. } => {}
+    }
+    Ok(())
+}
+
+/// Standby: deletes `path` as the active asks, keeping every path below it that is
+/// `never` here (the active neither sees nor owns those), and the directories above
+/// them. A `path` that is itself `never` here goes whole: only `twinfs sync` names one,
+/// and the administrator asked. Whether anything stayed.
+fn delete_for_active(
+    volume: &VolumeLink,
+    applier: &Applier<'_>,
+    path: &RelPath,
+) -> Result<bool, ApplyError> {
+    let never = |p: &RelPath| volume.policies.resolve(p.as_path()).sync == SyncMode::Never;
+    if never(path) {
+        applier.delete(path).map(|()| false)
+    } else {
+        applier.delete_keeping(path, &never)
+    }
+}
+
+/// Standby: removes what is in the way of the active's entry at `path`, as
+/// [`delete_for_active`]; a directory that keeps `never` paths stays, and the entry is
+/// refused ([`ApplyError::KeepsNever`]) rather than put in their place.
+fn clear_the_way(
+    volume: &VolumeLink,
+    applier: &Applier<'_>,
+    path: &RelPath,
+) -> Result<(), ApplyError> {
+    if delete_for_active(volume, applier, path)? {
+        return Err(ApplyError::KeepsNever { path: path.clone() });
     }
     Ok(())
 }

@@ -818,3 +818,30 @@ fn device_nodes_when_root() {
     assert!(m.file_type().is_char_device());
     assert_eq!(m.rdev(), rdev);
 }
+
+#[test]
+fn a_tree_deletion_keeps_what_the_caller_keeps_and_the_directories_above_it() {
+    let vol = Vol::new();
+    fs::create_dir_all(vol.path("site/sub/deeper")).expect("mkdir");
+    fs::create_dir_all(vol.path("site/empty")).expect("mkdir");
+    fs::write(vol.path("site/hosts.local"), "keep").expect("write");
+    fs::write(vol.path("site/sub/deeper/id.local"), "keep").expect("write");
+    fs::write(vol.path("site/sub/old"), "go").expect("write");
+    fs::write(vol.path("site/old"), "go").expect("write");
+    let keep = |p: &RelPath| p.as_path().to_string_lossy().ends_with(".local");
+    assert!(vol
+        .applier()
+        .delete_keeping(&rel("site"), &keep)
+        .expect("delete"));
+    assert!(vol.path("site/hosts.local").exists());
+    assert!(vol.path("site/sub/deeper/id.local").exists());
+    assert!(!vol.path("site/sub/old").exists());
+    assert!(!vol.path("site/old").exists());
+    assert!(!vol.path("site/empty").exists());
+    // With nothing to keep, the tree goes whole.
+    assert!(!vol
+        .applier()
+        .delete_keeping(&rel("site"), &|_: &RelPath| false)
+        .expect("delete"));
+    assert!(!vol.path("site").exists());
+}

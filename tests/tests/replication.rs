@@ -1011,6 +1011,63 @@ fn a_change_the_standby_cannot_apply_is_reported_and_the_rest_goes_on() {
     assert!(flowed);
 }
 
+#[test]
+fn a_directory_the_active_lacks_keeps_the_standbys_never_files() {
+    let _serial = twinfs_tests::serial();
+    let rules = format!("{RULES}\n[[volume.rule]]\nmatch = \"*.local\"\nsync = \"never\"\n");
+    let mut c = Cluster::new(2, &rules, |d| {
+        fill(d);
+        fs::write(d.join("box"), "a file on the active").expect("fill");
+    });
+    // The standby has `site`, which the active lacks, and a directory `box` where the
+    // active has a file; both hold files that are `never` here.
+    let b = c.nodes[1].volume.clone();
+    fs::create_dir_all(b.join("site/sub")).expect("fill");
+    fs::create_dir(b.join("box")).expect("fill");
+    fs::write(b.join("site/hosts.local"), "10.0.0.1 blade\n").expect("fill");
+    fs::write(b.join("site/sub/id.local"), "7").expect("fill");
+    fs::write(b.join("site/old.conf"), "not on the active").expect("fill");
+    fs::write(b.join("box/id.local"), "blade 3").expect("fill");
+    c.start();
+    // Deletions come first in a full sync: once the file `box` is refused (it would
+    // have replaced a never file), the deletion of `site` is through.
+    let active = &c.nodes[0];
+    let refused = wait_until(CONVERGE, || {
+        active.volume_status()["peers"][0]["rejected_paths"]
+            .as_array()
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|p| p.as_str().is_some_and(|p| p.starts_with("box")))
+            })
+    });
+    assert!(
+        refused,
+        "the put over box was not refused: {}",
+        active.volume_status()
+    );
+    assert!(
+        !b.join("site/old.conf").exists(),
+        "the active's deletion was not applied"
+    );
+    assert_eq!(
+        fs::read_to_string(b.join("site/hosts.local")).expect("kept"),
+        "10.0.0.1 blade\n"
+    );
+    assert_eq!(
+        fs::read_to_string(b.join("site/sub/id.local")).expect("kept"),
+        "7"
+    );
+    assert_eq!(
+        fs::read_to_string(b.join("box/id.local")).expect("kept"),
+        "blade 3"
+    );
+    // The rest replicates as usual.
+    assert_eq!(
+        fs::read_to_string(b.join("cmm.conf")).expect("read"),
+        "chassis_id = 42\n"
+    );
+}
+
 /// The listen address in a node's config.
 fn listen_of(node: &twinfs_tests::daemon::Node) -> String {
     fs::read_to_string(&node.config)

@@ -1,0 +1,136 @@
+//! The conflicts area against plain temp directories (no FUSE): what a fenced node
+//! keeps lands in its set, and only there.
+
+use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::symlink;
+
+use twinfs_fs::sys;
+use twinfs_replicator::apply::Applier;
+use twinfs_replicator::conflicts::Area;
+use twinfs_replicator::path::RelPath;
+
+/// A volume directory and a state directory, the area armed as after a fencing.
+struct Fenced {
+    volume: tempfile::TempDir,
+    root: OwnedFd,
+    _state: tempfile::TempDir,
+    area: Area,
+}
+
+impl Fenced {
+    fn new() -> Fenced {
+        let volume = tempfile::tempdir().expect("tempdir");
+        let root = sys::open_dir_path(volume.path()).expect("open root");
+        let state = tempfile::tempdir().expect("tempdir");
+        let area = Area::new(state.path(), "vol");
+        area.arm(5, 0).expect("arm");
+        Fenced {
+            volume,
+            root,
+            _state: state,
+            area,
+        }
+    }
+
+    fn keep(&self, path: &str, what: &str) -> u64 {
+        let applier = Applier::new(self.root.as_fd());
+        let path = RelPath::new(path).expect("valid path");
+        self.area.keep(&applier, &path, what).expect("keep")
+    }
+
+    /// The one set, and what its manifest lists.
+    fn set(&self) -> (std::path::PathBuf, Vec<String>) {
+        let sets = self.area.sets();
+        assert_eq!(sets.len(), 1, "{sets:?}");
+        let (dir, manifest) = sets.into_iter().next().expect("one set");
+        (dir, manifest.kept.into_iter().map(|k| k.path).collect())
+    }
+}
+
+#[test]
+fn a_kept_symlink_is_never_written_through() {
+    let f = Fenced::new();
+    let outside = tempfile::tempdir().expect("tempdir");
+    let v = f.volume.path();
+    // The loser's `certs` is a symlink out of the volume; the winner deletes it.
+    symlink(outside.path(), v.join("certs")).expect("symlink");
+    assert_eq!(f.keep("certs", "deleted"), 1);
+    // Later in that full sync, `certs` is a directory whose file goes too.
+    fs::remove_file(v.join("certs")).expect("unlink");
+    fs::create_dir(v.join("certs")).expect("mkdir");
+    fs::write(v.join("certs/ca.pem"), "loser's ca").expect("write");
+    assert_eq!(f.keep("certs/ca.pem", "deleted"), 1);
+
+    assert_eq!(
+        fs::read_dir(outside.path()).expect("read_dir").count(),
+        0,
+        "something was written through the kept symlink"
+    );
+    let (set, listed) = f.set();
+    assert_eq!(
+        fs::read_link(set.join("certs")).expect("kept symlink"),
+        outside.path()
+    );
+    assert_eq!(
+        fs::read_to_string(set.join("certs.2/ca.pem")).expect("kept beside it"),
+        "loser's ca"
+    );
+    assert_eq!(listed, ["certs", "certs.2/ca.pem"]);
+    // The same path again (kept already): nothing written, through the symlink or not.
+    assert_eq!(f.keep("certs", "deleted"), 0);
+    assert_eq!(fs::read_dir(outside.path()).expect("read_dir").count(), 0);
+}
+
+#[test]
+fn a_directory_kept_after_one_of_its_files_gets_the_rest() {
+    let f = Fenced::new();
+    let v = f.volume.path();
+    fs::create_dir_all(v.join("site/sub")).expect("mkdir");
+    fs::write(v.join("site/a"), "a").expect("write");
+    fs::write(v.join("site/hosts.local"), "kept too").expect("write");
+    fs::write(v.join("site/sub/b"), "b").expect("write");
+    // Children are deleted before their directory.
+    assert_eq!(f.keep("site/a", "deleted"), 1);
+    fs::remove_file(v.join("site/a")).expect("unlink");
+    assert_eq!(f.keep("site", "deleted"), 3, "hosts.local, sub, sub/b");
+    let (set, listed) = f.set();
+    assert_eq!(fs::read_to_string(set.join("site/a")).expect("kept"), "a");
+    assert_eq!(
+        fs::read_to_string(set.join("site/hosts.local")).expect("kept"),
+        "kept too"
+    );
+    assert_eq!(
+        fs::read_to_string(set.join("site/sub/b")).expect("kept"),
+        "b"
+    );
+    assert_eq!(listed, ["site/a", "site"]);
+}
+
+#[test]
+fn a_refused_write_and_a_fencing_in_the_same_second_keep_apart() {
+    let f = Fenced::new();
+    let v = f.volume.path();
+    let path = RelPath::new("hosts").expect("valid path");
+    // A refused upstream write, then a fencing by the same epoch in the same second.
+    f.area
+        .keep_refused(5, 0, &path, Some(b"refused version"), "test")
+        .expect("keep refused");
+    fs::write(v.join("hosts"), "later version").expect("write");
+    assert_eq!(
+        f.keep("hosts", "replaced"),
+        1,
+        "the later version was not kept"
+    );
+    let sets = f.area.sets();
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    let contents: Vec<(String, String)> = sets
+        .iter()
+        .map(|(dir, m)| {
+            let kept = fs::read_to_string(dir.join(&m.kept[0].path)).expect("kept");
+            (m.kept[0].what.clone(), kept)
+        })
+        .collect();
+    assert!(contents.contains(&("refused".into(), "refused version".into())));
+    assert!(contents.contains(&("replaced".into(), "later version".into())));
+}
