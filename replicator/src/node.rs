@@ -544,8 +544,8 @@ const INLINE_MAX: u64 = 1 << 20;
 const STREAM_WAIT: Duration = Duration::from_secs(60);
 
 /// The unidirectional streams of one connection that carry large files (blocks one
-/// way, block lists the other), keyed by the volume's [`stream_tag`] and the op number
-/// they start with.
+/// way, block lists the other), keyed by their session's [`stream_tag`] and the op
+/// number they start with.
 ///
 /// A stream nobody takes must be stopped, not kept: its unread bytes hold their share
 /// of the connection's flow-control window, and a few such streams would leave the
@@ -595,15 +595,21 @@ impl PendingStreams {
 /// The error code a stream nobody takes is stopped with.
 const STREAM_UNWANTED: quinn::VarInt = quinn::VarInt::from_u32(1);
 
-/// Tells apart the streams of the volumes sharing a connection.
-fn stream_tag(volume: &str) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(volume.as_bytes())
+/// Tells apart the large-file streams of the sessions sharing a connection: those of
+/// other volumes, and those of an earlier session of the same volume, whose op numbers
+/// the new one uses again while its detached tasks may still wait for their streams.
+/// `session` is the session's bi-stream, the same on both ends and never reused on a
+/// connection.
+fn stream_tag(volume: &str, session: quinn::StreamId) -> u64 {
+    let mut key = volume.as_bytes().to_vec();
+    key.extend_from_slice(&u64::from(session).to_be_bytes());
+    xxhash_rust::xxh3::xxh3_64(&key)
 }
 
-/// The 16-byte head of a large-file stream.
-fn stream_header(volume: &str, seq: u64) -> [u8; 16] {
+/// The 16-byte head of a large-file stream of the session tagged `tag`.
+fn stream_header(tag: u64, seq: u64) -> [u8; 16] {
     let mut h = [0u8; 16];
-    h[..8].copy_from_slice(&stream_tag(volume).to_be_bytes());
+    h[..8].copy_from_slice(&tag.to_be_bytes());
     h[8..].copy_from_slice(&seq.to_be_bytes());
     h
 }
@@ -643,10 +649,10 @@ impl Streams {
         }
     }
 
-    /// The stream of op `seq` of `volume`, once it has arrived, waiting up to `wait`.
-    /// Not there by then: it is stopped if it still comes.
-    async fn take(&self, volume: &str, seq: u64, wait: Duration) -> Option<quinn::RecvStream> {
-        let key = (stream_tag(volume), seq);
+    /// The stream of op `seq` of the session tagged `tag`, once it has arrived, waiting
+    /// up to `wait`. Not there by then: it is stopped if it still comes.
+    async fn take(&self, tag: u64, seq: u64, wait: Duration) -> Option<quinn::RecvStream> {
+        let key = (tag, seq);
         let waited = async {
             loop {
                 let notified = self.arrived.notified();
@@ -1183,6 +1189,7 @@ async fn run_session(
     let mut roles = volume.roles.subscribe();
     let mut sent = 0u64;
     let counters = StreamCounters::default();
+    let tag = stream_tag(&volume.name, send.id());
     let gate_id = volume.gate.register();
     static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let session_id = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1360,7 +1367,7 @@ async fn run_session(
                     if !batch.is_empty() {
                         batch.flush(&volume, &mut session).await;
                     }
-                    large.start(&volume, &link, &counters, seq, entry);
+                    large.start(&volume, &link, &counters, tag, seq, entry);
                     continue;
                 }
                 other => other,
@@ -1390,7 +1397,16 @@ async fn run_session(
                             ships.push(ship);
                         }
                     }
-                    ship(&volume, &mut session, &mut send, ships, &link, &counters).await
+                    ship(
+                        &volume,
+                        &mut session,
+                        &mut send,
+                        ships,
+                        &link,
+                        &counters,
+                        tag,
+                    )
+                    .await
                 }
                 out => carry_out(&volume, &mut session, &mut send, out).await,
             };
@@ -2383,6 +2399,7 @@ async fn ship(
     mut ships: Vec<Ship>,
     link: &Link,
     counters: &StreamCounters,
+    tag: u64,
 ) -> Option<u64> {
     let can_stream = link.connection.is_some() && link.streams.is_some();
     if ships.len() == 1 {
@@ -2396,7 +2413,7 @@ async fn ship(
                 .await
                 .ok()?
         };
-        return send_ship(volume, session, send, read, link, counters).await;
+        return send_ship(volume, session, send, read, link, counters, tag).await;
     }
     let mut groups: Vec<Vec<(usize, Ship)>> = (0..SHIP_READERS).map(|_| Vec::new()).collect();
     let count = ships.len();
@@ -2433,7 +2450,7 @@ async fn ship(
     }
     let mut sent = 0;
     for read in reads {
-        sent += send_ship(volume, session, send, read?, link, counters).await?;
+        sent += send_ship(volume, session, send, read?, link, counters, tag).await?;
     }
     Some(sent)
 }
@@ -2451,6 +2468,7 @@ async fn send_ship(
     read: ShipRead,
     link: &Link,
     counters: &StreamCounters,
+    tag: u64,
 ) -> Option<u64> {
     let (seq, shipped, read) = read;
     let (op, vanished, source) = match read {
@@ -2474,7 +2492,7 @@ async fn send_ship(
     if let Some(streamed) = source {
         tokio::spawn(stream_file(
             link.clone(),
-            volume.name.clone(),
+            tag,
             seq,
             streamed,
             shipped.clone(),
@@ -2768,7 +2786,7 @@ fn read_op(
 /// the op number, the blocks the standby lacks. Counts the bytes both ways.
 async fn stream_file(
     link: Link,
-    volume: String,
+    tag: u64,
     seq: u64,
     Streamed {
         file,
@@ -2782,7 +2800,7 @@ async fn stream_file(
         return;
     };
     // The standby asks only when it gets to this op; a refused op never asks.
-    let Some(mut recv) = streams.take(&volume, seq, BLOCK_LIST_WAIT).await else {
+    let Some(mut recv) = streams.take(tag, seq, BLOCK_LIST_WAIT).await else {
         tracing::debug!(%path, "no block list for a large file; not sent");
         return;
     };
@@ -2806,7 +2824,7 @@ async fn stream_file(
             return;
         }
     };
-    if send.write_all(&stream_header(&volume, seq)).await.is_err() {
+    if send.write_all(&stream_header(tag, seq)).await.is_err() {
         return;
     }
     let (tx, mut rx) = mpsc::channel::<BlockRecord>(4);
@@ -3050,6 +3068,7 @@ async fn pump_blocks(
 async fn apply_streamed(
     volume: &VolumeLink,
     link: &Link,
+    tag: u64,
     seq: u64,
     entry: manifest::Entry,
     counters: &StreamCounters,
@@ -3086,7 +3105,7 @@ async fn apply_streamed(
         .open_uni()
         .await
         .map_err(|e| format!("cannot open a stream: {e}"))?;
-    let mut bytes = stream_header(&volume.name, seq).to_vec();
+    let mut bytes = stream_header(tag, seq).to_vec();
     bytes.extend_from_slice(&list.encode());
     ask.write_all(&bytes)
         .await
@@ -3095,7 +3114,7 @@ async fn apply_streamed(
     counters
         .sent
         .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let Some(recv) = streams.take(&volume.name, seq, STREAM_WAIT).await else {
+    let Some(recv) = streams.take(tag, seq, STREAM_WAIT).await else {
         return Err(format!("the blocks of {} never arrived", entry.path));
     };
     let (tx, mut rx) = mpsc::channel(4);
@@ -3411,6 +3430,7 @@ impl LargeApplies {
         volume: &VolumeLink,
         link: &Link,
         counters: &StreamCounters,
+        tag: u64,
         seq: u64,
         entry: manifest::Entry,
     ) {
@@ -3424,7 +3444,7 @@ impl LargeApplies {
         tokio::spawn(async move {
             let _applying = volume.applying.clone().read_owned().await;
             let path = entry.path.clone();
-            let result = apply_streamed(&volume, &link, seq, entry, &counters).await;
+            let result = apply_streamed(&volume, &link, tag, seq, entry, &counters).await;
             let _ = done.send((seq, path, result));
         });
     }
@@ -3891,15 +3911,16 @@ mod tests {
             let (sender, receiver) = connected().await?;
             let streams = Arc::new(Streams::default());
             tokio::spawn(streams.clone().accept(receiver));
+            let tag = stream_tag("vol", sender.open_bi().await?.0.id());
             // Nobody sent op 7's stream in time.
             assert!(streams
-                .take("vol", 7, Duration::from_millis(50))
+                .take(tag, 7, Duration::from_millis(50))
                 .await
                 .is_none());
             // It comes now, with data nobody will read: stopped, so its flow-control
             // credit goes back to the connection.
             let mut send = sender.open_uni().await?;
-            send.write_all(&stream_header("vol", 7)).await?;
+            send.write_all(&stream_header(tag, 7)).await?;
             send.write_all(&[0u8; 4096]).await?;
             let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
             assert!(
@@ -3908,10 +3929,68 @@ mod tests {
             );
             // A stream that is waited for is still taken.
             let mut send = sender.open_uni().await?;
-            send.write_all(&stream_header("vol", 8)).await?;
+            send.write_all(&stream_header(tag, 8)).await?;
             send.write_all(b"blocks").await?;
-            let taken = streams.take("vol", 8, Duration::from_secs(5)).await;
+            let taken = streams.take(tag, 8, Duration::from_secs(5)).await;
             assert!(taken.is_some());
+            Ok(())
+        })
+        .await?
+    }
+
+    /// Waits until `n` large-file streams wait to be taken.
+    async fn waiting(streams: &Streams, n: usize) {
+        loop {
+            let notified = streams.arrived.notified();
+            if streams
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .waiting
+                .len()
+                >= n
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A volume's session re-opened on the same connection numbers its ops from 1 again,
+    /// while the old session's detached tasks may still wait for their streams: those
+    /// must neither take the new session's streams nor have them stopped.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_later_session_of_a_volume_keeps_its_streams_from_the_old_ones() -> TestResult {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let (sender, receiver) = connected().await?;
+            let streams = Arc::new(Streams::default());
+            tokio::spawn(streams.clone().accept(receiver.clone()));
+            // Two sessions of the volume, one after the other; each end tags them by
+            // its own view of the session's stream.
+            let mut tags = Vec::new();
+            for _ in 0..2 {
+                let (mut send, _) = sender.open_bi().await?;
+                send.write_all(b"hello").await?;
+                let (_, recv) = receiver.accept_bi().await?;
+                let (ours, theirs) = (stream_tag("vol", send.id()), stream_tag("vol", recv.id()));
+                assert_eq!(ours, theirs);
+                tags.push(ours);
+            }
+            let (old, new) = (tags[0], tags[1]);
+            // The old session gave up on its op 9 (it ended meanwhile).
+            assert!(streams.take(old, 9, Duration::ZERO).await.is_none());
+            // The new session's ops 7 and 9 come.
+            for seq in [7, 9] {
+                let mut send = sender.open_uni().await?;
+                send.write_all(&stream_header(new, seq)).await?;
+                send.write_all(b"blocks").await?;
+            }
+            waiting(&streams, 2).await;
+            // A task of the old session still waiting for its op 7 finds nothing.
+            assert!(streams.take(old, 7, Duration::ZERO).await.is_none());
+            // The new session gets both.
+            assert!(streams.take(new, 7, Duration::ZERO).await.is_some());
+            assert!(streams.take(new, 9, Duration::ZERO).await.is_some());
             Ok(())
         })
         .await?
