@@ -232,14 +232,14 @@ pub struct VolumeLink {
     pub blocks: Arc<Mutex<crate::patch::BlockCache>>,
     /// Standby: where in-place updates of large files are journaled.
     pub journal: crate::patch::Journal,
-    /// Standby: its sessions with an active, numbered as they start.
+    /// Standby: its sessions with an active, numbered as they get past hello.
     pub followings: Arc<Followings>,
 }
 
-/// Standby: the sessions of a volume with an active, numbered as they start. After
-/// the active restarts, its new session runs while the old one lingers until the
-/// connection's idle timeout; the old one ending must leave the new one's records
-/// alone.
+/// Standby: the sessions of a volume with an active, numbered as they get past hello
+/// (one refused there, say by a stale active, never counts). After the active
+/// restarts, its new session runs while the old one lingers until the connection's
+/// idle timeout; the old one ending must leave the new one's records alone.
 #[derive(Debug, Default)]
 pub struct Followings {
     newest: std::sync::atomic::AtomicU64,
@@ -249,7 +249,7 @@ pub struct Followings {
 }
 
 impl Followings {
-    /// A session starts: its number.
+    /// A session got past hello: its number.
     fn start(&self) -> u64 {
         self.newest
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
@@ -1236,14 +1236,10 @@ async fn run_session(
     let mut commands = (role == Role::Active).then(|| volume.commands.subscribe());
     let mut syncs: Vec<mpsc::Sender<(String, Result<(), String>)>> = Vec::new();
     let mut verifying: Option<Verifying> = None;
-    // Standby: this session's number among the volume's sessions with an active.
-    let following = match role {
-        Role::Standby => volume.followings.start(),
-        Role::Active => 0,
-    };
-    if role == Role::Standby {
-        *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx.clone());
-    }
+    // Standby: this session's number among the volume's sessions with an active, taken
+    // (with the handover slot) once the active's hello is accepted: a session refused
+    // at hello (a stale active) must not displace the one that follows the real one.
+    let mut following: Option<u64> = None;
     // Standby: the output that waits for large files being applied (an op on a related
     // path, or a scan). Meanwhile this loop goes on: it takes messages, its timers run,
     // heartbeats and acks go out; a wait of minutes must not look like a dead peer.
@@ -1251,6 +1247,16 @@ async fn run_session(
     // Active: the bytes of large-file streams last seen, which count as progress.
     let mut streamed = 0u64;
     'session: loop {
+        if role == Role::Standby
+            && following.is_none()
+            && matches!(
+                session.phase(),
+                crate::session::Phase::FullSync | crate::session::Phase::Streaming
+            )
+        {
+            following = Some(volume.followings.start());
+            *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx.clone());
+        }
         while let Some(out) = next_output(&mut parked, &mut session, &large) {
             if matches!(out, Output::InSync) {
                 link.update(&volume.name, |s| s.full_sync_done = Some(unix_now()));
@@ -1443,7 +1449,7 @@ async fn run_session(
             // A standby's `sync` writer waits until the active has taken its write.
             volume.gate.caught_up(gate_id, seen);
         }
-        if role == Role::Standby && session.phase() != crate::session::Phase::Hello {
+        if let Some(following) = following {
             let key = (
                 session.fit(),
                 session.priority1_pending_len() == 0,
@@ -1724,7 +1730,7 @@ async fn run_session(
             }
         }
     }
-    if role == Role::Standby && session.phase() != crate::session::Phase::Hello {
+    if let Some(following) = following {
         record_fitness(&volume, &session, following).await;
     }
     if role == Role::Standby {
