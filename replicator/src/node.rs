@@ -715,12 +715,16 @@ fn session_config(volume: &VolumeLink, link: &Link) -> SessionConfig {
         // QUIC keep-alives find a dead peer within its 10 s idle timeout; this one only
         // catches a peer whose session stalls (a standby busy applying a large file
         // sends nothing meanwhile).
-        peer_timeout: Duration::from_secs(120),
+        peer_timeout: PEER_TIMEOUT,
         stall_timeout: Duration::from_secs(120),
         max_in_flight: 4096,
         max_queue: 100_000,
     }
 }
+
+/// How long a session waits without hearing its peer; a large file's blocks stream
+/// that brings nothing for as long ends the same way.
+const PEER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Starts the driver on the current tokio runtime; `board` receives the status of
 /// every session, `own` is this node's ID, and `roles` changes whenever a volume of
@@ -1531,7 +1535,8 @@ async fn run_session(
         });
         // Standby: with many outputs backed up behind a parked one, messages wait in
         // the reader's channel (and QUIC's flow control holds the active back) rather
-        // than pile up in memory; that they are there says the active is alive.
+        // than pile up in memory; that they are there says the active is alive. (Not for
+        // ever: a blocks stream silent for the peer timeout ends the apply they wait on.)
         let backlog = parked.is_some() && session.outputs_waiting() >= PARKED_BACKLOG;
         if backlog && (held.is_some() || messages.waiting()) {
             session.peer_heard(std::time::Instant::now());
@@ -3001,20 +3006,38 @@ async fn read_block_list(recv: &mut quinn::RecvStream) -> Result<BlockList, Stre
 }
 
 /// Reads the records of a blocks stream onto a channel, an error last if the stream
-/// broke or held a bad record; the channel closes at the stream's clean end.
+/// broke, held a bad record or brought nothing for `idle`; the channel closes at the
+/// stream's clean end.
+///
+/// Without `idle`, an active whose read of the file hangs (its disk) while QUIC's
+/// keep-alives go on would have this wait for ever: the apply would never end, and
+/// the standby's session, whose messages wait unread behind it (which counts as
+/// hearing the active), would never time the active out.
 async fn pump_blocks(
     mut recv: quinn::RecvStream,
     tx: mpsc::Sender<std::io::Result<(u64, Vec<u8>)>>,
     received: Arc<std::sync::atomic::AtomicU64>,
+    idle: Duration,
 ) {
+    let silent = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("nothing came on the blocks stream for {idle:?}"),
+        )
+    };
     loop {
         let mut header = [0u8; delta::RECORD_HEADER];
-        match recv.read_exact(&mut header).await {
-            Ok(()) => {}
+        match tokio::time::timeout(idle, recv.read_exact(&mut header)).await {
+            Ok(Ok(())) => {}
             // The clean end: the stream finished between records.
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return,
-            Err(e) => {
+            Ok(Err(quinn::ReadExactError::FinishedEarly(0))) => return,
+            Ok(Err(e)) => {
                 let _ = tx.send(Err(std::io::Error::other(e))).await;
+                return;
+            }
+            Err(_) => {
+                let _ = recv.stop(STREAM_UNWANTED);
+                let _ = tx.send(Err(silent())).await;
                 return;
             }
         }
@@ -3044,15 +3067,20 @@ async fn pump_blocks(
             let want = left.min(SEND_CHUNK);
             let mut data = Vec::with_capacity(want);
             while data.len() < want {
-                match recv.read_chunk(want - data.len(), true).await {
-                    Ok(Some(chunk)) => data.extend_from_slice(&chunk.bytes),
-                    Ok(None) => {
+                match tokio::time::timeout(idle, recv.read_chunk(want - data.len(), true)).await {
+                    Ok(Ok(Some(chunk))) => data.extend_from_slice(&chunk.bytes),
+                    Ok(Ok(None)) => {
                         let e = std::io::Error::other("the blocks stream ended inside a record");
                         let _ = tx.send(Err(e)).await;
                         return;
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         let _ = tx.send(Err(std::io::Error::other(e))).await;
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = recv.stop(STREAM_UNWANTED);
+                        let _ = tx.send(Err(silent())).await;
                         return;
                     }
                 }
@@ -3124,7 +3152,12 @@ async fn apply_streamed(
         return Err(format!("the blocks of {} never arrived", entry.path));
     };
     let (tx, mut rx) = mpsc::channel(4);
-    let pump = tokio::spawn(pump_blocks(recv, tx, counters.received.clone()));
+    let pump = tokio::spawn(pump_blocks(
+        recv,
+        tx,
+        counters.received.clone(),
+        PEER_TIMEOUT,
+    ));
     let v = volume.clone();
     let result = tokio::task::spawn_blocking(move || {
         let applier = Applier::new(v.root.as_fd());
@@ -3939,6 +3972,39 @@ mod tests {
             send.write_all(b"blocks").await?;
             let taken = streams.take(tag, 8, Duration::from_secs(5)).await;
             assert!(taken.is_some());
+            Ok(())
+        })
+        .await?
+    }
+
+    /// An active whose read of a large file hangs sends nothing more on its blocks
+    /// stream while the connection stays up: the standby gives up on the file rather
+    /// than wait for ever.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_blocks_stream_that_goes_silent_ends_the_apply() -> TestResult {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let (sender, receiver) = connected().await?;
+            let mut send = sender.open_uni().await?;
+            // A record of 8 bytes, of which 3 come.
+            send.write_all(&delta::record_header(0, 8)).await?;
+            send.write_all(b"abc").await?;
+            let recv = receiver.accept_uni().await?;
+            let (tx, mut rx) = mpsc::channel(4);
+            let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            tokio::spawn(pump_blocks(recv, tx, received, Duration::from_millis(100)));
+            let got = rx.recv().await;
+            assert!(
+                matches!(&got, Some(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut),
+                "{got:?}"
+            );
+            // The stream is stopped: its unread bytes no longer hold the connection.
+            let stopped = send.stopped().await;
+            assert!(
+                matches!(stopped, Ok(Some(code)) if code == STREAM_UNWANTED),
+                "{stopped:?}"
+            );
+            // The connection itself is still up (keep-alives would go on).
+            assert!(sender.close_reason().is_none());
             Ok(())
         })
         .await?
