@@ -1236,6 +1236,10 @@ async fn run_session(
     let mut waiting_handover: Option<HandoverReply> = None;
     let mut handing_over: Option<(std::time::Instant, u64)> = None;
     let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
+    // Active: writes taken again after a handover that timed out, in the blocking pool
+    // (`resume_writes` waits for a role change under way, and for `stop_writes`, which
+    // waits for writes that may wait for this loop's acks); a new stop waits for it.
+    let mut resuming: Option<tokio::task::JoinHandle<()>> = None;
     // Active: `twinfs sync` requests waiting for the standby to catch up.
     let mut commands = (role == Role::Active).then(|| volume.commands.subscribe());
     let mut syncs: Vec<mpsc::Sender<(String, Result<(), String>)>> = Vec::new();
@@ -1503,7 +1507,10 @@ async fn run_session(
                 handing_over = None;
             } else if since.elapsed() > HANDOVER_DRAIN {
                 tracing::warn!(volume = %volume.name, peer = %link.peer, "handover: the standby did not catch up in time; taking writes again");
-                volume.roles.resume_writes(Hold::Handover);
+                let roles = volume.roles.clone();
+                resuming = Some(tokio::task::spawn_blocking(move || {
+                    roles.resume_writes(Hold::Handover)
+                }));
                 handing_over = None;
             }
         }
@@ -1568,7 +1575,14 @@ async fn run_session(
                             // Not awaited here: a write under way may wait (sync
                             // durability) for the very acks this loop must go on taking.
                             let roles = volume.roles.clone();
-                            stopping = Some(tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Handover)));
+                            let resumed = resuming.take();
+                            stopping = Some(tokio::spawn(async move {
+                                // Not lifted after it is set again.
+                                if let Some(resumed) = resumed {
+                                    let _ = resumed.await;
+                                }
+                                let _ = tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Handover)).await;
+                            }));
                         }
                         Message::HandoverReady { epoch } if role == Role::Standby => {
                             if let Some(reply) = waiting_handover.take() {
