@@ -232,14 +232,14 @@ pub struct VolumeLink {
     pub blocks: Arc<Mutex<crate::patch::BlockCache>>,
     /// Standby: where in-place updates of large files are journaled.
     pub journal: crate::patch::Journal,
-    /// Standby: its sessions with an active, numbered as they start.
+    /// Standby: its sessions with an active, numbered as they get past hello.
     pub followings: Arc<Followings>,
 }
 
-/// Standby: the sessions of a volume with an active, numbered as they start. After
-/// the active restarts, its new session runs while the old one lingers until the
-/// connection's idle timeout; the old one ending must leave the new one's records
-/// alone.
+/// Standby: the sessions of a volume with an active, numbered as they get past hello
+/// (one refused there, say by a stale active, never counts). After the active
+/// restarts, its new session runs while the old one lingers until the connection's
+/// idle timeout; the old one ending must leave the new one's records alone.
 #[derive(Debug, Default)]
 pub struct Followings {
     newest: std::sync::atomic::AtomicU64,
@@ -249,7 +249,7 @@ pub struct Followings {
 }
 
 impl Followings {
-    /// A session starts: its number.
+    /// A session got past hello: its number.
     fn start(&self) -> u64 {
         self.newest
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
@@ -544,8 +544,8 @@ const INLINE_MAX: u64 = 1 << 20;
 const STREAM_WAIT: Duration = Duration::from_secs(60);
 
 /// The unidirectional streams of one connection that carry large files (blocks one
-/// way, block lists the other), keyed by the volume's [`stream_tag`] and the op number
-/// they start with.
+/// way, block lists the other), keyed by their session's [`stream_tag`] and the op
+/// number they start with.
 ///
 /// A stream nobody takes must be stopped, not kept: its unread bytes hold their share
 /// of the connection's flow-control window, and a few such streams would leave the
@@ -595,15 +595,21 @@ impl PendingStreams {
 /// The error code a stream nobody takes is stopped with.
 const STREAM_UNWANTED: quinn::VarInt = quinn::VarInt::from_u32(1);
 
-/// Tells apart the streams of the volumes sharing a connection.
-fn stream_tag(volume: &str) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(volume.as_bytes())
+/// Tells apart the large-file streams of the sessions sharing a connection: those of
+/// other volumes, and those of an earlier session of the same volume, whose op numbers
+/// the new one uses again while its detached tasks may still wait for their streams.
+/// `session` is the session's bi-stream, the same on both ends and never reused on a
+/// connection.
+fn stream_tag(volume: &str, session: quinn::StreamId) -> u64 {
+    let mut key = volume.as_bytes().to_vec();
+    key.extend_from_slice(&u64::from(session).to_be_bytes());
+    xxhash_rust::xxh3::xxh3_64(&key)
 }
 
-/// The 16-byte head of a large-file stream.
-fn stream_header(volume: &str, seq: u64) -> [u8; 16] {
+/// The 16-byte head of a large-file stream of the session tagged `tag`.
+fn stream_header(tag: u64, seq: u64) -> [u8; 16] {
     let mut h = [0u8; 16];
-    h[..8].copy_from_slice(&stream_tag(volume).to_be_bytes());
+    h[..8].copy_from_slice(&tag.to_be_bytes());
     h[8..].copy_from_slice(&seq.to_be_bytes());
     h
 }
@@ -643,10 +649,10 @@ impl Streams {
         }
     }
 
-    /// The stream of op `seq` of `volume`, once it has arrived, waiting up to `wait`.
-    /// Not there by then: it is stopped if it still comes.
-    async fn take(&self, volume: &str, seq: u64, wait: Duration) -> Option<quinn::RecvStream> {
-        let key = (stream_tag(volume), seq);
+    /// The stream of op `seq` of the session tagged `tag`, once it has arrived, waiting
+    /// up to `wait`. Not there by then: it is stopped if it still comes.
+    async fn take(&self, tag: u64, seq: u64, wait: Duration) -> Option<quinn::RecvStream> {
+        let key = (tag, seq);
         let waited = async {
             loop {
                 let notified = self.arrived.notified();
@@ -709,12 +715,16 @@ fn session_config(volume: &VolumeLink, link: &Link) -> SessionConfig {
         // QUIC keep-alives find a dead peer within its 10 s idle timeout; this one only
         // catches a peer whose session stalls (a standby busy applying a large file
         // sends nothing meanwhile).
-        peer_timeout: Duration::from_secs(120),
+        peer_timeout: PEER_TIMEOUT,
         stall_timeout: Duration::from_secs(120),
         max_in_flight: 4096,
         max_queue: 100_000,
     }
 }
+
+/// How long a session waits without hearing its peer; a large file's blocks stream
+/// that brings nothing for as long ends the same way.
+const PEER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Starts the driver on the current tokio runtime; `board` receives the status of
 /// every session, `own` is this node's ID, and `roles` changes whenever a volume of
@@ -1183,6 +1193,7 @@ async fn run_session(
     let mut roles = volume.roles.subscribe();
     let mut sent = 0u64;
     let counters = StreamCounters::default();
+    let tag = stream_tag(&volume.name, send.id());
     let gate_id = volume.gate.register();
     static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let session_id = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1225,18 +1236,18 @@ async fn run_session(
     let mut waiting_handover: Option<HandoverReply> = None;
     let mut handing_over: Option<(std::time::Instant, u64)> = None;
     let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
+    // Active: writes taken again after a handover that timed out, in the blocking pool
+    // (`resume_writes` waits for a role change under way, and for `stop_writes`, which
+    // waits for writes that may wait for this loop's acks); a new stop waits for it.
+    let mut resuming: Option<tokio::task::JoinHandle<()>> = None;
     // Active: `twinfs sync` requests waiting for the standby to catch up.
     let mut commands = (role == Role::Active).then(|| volume.commands.subscribe());
     let mut syncs: Vec<mpsc::Sender<(String, Result<(), String>)>> = Vec::new();
     let mut verifying: Option<Verifying> = None;
-    // Standby: this session's number among the volume's sessions with an active.
-    let following = match role {
-        Role::Standby => volume.followings.start(),
-        Role::Active => 0,
-    };
-    if role == Role::Standby {
-        *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx.clone());
-    }
+    // Standby: this session's number among the volume's sessions with an active, taken
+    // (with the handover slot) once the active's hello is accepted: a session refused
+    // at hello (a stale active) must not displace the one that follows the real one.
+    let mut following: Option<u64> = None;
     // Standby: the output that waits for large files being applied (an op on a related
     // path, or a scan). Meanwhile this loop goes on: it takes messages, its timers run,
     // heartbeats and acks go out; a wait of minutes must not look like a dead peer.
@@ -1244,6 +1255,16 @@ async fn run_session(
     // Active: the bytes of large-file streams last seen, which count as progress.
     let mut streamed = 0u64;
     'session: loop {
+        if role == Role::Standby
+            && following.is_none()
+            && matches!(
+                session.phase(),
+                crate::session::Phase::FullSync | crate::session::Phase::Streaming
+            )
+        {
+            following = Some(volume.followings.start());
+            *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx.clone());
+        }
         while let Some(out) = next_output(&mut parked, &mut session, &large) {
             if matches!(out, Output::InSync) {
                 link.update(&volume.name, |s| s.full_sync_done = Some(unix_now()));
@@ -1360,7 +1381,7 @@ async fn run_session(
                     if !batch.is_empty() {
                         batch.flush(&volume, &mut session).await;
                     }
-                    large.start(&volume, &link, &counters, seq, entry);
+                    large.start(&volume, &link, &counters, tag, seq, entry);
                     continue;
                 }
                 other => other,
@@ -1390,7 +1411,16 @@ async fn run_session(
                             ships.push(ship);
                         }
                     }
-                    ship(&volume, &mut session, &mut send, ships, &link, &counters).await
+                    ship(
+                        &volume,
+                        &mut session,
+                        &mut send,
+                        ships,
+                        &link,
+                        &counters,
+                        tag,
+                    )
+                    .await
                 }
                 out => carry_out(&volume, &mut session, &mut send, out).await,
             };
@@ -1427,7 +1457,7 @@ async fn run_session(
             // A standby's `sync` writer waits until the active has taken its write.
             volume.gate.caught_up(gate_id, seen);
         }
-        if role == Role::Standby && session.phase() != crate::session::Phase::Hello {
+        if let Some(following) = following {
             let key = (
                 session.fit(),
                 session.priority1_pending_len() == 0,
@@ -1477,7 +1507,10 @@ async fn run_session(
                 handing_over = None;
             } else if since.elapsed() > HANDOVER_DRAIN {
                 tracing::warn!(volume = %volume.name, peer = %link.peer, "handover: the standby did not catch up in time; taking writes again");
-                volume.roles.resume_writes(Hold::Handover);
+                let roles = volume.roles.clone();
+                resuming = Some(tokio::task::spawn_blocking(move || {
+                    roles.resume_writes(Hold::Handover)
+                }));
                 handing_over = None;
             }
         }
@@ -1509,7 +1542,8 @@ async fn run_session(
         });
         // Standby: with many outputs backed up behind a parked one, messages wait in
         // the reader's channel (and QUIC's flow control holds the active back) rather
-        // than pile up in memory; that they are there says the active is alive.
+        // than pile up in memory; that they are there says the active is alive. (Not for
+        // ever: a blocks stream silent for the peer timeout ends the apply they wait on.)
         let backlog = parked.is_some() && session.outputs_waiting() >= PARKED_BACKLOG;
         if backlog && (held.is_some() || messages.waiting()) {
             session.peer_heard(std::time::Instant::now());
@@ -1541,7 +1575,14 @@ async fn run_session(
                             // Not awaited here: a write under way may wait (sync
                             // durability) for the very acks this loop must go on taking.
                             let roles = volume.roles.clone();
-                            stopping = Some(tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Handover)));
+                            let resumed = resuming.take();
+                            stopping = Some(tokio::spawn(async move {
+                                // Not lifted after it is set again.
+                                if let Some(resumed) = resumed {
+                                    let _ = resumed.await;
+                                }
+                                let _ = tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Handover)).await;
+                            }));
                         }
                         Message::HandoverReady { epoch } if role == Role::Standby => {
                             if let Some(reply) = waiting_handover.take() {
@@ -1708,7 +1749,7 @@ async fn run_session(
             }
         }
     }
-    if role == Role::Standby && session.phase() != crate::session::Phase::Hello {
+    if let Some(following) = following {
         record_fitness(&volume, &session, following).await;
     }
     if role == Role::Standby {
@@ -2383,6 +2424,7 @@ async fn ship(
     mut ships: Vec<Ship>,
     link: &Link,
     counters: &StreamCounters,
+    tag: u64,
 ) -> Option<u64> {
     let can_stream = link.connection.is_some() && link.streams.is_some();
     if ships.len() == 1 {
@@ -2396,7 +2438,7 @@ async fn ship(
                 .await
                 .ok()?
         };
-        return send_ship(volume, session, send, read, link, counters).await;
+        return send_ship(volume, session, send, read, link, counters, tag).await;
     }
     let mut groups: Vec<Vec<(usize, Ship)>> = (0..SHIP_READERS).map(|_| Vec::new()).collect();
     let count = ships.len();
@@ -2433,7 +2475,7 @@ async fn ship(
     }
     let mut sent = 0;
     for read in reads {
-        sent += send_ship(volume, session, send, read?, link, counters).await?;
+        sent += send_ship(volume, session, send, read?, link, counters, tag).await?;
     }
     Some(sent)
 }
@@ -2451,6 +2493,7 @@ async fn send_ship(
     read: ShipRead,
     link: &Link,
     counters: &StreamCounters,
+    tag: u64,
 ) -> Option<u64> {
     let (seq, shipped, read) = read;
     let (op, vanished, source) = match read {
@@ -2474,7 +2517,7 @@ async fn send_ship(
     if let Some(streamed) = source {
         tokio::spawn(stream_file(
             link.clone(),
-            volume.name.clone(),
+            tag,
             seq,
             streamed,
             shipped.clone(),
@@ -2768,7 +2811,7 @@ fn read_op(
 /// the op number, the blocks the standby lacks. Counts the bytes both ways.
 async fn stream_file(
     link: Link,
-    volume: String,
+    tag: u64,
     seq: u64,
     Streamed {
         file,
@@ -2782,7 +2825,7 @@ async fn stream_file(
         return;
     };
     // The standby asks only when it gets to this op; a refused op never asks.
-    let Some(mut recv) = streams.take(&volume, seq, BLOCK_LIST_WAIT).await else {
+    let Some(mut recv) = streams.take(tag, seq, BLOCK_LIST_WAIT).await else {
         tracing::debug!(%path, "no block list for a large file; not sent");
         return;
     };
@@ -2806,7 +2849,7 @@ async fn stream_file(
             return;
         }
     };
-    if send.write_all(&stream_header(&volume, seq)).await.is_err() {
+    if send.write_all(&stream_header(tag, seq)).await.is_err() {
         return;
     }
     let (tx, mut rx) = mpsc::channel::<BlockRecord>(4);
@@ -2977,20 +3020,38 @@ async fn read_block_list(recv: &mut quinn::RecvStream) -> Result<BlockList, Stre
 }
 
 /// Reads the records of a blocks stream onto a channel, an error last if the stream
-/// broke or held a bad record; the channel closes at the stream's clean end.
+/// broke, held a bad record or brought nothing for `idle`; the channel closes at the
+/// stream's clean end.
+///
+/// Without `idle`, an active whose read of the file hangs (its disk) while QUIC's
+/// keep-alives go on would have this wait for ever: the apply would never end, and
+/// the standby's session, whose messages wait unread behind it (which counts as
+/// hearing the active), would never time the active out.
 async fn pump_blocks(
     mut recv: quinn::RecvStream,
     tx: mpsc::Sender<std::io::Result<(u64, Vec<u8>)>>,
     received: Arc<std::sync::atomic::AtomicU64>,
+    idle: Duration,
 ) {
+    let silent = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("nothing came on the blocks stream for {idle:?}"),
+        )
+    };
     loop {
         let mut header = [0u8; delta::RECORD_HEADER];
-        match recv.read_exact(&mut header).await {
-            Ok(()) => {}
+        match tokio::time::timeout(idle, recv.read_exact(&mut header)).await {
+            Ok(Ok(())) => {}
             // The clean end: the stream finished between records.
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return,
-            Err(e) => {
+            Ok(Err(quinn::ReadExactError::FinishedEarly(0))) => return,
+            Ok(Err(e)) => {
                 let _ = tx.send(Err(std::io::Error::other(e))).await;
+                return;
+            }
+            Err(_) => {
+                let _ = recv.stop(STREAM_UNWANTED);
+                let _ = tx.send(Err(silent())).await;
                 return;
             }
         }
@@ -3020,15 +3081,20 @@ async fn pump_blocks(
             let want = left.min(SEND_CHUNK);
             let mut data = Vec::with_capacity(want);
             while data.len() < want {
-                match recv.read_chunk(want - data.len(), true).await {
-                    Ok(Some(chunk)) => data.extend_from_slice(&chunk.bytes),
-                    Ok(None) => {
+                match tokio::time::timeout(idle, recv.read_chunk(want - data.len(), true)).await {
+                    Ok(Ok(Some(chunk))) => data.extend_from_slice(&chunk.bytes),
+                    Ok(Ok(None)) => {
                         let e = std::io::Error::other("the blocks stream ended inside a record");
                         let _ = tx.send(Err(e)).await;
                         return;
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         let _ = tx.send(Err(std::io::Error::other(e))).await;
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = recv.stop(STREAM_UNWANTED);
+                        let _ = tx.send(Err(silent())).await;
                         return;
                     }
                 }
@@ -3050,6 +3116,7 @@ async fn pump_blocks(
 async fn apply_streamed(
     volume: &VolumeLink,
     link: &Link,
+    tag: u64,
     seq: u64,
     entry: manifest::Entry,
     counters: &StreamCounters,
@@ -3086,7 +3153,7 @@ async fn apply_streamed(
         .open_uni()
         .await
         .map_err(|e| format!("cannot open a stream: {e}"))?;
-    let mut bytes = stream_header(&volume.name, seq).to_vec();
+    let mut bytes = stream_header(tag, seq).to_vec();
     bytes.extend_from_slice(&list.encode());
     ask.write_all(&bytes)
         .await
@@ -3095,11 +3162,16 @@ async fn apply_streamed(
     counters
         .sent
         .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let Some(recv) = streams.take(&volume.name, seq, STREAM_WAIT).await else {
+    let Some(recv) = streams.take(tag, seq, STREAM_WAIT).await else {
         return Err(format!("the blocks of {} never arrived", entry.path));
     };
     let (tx, mut rx) = mpsc::channel(4);
-    let pump = tokio::spawn(pump_blocks(recv, tx, counters.received.clone()));
+    let pump = tokio::spawn(pump_blocks(
+        recv,
+        tx,
+        counters.received.clone(),
+        PEER_TIMEOUT,
+    ));
     let v = volume.clone();
     let result = tokio::task::spawn_blocking(move || {
         let applier = Applier::new(v.root.as_fd());
@@ -3411,6 +3483,7 @@ impl LargeApplies {
         volume: &VolumeLink,
         link: &Link,
         counters: &StreamCounters,
+        tag: u64,
         seq: u64,
         entry: manifest::Entry,
     ) {
@@ -3424,7 +3497,7 @@ impl LargeApplies {
         tokio::spawn(async move {
             let _applying = volume.applying.clone().read_owned().await;
             let path = entry.path.clone();
-            let result = apply_streamed(&volume, &link, seq, entry, &counters).await;
+            let result = apply_streamed(&volume, &link, tag, seq, entry, &counters).await;
             let _ = done.send((seq, path, result));
         });
     }
@@ -3924,15 +3997,16 @@ mod tests {
             let (sender, receiver) = connected().await?;
             let streams = Arc::new(Streams::default());
             tokio::spawn(streams.clone().accept(receiver));
+            let tag = stream_tag("vol", sender.open_bi().await?.0.id());
             // Nobody sent op 7's stream in time.
             assert!(streams
-                .take("vol", 7, Duration::from_millis(50))
+                .take(tag, 7, Duration::from_millis(50))
                 .await
                 .is_none());
             // It comes now, with data nobody will read: stopped, so its flow-control
             // credit goes back to the connection.
             let mut send = sender.open_uni().await?;
-            send.write_all(&stream_header("vol", 7)).await?;
+            send.write_all(&stream_header(tag, 7)).await?;
             send.write_all(&[0u8; 4096]).await?;
             let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
             assert!(
@@ -3941,10 +4015,101 @@ mod tests {
             );
             // A stream that is waited for is still taken.
             let mut send = sender.open_uni().await?;
-            send.write_all(&stream_header("vol", 8)).await?;
+            send.write_all(&stream_header(tag, 8)).await?;
             send.write_all(b"blocks").await?;
-            let taken = streams.take("vol", 8, Duration::from_secs(5)).await;
+            let taken = streams.take(tag, 8, Duration::from_secs(5)).await;
             assert!(taken.is_some());
+            Ok(())
+        })
+        .await?
+    }
+
+    /// An active whose read of a large file hangs sends nothing more on its blocks
+    /// stream while the connection stays up: the standby gives up on the file rather
+    /// than wait for ever.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_blocks_stream_that_goes_silent_ends_the_apply() -> TestResult {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let (sender, receiver) = connected().await?;
+            let mut send = sender.open_uni().await?;
+            // A record of 8 bytes, of which 3 come.
+            send.write_all(&delta::record_header(0, 8)).await?;
+            send.write_all(b"abc").await?;
+            let recv = receiver.accept_uni().await?;
+            let (tx, mut rx) = mpsc::channel(4);
+            let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            tokio::spawn(pump_blocks(recv, tx, received, Duration::from_millis(100)));
+            let got = rx.recv().await;
+            assert!(
+                matches!(&got, Some(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut),
+                "{got:?}"
+            );
+            // The stream is stopped: its unread bytes no longer hold the connection.
+            let stopped = send.stopped().await;
+            assert!(
+                matches!(stopped, Ok(Some(code)) if code == STREAM_UNWANTED),
+                "{stopped:?}"
+            );
+            // The connection itself is still up (keep-alives would go on).
+            assert!(sender.close_reason().is_none());
+            Ok(())
+        })
+        .await?
+    }
+
+    /// Waits until `n` large-file streams wait to be taken.
+    async fn waiting(streams: &Streams, n: usize) {
+        loop {
+            let notified = streams.arrived.notified();
+            if streams
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .waiting
+                .len()
+                >= n
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A volume's session re-opened on the same connection numbers its ops from 1 again,
+    /// while the old session's detached tasks may still wait for their streams: those
+    /// must neither take the new session's streams nor have them stopped.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_later_session_of_a_volume_keeps_its_streams_from_the_old_ones() -> TestResult {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let (sender, receiver) = connected().await?;
+            let streams = Arc::new(Streams::default());
+            tokio::spawn(streams.clone().accept(receiver.clone()));
+            // Two sessions of the volume, one after the other; each end tags them by
+            // its own view of the session's stream.
+            let mut tags = Vec::new();
+            for _ in 0..2 {
+                let (mut send, _) = sender.open_bi().await?;
+                send.write_all(b"hello").await?;
+                let (_, recv) = receiver.accept_bi().await?;
+                let (ours, theirs) = (stream_tag("vol", send.id()), stream_tag("vol", recv.id()));
+                assert_eq!(ours, theirs);
+                tags.push(ours);
+            }
+            let (old, new) = (tags[0], tags[1]);
+            // The old session gave up on its op 9 (it ended meanwhile).
+            assert!(streams.take(old, 9, Duration::ZERO).await.is_none());
+            // The new session's ops 7 and 9 come.
+            for seq in [7, 9] {
+                let mut send = sender.open_uni().await?;
+                send.write_all(&stream_header(new, seq)).await?;
+                send.write_all(b"blocks").await?;
+            }
+            waiting(&streams, 2).await;
+            // A task of the old session still waiting for its op 7 finds nothing.
+            assert!(streams.take(old, 7, Duration::ZERO).await.is_none());
+            // The new session gets both.
+            assert!(streams.take(new, 7, Duration::ZERO).await.is_some());
+            assert!(streams.take(new, 9, Duration::ZERO).await.is_some());
             Ok(())
         })
         .await?

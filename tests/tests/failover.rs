@@ -827,3 +827,81 @@ fn an_old_session_ending_does_not_record_the_standby_fit_during_a_new_full_sync(
         c.nodes[1].log_text()
     );
 }
+
+/// A stale active (of an older epoch) dials a standby that follows the real active:
+/// the standby refuses it at hello, and that short session must leave the live one's
+/// place alone: the standby stays fit and a planned promote still reaches the active.
+#[test]
+fn a_session_refused_at_hello_leaves_the_standby_fit_and_its_handover_alone() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(3, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    c.nodes[2].stop();
+    // node1 takes over (epoch 2); node0 follows it.
+    let said = run_ok(&c.nodes[1], &["promote"]);
+    assert!(said.contains("planned switchover"), "{said}");
+    wait_role(&c.nodes[0], "standby", 2);
+    wait_ready(&c.nodes[0], &c.nodes[1]);
+    let ready = |node: &Node| node.volume_status()["takeover"] == "ready";
+    assert!(
+        wait_until(CONVERGE, || ready(&c.nodes[0])),
+        "{}",
+        c.nodes[0].volume_status()
+    );
+
+    // node2 comes back as the active of epoch 1 it was, knowing only node0: it dials
+    // node0, which refuses it at hello (and fences it).
+    fs::write(
+        c.nodes[2].state_dir.join("volumes/vol.json"),
+        "{\"role\": \"active\", \"epoch\": 1}\n",
+    )
+    .expect("old state");
+    let config = fs::read_to_string(&c.nodes[2].config).expect("config");
+    let without_node1: Vec<&str> = config
+        .split("\n\n")
+        .filter(|block| !block.contains("name = \"node1\""))
+        .collect();
+    fs::write(&c.nodes[2].config, without_node1.join("\n\n")).expect("config");
+    c.nodes[2].start(&[]);
+    wait_role(&c.nodes[2], "standby", 2);
+    // The refused session has ended on node0 (it says so last).
+    let ended = |node: &Node| {
+        node.volume_status()["peers"]
+            .as_array()
+            .is_some_and(|peers| {
+                peers
+                    .iter()
+                    .any(|p| p["peer"] == "node2" && p["connected"] == false)
+            })
+    };
+    assert!(
+        wait_until(CONVERGE, || ended(&c.nodes[0])),
+        "{}\nlog:\n{}",
+        c.nodes[0].volume_status(),
+        c.nodes[0].log_text()
+    );
+
+    // The live session goes on recording node0's fitness.
+    fs::write(
+        c.nodes[1].volume.join("passwd"),
+        "root:x:0:0\nlater:x:2:2\n",
+    )
+    .expect("write");
+    assert!(
+        wait_until(CONVERGE, || {
+            fs::read_to_string(c.nodes[0].volume.join("passwd")).is_ok_and(|t| t.contains("later"))
+                && ready(&c.nodes[0])
+        }),
+        "{}\nlog:\n{}",
+        c.nodes[0].volume_status(),
+        c.nodes[0].log_text()
+    );
+    let said = run_ok(&c.nodes[0], &["promote"]);
+    assert!(
+        said.contains("planned switchover"),
+        "the active is alive and asked to hand over: {said}\nlog:\n{}",
+        c.nodes[0].log_text()
+    );
+    wait_role(&c.nodes[1], "standby", 3);
+}
