@@ -45,7 +45,8 @@ pub type Hook = Box<dyn Fn(&RoleChange) -> bool + Send + Sync>;
 
 /// Why an active node's local writes are held back. Each holder lifts only its own
 /// hold; writes come back when none is left (so the end of the start-up hold cannot
-/// undo a `demote` under way, nor a failed handover a `demote`).
+/// undo a `demote` under way, nor a failed handover a `demote`, nor one standby's
+/// failed handover another's under way: holds of one kind are counted).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hold {
     /// An active that starts waits to meet its standbys.
@@ -57,8 +58,8 @@ pub enum Hold {
 }
 
 impl Hold {
-    fn bit(self) -> u8 {
-        1 << self as u8
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -76,9 +77,9 @@ pub struct RoleCell {
     hook: Option<Hook>,
     /// Role changes one at a time.
     changing: Mutex<()>,
-    /// The [`Hold`]s on local writes, as bits. Its own lock, taken after `changing`
+    /// The [`Hold`]s on local writes, counted by kind. Its own lock, taken after `changing`
     /// if both: stopping writes must not wait for a role change's hook.
-    holds: Mutex<u8>,
+    holds: Mutex<[u32; 3]>,
 }
 
 impl RoleCell {
@@ -101,7 +102,7 @@ impl RoleCell {
             sync_record,
             hook,
             changing: Mutex::new(()),
-            holds: Mutex::new(0),
+            holds: Mutex::new([0; 3]),
         }
     }
 
@@ -170,7 +171,7 @@ impl RoleCell {
         {
             // A promotion takes writes, whatever held them back in an earlier term.
             let mut holds = self.holds();
-            *holds = 0;
+            *holds = [0; 3];
             self.volume.set_role(Role::Active);
         }
         self.publish(next);
@@ -201,7 +202,7 @@ impl RoleCell {
     /// way are done. Does not wait for a role change under way (a hook may take long).
     pub fn stop_writes(&self, hold: Hold) {
         let mut holds = self.holds();
-        *holds |= hold.bit();
+        holds[hold.index()] = holds[hold.index()].saturating_add(1);
         self.volume.set_role(Role::Standby);
     }
 
@@ -210,13 +211,13 @@ impl RoleCell {
     pub fn resume_writes(&self, hold: Hold) {
         let _one = self.lock();
         let mut holds = self.holds();
-        *holds &= !hold.bit();
-        if *holds == 0 && self.get().role == Role::Active {
+        holds[hold.index()] = holds[hold.index()].saturating_sub(1);
+        if *holds == [0; 3] && self.get().role == Role::Active {
             self.volume.set_role(Role::Active);
         }
     }
 
-    fn holds(&self) -> std::sync::MutexGuard<'_, u8> {
+    fn holds(&self) -> std::sync::MutexGuard<'_, [u32; 3]> {
         self.holds.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -293,6 +294,13 @@ mod tests {
         roles.resume_writes(Hold::Handover);
         assert!(!writable());
         roles.resume_writes(Hold::Demote);
+        assert!(writable());
+        // Two standbys ask for a handover at once; one gives up.
+        roles.stop_writes(Hold::Handover);
+        roles.stop_writes(Hold::Handover);
+        roles.resume_writes(Hold::Handover);
+        assert!(!writable(), "one handover's end undid the other's hold");
+        roles.resume_writes(Hold::Handover);
         assert!(writable());
     }
 
