@@ -307,6 +307,21 @@ pub fn is_abort(offset: u64, len: u32) -> bool {
 
 const ABORT_OFFSET: u64 = u64::MAX;
 
+/// A record that carries nothing: the active sends one now and then while it reads a
+/// long stretch of a file that the standby already has, so that neither side takes
+/// the quiet stream for a dead one (the standby ends an apply whose stream stays
+/// silent, the active starts a full sync when nothing moves).
+pub fn keep_alive_record() -> [u8; RECORD_HEADER] {
+    record_header(KEEP_ALIVE_OFFSET, 0)
+}
+
+/// Whether a parsed record header is [`keep_alive_record`].
+pub fn is_keep_alive(offset: u64, len: u32) -> bool {
+    offset == KEEP_ALIVE_OFFSET && len == 0
+}
+
+const KEEP_ALIVE_OFFSET: u64 = u64::MAX - 1;
+
 /// Decodes and checks a record header: `(offset, len)`.
 pub fn parse_record_header(header: [u8; RECORD_HEADER]) -> Result<(u64, u32), DeltaError> {
     let mut offset = [0u8; 8];

@@ -726,6 +726,11 @@ fn session_config(volume: &VolumeLink, link: &Link) -> SessionConfig {
 /// that brings nothing for as long ends the same way.
 const PEER_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How often the active sends a [`delta::keep_alive_record`] while it reads a stretch
+/// of a large file that the standby already has: well within [`PEER_TIMEOUT`] and the
+/// stall timeout.
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(10);
+
 /// Starts the driver on the current tokio runtime; `board` receives the status of
 /// every session, `own` is this node's ID, and `roles` changes whenever a volume of
 /// this node changes role (each peer is dialled while any volume is active).
@@ -2878,6 +2883,7 @@ async fn stream_file(
         let chunk = block.max(SEND_CHUNK);
         let mut offset = 0u64;
         let mut index = 0usize;
+        let mut quiet_since = std::time::Instant::now();
         loop {
             let data = match crate::apply::read_new(file.as_fd(), chunk, offset) {
                 Ok(d) => bytes::Bytes::from(d),
@@ -2897,6 +2903,15 @@ async fn stream_file(
                 if tx.blocking_send(Ok((header, data.slice(run)))).is_err() {
                     return;
                 }
+                quiet_since = std::time::Instant::now();
+            }
+            // A long stretch the standby has: say the stream is alive.
+            if quiet_since.elapsed() >= KEEP_ALIVE_EVERY {
+                let alive = (delta::keep_alive_record(), bytes::Bytes::new());
+                if tx.blocking_send(Ok(alive)).is_err() {
+                    return;
+                }
+                quiet_since = std::time::Instant::now();
             }
             index += hashes.len();
             offset += data.len() as u64;
@@ -2930,6 +2945,7 @@ async fn stream_file(
         };
         let len = header.len() + data.len();
         let written = match send.write_all(&header).await {
+            Ok(()) if data.is_empty() => Ok(()),
             Ok(()) => send.write_chunk(data).await,
             Err(e) => Err(e),
         };
@@ -3074,6 +3090,9 @@ async fn pump_blocks(
             delta::RECORD_HEADER as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        if delta::is_keep_alive(offset, len) {
+            continue;
+        }
         // Passed on in pieces of at most a MiB, gathered from the stream's chunks
         // without zeroing a buffer first.
         let mut left = len as usize;
@@ -4052,6 +4071,38 @@ mod tests {
             );
             // The connection itself is still up (keep-alives would go on).
             assert!(sender.close_reason().is_none());
+            Ok(())
+        })
+        .await?
+    }
+
+    /// An active reading a long stretch the standby has sends keep-alive records: the
+    /// standby's pump neither times out nor passes them on as blocks.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn keep_alive_records_keep_a_quiet_blocks_stream_open() -> TestResult {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let (sender, receiver) = connected().await?;
+            let mut send = sender.open_uni().await?;
+            send.write_all(&delta::keep_alive_record()).await?;
+            let recv = receiver.accept_uni().await?;
+            let (tx, mut rx) = mpsc::channel(4);
+            let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            tokio::spawn(pump_blocks(recv, tx, received, Duration::from_millis(200)));
+            // Quiet for four times the pump's limit, but for the keep-alives.
+            for _ in 0..16 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                send.write_all(&delta::keep_alive_record()).await?;
+            }
+            send.write_all(&delta::record_header(4096, 3)).await?;
+            send.write_all(b"abc").await?;
+            send.finish()?;
+            let got = rx.recv().await;
+            assert!(
+                matches!(&got, Some(Ok((4096, data))) if data == b"abc"),
+                "{got:?}"
+            );
+            let end = rx.recv().await;
+            assert!(end.is_none(), "{end:?}");
             Ok(())
         })
         .await?
