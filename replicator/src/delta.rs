@@ -315,11 +315,6 @@ pub fn keep_alive_record() -> [u8; RECORD_HEADER] {
     record_header(KEEP_ALIVE_OFFSET, 0)
 }
 
-/// Whether a parsed record header is [`keep_alive_record`].
-pub fn is_keep_alive(offset: u64, len: u32) -> bool {
-    offset == KEEP_ALIVE_OFFSET && len == 0
-}
-
 const KEEP_ALIVE_OFFSET: u64 = u64::MAX - 1;
 
 /// Decodes and checks a record header: `(offset, len)`.

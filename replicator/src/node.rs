@@ -3090,9 +3090,8 @@ async fn pump_blocks(
             delta::RECORD_HEADER as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        if delta::is_keep_alive(offset, len) {
-            continue;
-        }
+        // An empty record (the active's keep-alive while it reads a long stretch the
+        // standby has) yields nothing below; its header was enough to reset the wait.
         // Passed on in pieces of at most a MiB, gathered from the stream's chunks
         // without zeroing a buffer first.
         let mut left = len as usize;
