@@ -92,21 +92,8 @@ fn file_attr(a: &Attr) -> FileAttr {
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     t.map(|t| match t {
         TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(t) => SetTime::At(fix_pre_epoch(t)),
+        TimeOrNow::SpecificTime(t) => SetTime::At(t),
     })
-}
-
-/// fuser 0.18 turns the kernel's (-s seconds, +n nanoseconds) for a time before 1970
-/// into -(s + n) instead of -s + n; undo that so `touch -d 1969-...` with nanoseconds
-/// lands where it does natively.
-fn fix_pre_epoch(t: SystemTime) -> SystemTime {
-    match UNIX_EPOCH.duration_since(t) {
-        Ok(before) if before.subsec_nanos() != 0 => UNIX_EPOCH
-            .checked_sub(Duration::from_secs(before.as_secs()))
-            .and_then(|t| t.checked_add(Duration::from_nanos(u64::from(before.subsec_nanos()))))
-            .unwrap_or(t),
-        _ => t,
-    }
 }
 
 fn caller(req: &Request) -> Caller {
@@ -718,16 +705,5 @@ mod tests {
                 "{sec}.{nsec}"
             );
         }
-    }
-
-    #[test]
-    fn a_pre_epoch_time_from_fuser_is_put_right_at_the_ends_of_the_range() {
-        // fuser gives -(s + n) for the kernel's (-s, +n).
-        let from_fuser = UNIX_EPOCH - Duration::new(5, 250_000_000);
-        assert_eq!(parts(fix_pre_epoch(from_fuser)), (-5, 250_000_000));
-        let lowest = UNIX_EPOCH - Duration::from_secs(1 << 63);
-        assert_eq!(parts(fix_pre_epoch(lowest)), (i128::from(i64::MIN), 0));
-        let below = UNIX_EPOCH - Duration::new((1 << 63) - 1, 1);
-        assert_eq!(parts(fix_pre_epoch(below)), (i128::from(i64::MIN) + 1, 1));
     }
 }

@@ -941,6 +941,55 @@ fn times_before_1970() {
 }
 
 #[test]
+fn times_at_the_ends_of_the_64_bit_range_keep_the_mount_serving() {
+    // fuser 0.18 panicked one FUSE worker per setattr with a time near -2^63 s before
+    // twinfs saw it: that caller hung, and four such calls stopped the mount (fixed in
+    // vendor/fuser). Each call runs on its own thread, so a hang fails the test instead
+    // of stalling it; more calls than the mount has workers.
+    fn within(what: &str, f: impl FnOnce() -> Result<(), i32> + Send + 'static) -> Result<(), i32> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{what}: no answer in 30 s, the mount hangs"))
+    }
+    same_as_native(
+        |p| fs::write(p.join("f"), b"x").expect("write"),
+        |p| {
+            let mut log = Log::default();
+            for (i, t) in [
+                (i64::MIN, 0),
+                (i64::MIN, 1),
+                (i64::MIN, 999_999_999),
+                (i64::MIN + 1, 500_000_000),
+                (i64::MAX, 999_999_999),
+                (i64::MIN, 0),
+                (i64::MIN, 1),
+                (i64::MIN, 999_999_999),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let f = p.join("f");
+                let what = format!("set_times {t:?}");
+                log.note(&what, within(&what, move || set_times(&f, t, t)));
+                let f = p.join("f");
+                let read = within(&format!("read after {i}"), move || {
+                    fs::read(&f)
+                        .map(|_| ())
+                        .map_err(|e| e.raw_os_error().unwrap_or(-1))
+                });
+                log.note("read", read);
+                // The read sets the access time to now: the modification time only.
+                log.note("mtime", times(&p.join("f")).1);
+            }
+            log
+        },
+    );
+}
+
+#[test]
 fn xattrs_set_get_list_remove() {
     same_as_native(
         |p| {

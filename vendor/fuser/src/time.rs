@@ -37,14 +37,22 @@ pub(crate) fn time_from_system_time(system_time: &SystemTime) -> (i64, u32) {
 /// Converts a tuple of (seconds, nanoseconds) since the Unix epoch to a `SystemTime`.
 ///
 /// This handles negative seconds (times before the Unix epoch).
+///
+/// twinfs patch: the kernel gives a time before 1970 as negative seconds and positive
+/// nanoseconds after them, so (-1, 500_000_000) is -0.5 s (upstream made it -1.5 s);
+/// and `secs = i64::MIN`, which a caller can pass to `utimensat`, panicked the worker
+/// thread (negation overflow, or an overflowing subtraction). Every step is checked; a
+/// time `SystemTime` cannot hold (none on Linux) becomes the epoch.
 pub(crate) fn system_time_from_time(secs: i64, nsecs: u32) -> SystemTime {
-    if secs >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::new(secs as u64, nsecs)
+    let whole = Duration::from_secs(secs.unsigned_abs());
+    let whole = if secs >= 0 {
+        UNIX_EPOCH.checked_add(whole)
     } else {
-        // TODO: overflow
-        // TODO: 1_000_000_000 - nsec
-        SystemTime::UNIX_EPOCH - Duration::new((-secs) as u64, nsecs)
-    }
+        UNIX_EPOCH.checked_sub(whole)
+    };
+    whole
+        .and_then(|t| t.checked_add(Duration::from_nanos(u64::from(nsecs.min(999_999_999)))))
+        .unwrap_or(UNIX_EPOCH)
 }
 
 #[cfg(test)]
