@@ -15,6 +15,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -121,15 +122,17 @@ impl Area {
         std::fs::create_dir_all(&set).map_err(|e| format!("{}: {e}", set.display()))?;
         let mut dir = sys::open_dir_path(&set).map_err(|e| format!("{}: {e}", set.display()))?;
         let mut kept_as = PathBuf::new();
-        for component in parent.components() {
-            let (sub, used) = enter_or_make(dir.as_fd(), component)
-                .map_err(|e| format!("{}: {e}", set.join(&kept_as).join(component).display()))?;
+        for (i, component) in parent.components().enumerate() {
+            let component = in_set(i, component);
+            let (sub, used) = enter_or_make(dir.as_fd(), &component)
+                .map_err(|e| format!("{}: {e}", set.join(&kept_as).join(&component).display()))?;
             dir = sub;
             kept_as.push(used);
         }
-        kept_as.push(name);
+        let name = in_set(parent.components().count(), name);
+        kept_as.push(&name);
         let entries = applier
-            .copy_out(path, dir.as_fd(), name)
+            .copy_out(path, dir.as_fd(), &name)
             .map_err(|e| e.to_string())?;
         if entries == 0 {
             return Ok(0);
@@ -172,20 +175,29 @@ impl Area {
         let set = self.dir.join(format!("refused-{epoch}-{}", timestamp(at)));
         let mut kept_as = path.to_string();
         if let Some(content) = content {
-            let mut dest = set.join(path.as_path());
-            let mut n = 1;
-            while dest.symlink_metadata().is_ok() {
-                n += 1;
-                kept_as = format!("{path}.{n}");
-                dest = set.join(&kept_as);
+            let Some((parent, name)) = path.split_last() else {
+                return Err("cannot keep the volume root".to_owned());
+            };
+            // As `keep` does: nothing kept in the set is followed or overwritten. A
+            // kept file or symlink where a directory of `path` would go gets a `.N`
+            // directory beside it; a second version of a path gets `NAME.N`.
+            std::fs::create_dir_all(&set).map_err(|e| format!("{}: {e}", set.display()))?;
+            let mut dir =
+                sys::open_dir_path(&set).map_err(|e| format!("{}: {e}", set.display()))?;
+            let mut used_path = PathBuf::new();
+            for (i, component) in parent.components().enumerate() {
+                let component = in_set(i, component);
+                let (sub, used) = enter_or_make(dir.as_fd(), &component).map_err(|e| {
+                    format!("{}: {e}", set.join(&used_path).join(&component).display())
+                })?;
+                dir = sub;
+                used_path.push(used);
             }
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("{}: {e}", parent.display()))?;
-            }
-            // Owner-only: what is kept may be a password file.
-            crate::durable::atomic_write(&dest, content, 0o600)
-                .map_err(|e| format!("{}: {e}", dest.display()))?;
+            let name = in_set(parent.components().count(), name);
+            let used = write_new(dir.as_fd(), &name, content)
+                .map_err(|e| format!("{}: {e}", set.join(&used_path).join(&name).display()))?;
+            used_path.push(used);
+            kept_as = used_path.to_string_lossy().into_owned();
         }
         self.list(
             &set,
@@ -241,6 +253,27 @@ impl Area {
 /// missing, never through a symlink. Where something else is kept under that name, the
 /// first of `name.2`, `name.3`, ... that is a directory or free is used instead.
 /// Returns the directory and the name used.
+/// The name in a set of the component at `depth` of a kept path: the set's own
+/// `MANIFEST.json` is not the volume's, so at the top `MANIFEST.json`,
+/// `MANIFEST.json.kept`, ... each get one more `.kept` (distinct names stay distinct).
+fn in_set(depth: usize, name: &OsStr) -> OsString {
+    let mut rest = name.as_bytes();
+    if depth == 0 {
+        if let Some(r) = rest.strip_prefix(MANIFEST.as_bytes()) {
+            rest = r;
+            while let Some(r) = rest.strip_prefix(b".kept") {
+                rest = r;
+            }
+            if rest.is_empty() {
+                let mut escaped = name.to_owned();
+                escaped.push(".kept");
+                return escaped;
+            }
+        }
+    }
+    name.to_owned()
+}
+
 fn enter_or_make(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<(OwnedFd, OsString)> {
     let mut used = name.to_owned();
     for n in 2u32.. {
@@ -259,6 +292,53 @@ fn enter_or_make(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<(OwnedFd,
         }
     }
     Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+}
+
+/// Writes `content` into `dir` as a new owner-only file `name`, or `name.N` if that
+/// is taken (by anything: nothing is replaced or followed). Whole or not at all: a
+/// temporary file, synced, renamed in without replacing, then the directory synced.
+/// Returns the name used.
+fn write_new(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8]) -> std::io::Result<OsString> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let temp = OsString::from(format!(
+        ".keep.tmp-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let written = (|| {
+        let fd = sys::openat(
+            dir,
+            &temp,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+        )?;
+        let mut file = std::fs::File::from(fd);
+        file.write_all(content)?;
+        file.sync_all()?;
+        let mut used = name.to_owned();
+        for n in 2u32.. {
+            match sys::renameat2(dir, &temp, dir, &used, libc::RENAME_NOREPLACE) {
+                Ok(()) => return Ok(used),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    used = name.to_owned();
+                    used.push(format!(".{n}"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+    })();
+    match written {
+        Ok(used) => {
+            sys::fsync(sys::reopen_dir(dir)?.as_fd(), false)?;
+            Ok(used)
+        }
+        Err(e) => {
+            // Best effort: the write already failed.
+            let _ = sys::unlinkat(dir, &temp, 0);
+            Err(e)
+        }
+    }
 }
 
 fn read_manifest(path: &Path) -> Option<Manifest> {
@@ -301,5 +381,16 @@ mod tests {
         assert_eq!(timestamp(0), "19700101T000000Z");
         assert_eq!(timestamp(951_782_400), "20000229T000000Z");
         assert_eq!(timestamp(1_795_463_482), "20261123T195122Z");
+    }
+
+    #[test]
+    fn only_the_manifest_family_is_renamed_and_only_at_the_top() {
+        let name = |depth, n: &str| in_set(depth, OsStr::new(n)).into_string().expect("utf-8");
+        assert_eq!(name(0, "MANIFEST.json"), "MANIFEST.json.kept");
+        assert_eq!(name(0, "MANIFEST.json.kept"), "MANIFEST.json.kept.kept");
+        assert_eq!(name(0, "MANIFEST.json.2"), "MANIFEST.json.2");
+        assert_eq!(name(0, "MANIFEST.jsonx"), "MANIFEST.jsonx");
+        assert_eq!(name(0, "hosts"), "hosts");
+        assert_eq!(name(1, "MANIFEST.json"), "MANIFEST.json");
     }
 }

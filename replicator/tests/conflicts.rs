@@ -134,3 +134,102 @@ fn a_refused_write_and_a_fencing_in_the_same_second_keep_apart() {
     assert!(contents.contains(&("refused".into(), "refused version".into())));
     assert!(contents.contains(&("replaced".into(), "later version".into())));
 }
+
+#[test]
+fn refused_writes_never_follow_or_overwrite_what_their_set_holds() {
+    let f = Fenced::new();
+    let outside = tempfile::tempdir().expect("tempdir");
+    let refuse = |path: &str, content: &str| {
+        let path = RelPath::new(path).expect("valid path");
+        f.area
+            .keep_refused(7, 0, &path, Some(content.as_bytes()), "test")
+            .expect("keep refused");
+    };
+    // A file where a later path needs a directory, and a second version of a path.
+    refuse("etc", "etc as a file");
+    refuse("etc/hosts", "hosts in etc");
+    refuse("hosts", "first");
+    refuse("hosts", "second");
+    // Something in the set is a symlink out of it (it was never made by twinfs; a
+    // set is only root's, but nothing written there may go through one).
+    let set = f.area.dir().join("refused-7-19700101T000000Z");
+    symlink(outside.path(), set.join("certs")).expect("symlink");
+    refuse("certs/ca.pem", "ca");
+
+    assert_eq!(
+        fs::read_dir(outside.path()).expect("read_dir").count(),
+        0,
+        "written through the symlink in the set"
+    );
+    let sets = f.area.sets();
+    let (dir, manifest) = sets
+        .iter()
+        .find(|(d, _)| d == &set)
+        .expect("the refused set");
+    let listed: Vec<&str> = manifest.kept.iter().map(|k| k.path.as_str()).collect();
+    assert_eq!(
+        listed,
+        ["etc", "etc.2/hosts", "hosts", "hosts.2", "certs.2/ca.pem"]
+    );
+    for (path, content) in [
+        ("etc", "etc as a file"),
+        ("etc.2/hosts", "hosts in etc"),
+        ("hosts", "first"),
+        ("hosts.2", "second"),
+        ("certs.2/ca.pem", "ca"),
+    ] {
+        assert_eq!(
+            fs::read_to_string(dir.join(path)).expect("kept"),
+            content,
+            "{path}"
+        );
+    }
+    let leftovers: Vec<_> = fs::read_dir(dir)
+        .expect("read_dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}
+
+#[test]
+fn a_volume_file_named_like_a_sets_manifest_is_kept_beside_it() {
+    let f = Fenced::new();
+    let v = f.volume.path();
+    fs::write(v.join("MANIFEST.json"), "the volume's own").expect("write");
+    fs::write(v.join("MANIFEST.json.kept"), "also the volume's").expect("write");
+    fs::write(v.join("hosts"), "hosts").expect("write");
+    assert_eq!(f.keep("MANIFEST.json", "replaced"), 1);
+    assert_eq!(f.keep("MANIFEST.json.kept", "replaced"), 1);
+    assert_eq!(f.keep("hosts", "deleted"), 1);
+    let (set, listed) = f.set();
+    assert_eq!(
+        listed,
+        ["MANIFEST.json.kept", "MANIFEST.json.kept.kept", "hosts"]
+    );
+    assert_eq!(
+        fs::read_to_string(set.join("MANIFEST.json.kept")).expect("kept"),
+        "the volume's own"
+    );
+    assert_eq!(
+        fs::read_to_string(set.join("MANIFEST.json.kept.kept")).expect("kept"),
+        "also the volume's"
+    );
+
+    // The same for a refused upstream write.
+    let path = RelPath::new("MANIFEST.json").expect("valid path");
+    f.area
+        .keep_refused(9, 0, &path, Some(b"refused own"), "test")
+        .expect("keep refused");
+    let sets = f.area.sets();
+    let (dir, manifest) = sets
+        .iter()
+        .find(|(d, _)| d.ends_with("refused-9-19700101T000000Z"))
+        .expect("the refused set, with a readable manifest");
+    assert_eq!(manifest.kept[0].path, "MANIFEST.json.kept");
+    assert_eq!(
+        fs::read_to_string(dir.join("MANIFEST.json.kept")).expect("kept"),
+        "refused own"
+    );
+}
