@@ -462,6 +462,23 @@ pub fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other("no mnt_id in /proc/self/fdinfo"))
 }
 
+/// The supplementary groups of thread `tid`, from the `Groups:` line of
+/// `/proc/<tid>/status` (credentials are per thread; a thread id is found there even
+/// though `/proc` does not list it). An error if the thread is gone, or not in this pid
+/// namespace, or the line is not as expected.
+pub fn supplementary_groups(tid: u32) -> io::Result<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
+    groups_in_status(&status)
+        .ok_or_else(|| io::Error::other(format!("no Groups line in /proc/{tid}/status")))
+}
+
+/// The gids of the `Groups:` line of a `/proc/<pid>/status` text; `None` if there is no
+/// such line or a word of it is not a gid.
+fn groups_in_status(status: &str) -> Option<Vec<u32>> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    line.split_whitespace().map(|g| g.parse().ok()).collect()
+}
+
 /// `fstatfs`.
 pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
     let mut st = MaybeUninit::<libc::statfs>::uninit();
@@ -603,4 +620,28 @@ pub fn umount(path: &Path, lazy: bool) -> io::Result<()> {
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     // SAFETY: valid string.
     check(unsafe { libc::umount2(c.as_ptr(), flags) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_read_from_a_status_text() {
+        let status = "Name:\tsh\nUid:\t4243\t4243\t4243\t4243\nGroups:\t4242 10 \nNgid:\t0\n";
+        assert_eq!(groups_in_status(status), Some(vec![4242, 10]));
+        assert_eq!(groups_in_status("Groups:\n"), Some(vec![]));
+        assert_eq!(groups_in_status("Name:\tsh\n"), None);
+        assert_eq!(groups_in_status("Groups:\t12 x\n"), None);
+        assert_eq!(groups_in_status("Groups:\t4294967296\n"), None);
+    }
+
+    #[test]
+    fn this_thread_s_groups_are_its_own() {
+        // SAFETY: gettid and getgroups(0, NULL) cannot fail.
+        let (tid, n) = unsafe { (libc::gettid(), libc::getgroups(0, std::ptr::null_mut())) };
+        let groups = supplementary_groups(tid as u32).expect("own status");
+        assert_eq!(groups.len(), n as usize);
+        assert!(supplementary_groups(0).is_err(), "no /proc/0");
+    }
 }
