@@ -479,6 +479,35 @@ fn groups_in_status(status: &str) -> Option<Vec<u32>> {
     line.split_whitespace().map(|g| g.parse().ok()).collect()
 }
 
+/// The running kernel's (major, minor) version, from `uname`; (0, 0) if it cannot be
+/// told. Read once.
+pub fn kernel_version() -> (u32, u32) {
+    static VERSION: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| {
+        let mut uts = MaybeUninit::<libc::utsname>::uninit();
+        // SAFETY: uname fills the struct it is given.
+        if unsafe { libc::uname(uts.as_mut_ptr()) } != 0 {
+            return (0, 0);
+        }
+        // SAFETY: filled by the successful uname above.
+        let uts = unsafe { uts.assume_init() };
+        // SAFETY: `release` is a NUL-terminated string within the array.
+        let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
+        parse_kernel_version(&release.to_string_lossy())
+    })
+}
+
+/// (major, minor) of a kernel release like `6.1.0-18-amd64`; (0, 0) if it is not one.
+fn parse_kernel_version(release: &str) -> (u32, u32) {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor),
+        _ => (0, 0),
+    }
+}
+
 /// `fstatfs`.
 pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
     let mut st = MaybeUninit::<libc::statfs>::uninit();
@@ -643,5 +672,15 @@ mod tests {
         let groups = supplementary_groups(tid as u32).expect("own status");
         assert_eq!(groups.len(), n as usize);
         assert!(supplementary_groups(0).is_err(), "no /proc/0");
+    }
+
+    #[test]
+    fn kernel_versions_are_read_from_releases() {
+        assert_eq!(parse_kernel_version("6.1.0-18-amd64"), (6, 1));
+        assert_eq!(parse_kernel_version("6.18.44-fc-v1045"), (6, 18));
+        assert_eq!(parse_kernel_version("5.10"), (5, 10));
+        assert_eq!(parse_kernel_version("six"), (0, 0));
+        assert_eq!(parse_kernel_version("6"), (0, 0));
+        assert!(kernel_version() >= (3, 0), "{:?}", kernel_version());
     }
 }

@@ -1404,11 +1404,12 @@ impl Volume {
         if caller.uid != 0 {
             // We truncate as root, which keeps set-ID bits: drop them as a truncation
             // by this (unprivileged) caller would. The group's bit goes if group
-            // execute is set, and (since Linux 6.2) also without it if the caller is
-            // not in the file's group.
+            // execute is set, and since Linux 6.2 (`setattr_should_drop_sgid`) also
+            // without it if the caller is not in the file's group.
             let mut kill = libc::S_ISUID;
             if st.st_mode & libc::S_ISGID != 0
-                && (st.st_mode & libc::S_IXGRP != 0 || !caller.in_group(st.st_gid))
+                && (st.st_mode & libc::S_IXGRP != 0
+                    || (sys::kernel_version() >= (6, 2) && !caller.in_group(st.st_gid)))
             {
                 kill |= libc::S_ISGID;
             }

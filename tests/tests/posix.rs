@@ -1511,6 +1511,9 @@ fn set_group_id_follows_a_group_the_user_has_only_as_a_supplementary_one() {
     );
     assert!(log.has(&new), "native: {log:?}");
     assert!(log.0[3].contains("mode=2666"), "native: {log:?}");
-    assert!(log.0[5].contains("mode=666"), "native: {log:?}");
+    // A truncation by a user outside the file's group drops the bit since Linux 6.2.
+    let dropped = twinfs_fs::sys::kernel_version() >= (6, 2);
+    let want = if dropped { "mode=666 " } else { "mode=2666 " };
+    assert!(log.0[5].contains(want), "native: {log:?}");
     assert!(log.0[7].contains("mode=755"), "native: {log:?}");
 }
