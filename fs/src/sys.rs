@@ -462,6 +462,52 @@ pub fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other("no mnt_id in /proc/self/fdinfo"))
 }
 
+/// The supplementary groups of thread `tid`, from the `Groups:` line of
+/// `/proc/<tid>/status` (credentials are per thread; a thread id is found there even
+/// though `/proc` does not list it). An error if the thread is gone, or not in this pid
+/// namespace, or the line is not as expected.
+pub fn supplementary_groups(tid: u32) -> io::Result<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
+    groups_in_status(&status)
+        .ok_or_else(|| io::Error::other(format!("no Groups line in /proc/{tid}/status")))
+}
+
+/// The gids of the `Groups:` line of a `/proc/<pid>/status` text; `None` if there is no
+/// such line or a word of it is not a gid.
+fn groups_in_status(status: &str) -> Option<Vec<u32>> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    line.split_whitespace().map(|g| g.parse().ok()).collect()
+}
+
+/// The running kernel's (major, minor) version, from `uname`; (0, 0) if it cannot be
+/// told. Read once.
+pub fn kernel_version() -> (u32, u32) {
+    static VERSION: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| {
+        let mut uts = MaybeUninit::<libc::utsname>::uninit();
+        // SAFETY: uname fills the struct it is given.
+        if unsafe { libc::uname(uts.as_mut_ptr()) } != 0 {
+            return (0, 0);
+        }
+        // SAFETY: filled by the successful uname above.
+        let uts = unsafe { uts.assume_init() };
+        // SAFETY: `release` is a NUL-terminated string within the array.
+        let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
+        parse_kernel_version(&release.to_string_lossy())
+    })
+}
+
+/// (major, minor) of a kernel release like `6.1.0-18-amd64`; (0, 0) if it is not one.
+fn parse_kernel_version(release: &str) -> (u32, u32) {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor),
+        _ => (0, 0),
+    }
+}
+
 /// `fstatfs`.
 pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
     let mut st = MaybeUninit::<libc::statfs>::uninit();
@@ -603,4 +649,38 @@ pub fn umount(path: &Path, lazy: bool) -> io::Result<()> {
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     // SAFETY: valid string.
     check(unsafe { libc::umount2(c.as_ptr(), flags) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_read_from_a_status_text() {
+        let status = "Name:\tsh\nUid:\t4243\t4243\t4243\t4243\nGroups:\t4242 10 \nNgid:\t0\n";
+        assert_eq!(groups_in_status(status), Some(vec![4242, 10]));
+        assert_eq!(groups_in_status("Groups:\n"), Some(vec![]));
+        assert_eq!(groups_in_status("Name:\tsh\n"), None);
+        assert_eq!(groups_in_status("Groups:\t12 x\n"), None);
+        assert_eq!(groups_in_status("Groups:\t4294967296\n"), None);
+    }
+
+    #[test]
+    fn this_thread_s_groups_are_its_own() {
+        // SAFETY: gettid and getgroups(0, NULL) cannot fail.
+        let (tid, n) = unsafe { (libc::gettid(), libc::getgroups(0, std::ptr::null_mut())) };
+        let groups = supplementary_groups(tid as u32).expect("own status");
+        assert_eq!(groups.len(), n as usize);
+        assert!(supplementary_groups(0).is_err(), "no /proc/0");
+    }
+
+    #[test]
+    fn kernel_versions_are_read_from_releases() {
+        assert_eq!(parse_kernel_version("6.1.0-18-amd64"), (6, 1));
+        assert_eq!(parse_kernel_version("6.18.44-fc-v1045"), (6, 18));
+        assert_eq!(parse_kernel_version("5.10"), (5, 10));
+        assert_eq!(parse_kernel_version("six"), (0, 0));
+        assert_eq!(parse_kernel_version("6"), (0, 0));
+        assert!(kernel_version() >= (3, 0), "{:?}", kernel_version());
+    }
 }

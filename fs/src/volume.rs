@@ -89,6 +89,31 @@ pub struct Caller {
     pub uid: u32,
     /// Effective group id.
     pub gid: u32,
+    /// Id of the calling thread, where its supplementary groups can be read; 0 if the
+    /// kernel could not tell it (a caller in another pid namespace).
+    pub pid: u32,
+}
+
+impl Caller {
+    /// Whether the caller is in group `gid`: its effective group or one of its
+    /// supplementary groups, which are read (from `/proc`) only if the effective group
+    /// is not `gid`. A caller `/proc` does not show (pid 0, a thread gone since) is
+    /// not known to be in the group, so it is not.
+    fn in_group(&self, gid: u32) -> bool {
+        if gid == self.gid {
+            return true;
+        }
+        if self.pid == 0 {
+            return false;
+        }
+        match sys::supplementary_groups(self.pid) {
+            Ok(groups) => groups.contains(&gid),
+            Err(e) => {
+                tracing::debug!(pid = self.pid, error = %e, "caller's groups unknown");
+                false
+            }
+        }
+    }
 }
 
 /// A time to set with `setattr`.
@@ -975,14 +1000,14 @@ impl Volume {
         if st.st_uid != caller.uid || st.st_gid != gid {
             let at = At::Entry(dir.as_fd(), name);
             // The chown clears the set-ID bits the caller created the file with. Its
-            // own user's bit is its to set. The group's only if the group is its own:
-            // before Linux 6.0 the kernel leaves it to the filesystem to drop S_ISGID
-            // when a set-group-ID directory gives the file a group the caller is not
-            // in, and a supplementary group is not known here (so such a caller loses
-            // the bit, where a native directory would keep it).
+            // own user's bit is its to set. The group's only if the caller is in the
+            // group: before Linux 6.0 the kernel leaves it to the filesystem to drop
+            // S_ISGID when a set-group-ID directory gives the file a group the caller
+            // is not in. (A caller not in the group but with CAP_FSETID loses the bit
+            // here, where a native create keeps it.)
             let mut set_id = st.st_mode & libc::S_ISUID;
-            if gid == caller.gid {
-                set_id |= st.st_mode & libc::S_ISGID;
+            if st.st_mode & libc::S_ISGID != 0 && caller.in_group(gid) {
+                set_id |= libc::S_ISGID;
             }
             at.chown(Some(caller.uid), Some(gid))?;
             st = at.stat()?;
@@ -1378,9 +1403,14 @@ impl Volume {
         let st = sys::fstat(file.fd.as_fd())?;
         if caller.uid != 0 {
             // We truncate as root, which keeps set-ID bits: drop them as a truncation
-            // by this (unprivileged) caller would.
+            // by this (unprivileged) caller would. The group's bit goes if group
+            // execute is set, and since Linux 6.2 (`setattr_should_drop_sgid`) also
+            // without it if the caller is not in the file's group.
             let mut kill = libc::S_ISUID;
-            if st.st_mode & libc::S_IXGRP != 0 {
+            if st.st_mode & libc::S_ISGID != 0
+                && (st.st_mode & libc::S_IXGRP != 0
+                    || (sys::kernel_version() >= (6, 2) && !caller.in_group(st.st_gid)))
+            {
                 kill |= libc::S_ISGID;
             }
             if st.st_mode & kill != 0 {
@@ -1724,7 +1754,7 @@ mod tests {
             .expect("volume");
         let attr = volume.lookup(ROOT, OsStr::new("f")).expect("lookup");
         let key = (attr.st.st_dev, attr.st.st_ino);
-        let caller = Caller { uid: 0, gid: 0 };
+        let caller = ROOT_CALLER;
 
         let guard = volume
             .begin_patch(key, std::time::Duration::ZERO)
@@ -1786,7 +1816,11 @@ mod tests {
         }
     }
 
-    const ROOT_CALLER: Caller = Caller { uid: 0, gid: 0 };
+    const ROOT_CALLER: Caller = Caller {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
 
     #[test]
     fn times_to_set_convert_over_the_whole_64_bit_range() {
