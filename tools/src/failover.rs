@@ -371,16 +371,32 @@ fn jitter(most: Duration) -> Duration {
     most.mul_f64((h.finish() % 1000) as f64 / 1000.0)
 }
 
-/// Checks once that the active can serve `root` (the backing directory): a create
-/// and an unlink of a reserved name in it, then `command` if any.
-fn check(root: &std::os::fd::OwnedFd, command: Option<&str>, wait: Duration) -> Result<(), String> {
+/// Checks once that the active's backing file system takes a new file and a write
+/// under `root` (the backing directory). The file is unnamed (`O_TMPFILE`), so the
+/// volume's root keeps its modification time and a crash leaves nothing behind; a
+/// file system without `O_TMPFILE` gets the create and unlink of a reserved name
+/// instead (never visible through the mount, never replicated).
+fn probe(root: &std::os::fd::OwnedFd) -> Result<(), String> {
     use std::os::fd::AsFd;
-    // Reserved names never show through the mount, and are never replicated.
-    let name = std::ffi::OsStr::new(".twinfs-health");
-    let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC;
-    twinfs_fs::sys::openat(root.as_fd(), name, flags, 0o600)
-        .and_then(|_| twinfs_fs::sys::unlinkat(root.as_fd(), name, 0))
-        .map_err(|e| format!("backing directory: {e}"))?;
+    let failed = |e: std::io::Error| format!("backing directory: {e}");
+    let here = std::ffi::OsStr::new(".");
+    match twinfs_fs::sys::openat(root.as_fd(), here, libc::O_TMPFILE | libc::O_WRONLY, 0o600) {
+        Ok(fd) => twinfs_fs::sys::pwrite(fd.as_fd(), b"x", 0)
+            .map(|_| ())
+            .map_err(failed),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
+            let name = std::ffi::OsStr::new(".twinfs-health");
+            let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
+            twinfs_fs::sys::openat(root.as_fd(), name, flags, 0o600)
+                .and_then(|_| twinfs_fs::sys::unlinkat(root.as_fd(), name, 0))
+                .map_err(failed)
+        }
+        Err(e) => Err(failed(e)),
+    }
+}
+
+/// Runs `health_command`, if any, for at most `wait`.
+fn run_command(command: Option<&str>, wait: Duration) -> Result<(), String> {
     let Some(command) = command else {
         return Ok(());
     };
@@ -390,6 +406,33 @@ fn check(root: &std::os::fd::OwnedFd, command: Option<&str>, wait: Duration) -> 
         Some(status) if status.success() => Ok(()),
         Some(status) => Err(format!("health_command: {status}")),
         None => Err(format!("health_command: still running after {wait:?}")),
+    }
+}
+
+/// Runs `job` on a blocking thread and waits at most `wait` for it. A job that hangs
+/// (a backing disk that stopped answering) is kept in `hung` rather than started again
+/// beside itself: while it has not returned, every call fails at once.
+async fn within<F>(
+    hung: &mut Option<tokio::task::JoinHandle<Result<(), String>>>,
+    wait: Duration,
+    job: F,
+) -> Result<(), String>
+where
+    F: FnOnce() -> Result<(), String> + Send + 'static,
+{
+    if hung.as_ref().is_some_and(|h| !h.is_finished()) {
+        return Err("backing directory: the check before has not returned".to_owned());
+    }
+    let mut handle = tokio::task::spawn_blocking(job);
+    match tokio::time::timeout(wait, &mut handle).await {
+        Ok(joined) => {
+            *hung = None;
+            joined.unwrap_or_else(|e| Err(e.to_string()))
+        }
+        Err(_) => {
+            *hung = Some(handle);
+            Err(format!("backing directory: no answer in {wait:?}"))
+        }
     }
 }
 
@@ -421,17 +464,21 @@ pub async fn health<F, Fut>(
     Fut: std::future::Future<Output = Result<String, String>>,
 {
     let mut failed = 0u32;
+    let mut hung = None;
     loop {
         tokio::time::sleep(interval).await;
         if roles.get().role != Role::Active || roles.volume().role() != Role::Active {
             failed = 0;
             continue;
         }
-        let (root, command) = (root.clone(), command.clone());
-        let result =
-            tokio::task::spawn_blocking(move || check(&root, command.as_deref(), interval))
+        let root = root.clone();
+        let mut result = within(&mut hung, interval, move || probe(&root)).await;
+        if result.is_ok() {
+            let command = command.clone();
+            result = tokio::task::spawn_blocking(move || run_command(command.as_deref(), interval))
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
+        }
         let mut s = status.lock().unwrap_or_else(|e| e.into_inner()).clone();
         match result {
             Ok(()) => {
@@ -470,6 +517,59 @@ pub async fn health<F, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_check_that_hangs_fails_and_is_not_started_again_while_it_hangs() {
+        let mut hung = None;
+        assert_eq!(
+            within(&mut hung, Duration::from_secs(5), || Ok(())).await,
+            Ok(())
+        );
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let started = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = started.clone();
+        let stuck = move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = wait.recv();
+            Ok(())
+        };
+        let first = within(&mut hung, Duration::from_millis(50), stuck).await;
+        assert!(first.is_err_and(|e| e.contains("no answer")));
+        let again = within(&mut hung, Duration::from_millis(50), || Ok(())).await;
+        assert!(again.is_err_and(|e| e.contains("has not returned")));
+        assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // The disk answers again: so do the checks.
+        drop(release);
+        let back = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if within(&mut hung, Duration::from_secs(5), || Ok(()))
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(back.is_ok(), "checks never recovered");
+    }
+
+    #[test]
+    fn the_probe_leaves_the_root_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = twinfs_fs::sys::open_dir_path(dir.path()).expect("open");
+        let before = std::fs::metadata(dir.path()).expect("stat");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(probe(&root), Ok(()));
+        let after = std::fs::metadata(dir.path()).expect("stat");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            (before.mtime(), before.mtime_nsec()),
+            (after.mtime(), after.mtime_nsec())
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).expect("read_dir").count(), 0);
+    }
 
     fn v(role: Role, epoch: u64, fit: bool, hears: bool) -> VolumeView {
         VolumeView {
@@ -596,11 +696,12 @@ mod tests {
     fn a_backing_directory_that_takes_no_writes_fails_the_check() {
         let dir = tempfile::tempdir().expect("scratch");
         let fd = twinfs_fs::sys::open_dir_path(dir.path()).expect("open");
-        assert_eq!(check(&fd, None, Duration::from_secs(5)), Ok(()));
-        assert_eq!(check(&fd, Some("true"), Duration::from_secs(5)), Ok(()));
-        let failed = check(&fd, Some("exit 3"), Duration::from_secs(5));
+        assert_eq!(probe(&fd), Ok(()));
+        assert_eq!(run_command(None, Duration::from_secs(5)), Ok(()));
+        assert_eq!(run_command(Some("true"), Duration::from_secs(5)), Ok(()));
+        let failed = run_command(Some("exit 3"), Duration::from_secs(5));
         assert!(failed.is_err_and(|e| e.contains("exit status: 3")));
-        let slow = check(&fd, Some("sleep 5"), Duration::from_millis(100));
+        let slow = run_command(Some("sleep 5"), Duration::from_millis(100));
         assert!(slow.is_err_and(|e| e.contains("still running")));
         // A filesystem gone read-only (as ext4 does on I/O errors): needs root.
         if unsafe { libc::geteuid() } != 0 {
@@ -615,7 +716,7 @@ mod tests {
             .is_ok_and(|s| s.success());
         assert!(mounted, "mount a read-only tmpfs");
         let fd = twinfs_fs::sys::open_dir_path(&ro).expect("open");
-        let result = check(&fd, None, Duration::from_secs(5));
+        let result = probe(&fd);
         drop(fd);
         let _ = std::process::Command::new("umount").arg(&ro).status();
         assert!(
