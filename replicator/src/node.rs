@@ -276,6 +276,11 @@ pub struct SyncRecord {
     pub priority1_pending: Vec<String>,
     /// More of them, not named.
     pub priority1_more: u64,
+    /// Set when the record was written as this node stopped being the active (the
+    /// demotion's reason: `"manual"` or `"health"`), not by a full sync: the node has
+    /// every change it made as the active. Cleared by its next full sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demoted: Option<String>,
 }
 
 impl SyncRecord {
@@ -310,6 +315,7 @@ async fn record_fitness(volume: &VolumeLink, session: &Session, following: u64) 
         epoch: volume.roles.get().epoch,
         priority1_pending: pending.iter().map(|p| p.to_string()).collect(),
         priority1_more: more,
+        demoted: None,
     };
     let path = volume.sync_file.clone();
     let stored = tokio::task::spawn_blocking(move || record.store(&path)).await;

@@ -168,6 +168,25 @@ fn demote_then_promote_elsewhere_moves_the_active_role() {
     assert!(run_ok(&c.nodes[1], &["promote"]).contains("already active"));
 }
 
+#[test]
+fn a_demoted_active_takes_the_role_back_with_a_plain_promote() {
+    let _serial = twinfs_tests::serial();
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    run_ok(&c.nodes[0], &["demote"]);
+    assert_eq!(role_epoch(&c.nodes[0]), ("standby".into(), 1));
+    // It was the active a moment ago: it has every change, so it is ready, and says
+    // so (not "never completed a full sync").
+    assert_eq!(c.nodes[0].volume_status()["takeover"], "ready");
+    run_ok(&c.nodes[0], &["promote"]);
+    assert_eq!(role_epoch(&c.nodes[0]), ("active".into(), 2));
+    fs::write(c.active().join("after"), "back\n").expect("write");
+    wait_role(&c.nodes[1], "standby", 2);
+    c.wait_converged(CONVERGE);
+}
+
 /// A large file changed on one node, then on the other after a switchover (which
 /// reaches the first node as an in-place update of its copy, beside its mount), then
 /// on the first again after a switch back: every version reaches the other node

@@ -812,7 +812,7 @@ impl Daemon {
             }
             let record = SyncRecord::load(&sync_file(&self.config, name))
                 .map_err(|e| anyhow::anyhow!("volume {name}: cannot read the sync record: {e}"))?;
-            if let Some(why) = unfit(record.as_ref()) {
+            if let Some(why) = unfit(record.as_ref(), now.epoch) {
                 if !force {
                     refused.push(format!(
                         "volume {name}: not promoted: {why}; `--force` promotes anyway"
@@ -862,7 +862,7 @@ impl Daemon {
         }
         match SyncRecord::load(&sync_file(&self.config, &v.config.name)) {
             Err(e) => format!("not ready: {e}"),
-            Ok(record) => match unfit(record.as_ref()) {
+            Ok(record) => match unfit(record.as_ref(), v.roles.get().epoch) {
                 None => "ready".into(),
                 Some(why) => format!("not ready: {why}"),
             },
@@ -904,6 +904,20 @@ impl Daemon {
                 .await
                 .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
                 .map_err(|e| anyhow::anyhow!("volume {name}: cannot persist the demotion: {e}"))?;
+            // This node has every change it made as the active: its fitness says so
+            // (for `twinfs promote`), unless it gave up for its health.
+            let record = SyncRecord {
+                synced: reason != "health",
+                at: unix_now(),
+                epoch,
+                demoted: Some(reason.to_owned()),
+                ..SyncRecord::default()
+            };
+            let path = sync_file(&self.config, name);
+            let stored = tokio::task::spawn_blocking(move || record.store(&path)).await;
+            if !matches!(stored, Ok(Ok(()))) {
+                tracing::error!(volume = %name, "cannot record the demotion in the sync record; promotion will see an older one");
+            }
             let mut line = format!("volume {name}: active -> standby (epoch {epoch})");
             if !acked.is_empty() {
                 line.push_str(&format!("; acknowledged everything: {}", acked.join(", ")));

@@ -68,11 +68,24 @@ fn last_heard(board: &Board, volume: &str) -> Option<Instant> {
         .max()
 }
 
-/// Why a standby is not fit to take over, from its sync record; `None` when it is.
-pub fn unfit(record: Option<&SyncRecord>) -> Option<String> {
+/// Why a standby holding `epoch` is not fit to take over, from its sync record;
+/// `None` when it is.
+pub fn unfit(record: Option<&SyncRecord>, epoch: u64) -> Option<String> {
     let Some(record) = record else {
         return Some("this node never completed a full sync with an active".into());
     };
+    if record.demoted.as_deref() == Some("health") {
+        return Some(format!(
+            "this node gave up the active role (epoch {}) after failing its health checks",
+            record.epoch
+        ));
+    }
+    if record.demoted.is_some() && record.epoch < epoch {
+        return Some(format!(
+            "this node was the active until epoch {}, and has not completed a full sync with the active of epoch {epoch}",
+            record.epoch
+        ));
+    }
     if record.synced {
         return None;
     }
@@ -94,9 +107,17 @@ pub fn unfit(record: Option<&SyncRecord>) -> Option<String> {
 /// Why this node may not take over `v` now (from its sync record), if it may not.
 fn unfit_now(v: &Viewed) -> Option<String> {
     match SyncRecord::load(&v.sync_file) {
-        Ok(record) => unfit(record.as_ref()),
+        Ok(record) => unfit(record.as_ref(), v.roles.get().epoch),
         Err(e) => Some(format!("cannot read the sync record: {e}")),
     }
+}
+
+/// Whether `v`'s node was the active until `twinfs demote` and has not synced with
+/// an active since: fit for `twinfs promote` (it has every change it made), but not
+/// a candidate of an automatic failover, which would hand it back the role it was
+/// asked to give up.
+fn demoted_by_hand(v: &Viewed) -> bool {
+    matches!(SyncRecord::load(&v.sync_file), Ok(Some(r)) if r.demoted.as_deref() == Some("manual"))
 }
 
 /// How this node sees `v` now.
@@ -107,7 +128,7 @@ pub fn view(v: &Viewed, board: &Board) -> VolumeView {
         volume: v.name.clone(),
         role: state.role,
         epoch: state.epoch,
-        fit: standby && unfit_now(v).is_none(),
+        fit: standby && unfit_now(v).is_none() && !demoted_by_hand(v),
         hears_active: standby && hears_active(board, &v.name, v.peer_timeout),
     }
 }
@@ -517,6 +538,36 @@ pub async fn health<F, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_demotion_leaves_the_node_fit_unless_its_health_failed() {
+        let demoted = |reason: &str| SyncRecord {
+            synced: reason != "health",
+            epoch: 4,
+            demoted: Some(reason.to_owned()),
+            ..SyncRecord::default()
+        };
+        assert_eq!(unfit(Some(&demoted("manual")), 4), None);
+        // Another node became the active since: not before a full sync with it.
+        let stale = unfit(Some(&demoted("manual")), 5);
+        assert!(
+            stale.as_deref().is_some_and(|w| w.contains("epoch 5")),
+            "{stale:?}"
+        );
+        let sick = unfit(Some(&demoted("health")), 4);
+        assert!(
+            sick.as_deref()
+                .is_some_and(|w| w.contains("health") && w.contains("epoch 4")),
+            "{sick:?}"
+        );
+        // A record from before the field existed reads as a full sync's.
+        let old: SyncRecord = serde_json::from_str(
+            r#"{"synced":true,"at":1,"epoch":2,"priority1_pending":[],"priority1_more":0}"#,
+        )
+        .expect("parse");
+        assert_eq!(old.demoted, None);
+        assert_eq!(unfit(Some(&old), 2), None);
+    }
 
     #[tokio::test]
     async fn a_check_that_hangs_fails_and_is_not_started_again_while_it_hangs() {
