@@ -312,6 +312,46 @@ fn a_block_delta_sends_only_changed_blocks_and_rebuilds_the_file() {
 }
 
 #[test]
+fn a_sparse_file_stays_sparse_on_the_standby() {
+    const BLOCK: usize = MIN_BLOCK as usize;
+    let vol = Vol::new();
+    let applier = vol.applier();
+    let allocated = |p: &Path| fs::metadata(p).expect("stat").blocks() * 512;
+    // 64 blocks (4 MiB), data only at the two ends: a new copy, every block sent.
+    let mut original = vec![0u8; 64 * BLOCK];
+    original[..100].fill(1);
+    let end = original.len();
+    original[end - 100..].fill(2);
+    let list = applier.block_list(&rel("sparse")).expect("list");
+    let blocks = delta_of(&list, &original);
+    assert_eq!(blocks.len(), 64);
+    write_blocks(&applier, "sparse", &original, blocks, &meta(0o644)).expect("first copy");
+    assert_eq!(fs::read(vol.path("sparse")).expect("read"), original);
+    let first = allocated(&vol.path("sparse"));
+    assert!(
+        first <= 4 * BLOCK as u64,
+        "{first} bytes allocated of {end}"
+    );
+
+    // A delta: the first block becomes zeros (its old bytes are a hole now), one in
+    // the middle gets data; the holes between are copied as holes.
+    let list = applier.block_list(&rel("sparse")).expect("list");
+    let mut changed = original.clone();
+    changed[..100].fill(0);
+    changed[5 * BLOCK] = 3;
+    let blocks = delta_of(&list, &changed);
+    assert_eq!(blocks.len(), 2);
+    write_blocks(&applier, "sparse", &changed, blocks, &meta(0o644)).expect("delta");
+    assert_eq!(fs::read(vol.path("sparse")).expect("read"), changed);
+    let second = allocated(&vol.path("sparse"));
+    assert!(
+        second <= 4 * BLOCK as u64,
+        "{second} bytes allocated of {end}"
+    );
+    assert!(vol.temps().is_empty());
+}
+
+#[test]
 fn a_block_delta_that_does_not_add_up_changes_nothing() {
     const BLOCK: usize = MIN_BLOCK as usize;
     let vol = Vol::new();
