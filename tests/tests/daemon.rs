@@ -754,3 +754,27 @@ fn status_into_a_pipe_closed_early_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.is_empty(), "{stderr}");
 }
+
+/// An error says its cause once: the file's (or socket's) OS error was printed a
+/// second time, after the message that already held it.
+#[test]
+fn an_error_says_its_cause_once() {
+    let _serial = twinfs_tests::serial();
+    let missing = "/nonexistent-twinfs-dir/twinfs.toml";
+    let out = std::process::Command::new(twinfs_bin())
+        .args(["--config", missing, "status"])
+        .output()
+        .expect("run twinfs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!("twinfs: {missing}: cannot read: No such file or directory (os error 2)")
+    );
+    // No daemon: the socket's error, once.
+    let node = Node::new("", |_| {});
+    let out = node.twinfs(&["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no twinfs daemon is running"), "{err}");
+    assert_eq!(err.matches("(os error 2)").count(), 1, "{err}");
+}

@@ -534,7 +534,7 @@ fn start_watches(daemon: &Arc<Daemon>, endpoint: &quinn::Endpoint) {
                         match take_over(&d.volumes[i], epoch, "auto").await {
                             Ok(Ok(line)) => Ok(line),
                             Ok(Err(line)) => Err(line),
-                            Err(e) => Err(format!("{e:#}")),
+                            Err(e) => Err(crate::error::text(&e)),
                         }
                     }
                 },
@@ -565,7 +565,7 @@ fn start_watches(daemon: &Arc<Daemon>, endpoint: &quinn::Endpoint) {
                     };
                     d.demote(Some(&name), "health")
                         .await
-                        .map_err(|e| format!("{e:#}"))
+                        .map_err(|e| crate::error::text(&e))
                 }
             },
         ));
@@ -744,7 +744,7 @@ impl Daemon {
     async fn handle(&self, request: Request) -> Response {
         let done = |r: anyhow::Result<String>| match r {
             Ok(message) => Response::Done(message),
-            Err(e) => Response::Error(format!("{e:#}")),
+            Err(e) => Response::Error(crate::error::text(&e)),
         };
         match request {
             Request::Status => Response::Status(self.status()),

@@ -181,7 +181,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("twinfs: {e:#}");
+            eprintln!("twinfs: {}", twinfs_tools::error::text(&e));
             ExitCode::FAILURE
         }
     }
