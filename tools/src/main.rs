@@ -45,8 +45,10 @@ enum Command {
         threads: u16,
     },
     /// Show what the running daemon serves: per volume its path, role, mount state,
-    /// passthrough, and the changes captured per policy.
+    /// passthrough, and the changes captured per policy, and per peer the replication.
     Status {
+        /// The volume (default: all).
+        volume: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -238,12 +240,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status { json } => {
+        Command::Status { volume, json } => {
             let config = load(&cli.config)?;
-            let status = match ask(&config, &Request::Status)? {
+            let mut status = match ask(&config, &Request::Status)? {
                 Response::Status(s) => s,
                 other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
             };
+            if let Some(name) = volume {
+                if !status.volumes.iter().any(|v| v.name == name) {
+                    let known: Vec<&str> = status.volumes.iter().map(|v| v.name.as_str()).collect();
+                    anyhow::bail!("no volume named {name:?} (volumes: {})", known.join(", "));
+                }
+                status.volumes.retain(|v| v.name == name);
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
