@@ -905,10 +905,13 @@ impl Session {
     /// Active: ship `paths` now, whatever their policy (`once`, `interval` and `never`
     /// too: an administrator asked), with their content; a path that no longer exists
     /// is deleted on the standby. See [`Session::caught_up`] for when they are acked.
-    pub fn ship_now(&mut self, paths: Vec<RelPath>, now: Instant) {
+    /// The root is left out: it cannot be read as a path (it would go as a deletion,
+    /// which the standby refuses); a full sync is what covers it.
+    pub fn ship_now(&mut self, mut paths: Vec<RelPath>, now: Instant) {
         if !self.is_active() || self.phase == Phase::Closed || self.phase == Phase::Hello {
             return;
         }
+        paths.retain(|p| !p.is_root());
         self.ship_with_content(paths, now);
         self.drain(now);
     }

@@ -1373,3 +1373,14 @@ fn the_driver_acts_on_its_messages_only_after_the_hello_and_by_role() {
     }
     assert!(!active.driver_may_act(&Message::Heartbeat));
 }
+
+/// `ship_now` never ships the volume's root: the standby can do nothing with it (a
+/// missing path is shipped as a deletion, and the root is not a path that can go).
+#[test]
+fn the_root_is_never_shipped() {
+    let mut w = World::settled(13);
+    let ops = w.active.stats().ops;
+    w.active.ship_now(vec![RelPath::root()], w.now);
+    assert!(w.active.poll_output().is_none());
+    assert_eq!(w.active.stats().ops, ops);
+}

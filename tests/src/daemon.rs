@@ -89,6 +89,18 @@ impl Node {
             .expect("run twinfs")
     }
 
+    /// Runs `twinfs --config <config> ARGS` in the directory `cwd` (which relative
+    /// paths are taken from) and returns its output.
+    pub fn twinfs_in(&self, cwd: &Path, args: &[&str]) -> Output {
+        Command::new(twinfs_bin())
+            .current_dir(cwd)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run twinfs")
+    }
+
     /// Starts `twinfs mount ARGS` and waits until the volume is mounted.
     pub fn start(&mut self, args: &[&str]) {
         assert!(self.child.is_none(), "daemon already running");
