@@ -177,6 +177,9 @@ pub struct SessionStats {
     pub unacked_bytes: u64,
     /// Full syncs started.
     pub full_syncs: u64,
+    /// Full syncs completed: every op acknowledged (active), or applied without a
+    /// refusal (standby; one with refusals leaves it not in sync and asks for another).
+    pub full_syncs_done: u64,
     /// Ops the standby refused.
     pub rejected: u64,
     /// Changes waiting to be sent.
@@ -671,7 +674,7 @@ impl Session {
                 }
                 if let Some(end) = self.full_sync_end {
                     if self.stats.acked >= end && self.phase == Phase::FullSync {
-                        self.phase = Phase::Streaming;
+                        self.full_sync_complete();
                     }
                 }
                 self.drain(now);
@@ -795,10 +798,16 @@ impl Session {
         self.full_sync_end = Some(end);
         self.send(Message::FullSyncDone { seq: end }, now);
         if self.stats.acked >= end {
-            self.phase = Phase::Streaming;
+            self.full_sync_complete();
         }
         // Changes made during the full sync follow it.
         self.drain(now);
+    }
+
+    /// Active: every op of the full sync is acknowledged.
+    fn full_sync_complete(&mut self) {
+        self.phase = Phase::Streaming;
+        self.stats.full_syncs_done += 1;
     }
 
     fn take_seq(&mut self, now: Instant) -> u64 {
@@ -1262,6 +1271,7 @@ impl Session {
                     return;
                 }
                 self.resynced_for_refusals = false;
+                self.stats.full_syncs_done += 1;
                 if !self.in_sync {
                     self.in_sync = true;
                     self.queue(Output::InSync);

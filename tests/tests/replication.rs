@@ -1429,3 +1429,29 @@ fn sync_refuses_the_root_and_says_what_it_ships() {
         assert_eq!(peer["rejected"], 0, "{peer}");
     }
 }
+
+/// `full_sync_done` says when the last full sync completed, on both nodes: it moves
+/// with a full sync asked for by `twinfs sync --full` (it stayed at the first contact).
+#[test]
+fn every_full_sync_moves_full_sync_done() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let done = |i: usize| c.nodes[i].volume_status()["peers"][0]["full_sync_done"].as_u64();
+    assert!(wait_until(CONVERGE, || done(0).is_some() && done(1).is_some()));
+    let before = [done(0), done(1)];
+    // The field has whole seconds.
+    std::thread::sleep(Duration::from_millis(1100));
+    let said = twinfs_ok(&c, 0, None, &["sync", "--full"]);
+    assert!(said.contains("full sync acknowledged by node1"), "{said}");
+    let moved = wait_until(Duration::from_secs(10), || {
+        done(0) > before[0] && done(1) > before[1]
+    });
+    assert!(
+        moved,
+        "before {before:?}, after [{:?}, {:?}]",
+        done(0),
+        done(1)
+    );
+}
