@@ -711,7 +711,7 @@ fn session_config(volume: &VolumeLink, link: &Link) -> SessionConfig {
         epoch: now.epoch,
         wins_ties: link.wins_ties,
         policies: volume.policies.clone(),
-        heartbeat: Duration::from_secs(1),
+        heartbeat: HEARTBEAT,
         // QUIC keep-alives find a dead peer within its 10 s idle timeout; this one only
         // catches a peer whose session stalls (a standby busy applying a large file
         // sends nothing meanwhile).
@@ -721,6 +721,11 @@ fn session_config(volume: &VolumeLink, link: &Link) -> SessionConfig {
         max_queue: 100_000,
     }
 }
+
+/// How often a session sends a heartbeat when it has nothing else to send: a peer
+/// that says nothing for several of these is likely gone, although its connection
+/// lasts until QUIC's idle timeout.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How long a session waits without hearing its peer; a large file's blocks stream
 /// that brings nothing for as long ends the same way.

@@ -101,6 +101,11 @@ impl Node {
             .expect("run twinfs")
     }
 
+    /// `twinfs status` as a person reads it (the table).
+    pub fn status_text(&self) -> String {
+        String::from_utf8_lossy(&self.twinfs(&["status"]).stdout).into_owned()
+    }
+
     /// Starts `twinfs mount ARGS` and waits until the volume is mounted.
     pub fn start(&mut self, args: &[&str]) {
         assert!(self.child.is_none(), "daemon already running");

@@ -1455,3 +1455,25 @@ fn every_full_sync_moves_full_sync_done() {
         done(1)
     );
 }
+
+/// A dead active looks connected to its standby until QUIC's idle timeout ends the
+/// connection; meanwhile the table says how long it has been silent.
+#[test]
+fn status_says_how_long_a_connected_peer_has_been_silent() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let table = c.nodes[1].status_text();
+    assert!(
+        table.contains("connected") && !table.contains("no word"),
+        "{table}"
+    );
+    c.nodes[0].kill9_only();
+    let mut last = String::new();
+    let said = wait_until(Duration::from_secs(9), || {
+        last = c.nodes[1].status_text();
+        last.contains("connected (no word for ")
+    });
+    assert!(said, "{last}");
+}

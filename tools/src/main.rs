@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use twinfs_replicator::node::{PeerStatus, HEARTBEAT};
 use twinfs_tools::config::{Config, Role};
 use twinfs_tools::control::{self, NodeStatus, Request, Response};
 use twinfs_tools::daemon::{self, DaemonOptions};
@@ -577,7 +578,29 @@ impl Drop for Progress {
     }
 }
 
+/// A connected peer silent for longer than this many heartbeats is shown with how
+/// long it has been silent.
+const QUIET_HEARTBEATS: u32 = 3;
+
+/// The state of the link with peer `p` at `now` (seconds since the Unix epoch): a dead
+/// peer stays connected until QUIC's idle timeout (10 s and more), so a connected
+/// one that has been silent for several heartbeats says for how long.
+fn link(p: &PeerStatus, now: u64) -> String {
+    if !p.connected {
+        return "disconnected".to_owned();
+    }
+    let quiet = HEARTBEAT.saturating_mul(QUIET_HEARTBEATS).as_secs();
+    match (p.last_contact.map(|t| now.saturating_sub(t)), p.rtt_us) {
+        (Some(silent), _) if silent > quiet => format!("connected (no word for {silent} s)"),
+        (_, Some(us)) => format!("connected {:.1} ms", us as f64 / 1000.0),
+        (_, None) => "connected".to_owned(),
+    }
+}
+
 fn print_status(s: &NodeStatus) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     println!("node {} (daemon pid {})", s.node, s.pid);
     println!(
         "{:<12} {:<8} {:<8} {:<12} {:>6} {:>22}  PATH",
@@ -638,11 +661,7 @@ fn print_status(s: &NodeStatus) {
             } else {
                 p.full_sync.clone()
             };
-            let link = match (p.connected, p.rtt_us) {
-                (true, Some(us)) => format!("connected {:.1} ms", us as f64 / 1000.0),
-                (true, None) => "connected".to_owned(),
-                (false, _) => "disconnected".to_owned(),
-            };
+            let link = link(p, now);
             let full_sync = match p.out_of_sync_since {
                 Some(t) => format!("{full_sync}, OUT OF SYNC since {t}"),
                 None => full_sync,
@@ -806,5 +825,28 @@ mod tests {
             assert!(said.contains("not in volume cmm"), "{given}: {said}");
         }
         assert!(paths(&root, &["../../x"]).is_err());
+    }
+
+    #[test]
+    fn a_connected_peer_silent_for_three_heartbeats_says_for_how_long() {
+        let peer = |connected, last_contact, rtt_us| PeerStatus {
+            connected,
+            last_contact,
+            rtt_us,
+            ..PeerStatus::default()
+        };
+        let now = 1_000_000;
+        assert_eq!(
+            link(&peer(true, Some(now - 1), Some(2700)), now),
+            "connected 2.7 ms"
+        );
+        assert_eq!(link(&peer(true, Some(now - 3), None), now), "connected");
+        assert_eq!(
+            link(&peer(true, Some(now - 9), Some(2700)), now),
+            "connected (no word for 9 s)"
+        );
+        assert_eq!(link(&peer(false, Some(now - 9), None), now), "disconnected");
+        // A clock that went back says nothing odd.
+        assert_eq!(link(&peer(true, Some(now + 5), None), now), "connected");
     }
 }
