@@ -717,7 +717,7 @@ fn session_config(volume: &VolumeLink, link: &Link) -> SessionConfig {
         epoch: now.epoch,
         wins_ties: link.wins_ties,
         policies: volume.policies.clone(),
-        heartbeat: Duration::from_secs(1),
+        heartbeat: HEARTBEAT,
         // QUIC keep-alives find a dead peer within its 10 s idle timeout; this one only
         // catches a peer whose session stalls (a standby busy applying a large file
         // sends nothing meanwhile).
@@ -727,6 +727,11 @@ fn session_config(volume: &VolumeLink, link: &Link) -> SessionConfig {
         max_queue: 100_000,
     }
 }
+
+/// How often a session sends a heartbeat when it has nothing else to send: a peer
+/// that says nothing for several of these is likely gone, although its connection
+/// lasts until QUIC's idle timeout.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How long a session waits without hearing its peer; a large file's blocks stream
 /// that brings nothing for as long ends the same way.
@@ -1232,6 +1237,8 @@ async fn run_session(
     let mut large = LargeApplies::new();
     // Full syncs finished, and those whose memory was given back since.
     let (mut synced, mut compacted) = (0u64, 0u64);
+    // Full syncs of this session known to have completed, for status.
+    let mut full_syncs_done = 0u64;
     // Standby after a fencing: keep this node's versions of what the winner's full
     // sync replaces or deletes, until that full sync is through.
     let mut keeping = role == Role::Standby && volume.conflicts.armed().is_some();
@@ -1278,7 +1285,6 @@ async fn run_session(
         }
         while let Some(out) = next_output(&mut parked, &mut session, &large) {
             if matches!(out, Output::InSync) {
-                link.update(&volume.name, |s| s.full_sync_done = Some(unix_now()));
                 synced += 1;
                 if keeping {
                     keeping = false;
@@ -1536,6 +1542,7 @@ async fn run_session(
             &link,
             &volume,
             &session,
+            &mut full_syncs_done,
             sent + counters.sent.load(std::sync::atomic::Ordering::Relaxed),
             received.load(std::sync::atomic::Ordering::Relaxed)
                 + counters.received.load(std::sync::atomic::Ordering::Relaxed),
@@ -2233,11 +2240,25 @@ fn release_memory() {
     }
 }
 
-fn report(link: &Link, volume: &VolumeLink, session: &Session, sent: u64, received: u64) {
+/// Puts the session's figures on the board; `full_syncs_done` is how many of its full
+/// syncs were known to have completed at the last report.
+fn report(
+    link: &Link,
+    volume: &VolumeLink,
+    session: &Session,
+    full_syncs_done: &mut u64,
+    sent: u64,
+    received: u64,
+) {
     let stats = session.stats();
     let phase = session.phase();
     let active = session.role() == Role::Active;
+    let completed = stats.full_syncs_done > *full_syncs_done;
+    *full_syncs_done = stats.full_syncs_done;
     link.update(&volume.name, |s| {
+        if completed {
+            s.full_sync_done = Some(unix_now());
+        }
         s.full_sync = match phase {
             crate::session::Phase::Hello if s.full_sync_done.is_none() => "never",
             crate::session::Phase::FullSync => "in progress",
@@ -2245,9 +2266,6 @@ fn report(link: &Link, volume: &VolumeLink, session: &Session, sent: u64, receiv
             _ => "never",
         }
         .into();
-        if active && phase == crate::session::Phase::Streaming && s.full_sync_done.is_none() {
-            s.full_sync_done = Some(unix_now());
-        }
         s.full_sync_ops = stats.full_sync_ops;
         s.full_sync_ops_done = stats.full_sync_ops_done;
         s.full_sync_bytes = stats.full_sync_bytes;

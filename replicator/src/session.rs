@@ -177,6 +177,9 @@ pub struct SessionStats {
     pub unacked_bytes: u64,
     /// Full syncs started.
     pub full_syncs: u64,
+    /// Full syncs completed: every op acknowledged (active), or applied without a
+    /// refusal (standby; one with refusals leaves it not in sync and asks for another).
+    pub full_syncs_done: u64,
     /// Ops the standby refused.
     pub rejected: u64,
     /// Changes waiting to be sent.
@@ -671,7 +674,7 @@ impl Session {
                 }
                 if let Some(end) = self.full_sync_end {
                     if self.stats.acked >= end && self.phase == Phase::FullSync {
-                        self.phase = Phase::Streaming;
+                        self.full_sync_complete();
                     }
                 }
                 self.drain(now);
@@ -795,10 +798,16 @@ impl Session {
         self.full_sync_end = Some(end);
         self.send(Message::FullSyncDone { seq: end }, now);
         if self.stats.acked >= end {
-            self.phase = Phase::Streaming;
+            self.full_sync_complete();
         }
         // Changes made during the full sync follow it.
         self.drain(now);
+    }
+
+    /// Active: every op of the full sync is acknowledged.
+    fn full_sync_complete(&mut self) {
+        self.phase = Phase::Streaming;
+        self.stats.full_syncs_done += 1;
     }
 
     fn take_seq(&mut self, now: Instant) -> u64 {
@@ -905,10 +914,13 @@ impl Session {
     /// Active: ship `paths` now, whatever their policy (`once`, `interval` and `never`
     /// too: an administrator asked), with their content; a path that no longer exists
     /// is deleted on the standby. See [`Session::caught_up`] for when they are acked.
-    pub fn ship_now(&mut self, paths: Vec<RelPath>, now: Instant) {
+    /// The root is left out: it cannot be read as a path (it would go as a deletion,
+    /// which the standby refuses); a full sync is what covers it.
+    pub fn ship_now(&mut self, mut paths: Vec<RelPath>, now: Instant) {
         if !self.is_active() || self.phase == Phase::Closed || self.phase == Phase::Hello {
             return;
         }
+        paths.retain(|p| !p.is_root());
         self.ship_with_content(paths, now);
         self.drain(now);
     }
@@ -1259,6 +1271,7 @@ impl Session {
                     return;
                 }
                 self.resynced_for_refusals = false;
+                self.stats.full_syncs_done += 1;
                 if !self.in_sync {
                     self.in_sync = true;
                     self.queue(Output::InSync);

@@ -1373,3 +1373,29 @@ fn the_driver_acts_on_its_messages_only_after_the_hello_and_by_role() {
     }
     assert!(!active.driver_may_act(&Message::Heartbeat));
 }
+
+/// Each full sync that completes is counted on both sides, the first at contact and
+/// one asked for later (`twinfs sync --full`), so that status can say when the last
+/// one completed.
+#[test]
+fn every_completed_full_sync_is_counted_on_both_sides() {
+    let mut w = World::settled(11);
+    assert_eq!(w.active.stats().full_syncs_done, 1);
+    assert_eq!(w.standby.stats().full_syncs_done, 1);
+    w.active.resync();
+    w.settle();
+    assert_eq!(w.active.stats().full_syncs, 2);
+    assert_eq!(w.active.stats().full_syncs_done, 2);
+    assert_eq!(w.standby.stats().full_syncs_done, 2);
+}
+
+/// `ship_now` never ships the volume's root: the standby can do nothing with it (a
+/// missing path is shipped as a deletion, and the root is not a path that can go).
+#[test]
+fn the_root_is_never_shipped() {
+    let mut w = World::settled(13);
+    let ops = w.active.stats().ops;
+    w.active.ship_now(vec![RelPath::root()], w.now);
+    assert!(w.active.poll_output().is_none());
+    assert_eq!(w.active.stats().ops, ops);
+}

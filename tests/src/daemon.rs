@@ -89,6 +89,23 @@ impl Node {
             .expect("run twinfs")
     }
 
+    /// Runs `twinfs --config <config> ARGS` in the directory `cwd` (which relative
+    /// paths are taken from) and returns its output.
+    pub fn twinfs_in(&self, cwd: &Path, args: &[&str]) -> Output {
+        Command::new(twinfs_bin())
+            .current_dir(cwd)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run twinfs")
+    }
+
+    /// `twinfs status` as a person reads it (the table).
+    pub fn status_text(&self) -> String {
+        String::from_utf8_lossy(&self.twinfs(&["status"]).stdout).into_owned()
+    }
+
     /// Starts `twinfs mount ARGS` and waits until the volume is mounted.
     pub fn start(&mut self, args: &[&str]) {
         assert!(self.child.is_none(), "daemon already running");

@@ -754,3 +754,76 @@ fn status_into_a_pipe_closed_early_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.is_empty(), "{stderr}");
 }
+
+/// An error says its cause once: the file's (or socket's) OS error was printed a
+/// second time, after the message that already held it.
+#[test]
+fn an_error_says_its_cause_once() {
+    let _serial = twinfs_tests::serial();
+    let missing = "/nonexistent-twinfs-dir/twinfs.toml";
+    let out = std::process::Command::new(twinfs_bin())
+        .args(["--config", missing, "status"])
+        .output()
+        .expect("run twinfs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!("twinfs: {missing}: cannot read: No such file or directory (os error 2)")
+    );
+    // No daemon: the socket's error, once.
+    let node = Node::new("", |_| {});
+    let out = node.twinfs(&["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no twinfs daemon is running"), "{err}");
+    assert_eq!(err.matches("(os error 2)").count(), 1, "{err}");
+}
+
+/// `twinfs status VOLUME` shows that volume only; a name that is no volume is an error
+/// that lists them.
+#[test]
+fn status_of_one_volume() {
+    let _serial = twinfs_tests::serial();
+    let mut node = Node::new("", fill_cmm);
+    let other = node.dir.path().join("other");
+    fs::create_dir(&other).expect("mkdir");
+    let mut config = fs::read_to_string(&node.config).expect("config");
+    config.push_str(&format!(
+        "[[volume]]\nname = \"other\"\npath = \"{}\"\n",
+        other.display()
+    ));
+    fs::write(&node.config, config).expect("config");
+    node.start(&[]);
+
+    let out = node.twinfs(&["status", "other"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.lines().any(|l| l.starts_with("other ")), "{table}");
+    assert!(!table.lines().any(|l| l.starts_with("vol ")), "{table}");
+
+    let out = node.twinfs(&["status", "--json", "other"]);
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let names: Vec<&str> = json["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(names, ["other"]);
+
+    let out = node.twinfs(&["status", "nope"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("no volume named \"nope\" (volumes: vol, other)"),
+        "{err}"
+    );
+    // Both volumes unmounted by the daemon (the guard knows of the first only).
+    assert!(node.stop().success());
+    assert!(!is_mounted(&other));
+}

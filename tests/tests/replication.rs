@@ -1315,3 +1315,165 @@ fn a_witness_identity_cannot_run_a_session() {
     fs::write(c.active().join("after-witness"), "fine").expect("write");
     c.wait_converged(CONVERGE);
 }
+
+/// Runs `twinfs ARGS` on node `i`, in `cwd` when given; panics unless it succeeds, and
+/// returns its stdout.
+fn twinfs_ok(c: &Cluster, i: usize, cwd: Option<&Path>, args: &[&str]) -> String {
+    let node = &c.nodes[i];
+    let out = match cwd {
+        Some(dir) => node.twinfs_in(dir, args),
+        None => node.twinfs(args),
+    };
+    assert!(
+        out.status.success(),
+        "twinfs {args:?}: {}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.log_text()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `twinfs ARGS` on node `i` in `cwd`; panics if it succeeds, and returns its
+/// stderr.
+fn twinfs_refused(c: &Cluster, i: usize, cwd: &Path, args: &[&str]) -> String {
+    let out = c.nodes[i].twinfs_in(cwd, args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "twinfs {args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    err
+}
+
+/// `twinfs sync PATH` never sends an op for the volume's root (it sent a deletion of
+/// it, which the standby refused), takes `.` and relative paths from the current
+/// directory inside the volume, says which paths it ships as deletions, and `--full`
+/// takes a volume's name only.
+#[test]
+fn sync_refuses_the_root_and_says_what_it_ships() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let root = c.active().to_owned();
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let outside = elsewhere.path();
+
+    let shown = root.display().to_string();
+    let with_slash = format!("{shown}/");
+    let climbing = format!("{shown}/ssh/..");
+    let ssh = root.join("ssh");
+    for (cwd, args) in [
+        (outside, vec!["sync", shown.as_str()]),
+        (outside, vec!["sync", "vol", with_slash.as_str()]),
+        (outside, vec!["sync", climbing.as_str()]),
+        (root.as_path(), vec!["sync", "."]),
+        (ssh.as_path(), vec!["sync", ".."]),
+    ] {
+        let err = twinfs_refused(&c, 0, cwd, &args);
+        assert!(
+            err.contains("is the volume's root") && err.contains("twinfs sync --full vol"),
+            "{args:?} in {}: {err}",
+            cwd.display()
+        );
+    }
+    // Nor does the daemon take the root from another client.
+    let socket = c.nodes[0].state_dir.join("control.sock");
+    for path in ["", shown.as_str()] {
+        let request = twinfs_tools::control::Request::Sync {
+            volume: Some("vol".into()),
+            paths: vec![path.into()],
+            full: false,
+        };
+        match twinfs_tools::control::call(&socket, &request, CONVERGE) {
+            Ok(twinfs_tools::control::Response::Error(e)) => {
+                assert!(e.contains("--full"), "{path:?}: {e}")
+            }
+            other => panic!("{path:?}: {other:?}"),
+        }
+    }
+
+    // Relative paths come from the current directory inside the volume. A `once`
+    // file changed after contact stays put until `twinfs sync` ships it.
+    fs::write(root.join("ssh/new.sif"), "firmware 3\n").expect("write");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!c.nodes[1].volume.join("ssh/new.sif").exists());
+    let said = twinfs_ok(&c, 0, Some(&ssh), &["sync", "new.sif"]);
+    assert!(said.contains("1 path(s) acknowledged by node1"), "{said}");
+    assert!(!said.contains("deletion"), "{said}");
+    assert_eq!(
+        fs::read_to_string(c.nodes[1].volume.join("ssh/new.sif")).expect("shipped"),
+        "firmware 3\n"
+    );
+
+    // A name that is neither a volume nor on this node: shipped as a deletion, and
+    // said so.
+    let said = twinfs_ok(&c, 0, Some(outside), &["sync", "volx"]);
+    assert!(
+        said.contains("volx: not on this node: sent as a deletion"),
+        "{said}"
+    );
+    // `--full` takes a volume's name, never a path.
+    let err = twinfs_refused(&c, 0, outside, &["sync", "--full", "volx"]);
+    assert!(
+        err.contains("no volume named \"volx\" (volumes: vol)"),
+        "{err}"
+    );
+    let err = twinfs_refused(&c, 0, outside, &["sync", "--full", "vol", "cmm.conf"]);
+    assert!(err.contains("--full"), "{err}");
+
+    // The standby refused nothing: no op for the root ever reached it.
+    for node in &c.nodes {
+        let peer = node.volume_status()["peers"][0].clone();
+        assert_eq!(peer["rejected"], 0, "{peer}");
+    }
+}
+
+/// `full_sync_done` says when the last full sync completed, on both nodes: it moves
+/// with a full sync asked for by `twinfs sync --full` (it stayed at the first contact).
+#[test]
+fn every_full_sync_moves_full_sync_done() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let done = |i: usize| c.nodes[i].volume_status()["peers"][0]["full_sync_done"].as_u64();
+    assert!(wait_until(CONVERGE, || done(0).is_some() && done(1).is_some()));
+    let before = [done(0), done(1)];
+    // The field has whole seconds.
+    std::thread::sleep(Duration::from_millis(1100));
+    let said = twinfs_ok(&c, 0, None, &["sync", "--full"]);
+    assert!(said.contains("full sync acknowledged by node1"), "{said}");
+    let moved = wait_until(Duration::from_secs(10), || {
+        done(0) > before[0] && done(1) > before[1]
+    });
+    assert!(
+        moved,
+        "before {before:?}, after [{:?}, {:?}]",
+        done(0),
+        done(1)
+    );
+}
+
+/// A dead active looks connected to its standby until QUIC's idle timeout ends the
+/// connection; meanwhile the table says how long it has been silent.
+#[test]
+fn status_says_how_long_a_connected_peer_has_been_silent() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let table = c.nodes[1].status_text();
+    assert!(
+        table.contains("connected") && !table.contains("no word"),
+        "{table}"
+    );
+    c.nodes[0].kill9_only();
+    let mut last = String::new();
+    let said = wait_until(Duration::from_secs(9), || {
+        last = c.nodes[1].status_text();
+        last.contains("connected (no word for ")
+    });
+    assert!(said, "{last}");
+}

@@ -534,7 +534,7 @@ fn start_watches(daemon: &Arc<Daemon>, endpoint: &quinn::Endpoint) {
                         match take_over(&d.volumes[i], epoch, "auto").await {
                             Ok(Ok(line)) => Ok(line),
                             Ok(Err(line)) => Err(line),
-                            Err(e) => Err(format!("{e:#}")),
+                            Err(e) => Err(crate::error::text(&e)),
                         }
                     }
                 },
@@ -565,7 +565,7 @@ fn start_watches(daemon: &Arc<Daemon>, endpoint: &quinn::Endpoint) {
                     };
                     d.demote(Some(&name), "health")
                         .await
-                        .map_err(|e| format!("{e:#}"))
+                        .map_err(|e| crate::error::text(&e))
                 }
             },
         ));
@@ -744,7 +744,7 @@ impl Daemon {
     async fn handle(&self, request: Request) -> Response {
         let done = |r: anyhow::Result<String>| match r {
             Ok(message) => Response::Done(message),
-            Err(e) => Response::Error(format!("{e:#}")),
+            Err(e) => Response::Error(crate::error::text(&e)),
         };
         match request {
             Request::Status => Response::Status(self.status()),
@@ -954,9 +954,12 @@ impl Daemon {
             }
             let rel = paths
                 .iter()
-                .map(|p| volume_path(&v.config.path, p))
+                .map(|p| volume_path(name, &v.config.path, p))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?;
+            let root = v.mounted.volume().root_fd();
+            let missing: Vec<&twinfs_replicator::path::RelPath> =
+                rel.iter().filter(|p| !on_this_node(root, p)).collect();
             let (reply, mut answers) = tokio::sync::mpsc::channel(64);
             let asked = v
                 .commands
@@ -1002,6 +1005,11 @@ impl Daemon {
                 line.push_str(&format!("; NOT acknowledged: {}", not.join(", ")));
             }
             lines.push(line);
+            lines.extend(
+                missing
+                    .iter()
+                    .map(|p| format!("  {p}: not on this node: sent as a deletion")),
+            );
         }
         if failed {
             bail!("{}", lines.join("\n"));
@@ -1353,9 +1361,14 @@ fn run_hook(
     result
 }
 
-/// The path of `given` in the volume mounted at `root`: relative as is, or absolute
-/// under `root`; never outside the volume.
-fn volume_path(root: &Path, given: &str) -> Result<twinfs_replicator::path::RelPath, String> {
+/// The path of `given` in the volume `name` mounted at `root`: relative (to `root`) as
+/// is, or absolute under `root`; never outside the volume, and never its root, which
+/// cannot be shipped as a path (a full sync covers it).
+fn volume_path(
+    name: &str,
+    root: &Path,
+    given: &str,
+) -> Result<twinfs_replicator::path::RelPath, String> {
     let p = Path::new(given);
     let inside = if p.is_absolute() {
         p.strip_prefix(root)
@@ -1363,7 +1376,47 @@ fn volume_path(root: &Path, given: &str) -> Result<twinfs_replicator::path::RelP
     } else {
         p
     };
-    twinfs_replicator::path::RelPath::from_path(inside).map_err(|e| format!("{given}: {e}"))
+    let rel =
+        twinfs_replicator::path::RelPath::from_path(inside).map_err(|e| format!("{given}: {e}"))?;
+    if rel.is_root() {
+        return Err(format!(
+            "{given:?} is the volume's root; to sync the whole volume, run `twinfs sync --full {name}`"
+        ));
+    }
+    Ok(rel)
+}
+
+/// Whether `path` is in the volume whose directory is `root`, looked up as the active
+/// reads a path it ships (no symlink followed on the way): one that is not goes to the
+/// standbys as a deletion.
+fn on_this_node(
+    root: std::os::fd::BorrowedFd<'_>,
+    path: &twinfs_replicator::path::RelPath,
+) -> bool {
+    use std::os::fd::AsFd;
+    let gone = |e: &std::io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+        )
+    };
+    let Some((parent, name)) = path.split_last() else {
+        return true;
+    };
+    // Unsure (the fd cannot be duplicated): not said to be missing.
+    let Ok(mut dir) = root.try_clone_to_owned() else {
+        return true;
+    };
+    for part in parent.components() {
+        dir = match twinfs_fs::sys::openat(dir.as_fd(), part, libc::O_PATH | libc::O_DIRECTORY, 0) {
+            Ok(fd) => fd,
+            Err(e) => return !gone(&e),
+        };
+    }
+    match twinfs_fs::sys::statat(dir.as_fd(), name) {
+        Ok(_) => true,
+        Err(e) => !gone(&e),
+    }
 }
 
 #[cfg(test)]
@@ -1381,6 +1434,47 @@ mod tests {
             ));
         }
         Config::parse(&text, &dir.join("twinfs.toml")).expect("valid config")
+    }
+
+    #[test]
+    fn the_root_is_no_path_to_ship() {
+        let root = Path::new("/etc/cmm");
+        for given in ["", "/etc/cmm", "/etc/cmm/"] {
+            let e = volume_path("cmm", root, given).expect_err("the root");
+            assert!(e.contains("twinfs sync --full cmm"), "{given:?}: {e}");
+        }
+        assert_eq!(
+            volume_path("cmm", root, "/etc/cmm/ssh/x").expect("in the volume"),
+            twinfs_replicator::path::RelPath::new("ssh/x").expect("valid")
+        );
+        assert!(volume_path("cmm", root, "/etc/passwd").is_err());
+    }
+
+    #[test]
+    fn a_path_is_on_this_node_only_without_a_symlink_on_the_way() {
+        use std::os::fd::AsFd;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("ssh")).expect("mkdir");
+        std::fs::write(dir.path().join("ssh/x"), "x").expect("write");
+        std::os::unix::fs::symlink("ssh", dir.path().join("link")).expect("symlink");
+        std::os::unix::fs::symlink("nowhere", dir.path().join("dangling")).expect("symlink");
+        let root = std::fs::File::open(dir.path()).expect("open");
+        let here = |p: &str| {
+            on_this_node(
+                root.as_fd(),
+                &twinfs_replicator::path::RelPath::new(p).expect("valid"),
+            )
+        };
+        assert!(here("ssh/x"));
+        assert!(here("ssh"));
+        assert!(here("dangling"), "a symlink is there, wherever it points");
+        assert!(!here("ssh/y"));
+        assert!(!here("nope/x"));
+        assert!(!here("ssh/x/y"));
+        assert!(
+            !here("link/x"),
+            "the active does not read through a symlink"
+        );
     }
 
     #[test]

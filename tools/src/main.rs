@@ -1,11 +1,12 @@
 //! The `twinfs` command: identity, the daemon, and the commands that talk to it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use twinfs_replicator::node::{PeerStatus, HEARTBEAT};
 use twinfs_tools::config::{Config, Role};
 use twinfs_tools::control::{self, NodeStatus, Request, Response};
 use twinfs_tools::daemon::{self, DaemonOptions};
@@ -45,8 +46,10 @@ enum Command {
         threads: u16,
     },
     /// Show what the running daemon serves: per volume its path, role, mount state,
-    /// passthrough, and the changes captured per policy.
+    /// passthrough, and the changes captured per policy, and per peer the replication.
     Status {
+        /// The volume (default: all).
+        volume: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -81,13 +84,24 @@ enum Command {
     /// their policy (once, interval and never paths too), or with --full compare
     /// manifests and send everything that differs; waits for the standbys'
     /// acknowledgements and exits 0 only when every one acknowledged.
+    ///
+    /// The first argument is the volume when it is the name of one. On a node with
+    /// one volume it can be left out: a first argument that names no volume is then a
+    /// path (to ship a file named like the volume, name the volume first, or give an
+    /// absolute path). With several volumes, name the volume first.
+    ///
+    /// A relative PATH is taken from the current directory when that is inside the
+    /// volume, else from the volume's root; `.` and `..` are resolved by name. The
+    /// volume's root itself is refused: `--full` syncs the whole volume. A path that
+    /// is not on this node is shipped as a deletion, and the command says so.
+    ///
+    /// With --full, the only argument is a volume's name (default: all volumes).
     Sync {
-        /// The volume (default: all). Needed with paths only when there are several:
-        /// on a node with one volume, a first argument that names no volume is a path.
+        /// The volume (default: the only one; with --full, all).
         volume: Option<String>,
-        /// Paths in the volume, relative or absolute under its path.
+        /// Paths in the volume: absolute under its path, or relative (see above).
         paths: Vec<String>,
-        /// Run a full sync instead of shipping paths.
+        /// Run a full sync of the volume instead of shipping paths.
         #[arg(long)]
         full: bool,
     },
@@ -181,7 +195,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("twinfs: {e:#}");
+            eprintln!("twinfs: {}", twinfs_tools::error::text(&e));
             ExitCode::FAILURE
         }
     }
@@ -238,12 +252,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status { json } => {
+        Command::Status { volume, json } => {
             let config = load(&cli.config)?;
-            let status = match ask(&config, &Request::Status)? {
+            let mut status = match ask(&config, &Request::Status)? {
                 Response::Status(s) => s,
                 other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
             };
+            if let Some(name) = volume {
+                if !status.volumes.iter().any(|v| v.name == name) {
+                    let known: Vec<&str> = status.volumes.iter().map(|v| v.name.as_str()).collect();
+                    anyhow::bail!("no volume named {name:?} (volumes: {})", known.join(", "));
+                }
+                status.volumes.retain(|v| v.name == name);
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -265,7 +286,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             full,
         } => {
             let config = load(&cli.config)?;
-            let (volume, paths) = sync_arguments(&config, volume, paths);
+            let cwd = std::env::current_dir().ok();
+            let (volume, paths) = sync_arguments(&config, cwd.as_deref(), volume, paths, full)?;
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr())
                 .then(|| Progress::start(&config, volume.clone()));
             let answer = ask(
@@ -370,20 +392,94 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// The volume and paths of `twinfs sync VOLUME PATH...`: on a node with one volume,
-/// a first argument that names no volume is the first path (`twinfs sync passwd`).
+/// The volume and the paths (relative to its root) that `twinfs sync [VOLUME]
+/// [PATH...] [--full]` asks for, run in `cwd`: the first argument is the volume if it
+/// names one, else (on a node with one volume) the first path. With `full`, the only
+/// argument must be a volume's name.
 fn sync_arguments(
     config: &Config,
-    volume: Option<String>,
-    mut paths: Vec<String>,
-) -> (Option<String>, Vec<String>) {
-    match (volume, config.volumes.as_slice()) {
-        (Some(first), [only]) if first != only.name => {
-            paths.insert(0, first);
-            (Some(only.name.clone()), paths)
-        }
-        (volume, _) => (volume, paths),
+    cwd: Option<&Path>,
+    first: Option<String>,
+    rest: Vec<String>,
+    full: bool,
+) -> anyhow::Result<(Option<String>, Vec<String>)> {
+    let known = || {
+        let names: Vec<&str> = config.volumes.iter().map(|v| v.name.as_str()).collect();
+        format!("volumes: {}", names.join(", "))
+    };
+    let (volume, paths) = match first {
+        None => (None, rest),
+        Some(first) => match config.volumes.iter().find(|v| v.name == first) {
+            Some(v) => (Some(v), rest),
+            None if full => anyhow::bail!(
+                "no volume named {first:?} ({}); `twinfs sync --full [VOLUME]` takes a volume's name, not a path",
+                known()
+            ),
+            None => match config.volumes.as_slice() {
+                [only] => (Some(only), std::iter::once(first).chain(rest).collect()),
+                _ => anyhow::bail!(
+                    "no volume named {first:?} ({}); with several volumes, name the volume first: twinfs sync VOLUME PATH...",
+                    known()
+                ),
+            },
+        },
+    };
+    if full && !paths.is_empty() {
+        anyhow::bail!(
+            "--full syncs the whole volume and takes no paths (twinfs sync --full [VOLUME])"
+        );
     }
+    let paths = match volume {
+        Some(v) => paths
+            .iter()
+            .map(|p| in_volume(&v.name, &v.path, cwd, p))
+            .collect::<anyhow::Result<_>>()?,
+        None => paths,
+    };
+    Ok((volume.map(|v| v.name.clone()), paths))
+}
+
+/// `given` as a path relative to the root of volume `name` at `root`: an absolute path
+/// must be under `root`; a relative one is taken from `cwd` when that is inside the
+/// volume (as other tools take it), else from the volume's root. `.` and `..` are
+/// resolved by name, as `cd` does, and may not leave the volume; its root is refused,
+/// as no path can ship it (`--full` syncs the whole volume).
+fn in_volume(name: &str, root: &Path, cwd: Option<&Path>, given: &str) -> anyhow::Result<String> {
+    let root = lexical(root);
+    let base = match cwd.map(lexical) {
+        Some(cwd) if cwd.starts_with(&root) => cwd,
+        _ => root.clone(),
+    };
+    let path = lexical(&base.join(given));
+    let Ok(inside) = path.strip_prefix(&root) else {
+        anyhow::bail!("{given}: not in volume {name} ({})", root.display());
+    };
+    if inside.as_os_str().is_empty() {
+        anyhow::bail!(
+            "{given:?} is the volume's root ({}); to sync the whole volume, run `twinfs sync --full {name}`",
+            root.display()
+        );
+    }
+    inside
+        .to_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{given}: {} is not UTF-8", inside.display()))
+}
+
+/// `path` with `.` left out and each `..` taking off the component before it, without
+/// asking the filesystem (so without following symlinks).
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn describe_sync(sync: twinfs_replicator::policy::SyncMode) -> String {
@@ -482,7 +578,29 @@ impl Drop for Progress {
     }
 }
 
+/// A connected peer silent for longer than this many heartbeats is shown with how
+/// long it has been silent.
+const QUIET_HEARTBEATS: u32 = 3;
+
+/// The state of the link with peer `p` at `now` (seconds since the Unix epoch): a dead
+/// peer stays connected until QUIC's idle timeout (10 s and more), so a connected
+/// one that has been silent for several heartbeats says for how long.
+fn link(p: &PeerStatus, now: u64) -> String {
+    if !p.connected {
+        return "disconnected".to_owned();
+    }
+    let quiet = HEARTBEAT.saturating_mul(QUIET_HEARTBEATS).as_secs();
+    match (p.last_contact.map(|t| now.saturating_sub(t)), p.rtt_us) {
+        (Some(silent), _) if silent > quiet => format!("connected (no word for {silent} s)"),
+        (_, Some(us)) => format!("connected {:.1} ms", us as f64 / 1000.0),
+        (_, None) => "connected".to_owned(),
+    }
+}
+
 fn print_status(s: &NodeStatus) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     println!("node {} (daemon pid {})", s.node, s.pid);
     println!(
         "{:<12} {:<8} {:<8} {:<12} {:>6} {:>22}  PATH",
@@ -543,11 +661,7 @@ fn print_status(s: &NodeStatus) {
             } else {
                 p.full_sync.clone()
             };
-            let link = match (p.connected, p.rtt_us) {
-                (true, Some(us)) => format!("connected {:.1} ms", us as f64 / 1000.0),
-                (true, None) => "connected".to_owned(),
-                (false, _) => "disconnected".to_owned(),
-            };
+            let link = link(p, now);
             let full_sync = match p.out_of_sync_since {
                 Some(t) => format!("{full_sync}, OUT OF SYNC since {t}"),
                 None => full_sync,
@@ -592,16 +706,30 @@ mod tests {
         s.iter().map(|s| s.to_string()).collect()
     }
 
+    /// `twinfs sync ARGS [--full]` run in `cwd` on a node with `config`.
+    fn sync(
+        config: &Config,
+        cwd: Option<&Path>,
+        args: &[&str],
+        full: bool,
+    ) -> anyhow::Result<(Option<String>, Vec<String>)> {
+        sync_arguments(
+            config,
+            cwd,
+            args.first().map(|s| s.to_string()),
+            strings(&args[1.min(args.len())..]),
+            full,
+        )
+    }
+
+    fn refused(r: anyhow::Result<(Option<String>, Vec<String>)>) -> String {
+        format!("{:#}", r.expect_err("refused"))
+    }
+
     #[test]
     fn sync_paths_without_the_volume_on_a_node_with_one() {
         let (_dir, one) = config(&["cmm"]);
-        let args = |v: &[&str]| {
-            sync_arguments(
-                &one,
-                v.first().map(|s| s.to_string()),
-                strings(&v[1.min(v.len())..]),
-            )
-        };
+        let args = |v: &[&str]| sync(&one, None, v, false).expect("valid");
         assert_eq!(
             args(&["passwd"]),
             (Some("cmm".into()), strings(&["passwd"]))
@@ -614,14 +742,111 @@ mod tests {
             args(&["cmm", "passwd"]),
             (Some("cmm".into()), strings(&["passwd"]))
         );
+        // A file named like the volume: after the volume's name.
+        assert_eq!(
+            args(&["cmm", "cmm"]),
+            (Some("cmm".into()), strings(&["cmm"]))
+        );
         assert_eq!(args(&["cmm"]), (Some("cmm".into()), vec![]));
         assert_eq!(args(&[]), (None, vec![]));
 
-        // With several, the first argument stays the volume (the daemon names an unknown one).
+        // With several, the first argument must name the volume.
         let (_dir, two) = config(&["cmm", "xcat"]);
-        assert_eq!(
-            sync_arguments(&two, Some("passwd".into()), vec![]),
-            (Some("passwd".into()), vec![])
+        let said = refused(sync(&two, None, &["passwd"], false));
+        assert!(
+            said.contains("no volume named \"passwd\" (volumes: cmm, xcat)")
+                && said.contains("name the volume first"),
+            "{said}"
         );
+        assert_eq!(
+            sync(&two, None, &["xcat", "passwd"], false).expect("valid"),
+            (Some("xcat".into()), strings(&["passwd"]))
+        );
+    }
+
+    #[test]
+    fn sync_full_takes_a_volume_name_only() {
+        let (_dir, one) = config(&["cmm"]);
+        assert_eq!(sync(&one, None, &[], true).expect("all"), (None, vec![]));
+        assert_eq!(
+            sync(&one, None, &["cmm"], true).expect("one"),
+            (Some("cmm".into()), vec![])
+        );
+        let said = refused(sync(&one, None, &["cmmx"], true));
+        assert!(
+            said.contains("no volume named \"cmmx\" (volumes: cmm)"),
+            "{said}"
+        );
+        let said = refused(sync(&one, None, &["cmm", "passwd"], true));
+        assert!(said.contains("--full syncs the whole volume"), "{said}");
+    }
+
+    #[test]
+    fn sync_paths_are_taken_from_the_current_directory_inside_the_volume() {
+        let (dir, one) = config(&["cmm"]);
+        let root = dir.path().join("cmm");
+        let ssh = root.join("ssh");
+        let paths = |cwd: &Path, v: &[&str]| sync(&one, Some(cwd), v, false).map(|(_, p)| p);
+        // Outside the volume: from its root.
+        assert_eq!(paths(dir.path(), &["ssh/x"]).expect("valid"), ["ssh/x"]);
+        assert_eq!(
+            paths(Path::new("/"), &["./ssh/x"]).expect("valid"),
+            ["ssh/x"]
+        );
+        // Inside: from the current directory, as other tools do.
+        assert_eq!(
+            paths(&ssh, &["x", "../passwd"]).expect("valid"),
+            ["ssh/x", "passwd"]
+        );
+        assert_eq!(paths(&root, &["ssh/./x"]).expect("valid"), ["ssh/x"]);
+        let absolute = ssh.join("x").display().to_string();
+        assert_eq!(paths(&ssh, &[&absolute]).expect("valid"), ["ssh/x"]);
+
+        // The root, however it is named, is no path to ship.
+        let shown = root.display().to_string();
+        for (cwd, given) in [
+            (root.as_path(), "."),
+            (ssh.as_path(), ".."),
+            (dir.path(), "."),
+            (dir.path(), shown.as_str()),
+            (dir.path(), &format!("{shown}/")),
+            (dir.path(), &format!("{shown}/ssh/..")),
+        ] {
+            let said = refused(paths(cwd, &[given]).map(|p| (None, p)));
+            assert!(
+                said.contains("is the volume's root") && said.contains("twinfs sync --full cmm"),
+                "{given} in {}: {said}",
+                cwd.display()
+            );
+        }
+        // Nor anything outside it.
+        for given in ["../etc/passwd", "/etc/passwd"] {
+            let said = refused(paths(dir.path(), &[given]).map(|p| (None, p)));
+            assert!(said.contains("not in volume cmm"), "{given}: {said}");
+        }
+        assert!(paths(&root, &["../../x"]).is_err());
+    }
+
+    #[test]
+    fn a_connected_peer_silent_for_three_heartbeats_says_for_how_long() {
+        let peer = |connected, last_contact, rtt_us| PeerStatus {
+            connected,
+            last_contact,
+            rtt_us,
+            ..PeerStatus::default()
+        };
+        let now = 1_000_000;
+        assert_eq!(
+            link(&peer(true, Some(now - 1), Some(2700)), now),
+            "connected 2.7 ms"
+        );
+        assert_eq!(link(&peer(true, Some(now - 3), None), now), "connected");
+        assert_eq!(
+            link(&peer(true, Some(now - 9), Some(2700)), now),
+            "connected (no word for 9 s)"
+        );
+        assert_eq!(link(&peer(false, Some(now - 9), None), now), "disconnected");
+        // A clock that went back says nothing odd.
+        assert_eq!(link(&peer(true, Some(now + 5), None), now), "connected");
     }
 }
