@@ -910,7 +910,6 @@ impl Session {
         self.drain(now);
     }
 
-    /// A change captured on the active's volume.
     /// Active: ship `paths` now, whatever their policy (`once`, `interval` and `never`
     /// too: an administrator asked), with their content; a path that no longer exists
     /// is deleted on the standby. See [`Session::caught_up`] for when they are acked.
@@ -953,6 +952,7 @@ impl Session {
         }
     }
 
+    /// A change captured on the active's volume.
     pub fn on_change(&mut self, record: &Record, now: Instant) {
         if !self.is_active() || self.phase == Phase::Closed || self.phase == Phase::Hello {
             return;

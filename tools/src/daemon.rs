@@ -113,8 +113,8 @@ pub fn answer_within(config: &Config, request: &Request) -> Duration {
     )
 }
 
-/// An active silent for this long is taken as gone (it sends a heartbeat every second).
-const SILENT: Duration = Duration::from_secs(3);
+/// An active silent for this long (three heartbeats) is taken as gone.
+const SILENT: Duration = Duration::from_secs(3 * node::HEARTBEAT.as_secs());
 
 /// Where the in-place updates of volume `name` are journaled.
 fn journal(config: &Config, name: &str) -> twinfs_replicator::patch::Journal {
