@@ -1692,6 +1692,7 @@ mod tests {
             hash: Option<u128>,
             target: Option<Vec<u8>>,
             xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+            link: Option<Vec<u8>>,
         }
         let mut m = meta(Kind::Symlink, 7);
         m.set_target(Some(b"there".to_vec()));
@@ -1707,6 +1708,7 @@ mod tests {
             hash: None,
             target: Some(b"there".to_vec()),
             xattrs: vec![(b"user.a".to_vec(), b"1".to_vec())],
+            link: None,
         };
         let bytes = postcard::to_allocvec(&m).expect("encode");
         assert_eq!(bytes, postcard::to_allocvec(&flat).expect("encode flat"));
@@ -1716,6 +1718,14 @@ mod tests {
         let decoded: Meta =
             postcard::from_bytes(&postcard::to_allocvec(&plain).expect("encode")).expect("decode");
         assert!(decoded.extra.is_none(), "nothing rare, nothing boxed");
+        let mut linked = meta(Kind::File, 9);
+        linked.set_link(Some(rel("first")));
+        let decoded: Meta =
+            postcard::from_bytes(&postcard::to_allocvec(&linked).expect("encode")).expect("decode");
+        assert_eq!(decoded.link(), Some(&rel("first")));
+        assert_ne!(decoded, plain, "the link identity is part of the entry");
+        linked.set_link(None);
+        assert!(linked.extra.is_none(), "unlinked, unboxed");
         m.set_target(None);
         m.set_xattrs(Vec::new());
         assert!(m.extra.is_none(), "emptied, unboxed");
