@@ -148,6 +148,21 @@ pub enum ApplyError {
         /// The path of the entry.
         path: RelPath,
     },
+    /// A hard link was asked for to something that is not a regular file here.
+    #[error("cannot link to {path:?}: there is no regular file there")]
+    NoLinkTarget {
+        /// The existing name asked for.
+        path: RelPath,
+    },
+    /// The other names of a hard-linked file could not be found.
+    #[error("cannot find the other names of {path:?}")]
+    Names {
+        /// The file's name.
+        path: RelPath,
+        /// Why the walk failed.
+        #[source]
+        source: crate::manifest::ManifestError,
+    },
     /// A directory to be removed without what is below it still holds entries.
     #[error("{path:?} is a directory that is not empty")]
     NotEmpty {
@@ -759,6 +774,50 @@ impl<'a> Applier<'a> {
         Ok(())
     }
 
+    /// Makes `path` another name of the regular file at `existing` (a hard link) and
+    /// makes that durable: a temp name is linked beside `path` and renamed over it, so
+    /// what was at `path` is replaced atomically. Nothing changes if `path` is a name
+    /// of that file already. A directory at `path` is an error, as for
+    /// [`Applier::write_file`].
+    pub fn link(&self, existing: &RelPath, path: &RelPath) -> Result<()> {
+        let (from_dir, from_name) = self.open_parent(existing)?;
+        let no_target = || ApplyError::NoLinkTarget {
+            path: existing.clone(),
+        };
+        let file = regular_at(from_dir.as_fd(), &from_name, existing)?.ok_or_else(no_target)?;
+        let (dir, name) = self.open_parent(path)?;
+        let dir = dir.as_fd();
+        refuse_directory(dir, &name, path, "hard link")?;
+        // rename(2) of one name of a file over another does nothing: the temp name
+        // would stay.
+        if sys::statat(dir, &name).is_ok_and(|st| (st.st_dev, st.st_ino) == key(&file)) {
+            return Ok(());
+        }
+        let (temp, ()) = create_temp(dir, |tmp| {
+            sys::linkat(from_dir.as_fd(), &from_name, dir, tmp)
+        })
+        .map_err(io_err("link a temp name for", path))?;
+        // Replaced since it was looked at (linkat never follows a symlink): only the
+        // file asked for is linked.
+        let linked = sys::statat(dir, &temp.name).map_err(io_err("stat", path))?;
+        if !is_regular(&linked) {
+            return Err(no_target());
+        }
+        place(temp, &name, path, "hard link")?;
+        tracing::debug!(%existing, %path, "linked");
+        Ok(())
+    }
+
+    /// The status of the regular file at `path` if it has other names (hard links):
+    /// an op replacing it may have to carry them along ([`Applier::link`]).
+    pub fn linked_file(&self, path: &RelPath) -> Result<Option<Stat>> {
+        let (dir, name) = match self.open_parent(path) {
+            Err(e) if e.is_missing() => return Ok(None),
+            other => other?,
+        };
+        Ok(regular_at(dir.as_fd(), &name, path)?.filter(|st| st.st_nlink > 1))
+    }
+
     /// Renames `from` to `to`, replacing `to` as `rename(2)` does; with `exchange`,
     /// swaps the two atomically (both must exist).
     pub fn rename(&self, from: &RelPath, to: &RelPath, exchange: bool) -> Result<()> {
@@ -1035,6 +1094,11 @@ fn regular_at(dir: BorrowedFd<'_>, name: &OsStr, path: &RelPath) -> Result<Optio
 
 fn is_regular(st: &Stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFREG
+}
+
+/// An inode's (device, inode).
+fn key(st: &Stat) -> (u64, u64) {
+    (st.st_dev, st.st_ino)
 }
 
 /// A file written beside its target by [`Applier::prepare_file`], not yet in place;

@@ -1,5 +1,5 @@
 //! Manifests: what a volume holds, path by path (kind, mode, owner, mtime, size,
-//! content hash, symlink target, xattrs); [`scan`] builds one from the backing
+//! content hash, symlink target, xattrs, hard link identity); [`scan`] builds one from the backing
 //! directory, a [`HashCache`] keeps rescans cheap, and [`diff`] turns the active's and
 //! a standby's manifests into the work a full sync has to do.
 
@@ -107,12 +107,15 @@ pub struct Extra {
     pub target: Option<Vec<u8>>,
     /// Extended attributes (name, value), sorted by name.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// For a regular file with more than one name in the volume: the first of them in
+    /// path order (see [`Meta::link`]).
+    pub link: Option<RelPath>,
 }
 
 /// A [`Meta`] as it travels: every field flat. Received owned; sent borrowed
-/// (`T` = `&Vec<u8>`, `X` = `&Vec<..>`), which serializes the same.
+/// (`T` = `&Vec<u8>`, `X` = `&Vec<..>`, `L` = `&RelPath`), which serializes the same.
 #[derive(Serialize, Deserialize)]
-struct MetaWire<T, X> {
+struct MetaWire<T, X, L> {
     kind: Kind,
     mode: u32,
     uid: u32,
@@ -123,10 +126,11 @@ struct MetaWire<T, X> {
     hash: Option<u128>,
     target: Option<T>,
     xattrs: X,
+    link: Option<L>,
 }
 
 /// The [`MetaWire`] a [`Meta`] is decoded from.
-type OwnedWire = MetaWire<Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>>;
+type OwnedWire = MetaWire<Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>, RelPath>;
 
 impl From<OwnedWire> for Meta {
     fn from(w: OwnedWire) -> Meta {
@@ -138,6 +142,7 @@ impl From<OwnedWire> for Meta {
             rdev: w.rdev,
             target: w.target,
             xattrs: w.xattrs,
+            link: w.link,
         });
         meta
     }
@@ -158,6 +163,7 @@ impl Serialize for Meta {
             hash: self.hash,
             target: extra.and_then(|e| e.target.as_ref()),
             xattrs: extra.map_or(&NO_XATTRS, |e| &e.xattrs),
+            link: extra.and_then(|e| e.link.as_ref()),
         }
         .serialize(serializer)
     }
@@ -165,7 +171,7 @@ impl Serialize for Meta {
 
 impl PartialEq for Meta {
     fn eq(&self, other: &Meta) -> bool {
-        self.same_content(other) && self.same_metadata(other)
+        self.same_content(other) && self.same_metadata(other) && self.link() == other.link()
     }
 }
 
@@ -199,6 +205,24 @@ impl Meta {
     /// Extended attributes (name, value), sorted by name.
     pub fn xattrs(&self) -> &[(Vec<u8>, Vec<u8>)] {
         self.extra.as_ref().map_or(&[], |e| &e.xattrs)
+    }
+
+    /// The file's hard link identity: for a regular file with more than one name in
+    /// the volume (`never` paths and names outside the volume do not count), the first
+    /// of those names in path order; `None` for a file with one name and for anything
+    /// else. The active's `(device, inode)` means nothing on a standby, the first name
+    /// does: two paths are names of one file on a node exactly when their identities
+    /// are the same `Some`. [`scan`] sets it; [`describe`] does not (it looks at one
+    /// path): [`link_identity`] does, for a file with other names.
+    pub fn link(&self) -> Option<&RelPath> {
+        self.extra.as_ref().and_then(|e| e.link.as_ref())
+    }
+
+    /// Sets the hard link identity.
+    pub fn set_link(&mut self, link: Option<RelPath>) {
+        let mut extra = self.take_extra();
+        extra.link = link;
+        self.set_extra(extra);
     }
 
     /// Sets the device number.
@@ -448,6 +472,8 @@ struct Level {
 /// - Something that vanishes during the scan is left out. The tree may change while
 ///   it is scanned, so the manifest is a fuzzy snapshot: the change stream, started
 ///   before the scan, brings what changed meanwhile.
+/// - Regular files with more than one name among the entries get their hard link
+///   identity ([`Meta::link`]).
 ///
 /// The walk is depth first and holds one fd per directory level (plus one listing
 /// per level), so tree size does not bound it, only depth.
@@ -459,6 +485,8 @@ pub fn scan(
     cache.begin_scan();
     let mut manifest = Manifest::new();
     let mut buf = Vec::new();
+    // The names of each file with other links, by (device, inode).
+    let mut linked: HashMap<(u64, u64), Vec<RelPath>> = HashMap::new();
     let top = RelPath::root();
     let names = sys::read_dir(root).map_err(io_error(&top, "list"))?;
     let dir = root
@@ -484,7 +512,7 @@ pub fn scan(
                 parent: level.path.clone(),
                 source,
             })?;
-        let Some((meta, fd)) = visit(
+        let Some((meta, fd, key)) = visit(
             level.dir.as_fd(),
             &dirent.name,
             &path,
@@ -496,6 +524,9 @@ pub fn scan(
             continue;
         };
         if meta.kind != Kind::Dir {
+            if let Some(key) = key {
+                linked.entry(key).or_default().push(path.clone());
+            }
             manifest.entries.insert(path, meta);
             continue;
         }
@@ -514,6 +545,14 @@ pub fn scan(
             }
             Err(e) if vanished(&e) => tracing::debug!(%path, "directory removed during the scan"),
             Err(e) => return Err(io_error(&path, "list")(e)),
+        }
+    }
+    for names in linked.into_values().filter(|names| names.len() > 1) {
+        let first = names.iter().min().cloned();
+        for name in &names {
+            if let Some(meta) = manifest.entries.get_mut(name) {
+                meta.set_link(first.clone());
+            }
         }
     }
     cache.finish_scan();
@@ -552,12 +591,117 @@ pub fn describe(
     let mut buf = Vec::new();
     Ok(
         visit(dir.as_fd(), name, path, &|_, _| true, cache, &mut buf)?
-            .map(|(meta, fd)| (meta, fd, dir)),
+            .map(|(meta, fd, _)| (meta, fd, dir)),
     )
 }
 
+/// The hard link identity ([`Meta::link`]) of the object `fd` (an fd [`describe`]
+/// returned for `path`): `None` unless it is a regular file with another name in the
+/// volume that `filter` accepts (as for [`scan`]). Walks the volume for the other
+/// names, so it costs a scan's directory listings and a `stat` per regular file
+/// (without hashing), and only for a file whose link count is above one.
+pub fn link_identity(
+    root: BorrowedFd<'_>,
+    path: &RelPath,
+    fd: BorrowedFd<'_>,
+    filter: impl Fn(&RelPath, Kind) -> bool,
+) -> Result<Option<RelPath>, ManifestError> {
+    let st = sys::fstat(fd).map_err(io_error(path, "stat"))?;
+    if Kind::of_mode(st.st_mode) != Some(Kind::File) || st.st_nlink < 2 {
+        return Ok(None);
+    }
+    let names = names_of(root, (st.st_dev, st.st_ino), st.st_nlink, filter)?;
+    if names.len() < 2 {
+        return Ok(None);
+    }
+    Ok(names.into_iter().min())
+}
+
+/// The paths below `root` of the regular file `key` (device, inode), up to `most` of
+/// them (its link count: no more can exist), in no particular order. Walks as [`scan`]
+/// does: never through a symlink, without [`RESERVED_PREFIX`] names or what `filter`
+/// refuses (a refused directory with all below it).
+pub fn names_of(
+    root: BorrowedFd<'_>,
+    key: (u64, u64),
+    most: u64,
+    filter: impl Fn(&RelPath, Kind) -> bool,
+) -> Result<Vec<RelPath>, ManifestError> {
+    let top = RelPath::root();
+    let mut names = Vec::new();
+    let mut stack = vec![(
+        root.try_clone_to_owned()
+            .map_err(io_error(&top, "duplicate the fd of"))?,
+        top,
+    )];
+    while let Some((dir, path)) = stack.pop() {
+        let entries = match sys::read_dir(dir.as_fd()) {
+            Ok(entries) => entries,
+            Err(e) if vanished(&e) => continue,
+            Err(e) => return Err(io_error(&path, "list")(e)),
+        };
+        for dirent in entries {
+            if dirent.name.as_bytes().starts_with(RESERVED_PREFIX) {
+                continue;
+            }
+            let child = path
+                .join(&dirent.name)
+                .map_err(|source| ManifestError::Path {
+                    parent: path.clone(),
+                    source,
+                })?;
+            let kind = match dirent.kind {
+                libc::DT_DIR => Some(Kind::Dir),
+                libc::DT_REG => Some(Kind::File),
+                libc::DT_UNKNOWN => match sys::statat(dir.as_fd(), &dirent.name) {
+                    Ok(st) => Kind::of_mode(st.st_mode),
+                    Err(e) if vanished(&e) => None,
+                    Err(e) => return Err(io_error(&child, "stat")(e)),
+                },
+                _ => None,
+            };
+            match kind {
+                Some(Kind::Dir) if filter(&child, Kind::Dir) => {
+                    match sys::openat(
+                        dir.as_fd(),
+                        &dirent.name,
+                        libc::O_PATH | libc::O_DIRECTORY,
+                        0,
+                    ) {
+                        Ok(fd) => stack.push((fd, child)),
+                        Err(e) if vanished(&e) || e.raw_os_error() == Some(libc::ENOTDIR) => {}
+                        Err(e) => return Err(io_error(&child, "open")(e)),
+                    }
+                }
+                Some(Kind::File) if filter(&child, Kind::File) => {
+                    let st = match sys::statat(dir.as_fd(), &dirent.name) {
+                        Ok(st) => st,
+                        Err(e) if vanished(&e) => continue,
+                        Err(e) => return Err(io_error(&child, "stat")(e)),
+                    };
+                    if Kind::of_mode(st.st_mode) == Some(Kind::File)
+                        && (st.st_dev, st.st_ino) == key
+                    {
+                        names.push(child);
+                        if names.len() as u64 >= most {
+                            return Ok(names);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// What [`visit`] found: the entry, its `O_PATH` fd, and the (device, inode) of a
+/// regular file with other links.
+type Visited = (Meta, OwnedFd, Option<(u64, u64)>);
+
 /// Describes one directory entry; `None` if it vanished or the filter refused it. For
-/// a directory, also returns its `O_PATH` fd for the next level of the walk.
+/// a directory, also returns its `O_PATH` fd for the next level of the walk; for a
+/// regular file with other links, its (device, inode).
 fn visit(
     dir: BorrowedFd<'_>,
     name: &OsStr,
@@ -565,7 +709,7 @@ fn visit(
     filter: &impl Fn(&RelPath, Kind) -> bool,
     cache: &mut HashCache,
     buf: &mut Vec<u8>,
-) -> Result<Option<(Meta, OwnedFd)>, ManifestError> {
+) -> Result<Option<Visited>, ManifestError> {
     // Everything below comes through this one O_PATH fd (sys::openat adds O_NOFOLLOW),
     // so stat, xattrs, link target and content all describe the same object even if
     // the name is replaced meanwhile, and nothing but a regular file is ever opened for
@@ -611,7 +755,8 @@ fn visit(
         Kind::CharDev | Kind::BlockDev => meta.set_rdev(st.st_rdev),
         Kind::Dir | Kind::Fifo | Kind::Socket => {}
     }
-    Ok(Some((meta, fd)))
+    let key = (kind == Kind::File && st.st_nlink > 1).then_some((st.st_dev, st.st_ino));
+    Ok(Some((meta, fd, key)))
 }
 
 /// Reads `f` into a buffer sized by a first call with an empty buffer, asking again if
@@ -1248,8 +1393,12 @@ pub struct Transfer {
     pub standby_hash: Option<Box<u128>>,
     /// Whether the content must travel (new path, new kind, or different content);
     /// false when the standby has the content and only mode, owner, mtime or xattrs
-    /// differ.
+    /// differ, and for a link.
     pub content: bool,
+    /// A further name of a hard-linked file ([`Meta::link`] is another path): the
+    /// standby is to make it a link of the first name, which carries the content and
+    /// metadata and comes earlier in path order.
+    pub link: bool,
 }
 
 /// The work that makes a standby's tree match the active's.
@@ -1333,8 +1482,22 @@ impl Differ {
         let old = &theirs.meta;
         if !theirs.path.is_root() {
             match self.active.get(&theirs.path) {
+                Some(new) if new.kind == old.kind && further_name(&theirs.path, new) => {
+                    // One of the standby's names of the file (and the same file as the
+                    // first name there), with its content and metadata, or it is linked
+                    // to the first name again.
+                    if *old != *new {
+                        self.send
+                            .push(Transfer::new(&theirs.path, new, Some(old), false));
+                    }
+                }
                 Some(new) if new.kind == old.kind => {
-                    if !old.same_content(new) {
+                    // A file the active has with this one name and the standby has
+                    // linked gets a copy of its own. (The first name of a linked file
+                    // need not change for links: its further names are linked to it,
+                    // and a name the standby has linked to it wrongly gets its own.)
+                    let unlinked = new.link().is_none() && old.link().is_some();
+                    if !old.same_content(new) || unlinked {
                         self.send
                             .push(Transfer::new(&theirs.path, new, Some(old), true));
                     } else if !old.same_metadata(new) {
@@ -1399,15 +1562,22 @@ impl Differ {
 
 impl Transfer {
     fn new(path: &RelPath, new: &Meta, old: Option<&Meta>, content: bool) -> Transfer {
+        let link = further_name(path, new);
         Transfer {
             path: path.clone(),
             kind: new.kind,
             size: new.size,
             on_standby: old.is_some(),
             standby_hash: old.and_then(|o| o.hash).map(Box::new),
-            content,
+            content: content && !link,
+            link,
         }
     }
+}
+
+/// Whether `path` is a name of a hard-linked file other than its first ([`Meta::link`]).
+fn further_name(path: &RelPath, meta: &Meta) -> bool {
+    meta.kind == Kind::File && meta.link().is_some_and(|first| first != path)
 }
 
 /// Puts the priority-1 transfers first, with the new or changed directories above
@@ -1522,6 +1692,7 @@ mod tests {
             hash: Option<u128>,
             target: Option<Vec<u8>>,
             xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+            link: Option<Vec<u8>>,
         }
         let mut m = meta(Kind::Symlink, 7);
         m.set_target(Some(b"there".to_vec()));
@@ -1537,6 +1708,7 @@ mod tests {
             hash: None,
             target: Some(b"there".to_vec()),
             xattrs: vec![(b"user.a".to_vec(), b"1".to_vec())],
+            link: None,
         };
         let bytes = postcard::to_allocvec(&m).expect("encode");
         assert_eq!(bytes, postcard::to_allocvec(&flat).expect("encode flat"));
@@ -1546,6 +1718,14 @@ mod tests {
         let decoded: Meta =
             postcard::from_bytes(&postcard::to_allocvec(&plain).expect("encode")).expect("decode");
         assert!(decoded.extra.is_none(), "nothing rare, nothing boxed");
+        let mut linked = meta(Kind::File, 9);
+        linked.set_link(Some(rel("first")));
+        let decoded: Meta =
+            postcard::from_bytes(&postcard::to_allocvec(&linked).expect("encode")).expect("decode");
+        assert_eq!(decoded.link(), Some(&rel("first")));
+        assert_ne!(decoded, plain, "the link identity is part of the entry");
+        linked.set_link(None);
+        assert!(linked.extra.is_none(), "unlinked, unboxed");
         m.set_target(None);
         m.set_xattrs(Vec::new());
         assert!(m.extra.is_none(), "emptied, unboxed");

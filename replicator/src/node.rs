@@ -1972,7 +1972,7 @@ async fn ship_upstream(
             let v = volume.clone();
             let read = tokio::task::spawn_blocking(move || {
                 let small = is_small(&v, &path);
-                read_op(&v, path, true, None, true, false, small).map(|(op, _, _)| op)
+                read_op(&v, path, true, None, true, false, false, small).map(|(op, _, _)| op)
             })
             .await;
             match read {
@@ -2151,7 +2151,8 @@ fn take_upstream_recorded(volume: &VolumeLink, op: &Op, base: Option<u128>) -> R
                 exchange: *exchange,
             },
         ),
-        Op::PutStream { .. } | Op::Skip { .. } => return Ok(()),
+        // A standby ships its links as copies (`read_op`).
+        Op::PutStream { .. } | Op::Skip { .. } | Op::Link { .. } => return Ok(()),
     };
     volume.volume.note_change(Change {
         path: path.as_path().to_owned(),
@@ -2214,6 +2215,7 @@ async fn keep_before(volume: &VolumeLink, op: &Op) {
             (entry.path.clone(), "replaced")
         }
         Op::PutStream { entry } => (entry.path.clone(), "replaced"),
+        Op::Link { path, .. } => (path.clone(), "replaced"),
         Op::Delete { path } => (path.clone(), "deleted"),
         _ => return,
     };
@@ -2433,6 +2435,7 @@ fn read_ship(volume: &VolumeLink, ship: Ship, can_stream: bool, small: bool) -> 
         ship.content,
         ship.standby_hash.map(|h| *h),
         ship.delete_if_missing,
+        ship.link,
         can_stream,
         small,
     );
@@ -2650,6 +2653,7 @@ fn how_they_differ(ours: Option<&manifest::Meta>, theirs: Option<&manifest::Meta
         ("link target", ours.target() != theirs.target()),
         ("xattrs", ours.xattrs() != theirs.xattrs()),
         ("device", ours.rdev() != theirs.rdev()),
+        ("hard links", ours.link() != theirs.link()),
     ];
     let differ: Vec<&str> = fields.iter().filter(|f| f.1).map(|f| f.0).collect();
     if differ.is_empty() {
@@ -2702,13 +2706,17 @@ fn is_small(volume: &VolumeLink, path: &RelPath) -> bool {
 
 /// The op that ships `path` as it is now, whether it had vanished, and for a large
 /// file the open file whose bytes follow on their own stream. `small` is
-/// [`is_small`] of the path, taken once by the caller.
+/// [`is_small`] of the path, taken once by the caller. With `link` ([`Ship::link`]),
+/// a further name of a hard-linked file ships as `Op::Link` to its first name; one
+/// that is no longer linked ships with its content.
+#[allow(clippy::too_many_arguments)]
 fn read_op(
     volume: &VolumeLink,
     path: RelPath,
     content: bool,
     standby_hash: Option<u128>,
     delete_if_missing: bool,
+    link: bool,
     can_stream: bool,
     small: bool,
 ) -> Result<(Op, bool, Option<Streamed>), manifest::ManifestError> {
@@ -2752,13 +2760,30 @@ fn read_op(
         cache.collect_blocks(false);
         described?
     };
-    let Some((meta, _fd, parent)) = described else {
+    let Some((mut meta, fd, parent)) = described else {
         return Ok(if delete_if_missing {
             (Op::Delete { path }, false, None)
         } else {
             (Op::Skip { path }, true, None)
         });
     };
+    let policies = &volume.policies;
+    meta.set_link(manifest::link_identity(
+        volume.root.as_fd(),
+        &path,
+        fd.as_fd(),
+        |p, _| policies.resolve(p.as_path()).sync != SyncMode::Never,
+    )?);
+    match meta.link() {
+        Some(first) if link && *first != path => {
+            let existing = first.clone();
+            return Ok((Op::Link { path, existing }, false, None));
+        }
+        _ => {}
+    }
+    // A name the full sync would have linked, linked no longer: the standby's copy may
+    // still be a name of another file, so it gets one of its own.
+    let content = content || link;
     let wants_bytes = meta.kind == Kind::File && (content || meta.hash != standby_hash);
     if !wants_bytes {
         let entry = manifest::Entry { path, meta };
@@ -3247,6 +3272,7 @@ async fn apply_streamed(
             .into_iter()
             .map(Ok)
             .chain(std::iter::from_fn(|| rx.blocking_recv()));
+        let before = linked_before(&applier, &entry)?;
         let mut build = |applier: &Applier<'_>| {
             applier.build_from_blocks(&entry.path, entry.meta.size, &mut blocks, expected, &fm)
         };
@@ -3272,6 +3298,7 @@ async fn apply_streamed(
         }
         drop(shown);
         invalidate(&v, &entry.path);
+        relink_others(&v, &applier, &entry.path, before)?;
         // Kept for the file's next delta, which then need not read it.
         if let (Some(list), Ok(Some(stamp))) = (new_list, applier.stamp(&entry.path)) {
             v.blocks.lock().unwrap_or_else(|e| e.into_inner()).put(
@@ -3488,6 +3515,8 @@ fn patch_in_place(
 fn op_paths(op: &Op) -> Vec<&RelPath> {
     match op {
         Op::Rename { from, to, .. } => vec![from, to],
+        // The existing name's link count changes too.
+        Op::Link { path, existing } => vec![path, existing],
         other => vec![other.path()],
     }
 }
@@ -3778,21 +3807,31 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
         let path = s.entry.path.clone();
         // Stops showing the temp file once it is in place (or given up).
         let mut shown = s.shown;
-        let result = match (&synced, s.prepared, s.content) {
-            (Err(e), _, _) => Err(e.to_string()),
-            (Ok(()), Some(p), _) if single => {
+        // Other names of the file here that must follow it.
+        let before = match (&s.prepared, linked_before(&applier, &s.entry)) {
+            (None, _) => Ok(None),
+            (Some(_), before) => before.map_err(|e| e.to_string()),
+        };
+        let result = match (&synced, before, s.prepared, s.content) {
+            (Err(e), _, _, _) => Err(e.to_string()),
+            (Ok(()), Err(e), _, _) => Err(e),
+            (Ok(()), Ok(before), Some(p), _) if single => {
                 // One file: fsync it, rename, and only then fsync the directory (the
                 // ack waits for that).
-                place_single(&applier, p, || invalidate(v, &path))
+                place_single(&applier, p, || invalidate(v, &path)).and_then(|()| {
+                    relink_others(v, &applier, &path, before).map_err(|e| e.to_string())
+                })
             }
-            (Ok(()), Some(p), _) => {
+            (Ok(()), Ok(before), Some(p), _) => {
                 let placed = applier.place_prepared(p, false).map_err(|e| e.to_string());
                 if placed.is_ok() {
                     invalidate(v, &path);
                 }
-                placed
+                placed.and_then(|()| {
+                    relink_others(v, &applier, &path, before).map_err(|e| e.to_string())
+                })
             }
-            (Ok(()), None, Some(bytes)) => apply_op(
+            (Ok(()), Ok(_), None, Some(bytes)) => apply_op(
                 v,
                 &Op::Put {
                     entry: s.entry,
@@ -3800,7 +3839,7 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
                 },
             )
             .map_err(|e| e.to_string()),
-            (Ok(()), None, None) => Err("nothing to apply".into()),
+            (Ok(()), Ok(_), None, None) => Err("nothing to apply".into()),
         };
         if let Some(shown) = shown.as_mut() {
             shown.placed = result.is_ok();
@@ -3919,6 +3958,10 @@ fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
     match op {
         Op::Put { entry, content } => {
             let path = &entry.path;
+            let before = match content {
+                Some(_) => linked_before(&applier, entry)?,
+                None => None,
+            };
             let put = |applier: &Applier<'_>| put_entry(applier, entry, content.as_deref());
             match put(&applier) {
                 // Something of another kind is in the way: it goes, as on the active.
@@ -3928,13 +3971,71 @@ fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
                 }
                 other => other?,
             }
+            relink_others(volume, &applier, path, before)?;
         }
+        Op::Link { path, existing } => match applier.link(existing, path) {
+            Err(ApplyError::IsDirectory { .. }) => {
+                clear_the_way(volume, &applier, path)?;
+                applier.link(existing, path)?;
+            }
+            other => other?,
+        },
         Op::Rename { from, to, exchange } => applier.rename(from, to, *exchange)?,
         Op::Delete { path } => {
             delete_for_active(volume, &applier, path)?;
         }
         // Streamed files are applied by `apply_streamed`, with their stream.
         Op::Skip { .. } | Op::PutStream { .. } => {}
+    }
+    Ok(())
+}
+
+/// A hard-linked file's (device, inode) and link count.
+type Linked = ((u64, u64), u64);
+
+/// Standby: the (device, inode) and link count of the file at `entry.path`, before an
+/// op replaces it with a new file, if the active has the file hard-linked
+/// ([`Meta::link`]) and the copy here has other names too: they must then be made
+/// names of the new file ([`relink_others`]), else they would keep the old content.
+/// (A file the active no longer has linked leaves its other names alone here: the
+/// active's links were broken, by a rename over one of them, say.)
+fn linked_before(
+    applier: &Applier<'_>,
+    entry: &manifest::Entry,
+) -> Result<Option<Linked>, ApplyError> {
+    if entry.meta.kind != Kind::File || entry.meta.link().is_none() {
+        return Ok(None);
+    }
+    Ok(applier
+        .linked_file(&entry.path)?
+        .map(|st| ((st.st_dev, st.st_ino), st.st_nlink)))
+}
+
+/// Standby: makes every other name of the file that was at `path` ([`linked_before`])
+/// a name of the file now at `path`, each by an atomic rename: a reader of one of them
+/// gets the old file or the new one, whole. Names this node never syncs keep the old
+/// file, as they are left out of the link identity.
+fn relink_others(
+    volume: &VolumeLink,
+    applier: &Applier<'_>,
+    path: &RelPath,
+    before: Option<Linked>,
+) -> Result<(), ApplyError> {
+    let Some((key, nlink)) = before else {
+        return Ok(());
+    };
+    let policies = &volume.policies;
+    let others = manifest::names_of(volume.root.as_fd(), key, nlink.saturating_sub(1), |p, _| {
+        policies.resolve(p.as_path()).sync != SyncMode::Never
+    })
+    .map_err(|source| ApplyError::Names {
+        path: path.clone(),
+        source,
+    })?;
+    for other in others {
+        applier.link(path, &other)?;
+        tracing::debug!(%path, %other, "hard link follows the new content");
+        invalidate(volume, &other);
     }
     Ok(())
 }

@@ -8,8 +8,10 @@ use twinfs_fs::Role;
 use crate::manifest::Entry;
 use crate::path::RelPath;
 
-/// Protocol version; a peer with another version is refused at `Hello`.
-pub const VERSION: u32 = 5;
+/// Protocol version; a peer with another version is refused at `Hello`. Version 6
+/// added [`Op::Link`] and the hard link identity of manifest entries
+/// ([`crate::manifest::Meta::link`]), which version 5 cannot decode.
+pub const VERSION: u32 = 6;
 
 /// Most priority-1 paths a full sync names in its start message.
 pub const PRIORITY1_LISTED: usize = 10_000;
@@ -54,6 +56,15 @@ pub enum Op {
         /// `RENAME_EXCHANGE`.
         exchange: bool,
     },
+    /// Make `path` another name of the regular file at `existing` (a hard link),
+    /// replacing what is at `path` atomically. The file's content and metadata are
+    /// `existing`'s: they belong to the file, not to a name.
+    Link {
+        /// The new name.
+        path: RelPath,
+        /// A name the file has already.
+        existing: RelPath,
+    },
     /// Remove `path` (recursively for a directory); missing is fine.
     Delete {
         /// The path.
@@ -73,7 +84,7 @@ impl Op {
         match self {
             Op::Put { entry, .. } | Op::PutStream { entry } => &entry.path,
             Op::Rename { to, .. } => to,
-            Op::Delete { path } | Op::Skip { path } => path,
+            Op::Link { path, .. } | Op::Delete { path } | Op::Skip { path } => path,
         }
     }
 }

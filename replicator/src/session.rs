@@ -109,6 +109,11 @@ pub struct Ship {
     /// A missing path is a deletion to ship (interval paths, whose deletions are not
     /// shipped on their own).
     pub delete_if_missing: bool,
+    /// A full sync found it a further name of a hard-linked file ([`Transfer::link`]):
+    /// if it still is one, ship `Op::Link` to its first name, not its content.
+    ///
+    /// [`Transfer::link`]: crate::manifest::Transfer::link
+    pub link: bool,
 }
 
 /// An output waiting for the driver: ships inline (see [`Ship`]), anything else
@@ -764,7 +769,7 @@ impl Session {
             ops += 1;
         }
         for transfer in diff.send {
-            if transfer.content || !transfer.on_standby {
+            if transfer.content || transfer.link || !transfer.on_standby {
                 touch_parents(&transfer.path, &mut touched);
             }
             if transfer.kind == manifest::Kind::Dir {
@@ -777,6 +782,7 @@ impl Session {
                 content: transfer.content,
                 standby_hash: transfer.standby_hash,
                 delete_if_missing: false,
+                link: transfer.link,
             }));
             ops += 1;
         }
@@ -789,6 +795,7 @@ impl Session {
                     content: false,
                     standby_hash: None,
                     delete_if_missing: false,
+                    link: false,
                 }));
                 ops += 1;
             }
@@ -858,6 +865,7 @@ impl Session {
                         content,
                         standby_hash: None,
                         delete_if_missing,
+                        link: false,
                     }));
                 }
                 Pending::Send(op) => {
@@ -1007,6 +1015,22 @@ impl Session {
 
     fn always(&mut self, path: RelPath, kind: &ChangeKind, now: Instant) {
         let pending = match kind {
+            // A hard link ships as a link when its existing name ships as changes come:
+            // the standby's copy of it then has the content the new name must show.
+            // Otherwise the new name gets a copy; the next full sync links them.
+            ChangeKind::Link { existing } => match RelPath::from_path(existing) {
+                Ok(existing)
+                    if self.config.policies.resolve(existing.as_path()).sync
+                        == SyncMode::Always =>
+                {
+                    Pending::Send(Op::Link { path, existing })
+                }
+                _ => Pending::Ship {
+                    path,
+                    content: true,
+                    delete_if_missing: false,
+                },
+            },
             ChangeKind::Unlink | ChangeKind::Rmdir => Pending::Send(Op::Delete { path }),
             // Handled by `rename` before the policy is looked at.
             ChangeKind::Rename { .. } => return,
@@ -1024,7 +1048,7 @@ impl Session {
                     delete_if_missing: false,
                 }
             }
-            ChangeKind::Write | ChangeKind::Create | ChangeKind::Link { .. } => Pending::Ship {
+            ChangeKind::Write | ChangeKind::Create => Pending::Ship {
                 path,
                 content: true,
                 delete_if_missing: false,

@@ -89,6 +89,10 @@ impl Outbox {
                     self.learn(from, b);
                 }
             }
+            Op::Link { path, existing } => {
+                let hash = self.known.get(existing).copied().flatten();
+                self.learn(path, hash);
+            }
             Op::Skip { .. } => {}
         }
     }

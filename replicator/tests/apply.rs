@@ -885,3 +885,50 @@ fn a_tree_deletion_keeps_what_the_caller_keeps_and_the_directories_above_it() {
         .expect("delete"));
     assert!(!vol.path("site").exists());
 }
+
+/// A hard link replaces what is at the new name atomically, takes the existing
+/// file's content and metadata (they are the file's), is idempotent, and refuses a
+/// name that is no regular file or a directory in the way.
+#[test]
+fn link_makes_a_name_of_the_existing_file() {
+    let v = Vol::new();
+    let a = v.applier();
+    fs::create_dir(v.path("d")).expect("mkdir");
+    a.write_file(&rel("first"), &mut &b"linked"[..], &meta(0o640))
+        .expect("write");
+    fs::write(v.path("d/other"), "an old copy").expect("write");
+    a.link(&rel("first"), &rel("d/other"))
+        .expect("link over a copy");
+    a.link(&rel("first"), &rel("new"))
+        .expect("link to a new name");
+    a.link(&rel("first"), &rel("new"))
+        .expect("again: nothing to do");
+    let first = fs::metadata(v.path("first")).expect("stat");
+    for name in ["d/other", "new"] {
+        let m = fs::metadata(v.path(name)).expect("stat");
+        assert_eq!((m.dev(), m.ino()), (first.dev(), first.ino()), "{name}");
+        assert_eq!(fs::read(v.path(name)).expect("read"), b"linked");
+    }
+    assert_eq!(first.nlink(), 3);
+    assert_eq!(first.mode() & 0o7777, 0o640);
+    assert!(a.linked_file(&rel("new")).expect("stat").is_some());
+
+    fs::create_dir(v.path("dir")).expect("mkdir");
+    assert!(matches!(
+        a.link(&rel("first"), &rel("dir")),
+        Err(ApplyError::IsDirectory { .. })
+    ));
+    symlink("first", v.path("sym")).expect("symlink");
+    assert!(matches!(
+        a.link(&rel("sym"), &rel("via-symlink")),
+        Err(ApplyError::NoLinkTarget { .. })
+    ));
+    assert!(matches!(
+        a.link(&rel("missing"), &rel("new")),
+        Err(ApplyError::NoLinkTarget { .. })
+    ));
+    assert!(fs::symlink_metadata(v.path("via-symlink")).is_err());
+    assert!(v.temps().is_empty(), "{:?}", v.temps());
+    fs::write(v.path("lone"), "1").expect("write");
+    assert!(a.linked_file(&rel("lone")).expect("stat").is_none());
+}

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use twinfs_fs::sys::{self, At};
-use twinfs_replicator::manifest::{scan, HashCache, Kind, Manifest};
+use twinfs_replicator::manifest::{
+    describe, diff, link_identity, names_of, scan, Diff, HashCache, Kind, Manifest,
+};
 use twinfs_replicator::path::RelPath;
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -193,6 +195,107 @@ fn filter_leaves_out_entries_and_subtrees() {
             ("run.log".to_owned(), Kind::File)
         ]
     );
+}
+
+/// Names of one file share a link identity: the first of its names the scan keeps.
+/// A name the filter leaves out, or one outside the volume, does not count.
+#[test]
+fn hard_linked_names_share_the_identity_of_their_first_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path().join("vol");
+    fs::create_dir_all(d.join("sub")).expect("mkdir");
+    fs::write(d.join("sub/b"), "one").expect("write");
+    fs::hard_link(d.join("sub/b"), d.join("c")).expect("link");
+    fs::hard_link(d.join("sub/b"), d.join("z")).expect("link");
+    fs::write(d.join("lone"), "lone").expect("write");
+    fs::hard_link(d.join("lone"), d.join("lone.never")).expect("link");
+    fs::write(d.join("out"), "out").expect("write");
+    fs::hard_link(d.join("out"), tmp.path().join("outside")).expect("link");
+    let root = open(&d);
+    let keep = |p: &RelPath, _: Kind| !p.as_bytes().ends_with(b".never");
+    let m = scan(root.as_fd(), keep, &mut HashCache::new()).expect("scan");
+    let link = |p: &str| m.get(&rel(p)).and_then(|meta| meta.link().cloned());
+    for name in ["c", "sub/b", "z"] {
+        assert_eq!(link(name), Some(rel("c")), "{name}");
+    }
+    assert_eq!(link("lone"), None, "its other name is left out");
+    assert_eq!(link("out"), None, "its other name is outside the volume");
+    assert_ne!(m.get(&rel("c")), m.get(&rel("lone")));
+
+    // One path at a time, as the active ships a change.
+    for (name, first) in [("z", Some(rel("c"))), ("lone", None), ("out", None)] {
+        let (_, fd, _) = describe(root.as_fd(), &rel(name), &mut HashCache::new())
+            .expect("describe")
+            .expect("exists");
+        let identity = link_identity(root.as_fd(), &rel(name), fd.as_fd(), keep).expect("walk");
+        assert_eq!(identity, first, "{name}");
+    }
+    let mut names = names_of(root.as_fd(), key(&d.join("z")), 3, keep).expect("walk");
+    names.sort();
+    assert_eq!(names, [rel("c"), rel("sub/b"), rel("z")]);
+}
+
+/// A full sync links what the active has linked and the standby has as copies, and
+/// unlinks what the standby has linked and the active no longer has.
+#[test]
+fn a_full_sync_links_and_unlinks_names() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, s) = (tmp.path().join("active"), tmp.path().join("standby"));
+    for d in [&a, &s] {
+        fs::create_dir(d).expect("mkdir");
+    }
+    // Active: a and b one file; x and y apart.
+    fs::write(a.join("a"), "v1").expect("write");
+    fs::hard_link(a.join("a"), a.join("b")).expect("link");
+    fs::write(a.join("x"), "x").expect("write");
+    fs::write(a.join("y"), "x").expect("write");
+    // Standby: the same content and times, a and b apart, x and y one file.
+    fs::write(s.join("a"), "v1").expect("write");
+    fs::write(s.join("b"), "v1").expect("write");
+    fs::write(s.join("x"), "x").expect("write");
+    fs::hard_link(s.join("x"), s.join("y")).expect("link");
+    for name in ["a", "b", "x", "y"] {
+        let mtime = fs::metadata(a.join(name))
+            .expect("stat")
+            .modified()
+            .expect("mtime");
+        let file = fs::File::options()
+            .write(true)
+            .open(s.join(name))
+            .expect("open");
+        file.set_modified(mtime).expect("touch");
+    }
+    let mut cache = HashCache::new();
+    let (ma, ms) = (scan_all(&a, &mut cache), scan_all(&s, &mut cache));
+    let d = diff(&ma, &ms, |_| 2);
+    assert!(d.delete.is_empty(), "{d:?}");
+    let sent: Vec<(String, bool, bool)> = d
+        .send
+        .iter()
+        .map(|t| (t.path.to_string(), t.content, t.link))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            // b becomes a name of a; a itself already has the content.
+            ("b".to_owned(), false, true),
+            // x and y each get a copy of their own.
+            ("x".to_owned(), true, false),
+            ("y".to_owned(), true, false),
+        ]
+    );
+    // Linked alike on both sides: nothing to do.
+    fs::remove_file(s.join("b")).expect("rm");
+    fs::hard_link(s.join("a"), s.join("b")).expect("link");
+    fs::remove_file(a.join("y")).expect("rm");
+    fs::hard_link(a.join("x"), a.join("y")).expect("link");
+    let (ma, ms) = (scan_all(&a, &mut cache), scan_all(&s, &mut cache));
+    assert_eq!(diff(&ma, &ms, |_| 2), Diff::default());
+}
+
+fn key(path: &Path) -> (u64, u64) {
+    let meta = fs::symlink_metadata(path).expect("stat");
+    (meta.dev(), meta.ino())
 }
 
 #[test]

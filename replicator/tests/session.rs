@@ -128,6 +128,7 @@ fn apply(tree: &mut Tree, op: &Op) -> Result<(), String> {
         }
         Op::Skip { .. } => Ok(()),
         Op::PutStream { .. } => Err("the simulated active never streams".into()),
+        Op::Link { .. } => Err("the simulated trees have no hard links".into()),
         Op::Rename { from, to, exchange } => {
             let moved = subtree(tree, from);
             if moved.is_empty() {
@@ -286,6 +287,7 @@ impl World {
                     content,
                     standby_hash,
                     delete_if_missing,
+                    link: _,
                 }) => {
                     let op = match self.active_tree.get(&path) {
                         Some((meta, data)) => Op::Put {

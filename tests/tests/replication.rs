@@ -1477,3 +1477,118 @@ fn status_says_how_long_a_connected_peer_has_been_silent() {
     });
     assert!(said, "{last}");
 }
+
+/// Each name's inode number, link count and content on `dir` (through its mount).
+fn names(dir: &Path, names: &[&str]) -> Vec<(u64, u64, String)> {
+    use std::os::unix::fs::MetadataExt;
+    names
+        .iter()
+        .map(|n| {
+            let meta = fs::symlink_metadata(dir.join(n));
+            let content = fs::read_to_string(dir.join(n)).unwrap_or_default();
+            meta.map_or((0, 0, content.clone()), |m| (m.ino(), m.nlink(), content))
+        })
+        .collect()
+}
+
+/// Whether the paths are all names of one file with `content` and exactly `links` names.
+fn linked(dir: &Path, paths: &[&str], links: u64, content: &str) -> bool {
+    let seen = names(dir, paths);
+    seen.iter()
+        .all(|(ino, nlink, c)| *ino == seen[0].0 && *nlink == links && c == content)
+}
+
+fn verify_identical(c: &Cluster) {
+    let out = c.nodes[0].twinfs(&["verify"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.contains("node1: identical"),
+        "{said}"
+    );
+}
+
+/// Hard links made on the active are links on the standby: a write through one name
+/// reaches every name, metadata is shared, and removing a name leaves the others.
+#[test]
+fn hard_links_stay_links_on_the_standby() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().to_path_buf();
+    let b = c.nodes[1].volume.clone();
+    let all = ["h_a", "h_b", "sub/h_c"];
+    fs::write(a.join("h_a"), "v1\n").expect("write");
+    fs::hard_link(a.join("h_a"), a.join("h_b")).expect("ln");
+    fs::create_dir(a.join("sub")).expect("mkdir");
+    fs::hard_link(a.join("h_b"), a.join("sub/h_c")).expect("ln");
+    let ok = wait_until(CONVERGE, || linked(&b, &all, 3, "v1\n"));
+    assert!(ok, "not linked on the standby: {:?}", names(&b, &all));
+
+    // Written through one name (as `echo v2 >> h_a` does), chmod through another.
+    sh(&format!("echo v2 >> {}", a.join("h_a").display()));
+    let ok = wait_until(CONVERGE, || linked(&b, &all, 3, "v1\nv2\n"));
+    assert!(ok, "a name kept the old content: {:?}", names(&b, &all));
+    sh(&format!("echo v3 >> {}", a.join("sub/h_c").display()));
+    let ok = wait_until(CONVERGE, || linked(&b, &all, 3, "v1\nv2\nv3\n"));
+    assert!(ok, "a name kept the old content: {:?}", names(&b, &all));
+    sh(&format!("chmod 600 {}", a.join("h_b").display()));
+    c.wait_converged(CONVERGE);
+    assert!(linked(&b, &all, 3, "v1\nv2\nv3\n"), "{:?}", names(&b, &all));
+    verify_identical(&c);
+
+    // One name goes, the others stay one file.
+    fs::remove_file(a.join("h_a")).expect("rm");
+    let ok = wait_until(CONVERGE, || {
+        !b.join("h_a").exists() && linked(&b, &all[1..], 2, "v1\nv2\nv3\n")
+    });
+    assert!(ok, "{:?}", names(&b, &all));
+    c.wait_converged(CONVERGE);
+    verify_identical(&c);
+}
+
+/// A standby that was away converges by full sync: names the active linked meanwhile
+/// become links, names the active separated become files of their own.
+#[test]
+fn a_full_sync_links_and_unlinks_names_on_the_standby() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().to_path_buf();
+    let b = c.nodes[1].volume.clone();
+    fs::write(a.join("p"), "shared\n").expect("write");
+    fs::hard_link(a.join("p"), a.join("q")).expect("ln");
+    fs::write(a.join("x"), "one\n").expect("write");
+    fs::write(a.join("y"), "one\n").expect("write");
+    let ok = wait_until(CONVERGE, || linked(&b, &["p", "q"], 2, "shared\n"));
+    assert!(ok, "{:?}", names(&b, &["p", "q"]));
+    c.wait_converged(CONVERGE);
+    assert!(c.nodes[1].stop().success());
+
+    // q becomes a file of its own (as an editor's save by rename makes it), with p's
+    // content for a start; x and y, copies with equal content, become one file.
+    sh(&format!(
+        "cd {} && cp p q.new && mv q.new q && ln -f x y && echo more >> x",
+        a.display()
+    ));
+    c.nodes[1].start(&[]);
+    c.wait_converged(CONVERGE);
+    let ok = wait_until(CONVERGE, || linked(&b, &["x", "y"], 2, "one\nmore\n"));
+    assert!(ok, "{:?}", names(&b, &["x", "y"]));
+    let seen = names(&b, &["p", "q"]);
+    assert!(
+        seen[0].0 != seen[1].0 && seen.iter().all(|s| s.1 == 1 && s.2 == "shared\n"),
+        "{seen:?}"
+    );
+    verify_identical(&c);
+
+    // Streaming again: a write to p leaves q alone.
+    sh(&format!("echo p2 >> {}", a.join("p").display()));
+    c.wait_converged(CONVERGE);
+    assert_eq!(fs::read_to_string(b.join("q")).expect("read"), "shared\n");
+}
