@@ -97,7 +97,7 @@ pub enum ApplyError {
         path: RelPath,
     },
     /// A system call on the underlying directory failed.
-    #[error("{op} {path:?} failed")]
+    #[error("{op} {path:?} failed: {source}")]
     Io {
         /// What was being done, phrased to precede the path ("create temp file for").
         op: &'static str,
@@ -108,7 +108,7 @@ pub enum ApplyError {
         source: io::Error,
     },
     /// Reading the content to write failed (the stream from the active broke).
-    #[error("reading the new content of {path:?} failed")]
+    #[error("reading the new content of {path:?} failed: {source}")]
     Content {
         /// The file being written.
         path: RelPath,
@@ -117,7 +117,7 @@ pub enum ApplyError {
         source: io::Error,
     },
     /// A rename or exchange failed.
-    #[error("renaming {from:?} to {to:?} failed")]
+    #[error("renaming {from:?} to {to:?} failed: {source}")]
     Rename {
         /// The source path.
         from: RelPath,
