@@ -24,7 +24,7 @@ use crate::path::RelPath;
 use crate::policy::{Durability, PolicySet, SyncMode};
 use crate::protocol::{Message, Op, ProtocolError, VolumeView, MAX_MESSAGE};
 use crate::roles::{Hold, RoleCell};
-use crate::session::{Output, Session, SessionConfig, Ship};
+use crate::session::{Output, Session, SessionConfig, Ship, Shipped};
 use crate::transport::{self, PeerId};
 use crate::upstream::{self, Outbox};
 
@@ -1950,6 +1950,7 @@ async fn ship_upstream(
                 from,
                 to: path,
                 exchange: *exchange,
+                unsent: false,
             },
             Err(_) => return Some(()),
         },
@@ -2131,7 +2132,9 @@ fn take_upstream_recorded(volume: &VolumeLink, op: &Op, base: Option<u128>) -> R
             };
             (path.clone(), kind)
         }
-        Op::Rename { from, to, exchange } => (
+        Op::Rename {
+            from, to, exchange, ..
+        } => (
             to.clone(),
             ChangeKind::Rename {
                 from: from.as_path().to_owned(),
@@ -2478,11 +2481,35 @@ async fn ship(
             reads[i] = Some(read);
         }
     }
+    gone_below_gone(&mut reads);
     let mut sent = 0;
     for read in reads {
         sent += send_ship(volume, session, send, read?, link, counters, tag).await?;
     }
     Some(sent)
+}
+
+/// Ships read side by side may find a path whose directory, shipped before it and
+/// read a moment later by another thread, was gone (renamed away, say): the standby
+/// would have nowhere to put it. It is sent as gone too; what became of the directory
+/// follows, and with it the path under its new name.
+fn gone_below_gone(reads: &mut [Option<ShipRead>]) {
+    let mut gone: Vec<RelPath> = Vec::new();
+    for (_, path, result) in reads.iter_mut().flatten() {
+        let Ok((op, vanished, source)) = result else {
+            continue;
+        };
+        if *vanished {
+            gone.push(path.clone());
+        } else if matches!(op, Op::Put { .. } | Op::PutStream { .. })
+            && gone.iter().any(|g| path.starts_with(g) && path != g)
+        {
+            *op = Op::Skip { path: path.clone() };
+            *vanished = true;
+            *source = None;
+            gone.push(path.clone());
+        }
+    }
 }
 
 /// Ships read at once at most ([`ship`]), and the threads reading them.
@@ -2508,17 +2535,22 @@ async fn send_ship(
             return None;
         }
     };
-    if vanished {
-        session.vanished(seq);
-    }
-    let bytes = match &op {
+    let outcome = match &op {
+        _ if vanished => Shipped::Gone,
         Op::Put {
             content: Some(c), ..
-        } => c.len() as u64,
-        Op::PutStream { entry } => entry.meta.size,
-        _ => 0,
+        } => Shipped::Sent {
+            bytes: c.len() as u64,
+        },
+        Op::PutStream { entry } => Shipped::Sent {
+            bytes: entry.meta.size,
+        },
+        Op::Put { content: None, .. } => Shipped::Sent { bytes: 0 },
+        // Only a missing path is sent as a deletion.
+        Op::Delete { .. } => Shipped::Gone,
+        Op::Skip { .. } | Op::Rename { .. } => Shipped::Held,
     };
-    session.shipping(seq, bytes);
+    session.shipped(seq, &shipped, outcome, std::time::Instant::now());
     if let Some(streamed) = source {
         tokio::spawn(stream_file(
             link.clone(),
@@ -3885,6 +3917,10 @@ fn apply_upstream(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
     match op {
         Op::Put { entry, content } => put_entry(&applier, entry, content.as_deref()),
         Op::Delete { path } => applier.delete_entry(path),
+        // Only the active may say a source went unsent.
+        Op::Rename {
+            from, to, exchange, ..
+        } => applier.rename(from, to, *exchange),
         other => apply_quietly(volume, other),
     }
 }
@@ -3905,7 +3941,18 @@ fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
                 other => other?,
             }
         }
-        Op::Rename { from, to, exchange } => applier.rename(from, to, *exchange)?,
+        Op::Rename {
+            from,
+            to,
+            exchange,
+            unsent: false,
+        } => applier.rename(from, to, *exchange)?,
+        Op::Rename {
+            from,
+            to,
+            exchange,
+            unsent: true,
+        } => applier.rename_unsent(from, to, *exchange)?,
         Op::Delete { path } => {
             delete_for_active(volume, &applier, path)?;
         }

@@ -9,7 +9,7 @@ use crate::manifest::Entry;
 use crate::path::RelPath;
 
 /// Protocol version; a peer with another version is refused at `Hello`.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 
 /// Most priority-1 paths a full sync names in its start message.
 pub const PRIORITY1_LISTED: usize = 10_000;
@@ -53,6 +53,13 @@ pub enum Op {
         to: RelPath,
         /// `RENAME_EXCHANGE`.
         exchange: bool,
+        /// The active never sent `from` as it is (nor `to`, for an exchange): it was
+        /// gone when the active read it for an earlier op of this session (a file
+        /// written under a temp name and renamed at once). The standby may lack it or
+        /// hold an older version: a missing source moves nothing here (an exchange
+        /// with one side missing moves the other over to it), and ops shipping the
+        /// new names as they are now follow.
+        unsent: bool,
     },
     /// Remove `path` (recursively for a directory); missing is fine.
     Delete {
