@@ -276,6 +276,12 @@ pub struct SyncRecord {
     pub priority1_pending: Vec<String>,
     /// More of them, not named.
     pub priority1_more: u64,
+    /// Streamed changes this node refused that no full sync has repaired yet.
+    #[serde(default)]
+    pub refused: u64,
+    /// The last change it refused, as "path: reason" (with `refused`).
+    #[serde(default)]
+    pub last_refused: Option<String>,
 }
 
 impl SyncRecord {
@@ -304,12 +310,18 @@ async fn record_fitness(volume: &VolumeLink, session: &Session, following: u64) 
         return;
     }
     let (pending, more) = session.priority1_pending();
+    let refused = session.unrepaired();
     let record = SyncRecord {
         synced: session.fit(),
         at: unix_now(),
         epoch: volume.roles.get().epoch,
         priority1_pending: pending.iter().map(|p| p.to_string()).collect(),
         priority1_more: more,
+        refused,
+        last_refused: (refused > 0)
+            .then(|| session.rejected_paths().last())
+            .flatten()
+            .map(|(p, why)| format!("{p}: {why}")),
     };
     let path = volume.sync_file.clone();
     let stored = tokio::task::spawn_blocking(move || record.store(&path)).await;
@@ -1467,6 +1479,7 @@ async fn run_session(
                 session.fit(),
                 session.priority1_pending_len() == 0,
                 session.stats().rejected,
+                session.unrepaired(),
                 session.phase(),
             );
             if recorded_fit != Some(key) {

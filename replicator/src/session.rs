@@ -260,6 +260,12 @@ pub struct Session {
     /// A full sync with refusals was followed by a Resync already; the next one with
     /// refusals is not (a refusal that stays would otherwise loop).
     resynced_for_refusals: bool,
+    /// Streamed changes refused (not ops of a full sync): this node is not in sync
+    /// until a full sync that started after them completes without refusals.
+    unrepaired: u64,
+    /// How many of `unrepaired` the full sync under way repairs (those refused before
+    /// it started).
+    repairing: u64,
     // Both sides: the last paths refused, with why.
     rejected: VecDeque<(RelPath, String)>,
 }
@@ -304,6 +310,8 @@ impl Session {
             in_sync: false,
             refused_in_full_sync: false,
             resynced_for_refusals: false,
+            unrepaired: 0,
+            repairing: 0,
             rejected: VecDeque::new(),
             config,
         };
@@ -456,9 +464,17 @@ impl Session {
         }
     }
 
-    /// Standby: whether a full sync completed and everything sent since is applied.
+    /// Standby: whether a full sync completed and everything sent since is applied
+    /// (none of it refused).
     pub fn in_sync(&self) -> bool {
-        self.in_sync && !self.lost
+        self.in_sync && !self.lost && self.unrepaired == 0
+    }
+
+    /// Standby: streamed changes refused since the last full sync that repaired them.
+    /// This node is neither in sync nor fit until one does (the active starts it on
+    /// hearing of the refusal).
+    pub fn unrepaired(&self) -> u64 {
+        self.unrepaired
     }
 
     /// Active: every change handed to the session so far is applied on the standby
@@ -501,8 +517,7 @@ impl Session {
     /// Standby: whether a full sync is complete and every priority-1 path it or a
     /// later change sent is applied (as of the last message from the active).
     pub fn fit(&self) -> bool {
-        self.in_sync
-            && !self.lost
+        self.in_sync()
             && self.phase == Phase::Streaming
             && self.priority1_pending.is_empty()
             && self.priority1_more == 0
@@ -1301,6 +1316,8 @@ impl Session {
                 self.stats.full_syncs += 1;
                 self.in_sync_at = None;
                 self.refused_in_full_sync = false;
+                // It compares manifests after what was refused until now.
+                self.repairing = self.unrepaired;
                 self.queue(Output::ScanLocal);
             }
             Message::FullSyncStart {
@@ -1393,11 +1410,15 @@ impl Session {
             // An op of an abandoned full sync finishing late: nothing to ack.
             return;
         }
-        if self.phase == Phase::FullSync
-            && self.stats.rejected > rejected_before
-            && self.in_sync_at.is_none_or(|end| seq <= end)
-        {
-            self.refused_in_full_sync = true;
+        if self.stats.rejected > rejected_before {
+            if self.phase == Phase::FullSync && self.in_sync_at.is_none_or(|end| seq <= end) {
+                self.refused_in_full_sync = true;
+            } else {
+                // A streamed change is not here as the active has it (a rename whose
+                // source is missing leaves the target out too, whatever its priority):
+                // not in sync until a full sync repairs it.
+                self.unrepaired += 1;
+            }
         }
         self.applied_ahead.insert(seq);
         let before = self.applied_upto;
@@ -1436,8 +1457,12 @@ impl Session {
                     return;
                 }
                 self.resynced_for_refusals = false;
-                if !self.in_sync {
-                    self.in_sync = true;
+                let was = self.in_sync();
+                self.in_sync = true;
+                // Streamed changes refused before this full sync began are repaired;
+                // any refused since wait for the next one.
+                self.unrepaired -= std::mem::take(&mut self.repairing).min(self.unrepaired);
+                if !was && self.in_sync() {
                     self.queue(Output::InSync);
                 }
             }

@@ -1544,3 +1544,65 @@ fn streaming_on_a_clean_network_refuses_nothing() {
         );
     }
 }
+
+#[test]
+fn a_standby_that_refused_a_streamed_change_is_not_fit_until_a_full_sync_repairs_it() {
+    let now = Instant::now();
+    let mut standby = streaming_standby(now);
+    assert!(standby.fit());
+    let outputs = |s: &mut Session| std::iter::from_fn(|| s.poll_output()).collect::<Vec<_>>();
+    // A rename of a priority-2 file whose source is not here: refused.
+    let op = Op::Rename {
+        from: rel("py/.f3.tmp"),
+        to: rel("py/f3"),
+        exchange: false,
+        unsent: false,
+    };
+    standby.on_message(Message::Op { seq: 1, op }, now);
+    let _ = outputs(&mut standby);
+    standby.applied(1, &rel("py/f3"), Err("no such file".into()), now);
+    let _ = outputs(&mut standby);
+    assert!(
+        !standby.fit() && !standby.in_sync(),
+        "fit with a refusal unrepaired"
+    );
+    assert_eq!(standby.unrepaired(), 1);
+    assert!(
+        standby.priority1_pending().0.is_empty(),
+        "not a priority-1 path"
+    );
+    // The full sync the active starts on hearing of it; meanwhile another streamed
+    // change (after that full sync's end) is refused: that one it does not repair.
+    let sync = |standby: &mut Session, sync: u64, base: u64, refuse_after: bool| {
+        standby.on_message(Message::RequestManifest { sync }, now);
+        standby.on_message(
+            Message::FullSyncStart {
+                sync,
+                base,
+                priority1: vec![],
+                priority1_more: 0,
+            },
+            now,
+        );
+        let op = Op::Delete { path: rel("a") };
+        standby.on_message(Message::Op { seq: base + 1, op }, now);
+        standby.on_message(Message::FullSyncDone { seq: base + 1 }, now);
+        let op = Op::Delete { path: rel("b") };
+        standby.on_message(Message::Op { seq: base + 2, op }, now);
+        let b = if refuse_after {
+            Err("disk full".to_string())
+        } else {
+            Ok(())
+        };
+        standby.applied(base + 2, &rel("b"), b, now);
+        standby.applied(base + 1, &rel("a"), Ok(()), now);
+        std::iter::from_fn(|| standby.poll_output()).collect::<Vec<_>>()
+    };
+    let out = sync(&mut standby, 1, 1, true);
+    assert!(!standby.fit(), "{out:?}");
+    assert_eq!(standby.unrepaired(), 1, "the later refusal waits: {out:?}");
+    let out = sync(&mut standby, 2, 3, false);
+    assert!(standby.fit() && standby.in_sync(), "{out:?}");
+    assert_eq!(standby.unrepaired(), 0);
+    assert!(out.iter().any(|o| matches!(o, Output::InSync)), "{out:?}");
+}
