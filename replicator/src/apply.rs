@@ -97,7 +97,7 @@ pub enum ApplyError {
         path: RelPath,
     },
     /// A system call on the underlying directory failed.
-    #[error("{op} {path:?} failed")]
+    #[error("{op} {path:?} failed: {source}")]
     Io {
         /// What was being done, phrased to precede the path ("create temp file for").
         op: &'static str,
@@ -108,7 +108,7 @@ pub enum ApplyError {
         source: io::Error,
     },
     /// Reading the content to write failed (the stream from the active broke).
-    #[error("reading the new content of {path:?} failed")]
+    #[error("reading the new content of {path:?} failed: {source}")]
     Content {
         /// The file being written.
         path: RelPath,
@@ -117,7 +117,7 @@ pub enum ApplyError {
         source: io::Error,
     },
     /// A rename or exchange failed.
-    #[error("renaming {from:?} to {to:?} failed")]
+    #[error("renaming {from:?} to {to:?} failed: {source}")]
     Rename {
         /// The source path.
         from: RelPath,
@@ -845,6 +845,40 @@ impl<'a> Applier<'a> {
         }
         tracing::debug!(%from, %to, exchange, "renamed");
         Ok(())
+    }
+
+    /// [`Applier::rename`] of what the active never sent as it is (`Op::Rename`'s
+    /// `unsent`): without `from` here nothing moves, and the new name keeps what it
+    /// holds until the op shipping it follows. For an exchange, a side missing here
+    /// takes the other's entry, as if it had been an empty slot.
+    pub fn rename_unsent(&self, from: &RelPath, to: &RelPath, exchange: bool) -> Result<()> {
+        let from_here = self.exists(from)?;
+        if !exchange {
+            return match from_here {
+                true => self.rename(from, to, false),
+                false => Ok(()),
+            };
+        }
+        match (from_here, self.exists(to)?) {
+            (true, true) => self.rename(from, to, true),
+            (true, false) => self.rename(from, to, false),
+            (false, true) => self.rename(to, from, false),
+            (false, false) => Ok(()),
+        }
+    }
+
+    /// Whether `path` is here (a symlink as itself); a missing directory on its way
+    /// means it is not.
+    fn exists(&self, path: &RelPath) -> Result<bool> {
+        let (dir, name) = match self.open_parent(path) {
+            Err(e) if e.is_missing() => return Ok(false),
+            other => other?,
+        };
+        match sys::statat(dir.as_fd(), &name) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("stat", path)(e)),
+        }
     }
 
     /// Removes `path`: a file, symlink or node is unlinked (a symlink itself, never its

@@ -24,7 +24,7 @@ use crate::path::RelPath;
 use crate::policy::{Durability, PolicySet, SyncMode};
 use crate::protocol::{Message, Op, ProtocolError, VolumeView, MAX_MESSAGE};
 use crate::roles::{Hold, RoleCell};
-use crate::session::{Output, Session, SessionConfig, Ship};
+use crate::session::{Output, Session, SessionConfig, Ship, Shipped};
 use crate::transport::{self, PeerId};
 use crate::upstream::{self, Outbox};
 
@@ -281,6 +281,12 @@ pub struct SyncRecord {
     /// every change it made as the active. Cleared by its next full sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub demoted: Option<String>,
+    /// Streamed changes this node refused that no full sync has repaired yet.
+    #[serde(default)]
+    pub refused: u64,
+    /// The last change it refused, as "path: reason" (with `refused`).
+    #[serde(default)]
+    pub last_refused: Option<String>,
 }
 
 impl SyncRecord {
@@ -309,6 +315,7 @@ async fn record_fitness(volume: &VolumeLink, session: &Session, following: u64) 
         return;
     }
     let (pending, more) = session.priority1_pending();
+    let refused = session.unrepaired();
     let record = SyncRecord {
         synced: session.fit(),
         at: unix_now(),
@@ -316,6 +323,11 @@ async fn record_fitness(volume: &VolumeLink, session: &Session, following: u64) 
         priority1_pending: pending.iter().map(|p| p.to_string()).collect(),
         priority1_more: more,
         demoted: None,
+        refused,
+        last_refused: (refused > 0)
+            .then(|| session.rejected_paths().last())
+            .flatten()
+            .map(|(p, why)| format!("{p}: {why}")),
     };
     let path = volume.sync_file.clone();
     let stored = tokio::task::spawn_blocking(move || record.store(&path)).await;
@@ -1479,6 +1491,7 @@ async fn run_session(
                 session.fit(),
                 session.priority1_pending_len() == 0,
                 session.stats().rejected,
+                session.unrepaired(),
                 session.phase(),
             );
             if recorded_fit != Some(key) {
@@ -1963,6 +1976,7 @@ async fn ship_upstream(
                 from,
                 to: path,
                 exchange: *exchange,
+                unsent: false,
             },
             Err(_) => return Some(()),
         },
@@ -2144,7 +2158,9 @@ fn take_upstream_recorded(volume: &VolumeLink, op: &Op, base: Option<u128>) -> R
             };
             (path.clone(), kind)
         }
-        Op::Rename { from, to, exchange } => (
+        Op::Rename {
+            from, to, exchange, ..
+        } => (
             to.clone(),
             ChangeKind::Rename {
                 from: from.as_path().to_owned(),
@@ -2505,11 +2521,35 @@ async fn ship(
             reads[i] = Some(read);
         }
     }
+    gone_below_gone(&mut reads);
     let mut sent = 0;
     for read in reads {
         sent += send_ship(volume, session, send, read?, link, counters, tag).await?;
     }
     Some(sent)
+}
+
+/// Ships read side by side may find a path whose directory, shipped before it and
+/// read a moment later by another thread, was gone (renamed away, say): the standby
+/// would have nowhere to put it. It is sent as gone too; what became of the directory
+/// follows, and with it the path under its new name.
+fn gone_below_gone(reads: &mut [Option<ShipRead>]) {
+    let mut gone: Vec<RelPath> = Vec::new();
+    for (_, path, result) in reads.iter_mut().flatten() {
+        let Ok((op, vanished, source)) = result else {
+            continue;
+        };
+        if *vanished {
+            gone.push(path.clone());
+        } else if matches!(op, Op::Put { .. } | Op::PutStream { .. })
+            && gone.iter().any(|g| path.starts_with(g) && path != g)
+        {
+            *op = Op::Skip { path: path.clone() };
+            *vanished = true;
+            *source = None;
+            gone.push(path.clone());
+        }
+    }
 }
 
 /// Ships read at once at most ([`ship`]), and the threads reading them.
@@ -2535,17 +2575,23 @@ async fn send_ship(
             return None;
         }
     };
-    if vanished {
-        session.vanished(seq);
-    }
-    let bytes = match &op {
+    let outcome = match &op {
+        _ if vanished => Shipped::Gone,
         Op::Put {
             content: Some(c), ..
-        } => c.len() as u64,
-        Op::PutStream { entry } => entry.meta.size,
-        _ => 0,
+        } => Shipped::Sent {
+            bytes: c.len() as u64,
+        },
+        Op::PutStream { entry } => Shipped::Sent {
+            bytes: entry.meta.size,
+        },
+        // A further name of a hard-linked file: a link to its first name, no bytes.
+        Op::Put { content: None, .. } | Op::Link { .. } => Shipped::Sent { bytes: 0 },
+        // Only a missing path is sent as a deletion.
+        Op::Delete { .. } => Shipped::Gone,
+        Op::Skip { .. } | Op::Rename { .. } => Shipped::Held,
     };
-    session.shipping(seq, bytes);
+    session.shipped(seq, &shipped, outcome, std::time::Instant::now());
     if let Some(streamed) = source {
         tokio::spawn(stream_file(
             link.clone(),
@@ -3948,6 +3994,10 @@ fn apply_upstream(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
     match op {
         Op::Put { entry, content } => put_entry(&applier, entry, content.as_deref()),
         Op::Delete { path } => applier.delete_entry(path),
+        // Only the active may say a source went unsent.
+        Op::Rename {
+            from, to, exchange, ..
+        } => applier.rename(from, to, *exchange),
         other => apply_quietly(volume, other),
     }
 }
@@ -3980,7 +4030,18 @@ fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
             }
             other => other?,
         },
-        Op::Rename { from, to, exchange } => applier.rename(from, to, *exchange)?,
+        Op::Rename {
+            from,
+            to,
+            exchange,
+            unsent: false,
+        } => applier.rename(from, to, *exchange)?,
+        Op::Rename {
+            from,
+            to,
+            exchange,
+            unsent: true,
+        } => applier.rename_unsent(from, to, *exchange)?,
         Op::Delete { path } => {
             delete_for_active(volume, &applier, path)?;
         }

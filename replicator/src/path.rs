@@ -130,6 +130,17 @@ impl RelPath {
             || (self.0.starts_with(&other.0)
                 && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/'))
     }
+
+    /// Where `self` is once `from` is renamed to `to`; `None` if `self` is neither
+    /// `from` nor below it (or would be longer than a path may be).
+    pub fn renamed(&self, from: &RelPath, to: &RelPath) -> Option<RelPath> {
+        if from.is_root() || !self.starts_with(from) {
+            return None;
+        }
+        let mut bytes = to.0.clone();
+        bytes.extend_from_slice(&self.0[from.0.len()..]);
+        RelPath::new(bytes).ok()
+    }
 }
 
 impl<'de> Deserialize<'de> for RelPath {
@@ -224,5 +235,14 @@ mod tests {
         assert!(p.starts_with(&RelPath::root()));
         assert!(RelPath::root().split_last().is_none());
         assert!(RelPath::root().join(OsStr::new("..")).is_err());
+    }
+
+    #[test]
+    fn renamed_moves_a_path_and_what_is_below_it() {
+        let r = |s: &str| RelPath::new(s).expect("valid");
+        assert_eq!(r("d").renamed(&r("d"), &r("e/f")), Some(r("e/f")));
+        assert_eq!(r("d/x/y").renamed(&r("d"), &r("e")), Some(r("e/x/y")));
+        assert_eq!(r("dx").renamed(&r("d"), &r("e")), None);
+        assert_eq!(r("a").renamed(&r("d"), &r("e")), None);
     }
 }

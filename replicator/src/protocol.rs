@@ -10,7 +10,8 @@ use crate::path::RelPath;
 
 /// Protocol version; a peer with another version is refused at `Hello`. Version 6
 /// added [`Op::Link`] and the hard link identity of manifest entries
-/// ([`crate::manifest::Meta::link`]), which version 5 cannot decode.
+/// ([`crate::manifest::Meta::link`]), which version 5 cannot decode, and the
+/// `unsent` flag of [`Op::Rename`].
 pub const VERSION: u32 = 6;
 
 /// Most priority-1 paths a full sync names in its start message.
@@ -55,6 +56,13 @@ pub enum Op {
         to: RelPath,
         /// `RENAME_EXCHANGE`.
         exchange: bool,
+        /// The active never sent `from` as it is (nor `to`, for an exchange): it was
+        /// gone when the active read it for an earlier op of this session (a file
+        /// written under a temp name and renamed at once). The standby may lack it or
+        /// hold an older version: a missing source moves nothing here (an exchange
+        /// with one side missing moves the other over to it), and ops shipping the
+        /// new names as they are now follow.
+        unsent: bool,
     },
     /// Make `path` another name of the regular file at `existing` (a hard link),
     /// replacing what is at `path` atomically. The file's content and metadata are

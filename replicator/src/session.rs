@@ -9,7 +9,7 @@
 //! a gap in the sequence (lost or reordered messages) asks for a new full sync, so the
 //! two sides converge whatever the network did.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use twinfs_fs::{ChangeKind, Role};
@@ -88,8 +88,8 @@ pub enum Output {
 /// Active: read `path` now and send it as op `seq`: `Op::Put` with its current
 /// metadata, and its bytes if `content` or if its hash now differs from
 /// `standby_hash`. If it no longer exists: `Op::Delete` when `delete_if_missing`, else
-/// `Op::Skip` and a call to [`Session::vanished`] (the change that removed it is queued
-/// behind, and deleting now could undo a rename it is part of).
+/// `Op::Skip` (the change that removed it is queued behind, and deleting now could
+/// undo a rename it is part of). Then call [`Session::shipped`] with what it found.
 ///
 /// A full sync queues one per differing path (100,000s at once), so it is kept
 /// small: 48 bytes.
@@ -114,6 +114,22 @@ pub struct Ship {
     ///
     /// [`Transfer::link`]: crate::manifest::Transfer::link
     pub link: bool,
+}
+
+/// What the driver found when it read a [`Ship`], for [`Session::shipped`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shipped {
+    /// Sent as it is now, with `bytes` of file content.
+    Sent {
+        /// Bytes of file content the op carries (or its blocks' stream).
+        bytes: u64,
+    },
+    /// It no longer existed: sent as `Op::Skip` (`Op::Delete` with
+    /// `delete_if_missing`).
+    Gone,
+    /// Sent as `Op::Skip` for now: it is being written, or changed while it was read
+    /// (its writer's close ships it), or it is too large to send.
+    Held,
 }
 
 /// An output waiting for the driver: ships inline (see [`Ship`]), anything else
@@ -221,6 +237,20 @@ pub struct Session {
     queued_ops: usize,
     dirty: BTreeMap<RelPath, Instant>,
     resync_wanted: bool,
+    /// Active: [`Output::Ship`]s handed out (or waiting in `out`) and not yet reported
+    /// by [`Session::shipped`]. A rename waits in the queue until there are none, so
+    /// it goes out knowing whether its source went out as gone.
+    ships_unread: u64,
+    /// Active: paths whose last ship did not carry what was there before the changes
+    /// queued behind it: it found them gone, or a rename queued behind had moved them
+    /// away already (what it read is what took the name since). The standby may lack
+    /// them or hold another version; the op saying what became of them (a deletion, a
+    /// rename of them or of a directory above them) is queued behind. A rename of one
+    /// goes out `unsent`, followed by ships of the new names.
+    unsent: BTreeSet<RelPath>,
+    /// Active: the names that renames waiting in the queue move away (the source, and
+    /// the target of an exchange), each with how many.
+    renaming: std::collections::HashMap<RelPath, u32>,
     // Standby side.
     expected: u64,
     /// Every op up to here is applied; ops applied ahead of a slower one (a large
@@ -238,6 +268,12 @@ pub struct Session {
     /// A full sync with refusals was followed by a Resync already; the next one with
     /// refusals is not (a refusal that stays would otherwise loop).
     resynced_for_refusals: bool,
+    /// Streamed changes refused (not ops of a full sync): this node is not in sync
+    /// until a full sync that started after them completes without refusals.
+    unrepaired: u64,
+    /// How many of `unrepaired` the full sync under way repairs (those refused before
+    /// it started).
+    repairing: u64,
     // Both sides: the last paths refused, with why.
     rejected: VecDeque<(RelPath, String)>,
 }
@@ -269,6 +305,9 @@ impl Session {
             queued_ops: 0,
             dirty: BTreeMap::new(),
             resync_wanted: false,
+            ships_unread: 0,
+            unsent: BTreeSet::new(),
+            renaming: Default::default(),
             expected: 1,
             applied_upto: 0,
             applied_ahead: std::collections::BTreeSet::new(),
@@ -279,6 +318,8 @@ impl Session {
             in_sync: false,
             refused_in_full_sync: false,
             resynced_for_refusals: false,
+            unrepaired: 0,
+            repairing: 0,
             rejected: VecDeque::new(),
             config,
         };
@@ -329,6 +370,9 @@ impl Session {
     }
 
     fn queue(&mut self, output: Output) {
+        if matches!(output, Output::Ship(_)) {
+            self.ships_unread += 1;
+        }
         self.out.push_back(Queued::of(output));
     }
 
@@ -357,12 +401,65 @@ impl Session {
         }
     }
 
-    /// Active: op `seq` carries `bytes` of file content (the driver read the file).
-    /// Counted as pending until the standby acks it.
-    pub fn shipping(&mut self, seq: u64, bytes: u64) {
-        if bytes > 0 && seq > self.stats.acked && seq >= self.full_sync_base {
-            self.unacked.push_back((seq, bytes));
+    /// Active: the driver read the path of ship `seq` and sent its op; `outcome` says
+    /// what it found. Content bytes count as pending until the standby acks them. A
+    /// path found gone, or read after a rename queued behind had moved it away, is
+    /// remembered until the op that says what became of it (see
+    /// [`Session::vanished_paths`]); one sent as it is, forgotten. Every ship must be
+    /// reported, in order: a rename waits for the ships before it.
+    pub fn shipped(&mut self, seq: u64, path: &RelPath, outcome: Shipped, now: Instant) {
+        self.ships_unread = self.ships_unread.saturating_sub(1);
+        let gone = match outcome {
+            Shipped::Sent { bytes } => {
+                if bytes > 0 && seq > self.stats.acked && seq >= self.full_sync_base {
+                    self.unacked.push_back((seq, bytes));
+                }
+                // A rename of it (or of a directory above it) is queued: it happened
+                // before this read, which found whatever took the name since.
+                self.moved_away(path)
+            }
+            Shipped::Gone => true,
+            Shipped::Held => false,
+        };
+        match (gone, outcome) {
+            (false, Shipped::Sent { .. }) => {
+                self.unsent.remove(path);
+            }
+            (false, _) => {}
+            (true, _) => {
+                if self.unsent.len() >= self.config.max_queue {
+                    // Too many to follow one by one: a manifest comparison sorts it out.
+                    self.unsent.clear();
+                    self.resync_wanted = true;
+                } else {
+                    self.unsent.insert(path.clone());
+                }
+            }
         }
+        if self.phase != Phase::Closed {
+            self.drain(now);
+        }
+    }
+
+    /// Whether a rename waiting in the queue moves `path` or a directory above it.
+    fn moved_away(&self, path: &RelPath) -> bool {
+        if self.renaming.is_empty() {
+            return false;
+        }
+        let mut at = Some(path.clone());
+        while let Some(here) = at {
+            if self.renaming.contains_key(&here) {
+                return true;
+            }
+            at = here.split_last().map(|(parent, _)| parent);
+        }
+        false
+    }
+
+    /// Active: the paths whose last ship did not carry what a later op moves or
+    /// removes, and whose fate no op has told the standby yet, in path order.
+    pub fn vanished_paths(&self) -> impl Iterator<Item = &RelPath> {
+        self.unsent.iter()
     }
 
     /// Active: bytes moved on the streams of a large file this session sends (its
@@ -375,9 +472,17 @@ impl Session {
         }
     }
 
-    /// Standby: whether a full sync completed and everything sent since is applied.
+    /// Standby: whether a full sync completed and everything sent since is applied
+    /// (none of it refused).
     pub fn in_sync(&self) -> bool {
-        self.in_sync && !self.lost
+        self.in_sync && !self.lost && self.unrepaired == 0
+    }
+
+    /// Standby: streamed changes refused since the last full sync that repaired them.
+    /// This node is neither in sync nor fit until one does (the active starts it on
+    /// hearing of the refusal).
+    pub fn unrepaired(&self) -> u64 {
+        self.unrepaired
     }
 
     /// Active: every change handed to the session so far is applied on the standby
@@ -420,8 +525,7 @@ impl Session {
     /// Standby: whether a full sync is complete and every priority-1 path it or a
     /// later change sent is applied (as of the last message from the active).
     pub fn fit(&self) -> bool {
-        self.in_sync
-            && !self.lost
+        self.in_sync()
             && self.phase == Phase::Streaming
             && self.priority1_pending.is_empty()
             && self.priority1_more == 0
@@ -593,7 +697,9 @@ impl Session {
         self.queue.clear();
         self.queued_ships.clear();
         self.queued_ops = 0;
+        self.renaming.clear();
         self.dirty.clear();
+        self.unsent.clear();
         self.resync_wanted = false;
         self.sync_id += 1;
         self.progress_at = now;
@@ -848,6 +954,12 @@ impl Session {
             return;
         }
         while self.in_flight() < self.config.max_in_flight {
+            // A rename waits until the ships before it are read: one of them may find
+            // its source gone.
+            let rename_next = matches!(self.queue.front(), Some(Pending::Send(Op::Rename { .. })));
+            if rename_next && self.ships_unread > 0 {
+                break;
+            }
             let Some(pending) = self.queue.pop_front() else {
                 break;
             };
@@ -868,12 +980,81 @@ impl Session {
                         link: false,
                     }));
                 }
+                Pending::Send(Op::Rename {
+                    from, to, exchange, ..
+                }) => {
+                    self.queued_ops -= 1;
+                    self.send_rename(from, to, exchange, now);
+                }
                 Pending::Send(op) => {
                     self.queued_ops -= 1;
+                    if let Op::Delete { path } = &op {
+                        // Whatever went unsent there is gone on the standby now.
+                        for p in unsent_at_or_below(&self.unsent, path) {
+                            self.unsent.remove(&p);
+                        }
+                    }
                     let seq = self.take_seq(now);
                     self.send(Message::Op { seq, op }, now);
                 }
             }
+        }
+    }
+
+    /// Sends a rename. If a ship of its source did not carry what the rename moves
+    /// (found it gone, or read what took the name since), the standby may lack it or
+    /// hold another version: the rename goes out `unsent` (a missing source moves
+    /// nothing there). Each such path at or below the old names is then shipped under
+    /// its new name as it is now, parents first: the temp file of an atomic write
+    /// arrives as its target, a directory filled and renamed in one burst arrives
+    /// whole, each entry having had its own ship that found it gone.
+    fn send_rename(&mut self, from: RelPath, to: RelPath, exchange: bool, now: Instant) {
+        for name in std::iter::once(&from).chain(exchange.then_some(&to)) {
+            if let Some(n) = self.renaming.get_mut(name) {
+                *n -= 1;
+                if *n == 0 {
+                    self.renaming.remove(name);
+                }
+            }
+        }
+        let unsent = self.unsent.contains(&from) || (exchange && self.unsent.contains(&to));
+        let below_from = unsent_at_or_below(&self.unsent, &from);
+        let below_to = unsent_at_or_below(&self.unsent, &to);
+        let seq = self.take_seq(now);
+        let op = Op::Rename {
+            from: from.clone(),
+            to: to.clone(),
+            exchange,
+            unsent,
+        };
+        self.send(Message::Op { seq, op }, now);
+        // Without an exchange, what was at `to` is replaced, there as here.
+        for p in below_from.iter().chain(&below_to) {
+            self.unsent.remove(p);
+        }
+        let mut renamed: BTreeSet<RelPath> = below_from
+            .iter()
+            .filter_map(|p| p.renamed(&from, &to))
+            .collect();
+        if exchange {
+            renamed.extend(below_to.iter().filter_map(|p| p.renamed(&to, &from)));
+        }
+        if !renamed.is_empty() {
+            tracing::debug!(volume = %self.config.volume, %from, %to, unsent,
+                reshipped = renamed.len(), "renamed what was not sent as it was; shipping it anew");
+        }
+        for path in renamed {
+            // Gone until its ship finds it.
+            self.unsent.insert(path.clone());
+            let seq = self.take_seq(now);
+            self.queue(Output::Ship(Ship {
+                seq,
+                path,
+                content: true,
+                standby_hash: None,
+                delete_if_missing: false,
+                link: false,
+            }));
         }
     }
 
@@ -908,6 +1089,7 @@ impl Session {
             self.queue.clear();
             self.queued_ships.clear();
             self.queued_ops = 0;
+            self.renaming.clear();
             self.resync_wanted = true;
             return;
         }
@@ -1001,7 +1183,18 @@ impl Session {
                     from.split_last().map(|(p, _)| p),
                     to.split_last().map(|(p, _)| p),
                 ];
-                self.enqueue(Pending::Send(Op::Rename { from, to, exchange }), now);
+                // Whether the standby may lack the source is known only when it goes.
+                *self.renaming.entry(from.clone()).or_default() += 1;
+                if exchange {
+                    *self.renaming.entry(to.clone()).or_default() += 1;
+                }
+                let op = Op::Rename {
+                    from,
+                    to,
+                    exchange,
+                    unsent: false,
+                };
+                self.enqueue(Pending::Send(op), now);
                 let [a, b] = parents;
                 if a != b {
                     self.ship_directory(a, now);
@@ -1160,6 +1353,8 @@ impl Session {
                 self.stats.full_syncs += 1;
                 self.in_sync_at = None;
                 self.refused_in_full_sync = false;
+                // It compares manifests after what was refused until now.
+                self.repairing = self.unrepaired;
                 self.queue(Output::ScanLocal);
             }
             Message::FullSyncStart {
@@ -1252,11 +1447,15 @@ impl Session {
             // An op of an abandoned full sync finishing late: nothing to ack.
             return;
         }
-        if self.phase == Phase::FullSync
-            && self.stats.rejected > rejected_before
-            && self.in_sync_at.is_none_or(|end| seq <= end)
-        {
-            self.refused_in_full_sync = true;
+        if self.stats.rejected > rejected_before {
+            if self.phase == Phase::FullSync && self.in_sync_at.is_none_or(|end| seq <= end) {
+                self.refused_in_full_sync = true;
+            } else {
+                // A streamed change is not here as the active has it (a rename whose
+                // source is missing leaves the target out too, whatever its priority):
+                // not in sync until a full sync repairs it.
+                self.unrepaired += 1;
+            }
         }
         self.applied_ahead.insert(seq);
         let before = self.applied_upto;
@@ -1296,8 +1495,12 @@ impl Session {
                 }
                 self.resynced_for_refusals = false;
                 self.stats.full_syncs_done += 1;
-                if !self.in_sync {
-                    self.in_sync = true;
+                let was = self.in_sync();
+                self.in_sync = true;
+                // Streamed changes refused before this full sync began are repaired;
+                // any refused since wait for the next one.
+                self.unrepaired -= std::mem::take(&mut self.repairing).min(self.unrepaired);
+                if !was && self.in_sync() {
                     self.queue(Output::InSync);
                 }
             }
@@ -1310,17 +1513,20 @@ impl Session {
         self.resync_wanted = true;
     }
 
-    /// Active: the path of ship `seq` had vanished and went out as `Op::Skip`. What
-    /// removed it follows, but the standby may lack what a rename behind it moves, so
-    /// the two are compared by manifest once the queue is through.
-    pub fn vanished(&mut self, _seq: u64) {
-        self.resync_wanted = true;
-    }
-
     /// The priority of a path under this session's rules.
     pub fn priority(&self, path: &RelPath) -> Priority {
         self.config.policies.resolve(path.as_path()).priority
     }
+}
+
+/// The paths of `set` that are `path` or below it.
+fn unsent_at_or_below(set: &BTreeSet<RelPath>, path: &RelPath) -> Vec<RelPath> {
+    // In byte order, everything that starts with the bytes of `path` follows it.
+    set.range(path.clone()..)
+        .take_while(|p| p.as_bytes().starts_with(path.as_bytes()))
+        .filter(|p| p.starts_with(path))
+        .cloned()
+        .collect()
 }
 
 fn pending_path(pending: &Pending) -> &RelPath {

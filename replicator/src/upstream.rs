@@ -81,7 +81,9 @@ impl Outbox {
                     self.known.remove(&p);
                 }
             }
-            Op::Rename { from, to, exchange } => {
+            Op::Rename {
+                from, to, exchange, ..
+            } => {
                 let a = self.known.remove(from).flatten();
                 let b = self.known.remove(to).flatten();
                 self.learn(to, a);

@@ -674,10 +674,17 @@ fn rename_and_exchange() {
         .expect("rename");
     assert!(!vol.path("a").exists());
     assert_eq!(fs::read(vol.path("d/b")).expect("read"), b"B");
-    assert!(matches!(
-        applier.rename(&rel("a"), &rel("c"), false),
-        Err(ApplyError::Rename { .. })
-    ));
+    let missing = applier.rename(&rel("a"), &rel("c"), false);
+    assert!(
+        matches!(missing, Err(ApplyError::Rename { .. })),
+        "{missing:?}"
+    );
+    // The message (logged, and sent to the active as the reason) says why.
+    let message = missing.map_err(|e| e.to_string()).expect_err("refused");
+    assert_eq!(
+        message,
+        "renaming \"a\" to \"c\" failed: No such file or directory (os error 2)"
+    );
 }
 
 #[test]

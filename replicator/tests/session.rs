@@ -14,7 +14,7 @@ use twinfs_replicator::manifest::{Entry, Kind, Manifest, Meta};
 use twinfs_replicator::path::RelPath;
 use twinfs_replicator::policy::{Policy, PolicySet, Priority, Rule, SyncMode};
 use twinfs_replicator::protocol::{Message, Op};
-use twinfs_replicator::session::{Output, Phase, Session, SessionConfig, Ship};
+use twinfs_replicator::session::{Output, Phase, Session, SessionConfig, Ship, Shipped};
 
 /// An in-memory volume: path → (metadata, content).
 type Tree = BTreeMap<RelPath, (Meta, Vec<u8>)>;
@@ -129,10 +129,19 @@ fn apply(tree: &mut Tree, op: &Op) -> Result<(), String> {
         Op::Skip { .. } => Ok(()),
         Op::PutStream { .. } => Err("the simulated active never streams".into()),
         Op::Link { .. } => Err("the simulated trees have no hard links".into()),
-        Op::Rename { from, to, exchange } => {
+        Op::Rename {
+            from,
+            to,
+            exchange,
+            unsent,
+        } => {
             let moved = subtree(tree, from);
-            if moved.is_empty() {
+            if moved.is_empty() && !unsent {
                 return Err(format!("rename of missing {from}"));
+            }
+            if moved.is_empty() && !exchange {
+                // Never sent: what it moved follows under the new name.
+                return Ok(());
             }
             let swapped = if *exchange {
                 subtree(tree, to)
@@ -289,28 +298,24 @@ impl World {
                     delete_if_missing,
                     link: _,
                 }) => {
-                    let op = match self.active_tree.get(&path) {
-                        Some((meta, data)) => Op::Put {
-                            entry: Entry {
-                                path,
-                                meta: meta.clone(),
-                            },
-                            content: (meta.kind == Kind::File
+                    let (op, found) = match self.active_tree.get(&path) {
+                        Some((meta, data)) => {
+                            let content = (meta.kind == Kind::File
                                 && (content || meta.hash != standby_hash.as_deref().copied()))
-                            .then(|| data.clone()),
-                        },
-                        None if delete_if_missing => Op::Delete { path },
-                        None => {
-                            self.active.vanished(seq);
-                            Op::Skip { path }
+                            .then(|| data.clone());
+                            let bytes = content.as_ref().map_or(0, |c| c.len() as u64);
+                            let entry = Entry {
+                                path: path.clone(),
+                                meta: meta.clone(),
+                            };
+                            (Op::Put { entry, content }, Shipped::Sent { bytes })
                         }
+                        None if delete_if_missing => {
+                            (Op::Delete { path: path.clone() }, Shipped::Gone)
+                        }
+                        None => (Op::Skip { path: path.clone() }, Shipped::Gone),
                     };
-                    if let Op::Put {
-                        content: Some(c), ..
-                    } = &op
-                    {
-                        self.active.shipping(seq, c.len() as u64);
-                    }
+                    self.active.shipped(seq, &path, found, self.now);
                     let message = Message::Op { seq, op };
                     Self::deliver(&mut self.to_standby, message, &mut self.rng, faults);
                 }
@@ -457,7 +462,7 @@ impl World {
             }
             None => false,
         };
-        let kind = match self.rng.below(6) {
+        let kind = match self.rng.below(7) {
             0 | 1 => {
                 if !parent_ok(&self.active_tree, &path)
                     || self.active_tree.get(&path).map(|(m, _)| m.kind) == Some(Kind::Dir)
@@ -524,6 +529,7 @@ impl World {
                     from: path.clone(),
                     to: to.clone(),
                     exchange: false,
+                    unsent: false,
                 };
                 apply(&mut self.active_tree, &op).expect("rename on the active");
                 let from = PathBuf::from(path.as_path());
@@ -532,6 +538,31 @@ impl World {
                     exchange: false,
                 };
                 self.report(&to, kind);
+                return;
+            }
+            6 => {
+                // An atomic write: a temp file beside the target, renamed over it.
+                let tmp = match path.split_last() {
+                    Some((parent, name)) => {
+                        let mut temp = std::ffi::OsString::from(".tmp-");
+                        temp.push(name);
+                        parent.join(&temp).expect("temp name")
+                    }
+                    None => return,
+                };
+                if !parent_ok(&self.active_tree, &path)
+                    || self.active_tree.get(&path).map(|(m, _)| m.kind) == Some(Kind::Dir)
+                    || self.active_tree.contains_key(&tmp)
+                {
+                    return;
+                }
+                let data = format!("{path} written as {tmp} at step {step}").into_bytes();
+                self.active_tree
+                    .insert(tmp.clone(), (file_meta(&data, step as i64), data));
+                self.report(&tmp, ChangeKind::Create);
+                self.report(&tmp, ChangeKind::Write);
+                let to = path.to_string();
+                self.rename(&tmp.to_string(), &to, false);
                 return;
             }
             _ => {
@@ -561,6 +592,28 @@ impl World {
         self.active_tree
             .insert(rel(path), (file_meta(data, mtime), data.to_vec()));
         self.report(&rel(path), kind);
+    }
+
+    /// Makes the directory `path` on the active and reports it.
+    fn mkdir(&mut self, path: &str) {
+        self.active_tree.insert(rel(path), (dir_meta(), Vec::new()));
+        self.report(&rel(path), ChangeKind::Mkdir);
+    }
+
+    /// Renames (or exchanges) on the active and reports it.
+    fn rename(&mut self, from: &str, to: &str, exchange: bool) {
+        let op = Op::Rename {
+            from: rel(from),
+            to: rel(to),
+            exchange,
+            unsent: false,
+        };
+        apply(&mut self.active_tree, &op).expect("rename on the active");
+        let kind = ChangeKind::Rename {
+            from: PathBuf::from(from),
+            exchange,
+        };
+        self.report(&rel(to), kind);
     }
 
     fn report(&mut self, path: &RelPath, kind: ChangeKind) {
@@ -1400,4 +1453,184 @@ fn the_root_is_never_shipped() {
     w.active.ship_now(vec![RelPath::root()], w.now);
     assert!(w.active.poll_output().is_none());
     assert_eq!(w.active.stats().ops, ops);
+}
+
+/// Runs `burst` on the active of a settled world before its session reads anything
+/// (the active reads a file only when it ships it, by which time the burst is over),
+/// then checks that the standby converges by the stream alone: nothing refused, no
+/// new full sync, and every change acknowledged.
+fn converges_by_the_stream_alone(seed: u64, burst: impl FnOnce(&mut World)) -> World {
+    let mut w = World::settled(seed);
+    let syncs = w.active.stats().full_syncs;
+    burst(&mut w);
+    w.settle();
+    assert!(w.converged(), "not converged:\n{}", w.difference());
+    assert_eq!(w.standby.stats().rejected, 0, "{}", w.difference());
+    assert_eq!(w.active.stats().rejected, 0, "{}", w.difference());
+    assert_eq!(
+        w.active.stats().full_syncs,
+        syncs,
+        "a full sync repaired the stream: {}",
+        w.difference()
+    );
+    assert!(w.active.caught_up());
+    assert_eq!(w.active.vanished_paths().count(), 0);
+    w
+}
+
+#[test]
+fn a_file_written_under_a_temp_name_and_renamed_at_once_arrives_as_its_target() {
+    let w = converges_by_the_stream_alone(23, |w| {
+        for i in 0..20 {
+            let (tmp, target) = (format!(".f{i}.tmp"), format!("f{i}"));
+            w.write(&tmp, format!("{i}").as_bytes(), 30, ChangeKind::Create);
+            w.write(&tmp, format!("{i}{i}").as_bytes(), 31, ChangeKind::Write);
+            w.rename(&tmp, &target, false);
+        }
+        // Over a file the standby has (`a`), and on along a chain of names.
+        w.write(".a.tmp", b"new alpha", 32, ChangeKind::Create);
+        w.rename(".a.tmp", "a", false);
+        w.write(".b.tmp", b"bravo", 33, ChangeKind::Create);
+        w.rename(".b.tmp", "b", false);
+        w.rename("b", "b2", false);
+    });
+    assert_eq!(w.standby_tree[&rel("f7")].1, b"77");
+    assert_eq!(w.standby_tree[&rel("a")].1, b"new alpha");
+    assert!(!w.standby_tree.contains_key(&rel("b")));
+}
+
+#[test]
+fn a_directory_filled_and_renamed_at_once_arrives_whole() {
+    let w = converges_by_the_stream_alone(29, |w| {
+        w.mkdir("tmpd");
+        w.mkdir("tmpd/sub");
+        for i in 0..5 {
+            w.write(&format!("tmpd/x{i}"), b"x", 40, ChangeKind::Create);
+        }
+        w.write("tmpd/sub/y", b"deeper", 41, ChangeKind::Create);
+        // Renamed inside before the directory itself moves.
+        w.rename("tmpd/x4", "tmpd/z", false);
+        w.rename("tmpd", "final", false);
+        // A directory the standby has, whose new file is renamed away with it.
+        w.write("d/new", b"in d", 42, ChangeKind::Create);
+        w.rename("d", "d2", false);
+    });
+    assert_eq!(w.standby_tree[&rel("final/sub/y")].1, b"deeper");
+    assert_eq!(w.standby_tree[&rel("final/z")].1, b"x");
+    assert_eq!(w.standby_tree[&rel("d2/new")].1, b"in d");
+    assert!(!w.standby_tree.contains_key(&rel("tmpd")));
+}
+
+#[test]
+fn a_changed_file_renamed_before_it_is_read_moves_and_then_gets_its_content() {
+    // `a` is on the standby (old content): the rename moves that, the ship after it
+    // brings the new content.
+    let w = converges_by_the_stream_alone(31, |w| {
+        w.write("a", b"changed", 50, ChangeKind::Write);
+        w.rename("a", "a2", false);
+    });
+    assert_eq!(w.standby_tree[&rel("a2")].1, b"changed");
+    assert!(!w.standby_tree.contains_key(&rel("a")));
+}
+
+#[test]
+fn an_exchange_with_a_side_never_sent_swaps_what_the_standby_has() {
+    let w = converges_by_the_stream_alone(37, |w| {
+        w.write(".new", b"fresh", 60, ChangeKind::Create);
+        w.rename(".new", "a", true);
+    });
+    assert_eq!(w.standby_tree[&rel("a")].1, b"fresh");
+    assert_eq!(w.standby_tree[&rel(".new")].1, b"alpha");
+}
+
+#[test]
+fn a_name_taken_again_after_a_rename_does_not_lend_its_content_to_the_renamed_file() {
+    // All before the active reads anything: `a` changes and is renamed to `b`, and a
+    // new `a` appears. The ship of the first change finds the new `a`: that must not
+    // end up as `b`.
+    let w = converges_by_the_stream_alone(41, |w| {
+        w.write("a", b"changed", 70, ChangeKind::Write);
+        w.rename("a", "b", false);
+        w.write("a", b"a new one", 71, ChangeKind::Create);
+    });
+    assert_eq!(w.standby_tree[&rel("b")].1, b"changed");
+    assert_eq!(w.standby_tree[&rel("a")].1, b"a new one");
+}
+
+#[test]
+fn streaming_on_a_clean_network_refuses_nothing() {
+    // Random changes, atomic writes and renames among them, shipped as they come: a
+    // refusal would mean an op the standby could not apply.
+    for seed in [7, 43, 47, 53, 59] {
+        let w = run(seed, CLEAN, 2_000);
+        assert!(w.converged(), "seed {seed}:\n{}", w.difference());
+        assert_eq!(
+            w.standby.stats().rejected,
+            0,
+            "seed {seed}: {:?}",
+            w.standby.rejected_paths().collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn a_standby_that_refused_a_streamed_change_is_not_fit_until_a_full_sync_repairs_it() {
+    let now = Instant::now();
+    let mut standby = streaming_standby(now);
+    assert!(standby.fit());
+    let outputs = |s: &mut Session| std::iter::from_fn(|| s.poll_output()).collect::<Vec<_>>();
+    // A rename of a priority-2 file whose source is not here: refused.
+    let op = Op::Rename {
+        from: rel("py/.f3.tmp"),
+        to: rel("py/f3"),
+        exchange: false,
+        unsent: false,
+    };
+    standby.on_message(Message::Op { seq: 1, op }, now);
+    let _ = outputs(&mut standby);
+    standby.applied(1, &rel("py/f3"), Err("no such file".into()), now);
+    let _ = outputs(&mut standby);
+    assert!(
+        !standby.fit() && !standby.in_sync(),
+        "fit with a refusal unrepaired"
+    );
+    assert_eq!(standby.unrepaired(), 1);
+    assert!(
+        standby.priority1_pending().0.is_empty(),
+        "not a priority-1 path"
+    );
+    // The full sync the active starts on hearing of it; meanwhile another streamed
+    // change (after that full sync's end) is refused: that one it does not repair.
+    let sync = |standby: &mut Session, sync: u64, base: u64, refuse_after: bool| {
+        standby.on_message(Message::RequestManifest { sync }, now);
+        standby.on_message(
+            Message::FullSyncStart {
+                sync,
+                base,
+                priority1: vec![],
+                priority1_more: 0,
+            },
+            now,
+        );
+        let op = Op::Delete { path: rel("a") };
+        standby.on_message(Message::Op { seq: base + 1, op }, now);
+        standby.on_message(Message::FullSyncDone { seq: base + 1 }, now);
+        let op = Op::Delete { path: rel("b") };
+        standby.on_message(Message::Op { seq: base + 2, op }, now);
+        let b = if refuse_after {
+            Err("disk full".to_string())
+        } else {
+            Ok(())
+        };
+        standby.applied(base + 2, &rel("b"), b, now);
+        standby.applied(base + 1, &rel("a"), Ok(()), now);
+        std::iter::from_fn(|| standby.poll_output()).collect::<Vec<_>>()
+    };
+    let out = sync(&mut standby, 1, 1, true);
+    assert!(!standby.fit(), "{out:?}");
+    assert_eq!(standby.unrepaired(), 1, "the later refusal waits: {out:?}");
+    let out = sync(&mut standby, 2, 3, false);
+    assert!(standby.fit() && standby.in_sync(), "{out:?}");
+    assert_eq!(standby.unrepaired(), 0);
+    assert!(out.iter().any(|o| matches!(o, Output::InSync)), "{out:?}");
 }

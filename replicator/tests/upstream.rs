@@ -97,6 +97,7 @@ fn the_active_takes_a_write_based_on_its_current_version() {
         from: rel("users/bob"),
         to: rel("users/robert"),
         exchange: false,
+        unsent: false,
     };
     assert_eq!(judge(&p, &rename, Some(2), Some(&file(2))), Ok(()));
 }
@@ -166,11 +167,13 @@ fn the_active_checks_the_rule_itself() {
             from: rel("passwd"),
             to: rel("passwd.old"),
             exchange: false,
+            unsent: false,
         },
         Op::Rename {
             from: rel("cmm.conf"),
             to: rel("users/cmm.conf"),
             exchange: false,
+            unsent: false,
         },
         // Names twinfs keeps for itself.
         put("users/.twinfs-tmp", 1),
@@ -241,6 +244,7 @@ fn the_outbox_bases_each_write_on_the_last_version_agreed_or_sent() {
         from: rel("users/bob"),
         to: rel("users/robert"),
         exchange: false,
+        unsent: false,
     };
     assert_eq!(base_of(&outbox.send(rename)), Some(4));
     assert_eq!(

@@ -1592,3 +1592,96 @@ fn a_full_sync_links_and_unlinks_names_on_the_standby() {
     c.wait_converged(CONVERGE);
     assert_eq!(fs::read_to_string(b.join("q")).expect("read"), "shared\n");
 }
+
+/// The standby's refusals in its session with the active, as `twinfs status --json`
+/// shows them: (count, "path: reason" of the last ones).
+fn refusals_on_the_standby(c: &Cluster) -> (u64, serde_json::Value) {
+    let peer = c.nodes[1].volume_status()["peers"][0].clone();
+    (
+        peer["rejected"].as_u64().expect("rejected count"),
+        peer["rejected_paths"].clone(),
+    )
+}
+
+#[test]
+fn files_written_under_a_temp_name_and_renamed_over_arrive_without_a_refusal() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().to_path_buf();
+    // As rsync and atomic-write helpers do: write a temp file, rename it over the
+    // target, as fast as possible. The temp name is often gone by the time the
+    // active reads the file it closed.
+    fs::create_dir(a.join("py")).expect("mkdir");
+    for i in 0..200 {
+        let tmp = a.join(format!("py/.f{i}.tmp"));
+        fs::write(&tmp, format!("{i}").repeat(100)).expect("write temp");
+        fs::rename(&tmp, a.join(format!("py/f{i}"))).expect("rename");
+    }
+    // Over existing targets, too.
+    for i in 0..50 {
+        let tmp = a.join(format!("py/.f{i}.tmp"));
+        fs::write(&tmp, format!("second {i}")).expect("write temp");
+        fs::rename(&tmp, a.join(format!("py/f{i}"))).expect("rename");
+    }
+    // A directory filled under a temp name, then renamed into place.
+    for round in 0..5 {
+        let tmpd = a.join(format!("tmpd{round}"));
+        fs::create_dir_all(tmpd.join("sub")).expect("mkdir");
+        for i in 0..10 {
+            fs::write(tmpd.join(format!("x{i}")), format!("x{i} of {round}")).expect("write");
+        }
+        fs::write(tmpd.join("sub/y"), "deeper").expect("write");
+        fs::rename(&tmpd, a.join(format!("final{round}"))).expect("rename dir");
+    }
+    c.wait_converged(CONVERGE);
+    let b = &c.nodes[1].volume;
+    assert_eq!(
+        fs::read_to_string(b.join("py/f7")).expect("read"),
+        "second 7"
+    );
+    assert_eq!(
+        fs::read_to_string(b.join("final4/sub/y")).expect("read"),
+        "deeper"
+    );
+    // Converged by the stream itself: no change refused (a refused one is repaired
+    // only by a new manifest comparison), and no scan but the one at contact.
+    let (rejected, paths) = refusals_on_the_standby(&c);
+    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
+    let scans = c.nodes[0]
+        .log_text()
+        .matches("twinfs_replicator::node: scanned")
+        .count();
+    assert_eq!(scans, 1, "the active compared manifests again");
+    assert!(
+        wait_until(CONVERGE, || c.nodes[1].volume_status()["takeover"]
+            == "ready"),
+        "{}",
+        c.nodes[1].volume_status()
+    );
+}
+
+#[test]
+fn sync_durability_an_atomic_write_is_on_the_standby_when_its_rename_returns() {
+    let _serial = twinfs_tests::serial();
+    let rules = format!("durability = \"sync\"\nsync_timeout = \"20s\"\n{RULES}");
+    let mut c = Cluster::new(2, &rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let (a, b) = (c.active().to_path_buf(), c.nodes[1].volume.clone());
+    for i in 0..30 {
+        let tmp = a.join(format!(".f{i}.tmp"));
+        fs::write(&tmp, format!("version {i}")).expect("write temp");
+        fs::rename(&tmp, a.join("f")).expect("rename");
+        assert_eq!(
+            fs::read_to_string(b.join("f")).ok().as_deref(),
+            Some(format!("version {i}").as_str()),
+            "f on the standby when rename() returned"
+        );
+    }
+    let (rejected, paths) = refusals_on_the_standby(&c);
+    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
+    let peer = c.nodes[0].volume_status()["peers"][0].clone();
+    assert_eq!(peer["out_of_sync"], false, "a write timed out: {peer}");
+}
