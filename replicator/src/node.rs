@@ -351,6 +351,14 @@ pub enum Command {
         /// Where the answer goes.
         reply: mpsc::Sender<(String, Result<(), String>)>,
     },
+    /// Ship what waits for a later time now (`interval` paths waiting for their
+    /// interval, `once` paths changed since the last full sync) and answer once the
+    /// standby has acknowledged everything: `twinfs demote`, before the node steps
+    /// down, so that a standby taking over lacks nothing this node wrote.
+    Flush {
+        /// Where the answer goes.
+        reply: mpsc::Sender<(String, Result<(), String>)>,
+    },
     /// Hash every file on both sides now (no cache) and answer with the paths that
     /// differ (content or metadata), `never` paths left out.
     Verify {
@@ -1689,6 +1697,10 @@ async fn run_session(
                         } else {
                             session.ship_now(paths, std::time::Instant::now());
                         }
+                        syncs.push(reply);
+                    }
+                    Ok(Command::Flush { reply }) => {
+                        session.ship_waiting(std::time::Instant::now());
                         syncs.push(reply);
                     }
                     Ok(Command::Verify { reply }) => {

@@ -11,7 +11,7 @@ use crate::path::RelPath;
 /// Protocol version; a peer with another version is refused at `Hello`. Version 6
 /// added [`Op::Link`] and the hard link identity of manifest entries
 /// ([`crate::manifest::Meta::link`]), which version 5 cannot decode, and the
-/// `unsent` flag of [`Op::Rename`].
+/// `unsent` flag of [`Op::Rename`], and [`Message::OnceChanged`].
 pub const VERSION: u32 = 6;
 
 /// Most priority-1 paths a full sync names in its start message.
@@ -239,6 +239,16 @@ pub enum Message {
         path: RelPath,
         /// Why.
         reason: String,
+    },
+    /// Active → standby: priority-1 `path`, whose policy is `once`, changed here and
+    /// is not shipped for it: the standby's copy is not in sync (so it is not fit to
+    /// take over) until an op numbered `from_seq` or later puts it right (`twinfs
+    /// sync PATH`), or a full sync begun after it does.
+    OnceChanged {
+        /// The path.
+        path: RelPath,
+        /// The first op that may carry it as it is now.
+        from_seq: u64,
     },
 }
 

@@ -236,6 +236,9 @@ pub struct Session {
     /// ship of the same path queued after it.
     queued_ops: usize,
     dirty: BTreeMap<RelPath, Instant>,
+    /// Active: `once` paths changed since the last full sync began, not shipped for
+    /// it; a planned handover ships them (the new active must not lack them).
+    once_changed: BTreeSet<RelPath>,
     resync_wanted: bool,
     /// Active: [`Output::Ship`]s handed out (or waiting in `out`) and not yet reported
     /// by [`Session::shipped`]. A rename waits in the queue until there are none, so
@@ -261,6 +264,9 @@ pub struct Session {
     /// Priority-1 paths of the full sync not applied yet, or refused since.
     priority1_pending: std::collections::BTreeSet<RelPath>,
     priority1_more: u64,
+    /// Standby: priority-1 `once` paths the active changed after sending them, with
+    /// the first op that may bring them as they are now ([`Message::OnceChanged`]).
+    once_stale: std::collections::BTreeMap<RelPath, u64>,
     in_sync_at: Option<u64>,
     in_sync: bool,
     /// An op of the current full sync was refused: it does not bring this node in sync.
@@ -304,6 +310,7 @@ impl Session {
             queued_ships: HashSet::new(),
             queued_ops: 0,
             dirty: BTreeMap::new(),
+            once_changed: BTreeSet::new(),
             resync_wanted: false,
             ships_unread: 0,
             unsent: BTreeSet::new(),
@@ -314,6 +321,7 @@ impl Session {
             lost: false,
             priority1_pending: Default::default(),
             priority1_more: 0,
+            once_stale: Default::default(),
             in_sync_at: None,
             in_sync: false,
             refused_in_full_sync: false,
@@ -529,20 +537,20 @@ impl Session {
             && self.phase == Phase::Streaming
             && self.priority1_pending.is_empty()
             && self.priority1_more == 0
+            && self.once_stale.is_empty()
     }
 
     /// Standby: priority-1 paths sent (or about to be, in this full sync) and not
     /// applied; and how many more the active did not name.
     pub fn priority1_pending(&self) -> (Vec<RelPath>, u64) {
-        (
-            self.priority1_pending.iter().cloned().collect(),
-            self.priority1_more,
-        )
+        let mut paths: BTreeSet<RelPath> = self.priority1_pending.clone();
+        paths.extend(self.once_stale.keys().cloned());
+        (paths.into_iter().collect(), self.priority1_more)
     }
 
     /// Standby: how many priority-1 paths are pending (named ones).
     pub fn priority1_pending_len(&self) -> usize {
-        self.priority1_pending.len()
+        self.priority1_pending.len() + self.once_stale.len()
     }
 
     /// This node's role in the session.
@@ -699,6 +707,7 @@ impl Session {
         self.queued_ops = 0;
         self.renaming.clear();
         self.dirty.clear();
+        self.once_changed.clear();
         self.unsent.clear();
         self.resync_wanted = false;
         self.sync_id += 1;
@@ -1110,17 +1119,25 @@ impl Session {
             return;
         }
         paths.retain(|p| !p.is_root());
+        for p in &paths {
+            self.once_changed.remove(p);
+        }
         self.ship_with_content(paths, now);
         self.drain(now);
     }
 
-    /// Active: ship every `interval` path that waits for its interval now (a handover
-    /// leaves nothing behind); whether there were any.
+    /// Active: ship every `interval` path that waits for its interval now, and every
+    /// `once` path changed since the last full sync began (a handover leaves nothing
+    /// behind); whether there were any.
     pub fn ship_waiting(&mut self, now: Instant) -> bool {
-        if self.dirty.is_empty() || !self.is_active() || self.phase != Phase::Streaming {
+        if (self.dirty.is_empty() && self.once_changed.is_empty())
+            || !self.is_active()
+            || self.phase != Phase::Streaming
+        {
             return false;
         }
-        let waiting: Vec<RelPath> = self.dirty.keys().cloned().collect();
+        let mut waiting: Vec<RelPath> = self.dirty.keys().cloned().collect();
+        waiting.extend(std::mem::take(&mut self.once_changed));
         self.ship_with_content(waiting, now);
         self.drain(now);
         true
@@ -1154,7 +1171,27 @@ impl Session {
             return self.rename(from, path, *exchange, record.policy.sync, now);
         }
         match record.policy.sync {
-            SyncMode::Never | SyncMode::Once => {}
+            SyncMode::Once => {
+                // Not shipped; but a priority-1 path's standby must know its copy is
+                // not in sync, and a planned handover ships it.
+                if record.policy.priority == Priority::MUST_SYNC {
+                    let from_seq = self.next_seq;
+                    self.send(
+                        Message::OnceChanged {
+                            path: path.clone(),
+                            from_seq,
+                        },
+                        now,
+                    );
+                }
+                if self.once_changed.len() < self.config.max_queue {
+                    self.once_changed.insert(path);
+                } else {
+                    // Too many to follow: a manifest comparison finds them.
+                    self.resync_wanted = true;
+                }
+            }
+            SyncMode::Never => {}
             SyncMode::Interval(every) => {
                 self.dirty.entry(path).or_insert(now + every);
             }
@@ -1368,6 +1405,9 @@ impl Session {
                 }
                 self.priority1_pending = priority1.into_iter().collect();
                 self.priority1_more = priority1_more;
+                // This full sync compares the files as they are now: it brings what
+                // changed before it began.
+                self.once_stale.retain(|_, from| *from > base + 1);
                 self.expected = base + 1;
                 self.applied_upto = base;
                 self.applied_ahead.clear();
@@ -1403,6 +1443,12 @@ impl Session {
                 }
                 self.queue(Output::Apply { seq, op });
             }
+            Message::OnceChanged { path, from_seq } => {
+                if self.priority(&path) == Priority::MUST_SYNC {
+                    let from = self.once_stale.entry(path).or_insert(from_seq);
+                    *from = (*from).max(from_seq);
+                }
+            }
             Message::FullSyncDone { seq } => {
                 if !self.lost {
                     self.stats.full_sync_ops = seq.saturating_sub(self.full_sync_base);
@@ -1423,6 +1469,9 @@ impl Session {
         match &result {
             Ok(()) => {
                 self.priority1_pending.remove(path);
+                if self.once_stale.get(path).is_some_and(|from| seq >= *from) {
+                    self.once_stale.remove(path);
+                }
             }
             Err(_)
                 if self.config.policies.resolve(path.as_path()).priority == Priority::MUST_SYNC =>

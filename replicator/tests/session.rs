@@ -56,7 +56,20 @@ fn policies() -> PolicySet {
         )
         .expect("rule")
     };
+    let must = |pattern: &str, sync| {
+        Rule::new(
+            pattern,
+            Policy {
+                sync,
+                priority: Priority::MUST_SYNC,
+                durability: None,
+                ..Policy::DEFAULT
+            },
+        )
+        .expect("rule")
+    };
     PolicySet::new(vec![
+        must("*.bin", SyncMode::Once),
         rule("*.sif", SyncMode::Once),
         rule("local", SyncMode::Never),
         rule("*.int", SyncMode::Interval(Duration::from_secs(2))),
@@ -771,6 +784,37 @@ fn once_paths_ship_only_at_full_sync() {
     w.reconnect();
     w.settle();
     assert_eq!(w.standby_tree[&rel("x.sif")].1, data);
+}
+
+/// A priority-1 file whose policy is `once` is not shipped when it changes after
+/// contact, so the standby must know its copy is not in sync: not fit to take over
+/// until the file ships (`twinfs sync PATH`, or the full sync of a new contact).
+#[test]
+fn a_priority1_once_file_changed_after_contact_keeps_the_standby_unfit_until_it_ships() {
+    let mut w = World::settled(41);
+    assert!(w.standby.fit());
+    w.write("fw.bin", b"v2", 12, ChangeKind::Create);
+    w.settle();
+    assert!(
+        !w.standby_tree.contains_key(&rel("fw.bin")),
+        "once: not shipped"
+    );
+    assert!(!w.standby.fit(), "fit without the changed priority-1 file");
+    assert_eq!(w.standby.priority1_pending().0, vec![rel("fw.bin")]);
+    // `twinfs sync fw.bin` ships it.
+    w.active.ship_now(vec![rel("fw.bin")], w.now);
+    w.settle();
+    assert_eq!(w.standby_tree[&rel("fw.bin")].1, b"v2");
+    assert!(w.standby.fit());
+    // Changed again: unfit again, until a new contact's full sync brings it.
+    w.write("fw.bin", b"v3", 13, ChangeKind::Write);
+    w.settle();
+    assert_eq!(w.standby_tree[&rel("fw.bin")].1, b"v2", "once: not shipped");
+    assert!(!w.standby.fit());
+    w.reconnect();
+    w.settle();
+    assert_eq!(w.standby_tree[&rel("fw.bin")].1, b"v3");
+    assert!(w.standby.fit());
 }
 
 #[test]

@@ -706,6 +706,64 @@ fn backing_dir(pid: u32, volume: &Path) -> PathBuf {
         .expect("the daemon holds the backing directory open")
 }
 
+/// A priority-1 `once` file changed on the active after contact is not shipped, so
+/// the standby is not ready to take over (and says which file) until it is:
+/// `twinfs sync PATH` ships it. A planned handover and `twinfs demote` ship such a
+/// file too, so the node that takes over does not lack (or overwrite) it.
+#[test]
+fn a_changed_priority1_once_file_keeps_the_standby_not_ready_until_it_ships() {
+    let _serial = twinfs_tests::serial();
+    let rules =
+        format!("{RULES}\n[[volume.rule]]\nmatch = \"*.sif\"\nsync = \"once\"\npriority = 1\n");
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, &rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    wait_ready(&c.nodes[1], &c.nodes[0]);
+    assert_eq!(c.nodes[1].volume_status()["takeover"], "ready");
+    let sif = |n: usize| fs::read_to_string(c.nodes[n].volume.join("blade.sif")).ok();
+
+    fs::write(c.active().join("blade.sif"), "firmware 2\n").expect("write");
+    assert!(
+        wait_until(CONVERGE, || {
+            c.nodes[1].volume_status()["takeover"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("not ready") && t.contains("blade.sif"))
+        }),
+        "the standby knows its blade.sif is old: {}",
+        c.nodes[1].volume_status()
+    );
+    assert_eq!(sif(1), None, "once: not shipped");
+    run_ok(&c.nodes[0], &["sync", "blade.sif"]);
+    assert_eq!(sif(1).as_deref(), Some("firmware 2\n"));
+    assert!(
+        wait_until(CONVERGE, || c.nodes[1].volume_status()["takeover"]
+            == "ready"),
+        "{}",
+        c.nodes[1].volume_status()
+    );
+
+    // A planned handover ships it before the standby takes over.
+    fs::write(c.active().join("blade.sif"), "firmware 3\n").expect("write");
+    run_ok(&c.nodes[1], &["promote"]);
+    assert_eq!(role_epoch(&c.nodes[1]), ("active".into(), 2));
+    assert_eq!(sif(1).as_deref(), Some("firmware 3\n"));
+    wait_role(&c.nodes[0], "standby", 2);
+    wait_ready(&c.nodes[0], &c.nodes[1]);
+    assert_eq!(sif(0).as_deref(), Some("firmware 3\n"), "not overwritten");
+
+    // So does `twinfs demote`: the standby has it when demote returns, and can take
+    // over without `--force`.
+    fs::write(c.nodes[1].volume.join("blade.sif"), "firmware 4\n").expect("write");
+    run_ok(&c.nodes[1], &["demote"]);
+    assert_eq!(sif(0).as_deref(), Some("firmware 4\n"));
+    run_ok(&c.nodes[0], &["promote"]);
+    assert_eq!(role_epoch(&c.nodes[0]).0, "active");
+    wait_role(&c.nodes[1], "standby", role_epoch(&c.nodes[0]).1);
+    wait_ready(&c.nodes[1], &c.nodes[0]);
+    assert_eq!(sif(1).as_deref(), Some("firmware 4\n"), "not overwritten");
+}
+
 #[test]
 fn verify_finds_a_file_changed_behind_a_standbys_back_and_sync_repairs_it() {
     let _serial = twinfs_tests::serial();

@@ -897,7 +897,10 @@ impl Daemon {
             tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Demote))
                 .await
                 .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?;
-            let (acked, behind) = self.wait_for_standbys(name, DEMOTE_WAIT).await;
+            let flushed = tokio::time::Instant::now() + DEMOTE_WAIT;
+            self.flush(v, flushed).await;
+            let left = flushed.saturating_duration_since(tokio::time::Instant::now());
+            let (acked, behind) = self.wait_for_standbys(name, left).await;
             let roles = v.roles.clone();
             let epoch = now.epoch;
             tokio::task::spawn_blocking(move || roles.demote(epoch, reason))
@@ -1078,6 +1081,21 @@ impl Daemon {
 
     /// Waits until every connected standby of `volume` has acknowledged everything, or
     /// `wait`; returns those that did and those that did not (with what is pending).
+    /// Has every session of `v` ship what waits for a later time (see
+    /// [`node::Command::Flush`]) and waits for their answers until `deadline`.
+    async fn flush(&self, v: &VolumeRuntime, deadline: tokio::time::Instant) {
+        let (reply, mut answers) = tokio::sync::mpsc::channel(64);
+        let asked = v.commands.send(node::Command::Flush { reply }).unwrap_or(0);
+        for _ in 0..asked {
+            if !matches!(
+                tokio::time::timeout_at(deadline, answers.recv()).await,
+                Ok(Some(_))
+            ) {
+                break;
+            }
+        }
+    }
+
     async fn wait_for_standbys(&self, volume: &str, wait: Duration) -> (Vec<String>, Vec<String>) {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
