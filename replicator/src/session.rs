@@ -849,6 +849,25 @@ impl Session {
             },
             now,
         );
+        // Priority-1 `once` paths changed since this full sync's scan began: the
+        // standby dropped what it was told of them before this start, and the diff may
+        // have seen them as they were. Told again: an op of this full sync (read when
+        // it goes, so as they are now) or a later one puts them right.
+        let changed: Vec<RelPath> = self
+            .once_changed
+            .iter()
+            .filter(|p| self.priority(p) == Priority::MUST_SYNC)
+            .cloned()
+            .collect();
+        for path in changed {
+            self.send(
+                Message::OnceChanged {
+                    path,
+                    from_seq: base + 1,
+                },
+                now,
+            );
+        }
         // Deletions first (they also clear paths whose kind changed), then the sends,
         // priority 1 leading.
         // Only its directories are needed from here on (the rest can be 100,000s of

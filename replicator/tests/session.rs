@@ -817,6 +817,40 @@ fn a_priority1_once_file_changed_after_contact_keeps_the_standby_unfit_until_it_
     assert!(w.standby.fit());
 }
 
+/// A priority-1 `once` file changed while a full sync compares manifests (after the
+/// active's scan, before the ops are numbered): whenever the standby says it is fit,
+/// it has the file as the active does.
+#[test]
+fn a_priority1_once_file_changed_during_a_full_sync_is_not_taken_for_in_sync() {
+    // The change lands after `steps` steps of the new contact, for each step until the
+    // full sync is through.
+    let mut in_full_sync = 0;
+    for steps in 0..60u64 {
+        let mut w = World::settled(100 + steps);
+        w.reconnect();
+        for _ in 0..steps {
+            w.pump(CLEAN);
+        }
+        if w.active.phase() == Phase::FullSync {
+            in_full_sync += 1;
+        }
+        let seed = steps;
+        w.write(
+            "fw.bin",
+            b"changed in the full sync",
+            20,
+            ChangeKind::Create,
+        );
+        w.settle();
+        let same = w.standby_tree.get(&rel("fw.bin")) == w.active_tree.get(&rel("fw.bin"));
+        assert!(
+            same || !w.standby.fit(),
+            "step {seed}: fit without the changed priority-1 file"
+        );
+    }
+    assert!(in_full_sync > 0, "no change landed in a full sync");
+}
+
 #[test]
 fn interval_paths_wait_for_their_interval() {
     let mut w = World::settled(5);
