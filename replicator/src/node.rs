@@ -1281,6 +1281,10 @@ async fn run_session(
     // Active: `twinfs sync` requests waiting for the standby to catch up.
     let mut commands = (role == Role::Active).then(|| volume.commands.subscribe());
     let mut syncs: Vec<mpsc::Sender<(String, Result<(), String>)>> = Vec::new();
+    // A `Command::Flush` not done yet: what waits for a later time ships once the
+    // session streams (not in the middle of a full sync, whose end would not cover
+    // changes made meanwhile).
+    let mut flushing = false;
     let mut verifying: Option<Verifying> = None;
     // Standby: this session's number among the volume's sessions with an active, taken
     // (with the handover slot) once the active's hello is accepted: a session refused
@@ -1507,7 +1511,13 @@ async fn run_session(
                 recorded_fit = Some(key);
             }
         }
-        if !syncs.is_empty() && session.caught_up() {
+        if flushing && session.phase() == crate::session::Phase::Streaming {
+            flushing = false;
+            if session.ship_waiting(std::time::Instant::now()) {
+                continue;
+            }
+        }
+        if !syncs.is_empty() && !flushing && session.caught_up() {
             for reply in syncs.drain(..) {
                 let _ = reply.try_send((link.peer.clone(), Ok(())));
             }
@@ -1700,7 +1710,7 @@ async fn run_session(
                         syncs.push(reply);
                     }
                     Ok(Command::Flush { reply }) => {
-                        session.ship_waiting(std::time::Instant::now());
+                        flushing = true;
                         syncs.push(reply);
                     }
                     Ok(Command::Verify { reply }) => {
