@@ -982,9 +982,12 @@ impl Session {
             return;
         }
         while self.in_flight() < self.config.max_in_flight {
-            // A rename waits until the ships before it are read: one of them may find
-            // its source gone.
-            let rename_next = matches!(self.queue.front(), Some(Pending::Send(Op::Rename { .. })));
+            // A rename or a hard link waits until the ships before it are read: one of
+            // them may find its source gone.
+            let rename_next = matches!(
+                self.queue.front(),
+                Some(Pending::Send(Op::Rename { .. } | Op::Link { .. }))
+            );
             if rename_next && self.ships_unread > 0 {
                 break;
             }
@@ -1014,6 +1017,20 @@ impl Session {
                     self.queued_ops -= 1;
                     self.send_rename(from, to, exchange, now);
                 }
+                Pending::Send(Op::Link { path, existing }) if self.unsent_covers(&existing) => {
+                    // Its existing name never reached the standby as it is (found gone:
+                    // `ln tmp/x new/x; rm tmp/x`): the new name goes as a copy.
+                    self.queued_ops -= 1;
+                    let seq = self.take_seq(now);
+                    self.queue(Output::Ship(Ship {
+                        seq,
+                        path,
+                        content: true,
+                        standby_hash: None,
+                        delete_if_missing: false,
+                        link: false,
+                    }));
+                }
                 Pending::Send(op) => {
                     self.queued_ops -= 1;
                     if let Op::Delete { path } = &op {
@@ -1027,6 +1044,21 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Whether `path` or a directory above it went unsent (see [`Session::shipped`]).
+    fn unsent_covers(&self, path: &RelPath) -> bool {
+        if self.unsent.is_empty() {
+            return false;
+        }
+        let mut at = Some(path.clone());
+        while let Some(here) = at {
+            if self.unsent.contains(&here) {
+                return true;
+            }
+            at = here.split_last().map(|(parent, _)| parent);
+        }
+        false
     }
 
     /// Sends a rename. If a ship of its source did not carry what the rename moves

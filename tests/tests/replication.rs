@@ -1662,6 +1662,34 @@ fn files_written_under_a_temp_name_and_renamed_over_arrive_without_a_refusal() {
     );
 }
 
+/// A hard link made to a file that is removed at once (Maildir delivery, lock
+/// files: write `tmp/x`, `ln tmp/x new/x`, `rm tmp/x`): the active often finds `tmp/x`
+/// gone when it reads it, so the standby never had it to link to. The new name must
+/// arrive as a copy, without a refusal.
+#[test]
+fn a_link_to_a_file_removed_at_once_arrives_without_a_refusal() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().to_path_buf();
+    fs::create_dir_all(a.join("tmp")).expect("mkdir");
+    fs::create_dir_all(a.join("new")).expect("mkdir");
+    for i in 0..100 {
+        let tmp = a.join(format!("tmp/m{i}"));
+        fs::write(&tmp, format!("message {i}")).expect("write");
+        fs::hard_link(&tmp, a.join(format!("new/m{i}"))).expect("link");
+        fs::remove_file(&tmp).expect("unlink");
+    }
+    c.wait_converged(CONVERGE);
+    assert_eq!(
+        fs::read_to_string(c.nodes[1].volume.join("new/m42")).expect("read"),
+        "message 42"
+    );
+    let (rejected, paths) = refusals_on_the_standby(&c);
+    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
+}
+
 #[test]
 fn sync_durability_an_atomic_write_is_on_the_standby_when_its_rename_returns() {
     let _serial = twinfs_tests::serial();
