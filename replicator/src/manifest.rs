@@ -1492,11 +1492,11 @@ impl Differ {
                     }
                 }
                 Some(new) if new.kind == old.kind => {
-                    // A file the active has with this one name and the standby has
-                    // linked gets a copy of its own. (The first name of a linked file
-                    // need not change for links: its further names are linked to it,
-                    // and a name the standby has linked to it wrongly gets its own.)
-                    let unlinked = new.link().is_none() && old.link().is_some();
+                    // A file the standby has linked, where the active has it with this
+                    // one name or linked to other names (another first name), gets a
+                    // copy of its own; its further names are then linked to it. (A
+                    // first name linked as on the active need not change for links.)
+                    let unlinked = old.link().is_some() && old.link() != new.link();
                     if !old.same_content(new) || unlinked {
                         self.send
                             .push(Transfer::new(&theirs.path, new, Some(old), true));

@@ -293,6 +293,48 @@ fn a_full_sync_links_and_unlinks_names() {
     assert_eq!(diff(&ma, &ms, |_| 2), Diff::default());
 }
 
+/// The standby has one file under four names; the active has the same content as
+/// two files of two names each. The first name of the second group, which the
+/// standby has linked into the first group, gets a copy of its own, and its further
+/// name a link to it: else all four names would stay one file there.
+#[test]
+fn a_first_name_linked_into_another_group_gets_a_copy_of_its_own() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, s) = (tmp.path().join("active"), tmp.path().join("standby"));
+    for d in [&a, &s] {
+        fs::create_dir(d).expect("mkdir");
+    }
+    fs::write(a.join("a"), "v").expect("write");
+    fs::hard_link(a.join("a"), a.join("d")).expect("link");
+    fs::write(a.join("b"), "v").expect("write");
+    fs::hard_link(a.join("b"), a.join("c")).expect("link");
+    fs::write(s.join("a"), "v").expect("write");
+    for name in ["b", "c", "d"] {
+        fs::hard_link(s.join("a"), s.join(name)).expect("link");
+    }
+    let mtime = fs::metadata(a.join("a"))
+        .expect("stat")
+        .modified()
+        .expect("mtime");
+    for file in [a.join("b"), s.join("a")] {
+        let f = fs::File::options().write(true).open(&file).expect("open");
+        f.set_modified(mtime).expect("touch");
+    }
+    let mut cache = HashCache::new();
+    let (ma, ms) = (scan_all(&a, &mut cache), scan_all(&s, &mut cache));
+    let d = diff(&ma, &ms, |_| 2);
+    assert!(d.delete.is_empty(), "{d:?}");
+    let sent: Vec<(String, bool, bool)> = d
+        .send
+        .iter()
+        .map(|t| (t.path.to_string(), t.content, t.link))
+        .collect();
+    assert_eq!(
+        sent,
+        [("b".to_owned(), true, false), ("c".to_owned(), false, true)]
+    );
+}
+
 fn key(path: &Path) -> (u64, u64) {
     let meta = fs::symlink_metadata(path).expect("stat");
     (meta.dev(), meta.ino())
