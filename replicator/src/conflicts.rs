@@ -116,20 +116,7 @@ impl Area {
     pub fn keep(&self, applier: &Applier<'_>, path: &RelPath, what: &str) -> Result<u64, String> {
         let (epoch, at) = self.armed().unwrap_or((0, 0));
         let set = self.dir.join(format!("{epoch}-{}", timestamp(at)));
-        let Some((parent, name)) = path.split_last() else {
-            return Err("cannot keep the volume root".to_owned());
-        };
-        std::fs::create_dir_all(&set).map_err(|e| format!("{}: {e}", set.display()))?;
-        let mut dir = sys::open_dir_path(&set).map_err(|e| format!("{}: {e}", set.display()))?;
-        let mut kept_as = PathBuf::new();
-        for (i, component) in parent.components().enumerate() {
-            let component = in_set(i, component);
-            let (sub, used) = enter_or_make(dir.as_fd(), &component)
-                .map_err(|e| format!("{}: {e}", set.join(&kept_as).join(&component).display()))?;
-            dir = sub;
-            kept_as.push(used);
-        }
-        let name = in_set(parent.components().count(), name);
+        let (dir, mut kept_as, name) = enter_set(&set, path)?;
         kept_as.push(&name);
         let entries = applier
             .copy_out(path, dir.as_fd(), &name)
@@ -175,25 +162,9 @@ impl Area {
         let set = self.dir.join(format!("refused-{epoch}-{}", timestamp(at)));
         let mut kept_as = path.to_string();
         if let Some(content) = content {
-            let Some((parent, name)) = path.split_last() else {
-                return Err("cannot keep the volume root".to_owned());
-            };
-            // As `keep` does: nothing kept in the set is followed or overwritten. A
-            // kept file or symlink where a directory of `path` would go gets a `.N`
-            // directory beside it; a second version of a path gets `NAME.N`.
-            std::fs::create_dir_all(&set).map_err(|e| format!("{}: {e}", set.display()))?;
-            let mut dir =
-                sys::open_dir_path(&set).map_err(|e| format!("{}: {e}", set.display()))?;
-            let mut used_path = PathBuf::new();
-            for (i, component) in parent.components().enumerate() {
-                let component = in_set(i, component);
-                let (sub, used) = enter_or_make(dir.as_fd(), &component).map_err(|e| {
-                    format!("{}: {e}", set.join(&used_path).join(&component).display())
-                })?;
-                dir = sub;
-                used_path.push(used);
-            }
-            let name = in_set(parent.components().count(), name);
+            // As `keep` does: nothing kept in the set is followed or overwritten; a
+            // second version of a path gets `NAME.N`.
+            let (dir, mut used_path, name) = enter_set(&set, path)?;
             let used = write_new(dir.as_fd(), &name, content)
                 .map_err(|e| format!("{}: {e}", set.join(&used_path).join(&name).display()))?;
             used_path.push(used);
@@ -253,6 +224,27 @@ impl Area {
 /// missing, never through a symlink. Where something else is kept under that name, the
 /// first of `name.2`, `name.3`, ... that is a directory or free is used instead.
 /// Returns the directory and the name used.
+/// Makes `set` if need be and the directories of `path`'s parent in it, never
+/// entering anything kept there: a kept file or symlink where a directory would go
+/// gets a `.N` directory beside it. Returns the parent directory, its path in the set
+/// as used, and the name `path`'s last component takes there (see [`in_set`]).
+fn enter_set(set: &Path, path: &RelPath) -> Result<(OwnedFd, PathBuf, OsString), String> {
+    let Some((parent, name)) = path.split_last() else {
+        return Err("cannot keep the volume root".to_owned());
+    };
+    std::fs::create_dir_all(set).map_err(|e| format!("{}: {e}", set.display()))?;
+    let mut dir = sys::open_dir_path(set).map_err(|e| format!("{}: {e}", set.display()))?;
+    let mut used_path = PathBuf::new();
+    for (i, component) in parent.components().enumerate() {
+        let component = in_set(i, component);
+        let (sub, used) = enter_or_make(dir.as_fd(), &component)
+            .map_err(|e| format!("{}: {e}", set.join(&used_path).join(&component).display()))?;
+        dir = sub;
+        used_path.push(used);
+    }
+    Ok((dir, used_path, in_set(parent.components().count(), name)))
+}
+
 /// The name in a set of the component at `depth` of a kept path: the set's own
 /// `MANIFEST.json` is not the volume's, so at the top `MANIFEST.json`,
 /// `MANIFEST.json.kept`, ... each get one more `.kept` (distinct names stay distinct).

@@ -451,17 +451,7 @@ impl Session {
 
     /// Whether a rename waiting in the queue moves `path` or a directory above it.
     fn moved_away(&self, path: &RelPath) -> bool {
-        if self.renaming.is_empty() {
-            return false;
-        }
-        let mut at = Some(path.clone());
-        while let Some(here) = at {
-            if self.renaming.contains_key(&here) {
-                return true;
-            }
-            at = here.split_last().map(|(parent, _)| parent);
-        }
-        false
+        !self.renaming.is_empty() && at_or_above(path, |p| self.renaming.contains_key(p))
     }
 
     /// Active: the paths whose last ship did not carry what a later op moves or
@@ -1048,17 +1038,7 @@ impl Session {
 
     /// Whether `path` or a directory above it went unsent (see [`Session::shipped`]).
     fn unsent_covers(&self, path: &RelPath) -> bool {
-        if self.unsent.is_empty() {
-            return false;
-        }
-        let mut at = Some(path.clone());
-        while let Some(here) = at {
-            if self.unsent.contains(&here) {
-                return true;
-            }
-            at = here.split_last().map(|(parent, _)| parent);
-        }
-        false
+        !self.unsent.is_empty() && at_or_above(path, |p| self.unsent.contains(p))
     }
 
     /// Sends a rename. If a ship of its source did not carry what the rename moves
@@ -1617,6 +1597,18 @@ impl Session {
     pub fn priority(&self, path: &RelPath) -> Priority {
         self.config.policies.resolve(path.as_path()).priority
     }
+}
+
+/// Whether `hit` holds for `path` or a directory above it.
+fn at_or_above(path: &RelPath, hit: impl Fn(&RelPath) -> bool) -> bool {
+    let mut at = Some(path.clone());
+    while let Some(here) = at {
+        if hit(&here) {
+            return true;
+        }
+        at = here.split_last().map(|(parent, _)| parent);
+    }
+    false
 }
 
 /// The paths of `set` that are `path` or below it.
