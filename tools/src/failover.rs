@@ -115,20 +115,27 @@ pub fn unfit(record: Option<&SyncRecord>, epoch: u64) -> Option<String> {
     Some(why)
 }
 
-/// Why this node may not take over `v` now (from its sync record), if it may not.
-fn unfit_now(v: &Viewed) -> Option<String> {
+/// Why this node is not a candidate of an automatic failover of `v` now, if it is
+/// not: unfit by its sync record, or the active until `twinfs demote` without a full
+/// sync since (fit for `twinfs promote`, as it has every change it made, but an
+/// automatic failover would hand it back the role it was asked to give up).
+fn not_candidate(v: &Viewed) -> Option<String> {
     match SyncRecord::load(&v.sync_file) {
-        Ok(record) => unfit(record.as_ref(), v.roles.get().epoch),
+        Ok(record) => not_candidate_by(record.as_ref(), v.roles.get().epoch),
         Err(e) => Some(format!("cannot read the sync record: {e}")),
     }
 }
 
-/// Whether `v`'s node was the active until `twinfs demote` and has not synced with
-/// an active since: fit for `twinfs promote` (it has every change it made), but not
-/// a candidate of an automatic failover, which would hand it back the role it was
-/// asked to give up.
-fn demoted_by_hand(v: &Viewed) -> bool {
-    matches!(SyncRecord::load(&v.sync_file), Ok(Some(r)) if r.demoted.as_deref() == Some("manual"))
+/// [`not_candidate`] of a node holding `epoch` with sync record `record`.
+fn not_candidate_by(record: Option<&SyncRecord>, epoch: u64) -> Option<String> {
+    unfit(record, epoch).or_else(|| {
+        record
+            .is_some_and(|r| r.demoted.as_deref() == Some("manual"))
+            .then(|| {
+                "this node gave up the active role with `twinfs demote` (`twinfs promote` takes it back)"
+                    .to_owned()
+            })
+    })
 }
 
 /// How this node sees `v` now.
@@ -139,7 +146,7 @@ pub fn view(v: &Viewed, board: &Board) -> VolumeView {
         volume: v.name.clone(),
         role: state.role,
         epoch: state.epoch,
-        fit: standby && unfit_now(v).is_none() && !demoted_by_hand(v),
+        fit: standby && not_candidate(v).is_none(),
         hears_active: standby && hears_active(board, &v.name, v.peer_timeout),
     }
 }
@@ -350,7 +357,7 @@ pub async fn watch<F, Fut>(
             });
             continue;
         }
-        if let Some(why) = unfit_now(&v) {
+        if let Some(why) = not_candidate(&v) {
             say(format!("the active is silent; not taking over: {why}"));
             continue;
         }
@@ -559,6 +566,14 @@ mod tests {
             ..SyncRecord::default()
         };
         assert_eq!(unfit(Some(&demoted("manual")), 4), None);
+        // Fit for `twinfs promote`, not a candidate of an automatic failover.
+        let passed_over = not_candidate_by(Some(&demoted("manual")), 4);
+        assert!(
+            passed_over
+                .as_deref()
+                .is_some_and(|w| w.contains("twinfs demote")),
+            "{passed_over:?}"
+        );
         // Another node became the active since: not before a full sync with it.
         let stale = unfit(Some(&demoted("manual")), 5);
         assert!(
@@ -578,6 +593,7 @@ mod tests {
         .expect("parse");
         assert_eq!(old.demoted, None);
         assert_eq!(unfit(Some(&old), 2), None);
+        assert_eq!(not_candidate_by(Some(&old), 2), None);
     }
 
     #[tokio::test]
