@@ -79,6 +79,12 @@ pub struct Change {
     pub path: PathBuf,
     /// What happened.
     pub kind: ChangeKind,
+    /// The backing file (device, inode) the change was made to, when it was made to
+    /// one file through the mount (a write, a create, an attribute): whoever reads
+    /// `path` later and finds another file there knows that what it reads is not what
+    /// this record is about (it was renamed or removed, and something took its name).
+    /// `None` for a removal, a rename, or a change recorded behind the mount.
+    pub file: Option<crate::inode::Key>,
 }
 
 /// Receives the volume's change records. Called on the FUSE request path after the

@@ -470,7 +470,7 @@ impl Volume {
     /// Records a change made to the volume's directory behind the mount (the active
     /// applying a standby's upstream write), so that it is shipped like a local one.
     pub fn note_change(&self, change: Change) {
-        self.emit(change.path, change.kind);
+        self.emit(change.path, change.kind, change.file);
     }
 
     /// Whether local writes are allowed and the role is active, for a change made
@@ -608,22 +608,25 @@ impl Volume {
     }
 
     fn record(&self, ino: u64, kind: ChangeKind) {
-        let path = self.read_table().path(ino);
+        let (path, file) = {
+            let table = self.read_table();
+            (table.path(ino), table.get(ino).map(|n| n.key))
+        };
         if let Some(path) = path {
-            self.emit(path, kind);
+            self.emit(path, kind, file);
         }
     }
 
     fn record_entry(&self, parent: u64, name: &OsStr, kind: ChangeKind) {
         let path = self.read_table().path(parent);
         if let Some(path) = path {
-            self.emit(path.join(name), kind);
+            self.emit(path.join(name), kind, None);
         }
     }
 
-    fn emit(&self, path: PathBuf, kind: ChangeKind) {
+    fn emit(&self, path: PathBuf, kind: ChangeKind, file: Option<Key>) {
         tracing::trace!(path = %path.display(), kind = kind.name(), "change");
-        self.sink.record(Change { path, kind });
+        self.sink.record(Change { path, kind, file });
     }
 
     /// The relative path of an inode, if it still has a name.

@@ -2008,7 +2008,7 @@ async fn ship_upstream(
             let v = volume.clone();
             let read = tokio::task::spawn_blocking(move || {
                 let small = is_small(&v, &path);
-                read_op(&v, path, true, None, true, false, false, small).map(|(op, _, _)| op)
+                read_op(&v, path, true, None, true, false, None, false, small).map(|(op, _, _)| op)
             })
             .await;
             match read {
@@ -2195,6 +2195,7 @@ fn take_upstream_recorded(volume: &VolumeLink, op: &Op, base: Option<u128>) -> R
     volume.volume.note_change(Change {
         path: path.as_path().to_owned(),
         kind,
+        file: None,
     });
     Ok(())
 }
@@ -2474,6 +2475,7 @@ fn read_ship(volume: &VolumeLink, ship: Ship, can_stream: bool, small: bool) -> 
         ship.standby_hash.map(|h| *h),
         ship.delete_if_missing,
         ship.link,
+        ship.file.map(|f| *f),
         can_stream,
         small,
     );
@@ -2785,9 +2787,25 @@ fn read_op(
     standby_hash: Option<u128>,
     delete_if_missing: bool,
     link: bool,
+    recorded: Option<twinfs_fs::inode::Key>,
     can_stream: bool,
     small: bool,
 ) -> Result<(Op, bool, Option<Streamed>), manifest::ManifestError> {
+    // Another file at the path than the one its record was about: that one was renamed
+    // or removed, and something took its name since (log rotation: `mv log log.1`, a
+    // new `log`). What is there now is not sent as it: the standby would give it the
+    // old file's later name. It counts as gone; the op saying what became of the old
+    // file follows, and the new file's own record ships it.
+    let other = |st: &twinfs_fs::sys::Stat| recorded.is_some_and(|f| f != (st.st_dev, st.st_ino));
+    let gone = |path| Ok((Op::Skip { path }, true, None));
+    // (Checked first too, so that a new file being written there is not taken for
+    // this one, held back.)
+    let at = path.as_path().as_os_str();
+    if recorded.is_some()
+        && twinfs_fs::sys::statat(volume.root.as_fd(), at).is_ok_and(|st| other(&st))
+    {
+        return gone(path);
+    }
     let writers_allowed = volume.volume.role() == Role::Active;
     if writers_allowed && volume.volume.being_written(path.as_path()) {
         // Half written, maybe: its writer's close is recorded and ships it whole.
@@ -2835,6 +2853,9 @@ fn read_op(
             (Op::Skip { path }, true, None)
         });
     };
+    if recorded.is_some() && other(&stat_of(fd.as_fd(), &path)?) {
+        return gone(path);
+    }
     let policies = &volume.policies;
     meta.set_link(manifest::link_identity(
         volume.root.as_fd(),
@@ -2882,6 +2903,9 @@ fn read_op(
             })
         }
     };
+    if recorded.is_some() && other(&stat_of(file.as_fd(), &path)?) {
+        return gone(path);
+    }
     if can_stream && meta.size > INLINE_MAX {
         // The standby checks the streamed bytes against the hash: a file that changes
         // while it streams is refused there, never put in place half old, half new.
@@ -2926,6 +2950,17 @@ fn read_op(
         false,
         None,
     ))
+}
+
+fn stat_of(
+    fd: std::os::fd::BorrowedFd<'_>,
+    path: &RelPath,
+) -> Result<twinfs_fs::sys::Stat, manifest::ManifestError> {
+    twinfs_fs::sys::fstat(fd).map_err(|source| manifest::ManifestError::Io {
+        path: path.clone(),
+        op: "stat",
+        source,
+    })
 }
 
 /// Active: sends a large file as a block delta. Waits for the standby's block list

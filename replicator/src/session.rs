@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use twinfs_fs::inode::Key;
 use twinfs_fs::{ChangeKind, Role};
 
 use crate::capture::Record;
@@ -92,7 +93,7 @@ pub enum Output {
 /// undo a rename it is part of). Then call [`Session::shipped`] with what it found.
 ///
 /// A full sync queues one per differing path (100,000s at once), so it is kept
-/// small: 48 bytes.
+/// small: 56 bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ship {
     /// The op's sequence number.
@@ -114,6 +115,13 @@ pub struct Ship {
     ///
     /// [`Transfer::link`]: crate::manifest::Transfer::link
     pub link: bool,
+    /// The file the change record was about ([`Change::file`]): another file found at
+    /// `path` means that one was renamed or removed and something took its name; what
+    /// is there is not sent as it, but as gone (the op saying what became of it
+    /// follows). Boxed, like `standby_hash`: a full sync's ships have none.
+    ///
+    /// [`Change::file`]: twinfs_fs::Change::file
+    pub file: Option<Box<Key>>,
 }
 
 /// What the driver found when it read a [`Ship`], for [`Session::shipped`].
@@ -175,6 +183,7 @@ enum Pending {
         path: RelPath,
         content: bool,
         delete_if_missing: bool,
+        file: Option<Key>,
     },
     Send(Op),
 }
@@ -907,6 +916,7 @@ impl Session {
                 standby_hash: transfer.standby_hash,
                 delete_if_missing: false,
                 link: transfer.link,
+                file: None,
             }));
             ops += 1;
         }
@@ -920,6 +930,7 @@ impl Session {
                     standby_hash: None,
                     delete_if_missing: false,
                     link: false,
+                    file: None,
                 }));
                 ops += 1;
             }
@@ -989,6 +1000,7 @@ impl Session {
                     path,
                     content,
                     delete_if_missing,
+                    file,
                 } => {
                     self.queued_ships.remove(&path);
                     let seq = self.take_seq(now);
@@ -999,6 +1011,7 @@ impl Session {
                         standby_hash: None,
                         delete_if_missing,
                         link: false,
+                        file: file.map(Box::new),
                     }));
                 }
                 Pending::Send(Op::Rename {
@@ -1019,6 +1032,7 @@ impl Session {
                         standby_hash: None,
                         delete_if_missing: false,
                         link: false,
+                        file: None,
                     }));
                 }
                 Pending::Send(op) => {
@@ -1094,25 +1108,37 @@ impl Session {
                 standby_hash: None,
                 delete_if_missing: false,
                 link: false,
+                file: None,
             }));
         }
     }
 
     fn enqueue(&mut self, pending: Pending, now: Instant) {
-        if let Pending::Ship { path, content, .. } = &pending {
+        if let Pending::Ship {
+            path,
+            content,
+            file,
+            ..
+        } = &pending
+        {
             // A ship of the same path already waiting, with no rename or delete queued
-            // after it, will read the file when it goes: one is enough.
+            // after it, will read the file when it goes: one is enough. It reads for the
+            // later record's file.
             if self.queued_ships.contains(path) && self.queued_ops == 0 {
-                if *content {
+                if *content || file.is_some() {
                     for p in self.queue.iter_mut() {
                         if let Pending::Ship {
                             path: q,
                             content: c,
+                            file: f,
                             ..
                         } = p
                         {
                             if q == path {
-                                *c = true;
+                                *c |= *content;
+                                if file.is_some() {
+                                    *f = *file;
+                                }
                             }
                         }
                     }
@@ -1184,6 +1210,7 @@ impl Session {
                     path,
                     content: true,
                     delete_if_missing: true,
+                    file: None,
                 },
                 now,
             );
@@ -1226,7 +1253,7 @@ impl Session {
             SyncMode::Interval(every) => {
                 self.dirty.entry(path).or_insert(now + every);
             }
-            SyncMode::Always => self.always(path, &record.change.kind, now),
+            SyncMode::Always => self.always(path, &record.change.kind, record.change.file, now),
         }
     }
 
@@ -1274,7 +1301,7 @@ impl Session {
         }
     }
 
-    fn always(&mut self, path: RelPath, kind: &ChangeKind, now: Instant) {
+    fn always(&mut self, path: RelPath, kind: &ChangeKind, file: Option<Key>, now: Instant) {
         let pending = match kind {
             // A hard link ships as a link when its existing name ships as changes come:
             // the standby's copy of it then has the content the new name must show.
@@ -1290,6 +1317,7 @@ impl Session {
                     path,
                     content: true,
                     delete_if_missing: false,
+                    file,
                 },
             },
             ChangeKind::Unlink | ChangeKind::Rmdir => Pending::Send(Op::Delete { path }),
@@ -1301,18 +1329,21 @@ impl Session {
                 // administrator repairs a standby's copy.
                 content: a.size || a.times,
                 delete_if_missing: false,
+                file,
             },
             ChangeKind::Xattr | ChangeKind::Mkdir | ChangeKind::Mknod | ChangeKind::Symlink => {
                 Pending::Ship {
                     path,
                     content: false,
                     delete_if_missing: false,
+                    file,
                 }
             }
             ChangeKind::Write | ChangeKind::Create => Pending::Ship {
                 path,
                 content: true,
                 delete_if_missing: false,
+                file,
             },
         };
         let namespace = matches!(
@@ -1341,6 +1372,7 @@ impl Session {
                     path: dir,
                     content: false,
                     delete_if_missing: false,
+                    file: None,
                 },
                 now,
             );

@@ -310,6 +310,7 @@ impl World {
                     standby_hash,
                     delete_if_missing,
                     link: _,
+                    file: _,
                 }) => {
                     let (op, found) = match self.active_tree.get(&path) {
                         Some((meta, data)) => {
@@ -634,6 +635,7 @@ impl World {
             change: Change {
                 path: PathBuf::from(path.as_path()),
                 kind,
+                file: None,
             },
             policy: self.policies.resolve(path.as_path()),
         };

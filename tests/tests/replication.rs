@@ -1713,3 +1713,35 @@ fn sync_durability_an_atomic_write_is_on_the_standby_when_its_rename_returns() {
     let peer = c.nodes[0].volume_status()["peers"][0].clone();
     assert_eq!(peer["out_of_sync"], false, "a write timed out: {peer}");
 }
+
+/// Log rotation right after a write (`echo >> log; mv log log.1; echo > log`): the
+/// active may read `log` for the write's ship after the rename and the new file's
+/// create, and find the new file there. What it read is not what the rename moves:
+/// `log.1` on the standby must get the rotated content, not the new file's.
+#[test]
+fn a_file_rotated_right_after_its_write_arrives_with_its_own_content() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().to_path_buf();
+    fs::create_dir(a.join("logs")).expect("mkdir");
+    for i in 0..300 {
+        let log = a.join(format!("logs/l{i}"));
+        fs::write(&log, format!("rotated {i}\n").repeat(20)).expect("write");
+        fs::rename(&log, a.join(format!("logs/l{i}.1"))).expect("rotate");
+        fs::write(&log, format!("new {i}\n")).expect("write new");
+    }
+    c.wait_converged(CONVERGE);
+    assert_eq!(
+        fs::read_to_string(c.nodes[1].volume.join("logs/l7.1")).expect("read"),
+        "rotated 7\n".repeat(20)
+    );
+    let (rejected, paths) = refusals_on_the_standby(&c);
+    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
+    let scans = c.nodes[0]
+        .log_text()
+        .matches("twinfs_replicator::node: scanned")
+        .count();
+    assert_eq!(scans, 1, "the active compared manifests again");
+}
