@@ -253,6 +253,9 @@ pub struct Session {
     /// by [`Session::shipped`]. A rename waits in the queue until there are none, so
     /// it goes out knowing whether its source went out as gone.
     ships_unread: u64,
+    /// Active: deletions sent while ships were unread, with their sequence numbers: a
+    /// ship before one that finds its path gone needs no op after it to say so.
+    deleted_unread: Vec<(u64, RelPath)>,
     /// Active: paths whose last ship did not carry what was there before the changes
     /// queued behind it: it found them gone, or a rename queued behind had moved them
     /// away already (what it read is what took the name since). The standby may lack
@@ -322,6 +325,7 @@ impl Session {
             once_changed: BTreeSet::new(),
             resync_wanted: false,
             ships_unread: 0,
+            deleted_unread: Vec::new(),
             unsent: BTreeSet::new(),
             renaming: Default::default(),
             expected: 1,
@@ -435,9 +439,16 @@ impl Session {
                 // before this read, which found whatever took the name since.
                 self.moved_away(path)
             }
-            Shipped::Gone => true,
+            // Unless a deletion sent after it already told the standby.
+            Shipped::Gone => !at_or_above(path, |p| {
+                self.deleted_unread
+                    .iter()
+                    .any(|(deleted, d)| *deleted > seq && d == p)
+            }),
             Shipped::Held => false,
         };
+        // Ships are reported in order: no later one comes before these deletions.
+        self.deleted_unread.retain(|(deleted, _)| *deleted > seq);
         match (gone, outcome) {
             (false, Shipped::Sent { .. }) => {
                 self.unsent.remove(path);
@@ -1037,13 +1048,17 @@ impl Session {
                 }
                 Pending::Send(op) => {
                     self.queued_ops -= 1;
+                    let seq = self.take_seq(now);
                     if let Op::Delete { path } = &op {
-                        // Whatever went unsent there is gone on the standby now.
+                        // Whatever went unsent there is gone on the standby now, and so
+                        // is whatever a ship still being read finds gone there.
                         for p in unsent_at_or_below(&self.unsent, path) {
                             self.unsent.remove(&p);
                         }
+                        if self.ships_unread > 0 {
+                            self.deleted_unread.push((seq, path.clone()));
+                        }
                     }
-                    let seq = self.take_seq(now);
                     self.send(Message::Op { seq, op }, now);
                 }
             }

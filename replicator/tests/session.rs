@@ -1613,6 +1613,22 @@ fn a_changed_file_renamed_before_it_is_read_moves_and_then_gets_its_content() {
     assert!(!w.standby_tree.contains_key(&rel("a")));
 }
 
+/// A file written and removed before the active reads it (a lock file, a temp file
+/// removed on error): its ship finds it gone. The deletion behind it says what became
+/// of it, so the active must not keep it among the paths whose fate the standby has
+/// not been told (they would pile up until a full sync).
+#[test]
+fn a_file_removed_before_it_is_read_is_not_kept_as_unsent() {
+    converges_by_the_stream_alone(41, |w| {
+        for i in 0..10 {
+            let path = format!("d/lock{i}");
+            w.write(&path, b"pid", 70, ChangeKind::Create);
+            w.active_tree.remove(&rel(&path));
+            w.report(&rel(&path), ChangeKind::Unlink);
+        }
+    });
+}
+
 #[test]
 fn an_exchange_with_a_side_never_sent_swaps_what_the_standby_has() {
     let w = converges_by_the_stream_alone(37, |w| {
