@@ -258,11 +258,17 @@ pub struct Session {
     deleted_unread: Vec<(u64, RelPath)>,
     /// Active: paths whose last ship did not carry what was there before the changes
     /// queued behind it: it found them gone, or a rename queued behind had moved them
-    /// away already (what it read is what took the name since). The standby may lack
-    /// them or hold another version; the op saying what became of them (a deletion, a
-    /// rename of them or of a directory above them) is queued behind. A rename of one
-    /// goes out `unsent`, followed by ships of the new names.
+    /// away already (what it read is what took the name since), or it held them back
+    /// (being written: the writer's close ships them). The standby may lack them or
+    /// hold another version; the op saying what became of them (a deletion, a rename
+    /// of them or of a directory above them, their writer's close) is queued behind. A
+    /// rename of one goes out `unsent`, followed by ships of the new names.
     unsent: BTreeSet<RelPath>,
+    /// Active: the paths of `unsent` whose last ship was held back (being written, or
+    /// changed while it was read): the standby may hold an older version of them, which
+    /// a hard link to them can take (the writer's close ships the new one to every
+    /// name), or nothing.
+    held: BTreeSet<RelPath>,
     /// Active: the names that renames waiting in the queue move away (the source, and
     /// the target of an exchange), each with how many.
     renaming: std::collections::HashMap<RelPath, u32>,
@@ -327,6 +333,7 @@ impl Session {
             ships_unread: 0,
             deleted_unread: Vec::new(),
             unsent: BTreeSet::new(),
+            held: BTreeSet::new(),
             renaming: Default::default(),
             expected: 1,
             applied_upto: 0,
@@ -424,8 +431,8 @@ impl Session {
 
     /// Active: the driver read the path of ship `seq` and sent its op; `outcome` says
     /// what it found. Content bytes count as pending until the standby acks them. A
-    /// path found gone, or read after a rename queued behind had moved it away, is
-    /// remembered until the op that says what became of it (see
+    /// path found gone, held back, or read after a rename queued behind had moved it
+    /// away, is remembered until the op that says what became of it (see
     /// [`Session::vanished_paths`]); one sent as it is, forgotten. Every ship must be
     /// reported, in order: a rename waits for the ships before it.
     pub fn shipped(&mut self, seq: u64, path: &RelPath, outcome: Shipped, now: Instant) {
@@ -445,8 +452,18 @@ impl Session {
                     .iter()
                     .any(|(deleted, d)| *deleted > seq && d == p)
             }),
-            Shipped::Held => false,
+            // Held back until its writer's close ships it: the standby may lack it, or
+            // hold an older version, until then. A rename must not take it for there.
+            Shipped::Held => true,
         };
+        if outcome == Shipped::Held {
+            if self.held.len() >= self.config.max_queue {
+                self.held.clear();
+            }
+            self.held.insert(path.clone());
+        } else {
+            self.held.remove(path);
+        }
         // Ships are reported in order: no later one comes before these deletions.
         self.deleted_unread.retain(|(deleted, _)| *deleted > seq);
         match (gone, outcome) {
@@ -458,6 +475,7 @@ impl Session {
                 if self.unsent.len() >= self.config.max_queue {
                     // Too many to follow one by one: a manifest comparison sorts it out.
                     self.unsent.clear();
+                    self.held.clear();
                     self.resync_wanted = true;
                 } else {
                     self.unsent.insert(path.clone());
@@ -719,6 +737,7 @@ impl Session {
         self.dirty.clear();
         self.once_changed.clear();
         self.unsent.clear();
+        self.held.clear();
         self.resync_wanted = false;
         self.sync_id += 1;
         self.progress_at = now;
@@ -1031,9 +1050,13 @@ impl Session {
                     self.queued_ops -= 1;
                     self.send_rename(from, to, exchange, now);
                 }
-                Pending::Send(Op::Link { path, existing }) if self.unsent_covers(&existing) => {
+                Pending::Send(Op::Link { path, existing })
+                    if self.unsent_covers(&existing) && !self.held.contains(&existing) =>
+                {
                     // Its existing name never reached the standby as it is (found gone:
-                    // `ln tmp/x new/x; rm tmp/x`): the new name goes as a copy.
+                    // `ln tmp/x new/x; rm tmp/x`): the new name goes as a copy. (One
+                    // held back is linked to: the close of its writer ships the new
+                    // content to every name there. A standby that lacks it refuses.)
                     self.queued_ops -= 1;
                     let seq = self.take_seq(now);
                     self.queue(Output::Ship(Ship {
@@ -1054,6 +1077,7 @@ impl Session {
                         // is whatever a ship still being read finds gone there.
                         for p in unsent_at_or_below(&self.unsent, path) {
                             self.unsent.remove(&p);
+                            self.held.remove(&p);
                         }
                         if self.ships_unread > 0 {
                             self.deleted_unread.push((seq, path.clone()));
@@ -1100,6 +1124,7 @@ impl Session {
         // Without an exchange, what was at `to` is replaced, there as here.
         for p in below_from.iter().chain(&below_to) {
             self.unsent.remove(p);
+            self.held.remove(p);
         }
         let mut renamed: BTreeSet<RelPath> = below_from
             .iter()

@@ -1745,3 +1745,39 @@ fn a_file_rotated_right_after_its_write_arrives_with_its_own_content() {
         .count();
     assert_eq!(scans, 1, "the active compared manifests again");
 }
+
+/// A file renamed while its writer still has it open (a download moved into place
+/// before it is closed, a log renamed under its daemon): the active cannot ship the
+/// file before its close, so the standby lacks it when the rename comes. The file must
+/// still arrive under its new name, without a refusal.
+#[test]
+fn a_file_renamed_while_still_being_written_arrives_without_a_refusal() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().to_path_buf();
+    fs::create_dir(a.join("w")).expect("mkdir");
+    for i in 0..30 {
+        use std::io::Write as _;
+        let mut f = fs::File::create(a.join(format!("w/part{i}"))).expect("create");
+        f.write_all(format!("first {i}\n").as_bytes())
+            .expect("write");
+        fs::rename(a.join(format!("w/part{i}")), a.join(format!("w/done{i}"))).expect("rename");
+        f.write_all(b"more\n").expect("write");
+        drop(f);
+    }
+    c.wait_converged(CONVERGE);
+    let b = &c.nodes[1].volume;
+    assert_eq!(
+        fs::read_to_string(b.join("w/done7")).expect("read"),
+        "first 7\nmore\n"
+    );
+    let (rejected, paths) = refusals_on_the_standby(&c);
+    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
+    let scans = c.nodes[0]
+        .log_text()
+        .matches("twinfs_replicator::node: scanned")
+        .count();
+    assert_eq!(scans, 1, "the active compared manifests again");
+}
