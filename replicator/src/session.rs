@@ -437,6 +437,13 @@ impl Session {
     /// reported, in order: a rename waits for the ships before it.
     pub fn shipped(&mut self, seq: u64, path: &RelPath, outcome: Shipped, now: Instant) {
         self.ships_unread = self.ships_unread.saturating_sub(1);
+        // A deletion sent after it has told the standby what became of it.
+        let told = !self.deleted_unread.is_empty()
+            && at_or_above(path, |p| {
+                self.deleted_unread
+                    .iter()
+                    .any(|(deleted, d)| *deleted > seq && d == p)
+            });
         let gone = match outcome {
             Shipped::Sent { bytes } => {
                 if bytes > 0 && seq > self.stats.acked && seq >= self.full_sync_base {
@@ -446,17 +453,12 @@ impl Session {
                 // before this read, which found whatever took the name since.
                 self.moved_away(path)
             }
-            // Unless a deletion sent after it already told the standby.
-            Shipped::Gone => !at_or_above(path, |p| {
-                self.deleted_unread
-                    .iter()
-                    .any(|(deleted, d)| *deleted > seq && d == p)
-            }),
+            Shipped::Gone => !told,
             // Held back until its writer's close ships it: the standby may lack it, or
             // hold an older version, until then. A rename must not take it for there.
-            Shipped::Held => true,
+            Shipped::Held => !told,
         };
-        if outcome == Shipped::Held {
+        if outcome == Shipped::Held && !told {
             if self.held.len() >= self.config.max_queue {
                 self.held.clear();
             }
