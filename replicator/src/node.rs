@@ -259,6 +259,30 @@ impl Followings {
     fn is_newest(&self, following: u64) -> bool {
         self.newest.load(std::sync::atomic::Ordering::Acquire) == following
     }
+
+    /// How many sessions with an active have got past hello so far.
+    pub fn started(&self) -> u64 {
+        self.newest.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Saves `record` in `path` as this node's fitness (a demotion's), unless a session
+    /// with an active started after [`Followings::started`] gave `since`: it follows a
+    /// newer order, and what it records stands. Whether it was saved.
+    pub async fn record_unless_followed(
+        &self,
+        since: u64,
+        record: SyncRecord,
+        path: std::path::PathBuf,
+    ) -> std::io::Result<bool> {
+        let _recording = self.recording.lock().await;
+        if self.started() != since {
+            return Ok(false);
+        }
+        tokio::task::spawn_blocking(move || record.store(&path))
+            .await
+            .map_err(std::io::Error::other)??;
+        Ok(true)
+    }
 }
 
 /// What a standby knows of its fitness to take over, kept across restarts in the
@@ -4231,6 +4255,42 @@ mod tests {
             key: rustls::pki_types::PrivatePkcs8KeyDer::from(generated.signing_key.serialize_der())
                 .into(),
         })
+    }
+
+    /// A demotion's fitness record is not kept when a session with a (new) active
+    /// started after the demotion began: that session's record is the newer one.
+    #[tokio::test]
+    async fn a_demotion_record_does_not_land_over_a_newer_sessions() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("sync.json");
+        let followings = Followings::default();
+        let demoted = SyncRecord {
+            synced: true,
+            epoch: 4,
+            demoted: Some("manual".into()),
+            ..SyncRecord::default()
+        };
+        let since = followings.started();
+        assert!(
+            followings
+                .record_unless_followed(since, demoted.clone(), path.clone())
+                .await?
+        );
+        assert_eq!(SyncRecord::load(&path)?, Some(demoted.clone()));
+        let newer = SyncRecord {
+            epoch: 5,
+            ..SyncRecord::default()
+        };
+        newer.store(&path)?;
+        let since = followings.started();
+        followings.start();
+        assert!(
+            !followings
+                .record_unless_followed(since, demoted, path.clone())
+                .await?
+        );
+        assert_eq!(SyncRecord::load(&path)?, Some(newer));
+        Ok(())
     }
 
     /// A connection between two endpoints on 127.0.0.1: (sender's, receiver's).

@@ -49,6 +49,9 @@ struct VolumeRuntime {
     commands: tokio::sync::broadcast::Sender<node::Command>,
     /// Where `promote` reaches the session with the active (shared with the link).
     handover: node::HandoverSlot,
+    /// The volume's sessions with an active, which record its fitness (shared with
+    /// the link): a demotion's record must not land after theirs.
+    followings: Arc<node::Followings>,
     changes: tokio::sync::broadcast::Sender<node::Numbered>,
     gate: Arc<node::SyncGate>,
     /// What the automatic failover last found (standby, `failover = "auto"`).
@@ -273,6 +276,7 @@ fn mount_volume(
         last_hook,
         commands: tokio::sync::broadcast::channel(16).0,
         handover: Default::default(),
+        followings: Arc::default(),
         changes,
         gate,
         failover_note: Arc::default(),
@@ -473,7 +477,7 @@ fn start_replication(
             handed_over: Default::default(),
             blocks: Default::default(),
             journal,
-            followings: Default::default(),
+            followings: v.followings.clone(),
         });
     }
     let peers = peers(config);
@@ -903,6 +907,9 @@ impl Daemon {
             let (acked, behind) = self.wait_for_standbys(name, left).await;
             let roles = v.roles.clone();
             let epoch = now.epoch;
+            // Sessions with an active that start from here on follow a newer order:
+            // what they record of this node's fitness stands over the demotion's.
+            let followed = v.followings.started();
             tokio::task::spawn_blocking(move || roles.demote(epoch, reason))
                 .await
                 .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
@@ -917,9 +924,16 @@ impl Daemon {
                 ..SyncRecord::default()
             };
             let path = sync_file(&self.config, name);
-            let stored = tokio::task::spawn_blocking(move || record.store(&path)).await;
-            if !matches!(stored, Ok(Ok(()))) {
-                tracing::error!(volume = %name, "cannot record the demotion in the sync record; promotion will see an older one");
+            match v
+                .followings
+                .record_unless_followed(followed, record, path)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => tracing::info!(volume = %name,
+                    "a session with a new active recorded this node's fitness first; the demotion's record is not kept"),
+                Err(e) => tracing::error!(volume = %name, error = %e,
+                    "cannot record the demotion in the sync record; promotion will see an older one"),
             }
             let mut line = format!("volume {name}: active -> standby (epoch {epoch})");
             if !acked.is_empty() {
