@@ -83,7 +83,8 @@ pub struct Change {
     /// one file through the mount (a write, a create, an attribute): whoever reads
     /// `path` later and finds another file there knows that what it reads is not what
     /// this record is about (it was renamed or removed, and something took its name).
-    /// `None` for a removal, a rename, or a change recorded behind the mount.
+    /// `None` for a removal, a rename, a hard link, or a change recorded behind the
+    /// mount.
     pub file: Option<crate::inode::Key>,
 }
 

@@ -459,9 +459,7 @@ impl Session {
             Shipped::Held => !told,
         };
         if outcome == Shipped::Held && !told {
-            if self.held.len() >= self.config.max_queue {
-                self.held.clear();
-            }
+            // (Within `unsent`, which is bounded.)
             self.held.insert(path.clone());
         } else {
             self.held.remove(path);
@@ -1052,13 +1050,9 @@ impl Session {
                     self.queued_ops -= 1;
                     self.send_rename(from, to, exchange, now);
                 }
-                Pending::Send(Op::Link { path, existing })
-                    if self.unsent_covers(&existing) && !self.held.contains(&existing) =>
-                {
+                Pending::Send(Op::Link { path, existing }) if self.link_as_copy(&existing) => {
                     // Its existing name never reached the standby as it is (found gone:
-                    // `ln tmp/x new/x; rm tmp/x`): the new name goes as a copy. (One
-                    // held back is linked to: the close of its writer ships the new
-                    // content to every name there. A standby that lacks it refuses.)
+                    // `ln tmp/x new/x; rm tmp/x`): the new name goes as a copy.
                     self.queued_ops -= 1;
                     let seq = self.take_seq(now);
                     self.queue(Output::Ship(Ship {
@@ -1089,6 +1083,21 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Whether a hard link to `existing` must go as a copy: it never reached the
+    /// standby as it is (found gone, or a directory above it was). One only held back
+    /// is linked to: the standby's older version takes the link, and the close of its
+    /// writer ships the new content to every name there. (A standby that has no
+    /// version of it refuses the link.)
+    fn link_as_copy(&self, existing: &RelPath) -> bool {
+        if !self.unsent_covers(existing) {
+            return false;
+        }
+        !self.held.contains(existing)
+            || existing
+                .split_last()
+                .is_some_and(|(dir, _)| self.unsent_covers(&dir))
     }
 
     /// Whether `path` or a directory above it went unsent (see [`Session::shipped`]).
@@ -1165,8 +1174,16 @@ impl Session {
         {
             // A ship of the same path already waiting, with no rename or delete queued
             // after it, will read the file when it goes: one is enough. It reads for the
-            // later record's file.
-            if self.queued_ships.contains(path) && self.queued_ops == 0 {
+            // later record's file. (Not one for another file: records made side by side
+            // can come out of order, and the later file's ship must not be lost.)
+            let other_file = |q: &Pending| {
+                matches!(q, Pending::Ship { path: qp, file: Some(f), .. }
+                    if qp == path && file.is_some_and(|n| n != *f))
+            };
+            if self.queued_ships.contains(path)
+                && self.queued_ops == 0
+                && !self.queue.iter().any(other_file)
+            {
                 if *content || file.is_some() {
                     for p in self.queue.iter_mut() {
                         if let Pending::Ship {

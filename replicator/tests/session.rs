@@ -224,6 +224,8 @@ struct World {
     in_sync_seen: bool,
     /// The standby's acks are lost on the way (a standby that stalls).
     lose_acks: bool,
+    /// Each ship the active's session asked for: its path and the file it was for.
+    ships: Vec<(RelPath, Option<(u64, u64)>)>,
 }
 
 fn config(role: Role, policies: &PolicySet) -> SessionConfig {
@@ -258,6 +260,7 @@ impl World {
             connections: 1,
             in_sync_seen: false,
             lose_acks: false,
+            ships: Vec::new(),
         }
     }
 
@@ -310,8 +313,9 @@ impl World {
                     standby_hash,
                     delete_if_missing,
                     link: _,
-                    file: _,
+                    file,
                 }) => {
+                    self.ships.push((path.clone(), file.map(|f| *f)));
                     let (op, found) = match self.active_tree.get(&path) {
                         Some((meta, data)) => {
                             let content = (meta.kind == Kind::File
@@ -631,11 +635,16 @@ impl World {
     }
 
     fn report(&mut self, path: &RelPath, kind: ChangeKind) {
+        self.report_of(path, kind, None);
+    }
+
+    /// Reports a change made to the file `file` (device, inode).
+    fn report_of(&mut self, path: &RelPath, kind: ChangeKind, file: Option<(u64, u64)>) {
         let record = Record {
             change: Change {
                 path: PathBuf::from(path.as_path()),
                 kind,
-                file: None,
+                file,
             },
             policy: self.policies.resolve(path.as_path()),
         };
@@ -1627,6 +1636,33 @@ fn a_file_removed_before_it_is_read_is_not_kept_as_unsent() {
             w.report(&rel(&path), ChangeKind::Unlink);
         }
     });
+}
+
+/// Changes to one path are shipped once when they come back to back, but not when
+/// they were made to two different files: records made side by side can come out of
+/// order (a close of the old file after a rename and a new file took its name), and
+/// the new file's ship must not become one that looks for the old file.
+#[test]
+fn changes_to_two_files_at_one_path_are_not_shipped_as_one() {
+    let mut w = World::settled(43);
+    // The window full (nothing read yet), so that the changes below wait in the queue.
+    for i in 0..64 {
+        w.write(&format!("d/f{i}"), b"x", 80, ChangeKind::Write);
+    }
+    w.write("d/log", b"new log", 81, ChangeKind::Create);
+    let log = rel("d/log");
+    w.report_of(&log, ChangeKind::Write, Some((1, 10)));
+    w.report_of(&log, ChangeKind::Write, Some((1, 10)));
+    w.report_of(&log, ChangeKind::Write, Some((1, 11)));
+    w.report_of(&log, ChangeKind::Write, Some((1, 10)));
+    w.settle();
+    let files: Vec<_> = w
+        .ships
+        .iter()
+        .filter(|(p, _)| *p == log)
+        .map(|(_, f)| *f)
+        .collect();
+    assert_eq!(files, vec![Some((1, 10)), Some((1, 11)), Some((1, 10))]);
 }
 
 #[test]
