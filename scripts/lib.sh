@@ -16,6 +16,11 @@ install_packages() {
     command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
     command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    # Further needs of the caller, as COMMAND:PACKAGE.
+    local need
+    for need in "$@"; do
+        command -v "${need%%:*}" >/dev/null 2>&1 || missing+=("${need#*:}")
+    done
     if [ "${#missing[@]}" -gt 0 ]; then
         echo "== installing ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive

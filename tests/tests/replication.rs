@@ -1781,3 +1781,82 @@ fn a_file_renamed_while_still_being_written_arrives_without_a_refusal() {
         .count();
     assert_eq!(scans, 1, "the active compared manifests again");
 }
+
+/// An SQLite database kept open by its writer (xCAT keeps its tables in SQLite under
+/// `/etc/xcat`): each transaction writes the database in place and fsyncs it, beside
+/// a rollback journal that is created, fsync'd and deleted. The standby must get a
+/// whole, consistent database at each commit while the writer still has it open, and
+/// never keep a stale journal (SQLite would take it for a hot journal and roll back).
+#[test]
+fn an_sqlite_database_kept_open_by_its_writer_reaches_the_standby_whole() {
+    use std::io::{BufRead, BufReader, Write as _};
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().to_path_buf();
+    fs::create_dir(a.join("xcat")).expect("mkdir");
+    let db = a.join("xcat/nodelist.sqlite");
+    let mut writer = Command::new("sqlite3")
+        .arg(&db)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sqlite3 (Debian package sqlite3)");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stdin = writer.stdin.take().expect("stdin");
+    let mut stdout = BufReader::new(writer.stdout.take().expect("stdout"));
+    let writer = Kill(writer);
+    let mut ask = |sql: String| -> String {
+        writeln!(stdin, "{sql}").expect("write to sqlite3");
+        stdin.flush().expect("flush");
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read from sqlite3");
+        line.trim().to_owned()
+    };
+    ask("PRAGMA journal_mode=DELETE;".into());
+    let create = "CREATE TABLE nodelist(node TEXT PRIMARY KEY, grp TEXT, status TEXT);";
+    assert_eq!(ask(format!("{create} SELECT 'created';")), "created");
+    let on_the_standby = |c: &Cluster| -> String {
+        let b = c.nodes[1].volume.join("xcat/nodelist.sqlite");
+        let out = Command::new("sqlite3")
+            .arg("-readonly")
+            .arg(format!("file:{}?immutable=1", b.display()))
+            .arg("PRAGMA integrity_check; SELECT count(*), max(node) FROM nodelist;")
+            .output()
+            .expect("sqlite3 on the standby");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    for round in 1..=3 {
+        for i in 0..100 {
+            let n = (round - 1) * 100 + i;
+            ask(format!(
+                "INSERT INTO nodelist VALUES ('cn{n:04}', 'compute', 'booted'); SELECT 1;"
+            ));
+        }
+        ask("UPDATE nodelist SET status = 'installing' WHERE node < 'cn0010'; SELECT 1;".into());
+        // The writer keeps the database open; what it committed must be there.
+        c.wait_converged(CONVERGE);
+        let want = format!("ok\n{}|cn{:04}", round * 100, round * 100 - 1);
+        assert_eq!(on_the_standby(&c), want, "round {round}");
+        assert!(
+            !c.nodes[1]
+                .volume
+                .join("xcat/nodelist.sqlite-journal")
+                .exists(),
+            "a journal was left on the standby"
+        );
+    }
+    drop(stdin);
+    drop(writer);
+    c.wait_converged(CONVERGE);
+    assert_eq!(on_the_standby(&c), "ok\n300|cn0299");
+    let (rejected, paths) = refusals_on_the_standby(&c);
+    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
+}
