@@ -1860,3 +1860,70 @@ fn an_sqlite_database_kept_open_by_its_writer_reaches_the_standby_whole() {
     let (rejected, paths) = refusals_on_the_standby(&c);
     assert_eq!(rejected, 0, "the standby refused changes: {paths}");
 }
+
+/// etckeeper keeps a git repository in the directory it watches: git writes each
+/// object to a temp file and hard-links it into place (then removes the temp name),
+/// moves `index.lock` and ref locks over their targets, and `git gc` packs and prunes.
+/// The standby's copy must be a sound repository with the same history, reached by
+/// the stream alone.
+#[test]
+fn a_git_repository_worked_in_on_the_active_is_sound_on_the_standby() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().join("etc");
+    fs::create_dir(&a).expect("mkdir");
+    let git = |dir: &Path, args: &[&str]| -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "safe.directory=*",
+            ])
+            .args(args)
+            .output()
+            .expect("git (Debian package git)");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&a, &["init", "-q"]);
+    for round in 0..5 {
+        for i in 0..40 {
+            fs::write(
+                a.join(format!("conf{i}")),
+                format!("setting {i} = {round}\n"),
+            )
+            .expect("write");
+        }
+        git(&a, &["add", "-A"]);
+        git(&a, &["commit", "-q", "-m", &format!("round {round}")]);
+    }
+    git(&a, &["gc", "-q", "--prune=now"]);
+    fs::write(a.join("conf7"), "after gc\n").expect("write");
+    git(&a, &["commit", "-q", "-a", "-m", "after gc"]);
+    c.wait_converged(CONVERGE);
+    let b = c.nodes[1].volume.join("etc");
+    assert_eq!(
+        git(&b, &["rev-parse", "HEAD"]),
+        git(&a, &["rev-parse", "HEAD"])
+    );
+    git(&b, &["fsck", "--no-dangling", "--no-progress"]);
+    assert_eq!(git(&b, &["log", "--format=%s", "-1", "HEAD~1"]), "round 4");
+    let (rejected, paths) = refusals_on_the_standby(&c);
+    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
+    let scans = c.nodes[0]
+        .log_text()
+        .matches("twinfs_replicator::node: scanned")
+        .count();
+    assert_eq!(scans, 1, "the active compared manifests again");
+}
