@@ -79,13 +79,23 @@ pub struct Change {
     pub path: PathBuf,
     /// What happened.
     pub kind: ChangeKind,
-    /// The backing file (device, inode) the change was made to, when it was made to
-    /// one file through the mount (a write, a create, an attribute): whoever reads
-    /// `path` later and finds another file there knows that what it reads is not what
-    /// this record is about (it was renamed or removed, and something took its name).
-    /// `None` for a removal, a rename, a hard link, or a change recorded behind the
-    /// mount.
-    pub file: Option<crate::inode::Key>,
+    /// The file the change was made to, when it was made to one file through the
+    /// mount (a write, a create, an attribute): whoever reads `path` later and finds
+    /// another file there knows that what it reads is not what this record is about
+    /// (it was renamed or removed, and something took its name). `None` for a
+    /// removal, a rename, a hard link, or a change recorded behind the mount.
+    pub file: Option<FileId>,
+}
+
+/// The file a [`Change`] was made to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId {
+    /// Its backing (device, inode).
+    pub key: crate::inode::Key,
+    /// A regular file with more than one name when the change was recorded: the
+    /// change shows through its other names too, so if the record's name no longer
+    /// holds it when it is read, one of those carries the change.
+    pub linked: bool,
 }
 
 /// Receives the volume's change records. Called on the FUSE request path after the

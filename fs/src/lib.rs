@@ -21,7 +21,7 @@ pub mod volume;
 pub mod watchdog;
 pub mod written;
 
-pub use change::{AttrChange, Change, ChangeKind, ChangeSink, Discard};
+pub use change::{AttrChange, Change, ChangeKind, ChangeSink, Discard, FileId};
 pub use error::{Error, Result};
 pub use mount::{Invalidator, MountOptions, Mounted};
 pub use volume::{PatchGuard, Role, UpstreamFilter, Volume};

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
 
-use crate::change::{AttrChange, Change, ChangeKind, ChangeSink};
+use crate::change::{AttrChange, Change, ChangeKind, ChangeSink, FileId};
 use crate::error::{Error, Result};
 use crate::inode::{Key, Table, ROOT};
 use crate::sys::{self, At, Stat};
@@ -610,11 +610,24 @@ impl Volume {
     fn record(&self, ino: u64, kind: ChangeKind) {
         let (path, file) = {
             let table = self.read_table();
-            (table.path(ino), table.get(ino).map(|n| n.key))
+            let file = table.get(ino).map(|n| (n.key, n.kind, n.links.len()));
+            (table.path(ino), file)
         };
-        if let Some(path) = path {
-            self.emit(path, kind, file);
-        }
+        let Some(path) = path else {
+            return;
+        };
+        let file = file.map(|(key, kind, known)| FileId {
+            key,
+            // Names the kernel knows, else the backing file's link count.
+            linked: kind == libc::S_IFREG
+                && (known > 1
+                    || self
+                        .locate(ino)
+                        .ok()
+                        .and_then(|l| l.at().stat().ok())
+                        .is_some_and(|st| st.st_nlink > 1)),
+        });
+        self.emit(path, kind, file);
     }
 
     fn record_entry(&self, parent: u64, name: &OsStr, kind: ChangeKind) {
@@ -624,7 +637,7 @@ impl Volume {
         }
     }
 
-    fn emit(&self, path: PathBuf, kind: ChangeKind, file: Option<Key>) {
+    fn emit(&self, path: PathBuf, kind: ChangeKind, file: Option<FileId>) {
         tracing::trace!(path = %path.display(), kind = kind.name(), "change");
         self.sink.record(Change { path, kind, file });
     }

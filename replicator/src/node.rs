@@ -2646,7 +2646,8 @@ async fn send_ship(
             tag,
             seq,
             streamed,
-            shipped.clone(),
+            // (Another name than the ship's, for a linked file: see `another_name`.)
+            op.path().clone(),
             counters.clone(),
         ));
     }
@@ -2811,7 +2812,7 @@ fn read_op(
     standby_hash: Option<u128>,
     delete_if_missing: bool,
     link: bool,
-    recorded: Option<twinfs_fs::inode::Key>,
+    recorded: Option<twinfs_fs::FileId>,
     can_stream: bool,
     small: bool,
 ) -> Result<(Op, bool, Option<Streamed>), manifest::ManifestError> {
@@ -2820,8 +2821,14 @@ fn read_op(
     // new `log`). What is there now is not sent as it: the standby would give it the
     // old file's later name. It counts as gone; the op saying what became of the old
     // file follows, and the new file's own record ships it.
-    let other = |st: &twinfs_fs::sys::Stat| recorded.is_some_and(|f| f != (st.st_dev, st.st_ino));
-    let gone = |path| Ok((Op::Skip { path }, true, None));
+    let other =
+        |st: &twinfs_fs::sys::Stat| recorded.is_some_and(|f| f.key != (st.st_dev, st.st_ino));
+    let gone = |path: RelPath| -> Result<(Op, bool, Option<Streamed>), manifest::ManifestError> {
+        match recorded {
+            Some(f) if f.linked => another_name(volume, path, f, can_stream),
+            _ => Ok((Op::Skip { path }, true, None)),
+        }
+    };
     // (Checked first too, so that a new file being written there is not taken for
     // this one, held back.)
     let at = path.as_path().as_os_str();
@@ -2871,11 +2878,11 @@ fn read_op(
         described?
     };
     let Some((mut meta, fd, parent)) = described else {
-        return Ok(if delete_if_missing {
-            (Op::Delete { path }, false, None)
+        return if delete_if_missing {
+            Ok((Op::Delete { path }, false, None))
         } else {
-            (Op::Skip { path }, true, None)
-        });
+            gone(path)
+        };
     };
     if recorded.is_some() && other(&stat_of(fd.as_fd(), &path)?) {
         return gone(path);
@@ -2916,9 +2923,7 @@ fn read_op(
     let file = match twinfs_fs::sys::openat(parent.as_fd(), &name, libc::O_RDONLY, 0) {
         Ok(fd) => fd,
         // Gone between the stat and the open: a later op says what became of it.
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-            return Ok((Op::Skip { path }, true, None))
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return gone(path),
         Err(source) => {
             return Err(manifest::ManifestError::Io {
                 path,
@@ -2974,6 +2979,50 @@ fn read_op(
         false,
         None,
     ))
+}
+
+/// The ship of a change to a hard-linked file found its path gone, or holding another
+/// file: the change shows through the file's other names, and the standby's copies of
+/// them (linked to its copy of `path`, which the op behind removes or replaces) would
+/// keep the old version. One of those names that ships as changes come is shipped
+/// instead, read as it is now; `path` counts as gone all the same. Walks the volume,
+/// so only for a file that had other names when the change was recorded.
+fn another_name(
+    volume: &VolumeLink,
+    path: RelPath,
+    file: twinfs_fs::FileId,
+    can_stream: bool,
+) -> Result<(Op, bool, Option<Streamed>), manifest::ManifestError> {
+    let policies = &volume.policies;
+    let names = manifest::names_of(volume.root.as_fd(), file.key, 1, |p, kind| {
+        let sync = policies.resolve(p.as_path()).sync;
+        match kind {
+            Kind::Dir => sync != SyncMode::Never,
+            _ => sync == SyncMode::Always,
+        }
+    })?;
+    let Some(name) = names.into_iter().find(|n| *n != path) else {
+        return Ok((Op::Skip { path }, true, None));
+    };
+    tracing::debug!(volume = %volume.name, %path, %name,
+        "a changed linked file lost the name it was recorded under; shipping another name");
+    let only = twinfs_fs::FileId {
+        key: file.key,
+        linked: false,
+    };
+    let small = is_small(volume, &name);
+    let (op, _, streamed) = read_op(
+        volume,
+        name,
+        true,
+        None,
+        false,
+        false,
+        Some(only),
+        can_stream,
+        small,
+    )?;
+    Ok((op, true, streamed))
 }
 
 fn stat_of(

@@ -12,8 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use twinfs_fs::inode::Key;
-use twinfs_fs::{ChangeKind, Role};
+use twinfs_fs::{ChangeKind, FileId, Role};
 
 use crate::capture::Record;
 use crate::manifest::{self, Manifest};
@@ -121,7 +120,7 @@ pub struct Ship {
     /// follows). Boxed, like `standby_hash`: a full sync's ships have none.
     ///
     /// [`Change::file`]: twinfs_fs::Change::file
-    pub file: Option<Box<Key>>,
+    pub file: Option<Box<FileId>>,
 }
 
 /// What the driver found when it read a [`Ship`], for [`Session::shipped`].
@@ -183,7 +182,7 @@ enum Pending {
         path: RelPath,
         content: bool,
         delete_if_missing: bool,
-        file: Option<Key>,
+        file: Option<FileId>,
     },
     Send(Op),
 }
@@ -1178,7 +1177,7 @@ impl Session {
             // can come out of order, and the later file's ship must not be lost.)
             let other_file = |q: &Pending| {
                 matches!(q, Pending::Ship { path: qp, file: Some(f), .. }
-                    if qp == path && file.is_some_and(|n| n != *f))
+                    if qp == path && file.is_some_and(|n| n.key != f.key))
             };
             if self.queued_ships.contains(path)
                 && self.queued_ops == 0
@@ -1195,8 +1194,12 @@ impl Session {
                         {
                             if q == path {
                                 *c |= *content;
-                                if file.is_some() {
-                                    *f = *file;
+                                if let Some(new) = file {
+                                    let linked = f.is_some_and(|old| old.linked);
+                                    *f = Some(FileId {
+                                        linked: new.linked || linked,
+                                        ..*new
+                                    });
                                 }
                             }
                         }
@@ -1360,7 +1363,7 @@ impl Session {
         }
     }
 
-    fn always(&mut self, path: RelPath, kind: &ChangeKind, file: Option<Key>, now: Instant) {
+    fn always(&mut self, path: RelPath, kind: &ChangeKind, file: Option<FileId>, now: Instant) {
         let pending = match kind {
             // A hard link ships as a link when its existing name ships as changes come:
             // the standby's copy of it then has the content the new name must show.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use twinfs_fs::{AttrChange, Change, ChangeKind, Role};
+use twinfs_fs::{AttrChange, Change, ChangeKind, FileId, Role};
 use twinfs_replicator::capture::Record;
 use twinfs_replicator::manifest::{Entry, Kind, Manifest, Meta};
 use twinfs_replicator::path::RelPath;
@@ -315,7 +315,7 @@ impl World {
                     link: _,
                     file,
                 }) => {
-                    self.ships.push((path.clone(), file.map(|f| *f)));
+                    self.ships.push((path.clone(), file.map(|f| f.key)));
                     let (op, found) = match self.active_tree.get(&path) {
                         Some((meta, data)) => {
                             let content = (meta.kind == Kind::File
@@ -644,7 +644,7 @@ impl World {
             change: Change {
                 path: PathBuf::from(path.as_path()),
                 kind,
-                file,
+                file: file.map(|key| FileId { key, linked: false }),
             },
             policy: self.policies.resolve(path.as_path()),
         };

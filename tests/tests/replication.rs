@@ -1927,3 +1927,51 @@ fn a_git_repository_worked_in_on_the_active_is_sound_on_the_standby() {
         .count();
     assert_eq!(scans, 1, "the active compared manifests again");
 }
+
+/// A hard-linked file changed through one name, which is removed (or has another
+/// file renamed over it) right after: the change is recorded under that name, which
+/// the active may find gone when it reads it. The other name has the new content on
+/// the active; it must get it on the standby too, not keep the old version there.
+#[test]
+fn a_change_to_a_linked_file_whose_name_goes_at_once_reaches_its_other_names() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().join("l");
+    fs::create_dir(&a).expect("mkdir");
+    for i in 0..40 {
+        fs::write(a.join(format!("p{i}")), format!("old {i}\n")).expect("write");
+        fs::hard_link(a.join(format!("p{i}")), a.join(format!("q{i}"))).expect("link");
+    }
+    c.wait_converged(CONVERGE);
+    for i in 0..40 {
+        let p = a.join(format!("p{i}"));
+        // In place: the same file, under both names.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .and_then(|mut f| {
+                use std::io::Write as _;
+                f.write_all(format!("new {i}\n").as_bytes())
+            })
+            .expect("write in place");
+        if i % 2 == 0 {
+            fs::remove_file(&p).expect("unlink");
+        } else {
+            fs::write(a.join(format!(".r{i}")), "replacement\n").expect("write");
+            fs::rename(a.join(format!(".r{i}")), &p).expect("rename over");
+        }
+    }
+    c.wait_converged(CONVERGE);
+    let b = c.nodes[1].volume.join("l");
+    assert_eq!(fs::read_to_string(b.join("q6")).expect("read"), "new 6\n");
+    assert_eq!(fs::read_to_string(b.join("q7")).expect("read"), "new 7\n");
+    let (rejected, paths) = refusals_on_the_standby(&c);
+    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
+    let scans = c.nodes[0]
+        .log_text()
+        .matches("twinfs_replicator::node: scanned")
+        .count();
+    assert_eq!(scans, 1, "the active compared manifests again");
+}
