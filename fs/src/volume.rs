@@ -616,10 +616,13 @@ impl Volume {
         let Some(path) = path else {
             return;
         };
-        let file = file.map(|(key, kind, known)| FileId {
+        let created = matches!(kind, ChangeKind::Create);
+        let file = file.map(|(key, mode, known)| FileId {
             key,
-            // Names the kernel knows, else the backing file's link count.
-            linked: kind == libc::S_IFREG
+            // Names the kernel knows, else the backing file's link count (a file just
+            // created has one).
+            linked: mode == libc::S_IFREG
+                && !created
                 && (known > 1
                     || self
                         .locate(ino)

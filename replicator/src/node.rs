@@ -2446,11 +2446,15 @@ async fn carry_out(
     }
 }
 
-/// What reading a [`Ship`] gave: its number, its path, and [`read_op`]'s result.
+/// What reading a [`Ship`] gave: its number, its path, [`read_op`]'s result, and
+/// whether its change was made to a file with several names ([`FileId::linked`]).
+///
+/// [`FileId::linked`]: twinfs_fs::FileId::linked
 type ShipRead = (
     u64,
     RelPath,
     Result<(Op, bool, Option<Streamed>), manifest::ManifestError>,
+    bool,
 );
 
 /// A large file to send on a stream of its own: the open file, and its block list
@@ -2492,6 +2496,7 @@ impl Adopt {
 
 /// Reads the file of `ship` (see [`read_op`]; `small` is [`is_small`] of its path).
 fn read_ship(volume: &VolumeLink, ship: Ship, can_stream: bool, small: bool) -> ShipRead {
+    let linked = ship.file.as_ref().is_some_and(|f| f.linked);
     let read = read_op(
         volume,
         ship.path.clone(),
@@ -2503,7 +2508,7 @@ fn read_ship(volume: &VolumeLink, ship: Ship, can_stream: bool, small: bool) -> 
         can_stream,
         small,
     );
-    (ship.seq, ship.path, read)
+    (ship.seq, ship.path, read, linked)
 }
 
 /// Reads the files of `ships` and sends their ops, in order. One ship (a change on
@@ -2583,7 +2588,7 @@ async fn ship(
 /// follows, and with it the path under its new name.
 fn gone_below_gone(reads: &mut [Option<ShipRead>]) {
     let mut gone: Vec<RelPath> = Vec::new();
-    for (_, path, result) in reads.iter_mut().flatten() {
+    for (_, path, result, _) in reads.iter_mut().flatten() {
         let Ok((op, vanished, source)) = result else {
             continue;
         };
@@ -2615,7 +2620,7 @@ async fn send_ship(
     counters: &StreamCounters,
     tag: u64,
 ) -> Option<u64> {
-    let (seq, shipped, read) = read;
+    let (seq, shipped, read, linked) = read;
     let (op, vanished, source) = match read {
         Ok(x) => x,
         Err(e) => {
@@ -2640,14 +2645,25 @@ async fn send_ship(
         Op::Skip { .. } | Op::Rename { .. } => Shipped::Held,
     };
     session.shipped(seq, &shipped, outcome, std::time::Instant::now());
+    if vanished && linked {
+        // A change to a hard-linked file, recorded under a name that is gone (or holds
+        // another file) when it is read: the change shows through the file's other
+        // names, whose copies on the standby are linked to its copy of this one, which
+        // the ops behind remove or replace; they would keep the old version. Where
+        // those names are, only a walk of the volume would tell, and a ship of one now
+        // could come before the ops that make its directory there: a comparison of
+        // manifests sets them right, once the ops sent so far are acknowledged.
+        tracing::info!(volume = %volume.name, path = %shipped,
+            "a changed hard-linked file lost the name it was recorded under; comparing manifests");
+        session.resync();
+    }
     if let Some(streamed) = source {
         tokio::spawn(stream_file(
             link.clone(),
             tag,
             seq,
             streamed,
-            // (Another name than the ship's, for a linked file: see `another_name`.)
-            op.path().clone(),
+            shipped.clone(),
             counters.clone(),
         ));
     }
@@ -2823,12 +2839,7 @@ fn read_op(
     // file follows, and the new file's own record ships it.
     let other =
         |st: &twinfs_fs::sys::Stat| recorded.is_some_and(|f| f.key != (st.st_dev, st.st_ino));
-    let gone = |path: RelPath| -> Result<(Op, bool, Option<Streamed>), manifest::ManifestError> {
-        match recorded {
-            Some(f) if f.linked => another_name(volume, path, f, can_stream),
-            _ => Ok((Op::Skip { path }, true, None)),
-        }
-    };
+    let gone = |path| Ok((Op::Skip { path }, true, None));
     // (Checked first too, so that a new file being written there is not taken for
     // this one, held back.)
     let at = path.as_path().as_os_str();
@@ -2979,50 +2990,6 @@ fn read_op(
         false,
         None,
     ))
-}
-
-/// The ship of a change to a hard-linked file found its path gone, or holding another
-/// file: the change shows through the file's other names, and the standby's copies of
-/// them (linked to its copy of `path`, which the op behind removes or replaces) would
-/// keep the old version. One of those names that ships as changes come is shipped
-/// instead, read as it is now; `path` counts as gone all the same. Walks the volume,
-/// so only for a file that had other names when the change was recorded.
-fn another_name(
-    volume: &VolumeLink,
-    path: RelPath,
-    file: twinfs_fs::FileId,
-    can_stream: bool,
-) -> Result<(Op, bool, Option<Streamed>), manifest::ManifestError> {
-    let policies = &volume.policies;
-    let names = manifest::names_of(volume.root.as_fd(), file.key, 1, |p, kind| {
-        let sync = policies.resolve(p.as_path()).sync;
-        match kind {
-            Kind::Dir => sync != SyncMode::Never,
-            _ => sync == SyncMode::Always,
-        }
-    })?;
-    let Some(name) = names.into_iter().find(|n| *n != path) else {
-        return Ok((Op::Skip { path }, true, None));
-    };
-    tracing::debug!(volume = %volume.name, %path, %name,
-        "a changed linked file lost the name it was recorded under; shipping another name");
-    let only = twinfs_fs::FileId {
-        key: file.key,
-        linked: false,
-    };
-    let small = is_small(volume, &name);
-    let (op, _, streamed) = read_op(
-        volume,
-        name,
-        true,
-        None,
-        false,
-        false,
-        Some(only),
-        can_stream,
-        small,
-    )?;
-    Ok((op, true, streamed))
 }
 
 fn stat_of(
