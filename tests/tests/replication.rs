@@ -1593,6 +1593,18 @@ fn a_full_sync_links_and_unlinks_names_on_the_standby() {
     assert_eq!(fs::read_to_string(b.join("q")).expect("read"), "shared\n");
 }
 
+/// The standby converged by the stream alone: no change refused (a refused one is
+/// repaired only by a new manifest comparison), and no scan but the one at contact.
+fn assert_converged_by_the_stream_alone(c: &Cluster) {
+    let (rejected, paths) = refusals_on_the_standby(c);
+    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
+    let scans = c.nodes[0]
+        .log_text()
+        .matches("twinfs_replicator::node: scanned")
+        .count();
+    assert_eq!(scans, 1, "the active compared manifests again");
+}
+
 /// The standby's refusals in its session with the active, as `twinfs status --json`
 /// shows them: (count, "path: reason" of the last ones).
 fn refusals_on_the_standby(c: &Cluster) -> (u64, serde_json::Value) {
@@ -1645,15 +1657,7 @@ fn files_written_under_a_temp_name_and_renamed_over_arrive_without_a_refusal() {
         fs::read_to_string(b.join("final4/sub/y")).expect("read"),
         "deeper"
     );
-    // Converged by the stream itself: no change refused (a refused one is repaired
-    // only by a new manifest comparison), and no scan but the one at contact.
-    let (rejected, paths) = refusals_on_the_standby(&c);
-    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
-    let scans = c.nodes[0]
-        .log_text()
-        .matches("twinfs_replicator::node: scanned")
-        .count();
-    assert_eq!(scans, 1, "the active compared manifests again");
+    assert_converged_by_the_stream_alone(&c);
     assert!(
         wait_until(CONVERGE, || c.nodes[1].volume_status()["takeover"]
             == "ready"),
@@ -1737,13 +1741,7 @@ fn a_file_rotated_right_after_its_write_arrives_with_its_own_content() {
         fs::read_to_string(c.nodes[1].volume.join("logs/l7.1")).expect("read"),
         "rotated 7\n".repeat(20)
     );
-    let (rejected, paths) = refusals_on_the_standby(&c);
-    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
-    let scans = c.nodes[0]
-        .log_text()
-        .matches("twinfs_replicator::node: scanned")
-        .count();
-    assert_eq!(scans, 1, "the active compared manifests again");
+    assert_converged_by_the_stream_alone(&c);
 }
 
 /// A file renamed while its writer still has it open (a download moved into place
@@ -1773,13 +1771,7 @@ fn a_file_renamed_while_still_being_written_arrives_without_a_refusal() {
         fs::read_to_string(b.join("w/done7")).expect("read"),
         "first 7\nmore\n"
     );
-    let (rejected, paths) = refusals_on_the_standby(&c);
-    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
-    let scans = c.nodes[0]
-        .log_text()
-        .matches("twinfs_replicator::node: scanned")
-        .count();
-    assert_eq!(scans, 1, "the active compared manifests again");
+    assert_converged_by_the_stream_alone(&c);
 }
 
 /// An SQLite database kept open by its writer (xCAT keeps its tables in SQLite under
@@ -1919,13 +1911,7 @@ fn a_git_repository_worked_in_on_the_active_is_sound_on_the_standby() {
     );
     git(&b, &["fsck", "--no-dangling", "--no-progress"]);
     assert_eq!(git(&b, &["log", "--format=%s", "-1", "HEAD~1"]), "round 4");
-    let (rejected, paths) = refusals_on_the_standby(&c);
-    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
-    let scans = c.nodes[0]
-        .log_text()
-        .matches("twinfs_replicator::node: scanned")
-        .count();
-    assert_eq!(scans, 1, "the active compared manifests again");
+    assert_converged_by_the_stream_alone(&c);
 }
 
 /// A hard-linked file changed through one name, which is removed (or has another
