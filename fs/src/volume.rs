@@ -166,6 +166,9 @@ pub struct OpenFile {
     /// the first record. Tells a close after writing from a second close of a dup'd
     /// fd.
     recorded: Mutex<Option<Seen>>,
+    /// The last write through this handle looked like the first part of one the
+    /// kernel split (see [`Volume::write`]): the rest is on its way.
+    split: AtomicBool,
 }
 
 /// What a handle's record saw of its file. The count of changes made through twinfs
@@ -331,6 +334,19 @@ impl Drop for PatchGuard<'_> {
 /// Staged versions per (parent directory's backing key, name): (temp name, the temp
 /// file's backing key), oldest first.
 type StagedVersions = HashMap<(Key, OsString), Vec<(OsString, Key)>>;
+
+/// How long a switch to standby waits for the rest of a split `write()` (the kernel
+/// sends it as soon as the first part is answered).
+const SPLIT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    })
+}
 
 fn enoent() -> Error {
     Error::from_errno(libc::ENOENT)
@@ -508,7 +524,7 @@ impl Volume {
     /// written since its last record: its writer can write no more, and what it
     /// wrote while this node was active must be shipped without waiting for a close.
     pub fn set_role(&self, role: Role) {
-        let _quiet = self.writing.write().unwrap_or_else(|e| e.into_inner());
+        let _quiet = self.quiet_for_switch(role);
         self.role.store(role as u8, Ordering::Release);
         if role == Role::Standby {
             // A standby's files are written by the replicator, beside the mount: a
@@ -521,6 +537,28 @@ impl Volume {
                     self.record(file.ino, ChangeKind::Write);
                 }
             }
+        }
+    }
+
+    /// The lock that keeps write-type operations out while the role switches. To
+    /// standby, it waits (at most [`SPLIT_WAIT`]) while a handle's last write may be
+    /// the first half of a `write()` the kernel split at a page boundary: refusing the
+    /// second half would leave part of one `write()` in the file (a short write, then
+    /// EROFS), and that part would be shipped.
+    fn quiet_for_switch(&self, role: Role) -> RwLockWriteGuard<'_, ()> {
+        let deadline = std::time::Instant::now() + SPLIT_WAIT;
+        loop {
+            let quiet = self.writing.write().unwrap_or_else(|e| e.into_inner());
+            let split = role == Role::Standby
+                && self
+                    .read_files()
+                    .values()
+                    .any(|f| f.writable && f.split.load(Ordering::Acquire));
+            if !split || std::time::Instant::now() >= deadline {
+                return quiet;
+            }
+            drop(quiet);
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 
@@ -1330,6 +1368,7 @@ impl Volume {
             standby_path,
             changes,
             recorded: Mutex::new(None),
+            split: AtomicBool::new(false),
         });
         files.insert(fh, file.clone());
         (fh, file)
@@ -1541,6 +1580,16 @@ impl Volume {
         let file = self.file(fh)?;
         let _writing = self.writable_for(|| [self.path_of(file.ino)])?;
         let n = sys::pwrite(file.fd.as_fd(), data, offset)?;
+        // The kernel sends a write() that starts inside a page it does not hold whole
+        // in two requests: up to that page's end, then the rest. A write that starts
+        // inside a page and ends at a page's end may be the first: a switch to standby
+        // lets the second in, rather than leave half of one write() (`set_role`).
+        let end = offset.saturating_add(n as u64);
+        let page = page_size();
+        file.split.store(
+            n == data.len() && offset % page != 0 && end % page == 0,
+            Ordering::Release,
+        );
         // After the write: a replicator that takes the record before this line read
         // the bytes after they were written.
         self.written
@@ -1888,6 +1937,33 @@ mod tests {
 
     fn stat_f(volume: &Volume) -> Stat {
         sys::statat(volume.root_fd(), OsStr::new("f")).expect("stat")
+    }
+
+    /// A `write()` that starts inside a page and crosses its end comes from the kernel
+    /// as two requests. A switch to standby between them must not refuse the second:
+    /// the writer would get a short write then EROFS, and half its line would stay in
+    /// the file (and be shipped). The switch lets it in.
+    #[test]
+    fn a_switch_to_standby_lets_in_the_rest_of_a_split_write() {
+        let page = page_size() as usize;
+        let (_dir, volume, _records) = volume(&vec![b'a'; page - 10]);
+        let ino = volume.lookup(ROOT, OsStr::new("f")).expect("lookup").ino;
+        let (fh, _) = volume.open(ino, libc::O_RDWR, ROOT_CALLER).expect("open");
+        // "line 1339\n" at 10 bytes before the page's end, as the kernel sends it.
+        let line = b"xxxxxxxxxxline 1339\n";
+        volume
+            .write(fh, (page - 10) as u64, &line[..10])
+            .expect("first part");
+        std::thread::scope(|s| {
+            let rest = s.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                volume.write(fh, page as u64, &line[10..])
+            });
+            volume.set_role(Role::Standby);
+            assert_eq!(rest.join().expect("writer").expect("second part"), 10);
+        });
+        // Now refused, like any write on a standby.
+        assert!(volume.write(fh, (page + 10) as u64, b"late").is_err());
     }
 
     #[test]
