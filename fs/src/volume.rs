@@ -532,6 +532,9 @@ impl Volume {
             // and it may do so while its writes are still held back, as at its start.)
             self.written.forget_all();
             let open: Vec<Arc<OpenFile>> = self.read_files().values().cloned().collect();
+            for file in &open {
+                file.split.store(false, Ordering::Release);
+            }
             for file in open.iter().filter(|f| f.writable) {
                 if file.take_change().unwrap_or(true) {
                     self.record(file.ino, ChangeKind::Write);
@@ -549,7 +552,9 @@ impl Volume {
         let deadline = std::time::Instant::now() + SPLIT_WAIT;
         loop {
             let quiet = self.writing.write().unwrap_or_else(|e| e.into_inner());
+            // (Only from active: once writes are refused, no second part comes.)
             let split = role == Role::Standby
+                && self.role() == Role::Active
                 && self
                     .read_files()
                     .values()
@@ -1949,7 +1954,7 @@ mod tests {
         let (_dir, volume, _records) = volume(&vec![b'a'; page - 10]);
         let ino = volume.lookup(ROOT, OsStr::new("f")).expect("lookup").ino;
         let (fh, _) = volume.open(ino, libc::O_RDWR, ROOT_CALLER).expect("open");
-        // "line 1339\n" at 10 bytes before the page's end, as the kernel sends it.
+        // 20 bytes written at 10 bytes before the page's end, as the kernel sends them.
         let line = b"xxxxxxxxxxline 1339\n";
         volume
             .write(fh, (page - 10) as u64, &line[..10])
