@@ -256,13 +256,15 @@ impl Drop for Node {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // auto_unmount takes a moment after the daemon dies.
+        // auto_unmount takes a moment after the daemon dies. Every volume of the
+        // node (a test may add some beside `volume`): a mount left below the scratch
+        // directory would keep it from being removed.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while crate::is_mounted(&self.volume) && Instant::now() < deadline {
+        while !crate::mounts_below(self.dir.path()).is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        if crate::is_mounted(&self.volume) {
-            crate::force_unmount(&self.volume);
+        for mount in crate::mounts_below(self.dir.path()) {
+            crate::force_unmount(&mount);
         }
     }
 }

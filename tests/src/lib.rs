@@ -46,6 +46,21 @@ pub fn is_mounted(path: &Path) -> bool {
     })
 }
 
+/// The twinfs mounts at or below `dir`.
+pub fn mounts_below(dir: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return Vec::new();
+    };
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split(' ').skip(1);
+            let at = std::path::PathBuf::from(fields.next()?.replace("\\040", " "));
+            (fields.next() == Some("fuse.twinfs") && at.starts_with(dir)).then_some(at)
+        })
+        .collect()
+}
+
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Makes the tests of one test binary that take it run one at a time. A child process
