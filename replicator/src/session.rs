@@ -262,12 +262,12 @@ pub struct Session {
     /// hold another version; the op saying what became of them (a deletion, a rename
     /// of them or of a directory above them, their writer's close) is queued behind. A
     /// rename of one goes out `unsent`, followed by ships of the new names.
-    unsent: BTreeSet<RelPath>,
-    /// Active: the paths of `unsent` whose last ship was held back (being written, or
-    /// changed while it was read): the standby may hold an older version of them, which
-    /// a hard link to them can take (the writer's close ships the new one to every
-    /// name), or nothing.
-    held: BTreeSet<RelPath>,
+    ///
+    /// Each with whether its last ship was held back (being written, or changed while
+    /// it was read): the standby may then hold an older version of it, which a hard
+    /// link to it can take (the writer's close ships the new one to every name), or
+    /// nothing.
+    unsent: BTreeMap<RelPath, bool>,
     /// Active: the names that renames waiting in the queue move away (the source, and
     /// the target of an exchange), each with how many.
     renaming: std::collections::HashMap<RelPath, u32>,
@@ -331,8 +331,7 @@ impl Session {
             resync_wanted: false,
             ships_unread: 0,
             deleted_unread: Vec::new(),
-            unsent: BTreeSet::new(),
-            held: BTreeSet::new(),
+            unsent: BTreeMap::new(),
             renaming: Default::default(),
             expected: 1,
             applied_upto: 0,
@@ -457,12 +456,6 @@ impl Session {
             // hold an older version, until then. A rename must not take it for there.
             Shipped::Held => !told,
         };
-        if outcome == Shipped::Held && !told {
-            // (Within `unsent`, which is bounded.)
-            self.held.insert(path.clone());
-        } else {
-            self.held.remove(path);
-        }
         // Ships are reported in order: no later one comes before these deletions.
         self.deleted_unread.retain(|(deleted, _)| *deleted > seq);
         match (gone, outcome) {
@@ -474,10 +467,9 @@ impl Session {
                 if self.unsent.len() >= self.config.max_queue {
                     // Too many to follow one by one: a manifest comparison sorts it out.
                     self.unsent.clear();
-                    self.held.clear();
                     self.resync_wanted = true;
                 } else {
-                    self.unsent.insert(path.clone());
+                    self.unsent.insert(path.clone(), outcome == Shipped::Held);
                 }
             }
         }
@@ -494,7 +486,7 @@ impl Session {
     /// Active: the paths whose last ship did not carry what a later op moves or
     /// removes, and whose fate no op has told the standby yet, in path order.
     pub fn vanished_paths(&self) -> impl Iterator<Item = &RelPath> {
-        self.unsent.iter()
+        self.unsent.keys()
     }
 
     /// Active: bytes moved on the streams of a large file this session sends (its
@@ -736,7 +728,6 @@ impl Session {
         self.dirty.clear();
         self.once_changed.clear();
         self.unsent.clear();
-        self.held.clear();
         self.resync_wanted = false;
         self.sync_id += 1;
         self.progress_at = now;
@@ -1053,16 +1044,7 @@ impl Session {
                     // Its existing name never reached the standby as it is (found gone:
                     // `ln tmp/x new/x; rm tmp/x`): the new name goes as a copy.
                     self.queued_ops -= 1;
-                    let seq = self.take_seq(now);
-                    self.queue(Output::Ship(Ship {
-                        seq,
-                        path,
-                        content: true,
-                        standby_hash: None,
-                        delete_if_missing: false,
-                        link: false,
-                        file: None,
-                    }));
+                    self.ship_whole(path, now);
                 }
                 Pending::Send(op) => {
                     self.queued_ops -= 1;
@@ -1072,7 +1054,6 @@ impl Session {
                         // is whatever a ship still being read finds gone there.
                         for p in unsent_at_or_below(&self.unsent, path) {
                             self.unsent.remove(&p);
-                            self.held.remove(&p);
                         }
                         if self.ships_unread > 0 {
                             self.deleted_unread.push((seq, path.clone()));
@@ -1093,7 +1074,7 @@ impl Session {
         if !self.unsent_covers(existing) {
             return false;
         }
-        !self.held.contains(existing)
+        self.unsent.get(existing) != Some(&true)
             || existing
                 .split_last()
                 .is_some_and(|(dir, _)| self.unsent_covers(&dir))
@@ -1101,7 +1082,7 @@ impl Session {
 
     /// Whether `path` or a directory above it went unsent (see [`Session::shipped`]).
     fn unsent_covers(&self, path: &RelPath) -> bool {
-        !self.unsent.is_empty() && at_or_above(path, |p| self.unsent.contains(p))
+        !self.unsent.is_empty() && at_or_above(path, |p| self.unsent.contains_key(p))
     }
 
     /// Sends a rename. If a ship of its source did not carry what the rename moves
@@ -1120,7 +1101,7 @@ impl Session {
                 }
             }
         }
-        let unsent = self.unsent.contains(&from) || (exchange && self.unsent.contains(&to));
+        let unsent = self.unsent.contains_key(&from) || (exchange && self.unsent.contains_key(&to));
         let below_from = unsent_at_or_below(&self.unsent, &from);
         let below_to = unsent_at_or_below(&self.unsent, &to);
         let seq = self.take_seq(now);
@@ -1134,7 +1115,6 @@ impl Session {
         // Without an exchange, what was at `to` is replaced, there as here.
         for p in below_from.iter().chain(&below_to) {
             self.unsent.remove(p);
-            self.held.remove(p);
         }
         let mut renamed: BTreeSet<RelPath> = below_from
             .iter()
@@ -1149,18 +1129,23 @@ impl Session {
         }
         for path in renamed {
             // Gone until its ship finds it.
-            self.unsent.insert(path.clone());
-            let seq = self.take_seq(now);
-            self.queue(Output::Ship(Ship {
-                seq,
-                path,
-                content: true,
-                standby_hash: None,
-                delete_if_missing: false,
-                link: false,
-                file: None,
-            }));
+            self.unsent.insert(path.clone(), false);
+            self.ship_whole(path, now);
         }
+    }
+
+    /// Ships `path` now, as it is when read, its bytes included.
+    fn ship_whole(&mut self, path: RelPath, now: Instant) {
+        let seq = self.take_seq(now);
+        self.queue(Output::Ship(Ship {
+            seq,
+            path,
+            content: true,
+            standby_hash: None,
+            delete_if_missing: false,
+            link: false,
+            file: None,
+        }));
     }
 
     fn enqueue(&mut self, pending: Pending, now: Instant) {
@@ -1706,9 +1691,10 @@ fn at_or_above(path: &RelPath, hit: impl Fn(&RelPath) -> bool) -> bool {
 }
 
 /// The paths of `set` that are `path` or below it.
-fn unsent_at_or_below(set: &BTreeSet<RelPath>, path: &RelPath) -> Vec<RelPath> {
+fn unsent_at_or_below(set: &BTreeMap<RelPath, bool>, path: &RelPath) -> Vec<RelPath> {
     // In byte order, everything that starts with the bytes of `path` follows it.
     set.range(path.clone()..)
+        .map(|(p, _)| p)
         .take_while(|p| p.as_bytes().starts_with(path.as_bytes()))
         .filter(|p| p.starts_with(path))
         .cloned()
