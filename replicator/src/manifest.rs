@@ -595,18 +595,16 @@ pub fn describe(
     )
 }
 
-/// The hard link identity ([`Meta::link`]) of the object `fd` (an fd [`describe`]
-/// returned for `path`): `None` unless it is a regular file with another name in the
-/// volume that `filter` accepts (as for [`scan`]). Walks the volume for the other
-/// names, so it costs a scan's directory listings and a `stat` per regular file
+/// The hard link identity ([`Meta::link`]) of the object whose `fstat` is `st` (of
+/// an fd [`describe`] returned): `None` unless it is a regular file with another name
+/// in the volume that `filter` accepts (as for [`scan`]). Walks the volume for the
+/// other names, so it costs a scan's directory listings and a `stat` per regular file
 /// (without hashing), and only for a file whose link count is above one.
 pub fn link_identity(
     root: BorrowedFd<'_>,
-    path: &RelPath,
-    fd: BorrowedFd<'_>,
+    st: &Stat,
     filter: impl Fn(&RelPath, Kind) -> bool,
 ) -> Result<Option<RelPath>, ManifestError> {
-    let st = sys::fstat(fd).map_err(io_error(path, "stat"))?;
     if Kind::of_mode(st.st_mode) != Some(Kind::File) || st.st_nlink < 2 {
         return Ok(None);
     }

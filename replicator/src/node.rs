@@ -2895,14 +2895,14 @@ fn read_op(
             gone(path)
         };
     };
-    if recorded.is_some() && other(&stat_of(fd.as_fd(), &path)?) {
+    let described_file = stat_of(fd.as_fd(), &path)?;
+    if other(&described_file) {
         return gone(path);
     }
     let policies = &volume.policies;
     meta.set_link(manifest::link_identity(
         volume.root.as_fd(),
-        &path,
-        fd.as_fd(),
+        &described_file,
         |p, _| policies.resolve(p.as_path()).sync != SyncMode::Never,
     )?);
     match meta.link() {
@@ -2943,10 +2943,10 @@ fn read_op(
             })
         }
     };
-    if recorded.is_some() && other(&stat_of(file.as_fd(), &path)?) {
-        return gone(path);
-    }
     if can_stream && meta.size > INLINE_MAX {
+        if recorded.is_some() && other(&stat_of(file.as_fd(), &path)?) {
+            return gone(path);
+        }
         // The standby checks the streamed bytes against the hash: a file that changes
         // while it streams is refused there, never put in place half old, half new.
         let entry = manifest::Entry { path, meta };
@@ -2973,6 +2973,9 @@ fn read_op(
         }
     };
     buf.truncate(n);
+    if other(&after) {
+        return gone(path);
+    }
     // Changed while it was read, or a writer opened it meanwhile: what was read may be
     // half of something; the writer's close ships it whole.
     let unchanged = after.st_size as u64 == meta.size

@@ -227,7 +227,8 @@ fn hard_linked_names_share_the_identity_of_their_first_name() {
         let (_, fd, _) = describe(root.as_fd(), &rel(name), &mut HashCache::new())
             .expect("describe")
             .expect("exists");
-        let identity = link_identity(root.as_fd(), &rel(name), fd.as_fd(), keep).expect("walk");
+        let st = twinfs_fs::sys::fstat(fd.as_fd()).expect("fstat");
+        let identity = link_identity(root.as_fd(), &st, keep).expect("walk");
         assert_eq!(identity, first, "{name}");
     }
     let mut names = names_of(root.as_fd(), key(&d.join("z")), 3, keep).expect("walk");
@@ -266,14 +267,7 @@ fn a_full_sync_links_and_unlinks_names() {
         file.set_modified(mtime).expect("touch");
     }
     let mut cache = HashCache::new();
-    let (ma, ms) = (scan_all(&a, &mut cache), scan_all(&s, &mut cache));
-    let d = diff(&ma, &ms, |_| 2);
-    assert!(d.delete.is_empty(), "{d:?}");
-    let sent: Vec<(String, bool, bool)> = d
-        .send
-        .iter()
-        .map(|t| (t.path.to_string(), t.content, t.link))
-        .collect();
+    let sent = sent_by_full_sync(&a, &s, &mut cache);
     assert_eq!(
         sent,
         [
@@ -321,18 +315,23 @@ fn a_first_name_linked_into_another_group_gets_a_copy_of_its_own() {
         f.set_modified(mtime).expect("touch");
     }
     let mut cache = HashCache::new();
-    let (ma, ms) = (scan_all(&a, &mut cache), scan_all(&s, &mut cache));
-    let d = diff(&ma, &ms, |_| 2);
-    assert!(d.delete.is_empty(), "{d:?}");
-    let sent: Vec<(String, bool, bool)> = d
-        .send
-        .iter()
-        .map(|t| (t.path.to_string(), t.content, t.link))
-        .collect();
+    let sent = sent_by_full_sync(&a, &s, &mut cache);
     assert_eq!(
         sent,
         [("b".to_owned(), true, false), ("c".to_owned(), false, true)]
     );
+}
+
+/// What a full sync from the active `a` to the standby `s` sends, as (path, with
+/// content, as a link); it deletes nothing.
+fn sent_by_full_sync(a: &Path, s: &Path, cache: &mut HashCache) -> Vec<(String, bool, bool)> {
+    let (ma, ms) = (scan_all(a, cache), scan_all(s, cache));
+    let d = diff(&ma, &ms, |_| 2);
+    assert!(d.delete.is_empty(), "{d:?}");
+    d.send
+        .iter()
+        .map(|t| (t.path.to_string(), t.content, t.link))
+        .collect()
 }
 
 fn key(path: &Path) -> (u64, u64) {
