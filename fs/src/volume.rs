@@ -537,7 +537,7 @@ impl Volume {
             }
             for file in open.iter().filter(|f| f.writable) {
                 if file.take_change().unwrap_or(true) {
-                    self.record(file.ino, ChangeKind::Write);
+                    self.record_write(file);
                 }
             }
         }
@@ -651,6 +651,17 @@ impl Volume {
     }
 
     fn record(&self, ino: u64, kind: ChangeKind) {
+        self.record_of(ino, kind, None);
+    }
+
+    /// A write through `file`: recorded as [`Volume::record`] does, its link count
+    /// taken from the handle's fd.
+    fn record_write(&self, file: &OpenFile) {
+        self.record_of(file.ino, ChangeKind::Write, Some(file.fd.as_fd()));
+    }
+
+    /// Records `kind` for `ino`; `open` is an fd of its backing file, if one is at hand.
+    fn record_of(&self, ino: u64, kind: ChangeKind, open: Option<BorrowedFd<'_>>) {
         let (path, file) = {
             let table = self.read_table();
             let file = table.get(ino).map(|n| (n.key, n.kind, n.links.len()));
@@ -667,11 +678,11 @@ impl Volume {
             linked: mode == libc::S_IFREG
                 && !created
                 && (known > 1
-                    || self
-                        .locate(ino)
-                        .ok()
-                        .and_then(|l| l.at().stat().ok())
-                        .is_some_and(|st| st.st_nlink > 1)),
+                    || match open {
+                        Some(fd) => sys::fstat(fd).ok(),
+                        None => self.locate(ino).ok().and_then(|l| l.at().stat().ok()),
+                    }
+                    .is_some_and(|st| st.st_nlink > 1)),
         });
         self.emit(path, kind, file);
     }
@@ -1609,7 +1620,7 @@ impl Volume {
         sys::fsync(file.fd.as_fd(), datasync)?;
         let _recording = self.recording();
         if file.writable && file.take_change()? {
-            self.record(file.ino, ChangeKind::Write);
+            self.record_write(&file);
         }
         Ok(())
     }
@@ -1626,7 +1637,7 @@ impl Volume {
                 // Its path holds the active's version now: nothing of it to ship.
                 return Ok(());
             }
-            self.record(file.ino, ChangeKind::Write);
+            self.record_write(&file);
         }
         Ok(())
     }
@@ -1666,7 +1677,7 @@ impl Volume {
         drop(patching);
         // A file that cannot be looked at is recorded: shipping it again is harmless.
         if file.writable && file.take_change().unwrap_or(true) {
-            self.record(file.ino, ChangeKind::Write);
+            self.record_write(&file);
         }
         Ok(file)
     }
