@@ -844,6 +844,25 @@ impl Session {
         };
         let policies = self.config.policies.clone();
         let (diff, ours) = differ.finish(|p| policies.resolve(p.as_path()).priority.get());
+        // Renames still queued were recorded before this comparison, maybe before the
+        // scan it rests on: the full sync may bring their outcome, and the standby then
+        // lacks their sources. They go as `unsent` (a missing source moves nothing),
+        // and their new names are shipped anew after them, as they are then.
+        let mut renamed = Vec::new();
+        for pending in &self.queue {
+            if let Pending::Send(Op::Rename {
+                from, to, exchange, ..
+            }) = pending
+            {
+                renamed.push(from.clone());
+                if *exchange {
+                    renamed.push(to.clone());
+                }
+            }
+        }
+        for path in renamed {
+            self.unsent.entry(path).or_insert(false);
+        }
         let base = self.next_seq - 1;
         self.full_sync_base = base;
         self.stats.full_sync_bytes = diff.send.iter().filter(|t| t.content).map(|t| t.size).sum();
@@ -1344,7 +1363,29 @@ impl Session {
                 self.ship_directory(b, now);
             }
             (SyncMode::Never, SyncMode::Never) => {}
-            _ => self.resync_wanted = true,
+            _ => {
+                // A name that ships as changes come is put right at once, as it is
+                // now: the source goes, the target (or each side of an exchange)
+                // arrives, so that changes below a directory renamed to it find it
+                // there. What lies below a directory comes with a manifest
+                // comparison, which also settles the other name.
+                for (path, sync) in [(from, from_sync), (to, to_sync)] {
+                    if sync == SyncMode::Always {
+                        let parent = path.split_last().map(|(p, _)| p);
+                        self.enqueue(
+                            Pending::Ship {
+                                path,
+                                content: true,
+                                delete_if_missing: true,
+                                file: None,
+                            },
+                            now,
+                        );
+                        self.ship_directory(parent, now);
+                    }
+                }
+                self.resync_wanted = true;
+            }
         }
     }
 
