@@ -284,7 +284,8 @@ pub struct Entry {
 }
 
 /// The entries of a volume, ordered by path bytes, so a directory always comes
-/// before everything below it. The volume root itself is not an entry.
+/// before everything below it. The volume root itself is the first entry (the empty
+/// path) when the manifest comes from [`scan`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Manifest {
@@ -488,6 +489,11 @@ pub fn scan(
     // The names of each file with other links, by (device, inode).
     let mut linked: HashMap<(u64, u64), Vec<RelPath>> = HashMap::new();
     let top = RelPath::root();
+    // The root itself: its mode, owner, times and xattrs (a default ACL, say) are
+    // the volume's too. It is no path under a rule: `filter` does not judge it.
+    if let Some((meta, _, _)) = visit(root, OsStr::new("."), &top, &|_, _| true, cache, &mut buf)? {
+        manifest.entries.insert(top.clone(), meta);
+    }
     let names = sys::read_dir(root).map_err(io_error(&top, "list"))?;
     let dir = root
         .try_clone_to_owned()
@@ -576,7 +582,15 @@ pub fn describe(
     cache: &mut HashCache,
 ) -> Result<Option<(Meta, OwnedFd, OwnedFd)>, ManifestError> {
     let Some((parent, name)) = path.split_last() else {
-        return Ok(None);
+        // The root: described through itself, and its own "parent".
+        let mut buf = Vec::new();
+        let dir = root
+            .try_clone_to_owned()
+            .map_err(io_error(path, "duplicate the fd of"))?;
+        return Ok(
+            visit(root, OsStr::new("."), path, &|_, _| true, cache, &mut buf)?
+                .map(|(meta, fd, _)| (meta, fd, dir)),
+        );
     };
     let mut dir = root
         .try_clone_to_owned()
@@ -1428,7 +1442,7 @@ impl Diff {
 
 /// What to do so that a standby holding `standby` holds `active`; `priority_of` gives
 /// each path's priority (1 = must be in sync before a takeover). The volume root is
-/// never sent or deleted, even if a manifest lists it.
+/// never deleted or replaced: only its metadata is sent when it differs.
 pub fn diff(active: &Manifest, standby: &Manifest, priority_of: impl Fn(&RelPath) -> u8) -> Diff {
     let mut differ = Differ::new(active.clone());
     for (path, meta) in standby.iter() {
@@ -1478,7 +1492,15 @@ impl Differ {
         // Active paths before it: the standby has nothing there.
         self.send_missing(Bound::Excluded(&theirs.path));
         let old = &theirs.meta;
-        if !theirs.path.is_root() {
+        if theirs.path.is_root() {
+            // The root is never deleted or replaced: only its metadata can differ.
+            if let Some(new) = self.active.get(&theirs.path) {
+                if new.kind == old.kind && !old.same_metadata(new) {
+                    self.send
+                        .push(Transfer::new(&theirs.path, new, Some(old), false));
+                }
+            }
+        } else {
             match self.active.get(&theirs.path) {
                 Some(new) if new.kind == old.kind && further_name(&theirs.path, new) => {
                     // One of the standby's names of the file (and the same file as the
@@ -1551,9 +1573,11 @@ impl Differ {
             self.send.reserve(count);
         }
         for (path, new) in missing {
-            if !path.is_root() {
-                self.send.push(Transfer::new(path, new, None, true));
-            }
+            let mut transfer = Transfer::new(path, new, None, !path.is_root());
+            // A standby whose manifest leaves its root out (a node of an earlier
+            // version) has one all the same: it gets the active's metadata.
+            transfer.on_standby |= path.is_root();
+            self.send.push(transfer);
         }
     }
 }
@@ -1885,6 +1909,51 @@ mod tests {
         // The root is never deleted, even when a manifest lists it.
         assert!(d.delete.is_empty());
         assert!(diff(&active, &active, |_| 1).is_empty());
+    }
+
+    #[test]
+    fn the_roots_metadata_is_sent_when_it_differs_and_the_root_never_goes() {
+        let mut root = meta(Kind::Dir, 0);
+        root.mode = 0o750;
+        root.gid = 100;
+        root.set_xattrs(vec![(
+            b"system.posix_acl_default".to_vec(),
+            b"acl".to_vec(),
+        )]);
+        let active = manifest(&[("", root.clone()), ("f", meta(Kind::File, 7))]);
+        // The standby's root has other metadata.
+        let standby = manifest(&[("", meta(Kind::Dir, 0)), ("f", meta(Kind::File, 7))]);
+        let d = diff(&active, &standby, |_| 2);
+        assert_eq!(paths(&d), [""]);
+        assert!(d.send[0].on_standby && !d.send[0].content);
+        assert!(d.delete.is_empty());
+        // A standby whose manifest has no root (an earlier version) gets it too,
+        // as metadata of what it has.
+        let old = manifest(&[("f", meta(Kind::File, 7))]);
+        let d = diff(&active, &old, |_| 2);
+        assert_eq!(paths(&d), [""]);
+        assert!(d.send[0].on_standby && !d.send[0].content);
+        // Nothing when the roots match, and no root goes when the active lists none.
+        assert!(diff(&active, &active, |_| 2).is_empty());
+        let bare = manifest(&[("f", meta(Kind::File, 7))]);
+        assert!(diff(&bare, &standby, |_| 2).is_empty());
+    }
+
+    #[test]
+    fn a_scan_lists_the_root_with_its_metadata_whatever_the_filter() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("f"), "x").expect("write");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o750))
+            .expect("chmod");
+        let root = std::fs::File::open(dir.path()).expect("open");
+        let m = scan(root.as_fd(), |p, _| !p.is_root(), &mut HashCache::new()).expect("scan");
+        let top = m.get(&RelPath::root()).expect("the root is listed");
+        assert_eq!((top.kind, top.mode), (Kind::Dir, 0o750));
+        let (described, _, _) = describe(root.as_fd(), &RelPath::root(), &mut HashCache::new())
+            .expect("describe")
+            .expect("the root is there");
+        assert_eq!(&described, top);
     }
 
     #[test]

@@ -1423,7 +1423,7 @@ async fn run_session(
                             entry,
                             content: Some(bytes),
                         },
-                } if entry.meta.kind == Kind::File => {
+                } if entry.meta.kind == Kind::File && !entry.path.is_root() => {
                     batch.stage(&volume, seq, entry, bytes).await;
                     if batch.is_full() {
                         batch.place_full(&volume, &mut session).await;
@@ -1884,7 +1884,8 @@ const PARKED_BACKLOG: usize = 256;
 
 /// The next output for `run_session` to carry out. One that must wait for large
 /// files being applied (an op on a path one of them is applied to, or above or below
-/// it; a scan, for all of them) is parked until they are done, and only messages to
+/// it, but a directory's metadata only for those in it; a scan, for all of them) is
+/// parked until they are done, and only messages to
 /// send (or a close) go ahead of it.
 fn next_output(
     parked: &mut Option<Output>,
@@ -1896,6 +1897,10 @@ fn next_output(
         None => session.poll_output()?,
     };
     let waits = match &out {
+        Output::Apply {
+            op: Op::Put { entry, .. },
+            ..
+        } if entry.meta.kind == Kind::Dir => large.holds_directory(&entry.path),
         Output::Apply { op, .. } => large.related(&op_paths(op)),
         Output::ScanLocal => !large.busy.is_empty(),
         _ => false,
@@ -2738,8 +2743,13 @@ async fn compare_fresh(
         .iter()
         .map(|t| &t.path)
         .chain(diff.delete.iter())
-        .filter(|p| !p.is_root())
-        .map(|p| format!("{p} ({})", how_they_differ(ours.get(p), standby.get(p))))
+        .map(|p| {
+            let differ = how_they_differ(ours.get(p), standby.get(p));
+            match p.is_root() {
+                true => format!("the volume root ({differ})"),
+                false => format!("{p} ({differ})"),
+            }
+        })
         .collect();
     paths.sort();
     paths.dedup();
@@ -3337,6 +3347,9 @@ async fn apply_streamed(
     let (Some(streams), Some(connection)) = (&link.streams, &link.connection) else {
         return Err("large file announced on a connection without streams".into());
     };
+    if entry.path.is_root() {
+        return Err(ApplyError::Root { op: "replace" }.to_string());
+    }
     let Some(expected) = entry.meta.hash else {
         return Err(format!(
             "large file {} announced without a hash",
@@ -3749,6 +3762,16 @@ impl LargeApplies {
             .any(|b| paths.iter().any(|p| related(p, b)))
     }
 
+    /// Whether the metadata of directory `dir` must wait: a large file is being
+    /// applied in it (its temp file and rename move the directory's times) or at or
+    /// above it. One further below does not touch it: the root's metadata, which
+    /// follows every change in it, never waits for a file in a subdirectory.
+    fn holds_directory(&self, dir: &RelPath) -> bool {
+        self.busy
+            .values()
+            .any(|b| dir.starts_with(b) || b.split_last().is_some_and(|(parent, _)| parent == *dir))
+    }
+
     async fn wait_all(&mut self, session: &mut Session) {
         self.wait_until(session, |s| s.busy.is_empty()).await;
     }
@@ -4102,8 +4125,25 @@ fn apply_upstream(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
     }
 }
 
+/// Refuses an op that would replace the volume root or make it a name of a file:
+/// only its metadata can come (a directory's `Put`).
+fn refuse_for_root(op: &Op) -> Result<(), ApplyError> {
+    let refused = match op {
+        Op::Put { entry, .. } => entry.path.is_root() && entry.meta.kind != Kind::Dir,
+        Op::PutStream { entry } => entry.path.is_root(),
+        Op::Link { path, existing } => path.is_root() || existing.is_root(),
+        // The applier refuses these itself.
+        Op::Rename { .. } | Op::Delete { .. } | Op::Skip { .. } => false,
+    };
+    if refused {
+        return Err(ApplyError::Root { op: "replace" });
+    }
+    Ok(())
+}
+
 /// [`apply_op`] without telling the kernel.
 fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
+    refuse_for_root(op)?;
     let applier = Applier::new(volume.root.as_fd());
     match op {
         Op::Put { entry, content } => {

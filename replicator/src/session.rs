@@ -917,12 +917,12 @@ impl Session {
             .collect();
         drop(ours);
         // Creating and deleting entries moves the standby's directory mtimes: the
-        // metadata of every directory touched is sent again, deepest first, once its
-        // entries are in place.
+        // metadata of every directory touched (the root too) is sent again, deepest
+        // first, once its entries are in place.
         let mut touched = std::collections::BTreeSet::new();
         let touch_parents = |path: &RelPath, touched: &mut std::collections::BTreeSet<RelPath>| {
             let mut at = path.split_last().map(|(p, _)| p);
-            while let Some(dir) = at.filter(|d| !d.is_root()) {
+            while let Some(dir) = at {
                 at = dir.split_last().map(|(p, _)| p);
                 touched.insert(dir);
             }
@@ -1235,8 +1235,8 @@ impl Session {
     /// Active: ship `paths` now, whatever their policy (`once`, `interval` and `never`
     /// too: an administrator asked), with their content; a path that no longer exists
     /// is deleted on the standby. See [`Session::caught_up`] for when they are acked.
-    /// The root is left out: it cannot be read as a path (it would go as a deletion,
-    /// which the standby refuses); a full sync is what covers it.
+    /// The root is left out, as `twinfs sync` refuses it: its metadata ships when it
+    /// changes, and a full sync compares it.
     pub fn ship_now(&mut self, mut paths: Vec<RelPath>, now: Instant) {
         if !self.is_active() || self.phase == Phase::Closed || self.phase == Phase::Hello {
             return;
@@ -1454,7 +1454,7 @@ impl Session {
     /// A namespace change moved its directory's mtime on the active; the standby's
     /// apply moved it too, to another time: ship the directory's metadata after it.
     fn ship_directory(&mut self, dir: Option<RelPath>, now: Instant) {
-        if let Some(dir) = dir.filter(|d| !d.is_root()) {
+        if let Some(dir) = dir {
             self.enqueue(
                 Pending::Ship {
                     path: dir,

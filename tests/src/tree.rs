@@ -1,6 +1,7 @@
 //! A digest of a whole directory tree, to compare an active's volume with a standby's:
 //! every path with its kind, mode, owner, size, mtime, content hash and symlink
-//! target (not the volume root itself). Read through the mount, as a user would.
+//! target, and the volume root's mode and owner (under the empty name). Read through
+//! the mount, as a user would.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -12,6 +13,9 @@ pub type Digest = BTreeMap<String, String>;
 /// Walks `root` (not following symlinks) into a digest.
 pub fn digest(root: &Path) -> Digest {
     let mut out = Digest::new();
+    if let Ok(meta) = std::fs::metadata(root) {
+        out.insert(String::new(), directory(&meta));
+    }
     walk(root, root, &mut out);
     out
 }
@@ -32,12 +36,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Digest) {
         let ft = meta.file_type();
         let what = if ft.is_dir() {
             walk(root, &path, out);
-            format!(
-                "dir {:o} {}:{}",
-                meta.mode() & 0o7777,
-                meta.uid(),
-                meta.gid()
-            )
+            directory(&meta)
         } else if ft.is_symlink() {
             let target = std::fs::read_link(&path).unwrap_or_default();
             format!("link -> {}", target.display())
@@ -58,6 +57,15 @@ fn walk(root: &Path, dir: &Path, out: &mut Digest) {
         };
         out.insert(rel, what);
     }
+}
+
+fn directory(meta: &std::fs::Metadata) -> String {
+    format!(
+        "dir {:o} {}:{}",
+        meta.mode() & 0o7777,
+        meta.uid(),
+        meta.gid()
+    )
 }
 
 /// The lines that differ between two digests.

@@ -1957,3 +1957,82 @@ fn a_change_to_a_linked_file_whose_name_goes_at_once_reaches_its_other_names() {
     let (rejected, paths) = refusals_on_the_standby(&c);
     assert_eq!(rejected, 0, "the standby refused changes: {paths}");
 }
+
+/// The volume root's mode, owner, times and xattrs, as a reader on each node sees them.
+fn root_of(dir: &Path) -> (u32, u32, u32, i64, i64, String) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir).expect("stat the root");
+    let xattrs = Command::new("getfattr")
+        .args(["-d", "-m", "user\\.", "--absolute-names"])
+        .arg(dir)
+        .output()
+        .expect("getfattr (Debian package attr)");
+    let xattrs = String::from_utf8_lossy(&xattrs.stdout)
+        .lines()
+        .filter(|l| l.starts_with("user."))
+        .collect::<Vec<_>>()
+        .join(",");
+    (
+        meta.mode() & 0o7777,
+        meta.uid(),
+        meta.gid(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        xattrs,
+    )
+}
+
+#[test]
+fn the_volume_roots_metadata_reaches_the_standby() {
+    let _serial = twinfs_tests::serial();
+    // Set on the active before contact: the full sync brings it.
+    let mut c = Cluster::new(2, RULES, |dir| {
+        fill(dir);
+        sh(&format!(
+            "chmod 2750 {d} && chgrp 100 {d} && setfattr -n user.site -v rack1 {d} && touch -d @1577934245.5 {d}",
+            d = dir.display()
+        ));
+    });
+    c.start();
+    c.wait_converged(CONVERGE);
+    let want = root_of(c.active());
+    assert_eq!(
+        (want.0, want.2, want.3, &*want.5),
+        (0o2750, 100, 1_577_934_245, "user.site=\"rack1\"")
+    );
+    let b = c.nodes[1].volume.clone();
+    assert!(
+        wait_until(CONVERGE, || root_of(&b) == want),
+        "after the full sync: active {want:?}, standby {:?}",
+        root_of(&b)
+    );
+    // Changed through the active's mount while connected: each change ships.
+    let a = c.active().display().to_string();
+    sh(&format!(
+        "chmod 0770 {a} && chgrp 200 {a} && setfattr -n user.site -v rack2 {a}"
+    ));
+    let want = root_of(c.active());
+    assert!(
+        wait_until(CONVERGE, || root_of(&b) == want),
+        "after chmod, chgrp, setfattr: active {want:?}, standby {:?}",
+        root_of(&b)
+    );
+    // A file created and one removed in the root move its mtime, on the standby too.
+    sh(&format!("echo new > {a}/new.conf && rm {a}/cmm.conf"));
+    c.wait_converged(CONVERGE);
+    let want = root_of(c.active());
+    assert!(
+        wait_until(CONVERGE, || root_of(&b) == want),
+        "after a create and a delete in the root: active {want:?}, standby {:?}",
+        root_of(&b)
+    );
+    sh(&format!("touch -d @1620284889 {a}"));
+    let want = root_of(c.active());
+    assert_eq!(want.3, 1_620_284_889);
+    assert!(
+        wait_until(CONVERGE, || root_of(&b) == want),
+        "after touch -d: active {want:?}, standby {:?}",
+        root_of(&b)
+    );
+    assert_converged_by_the_stream_alone(&c);
+}
