@@ -461,7 +461,7 @@ struct Level {
 }
 
 /// Scans the tree below `root` (an `O_PATH` fd of the volume's backing directory)
-/// into a manifest of every entry except the root itself.
+/// into a manifest of every entry, the root itself first (its filter does not apply).
 ///
 /// - Symlinks are recorded, never followed; a symlink to a directory is a
 ///   [`Kind::Symlink`] entry and nothing below it is scanned.

@@ -3694,6 +3694,9 @@ type Applied = (u64, RelPath, Result<(), String>);
 /// (a small priority-1 file, say) are not held up by it. An op on a related path waits.
 struct LargeApplies {
     busy: std::collections::BTreeMap<u64, RelPath>,
+    /// Those of `busy` that are hard-linked: applying one relinks its other names,
+    /// in directories anywhere in the volume.
+    linked: std::collections::BTreeSet<u64>,
     done_tx: mpsc::UnboundedSender<Applied>,
     done: mpsc::UnboundedReceiver<Applied>,
 }
@@ -3703,6 +3706,7 @@ impl LargeApplies {
         let (done_tx, done) = mpsc::unbounded_channel();
         LargeApplies {
             busy: std::collections::BTreeMap::new(),
+            linked: std::collections::BTreeSet::new(),
             done_tx,
             done,
         }
@@ -3724,6 +3728,9 @@ impl LargeApplies {
             self.done_tx.clone(),
         );
         self.busy.insert(seq, entry.path.clone());
+        if entry.meta.link().is_some() {
+            self.linked.insert(seq);
+        }
         tokio::spawn(async move {
             let _applying = volume.applying.clone().read_owned().await;
             let path = entry.path.clone();
@@ -3740,6 +3747,7 @@ impl LargeApplies {
         session: &mut Session,
     ) {
         self.busy.remove(&seq);
+        self.linked.remove(&seq);
         if let Err(e) = &result {
             tracing::warn!(%path, error = %e, "refused or failed to apply");
         }
@@ -3765,11 +3773,14 @@ impl LargeApplies {
     /// Whether the metadata of directory `dir` must wait: a large file is being
     /// applied in it (its temp file and rename move the directory's times) or at or
     /// above it. One further below does not touch it: the root's metadata, which
-    /// follows every change in it, never waits for a file in a subdirectory.
+    /// follows every change in it, never waits for a file in a subdirectory. A
+    /// hard-linked file holds every directory: its other names, anywhere, are relinked
+    /// beside temp names, and their directories get their times back afterwards.
     fn holds_directory(&self, dir: &RelPath) -> bool {
-        self.busy
-            .values()
-            .any(|b| dir.starts_with(b) || b.split_last().is_some_and(|(parent, _)| parent == *dir))
+        !self.linked.is_empty()
+            || self.busy.values().any(|b| {
+                dir.starts_with(b) || b.split_last().is_some_and(|(parent, _)| parent == *dir)
+            })
     }
 
     async fn wait_all(&mut self, session: &mut Session) {

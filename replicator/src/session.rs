@@ -844,24 +844,28 @@ impl Session {
         };
         let policies = self.config.policies.clone();
         let (diff, ours) = differ.finish(|p| policies.resolve(p.as_path()).priority.get());
-        // Renames still queued were recorded before this comparison, maybe before the
-        // scan it rests on: the full sync may bring their outcome, and the standby then
-        // lacks their sources. They go as `unsent` (a missing source moves nothing),
-        // and their new names are shipped anew after them, as they are then.
-        let mut renamed = Vec::new();
-        for pending in &self.queue {
-            if let Pending::Send(Op::Rename {
-                from, to, exchange, ..
-            }) = pending
-            {
-                renamed.push(from.clone());
-                if *exchange {
-                    renamed.push(to.clone());
+        // Renames and links still queued were recorded before this comparison, maybe
+        // before the scan it rests on: the full sync may bring their outcome, and the
+        // standby then lacks their sources. A rename goes as `unsent` (a missing source
+        // moves nothing), its new names shipped anew after it, as they are then; a link
+        // goes as a copy of the file its new name has then (the next full sync links
+        // them). The flag is on the op itself: marks in `unsent` would be cleared by
+        // the ops ahead of it.
+        for pending in self.queue.iter_mut() {
+            match pending {
+                Pending::Send(Op::Rename { unsent, .. }) => *unsent = true,
+                Pending::Send(Op::Link { path, .. }) => {
+                    self.queued_ops -= 1;
+                    self.queued_ships.insert(path.clone());
+                    *pending = Pending::Ship {
+                        path: path.clone(),
+                        content: true,
+                        delete_if_missing: true,
+                        file: None,
+                    };
                 }
+                _ => {}
             }
-        }
-        for path in renamed {
-            self.unsent.entry(path).or_insert(false);
         }
         let base = self.next_seq - 1;
         self.full_sync_base = base;
@@ -1054,10 +1058,13 @@ impl Session {
                     }));
                 }
                 Pending::Send(Op::Rename {
-                    from, to, exchange, ..
+                    from,
+                    to,
+                    exchange,
+                    unsent,
                 }) => {
                     self.queued_ops -= 1;
-                    self.send_rename(from, to, exchange, now);
+                    self.send_rename(from, to, exchange, unsent, now);
                 }
                 Pending::Send(Op::Link { path, existing }) if self.link_as_copy(&existing) => {
                     // Its existing name never reached the standby as it is (found gone:
@@ -1110,8 +1117,16 @@ impl Session {
     /// nothing there). Each such path at or below the old names is then shipped under
     /// its new name as it is now, parents first: the temp file of an atomic write
     /// arrives as its target, a directory filled and renamed in one burst arrives
-    /// whole, each entry having had its own ship that found it gone.
-    fn send_rename(&mut self, from: RelPath, to: RelPath, exchange: bool, now: Instant) {
+    /// whole, each entry having had its own ship that found it gone. `flagged`: it
+    /// goes `unsent` whatever the ships found, and its new names are shipped anew.
+    fn send_rename(
+        &mut self,
+        from: RelPath,
+        to: RelPath,
+        exchange: bool,
+        flagged: bool,
+        now: Instant,
+    ) {
         for name in std::iter::once(&from).chain(exchange.then_some(&to)) {
             if let Some(n) = self.renaming.get_mut(name) {
                 *n -= 1;
@@ -1120,7 +1135,9 @@ impl Session {
                 }
             }
         }
-        let unsent = self.unsent.contains_key(&from) || (exchange && self.unsent.contains_key(&to));
+        let unsent = flagged
+            || self.unsent.contains_key(&from)
+            || (exchange && self.unsent.contains_key(&to));
         let below_from = unsent_at_or_below(&self.unsent, &from);
         let below_to = unsent_at_or_below(&self.unsent, &to);
         let seq = self.take_seq(now);
@@ -1141,6 +1158,12 @@ impl Session {
             .collect();
         if exchange {
             renamed.extend(below_to.iter().filter_map(|p| p.renamed(&to, &from)));
+        }
+        if flagged {
+            renamed.insert(to.clone());
+            if exchange {
+                renamed.insert(from.clone());
+            }
         }
         if !renamed.is_empty() {
             tracing::debug!(volume = %self.config.volume, %from, %to, unsent,
@@ -1172,7 +1195,7 @@ impl Session {
             path,
             content,
             file,
-            ..
+            delete_if_missing,
         } = &pending
         {
             // A ship of the same path already waiting, with no rename or delete queued
@@ -1187,17 +1210,23 @@ impl Session {
                 && self.queued_ops == 0
                 && !self.queue.iter().any(other_file)
             {
-                if *content || file.is_some() {
+                if *content || file.is_some() || *delete_if_missing {
                     for p in self.queue.iter_mut() {
                         if let Pending::Ship {
                             path: q,
                             content: c,
                             file: f,
-                            ..
+                            delete_if_missing: d,
                         } = p
                         {
                             if q == path {
                                 *c |= *content;
+                                *d |= *delete_if_missing;
+                                if file.is_none() && (*content || *delete_if_missing) {
+                                    // Whatever is at the path when it is read, not
+                                    // the earlier record's file: a rename brought it.
+                                    *f = None;
+                                }
                                 if let Some(new) = file {
                                     let linked = f.is_some_and(|old| old.linked);
                                     *f = Some(FileId {

@@ -1781,3 +1781,30 @@ fn a_standby_that_refused_a_streamed_change_is_not_fit_until_a_full_sync_repairs
     assert_eq!(standby.unrepaired(), 0);
     assert!(out.iter().any(|o| matches!(o, Output::InSync)), "{out:?}");
 }
+
+/// Renames recorded after a full sync began but before its scan: the full sync
+/// brings their outcome, and they come after it. Nested, so that the first one's
+/// re-ship covers the second's source: neither may be refused.
+#[test]
+fn renames_queued_while_a_full_sync_is_prepared_are_not_refused() {
+    let mut w = World::settled(71);
+    w.mkdir("d");
+    w.write("d/x", b"inside", 80, ChangeKind::Create);
+    w.settle();
+    let syncs = w.active.stats().full_syncs;
+    w.active.resync();
+    // The tick starts the full sync; its scan waits in the outputs, not yet taken.
+    w.advance(Duration::from_millis(10));
+    assert_eq!(w.active.stats().full_syncs, syncs + 1);
+    w.rename("d", "e", false);
+    w.rename("e/x", "e/y", false);
+    w.settle();
+    assert!(w.converged(), "not converged:\n{}", w.difference());
+    assert_eq!(
+        w.standby.stats().rejected,
+        0,
+        "{:?}",
+        w.standby.rejected_paths().collect::<Vec<_>>()
+    );
+    assert_eq!(w.standby_tree[&rel("e/y")].1, b"inside");
+}
