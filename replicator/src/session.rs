@@ -1401,15 +1401,7 @@ impl Session {
                 for (path, sync) in [(from, from_sync), (to, to_sync)] {
                     if sync == SyncMode::Always {
                         let parent = path.split_last().map(|(p, _)| p);
-                        self.enqueue(
-                            Pending::Ship {
-                                path,
-                                content: true,
-                                delete_if_missing: true,
-                                file: None,
-                            },
-                            now,
-                        );
+                        self.ship_with_content(vec![path], now);
                         self.ship_directory(parent, now);
                     }
                 }
