@@ -1440,7 +1440,11 @@ async fn run_session(
                             entry,
                             content: None,
                         },
-                } if entry.meta.kind == Kind::Dir => {
+                } if entry.meta.kind == Kind::Dir
+                    // (Not one of this node's own upstream paths: its local changes
+                    // would race an apply put off till later.)
+                    && !outbox.as_ref().is_some_and(|o| o.upstream(&entry.path)) =>
+                {
                     match batch.stage_directory(&volume, seq, entry) {
                         Ok(()) => {
                             if batch.is_full() {
@@ -4045,7 +4049,12 @@ impl Batch {
 /// Puts staged files in place, in order; returns each op's result.
 fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
     let applier = Applier::new(v.root.as_fd());
-    let single = staged.len() == 1;
+    // One file (directories' metadata aside, each made durable on its own then).
+    let single = staged
+        .iter()
+        .filter(|s| s.entry.meta.kind != Kind::Dir)
+        .count()
+        <= 1;
     let mut results = Vec::with_capacity(staged.len());
     // Data first: after this, a crash leaves whole temp files, never a torn file.
     let synced = if single {
@@ -4089,8 +4098,9 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
                 },
             )
             .map_err(|e| e.to_string()),
-            // A directory's metadata (made durable by its own fsync).
-            (Ok(()), Ok(_), None, None) if s.entry.meta.kind == Kind::Dir => apply_op(
+            // A directory's metadata: made durable by its own fsync, or in a batch of
+            // files by the filesystem sync after the renames.
+            (Ok(()), Ok(_), None, None) if s.entry.meta.kind == Kind::Dir && single => apply_op(
                 v,
                 &Op::Put {
                     entry: s.entry,
@@ -4098,6 +4108,15 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
                 },
             )
             .map_err(|e| e.to_string()),
+            (Ok(()), Ok(_), None, None) if s.entry.meta.kind == Kind::Dir => {
+                let set = applier
+                    .set_directory_metadata_unsynced(&path, &file_meta(&s.entry.meta))
+                    .map_err(|e| e.to_string());
+                if set.is_ok() {
+                    invalidate(v, &path);
+                }
+                set
+            }
             (Ok(()), Ok(_), None, None) => Err("nothing to apply".into()),
         };
         if let Some(shown) = shown.as_mut() {
