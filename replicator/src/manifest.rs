@@ -491,7 +491,7 @@ pub fn scan(
     let top = RelPath::root();
     // The root itself: its mode, owner, times and xattrs (a default ACL, say) are
     // the volume's too. It is no path under a rule: `filter` does not judge it.
-    if let Some((meta, _, _)) = visit(root, OsStr::new("."), &top, &|_, _| true, cache, &mut buf)? {
+    if let Some((meta, _, _)) = describe(root, &top, cache)? {
         manifest.entries.insert(top.clone(), meta);
     }
     let names = sys::read_dir(root).map_err(io_error(&top, "list"))?;

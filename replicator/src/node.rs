@@ -3940,7 +3940,7 @@ impl Batch {
             .open_parent(&entry.path)
             .ok()
             .and_then(|(dir, name)| twinfs_fs::sys::statat(dir.as_fd(), &name).ok())
-            .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR);
+            .filter(crate::apply::is_dir);
         let Some(st) = st else {
             return Err(entry);
         };
