@@ -1235,7 +1235,7 @@ impl Prepared {
 
     /// Gives it the parent directory's times recorded in `first` for an earlier file of
     /// the same batch in the same directory (or records its own): a batch's temp
-    /// files move the directory's mtime, and a replacement restores the time from
+    /// files move the directory's mtime, and each placed file restores the time from
     /// before the first of them.
     pub fn share_dir_times(&mut self, first: &mut DirTimesSeen) {
         if let Some(key) = self.dir_key {
@@ -1279,8 +1279,8 @@ struct TempEntry<'d> {
     dir: BorrowedFd<'d>,
     name: OsString,
     placed: bool,
-    /// The directory's times before the temp entry was made: a replacement of an
-    /// existing entry restores them, as the active's directory did not change.
+    /// The directory's times before the temp entry was made, restored once it is in
+    /// place: the standby's own temp entries and renames are not the active's.
     dir_times: Option<[libc::timespec; 2]>,
 }
 
@@ -1384,7 +1384,6 @@ fn place_with(
     sync: bool,
 ) -> Result<()> {
     let dir = temp.dir;
-    let replaces = sys::statat(dir, name).is_ok();
     sys::renameat2(dir, &temp.name, dir, name, 0).map_err(|e| match e.raw_os_error() {
         // A directory appeared since the check.
         Some(libc::EISDIR) => ApplyError::IsDirectory {
@@ -1394,13 +1393,17 @@ fn place_with(
         _ => io_err("rename into place", path)(e),
     })?;
     temp.placed = true;
-    if let (true, Some(times)) = (replaces, temp.dir_times) {
-        // Replacing an entry's content leaves the active's directory untouched. Only
-        // cosmetic: the rename is done and must still be made durable, so a failure
-        // here is logged, not returned (the caller would take the change as not made).
+    if let Some(times) = temp.dir_times {
+        // The directory's times are the active's, as its last op set them: replacing
+        // an entry's content left the active's directory untouched, and a new entry
+        // moved it then, which the directory's own op after it brings (one that came
+        // first, while the active held the file back as it was being written, already
+        // counts it). Only cosmetic: the rename is done and must still be made
+        // durable, so a failure here is logged, not returned (the caller would take
+        // the change as not made).
         if let Err(e) = At::Fd(dir).utimens(&times) {
             tracing::warn!(%path, error = %e,
-                "could not restore the times of the parent directory after replacing");
+                "could not restore the times of the parent directory after placing");
         }
     }
     if !sync {

@@ -2036,3 +2036,46 @@ fn the_volume_roots_metadata_reaches_the_standby() {
     );
     assert_converged_by_the_stream_alone(&c);
 }
+
+/// A new file its writer holds open ships at its close, after the op that brought its
+/// directory's mtime from the create: placing it on the standby must not move that
+/// mtime again (`cp` to a new name, or a log rotation's copy, does this).
+#[test]
+fn a_file_held_open_from_its_create_leaves_its_directorys_mtime_as_the_actives() {
+    use std::io::Write as _;
+    use std::os::unix::fs::MetadataExt;
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().join("log");
+    fs::create_dir(&a).expect("mkdir");
+    let b = c.nodes[1].volume.join("log");
+    let mtime = |d: &Path| {
+        fs::metadata(d)
+            .map(|m| (m.mtime(), m.mtime_nsec()))
+            .unwrap_or_default()
+    };
+    let mut file = fs::File::create(a.join("app.log.1")).expect("create");
+    file.write_all(b"first\n").expect("write");
+    let want = mtime(&a);
+    assert!(
+        wait_until(CONVERGE, || mtime(&b) == want),
+        "while the file is open: active {want:?}, standby {:?}",
+        mtime(&b)
+    );
+    file.write_all(b"second\n").expect("write");
+    drop(file);
+    c.wait_converged(CONVERGE);
+    assert_eq!(
+        fs::read_to_string(b.join("app.log.1")).expect("read"),
+        "first\nsecond\n"
+    );
+    let want = mtime(&a);
+    assert!(
+        wait_until(CONVERGE, || mtime(&b) == want),
+        "after the close: active {want:?}, standby {:?}",
+        mtime(&b)
+    );
+    assert_converged_by_the_stream_alone(&c);
+}
