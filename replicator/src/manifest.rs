@@ -511,13 +511,21 @@ pub fn scan(
         if dirent.name.as_bytes().starts_with(RESERVED_PREFIX) {
             continue;
         }
-        let path = level
-            .path
-            .join(&dirent.name)
-            .map_err(|source| ManifestError::Path {
-                parent: level.path.clone(),
-                source,
-            })?;
+        let path = match level.path.join(&dirent.name) {
+            Ok(path) => path,
+            // Longer than PATH_MAX: no peer could name it. Left out, with all below
+            // it, and counted: one such name must not stop the whole volume.
+            Err(PathError::TooLong(_)) => {
+                cache.too_long(&level.path);
+                continue;
+            }
+            Err(source) => {
+                return Err(ManifestError::Path {
+                    parent: level.path.clone(),
+                    source,
+                })
+            }
+        };
         let Some((meta, fd, key)) = visit(
             level.dir.as_fd(),
             &dirent.name,
@@ -656,12 +664,17 @@ pub fn names_of(
             if dirent.name.as_bytes().starts_with(RESERVED_PREFIX) {
                 continue;
             }
-            let child = path
-                .join(&dirent.name)
-                .map_err(|source| ManifestError::Path {
-                    parent: path.clone(),
-                    source,
-                })?;
+            let child = match path.join(&dirent.name) {
+                Ok(child) => child,
+                // Left out of every manifest, as by `scan`.
+                Err(PathError::TooLong(_)) => continue,
+                Err(source) => {
+                    return Err(ManifestError::Path {
+                        parent: path.clone(),
+                        source,
+                    })
+                }
+            };
             let kind = match dirent.kind {
                 libc::DT_DIR => Some(Kind::Dir),
                 libc::DT_REG => Some(Kind::File),
@@ -868,7 +881,12 @@ pub struct CacheStats {
     pub misses: u64,
     /// Bytes read to hash them.
     pub bytes_hashed: u64,
+    /// Names left out because their path would be longer than [`MAX_PATH`](crate::path::MAX_PATH).
+    pub too_long: u64,
 }
+
+/// How many directories [`HashCache::too_long_below`] names, at most.
+const TOO_LONG_SHOWN: usize = 16;
 
 /// Content hashes by inode, valid while the file's size, mtime and ctime stay the
 /// same (any write or `utimensat` moves the ctime, and nothing can set it back). Keep
@@ -880,6 +898,9 @@ pub struct HashCache {
     /// The number of the scan under way (see [`Cached::scan`]).
     scan: u32,
     stats: CacheStats,
+    /// The directories where the last scan left out names whose path would be longer
+    /// than [`MAX_PATH`](crate::path::MAX_PATH), with how many (the first [`TOO_LONG_SHOWN`] directories).
+    too_long: BTreeMap<RelPath, u64>,
     /// While set ([`HashCache::collect_blocks`]), a file hashed afresh also gets its
     /// block list, for a delta, from the same read.
     collect: bool,
@@ -1097,6 +1118,24 @@ impl HashCache {
     fn begin_scan(&mut self) {
         self.scan = self.scan.wrapping_add(1);
         self.stats = CacheStats::default();
+        self.too_long.clear();
+    }
+
+    /// The scan left out a name in `dir` whose path would be too long.
+    fn too_long(&mut self, dir: &RelPath) {
+        self.stats.too_long += 1;
+        if let Some(n) = self.too_long.get_mut(dir) {
+            *n += 1;
+        } else if self.too_long.len() < TOO_LONG_SHOWN {
+            self.too_long.insert(dir.clone(), 1);
+        }
+    }
+
+    /// The directories where the last scan left out names whose path would be longer
+    /// than [`MAX_PATH`](crate::path::MAX_PATH) (`PATH_MAX`), each with how many; the first few only
+    /// ([`CacheStats::too_long`] counts them all).
+    pub fn too_long_below(&self) -> &BTreeMap<RelPath, u64> {
+        &self.too_long
     }
 
     /// Drops what the scan did not see (deleted files, filtered paths), so the cache
@@ -1954,6 +1993,46 @@ mod tests {
             .expect("describe")
             .expect("the root is there");
         assert_eq!(&described, top);
+    }
+
+    #[test]
+    fn names_past_path_max_are_left_out_and_counted_and_the_scan_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // 20 levels of 250-byte names, 5,019 bytes in all: 16 fit (4,015 bytes), the
+        // 17th does not. Made level by level, as no single path may be that long.
+        let name = "d".repeat(250);
+        let made = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "cd {} && mkdir keep && echo x > keep/f && \
+                 for i in $(seq 1 20); do mkdir {name} && cd {name} || exit 1; done && echo deep > f",
+                dir.path().display()
+            ))
+            .status()
+            .expect("bash");
+        assert!(made.success());
+        let root = std::fs::File::open(dir.path()).expect("open");
+        let mut cache = HashCache::new();
+        for _ in 0..2 {
+            let m = scan(root.as_fd(), |_, _| true, &mut cache)
+                .expect("a name past PATH_MAX does not fail the scan");
+            assert!(m.get(&RelPath::new("keep/f").expect("path")).is_some());
+            let longest = m.iter().map(|(p, _)| p.as_bytes().len()).max();
+            assert_eq!(longest, Some(16 * 251 - 1));
+            assert_eq!(cache.last_scan().too_long, 1);
+            let below: Vec<(usize, u64)> = cache
+                .too_long_below()
+                .iter()
+                .map(|(d, n)| (d.as_bytes().len(), *n))
+                .collect();
+            assert_eq!(below, [(16 * 251 - 1, 1)]);
+        }
+        use std::os::unix::fs::MetadataExt;
+        // Asked for two names, it walks the whole tree.
+        let f = std::fs::metadata(dir.path().join("keep/f")).expect("stat");
+        let names = names_of(root.as_fd(), (f.dev(), f.ino()), 2, |_, _| true)
+            .expect("a name past PATH_MAX does not fail the walk");
+        assert_eq!(names, [RelPath::new("keep/f").expect("path")]);
     }
 
     #[test]

@@ -2044,8 +2044,13 @@ async fn ship_upstream(
     send: &mut quinn::SendStream,
     record: &Record,
 ) -> Option<()> {
-    let Ok(path) = RelPath::from_path(&record.change.path) else {
-        return Some(());
+    let path = match RelPath::from_path(&record.change.path) {
+        Ok(path) => path,
+        Err(error) => {
+            tracing::warn!(volume = %volume.name, path = %record.change.path.display(), %error,
+                "a local write of a path longer than PATH_MAX (4096 bytes) does not go upstream");
+            return Some(());
+        }
     };
     // A handle opened while this node was active, closed since: not an upstream path.
     if !outbox.upstream(&path) {
@@ -2720,15 +2725,30 @@ async fn send_ship(
     }
 }
 
+/// The directories holding names left out of a scan for a path longer than
+/// `PATH_MAX`, each with how many, for a log line: `"a/b" (2), "c" (1)`.
+fn too_long_shown(below: &std::collections::BTreeMap<RelPath, u64>) -> String {
+    let shown: Vec<String> = below
+        .iter()
+        .map(|(dir, n)| format!("{dir} ({n})"))
+        .collect();
+    shown.join(", ")
+}
+
 /// The volume's manifest with every file hashed now (`twinfs verify`), `never` paths
-/// left out.
-fn scan_fresh(volume: &VolumeLink) -> Result<Manifest, manifest::ManifestError> {
+/// left out; and the directories where names were left out for a path longer than
+/// `PATH_MAX`, each with how many.
+fn scan_fresh(
+    volume: &VolumeLink,
+) -> Result<(Manifest, std::collections::BTreeMap<RelPath, u64>), manifest::ManifestError> {
     let policies = &volume.policies;
-    manifest::scan(
+    let mut cache = HashCache::new();
+    let manifest = manifest::scan(
         volume.root.as_fd(),
         |path, _| policies.resolve(path.as_path()).sync != SyncMode::Never,
-        &mut HashCache::new(),
-    )
+        &mut cache,
+    )?;
+    Ok((manifest, cache.too_long_below().clone()))
 }
 
 /// Standby: answers a `twinfs verify` with a freshly hashed manifest.
@@ -2736,7 +2756,7 @@ async fn answer_verify(volume: &VolumeLink, send: &mut quinn::SendStream, id: u6
     let v = volume.clone();
     let scanned = tokio::task::spawn_blocking(move || scan_fresh(&v)).await;
     let manifest = match scanned {
-        Ok(Ok(m)) => m,
+        Ok(Ok((m, _))) => m,
         // No answer: the active reports that this standby did not answer (an empty
         // manifest would claim every path differs).
         Ok(Err(e)) => {
@@ -2760,7 +2780,7 @@ async fn compare_fresh(
     theirs: Vec<manifest::Entry>,
 ) -> Result<Vec<String>, String> {
     let v = volume.clone();
-    let ours = tokio::task::spawn_blocking(move || scan_fresh(&v))
+    let (ours, too_long) = tokio::task::spawn_blocking(move || scan_fresh(&v))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
@@ -2784,6 +2804,14 @@ async fn compare_fresh(
         .collect();
     paths.sort();
     paths.dedup();
+    // Not in either manifest, and not on the standby: no peer can name them.
+    paths.extend(too_long.iter().map(|(dir, n)| {
+        let dir = match dir.is_root() {
+            true => "the volume root".to_owned(),
+            false => dir.to_string(),
+        };
+        format!("{n} name(s) in {dir} (path longer than PATH_MAX, 4096 bytes: not replicated)")
+    }));
     Ok(paths)
 }
 
@@ -2833,6 +2861,11 @@ fn scan(volume: &VolumeLink) -> Result<Manifest, manifest::ManifestError> {
     let stats = cache.last_scan();
     tracing::info!(volume = %volume.name, entries = manifest.len(), hashed_bytes = stats.bytes_hashed,
         cached = stats.hits, "scanned");
+    if stats.too_long > 0 {
+        tracing::warn!(volume = %volume.name, count = stats.too_long,
+            below = %too_long_shown(cache.too_long_below()),
+            "names whose path is longer than PATH_MAX (4096 bytes) are not replicated");
+    }
     // Kept so a restart does not read every file again; losing it only costs time.
     if let Err(e) = cache.store(&volume.cache_file) {
         tracing::warn!(volume = %volume.name, error = %e, "cannot save the hash cache");

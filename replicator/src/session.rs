@@ -248,6 +248,9 @@ pub struct Session {
     /// it; a planned handover ships them (the new active must not lack them).
     once_changed: BTreeSet<RelPath>,
     resync_wanted: bool,
+    /// Active: a change to a path longer than `PATH_MAX` was logged as not replicated
+    /// (once per session; the next ones at debug level).
+    warned_too_long: bool,
     /// Active: [`Output::Ship`]s handed out (or waiting in `out`) and not yet reported
     /// by [`Session::shipped`]. A rename waits in the queue until there are none, so
     /// it goes out knowing whether its source went out as gone.
@@ -329,6 +332,7 @@ impl Session {
             dirty: BTreeMap::new(),
             once_changed: BTreeSet::new(),
             resync_wanted: false,
+            warned_too_long: false,
             ships_unread: 0,
             deleted_unread: Vec::new(),
             unsent: BTreeMap::new(),
@@ -1317,8 +1321,9 @@ impl Session {
         if !self.is_active() || self.phase == Phase::Closed || self.phase == Phase::Hello {
             return;
         }
-        let Ok(path) = RelPath::from_path(&record.change.path) else {
-            return;
+        let path = match RelPath::from_path(&record.change.path) {
+            Ok(path) => path,
+            Err(e) => return self.too_long(record, &e, now),
         };
         if let ChangeKind::Rename { from, exchange } = &record.change.kind {
             return self.rename(from, path, *exchange, record.policy.sync, now);
@@ -1352,6 +1357,38 @@ impl Session {
         }
     }
 
+    /// A change at a path no peer can name (longer than `PATH_MAX`) is not replicated,
+    /// as scans leave such names out. A rename to one from a name that ships takes
+    /// that name away: it goes on the standby too (or, for an exchange, gets what
+    /// took its place, and a manifest comparison what lies below).
+    fn too_long(&mut self, record: &Record, error: &crate::path::PathError, now: Instant) {
+        let path = record.change.path.display();
+        if self.warned_too_long {
+            tracing::debug!(volume = %self.config.volume, %path, %error, "not replicated");
+        } else {
+            self.warned_too_long = true;
+            tracing::warn!(volume = %self.config.volume, %path, %error,
+                "a change to a path longer than PATH_MAX (4096 bytes) is not replicated");
+        }
+        let ChangeKind::Rename { from, exchange } = &record.change.kind else {
+            return;
+        };
+        let Ok(from) = RelPath::from_path(from) else {
+            return;
+        };
+        if self.config.policies.resolve(from.as_path()).sync != SyncMode::Always {
+            return;
+        }
+        let parent = from.split_last().map(|(p, _)| p);
+        if *exchange {
+            self.ship_with_content(vec![from], now);
+            self.resync_wanted = true;
+        } else {
+            self.enqueue(Pending::Send(Op::Delete { path: from }), now);
+        }
+        self.ship_directory(parent, now);
+    }
+
     /// A rename ships as a rename when both names ship at once. Otherwise the standby
     /// may lack what moved, or must lose the old name without getting the new one:
     /// a full sync by manifest sorts that out.
@@ -1364,6 +1401,15 @@ impl Session {
         now: Instant,
     ) {
         let Ok(from) = RelPath::from_path(from) else {
+            // From a name no peer can name (longer than `PATH_MAX`): what arrives at
+            // `to` is new to the standby, and what lies below it comes with a
+            // manifest comparison.
+            if to_sync == SyncMode::Always {
+                let parent = to.split_last().map(|(p, _)| p);
+                self.ship_with_content(vec![to], now);
+                self.ship_directory(parent, now);
+                self.resync_wanted = true;
+            }
             return;
         };
         let from_sync = self.config.policies.resolve(from.as_path()).sync;

@@ -2037,6 +2037,87 @@ fn the_volume_roots_metadata_reaches_the_standby() {
     assert_converged_by_the_stream_alone(&c);
 }
 
+/// A path longer than PATH_MAX (a runaway copy into itself, say) cannot be named to a
+/// peer: it is left out, and the log and `twinfs verify` say so. It must not stop the
+/// rest of the volume: every full sync used to fail on it ("cannot scan below ..."),
+/// and the standby got nothing more.
+#[test]
+fn a_path_past_path_max_is_left_out_without_stopping_the_volume() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().display().to_string();
+    let b = c.nodes[1].volume.display().to_string();
+    // bash, not sh: dash's cd fails once the path it tracks passes PATH_MAX.
+    let bash = |script: &str| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .expect("run bash");
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // 20 levels of 250-byte names under `deep`: the first 16 fit in 4,096 bytes.
+    let name = "d".repeat(250);
+    let down = format!("cd {a}/deep && for i in $(seq 1 20); do cd {name} || exit 1; done");
+    bash(&format!(
+        "mkdir {a}/deep && cd {a}/deep && for i in $(seq 1 20); do mkdir {name} && cd {name} || exit 1; done && echo bottom > f && mkdir up && echo up > up/u"
+    ));
+    // A tree moved down into the deep place goes from the standby as changes come.
+    sh(&format!("mkdir {a}/down && echo d > {a}/down/x"));
+    c.wait_converged(CONVERGE);
+    let standby = c.nodes[1].volume.clone();
+    assert!(standby.join("down/x").exists());
+    bash(&format!("{down} && mv {a}/down ."));
+    assert!(
+        wait_until(CONVERGE, || !standby.join("down").exists()),
+        "down did not go"
+    );
+    assert_converged_by_the_stream_alone(&c);
+    // One moved up out of it arrives whole.
+    bash(&format!("{down} && mv up {a}/up"));
+    fs::write(c.active().join("after.conf"), "x\n").expect("write");
+    c.wait_converged(CONVERGE);
+    assert_eq!(
+        fs::read_to_string(standby.join("up/u")).expect("read"),
+        "up\n"
+    );
+    // The standby has the 16 levels that fit, and nothing below.
+    bash(&format!(
+        "cd {b}/deep && for i in $(seq 1 16); do cd {name} || exit 1; done && [ ! -e {name} ]"
+    ));
+    // A full sync passes over the names that do not fit.
+    let out = c.nodes[0].twinfs(&["sync", "--full"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("full sync acknowledged"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `verify` says what is not replicated, and where.
+    let out = c.nodes[0].twinfs(&["verify"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("1 name(s) in deep/dddd") && said.contains("not replicated"),
+        "{said}"
+    );
+    let log = c.nodes[0].log_text();
+    assert!(
+        log.contains("names whose path is longer than PATH_MAX (4096 bytes) are not replicated")
+            && log.contains("a change to a path longer than PATH_MAX"),
+        "{}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+    let (rejected, paths) = refusals_on_the_standby(&c);
+    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
+}
+
 /// A new file its writer holds open ships at its close, after the op that brought its
 /// directory's mtime from the create: placing it on the standby must not move that
 /// mtime again (`cp` to a new name, or a log rotation's copy, does this).
