@@ -218,13 +218,30 @@ fn entry_err<'p>(op: &'static str, path: &'p RelPath) -> impl FnOnce(io::Error) 
 /// Writes changes from the active into one volume's underlying directory.
 pub struct Applier<'a> {
     root: BorrowedFd<'a>,
+    /// Whether it applies ops on a standby (restores a directory's times after it
+    /// puts an entry there), not upstream writes on the active.
+    standby: bool,
 }
 
 impl<'a> Applier<'a> {
     /// An applier for the volume whose underlying directory is `root` (an `O_PATH`
     /// directory fd opened before the mount, as `Volume::root_fd` gives it).
     pub fn new(root: BorrowedFd<'a>) -> Self {
-        Applier { root }
+        Applier {
+            root,
+            standby: true,
+        }
+    }
+
+    /// An applier of a standby's upstream writes on the active
+    /// (`direction = "both"`): a new entry moves its directory's mtime, as a local
+    /// create would; the active records the change and ships that time. (A
+    /// replacement leaves it, as on a standby: no op for the directory follows one.)
+    pub fn upstream(root: BorrowedFd<'a>) -> Self {
+        Applier {
+            root,
+            standby: false,
+        }
     }
 
     /// Opens the parent directory of `path` (an `O_PATH` fd) and returns it with the
@@ -263,7 +280,7 @@ impl<'a> Applier<'a> {
         let (dir, name) = self.open_parent(path)?;
         let dir = dir.as_fd();
         refuse_directory(dir, &name, path, "file")?;
-        let (temp, file) = create_temp(dir, |tmp| {
+        let (temp, file) = create_temp(dir, self.standby, |tmp| {
             sys::openat(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
         })
         .map_err(io_err("create a temp file for", path))?;
@@ -303,7 +320,7 @@ impl<'a> Applier<'a> {
     ) -> Result<Prepared> {
         let (dir, name) = self.open_parent(path)?;
         refuse_directory(dir.as_fd(), &name, path, "file")?;
-        let (temp, file) = create_temp(dir.as_fd(), |tmp| {
+        let (temp, file) = create_temp(dir.as_fd(), self.standby, |tmp| {
             sys::openat(
                 dir.as_fd(),
                 tmp,
@@ -333,6 +350,7 @@ impl<'a> Applier<'a> {
             name: std::mem::take(&mut prepared.temp),
             placed: false,
             dir_times: prepared.dir_times,
+            new_too: prepared.new_too,
         };
         place_with(temp, &prepared.name, &prepared.path, "file", durable)
     }
@@ -441,11 +459,23 @@ impl<'a> Applier<'a> {
                     if entry.name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
                         continue;
                     }
-                    let child = path.join(&entry.name).map_err(|e| ApplyError::Io {
-                        path: path.clone(),
-                        op: "copy out",
-                        source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
-                    })?;
+                    let child = match path.join(&entry.name) {
+                        Ok(child) => child,
+                        // Longer than PATH_MAX: this walk names entries by path, so it
+                        // cannot keep that one (nor what is below). The rest is kept.
+                        Err(e @ crate::path::PathError::TooLong(_)) => {
+                            tracing::warn!(%path, error = %e,
+                                "not kept: a name in this directory makes a path longer than PATH_MAX");
+                            continue;
+                        }
+                        Err(e) => {
+                            return Err(ApplyError::Io {
+                                path: path.clone(),
+                                op: "copy out",
+                                source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+                            })
+                        }
+                    };
                     copied += self.copy_out(&child, into.as_fd(), &entry.name)?;
                 }
                 Ok(copied)
@@ -587,7 +617,7 @@ impl<'a> Applier<'a> {
         let dir = dir_fd.as_fd();
         refuse_directory(dir, &name, path, "file")?;
         let current = open_regular(dir, &name, path)?;
-        let (temp, file) = create_temp(dir, |tmp| {
+        let (temp, file) = create_temp(dir, self.standby, |tmp| {
             sys::openat(dir, tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
         })
         .map_err(io_err("create a temp file for", path))?;
@@ -719,7 +749,7 @@ impl<'a> Applier<'a> {
         let (dir, name) = self.open_parent(path)?;
         let dir = dir.as_fd();
         refuse_directory(dir, &name, path, "symlink")?;
-        let (temp, ()) = create_temp(dir, |tmp| {
+        let (temp, ()) = create_temp(dir, self.standby, |tmp| {
             sys::symlinkat(OsStr::from_bytes(target), dir, tmp)
         })
         .map_err(io_err("create a temp symlink for", path))?;
@@ -741,7 +771,7 @@ impl<'a> Applier<'a> {
         let (dir, name) = self.open_parent(path)?;
         let dir = dir.as_fd();
         refuse_directory(dir, &name, path, "special file")?;
-        let (temp, ()) = create_temp(dir, |tmp| {
+        let (temp, ()) = create_temp(dir, self.standby, |tmp| {
             sys::mknodat(dir, tmp, kind.file_type() | 0o600, rdev)
         })
         .map_err(io_err("create a temp node for", path))?;
@@ -808,7 +838,7 @@ impl<'a> Applier<'a> {
         if sys::statat(dir, &name).is_ok_and(|st| (st.st_dev, st.st_ino) == key(&file)) {
             return Ok(());
         }
-        let (temp, ()) = create_temp(dir, |tmp| {
+        let (temp, ()) = create_temp(dir, self.standby, |tmp| {
             sys::linkat(from_dir.as_fd(), &from_name, dir, tmp)
         })
         .map_err(io_err("link a temp name for", path))?;
@@ -1150,10 +1180,10 @@ fn key(st: &Stat) -> (u64, u64) {
     (st.st_dev, st.st_ino)
 }
 
-/// A file written beside its target by [`Applier::prepare_file`], not yet in place;
 /// How much of a large file is written before the disk is asked to start on it.
 const WRITEBACK_STEP: u64 = 8 << 20;
 
+/// A file written beside its target by [`Applier::prepare_file`], not yet in place;
 /// removed when dropped unless placed.
 pub struct Prepared {
     dir: OwnedFd,
@@ -1161,6 +1191,7 @@ pub struct Prepared {
     temp: OsString,
     path: RelPath,
     dir_times: Option<[libc::timespec; 2]>,
+    new_too: bool,
     dir_key: Option<(u64, u64)>,
     temp_key: Option<(u64, u64)>,
     placed: bool,
@@ -1179,7 +1210,7 @@ impl Prepared {
         dir: OwnedFd,
         name: OsString,
         path: &RelPath,
-        (temp, dir_times): (OsString, Option<[libc::timespec; 2]>),
+        handed: Handed,
         file: BorrowedFd<'_>,
     ) -> Prepared {
         let key = |st: sys::Stat| (st.st_dev, st.st_ino);
@@ -1188,9 +1219,10 @@ impl Prepared {
             temp_key: sys::fstat(file).ok().map(key),
             dir,
             name,
-            temp,
+            temp: handed.temp,
             path: path.clone(),
-            dir_times,
+            dir_times: handed.dir_times,
+            new_too: handed.new_too,
             placed: false,
             blocks: None,
         }
@@ -1274,6 +1306,14 @@ impl Drop for Prepared {
     }
 }
 
+/// A temp entry handed over by [`TempEntry::hand_over`]: its name, and how to treat
+/// the directory's times.
+struct Handed {
+    temp: OsString,
+    dir_times: Option<[libc::timespec; 2]>,
+    new_too: bool,
+}
+
 /// A temp entry in a directory, removed when dropped unless it was renamed into place.
 struct TempEntry<'d> {
     dir: BorrowedFd<'d>,
@@ -1282,14 +1322,21 @@ struct TempEntry<'d> {
     /// The directory's times before the temp entry was made, restored once it is in
     /// place: the standby's own temp entries and renames are not the active's.
     dir_times: Option<[libc::timespec; 2]>,
+    /// Whether they are restored when the entry is new too, not only when it replaces
+    /// one (see [`Applier::upstream`]).
+    new_too: bool,
 }
 
 impl TempEntry<'_> {
     /// Ends the guard without removing the temp file, whose care passes to the caller
     /// (a [`Prepared`]): its name and the directory's times from before it.
-    fn hand_over(mut self) -> (OsString, Option<[libc::timespec; 2]>) {
+    fn hand_over(mut self) -> Handed {
         self.placed = true;
-        (std::mem::take(&mut self.name), self.dir_times)
+        Handed {
+            temp: std::mem::take(&mut self.name),
+            dir_times: self.dir_times,
+            new_too: self.new_too,
+        }
     }
 }
 
@@ -1320,6 +1367,7 @@ fn temp_name() -> OsString {
 /// name is taken; returns the guard and what `make` returned.
 fn create_temp<T>(
     dir: BorrowedFd<'_>,
+    new_too: bool,
     mut make: impl FnMut(&OsStr) -> io::Result<T>,
 ) -> io::Result<(TempEntry<'_>, T)> {
     let mut last = io::Error::from_raw_os_error(libc::EEXIST);
@@ -1344,6 +1392,7 @@ fn create_temp<T>(
                     name,
                     placed: false,
                     dir_times,
+                    new_too,
                 };
                 return Ok((temp, made));
             }
@@ -1384,6 +1433,10 @@ fn place_with(
     sync: bool,
 ) -> Result<()> {
     let dir = temp.dir;
+    let restore = match temp.new_too {
+        true => temp.dir_times,
+        false => temp.dir_times.filter(|_| sys::statat(dir, name).is_ok()),
+    };
     sys::renameat2(dir, &temp.name, dir, name, 0).map_err(|e| match e.raw_os_error() {
         // A directory appeared since the check.
         Some(libc::EISDIR) => ApplyError::IsDirectory {
@@ -1393,12 +1446,12 @@ fn place_with(
         _ => io_err("rename into place", path)(e),
     })?;
     temp.placed = true;
-    if let Some(times) = temp.dir_times {
-        // The directory's times are the active's, as its last op set them: replacing
-        // an entry's content left the active's directory untouched, and a new entry
-        // moved it then, which the directory's own op after it brings (one that came
-        // first, while the active held the file back as it was being written, already
-        // counts it). Only cosmetic: the rename is done and must still be made
+    if let Some(times) = restore {
+        // On a standby, the directory's times are the active's, as its last op set
+        // them: replacing an entry's content left the active's directory untouched,
+        // and a new entry moved it then, which the directory's own op after it brings
+        // (one that came first, while the active held the file back as it was being
+        // written, already counts it). Only cosmetic: the rename is done and must still be made
         // durable, so a failure here is logged, not returned (the caller would take
         // the change as not made).
         if let Err(e) = At::Fd(dir).utimens(&times) {

@@ -2056,17 +2056,20 @@ async fn ship_upstream(
     if !outbox.upstream(&path) {
         return Some(());
     }
-    let op = match &record.change.kind {
-        twinfs_fs::ChangeKind::Unlink | twinfs_fs::ChangeKind::Rmdir => Op::Delete { path },
-        twinfs_fs::ChangeKind::Rename { from, exchange } => match RelPath::from_path(from) {
-            Ok(from) => Op::Rename {
-                from,
-                to: path,
-                exchange: *exchange,
-                unsent: false,
-            },
-            Err(_) => return Some(()),
+    let renamed_from = match &record.change.kind {
+        twinfs_fs::ChangeKind::Rename { from, .. } => RelPath::from_path(from).ok(),
+        _ => None,
+    };
+    let op = match (&record.change.kind, renamed_from) {
+        (twinfs_fs::ChangeKind::Unlink | twinfs_fs::ChangeKind::Rmdir, _) => Op::Delete { path },
+        (twinfs_fs::ChangeKind::Rename { exchange, .. }, Some(from)) => Op::Rename {
+            from,
+            to: path,
+            exchange: *exchange,
+            unsent: false,
         },
+        // A rename from a name the active cannot be told (longer than `PATH_MAX`)
+        // goes as what arrived, read below (a file whole, a directory only itself).
         // Still open for writing (a create, say): its close ships it whole.
         _ if volume.volume.being_written(&record.change.path) => return Some(()),
         _ => {
@@ -2735,12 +2738,13 @@ fn too_long_shown(below: &std::collections::BTreeMap<RelPath, u64>) -> String {
     shown.join(", ")
 }
 
+/// Names a scan left out for a path longer than `PATH_MAX`: the first directories
+/// that hold them, each with how many, and how many in all.
+type TooLong = (std::collections::BTreeMap<RelPath, u64>, u64);
+
 /// The volume's manifest with every file hashed now (`twinfs verify`), `never` paths
-/// left out; and the directories where names were left out for a path longer than
-/// `PATH_MAX`, each with how many.
-fn scan_fresh(
-    volume: &VolumeLink,
-) -> Result<(Manifest, std::collections::BTreeMap<RelPath, u64>), manifest::ManifestError> {
+/// left out; and the names left out for a path longer than `PATH_MAX`.
+fn scan_fresh(volume: &VolumeLink) -> Result<(Manifest, TooLong), manifest::ManifestError> {
     let policies = &volume.policies;
     let mut cache = HashCache::new();
     let manifest = manifest::scan(
@@ -2748,7 +2752,8 @@ fn scan_fresh(
         |path, _| policies.resolve(path.as_path()).sync != SyncMode::Never,
         &mut cache,
     )?;
-    Ok((manifest, cache.too_long_below().clone()))
+    let too_long = (cache.too_long_below().clone(), cache.last_scan().too_long);
+    Ok((manifest, too_long))
 }
 
 /// Standby: answers a `twinfs verify` with a freshly hashed manifest.
@@ -2780,7 +2785,7 @@ async fn compare_fresh(
     theirs: Vec<manifest::Entry>,
 ) -> Result<Vec<String>, String> {
     let v = volume.clone();
-    let (ours, too_long) = tokio::task::spawn_blocking(move || scan_fresh(&v))
+    let (ours, (too_long, too_long_in_all)) = tokio::task::spawn_blocking(move || scan_fresh(&v))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
@@ -2804,14 +2809,19 @@ async fn compare_fresh(
         .collect();
     paths.sort();
     paths.dedup();
-    // Not in either manifest, and not on the standby: no peer can name them.
+    // In neither manifest: no peer can name them.
+    const NOT: &str = "path longer than PATH_MAX, 4096 bytes: not replicated";
     paths.extend(too_long.iter().map(|(dir, n)| {
         let dir = match dir.is_root() {
             true => "the volume root".to_owned(),
             false => dir.to_string(),
         };
-        format!("{n} name(s) in {dir} (path longer than PATH_MAX, 4096 bytes: not replicated)")
+        format!("{n} name(s) in {dir} ({NOT})")
     }));
+    let rest = too_long_in_all.saturating_sub(too_long.values().sum());
+    if rest > 0 {
+        paths.push(format!("{rest} name(s) in other directories ({NOT})"));
+    }
     Ok(paths)
 }
 
@@ -4241,7 +4251,7 @@ fn file_meta(meta: &Meta) -> FileMeta {
 }
 
 fn apply_op(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
-    apply_quietly(volume, op)?;
+    apply_quietly(volume, &Applier::new(volume.root.as_fd()), op)?;
     if !matches!(op, Op::Skip { .. } | Op::PutStream { .. }) {
         for path in op_paths(op) {
             invalidate(volume, path);
@@ -4255,7 +4265,7 @@ fn apply_op(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
 /// a directory is deleted only if empty, and nothing is put where an entry of another
 /// kind appeared since the judgement.
 fn apply_upstream(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
-    let applier = Applier::new(volume.root.as_fd());
+    let applier = Applier::upstream(volume.root.as_fd());
     match op {
         Op::Put { entry, content } => put_entry(&applier, entry, content.as_deref()),
         Op::Delete { path } => applier.delete_entry(path),
@@ -4263,7 +4273,7 @@ fn apply_upstream(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
         Op::Rename {
             from, to, exchange, ..
         } => applier.rename(from, to, *exchange),
-        other => apply_quietly(volume, other),
+        other => apply_quietly(volume, &applier, other),
     }
 }
 
@@ -4284,30 +4294,29 @@ fn refuse_for_root(op: &Op) -> Result<(), ApplyError> {
 }
 
 /// [`apply_op`] without telling the kernel.
-fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
+fn apply_quietly(volume: &VolumeLink, applier: &Applier<'_>, op: &Op) -> Result<(), ApplyError> {
     refuse_for_root(op)?;
-    let applier = Applier::new(volume.root.as_fd());
     match op {
         Op::Put { entry, content } => {
             let path = &entry.path;
             let before = match content {
-                Some(_) => linked_before(&applier, entry)?,
+                Some(_) => linked_before(applier, entry)?,
                 None => None,
             };
             let put = |applier: &Applier<'_>| put_entry(applier, entry, content.as_deref());
-            match put(&applier) {
+            match put(applier) {
                 // Something of another kind is in the way: it goes, as on the active.
                 Err(ApplyError::IsDirectory { .. } | ApplyError::NotDirectory { .. }) => {
-                    clear_the_way(volume, &applier, path)?;
-                    put(&applier)?;
+                    clear_the_way(volume, applier, path)?;
+                    put(applier)?;
                 }
                 other => other?,
             }
-            relink_others(volume, &applier, path, before)?;
+            relink_others(volume, applier, path, before)?;
         }
         Op::Link { path, existing } => match applier.link(existing, path) {
             Err(ApplyError::IsDirectory { .. }) => {
-                clear_the_way(volume, &applier, path)?;
+                clear_the_way(volume, applier, path)?;
                 applier.link(existing, path)?;
             }
             other => other?,
@@ -4325,7 +4334,7 @@ fn apply_quietly(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
             unsent: true,
         } => applier.rename_unsent(from, to, *exchange)?,
         Op::Delete { path } => {
-            delete_for_active(volume, &applier, path)?;
+            delete_for_active(volume, applier, path)?;
         }
         // Streamed files are applied by `apply_streamed`, with their stream.
         Op::Skip { .. } | Op::PutStream { .. } => {}

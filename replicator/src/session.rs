@@ -1358,9 +1358,11 @@ impl Session {
     }
 
     /// A change at a path no peer can name (longer than `PATH_MAX`) is not replicated,
-    /// as scans leave such names out. A rename to one from a name that ships takes
-    /// that name away: it goes on the standby too (or, for an exchange, gets what
-    /// took its place, and a manifest comparison what lies below).
+    /// as scans leave such names out. A rename to one from a name that ships as
+    /// changes come takes that name away: it goes on the standby too (or, for an
+    /// exchange, gets what took its place, and a manifest comparison what lies
+    /// below). From another name, a manifest comparison settles it, as for a rename
+    /// across policies.
     fn too_long(&mut self, record: &Record, error: &crate::path::PathError, now: Instant) {
         let path = record.change.path.display();
         if self.warned_too_long {
@@ -1368,7 +1370,21 @@ impl Session {
         } else {
             self.warned_too_long = true;
             tracing::warn!(volume = %self.config.volume, %path, %error,
-                "a change to a path longer than PATH_MAX (4096 bytes) is not replicated");
+                "a change to a path that no peer can name is not replicated");
+        }
+        // A name made or removed in a directory a peer can name moved its mtime.
+        let namespace = !matches!(
+            record.change.kind,
+            ChangeKind::Write | ChangeKind::Attr(_) | ChangeKind::Xattr
+        );
+        if let Some(Ok(dir)) = namespace
+            .then(|| record.change.path.parent())
+            .flatten()
+            .map(RelPath::from_path)
+        {
+            if self.config.policies.resolve(dir.as_path()).sync == SyncMode::Always {
+                self.ship_directory(Some(dir), now);
+            }
         }
         let ChangeKind::Rename { from, exchange } = &record.change.kind else {
             return;
@@ -1376,17 +1392,20 @@ impl Session {
         let Ok(from) = RelPath::from_path(from) else {
             return;
         };
-        if self.config.policies.resolve(from.as_path()).sync != SyncMode::Always {
-            return;
-        }
         let parent = from.split_last().map(|(p, _)| p);
-        if *exchange {
-            self.ship_with_content(vec![from], now);
-            self.resync_wanted = true;
-        } else {
-            self.enqueue(Pending::Send(Op::Delete { path: from }), now);
+        match (self.config.policies.resolve(from.as_path()).sync, exchange) {
+            (SyncMode::Never, _) => {}
+            (SyncMode::Always, false) => {
+                self.enqueue(Pending::Send(Op::Delete { path: from }), now);
+                self.ship_directory(parent, now);
+            }
+            (SyncMode::Always, true) => {
+                self.ship_with_content(vec![from], now);
+                self.ship_directory(parent, now);
+                self.resync_wanted = true;
+            }
+            _ => self.resync_wanted = true,
         }
-        self.ship_directory(parent, now);
     }
 
     /// A rename ships as a rename when both names ship at once. Otherwise the standby
@@ -1403,11 +1422,14 @@ impl Session {
         let Ok(from) = RelPath::from_path(from) else {
             // From a name no peer can name (longer than `PATH_MAX`): what arrives at
             // `to` is new to the standby, and what lies below it comes with a
-            // manifest comparison.
+            // manifest comparison (which brings the rest of a name that does not ship
+            // as changes come).
             if to_sync == SyncMode::Always {
                 let parent = to.split_last().map(|(p, _)| p);
                 self.ship_with_content(vec![to], now);
                 self.ship_directory(parent, now);
+            }
+            if to_sync != SyncMode::Never {
                 self.resync_wanted = true;
             }
             return;

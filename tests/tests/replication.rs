@@ -2061,6 +2061,7 @@ fn a_path_past_path_max_is_left_out_without_stopping_the_volume() {
             "{script}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     };
     // 20 levels of 250-byte names under `deep`: the first 16 fit in 4,096 bytes.
     let name = "d".repeat(250);
@@ -2071,6 +2072,19 @@ fn a_path_past_path_max_is_left_out_without_stopping_the_volume() {
     // A tree moved down into the deep place goes from the standby as changes come.
     sh(&format!("mkdir {a}/down && echo d > {a}/down/x"));
     c.wait_converged(CONVERGE);
+    // The deepest directory a peer can name has the active's mtime, which the names
+    // made in it past the limit moved.
+    let deepest = |root: &str| {
+        bash(&format!(
+            "cd {root}/deep && for i in $(seq 1 16); do cd {name} || exit 1; done && stat -c %y ."
+        ))
+    };
+    let want = deepest(&a);
+    assert!(
+        wait_until(CONVERGE, || deepest(&b) == want),
+        "the 16th level: active {want}, standby {}",
+        deepest(&b)
+    );
     let standby = c.nodes[1].volume.clone();
     assert!(standby.join("down/x").exists());
     bash(&format!("{down} && mv {a}/down ."));
@@ -2079,6 +2093,17 @@ fn a_path_past_path_max_is_left_out_without_stopping_the_volume() {
         "down did not go"
     );
     assert_converged_by_the_stream_alone(&c);
+    // So does an `interval` file moved down, by a comparison of manifests.
+    fs::write(c.active().join("hosts"), "10.0.0.1 a\n").expect("write");
+    assert!(
+        wait_until(CONVERGE, || standby.join("hosts").exists()),
+        "hosts did not arrive"
+    );
+    bash(&format!("{down} && mv {a}/hosts ."));
+    assert!(
+        wait_until(CONVERGE, || !standby.join("hosts").exists()),
+        "hosts did not go"
+    );
     // One moved up out of it arrives whole.
     bash(&format!("{down} && mv up {a}/up"));
     fs::write(c.active().join("after.conf"), "x\n").expect("write");
@@ -2110,7 +2135,7 @@ fn a_path_past_path_max_is_left_out_without_stopping_the_volume() {
     let log = c.nodes[0].log_text();
     assert!(
         log.contains("names whose path is longer than PATH_MAX (4096 bytes) are not replicated")
-            && log.contains("a change to a path longer than PATH_MAX"),
+            && log.contains("a change to a path that no peer can name is not replicated"),
         "{}",
         &log[log.len().saturating_sub(3000)..]
     );

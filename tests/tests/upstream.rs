@@ -102,6 +102,12 @@ fn both_writes_on_a_standby_reach_the_active_and_the_other_standbys() {
     // A shell redirection, to an existing file and to a new one under a `both`
     // directory.
     let users = standby.volume.join("users");
+    let users_mtime = |node: &Node| {
+        fs::metadata(node.volume.join("users"))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    let before = users_mtime(&c.nodes[0]);
     sh(&format!(
         "echo 'password = new' > {0}/admin && echo 'password = bob' > {0}/bob",
         users.display()
@@ -111,6 +117,19 @@ fn both_writes_on_a_standby_reach_the_active_and_the_other_standbys() {
         wait_content(node, "users/bob", "password = bob\n");
     }
     c.wait_converged(CONVERGE);
+    // The new file moved the directory's mtime on the active, as a local create
+    // would, and every node has that time.
+    let after = users_mtime(&c.nodes[0]);
+    assert!(
+        after > before,
+        "users: {after:?}, before the create {before:?}"
+    );
+    assert!(
+        wait_until(CONVERGE, || c.nodes.iter().all(|n| users_mtime(n) == after)),
+        "users: active {after:?}, standbys {:?} {:?}",
+        users_mtime(&c.nodes[1]),
+        users_mtime(&c.nodes[2])
+    );
 
     // chmod and touch.
     fs::set_permissions(users.join("bob"), fs::Permissions::from_mode(0o600)).expect("chmod");
