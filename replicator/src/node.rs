@@ -2260,11 +2260,28 @@ fn take_upstream_recorded(volume: &VolumeLink, op: &Op, base: Option<u128>) -> R
         // A standby ships its links as copies (`read_op`).
         Op::PutStream { .. } | Op::Skip { .. } | Op::Link { .. } => return Ok(()),
     };
+    // Replacing an entry put the directory's times back after its temp entry had
+    // moved them: a ship of the directory read in between carried that moment's
+    // time. Its metadata as it is now follows.
+    let replaced = matches!(op, Op::Put { .. }) && current.is_some();
+    let parent = path.split_last().map(|(dir, _)| dir).filter(|_| replaced);
     volume.volume.note_change(Change {
         path: path.as_path().to_owned(),
         kind,
         file: None,
     });
+    if let Some(dir) = parent {
+        volume.volume.note_change(Change {
+            path: dir.as_path().to_owned(),
+            kind: ChangeKind::Attr(AttrChange {
+                times: false,
+                mode: false,
+                owner: false,
+                size: false,
+            }),
+            file: None,
+        });
+    }
     Ok(())
 }
 
