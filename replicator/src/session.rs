@@ -1328,6 +1328,19 @@ impl Session {
         if let ChangeKind::Rename { from, exchange } = &record.change.kind {
             return self.rename(from, path, *exchange, record.policy.sync, now);
         }
+        if matches!(record.policy.sync, SyncMode::Once | SyncMode::Interval(_))
+            && is_namespace(&record.change.kind)
+        {
+            // The name waits (or never goes), but the directory's new mtime ships now
+            // when the directory ships as changes come: placing the name later puts
+            // the directory's times back.
+            let parent = path.split_last().map(|(p, _)| p);
+            if let Some(dir) = parent
+                .filter(|d| self.config.policies.resolve(d.as_path()).sync == SyncMode::Always)
+            {
+                self.ship_directory(Some(dir), now);
+            }
+        }
         match record.policy.sync {
             SyncMode::Once => {
                 // Not shipped; but a priority-1 path's standby must know its copy is
@@ -1373,10 +1386,8 @@ impl Session {
                 "a change to a path that no peer can name is not replicated");
         }
         // A name made or removed in a directory a peer can name moved its mtime.
-        let namespace = !matches!(
-            record.change.kind,
-            ChangeKind::Write | ChangeKind::Attr(_) | ChangeKind::Xattr
-        );
+        let namespace = is_namespace(&record.change.kind)
+            || matches!(record.change.kind, ChangeKind::Rename { .. });
         if let Some(Ok(dir)) = namespace
             .then(|| record.change.path.parent())
             .flatten()
@@ -1523,19 +1534,9 @@ impl Session {
                 file,
             },
         };
-        let namespace = matches!(
-            kind,
-            ChangeKind::Unlink
-                | ChangeKind::Rmdir
-                | ChangeKind::Mkdir
-                | ChangeKind::Mknod
-                | ChangeKind::Symlink
-                | ChangeKind::Create
-                | ChangeKind::Link { .. }
-        );
         let parent = pending_path(&pending).split_last().map(|(p, _)| p);
         self.enqueue(pending, now);
-        if namespace {
+        if is_namespace(kind) {
             self.ship_directory(parent, now);
         }
     }
@@ -1829,6 +1830,21 @@ fn unsent_at_or_below(set: &BTreeMap<RelPath, bool>, path: &RelPath) -> Vec<RelP
         .filter(|p| p.starts_with(path))
         .cloned()
         .collect()
+}
+
+/// Whether a change makes or removes a name in its directory, moving the directory's
+/// mtime (a rename is handled on its own).
+fn is_namespace(kind: &ChangeKind) -> bool {
+    matches!(
+        kind,
+        ChangeKind::Unlink
+            | ChangeKind::Rmdir
+            | ChangeKind::Mkdir
+            | ChangeKind::Mknod
+            | ChangeKind::Symlink
+            | ChangeKind::Create
+            | ChangeKind::Link { .. }
+    )
 }
 
 fn pending_path(pending: &Pending) -> &RelPath {

@@ -2037,6 +2037,50 @@ fn the_volume_roots_metadata_reaches_the_standby() {
     assert_converged_by_the_stream_alone(&c);
 }
 
+/// A name that does not ship as changes come (`interval`, `once`) made in a directory
+/// that does moved the directory's mtime: that ships at once, and placing the name
+/// later (the interval file when its interval is up) leaves it as the active's.
+#[test]
+fn a_directorys_mtime_follows_names_of_other_policies_made_in_it() {
+    use std::os::unix::fs::MetadataExt;
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().join("net");
+    fs::create_dir(&a).expect("mkdir");
+    c.wait_converged(CONVERGE);
+    let b = c.nodes[1].volume.join("net");
+    let mtime = |d: &Path| {
+        fs::metadata(d)
+            .map(|m| (m.mtime(), m.mtime_nsec()))
+            .unwrap_or_default()
+    };
+    // `hosts` is `interval` (2 s), `*.sif` is `once`.
+    fs::write(a.join("hosts"), "10.0.0.1 a\n").expect("write");
+    fs::write(a.join("new.sif"), "firmware").expect("write");
+    let want = mtime(&a);
+    assert!(
+        wait_until(CONVERGE, || mtime(&b) == want),
+        "before the interval: active {want:?}, standby {:?}",
+        mtime(&b)
+    );
+    assert!(
+        wait_until(CONVERGE, || b.join("hosts").exists()),
+        "hosts never arrived"
+    );
+    assert!(
+        !b.join("new.sif").exists(),
+        "a once file shipped after contact"
+    );
+    assert!(
+        wait_until(CONVERGE, || mtime(&b) == want),
+        "after the interval file arrived: active {want:?}, standby {:?}",
+        mtime(&b)
+    );
+    assert_converged_by_the_stream_alone(&c);
+}
+
 /// A path longer than PATH_MAX (a runaway copy into itself, say) cannot be named to a
 /// peer: it is left out, and the log and `twinfs verify` say so. It must not stop the
 /// rest of the volume: every full sync used to fail on it ("cannot scan below ..."),
