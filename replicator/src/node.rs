@@ -2224,18 +2224,21 @@ fn take_upstream_recorded(volume: &VolumeLink, op: &Op, base: Option<u128>) -> R
     })?;
     let (path, kind) = match op {
         Op::Put { entry, .. } => {
+            // A file, symlink or node is put in place through a temp entry, after
+            // which the directory's times are put back; a ship of the directory read
+            // in between carried the temp entry's moment. Recorded as made anew, so
+            // the directory's metadata ships after it, read as it is now.
             let kind = match (&current, entry.meta.kind) {
-                (None, Kind::File) => ChangeKind::Create,
+                (_, Kind::File) => ChangeKind::Create,
                 (None, Kind::Dir) => ChangeKind::Mkdir,
-                (None, Kind::Symlink) => ChangeKind::Symlink,
-                (None, _) => ChangeKind::Mknod,
-                (Some(_), Kind::File) => ChangeKind::Write,
-                (Some(_), _) => ChangeKind::Attr(AttrChange {
+                (_, Kind::Symlink) => ChangeKind::Symlink,
+                (Some(_), Kind::Dir) => ChangeKind::Attr(AttrChange {
                     times: true,
                     mode: true,
                     owner: true,
                     size: false,
                 }),
+                (_, _) => ChangeKind::Mknod,
             };
             (entry.path.clone(), kind)
         }
@@ -2260,28 +2263,11 @@ fn take_upstream_recorded(volume: &VolumeLink, op: &Op, base: Option<u128>) -> R
         // A standby ships its links as copies (`read_op`).
         Op::PutStream { .. } | Op::Skip { .. } | Op::Link { .. } => return Ok(()),
     };
-    // Replacing an entry put the directory's times back after its temp entry had
-    // moved them: a ship of the directory read in between carried that moment's
-    // time. Its metadata as it is now follows.
-    let replaced = matches!(op, Op::Put { .. }) && current.is_some();
-    let parent = path.split_last().map(|(dir, _)| dir).filter(|_| replaced);
     volume.volume.note_change(Change {
         path: path.as_path().to_owned(),
         kind,
         file: None,
     });
-    if let Some(dir) = parent {
-        volume.volume.note_change(Change {
-            path: dir.as_path().to_owned(),
-            kind: ChangeKind::Attr(AttrChange {
-                times: false,
-                mode: false,
-                owner: false,
-                size: false,
-            }),
-            file: None,
-        });
-    }
     Ok(())
 }
 

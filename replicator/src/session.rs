@@ -248,6 +248,11 @@ pub struct Session {
     /// it; a planned handover ships them (the new active must not lack them).
     once_changed: BTreeSet<RelPath>,
     resync_wanted: bool,
+    /// Active: names that arrived on the standby by a rename across policies, whose
+    /// entries below come only with the next manifest comparison: a rename of what
+    /// lies below one goes as one that may find nothing to move (its new name shipped
+    /// after it), a hard link to it as a copy.
+    awaiting_comparison: BTreeSet<RelPath>,
     /// Active: a change to a path longer than `PATH_MAX` was logged as not replicated
     /// (once per session; the next ones at debug level).
     warned_too_long: bool,
@@ -333,6 +338,7 @@ impl Session {
             once_changed: BTreeSet::new(),
             resync_wanted: false,
             warned_too_long: false,
+            awaiting_comparison: BTreeSet::new(),
             ships_unread: 0,
             deleted_unread: Vec::new(),
             unsent: BTreeMap::new(),
@@ -733,6 +739,9 @@ impl Session {
         self.once_changed.clear();
         self.unsent.clear();
         self.resync_wanted = false;
+        // Its scan comes after them; renames queued before its comparison are flagged
+        // there.
+        self.awaiting_comparison.clear();
         self.sync_id += 1;
         self.progress_at = now;
         self.send(Message::RequestManifest { sync: self.sync_id }, now);
@@ -1332,14 +1341,10 @@ impl Session {
             && is_namespace(&record.change.kind)
         {
             // The name waits (or never goes), but the directory's new mtime ships now
-            // when the directory ships as changes come: placing the name later puts
-            // the directory's times back.
-            let parent = path.split_last().map(|(p, _)| p);
-            if let Some(dir) = parent
-                .filter(|d| self.config.policies.resolve(d.as_path()).sync == SyncMode::Always)
-            {
-                self.ship_directory(Some(dir), now);
-            }
+            // when the directory ships as changes come. (An interval name's own ship
+            // is followed by its directory's again: making or removing it on the
+            // standby moves the mtime there.)
+            self.ship_always_parent(&path, now);
         }
         match record.policy.sync {
             SyncMode::Once => {
@@ -1457,11 +1462,13 @@ impl Session {
                 if exchange {
                     *self.renaming.entry(to.clone()).or_default() += 1;
                 }
+                let unsent = self.below_awaiting(&from) || (exchange && self.below_awaiting(&to));
+                self.rebase_awaiting(&from, &to, exchange);
                 let op = Op::Rename {
                     from,
                     to,
                     exchange,
-                    unsent: false,
+                    unsent,
                 };
                 self.enqueue(Pending::Send(op), now);
                 let [a, b] = parents;
@@ -1480,6 +1487,7 @@ impl Session {
                 for (path, sync) in [(from, from_sync), (to, to_sync)] {
                     if sync == SyncMode::Always {
                         let parent = path.split_last().map(|(p, _)| p);
+                        self.awaiting_comparison.insert(path.clone());
                         self.ship_with_content(vec![path], now);
                         self.ship_directory(parent, now);
                     }
@@ -1497,7 +1505,8 @@ impl Session {
             ChangeKind::Link { existing } => match RelPath::from_path(existing) {
                 Ok(existing)
                     if self.config.policies.resolve(existing.as_path()).sync
-                        == SyncMode::Always =>
+                        == SyncMode::Always
+                        && !self.below_awaiting(&existing) =>
                 {
                     Pending::Send(Op::Link { path, existing })
                 }
@@ -1538,6 +1547,47 @@ impl Session {
         self.enqueue(pending, now);
         if is_namespace(kind) {
             self.ship_directory(parent, now);
+        }
+    }
+
+    /// Whether `path` lies below a name whose entries the standby gets only with the
+    /// next manifest comparison ([`Session::awaiting_comparison`]).
+    fn below_awaiting(&self, path: &RelPath) -> bool {
+        !self.awaiting_comparison.is_empty()
+            && path
+                .split_last()
+                .is_some_and(|(dir, _)| at_or_above(&dir, |p| self.awaiting_comparison.contains(p)))
+    }
+
+    /// A rename moves the names awaiting a comparison at or below its source (and, for
+    /// an exchange, its target) with it.
+    fn rebase_awaiting(&mut self, from: &RelPath, to: &RelPath, exchange: bool) {
+        if self.awaiting_comparison.is_empty() {
+            return;
+        }
+        let moved: Vec<(RelPath, RelPath)> = self
+            .awaiting_comparison
+            .iter()
+            .filter_map(|p| {
+                p.renamed(from, to)
+                    .or_else(|| exchange.then(|| p.renamed(to, from)).flatten())
+                    .map(|new| (p.clone(), new))
+            })
+            .collect();
+        for (old, new) in moved {
+            self.awaiting_comparison.remove(&old);
+            self.awaiting_comparison.insert(new);
+        }
+    }
+
+    /// Ships the metadata of the directory holding `path` if that directory ships as
+    /// changes come.
+    fn ship_always_parent(&mut self, path: &RelPath, now: Instant) {
+        let parent = path.split_last().map(|(p, _)| p);
+        if let Some(dir) =
+            parent.filter(|d| self.config.policies.resolve(d.as_path()).sync == SyncMode::Always)
+        {
+            self.ship_directory(Some(dir), now);
         }
     }
 
@@ -1591,7 +1641,10 @@ impl Session {
                 .filter(|(_, at)| **at <= now)
                 .map(|(p, _)| p.clone())
                 .collect();
-            self.ship_with_content(due, now);
+            self.ship_with_content(due.clone(), now);
+            for path in &due {
+                self.ship_always_parent(path, now);
+            }
         }
         if now.duration_since(self.last_sent) >= self.config.heartbeat {
             self.send(Message::Heartbeat, now);

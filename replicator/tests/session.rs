@@ -1808,3 +1808,28 @@ fn renames_queued_while_a_full_sync_is_prepared_are_not_refused() {
     );
     assert_eq!(w.standby_tree[&rel("e/y")].1, b"inside");
 }
+
+/// A directory renamed from another policy to an `always` name arrives at once, but
+/// what lies below it comes with the manifest comparison the rename asks for: a
+/// rename below it before then must not be refused (it goes as one that may find
+/// nothing to move, and its new name follows).
+#[test]
+fn a_rename_below_a_directory_renamed_across_policies_is_not_refused() {
+    let mut w = World::settled(72);
+    w.mkdir("c.int");
+    w.write("c.int/x", b"inside", 80, ChangeKind::Create);
+    w.advance(Duration::from_secs(3));
+    w.settle();
+    assert!(w.converged(), "not converged:\n{}", w.difference());
+    w.rename("c.int", "d", false);
+    w.rename("d/x", "d/y", false);
+    w.settle();
+    assert!(w.converged(), "not converged:\n{}", w.difference());
+    assert_eq!(
+        w.standby.stats().rejected,
+        0,
+        "{:?}",
+        w.standby.rejected_paths().collect::<Vec<_>>()
+    );
+    assert_eq!(w.standby_tree[&rel("d/y")].1, b"inside");
+}

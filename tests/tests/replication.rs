@@ -2078,6 +2078,16 @@ fn a_directorys_mtime_follows_names_of_other_policies_made_in_it() {
         "after the interval file arrived: active {want:?}, standby {:?}",
         mtime(&b)
     );
+    // Removed, then made again as a directory: the standby removes and makes it when
+    // the interval is up, and the directory's metadata follows.
+    fs::remove_file(a.join("hosts")).expect("rm");
+    fs::create_dir(a.join("hosts")).expect("mkdir");
+    let want = mtime(&a);
+    assert!(
+        wait_until(CONVERGE, || b.join("hosts").is_dir() && mtime(&b) == want),
+        "after the interval directory arrived: active {want:?}, standby {:?}",
+        mtime(&b)
+    );
     assert_converged_by_the_stream_alone(&c);
 }
 
