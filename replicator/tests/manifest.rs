@@ -262,16 +262,20 @@ fn a_full_sync_links_and_unlinks_names() {
     fs::write(s.join("b"), "v1").expect("write");
     fs::write(s.join("x"), "x").expect("write");
     fs::hard_link(s.join("x"), s.join("y")).expect("link");
+    // One mtime for all (written a clock tick apart, x and y would differ, and the
+    // standby's one file can have only one).
+    let mtime = fs::metadata(a.join("a"))
+        .expect("stat")
+        .modified()
+        .expect("mtime");
     for name in ["a", "b", "x", "y"] {
-        let mtime = fs::metadata(a.join(name))
-            .expect("stat")
-            .modified()
-            .expect("mtime");
-        let file = fs::File::options()
-            .write(true)
-            .open(s.join(name))
-            .expect("open");
-        file.set_modified(mtime).expect("touch");
+        for dir in [&a, &s] {
+            let file = fs::File::options()
+                .write(true)
+                .open(dir.join(name))
+                .expect("open");
+            file.set_modified(mtime).expect("touch");
+        }
     }
     let mut cache = HashCache::new();
     let sent = sent_by_full_sync(&a, &s, &mut cache);
@@ -290,6 +294,7 @@ fn a_full_sync_links_and_unlinks_names() {
     fs::hard_link(s.join("a"), s.join("b")).expect("link");
     fs::remove_file(a.join("y")).expect("rm");
     fs::hard_link(a.join("x"), a.join("y")).expect("link");
+    same_root_mtime(&a, &s);
     let (ma, ms) = (scan_all(&a, &mut cache), scan_all(&s, &mut cache));
     assert_eq!(diff(&ma, &ms, |_| 2), Diff::default());
 }
@@ -329,9 +334,20 @@ fn a_first_name_linked_into_another_group_gets_a_copy_of_its_own() {
     );
 }
 
+/// Gives the root `s` the mtime of the root `a`: manifests list the roots, and two
+/// changed a clock tick apart would differ.
+fn same_root_mtime(a: &Path, s: &Path) {
+    let mtime = fs::metadata(a).expect("stat").modified().expect("mtime");
+    fs::File::open(s)
+        .expect("open")
+        .set_modified(mtime)
+        .expect("touch");
+}
+
 /// What a full sync from the active `a` to the standby `s` sends, as (path, with
 /// content, as a link); it deletes nothing.
 fn sent_by_full_sync(a: &Path, s: &Path, cache: &mut HashCache) -> Vec<(String, bool, bool)> {
+    same_root_mtime(a, s);
     let (ma, ms) = (scan_all(a, cache), scan_all(s, cache));
     let d = diff(&ma, &ms, |_| 2);
     assert!(d.delete.is_empty(), "{d:?}");
