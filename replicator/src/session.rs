@@ -1344,7 +1344,9 @@ impl Session {
             // when the directory ships as changes come. (An interval name's own ship
             // is followed by its directory's again: making or removing it on the
             // standby moves the mtime there.)
-            self.ship_always_parent(&path, now);
+            if let Some((dir, _)) = path.split_last() {
+                self.ship_if_always(dir, now);
+            }
         }
         match record.policy.sync {
             SyncMode::Once => {
@@ -1398,9 +1400,7 @@ impl Session {
             .flatten()
             .map(RelPath::from_path)
         {
-            if self.config.policies.resolve(dir.as_path()).sync == SyncMode::Always {
-                self.ship_directory(Some(dir), now);
-            }
+            self.ship_if_always(dir, now);
         }
         let ChangeKind::Rename { from, exchange } = &record.change.kind else {
             return;
@@ -1580,13 +1580,9 @@ impl Session {
         }
     }
 
-    /// Ships the metadata of the directory holding `path` if that directory ships as
-    /// changes come.
-    fn ship_always_parent(&mut self, path: &RelPath, now: Instant) {
-        let parent = path.split_last().map(|(p, _)| p);
-        if let Some(dir) =
-            parent.filter(|d| self.config.policies.resolve(d.as_path()).sync == SyncMode::Always)
-        {
+    /// Ships the metadata of the directory `dir` if it ships as changes come.
+    fn ship_if_always(&mut self, dir: RelPath, now: Instant) {
+        if self.config.policies.resolve(dir.as_path()).sync == SyncMode::Always {
             self.ship_directory(Some(dir), now);
         }
     }
@@ -1642,8 +1638,8 @@ impl Session {
                 .map(|(p, _)| p.clone())
                 .collect();
             self.ship_with_content(due.clone(), now);
-            for path in &due {
-                self.ship_always_parent(path, now);
+            for (dir, _) in due.iter().filter_map(|p| p.split_last()) {
+                self.ship_if_always(dir, now);
             }
         }
         if now.duration_since(self.last_sent) >= self.config.heartbeat {
