@@ -303,6 +303,19 @@ pub struct Volume {
     held_opens: std::sync::atomic::AtomicUsize,
     /// What was written to the files the replicator watches (see [`crate::written`]).
     written: crate::written::Written,
+    /// Renames begun through the mount, and those through (their record made, or
+    /// failed): see [`Volume::renames_begun`].
+    renames_begun: AtomicU64,
+    renames_through: AtomicU64,
+}
+
+/// Counts a rename through when dropped, whichever way it ended.
+struct RenameTicket<'a>(&'a AtomicU64);
+
+impl Drop for RenameTicket<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// An in-place update of one backing file under way ([`Volume::begin_patch`]): opens
@@ -440,6 +453,8 @@ impl Volume {
             files: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            renames_begun: AtomicU64::new(0),
+            renames_through: AtomicU64::new(0),
             role: AtomicU8::new(role as u8),
             writing: RwLock::new(()),
             passthrough: AtomicBool::new(false),
@@ -1323,6 +1338,10 @@ impl Volume {
         })?;
         check_exists(name)?;
         check_name(newname)?;
+        // Counted before the backing directory changes, through once its record is
+        // made: see `renames_begun`.
+        self.renames_begun.fetch_add(1, Ordering::SeqCst);
+        let _ticket = RenameTicket(&self.renames_through);
         let from_dir = self.dir_fd(parent)?;
         let to_dir = self.dir_fd(newparent)?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
@@ -1344,6 +1363,23 @@ impl Volume {
         Ok(())
     }
 
+    /// How many renames through the mount have begun so far. Whoever reads the
+    /// backing directory and must know of every rename that read could have seen
+    /// (the replicator, which reads a path after its change record and must not send
+    /// what a rename it has no record of yet put there) takes this after the read and
+    /// waits with [`Volume::renames_through`] for their records.
+    pub fn renames_begun(&self) -> u64 {
+        self.renames_begun.load(Ordering::SeqCst)
+    }
+
+    /// Whether at least `begun` renames are through: their change records made (or
+    /// the rename failed). Renames end in any order, so this may hold while one of the
+    /// first `begun` is still under way with a later one through; it is meant for a
+    /// short wait, not a guarantee.
+    pub fn renames_through(&self, begun: u64) -> bool {
+        self.renames_through.load(Ordering::SeqCst) >= begun
+    }
+
     /// Creates a hard link to `ino` at (`newparent`, `newname`).
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         // Both names: a link would let writes to the upstream name reach the other.
@@ -1357,8 +1393,16 @@ impl Volume {
         let existing = self.read_table().path(ino);
         let st = sys::statat(to_dir.as_fd(), newname)?;
         let attr = self.remember(newparent, &to_dir, newname, st)?;
-        if let Some(existing) = existing {
-            self.record_entry(newparent, newname, ChangeKind::Link { existing });
+        // Only a regular file's names stay one file on a standby (manifests link
+        // only those): a further name of a symlink, FIFO or node is made there as a
+        // new one, like the first.
+        let kind = match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => existing.map(|existing| ChangeKind::Link { existing }),
+            libc::S_IFLNK => Some(ChangeKind::Symlink),
+            _ => Some(ChangeKind::Mknod),
+        };
+        if let Some(kind) = kind {
+            self.record_entry(newparent, newname, kind);
         }
         Ok(attr)
     }

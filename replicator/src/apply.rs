@@ -351,6 +351,7 @@ impl<'a> Applier<'a> {
             placed: false,
             dir_times: prepared.dir_times,
             new_too: prepared.new_too,
+            hold: std::mem::take(&mut prepared.hold),
         };
         place_with(temp, &prepared.name, &prepared.path, "file", durable)
     }
@@ -1192,6 +1193,7 @@ pub struct Prepared {
     path: RelPath,
     dir_times: Option<[libc::timespec; 2]>,
     new_too: bool,
+    hold: DirHold,
     dir_key: Option<(u64, u64)>,
     temp_key: Option<(u64, u64)>,
     placed: bool,
@@ -1223,6 +1225,7 @@ impl Prepared {
             path: path.clone(),
             dir_times: handed.dir_times,
             new_too: handed.new_too,
+            hold: handed.hold,
             placed: false,
             blocks: None,
         }
@@ -1312,6 +1315,7 @@ struct Handed {
     temp: OsString,
     dir_times: Option<[libc::timespec; 2]>,
     new_too: bool,
+    hold: DirHold,
 }
 
 /// A temp entry in a directory, removed when dropped unless it was renamed into place.
@@ -1325,6 +1329,8 @@ struct TempEntry<'d> {
     /// Whether they are restored when the entry is new too, not only when it replaces
     /// one (see [`Applier::upstream`]).
     new_too: bool,
+    /// Keeps `dir_times` for the directory's other temp entries made meanwhile.
+    hold: DirHold,
 }
 
 impl TempEntry<'_> {
@@ -1336,6 +1342,7 @@ impl TempEntry<'_> {
             temp: std::mem::take(&mut self.name),
             dir_times: self.dir_times,
             new_too: self.new_too,
+            hold: std::mem::take(&mut self.hold),
         }
     }
 }
@@ -1351,6 +1358,59 @@ impl Drop for TempEntry<'_> {
             }
         }
     }
+}
+
+/// Directories that hold temp entries of this process now, by (device, inode): their
+/// times from before the first of those entries, and how many there are. Temp files
+/// made side by side in one directory (a large file built while others are, or while
+/// a batch of small ones is written) each move its mtime; each placed one restores
+/// the times from before the first, not those its own creation found.
+static HELD_DIRS: std::sync::Mutex<std::collections::BTreeMap<(u64, u64), HeldTimes>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// A directory's times (atime, mtime) and how many temp entries hold them.
+type HeldTimes = ([libc::timespec; 2], usize);
+
+/// One temp entry's count in [`HELD_DIRS`], given back when dropped.
+#[derive(Default)]
+struct DirHold(Option<(u64, u64)>);
+
+impl Drop for DirHold {
+    fn drop(&mut self) {
+        let Some(key) = self.0.take() else {
+            return;
+        };
+        let mut held = HELD_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, count)) = held.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&key);
+            }
+        }
+    }
+}
+
+/// The times of `dir` from before the first temp entry now in it (its times now if
+/// there is none), and a hold on them for one more.
+fn hold_dir_times(dir: BorrowedFd<'_>) -> (Option<[libc::timespec; 2]>, DirHold) {
+    let Ok(st) = sys::fstat(dir) else {
+        return (None, DirHold::default());
+    };
+    let key = (st.st_dev, st.st_ino);
+    let now = [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ];
+    let mut held = HELD_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    let (times, count) = held.entry(key).or_insert((now, 0));
+    *count += 1;
+    (Some(*times), DirHold(Some(key)))
 }
 
 /// A fresh temp name. `RandomState` is seeded from the OS once per thread; the counter
@@ -1371,18 +1431,7 @@ fn create_temp<T>(
     mut make: impl FnMut(&OsStr) -> io::Result<T>,
 ) -> io::Result<(TempEntry<'_>, T)> {
     let mut last = io::Error::from_raw_os_error(libc::EEXIST);
-    let dir_times = sys::fstat(dir).ok().map(|st| {
-        [
-            libc::timespec {
-                tv_sec: st.st_atime,
-                tv_nsec: st.st_atime_nsec,
-            },
-            libc::timespec {
-                tv_sec: st.st_mtime,
-                tv_nsec: st.st_mtime_nsec,
-            },
-        ]
-    });
+    let (dir_times, mut hold) = hold_dir_times(dir);
     for _ in 0..TEMP_ATTEMPTS {
         let name = temp_name();
         match make(&name) {
@@ -1393,6 +1442,7 @@ fn create_temp<T>(
                     placed: false,
                     dir_times,
                     new_too,
+                    hold: std::mem::take(&mut hold),
                 };
                 return Ok((temp, made));
             }

@@ -606,7 +606,14 @@ pub fn describe(
     for part in parent.components() {
         dir = match sys::openat(dir.as_fd(), part, libc::O_PATH | libc::O_DIRECTORY, 0) {
             Ok(fd) => fd,
-            Err(e) if vanished(&e) || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(None),
+            // Gone, or no longer a directory (a symlink is not followed: ENOTDIR, or
+            // ELOOP): nothing there to describe.
+            Err(e)
+                if vanished(&e)
+                    || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) =>
+            {
+                return Ok(None)
+            }
             Err(e) => return Err(io_error(path, "open a parent of")(e)),
         };
     }

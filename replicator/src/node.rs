@@ -1507,11 +1507,16 @@ async fn run_session(
                             ships.push(ship);
                         }
                     }
+                    let mut records = Records {
+                        changes: &mut changes,
+                        seen: &mut seen,
+                    };
                     ship(
                         &volume,
                         &mut session,
                         &mut send,
                         ships,
+                        &mut records,
                         &link,
                         &counters,
                         tag,
@@ -2076,7 +2081,8 @@ async fn ship_upstream(
             let v = volume.clone();
             let read = tokio::task::spawn_blocking(move || {
                 let small = is_small(&v, &path);
-                read_op(&v, path, true, None, true, false, None, false, small).map(|(op, _, _)| op)
+                read_op(&v, path, true, None, true, false, None, false, false, small)
+                    .map(|(op, _, _)| op)
             })
             .await;
             match read {
@@ -2493,8 +2499,9 @@ async fn carry_out(
     }
 }
 
-/// What reading a [`Ship`] gave: its number, its path, [`read_op`]'s result, and
-/// whether its change was made to a file with several names ([`FileId::linked`]).
+/// What reading a [`Ship`] gave: its number, its path, [`read_op`]'s result,
+/// whether its change was made to a file with several names ([`FileId::linked`]), and
+/// whether it goes as a copy of a further name of a hard-linked file ([`Ship::copy`]).
 ///
 /// [`FileId::linked`]: twinfs_fs::FileId::linked
 type ShipRead = (
@@ -2502,12 +2509,16 @@ type ShipRead = (
     RelPath,
     Result<(Op, bool, Option<Streamed>), manifest::ManifestError>,
     bool,
+    bool,
 );
 
 /// A large file to send on a stream of its own: the open file, and its block list
 /// if it was read from the same pass as the hash its op announces.
 struct Streamed {
     file: OwnedFd,
+    /// The size and content hash the op announced: bytes read that do not make them
+    /// are another version (the file changed since its hash was taken).
+    announced: (u64, u128),
     /// Its block list, if the pass that hashed it made one.
     blocks: Option<BlockList>,
     /// Without one, for a file the mount watches: where the send, which reads the
@@ -2552,10 +2563,17 @@ fn read_ship(volume: &VolumeLink, ship: Ship, can_stream: bool, small: bool) -> 
         ship.delete_if_missing,
         ship.link,
         ship.file.map(|f| *f),
+        ship.dir,
         can_stream,
         small,
     );
-    (ship.seq, ship.path, read, linked)
+    let copied_link = ship.copy
+        && read.as_ref().is_ok_and(|(op, vanished, _)| {
+            !*vanished
+                && matches!(op, Op::Put { entry, .. } | Op::PutStream { entry }
+                    if entry.meta.link().is_some_and(|first| *first != entry.path))
+        });
+    (ship.seq, ship.path, read, linked, copied_link)
 }
 
 /// Reads the files of `ships` and sends their ops, in order. One ship (a change on
@@ -2565,11 +2583,72 @@ fn read_ship(volume: &VolumeLink, ship: Ship, can_stream: bool, small: bool) -> 
 /// few blocking threads: the disk gets several reads to work on and both cores a
 /// share, where one by one the session's task waited on each read in turn. The caller
 /// gathers at most [`SHIP_GATHER`], so at most that many files are held in memory.
+/// Active: the volume's change records, as the session's loop takes them.
+struct Records<'a> {
+    changes: &'a mut Option<broadcast::Receiver<Numbered>>,
+    /// The number of the last record taken.
+    seen: &'a mut u64,
+}
+
+/// How long [`catch_up_renames`] waits at most for renames under way to be recorded.
+const RENAME_SETTLE: Duration = Duration::from_millis(20);
+
+/// Active, after reading ships and before sending them: gives the session the
+/// records of every rename those reads could have seen. A read finds what is at a
+/// path at that moment; a rename made meanwhile, whose record the session has not
+/// had yet, may have moved what the ship was about away and put something else at
+/// the path (an exchange, a file renamed over it). Sent ahead of the rename, that
+/// would replace on the standby what the rename is to move: a directory with all
+/// below it, or a file that then arrives under its new name with another content.
+/// Waits (briefly) for renames under way to make their records, then takes every
+/// record waiting.
+async fn catch_up_renames(volume: &VolumeLink, session: &mut Session, records: &mut Records<'_>) {
+    let begun = volume.volume.renames_begun();
+    let deadline = std::time::Instant::now() + RENAME_SETTLE;
+    while !volume.volume.renames_through(begun) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let Some(rx) = records.changes.as_mut() else {
+        return;
+    };
+    loop {
+        match rx.try_recv() {
+            Ok((id, record)) => {
+                *records.seen = id;
+                session.on_change(&record, std::time::Instant::now());
+            }
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                tracing::info!(volume = %volume.name, missed = n, "change stream lagged; resyncing");
+                session.resync();
+                *records.seen = (*records.seen).max(volume.gate.last_issued());
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+/// What a read found, unless a rename the session now knows of (see
+/// [`catch_up_renames`]) moved the path, or a directory above it, away since the
+/// ship's change: then whatever is there came later, and goes as gone; the rename
+/// ships it under its new name.
+fn unless_moved_away(session: &Session, read: &mut ShipRead) {
+    let (_, path, result, ..) = read;
+    if let Ok((op, vanished, source)) = result {
+        if !*vanished && session.moved_away(path) {
+            *op = Op::Skip { path: path.clone() };
+            *vanished = true;
+            *source = None;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn ship(
     volume: &VolumeLink,
     session: &mut Session,
     send: &mut quinn::SendStream,
     mut ships: Vec<Ship>,
+    records: &mut Records<'_>,
     link: &Link,
     counters: &StreamCounters,
     tag: u64,
@@ -2578,7 +2657,7 @@ async fn ship(
     if ships.len() == 1 {
         let one = ships.pop()?;
         let small = is_small(volume, &one.path);
-        let read = if small {
+        let mut read = if small {
             read_ship(volume, one, can_stream, small)
         } else {
             let v = volume.clone();
@@ -2586,6 +2665,8 @@ async fn ship(
                 .await
                 .ok()?
         };
+        catch_up_renames(volume, session, records).await;
+        unless_moved_away(session, &mut read);
         return send_ship(volume, session, send, read, link, counters, tag).await;
     }
     let mut groups: Vec<Vec<(usize, Ship)>> = (0..SHIP_READERS).map(|_| Vec::new()).collect();
@@ -2621,6 +2702,10 @@ async fn ship(
             reads[i] = Some(read);
         }
     }
+    catch_up_renames(volume, session, records).await;
+    for read in reads.iter_mut().flatten() {
+        unless_moved_away(session, read);
+    }
     gone_below_gone(&mut reads);
     let mut sent = 0;
     for read in reads {
@@ -2635,7 +2720,7 @@ async fn ship(
 /// follows, and with it the path under its new name.
 fn gone_below_gone(reads: &mut [Option<ShipRead>]) {
     let mut gone: Vec<RelPath> = Vec::new();
-    for (_, path, result, _) in reads.iter_mut().flatten() {
+    for (_, path, result, ..) in reads.iter_mut().flatten() {
         let Ok((op, vanished, source)) = result else {
             continue;
         };
@@ -2667,7 +2752,7 @@ async fn send_ship(
     counters: &StreamCounters,
     tag: u64,
 ) -> Option<u64> {
-    let (seq, shipped, read, linked) = read;
+    let (seq, shipped, read, linked, copied_link) = read;
     let (op, vanished, source) = match read {
         Ok(x) => x,
         Err(e) => {
@@ -2702,6 +2787,13 @@ async fn send_ship(
         // manifests sets them right, once the ops sent so far are acknowledged.
         tracing::info!(volume = %volume.name, path = %shipped,
             "a changed hard-linked file lost the name it was recorded under; comparing manifests");
+        session.resync();
+    } else if copied_link {
+        // In place of a link or a rename that could not go as one, and a further name
+        // of a hard-linked file now: the standby's copy is a file of its own until a
+        // comparison of manifests links it (once the ops sent so far are acknowledged).
+        tracing::info!(volume = %volume.name, path = %shipped,
+            "a further name of a hard-linked file went as a copy; comparing manifests");
         session.resync();
     }
     if let Some(streamed) = source {
@@ -2906,7 +2998,8 @@ fn is_small(volume: &VolumeLink, path: &RelPath) -> bool {
 /// file the open file whose bytes follow on their own stream. `small` is
 /// [`is_small`] of the path, taken once by the caller. With `link` ([`Ship::link`]),
 /// a further name of a hard-linked file ships as `Op::Link` to its first name; one
-/// that is no longer linked ships with its content.
+/// that is no longer linked ships with its content. With `dir` ([`Ship::dir`]),
+/// anything but a directory there counts as gone.
 #[allow(clippy::too_many_arguments)]
 fn read_op(
     volume: &VolumeLink,
@@ -2916,6 +3009,7 @@ fn read_op(
     delete_if_missing: bool,
     link: bool,
     recorded: Option<twinfs_fs::FileId>,
+    dir: bool,
     can_stream: bool,
     small: bool,
 ) -> Result<(Op, bool, Option<Streamed>), manifest::ManifestError> {
@@ -2983,7 +3077,10 @@ fn read_op(
         };
     };
     let described_file = stat_of(fd.as_fd(), &path)?;
-    if other(&described_file) {
+    // What took a directory's name since (by a rename or exchange behind this ship)
+    // sent ahead of that op would replace the directory on the standby, with all the
+    // op is to move.
+    if other(&described_file) || (dir && meta.kind != Kind::Dir) {
         return gone(path);
     }
     let policies = &volume.policies;
@@ -3018,18 +3115,34 @@ fn read_op(
         .split_last()
         .map(|(_, n)| n.to_owned())
         .unwrap_or_default();
-    let file = match twinfs_fs::sys::openat(parent.as_fd(), &name, libc::O_RDONLY, 0) {
-        Ok(fd) => fd,
-        // Gone between the stat and the open: a later op says what became of it.
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return gone(path),
-        Err(source) => {
-            return Err(manifest::ManifestError::Io {
-                path,
-                op: "open",
-                source,
-            })
-        }
-    };
+    // By name again (an O_PATH fd cannot be read): what is there may have been
+    // replaced since it was described. O_NONBLOCK, so that a FIFO put there meanwhile
+    // is not waited on (it does nothing to a regular file's reads).
+    let file =
+        match twinfs_fs::sys::openat(parent.as_fd(), &name, libc::O_RDONLY | libc::O_NONBLOCK, 0) {
+            Ok(fd) => fd,
+            // Gone between the stat and the open, or replaced by a symlink (ELOOP) or a
+            // FIFO without a writer (ENXIO): a later op says what became of it.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ELOOP | libc::ENXIO)
+                ) =>
+            {
+                return gone(path)
+            }
+            Err(source) => {
+                return Err(manifest::ManifestError::Io {
+                    path,
+                    op: "open",
+                    source,
+                })
+            }
+        };
+    let opened = stat_of(file.as_fd(), &path)?;
+    if (opened.st_dev, opened.st_ino) != (described_file.st_dev, described_file.st_ino) {
+        return gone(path);
+    }
     if can_stream && meta.size > INLINE_MAX {
         if recorded.is_some() && other(&stat_of(file.as_fd(), &path)?) {
             return gone(path);
@@ -3041,6 +3154,7 @@ fn read_op(
         let adopt = adopt.filter(|_| blocks.is_none());
         let streamed = Streamed {
             file,
+            announced: (entry.meta.size, entry.meta.hash.unwrap_or_default()),
             blocks,
             adopt,
         };
@@ -3102,6 +3216,7 @@ async fn stream_file(
     seq: u64,
     Streamed {
         file,
+        announced,
         blocks: active,
         adopt,
     }: Streamed,
@@ -3146,6 +3261,7 @@ async fn stream_file(
         let len = twinfs_fs::sys::fstat(file.as_fd()).map_or(0, |st| st.st_size as u64);
         let planned = active
             .as_ref()
+            .filter(|_| len == announced.0)
             .and_then(|a| Some((a, list.runs_against(a, len)?)));
         if let Some((active, runs)) = planned {
             // Its block list was read with its hash: only the differing blocks are
@@ -3154,12 +3270,13 @@ async fn stream_file(
             return;
         }
         let block = list.block_size as usize;
-        // The file's own block list, made on the way if the mount watches it and its
-        // block size is the standby's.
-        let mut made = adopt
-            .as_ref()
-            .filter(|_| list.block_size == delta::block_size(len))
-            .map(|_| Vec::<u128>::new());
+        // The file's own block list, made on the way: it must give the announced hash
+        // (else the bytes sent are another version), and is kept for the file's next
+        // delta if the mount watches it. Made of the blocks hashed for the standby
+        // when its block size is the file's, else hashed apart.
+        let own_size = delta::block_size(announced.0);
+        let mut made = Vec::<u128>::new();
+        let mut apart = (list.block_size != own_size).then(|| delta::BlockHasher::new(own_size));
         // Reads and records of up to a MiB (a whole number of blocks): one wake-up of
         // each side per MiB, not per 64 KiB block.
         let chunk = block.max(SEND_CHUNK);
@@ -3175,9 +3292,16 @@ async fn stream_file(
                     return;
                 }
             };
+            // Grown past the size announced: another version (the standby would
+            // refuse a block past the end).
+            if offset + data.len() as u64 > announced.0 {
+                let _ = tx.blocking_send(Err("it changed while it was sent"));
+                return;
+            }
             let hashes: Vec<u128> = data.chunks(block).map(delta::block_hash).collect();
-            if let Some(made) = made.as_mut() {
-                made.extend_from_slice(&hashes);
+            match apart.as_mut() {
+                Some(hasher) => hasher.update(&data),
+                None => made.extend_from_slice(&hashes),
             }
             // Runs of consecutive blocks the standby lacks, each one record.
             for run in list.runs_for(index, &hashes, data.len()) {
@@ -3201,9 +3325,21 @@ async fn stream_file(
                 break;
             }
         }
-        // Read whole, to its end.
-        if let (Some(adopt), Some(hashes)) = (adopt, made) {
-            adopt.give(file.as_fd(), offset, hashes, list.block_size);
+        // Read whole, to its end: the version announced, or the standby is told to
+        // drop what it got (its writer's close, which is yet to come, ships the file).
+        let own = match apart {
+            Some(hasher) => hasher.finish(),
+            None => delta::BlockList {
+                block_size: own_size,
+                hashes: made,
+            },
+        };
+        if offset != announced.0 || delta::content_hash(&own, offset) != announced.1 {
+            let _ = tx.blocking_send(Err("it changed while it was sent"));
+            return;
+        }
+        if let Some(adopt) = adopt {
+            adopt.give(file.as_fd(), offset, own.hashes, own.block_size);
         }
     });
     let sent = |n: usize| {
@@ -3362,10 +3498,7 @@ async fn pump_blocks(
         };
         let (mut offset, len) = record;
         if delta::is_abort(offset, len) {
-            let e = std::io::Error::other(
-                "the active gave up on this version (it changed while being sent, or could not be read); its next change ships it",
-            );
-            let _ = tx.send(Err(e)).await;
+            let _ = tx.send(Err(std::io::Error::other(GaveUp))).await;
             return;
         }
         received.fetch_add(
@@ -3407,6 +3540,27 @@ async fn pump_blocks(
             left -= want;
         }
     }
+}
+
+/// The active gave up on sending a version of a large file: it changed while it was
+/// sent (or could not be read). Its writer's close, which is still to come, ships it
+/// again; until then the standby keeps the version it has. Not a refusal: nothing is
+/// left for a manifest comparison to repair.
+#[derive(Debug)]
+struct GaveUp;
+
+impl std::fmt::Display for GaveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the active gave up on this version (it changed while being sent, or could not be read); its next change ships it")
+    }
+}
+
+impl std::error::Error for GaveUp {}
+
+/// Whether an apply failed only because the active gave up on the version ([`GaveUp`]).
+fn gave_up(e: &ApplyError) -> bool {
+    matches!(e, ApplyError::Content { source, .. }
+        if source.get_ref().is_some_and(|inner| inner.is::<GaveUp>()))
 }
 
 /// Standby: applies a `PutStream` op as a block delta: sends the block list of its
@@ -3476,6 +3630,7 @@ async fn apply_streamed(
         PEER_TIMEOUT,
     ));
     let v = volume.clone();
+    let path = entry.path.clone();
     let result = tokio::task::spawn_blocking(move || {
         let applier = Applier::new(v.root.as_fd());
         let fm = file_meta(&entry.meta);
@@ -3549,6 +3704,10 @@ async fn apply_streamed(
     pump.abort();
     match result {
         Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if gave_up(&e) => {
+            tracing::debug!(%path, "{GaveUp}");
+            Ok(())
+        }
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("apply task failed".into()),
     }

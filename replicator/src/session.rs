@@ -121,6 +121,13 @@ pub struct Ship {
     ///
     /// [`Change::file`]: twinfs_fs::Change::file
     pub file: Option<Box<FileId>>,
+    /// A directory's metadata: anything else found at `path` took the name since (a
+    /// rename or an exchange behind it says so), and is not sent as it but as gone.
+    pub dir: bool,
+    /// Sent whole in place of a hard link or a rename that could not go as one: if it
+    /// is a further name of a hard-linked file when read, the standby gets a file of
+    /// its own there, and only a manifest comparison makes it a name of the others.
+    pub copy: bool,
 }
 
 /// What the driver found when it read a [`Ship`], for [`Session::shipped`].
@@ -183,6 +190,8 @@ enum Pending {
         content: bool,
         delete_if_missing: bool,
         file: Option<FileId>,
+        /// See [`Ship::dir`].
+        dir: bool,
     },
     Send(Op),
 }
@@ -473,23 +482,28 @@ impl Session {
                 self.unsent.remove(path);
             }
             (false, _) => {}
-            (true, _) => {
-                if self.unsent.len() >= self.config.max_queue {
-                    // Too many to follow one by one: a manifest comparison sorts it out.
-                    self.unsent.clear();
-                    self.resync_wanted = true;
-                } else {
-                    self.unsent.insert(path.clone(), outcome == Shipped::Held);
-                }
-            }
+            (true, _) => self.note_unsent(path.clone(), outcome == Shipped::Held),
         }
         if self.phase != Phase::Closed {
             self.drain(now);
         }
     }
 
-    /// Whether a rename waiting in the queue moves `path` or a directory above it.
-    fn moved_away(&self, path: &RelPath) -> bool {
+    /// `path` went unsent ([`Session::vanished_paths`]); `held`: held back, the
+    /// standby keeps an older version, rather than found gone.
+    fn note_unsent(&mut self, path: RelPath, held: bool) {
+        if self.unsent.len() >= self.config.max_queue {
+            // Too many to follow one by one: a manifest comparison sorts it out.
+            self.unsent.clear();
+            self.resync_wanted = true;
+        } else {
+            self.unsent.insert(path, held);
+        }
+    }
+
+    /// Active: whether a rename waiting in the queue moves `path` or a directory above
+    /// it (a ship of it read now finds what came there since, if anything).
+    pub fn moved_away(&self, path: &RelPath) -> bool {
         !self.renaming.is_empty() && at_or_above(path, |p| self.renaming.contains_key(p))
     }
 
@@ -875,6 +889,7 @@ impl Session {
                         content: true,
                         delete_if_missing: true,
                         file: None,
+                        dir: false,
                     };
                 }
                 _ => {}
@@ -973,6 +988,8 @@ impl Session {
                 delete_if_missing: false,
                 link: transfer.link,
                 file: None,
+                dir: false,
+                copy: false,
             }));
             ops += 1;
         }
@@ -987,6 +1004,8 @@ impl Session {
                     delete_if_missing: false,
                     link: false,
                     file: None,
+                    dir: true,
+                    copy: false,
                 }));
                 ops += 1;
             }
@@ -1057,9 +1076,26 @@ impl Session {
                     content,
                     delete_if_missing,
                     file,
+                    dir,
                 } => {
                     self.queued_ships.remove(&path);
                     let seq = self.take_seq(now);
+                    if self.moved_away(&path) {
+                        // A rename queued behind moved it (or a directory above it)
+                        // away: whatever holds the name now came later, and sent
+                        // ahead of the rename it would replace on the standby what
+                        // the rename is to move (a directory with all below it). It
+                        // goes as gone; the rename ships it under its new name.
+                        self.send(
+                            Message::Op {
+                                seq,
+                                op: Op::Skip { path: path.clone() },
+                            },
+                            now,
+                        );
+                        self.note_unsent(path, false);
+                        continue;
+                    }
                     self.queue(Output::Ship(Ship {
                         seq,
                         path,
@@ -1068,6 +1104,8 @@ impl Session {
                         delete_if_missing,
                         link: false,
                         file: file.map(Box::new),
+                        dir,
+                        copy: false,
                     }));
                 }
                 Pending::Send(Op::Rename {
@@ -1182,14 +1220,38 @@ impl Session {
             tracing::debug!(volume = %self.config.volume, %from, %to, unsent,
                 reshipped = renamed.len(), "renamed what was not sent as it was; shipping it anew");
         }
+        // The directories the rename moved, which hold them: placing them on the
+        // standby leaves their times as they were there, and their times here moved
+        // when they were made. Shipped after them.
+        let moved = |d: &RelPath| d.starts_with(&to) || (exchange && d.starts_with(&from));
+        let parents: BTreeSet<RelPath> = renamed
+            .iter()
+            .filter_map(|p| p.split_last().map(|(dir, _)| dir))
+            .filter(moved)
+            .collect();
         for path in renamed {
             // Gone until its ship finds it.
             self.unsent.insert(path.clone(), false);
             self.ship_whole(path, now);
         }
+        for dir in parents {
+            let seq = self.take_seq(now);
+            self.queue(Output::Ship(Ship {
+                seq,
+                path: dir,
+                content: false,
+                standby_hash: None,
+                delete_if_missing: false,
+                link: false,
+                file: None,
+                dir: true,
+                copy: false,
+            }));
+        }
     }
 
-    /// Ships `path` now, as it is when read, its bytes included.
+    /// Ships `path` now, as it is when read, its bytes included, in place of a link or
+    /// a rename that could not go as one ([`Ship::copy`]).
     fn ship_whole(&mut self, path: RelPath, now: Instant) {
         let seq = self.take_seq(now);
         self.queue(Output::Ship(Ship {
@@ -1200,6 +1262,8 @@ impl Session {
             delete_if_missing: false,
             link: false,
             file: None,
+            dir: false,
+            copy: true,
         }));
     }
 
@@ -1209,6 +1273,7 @@ impl Session {
             content,
             file,
             delete_if_missing,
+            ..
         } = &pending
         {
             // A ship of the same path already waiting, with no rename or delete queued
@@ -1230,6 +1295,7 @@ impl Session {
                             content: c,
                             file: f,
                             delete_if_missing: d,
+                            ..
                         } = p
                         {
                             if q == path {
@@ -1319,6 +1385,7 @@ impl Session {
                     content: true,
                     delete_if_missing: true,
                     file: None,
+                    dir: false,
                 },
                 now,
             );
@@ -1515,6 +1582,7 @@ impl Session {
                     content: true,
                     delete_if_missing: false,
                     file,
+                    dir: false,
                 },
             },
             ChangeKind::Unlink | ChangeKind::Rmdir => Pending::Send(Op::Delete { path }),
@@ -1527,6 +1595,7 @@ impl Session {
                 content: a.size || a.times,
                 delete_if_missing: false,
                 file,
+                dir: false,
             },
             ChangeKind::Xattr | ChangeKind::Mkdir | ChangeKind::Mknod | ChangeKind::Symlink => {
                 Pending::Ship {
@@ -1534,6 +1603,7 @@ impl Session {
                     content: false,
                     delete_if_missing: false,
                     file,
+                    dir: *kind == ChangeKind::Mkdir,
                 }
             }
             ChangeKind::Write | ChangeKind::Create => Pending::Ship {
@@ -1541,6 +1611,7 @@ impl Session {
                 content: true,
                 delete_if_missing: false,
                 file,
+                dir: false,
             },
         };
         let parent = pending_path(&pending).split_last().map(|(p, _)| p);
@@ -1597,6 +1668,7 @@ impl Session {
                     content: false,
                     delete_if_missing: false,
                     file: None,
+                    dir: true,
                 },
                 now,
             );

@@ -319,9 +319,16 @@ impl World {
                     delete_if_missing,
                     link: _,
                     file,
+                    dir,
+                    copy: _,
                 }) => {
                     self.ships.push((path.clone(), file.map(|f| f.key)));
                     let (op, found) = match self.active_tree.get(&path) {
+                        // What took a directory's name counts as gone, as the
+                        // daemon's read has it.
+                        Some((meta, _)) if dir && meta.kind != Kind::Dir => {
+                            (Op::Skip { path: path.clone() }, Shipped::Gone)
+                        }
                         Some((meta, data)) => {
                             let content = (meta.kind == Kind::File
                                 && (content || meta.hash != standby_hash.as_deref().copied()))

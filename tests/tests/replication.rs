@@ -1551,6 +1551,33 @@ fn hard_links_stay_links_on_the_standby() {
     verify_identical(&c);
 }
 
+/// A hard link to a symlink or a FIFO (`ln` does not follow a symlink) reaches the
+/// standby as one more symlink or FIFO of its own, without a refusal: only regular
+/// files' names stay one file there.
+#[test]
+fn a_hard_link_to_a_symlink_or_fifo_arrives_without_a_refusal() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().to_path_buf();
+    sh(&format!(
+        "cd {} && ln -s cmm.conf sym && ln sym sym2 && mkfifo fifo && ln fifo fifo2",
+        a.display()
+    ));
+    c.wait_converged(CONVERGE);
+    let b = &c.nodes[1].volume;
+    assert_eq!(
+        fs::read_link(b.join("sym2")).expect("a symlink on the standby"),
+        Path::new("cmm.conf")
+    );
+    use std::os::unix::fs::FileTypeExt;
+    let fifo = fs::symlink_metadata(b.join("fifo2")).expect("a FIFO on the standby");
+    assert!(fifo.file_type().is_fifo());
+    verify_identical(&c);
+    assert_converged_by_the_stream_alone(&c);
+}
+
 /// A standby that was away converges by full sync: names the active linked meanwhile
 /// become links, names the active separated become files of their own.
 #[test]
