@@ -2501,7 +2501,7 @@ async fn carry_out(
 
 /// What reading a [`Ship`] gave: its number, its path, [`read_op`]'s result,
 /// whether its change was made to a file with several names ([`FileId::linked`]), and
-/// whether it goes as a copy of a further name of a hard-linked file ([`Ship::copy`]).
+/// whether it goes as a copy of one name of a hard-linked file ([`Ship::copy`]).
 ///
 /// [`FileId::linked`]: twinfs_fs::FileId::linked
 type ShipRead = (
@@ -2571,7 +2571,7 @@ fn read_ship(volume: &VolumeLink, ship: Ship, can_stream: bool, small: bool) -> 
         && read.as_ref().is_ok_and(|(op, vanished, _)| {
             !*vanished
                 && matches!(op, Op::Put { entry, .. } | Op::PutStream { entry }
-                    if entry.meta.link().is_some_and(|first| *first != entry.path))
+                    if entry.meta.link().is_some())
         });
     (ship.seq, ship.path, read, linked, copied_link)
 }
@@ -2789,11 +2789,11 @@ async fn send_ship(
             "a changed hard-linked file lost the name it was recorded under; comparing manifests");
         session.resync();
     } else if copied_link {
-        // In place of a link or a rename that could not go as one, and a further name
-        // of a hard-linked file now: the standby's copy is a file of its own until a
+        // In place of a link or a rename that could not go as one, and one of several
+        // names of a file now: the standby's copy is a file of its own until a
         // comparison of manifests links it (once the ops sent so far are acknowledged).
         tracing::info!(volume = %volume.name, path = %shipped,
-            "a further name of a hard-linked file went as a copy; comparing manifests");
+            "a name of a hard-linked file went as a copy; comparing manifests");
         session.resync();
     }
     if let Some(streamed) = source {

@@ -125,8 +125,8 @@ pub struct Ship {
     /// rename or an exchange behind it says so), and is not sent as it but as gone.
     pub dir: bool,
     /// Sent whole in place of a hard link or a rename that could not go as one: if it
-    /// is a further name of a hard-linked file when read, the standby gets a file of
-    /// its own there, and only a manifest comparison makes it a name of the others.
+    /// is one of several names of a file when read, the standby gets a file of its own
+    /// there, and only a manifest comparison makes it a name of the others.
     pub copy: bool,
 }
 
@@ -1116,6 +1116,14 @@ impl Session {
                 }) => {
                     self.queued_ops -= 1;
                     self.send_rename(from, to, exchange, unsent, now);
+                }
+                Pending::Send(Op::Link { path, .. }) if self.moved_away(&path) => {
+                    // A rename queued behind moves a directory above the new name (a
+                    // directory made and filled, then renamed at once): that
+                    // directory's own ship went as gone, so the standby may have
+                    // nowhere to put it. The rename ships it under its new name.
+                    self.queued_ops -= 1;
+                    self.note_unsent(path, false);
                 }
                 Pending::Send(Op::Link { path, existing }) if self.link_as_copy(&existing) => {
                     // Its existing name never reached the standby as it is (found gone:
