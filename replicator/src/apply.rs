@@ -189,6 +189,11 @@ impl ApplyError {
     fn is_missing(&self) -> bool {
         matches!(self, ApplyError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
     }
+
+    /// Whether a directory on the way is something else here (`ENOTDIR`).
+    fn is_not_directory(&self) -> bool {
+        matches!(self, ApplyError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOTDIR))
+    }
 }
 
 type Result<T> = std::result::Result<T, ApplyError>;
@@ -955,7 +960,10 @@ impl<'a> Applier<'a> {
             return Err(ApplyError::Root { op: "delete" });
         }
         let (dir, name) = match self.open_parent(path) {
-            Err(e) if e.is_missing() => return Ok(false),
+            // Nothing can be there: a directory on the way is missing, or is a file
+            // here (the active sent what its name holds now ahead of this removal of
+            // what it held before).
+            Err(e) if e.is_missing() || e.is_not_directory() => return Ok(false),
             other => other?,
         };
         let dir = dir.as_fd();

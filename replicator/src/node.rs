@@ -2567,11 +2567,17 @@ fn read_ship(volume: &VolumeLink, ship: Ship, can_stream: bool, small: bool) -> 
         can_stream,
         small,
     );
+    // A copy that is one of several names of a file, or that was held back (being
+    // written: its writer's close ships the file under the name it was opened by,
+    // and this name may be one of its others).
     let copied_link = ship.copy
         && read.as_ref().is_ok_and(|(op, vanished, _)| {
             !*vanished
-                && matches!(op, Op::Put { entry, .. } | Op::PutStream { entry }
-                    if entry.meta.link().is_some())
+                && match op {
+                    Op::Put { entry, .. } | Op::PutStream { entry } => entry.meta.link().is_some(),
+                    Op::Skip { .. } => true,
+                    _ => false,
+                }
         });
     (ship.seq, ship.path, read, linked, copied_link)
 }
@@ -2790,8 +2796,9 @@ async fn send_ship(
         session.resync();
     } else if copied_link {
         // In place of a link or a rename that could not go as one, and one of several
-        // names of a file now: the standby's copy is a file of its own until a
-        // comparison of manifests links it (once the ops sent so far are acknowledged).
+        // names of a file now (or held back): the standby's copy is a file of its own
+        // (or missing) until a comparison of manifests sets it right (once the ops
+        // sent so far are acknowledged).
         tracing::info!(volume = %volume.name, path = %shipped,
             "a name of a hard-linked file went as a copy; comparing manifests");
         session.resync();
