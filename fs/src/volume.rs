@@ -303,18 +303,23 @@ pub struct Volume {
     held_opens: std::sync::atomic::AtomicUsize,
     /// What was written to the files the replicator watches (see [`crate::written`]).
     written: crate::written::Written,
-    /// Renames begun through the mount, and those through (their record made, or
-    /// failed): see [`Volume::renames_begun`].
+    /// Renames begun through the mount, and those that ended without a change record
+    /// (failed, or of a name no longer known): see [`Volume::renames_begun`].
     renames_begun: AtomicU64,
-    renames_through: AtomicU64,
+    renames_unrecorded: AtomicU64,
 }
 
-/// Counts a rename through when dropped, whichever way it ended.
-struct RenameTicket<'a>(&'a AtomicU64);
+/// Counts a rename as ended without a record when dropped, unless it was recorded.
+struct RenameTicket<'a> {
+    unrecorded: &'a AtomicU64,
+    recorded: bool,
+}
 
 impl Drop for RenameTicket<'_> {
     fn drop(&mut self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
+        if !self.recorded {
+            self.unrecorded.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -454,7 +459,7 @@ impl Volume {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             renames_begun: AtomicU64::new(0),
-            renames_through: AtomicU64::new(0),
+            renames_unrecorded: AtomicU64::new(0),
             role: AtomicU8::new(role as u8),
             writing: RwLock::new(()),
             passthrough: AtomicBool::new(false),
@@ -702,11 +707,14 @@ impl Volume {
         self.emit(path, kind, file);
     }
 
-    fn record_entry(&self, parent: u64, name: &OsStr, kind: ChangeKind) {
+    /// Records a change to the entry `name` of `parent`; false if the directory's
+    /// path is no longer known (then nothing is recorded).
+    fn record_entry(&self, parent: u64, name: &OsStr, kind: ChangeKind) -> bool {
         let path = self.read_table().path(parent);
-        if let Some(path) = path {
+        if let Some(path) = &path {
             self.emit(path.join(name), kind, None);
         }
+        path.is_some()
     }
 
     fn emit(&self, path: PathBuf, kind: ChangeKind, file: Option<FileId>) {
@@ -1338,10 +1346,12 @@ impl Volume {
         })?;
         check_exists(name)?;
         check_name(newname)?;
-        // Counted before the backing directory changes, through once its record is
-        // made: see `renames_begun`.
+        // Counted before the backing directory changes: see `renames_begun`.
         self.renames_begun.fetch_add(1, Ordering::SeqCst);
-        let _ticket = RenameTicket(&self.renames_through);
+        let mut ticket = RenameTicket {
+            unrecorded: &self.renames_unrecorded,
+            recorded: false,
+        };
         let from_dir = self.dir_fd(parent)?;
         let to_dir = self.dir_fd(newparent)?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
@@ -1358,7 +1368,9 @@ impl Volume {
         }
         drop(table);
         if let Some(from) = from {
-            self.record_entry(newparent, newname, ChangeKind::Rename { from, exchange });
+            // Counted as recorded by the sink, once the record is out.
+            ticket.recorded =
+                self.record_entry(newparent, newname, ChangeKind::Rename { from, exchange });
         }
         Ok(())
     }
@@ -1367,17 +1379,19 @@ impl Volume {
     /// backing directory and must know of every rename that read could have seen
     /// (the replicator, which reads a path after its change record and must not send
     /// what a rename it has no record of yet put there) takes this after the read and
-    /// waits with [`Volume::renames_through`] for their records.
+    /// waits until as many have been recorded by the change sink (which counts the
+    /// rename records it takes) or ended without a record
+    /// ([`Volume::renames_unrecorded`]). Renames end in any order, so the counts can
+    /// match while one of the first is still under way and a later one is done; it
+    /// is meant for a short wait, not a guarantee.
     pub fn renames_begun(&self) -> u64 {
         self.renames_begun.load(Ordering::SeqCst)
     }
 
-    /// Whether at least `begun` renames are through: their change records made (or
-    /// the rename failed). Renames end in any order, so this may hold while one of the
-    /// first `begun` is still under way with a later one through; it is meant for a
-    /// short wait, not a guarantee.
-    pub fn renames_through(&self, begun: u64) -> bool {
-        self.renames_through.load(Ordering::SeqCst) >= begun
+    /// How many renames through the mount ended without a change record: failed, or
+    /// of a name whose path was no longer known.
+    pub fn renames_unrecorded(&self) -> u64 {
+        self.renames_unrecorded.load(Ordering::SeqCst)
     }
 
     /// Creates a hard link to `ino` at (`newparent`, `newname`).

@@ -78,7 +78,14 @@ impl RecordSink for Broadcast {
         let ships_now = record.policy.sync == SyncMode::Always;
         let durability = record.policy.durability.unwrap_or(self.durability);
         // No receiver (no standby connected) is fine: the next full sync covers it.
+        let rename = matches!(record.change.kind, twinfs_fs::ChangeKind::Rename { .. });
         let _ = self.tx.send((id, Arc::new(record)));
+        if rename {
+            // Its record is where a session takes it from, before the wait below.
+            self.gate
+                .renames
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         if ships_now && durability == Durability::Sync {
             self.gate.wait(id, self.sync_timeout);
         }
@@ -95,6 +102,8 @@ pub struct SyncGate {
     next_session: std::sync::atomic::AtomicU64,
     /// The number of the last change record issued.
     issued: std::sync::atomic::AtomicU64,
+    /// Rename records put in the channel (see [`catch_up_renames`]).
+    renames: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -2500,8 +2509,8 @@ async fn carry_out(
 }
 
 /// What reading a [`Ship`] gave: its number, its path, [`read_op`]'s result,
-/// whether its change was made to a file with several names ([`FileId::linked`]), and
-/// whether it goes as a copy of one name of a hard-linked file ([`Ship::copy`]).
+/// whether its change was made to a file with several names ([`FileId::linked`]),
+/// and for a copy ([`Ship::copy`]) whether what it found has several names.
 ///
 /// [`FileId::linked`]: twinfs_fs::FileId::linked
 type ShipRead = (
@@ -2509,7 +2518,7 @@ type ShipRead = (
     RelPath,
     Result<(Op, bool, Option<Streamed>), manifest::ManifestError>,
     bool,
-    bool,
+    Option<bool>,
 );
 
 /// A large file to send on a stream of its own: the open file, and its block list
@@ -2567,19 +2576,20 @@ fn read_ship(volume: &VolumeLink, ship: Ship, can_stream: bool, small: bool) -> 
         can_stream,
         small,
     );
-    // A copy that is one of several names of a file, or that was held back (being
-    // written: its writer's close ships the file under the name it was opened by,
-    // and this name may be one of its others).
-    let copied_link = ship.copy
-        && read.as_ref().is_ok_and(|(op, vanished, _)| {
-            !*vanished
-                && match op {
-                    Op::Put { entry, .. } | Op::PutStream { entry } => entry.meta.link().is_some(),
-                    Op::Skip { .. } => true,
-                    _ => false,
-                }
-        });
-    (ship.seq, ship.path, read, linked, copied_link)
+    // A copy: whether what it found is one of several names of a file (one held back
+    // too: being written, its writer's close ships it under the name it was opened
+    // by, and this may be another of its names).
+    let copy = ship.copy.then(|| match &read {
+        Ok((Op::Put { entry, .. } | Op::PutStream { entry }, false, _)) => {
+            entry.meta.link().is_some()
+        }
+        Ok((Op::Skip { .. }, false, _)) => {
+            twinfs_fs::sys::statat(volume.root.as_fd(), ship.path.as_path().as_os_str())
+                .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink > 1)
+        }
+        _ => false,
+    });
+    (ship.seq, ship.path, read, linked, copy)
 }
 
 /// Reads the files of `ships` and sends their ops, in order. One ship (a change on
@@ -2611,7 +2621,17 @@ const RENAME_SETTLE: Duration = Duration::from_millis(20);
 async fn catch_up_renames(volume: &VolumeLink, session: &mut Session, records: &mut Records<'_>) {
     let begun = volume.volume.renames_begun();
     let deadline = std::time::Instant::now() + RENAME_SETTLE;
-    while !volume.volume.renames_through(begun) && std::time::Instant::now() < deadline {
+    // Recorded (in the channel: a `sync` rename then waits for the sessions, this one
+    // among them), or ended without a record.
+    let through = || {
+        volume
+            .gate
+            .renames
+            .load(std::sync::atomic::Ordering::SeqCst)
+            + volume.volume.renames_unrecorded()
+            >= begun
+    };
+    while !through() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
     let Some(rx) = records.changes.as_mut() else {
@@ -2758,7 +2778,7 @@ async fn send_ship(
     counters: &StreamCounters,
     tag: u64,
 ) -> Option<u64> {
-    let (seq, shipped, read, linked, copied_link) = read;
+    let (seq, shipped, read, linked, copy) = read;
     let (op, vanished, source) = match read {
         Ok(x) => x,
         Err(e) => {
@@ -2794,7 +2814,7 @@ async fn send_ship(
         tracing::info!(volume = %volume.name, path = %shipped,
             "a changed hard-linked file lost the name it was recorded under; comparing manifests");
         session.resync();
-    } else if copied_link {
+    } else if copy == Some(true) && !vanished {
         // In place of a link or a rename that could not go as one, and one of several
         // names of a file now (or held back): the standby's copy is a file of its own
         // (or missing) until a comparison of manifests sets it right (once the ops
@@ -3122,30 +3142,24 @@ fn read_op(
         .split_last()
         .map(|(_, n)| n.to_owned())
         .unwrap_or_default();
-    // By name again (an O_PATH fd cannot be read): what is there may have been
-    // replaced since it was described. O_NONBLOCK, so that a FIFO put there meanwhile
-    // is not waited on (it does nothing to a regular file's reads).
-    let file =
-        match twinfs_fs::sys::openat(parent.as_fd(), &name, libc::O_RDONLY | libc::O_NONBLOCK, 0) {
-            Ok(fd) => fd,
-            // Gone between the stat and the open, or replaced by a symlink (ELOOP) or a
-            // FIFO without a writer (ENXIO): a later op says what became of it.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOENT | libc::ELOOP | libc::ENXIO)
-                ) =>
-            {
-                return gone(path)
-            }
-            Err(source) => {
-                return Err(manifest::ManifestError::Io {
-                    path,
-                    op: "open",
-                    source,
-                })
-            }
-        };
+    // The file described, opened for reading through its O_PATH fd (an O_PATH fd
+    // cannot be read): by name, what is there may have been replaced since, by a FIFO
+    // or a device node, which must not be opened.
+    let file = match reopen(fd.as_fd(), &parent, &name) {
+        Ok(fd) => fd,
+        // Gone between the stat and the open (by name, without /proc), or replaced by
+        // a symlink (ELOOP): a later op says what became of it.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => {
+            return gone(path)
+        }
+        Err(source) => {
+            return Err(manifest::ManifestError::Io {
+                path,
+                op: "open",
+                source,
+            })
+        }
+    };
     let opened = stat_of(file.as_fd(), &path)?;
     if (opened.st_dev, opened.st_ino) != (described_file.st_dev, described_file.st_ino) {
         return gone(path);
@@ -3201,6 +3215,25 @@ fn read_op(
         false,
         None,
     ))
+}
+
+/// Opens for reading the file an `O_PATH` fd refers to, through `/proc/self/fd`; by
+/// `name` in `parent` where `/proc` is not mounted (the caller checks that it got the
+/// same file; `O_NONBLOCK` so that a FIFO put there meanwhile is not waited on).
+fn reopen(
+    fd: std::os::fd::BorrowedFd<'_>,
+    parent: &OwnedFd,
+    name: &std::ffi::OsStr,
+) -> std::io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    match std::fs::File::open(&proc) {
+        Ok(file) => Ok(file.into()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !Path::new("/proc/self").exists() => {
+            twinfs_fs::sys::openat(parent.as_fd(), name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn stat_of(
@@ -3295,14 +3328,14 @@ async fn stream_file(
                 Ok(d) => bytes::Bytes::from(d),
                 // Not a clean end: the records so far are not the whole delta.
                 Err(_) => {
-                    let _ = tx.blocking_send(Err("the file could not be read"));
+                    let _ = tx.blocking_send(Err(UNREADABLE));
                     return;
                 }
             };
             // Grown past the size announced: another version (the standby would
             // refuse a block past the end).
             if offset + data.len() as u64 > announced.0 {
-                let _ = tx.blocking_send(Err("it changed while it was sent"));
+                let _ = tx.blocking_send(Err(CHANGED));
                 return;
             }
             let hashes: Vec<u128> = data.chunks(block).map(delta::block_hash).collect();
@@ -3342,7 +3375,7 @@ async fn stream_file(
             },
         };
         if offset != announced.0 || delta::content_hash(&own, offset) != announced.1 {
-            let _ = tx.blocking_send(Err("it changed while it was sent"));
+            let _ = tx.blocking_send(Err(CHANGED));
             return;
         }
         if let Some(adopt) = adopt {
@@ -3358,13 +3391,20 @@ async fn stream_file(
     while let Some(record) = rx.recv().await {
         let (header, data) = match record {
             Ok(r) => r,
-            Err(why) => {
+            Err(why) if why == CHANGED => {
                 tracing::info!(%path, why, "large file not sent; its next change ships it");
                 // Delivered in order after the header, so the standby knows which op
-                // it ends, and refuses it before writing anything.
+                // it ends, and drops it before writing anything.
                 if send.write_all(&delta::abort_record()).await.is_ok() {
                     let _ = send.finish();
                 }
+                return;
+            }
+            Err(why) => {
+                // No change will ship it again: the stream ends short, the standby's
+                // check refuses the op, and the refusal brings a manifest comparison.
+                tracing::warn!(%path, why, "large file not sent");
+                let _ = send.finish();
                 return;
             }
         };
@@ -3406,8 +3446,12 @@ fn send_runs(
             let want = (run.end - offset).min(chunk);
             let data = match crate::apply::read_new(file, want as usize, offset) {
                 Ok(d) if d.len() as u64 == want => bytes::Bytes::from(d),
-                _ => {
-                    let _ = tx.blocking_send(Err("the file shrank or could not be read"));
+                Ok(_) => {
+                    let _ = tx.blocking_send(Err(CHANGED));
+                    return;
+                }
+                Err(_) => {
+                    let _ = tx.blocking_send(Err(UNREADABLE));
                     return;
                 }
             };
@@ -3417,7 +3461,7 @@ fn send_runs(
                 .enumerate()
                 .any(|(i, part)| hashes.get(first + i) != Some(&delta::block_hash(part)));
             if changed {
-                let _ = tx.blocking_send(Err("the file changed since it was hashed"));
+                let _ = tx.blocking_send(Err(CHANGED));
                 return;
             }
             let header = delta::record_header(offset, data.len() as u32);
@@ -3431,6 +3475,13 @@ fn send_runs(
 
 /// One record of a blocks stream, or why the stream must end unfinished.
 type BlockRecord = Result<([u8; delta::RECORD_HEADER], bytes::Bytes), &'static str>;
+
+/// Why a large file's stream ends early: it changed while it was read (its writer's
+/// close ships it again: the standby keeps its version and is told so by the abort
+/// record), or it could not be read (nothing will ship it again: the standby refuses
+/// the op).
+const CHANGED: &str = "it changed while it was sent";
+const UNREADABLE: &str = "the file could not be read";
 
 /// Bytes a large file is read and its records are sent in, at most (a whole number of
 /// blocks, at least one).

@@ -995,18 +995,7 @@ impl Session {
         }
         for dir in touched.into_iter().rev() {
             if our_dirs.contains(&dir) {
-                let seq = self.take_seq(now);
-                self.queue(Output::Ship(Ship {
-                    seq,
-                    path: dir,
-                    content: false,
-                    standby_hash: None,
-                    delete_if_missing: false,
-                    link: false,
-                    file: None,
-                    dir: true,
-                    copy: false,
-                }));
+                self.ship_directory_now(dir, now);
                 ops += 1;
             }
         }
@@ -1243,19 +1232,24 @@ impl Session {
             self.ship_whole(path, now);
         }
         for dir in parents {
-            let seq = self.take_seq(now);
-            self.queue(Output::Ship(Ship {
-                seq,
-                path: dir,
-                content: false,
-                standby_hash: None,
-                delete_if_missing: false,
-                link: false,
-                file: None,
-                dir: true,
-                copy: false,
-            }));
+            self.ship_directory_now(dir, now);
         }
+    }
+
+    /// Ships the metadata of the directory `dir` now, ahead of the queue.
+    fn ship_directory_now(&mut self, dir: RelPath, now: Instant) {
+        let seq = self.take_seq(now);
+        self.queue(Output::Ship(Ship {
+            seq,
+            path: dir,
+            content: false,
+            standby_hash: None,
+            delete_if_missing: false,
+            link: false,
+            file: None,
+            dir: true,
+            copy: false,
+        }));
     }
 
     /// Ships `path` now, as it is when read, its bytes included, in place of a link or

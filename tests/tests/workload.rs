@@ -89,6 +89,14 @@ fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::io::Write::write_all(&mut &file, data)
 }
 
+/// A libc call's return: 0, or -1 with `errno`.
+fn check(rc: libc::c_int) -> std::io::Result<()> {
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 fn c(path: &Path) -> CString {
     CString::new(path.as_os_str().as_bytes()).expect("no NUL in test paths")
 }
@@ -163,7 +171,8 @@ fn step(rng: &mut Rng, dir: &Path, slots: &mut [Option<(String, fs::File)>]) -> 
         }
         9 => {
             let (x, y) = (p(rng), p(rng));
-            let r = match unsafe {
+            // SAFETY: valid NUL-terminated paths, alive for the call.
+            let r = check(unsafe {
                 libc::renameat2(
                     libc::AT_FDCWD,
                     c(&x).as_ptr(),
@@ -171,10 +180,7 @@ fn step(rng: &mut Rng, dir: &Path, slots: &mut [Option<(String, fs::File)>]) -> 
                     c(&y).as_ptr(),
                     libc::RENAME_EXCHANGE,
                 )
-            } {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            };
+            });
             (format!("exchange {} {}", name(&x), name(&y)), r)
         }
         10 => {
@@ -250,17 +256,15 @@ fn step(rng: &mut Rng, dir: &Path, slots: &mut [Option<(String, fs::File)>]) -> 
                     false => libc::UTIME_NOW,
                 },
             };
-            let r = match unsafe {
+            // SAFETY: a valid path and two timespecs, alive for the call.
+            let r = check(unsafe {
                 libc::utimensat(
                     libc::AT_FDCWD,
                     c(&path).as_ptr(),
                     [t, t].as_ptr(),
                     libc::AT_SYMLINK_NOFOLLOW,
                 )
-            } {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            };
+            });
             let how = if past { "touch -d" } else { "touch" };
             (format!("{how} {}", name(&path)), r)
         }
@@ -271,7 +275,8 @@ fn step(rng: &mut Rng, dir: &Path, slots: &mut [Option<(String, fs::File)>]) -> 
             let value = rng.bytes(len);
             let remove = rng.below(3) == 0;
             let key_c = CString::new(key).expect("xattr name");
-            let rc = unsafe {
+            // SAFETY: valid strings, and `value` for its length, alive for the call.
+            let r = check(unsafe {
                 match remove {
                     true => libc::removexattr(c(&path).as_ptr(), key_c.as_ptr()),
                     false => libc::setxattr(
@@ -282,11 +287,7 @@ fn step(rng: &mut Rng, dir: &Path, slots: &mut [Option<(String, fs::File)>]) -> 
                         0,
                     ),
                 }
-            };
-            let r = match rc {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            };
+            });
             let how = if remove { "removexattr" } else { "setxattr" };
             (format!("{how} {key} {}", name(&path)), r)
         }
@@ -298,11 +299,8 @@ fn step(rng: &mut Rng, dir: &Path, slots: &mut [Option<(String, fs::File)>]) -> 
         }
         18 => {
             let path = p(rng);
-            let rc = unsafe { libc::mkfifo(c(&path).as_ptr(), 0o640) };
-            let r = match rc {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            };
+            // SAFETY: a valid path, alive for the call.
+            let r = check(unsafe { libc::mkfifo(c(&path).as_ptr(), 0o640) });
             (format!("mkfifo {}", name(&path)), r)
         }
         19 | 20 => {
