@@ -1309,11 +1309,31 @@ impl Drop for Prepared {
         if self.placed {
             return;
         }
-        if let Err(e) = sys::unlinkat(self.dir.as_fd(), &self.temp, 0) {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(name = ?self.temp, error = %e, "could not remove a temp entry");
+        remove_temp(
+            self.dir.as_fd(),
+            &self.temp,
+            self.dir_times.filter(|_| self.new_too),
+        );
+    }
+}
+
+/// Removes a temp entry that is not to be placed (a large file whose active gave up
+/// on its version, a failed apply), and gives the directory back `times`, from
+/// before it: on a standby (`new_too`), making and removing it were this node's own
+/// doing. (On an active, applying an upstream write, a local create may have moved
+/// them meanwhile: they are left.)
+fn remove_temp(dir: BorrowedFd<'_>, name: &OsStr, times: Option<[libc::timespec; 2]>) {
+    match sys::unlinkat(dir, name, 0) {
+        Ok(()) => {
+            if let Some(times) = times {
+                if let Err(e) = At::Fd(dir).utimens(&times) {
+                    tracing::warn!(name = ?name, error = %e,
+                        "could not restore the times of a directory after removing a temp entry");
+                }
             }
         }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(name = ?name, error = %e, "could not remove a temp entry"),
     }
 }
 
@@ -1360,11 +1380,11 @@ impl Drop for TempEntry<'_> {
         if self.placed {
             return;
         }
-        if let Err(e) = sys::unlinkat(self.dir, &self.name, 0) {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(name = ?self.name, error = %e, "could not remove a temp entry");
-            }
-        }
+        remove_temp(
+            self.dir,
+            &self.name,
+            self.dir_times.filter(|_| self.new_too),
+        );
     }
 }
 
