@@ -285,8 +285,8 @@ pub struct Session {
     /// link to it can take (the writer's close ships the new one to every name), or
     /// nothing.
     unsent: BTreeMap<RelPath, bool>,
-    /// Active: the names that renames waiting in the queue move away (the source, and
-    /// the target of an exchange), each with how many.
+    /// Active: the names that renames waiting in the queue move away or replace (the
+    /// source and the target), each with how many.
     renaming: std::collections::HashMap<RelPath, u32>,
     // Standby side.
     expected: u64,
@@ -501,8 +501,9 @@ impl Session {
         }
     }
 
-    /// Active: whether a rename waiting in the queue moves `path` or a directory above
-    /// it (a ship of it read now finds what came there since, if anything).
+    /// Active: whether a rename waiting in the queue moves or replaces `path` or a
+    /// directory above it (a ship of it read now finds what came there since, if
+    /// anything).
     pub fn moved_away(&self, path: &RelPath) -> bool {
         !self.renaming.is_empty() && at_or_above(path, |p| self.renaming.contains_key(p))
     }
@@ -1175,7 +1176,7 @@ impl Session {
         flagged: bool,
         now: Instant,
     ) {
-        for name in std::iter::once(&from).chain(exchange.then_some(&to)) {
+        for name in [&from, &to] {
             if let Some(n) = self.renaming.get_mut(name) {
                 *n -= 1;
                 if *n == 0 {
@@ -1527,10 +1528,11 @@ impl Session {
                     to.split_last().map(|(p, _)| p),
                 ];
                 // Whether the standby may lack the source is known only when it goes.
+                // The target too: what a ship of it reads now is what the rename put
+                // there, which must not reach the standby ahead of the rename (a hard
+                // link queued between would take it for the file it was made to).
                 *self.renaming.entry(from.clone()).or_default() += 1;
-                if exchange {
-                    *self.renaming.entry(to.clone()).or_default() += 1;
-                }
+                *self.renaming.entry(to.clone()).or_default() += 1;
                 let unsent = self.below_awaiting(&from) || (exchange && self.below_awaiting(&to));
                 self.rebase_awaiting(&from, &to, exchange);
                 let op = Op::Rename {
