@@ -3601,15 +3601,16 @@ async fn pump_blocks(
 }
 
 /// The active gave up on sending a version of a large file: it changed while it was
-/// sent (or could not be read). Its writer's close, which is still to come, ships it
-/// again; until then the standby keeps the version it has. Not a refusal: nothing is
-/// left for a manifest comparison to repair.
+/// sent ([`CHANGED`]; one it could not read ends its stream short instead, and is
+/// refused). Its writer's close, which is still to come, ships it again; until then
+/// the standby keeps the version it has. Not a refusal: nothing is left for a
+/// manifest comparison to repair.
 #[derive(Debug)]
 struct GaveUp;
 
 impl std::fmt::Display for GaveUp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the active gave up on this version (it changed while being sent, or could not be read); its next change ships it")
+        f.write_str("the active gave up on this version (it changed while being sent); its next change ships it")
     }
 }
 
