@@ -877,6 +877,28 @@ impl<'a> Applier<'a> {
         }
         let (from_dir, from_name) = self.open_parent(from)?;
         let (to_dir, to_name) = self.open_parent(to)?;
+        // Two names of one file here: rename(2) does nothing and leaves both. The
+        // active's were two files (its kernel makes no such rename), so `from` must
+        // go; `to` already names the file it moved.
+        if !exchange && from != to {
+            let from_st = sys::statat(from_dir.as_fd(), &from_name);
+            let to_st = sys::statat(to_dir.as_fd(), &to_name);
+            if let (Ok(a), Ok(b)) = (&from_st, &to_st) {
+                if key(a) == key(b) && !is_dir(a) {
+                    sys::unlinkat(from_dir.as_fd(), &from_name, 0).map_err(|source| {
+                        ApplyError::Rename {
+                            from: from.clone(),
+                            to: to.clone(),
+                            source,
+                        }
+                    })?;
+                    sync_dir(from_dir.as_fd())
+                        .map_err(io_err("fsync the parent directory of", from))?;
+                    tracing::debug!(%from, %to, "renamed one name of a file over another: removed the first");
+                    return Ok(());
+                }
+            }
+        }
         let flags = if exchange { libc::RENAME_EXCHANGE } else { 0 };
         sys::renameat2(
             from_dir.as_fd(),
@@ -901,20 +923,55 @@ impl<'a> Applier<'a> {
     /// [`Applier::rename`] of what the active never sent as it is (`Op::Rename`'s
     /// `unsent`): without `from` here nothing moves, and the new name keeps what it
     /// holds until the op shipping it follows. For an exchange, a side missing here
-    /// takes the other's entry, as if it had been an empty slot.
+    /// takes the other's entry, as if it had been an empty slot. A directory missing
+    /// on the way to where it goes is made (empty, 0700): the active sent it as gone
+    /// (it was removed, or moved away, right after), and the op saying what became of
+    /// it follows.
     pub fn rename_unsent(&self, from: &RelPath, to: &RelPath, exchange: bool) -> Result<()> {
         let from_here = self.exists(from)?;
         if !exchange {
             return match from_here {
-                true => self.rename(from, to, false),
+                true => {
+                    self.make_parents(to)?;
+                    self.rename(from, to, false)
+                }
                 false => Ok(()),
             };
         }
         match (from_here, self.exists(to)?) {
             (true, true) => self.rename(from, to, true),
-            (true, false) => self.rename(from, to, false),
-            (false, true) => self.rename(to, from, false),
+            (true, false) => {
+                self.make_parents(to)?;
+                self.rename(from, to, false)
+            }
+            (false, true) => {
+                self.make_parents(from)?;
+                self.rename(to, from, false)
+            }
             (false, false) => Ok(()),
+        }
+    }
+
+    /// Makes the directories missing on the way to `path`, each empty and 0700 (see
+    /// [`Applier::rename_unsent`]). Anything else in the way is left for the op to
+    /// fail on.
+    fn make_parents(&self, path: &RelPath) -> Result<()> {
+        let Some((parent, _)) = path.split_last() else {
+            return Ok(());
+        };
+        if parent.is_root() || self.exists(&parent)? {
+            return Ok(());
+        }
+        self.make_parents(&parent)?;
+        let (dir, name) = self.open_parent(&parent)?;
+        match sys::mkdirat(dir.as_fd(), &name, 0o700) {
+            Ok(()) => {
+                sync_dir(dir.as_fd()).map_err(io_err("fsync the parent directory of", &parent))?;
+                tracing::debug!(path = %parent, "made a directory the active sent as gone, for a rename into it");
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(io_err("create directory", &parent)(e)),
         }
     }
 

@@ -657,6 +657,67 @@ fn xattr_names(p: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// An `unsent` rename into a directory this standby lacks (the active sent it as
+/// gone) makes the missing directories, empty and 0700, and moves the source in;
+/// without `unsent` the same rename is refused; a file in the way is never replaced.
+#[test]
+fn an_unsent_rename_makes_the_directories_missing_on_its_way() {
+    use std::os::unix::fs::PermissionsExt;
+    let vol = Vol::new();
+    let applier = vol.applier();
+    fs::write(vol.path("a"), b"A").expect("write");
+    let plain = applier.rename(&rel("a"), &rel("t/u/a"), false);
+    assert!(plain.is_err(), "{plain:?}");
+    applier
+        .rename_unsent(&rel("a"), &rel("t/u/a"), false)
+        .expect("unsent rename");
+    assert_eq!(fs::read(vol.path("t/u/a")).expect("read"), b"A");
+    for made in ["t", "t/u"] {
+        let mode = fs::metadata(vol.path(made))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o700, "{made}");
+    }
+    // An exchange whose source is missing here moves the target to the source's
+    // name, making its directories too.
+    applier
+        .rename_unsent(&rel("v/w"), &rel("t/u/a"), true)
+        .expect("unsent exchange");
+    assert_eq!(fs::read(vol.path("v/w")).expect("read"), b"A");
+    // A file where a directory is wanted stays, and the rename is refused.
+    fs::write(vol.path("f"), b"F").expect("write");
+    let blocked = applier.rename_unsent(&rel("v/w"), &rel("f/x"), false);
+    assert!(blocked.is_err(), "{blocked:?}");
+    assert_eq!(fs::read(vol.path("f")).expect("read"), b"F");
+    assert_eq!(fs::read(vol.path("v/w")).expect("read"), b"A");
+}
+
+/// A rename from one name of a file to another name of the same file: rename(2)
+/// would leave both (the active's kernel never makes such a rename; the standby gets
+/// one where its copy has two names that are two files on the active). The source
+/// name goes, as a rename's does, and the file keeps its content; a path renamed to
+/// itself stays.
+#[test]
+fn a_rename_between_two_names_of_one_file_removes_the_first() {
+    use std::os::unix::fs::MetadataExt;
+    let vol = Vol::new();
+    let applier = vol.applier();
+    fs::create_dir(vol.path("d")).expect("mkdir");
+    fs::write(vol.path("d/a"), b"same").expect("write");
+    fs::hard_link(vol.path("d/a"), vol.path("b")).expect("link");
+    applier
+        .rename(&rel("d/a"), &rel("b"), false)
+        .expect("rename");
+    assert!(!vol.path("d/a").exists(), "the first name stayed");
+    assert_eq!(fs::read(vol.path("b")).expect("read"), b"same");
+    assert_eq!(fs::metadata(vol.path("b")).expect("stat").nlink(), 1);
+    applier
+        .rename(&rel("b"), &rel("b"), false)
+        .expect("rename to itself");
+    assert_eq!(fs::read(vol.path("b")).expect("read"), b"same");
+}
+
 #[test]
 fn rename_and_exchange() {
     let vol = Vol::new();
