@@ -2653,14 +2653,14 @@ async fn catch_up_renames(volume: &VolumeLink, session: &mut Session, records: &
     }
 }
 
-/// What a read found, unless a rename the session now knows of (see
+/// What a read found, unless an op the session now knows of (see
 /// [`catch_up_renames`]) moved the path, or a directory above it, away since the
-/// ship's change: then whatever is there came later, and goes as gone; the rename
-/// ships it under its new name.
-fn unless_moved_away(session: &Session, read: &mut ShipRead) {
-    let (_, path, result, ..) = read;
+/// ship's change, or removes it: then whatever is there came later, and goes as gone
+/// ([`Session::ship_superseded`]); a rename ships it under its new name.
+fn unless_superseded(session: &Session, read: &mut ShipRead) {
+    let (seq, path, result, ..) = read;
     if let Ok((op, vanished, source)) = result {
-        if !*vanished && session.moved_away(path) {
+        if !*vanished && session.ship_superseded(*seq, path) {
             *op = Op::Skip { path: path.clone() };
             *vanished = true;
             *source = None;
@@ -2692,7 +2692,7 @@ async fn ship(
                 .ok()?
         };
         catch_up_renames(volume, session, records).await;
-        unless_moved_away(session, &mut read);
+        unless_superseded(session, &mut read);
         return send_ship(volume, session, send, read, link, counters, tag).await;
     }
     let mut groups: Vec<Vec<(usize, Ship)>> = (0..SHIP_READERS).map(|_| Vec::new()).collect();
@@ -2730,7 +2730,7 @@ async fn ship(
     }
     catch_up_renames(volume, session, records).await;
     for read in reads.iter_mut().flatten() {
-        unless_moved_away(session, read);
+        unless_superseded(session, read);
     }
     gone_below_gone(&mut reads);
     let mut sent = 0;

@@ -288,6 +288,9 @@ pub struct Session {
     /// Active: the names that renames waiting in the queue move away or replace (the
     /// source and the target), each with how many.
     renaming: std::collections::HashMap<RelPath, u32>,
+    /// Active: the names that deletions waiting in the queue remove, each with how
+    /// many.
+    deleting: std::collections::HashMap<RelPath, u32>,
     // Standby side.
     expected: u64,
     /// Every op up to here is applied; ops applied ahead of a slower one (a large
@@ -352,6 +355,7 @@ impl Session {
             deleted_unread: Vec::new(),
             unsent: BTreeMap::new(),
             renaming: Default::default(),
+            deleting: Default::default(),
             expected: 1,
             applied_upto: 0,
             applied_ahead: std::collections::BTreeSet::new(),
@@ -506,6 +510,32 @@ impl Session {
     /// anything).
     pub fn moved_away(&self, path: &RelPath) -> bool {
         !self.renaming.is_empty() && at_or_above(path, |p| self.renaming.contains_key(p))
+    }
+
+    /// Active: whether a ship of `path` must go as gone, whatever a read of it finds
+    /// now: a rename waiting in the queue moves or replaces it or a directory above it
+    /// ([`Session::moved_away`]), or a deletion waiting there removes it or a
+    /// directory above it. Either way what a read finds there now, if anything, came
+    /// later (the directory removed by `rm -r` and made again as a file, say); sent
+    /// ahead of the ops queued between, it would be what they find on the standby (a
+    /// hard link into the old directory would find a file). The queued op says what
+    /// became of what the ship was about, and the newcomer's own change ships it.
+    pub fn superseded(&self, path: &RelPath) -> bool {
+        self.moved_away(path)
+            || (!self.deleting.is_empty() && at_or_above(path, |p| self.deleting.contains_key(p)))
+    }
+
+    /// Active: [`Session::superseded`] for the ship `seq` read by the driver, or a
+    /// deletion sent after it (while it was being read) removes `path` or a directory
+    /// above it.
+    pub fn ship_superseded(&self, seq: u64, path: &RelPath) -> bool {
+        self.superseded(path)
+            || (!self.deleted_unread.is_empty()
+                && at_or_above(path, |p| {
+                    self.deleted_unread
+                        .iter()
+                        .any(|(deleted, d)| *deleted > seq && d == p)
+                }))
     }
 
     /// Active: the paths whose last ship did not carry what a later op moves or
@@ -750,6 +780,7 @@ impl Session {
         self.queued_ships.clear();
         self.queued_ops = 0;
         self.renaming.clear();
+        self.deleting.clear();
         self.dirty.clear();
         self.once_changed.clear();
         self.unsent.clear();
@@ -1070,12 +1101,13 @@ impl Session {
                 } => {
                     self.queued_ships.remove(&path);
                     let seq = self.take_seq(now);
-                    if self.moved_away(&path) {
+                    if self.superseded(&path) {
                         // A rename queued behind moved it (or a directory above it)
-                        // away: whatever holds the name now came later, and sent
-                        // ahead of the rename it would replace on the standby what
-                        // the rename is to move (a directory with all below it). It
-                        // goes as gone; the rename ships it under its new name.
+                        // away, or a deletion queued behind removes it: whatever holds
+                        // the name now came later, and sent ahead of that op it would
+                        // replace on the standby what the op is about (a directory
+                        // with all below it, which a rename is to move). It goes as
+                        // gone; a rename ships it under its new name.
                         self.send(
                             Message::Op {
                                 seq,
@@ -1107,11 +1139,15 @@ impl Session {
                     self.queued_ops -= 1;
                     self.send_rename(from, to, exchange, unsent, now);
                 }
-                Pending::Send(Op::Link { path, .. }) if self.moved_away(&path) => {
+                Pending::Send(Op::Link { path, .. })
+                    if self.moved_away(&path) || self.parent_unsent(&path) =>
+                {
                     // A rename queued behind moves a directory above the new name (a
-                    // directory made and filled, then renamed at once): that
-                    // directory's own ship went as gone, so the standby may have
-                    // nowhere to put it. The rename ships it under its new name.
+                    // directory made and filled, then renamed at once), or the
+                    // directory it is made in went unsent (its ship found it removed
+                    // since, or made again as something else): the standby may have
+                    // nowhere to put it. The op saying what became of that directory
+                    // is behind; a rename of it ships the new name under its new path.
                     self.queued_ops -= 1;
                     self.note_unsent(path, false);
                 }
@@ -1125,6 +1161,12 @@ impl Session {
                     self.queued_ops -= 1;
                     let seq = self.take_seq(now);
                     if let Op::Delete { path } = &op {
+                        if let Some(n) = self.deleting.get_mut(path) {
+                            *n -= 1;
+                            if *n == 0 {
+                                self.deleting.remove(path);
+                            }
+                        }
                         // Whatever went unsent there is gone on the standby now, and so
                         // is whatever a ship still being read finds gone there.
                         for p in unsent_at_or_below(&self.unsent, path) {
@@ -1160,6 +1202,15 @@ impl Session {
         !self.unsent.is_empty() && at_or_above(path, |p| self.unsent.contains_key(p))
     }
 
+    /// Whether a directory above `path` went unsent: the standby may lack it, or have
+    /// something else there.
+    fn parent_unsent(&self, path: &RelPath) -> bool {
+        !self.unsent.is_empty()
+            && path
+                .split_last()
+                .is_some_and(|(dir, _)| self.unsent_covers(&dir))
+    }
+
     /// Sends a rename. If a ship of its source did not carry what the rename moves
     /// (found it gone, or read what took the name since), the standby may lack it or
     /// hold another version: the rename goes out `unsent` (a missing source moves
@@ -1184,9 +1235,15 @@ impl Session {
                 }
             }
         }
+        // Also when a directory it goes into went unsent (its ship found it removed,
+        // or moved away, since): the standby may lack that directory, and makes it
+        // for an `unsent` rename. The op saying what became of it is behind (a
+        // deletion, or a rename that ships it anew, with what lies in it).
         let unsent = flagged
             || self.unsent.contains_key(&from)
-            || (exchange && self.unsent.contains_key(&to));
+            || (exchange && self.unsent.contains_key(&to))
+            || self.parent_unsent(&to)
+            || (exchange && self.parent_unsent(&from));
         let below_from = unsent_at_or_below(&self.unsent, &from);
         let below_to = unsent_at_or_below(&self.unsent, &to);
         let seq = self.take_seq(now);
@@ -1333,11 +1390,15 @@ impl Session {
             self.queued_ships.clear();
             self.queued_ops = 0;
             self.renaming.clear();
+            self.deleting.clear();
             self.resync_wanted = true;
             return;
         }
         if matches!(pending, Pending::Send(_)) {
             self.queued_ops += 1;
+        }
+        if let Pending::Send(Op::Delete { path }) = &pending {
+            *self.deleting.entry(path.clone()).or_default() += 1;
         }
         self.queue.push_back(pending);
         self.drain(now);

@@ -156,6 +156,20 @@ fn apply(tree: &mut Tree, op: &Op) -> Result<(), String> {
                 // Never sent: what it moved follows under the new name.
                 return Ok(());
             }
+            // rename(2) wants a directory to put it in; for one never sent as it is,
+            // the standby makes a missing one (as the applier does).
+            if let Some((parent, _)) = to.split_last() {
+                let kind = tree.get(&parent).map(|(m, _)| m.kind);
+                if *unsent && kind.is_none() {
+                    let mut at = Some(parent.clone());
+                    while let Some(dir) = at.filter(|d| !d.is_root() && !tree.contains_key(d)) {
+                        at = dir.split_last().map(|(p, _)| p);
+                        tree.insert(dir, (dir_meta(), Vec::new()));
+                    }
+                } else if !parent.is_root() && kind != Some(Kind::Dir) {
+                    return Err(format!("no directory to rename {from} into {to}"));
+                }
+            }
             let swapped = if *exchange {
                 subtree(tree, to)
             } else {
@@ -344,6 +358,14 @@ impl World {
                             (Op::Delete { path: path.clone() }, Shipped::Gone)
                         }
                         None => (Op::Skip { path: path.clone() }, Shipped::Gone),
+                    };
+                    // As the daemon's driver does once it has read it: an op queued
+                    // since the ship went out may say what it found came later.
+                    let (op, found) = match found {
+                        Shipped::Sent { .. } if self.active.ship_superseded(seq, &path) => {
+                            (Op::Skip { path: path.clone() }, Shipped::Gone)
+                        }
+                        _ => (op, found),
                     };
                     self.active.shipped(seq, &path, found, self.now);
                     let message = Message::Op { seq, op };
@@ -1675,6 +1697,50 @@ fn changes_to_two_files_at_one_path_are_not_shipped_as_one() {
         .map(|(_, f)| *f)
         .collect();
     assert_eq!(files, vec![Some((1, 10)), Some((1, 11)), Some((1, 10))]);
+}
+
+/// A directory removed and made again as a file before the active reads a change
+/// to it (`setfattr d; mv a d/a; rm -r d; echo > d`): the read finds the file. Sent
+/// ahead of the ops queued behind, the standby's `d` would be that file when the
+/// rename into the old directory comes, and refuse it.
+#[test]
+fn a_directory_made_again_as_a_file_is_not_sent_ahead_of_the_ops_on_the_old_one() {
+    let w = converges_by_the_stream_alone(47, |w| {
+        w.report(&rel("d"), ChangeKind::Xattr);
+        w.rename("a", "d/a", false);
+        w.active_tree.remove(&rel("d/a"));
+        w.report(&rel("d/a"), ChangeKind::Unlink);
+        w.active_tree.remove(&rel("d"));
+        w.report(&rel("d"), ChangeKind::Rmdir);
+        w.write("d", b"a file now", 90, ChangeKind::Create);
+    });
+    assert_eq!(w.standby_tree[&rel("d")].1, b"a file now");
+    assert!(!w.standby_tree.contains_key(&rel("a")));
+}
+
+/// A file moved into a directory made just before, which is then removed or moved
+/// away before the active reads the directory (`mkdir t; mv a t/a; rm -r t`, or `mv
+/// t u`): the directory goes as gone, and the rename into it makes it on the standby
+/// rather than be refused there.
+#[test]
+fn a_rename_into_a_directory_sent_as_gone_is_not_refused() {
+    let w = converges_by_the_stream_alone(53, |w| {
+        w.mkdir("t");
+        w.rename("a", "t/a", false);
+        w.active_tree.remove(&rel("t/a"));
+        w.report(&rel("t/a"), ChangeKind::Unlink);
+        w.active_tree.remove(&rel("t"));
+        w.report(&rel("t"), ChangeKind::Rmdir);
+    });
+    assert!(!w.standby_tree.contains_key(&rel("t")));
+    assert!(!w.standby_tree.contains_key(&rel("a")));
+    let w = converges_by_the_stream_alone(59, |w| {
+        w.mkdir("t");
+        w.rename("a", "t/a", false);
+        w.rename("t", "u", false);
+    });
+    assert_eq!(w.standby_tree[&rel("u/a")].1, b"alpha");
+    assert_eq!(w.standby_tree[&rel("u")].0.kind, Kind::Dir);
 }
 
 #[test]
