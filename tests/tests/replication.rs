@@ -1578,6 +1578,53 @@ fn a_hard_link_to_a_symlink_or_fifo_arrives_without_a_refusal() {
     assert_converged_by_the_stream_alone(&c);
 }
 
+/// Directories whose fate comes right after a change in them, back to back: a file
+/// moved into a new directory that is then removed or moved away, and a directory
+/// given a mode and linked into, then removed and made again as a file. The active often
+/// reads the directory after its fate: the ops on the old directory must still apply
+/// on the standby, without a refusal or a manifest comparison.
+#[test]
+fn ops_into_a_directory_removed_or_moved_right_after_arrive_without_a_refusal() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().to_path_buf();
+    // Made by syscalls back to back (a shell's fork and exec between them would give
+    // the active time to read each directory before its fate).
+    let w = a.join("w");
+    fs::create_dir(&w).expect("mkdir w");
+    for i in 0..100 {
+        let (x, t) = (w.join(format!("x{i}")), w.join(format!("t{i}")));
+        fs::write(&x, format!("{i}\n")).expect("write x");
+        fs::create_dir(&t).expect("mkdir t");
+        fs::rename(&x, t.join("x")).expect("mv x t/x");
+        fs::remove_dir_all(&t).expect("rm -r t");
+        let (y, u) = (w.join(format!("y{i}")), w.join(format!("u{i}")));
+        fs::write(&y, format!("{i}\n")).expect("write y");
+        fs::create_dir(&u).expect("mkdir u");
+        fs::rename(&y, u.join("y")).expect("mv y u/y");
+        fs::rename(&u, w.join(format!("v{i}"))).expect("mv u v");
+        let (f, d) = (w.join(format!("f{i}")), w.join(format!("d{i}")));
+        fs::write(&f, format!("{i}\n")).expect("write f");
+        fs::create_dir(&d).expect("mkdir d");
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o750)).expect("chmod d");
+        fs::hard_link(&f, d.join("l")).expect("ln f d/l");
+        fs::remove_dir_all(&d).expect("rm -r d");
+        fs::write(&d, "file\n").expect("write d");
+    }
+    c.wait_converged(CONVERGE);
+    let b = &c.nodes[1].volume;
+    assert_eq!(
+        fs::read_to_string(b.join("w/v99/y")).expect("moved in, then moved with its directory"),
+        "99\n"
+    );
+    assert!(!b.join("w/t99").exists() && !b.join("w/x99").exists());
+    assert_eq!(fs::read_to_string(b.join("w/d99")).expect("d99"), "file\n");
+    verify_identical(&c);
+    assert_converged_by_the_stream_alone(&c);
+}
+
 /// A standby that was away converges by full sync: names the active linked meanwhile
 /// become links, names the active separated become files of their own.
 #[test]
