@@ -243,6 +243,11 @@ pub struct VolumeLink {
     pub journal: crate::patch::Journal,
     /// Standby: its sessions with an active, numbered as they get past hello.
     pub followings: Arc<Followings>,
+    /// Standby: large files whose stream the active gave up on ([`GaveUp`]) and that
+    /// no later version has reached since. A rename of one may find nothing to move
+    /// here (it was new): the change that made the active give up ships it, under the
+    /// name it has then.
+    pub gave_up: Arc<Mutex<std::collections::BTreeSet<RelPath>>>,
 }
 
 /// Standby: the sessions of a volume with an active, numbered as they get past hello
@@ -3616,6 +3621,16 @@ impl std::fmt::Display for GaveUp {
 
 impl std::error::Error for GaveUp {}
 
+/// At most this many paths in [`VolumeLink::gave_up`]; past that it starts afresh (a
+/// rename of one forgotten is refused, and a manifest comparison repairs it).
+const GAVE_UP_KEPT: usize = 1024;
+
+/// Standby: forgets `path` in [`VolumeLink::gave_up`]; whether it was there.
+fn forget_gave_up(volume: &VolumeLink, path: &RelPath) -> bool {
+    let mut gave_up = volume.gave_up.lock().unwrap_or_else(|e| e.into_inner());
+    !gave_up.is_empty() && gave_up.remove(path)
+}
+
 /// Whether an apply failed only because the active gave up on the version ([`GaveUp`]).
 fn gave_up(e: &ApplyError) -> bool {
     matches!(e, ApplyError::Content { source, .. }
@@ -3762,9 +3777,17 @@ async fn apply_streamed(
     .await;
     pump.abort();
     match result {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => {
+            forget_gave_up(volume, &path);
+            Ok(())
+        }
         Ok(Err(e)) if gave_up(&e) => {
             tracing::debug!(%path, "{GaveUp}");
+            let mut gave_up = volume.gave_up.lock().unwrap_or_else(|e| e.into_inner());
+            if gave_up.len() >= GAVE_UP_KEPT {
+                gave_up.clear();
+            }
+            gave_up.insert(path);
             Ok(())
         }
         Ok(Err(e)) => Err(e.to_string()),
@@ -4534,6 +4557,7 @@ fn apply_quietly(volume: &VolumeLink, applier: &Applier<'_>, op: &Op) -> Result<
                 other => other?,
             }
             relink_others(volume, applier, path, before)?;
+            forget_gave_up(volume, path);
         }
         Op::Link { path, existing } => match applier.link(existing, path) {
             Err(ApplyError::IsDirectory { .. }) => {
@@ -4547,7 +4571,17 @@ fn apply_quietly(volume: &VolumeLink, applier: &Applier<'_>, op: &Op) -> Result<
             to,
             exchange,
             unsent: false,
-        } => applier.rename(from, to, *exchange)?,
+        } => {
+            // A large file new here whose stream the active gave up on is not here to
+            // move: the change that made it give up ships it under its new name.
+            let gave_up = forget_gave_up(volume, from) | (*exchange && forget_gave_up(volume, to));
+            if gave_up {
+                tracing::debug!(%from, %to, "rename of a large file whose stream the active gave up on");
+                applier.rename_unsent(from, to, *exchange)?
+            } else {
+                applier.rename(from, to, *exchange)?
+            }
+        }
         Op::Rename {
             from,
             to,

@@ -478,6 +478,7 @@ fn start_replication(
             blocks: Default::default(),
             journal,
             followings: v.followings.clone(),
+            gave_up: Default::default(),
         });
     }
     let peers = peers(config);
