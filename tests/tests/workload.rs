@@ -446,11 +446,11 @@ fn a_random_workload_reaches_the_standby_by_the_stream_alone() {
             ok
         });
         assert!(same, "{}\nverify: {said}", log());
-        // Refusals: none, but for the two cases SEMANTICS.md names, each repaired by
-        // the manifest comparison the refusal starts (and `verify` above saw it done):
-        // a hard link to a file held open since its create, which the standby has no
-        // version of yet; a rename into a directory that a rename queued behind it
-        // moves away before the standby has it.
+        // Refusals: none, but for the case SEMANTICS.md names, repaired by the
+        // manifest comparison the refusal starts (and `verify` above saw it done): a
+        // hard link to a file held open since its create, which the standby has no
+        // version of yet. (A rename into a directory moved away or removed right
+        // after was one too, until 2026-12-04.)
         const KNOWN: &[&str] = &["there is no regular file there"];
         let peer = c.nodes[1].volume_status()["peers"][0].clone();
         let rejected = peer["rejected"].as_u64().unwrap_or(u64::MAX);
