@@ -926,7 +926,8 @@ impl<'a> Applier<'a> {
     /// takes the other's entry, as if it had been an empty slot. A directory missing
     /// on the way to where it goes is made (empty, 0700): the active sent it as gone
     /// (it was removed, or moved away, right after), and the op saying what became of
-    /// it follows.
+    /// it follows. (The standby also applies a rename of a large file whose stream the
+    /// active gave up on this way.)
     pub fn rename_unsent(&self, from: &RelPath, to: &RelPath, exchange: bool) -> Result<()> {
         let from_here = self.exists(from)?;
         if !exchange {

@@ -244,9 +244,9 @@ pub struct VolumeLink {
     /// Standby: its sessions with an active, numbered as they get past hello.
     pub followings: Arc<Followings>,
     /// Standby: large files whose stream the active gave up on ([`GaveUp`]) and that
-    /// no later version has reached since. A rename of one may find nothing to move
-    /// here (it was new): the change that made the active give up ships it, under the
-    /// name it has then.
+    /// no later version has reached since, under the names renames gave them since. A
+    /// rename of one may find nothing to move here (it was new): the change that made
+    /// the active give up ships it, under the name it has then.
     pub gave_up: Arc<Mutex<std::collections::BTreeSet<RelPath>>>,
 }
 
@@ -2473,6 +2473,12 @@ async fn carry_out(
         Output::ScanLocal => {
             // Large files of an earlier session still being applied land first.
             let _applying = volume.applying.write().await;
+            // The full sync this scan is for brings every path as the active has it.
+            volume
+                .gave_up
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
             let v = volume.clone();
             let scanned = tokio::task::spawn_blocking(move || scan(&v)).await;
             match scanned {
@@ -2663,9 +2669,9 @@ async fn catch_up_renames(volume: &VolumeLink, session: &mut Session, records: &
 /// ship's change, or removes it: then whatever is there came later, and goes as gone
 /// ([`Session::ship_superseded`]); a rename ships it under its new name.
 fn unless_superseded(session: &Session, read: &mut ShipRead) {
-    let (seq, path, result, ..) = read;
+    let (seq, path, result, linked, _) = read;
     if let Ok((op, vanished, source)) = result {
-        if !*vanished && session.ship_superseded(*seq, path) {
+        if !*vanished && session.ship_superseded(*seq, path, *linked) {
             *op = Op::Skip { path: path.clone() };
             *vanished = true;
             *source = None;
@@ -3625,10 +3631,50 @@ impl std::error::Error for GaveUp {}
 /// rename of one forgotten is refused, and a manifest comparison repairs it).
 const GAVE_UP_KEPT: usize = 1024;
 
-/// Standby: forgets `path` in [`VolumeLink::gave_up`]; whether it was there.
-fn forget_gave_up(volume: &VolumeLink, path: &RelPath) -> bool {
+/// Standby: forgets `path` in [`VolumeLink::gave_up`], and with `below` what lies
+/// under it too (it was deleted).
+fn forget_gave_up(volume: &VolumeLink, path: &RelPath, below: bool) {
     let mut gave_up = volume.gave_up.lock().unwrap_or_else(|e| e.into_inner());
-    !gave_up.is_empty() && gave_up.remove(path)
+    if gave_up.is_empty() {
+        return;
+    }
+    if below {
+        gave_up.retain(|p| !p.starts_with(path));
+    } else {
+        gave_up.remove(path);
+    }
+}
+
+/// Standby: whether `path` is in [`VolumeLink::gave_up`].
+fn gave_up_on(volume: &VolumeLink, path: &RelPath) -> bool {
+    let gave_up = volume.gave_up.lock().unwrap_or_else(|e| e.into_inner());
+    !gave_up.is_empty() && gave_up.contains(path)
+}
+
+/// Standby: a rename moves the paths of [`VolumeLink::gave_up`] at or below its
+/// source to its target (the file the active gave up on is there now, on the active,
+/// and its change ships it under that name); without an exchange, those at or below
+/// the target were replaced.
+fn rename_gave_up(volume: &VolumeLink, from: &RelPath, to: &RelPath, exchange: bool) {
+    let mut gave_up = volume.gave_up.lock().unwrap_or_else(|e| e.into_inner());
+    if gave_up.is_empty() {
+        return;
+    }
+    let moved: Vec<(RelPath, RelPath)> = gave_up
+        .iter()
+        .filter_map(|p| {
+            p.renamed(from, to)
+                .or_else(|| exchange.then(|| p.renamed(to, from)).flatten())
+                .map(|new| (p.clone(), new))
+        })
+        .collect();
+    if !exchange {
+        gave_up.retain(|p| !p.starts_with(to));
+    }
+    for (old, _) in &moved {
+        gave_up.remove(old);
+    }
+    gave_up.extend(moved.into_iter().map(|(_, new)| new));
 }
 
 /// Whether an apply failed only because the active gave up on the version ([`GaveUp`]).
@@ -3778,7 +3824,7 @@ async fn apply_streamed(
     pump.abort();
     match result {
         Ok(Ok(())) => {
-            forget_gave_up(volume, &path);
+            forget_gave_up(volume, &path, false);
             Ok(())
         }
         Ok(Err(e)) if gave_up(&e) => {
@@ -4410,6 +4456,9 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
             shown.placed = result.is_ok();
         }
         drop(shown);
+        if result.is_ok() {
+            forget_gave_up(v, &path, false);
+        }
         results.push((s.seq, path, result));
     }
     // The renames now; the temp files' data already was.
@@ -4557,15 +4606,18 @@ fn apply_quietly(volume: &VolumeLink, applier: &Applier<'_>, op: &Op) -> Result<
                 other => other?,
             }
             relink_others(volume, applier, path, before)?;
-            forget_gave_up(volume, path);
+            forget_gave_up(volume, path, false);
         }
-        Op::Link { path, existing } => match applier.link(existing, path) {
-            Err(ApplyError::IsDirectory { .. }) => {
-                clear_the_way(volume, applier, path)?;
-                applier.link(existing, path)?;
+        Op::Link { path, existing } => {
+            match applier.link(existing, path) {
+                Err(ApplyError::IsDirectory { .. }) => {
+                    clear_the_way(volume, applier, path)?;
+                    applier.link(existing, path)?;
+                }
+                other => other?,
             }
-            other => other?,
-        },
+            forget_gave_up(volume, path, false);
+        }
         Op::Rename {
             from,
             to,
@@ -4574,22 +4626,26 @@ fn apply_quietly(volume: &VolumeLink, applier: &Applier<'_>, op: &Op) -> Result<
         } => {
             // A large file new here whose stream the active gave up on is not here to
             // move: the change that made it give up ships it under its new name.
-            let gave_up = forget_gave_up(volume, from) | (*exchange && forget_gave_up(volume, to));
-            if gave_up {
+            if gave_up_on(volume, from) || (*exchange && gave_up_on(volume, to)) {
                 tracing::debug!(%from, %to, "rename of a large file whose stream the active gave up on");
                 applier.rename_unsent(from, to, *exchange)?
             } else {
                 applier.rename(from, to, *exchange)?
             }
+            rename_gave_up(volume, from, to, *exchange);
         }
         Op::Rename {
             from,
             to,
             exchange,
             unsent: true,
-        } => applier.rename_unsent(from, to, *exchange)?,
+        } => {
+            applier.rename_unsent(from, to, *exchange)?;
+            rename_gave_up(volume, from, to, *exchange);
+        }
         Op::Delete { path } => {
             delete_for_active(volume, applier, path)?;
+            forget_gave_up(volume, path, true);
         }
         // Streamed files are applied by `apply_streamed`, with their stream.
         Op::Skip { .. } | Op::PutStream { .. } => {}

@@ -520,17 +520,25 @@ impl Session {
     /// ahead of the ops queued between, it would be what they find on the standby (a
     /// hard link into the old directory would find a file). The queued op says what
     /// became of what the ship was about, and the newcomer's own change ships it.
-    pub fn superseded(&self, path: &RelPath) -> bool {
+    ///
+    /// A deletion does not count for a change to a hard-linked file (`linked`): its
+    /// inode cannot have been reused while it had other names, so what a read finds
+    /// is told apart by its inode, and the file's other names on the standby need the
+    /// change (a read that finds the name gone starts a manifest comparison).
+    pub fn superseded(&self, path: &RelPath, linked: bool) -> bool {
         self.moved_away(path)
-            || (!self.deleting.is_empty() && at_or_above(path, |p| self.deleting.contains_key(p)))
+            || (!linked
+                && !self.deleting.is_empty()
+                && at_or_above(path, |p| self.deleting.contains_key(p)))
     }
 
     /// Active: [`Session::superseded`] for the ship `seq` read by the driver, or a
     /// deletion sent after it (while it was being read) removes `path` or a directory
     /// above it.
-    pub fn ship_superseded(&self, seq: u64, path: &RelPath) -> bool {
-        self.superseded(path)
-            || (!self.deleted_unread.is_empty()
+    pub fn ship_superseded(&self, seq: u64, path: &RelPath, linked: bool) -> bool {
+        self.superseded(path, linked)
+            || (!linked
+                && !self.deleted_unread.is_empty()
                 && at_or_above(path, |p| {
                     self.deleted_unread
                         .iter()
@@ -1101,7 +1109,16 @@ impl Session {
                 } => {
                     self.queued_ships.remove(&path);
                     let seq = self.take_seq(now);
-                    if self.superseded(&path) {
+                    let linked = file.is_some_and(|f| f.linked);
+                    if self.superseded(&path, linked) {
+                        if linked {
+                            // Not read: the change never reaches the file's other names
+                            // on the standby, and where they are only a walk of the
+                            // volume tells (as when a read finds the name gone).
+                            tracing::info!(volume = %self.config.volume, %path,
+                                "a changed hard-linked file lost the name it was recorded under; comparing manifests");
+                            self.resync_wanted = true;
+                        }
                         // A rename queued behind moved it (or a directory above it)
                         // away, or a deletion queued behind removes it: whatever holds
                         // the name now came later, and sent ahead of that op it would

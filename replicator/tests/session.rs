@@ -336,6 +336,7 @@ impl World {
                     dir,
                     copy: _,
                 }) => {
+                    let linked = file.as_ref().is_some_and(|f| f.linked);
                     self.ships.push((path.clone(), file.map(|f| f.key)));
                     let (op, found) = match self.active_tree.get(&path) {
                         // What took a directory's name counts as gone, as the
@@ -362,12 +363,17 @@ impl World {
                     // As the daemon's driver does once it has read it: an op queued
                     // since the ship went out may say what it found came later.
                     let (op, found) = match found {
-                        Shipped::Sent { .. } if self.active.ship_superseded(seq, &path) => {
+                        Shipped::Sent { .. } if self.active.ship_superseded(seq, &path, linked) => {
                             (Op::Skip { path: path.clone() }, Shipped::Gone)
                         }
                         _ => (op, found),
                     };
                     self.active.shipped(seq, &path, found, self.now);
+                    // As the driver does: a changed hard-linked file whose name is gone
+                    // when read takes a manifest comparison.
+                    if found == Shipped::Gone && linked {
+                        self.active.resync();
+                    }
                     let message = Message::Op { seq, op };
                     Self::deliver(&mut self.to_standby, message, &mut self.rng, faults);
                 }
@@ -674,11 +680,16 @@ impl World {
 
     /// Reports a change made to the file `file` (device, inode).
     fn report_of(&mut self, path: &RelPath, kind: ChangeKind, file: Option<(u64, u64)>) {
+        self.report_file(path, kind, file.map(|key| FileId { key, linked: false }));
+    }
+
+    /// Reports a change made to `file`.
+    fn report_file(&mut self, path: &RelPath, kind: ChangeKind, file: Option<FileId>) {
         let record = Record {
             change: Change {
                 path: PathBuf::from(path.as_path()),
                 kind,
-                file: file.map(|key| FileId { key, linked: false }),
+                file,
             },
             policy: self.policies.resolve(path.as_path()),
         };
@@ -1741,6 +1752,35 @@ fn a_rename_into_a_directory_sent_as_gone_is_not_refused() {
     });
     assert_eq!(w.standby_tree[&rel("u/a")].1, b"alpha");
     assert_eq!(w.standby_tree[&rel("u")].0.kind, Kind::Dir);
+}
+
+/// A change to a hard-linked file, waiting in the queue (the window full) when its
+/// name is removed: its other names on the standby need the change, and where they
+/// are only a manifest comparison tells. It must not be dropped as a path the queued
+/// deletion removes anyway.
+#[test]
+fn a_change_to_a_linked_file_whose_name_is_removed_before_it_goes_takes_a_comparison() {
+    let mut w = World::settled(61);
+    let syncs = w.active.stats().full_syncs;
+    for i in 0..64 {
+        w.write(&format!("d/f{i}"), b"x", 80, ChangeKind::Write);
+    }
+    let a = rel("a");
+    w.active_tree
+        .insert(a.clone(), (file_meta(b"changed", 81), b"changed".to_vec()));
+    let linked = FileId {
+        key: (1, 77),
+        linked: true,
+    };
+    w.report_file(&a, ChangeKind::Write, Some(linked));
+    w.active_tree.remove(&a);
+    w.report(&a, ChangeKind::Unlink);
+    w.settle();
+    assert!(w.converged(), "{}", w.difference());
+    assert!(
+        w.active.stats().full_syncs > syncs,
+        "the change to a hard-linked file was dropped without a comparison"
+    );
 }
 
 #[test]
