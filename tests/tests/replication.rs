@@ -1594,33 +1594,57 @@ fn ops_into_a_directory_removed_or_moved_right_after_arrive_without_a_refusal() 
     // the active time to read each directory before its fate).
     let w = a.join("w");
     fs::create_dir(&w).expect("mkdir w");
-    for i in 0..100 {
-        let (x, t) = (w.join(format!("x{i}")), w.join(format!("t{i}")));
-        fs::write(&x, format!("{i}\n")).expect("write x");
-        fs::create_dir(&t).expect("mkdir t");
-        fs::rename(&x, t.join("x")).expect("mv x t/x");
-        fs::remove_dir_all(&t).expect("rm -r t");
-        let (y, u) = (w.join(format!("y{i}")), w.join(format!("u{i}")));
-        fs::write(&y, format!("{i}\n")).expect("write y");
-        fs::create_dir(&u).expect("mkdir u");
-        fs::rename(&y, u.join("y")).expect("mv y u/y");
-        fs::rename(&u, w.join(format!("v{i}"))).expect("mv u v");
-        let (f, d) = (w.join(format!("f{i}")), w.join(format!("d{i}")));
-        fs::write(&f, format!("{i}\n")).expect("write f");
-        fs::create_dir(&d).expect("mkdir d");
-        fs::set_permissions(&d, fs::Permissions::from_mode(0o750)).expect("chmod d");
-        fs::hard_link(&f, d.join("l")).expect("ln f d/l");
-        fs::remove_dir_all(&d).expect("rm -r d");
-        fs::write(&d, "file\n").expect("write d");
+    // The standby makes a directory for a rename into one the active sent as gone:
+    // rounds of 100 until it did (the test must not pass without the case).
+    let made = || {
+        c.nodes[1]
+            .log_text()
+            .matches("made a directory the active sent as gone")
+            .count()
+    };
+    let mut last = 0;
+    for round in 0..5 {
+        for n in 0..100 {
+            let i = round * 100 + n;
+            let (x, t) = (w.join(format!("x{i}")), w.join(format!("t{i}")));
+            fs::write(&x, format!("{i}\n")).expect("write x");
+            fs::create_dir(&t).expect("mkdir t");
+            fs::rename(&x, t.join("x")).expect("mv x t/x");
+            fs::remove_dir_all(&t).expect("rm -r t");
+            let (y, u) = (w.join(format!("y{i}")), w.join(format!("u{i}")));
+            fs::write(&y, format!("{i}\n")).expect("write y");
+            fs::create_dir(&u).expect("mkdir u");
+            fs::rename(&y, u.join("y")).expect("mv y u/y");
+            fs::rename(&u, w.join(format!("v{i}"))).expect("mv u v");
+            let (f, d) = (w.join(format!("f{i}")), w.join(format!("d{i}")));
+            fs::write(&f, format!("{i}\n")).expect("write f");
+            fs::create_dir(&d).expect("mkdir d");
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o750)).expect("chmod d");
+            fs::hard_link(&f, d.join("l")).expect("ln f d/l");
+            fs::remove_dir_all(&d).expect("rm -r d");
+            fs::write(&d, "file\n").expect("write d");
+            last = i;
+        }
+        c.wait_converged(CONVERGE);
+        if made() > 0 {
+            break;
+        }
     }
-    c.wait_converged(CONVERGE);
+    assert!(
+        made() > 0,
+        "no rename went into a directory sent as gone in 500 tries: the test proves nothing"
+    );
     let b = &c.nodes[1].volume;
     assert_eq!(
-        fs::read_to_string(b.join("w/v99/y")).expect("moved in, then moved with its directory"),
-        "99\n"
+        fs::read_to_string(b.join(format!("w/v{last}/y")))
+            .expect("moved in, then moved with its directory"),
+        format!("{last}\n")
     );
-    assert!(!b.join("w/t99").exists() && !b.join("w/x99").exists());
-    assert_eq!(fs::read_to_string(b.join("w/d99")).expect("d99"), "file\n");
+    assert!(!b.join(format!("w/t{last}")).exists() && !b.join(format!("w/x{last}")).exists());
+    assert_eq!(
+        fs::read_to_string(b.join(format!("w/d{last}"))).expect("d"),
+        "file\n"
+    );
     verify_identical(&c);
     assert_converged_by_the_stream_alone(&c);
 }
