@@ -291,6 +291,11 @@ pub struct Session {
     /// Active: the names that deletions waiting in the queue remove, each with how
     /// many.
     deleting: std::collections::HashMap<RelPath, u32>,
+    /// Active: names made new (a create) that no ship has carried yet: the standby
+    /// has no version of them. One held back (its writer still has it open) then
+    /// counts as gone, not as held: a hard link to it goes as a copy, which the
+    /// standby can take, rather than as a link it would refuse.
+    created: HashSet<RelPath>,
     // Standby side.
     expected: u64,
     /// Every op up to here is applied; ops applied ahead of a slower one (a large
@@ -356,6 +361,7 @@ impl Session {
             unsent: BTreeMap::new(),
             renaming: Default::default(),
             deleting: Default::default(),
+            created: HashSet::new(),
             expected: 1,
             applied_upto: 0,
             applied_ahead: std::collections::BTreeSet::new(),
@@ -484,9 +490,13 @@ impl Session {
         match (gone, outcome) {
             (false, Shipped::Sent { .. }) => {
                 self.unsent.remove(path);
+                self.created.remove(path);
             }
             (false, _) => {}
-            (true, _) => self.note_unsent(path.clone(), outcome == Shipped::Held),
+            (true, _) => {
+                let held = outcome == Shipped::Held && !self.created.contains(path);
+                self.note_unsent(path.clone(), held)
+            }
         }
         if self.phase != Phase::Closed {
             self.drain(now);
@@ -789,6 +799,7 @@ impl Session {
         self.queued_ops = 0;
         self.renaming.clear();
         self.deleting.clear();
+        self.created.clear();
         self.dirty.clear();
         self.once_changed.clear();
         self.unsent.clear();
@@ -1189,6 +1200,9 @@ impl Session {
                         for p in unsent_at_or_below(&self.unsent, path) {
                             self.unsent.remove(&p);
                         }
+                        if !self.created.is_empty() {
+                            self.created.retain(|p| !p.starts_with(path));
+                        }
                         if self.ships_unread > 0 {
                             self.deleted_unread.push((seq, path.clone()));
                         }
@@ -1263,6 +1277,26 @@ impl Session {
             || (exchange && self.parent_unsent(&from));
         let below_from = unsent_at_or_below(&self.unsent, &from);
         let below_to = unsent_at_or_below(&self.unsent, &to);
+        // New names move with the rename; without an exchange, those it replaced are
+        // gone.
+        if !self.created.is_empty() {
+            let moved: Vec<(RelPath, RelPath)> = self
+                .created
+                .iter()
+                .filter_map(|p| {
+                    p.renamed(&from, &to)
+                        .or_else(|| exchange.then(|| p.renamed(&to, &from)).flatten())
+                        .map(|new| (p.clone(), new))
+                })
+                .collect();
+            if !exchange {
+                self.created.retain(|p| !p.starts_with(&to));
+            }
+            for (old, _) in &moved {
+                self.created.remove(old);
+            }
+            self.created.extend(moved.into_iter().map(|(_, new)| new));
+        }
         let seq = self.take_seq(now);
         let op = Op::Rename {
             from: from.clone(),
@@ -1408,6 +1442,7 @@ impl Session {
             self.queued_ops = 0;
             self.renaming.clear();
             self.deleting.clear();
+            self.created.clear();
             self.resync_wanted = true;
             return;
         }
@@ -1647,6 +1682,14 @@ impl Session {
     }
 
     fn always(&mut self, path: RelPath, kind: &ChangeKind, file: Option<FileId>, now: Instant) {
+        if *kind == ChangeKind::Create {
+            if self.created.len() >= self.config.max_queue {
+                // Forgotten: a link to one held back is sent as a link again (and
+                // refused by a standby that has no version of it yet).
+                self.created.clear();
+            }
+            self.created.insert(path.clone());
+        }
         let pending = match kind {
             // A hard link ships as a link when its existing name ships as changes come:
             // the standby's copy of it then has the content the new name must show.

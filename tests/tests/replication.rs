@@ -1649,6 +1649,39 @@ fn ops_into_a_directory_removed_or_moved_right_after_arrive_without_a_refusal() 
     assert_converged_by_the_stream_alone(&c);
 }
 
+/// A hard link made to a new file that its writer still has open (the standby has no
+/// version of it yet): no refusal. The new name goes as a copy, and a manifest
+/// comparison links the two names on the standby.
+#[test]
+fn a_hard_link_to_a_new_file_still_being_written_is_not_refused() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let a = c.active().to_path_buf();
+    for i in 0..5 {
+        let (g, b) = (a.join(format!("new{i}")), a.join(format!("link{i}")));
+        let mut f = fs::File::create(&g).expect("create");
+        std::io::Write::write_all(&mut f, b"first part\n").expect("write");
+        // Its ship finds it being written: held back.
+        std::thread::sleep(Duration::from_millis(50));
+        fs::hard_link(&g, &b).expect("ln");
+        std::io::Write::write_all(&mut f, b"second part\n").expect("write");
+        drop(f);
+    }
+    c.wait_converged(CONVERGE);
+    verify_identical(&c);
+    let (rejected, paths) = refusals_on_the_standby(&c);
+    assert_eq!(rejected, 0, "the standby refused changes: {paths}");
+    use std::os::unix::fs::MetadataExt;
+    let b = &c.nodes[1].volume;
+    let ok = wait_until(CONVERGE, || {
+        let ino = |p: &str| fs::metadata(b.join(p)).map(|m| m.ino()).ok();
+        ino("new4").is_some() && ino("new4") == ino("link4")
+    });
+    assert!(ok, "the two names are not one file on the standby");
+}
+
 /// A large file new to the standby, renamed twice and then changed while the active
 /// sends it: the active gives up on that version, so the standby has nothing to move
 /// when the renames come; the change ships the file under its last name. No refusal,

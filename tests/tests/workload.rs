@@ -207,9 +207,9 @@ fn step(rng: &mut Rng, dir: &Path, slots: &mut [Option<(String, fs::File)>]) -> 
         }
         13 => {
             let (from, to) = (p(rng), p(rng));
-            // A link to a file still open from its create is refused once by a standby
-            // that has no version of it yet (then put right by a manifest comparison;
-            // see SEMANTICS.md): its writer closes it first here.
+            // A link to a file still open from its create goes as a copy, and a manifest
+            // comparison links the names on the standby (SEMANTICS.md): its writer
+            // closes it first here, so that comparisons stay the exception counted below.
             use std::os::unix::fs::MetadataExt;
             let key = |m: fs::Metadata| (m.dev(), m.ino());
             let from_meta = fs::symlink_metadata(&from).ok();
@@ -446,12 +446,10 @@ fn a_random_workload_reaches_the_standby_by_the_stream_alone() {
             ok
         });
         assert!(same, "{}\nverify: {said}", log());
-        // Refusals: none, but for the case SEMANTICS.md names, repaired by the
-        // manifest comparison the refusal starts (and `verify` above saw it done): a
-        // hard link to a file held open since its create, which the standby has no
-        // version of yet. (A rename into a directory moved away or removed right
-        // after was one too, until 2026-12-04.)
-        const KNOWN: &[&str] = &["there is no regular file there"];
+        // Refusals: none. (Until 2026-12-04 two kinds were allowed here, each repaired
+        // by the comparison it started: a hard link to a file held open since its
+        // create, and a rename into a directory moved away or removed right after.)
+        const KNOWN: &[&str] = &[];
         let peer = c.nodes[1].volume_status()["peers"][0].clone();
         let rejected = peer["rejected"].as_u64().unwrap_or(u64::MAX);
         let new = rejected.saturating_sub(refused_before) as usize;
