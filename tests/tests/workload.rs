@@ -446,10 +446,13 @@ fn a_random_workload_reaches_the_standby_by_the_stream_alone() {
             ok
         });
         assert!(same, "{}\nverify: {said}", log());
-        // Refusals: none. (Until 2026-12-04 two kinds were allowed here, each repaired
-        // by the comparison it started: a hard link to a file held open since its
-        // create, and a rename into a directory moved away or removed right after.)
-        const KNOWN: &[&str] = &[];
+        // Refusals: none, but for the case SEMANTICS.md names, repaired by the
+        // manifest comparison the refusal starts (and `verify` above saw it done): a
+        // hard link made right after the close of a new file that was renamed while
+        // its writer had it open (seed 355), which the standby has no version of yet.
+        // (A rename into a directory moved away or removed right after was one too,
+        // until 2026-12-04, and so was any link to a new file still being written.)
+        const KNOWN: &[&str] = &["there is no regular file there"];
         let peer = c.nodes[1].volume_status()["peers"][0].clone();
         let rejected = peer["rejected"].as_u64().unwrap_or(u64::MAX);
         let new = rejected.saturating_sub(refused_before) as usize;
