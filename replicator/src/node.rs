@@ -3657,24 +3657,7 @@ fn gave_up_on(volume: &VolumeLink, path: &RelPath) -> bool {
 /// the target were replaced.
 fn rename_gave_up(volume: &VolumeLink, from: &RelPath, to: &RelPath, exchange: bool) {
     let mut gave_up = volume.gave_up.lock().unwrap_or_else(|e| e.into_inner());
-    if gave_up.is_empty() {
-        return;
-    }
-    let moved: Vec<(RelPath, RelPath)> = gave_up
-        .iter()
-        .filter_map(|p| {
-            p.renamed(from, to)
-                .or_else(|| exchange.then(|| p.renamed(to, from)).flatten())
-                .map(|new| (p.clone(), new))
-        })
-        .collect();
-    if !exchange {
-        gave_up.retain(|p| !p.starts_with(to));
-    }
-    for (old, _) in &moved {
-        gave_up.remove(old);
-    }
-    gave_up.extend(moved.into_iter().map(|(_, new)| new));
+    crate::path::rename_in(&mut gave_up, from, to, exchange, true);
 }
 
 /// Whether an apply failed only because the active gave up on the version ([`GaveUp`]).

@@ -143,6 +143,37 @@ impl RelPath {
     }
 }
 
+/// Follows a rename (or, with `exchange`, an exchange) of `from` to `to` in a set of
+/// paths: those at or below `from` move below `to` (and, for an exchange, those below
+/// `to` below `from`). With `replace` and no exchange, those at or below `to` are
+/// dropped first: the rename replaced what was there.
+pub fn rename_in(
+    set: &mut std::collections::BTreeSet<RelPath>,
+    from: &RelPath,
+    to: &RelPath,
+    exchange: bool,
+    replace: bool,
+) {
+    if set.is_empty() {
+        return;
+    }
+    let moved: Vec<(RelPath, RelPath)> = set
+        .iter()
+        .filter_map(|p| {
+            p.renamed(from, to)
+                .or_else(|| exchange.then(|| p.renamed(to, from)).flatten())
+                .map(|new| (p.clone(), new))
+        })
+        .collect();
+    if replace && !exchange {
+        set.retain(|p| !p.starts_with(to));
+    }
+    for (old, _) in &moved {
+        set.remove(old);
+    }
+    set.extend(moved.into_iter().map(|(_, new)| new));
+}
+
 impl<'de> Deserialize<'de> for RelPath {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let bytes = <Vec<u8>>::deserialize(d)?;
@@ -244,5 +275,24 @@ mod tests {
         assert_eq!(r("d/x/y").renamed(&r("d"), &r("e")), Some(r("e/x/y")));
         assert_eq!(r("dx").renamed(&r("d"), &r("e")), None);
         assert_eq!(r("a").renamed(&r("d"), &r("e")), None);
+    }
+
+    #[test]
+    fn rename_in_follows_renames_and_exchanges_in_a_set() {
+        let r = |s: &str| RelPath::new(s).expect("valid");
+        let set = |v: &[&str]| {
+            v.iter()
+                .map(|s| r(s))
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        let mut s = set(&["d/x", "e/y", "q"]);
+        super::rename_in(&mut s, &r("d"), &r("e"), false, true);
+        assert_eq!(s, set(&["e/x", "q"]), "e/y was replaced");
+        let mut s = set(&["d/x", "e/y"]);
+        super::rename_in(&mut s, &r("d"), &r("e"), false, false);
+        assert_eq!(s, set(&["e/x", "e/y"]));
+        let mut s = set(&["d/x", "e/y", "d"]);
+        super::rename_in(&mut s, &r("d"), &r("e"), true, true);
+        assert_eq!(s, set(&["e/x", "d/y", "e"]));
     }
 }

@@ -295,7 +295,7 @@ pub struct Session {
     /// has no version of them. One held back (its writer still has it open) then
     /// counts as gone, not as held: a hard link to it goes as a copy, which the
     /// standby can take, rather than as a link it would refuse.
-    created: HashSet<RelPath>,
+    created: BTreeSet<RelPath>,
     // Standby side.
     expected: u64,
     /// Every op up to here is applied; ops applied ahead of a slower one (a large
@@ -361,7 +361,7 @@ impl Session {
             unsent: BTreeMap::new(),
             renaming: Default::default(),
             deleting: Default::default(),
-            created: HashSet::new(),
+            created: BTreeSet::new(),
             expected: 1,
             applied_upto: 0,
             applied_ahead: std::collections::BTreeSet::new(),
@@ -1279,24 +1279,7 @@ impl Session {
         let below_to = unsent_at_or_below(&self.unsent, &to);
         // New names move with the rename; without an exchange, those it replaced are
         // gone.
-        if !self.created.is_empty() {
-            let moved: Vec<(RelPath, RelPath)> = self
-                .created
-                .iter()
-                .filter_map(|p| {
-                    p.renamed(&from, &to)
-                        .or_else(|| exchange.then(|| p.renamed(&to, &from)).flatten())
-                        .map(|new| (p.clone(), new))
-                })
-                .collect();
-            if !exchange {
-                self.created.retain(|p| !p.starts_with(&to));
-            }
-            for (old, _) in &moved {
-                self.created.remove(old);
-            }
-            self.created.extend(moved.into_iter().map(|(_, new)| new));
-        }
+        crate::path::rename_in(&mut self.created, &from, &to, exchange, true);
         let seq = self.take_seq(now);
         let op = Op::Rename {
             from: from.clone(),
@@ -1758,22 +1741,7 @@ impl Session {
     /// A rename moves the names awaiting a comparison at or below its source (and, for
     /// an exchange, its target) with it.
     fn rebase_awaiting(&mut self, from: &RelPath, to: &RelPath, exchange: bool) {
-        if self.awaiting_comparison.is_empty() {
-            return;
-        }
-        let moved: Vec<(RelPath, RelPath)> = self
-            .awaiting_comparison
-            .iter()
-            .filter_map(|p| {
-                p.renamed(from, to)
-                    .or_else(|| exchange.then(|| p.renamed(to, from)).flatten())
-                    .map(|new| (p.clone(), new))
-            })
-            .collect();
-        for (old, new) in moved {
-            self.awaiting_comparison.remove(&old);
-            self.awaiting_comparison.insert(new);
-        }
+        crate::path::rename_in(&mut self.awaiting_comparison, from, to, exchange, false);
     }
 
     /// Ships the metadata of the directory `dir` if it ships as changes come.
