@@ -448,8 +448,9 @@ fn a_random_workload_reaches_the_standby_by_the_stream_alone() {
         assert!(same, "{}\nverify: {said}", log());
         // Refusals: none, but for the case SEMANTICS.md names, repaired by the
         // manifest comparison the refusal starts (and `verify` above saw it done): a
-        // hard link made right after the close of a new file that was renamed while
-        // its writer had it open (seed 355), which the standby has no version of yet.
+        // hard link to a large file new to the standby whose stream the active gave
+        // up on because it changed while sent (seed 355), so the standby has no
+        // version of it yet.
         // (A rename into a directory moved away or removed right after was one too,
         // until 2026-12-04, and so was any link to a new file still being written.)
         const KNOWN: &[&str] = &["there is no regular file there"];
