@@ -1222,10 +1222,7 @@ impl Session {
         if !self.unsent_covers(existing) {
             return false;
         }
-        self.unsent.get(existing) != Some(&true)
-            || existing
-                .split_last()
-                .is_some_and(|(dir, _)| self.unsent_covers(&dir))
+        self.unsent.get(existing) != Some(&true) || self.parent_unsent(existing)
     }
 
     /// Whether `path` or a directory above it went unsent (see [`Session::shipped`]).
