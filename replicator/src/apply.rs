@@ -186,7 +186,7 @@ pub enum ApplyError {
 
 impl ApplyError {
     /// Whether this is "no such file or directory" on the way to the path.
-    fn is_missing(&self) -> bool {
+    pub fn is_missing(&self) -> bool {
         matches!(self, ApplyError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
     }
 

@@ -244,10 +244,89 @@ pub struct VolumeLink {
     /// Standby: its sessions with an active, numbered as they get past hello.
     pub followings: Arc<Followings>,
     /// Standby: large files whose stream the active gave up on ([`GaveUp`]) and that
-    /// no later version has reached since, under the names renames gave them since. A
-    /// rename of one may find nothing to move here (it was new): the change that made
-    /// the active give up ships it, under the name it has then.
-    pub gave_up: Arc<Mutex<std::collections::BTreeSet<RelPath>>>,
+    /// no later version has reached since, under the names the active gave them since.
+    /// A rename of one may find nothing to move here (it was new), a hard link to one
+    /// nothing to name: the change that made the active give up ships it, under one of
+    /// its names, and the others are made then.
+    pub gave_up: Arc<Mutex<GaveUpNames>>,
+}
+
+/// Standby: the names of the large files whose stream the active gave up on
+/// ([`VolumeLink::gave_up`]), each with the number of its file: the names the active
+/// linked to one while this node had no version of it share its number.
+#[derive(Debug, Default)]
+pub struct GaveUpNames {
+    names: std::collections::BTreeMap<RelPath, u64>,
+    /// The number the next file gets.
+    next: u64,
+}
+
+impl GaveUpNames {
+    /// `path` is a file whose stream the active gave up on.
+    fn add(&mut self, path: RelPath) {
+        self.make_room();
+        self.next += 1;
+        self.names.insert(path, self.next);
+    }
+
+    /// At most [`GAVE_UP_KEPT`] names: past that it starts afresh (a rename of one
+    /// forgotten, or a link to it, is refused, and a manifest comparison repairs it).
+    fn make_room(&mut self) {
+        if self.names.len() >= GAVE_UP_KEPT {
+            self.names.clear();
+        }
+    }
+
+    fn contains(&self, path: &RelPath) -> bool {
+        !self.names.is_empty() && self.names.contains_key(path)
+    }
+
+    /// `path` names something else now; with `below`, what lies under it too (it was
+    /// deleted).
+    fn forget(&mut self, path: &RelPath, below: bool) {
+        if self.names.is_empty() {
+        } else if below {
+            self.names.retain(|p, _| !p.starts_with(path));
+        } else {
+            self.names.remove(path);
+        }
+    }
+
+    /// A rename moves the names at or below its source to its target; without an
+    /// exchange, those at or below the target were replaced.
+    fn rename(&mut self, from: &RelPath, to: &RelPath, exchange: bool) {
+        crate::path::rename_in(&mut self.names, from, to, exchange, true);
+    }
+
+    /// `path` became another name of the file named `existing`, which is listed.
+    fn join(&mut self, path: RelPath, existing: &RelPath) {
+        if let Some(&file) = self.names.get(existing) {
+            self.make_room();
+            self.names.insert(path, file);
+        }
+    }
+
+    /// A version of the file named `path` arrived: forgets all its names, giving back
+    /// those other than `path`.
+    fn take_others(&mut self, path: &RelPath) -> Vec<RelPath> {
+        let Some(file) = self.names.remove(path) else {
+            return Vec::new();
+        };
+        let others: Vec<RelPath> = self
+            .names
+            .iter()
+            .filter(|(_, f)| **f == file)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for other in &others {
+            self.names.remove(other);
+        }
+        others
+    }
+
+    fn clear(&mut self) {
+        self.names.clear();
+    }
 }
 
 /// Standby: the sessions of a volume with an active, numbered as they get past hello
@@ -2474,11 +2553,7 @@ async fn carry_out(
             // Large files of an earlier session still being applied land first.
             let _applying = volume.applying.write().await;
             // The full sync this scan is for brings every path as the active has it.
-            volume
-                .gave_up
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
+            gave_up_names(volume).clear();
             let v = volume.clone();
             let scanned = tokio::task::spawn_blocking(move || scan(&v)).await;
             match scanned {
@@ -3627,37 +3702,74 @@ impl std::fmt::Display for GaveUp {
 
 impl std::error::Error for GaveUp {}
 
-/// At most this many paths in [`VolumeLink::gave_up`]; past that it starts afresh (a
-/// rename of one forgotten is refused, and a manifest comparison repairs it).
+/// At most this many names in [`VolumeLink::gave_up`].
 const GAVE_UP_KEPT: usize = 1024;
+
+fn gave_up_names(volume: &VolumeLink) -> std::sync::MutexGuard<'_, GaveUpNames> {
+    volume.gave_up.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Standby: forgets `path` in [`VolumeLink::gave_up`], and with `below` what lies
 /// under it too (it was deleted).
 fn forget_gave_up(volume: &VolumeLink, path: &RelPath, below: bool) {
-    let mut gave_up = volume.gave_up.lock().unwrap_or_else(|e| e.into_inner());
-    if gave_up.is_empty() {
-        return;
-    }
-    if below {
-        gave_up.retain(|p| !p.starts_with(path));
-    } else {
-        gave_up.remove(path);
-    }
+    gave_up_names(volume).forget(path, below);
 }
 
 /// Standby: whether `path` is in [`VolumeLink::gave_up`].
 fn gave_up_on(volume: &VolumeLink, path: &RelPath) -> bool {
-    let gave_up = volume.gave_up.lock().unwrap_or_else(|e| e.into_inner());
-    !gave_up.is_empty() && gave_up.contains(path)
+    gave_up_names(volume).contains(path)
 }
 
-/// Standby: a rename moves the paths of [`VolumeLink::gave_up`] at or below its
+/// Standby: a rename moves the names of [`VolumeLink::gave_up`] at or below its
 /// source to its target (the file the active gave up on is there now, on the active,
 /// and its change ships it under that name); without an exchange, those at or below
 /// the target were replaced.
 fn rename_gave_up(volume: &VolumeLink, from: &RelPath, to: &RelPath, exchange: bool) {
-    let mut gave_up = volume.gave_up.lock().unwrap_or_else(|e| e.into_inner());
-    crate::path::rename_in(&mut gave_up, from, to, exchange, true);
+    gave_up_names(volume).rename(from, to, exchange);
+}
+
+/// Standby: a version of what is at `path` (of `kind`) is in place: it leaves
+/// [`VolumeLink::gave_up`]. For a regular file, the names the active gave it while this
+/// node had no version of it ([`Op::Link`]s it could not make then) are made names of
+/// it now, each by an atomic rename.
+fn link_gave_up_names(
+    volume: &VolumeLink,
+    applier: &Applier<'_>,
+    path: &RelPath,
+    kind: Kind,
+) -> Result<(), ApplyError> {
+    let others = {
+        let mut names = gave_up_names(volume);
+        if kind == Kind::File {
+            names.take_others(path)
+        } else {
+            names.forget(path, false);
+            Vec::new()
+        }
+    };
+    for other in others {
+        link_replacing(volume, applier, path, &other)?;
+        tracing::debug!(%path, %other, "hard link made with the version the active gave up on");
+        invalidate(volume, &other);
+    }
+    Ok(())
+}
+
+/// Makes `path` another name of the file at `existing`, replacing what is there (a
+/// directory goes as on the active: see [`clear_the_way`]).
+fn link_replacing(
+    volume: &VolumeLink,
+    applier: &Applier<'_>,
+    existing: &RelPath,
+    path: &RelPath,
+) -> Result<(), ApplyError> {
+    match applier.link(existing, path) {
+        Err(ApplyError::IsDirectory { .. }) => {
+            clear_the_way(volume, applier, path)?;
+            applier.link(existing, path)
+        }
+        other => other,
+    }
 }
 
 /// Whether an apply failed only because the active gave up on the version ([`GaveUp`]).
@@ -3793,6 +3905,7 @@ async fn apply_streamed(
         drop(shown);
         invalidate(&v, &entry.path);
         relink_others(&v, &applier, &entry.path, before)?;
+        link_gave_up_names(&v, &applier, &entry.path, Kind::File)?;
         // Kept for the file's next delta, which then need not read it.
         if let (Some(list), Ok(Some(stamp))) = (new_list, applier.stamp(&entry.path)) {
             v.blocks.lock().unwrap_or_else(|e| e.into_inner()).put(
@@ -3812,11 +3925,7 @@ async fn apply_streamed(
         }
         Ok(Err(e)) if gave_up(&e) => {
             tracing::debug!(%path, "{GaveUp}");
-            let mut gave_up = volume.gave_up.lock().unwrap_or_else(|e| e.into_inner());
-            if gave_up.len() >= GAVE_UP_KEPT {
-                gave_up.clear();
-            }
-            gave_up.insert(path);
+            gave_up_names(volume).add(path);
             Ok(())
         }
         Ok(Err(e)) => Err(e.to_string()),
@@ -4380,6 +4489,7 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
     };
     for s in staged {
         let path = s.entry.path.clone();
+        let kind = s.entry.meta.kind;
         // Stops showing the temp file once it is in place (or given up).
         let mut shown = s.shown;
         // Other names of the file here that must follow it.
@@ -4439,9 +4549,8 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
             shown.placed = result.is_ok();
         }
         drop(shown);
-        if result.is_ok() {
-            forget_gave_up(v, &path, false);
-        }
+        let result = result
+            .and_then(|()| link_gave_up_names(v, &applier, &path, kind).map_err(|e| e.to_string()));
         results.push((s.seq, path, result));
     }
     // The renames now; the temp files' data already was.
@@ -4589,18 +4698,28 @@ fn apply_quietly(volume: &VolumeLink, applier: &Applier<'_>, op: &Op) -> Result<
                 other => other?,
             }
             relink_others(volume, applier, path, before)?;
-            forget_gave_up(volume, path, false);
+            link_gave_up_names(volume, applier, path, entry.meta.kind)?;
         }
-        Op::Link { path, existing } => {
-            match applier.link(existing, path) {
-                Err(ApplyError::IsDirectory { .. }) => {
-                    clear_the_way(volume, applier, path)?;
-                    applier.link(existing, path)?;
-                }
-                other => other?,
+        Op::Link { path, existing } => match link_replacing(volume, applier, existing, path) {
+            // A large file new here whose stream the active gave up on: there is no
+            // file to name (only what had its name before, if anything). On the active
+            // the link replaced what is at `path`; the change that made it give up
+            // ships the file under one of its names, and `path` is made one then.
+            Err(e)
+                if (matches!(e, ApplyError::NoLinkTarget { .. }) || e.is_missing())
+                    && gave_up_on(volume, existing) =>
+            {
+                tracing::debug!(%path, %existing, "hard link to a large file whose stream the active gave up on");
+                clear_the_way(volume, applier, path)?;
+                let mut names = gave_up_names(volume);
+                names.forget(path, false);
+                names.join(path.clone(), existing);
             }
-            forget_gave_up(volume, path, false);
-        }
+            other => {
+                other?;
+                forget_gave_up(volume, path, false);
+            }
+        },
         Op::Rename {
             from,
             to,
@@ -4751,6 +4870,31 @@ mod tests {
     use super::*;
 
     type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+    #[test]
+    fn gave_up_names_keep_the_names_linked_to_each_file_apart() -> TestResult {
+        let r = |s: &str| RelPath::new(s);
+        let mut names = GaveUpNames::default();
+        names.add(r("f")?);
+        names.add(r("g")?);
+        names.join(r("a")?, &r("f")?);
+        names.join(r("z")?, &r("g")?);
+        // Not listed: no file to join.
+        names.join(r("x")?, &r("nothing")?);
+        assert!(!names.contains(&r("x")?));
+        // Renamed: the name moves, the file stays; the name replaced leaves.
+        names.rename(&r("z")?, &r("d/z")?, false);
+        names.rename(&r("a")?, &r("g")?, false);
+        assert_eq!(names.take_others(&r("g")?), vec![r("f")?]);
+        assert!(!names.contains(&r("f")?) && !names.contains(&r("g")?));
+        assert_eq!(names.take_others(&r("d/z")?), Vec::<RelPath>::new());
+        names.add(r("d/y")?);
+        names.join(r("e")?, &r("d/y")?);
+        names.forget(&r("d")?, true);
+        assert_eq!(names.take_others(&r("e")?), Vec::<RelPath>::new());
+        assert!(names.names.is_empty());
+        Ok(())
+    }
 
     fn identity(name: &str) -> TestResult<transport::TlsIdentity> {
         let generated = rcgen::generate_simple_self_signed(vec![name.into()])?;

@@ -143,35 +143,94 @@ impl RelPath {
     }
 }
 
+/// A collection keyed by path whose entries [`rename_in`] moves along with renames: a
+/// set of paths, or a map from paths to what is known of each.
+pub trait PathKeyed {
+    /// What an entry holds besides its path (nothing, for a set).
+    type Value;
+    /// Whether it has no entry.
+    fn no_entries(&self) -> bool;
+    /// Its paths, in order.
+    fn paths(&self) -> impl Iterator<Item = &RelPath>;
+    /// Removes the entry of `path`, giving back what it held.
+    fn take(&mut self, path: &RelPath) -> Option<Self::Value>;
+    /// Adds (or replaces) the entry of `path`.
+    fn put(&mut self, path: RelPath, value: Self::Value);
+    /// Removes the entries at or below `path`.
+    fn drop_at_or_below(&mut self, path: &RelPath);
+}
+
+impl PathKeyed for std::collections::BTreeSet<RelPath> {
+    type Value = ();
+    fn no_entries(&self) -> bool {
+        self.is_empty()
+    }
+    fn paths(&self) -> impl Iterator<Item = &RelPath> {
+        self.iter()
+    }
+    fn take(&mut self, path: &RelPath) -> Option<()> {
+        self.remove(path).then_some(())
+    }
+    fn put(&mut self, path: RelPath, (): ()) {
+        self.insert(path);
+    }
+    fn drop_at_or_below(&mut self, path: &RelPath) {
+        self.retain(|p| !p.starts_with(path));
+    }
+}
+
+impl<V> PathKeyed for std::collections::BTreeMap<RelPath, V> {
+    type Value = V;
+    fn no_entries(&self) -> bool {
+        self.is_empty()
+    }
+    fn paths(&self) -> impl Iterator<Item = &RelPath> {
+        self.keys()
+    }
+    fn take(&mut self, path: &RelPath) -> Option<V> {
+        self.remove(path)
+    }
+    fn put(&mut self, path: RelPath, value: V) {
+        self.insert(path, value);
+    }
+    fn drop_at_or_below(&mut self, path: &RelPath) {
+        self.retain(|p, _| !p.starts_with(path));
+    }
+}
+
 /// Follows a rename (or, with `exchange`, an exchange) of `from` to `to` in a set of
-/// paths: those at or below `from` move below `to` (and, for an exchange, those below
-/// `to` below `from`). With `replace` and no exchange, those at or below `to` are
-/// dropped first: the rename replaced what was there.
-pub fn rename_in(
-    set: &mut std::collections::BTreeSet<RelPath>,
+/// paths (or a map keyed by them): those at or below `from` move below `to` (and, for
+/// an exchange, those below `to` below `from`), with what they hold. With `replace`
+/// and no exchange, those at or below `to` are dropped first: the rename replaced
+/// what was there.
+pub fn rename_in<S: PathKeyed>(
+    set: &mut S,
     from: &RelPath,
     to: &RelPath,
     exchange: bool,
     replace: bool,
 ) {
-    if set.is_empty() {
+    if set.no_entries() {
         return;
     }
     let moved: Vec<(RelPath, RelPath)> = set
-        .iter()
+        .paths()
         .filter_map(|p| {
             p.renamed(from, to)
                 .or_else(|| exchange.then(|| p.renamed(to, from)).flatten())
                 .map(|new| (p.clone(), new))
         })
         .collect();
+    let moved: Vec<(RelPath, S::Value)> = moved
+        .into_iter()
+        .filter_map(|(old, new)| set.take(&old).map(|value| (new, value)))
+        .collect();
     if replace && !exchange {
-        set.retain(|p| !p.starts_with(to));
+        set.drop_at_or_below(to);
     }
-    for (old, _) in &moved {
-        set.remove(old);
+    for (new, value) in moved {
+        set.put(new, value);
     }
-    set.extend(moved.into_iter().map(|(_, new)| new));
 }
 
 impl<'de> Deserialize<'de> for RelPath {
@@ -294,5 +353,21 @@ mod tests {
         let mut s = set(&["d/x", "e/y", "d"]);
         super::rename_in(&mut s, &r("d"), &r("e"), true, true);
         assert_eq!(s, set(&["e/x", "d/y", "e"]));
+    }
+
+    #[test]
+    fn rename_in_moves_what_a_map_holds_with_its_paths() {
+        let r = |s: &str| RelPath::new(s).expect("valid");
+        let map = |v: &[(&str, u32)]| {
+            v.iter()
+                .map(|(s, n)| (r(s), *n))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let mut m = map(&[("d/x", 1), ("e/y", 2), ("q", 3)]);
+        super::rename_in(&mut m, &r("d"), &r("e"), false, true);
+        assert_eq!(m, map(&[("e/x", 1), ("q", 3)]), "e/y was replaced");
+        let mut m = map(&[("d/x", 1), ("e/y", 2), ("e", 4)]);
+        super::rename_in(&mut m, &r("d"), &r("e"), true, true);
+        assert_eq!(m, map(&[("e/x", 1), ("d/y", 2), ("d", 4)]));
     }
 }
