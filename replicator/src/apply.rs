@@ -978,7 +978,7 @@ impl<'a> Applier<'a> {
 
     /// Whether `path` is here (a symlink as itself); a missing directory on its way
     /// means it is not.
-    fn exists(&self, path: &RelPath) -> Result<bool> {
+    pub fn exists(&self, path: &RelPath) -> Result<bool> {
         let (dir, name) = match self.open_parent(path) {
             Err(e) if e.is_missing() => return Ok(false),
             other => other?,

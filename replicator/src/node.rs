@@ -262,19 +262,17 @@ pub struct GaveUpNames {
 }
 
 impl GaveUpNames {
-    /// `path` is a file whose stream the active gave up on.
+    /// `path` is a file whose stream the active gave up on (again, maybe: a name
+    /// listed keeps its file, and the names linked to it). At most [`GAVE_UP_KEPT`]
+    /// names are listed: past that a new one is not, and a rename of it, or a link to
+    /// it, is refused (the manifest comparison the refusal starts repairs it, and the
+    /// scan for it empties the list).
     fn add(&mut self, path: RelPath) {
-        self.make_room();
+        if self.names.contains_key(&path) || self.names.len() >= GAVE_UP_KEPT {
+            return;
+        }
         self.next += 1;
         self.names.insert(path, self.next);
-    }
-
-    /// At most [`GAVE_UP_KEPT`] names: past that it starts afresh (a rename of one
-    /// forgotten, or a link to it, is refused, and a manifest comparison repairs it).
-    fn make_room(&mut self) {
-        if self.names.len() >= GAVE_UP_KEPT {
-            self.names.clear();
-        }
     }
 
     fn contains(&self, path: &RelPath) -> bool {
@@ -298,26 +296,37 @@ impl GaveUpNames {
         crate::path::rename_in(&mut self.names, from, to, exchange, true);
     }
 
-    /// `path` became another name of the file named `existing`, which is listed.
-    fn join(&mut self, path: RelPath, existing: &RelPath) {
-        if let Some(&file) = self.names.get(existing) {
-            self.make_room();
-            self.names.insert(path, file);
+    /// `path` (which was deleted, with what lay below it) became another name of the
+    /// file named `existing`. False if `existing` is not listed, or the list is full
+    /// (see [`GaveUpNames::add`]).
+    fn join(&mut self, path: RelPath, existing: &RelPath) -> bool {
+        self.forget(&path, true);
+        match self.names.get(existing) {
+            Some(&file) if self.names.len() < GAVE_UP_KEPT => {
+                self.names.insert(path, file);
+                true
+            }
+            _ => false,
         }
+    }
+
+    /// The names of the file named `path` other than `path`.
+    fn others(&self, path: &RelPath) -> Vec<RelPath> {
+        let Some(&file) = self.names.get(path) else {
+            return Vec::new();
+        };
+        self.names
+            .iter()
+            .filter(|(p, f)| **f == file && *p != path)
+            .map(|(p, _)| p.clone())
+            .collect()
     }
 
     /// A version of the file named `path` arrived: forgets all its names, giving back
     /// those other than `path`.
     fn take_others(&mut self, path: &RelPath) -> Vec<RelPath> {
-        let Some(file) = self.names.remove(path) else {
-            return Vec::new();
-        };
-        let others: Vec<RelPath> = self
-            .names
-            .iter()
-            .filter(|(_, f)| **f == file)
-            .map(|(p, _)| p.clone())
-            .collect();
+        let others = self.others(path);
+        self.names.remove(path);
         for other in &others {
             self.names.remove(other);
         }
@@ -3702,7 +3711,7 @@ impl std::fmt::Display for GaveUp {
 
 impl std::error::Error for GaveUp {}
 
-/// At most this many names in [`VolumeLink::gave_up`].
+/// At most this many names in [`VolumeLink::gave_up`] (see [`GaveUpNames::add`]).
 const GAVE_UP_KEPT: usize = 1024;
 
 fn gave_up_names(volume: &VolumeLink) -> std::sync::MutexGuard<'_, GaveUpNames> {
@@ -3715,9 +3724,11 @@ fn forget_gave_up(volume: &VolumeLink, path: &RelPath, below: bool) {
     gave_up_names(volume).forget(path, below);
 }
 
-/// Standby: whether `path` is in [`VolumeLink::gave_up`].
+/// Standby: whether `path` is in [`VolumeLink::gave_up`]. Never on an active node:
+/// what a standby listed there before its promotion means nothing to the upstream
+/// writes it applies (the scan of its next full sync as a standby empties the list).
 fn gave_up_on(volume: &VolumeLink, path: &RelPath) -> bool {
-    gave_up_names(volume).contains(path)
+    volume.volume.role() == Role::Standby && gave_up_names(volume).contains(path)
 }
 
 /// Standby: a rename moves the names of [`VolumeLink::gave_up`] at or below its
@@ -3740,7 +3751,7 @@ fn link_gave_up_names(
 ) -> Result<(), ApplyError> {
     let others = {
         let mut names = gave_up_names(volume);
-        if kind == Kind::File {
+        if kind == Kind::File && volume.volume.role() == Role::Standby {
             names.take_others(path)
         } else {
             names.forget(path, false);
@@ -3863,7 +3874,9 @@ async fn apply_streamed(
             })?;
             if all_held {
                 match patch_in_place(&v, &applier, &entry, &fm, expected, &list, stamp, &held)? {
-                    Patched::Done => return Ok(()),
+                    Patched::Done => {
+                        return link_gave_up_names(&v, &applier, &entry.path, Kind::File);
+                    }
                     Patched::Refused(why) => {
                         tracing::debug!(path = %entry.path, why, "not updated in place");
                     }
@@ -4153,6 +4166,9 @@ struct LargeApplies {
     /// Those of `busy` that are hard-linked: applying one relinks its other names,
     /// in directories anywhere in the volume.
     linked: std::collections::BTreeSet<u64>,
+    /// For those of `busy` whose stream the active gave up on before, the names it
+    /// linked to the file since ([`VolumeLink::gave_up`]): applying one makes them.
+    gave_up: std::collections::BTreeMap<u64, Vec<RelPath>>,
     done_tx: mpsc::UnboundedSender<Applied>,
     done: mpsc::UnboundedReceiver<Applied>,
 }
@@ -4163,6 +4179,7 @@ impl LargeApplies {
         LargeApplies {
             busy: std::collections::BTreeMap::new(),
             linked: std::collections::BTreeSet::new(),
+            gave_up: std::collections::BTreeMap::new(),
             done_tx,
             done,
         }
@@ -4187,6 +4204,10 @@ impl LargeApplies {
         if entry.meta.link().is_some() {
             self.linked.insert(seq);
         }
+        let others = gave_up_names(&volume).others(&entry.path);
+        if !others.is_empty() {
+            self.gave_up.insert(seq, others);
+        }
         tokio::spawn(async move {
             let _applying = volume.applying.clone().read_owned().await;
             let path = entry.path.clone();
@@ -4204,6 +4225,7 @@ impl LargeApplies {
     ) {
         self.busy.remove(&seq);
         self.linked.remove(&seq);
+        self.gave_up.remove(&seq);
         if let Err(e) = &result {
             tracing::warn!(%path, error = %e, "refused or failed to apply");
         }
@@ -4219,10 +4241,12 @@ impl LargeApplies {
         }
     }
 
-    /// Whether a large file is being applied to one of `paths`, or above or below.
+    /// Whether a large file is being applied to one of `paths`, or above or below,
+    /// or is to be linked to one of them (see [`LargeApplies::gave_up`]).
     fn related(&self, paths: &[&RelPath]) -> bool {
         self.busy
             .values()
+            .chain(self.gave_up.values().flatten())
             .any(|b| paths.iter().any(|p| related(p, b)))
     }
 
@@ -4711,9 +4735,9 @@ fn apply_quietly(volume: &VolumeLink, applier: &Applier<'_>, op: &Op) -> Result<
             {
                 tracing::debug!(%path, %existing, "hard link to a large file whose stream the active gave up on");
                 clear_the_way(volume, applier, path)?;
-                let mut names = gave_up_names(volume);
-                names.forget(path, false);
-                names.join(path.clone(), existing);
+                if !gave_up_names(volume).join(path.clone(), existing) {
+                    return Err(e);
+                }
             }
             other => {
                 other?;
@@ -4730,6 +4754,13 @@ fn apply_quietly(volume: &VolumeLink, applier: &Applier<'_>, op: &Op) -> Result<
             // move: the change that made it give up ships it under its new name.
             if gave_up_on(volume, from) || (*exchange && gave_up_on(volume, to)) {
                 tracing::debug!(%from, %to, "rename of a large file whose stream the active gave up on");
+                if !*exchange && !applier.exists(from)? {
+                    // What is here under the new name is not the file: on the active
+                    // the rename replaced it. Kept, it would take the file's other
+                    // names (a link to it, made before its next version) and its own
+                    // would follow that version.
+                    delete_for_active(volume, applier, to)?;
+                }
                 applier.rename_unsent(from, to, *exchange)?
             } else {
                 applier.rename(from, to, *exchange)?
@@ -4877,10 +4908,13 @@ mod tests {
         let mut names = GaveUpNames::default();
         names.add(r("f")?);
         names.add(r("g")?);
-        names.join(r("a")?, &r("f")?);
-        names.join(r("z")?, &r("g")?);
+        assert!(names.join(r("a")?, &r("f")?));
+        assert!(names.join(r("z")?, &r("g")?));
+        // Given up on again: the name keeps its file, and the names linked to it.
+        names.add(r("z")?);
+        assert_eq!(names.others(&r("z")?), vec![r("g")?]);
         // Not listed: no file to join.
-        names.join(r("x")?, &r("nothing")?);
+        assert!(!names.join(r("x")?, &r("nothing")?));
         assert!(!names.contains(&r("x")?));
         // Renamed: the name moves, the file stays; the name replaced leaves.
         names.rename(&r("z")?, &r("d/z")?, false);
@@ -4889,10 +4923,19 @@ mod tests {
         assert!(!names.contains(&r("f")?) && !names.contains(&r("g")?));
         assert_eq!(names.take_others(&r("d/z")?), Vec::<RelPath>::new());
         names.add(r("d/y")?);
-        names.join(r("e")?, &r("d/y")?);
+        assert!(names.join(r("e")?, &r("d/y")?));
         names.forget(&r("d")?, true);
         assert_eq!(names.take_others(&r("e")?), Vec::<RelPath>::new());
         assert!(names.names.is_empty());
+        // Full: a new file is not listed, nor a new name of one listed; nothing
+        // listed is dropped.
+        for i in 0..GAVE_UP_KEPT {
+            names.add(r(&format!("n{i}"))?);
+        }
+        names.add(r("late")?);
+        assert!(!names.contains(&r("late")?));
+        assert!(!names.join(r("y")?, &r("n0")?));
+        assert_eq!(names.names.len(), GAVE_UP_KEPT);
         Ok(())
     }
 

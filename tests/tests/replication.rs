@@ -1740,7 +1740,8 @@ fn a_large_file_renamed_and_changed_while_it_is_sent_arrives_without_a_refusal()
 /// through it while the active sends it: the active gives up on that version, so the
 /// standby has no file for the link to name (only the FIFO). No refusal, no manifest
 /// comparison: the change ships the file under the name it was written through, and
-/// the standby makes its other names then.
+/// the standby makes its other names then; also when the active gives up on that
+/// version too.
 #[test]
 fn a_hard_link_to_a_large_file_whose_stream_was_given_up_is_not_refused() {
     let _serial = twinfs_tests::serial();
@@ -1755,13 +1756,19 @@ fn a_hard_link_to_a_large_file_whose_stream_was_given_up_is_not_refused() {
             .matches("large file not sent; its next change ships it")
             .count()
     };
+    let sent = || {
+        c.nodes[0].volume_status()["peers"][0]["bytes_sent"]
+            .as_u64()
+            .unwrap_or(0)
+    };
     // Whether the active gave up on a version with the link's name before the FIFO's,
-    // and after it.
-    let mut hit = [false; 2];
-    // Until it did both (on a fast machine a stream can end before the change): the
-    // test must not pass without the case it is about.
-    for i in 0..16 {
-        if hit == [true; 2] {
+    // and after it, and on two versions in a row (the second shipped under the link's
+    // name: the standby then has no version under either name yet).
+    let (mut hit, mut twice) = ([false; 2], false);
+    // Until it did all three (on a fast machine a stream can end before the change):
+    // the test must not pass without the cases it is about.
+    for i in 0..20 {
+        if hit == [true; 2] && twice {
             break;
         }
         // A new name that sorts before the FIFO's, then one after: the first name of
@@ -1790,6 +1797,18 @@ fn a_hard_link_to_a_large_file_whose_stream_was_given_up_is_not_refused() {
             .expect("open the link");
         std::os::unix::fs::FileExt::write_all_at(&f, b"changed", (48 << 20) - 16).expect("write");
         drop(f);
+        // Given up: the change ships the file, whole (the standby has none); once
+        // 8 MiB of it went, another change through the link, at its end.
+        if wait_until(Duration::from_secs(2), || gave_up() > before) {
+            let from = sent();
+            let going = wait_until(CONVERGE, || sent() >= from + (8 << 20));
+            assert!(going, "the active never sent {link}");
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(a.join(&link))
+                .expect("open the link");
+            std::os::unix::fs::FileExt::write_all_at(&f, b"again", (48 << 20) - 8).expect("write");
+        }
         c.wait_converged(CONVERGE);
         let ok = wait_until(CONVERGE, || {
             let seen = names(&b, &[fifo.as_str(), link.as_str()]);
@@ -1799,10 +1818,14 @@ fn a_hard_link_to_a_large_file_whose_stream_was_given_up_is_not_refused() {
         if gave_up() > before {
             hit[i % 2] = true;
         }
+        twice |= gave_up() >= before + 2;
     }
-    assert_eq!(
-        hit, [true; 2],
-        "the active did not give up on both kinds in 16 tries: the test proves nothing"
+    assert!(
+        hit == [true; 2] && twice,
+        "the active gave up on a version with the link's name before the FIFO's: {}, \
+         after it: {}, on two in a row: {twice}, in 20 tries: the test proves nothing",
+        hit[0],
+        hit[1]
     );
     verify_identical(&c);
     assert_converged_by_the_stream_alone(&c);
