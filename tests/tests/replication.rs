@@ -1736,12 +1736,13 @@ fn a_large_file_renamed_and_changed_while_it_is_sent_arrives_without_a_refusal()
     assert_converged_by_the_stream_alone(&c);
 }
 
-/// A large file new to the standby, moved over a FIFO, given a hard link and changed
-/// through it while the active sends it: the active gives up on that version, so the
-/// standby has no file for the link to name (only the FIFO). No refusal, no manifest
-/// comparison: the change ships the file under the name it was written through, and
-/// the standby makes its other names then; also when the active gives up on that
-/// version too.
+/// A large file new to the standby, moved over a FIFO (or over a file with another
+/// name), given a hard link and changed through it while the active sends it: the
+/// active gives up on that version, so the standby has no file for the link to name
+/// (only what the move replaced). No refusal, no manifest comparison: the change
+/// ships the file under the name it was written through, and the standby makes its
+/// other names then (and the replaced file's other name keeps it); also when the
+/// active gives up on that version too.
 #[test]
 fn a_hard_link_to_a_large_file_whose_stream_was_given_up_is_not_refused() {
     let _serial = twinfs_tests::serial();
@@ -1779,7 +1780,14 @@ fn a_hard_link_to_a_large_file_whose_stream_was_given_up_is_not_refused() {
         } else {
             format!("z{i}")
         };
-        sh(&format!("mkfifo {}", a.join(&fifo).display()));
+        // Odd: a file with another name, which keeps it.
+        let other = format!("q{i}");
+        if i % 2 == 0 {
+            sh(&format!("mkfifo {}", a.join(&fifo).display()));
+        } else {
+            fs::write(a.join(&fifo), "replaced\n").expect("write");
+            fs::hard_link(a.join(&fifo), a.join(&other)).expect("ln");
+        }
         c.wait_converged(CONVERGE);
         let before = gave_up();
         fs::write(a.join(&g), vec![i as u8; 48 << 20]).expect("write g");
@@ -1815,6 +1823,13 @@ fn a_hard_link_to_a_large_file_whose_stream_was_given_up_is_not_refused() {
             seen[0].0 == seen[1].0 && seen.iter().all(|s| s.1 == 2)
         });
         assert!(ok, "{fifo} and {link} are not one file on the standby");
+        if i % 2 == 1 {
+            let seen = names(&b, &[other.as_str()]);
+            assert!(
+                seen[0].1 == 1 && seen[0].2 == "replaced\n",
+                "{other} on the standby: {seen:?}"
+            );
+        }
         if gave_up() > before {
             hit[i % 2] = true;
         }
