@@ -186,7 +186,7 @@ pub enum ApplyError {
 
 impl ApplyError {
     /// Whether this is "no such file or directory" on the way to the path.
-    pub fn is_missing(&self) -> bool {
+    fn is_missing(&self) -> bool {
         matches!(self, ApplyError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
     }
 
@@ -974,6 +974,16 @@ impl<'a> Applier<'a> {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(io_err("create directory", &parent)(e)),
         }
+    }
+
+    /// Whether a regular file is at `path` (a missing directory on its way means
+    /// none).
+    pub fn has_file(&self, path: &RelPath) -> Result<bool> {
+        let (dir, name) = match self.open_parent(path) {
+            Err(e) if e.is_missing() => return Ok(false),
+            other => other?,
+        };
+        Ok(regular_at(dir.as_fd(), &name, path)?.is_some())
     }
 
     /// Whether `path` is here (a symlink as itself); a missing directory on its way

@@ -1508,7 +1508,9 @@ async fn run_session(
                     if !batch.is_empty() {
                         batch.flush(&volume, &mut session).await;
                     }
-                    if already_there(&volume, entry).await {
+                    // (Unless names the active linked to it wait for a version of
+                    // it here: the apply makes them.)
+                    if !gave_up_on(&volume, &entry.path) && already_there(&volume, entry).await {
                         session.applied(*seq, &entry.path, Ok(()), std::time::Instant::now());
                         continue;
                     }
@@ -2117,10 +2119,12 @@ async fn upstream_lagged(
     write(send, &Message::Resync).await.map(|_| ())
 }
 
-/// Standby: scans the volume for the full sync (as [`carry_out`] does), handing the
-/// manifest back so the upstream outbox learns from it too.
+/// Standby: scans the volume for the full sync, once the large files of an earlier
+/// session still being applied have landed. `None` if it cannot.
 async fn scan_for_standby(volume: &VolumeLink) -> Option<Manifest> {
     let _applying = volume.applying.write().await;
+    // The full sync this scan is for brings every path as the active has it.
+    gave_up_names(volume).clear();
     let v = volume.clone();
     match tokio::task::spawn_blocking(move || scan(&v)).await {
         Ok(Ok(m)) => Some(m),
@@ -2559,23 +2563,9 @@ async fn carry_out(
         // Handled by `run_session` before they get here.
         Output::Fenced { .. } | Output::Follow { .. } | Output::Ship(_) => Some(0),
         Output::ScanLocal => {
-            // Large files of an earlier session still being applied land first.
-            let _applying = volume.applying.write().await;
-            // The full sync this scan is for brings every path as the active has it.
-            gave_up_names(volume).clear();
-            let v = volume.clone();
-            let scanned = tokio::task::spawn_blocking(move || scan(&v)).await;
-            match scanned {
-                Ok(Ok(m)) => {
-                    session.local_manifest(m, std::time::Instant::now());
-                    Some(0)
-                }
-                Ok(Err(e)) => {
-                    tracing::error!(volume = %volume.name, error = %e, "cannot scan the volume");
-                    None
-                }
-                Err(_) => None,
-            }
+            let m = scan_for_standby(volume).await?;
+            session.local_manifest(m, std::time::Instant::now());
+            Some(0)
         }
         Output::Apply { seq, op } => {
             let v = volume.clone();
@@ -3739,19 +3729,21 @@ fn rename_gave_up(volume: &VolumeLink, from: &RelPath, to: &RelPath, exchange: b
     gave_up_names(volume).rename(from, to, exchange);
 }
 
-/// Standby: a version of what is at `path` (of `kind`) is in place: it leaves
-/// [`VolumeLink::gave_up`]. For a regular file, the names the active gave it while this
-/// node had no version of it ([`Op::Link`]s it could not make then) are made names of
-/// it now, each by an atomic rename.
+/// Standby: a version of what is at `path` is in place: it leaves
+/// [`VolumeLink::gave_up`]. If it is a file with other names on the active (`linked`:
+/// [`has_other_names`]), the names the active gave it while this node had no version of
+/// it ([`Op::Link`]s it could not make then) are made names of it now, each by an
+/// atomic rename. (One the active has alone no longer has them: the ops saying what
+/// they are now follow, or the full sync under way brings them.)
 fn link_gave_up_names(
     volume: &VolumeLink,
     applier: &Applier<'_>,
     path: &RelPath,
-    kind: Kind,
+    linked: bool,
 ) -> Result<(), ApplyError> {
     let others = {
         let mut names = gave_up_names(volume);
-        if kind == Kind::File && volume.volume.role() == Role::Standby {
+        if linked && volume.volume.role() == Role::Standby {
             names.take_others(path)
         } else {
             names.forget(path, false);
@@ -3764,6 +3756,11 @@ fn link_gave_up_names(
         invalidate(volume, &other);
     }
     Ok(())
+}
+
+/// Whether `meta` is of a regular file with other names on the active.
+fn has_other_names(meta: &Meta) -> bool {
+    meta.kind == Kind::File && meta.link().is_some()
 }
 
 /// Makes `path` another name of the file at `existing`, replacing what is there (a
@@ -3875,7 +3872,12 @@ async fn apply_streamed(
             if all_held {
                 match patch_in_place(&v, &applier, &entry, &fm, expected, &list, stamp, &held)? {
                     Patched::Done => {
-                        return link_gave_up_names(&v, &applier, &entry.path, Kind::File);
+                        return link_gave_up_names(
+                            &v,
+                            &applier,
+                            &entry.path,
+                            has_other_names(&entry.meta),
+                        );
                     }
                     Patched::Refused(why) => {
                         tracing::debug!(path = %entry.path, why, "not updated in place");
@@ -3918,7 +3920,7 @@ async fn apply_streamed(
         drop(shown);
         invalidate(&v, &entry.path);
         relink_others(&v, &applier, &entry.path, before)?;
-        link_gave_up_names(&v, &applier, &entry.path, Kind::File)?;
+        link_gave_up_names(&v, &applier, &entry.path, has_other_names(&entry.meta))?;
         // Kept for the file's next delta, which then need not read it.
         if let (Some(list), Ok(Some(stamp))) = (new_list, applier.stamp(&entry.path)) {
             v.blocks.lock().unwrap_or_else(|e| e.into_inner()).put(
@@ -4513,7 +4515,7 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
     };
     for s in staged {
         let path = s.entry.path.clone();
-        let kind = s.entry.meta.kind;
+        let linked = has_other_names(&s.entry.meta);
         // Stops showing the temp file once it is in place (or given up).
         let mut shown = s.shown;
         // Other names of the file here that must follow it.
@@ -4573,8 +4575,9 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
             shown.placed = result.is_ok();
         }
         drop(shown);
-        let result = result
-            .and_then(|()| link_gave_up_names(v, &applier, &path, kind).map_err(|e| e.to_string()));
+        let result = result.and_then(|()| {
+            link_gave_up_names(v, &applier, &path, linked).map_err(|e| e.to_string())
+        });
         results.push((s.seq, path, result));
     }
     // The renames now; the temp files' data already was.
@@ -4722,7 +4725,7 @@ fn apply_quietly(volume: &VolumeLink, applier: &Applier<'_>, op: &Op) -> Result<
                 other => other?,
             }
             relink_others(volume, applier, path, before)?;
-            link_gave_up_names(volume, applier, path, entry.meta.kind)?;
+            link_gave_up_names(volume, applier, path, has_other_names(&entry.meta))?;
         }
         Op::Link { path, existing } => match link_replacing(volume, applier, existing, path) {
             // A large file new here whose stream the active gave up on: there is no
@@ -4730,8 +4733,8 @@ fn apply_quietly(volume: &VolumeLink, applier: &Applier<'_>, op: &Op) -> Result<
             // the link replaced what is at `path`; the change that made it give up
             // ships the file under one of its names, and `path` is made one then.
             Err(e)
-                if (matches!(e, ApplyError::NoLinkTarget { .. }) || e.is_missing())
-                    && gave_up_on(volume, existing) =>
+                if gave_up_on(volume, existing)
+                    && matches!(applier.has_file(existing), Ok(false)) =>
             {
                 tracing::debug!(%path, %existing, "hard link to a large file whose stream the active gave up on");
                 clear_the_way(volume, applier, path)?;

@@ -291,8 +291,9 @@ pub struct Session {
     /// Active: the names that deletions waiting in the queue remove, each with how
     /// many.
     deleting: std::collections::HashMap<RelPath, u32>,
-    /// Active: names made new (a create) that no ship has carried yet: the standby
-    /// has no version of them. One held back (its writer still has it open) then
+    /// Active: names made new (a create, or the new names of a rename that went
+    /// `unsent` and ships them anew) that no ship has carried yet: the standby may
+    /// have no version of them. One held back (its writer still has it open) then
     /// counts as gone, not as held: a hard link to it goes as a copy, which the
     /// standby can take, rather than as a link it would refuse.
     created: BTreeSet<RelPath>,
@@ -501,6 +502,17 @@ impl Session {
         if self.phase != Phase::Closed {
             self.drain(now);
         }
+    }
+
+    /// `path` is a name the standby may have no version of until a ship carries it
+    /// ([`Session::created`]).
+    fn note_created(&mut self, path: RelPath) {
+        if self.created.len() >= self.config.max_queue {
+            // Forgotten: a link to one held back is sent as a link again (and
+            // refused by a standby that has no version of it yet).
+            self.created.clear();
+        }
+        self.created.insert(path);
     }
 
     /// `path` went unsent ([`Session::vanished_paths`]); `held`: held back, the
@@ -1200,9 +1212,6 @@ impl Session {
                         for p in unsent_at_or_below(&self.unsent, path) {
                             self.unsent.remove(&p);
                         }
-                        if !self.created.is_empty() {
-                            self.created.retain(|p| !p.starts_with(path));
-                        }
                         if self.ships_unread > 0 {
                             self.deleted_unread.push((seq, path.clone()));
                         }
@@ -1274,9 +1283,6 @@ impl Session {
             || (exchange && self.parent_unsent(&from));
         let below_from = unsent_at_or_below(&self.unsent, &from);
         let below_to = unsent_at_or_below(&self.unsent, &to);
-        // New names move with the rename; without an exchange, those it replaced are
-        // gone.
-        crate::path::rename_in(&mut self.created, &from, &to, exchange, true);
         let seq = self.take_seq(now);
         let op = Op::Rename {
             from: from.clone(),
@@ -1316,8 +1322,10 @@ impl Session {
             .filter(moved)
             .collect();
         for path in renamed {
-            // Gone until its ship finds it.
+            // Gone until its ship finds it; and new to the standby, which may have no
+            // version of it, until a ship carries it (one held back counts as gone).
             self.unsent.insert(path.clone(), false);
+            self.note_created(path.clone());
             self.ship_whole(path, now);
         }
         for dir in parents {
@@ -1431,6 +1439,11 @@ impl Session {
         }
         if let Pending::Send(Op::Delete { path }) = &pending {
             *self.deleting.entry(path.clone()).or_default() += 1;
+            // Names made before the deletion are gone; one made again after it (its
+            // record comes later) is new again.
+            if !self.created.is_empty() {
+                self.created.retain(|p| !p.starts_with(path));
+            }
         }
         self.queue.push_back(pending);
         self.drain(now);
@@ -1613,6 +1626,10 @@ impl Session {
             }
             return;
         };
+        // New names move with the rename as it is recorded (one made after it, whose
+        // record comes later, is not moved when the rename goes); without an
+        // exchange, those it replaced are gone.
+        crate::path::rename_in(&mut self.created, &from, &to, exchange, true);
         let from_sync = self.config.policies.resolve(from.as_path()).sync;
         match (from_sync, to_sync) {
             (SyncMode::Always, SyncMode::Always) => {
@@ -1663,12 +1680,7 @@ impl Session {
 
     fn always(&mut self, path: RelPath, kind: &ChangeKind, file: Option<FileId>, now: Instant) {
         if *kind == ChangeKind::Create {
-            if self.created.len() >= self.config.max_queue {
-                // Forgotten: a link to one held back is sent as a link again (and
-                // refused by a standby that has no version of it yet).
-                self.created.clear();
-            }
-            self.created.insert(path.clone());
+            self.note_created(path.clone());
         }
         let pending = match kind {
             // A hard link ships as a link when its existing name ships as changes come:

@@ -3,7 +3,7 @@
 //! full sync, with the active changing its tree all along. Every run must end with
 //! the standby's tree equal to the active's.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -240,6 +240,9 @@ struct World {
     lose_acks: bool,
     /// Each ship the active's session asked for: its path and the file it was for.
     ships: Vec<(RelPath, Option<(u64, u64)>)>,
+    /// Files on the active that a writer has open: a ship of one is held back, as
+    /// the daemon's read does, until its writer's close ships it.
+    writing: BTreeSet<RelPath>,
 }
 
 fn config(role: Role, policies: &PolicySet) -> SessionConfig {
@@ -280,6 +283,7 @@ impl World {
             in_sync_seen: false,
             lose_acks: false,
             ships: Vec::new(),
+            writing: BTreeSet::new(),
         }
     }
 
@@ -339,6 +343,9 @@ impl World {
                     let linked = file.as_ref().is_some_and(|f| f.linked);
                     self.ships.push((path.clone(), file.map(|f| f.key)));
                     let (op, found) = match self.active_tree.get(&path) {
+                        Some(_) if self.writing.contains(&path) => {
+                            (Op::Skip { path: path.clone() }, Shipped::Held)
+                        }
                         // What took a directory's name counts as gone, as the
                         // daemon's read has it.
                         Some((meta, _)) if dir && meta.kind != Kind::Dir => {
@@ -1780,6 +1787,63 @@ fn a_change_to_a_linked_file_whose_name_is_removed_before_it_goes_takes_a_compar
     assert!(
         w.active.stats().full_syncs > syncs,
         "the change to a hard-linked file was dropped without a comparison"
+    );
+}
+
+#[test]
+fn a_hard_link_to_a_name_made_again_after_a_queued_deletion_and_still_open_goes_as_a_copy() {
+    link_to_a_name_made_again(|w| {
+        w.active_tree.remove(&rel("a"));
+        w.report(&rel("a"), ChangeKind::Unlink);
+    });
+}
+
+#[test]
+fn a_hard_link_to_a_name_made_again_after_a_queued_rename_and_still_open_goes_as_a_copy() {
+    link_to_a_name_made_again(|w| w.rename("a", "b", false));
+}
+
+/// The window full: what takes the name `a` away waits in the queue while `a` is
+/// made again (the standby has no version of the new one) and held open; a link to it
+/// then cannot go as a link (the simulated standby refuses every link, as a real one
+/// would refuse this one: it has no new `a`).
+fn link_to_a_name_made_again(take_away: impl FnOnce(&mut World)) {
+    let mut w = World::settled(67);
+    for i in 0..64 {
+        w.write(&format!("d/f{i}"), b"x", 80, ChangeKind::Write);
+    }
+    let a = rel("a");
+    take_away(&mut w);
+    w.writing.insert(a.clone());
+    w.write("a", b"new", 81, ChangeKind::Create);
+    // Until its ship is read (held back).
+    for _ in 0..10_000 {
+        if w.ships.iter().filter(|(p, _)| *p == a).count() >= 2 {
+            break;
+        }
+        w.pump(CLEAN);
+    }
+    assert!(
+        w.ships.iter().filter(|(p, _)| *p == a).count() >= 2,
+        "the new `a` was never read"
+    );
+    w.active_tree
+        .insert(rel("l"), (file_meta(b"new", 81), b"new".to_vec()));
+    w.report(
+        &rel("l"),
+        ChangeKind::Link {
+            existing: PathBuf::from("a"),
+        },
+    );
+    w.writing.remove(&a);
+    w.report(&a, ChangeKind::Write);
+    w.settle();
+    assert!(w.converged(), "{}", w.difference());
+    assert_eq!(
+        w.standby.stats().rejected,
+        0,
+        "{:?}",
+        w.standby.rejected_paths().collect::<Vec<_>>()
     );
 }
 
