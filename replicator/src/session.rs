@@ -488,14 +488,22 @@ impl Session {
         };
         // Ships are reported in order: no later one comes before these deletions.
         self.deleted_unread.retain(|(deleted, _)| *deleted > seq);
+        // A deletion made since, still queued, has dropped what this read was about
+        // from `created` (a hard-linked file's read is not superseded by it): a name
+        // made again since is new, and what the read found tells nothing of it.
+        let deleted_since =
+            !self.deleting.is_empty() && at_or_above(path, |p| self.deleting.contains_key(p));
         match (gone, outcome) {
             (false, Shipped::Sent { .. }) => {
                 self.unsent.remove(path);
-                self.created.remove(path);
+                if !deleted_since {
+                    self.created.remove(path);
+                }
             }
             (false, _) => {}
             (true, _) => {
-                let held = outcome == Shipped::Held && !self.created.contains(path);
+                let held =
+                    outcome == Shipped::Held && !self.created.contains(path) && !deleted_since;
                 self.note_unsent(path.clone(), held)
             }
         }

@@ -243,6 +243,10 @@ struct World {
     /// Files on the active that a writer has open: a ship of one is held back, as
     /// the daemon's read does, until its writer's close ships it.
     writing: BTreeSet<RelPath>,
+    /// Ships asked for are kept in `deferred`, not read at once: changes can be
+    /// recorded while they are being read.
+    defer_ships: bool,
+    deferred: Vec<Ship>,
 }
 
 fn config(role: Role, policies: &PolicySet) -> SessionConfig {
@@ -284,6 +288,8 @@ impl World {
             lose_acks: false,
             ships: Vec::new(),
             writing: BTreeSet::new(),
+            defer_ships: false,
+            deferred: Vec::new(),
         }
     }
 
@@ -329,61 +335,8 @@ impl World {
                     let m = manifest_of(&self.active_tree, &self.policies);
                     self.active.local_manifest(m, self.now);
                 }
-                Output::Ship(Ship {
-                    seq,
-                    path,
-                    content,
-                    standby_hash,
-                    delete_if_missing,
-                    link: _,
-                    file,
-                    dir,
-                    copy: _,
-                }) => {
-                    let linked = file.as_ref().is_some_and(|f| f.linked);
-                    self.ships.push((path.clone(), file.map(|f| f.key)));
-                    let (op, found) = match self.active_tree.get(&path) {
-                        Some(_) if self.writing.contains(&path) => {
-                            (Op::Skip { path: path.clone() }, Shipped::Held)
-                        }
-                        // What took a directory's name counts as gone, as the
-                        // daemon's read has it.
-                        Some((meta, _)) if dir && meta.kind != Kind::Dir => {
-                            (Op::Skip { path: path.clone() }, Shipped::Gone)
-                        }
-                        Some((meta, data)) => {
-                            let content = (meta.kind == Kind::File
-                                && (content || meta.hash != standby_hash.as_deref().copied()))
-                            .then(|| data.clone());
-                            let bytes = content.as_ref().map_or(0, |c| c.len() as u64);
-                            let entry = Entry {
-                                path: path.clone(),
-                                meta: meta.clone(),
-                            };
-                            (Op::Put { entry, content }, Shipped::Sent { bytes })
-                        }
-                        None if delete_if_missing => {
-                            (Op::Delete { path: path.clone() }, Shipped::Gone)
-                        }
-                        None => (Op::Skip { path: path.clone() }, Shipped::Gone),
-                    };
-                    // As the daemon's driver does once it has read it: an op queued
-                    // since the ship went out may say what it found came later.
-                    let (op, found) = match found {
-                        Shipped::Sent { .. } if self.active.ship_superseded(seq, &path, linked) => {
-                            (Op::Skip { path: path.clone() }, Shipped::Gone)
-                        }
-                        _ => (op, found),
-                    };
-                    self.active.shipped(seq, &path, found, self.now);
-                    // As the driver does: a changed hard-linked file whose name is gone
-                    // when read takes a manifest comparison.
-                    if found == Shipped::Gone && linked {
-                        self.active.resync();
-                    }
-                    let message = Message::Op { seq, op };
-                    Self::deliver(&mut self.to_standby, message, &mut self.rng, faults);
-                }
+                Output::Ship(ship) if self.defer_ships => self.deferred.push(ship),
+                Output::Ship(ship) => self.read_ship(ship, faults),
                 Output::Close(_) => {
                     self.reconnect();
                     return true;
@@ -425,6 +378,65 @@ impl World {
             busy = true;
         }
         busy
+    }
+
+    /// Reads the file of a ship on the active, as the daemon's driver does, and sends
+    /// its op.
+    fn read_ship(&mut self, ship: Ship, faults: Faults) {
+        let Ship {
+            seq,
+            path,
+            content,
+            standby_hash,
+            delete_if_missing,
+            link: _,
+            file,
+            dir,
+            copy: _,
+        } = ship;
+        let linked = file.as_ref().is_some_and(|f| f.linked);
+        self.ships.push((path.clone(), file.map(|f| f.key)));
+        let (op, found) = match self.active_tree.get(&path) {
+            Some(_) if self.writing.contains(&path) => {
+                (Op::Skip { path: path.clone() }, Shipped::Held)
+            }
+            // What took a directory's name counts as gone, as the
+            // daemon's read has it.
+            Some((meta, _)) if dir && meta.kind != Kind::Dir => {
+                (Op::Skip { path: path.clone() }, Shipped::Gone)
+            }
+            Some((meta, data)) => {
+                let content = (meta.kind == Kind::File
+                    && (content || meta.hash != standby_hash.as_deref().copied()))
+                .then(|| data.clone());
+                let bytes = content.as_ref().map_or(0, |c| c.len() as u64);
+                let entry = Entry {
+                    path: path.clone(),
+                    meta: meta.clone(),
+                };
+                (Op::Put { entry, content }, Shipped::Sent { bytes })
+            }
+            None if delete_if_missing => (Op::Delete { path: path.clone() }, Shipped::Gone),
+            None => (Op::Skip { path: path.clone() }, Shipped::Gone),
+        };
+        // As the daemon's driver does once it has read it: an op queued
+        // since the ship went out may say what it found came later.
+        let (op, found) = match found {
+            Shipped::Sent { .. } | Shipped::Held
+                if self.active.ship_superseded(seq, &path, linked) =>
+            {
+                (Op::Skip { path: path.clone() }, Shipped::Gone)
+            }
+            _ => (op, found),
+        };
+        self.active.shipped(seq, &path, found, self.now);
+        // As the driver does: a changed hard-linked file whose name is gone
+        // when read takes a manifest comparison.
+        if found == Shipped::Gone && linked {
+            self.active.resync();
+        }
+        let message = Message::Op { seq, op };
+        Self::deliver(&mut self.to_standby, message, &mut self.rng, faults);
     }
 
     fn advance(&mut self, by: Duration) {
@@ -1801,6 +1813,58 @@ fn a_hard_link_to_a_name_made_again_after_a_queued_deletion_and_still_open_goes_
 #[test]
 fn a_hard_link_to_a_name_made_again_after_a_queued_rename_and_still_open_goes_as_a_copy() {
     link_to_a_name_made_again(|w| w.rename("a", "b", false));
+}
+
+#[test]
+fn a_link_to_a_linked_file_held_open_whose_name_is_removed_while_it_is_read_goes_as_a_copy() {
+    let mut w = World::settled(71);
+    let a = rel("a");
+    // A new `a`, held open: the standby has no version of it.
+    w.active_tree.remove(&a);
+    w.report(&a, ChangeKind::Unlink);
+    w.settle();
+    w.writing.insert(a.clone());
+    w.write("a", b"new", 81, ChangeKind::Create);
+    w.settle();
+    // A change to it (it has a name that does not ship, too), read while `ln a d;
+    // rm a` are made: the read finds it still open.
+    w.defer_ships = true;
+    let linked = FileId {
+        key: (1, 90),
+        linked: true,
+    };
+    w.report_file(&a, ChangeKind::Write, Some(linked));
+    for _ in 0..1_000 {
+        if !w.deferred.is_empty() {
+            break;
+        }
+        w.pump(CLEAN);
+    }
+    assert_eq!(w.deferred.len(), 1, "the change was never shipped");
+    w.report(
+        &rel("d"),
+        ChangeKind::Link {
+            existing: PathBuf::from("a"),
+        },
+    );
+    w.report(&a, ChangeKind::Unlink);
+    w.defer_ships = false;
+    for ship in std::mem::take(&mut w.deferred) {
+        w.read_ship(ship, CLEAN);
+    }
+    // What the records said, on the active's tree.
+    w.active_tree
+        .insert(rel("d"), (file_meta(b"new", 81), b"new".to_vec()));
+    w.active_tree.remove(&a);
+    w.writing.remove(&a);
+    w.settle();
+    assert!(w.converged(), "{}", w.difference());
+    assert_eq!(
+        w.standby.stats().rejected,
+        0,
+        "{:?}",
+        w.standby.rejected_paths().collect::<Vec<_>>()
+    );
 }
 
 /// The window full: what takes the name `a` away waits in the queue while `a` is
