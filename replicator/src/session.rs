@@ -1201,8 +1201,10 @@ impl Session {
                 }
                 Pending::Send(Op::Link { path, existing }) if self.link_as_copy(&existing) => {
                     // Its existing name never reached the standby as it is (found gone:
-                    // `ln tmp/x new/x; rm tmp/x`): the new name goes as a copy.
+                    // `ln tmp/x new/x; rm tmp/x`): the new name goes as a copy, and is
+                    // new to the standby until that carries it.
                     self.queued_ops -= 1;
+                    self.note_created(path.clone());
                     self.ship_whole(path, now);
                 }
                 Pending::Send(op) => {
