@@ -276,14 +276,13 @@ impl GaveUpNames {
     }
 
     fn contains(&self, path: &RelPath) -> bool {
-        !self.names.is_empty() && self.names.contains_key(path)
+        self.names.contains_key(path)
     }
 
     /// `path` names something else now; with `below`, what lies under it too (it was
     /// deleted).
     fn forget(&mut self, path: &RelPath, below: bool) {
-        if self.names.is_empty() {
-        } else if below {
+        if below {
             self.names.retain(|p, _| !p.starts_with(path));
         } else {
             self.names.remove(path);
@@ -3934,10 +3933,8 @@ async fn apply_streamed(
     .await;
     pump.abort();
     match result {
-        Ok(Ok(())) => {
-            forget_gave_up(volume, &path, false);
-            Ok(())
-        }
+        // (Its names left the gave-up list as it was placed: `link_gave_up_names`.)
+        Ok(Ok(())) => Ok(()),
         Ok(Err(e)) if gave_up(&e) => {
             tracing::debug!(%path, "{GaveUp}");
             gave_up_names(volume).add(path);

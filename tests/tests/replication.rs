@@ -1693,12 +1693,7 @@ fn a_large_file_renamed_and_changed_while_it_is_sent_arrives_without_a_refusal()
     c.start();
     c.wait_converged(CONVERGE);
     let a = c.active().to_path_buf();
-    let gave_up = || {
-        c.nodes[0]
-            .log_text()
-            .matches("large file not sent; its next change ships it")
-            .count()
-    };
+    let gave_up = || streams_given_up(&c);
     // Until the active gave up on two versions (on a fast machine a stream can end
     // before the change): the test must not pass without the case it is about.
     for i in 0..10 {
@@ -1709,22 +1704,12 @@ fn a_large_file_renamed_and_changed_while_it_is_sent_arrives_without_a_refusal()
         fs::write(&g, vec![i as u8; 48 << 20]).expect("write g");
         // Once its stream has begun (the active counts its bytes as pending), a change
         // of its last block, which goes last, makes the active give that version up.
-        let begun = wait_until(CONVERGE, || {
-            c.nodes[0].volume_status()["peers"][0]["pending_bytes"]
-                .as_u64()
-                .is_some_and(|b| b > 0)
-        });
-        assert!(begun, "the active never sent g{i}");
+        wait_for_a_stream(&c, &format!("g{i}"));
         // Through a name between (the standby has nothing under either).
         let mid = a.join(format!("mid{i}"));
         fs::rename(&g, &mid).expect("mv g mid");
         fs::rename(&mid, &big).expect("mv mid big");
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(&big)
-            .expect("open big");
-        std::os::unix::fs::FileExt::write_all_at(&f, b"changed", (48 << 20) - 16).expect("write");
-        drop(f);
+        write_at(&big, b"changed", (48 << 20) - 16);
         c.wait_converged(CONVERGE);
     }
     assert!(
@@ -1751,12 +1736,7 @@ fn a_hard_link_to_a_large_file_whose_stream_was_given_up_is_not_refused() {
     c.wait_converged(CONVERGE);
     let a = c.active().to_path_buf();
     let b = c.nodes[1].volume.clone();
-    let gave_up = || {
-        c.nodes[0]
-            .log_text()
-            .matches("large file not sent; its next change ships it")
-            .count()
-    };
+    let gave_up = || streams_given_up(&c);
     let sent = || {
         c.nodes[0].volume_status()["peers"][0]["bytes_sent"]
             .as_u64()
@@ -1791,31 +1771,17 @@ fn a_hard_link_to_a_large_file_whose_stream_was_given_up_is_not_refused() {
         c.wait_converged(CONVERGE);
         let before = gave_up();
         fs::write(a.join(&g), vec![i as u8; 48 << 20]).expect("write g");
-        let begun = wait_until(CONVERGE, || {
-            c.nodes[0].volume_status()["peers"][0]["pending_bytes"]
-                .as_u64()
-                .is_some_and(|b| b > 0)
-        });
-        assert!(begun, "the active never sent {g}");
+        wait_for_a_stream(&c, &g);
         fs::rename(a.join(&g), a.join(&fifo)).expect("mv g over the fifo");
         fs::hard_link(a.join(&fifo), a.join(&link)).expect("ln");
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(a.join(&link))
-            .expect("open the link");
-        std::os::unix::fs::FileExt::write_all_at(&f, b"changed", (48 << 20) - 16).expect("write");
-        drop(f);
+        write_at(&a.join(&link), b"changed", (48 << 20) - 16);
         // Given up: the change ships the file, whole (the standby has none); once
         // 8 MiB of it went, another change through the link, at its end.
         if wait_until(Duration::from_secs(2), || gave_up() > before) {
             let from = sent();
             let going = wait_until(CONVERGE, || sent() >= from + (8 << 20));
             assert!(going, "the active never sent {link}");
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .open(a.join(&link))
-                .expect("open the link");
-            std::os::unix::fs::FileExt::write_all_at(&f, b"again", (48 << 20) - 8).expect("write");
+            write_at(&a.join(&link), b"again", (48 << 20) - 8);
         }
         c.wait_converged(CONVERGE);
         let ok = wait_until(CONVERGE, || {
@@ -1886,6 +1852,33 @@ fn a_full_sync_links_and_unlinks_names_on_the_standby() {
     sh(&format!("echo p2 >> {}", a.join("p").display()));
     c.wait_converged(CONVERGE);
     assert_eq!(fs::read_to_string(b.join("q")).expect("read"), "shared\n");
+}
+
+/// How many large files' streams the active gave up on (they changed while sent).
+fn streams_given_up(c: &Cluster) -> usize {
+    c.nodes[0]
+        .log_text()
+        .matches("large file not sent; its next change ships it")
+        .count()
+}
+
+/// Waits until the active sends a large file (it counts its bytes as pending).
+fn wait_for_a_stream(c: &Cluster, what: &str) {
+    let begun = wait_until(CONVERGE, || {
+        c.nodes[0].volume_status()["peers"][0]["pending_bytes"]
+            .as_u64()
+            .is_some_and(|b| b > 0)
+    });
+    assert!(begun, "the active never sent {what}");
+}
+
+/// Writes `bytes` at `offset` into the file at `path`, in place, and closes it.
+fn write_at(path: &Path, bytes: &[u8], offset: u64) {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for writing");
+    std::os::unix::fs::FileExt::write_all_at(&f, bytes, offset).expect("write");
 }
 
 /// The standby converged by the stream alone: no change refused (a refused one is
