@@ -103,6 +103,14 @@ pub struct FileId {
 pub trait ChangeSink: Send + Sync + 'static {
     /// Takes one change record.
     fn record(&self, change: Change);
+
+    /// Takes one change record, and returns what the writer must still wait for (the
+    /// standbys, for a `sync` path) instead of waiting in the call: the volume waits
+    /// once the writer's turn is over (see [`crate::turn`]).
+    fn record_later(&self, change: Change) -> Option<crate::turn::Wait> {
+        self.record(change);
+        None
+    }
 }
 
 /// A sink that drops every record (a volume that is not replicated).

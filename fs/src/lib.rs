@@ -8,6 +8,7 @@
 //! - [`change`]: change records and the [`ChangeSink`] trait the replicator implements.
 //! - [`inode`]: the inode table (FUSE inode numbers, names, directory fds).
 //! - [`watchdog`]: a dead daemon's mount is detached, not left answering ENOTCONN.
+//! - [`turn`]: a standby's local writes of upstream paths and its applies take turns.
 //! - [`sys`]: safe wrappers over the `*at` system calls.
 //! - [`error`]: the error type, carried to the kernel as an errno.
 
@@ -17,6 +18,7 @@ pub mod fuse;
 pub mod inode;
 pub mod mount;
 pub mod sys;
+pub mod turn;
 pub mod volume;
 pub mod watchdog;
 pub mod written;
@@ -24,4 +26,5 @@ pub mod written;
 pub use change::{AttrChange, Change, ChangeKind, ChangeSink, Discard, FileId};
 pub use error::{Error, Result};
 pub use mount::{Invalidator, MountOptions, Mounted};
-pub use volume::{PatchGuard, Role, UpstreamFilter, Volume};
+pub use turn::{ApplyTurn, Turns};
+pub use volume::{PatchGuard, Role, UpstreamFilter, Volume, Writing};

@@ -307,6 +307,18 @@ pub struct Volume {
     /// (failed, or of a name no longer known): see [`Volume::renames_begun`].
     renames_begun: AtomicU64,
     renames_unrecorded: AtomicU64,
+    /// Standby: local writes of upstream paths and the replicator's applies take
+    /// turns (see [`crate::turn`]).
+    turns: Arc<crate::turn::Turns>,
+}
+
+/// Held by a local write while it runs (see [`Volume::active_write`]): a role switch
+/// waits for it, and on a standby an apply of the active's changes too.
+pub struct Writing<'a> {
+    // Dropped first: a wait for the standbys deferred by the turn runs still holding
+    // off a role switch, as a record made outside a turn does.
+    _turn: Option<crate::turn::WriteTurn<'a>>,
+    _writing: RwLockReadGuard<'a, ()>,
 }
 
 /// Counts a rename as ended without a record when dropped, unless it was recorded.
@@ -473,7 +485,14 @@ impl Volume {
             patched: std::sync::Condvar::new(),
             held_opens: std::sync::atomic::AtomicUsize::new(0),
             written: crate::written::Written::default(),
+            turns: Arc::default(),
         })
+    }
+
+    /// Standby: the turns local writes of upstream paths take with the replicator's
+    /// applies (see [`crate::turn`]).
+    pub fn turns(&self) -> Arc<crate::turn::Turns> {
+        self.turns.clone()
     }
 
     /// Lets local users write the paths `filter` accepts while this volume is a
@@ -512,7 +531,7 @@ impl Volume {
     /// Whether local writes are allowed and the role is active, for a change made
     /// behind the mount that must be shipped like a local write; the guard keeps the
     /// role from switching until it is recorded.
-    pub fn active_write(&self) -> Result<RwLockReadGuard<'_, ()>> {
+    pub fn active_write(&self) -> Result<Writing<'_>> {
         self.writable_for(|| [None])
     }
 
@@ -638,10 +657,13 @@ impl Volume {
     fn writable_for<const N: usize>(
         &self,
         paths: impl FnOnce() -> [Option<PathBuf>; N],
-    ) -> Result<RwLockReadGuard<'_, ()>> {
+    ) -> Result<Writing<'_>> {
         let guard = self.writing.read().unwrap_or_else(|e| e.into_inner());
         match self.role() {
-            Role::Active => Ok(guard),
+            Role::Active => Ok(Writing {
+                _turn: None,
+                _writing: guard,
+            }),
             Role::Standby => {
                 let allowed = self.upstream_open.load(Ordering::Acquire)
                     && self.upstream.as_ref().is_some_and(|upstream| {
@@ -650,7 +672,12 @@ impl Volume {
                             .all(|p| p.as_deref().is_some_and(|p| upstream(p)))
                     });
                 if allowed {
-                    Ok(guard)
+                    // A write of an upstream path and its record: not in the middle
+                    // of an apply of the active's changes.
+                    Ok(Writing {
+                        _turn: Some(self.turns.write()),
+                        _writing: guard,
+                    })
                 } else {
                     Err(Error::ReadOnly)
                 }
@@ -719,7 +746,9 @@ impl Volume {
 
     fn emit(&self, path: PathBuf, kind: ChangeKind, file: Option<FileId>) {
         tracing::trace!(path = %path.display(), kind = kind.name(), "change");
-        self.sink.record(Change { path, kind, file });
+        if let Some(wait) = self.sink.record_later(Change { path, kind, file }) {
+            crate::turn::after_turn(wait);
+        }
     }
 
     /// The relative path of an inode, if it still has a name.
@@ -1678,7 +1707,7 @@ impl Volume {
         sys::fsync(file.fd.as_fd(), datasync)?;
         let _recording = self.recording();
         if file.writable && file.take_change()? {
-            self.record_write(&file);
+            self.record_close(&file);
         }
         Ok(())
     }
@@ -1691,13 +1720,20 @@ impl Volume {
         let file = self.file(fh)?;
         let _recording = self.recording();
         if file.writable && file.take_change()? {
-            if self.rescued(&file) {
-                // Its path holds the active's version now: nothing of it to ship.
-                return Ok(());
-            }
-            self.record_write(&file);
+            self.record_close(&file);
         }
         Ok(())
+    }
+
+    /// Records what `file` wrote, for a close, fsync or release. Standby: a file
+    /// opened at an upstream path and replaced since by the active's version (its path
+    /// holds that now: nothing of it to ship) goes to the rescue instead; and either
+    /// happens wholly before or wholly after an apply of the active's changes.
+    fn record_close(&self, file: &OpenFile) {
+        let _turn = file.standby_path.is_some().then(|| self.turns.write());
+        if !self.rescued(file) {
+            self.record_write(file);
+        }
     }
 
     /// Standby: if `file` was opened for writing at an upstream path whose file has
@@ -1735,7 +1771,7 @@ impl Volume {
         drop(patching);
         // A file that cannot be looked at is recorded: shipping it again is harmless.
         if file.writable && file.take_change().unwrap_or(true) {
-            self.record_write(&file);
+            self.record_close(&file);
         }
         Ok(file)
     }

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use twinfs_fs::turn::Wait;
 use twinfs_fs::{Change, ChangeSink};
 
 use crate::policy::{Policy, PolicySet, SyncMode};
@@ -20,8 +21,15 @@ pub struct Record {
 
 /// Where records go after capture.
 pub trait RecordSink: Send + Sync + 'static {
-    /// Takes one record; must not block.
+    /// Takes one record; must not block but for a `sync` path's wait.
     fn push(&self, record: Record);
+
+    /// Takes one record, and returns a `sync` path's wait for the standbys instead of
+    /// waiting (see [`ChangeSink::record_later`]).
+    fn push_later(&self, record: Record) -> Option<Wait> {
+        self.push(record);
+        None
+    }
 }
 
 /// Counts of captured changes per sync mode.
@@ -91,6 +99,12 @@ impl Capture {
 
 impl ChangeSink for Capture {
     fn record(&self, change: Change) {
+        if let Some(wait) = self.record_later(change) {
+            wait();
+        }
+    }
+
+    fn record_later(&self, change: Change) -> Option<Wait> {
         let policy = self.policies.resolve(&change.path);
         self.counts[slot(policy.sync)].fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
@@ -101,8 +115,8 @@ impl ChangeSink for Capture {
             priority = policy.priority.get(),
             "change captured"
         );
-        if let Some(next) = &self.next {
-            next.push(Record { change, policy });
-        }
+        self.next
+            .as_ref()
+            .and_then(|next| next.push_later(Record { change, policy }))
     }
 }

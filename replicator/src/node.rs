@@ -74,6 +74,12 @@ impl Broadcast {
 
 impl RecordSink for Broadcast {
     fn push(&self, record: Record) {
+        if let Some(wait) = self.push_later(record) {
+            wait();
+        }
+    }
+
+    fn push_later(&self, record: Record) -> Option<twinfs_fs::turn::Wait> {
         let id = self.gate.issue();
         let ships_now = record.policy.sync == SyncMode::Always;
         let durability = record.policy.durability.unwrap_or(self.durability);
@@ -87,8 +93,10 @@ impl RecordSink for Broadcast {
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         if ships_now && durability == Durability::Sync {
-            self.gate.wait(id, self.sync_timeout);
+            let (gate, timeout) = (self.gate.clone(), self.sync_timeout);
+            return Some(Box::new(move || gate.wait(id, timeout)));
         }
+        None
     }
 }
 
@@ -1447,6 +1455,21 @@ async fn run_session(
                     tracing::info!(volume = %volume.name, "taking local writes of direction = \"both\" paths");
                 }
             }
+            // Local writes of upstream paths and an op that may replace or remove what
+            // they wrote take turns: those recorded before it go upstream first (based
+            // on the version they replaced), and the op is applied at once, not in a
+            // batch put in place later; a write made after finds its file replaced.
+            let turn = match (&out, outbox.as_ref()) {
+                (Output::Apply { op, .. }, Some(outbox))
+                    if upstream_live && takes_turn(outbox, op) =>
+                {
+                    if !batch.is_empty() {
+                        batch.flush(&volume, &mut session).await;
+                    }
+                    Some(apply_turn(&volume).await)
+                }
+                _ => None,
+            };
             if let (Output::Apply { op, .. }, Some(outbox)) = (&out, outbox.as_mut()) {
                 if upstream_live {
                     // A local write closed before this op came goes upstream first:
@@ -1526,7 +1549,7 @@ async fn run_session(
                             entry,
                             content: Some(bytes),
                         },
-                } if entry.meta.kind == Kind::File && !entry.path.is_root() => {
+                } if entry.meta.kind == Kind::File && !entry.path.is_root() && turn.is_none() => {
                     batch.stage(&volume, seq, entry, bytes).await;
                     if batch.is_full() {
                         batch.place_full(&volume, &mut session).await;
@@ -1626,7 +1649,7 @@ async fn run_session(
                     )
                     .await
                 }
-                out => carry_out(&volume, &mut session, &mut send, out).await,
+                out => carry_out(&volume, &mut session, &mut send, out, turn).await,
             };
             match done {
                 Some(n) => sent += n,
@@ -2556,6 +2579,7 @@ async fn carry_out(
     session: &mut Session,
     send: &mut quinn::SendStream,
     out: Output,
+    turn: Option<twinfs_fs::ApplyTurn>,
 ) -> Option<u64> {
     match out {
         Output::Send(m) => write(send, &m).await,
@@ -2569,7 +2593,7 @@ async fn carry_out(
         Output::Apply { seq, op } => {
             let v = volume.clone();
             let path = op.path().clone();
-            let applied = tokio::task::spawn_blocking(move || apply_op(&v, &op)).await;
+            let applied = tokio::task::spawn_blocking(move || apply_op(&v, &op, turn)).await;
             let result = match applied {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => {
@@ -4545,6 +4569,7 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
                     entry: s.entry,
                     content: Some(bytes),
                 },
+                None,
             )
             .map_err(|e| e.to_string()),
             // A directory's metadata: made durable by its own fsync, or in a batch of
@@ -4555,6 +4580,7 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
                     entry: s.entry,
                     content: None,
                 },
+                None,
             )
             .map_err(|e| e.to_string()),
             (Ok(()), Ok(_), None, None) if s.entry.meta.kind == Kind::Dir => {
@@ -4659,14 +4685,50 @@ fn file_meta(meta: &Meta) -> FileMeta {
     }
 }
 
-fn apply_op(volume: &VolumeLink, op: &Op) -> Result<(), ApplyError> {
-    apply_quietly(volume, &Applier::new(volume.root.as_fd()), op)?;
+/// `turn` (see [`takes_turn`]) ends once the op is applied, before the kernel is told:
+/// that can take a request of the mount, and local writes wait for the turn.
+fn apply_op(
+    volume: &VolumeLink,
+    op: &Op,
+    turn: Option<twinfs_fs::ApplyTurn>,
+) -> Result<(), ApplyError> {
+    let applied = apply_quietly(volume, &Applier::new(volume.root.as_fd()), op);
+    drop(turn);
+    applied?;
     if !matches!(op, Op::Skip { .. } | Op::PutStream { .. }) {
         for path in op_paths(op) {
             invalidate(volume, path);
         }
     }
     Ok(())
+}
+
+/// Standby taking local writes of upstream paths: whether `op` may replace or remove
+/// what such a write made, so that it takes its turn with them ([`twinfs_fs::turn`]):
+/// a file put at an upstream path, and every rename, link and deletion (a directory's
+/// goes with what is below it). A large file's stream does not: it is put in place in
+/// the background (SEMANTICS.md, "Upstream writes", says what that leaves).
+fn takes_turn(outbox: &Outbox, op: &Op) -> bool {
+    match op {
+        Op::Put { entry, .. } => outbox.upstream(&entry.path),
+        Op::Rename { .. } | Op::Link { .. } | Op::Delete { .. } => true,
+        Op::PutStream { .. } | Op::Skip { .. } => false,
+    }
+}
+
+/// Standby: the turn of the replicator (see [`takes_turn`]), waiting in the background
+/// for the local writes under way if there are any.
+async fn apply_turn(volume: &VolumeLink) -> twinfs_fs::ApplyTurn {
+    let turns = volume.volume.turns();
+    if let Some(turn) = turns.try_apply() {
+        return turn;
+    }
+    let waiting = turns.clone();
+    match tokio::task::spawn_blocking(move || waiting.apply()).await {
+        Ok(turn) => turn,
+        // (The wait cannot panic; if its task failed anyway, wait here.)
+        Err(_) => turns.apply(),
+    }
 }
 
 /// Active: applies an upstream write [`upstream::judge`] took, without telling the

@@ -434,3 +434,76 @@ fn an_upstream_write_never_removes_a_tree_the_active_filled_meanwhile() {
         standby.log_text()
     );
 }
+
+/// Every version of `name` (a file at the volume root) that `node` keeps in its
+/// conflicts area, in any set (`name`, `name.2`, ...).
+fn kept_versions(node: &Node, name: &str) -> Vec<String> {
+    let sets = fs::read_dir(node.state_dir.join("conflicts/vol"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok);
+    let mut out = Vec::new();
+    for set in sets {
+        for entry in fs::read_dir(set.path())
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if file == name || file.starts_with(&format!("{name}.")) {
+                out.extend(read(entry.path()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_standby_write_closed_while_the_actives_version_is_applied_is_never_lost() {
+    use std::io::Write;
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let (active, standby) = (&c.nodes[0], &c.nodes[1]);
+    write_once_open(standby, "passwd", "root:x:0:0\n");
+    c.wait_converged(CONVERGE);
+    let (on_active, on_standby) = (active.volume.join("passwd"), standby.volume.join("passwd"));
+
+    // A writer on the standby closes its file while the active's version of it is
+    // on its way or being put in place there (after a delay that sweeps that time,
+    // 0 to 8 ms, in steps of 40 µs). Its close must either go upstream before the
+    // active's version replaces its file (and be refused, the active having changed
+    // the file since) or find its file replaced; either way what it wrote ends up in
+    // the conflicts area, never shipped as if it were the active's version.
+    for round in 0..200u64 {
+        let mine = format!("root:x:0:0\nstandby:{round}\n");
+        let theirs = format!("root:x:0:0\nactive:{round}\n");
+        let mut held = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&on_standby)
+            .expect("open on the standby");
+        held.write_all(mine.as_bytes())
+            .expect("write on the standby");
+        fs::write(&on_active, &theirs).expect("write on the active");
+        std::thread::sleep(Duration::from_micros(40 * round));
+        drop(held);
+        let settled = || {
+            kept_versions(standby, "passwd").contains(&mine)
+                && read(&on_active).as_deref() == Some(theirs.as_str())
+                && read(&on_standby).as_deref() == Some(theirs.as_str())
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), settled),
+            "round {round}: want the active's version on both nodes and the standby's \
+             kept; kept: {:?}, the active has {:?}, the standby {:?}\n\
+             standby log:\n{}\nactive log:\n{}",
+            kept_versions(standby, "passwd"),
+            read(&on_active),
+            read(&on_standby),
+            standby.log_text(),
+            active.log_text()
+        );
+    }
+}
