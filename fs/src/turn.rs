@@ -31,6 +31,9 @@ pub struct Turns {
 struct State {
     writers: usize,
     applying: bool,
+    /// Applies waiting for the writers under way: new writes wait behind them (but
+    /// for one nested in a write of the same thread, which the apply waits for).
+    waiting: usize,
 }
 
 thread_local! {
@@ -45,8 +48,9 @@ impl Turns {
 
     /// A local write's turn: waits while the replicator applies an op.
     pub(crate) fn write(&self) -> WriteTurn<'_> {
+        let nested = HELD.with(|held| held.borrow().0 > 0);
         let mut state = self.lock();
-        while state.applying {
+        while state.applying || (state.waiting > 0 && !nested) {
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
         state.writers += 1;
@@ -59,9 +63,11 @@ impl Turns {
     /// system call and its record), and holds new ones back until dropped.
     pub fn apply(self: &Arc<Self>) -> ApplyTurn {
         let mut state = self.lock();
+        state.waiting += 1;
         while state.applying || state.writers > 0 {
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
+        state.waiting -= 1;
         state.applying = true;
         ApplyTurn {
             turns: self.clone(),

@@ -1730,7 +1730,9 @@ impl Volume {
     /// holds that now: nothing of it to ship) goes to the rescue instead; and either
     /// happens wholly before or wholly after an apply of the active's changes.
     fn record_close(&self, file: &OpenFile) {
-        let _turn = file.standby_path.is_some().then(|| self.turns.write());
+        // (Also a handle opened while this node was active, written through since.)
+        let standby = self.role() == Role::Standby && self.upstream.is_some();
+        let _turn = (standby || file.standby_path.is_some()).then(|| self.turns.write());
         if !self.rescued(file) {
             self.record_write(file);
         }
@@ -1738,15 +1740,29 @@ impl Volume {
 
     /// Standby: if `file` was opened for writing at an upstream path whose file has
     /// been replaced since (the active's version put in place over it), hands what
-    /// it wrote to the rescue; whether it did.
+    /// it wrote to the rescue; whether it did. (A handle opened while this node was
+    /// active: if the path its inode still has here is an upstream path.)
     fn rescued(&self, file: &OpenFile) -> bool {
-        let (Some(rescue), Some(path)) = (&self.rescue, &file.standby_path) else {
+        let Some(rescue) = &self.rescue else {
             return false;
         };
         if !sys::fstat(file.fd.as_fd()).is_ok_and(|st| st.st_nlink == 0) {
             return false;
         }
-        rescue(path, file.fd.as_fd());
+        let path = match &file.standby_path {
+            Some(path) => path.clone(),
+            None if self.role() == Role::Standby => {
+                match self
+                    .path_of(file.ino)
+                    .filter(|p| self.upstream.as_ref().is_some_and(|u| u(p)))
+                {
+                    Some(path) => path,
+                    None => return false,
+                }
+            }
+            None => return false,
+        };
+        rescue(&path, file.fd.as_fd());
         true
     }
 

@@ -176,6 +176,15 @@ pub enum ApplyError {
         /// The path of the directory.
         path: RelPath,
     },
+    /// Local writes of an upstream path (on a standby) are still to be shipped to the
+    /// active: what the active sent would replace one before it is judged.
+    #[error("{path:?} not replaced: {why}")]
+    Busy {
+        /// The path.
+        path: RelPath,
+        /// Why.
+        why: &'static str,
+    },
     /// The operation cannot apply to the volume root (deleting or renaming it).
     #[error("cannot {op} the volume root")]
     Root {

@@ -112,6 +112,9 @@ pub struct SyncGate {
     issued: std::sync::atomic::AtomicU64,
     /// Rename records put in the channel (see [`catch_up_renames`]).
     renames: std::sync::atomic::AtomicU64,
+    /// Standby: the number of the last local write of an upstream path its session
+    /// has shipped (or known it could not): see [`SyncGate::upstream_shipped`].
+    upstream_shipped: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -136,6 +139,21 @@ impl SyncGate {
     /// are refused, a handover must see and ship every record up to it.
     fn last_issued(&self) -> u64 {
         self.issued.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Standby: the session has shipped the local writes up to record `id`.
+    fn shipped_upstream(&self, id: u64) {
+        self.upstream_shipped
+            .fetch_max(id, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Standby: whether every record issued has been shipped upstream, so that a large
+    /// file of the active put at an upstream path replaces nothing a local write made
+    /// and has yet to ship (under the apply turn, no new one comes).
+    fn upstream_shipped(&self) -> bool {
+        self.upstream_shipped
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= self.last_issued()
     }
 
     /// A new session to wait for.
@@ -1451,6 +1469,8 @@ async fn run_session(
                 }
                 if outbox.is_some() && !upstream_live {
                     upstream_live = true;
+                    // (Nothing before could be a local write of an upstream path.)
+                    volume.gate.shipped_upstream(volume.gate.last_issued());
                     volume.volume.set_upstream_open(true);
                     tracing::info!(volume = %volume.name, "taking local writes of direction = \"both\" paths");
                 }
@@ -1459,44 +1479,41 @@ async fn run_session(
             // they wrote take turns: those recorded before it go upstream first (based
             // on the version they replaced), and the op is applied at once, not in a
             // batch put in place later; a write made after finds its file replaced.
-            let turn = match (&out, outbox.as_ref()) {
-                (Output::Apply { op, .. }, Some(outbox))
-                    if upstream_live && takes_turn(outbox, op) =>
-                {
-                    if !batch.is_empty() {
-                        batch.flush(&volume, &mut session).await;
-                    }
-                    Some(apply_turn(&volume).await)
-                }
-                _ => None,
-            };
-            if let (Output::Apply { op, .. }, Some(outbox)) = (&out, outbox.as_mut()) {
+            let mut turn = None;
+            if let (Output::Apply { seq, op }, Some(outbox)) = (&out, outbox.as_mut()) {
+                large.learn_placed(outbox);
                 if upstream_live {
                     // A local write closed before this op came goes upstream first:
                     // applying the op replaces the file it wrote.
-                    while let Some(rx) = changes.as_mut() {
-                        match rx.try_recv() {
-                            Ok((id, record)) => {
-                                seen = id;
-                                if ship_upstream(&volume, outbox, &mut send, &record)
-                                    .await
-                                    .is_none()
-                                {
-                                    break 'session;
-                                }
-                            }
-                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                                keeping = true;
-                                seen = seen.max(volume.gate.last_issued());
-                                if upstream_lagged(&volume, &mut send, n).await.is_none() {
-                                    break 'session;
-                                }
-                            }
-                            Err(_) => break,
+                    let mut upstream = Upstream {
+                        changes: &mut changes,
+                        seen: &mut seen,
+                        keeping: &mut keeping,
+                    };
+                    if upstream.drain(&volume, outbox, &mut send).await.is_none() {
+                        break 'session;
+                    }
+                    if takes_turn(outbox, op) {
+                        if !batch.is_empty() {
+                            batch.flush(&volume, &mut session).await;
+                        }
+                        turn = Some(apply_turn(&volume).await);
+                        // Those recorded since the drain above (the turn waited for
+                        // them); none can come now until the op is applied.
+                        if upstream.drain(&volume, outbox, &mut send).await.is_none() {
+                            break 'session;
                         }
                     }
                 }
-                outbox.learn_applied(op);
+                // Under the turn, learned once the op is in place (below); a large
+                // file, once its stream is.
+                match op {
+                    _ if turn.is_some() => {}
+                    Op::PutStream { entry } if outbox.upstream(&entry.path) => {
+                        large.upstream.insert(*seq, op.clone());
+                    }
+                    _ => outbox.learn_applied(op),
+                }
             }
             if let (true, Output::Apply { op, .. }) = (keeping, &out) {
                 keep_before(&volume, op).await;
@@ -1518,7 +1535,7 @@ async fn run_session(
                 }
                 _ => {}
             }
-            if let (Output::Apply { seq, op }, Some(outbox)) = (&out, outbox.as_ref()) {
+            if let (Output::Apply { seq, op }, Some(outbox)) = (&out, outbox.as_mut()) {
                 // (A streamed file is left alone: the active waits for its block list.)
                 let entry = match op {
                     Op::Put { entry, .. } => Some(entry),
@@ -1534,6 +1551,9 @@ async fn run_session(
                     // it here: the apply makes them.)
                     if !gave_up_on(&volume, &entry.path) && already_there(&volume, entry).await {
                         session.applied(*seq, &entry.path, Ok(()), std::time::Instant::now());
+                        if turn.is_some() {
+                            outbox.learn_applied(op);
+                        }
                         continue;
                     }
                 }
@@ -1649,7 +1669,31 @@ async fn run_session(
                     )
                     .await
                 }
-                out => carry_out(&volume, &mut session, &mut send, out, turn).await,
+                Output::Apply { seq, op } if turn.is_some() => {
+                    let v = volume.clone();
+                    let path = op.path().clone();
+                    let applied = tokio::task::spawn_blocking(move || {
+                        let result = apply_op(&v, &op, turn);
+                        (op, result)
+                    })
+                    .await;
+                    let result = match applied {
+                        Ok((op, Ok(()))) => {
+                            if let Some(outbox) = outbox.as_mut() {
+                                outbox.learn_applied(&op);
+                            }
+                            Ok(())
+                        }
+                        Ok((_, Err(e))) => {
+                            tracing::warn!(volume = %volume.name, %path, error = %e, "refused or failed to apply");
+                            Err(e.to_string())
+                        }
+                        Err(_) => Err("apply task failed".to_owned()),
+                    };
+                    session.applied(seq, &path, result, std::time::Instant::now());
+                    Some(0)
+                }
+                out => carry_out(&volume, &mut session, &mut send, out).await,
             };
             match done {
                 Some(n) => sent += n,
@@ -1940,9 +1984,11 @@ async fn run_session(
                     if role == Role::Active {
                         session.on_change(&record, std::time::Instant::now());
                     } else if let Some(outbox) = outbox.as_mut().filter(|_| upstream_live) {
+                        large.learn_placed(outbox);
                         if ship_upstream(&volume, outbox, &mut send, &record).await.is_none() {
                             break;
                         }
+                        volume.gate.shipped_upstream(seen);
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) if role == Role::Standby => {
@@ -1951,6 +1997,7 @@ async fn run_session(
                     if upstream_lagged(&volume, &mut send, n).await.is_none() {
                         break;
                     }
+                    volume.gate.shipped_upstream(seen);
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::info!(volume = %volume.name, missed = n, "change stream lagged; resyncing");
@@ -2167,6 +2214,41 @@ async fn already_there(volume: &VolumeLink, entry: &manifest::Entry) -> bool {
     })
     .await;
     matches!(described, Ok(Ok(Some(meta))) if meta == entry.meta)
+}
+
+/// Standby: where a session takes its local writes of upstream paths from.
+struct Upstream<'a> {
+    changes: &'a mut Option<broadcast::Receiver<Numbered>>,
+    seen: &'a mut u64,
+    /// Set when records were missed: the next full sync keeps what it replaces.
+    keeping: &'a mut bool,
+}
+
+impl Upstream<'_> {
+    /// Ships every local write recorded so far. `None` if the stream broke.
+    async fn drain(
+        &mut self,
+        volume: &VolumeLink,
+        outbox: &mut Outbox,
+        send: &mut quinn::SendStream,
+    ) -> Option<()> {
+        while let Some(rx) = self.changes.as_mut() {
+            match rx.try_recv() {
+                Ok((id, record)) => {
+                    *self.seen = id;
+                    ship_upstream(volume, outbox, send, &record).await?;
+                }
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    *self.keeping = true;
+                    *self.seen = (*self.seen).max(volume.gate.last_issued());
+                    upstream_lagged(volume, send, n).await?;
+                }
+                Err(_) => break,
+            }
+        }
+        volume.gate.shipped_upstream(*self.seen);
+        Some(())
+    }
 }
 
 /// Standby: ships a local change of an upstream path to the active. `None` if the
@@ -2579,7 +2661,6 @@ async fn carry_out(
     session: &mut Session,
     send: &mut quinn::SendStream,
     out: Output,
-    turn: Option<twinfs_fs::ApplyTurn>,
 ) -> Option<u64> {
     match out {
         Output::Send(m) => write(send, &m).await,
@@ -2593,7 +2674,7 @@ async fn carry_out(
         Output::Apply { seq, op } => {
             let v = volume.clone();
             let path = op.path().clone();
-            let applied = tokio::task::spawn_blocking(move || apply_op(&v, &op, turn)).await;
+            let applied = tokio::task::spawn_blocking(move || apply_op(&v, &op, None)).await;
             let result = match applied {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => {
@@ -3936,7 +4017,9 @@ async fn apply_streamed(
             invalidate(&v, &entry.path);
         }
         prepared.sync_data()?;
+        let turn = upstream_turn(&v, &entry.path)?;
         applier.place_prepared(prepared, true)?;
+        drop(turn);
         if let Some(shown) = shown.as_mut() {
             shown.placed = true;
         }
@@ -4192,6 +4275,12 @@ struct LargeApplies {
     /// For those of `busy` whose stream the active gave up on before, the names it
     /// linked to the file since ([`VolumeLink::gave_up`]): applying one makes them.
     gave_up: std::collections::BTreeMap<u64, Vec<RelPath>>,
+    /// Standby: the ops of those of `busy` at upstream paths. The version the active
+    /// has there is this node's base for a local write only once it is in place here:
+    /// a local write before that goes upstream based on the version it replaced.
+    upstream: std::collections::BTreeMap<u64, Op>,
+    /// Of `upstream`, those now in place, for the outbox to learn.
+    placed_upstream: Vec<Op>,
     done_tx: mpsc::UnboundedSender<Applied>,
     done: mpsc::UnboundedReceiver<Applied>,
 }
@@ -4203,8 +4292,17 @@ impl LargeApplies {
             busy: std::collections::BTreeMap::new(),
             linked: std::collections::BTreeSet::new(),
             gave_up: std::collections::BTreeMap::new(),
+            upstream: std::collections::BTreeMap::new(),
+            placed_upstream: Vec::new(),
             done_tx,
             done,
+        }
+    }
+
+    /// Standby: the outbox learns the upstream files put in place since.
+    fn learn_placed(&mut self, outbox: &mut Outbox) {
+        for op in self.placed_upstream.drain(..) {
+            outbox.learn_applied(&op);
         }
     }
 
@@ -4249,6 +4347,9 @@ impl LargeApplies {
         self.busy.remove(&seq);
         self.linked.remove(&seq);
         self.gave_up.remove(&seq);
+        if let Some(op) = self.upstream.remove(&seq).filter(|_| result.is_ok()) {
+            self.placed_upstream.push(op);
+        }
         if let Err(e) = &result {
             tracing::warn!(%path, error = %e, "refused or failed to apply");
         }
@@ -4685,15 +4786,34 @@ fn file_meta(meta: &Meta) -> FileMeta {
     }
 }
 
-/// `turn` (see [`takes_turn`]) ends once the op is applied, before the kernel is told:
-/// that can take a request of the mount, and local writes wait for the turn.
+thread_local! {
+    /// Paths to tell the kernel about once this thread's apply turn is over.
+    static HELD_INVALIDATIONS: std::cell::RefCell<Option<Vec<RelPath>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `turn` (see [`takes_turn`]) ends once the op is applied, before the kernel is told
+/// of any path (also those the apply itself would tell of, as names linked to a file):
+/// telling the kernel can wait for a request of the mount (the directory's lock, a
+/// page's), which can wait for the turn.
 fn apply_op(
     volume: &VolumeLink,
     op: &Op,
     turn: Option<twinfs_fs::ApplyTurn>,
 ) -> Result<(), ApplyError> {
-    let applied = apply_quietly(volume, &Applier::new(volume.root.as_fd()), op);
-    drop(turn);
+    let applied = match turn {
+        Some(turn) => {
+            HELD_INVALIDATIONS.with(|held| *held.borrow_mut() = Some(Vec::new()));
+            let applied = apply_quietly(volume, &Applier::new(volume.root.as_fd()), op);
+            let held = HELD_INVALIDATIONS.with(|held| held.borrow_mut().take());
+            drop(turn);
+            for path in held.into_iter().flatten() {
+                invalidate(volume, &path);
+            }
+            applied
+        }
+        None => apply_quietly(volume, &Applier::new(volume.root.as_fd()), op),
+    };
     applied?;
     if !matches!(op, Op::Skip { .. } | Op::PutStream { .. }) {
         for path in op_paths(op) {
@@ -4714,6 +4834,38 @@ fn takes_turn(outbox: &Outbox, op: &Op) -> bool {
         Op::Rename { .. } | Op::Link { .. } | Op::Delete { .. } => true,
         Op::PutStream { .. } | Op::Skip { .. } => false,
     }
+}
+
+/// Standby taking local writes of upstream paths: the apply turn for putting the
+/// active's large file at upstream path `path` in place (in the background, outside
+/// the session's order), once the session has shipped every local write recorded
+/// before (a write made after finds its file replaced and is kept). Waits up to a
+/// second for those; after that the apply fails, and the refusal has the active
+/// compare manifests (the local write, shipped meanwhile, is judged first). `None`
+/// where no local write can be in the way.
+fn upstream_turn(
+    volume: &VolumeLink,
+    path: &RelPath,
+) -> Result<Option<twinfs_fs::ApplyTurn>, ApplyError> {
+    if volume.volume.role() != Role::Standby
+        || path.is_root()
+        || !volume.policies.resolve(path.as_path()).upstream()
+    {
+        return Ok(None);
+    }
+    let turns = volume.volume.turns();
+    for _ in 0..100 {
+        let turn = turns.apply();
+        if volume.gate.upstream_shipped() {
+            return Ok(Some(turn));
+        }
+        drop(turn);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(ApplyError::Busy {
+        path: path.clone(),
+        why: "local writes of this upstream path are still to be shipped",
+    })
 }
 
 /// Standby: the turn of the replicator (see [`takes_turn`]), waiting in the background
@@ -4953,6 +5105,17 @@ fn put_entry(
 }
 
 fn invalidate(volume: &VolumeLink, path: &RelPath) {
+    // Under the turn: told once it is over (see `apply_op`).
+    let deferred = HELD_INVALIDATIONS.with(|held| match held.borrow_mut().as_mut() {
+        Some(paths) => {
+            paths.push(path.clone());
+            true
+        }
+        None => false,
+    });
+    if deferred {
+        return;
+    }
     if let Err(e) = volume.invalidator.invalidate(Path::new(path.as_path())) {
         tracing::debug!(volume = %volume.name, %path, error = %e, "invalidation refused");
     }

@@ -435,6 +435,11 @@ fn an_upstream_write_never_removes_a_tree_the_active_filled_meanwhile() {
     );
 }
 
+/// The first two lines of a version (the rest is padding).
+fn head(version: &str) -> String {
+    version.lines().take(2).collect::<Vec<_>>().join("/")
+}
+
 /// Every version of `name` (a file at the volume root) that `node` keeps in its
 /// conflicts area, in any set (`name`, `name.2`, ...).
 fn kept_versions(node: &Node, name: &str) -> Vec<String> {
@@ -460,6 +465,26 @@ fn kept_versions(node: &Node, name: &str) -> Vec<String> {
 
 #[test]
 fn a_standby_write_closed_while_the_actives_version_is_applied_is_never_lost() {
+    // 0 to 8 ms after the active's write, in steps of 40 µs.
+    closes_while_the_actives_version_arrives(0, 200, Duration::from_micros(40));
+}
+
+#[test]
+fn a_standby_write_closed_while_the_actives_large_version_streams_is_never_lost() {
+    // A file over 1 MiB travels on a stream of its own and is put in place in the
+    // background: 0 to 60 ms after the active's write, in steps of 1.5 ms.
+    closes_while_the_actives_version_arrives(2 << 20, 40, Duration::from_micros(1500));
+}
+
+/// A writer on the standby closes its file while the active's version of it is on
+/// its way or being put in place there (after a delay that sweeps that time: round
+/// `r` of `rounds` waits `r × step`; each version is padded to `pad` bytes). Its close
+/// must either go upstream before the active's version replaces its file (and be
+/// refused, the active having changed the file since) or find its file replaced;
+/// either way what it wrote ends up in the conflicts area, and the active's version
+/// stays: never the standby's shipped as if based on the active's (which the active
+/// would take over its own), nor the active's in place of the standby's.
+fn closes_while_the_actives_version_arrives(pad: usize, rounds: u32, step: Duration) {
     use std::io::Write;
     let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(2, RULES, fill);
@@ -469,25 +494,30 @@ fn a_standby_write_closed_while_the_actives_version_is_applied_is_never_lost() {
     write_once_open(standby, "passwd", "root:x:0:0\n");
     c.wait_converged(CONVERGE);
     let (on_active, on_standby) = (active.volume.join("passwd"), standby.volume.join("passwd"));
-
-    // A writer on the standby closes its file while the active's version of it is
-    // on its way or being put in place there (after a delay that sweeps that time,
-    // 0 to 8 ms, in steps of 40 µs). Its close must either go upstream before the
-    // active's version replaces its file (and be refused, the active having changed
-    // the file since) or find its file replaced; either way what it wrote ends up in
-    // the conflicts area, never shipped as if it were the active's version.
-    for round in 0..200u64 {
-        let mine = format!("root:x:0:0\nstandby:{round}\n");
-        let theirs = format!("root:x:0:0\nactive:{round}\n");
-        let mut held = fs::OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(&on_standby)
-            .expect("open on the standby");
-        held.write_all(mine.as_bytes())
-            .expect("write on the standby");
+    let padded = |s: String| format!("{s}{}", "#".repeat(pad.saturating_sub(s.len())));
+    for round in 0..rounds {
+        let mine = padded(format!("root:x:0:0\nstandby:{round}\n"));
+        let theirs = padded(format!("root:x:0:0\nactive:{round}\n"));
+        // (The active may still be sending its version of the round before again,
+        // after it refused the standby's: a write then finds its file replaced.)
+        let mut attempts = 0;
+        let held = loop {
+            let mut held = fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&on_standby)
+                .expect("open on the standby");
+            match held.write_all(mine.as_bytes()) {
+                Ok(()) => break held,
+                Err(e) if e.raw_os_error() == Some(libc::EROFS) && attempts < 10 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("round {round}: write on the standby: {e}"),
+            }
+        };
         fs::write(&on_active, &theirs).expect("write on the active");
-        std::thread::sleep(Duration::from_micros(40 * round));
+        std::thread::sleep(step * round);
         drop(held);
         let settled = || {
             kept_versions(standby, "passwd").contains(&mine)
@@ -499,9 +529,12 @@ fn a_standby_write_closed_while_the_actives_version_is_applied_is_never_lost() {
             "round {round}: want the active's version on both nodes and the standby's \
              kept; kept: {:?}, the active has {:?}, the standby {:?}\n\
              standby log:\n{}\nactive log:\n{}",
-            kept_versions(standby, "passwd"),
-            read(&on_active),
-            read(&on_standby),
+            kept_versions(standby, "passwd")
+                .iter()
+                .map(|k| head(k))
+                .collect::<Vec<_>>(),
+            read(&on_active).as_deref().map(head),
+            read(&on_standby).as_deref().map(head),
             standby.log_text(),
             active.log_text()
         );
