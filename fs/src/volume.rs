@@ -522,6 +522,11 @@ impl Volume {
         }
     }
 
+    /// Standby: whether the upstream paths take local writes now.
+    pub fn upstream_open(&self) -> bool {
+        self.upstream_open.load(Ordering::Acquire)
+    }
+
     /// Records a change made to the volume's directory behind the mount (the active
     /// applying a standby's upstream write), so that it is shipped like a local one.
     pub fn note_change(&self, change: Change) {

@@ -1984,6 +1984,11 @@ async fn run_session(
                     if role == Role::Active {
                         session.on_change(&record, std::time::Instant::now());
                     } else if let Some(outbox) = outbox.as_mut().filter(|_| upstream_live) {
+                        // A large file put in place before this write was made is its
+                        // base (`select!` may take this branch first).
+                        while let Ok((seq, path, result)) = large.done.try_recv() {
+                            large.finished(seq, &path, result, &mut session);
+                        }
                         large.learn_placed(outbox);
                         if ship_upstream(&volume, outbox, &mut send, &record).await.is_none() {
                             break;
@@ -2952,6 +2957,38 @@ fn gone_below_gone(reads: &mut [Option<ShipRead>]) {
     }
 }
 
+/// The kind of an op, for the log.
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Put {
+            content: Some(_), ..
+        } => "put",
+        Op::Put { content: None, .. } => "put-meta",
+        Op::PutStream { .. } => "put-stream",
+        Op::Rename { .. } => "rename",
+        Op::Link { .. } => "link",
+        Op::Delete { .. } => "delete",
+        Op::Skip { .. } => "skip",
+    }
+}
+
+/// The size an op puts, for the log.
+fn op_size(op: &Op) -> Option<u64> {
+    match op {
+        Op::Put { entry, .. } | Op::PutStream { entry } => Some(entry.meta.size),
+        _ => None,
+    }
+}
+
+/// The first name of the hard-linked file an op puts, or the name it links to.
+fn op_link(op: &Op) -> Option<&RelPath> {
+    match op {
+        Op::Put { entry, .. } | Op::PutStream { entry } => entry.meta.link(),
+        Op::Link { existing, .. } => Some(existing),
+        _ => None,
+    }
+}
+
 /// Ships read at once at most ([`ship`]), and the threads reading them.
 const SHIP_GATHER: usize = 16;
 const SHIP_READERS: usize = 4;
@@ -2991,6 +3028,8 @@ async fn send_ship(
         Op::Delete { .. } => Shipped::Gone,
         Op::Skip { .. } | Op::Rename { .. } => Shipped::Held,
     };
+    tracing::debug!(volume = %volume.name, seq, path = %shipped, op = op_name(&op),
+        size = op_size(&op), link = ?op_link(&op), vanished, linked, "ship read");
     session.shipped(seq, &shipped, outcome, std::time::Instant::now());
     if vanished && linked {
         // A change to a hard-linked file, recorded under a name that is gone (or holds
@@ -3305,6 +3344,18 @@ fn read_op(
         &described_file,
         |p, _| policies.resolve(p.as_path()).sync != SyncMode::Never,
     )?);
+    // The name removed (or given to another file) since it was described, before or
+    // while the walk looked for the file's names: the walk did not find it (or the
+    // link count had dropped, and there was no walk), and with the other names seen
+    // alone the file would go as one no longer linked, and the standby would cut its
+    // other names off from it (seed 1133 of the random workload: they kept an older
+    // version). It goes as gone, which for a linked record has the active compare
+    // manifests; the op that removed the name follows.
+    if !twinfs_fs::sys::statat(volume.root.as_fd(), at)
+        .is_ok_and(|st| (st.st_dev, st.st_ino) == (described_file.st_dev, described_file.st_ino))
+    {
+        return gone(path);
+    }
     match meta.link() {
         Some(first) if link && *first != path => {
             let existing = first.clone();
@@ -4792,6 +4843,30 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// Holds this thread's invalidations back until [`HeldInvalidations::take`], and no
+/// longer than it lives (an apply that panics does not leave the thread holding them).
+struct HeldInvalidations;
+
+impl HeldInvalidations {
+    fn new() -> HeldInvalidations {
+        HELD_INVALIDATIONS.with(|held| *held.borrow_mut() = Some(Vec::new()));
+        HeldInvalidations
+    }
+
+    /// The paths held back; the thread tells the kernel at once again.
+    fn take(self) -> Vec<RelPath> {
+        HELD_INVALIDATIONS
+            .with(|held| held.borrow_mut().take())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for HeldInvalidations {
+    fn drop(&mut self) {
+        HELD_INVALIDATIONS.with(|held| *held.borrow_mut() = None);
+    }
+}
+
 /// `turn` (see [`takes_turn`]) ends once the op is applied, before the kernel is told
 /// of any path (also those the apply itself would tell of, as names linked to a file):
 /// telling the kernel can wait for a request of the mount (the directory's lock, a
@@ -4803,11 +4878,11 @@ fn apply_op(
 ) -> Result<(), ApplyError> {
     let applied = match turn {
         Some(turn) => {
-            HELD_INVALIDATIONS.with(|held| *held.borrow_mut() = Some(Vec::new()));
+            let held = HeldInvalidations::new();
             let applied = apply_quietly(volume, &Applier::new(volume.root.as_fd()), op);
-            let held = HELD_INVALIDATIONS.with(|held| held.borrow_mut().take());
+            let paths = held.take();
             drop(turn);
-            for path in held.into_iter().flatten() {
+            for path in paths {
                 invalidate(volume, &path);
             }
             applied
@@ -4847,7 +4922,9 @@ fn upstream_turn(
     volume: &VolumeLink,
     path: &RelPath,
 ) -> Result<Option<twinfs_fs::ApplyTurn>, ApplyError> {
+    // (Not taking local writes: none can be in the way, and none would ship.)
     if volume.volume.role() != Role::Standby
+        || !volume.volume.upstream_open()
         || path.is_root()
         || !volume.policies.resolve(path.as_path()).upstream()
     {

@@ -6,8 +6,9 @@
 //! standby, no manifest comparison but the one at contact, and `twinfs verify`
 //! finds nothing (so directories' times, xattrs and hard links agree too).
 //!
-//! Each seed works in its own directory of one volume. `TWINFS_WORKLOAD_SEEDS`
-//! (`A-B` or `N`) picks other seeds, `TWINFS_WORKLOAD_OPS` the number of operations
+//! Each seed works in its own directory of one volume. By default seeds 0-7 run, and
+//! the seeds that once found a fault (`REGRESSION_SEEDS`); `TWINFS_WORKLOAD_SEEDS`
+//! (`A-B` or `N`) picks others, `TWINFS_WORKLOAD_OPS` the number of operations
 //! per seed. A failure names its seed and the operations made.
 
 use std::ffi::CString;
@@ -357,18 +358,25 @@ fn step(rng: &mut Rng, dir: &Path, slots: &mut [Option<(String, fs::File)>]) -> 
 }
 
 /// `TWINFS_WORKLOAD_SEEDS`: `A-B`, `N` (0..N), or the default.
-fn seeds() -> std::ops::Range<u64> {
+fn seeds() -> Vec<u64> {
     let spec = std::env::var("TWINFS_WORKLOAD_SEEDS").unwrap_or_default();
     let parse = |s: &str| s.trim().parse::<u64>().ok();
     match spec.split_once('-') {
         Some((a, b)) => match (parse(a), parse(b)) {
-            (Some(a), Some(b)) => a..b + 1,
+            (Some(a), Some(b)) => (a..b + 1).collect(),
             _ => panic!("TWINFS_WORKLOAD_SEEDS={spec}: want A-B or N"),
         },
-        None if spec.is_empty() => 0..8,
-        None => 0..parse(&spec).expect("TWINFS_WORKLOAD_SEEDS: want A-B or N"),
+        // The first few, and seeds that once found a fault (most, every time).
+        None if spec.is_empty() => (0..8).chain(REGRESSION_SEEDS).collect(),
+        None => (0..parse(&spec).expect("TWINFS_WORKLOAD_SEEDS: want A-B or N")).collect(),
     }
 }
+
+/// Seeds that found faults since fixed (CHANGELOG.md): 355 and 383 a hard link to a
+/// large file whose stream the active gave up on, 38 a link to a name made again
+/// behind a queued deletion, 1133 a name removed while the active looked for a linked
+/// file's other names.
+const REGRESSION_SEEDS: [u64; 4] = [38, 355, 383, 1133];
 
 fn verify(c: &Cluster) -> (bool, String) {
     let out = c.nodes[0].twinfs(&["verify"]);
