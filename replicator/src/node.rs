@@ -275,7 +275,14 @@ pub struct VolumeLink {
     /// nothing to name: the change that made the active give up ships it, under one of
     /// its names, and the others are made then.
     pub gave_up: Arc<Mutex<GaveUpNames>>,
+    /// Standby: large files of the active put in place at upstream paths, with their
+    /// content hashes, for the session's outbox to learn as the base of local writes
+    /// (filled under the apply turn, so before any local write made after).
+    pub placed_upstream: Arc<Mutex<Vec<PlacedUpstream>>>,
 }
+
+/// A large file put in place at an upstream path, and its content hash.
+pub type PlacedUpstream = (RelPath, Option<u128>);
 
 /// Standby: the names of the large files whose stream the active gave up on
 /// ([`VolumeLink::gave_up`]), each with the number of its file: the names the active
@@ -1480,8 +1487,8 @@ async fn run_session(
             // on the version they replaced), and the op is applied at once, not in a
             // batch put in place later; a write made after finds its file replaced.
             let mut turn = None;
-            if let (Output::Apply { seq, op }, Some(outbox)) = (&out, outbox.as_mut()) {
-                large.learn_placed(outbox);
+            if let (Output::Apply { op, .. }, Some(outbox)) = (&out, outbox.as_mut()) {
+                learn_placed(&volume, outbox);
                 if upstream_live {
                     // A local write closed before this op came goes upstream first:
                     // applying the op replaces the file it wrote.
@@ -1506,12 +1513,10 @@ async fn run_session(
                     }
                 }
                 // Under the turn, learned once the op is in place (below); a large
-                // file, once its stream is.
+                // file, once the stream apply puts it in place (`placed_upstream`).
                 match op {
                     _ if turn.is_some() => {}
-                    Op::PutStream { entry } if outbox.upstream(&entry.path) => {
-                        large.upstream.insert(*seq, op.clone());
-                    }
+                    Op::PutStream { entry } if outbox.upstream(&entry.path) => {}
                     _ => outbox.learn_applied(op),
                 }
             }
@@ -1633,6 +1638,8 @@ async fn run_session(
                 batch.flush(&volume, &mut session).await;
             }
             if let (Output::ScanLocal, Some(outbox)) = (&out, outbox.as_mut()) {
+                // What was put in place before the scan, the scan sees.
+                learn_placed(&volume, outbox);
                 match scan_for_standby(&volume).await {
                     Some(manifest) => {
                         outbox.learn_manifest(&manifest);
@@ -1984,12 +1991,6 @@ async fn run_session(
                     if role == Role::Active {
                         session.on_change(&record, std::time::Instant::now());
                     } else if let Some(outbox) = outbox.as_mut().filter(|_| upstream_live) {
-                        // A large file put in place before this write was made is its
-                        // base (`select!` may take this branch first).
-                        while let Ok((seq, path, result)) = large.done.try_recv() {
-                            large.finished(seq, &path, result, &mut session);
-                        }
-                        large.learn_placed(outbox);
                         if ship_upstream(&volume, outbox, &mut send, &record).await.is_none() {
                             break;
                         }
@@ -2221,6 +2222,20 @@ async fn already_there(volume: &VolumeLink, entry: &manifest::Entry) -> bool {
     matches!(described, Ok(Ok(Some(meta))) if meta == entry.meta)
 }
 
+/// Standby: the outbox learns the large files put in place at upstream paths since
+/// ([`VolumeLink::placed_upstream`]).
+fn learn_placed(volume: &VolumeLink, outbox: &mut Outbox) {
+    let placed = std::mem::take(
+        &mut *volume
+            .placed_upstream
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+    for (path, hash) in placed {
+        outbox.learn_placed(&path, hash);
+    }
+}
+
 /// Standby: where a session takes its local writes of upstream paths from.
 struct Upstream<'a> {
     changes: &'a mut Option<broadcast::Receiver<Numbered>>,
@@ -2276,6 +2291,8 @@ async fn ship_upstream(
     if !outbox.upstream(&path) {
         return Some(());
     }
+    // A large file put in place before this write was made is its base.
+    learn_placed(volume, outbox);
     let renamed_from = match &record.change.kind {
         twinfs_fs::ChangeKind::Rename { from, .. } => RelPath::from_path(from).ok(),
         _ => None,
@@ -4027,6 +4044,7 @@ async fn apply_streamed(
             if all_held {
                 match patch_in_place(&v, &applier, &entry, &fm, expected, &list, stamp, &held)? {
                     Patched::Done => {
+                        note_placed_upstream(&v, &entry);
                         return link_gave_up_names(
                             &v,
                             &applier,
@@ -4070,6 +4088,7 @@ async fn apply_streamed(
         prepared.sync_data()?;
         let turn = upstream_turn(&v, &entry.path)?;
         applier.place_prepared(prepared, true)?;
+        note_placed_upstream(&v, &entry);
         drop(turn);
         if let Some(shown) = shown.as_mut() {
             shown.placed = true;
@@ -4326,12 +4345,6 @@ struct LargeApplies {
     /// For those of `busy` whose stream the active gave up on before, the names it
     /// linked to the file since ([`VolumeLink::gave_up`]): applying one makes them.
     gave_up: std::collections::BTreeMap<u64, Vec<RelPath>>,
-    /// Standby: the ops of those of `busy` at upstream paths. The version the active
-    /// has there is this node's base for a local write only once it is in place here:
-    /// a local write before that goes upstream based on the version it replaced.
-    upstream: std::collections::BTreeMap<u64, Op>,
-    /// Of `upstream`, those now in place, for the outbox to learn.
-    placed_upstream: Vec<Op>,
     done_tx: mpsc::UnboundedSender<Applied>,
     done: mpsc::UnboundedReceiver<Applied>,
 }
@@ -4343,17 +4356,8 @@ impl LargeApplies {
             busy: std::collections::BTreeMap::new(),
             linked: std::collections::BTreeSet::new(),
             gave_up: std::collections::BTreeMap::new(),
-            upstream: std::collections::BTreeMap::new(),
-            placed_upstream: Vec::new(),
             done_tx,
             done,
-        }
-    }
-
-    /// Standby: the outbox learns the upstream files put in place since.
-    fn learn_placed(&mut self, outbox: &mut Outbox) {
-        for op in self.placed_upstream.drain(..) {
-            outbox.learn_applied(&op);
         }
     }
 
@@ -4398,9 +4402,6 @@ impl LargeApplies {
         self.busy.remove(&seq);
         self.linked.remove(&seq);
         self.gave_up.remove(&seq);
-        if let Some(op) = self.upstream.remove(&seq).filter(|_| result.is_ok()) {
-            self.placed_upstream.push(op);
-        }
         if let Err(e) = &result {
             tracing::warn!(%path, error = %e, "refused or failed to apply");
         }
@@ -4908,6 +4909,21 @@ fn takes_turn(outbox: &Outbox, op: &Op) -> bool {
         Op::Put { entry, .. } => outbox.upstream(&entry.path),
         Op::Rename { .. } | Op::Link { .. } | Op::Delete { .. } => true,
         Op::PutStream { .. } | Op::Skip { .. } => false,
+    }
+}
+
+/// Standby: the large file `entry` is in place; at an upstream path it is now the base
+/// of local writes there ([`VolumeLink::placed_upstream`]).
+fn note_placed_upstream(volume: &VolumeLink, entry: &manifest::Entry) {
+    if volume.volume.role() == Role::Standby
+        && !entry.path.is_root()
+        && volume.policies.resolve(entry.path.as_path()).upstream()
+    {
+        volume
+            .placed_upstream
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((entry.path.clone(), entry.meta.hash));
     }
 }
 

@@ -99,6 +99,11 @@ impl Outbox {
         }
     }
 
+    /// The active's large file at `path`, with content hash `hash`, is in place here.
+    pub fn learn_placed(&mut self, path: &RelPath, hash: Option<u128>) {
+        self.learn(path, hash);
+    }
+
     fn learn(&mut self, path: &RelPath, hash: Option<u128>) {
         if self.upstream(path) {
             self.known.insert(path.clone(), hash);

@@ -540,3 +540,52 @@ fn closes_while_the_actives_version_arrives(pad: usize, rounds: u32, step: Durat
         );
     }
 }
+
+#[test]
+fn a_standby_write_made_once_the_actives_large_version_is_in_place_is_taken() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let (active, standby) = (&c.nodes[0], &c.nodes[1]);
+    write_once_open(standby, "passwd", "root:x:0:0\n");
+    c.wait_converged(CONVERGE);
+    let (on_active, on_standby) = (active.volume.join("passwd"), standby.volume.join("passwd"));
+    // A file over 1 MiB streams and is put in place in the background: a write made
+    // on the standby as soon as it reads the active's version there is based on that
+    // version, and the active takes it (not a conflict).
+    let pad = |s: String| format!("{s}{}", "#".repeat((2 << 20) - s.len()));
+    for round in 0..10 {
+        let theirs = pad(format!("root:x:0:0\nactive:{round}\n"));
+        let mine = pad(format!("root:x:0:0\nstandby:{round}\n"));
+        fs::write(&on_active, &theirs).expect("write on the active");
+        let deadline = std::time::Instant::now() + CONVERGE;
+        while read(&on_standby).as_deref() != Some(theirs.as_str()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the active's version never showed on the standby"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        fs::write(&on_standby, &mine).expect("write on the standby");
+        assert!(
+            wait_until(CONVERGE, || read(&on_active).as_deref()
+                == Some(mine.as_str())),
+            "round {round}: the active has {:?}; kept on the standby: {:?}\nstandby log:\n{}",
+            read(&on_active).as_deref().map(head),
+            kept_versions(standby, "passwd")
+                .iter()
+                .map(|k| head(k))
+                .collect::<Vec<_>>(),
+            standby.log_text()
+        );
+    }
+    assert!(
+        kept_versions(standby, "passwd").is_empty(),
+        "conflicts kept: {:?}",
+        kept_versions(standby, "passwd")
+            .iter()
+            .map(|k| head(k))
+            .collect::<Vec<_>>()
+    );
+}

@@ -479,6 +479,7 @@ fn start_replication(
             journal,
             followings: v.followings.clone(),
             gave_up: Default::default(),
+            placed_upstream: Default::default(),
         });
     }
     let peers = peers(config);
