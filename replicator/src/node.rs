@@ -3368,9 +3368,13 @@ fn read_op(
     // other names off from it (seed 1133 of the random workload: they kept an older
     // version). It goes as gone, which for a linked record has the active compare
     // manifests; the op that removed the name follows.
-    if !twinfs_fs::sys::statat(volume.root.as_fd(), at)
-        .is_ok_and(|st| (st.st_dev, st.st_ino) == (described_file.st_dev, described_file.st_ino))
-    {
+    // (Only a name that is missing or another file's counts: a name of exactly
+    // PATH_MAX bytes cannot be stat'ed whole, though it was described.)
+    let moved = match twinfs_fs::sys::statat(volume.root.as_fd(), at) {
+        Ok(st) => (st.st_dev, st.st_ino) != (described_file.st_dev, described_file.st_ino),
+        Err(e) => matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)),
+    };
+    if moved {
         return gone(path);
     }
     match meta.link() {
@@ -4933,14 +4937,12 @@ fn note_placed_upstream(volume: &VolumeLink, entry: &manifest::Entry) {
 /// before (a write made after finds its file replaced and is kept). Waits up to a
 /// second for those; after that the apply fails, and the refusal has the active
 /// compare manifests (the local write, shipped meanwhile, is judged first). `None`
-/// where no local write can be in the way.
+/// where no local write can be in the way (an active, a path that is not upstream).
 fn upstream_turn(
     volume: &VolumeLink,
     path: &RelPath,
 ) -> Result<Option<twinfs_fs::ApplyTurn>, ApplyError> {
-    // (Not taking local writes: none can be in the way, and none would ship.)
     if volume.volume.role() != Role::Standby
-        || !volume.volume.upstream_open()
         || path.is_root()
         || !volume.policies.resolve(path.as_path()).upstream()
     {
@@ -4949,7 +4951,9 @@ fn upstream_turn(
     let turns = volume.volume.turns();
     for _ in 0..100 {
         let turn = turns.apply();
-        if volume.gate.upstream_shipped() {
+        // (Not taking local writes: none can be in the way, and none would ship; one
+        // let in from now on waits for the turn.)
+        if !volume.volume.upstream_open() || volume.gate.upstream_shipped() {
             return Ok(Some(turn));
         }
         drop(turn);
