@@ -435,6 +435,16 @@ fn an_upstream_write_never_removes_a_tree_the_active_filled_meanwhile() {
     );
 }
 
+/// An active and a standby, converged, the standby taking local writes of `passwd`.
+fn taking_writes_of_passwd() -> Cluster {
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    write_once_open(&c.nodes[1], "passwd", "root:x:0:0\n");
+    c.wait_converged(CONVERGE);
+    c
+}
+
 /// The first two lines of a version (the rest is padding).
 fn head(version: &str) -> String {
     version.lines().take(2).collect::<Vec<_>>().join("/")
@@ -487,12 +497,8 @@ fn a_standby_write_closed_while_the_actives_large_version_streams_is_never_lost(
 fn closes_while_the_actives_version_arrives(pad: usize, rounds: u32, step: Duration) {
     use std::io::Write;
     let _serial = twinfs_tests::serial();
-    let mut c = Cluster::new(2, RULES, fill);
-    c.start();
-    c.wait_converged(CONVERGE);
+    let c = taking_writes_of_passwd();
     let (active, standby) = (&c.nodes[0], &c.nodes[1]);
-    write_once_open(standby, "passwd", "root:x:0:0\n");
-    c.wait_converged(CONVERGE);
     let (on_active, on_standby) = (active.volume.join("passwd"), standby.volume.join("passwd"));
     let padded = |s: String| format!("{s}{}", "#".repeat(pad.saturating_sub(s.len())));
     for round in 0..rounds {
@@ -544,12 +550,8 @@ fn closes_while_the_actives_version_arrives(pad: usize, rounds: u32, step: Durat
 #[test]
 fn a_standby_write_made_once_the_actives_large_version_is_in_place_is_taken() {
     let _serial = twinfs_tests::serial();
-    let mut c = Cluster::new(2, RULES, fill);
-    c.start();
-    c.wait_converged(CONVERGE);
+    let c = taking_writes_of_passwd();
     let (active, standby) = (&c.nodes[0], &c.nodes[1]);
-    write_once_open(standby, "passwd", "root:x:0:0\n");
-    c.wait_converged(CONVERGE);
     let (on_active, on_standby) = (active.volume.join("passwd"), standby.volume.join("passwd"));
     // A file over 1 MiB streams and is put in place in the background: a write made
     // on the standby as soon as it reads the active's version there is based on that
