@@ -1677,27 +1677,10 @@ async fn run_session(
                     .await
                 }
                 Output::Apply { seq, op } if turn.is_some() => {
-                    let v = volume.clone();
-                    let path = op.path().clone();
-                    let applied = tokio::task::spawn_blocking(move || {
-                        let result = apply_op(&v, &op, turn);
-                        (op, result)
-                    })
-                    .await;
-                    let result = match applied {
-                        Ok((op, Ok(()))) => {
-                            if let Some(outbox) = outbox.as_mut() {
-                                outbox.learn_applied(&op);
-                            }
-                            Ok(())
-                        }
-                        Ok((_, Err(e))) => {
-                            tracing::warn!(volume = %volume.name, %path, error = %e, "refused or failed to apply");
-                            Err(e.to_string())
-                        }
-                        Err(_) => Err("apply task failed".to_owned()),
-                    };
-                    session.applied(seq, &path, result, std::time::Instant::now());
+                    let applied = apply_now(&volume, &mut session, seq, op, turn).await;
+                    if let (Some(op), Some(outbox)) = (applied, outbox.as_mut()) {
+                        outbox.learn_applied(&op);
+                    }
                     Some(0)
                 }
                 out => carry_out(&volume, &mut session, &mut send, out).await,
@@ -2694,18 +2677,7 @@ async fn carry_out(
             Some(0)
         }
         Output::Apply { seq, op } => {
-            let v = volume.clone();
-            let path = op.path().clone();
-            let applied = tokio::task::spawn_blocking(move || apply_op(&v, &op, None)).await;
-            let result = match applied {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => {
-                    tracing::warn!(volume = %volume.name, %path, error = %e, "refused or failed to apply");
-                    Err(e.to_string())
-                }
-                Err(_) => Err("apply task failed".to_owned()),
-            };
-            session.applied(seq, &path, result, std::time::Instant::now());
+            apply_now(volume, session, seq, op, None).await;
             Some(0)
         }
         Output::InSync => {
@@ -2717,6 +2689,34 @@ async fn carry_out(
             None
         }
     }
+}
+
+/// Applies op `seq` in the background ([`apply_op`], ending `turn` there) and tells
+/// the session how it went; the op back if it was applied.
+async fn apply_now(
+    volume: &VolumeLink,
+    session: &mut Session,
+    seq: u64,
+    op: Op,
+    turn: Option<twinfs_fs::ApplyTurn>,
+) -> Option<Op> {
+    let v = volume.clone();
+    let path = op.path().clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        let result = apply_op(&v, &op, turn);
+        (op, result)
+    })
+    .await;
+    let (op, result) = match applied {
+        Ok((op, Ok(()))) => (Some(op), Ok(())),
+        Ok((_, Err(e))) => {
+            tracing::warn!(volume = %volume.name, %path, error = %e, "refused or failed to apply");
+            (None, Err(e.to_string()))
+        }
+        Err(_) => (None, Err("apply task failed".to_owned())),
+    };
+    session.applied(seq, &path, result, std::time::Instant::now());
+    op
 }
 
 /// What reading a [`Ship`] gave: its number, its path, [`read_op`]'s result,

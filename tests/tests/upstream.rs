@@ -450,6 +450,14 @@ fn head(version: &str) -> String {
     version.lines().take(2).collect::<Vec<_>>().join("/")
 }
 
+/// The first two lines of every version of `passwd` that `node` keeps.
+fn kept_heads(node: &Node) -> Vec<String> {
+    kept_versions(node, "passwd")
+        .iter()
+        .map(|k| head(k))
+        .collect()
+}
+
 /// Every version of `name` (a file at the volume root) that `node` keeps in its
 /// conflicts area, in any set (`name`, `name.2`, ...).
 fn kept_versions(node: &Node, name: &str) -> Vec<String> {
@@ -535,10 +543,7 @@ fn closes_while_the_actives_version_arrives(pad: usize, rounds: u32, step: Durat
             "round {round}: want the active's version on both nodes and the standby's \
              kept; kept: {:?}, the active has {:?}, the standby {:?}\n\
              standby log:\n{}\nactive log:\n{}",
-            kept_versions(standby, "passwd")
-                .iter()
-                .map(|k| head(k))
-                .collect::<Vec<_>>(),
+            kept_heads(standby),
             read(&on_active).as_deref().map(head),
             read(&on_standby).as_deref().map(head),
             standby.log_text(),
@@ -575,19 +580,13 @@ fn a_standby_write_made_once_the_actives_large_version_is_in_place_is_taken() {
                 == Some(mine.as_str())),
             "round {round}: the active has {:?}; kept on the standby: {:?}\nstandby log:\n{}",
             read(&on_active).as_deref().map(head),
-            kept_versions(standby, "passwd")
-                .iter()
-                .map(|k| head(k))
-                .collect::<Vec<_>>(),
+            kept_heads(standby),
             standby.log_text()
         );
     }
     assert!(
         kept_versions(standby, "passwd").is_empty(),
         "conflicts kept: {:?}",
-        kept_versions(standby, "passwd")
-            .iter()
-            .map(|k| head(k))
-            .collect::<Vec<_>>()
+        kept_heads(standby)
     );
 }
