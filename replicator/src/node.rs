@@ -669,16 +669,14 @@ pub async fn probe(
         let addr = resolve(&peer.address).await?;
         let (connection, _) = transport::connect(endpoint, addr, peer.id).await.ok()?;
         let answer = async {
-            let (mut send, mut recv) = connection.open_bi().await.ok()?;
-            write(
-                &mut send,
-                &Message::Probe {
-                    version: crate::protocol::VERSION,
-                    vote: vote.map(str::to_owned),
-                },
-            )
+            let (send, mut recv) = connection.open_bi().await.ok()?;
+            let mut send = Control::in_place(send);
+            send.write(&Message::Probe {
+                version: crate::protocol::VERSION,
+                vote: vote.map(str::to_owned),
+            })
             .await?;
-            let _ = send.finish();
+            send.finish();
             let bytes = transport::read_frame(&mut recv, MAX_MESSAGE).await.ok()??;
             match Message::decode(&bytes).ok()? {
                 Message::ProbeAnswer {
@@ -1207,7 +1205,7 @@ async fn volume_session(
 /// which one steps down. A `witness` may only probe.
 async fn peer_stream(
     volumes: Arc<Vec<VolumeLink>>,
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     link: Link,
     prober: Prober,
@@ -1238,9 +1236,9 @@ async fn peer_stream(
                 volumes,
                 granted,
             };
-            if write(&mut send, &answer).await.is_some() {
-                let _ = send.finish();
-                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            let mut send = Control::in_place(send);
+            if send.write(&answer).await.is_some() {
+                send.finish_read(Duration::from_secs(2)).await;
             }
             return;
         }
@@ -1270,7 +1268,7 @@ async fn peer_stream(
 /// scans its own volume, a whole 100,000-entry manifest of the standby's waited
 /// decoded (about 20 MiB) at the daemon's peak of memory.
 struct Messages {
-    rx: mpsc::Receiver<Vec<u8>>,
+    rx: mpsc::Receiver<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>,
     broken: bool,
 }
 
@@ -1281,7 +1279,7 @@ impl Messages {
         if self.broken {
             return None;
         }
-        let bytes = self.rx.recv().await?;
+        let (bytes, _room) = self.rx.recv().await?;
         self.decode(&bytes)
     }
 
@@ -1295,7 +1293,7 @@ impl Messages {
         if self.broken {
             return None;
         }
-        let bytes = self.rx.try_recv().ok()?;
+        let (bytes, _room) = self.rx.try_recv().ok()?;
         self.decode(&bytes)
     }
 
@@ -1312,6 +1310,12 @@ impl Messages {
     }
 }
 
+/// The bytes of frames a session's reader reads ahead of its loop (besides at most
+/// 64 frames): past them the peer's flow control holds it back, so a peer's large
+/// frames (upstream writes of up to 16 MiB) cannot pile up in memory. (64 ops of up
+/// to 1 MiB from an active fit.)
+const READ_AHEAD: usize = 64 << 20;
+
 /// Reads frames onto a channel (so the session loop can wait on several things
 /// without losing half-read frames). Ends on a bad frame.
 fn spawn_reader(
@@ -1319,6 +1323,7 @@ fn spawn_reader(
     received: Arc<std::sync::atomic::AtomicU64>,
 ) -> Messages {
     let (tx, rx) = mpsc::channel(64);
+    let room = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD));
     tokio::spawn(async move {
         loop {
             let bytes = match transport::read_frame(&mut recv, MAX_MESSAGE).await {
@@ -1338,7 +1343,12 @@ fn spawn_reader(
                 }
             };
             received.fetch_add(bytes.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
-            if tx.send(bytes).await.is_err() {
+            // (A frame larger than the room takes all of it.)
+            let size = bytes.len().clamp(1, READ_AHEAD) as u32;
+            let Ok(taken) = room.clone().acquire_many_owned(size).await else {
+                return;
+            };
+            if tx.send((bytes, taken)).await.is_err() {
                 return;
             }
         }
@@ -1349,7 +1359,7 @@ fn spawn_reader(
 async fn run_session(
     volume: VolumeLink,
     mut session: Session,
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     recv: quinn::RecvStream,
     first: Option<Message>,
     link: Link,
@@ -1357,6 +1367,11 @@ async fn run_session(
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut messages = spawn_reader(recv, received.clone());
     let role = session.role();
+    let tag = stream_tag(&volume.name, send.id());
+    let mut send = match role {
+        Role::Active => Control::in_place(send),
+        Role::Standby => Control::queued(send),
+    };
     // A standby with `direction = "both"` rules follows its own change records too:
     // its local writes of those paths go upstream, to the active.
     let has_upstream = volume
@@ -1387,7 +1402,6 @@ async fn run_session(
     let mut roles = volume.roles.subscribe();
     let mut sent = 0u64;
     let counters = StreamCounters::default();
-    let tag = stream_tag(&volume.name, send.id());
     let gate_id = volume.gate.register();
     static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let session_id = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1491,16 +1505,20 @@ async fn run_session(
                 learn_placed(&volume, outbox);
                 if upstream_live {
                     // A local write closed before this op came goes upstream first:
-                    // applying the op replaces the file it wrote.
+                    // applying the op replaces the file it wrote. (Past the backlog,
+                    // an op that cannot replace it lets it wait.)
+                    let turn_op = takes_turn(outbox, op);
                     let mut upstream = Upstream {
                         changes: &mut changes,
                         seen: &mut seen,
                         keeping: &mut keeping,
                     };
-                    if upstream.drain(&volume, outbox, &mut send).await.is_none() {
+                    if (turn_op || !upstream_backlog(&send, outbox))
+                        && upstream.drain(&volume, outbox, &mut send).await.is_none()
+                    {
                         break 'session;
                     }
-                    if takes_turn(outbox, op) {
+                    if turn_op {
                         if !batch.is_empty() {
                             batch.flush(&volume, &mut session).await;
                         }
@@ -1647,7 +1665,7 @@ async fn run_session(
                         continue;
                     }
                     None => {
-                        let _ = send.finish();
+                        send.finish();
                         break 'session;
                     }
                 }
@@ -1688,7 +1706,7 @@ async fn run_session(
             match done {
                 Some(n) => sent += n,
                 None => {
-                    let _ = send.finish();
+                    send.finish();
                     // The cleanup after the loop ends the session (and an upstream
                     // outbox: what it could not ship is kept).
                     break 'session;
@@ -1757,12 +1775,12 @@ async fn run_session(
                 volume
                     .handed_over
                     .store(epoch, std::sync::atomic::Ordering::Release);
-                if write(&mut send, &Message::HandoverReady { epoch })
+                if send
+                    .write(&Message::HandoverReady { epoch })
                     .await
                     .is_some()
                 {
-                    let _ = send.finish();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+                    send.finish_read(Duration::from_secs(2)).await;
                 }
                 let roles = volume.roles.clone();
                 let demoted =
@@ -1825,6 +1843,12 @@ async fn run_session(
             session.stream_progress(std::time::Instant::now());
         }
         let deadline = Instant::from_std(session.next_deadline());
+        // Standby: local writes of upstream paths wait in the change stream while the
+        // active is slow to take those already handed over (they would wait in memory
+        // otherwise); the change stream lagging behind then makes this node keep its
+        // versions and resync, as for any lag.
+        let upstream_backlog = outbox.as_ref().is_some_and(|o| upstream_backlog(&send, o));
+        let written = send.written();
         tokio::select! {
             m = next_message(&mut held, &mut messages), if !backlog => match m {
                 Some(m) => {
@@ -1890,11 +1914,19 @@ async fn run_session(
                         Message::UpstreamApplied { id } => {
                             if let Some(outbox) = outbox.as_mut() {
                                 outbox.answered(*id);
+                                if release_upstream(outbox, &mut send).await.is_none() {
+                                    break;
+                                }
                             }
                         }
                         Message::UpstreamRefused { id, path, reason } => {
-                            if let Some(sent) = outbox.as_mut().and_then(|o| o.answered(*id)) {
-                                keep_refused(&volume, sent, path, reason).await;
+                            if let Some(outbox) = outbox.as_mut() {
+                                if let Some(sent) = outbox.answered(*id) {
+                                    keep_refused(&volume, sent, path, reason).await;
+                                }
+                                if release_upstream(outbox, &mut send).await.is_none() {
+                                    break;
+                                }
                             }
                         }
                         Message::VerifyManifest { id, entries, done } if role == Role::Active => {
@@ -1935,7 +1967,7 @@ async fn run_session(
                     }
                     Ok(Command::Verify { reply }) => {
                         let id = verifying.as_ref().map_or(1, |v| v.id + 1);
-                        if write(&mut send, &Message::VerifyRequest { id }).await.is_some() {
+                        if send.write(&Message::VerifyRequest { id }).await.is_some() {
                             verifying = Some(Verifying { id, entries: Vec::new(), reply });
                         } else {
                             let _ = reply.try_send((link.peer.clone(), Err("cannot reach the standby".into())));
@@ -1957,18 +1989,24 @@ async fn run_session(
                 handing_over = Some((std::time::Instant::now(), volume.gate.last_issued()));
             }
             Some(reply) = asks.recv() => {
-                if write(&mut send, &Message::HandoverRequest).await.is_none() {
+                if send.write(&Message::HandoverRequest).await.is_none() {
                     let _ = reply.send(Err("the connection to the active failed".into()));
                 } else {
                     waiting_handover = Some(reply);
                 }
             }
+            () = async {
+                match written.as_ref() {
+                    Some(written) => written.notified().await,
+                    None => std::future::pending().await,
+                }
+            }, if upstream_backlog => {}
             r = async {
                 match changes.as_mut() {
                     Some(rx) => rx.recv().await,
                     None => std::future::pending().await,
                 }
-            } => match r {
+            }, if !upstream_backlog => match r {
                 Ok((id, record)) => {
                     seen = id;
                     if role == Role::Active {
@@ -2002,7 +2040,7 @@ async fn run_session(
                 }
             } => {
                 let answered = match result {
-                    Ok(()) => write(&mut send, &Message::UpstreamApplied { id }).await,
+                    Ok(()) => send.write(&Message::UpstreamApplied { id }).await,
                     Err(reason) => refuse_upstream(&volume, &mut session, &mut send, id, paths, reason).await,
                 };
                 if answered.is_none() {
@@ -2074,6 +2112,22 @@ fn for_the_driver(m: &Message) -> bool {
             | Message::UpstreamApplied { .. }
             | Message::UpstreamRefused { .. }
     )
+}
+
+/// The bytes a standby's session may have handed to its control stream's writer and
+/// not yet written before it takes no more local writes of upstream paths from the
+/// change stream (a file of up to 16 MiB may go over it once).
+const UPSTREAM_BACKLOG: u64 = 16 << 20;
+
+/// The bytes of upstream writes a standby's session holds (handed to its control
+/// stream's writer, or held back by the window) past which it takes no more: the
+/// writes not taken yet count as missed, as when the change stream lags.
+const UPSTREAM_HELD_MAX: u64 = 64 << 20;
+
+/// Standby: whether its upstream writes handed over or held back are past
+/// [`UPSTREAM_BACKLOG`].
+fn upstream_backlog(send: &Control, outbox: &Outbox) -> bool {
+    send.backlog() + outbox.held_bytes() > UPSTREAM_BACKLOG
 }
 
 /// Outputs backed up behind a parked one past which a standby takes no more messages
@@ -2166,15 +2220,11 @@ async fn arm_keeping(volume: &VolumeLink) {
 
 /// Standby: `missed` local writes can no longer go upstream; the full sync asked for
 /// keeps this node's versions of what it replaces. `None` when the stream failed.
-async fn upstream_lagged(
-    volume: &VolumeLink,
-    send: &mut quinn::SendStream,
-    missed: u64,
-) -> Option<()> {
+async fn upstream_lagged(volume: &VolumeLink, send: &mut Control, missed: u64) -> Option<()> {
     tracing::error!(volume = %volume.name, missed,
         "upstream writes lagged; keeping this node's versions and resyncing");
     arm_keeping(volume).await;
-    write(send, &Message::Resync).await.map(|_| ())
+    send.write(&Message::Resync).await.map(|_| ())
 }
 
 /// Standby: scans the volume for the full sync, once the large files of an earlier
@@ -2233,9 +2283,19 @@ impl Upstream<'_> {
         &mut self,
         volume: &VolumeLink,
         outbox: &mut Outbox,
-        send: &mut quinn::SendStream,
+        send: &mut Control,
     ) -> Option<()> {
         while let Some(rx) = self.changes.as_mut() {
+            if send.backlog() + outbox.held_bytes() > UPSTREAM_HELD_MAX && !rx.is_empty() {
+                // Past what this node holds for the active (only an op that takes the
+                // turn drains past the backlog): as if the change stream had lagged.
+                let missed = rx.len() as u64;
+                *rx = rx.resubscribe();
+                *self.keeping = true;
+                *self.seen = (*self.seen).max(volume.gate.last_issued());
+                upstream_lagged(volume, send, missed).await?;
+                break;
+            }
             match rx.try_recv() {
                 Ok((id, record)) => {
                     *self.seen = id;
@@ -2259,7 +2319,7 @@ impl Upstream<'_> {
 async fn ship_upstream(
     volume: &VolumeLink,
     outbox: &mut Outbox,
-    send: &mut quinn::SendStream,
+    send: &mut Control,
     record: &Record,
 ) -> Option<()> {
     let path = match RelPath::from_path(&record.change.path) {
@@ -2319,7 +2379,10 @@ async fn ship_upstream(
     match message.encode() {
         Ok(bytes) => {
             tracing::debug!(volume = %volume.name, path = %shipped, "shipped upstream");
-            write_bytes(send, &bytes).await.map(|_| ())
+            if let Message::Upstream { id, .. } = message {
+                outbox.hold(id, bytes);
+            }
+            release_upstream(outbox, send).await
         }
         Err(e) => {
             tracing::error!(volume = %volume.name, path = %shipped, error = %e,
@@ -2330,6 +2393,15 @@ async fn ship_upstream(
             Some(())
         }
     }
+}
+
+/// Standby: sends the upstream writes the outbox's window lets out now. `None` if
+/// the stream broke.
+async fn release_upstream(outbox: &mut Outbox, send: &mut Control) -> Option<()> {
+    while let Some(bytes) = outbox.release() {
+        send.write_bytes(bytes).await?;
+    }
+    Some(())
 }
 
 /// Standby: the active refused upstream write `sent` of `path`: keeps it in the
@@ -2358,14 +2430,16 @@ async fn keep_refused(volume: &VolumeLink, sent: upstream::Sent, path: &RelPath,
 async fn refuse_upstream(
     volume: &VolumeLink,
     session: &mut Session,
-    send: &mut quinn::SendStream,
+    send: &mut Control,
     id: u64,
     paths: Vec<RelPath>,
     reason: String,
 ) -> Option<u64> {
     let path = paths.first().cloned().unwrap_or_else(RelPath::root);
     tracing::warn!(volume = %volume.name, %path, %reason, "refused a standby's upstream write");
-    let sent = write(send, &Message::UpstreamRefused { id, path, reason }).await;
+    let sent = send
+        .write(&Message::UpstreamRefused { id, path, reason })
+        .await;
     session.ship_now(paths, std::time::Instant::now());
     sent
 }
@@ -2642,33 +2716,139 @@ fn percent(bytes_done: u64, bytes: u64, ops_done: u64, ops: u64, running: bool) 
     }
 }
 
-/// Writes one message; the bytes written, or `None` if the stream broke.
-async fn write(send: &mut quinn::SendStream, message: &Message) -> Option<u64> {
-    match message.encode() {
-        Ok(bytes) => write_bytes(send, &bytes).await,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot encode a message");
-            None
+/// The stream a session (or a probe) writes its messages to.
+///
+/// An active writes in place: while a standby's flow control holds it back, its
+/// session loop waits, and so a slow standby slows what the active reads and ships
+/// for it. A standby's session hands its frames to a task of its own and never waits
+/// on the active: were both loops waiting for the other to read (the active shipping
+/// its changes, the standby its upstream writes or a verify manifest), neither would
+/// read again, and the session would hang with both nodes connected.
+enum Control {
+    InPlace(quinn::SendStream),
+    Queued(Queued),
+}
+
+/// A standby's control stream, written by [`Queued::writer`].
+struct Queued {
+    /// Frames for the writer, in order; `None` once finished.
+    frames: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// The bytes handed over and not written yet.
+    queued: Arc<std::sync::atomic::AtomicU64>,
+    /// Told each time the writer has written a frame.
+    written: Arc<tokio::sync::Notify>,
+}
+
+impl Queued {
+    async fn writer(
+        mut send: quinn::SendStream,
+        mut frames: mpsc::UnboundedReceiver<Vec<u8>>,
+        queued: Arc<std::sync::atomic::AtomicU64>,
+        written: Arc<tokio::sync::Notify>,
+    ) {
+        while let Some(frame) = frames.recv().await {
+            // (A broken stream drops `frames`: the loop's next write fails.)
+            if transport::write_frame(&mut send, &frame).await.is_err() {
+                return;
+            }
+            queued.fetch_sub(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            written.notify_one();
         }
+        let _ = send.finish();
     }
 }
 
-async fn write_bytes(send: &mut quinn::SendStream, bytes: &[u8]) -> Option<u64> {
-    transport::write_frame(send, bytes)
-        .await
-        .ok()
-        .map(|()| bytes.len() as u64 + 4)
+impl Control {
+    /// Written in place, for an active's session or a probe.
+    fn in_place(send: quinn::SendStream) -> Control {
+        Control::InPlace(send)
+    }
+
+    /// Written by a task of its own, for a standby's session.
+    fn queued(send: quinn::SendStream) -> Control {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let written = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(Queued::writer(send, rx, queued.clone(), written.clone()));
+        Control::Queued(Queued {
+            frames: Some(tx),
+            queued,
+            written,
+        })
+    }
+
+    /// Writes one message; the bytes it takes on the wire, or `None` if the stream
+    /// broke.
+    async fn write(&mut self, message: &Message) -> Option<u64> {
+        match message.encode() {
+            Ok(bytes) => self.write_bytes(bytes).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode a message");
+                None
+            }
+        }
+    }
+
+    async fn write_bytes(&mut self, bytes: Vec<u8>) -> Option<u64> {
+        let len = bytes.len() as u64 + 4;
+        match self {
+            Control::InPlace(send) => transport::write_frame(send, &bytes).await.ok()?,
+            Control::Queued(q) => {
+                let frames = q.frames.as_ref()?;
+                q.queued
+                    .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                frames.send(bytes).ok()?;
+            }
+        }
+        Some(len)
+    }
+
+    /// The bytes handed over and not written yet (none when written in place).
+    fn backlog(&self) -> u64 {
+        match self {
+            Control::InPlace(_) => 0,
+            Control::Queued(q) => q.queued.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Told each time a frame handed over has been written (none when written in
+    /// place).
+    fn written(&self) -> Option<Arc<tokio::sync::Notify>> {
+        match self {
+            Control::InPlace(_) => None,
+            Control::Queued(q) => Some(q.written.clone()),
+        }
+    }
+
+    /// No more messages: the stream ends once what was handed over is written.
+    fn finish(&mut self) {
+        match self {
+            Control::InPlace(send) => {
+                let _ = send.finish();
+            }
+            Control::Queued(q) => q.frames = None,
+        }
+    }
+
+    /// [`Control::finish`], then waits (at most `wait`) until the peer has read it
+    /// all (written in place only).
+    async fn finish_read(&mut self, wait: Duration) {
+        self.finish();
+        if let Control::InPlace(send) = self {
+            let _ = tokio::time::timeout(wait, send.stopped()).await;
+        }
+    }
 }
 
 /// Carries out one output: the bytes it sent, or `None` to end the session.
 async fn carry_out(
     volume: &VolumeLink,
     session: &mut Session,
-    send: &mut quinn::SendStream,
+    send: &mut Control,
     out: Output,
 ) -> Option<u64> {
     match out {
-        Output::Send(m) => write(send, &m).await,
+        Output::Send(m) => send.write(&m).await,
         // Handled by `run_session` before they get here.
         Output::Fenced { .. } | Output::Follow { .. } | Output::Ship(_) => Some(0),
         Output::ScanLocal => {
@@ -2883,7 +3063,7 @@ fn unless_superseded(session: &Session, read: &mut ShipRead) {
 async fn ship(
     volume: &VolumeLink,
     session: &mut Session,
-    send: &mut quinn::SendStream,
+    send: &mut Control,
     mut ships: Vec<Ship>,
     records: &mut Records<'_>,
     link: &Link,
@@ -3015,7 +3195,7 @@ const SHIP_READERS: usize = 4;
 async fn send_ship(
     volume: &VolumeLink,
     session: &mut Session,
-    send: &mut quinn::SendStream,
+    send: &mut Control,
     read: ShipRead,
     link: &Link,
     counters: &StreamCounters,
@@ -3079,14 +3259,14 @@ async fn send_ship(
         ));
     }
     match (Message::Op { seq, op }).encode() {
-        Ok(bytes) => write_bytes(send, &bytes).await,
+        Ok(bytes) => send.write_bytes(bytes).await,
         // Files travel whole in one message for now: one that does not fit is
         // left out (and said so), not allowed to break the session.
         Err(ProtocolError::TooLarge(size)) => {
             tracing::error!(volume = %volume.name, path = %shipped, size,
                         "file too large to replicate (limit {MAX_MESSAGE} bytes); skipped");
             let op = Op::Skip { path: shipped };
-            write(send, &Message::Op { seq, op }).await
+            send.write(&Message::Op { seq, op }).await
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot encode a message");
@@ -3124,7 +3304,7 @@ fn scan_fresh(volume: &VolumeLink) -> Result<(Manifest, TooLong), manifest::Mani
 }
 
 /// Standby: answers a `twinfs verify` with a freshly hashed manifest.
-async fn answer_verify(volume: &VolumeLink, send: &mut quinn::SendStream, id: u64) -> Option<()> {
+async fn answer_verify(volume: &VolumeLink, send: &mut Control, id: u64) -> Option<()> {
     let v = volume.clone();
     let scanned = tokio::task::spawn_blocking(move || scan_fresh(&v)).await;
     let manifest = match scanned {
@@ -3141,7 +3321,8 @@ async fn answer_verify(volume: &VolumeLink, send: &mut quinn::SendStream, id: u6
         }
     };
     for (entries, done) in manifest.parts(crate::protocol::MANIFEST_CHUNK) {
-        write(send, &Message::VerifyManifest { id, entries, done }).await?;
+        send.write(&Message::VerifyManifest { id, entries, done })
+            .await?;
     }
     Some(())
 }
@@ -5323,6 +5504,61 @@ mod tests {
         });
         let (sender, _) = transport::connect(&ea, addr, b_id).await?;
         Ok((sender, accepting.await??))
+    }
+
+    /// A standby's session writes through a queue and never waits on an active that
+    /// does not read (one waiting on it in turn would never read again); written in
+    /// place, as an active's, the same writes wait.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_queued_control_stream_never_waits_on_a_peer_that_does_not_read() -> TestResult {
+        let (sender, receiver) = connected().await?;
+        let frame = |i: u8| vec![i; 4 << 20];
+        // 25 frames of 4 MiB: past the stream's and the connection's flow-control
+        // windows.
+        let (send, _) = sender.open_bi().await?;
+        let mut control = Control::queued(send);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            for i in 0..25 {
+                control
+                    .write_bytes(frame(i))
+                    .await
+                    .ok_or("the stream broke")?;
+            }
+            Ok::<_, &str>(())
+        })
+        .await??;
+        assert!(control.backlog() > 0, "not all of it can be written yet");
+        // Read: every frame arrives whole and in order, and the backlog drains.
+        let (_, mut recv) = receiver.accept_bi().await?;
+        for i in 0..25 {
+            let got = transport::read_frame(&mut recv, 8 << 20).await?;
+            assert_eq!(got.as_deref(), Some(&frame(i)[..]), "frame {i}");
+        }
+        assert!(wait_for(|| control.backlog() == 0).await, "backlog left");
+        control.finish();
+        assert_eq!(transport::read_frame(&mut recv, 8 << 20).await?, None);
+
+        // Written in place, the same writes wait for the reader.
+        let (send, _) = sender.open_bi().await?;
+        let mut control = Control::in_place(send);
+        let written = tokio::time::timeout(Duration::from_secs(2), async {
+            for i in 0..25 {
+                control.write_bytes(frame(i)).await;
+            }
+        })
+        .await;
+        assert!(written.is_err(), "in place, a writer waits for its reader");
+        Ok(())
+    }
+
+    async fn wait_for(mut done: impl FnMut() -> bool) -> bool {
+        for _ in 0..500 {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
     }
 
     #[tokio::test(flavor = "multi_thread")]

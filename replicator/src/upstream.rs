@@ -10,7 +10,7 @@
 //! standby again, and the standby keeps its own version in its conflicts area. The
 //! active checks the path's rule itself and never trusts the standby's word for it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::manifest::{Kind, Manifest, Meta};
 use crate::path::RelPath;
@@ -26,6 +26,13 @@ pub struct Sent {
     pub base: Option<u128>,
 }
 
+/// The bytes of upstream writes a standby lets be on their way to the active and not
+/// answered before it holds the next ones back (one write alone may be larger). The
+/// active's worker takes them one after the other: without a window, a standby
+/// writing faster than the active applies would pile its writes up in the active's
+/// memory.
+pub const WINDOW: u64 = 8 << 20;
+
 /// Standby: the upstream writes of one session.
 #[derive(Debug)]
 pub struct Outbox {
@@ -35,6 +42,12 @@ pub struct Outbox {
     known: HashMap<RelPath, Option<u128>>,
     next_id: u64,
     sent: BTreeMap<u64, Sent>,
+    /// Encoded messages of writes held back by the window, in order.
+    held: VecDeque<(u64, Vec<u8>)>,
+    held_bytes: u64,
+    /// The size of each message let out and not answered, and their sum.
+    on_way: HashMap<u64, u64>,
+    in_flight: u64,
 }
 
 impl Outbox {
@@ -45,6 +58,10 @@ impl Outbox {
             known: HashMap::new(),
             next_id: 1,
             sent: BTreeMap::new(),
+            held: VecDeque::new(),
+            held_bytes: 0,
+            on_way: HashMap::new(),
+            in_flight: 0,
         }
     }
 
@@ -130,12 +147,44 @@ impl Outbox {
         Message::Upstream { id, base, op }
     }
 
+    /// Queues `bytes`, the encoded message of write `id` (from [`Outbox::send`]), to
+    /// go to the active after those queued before, when [`Outbox::release`] lets it.
+    pub fn hold(&mut self, id: u64, bytes: Vec<u8>) {
+        self.held_bytes += bytes.len() as u64;
+        self.held.push_back((id, bytes));
+    }
+
+    /// The next queued message if the window lets it out now: when nothing else is on
+    /// its way, or it fits in the [`WINDOW`] with what is. It counts as on its way
+    /// until answered.
+    pub fn release(&mut self) -> Option<Vec<u8>> {
+        let (id, bytes) = self.held.front()?;
+        let size = bytes.len() as u64;
+        if self.in_flight > 0 && self.in_flight + size > WINDOW {
+            return None;
+        }
+        let id = *id;
+        let (_, bytes) = self.held.pop_front()?;
+        self.held_bytes -= size;
+        self.in_flight += size;
+        self.on_way.insert(id, size);
+        Some(bytes)
+    }
+
+    /// The bytes of messages queued and held back.
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes
+    }
+
     /// The active answered write `id`: what was sent, if it was waiting.
     pub fn answered(&mut self, id: u64) -> Option<Sent> {
+        if let Some(size) = self.on_way.remove(&id) {
+            self.in_flight -= size;
+        }
         self.sent.remove(&id)
     }
 
-    /// Writes sent and not answered.
+    /// Writes sent (or held back) and not answered.
     pub fn waiting(&self) -> usize {
         self.sent.len()
     }

@@ -259,3 +259,58 @@ fn the_outbox_bases_each_write_on_the_last_version_agreed_or_sent() {
     outbox.learn_applied(&Op::Delete { path: rel("users") });
     assert_eq!(base_of(&outbox.send(put("users/robert", 6))), None);
 }
+
+fn id_of(message: &Message) -> u64 {
+    match message {
+        Message::Upstream { id, .. } => *id,
+        other => panic!("not an upstream message: {other:?}"),
+    }
+}
+
+#[test]
+fn the_outbox_lets_out_no_more_than_its_window_unanswered() {
+    use twinfs_replicator::upstream::WINDOW;
+    let mut outbox = Outbox::new(policies());
+    let mb = |n: u64| vec![0u8; (n << 20) as usize];
+    let ids: Vec<u64> = (0..4)
+        .map(|i| id_of(&outbox.send(put(&format!("users/f{i}"), i))))
+        .collect();
+    // 5 MiB, 5 MiB, 12 MiB, 1 MiB: the first goes, the second would pass the window
+    // with it, and all wait in order behind it.
+    for (id, size) in ids.iter().zip([5, 5, 12, 1]) {
+        outbox.hold(*id, mb(size));
+    }
+    assert_eq!(outbox.release().map(|b| b.len()), Some(5 << 20));
+    assert_eq!(
+        outbox.release(),
+        None,
+        "5 + 5 MiB is past the {WINDOW}-byte window"
+    );
+    assert_eq!(outbox.held_bytes(), 18 << 20);
+    assert_eq!(
+        outbox.waiting(),
+        4,
+        "held back is still waiting for an answer"
+    );
+    // Answered: the next goes, and one larger than the window goes alone.
+    assert!(outbox.answered(ids[0]).is_some());
+    assert_eq!(outbox.release().map(|b| b.len()), Some(5 << 20));
+    assert_eq!(outbox.release(), None);
+    assert!(outbox.answered(ids[1]).is_some());
+    assert_eq!(outbox.release().map(|b| b.len()), Some(12 << 20));
+    assert_eq!(
+        outbox.release(),
+        None,
+        "nothing joins a write past the window"
+    );
+    assert!(outbox.answered(ids[2]).is_some());
+    assert_eq!(outbox.release().map(|b| b.len()), Some(1 << 20));
+    assert_eq!(outbox.held_bytes(), 0);
+    assert!(outbox.answered(ids[3]).is_some());
+    assert_eq!(outbox.waiting(), 0);
+    // An answer for a write never let out (an encoding failure) counts nothing off.
+    let late = id_of(&outbox.send(put("users/g", 9)));
+    assert!(outbox.answered(late).is_some());
+    outbox.hold(99, mb(1));
+    assert_eq!(outbox.release().map(|b| b.len()), Some(1 << 20));
+}

@@ -590,3 +590,47 @@ fn a_standby_write_made_once_the_actives_large_version_is_in_place_is_taken() {
         kept_heads(standby)
     );
 }
+
+/// Heavy traffic both ways at once: the active writes many files while a standby
+/// writes large `both` files. Until 2026-12-05 both sessions could end up waiting to
+/// write, each for the other to read (the active shipping its files, the standby
+/// its upstream writes), and never read again: replication stopped for good with both
+/// nodes connected, and the standby's writes piled up in the active's memory.
+#[test]
+fn heavy_writes_both_ways_at_once_converge_and_lose_nothing() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    write_once_open(&c.nodes[1], "users/first", "x");
+    let active = c.nodes[0].volume.clone();
+    let standby = c.nodes[1].volume.clone();
+    let body = |i: u32, size: usize| vec![(i % 251) as u8 + 1; size];
+    let writer = std::thread::spawn(move || {
+        fs::create_dir(active.join("act")).expect("mkdir");
+        for i in 0..300 {
+            fs::write(active.join(format!("act/f{i}")), body(i, 1 << 20)).expect("active write");
+        }
+    });
+    const BIG: u32 = 60;
+    for i in 0..BIG {
+        fs::write(standby.join(format!("users/big{i}")), body(i, 8 << 20))
+            .expect("standby write");
+    }
+    writer.join().expect("active writer");
+    c.wait_converged(Duration::from_secs(300));
+    // Each of the standby's writes was taken by the active, or (when the standby
+    // held too much for an active slow to take them) kept in its conflicts area.
+    let has = |path: &Path, want: &[u8]| fs::read(path).is_ok_and(|got| got == want);
+    for i in 0..BIG {
+        let name = format!("users/big{i}");
+        let want = body(i, 8 << 20);
+        let taken = has(&c.nodes[0].volume.join(&name), &want);
+        let kept = fs::read_dir(c.nodes[1].state_dir.join("conflicts/vol"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .any(|set| has(&set.path().join(&name), &want));
+        assert!(taken || kept, "{name}: the standby's write is lost");
+    }
+}
