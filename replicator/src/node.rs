@@ -1513,8 +1513,10 @@ async fn run_session(
                         seen: &mut seen,
                         keeping: &mut keeping,
                     };
-                    if (turn_op || !upstream_backlog(&send, outbox))
-                        && upstream.drain(&volume, outbox, &mut send).await.is_none()
+                    if upstream
+                        .drain(&volume, outbox, &mut send, turn_op)
+                        .await
+                        .is_none()
                     {
                         break 'session;
                     }
@@ -1525,7 +1527,11 @@ async fn run_session(
                         turn = Some(apply_turn(&volume).await);
                         // Those recorded since the drain above (the turn waited for
                         // them); none can come now until the op is applied.
-                        if upstream.drain(&volume, outbox, &mut send).await.is_none() {
+                        if upstream
+                            .drain(&volume, outbox, &mut send, true)
+                            .await
+                            .is_none()
+                        {
                             break 'session;
                         }
                     }
@@ -1844,11 +1850,10 @@ async fn run_session(
         }
         let deadline = Instant::from_std(session.next_deadline());
         // Standby: local writes of upstream paths wait in the change stream while the
-        // active is slow to take those already handed over (they would wait in memory
+        // active is slow to take those already read (they would wait in memory
         // otherwise); the change stream lagging behind then makes this node keep its
-        // versions and resync, as for any lag.
-        let upstream_backlog = outbox.as_ref().is_some_and(|o| upstream_backlog(&send, o));
-        let written = send.written();
+        // versions and resync, as for any lag. (Answers from the active shrink it.)
+        let upstream_backlog = outbox.as_ref().is_some_and(upstream_backlog);
         tokio::select! {
             m = next_message(&mut held, &mut messages), if !backlog => match m {
                 Some(m) => {
@@ -1995,12 +2000,6 @@ async fn run_session(
                     waiting_handover = Some(reply);
                 }
             }
-            () = async {
-                match written.as_ref() {
-                    Some(written) => written.notified().await,
-                    None => std::future::pending().await,
-                }
-            }, if upstream_backlog => {}
             r = async {
                 match changes.as_mut() {
                     Some(rx) => rx.recv().await,
@@ -2114,20 +2113,21 @@ fn for_the_driver(m: &Message) -> bool {
     )
 }
 
-/// The bytes a standby's session may have handed to its control stream's writer and
-/// not yet written before it takes no more local writes of upstream paths from the
-/// change stream (a file of up to 16 MiB may go over it once).
+/// The bytes of upstream writes read and not answered by the active
+/// ([`Outbox::holding`]) past which a standby's session reads no more local writes of
+/// upstream paths, but for an op of the active's that takes the turn (a file of up to
+/// 16 MiB may go over it once).
 const UPSTREAM_BACKLOG: u64 = 16 << 20;
 
-/// The bytes of upstream writes a standby's session holds (handed to its control
-/// stream's writer, or held back by the window) past which it takes no more: the
-/// writes not taken yet count as missed, as when the change stream lags.
+/// The bytes of upstream writes read and not answered past which even an op that
+/// takes the turn reads no more: the writes not read yet count as missed, as when the
+/// change stream lags.
 const UPSTREAM_HELD_MAX: u64 = 64 << 20;
 
-/// Standby: whether its upstream writes handed over or held back are past
+/// Standby: whether its upstream writes read and not answered are past
 /// [`UPSTREAM_BACKLOG`].
-fn upstream_backlog(send: &Control, outbox: &Outbox) -> bool {
-    send.backlog() + outbox.held_bytes() > UPSTREAM_BACKLOG
+fn upstream_backlog(outbox: &Outbox) -> bool {
+    outbox.holding() > UPSTREAM_BACKLOG
 }
 
 /// Outputs backed up behind a parked one past which a standby takes no more messages
@@ -2278,17 +2278,23 @@ struct Upstream<'a> {
 }
 
 impl Upstream<'_> {
-    /// Ships every local write recorded so far. `None` if the stream broke.
+    /// Ships every local write recorded so far; unless `turn` (for an op that takes
+    /// the turn, which must find none left), only while the backlog lets it. `None`
+    /// if the stream broke.
     async fn drain(
         &mut self,
         volume: &VolumeLink,
         outbox: &mut Outbox,
         send: &mut Control,
+        turn: bool,
     ) -> Option<()> {
         while let Some(rx) = self.changes.as_mut() {
-            if send.backlog() + outbox.held_bytes() > UPSTREAM_HELD_MAX && !rx.is_empty() {
-                // Past what this node holds for the active (only an op that takes the
-                // turn drains past the backlog): as if the change stream had lagged.
+            if !turn && upstream_backlog(outbox) {
+                break;
+            }
+            if outbox.holding() > UPSTREAM_HELD_MAX && !rx.is_empty() {
+                // Past what this node holds for the active: as if the change stream
+                // had lagged.
                 let missed = rx.len() as u64;
                 *rx = rx.resubscribe();
                 *self.keeping = true;
@@ -2452,6 +2458,9 @@ type UpstreamResult = (u64, Vec<RelPath>, Result<(), String>);
 
 /// Upstream writes waiting for the worker before further ones are refused as busy.
 const UPSTREAM_QUEUE: usize = 256;
+
+// A standby's window never lets out more than the worker queues.
+const _: () = assert!(upstream::WINDOW_WRITES <= UPSTREAM_QUEUE);
 
 /// Active: applies a standby's upstream writes in the order they came, beside the
 /// session loop (a `sync` path's record waits for the standbys' acks, which that loop
@@ -2729,30 +2738,21 @@ enum Control {
     Queued(Queued),
 }
 
-/// A standby's control stream, written by [`Queued::writer`].
+/// A standby's control stream, written by [`Queued::writer`]. (What waits in it is
+/// bounded by what the standby sends: acks of the active's ops in flight, upstream
+/// writes within their window, a manifest.)
 struct Queued {
     /// Frames for the writer, in order; `None` once finished.
     frames: Option<mpsc::UnboundedSender<Vec<u8>>>,
-    /// The bytes handed over and not written yet.
-    queued: Arc<std::sync::atomic::AtomicU64>,
-    /// Told each time the writer has written a frame.
-    written: Arc<tokio::sync::Notify>,
 }
 
 impl Queued {
-    async fn writer(
-        mut send: quinn::SendStream,
-        mut frames: mpsc::UnboundedReceiver<Vec<u8>>,
-        queued: Arc<std::sync::atomic::AtomicU64>,
-        written: Arc<tokio::sync::Notify>,
-    ) {
+    async fn writer(mut send: quinn::SendStream, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
         while let Some(frame) = frames.recv().await {
             // (A broken stream drops `frames`: the loop's next write fails.)
             if transport::write_frame(&mut send, &frame).await.is_err() {
                 return;
             }
-            queued.fetch_sub(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            written.notify_one();
         }
         let _ = send.finish();
     }
@@ -2767,14 +2767,8 @@ impl Control {
     /// Written by a task of its own, for a standby's session.
     fn queued(send: quinn::SendStream) -> Control {
         let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let written = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(Queued::writer(send, rx, queued.clone(), written.clone()));
-        Control::Queued(Queued {
-            frames: Some(tx),
-            queued,
-            written,
-        })
+        tokio::spawn(Queued::writer(send, rx));
+        Control::Queued(Queued { frames: Some(tx) })
     }
 
     /// Writes one message; the bytes it takes on the wire, or `None` if the stream
@@ -2793,31 +2787,9 @@ impl Control {
         let len = bytes.len() as u64 + 4;
         match self {
             Control::InPlace(send) => transport::write_frame(send, &bytes).await.ok()?,
-            Control::Queued(q) => {
-                let frames = q.frames.as_ref()?;
-                q.queued
-                    .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                frames.send(bytes).ok()?;
-            }
+            Control::Queued(q) => q.frames.as_ref()?.send(bytes).ok()?,
         }
         Some(len)
-    }
-
-    /// The bytes handed over and not written yet (none when written in place).
-    fn backlog(&self) -> u64 {
-        match self {
-            Control::InPlace(_) => 0,
-            Control::Queued(q) => q.queued.load(std::sync::atomic::Ordering::Relaxed),
-        }
-    }
-
-    /// Told each time a frame handed over has been written (none when written in
-    /// place).
-    fn written(&self) -> Option<Arc<tokio::sync::Notify>> {
-        match self {
-            Control::InPlace(_) => None,
-            Control::Queued(q) => Some(q.written.clone()),
-        }
     }
 
     /// No more messages: the stream ends once what was handed over is written.
@@ -5527,15 +5499,13 @@ mod tests {
             Ok::<_, &str>(())
         })
         .await??;
-        assert!(control.backlog() > 0, "not all of it can be written yet");
-        // Read: every frame arrives whole and in order, and the backlog drains.
+        // Read: every frame arrives whole and in order, then the end.
         let (_, mut recv) = receiver.accept_bi().await?;
+        control.finish();
         for i in 0..25 {
             let got = transport::read_frame(&mut recv, 8 << 20).await?;
             assert_eq!(got.as_deref(), Some(&frame(i)[..]), "frame {i}");
         }
-        assert!(wait_for(|| control.backlog() == 0).await, "backlog left");
-        control.finish();
         assert_eq!(transport::read_frame(&mut recv, 8 << 20).await?, None);
 
         // Written in place, the same writes wait for the reader.
@@ -5549,16 +5519,6 @@ mod tests {
         .await;
         assert!(written.is_err(), "in place, a writer waits for its reader");
         Ok(())
-    }
-
-    async fn wait_for(mut done: impl FnMut() -> bool) -> bool {
-        for _ in 0..500 {
-            if done() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        false
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -28,10 +28,14 @@ pub struct Sent {
 
 /// The bytes of upstream writes a standby lets be on their way to the active and not
 /// answered before it holds the next ones back (one write alone may be larger). The
-/// active's worker takes them one after the other: without a window, a standby
-/// writing faster than the active applies would pile its writes up in the active's
-/// memory.
+/// active's worker takes them one after the other, and queues 256 (of up to 16 MiB
+/// each) before it refuses more as busy.
 pub const WINDOW: u64 = 8 << 20;
+
+/// The upstream writes a standby lets be on their way and not answered at once,
+/// whatever their size: fewer than the active queues for its worker before it
+/// refuses more as busy.
+pub const WINDOW_WRITES: usize = 128;
 
 /// Standby: the upstream writes of one session.
 #[derive(Debug)]
@@ -155,12 +159,14 @@ impl Outbox {
     }
 
     /// The next queued message if the window lets it out now: when nothing else is on
-    /// its way, or it fits in the [`WINDOW`] with what is. It counts as on its way
-    /// until answered.
+    /// its way, or it fits in the [`WINDOW`] with what is and fewer than
+    /// [`WINDOW_WRITES`] are. It counts as on its way until answered.
     pub fn release(&mut self) -> Option<Vec<u8>> {
         let (id, bytes) = self.held.front()?;
         let size = bytes.len() as u64;
-        if self.in_flight > 0 && self.in_flight + size > WINDOW {
+        if self.in_flight > 0
+            && (self.in_flight + size > WINDOW || self.on_way.len() >= WINDOW_WRITES)
+        {
             return None;
         }
         let id = *id;
@@ -174,6 +180,11 @@ impl Outbox {
     /// The bytes of messages queued and held back.
     pub fn held_bytes(&self) -> u64 {
         self.held_bytes
+    }
+
+    /// The bytes of messages queued and not answered: held back, or on their way.
+    pub fn holding(&self) -> u64 {
+        self.held_bytes + self.in_flight
     }
 
     /// The active answered write `id`: what was sent, if it was waiting.

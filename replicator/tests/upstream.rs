@@ -269,7 +269,7 @@ fn id_of(message: &Message) -> u64 {
 
 #[test]
 fn the_outbox_lets_out_no_more_than_its_window_unanswered() {
-    use twinfs_replicator::upstream::WINDOW;
+    use twinfs_replicator::upstream::{WINDOW, WINDOW_WRITES};
     let mut outbox = Outbox::new(policies());
     let mb = |n: u64| vec![0u8; (n << 20) as usize];
     let ids: Vec<u64> = (0..4)
@@ -313,4 +313,22 @@ fn the_outbox_lets_out_no_more_than_its_window_unanswered() {
     assert!(outbox.answered(late).is_some());
     outbox.hold(99, mb(1));
     assert_eq!(outbox.release().map(|b| b.len()), Some(1 << 20));
+    assert!(outbox.answered(99).is_none());
+
+    // Small writes: no more than WINDOW_WRITES on their way at once.
+    let small: Vec<u64> = (0..WINDOW_WRITES + 10)
+        .map(|i| {
+            let id = id_of(&outbox.send(put(&format!("users/s{i}"), i as u128)));
+            outbox.hold(id, vec![0; 100]);
+            id
+        })
+        .collect();
+    let mut out = 0;
+    while outbox.release().is_some() {
+        out += 1;
+    }
+    assert_eq!(out, WINDOW_WRITES);
+    assert!(outbox.answered(small[0]).is_some());
+    assert!(outbox.release().is_some());
+    assert_eq!(outbox.release(), None);
 }

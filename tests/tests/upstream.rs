@@ -592,10 +592,11 @@ fn a_standby_write_made_once_the_actives_large_version_is_in_place_is_taken() {
 }
 
 /// Heavy traffic both ways at once: the active writes many files while a standby
-/// writes large `both` files. Until 2026-12-05 both sessions could end up waiting to
-/// write, each for the other to read (the active shipping its files, the standby
-/// its upstream writes), and never read again: replication stopped for good with both
-/// nodes connected, and the standby's writes piled up in the active's memory.
+/// writes large `both` files faster than the active takes them. Until 2026-12-05 both
+/// sessions could end up waiting to write, each for the other to read (the active
+/// shipping its files, the standby its upstream writes), and never read again:
+/// replication stopped for good with both nodes connected; and the standby held every
+/// write it had read in memory until answered (2 GB here).
 #[test]
 fn heavy_writes_both_ways_at_once_converge_and_lose_nothing() {
     let _serial = twinfs_tests::serial();
@@ -614,8 +615,7 @@ fn heavy_writes_both_ways_at_once_converge_and_lose_nothing() {
     });
     const BIG: u32 = 60;
     for i in 0..BIG {
-        fs::write(standby.join(format!("users/big{i}")), body(i, 8 << 20))
-            .expect("standby write");
+        fs::write(standby.join(format!("users/big{i}")), body(i, 8 << 20)).expect("standby write");
     }
     writer.join().expect("active writer");
     c.wait_converged(Duration::from_secs(300));
@@ -633,4 +633,12 @@ fn heavy_writes_both_ways_at_once_converge_and_lose_nothing() {
             .any(|set| has(&set.path().join(&name), &want));
         assert!(taken || kept, "{name}: the standby's write is lost");
     }
+    // The standby held a bounded part of its 480 MiB of writes in memory at a time.
+    let peak = c.nodes[1].pid().and_then(|pid| {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    let peak = peak.expect("the standby's peak memory");
+    assert!(peak < 512 << 10, "the standby's peak memory: {peak} KiB");
 }
