@@ -1368,8 +1368,17 @@ async fn run_session(
     let mut messages = spawn_reader(recv, received.clone());
     let role = session.role();
     let tag = stream_tag(&volume.name, send.id());
+    let counters = StreamCounters::default();
     let mut send = match role {
-        Role::Active => Control::in_place(send),
+        // (Anything from the standby, on this stream or a large file's, says it is
+        // alive.)
+        Role::Active => Control::watched(
+            send,
+            Silence {
+                heard: [received.clone(), counters.received.clone()],
+                limit: PEER_TIMEOUT,
+            },
+        ),
         Role::Standby => Control::queued(send),
     };
     // A standby with `direction = "both"` rules follows its own change records too:
@@ -1401,7 +1410,6 @@ async fn run_session(
     // The session ends when this node's role for the volume changes.
     let mut roles = volume.roles.subscribe();
     let mut sent = 0u64;
-    let counters = StreamCounters::default();
     let gate_id = volume.gate.register();
     static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let session_id = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -2733,9 +2741,29 @@ fn percent(bytes_done: u64, bytes: u64, ops_done: u64, ops: u64, running: bool) 
 /// on the active: were both loops waiting for the other to read (the active shipping
 /// its changes, the standby its upstream writes or a verify manifest), neither would
 /// read again, and the session would hang with both nodes connected.
+///
+/// An active's session gives up on a standby that reads nothing of what it writes and
+/// says nothing for the peer timeout, as it does when it has nothing to write: its
+/// loop, waiting to write, takes no messages and runs no timers meanwhile.
 enum Control {
-    InPlace(quinn::SendStream),
+    InPlace(quinn::SendStream, Option<Silence>),
     Queued(Queued),
+}
+
+/// How long a write in place waits while nothing is heard from the peer.
+struct Silence {
+    /// Bytes received from the peer so far.
+    heard: [Arc<std::sync::atomic::AtomicU64>; 2],
+    limit: Duration,
+}
+
+impl Silence {
+    fn heard(&self) -> u64 {
+        self.heard
+            .iter()
+            .map(|h| h.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
 }
 
 /// A standby's control stream, written by [`Queued::writer`]. (What waits in it is
@@ -2759,9 +2787,15 @@ impl Queued {
 }
 
 impl Control {
-    /// Written in place, for an active's session or a probe.
+    /// Written in place, for a probe (which has a time limit of its own).
     fn in_place(send: quinn::SendStream) -> Control {
-        Control::InPlace(send)
+        Control::InPlace(send, None)
+    }
+
+    /// Written in place, for an active's session: a write fails once it has waited
+    /// for `silence.limit` with nothing heard from the peer.
+    fn watched(send: quinn::SendStream, silence: Silence) -> Control {
+        Control::InPlace(send, Some(silence))
     }
 
     /// Written by a task of its own, for a standby's session.
@@ -2786,7 +2820,31 @@ impl Control {
     async fn write_bytes(&mut self, bytes: Vec<u8>) -> Option<u64> {
         let len = bytes.len() as u64 + 4;
         match self {
-            Control::InPlace(send) => transport::write_frame(send, &bytes).await.ok()?,
+            Control::InPlace(send, None) => transport::write_frame(send, &bytes).await.ok()?,
+            Control::InPlace(send, Some(silence)) => {
+                let write = transport::write_frame(send, &bytes);
+                tokio::pin!(write);
+                let mut heard = silence.heard();
+                let mut since = Instant::now();
+                loop {
+                    tokio::select! {
+                        written = &mut write => {
+                            written.ok()?;
+                            break;
+                        }
+                        () = tokio::time::sleep(silence.limit / 8) => {
+                            let now = silence.heard();
+                            if now != heard {
+                                (heard, since) = (now, Instant::now());
+                            } else if since.elapsed() >= silence.limit {
+                                tracing::warn!(silent = ?silence.limit,
+                                    "the peer reads nothing this node sends and says nothing; ending the session");
+                                return None;
+                            }
+                        }
+                    }
+                }
+            }
             Control::Queued(q) => q.frames.as_ref()?.send(bytes).ok()?,
         }
         Some(len)
@@ -2795,7 +2853,7 @@ impl Control {
     /// No more messages: the stream ends once what was handed over is written.
     fn finish(&mut self) {
         match self {
-            Control::InPlace(send) => {
+            Control::InPlace(send, _) => {
                 let _ = send.finish();
             }
             Control::Queued(q) => q.frames = None,
@@ -2806,7 +2864,7 @@ impl Control {
     /// all (written in place only).
     async fn finish_read(&mut self, wait: Duration) {
         self.finish();
-        if let Control::InPlace(send) = self {
+        if let Control::InPlace(send, _) = self {
             let _ = tokio::time::timeout(wait, send.stopped()).await;
         }
     }
@@ -5518,6 +5576,56 @@ mod tests {
         })
         .await;
         assert!(written.is_err(), "in place, a writer waits for its reader");
+        Ok(())
+    }
+
+    /// An active's write waits for a standby that does not read as long as it hears
+    /// from it, and gives up once it has heard nothing for the limit.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_actives_write_gives_up_on_a_standby_that_reads_nothing_and_says_nothing(
+    ) -> TestResult {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let (sender, _receiver) = connected().await?;
+        let heard = Arc::new(AtomicU64::new(0));
+        let (send, _) = sender.open_bi().await?;
+        let mut control = Control::watched(
+            send,
+            Silence {
+                heard: [heard.clone(), Arc::new(AtomicU64::new(0))],
+                limit: Duration::from_millis(800),
+            },
+        );
+        let frame = vec![7u8; 4 << 20];
+        // Past the flow-control windows, with word from the peer every 100 ms: still
+        // waiting after several times the limit.
+        let talker = {
+            let heard = heard.clone();
+            tokio::spawn(async move {
+                loop {
+                    heard.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        let waited = tokio::time::timeout(Duration::from_secs(4), async {
+            for _ in 0..25 {
+                if control.write_bytes(frame.clone()).await.is_none() {
+                    return Err("gave up on a peer that talks");
+                }
+            }
+            Ok(())
+        })
+        .await;
+        talker.abort();
+        assert!(
+            waited.is_err(),
+            "{waited:?}: the write should still be waiting"
+        );
+        // Nothing heard any more: it gives up.
+        let given_up = tokio::time::timeout(Duration::from_secs(20), control.write_bytes(frame))
+            .await
+            .map_err(|_| "still waiting on a silent peer")?;
+        assert_eq!(given_up, None);
         Ok(())
     }
 
