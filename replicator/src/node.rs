@@ -1317,13 +1317,17 @@ impl Messages {
 const READ_AHEAD: usize = 64 << 20;
 
 /// Reads frames onto a channel (so the session loop can wait on several things
-/// without losing half-read frames). Ends on a bad frame.
+/// without losing half-read frames), counting the bytes in `received`. Ends on a bad
+/// frame. A heartbeat that finds the channel full is dropped, counted: while its loop
+/// takes nothing (an active waiting to write), the peer's heartbeats still say it is
+/// alive, and the frames behind them come through.
 fn spawn_reader(
     mut recv: quinn::RecvStream,
     received: Arc<std::sync::atomic::AtomicU64>,
 ) -> Messages {
     let (tx, rx) = mpsc::channel(64);
     let room = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD));
+    let heartbeat = Message::Heartbeat.encode().unwrap_or_default();
     tokio::spawn(async move {
         loop {
             let bytes = match transport::read_frame(&mut recv, MAX_MESSAGE).await {
@@ -1343,6 +1347,9 @@ fn spawn_reader(
                 }
             };
             received.fetch_add(bytes.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
+            if bytes == heartbeat && (tx.capacity() == 0 || room.available_permits() == 0) {
+                continue;
+            }
             // (A frame larger than the room takes all of it.)
             let size = bytes.len().clamp(1, READ_AHEAD) as u32;
             let Ok(taken) = room.clone().acquire_many_owned(size).await else {
@@ -1476,6 +1483,8 @@ async fn run_session(
     let mut parked: Option<Output> = None;
     // Active: the bytes of large-file streams last seen, which count as progress.
     let mut streamed = 0u64;
+    // The bytes the reader has counted, last seen.
+    let mut heard = 0u64;
     'session: loop {
         if role == Role::Standby
             && following.is_none()
@@ -1855,6 +1864,14 @@ async fn run_session(
         if moved != streamed {
             streamed = moved;
             session.stream_progress(std::time::Instant::now());
+        }
+        // What the reader read says the peer is alive, taken by this loop yet or not
+        // (after a long wait to write, the peer's timeout must not end the session
+        // before the messages waiting are taken).
+        let read = received.load(std::sync::atomic::Ordering::Relaxed);
+        if read != heard {
+            heard = read;
+            session.peer_heard(std::time::Instant::now());
         }
         let deadline = Instant::from_std(session.next_deadline());
         // Standby: local writes of upstream paths wait in the change stream while the
@@ -2822,27 +2839,35 @@ impl Control {
         match self {
             Control::InPlace(send, None) => transport::write_frame(send, &bytes).await.ok()?,
             Control::InPlace(send, Some(silence)) => {
-                let write = transport::write_frame(send, &bytes);
-                tokio::pin!(write);
-                let mut heard = silence.heard();
-                let mut since = Instant::now();
-                loop {
-                    tokio::select! {
-                        written = &mut write => {
-                            written.ok()?;
-                            break;
-                        }
-                        () = tokio::time::sleep(silence.limit / 8) => {
-                            let now = silence.heard();
-                            if now != heard {
-                                (heard, since) = (now, Instant::now());
-                            } else if since.elapsed() >= silence.limit {
-                                tracing::warn!(silent = ?silence.limit,
-                                    "the peer reads nothing this node sends and says nothing; ending the session");
-                                return None;
+                let gave_up = {
+                    let write = transport::write_frame(send, &bytes);
+                    tokio::pin!(write);
+                    let mut heard = silence.heard();
+                    let mut since = Instant::now();
+                    loop {
+                        tokio::select! {
+                            written = &mut write => {
+                                written.ok()?;
+                                break false;
+                            }
+                            () = tokio::time::sleep(silence.limit / 8) => {
+                                let now = silence.heard();
+                                if now != heard {
+                                    (heard, since) = (now, Instant::now());
+                                } else if since.elapsed() >= silence.limit {
+                                    break true;
+                                }
                             }
                         }
                     }
+                };
+                if gave_up {
+                    tracing::warn!(silent = ?silence.limit,
+                        "the peer reads nothing this node sends and says nothing; ending the session");
+                    // (Half a frame may be out: the stream ends as broken, not
+                    // cleanly, and takes no more.)
+                    let _ = send.reset(quinn::VarInt::from_u32(0));
+                    return None;
                 }
             }
             Control::Queued(q) => q.frames.as_ref()?.send(bytes).ok()?,
@@ -5592,7 +5617,7 @@ mod tests {
             send,
             Silence {
                 heard: [heard.clone(), Arc::new(AtomicU64::new(0))],
-                limit: Duration::from_millis(800),
+                limit: Duration::from_secs(2),
             },
         );
         let frame = vec![7u8; 4 << 20];
@@ -5607,7 +5632,7 @@ mod tests {
                 }
             })
         };
-        let waited = tokio::time::timeout(Duration::from_secs(4), async {
+        let waited = tokio::time::timeout(Duration::from_secs(6), async {
             for _ in 0..25 {
                 if control.write_bytes(frame.clone()).await.is_none() {
                     return Err("gave up on a peer that talks");
@@ -5626,6 +5651,49 @@ mod tests {
             .await
             .map_err(|_| "still waiting on a silent peer")?;
         assert_eq!(given_up, None);
+        Ok(())
+    }
+
+    /// A peer's heartbeats are read, and count, while the loop takes nothing and the
+    /// reader's channel is full; they are dropped, and nothing else is.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn heartbeats_are_heard_while_the_loop_takes_nothing() -> TestResult {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let (sender, receiver) = connected().await?;
+        let (send, _) = sender.open_bi().await?;
+        let mut control = Control::in_place(send);
+        let mut total = 0;
+        for _ in 0..64 {
+            total += control.write(&Message::Resync).await.ok_or("write")?;
+        }
+        for _ in 0..200 {
+            total += control.write(&Message::Heartbeat).await.ok_or("write")?;
+        }
+        total += control.write(&Message::Resync).await.ok_or("write")?;
+        control.finish();
+        let (_, recv) = receiver.accept_bi().await?;
+        let received = Arc::new(AtomicU64::new(0));
+        let mut messages = spawn_reader(recv, received.clone());
+        // Every frame is read (the last one waits for room) with nothing taken.
+        let all_read = tokio::time::timeout(Duration::from_secs(10), async {
+            while received.load(Ordering::Relaxed) < total {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            all_read.is_ok(),
+            "read {} of {total} bytes",
+            received.load(Ordering::Relaxed)
+        );
+        for i in 0..65 {
+            let m = messages.recv().await;
+            assert!(matches!(m, Some(Message::Resync)), "message {i}: {m:?}");
+        }
+        assert!(
+            messages.recv().await.is_none(),
+            "the heartbeats are dropped"
+        );
         Ok(())
     }
 
