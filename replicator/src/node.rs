@@ -1264,9 +1264,9 @@ async fn peer_stream(
 
 /// The peer's messages, as the session loop takes them. The reader task passes on
 /// frames still encoded (a part of a manifest is about 80 KB so, 330 KB decoded)
-/// and they are decoded as they are taken: at 64 frames queued while the active
-/// scans its own volume, a whole 100,000-entry manifest of the standby's waited
-/// decoded (about 20 MiB) at the daemon's peak of memory.
+/// and they are decoded as they are taken: when they were decoded as read, 64 frames
+/// queued while the active scanned its own volume held a whole 100,000-entry manifest
+/// of the standby's decoded (about 20 MiB) at the daemon's peak of memory.
 struct Messages {
     rx: mpsc::Receiver<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>,
     broken: bool,
@@ -1311,10 +1311,15 @@ impl Messages {
 }
 
 /// The bytes of frames a session's reader reads ahead of its loop (besides at most
-/// 64 frames): past them the peer's flow control holds it back, so a peer's large
-/// frames (upstream writes of up to 16 MiB) cannot pile up in memory. (64 ops of up
-/// to 1 MiB from an active fit.)
+/// [`READ_AHEAD_FRAMES`]): past them the peer's flow control holds it back, so a
+/// peer's large frames (upstream writes of up to 16 MiB) cannot pile up in memory.
+/// (64 ops of up to 1 MiB from an active fit.)
 const READ_AHEAD: usize = 64 << 20;
+
+/// The frames a session's reader reads ahead of its loop: more than a standby's
+/// upstream writes unanswered ([`upstream::WINDOW_WRITES`]), so that the heartbeats
+/// behind them still come through to an active that takes no messages for a while.
+const READ_AHEAD_FRAMES: usize = 256;
 
 /// Reads frames onto a channel (so the session loop can wait on several things
 /// without losing half-read frames), counting the bytes in `received`. Ends on a bad
@@ -1325,7 +1330,7 @@ fn spawn_reader(
     mut recv: quinn::RecvStream,
     received: Arc<std::sync::atomic::AtomicU64>,
 ) -> Messages {
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, rx) = mpsc::channel(READ_AHEAD_FRAMES);
     let room = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD));
     let heartbeat = Message::Heartbeat.encode().unwrap_or_default();
     tokio::spawn(async move {
@@ -1865,10 +1870,11 @@ async fn run_session(
             streamed = moved;
             session.stream_progress(std::time::Instant::now());
         }
-        // What the reader read says the peer is alive, taken by this loop yet or not
-        // (after a long wait to write, the peer's timeout must not end the session
-        // before the messages waiting are taken).
-        let read = received.load(std::sync::atomic::Ordering::Relaxed);
+        // What the reader read (or a large file's stream) says the peer is alive,
+        // taken by this loop yet or not (after a long wait to write, the peer's
+        // timeout must not end the session before the messages waiting are taken).
+        let read = received.load(std::sync::atomic::Ordering::Relaxed)
+            + counters.received.load(std::sync::atomic::Ordering::Relaxed);
         if read != heard {
             heard = read;
             session.peer_heard(std::time::Instant::now());
@@ -5663,7 +5669,7 @@ mod tests {
         let (send, _) = sender.open_bi().await?;
         let mut control = Control::in_place(send);
         let mut total = 0;
-        for _ in 0..64 {
+        for _ in 0..READ_AHEAD_FRAMES {
             total += control.write(&Message::Resync).await.ok_or("write")?;
         }
         for _ in 0..200 {
@@ -5674,7 +5680,7 @@ mod tests {
         let (_, recv) = receiver.accept_bi().await?;
         let received = Arc::new(AtomicU64::new(0));
         let mut messages = spawn_reader(recv, received.clone());
-        // Every frame is read (the last one waits for room) with nothing taken.
+        // Every frame is read (the last one waits for a place) with nothing taken.
         let all_read = tokio::time::timeout(Duration::from_secs(10), async {
             while received.load(Ordering::Relaxed) < total {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -5686,7 +5692,7 @@ mod tests {
             "read {} of {total} bytes",
             received.load(Ordering::Relaxed)
         );
-        for i in 0..65 {
+        for i in 0..=READ_AHEAD_FRAMES {
             let m = messages.recv().await;
             assert!(matches!(m, Some(Message::Resync)), "message {i}: {m:?}");
         }
