@@ -1323,9 +1323,9 @@ const READ_AHEAD_FRAMES: usize = 256;
 
 /// Reads frames onto a channel (so the session loop can wait on several things
 /// without losing half-read frames), counting the bytes in `received`. Ends on a bad
-/// frame. A heartbeat that finds the channel full is dropped, counted: while its loop
-/// takes nothing (an active waiting to write), the peer's heartbeats still say it is
-/// alive, and the frames behind them come through.
+/// frame. A heartbeat that finds no place (the channel or its bytes full) is dropped,
+/// counted: while its loop takes nothing (an active waiting to write), the peer's
+/// heartbeats still say it is alive, and the frames behind them come through.
 fn spawn_reader(
     mut recv: quinn::RecvStream,
     received: Arc<std::sync::atomic::AtomicU64>,

@@ -200,11 +200,16 @@ fn the_active_checks_the_rule_itself() {
     }
 }
 
-fn base_of(message: &Message) -> Option<u128> {
+/// The id and base of an upstream message.
+fn upstream_of(message: &Message) -> (u64, Option<u128>) {
     match message {
-        Message::Upstream { base, .. } => *base,
+        Message::Upstream { id, base, .. } => (*id, *base),
         other => panic!("not an upstream message: {other:?}"),
     }
+}
+
+fn base_of(message: &Message) -> Option<u128> {
+    upstream_of(message).1
 }
 
 #[test]
@@ -261,10 +266,7 @@ fn the_outbox_bases_each_write_on_the_last_version_agreed_or_sent() {
 }
 
 fn id_of(message: &Message) -> u64 {
-    match message {
-        Message::Upstream { id, .. } => *id,
-        other => panic!("not an upstream message: {other:?}"),
-    }
+    upstream_of(message).0
 }
 
 #[test]
