@@ -1326,14 +1326,21 @@ const READ_AHEAD_FRAMES: usize = 256;
 /// frame. A heartbeat that finds no place (the channel or its bytes full) is dropped,
 /// counted: while its loop takes nothing (an active waiting to write), the peer's
 /// heartbeats still say it is alive, and the frames behind them come through.
+///
+/// `heard` is called for what it reads, at most every [`HEARD_EVERY`]: the peer is
+/// alive whether or not the loop takes its messages yet (a standby's loop scanning
+/// its volume takes none for minutes, and automatic failover must not take the
+/// active's heartbeats waiting meanwhile for silence).
 fn spawn_reader(
     mut recv: quinn::RecvStream,
     received: Arc<std::sync::atomic::AtomicU64>,
+    heard: impl Fn() + Send + 'static,
 ) -> Messages {
     let (tx, rx) = mpsc::channel(READ_AHEAD_FRAMES);
     let room = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD));
     let heartbeat = Message::Heartbeat.encode().unwrap_or_default();
     tokio::spawn(async move {
+        let mut told: Option<Instant> = None;
         loop {
             let bytes = match transport::read_frame(&mut recv, MAX_MESSAGE).await {
                 Ok(Some(bytes)) => bytes,
@@ -1352,6 +1359,10 @@ fn spawn_reader(
                 }
             };
             received.fetch_add(bytes.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
+            if told.is_none_or(|t| t.elapsed() >= HEARD_EVERY) {
+                heard();
+                told = Some(Instant::now());
+            }
             if bytes == heartbeat && (tx.capacity() == 0 || room.available_permits() == 0) {
                 continue;
             }
@@ -1368,6 +1379,9 @@ fn spawn_reader(
     Messages { rx, broken: false }
 }
 
+/// How often a session's reader tells the status board that the peer was heard.
+const HEARD_EVERY: Duration = Duration::from_millis(100);
+
 async fn run_session(
     volume: VolumeLink,
     mut session: Session,
@@ -1377,7 +1391,15 @@ async fn run_session(
     link: Link,
 ) {
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut messages = spawn_reader(recv, received.clone());
+    let mut messages = spawn_reader(recv, received.clone(), {
+        let (link, name) = (link.clone(), volume.name.clone());
+        move || {
+            link.update(&name, |s| {
+                s.last_contact = Some(unix_now());
+                s.heard = Some(std::time::Instant::now());
+            })
+        }
+    });
     let role = session.role();
     let tag = stream_tag(&volume.name, send.id());
     let counters = StreamCounters::default();
@@ -1686,7 +1708,10 @@ async fn run_session(
             if let (Output::ScanLocal, Some(outbox)) = (&out, outbox.as_mut()) {
                 // What was put in place before the scan, the scan sees.
                 learn_placed(&volume, outbox);
-                match scan_for_standby(&volume).await {
+                match heartbeating(&mut send, &mut sent, scan_for_standby(&volume))
+                    .await
+                    .flatten()
+                {
                     Some(manifest) => {
                         outbox.learn_manifest(&manifest);
                         session.local_manifest(manifest, std::time::Instant::now());
@@ -1888,10 +1913,6 @@ async fn run_session(
         tokio::select! {
             m = next_message(&mut held, &mut messages), if !backlog => match m {
                 Some(m) => {
-                    link.update(&volume.name, |s| {
-                        s.last_contact = Some(unix_now());
-                        s.heard = Some(std::time::Instant::now());
-                    });
                     match &m {
                         m if for_the_driver(m) && !session.driver_may_act(m) => {
                             tracing::warn!(volume = %volume.name, peer = %link.peer, message = ?m,
@@ -1925,9 +1946,8 @@ async fn run_session(
                             if !batch.is_empty() {
                                 batch.flush(&volume, &mut session).await;
                             }
-                            large.wait_all(&mut session).await;
-                            let answered = answer_verify(&volume, &mut send, *id).await;
-                            if answered.is_none() {
+                            let waited = heartbeating(&mut send, &mut sent, large.wait_all(&mut session)).await;
+                            if waited.is_none() || answer_verify(&volume, &mut send, &mut sent, *id).await.is_none() {
                                 break;
                             }
                         }
@@ -1970,7 +1990,8 @@ async fn run_session(
                                 v.entries.extend(entries.iter().cloned());
                                 if *done {
                                     if let Some(v) = verifying.take() {
-                                        let answer = compare_fresh(&volume, v.entries).await;
+                                        let answer = heartbeating(&mut send, &mut sent, compare_fresh(&volume, v.entries)).await;
+                                        let Some(answer) = answer else { break };
                                         let _ = v.reply.try_send((link.peer.clone(), answer));
                                     }
                                 }
@@ -2901,6 +2922,26 @@ impl Control {
     }
 }
 
+/// Awaits `work` (a scan of the whole volume, which takes minutes on a large one),
+/// sending a heartbeat every [`HEARTBEAT`] meanwhile and adding their bytes to
+/// `sent`: the peer would otherwise take this node for silent, its session after
+/// the peer timeout, a standby's automatic failover after the volume's
+/// `peer_timeout`. `None` if the stream broke.
+async fn heartbeating<T>(
+    send: &mut Control,
+    sent: &mut u64,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut work => return Some(done),
+            () = tokio::time::sleep(HEARTBEAT) => *sent += send.write(&Message::Heartbeat).await?,
+        }
+    }
+}
+
 /// Carries out one output: the bytes it sent, or `None` to end the session.
 async fn carry_out(
     volume: &VolumeLink,
@@ -2913,9 +2954,10 @@ async fn carry_out(
         // Handled by `run_session` before they get here.
         Output::Fenced { .. } | Output::Follow { .. } | Output::Ship(_) => Some(0),
         Output::ScanLocal => {
-            let m = scan_for_standby(volume).await?;
+            let mut sent = 0;
+            let m = heartbeating(send, &mut sent, scan_for_standby(volume)).await??;
             session.local_manifest(m, std::time::Instant::now());
-            Some(0)
+            Some(sent)
         }
         Output::Apply { seq, op } => {
             apply_now(volume, session, seq, op, None).await;
@@ -3365,9 +3407,19 @@ fn scan_fresh(volume: &VolumeLink) -> Result<(Manifest, TooLong), manifest::Mani
 }
 
 /// Standby: answers a `twinfs verify` with a freshly hashed manifest.
-async fn answer_verify(volume: &VolumeLink, send: &mut Control, id: u64) -> Option<()> {
+async fn answer_verify(
+    volume: &VolumeLink,
+    send: &mut Control,
+    sent: &mut u64,
+    id: u64,
+) -> Option<()> {
     let v = volume.clone();
-    let scanned = tokio::task::spawn_blocking(move || scan_fresh(&v)).await;
+    let scanned = heartbeating(
+        send,
+        sent,
+        tokio::task::spawn_blocking(move || scan_fresh(&v)),
+    )
+    .await?;
     let manifest = match scanned {
         Ok(Ok((m, _))) => m,
         // No answer: the active reports that this standby did not answer (an empty
@@ -3382,7 +3434,8 @@ async fn answer_verify(volume: &VolumeLink, send: &mut Control, id: u64) -> Opti
         }
     };
     for (entries, done) in manifest.parts(crate::protocol::MANIFEST_CHUNK) {
-        send.write(&Message::VerifyManifest { id, entries, done })
+        *sent += send
+            .write(&Message::VerifyManifest { id, entries, done })
             .await?;
     }
     Some(())
@@ -5679,7 +5732,7 @@ mod tests {
         control.finish();
         let (_, recv) = receiver.accept_bi().await?;
         let received = Arc::new(AtomicU64::new(0));
-        let mut messages = spawn_reader(recv, received.clone());
+        let mut messages = spawn_reader(recv, received.clone(), || {});
         // Every frame is read (the last one waits for a place) with nothing taken.
         let all_read = tokio::time::timeout(Duration::from_secs(10), async {
             while received.load(Ordering::Relaxed) < total {
@@ -5700,6 +5753,74 @@ mod tests {
             messages.recv().await.is_none(),
             "the heartbeats are dropped"
         );
+        Ok(())
+    }
+
+    /// The reader tells the board the peer was heard while the loop takes nothing
+    /// (a standby's loop scanning its volume): automatic failover goes by it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_board_hears_a_peer_whose_messages_wait_untaken() -> TestResult {
+        let (sender, receiver) = connected().await?;
+        let (send, _) = sender.open_bi().await?;
+        let mut control = Control::in_place(send);
+        // The channel full first, so nothing after it could be taken anyway.
+        for _ in 0..READ_AHEAD_FRAMES {
+            control.write(&Message::Resync).await.ok_or("write")?;
+        }
+        control.write(&Message::Heartbeat).await.ok_or("write")?;
+        let (_, recv) = receiver.accept_bi().await?;
+        let told = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+        let _messages = spawn_reader(recv, Arc::default(), {
+            let told = told.clone();
+            move || {
+                told.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Instant::now())
+            }
+        });
+        // A heartbeat every 300 ms for 3 s, none of them taken.
+        let mut last = Instant::now();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            control.write(&Message::Heartbeat).await.ok_or("write")?;
+            last = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let told = told.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert!(told.len() >= 10, "told {} times", told.len());
+        let latest = told.last().copied().ok_or("never told")?;
+        assert!(
+            latest + Duration::from_millis(150) >= last,
+            "the last heartbeat was not told: {:?} before it",
+            last - latest
+        );
+        Ok(())
+    }
+
+    /// A loop busy with a long piece of work (a scan) still sends heartbeats.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_session_sends_heartbeats_while_it_scans() -> TestResult {
+        let (sender, receiver) = connected().await?;
+        let (send, _) = sender.open_bi().await?;
+        let mut control = Control::queued(send);
+        let mut sent = 0;
+        let work = tokio::time::sleep(HEARTBEAT * 3 + HEARTBEAT / 2);
+        let done = heartbeating(&mut control, &mut sent, async {
+            work.await;
+            7
+        })
+        .await;
+        assert_eq!(done, Some(7));
+        control.finish();
+        let (_, mut recv) = receiver.accept_bi().await?;
+        let heartbeat = Message::Heartbeat.encode()?;
+        let mut frames = Vec::new();
+        while let Some(frame) = transport::read_frame(&mut recv, MAX_MESSAGE).await? {
+            frames.push(frame);
+        }
+        assert_eq!(frames.len(), 3, "a heartbeat a second: {frames:?}");
+        assert!(frames.iter().all(|f| *f == heartbeat));
+        assert_eq!(sent, 3 * (heartbeat.len() as u64 + 4));
         Ok(())
     }
 

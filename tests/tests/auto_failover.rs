@@ -254,3 +254,82 @@ fn an_active_that_fails_its_health_check_hands_over_to_the_standby() {
     fs::write(c.nodes[1].volume.join("after"), "on the new active\n").expect("write");
     c.wait_converged_to(1, CONVERGE);
 }
+
+/// A full sync and a `twinfs verify` that each scan a volume for longer than the
+/// volume's `peer_timeout` do not make the standby take its active for silent: a
+/// session sends heartbeats while it scans, and a standby counts what it reads while
+/// its own session scans.
+#[test]
+fn long_scans_never_make_the_active_look_silent() {
+    let _serial = twinfs_tests::serial();
+    // Sparse, the same on both nodes (nothing to send), and hashed in full by each
+    // scan: some seconds of reading zeros.
+    const BIG: u64 = 1 << 30;
+    let big = |dir: &Path| {
+        let file = fs::File::create(dir.join("firmware.img")).expect("create");
+        file.set_len(BIG).expect("set_len");
+        file.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+            .expect("set mtime");
+    };
+    let rules = "failover = \"auto\"\npeer_timeout = \"2s\"\n";
+    let mut c = Cluster::new(2, rules, fill);
+    for node in &c.nodes {
+        big(&node.volume);
+    }
+    c.start();
+
+    // What the standby's failover watch says, every 200 ms, until `done`.
+    let watched = |c: &Cluster, done: &dyn Fn() -> bool, seen: &mut Vec<String>| {
+        let end = Instant::now() + Duration::from_secs(300);
+        while !done() {
+            assert!(Instant::now() < end, "not done in 300 s\n{}", logs(c));
+            let note = c.nodes[1].volume_status()["auto_failover"].clone();
+            let note = note.as_str().unwrap_or_default().to_owned();
+            if seen.last() != Some(&note) {
+                seen.push(note);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let mut seen = Vec::new();
+    let from = Instant::now();
+    watched(
+        &c,
+        &|| c.nodes[1].volume_status()["takeover"] == "ready",
+        &mut seen,
+    );
+    let synced_in = from.elapsed();
+
+    // `twinfs verify` hashes everything on the standby, then on the active.
+    let verify = std::thread::scope(|s| {
+        let running = s.spawn(|| c.nodes[0].twinfs(&["verify"]));
+        let from = Instant::now();
+        watched(&c, &|| running.is_finished(), &mut seen);
+        (running.join().expect("verify thread"), from.elapsed())
+    });
+    let (out, verified_in) = verify;
+    eprintln!("full sync {synced_in:?}, verify {verified_in:?}");
+    assert!(
+        out.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The proof needs scans longer than the timeout: the verify's two, one after
+    // the other, and the full sync's, side by side.
+    assert!(
+        verified_in > Duration::from_secs(5) && synced_in > Duration::from_secs(3),
+        "scans too fast to show anything (full sync {synced_in:?}, verify \
+         {verified_in:?}): make the file larger"
+    );
+    assert!(
+        !seen.iter().any(|n| n.contains("silent")),
+        "the standby took the active for silent: {seen:?}\n{}",
+        logs(&c)
+    );
+    for node in &c.nodes {
+        let log = node.log_text();
+        assert!(!log.contains("peer silent"), "{log}");
+    }
+    assert_eq!(role_epoch(&c.nodes[1]), ("standby".into(), 1));
+}
