@@ -137,6 +137,11 @@ pub struct Failover {
 /// `peer_timeout` when not given.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The shortest `peer_timeout`: two of the active's heartbeats, so that one sent a
+/// little late (a busy machine) is not taken for a silent active.
+pub const MIN_PEER_TIMEOUT: Duration =
+    Duration::from_secs(2 * twinfs_replicator::node::HEARTBEAT.as_secs());
+
 /// `health_*` of a volume: the active gives up the role when it cannot serve.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Health {
@@ -729,7 +734,23 @@ impl RawVolume {
         let failover = Failover {
             auto: self.failover == Some(FailoverMode::Auto),
             peer_timeout: match self.peer_timeout {
-                Some(t) => duration(&t, doc, &key("peer_timeout"), MAX_TIMEOUT)?,
+                Some(t) => match duration(&t, doc, &key("peer_timeout"), MAX_TIMEOUT)? {
+                    d if d < MIN_PEER_TIMEOUT => {
+                        return Err(doc.invalid(
+                            t.span(),
+                            &key("peer_timeout"),
+                            format!(
+                                "{:?} is too short: at least {} (the active sends a \
+                                 heartbeat every {}; a shorter timeout takes one sent \
+                                 a little late for a silent active)",
+                                t.get_ref(),
+                                humantime::format_duration(MIN_PEER_TIMEOUT),
+                                humantime::format_duration(twinfs_replicator::node::HEARTBEAT),
+                            ),
+                        ))
+                    }
+                    d => d,
+                },
                 None => DEFAULT_PEER_TIMEOUT,
             },
         };

@@ -305,6 +305,18 @@ fn a_duration_too_long() {
 }
 
 #[test]
+fn a_peer_timeout_too_short_for_the_heartbeats() {
+    let setup = Setup::new();
+    for short in ["1s", "1999ms"] {
+        let text = format!("{}peer_timeout = \"{short}\"\n", minimal_volume());
+        let what = format!("\"{short}\" is too short: at least 2s");
+        setup.assert_error(&text, 4, "volume[0].peer_timeout", &what);
+    }
+    let text = format!("{}peer_timeout = \"2s\"\n", minimal_volume());
+    setup.load(&text).expect("two heartbeats are enough");
+}
+
+#[test]
 fn a_pattern_that_can_never_match() {
     let setup = Setup::new();
     let rule = |pattern: &str| {
