@@ -1991,8 +1991,12 @@ async fn run_session(
                                 if *done {
                                     if let Some(v) = verifying.take() {
                                         let answer = heartbeating(&mut send, &mut sent, compare_fresh(&volume, v.entries)).await;
-                                        let Some(answer) = answer else { break };
+                                        let ended = answer.is_none();
+                                        let answer = answer.unwrap_or_else(|| Err("the session ended".into()));
                                         let _ = v.reply.try_send((link.peer.clone(), answer));
+                                        if ended {
+                                            break;
+                                        }
                                     }
                                 }
                             }
@@ -3174,6 +3178,9 @@ async fn ship(
     tag: u64,
 ) -> Option<u64> {
     let can_stream = link.connection.is_some() && link.streams.is_some();
+    // (Reading a large file whole, its first change since this node started, takes
+    // a while: heartbeats go out meanwhile.)
+    let mut sent = 0;
     if ships.len() == 1 {
         let one = ships.pop()?;
         let small = is_small(volume, &one.path);
@@ -3181,13 +3188,13 @@ async fn ship(
             read_ship(volume, one, can_stream, small)
         } else {
             let v = volume.clone();
-            tokio::task::spawn_blocking(move || read_ship(&v, one, can_stream, small))
-                .await
-                .ok()?
+            let reading =
+                tokio::task::spawn_blocking(move || read_ship(&v, one, can_stream, small));
+            heartbeating(send, &mut sent, reading).await?.ok()?
         };
         catch_up_renames(volume, session, records).await;
         unless_superseded(session, &mut read);
-        return send_ship(volume, session, send, read, link, counters, tag).await;
+        return Some(sent + send_ship(volume, session, send, read, link, counters, tag).await?);
     }
     let mut groups: Vec<Vec<(usize, Ship)>> = (0..SHIP_READERS).map(|_| Vec::new()).collect();
     let count = ships.len();
@@ -3218,7 +3225,7 @@ async fn ship(
         .collect();
     let mut reads: Vec<Option<ShipRead>> = (0..count).map(|_| None).collect();
     for task in tasks {
-        for (i, read) in task.await.ok()? {
+        for (i, read) in heartbeating(send, &mut sent, task).await?.ok()? {
             reads[i] = Some(read);
         }
     }
@@ -3227,7 +3234,6 @@ async fn ship(
         unless_superseded(session, read);
     }
     gone_below_gone(&mut reads);
-    let mut sent = 0;
     for read in reads {
         sent += send_ship(volume, session, send, read?, link, counters, tag).await?;
     }

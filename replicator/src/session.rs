@@ -839,6 +839,10 @@ impl Session {
             return;
         }
         if self.is_active() {
+            // The wait for the standby's manifest counts from the end of this node's
+            // own scan (minutes on a large volume, during which the driver took no
+            // messages): the standby's parts waiting meanwhile are not a stall.
+            self.progress_at = now;
             let mut differ = manifest::Differ::new(manifest);
             for entry in std::mem::take(&mut self.theirs) {
                 if let Err(e) = differ.feed(entry) {

@@ -247,6 +247,9 @@ struct World {
     /// recorded while they are being read.
     defer_ships: bool,
     deferred: Vec<Ship>,
+    /// How long the active's scan of its volume takes; its timers run as soon as it
+    /// ends, before any message that came meanwhile is taken.
+    active_scan: Duration,
 }
 
 fn config(role: Role, policies: &PolicySet) -> SessionConfig {
@@ -290,6 +293,7 @@ impl World {
             writing: BTreeSet::new(),
             defer_ships: false,
             deferred: Vec::new(),
+            active_scan: Duration::ZERO,
         }
     }
 
@@ -332,8 +336,10 @@ impl World {
             match out {
                 Output::Send(m) => Self::deliver(&mut self.to_standby, m, &mut self.rng, faults),
                 Output::ScanLocal => {
+                    self.now += self.active_scan;
                     let m = manifest_of(&self.active_tree, &self.policies);
                     self.active.local_manifest(m, self.now);
+                    self.active.on_tick(self.now);
                 }
                 Output::Ship(ship) if self.defer_ships => self.deferred.push(ship),
                 Output::Ship(ship) => self.read_ship(ship, faults),
@@ -1595,6 +1601,21 @@ fn every_completed_full_sync_is_counted_on_both_sides() {
     assert_eq!(w.active.stats().full_syncs, 2);
     assert_eq!(w.active.stats().full_syncs_done, 2);
     assert_eq!(w.standby.stats().full_syncs_done, 2);
+}
+
+/// An active whose own scan outlasts the stall timeout (a large volume; the driver
+/// takes no message meanwhile) does not take the standby for stalled when it ends,
+/// and start the full sync over, scan and all.
+#[test]
+fn an_active_whose_own_scan_outlasts_the_stall_timeout_does_not_start_over() {
+    let (active, standby) = initial_trees();
+    let mut w = World::new(3, active, standby);
+    // Three seconds a scan; the stall timeout is two.
+    w.active_scan = Duration::from_secs(3);
+    w.settle();
+    assert!(w.converged(), "{}", w.difference());
+    assert_eq!(w.active.stats().full_syncs, 1);
+    assert_eq!(w.connections, 1);
 }
 
 /// `ship_now` never ships the volume's root: the standby can do nothing with it (a

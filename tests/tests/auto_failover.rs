@@ -256,9 +256,10 @@ fn an_active_that_fails_its_health_check_hands_over_to_the_standby() {
 }
 
 /// A full sync and a `twinfs verify` that each scan a volume for longer than the
-/// volume's `peer_timeout` do not make the standby take its active for silent: a
-/// session sends heartbeats while it scans, and a standby counts what it reads while
-/// its own session scans.
+/// volume's `peer_timeout`, and a change the active reads a large file whole for, do
+/// not make the standby take its active for silent: a session sends heartbeats while
+/// it scans or reads, and a standby counts what it reads while its own session
+/// scans.
 #[test]
 fn long_scans_never_make_the_active_look_silent() {
     let _serial = twinfs_tests::serial();
@@ -300,6 +301,29 @@ fn long_scans_never_make_the_active_look_silent() {
     );
     let synced_in = from.elapsed();
 
+    // A change of the file: the active reads it whole (its first change since the
+    // active started) before it ships the block.
+    let middle = BIG / 2;
+    let changed = |dir: &Path| {
+        use std::os::unix::fs::FileExt;
+        let mut byte = [0u8];
+        fs::File::open(dir.join("firmware.img"))
+            .and_then(|f| f.read_exact_at(&mut byte, middle))
+            .is_ok_and(|()| byte == *b"x")
+    };
+    {
+        use std::os::unix::fs::FileExt;
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(c.active().join("firmware.img"))
+            .expect("open on the active");
+        file.write_all_at(b"x", middle)
+            .expect("write on the active");
+    }
+    let from = Instant::now();
+    watched(&c, &|| changed(&c.nodes[1].volume), &mut seen);
+    let shipped_in = from.elapsed();
+
     // `twinfs verify` hashes everything on the standby, then on the active.
     let verify = std::thread::scope(|s| {
         let running = s.spawn(|| c.nodes[0].twinfs(&["verify"]));
@@ -308,22 +332,29 @@ fn long_scans_never_make_the_active_look_silent() {
         (running.join().expect("verify thread"), from.elapsed())
     });
     let (out, verified_in) = verify;
-    eprintln!("full sync {synced_in:?}, verify {verified_in:?}");
+    eprintln!("full sync {synced_in:?}, change {shipped_in:?}, verify {verified_in:?}");
     assert!(
         out.status.success(),
         "verify: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // The proof needs scans longer than the timeout: the verify's two, one after
-    // the other, and the full sync's, side by side.
+    // The proof needs reads longer than the timeout: the verify's two scans, one
+    // after the other, the full sync's, side by side, and the change's.
     assert!(
-        verified_in > Duration::from_secs(5) && synced_in > Duration::from_secs(3),
-        "scans too fast to show anything (full sync {synced_in:?}, verify \
-         {verified_in:?}): make the file larger"
+        verified_in > Duration::from_secs(5)
+            && synced_in > Duration::from_secs(3)
+            && shipped_in > Duration::from_secs(3),
+        "reads too fast to show anything (full sync {synced_in:?}, change \
+         {shipped_in:?}, verify {verified_in:?}): make the file larger"
     );
+    // (The watch logs each change of what it says: a moment of silence that the
+    // polling missed is in the log.)
     assert!(
-        !seen.iter().any(|n| n.contains("silent")),
+        !seen.iter().any(|n| n.contains("silent"))
+            && !c.nodes[1]
+                .log_text()
+                .contains("automatic failover: the active is silent"),
         "the standby took the active for silent: {seen:?}\n{}",
         logs(&c)
     );
