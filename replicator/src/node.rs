@@ -1327,10 +1327,11 @@ const READ_AHEAD_FRAMES: usize = 256;
 /// counted: while its loop takes nothing (an active waiting to write), the peer's
 /// heartbeats still say it is alive, and the frames behind them come through.
 ///
-/// `heard` is called for what it reads, at most every [`HEARD_EVERY`]: the peer is
-/// alive whether or not the loop takes its messages yet (a standby's loop scanning
-/// its volume takes none for minutes, and automatic failover must not take the
-/// active's heartbeats waiting meanwhile for silence).
+/// `heard` is called for what it reads, at most every [`HEARD_EVERY`], and as often
+/// while a frame waits for a place: the peer is alive whether or not the loop takes
+/// its messages yet (a standby's loop scanning its volume or making a batch durable
+/// takes none for a while, and automatic failover must not take the active for
+/// silent meanwhile).
 fn spawn_reader(
     mut recv: quinn::RecvStream,
     received: Arc<std::sync::atomic::AtomicU64>,
@@ -1368,11 +1369,22 @@ fn spawn_reader(
             }
             // (A frame larger than the room takes all of it.)
             let size = bytes.len().clamp(1, READ_AHEAD) as u32;
-            let Ok(taken) = room.clone().acquire_many_owned(size).await else {
-                return;
+            let handed = async {
+                let taken = room.clone().acquire_many_owned(size).await.ok()?;
+                tx.send((bytes, taken)).await.ok()
             };
-            if tx.send((bytes, taken)).await.is_err() {
-                return;
+            tokio::pin!(handed);
+            // While it waits for a place, what the peer sends next waits in its
+            // stream (the peer's flow control holds it back): the peer is still
+            // heard, as long as the connection lives (`heard` checks that).
+            loop {
+                tokio::select! {
+                    done = &mut handed => match done {
+                        Some(()) => break,
+                        None => return,
+                    },
+                    () = tokio::time::sleep(HEARD_EVERY) => heard(),
+                }
             }
         }
     });
@@ -1394,10 +1406,17 @@ async fn run_session(
     let mut messages = spawn_reader(recv, received.clone(), {
         let (link, name) = (link.clone(), volume.name.clone());
         move || {
-            link.update(&name, |s| {
-                s.last_contact = Some(unix_now());
-                s.heard = Some(std::time::Instant::now());
-            })
+            // (A dead peer's connection ends by QUIC's idle timeout, 10 s.)
+            if link
+                .connection
+                .as_ref()
+                .is_none_or(|c| c.close_reason().is_none())
+            {
+                link.update(&name, |s| {
+                    s.last_contact = Some(unix_now());
+                    s.heard = Some(std::time::Instant::now());
+                })
+            }
         }
     });
     let role = session.role();
@@ -1887,7 +1906,6 @@ async fn run_session(
         let backlog = parked.is_some() && session.outputs_waiting() >= PARKED_BACKLOG;
         if backlog && (held.is_some() || messages.waiting()) {
             session.peer_heard(std::time::Instant::now());
-            link.update(&volume.name, |s| s.heard = Some(std::time::Instant::now()));
         }
         let moved = counters.sent.load(std::sync::atomic::Ordering::Relaxed)
             + counters.received.load(std::sync::atomic::Ordering::Relaxed);
@@ -5792,13 +5810,31 @@ mod tests {
             last = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let told = told.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        assert!(told.len() >= 10, "told {} times", told.len());
-        let latest = told.last().copied().ok_or("never told")?;
+        let count = |told: &std::sync::Mutex<Vec<Instant>>| {
+            told.lock().unwrap_or_else(|e| e.into_inner()).len()
+        };
+        let latest = told
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .copied()
+            .ok_or("never told")?;
+        assert!(count(&told) >= 10, "told {} times", count(&told));
         assert!(
             latest + Duration::from_millis(150) >= last,
             "the last heartbeat was not told: {:?} before it",
             last - latest
+        );
+        // A message that waits for a place, then nothing: the reader holds it, the
+        // peer's next frames wait in the stream, and the peer is still heard.
+        control.write(&Message::Resync).await.ok_or("write")?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = count(&told);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            count(&told) >= before + 5,
+            "told {} times in a second of waiting",
+            count(&told) - before
         );
         Ok(())
     }
