@@ -1402,19 +1402,25 @@ async fn run_session(
     first: Option<Message>,
     link: Link,
 ) {
+    static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let session_id = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut messages = spawn_reader(recv, received.clone(), {
         let (link, name) = (link.clone(), volume.name.clone());
         move || {
-            // (A dead peer's connection ends by QUIC's idle timeout, 10 s.)
+            // (A dead peer's connection ends by QUIC's idle timeout, 10 s. The reader
+            // of a session that a newer one replaced, still waiting on its loop,
+            // tells nothing.)
             if link
                 .connection
                 .as_ref()
-                .is_none_or(|c| c.close_reason().is_none())
+                .is_some_and(|c| c.close_reason().is_none())
             {
                 link.update(&name, |s| {
-                    s.last_contact = Some(unix_now());
-                    s.heard = Some(std::time::Instant::now());
+                    if s.session == session_id {
+                        s.last_contact = Some(unix_now());
+                        s.heard = Some(std::time::Instant::now());
+                    }
                 })
             }
         }
@@ -1464,8 +1470,6 @@ async fn run_session(
     let mut roles = volume.roles.subscribe();
     let mut sent = 0u64;
     let gate_id = volume.gate.register();
-    static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let session_id = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let disconnected = move |s: &mut PeerStatus| {
         if s.session == session_id {
             s.connected = false;
@@ -3242,10 +3246,19 @@ async fn ship(
         })
         .collect();
     let mut reads: Vec<Option<ShipRead>> = (0..count).map(|_| None).collect();
-    for task in tasks {
-        for (i, read) in heartbeating(send, &mut sent, task).await?.ok()? {
-            reads[i] = Some(read);
+    let all = async {
+        let mut all = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            all.push(task.await.ok()?);
         }
+        Some(all)
+    };
+    for (i, read) in heartbeating(send, &mut sent, all)
+        .await??
+        .into_iter()
+        .flatten()
+    {
+        reads[i] = Some(read);
     }
     catch_up_renames(volume, session, records).await;
     for read in reads.iter_mut().flatten() {
