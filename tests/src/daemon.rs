@@ -42,6 +42,8 @@ pub struct Node {
     pub netns: Option<String>,
     /// A witness: no volume, it only answers the others' failover probes.
     pub witness: bool,
+    /// More environment for the daemon.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -75,6 +77,7 @@ impl Node {
             log,
             netns: None,
             witness: false,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -126,6 +129,7 @@ impl Node {
             .arg("mount")
             .args(args)
             .env("TWINFS_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -827,3 +827,146 @@ fn status_of_one_volume() {
     assert!(node.stop().success());
     assert!(!is_mounted(&other));
 }
+
+/// A datagram the daemon sent to `NOTIFY_SOCKET`: its text, when it came, and
+/// whether the volume was mounted and took writes as it came.
+#[derive(Clone, Debug)]
+struct Notified {
+    text: String,
+    at: std::time::Instant,
+    mounted: bool,
+    writable: bool,
+}
+
+/// Receives what the daemon sends to `socket` until `until` is in a datagram (or
+/// 60 s passed), asking `twinfs status` of the node with config `config` at each.
+fn notifications(
+    socket: std::os::unix::net::UnixDatagram,
+    config: std::path::PathBuf,
+    until: &'static str,
+) -> std::thread::JoinHandle<Vec<Notified>> {
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            let at = std::time::Instant::now();
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let out = std::process::Command::new(twinfs_bin())
+                .arg("--config")
+                .arg(&config)
+                .args(["status", "--json"])
+                .output()
+                .expect("run twinfs status");
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let v = &status["volumes"][0];
+            let done = text.contains(until);
+            got.push(Notified {
+                text,
+                at,
+                mounted: v["mounted"] == true,
+                writable: v["writable"] == true,
+            });
+            if done {
+                break;
+            }
+        }
+        got
+    })
+}
+
+/// Under systemd (`Type=notify`, contrib/systemd/twinfs.service) the daemon says
+/// READY=1 only once its volume is mounted and takes writes: an active restarted
+/// with a standby configured first waits up to 5 s for it (here it never comes), and
+/// a service ordered after twinfs must not meet a read-only volume then. STOPPING=1
+/// comes at SIGTERM.
+#[test]
+fn the_daemon_tells_systemd_it_is_ready_once_it_takes_writes_and_when_it_stops() {
+    let mut c = twinfs_tests::daemon::Cluster::new(2, "", fill_cmm);
+    let socket_path = c.nodes[0].dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
+    let got = notifications(socket, c.nodes[0].config.clone(), "STOPPING=1");
+    c.nodes[0].env.push((
+        "NOTIFY_SOCKET".into(),
+        socket_path.to_string_lossy().into_owned(),
+    ));
+    let started = std::time::Instant::now();
+    // Only node 0: its standby never answers.
+    c.nodes[0].start(&[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let stopping = std::time::Instant::now();
+    assert!(c.nodes[0].stop().success());
+    let got = got.join().expect("receiver");
+
+    assert_eq!(got.len(), 2, "READY=1, then STOPPING=1: {got:?}");
+    let (ready, stop) = (&got[0], &got[1]);
+    assert!(ready.text.contains("READY=1"), "{got:?}");
+    assert!(
+        ready.text.contains("STATUS=serving vol (active)"),
+        "{got:?}"
+    );
+    assert!(
+        ready.mounted && ready.writable,
+        "ready before it takes writes: {got:?}"
+    );
+    assert!(
+        ready.at - started >= Duration::from_secs(4),
+        "ready after {:?}, before the 5 s wait for a standby ended",
+        ready.at - started
+    );
+    assert!(stop.text.contains("STOPPING=1"), "{got:?}");
+    assert!(stop.at >= stopping, "{got:?}");
+}
+
+/// The same with systemd's usual abstract socket (`@name`) and a volume without
+/// peers: ready as soon as it is mounted.
+#[test]
+fn the_daemon_tells_an_abstract_notify_socket_it_is_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    let mut node = Node::new(CMM_RULES, fill_cmm);
+    let name = format!("twinfs-test-notify-{}", std::process::id());
+    let addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
+    let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr).expect("bind");
+    let got = notifications(socket, node.config.clone(), "READY=1");
+    node.env.push(("NOTIFY_SOCKET".into(), format!("@{name}")));
+    node.start(&[]);
+    let got = got.join().expect("receiver");
+    let ready = got.last().expect("a datagram");
+    assert!(ready.text.contains("READY=1"), "{got:?}");
+    assert!(ready.mounted && ready.writable, "{got:?}");
+    assert!(node.stop().success());
+}
+
+/// contrib/systemd/twinfs.service is a valid unit, as `systemd-analyze verify` reads
+/// it (with the binary built here in place of /usr/local/sbin/twinfs): no error and
+/// no warning.
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/systemd/twinfs.service");
+    let text = fs::read_to_string(&unit).expect("read the unit");
+    assert!(
+        text.contains("Type=notify") && text.contains("ExecStart=/usr/local/sbin/twinfs mount")
+    );
+    let dir = tempfile::tempdir().expect("scratch");
+    let copy = dir.path().join("twinfs.service");
+    let bin = twinfs_bin();
+    fs::write(
+        &copy,
+        text.replace("/usr/local/sbin/twinfs", &bin.to_string_lossy()),
+    )
+    .expect("write the copy");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("run systemd-analyze (scripts/test installs systemd)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}

@@ -319,6 +319,8 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
     }
     let board = node::Board::default();
     let mut endpoint = None;
+    // The startup holds of active volumes: the daemon is ready once they are over.
+    let mut holds = Vec::new();
     if !config.peers.is_empty() {
         let _runtime = runtime.enter();
         match start_replication(&config, &volumes, board.clone(), node_roles.subscribe()) {
@@ -328,11 +330,11 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
                     .iter()
                     .filter(|v| v.roles.get().role == Role::Active)
                 {
-                    tokio::spawn(hold_writes_until_unchallenged(
+                    holds.push(tokio::spawn(hold_writes_until_unchallenged(
                         v.config.name.clone(),
                         v.roles.clone(),
                         board.clone(),
-                    ));
+                    )));
                 }
             }
             Err(e) => {
@@ -355,10 +357,22 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
         start_watches(&daemon, endpoint);
     }
     tracing::info!(socket = %socket.display(), "twinfs daemon ready");
+    let roles: Vec<String> = daemon
+        .volumes
+        .iter()
+        .map(|v| format!("{} ({})", v.config.name, v.roles.get().role))
+        .collect();
+    runtime.spawn(async move {
+        for hold in holds {
+            let _ = hold.await;
+        }
+        crate::notify::notify(&format!("READY=1\nSTATUS=serving {}", roles.join(", ")));
+    });
 
     runtime.block_on(serve(daemon.clone(), listener, signals));
 
     tracing::info!("shutting down");
+    crate::notify::notify("STOPPING=1\nSTATUS=shutting down");
     let _ = std::fs::remove_file(&socket);
     if let Some(endpoint) = endpoint {
         // Tell the peers now, so an active redials a restarted standby at once instead

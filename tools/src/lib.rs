@@ -9,6 +9,7 @@
 //! - [`error`]: an error and its causes as the command prints them.
 //! - [`failover`]: automatic failover of a standby, and the active's health watch.
 //! - [`shell`]: hooks and health commands, run with a time limit.
+//! - [`notify`]: readiness for systemd (`Type=notify`).
 
 pub mod config;
 pub mod control;
@@ -16,5 +17,6 @@ pub mod daemon;
 pub mod error;
 pub mod failover;
 pub mod identity;
+pub mod notify;
 pub mod shell;
 pub mod state;
