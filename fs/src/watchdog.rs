@@ -175,6 +175,8 @@ impl Watchdog {
             .args(&command.args)
             .arg(mountpoint)
             .arg(identity.to_string())
+            // (Only the daemon speaks to systemd.)
+            .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -357,16 +357,23 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
         start_watches(&daemon, endpoint);
     }
     tracing::info!(socket = %socket.display(), "twinfs daemon ready");
-    let roles: Vec<String> = daemon
-        .volumes
-        .iter()
-        .map(|v| format!("{} ({})", v.config.name, v.roles.get().role))
-        .collect();
+    // (Roles change later: `twinfs status` says them, not systemd's status line.)
+    let serving = match daemon.volumes.len() {
+        0 => "a witness: no volumes".to_owned(),
+        _ => {
+            let names: Vec<&str> = daemon
+                .volumes
+                .iter()
+                .map(|v| v.config.name.as_str())
+                .collect();
+            format!("mounted: {}", names.join(", "))
+        }
+    };
     runtime.spawn(async move {
         for hold in holds {
             let _ = hold.await;
         }
-        crate::notify::notify(&format!("READY=1\nSTATUS=serving {}", roles.join(", ")));
+        crate::notify::notify(&format!("READY=1\nSTATUS={serving}"));
     });
 
     runtime.block_on(serve(daemon.clone(), listener, signals));

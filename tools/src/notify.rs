@@ -21,7 +21,7 @@ fn send(socket: &std::ffi::OsStr, state: &str) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let sock = UnixDatagram::unbound()?;
     let sent = match socket.as_bytes() {
-        // An abstract socket (systemd's usual one).
+        // An abstract socket: its name after the '@'.
         [b'@', name @ ..] => {
             use std::os::linux::net::SocketAddrExt;
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;

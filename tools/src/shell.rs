@@ -56,6 +56,8 @@ pub fn run(
     sh.arg("-c")
         .arg(command)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        // Only the daemon speaks to systemd (crate::notify).
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .process_group(0);
     let mut reader = None;
