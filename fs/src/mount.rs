@@ -44,6 +44,8 @@ impl Default for MountOptions {
 pub struct Mounted {
     volume: Arc<Volume>,
     mountpoint: PathBuf,
+    /// Which mount this is: the unmount takes off only that one.
+    identity: Option<MountIdentity>,
     notifier: Notifier,
     session: Option<BackgroundSession>,
     watchdog: Option<Watchdog>,
@@ -80,16 +82,18 @@ impl Mounted {
                 let _ = crate::watchdog::detach(root.as_fd());
             })?;
         let notifier = session.notifier();
+        let identity = MountIdentity::of(root.as_fd());
         let mut mounted = Mounted {
             volume,
             mountpoint,
+            identity: identity.as_ref().ok().copied(),
             notifier,
             session: Some(session),
             watchdog: None,
         };
         if let Some(command) = &options.watchdog {
             // Dropped on error, `mounted` unmounts.
-            let started = MountIdentity::of(root.as_fd())
+            let started = identity
                 .and_then(|identity| Watchdog::start(command, &mounted.mountpoint, identity));
             mounted.watchdog = Some(started.map_err(|e| {
                 io::Error::new(e.kind(), format!("cannot start the mount's watchdog: {e}"))
@@ -131,10 +135,12 @@ impl Mounted {
         };
         // The watchdog only cleans up after a dead daemon; a live one unmounts itself.
         // A busy mount is detached and goes away with its last user.
-        if let Err(e) = crate::sys::umount(&self.mountpoint, false) {
-            tracing::warn!(path = %self.mountpoint.display(), error = %e,
-                "mount busy; detaching it lazily");
-            crate::sys::umount(&self.mountpoint, true)?;
+        if self.ours_at_mountpoint() {
+            if let Err(e) = crate::sys::umount(&self.mountpoint, false) {
+                tracing::warn!(path = %self.mountpoint.display(), error = %e,
+                    "mount busy; detaching it lazily");
+                crate::sys::umount(&self.mountpoint, true)?;
+            }
         }
         if let Some(watchdog) = self.watchdog.take() {
             watchdog.release();
@@ -157,10 +163,34 @@ impl Mounted {
     }
 }
 
+impl Mounted {
+    /// Whether this mount is what the mount point leads to now. Someone may have
+    /// unmounted it (`umount`, `fusermount3 -u`) or mounted something on top since:
+    /// an unmount by path would then take off whatever is there, such as the
+    /// filesystem the volume directory is the mount point of. (Without an identity,
+    /// taken at the mount, it cannot tell, and says yes.)
+    fn ours_at_mountpoint(&self) -> bool {
+        let Some(ours) = self.identity else {
+            return true;
+        };
+        match MountIdentity::of_path(&self.mountpoint) {
+            Ok((_, now)) if now == ours => true,
+            found => {
+                tracing::warn!(path = %self.mountpoint.display(), found = ?found.map(|(_, id)| id),
+                    ours = ?ours, "the volume's mount is no longer what its path leads to; \
+                     leaving what is mounted there alone");
+                false
+            }
+        }
+    }
+}
+
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
-            let _ = crate::sys::umount(&self.mountpoint, true);
+            if self.ours_at_mountpoint() {
+                let _ = crate::sys::umount(&self.mountpoint, true);
+            }
             if let Some(watchdog) = self.watchdog.take() {
                 watchdog.release();
             }

@@ -366,6 +366,22 @@ fn a_volume_that_is_a_mount_point_keeps_its_own_filesystem() {
         fs::read_to_string(vol.join("written-before-crash")).unwrap(),
         "two"
     );
+
+    // Someone unmounts the volume's twinfs mount while the daemon runs: its stop
+    // must not unmount what the path leads to then, the flash.
+    node.start(&[]);
+    let status = std::process::Command::new("umount")
+        .arg(&vol)
+        .status()
+        .expect("run umount");
+    assert!(status.success());
+    assert!(own.is_on_top(&vol));
+    assert!(node.stop().success());
+    assert!(own.is_on_top(&vol), "the stop unmounted the flash");
+    assert!(node
+        .log_text()
+        .contains("the volume's mount is no longer what its path leads to"));
+    assert_eq!(fs::read_to_string(vol.join("on-flash")).unwrap(), "kept");
     // Unmounted before the node's scratch directory is removed.
     drop(own);
 }
