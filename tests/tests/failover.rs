@@ -650,8 +650,18 @@ fn a_failed_promote_hook_hands_the_role_back_when_configured() {
     let out = c.nodes[1].twinfs(&["promote"]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{said}");
-    assert!(said.contains("handed back"), "{said}");
-    assert_eq!(role_epoch(&c.nodes[1]).0, "standby");
+    assert!(said.contains("standby again"), "{said}");
+    // As documented: it keeps the new epoch, counts as not in sync, and the volume
+    // has no active node (node 0 handed over).
+    assert_eq!(role_epoch(&c.nodes[1]), ("standby".into(), 2));
+    assert_eq!(role_epoch(&c.nodes[0]).0, "standby");
+    let takeover = c.nodes[1].volume_status()["takeover"].clone();
+    assert!(
+        takeover
+            .as_str()
+            .is_some_and(|t| t.starts_with("not ready")),
+        "{takeover}"
+    );
     let hook = c.nodes[1].volume_status()["last_hook"].clone();
     assert_eq!(hook["exit_code"], 4, "{hook}");
     assert!(

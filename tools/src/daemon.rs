@@ -1312,7 +1312,7 @@ async fn take_over(
         Ok(format!("volume {name}: standby -> active, epoch {epoch}"))
     } else {
         Err(format!(
-            "volume {name}: promoted to epoch {epoch}, but the on_promote hook failed and the role was handed back (on_promote_failure = \"rollback\"); see `twinfs status`"
+            "volume {name}: promoted to epoch {epoch}, but the on_promote hook failed and this node is a standby again (on_promote_failure = \"rollback\"), keeping epoch {epoch}: an active of an older epoch that meets it steps down, so the volume may now have no active node. Fix what the hook starts, then promote a node again (with --force: after a rollback this node counts as not in sync); see `twinfs status`"
         ))
     })
 }
