@@ -386,16 +386,62 @@ fn a_volume_that_is_a_mount_point_keeps_its_own_filesystem() {
     drop(own);
 }
 
+/// Runs `twinfs mount` on `node`'s config in the foreground, as a second start would,
+/// expecting it to refuse: its stderr and whether it succeeded. One that starts
+/// after all is stopped (SIGTERM) after 20 s, and counts as a failure to refuse.
+fn mount_refused(node: &Node) -> (bool, String) {
+    let mut child = std::process::Command::new(twinfs_bin())
+        .arg("--config")
+        .arg(&node.config)
+        .arg("mount")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run twinfs mount");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+            return (false, "it started instead of refusing".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("its output");
+    (
+        !out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A second `twinfs mount` with the state directory of one that runs (a manual start
+/// beside systemd's) is refused before it touches anything: the first goes on
+/// serving, its socket and mount in place.
 #[test]
 fn a_second_daemon_on_the_same_config_is_refused() {
     let _serial = twinfs_tests::serial();
     let mut node = Node::new("", |_| {});
     node.start(&[]);
-    let out = node.twinfs(&["mount"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("already"), "{err}");
+    let pid = node.pid().expect("running");
+    let (refused, err) = mount_refused(&node);
+    assert!(refused, "{err}");
+    assert!(
+        err.contains(&format!(
+            "another twinfs mount (pid {pid}) runs with the state directory"
+        )) && err.contains("daemon.lock"),
+        "{err}"
+    );
     assert!(is_mounted(&node.volume), "the first daemon keeps its mount");
+    assert_eq!(
+        twinfs_tests::mounts_below(&node.volume).len(),
+        1,
+        "mounted once, not twice"
+    );
+    assert!(
+        node.twinfs(&["status"]).status.success(),
+        "the first still answers"
+    );
 }
 
 #[test]
@@ -988,4 +1034,25 @@ fn the_systemd_unit_verifies() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
+/// A `control_socket` that names something else than a socket is left alone, and the
+/// daemon does not start.
+#[test]
+fn a_control_socket_path_that_is_not_a_socket_is_left_alone() {
+    let _serial = twinfs_tests::serial();
+    let node = Node::new("", |_| {});
+    let other = node.dir.path().join("not-a-socket");
+    fs::write(&other, "keep me").unwrap();
+    let text = fs::read_to_string(&node.config).unwrap().replacen(
+        "[node]\n",
+        &format!("[node]\ncontrol_socket = \"{}\"\n", other.display()),
+        1,
+    );
+    fs::write(&node.config, text).unwrap();
+    let (refused, said) = mount_refused(&node);
+    assert!(refused, "{said}");
+    assert!(said.contains("exists and is not a socket"), "{said}");
+    assert_eq!(fs::read_to_string(&other).unwrap(), "keep me");
+    assert!(!is_mounted(&node.volume));
 }

@@ -290,6 +290,8 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("twinfs mount must run as root (it mounts in place with allow_other and FUSE passthrough)");
     }
+    // Held until the daemon ends (and closed by the kernel if it dies).
+    let _lock = lock_state_dir(&config.node.state_dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -683,14 +685,65 @@ fn unmount(v: VolumeRuntime) {
 
 /// Binds the control socket; a stale socket file is replaced, a live one means another
 /// daemon already serves this state directory.
+/// The lock file in the state directory that one daemon holds while it runs.
+const LOCK_FILE: &str = "daemon.lock";
+
+/// Takes the state directory for this daemon: a second `twinfs mount` with the same
+/// state (a manual start beside systemd's, say) would mount the volumes again on top,
+/// replay their journals and remove each other's temp files and control socket. The
+/// lock file holds the PID of the daemon that has it.
+fn lock_state_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on an fd this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            bail!(
+                "another twinfs mount (pid {}) runs with the state directory {} (it holds {}); stop it first",
+                pid.trim(),
+                dir.display(),
+                path.display()
+            );
+        }
+        return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(file)
+}
+
 async fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
         if UnixStream::connect(path).await.is_ok() {
             bail!(
                 "another twinfs daemon is already serving {} (see `twinfs status`)",
+                path.display()
+            );
+        }
+        // Only a socket left by a daemon that died goes; anything else there is a
+        // mistake of the config's, not ours to remove.
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            bail!(
+                "{} exists and is not a socket: control_socket must name a path of its own",
                 path.display()
             );
         }
