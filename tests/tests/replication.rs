@@ -438,6 +438,40 @@ fn changes_made_while_the_standby_was_away_arrive_after_an_active_restart() {
     assert!(!c.nodes[1].volume.join("cmm.conf").exists());
 }
 
+/// A stop of the active ships what it has not shipped yet, `interval` paths too (as a
+/// demote does), before it closes the connections: a standby that takes over next
+/// must not miss it.
+#[test]
+fn a_stopping_active_ships_what_is_pending_first() {
+    let _serial = twinfs_tests::serial();
+    let rules = RULES.replace("interval = \"2s\"", "interval = \"1h\"");
+    let mut c = Cluster::new(2, &rules, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    fs::write(
+        c.active().join("hosts"),
+        "10.0.0.9 written before the stop\n",
+    )
+    .expect("write");
+    std::thread::sleep(Duration::from_millis(300));
+    let b = c.nodes[1].volume.join("hosts");
+    assert_ne!(
+        fs::read_to_string(&b).ok().as_deref(),
+        Some("10.0.0.9 written before the stop\n"),
+        "an hourly path shipped early"
+    );
+    assert!(c.nodes[0].stop().success());
+    assert_eq!(
+        fs::read_to_string(&b).ok().as_deref(),
+        Some("10.0.0.9 written before the stop\n"),
+        "{}",
+        c.nodes[0].log_text()
+    );
+    assert!(c.nodes[0]
+        .log_text()
+        .contains("shipped everything before stopping"));
+}
+
 #[test]
 fn large_files_travel_on_their_own_streams_as_block_deltas() {
     let _serial = twinfs_tests::serial();

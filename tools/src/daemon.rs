@@ -382,6 +382,7 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
 
     tracing::info!("shutting down");
     crate::notify::notify("STOPPING=1\nSTATUS=shutting down");
+    runtime.block_on(daemon.ship_before_stop(STOP_FLUSH));
     let _ = std::fs::remove_file(&socket);
     if let Some(endpoint) = endpoint {
         // Tell the peers now, so an active redials a restarted standby at once instead
@@ -404,6 +405,9 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }
+
+/// How long a stop waits for an active's standbys to take what it has not shipped.
+const STOP_FLUSH: Duration = Duration::from_secs(3);
 
 /// What a watch or a control request that finds the daemon gone gets.
 const SHUTTING_DOWN: &str = "the daemon is shutting down";
@@ -961,6 +965,32 @@ impl Daemon {
 
     /// `twinfs demote`: local writes refused at once, then what is pending is shipped
     /// and acknowledged (or the wait times out), then this node is a standby.
+    /// At a stop, on each active volume: takes no more local writes (they would not be
+    /// shipped) and ships what is pending, `interval` paths too, as a demote does; waits
+    /// at most `wait` in all for the standbys to acknowledge it. The role stays
+    /// active: the node is active again when it starts.
+    async fn ship_before_stop(&self, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        for v in &self.volumes {
+            if v.roles.get().role != Role::Active {
+                continue;
+            }
+            let name = &v.config.name;
+            let roles = v.roles.clone();
+            let _ = tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Demote)).await;
+            self.flush(v, deadline).await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // (Only those connected: nothing can reach the others now.)
+            let (acked, behind) = self.wait_for_standbys(name, left, true).await;
+            if behind.is_empty() {
+                tracing::info!(volume = %name, acknowledged = ?acked, "shipped everything before stopping");
+            } else {
+                tracing::warn!(volume = %name, acknowledged = ?acked, behind = ?behind,
+                    "stopping with changes not acknowledged; they go at the next contact's full sync");
+            }
+        }
+    }
+
     async fn demote(&self, name: Option<&str>, reason: &'static str) -> anyhow::Result<String> {
         let mut lines = Vec::new();
         for v in self.selected(name)? {
@@ -980,7 +1010,7 @@ impl Daemon {
             let flushed = tokio::time::Instant::now() + DEMOTE_WAIT;
             self.flush(v, flushed).await;
             let left = flushed.saturating_duration_since(tokio::time::Instant::now());
-            let (acked, behind) = self.wait_for_standbys(name, left).await;
+            let (acked, behind) = self.wait_for_standbys(name, left, false).await;
             let roles = v.roles.clone();
             let epoch = now.epoch;
             // Sessions with an active that start from here on follow a newer order:
@@ -1186,7 +1216,15 @@ impl Daemon {
         }
     }
 
-    async fn wait_for_standbys(&self, volume: &str, wait: Duration) -> (Vec<String>, Vec<String>) {
+    /// Waits up to `wait` until every standby of `volume` (every connected one, with
+    /// `connected_only`) has acknowledged everything; those that have, and those
+    /// still behind.
+    async fn wait_for_standbys(
+        &self,
+        volume: &str,
+        wait: Duration,
+        connected_only: bool,
+    ) -> (Vec<String>, Vec<String>) {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let (mut acked, mut behind) = (Vec::new(), Vec::new());
@@ -1196,7 +1234,10 @@ impl Daemon {
                 .unwrap_or_else(|e| e.into_inner())
                 .values()
             {
-                if p.volume != volume || p.peer_role != Some(Role::Standby) {
+                if p.volume != volume
+                    || p.peer_role != Some(Role::Standby)
+                    || (connected_only && !p.connected)
+                {
                     continue;
                 }
                 if p.connected && p.pending == 0 && p.full_sync != "in progress" {
