@@ -188,13 +188,19 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
-            if self.ours_at_mountpoint() {
+            let ours = self.ours_at_mountpoint();
+            if ours {
                 let _ = crate::sys::umount(&self.mountpoint, true);
             }
             if let Some(watchdog) = self.watchdog.take() {
                 watchdog.release();
             }
-            let _ = session.join();
+            if ours {
+                let _ = session.join();
+            } else {
+                // Still mounted out of reach (covered): its session may never end.
+                std::thread::spawn(move || session.join());
+            }
         }
     }
 }

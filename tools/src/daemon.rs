@@ -687,8 +687,6 @@ fn unmount(v: VolumeRuntime) {
     }
 }
 
-/// Binds the control socket; a stale socket file is replaced, a live one means another
-/// daemon already serves this state directory.
 /// The lock file in the state directory that one daemon holds while it runs.
 const LOCK_FILE: &str = "daemon.lock";
 
@@ -725,13 +723,16 @@ fn lock_state_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
         }
         return Err(e).with_context(|| format!("cannot lock {}", path.display()));
     }
-    file.set_len(0)
-        .and_then(|()| file.rewind())
-        .and_then(|()| writeln!(file, "{}", std::process::id()))
+    let pid = format!("{}\n", std::process::id());
+    file.rewind()
+        .and_then(|()| file.write_all(pid.as_bytes()))
+        .and_then(|()| file.set_len(pid.len() as u64))
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(file)
 }
 
+/// Binds the control socket; a stale socket file is replaced, a live one means another
+/// daemon already serves this state directory.
 async fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -963,22 +964,35 @@ impl Daemon {
             .map(|p| p.peer.clone())
     }
 
-    /// `twinfs demote`: local writes refused at once, then what is pending is shipped
-    /// and acknowledged (or the wait times out), then this node is a standby.
-    /// At a stop, on each active volume: takes no more local writes (they would not be
-    /// shipped) and ships what is pending, `interval` paths too, as a demote does; waits
-    /// at most `wait` in all for the standbys to acknowledge it. The role stays
-    /// active: the node is active again when it starts.
+    /// At a stop, on each active volume with a standby connected: takes no more local
+    /// writes (they would not be shipped) and ships what is pending, `interval` paths
+    /// too, as a demote does; waits at most `wait` in all (every volume at once) for
+    /// the standbys to acknowledge it. The role stays active: the node is active again
+    /// when it starts.
     async fn ship_before_stop(&self, wait: Duration) {
         let deadline = tokio::time::Instant::now() + wait;
-        for v in &self.volumes {
-            if v.roles.get().role != Role::Active {
-                continue;
-            }
-            let name = &v.config.name;
+        let connected = |name: &str| {
+            self.board
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .any(|p| p.volume == name && p.connected && p.peer_role == Some(Role::Standby))
+        };
+        let volumes: Vec<&VolumeRuntime> = self
+            .volumes
+            .iter()
+            .filter(|v| v.roles.get().role == Role::Active && connected(&v.config.name))
+            .collect();
+        // First no more writes anywhere; a write under way on a disk that hangs does not
+        // hold the stop past the deadline (the hold then comes when it ends).
+        for v in &volumes {
             let roles = v.roles.clone();
-            let _ = tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Demote)).await;
-            self.flush(v, deadline).await;
+            let held = tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Demote));
+            let _ = tokio::time::timeout_at(deadline, held).await;
+        }
+        self.flush_all(&volumes, deadline).await;
+        for v in &volumes {
+            let name = &v.config.name;
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             // (Only those connected: nothing can reach the others now.)
             let (acked, behind) = self.wait_for_standbys(name, left, true).await;
@@ -991,6 +1005,8 @@ impl Daemon {
         }
     }
 
+    /// `twinfs demote`: local writes refused at once, then what is pending is shipped
+    /// and acknowledged (or the wait times out), then this node is a standby.
     async fn demote(&self, name: Option<&str>, reason: &'static str) -> anyhow::Result<String> {
         let mut lines = Vec::new();
         for v in self.selected(name)? {
@@ -1199,13 +1215,25 @@ impl Daemon {
         Ok(lines.join("\n"))
     }
 
-    /// Waits until every connected standby of `volume` has acknowledged everything, or
-    /// `wait`; returns those that did and those that did not (with what is pending).
     /// Has every session of `v` ship what waits for a later time (see
     /// [`node::Command::Flush`]) and waits for their answers until `deadline`.
     async fn flush(&self, v: &VolumeRuntime, deadline: tokio::time::Instant) {
+        self.flush_all(&[v], deadline).await;
+    }
+
+    /// [`Daemon::flush`] of every volume of `volumes` at once.
+    async fn flush_all(&self, volumes: &[&VolumeRuntime], deadline: tokio::time::Instant) {
         let (reply, mut answers) = tokio::sync::mpsc::channel(64);
-        let asked = v.commands.send(node::Command::Flush { reply }).unwrap_or(0);
+        let mut asked = 0;
+        for v in volumes {
+            asked += v
+                .commands
+                .send(node::Command::Flush {
+                    reply: reply.clone(),
+                })
+                .unwrap_or(0);
+        }
+        drop(reply);
         for _ in 0..asked {
             if !matches!(
                 tokio::time::timeout_at(deadline, answers.recv()).await,
