@@ -1056,3 +1056,30 @@ fn a_control_socket_path_that_is_not_a_socket_is_left_alone() {
     assert_eq!(fs::read_to_string(&other).unwrap(), "keep me");
     assert!(!is_mounted(&node.volume));
 }
+
+/// `twinfs role standby` says what becomes of files opened for writing before it: on
+/// a volume with peers (no passthrough) their next write gets EROFS.
+#[test]
+fn role_standby_says_open_writers_get_erofs_without_passthrough() {
+    let _serial = twinfs_tests::serial();
+    let mut c = twinfs_tests::daemon::Cluster::new(2, "", fill_cmm);
+    // Only node 0: it takes writes once its wait for the standby is over.
+    c.nodes[0].start(&[]);
+    let mut writer = fs::OpenOptions::new()
+        .append(true)
+        .open(c.active().join("hosts"))
+        .expect("open for writing");
+    let out = c.nodes[0].twinfs(&["role", "vol", "standby"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        said.contains(
+            "1 file(s) opened for writing before the switch get EROFS on their next write"
+        ),
+        "{said}"
+    );
+    let err = writer
+        .write_all(b"after the switch\n")
+        .and_then(|()| writer.flush());
+    assert_eq!(err.err().and_then(|e| e.raw_os_error()), Some(libc::EROFS));
+}

@@ -1313,9 +1313,11 @@ impl Daemon {
         let writers = v.mounted.volume().stats().open_for_write;
         let mut message = format!("volume {name}: role {before} -> {role}");
         if role == Role::Standby && writers > 0 {
-            message.push_str(&format!(
-                "; {writers} file(s) opened for writing before the switch stay writable until closed"
-            ));
+            // (With passthrough the kernel writes to the backing file without asking.)
+            message.push_str(&match v.mounted.volume().passthrough() {
+                true => format!("; {writers} file(s) opened for writing before the switch stay writable until closed"),
+                false => format!("; {writers} file(s) opened for writing before the switch get EROFS on their next write"),
+            });
         }
         Ok(message)
     }
