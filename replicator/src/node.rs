@@ -2699,11 +2699,9 @@ async fn fence(volume: &VolumeLink, link: &Link, epoch: u64) {
 /// fencing) is about to replace or delete.
 async fn keep_before(volume: &VolumeLink, op: &Op) {
     let (path, what) = match op {
-        Op::Put {
-            entry,
-            content: Some(_),
-        } => (entry.path.clone(), "replaced"),
-        Op::Put { entry, .. } if entry.meta.kind == Kind::Symlink => {
+        // Anything put but a directory's metadata: new content, a file's metadata
+        // alone (this node's chmod, say), a symlink or a special file in its place.
+        Op::Put { entry, content } if content.is_some() || entry.meta.kind != Kind::Dir => {
             (entry.path.clone(), "replaced")
         }
         Op::PutStream { entry } => (entry.path.clone(), "replaced"),

@@ -3,6 +3,8 @@
 //! demoted, killed and restarted; epochs fence a node that was active before.
 
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -505,6 +507,17 @@ fn split_brain_keeps_the_losers_writes_in_its_conflicts_area() {
     fs::write(a.join("newdir/f"), "deep\n").expect("write on node0");
     fs::write(b.join("cmm.conf"), "chassis_id = 1 (node1)\n").expect("write on node1");
     fs::write(b.join("only-on-node1"), "theirs\n").expect("write on node1");
+    // Node0 changes only a file's mode; at one name node0 writes a file and node1
+    // makes a FIFO.
+    fs::set_permissions(a.join("passwd"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    fs::write(a.join("pipe"), "a file on node0\n").expect("write on node0");
+    let fifo = std::ffi::CString::new(b.join("pipe").as_os_str().as_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) },
+        0,
+        "mkfifo on node1"
+    );
 
     net.heal();
     // One active remains: node1, of the higher epoch; node0 is fenced and follows it.
@@ -533,6 +546,8 @@ fn split_brain_keeps_the_losers_writes_in_its_conflicts_area() {
         ("cmm.conf", "chassis_id = 0 (node0)\n"),
         ("only-on-node0", "mine\n"),
         ("newdir/f", "deep\n"),
+        ("pipe", "a file on node0\n"),
+        ("passwd", "root:x:0:0\n"),
     ] {
         assert_eq!(
             fs::read_to_string(set.join(path)).ok().as_deref(),
@@ -540,6 +555,12 @@ fn split_brain_keeps_the_losers_writes_in_its_conflicts_area() {
             "{path} kept with node0's content"
         );
     }
+    // Kept as node0 had it: the mode too.
+    let mode = fs::metadata(set.join("passwd"))
+        .expect("kept passwd")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "passwd kept with node0's mode");
     assert!(c.nodes[0].volume_status()["conflicts"].as_u64() >= Some(3));
     // The winner keeps nothing; its files were never at risk.
     assert!(run_ok(&c.nodes[1], &["conflicts"]).contains("no conflicts"));
