@@ -156,11 +156,35 @@ enum RoleArg {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TWINFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // The journal stamps each line itself.
+    match stderr_is_the_journal(std::env::var_os("JOURNAL_STREAM").as_deref()) {
+        true => fmt.without_time().init(),
+        false => fmt.init(),
+    }
+}
+
+/// Whether stderr is the journal's stream that systemd named in `$JOURNAL_STREAM`
+/// (`DEVICE:INODE`): a service's stderr, not redirected elsewhere since.
+fn stderr_is_the_journal(stream: Option<&std::ffi::OsStr>) -> bool {
+    let Some((dev, ino)) = stream
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.split_once(':'))
+        .and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)))
+    else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills `st` on success.
+    if unsafe { libc::fstat(libc::STDERR_FILENO, st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstat succeeded.
+    let st = unsafe { st.assume_init() };
+    st.st_dev == dev && st.st_ino == ino
 }
 
 /// Two malloc arenas instead of glibc's eight per core: a full sync's short-lived
@@ -687,6 +711,18 @@ fn print_status(s: &NodeStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_journal_is_recognised_by_stderrs_device_and_inode() {
+        use std::os::unix::fs::MetadataExt;
+        let stderr = std::fs::metadata("/proc/self/fd/2").expect("stat stderr");
+        let ours = format!("{}:{}", stderr.dev(), stderr.ino());
+        assert!(stderr_is_the_journal(Some(ours.as_ref())));
+        let other = format!("{}:{}", stderr.dev(), stderr.ino() + 1);
+        assert!(!stderr_is_the_journal(Some(other.as_ref())));
+        assert!(!stderr_is_the_journal(Some("not a stream".as_ref())));
+        assert!(!stderr_is_the_journal(None));
+    }
 
     fn config(volumes: &[&str]) -> (tempfile::TempDir, Config) {
         let dir = tempfile::tempdir().expect("tempdir");
