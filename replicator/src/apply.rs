@@ -430,7 +430,19 @@ impl<'a> Applier<'a> {
                     other => std::fs::File::from(other.map_err(write)?),
                 };
                 io::copy(&mut from, &mut to).map_err(write)?;
+                // Its metadata too: what this node changed may be only that. The owner
+                // and xattrs as far as the state directory takes them (the content is
+                // what must not be lost); the owner first: a chown clears the set-ID
+                // bits the chmod then sets.
+                let kept = At::Fd(to.as_fd());
+                let owner = kept.chown(Some(st.st_uid), Some(st.st_gid));
                 sys::fchmod(to.as_fd(), st.st_mode & 0o7777).map_err(write)?;
+                let xattrs = crate::manifest::read_xattrs(At::Fd(from.as_fd()))
+                    .map_err(|e| e.to_string())
+                    .and_then(|x| sync_xattrs(kept, &x, path).map_err(|e| e.to_string()));
+                if let Err(e) = owner.map_err(|e| e.to_string()).and(xattrs) {
+                    tracing::warn!(%path, error = %e, "kept without its owner or xattrs");
+                }
                 to.set_modified(mtime).map_err(write)?;
                 to.sync_all().map_err(write)?;
                 Ok(1)

@@ -810,7 +810,7 @@ fn read_sized(mut f: impl FnMut(&mut [u8]) -> io::Result<usize>) -> io::Result<V
 }
 
 /// Every extended attribute the process can read, sorted by name.
-fn read_xattrs(at: At<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+pub(crate) fn read_xattrs(at: At<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let names = match read_sized(|buf| at.listxattr(buf)) {
         Ok(names) => names,
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),

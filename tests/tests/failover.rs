@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -507,9 +507,29 @@ fn split_brain_keeps_the_losers_writes_in_its_conflicts_area() {
     fs::write(a.join("newdir/f"), "deep\n").expect("write on node0");
     fs::write(b.join("cmm.conf"), "chassis_id = 1 (node1)\n").expect("write on node1");
     fs::write(b.join("only-on-node1"), "theirs\n").expect("write on node1");
-    // Node0 changes only a file's mode; at one name node0 writes a file and node1
+    // Node0 changes only a file's metadata; at one name node0 writes a file and node1
     // makes a FIFO.
-    fs::set_permissions(a.join("passwd"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    let passwd = std::ffi::CString::new(a.join("passwd").as_os_str().as_bytes()).expect("path");
+    // SAFETY: valid NUL-terminated strings and a buffer of the length given.
+    unsafe {
+        assert_eq!(
+            libc::chown(passwd.as_ptr(), 4242, 4243),
+            0,
+            "chown on node0"
+        );
+        assert_eq!(
+            libc::setxattr(
+                passwd.as_ptr(),
+                c"user.note".as_ptr(),
+                b"node0".as_ptr().cast(),
+                5,
+                0
+            ),
+            0,
+            "setxattr on node0"
+        );
+    }
+    fs::set_permissions(a.join("passwd"), fs::Permissions::from_mode(0o640)).expect("chmod");
     fs::write(a.join("pipe"), "a file on node0\n").expect("write on node0");
     let fifo = std::ffi::CString::new(b.join("pipe").as_os_str().as_bytes()).expect("path");
     // SAFETY: a valid NUL-terminated path.
@@ -555,13 +575,29 @@ fn split_brain_keeps_the_losers_writes_in_its_conflicts_area() {
             "{path} kept with node0's content"
         );
     }
-    // Kept as node0 had it: the mode too.
-    let mode = fs::metadata(set.join("passwd"))
-        .expect("kept passwd")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600, "passwd kept with node0's mode");
-    assert!(c.nodes[0].volume_status()["conflicts"].as_u64() >= Some(3));
+    // Kept as node0 had it: its metadata too.
+    let kept = fs::metadata(set.join("passwd")).expect("kept passwd");
+    assert_eq!(
+        (kept.permissions().mode() & 0o777, kept.uid(), kept.gid()),
+        (0o640, 4242, 4243),
+        "passwd kept with node0's mode and owner"
+    );
+    let path = std::ffi::CString::new(set.join("passwd").as_os_str().as_bytes()).expect("path");
+    let mut value = [0u8; 16];
+    // SAFETY: valid NUL-terminated strings and a buffer of the length given.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"user.note".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    assert_eq!(
+        usize::try_from(n).ok().map(|n| &value[..n]),
+        Some(&b"node0"[..])
+    );
+    assert!(c.nodes[0].volume_status()["conflicts"].as_u64() >= Some(5));
     // The winner keeps nothing; its files were never at risk.
     assert!(run_ok(&c.nodes[1], &["conflicts"]).contains("no conflicts"));
 }
