@@ -891,7 +891,7 @@ fn status_of_one_volume() {
 }
 
 /// A datagram the daemon sent to `NOTIFY_SOCKET`: its text, when it came, and
-/// whether the volume was mounted and took writes as it came.
+/// whether the volume was mounted and took writes just after it came.
 #[derive(Clone, Debug)]
 struct Notified {
     text: String,
@@ -949,6 +949,7 @@ fn notifications(
 /// comes at SIGTERM.
 #[test]
 fn the_daemon_tells_systemd_it_is_ready_once_it_takes_writes_and_when_it_stops() {
+    let _serial = twinfs_tests::serial();
     let mut c = twinfs_tests::daemon::Cluster::new(2, "", fill_cmm);
     let socket_path = c.nodes[0].dir.path().join("notify");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
@@ -984,10 +985,11 @@ fn the_daemon_tells_systemd_it_is_ready_once_it_takes_writes_and_when_it_stops()
     assert!(stop.at >= stopping, "{got:?}");
 }
 
-/// The same with an abstract socket (`@name`) and a volume without peers: ready as
-/// soon as it is mounted.
+/// The same with an abstract socket (`@name`) and a volume without peers: ready,
+/// mounted and taking writes.
 #[test]
 fn the_daemon_tells_an_abstract_notify_socket_it_is_ready() {
+    let _serial = twinfs_tests::serial();
     use std::os::linux::net::SocketAddrExt;
     let mut node = Node::new(CMM_RULES, fill_cmm);
     let name = format!("twinfs-test-notify-{}", std::process::id());

@@ -371,7 +371,7 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
             format!("mounted: {}", names.join(", "))
         }
     };
-    runtime.spawn(async move {
+    let ready = runtime.spawn(async move {
         for hold in holds {
             let _ = hold.await;
         }
@@ -381,6 +381,8 @@ pub fn run(config: Config, options: DaemonOptions) -> anyhow::Result<()> {
     runtime.block_on(serve(daemon.clone(), listener, signals));
 
     tracing::info!("shutting down");
+    // (Stopped during the startup hold: never ready after stopping.)
+    ready.abort();
     crate::notify::notify("STOPPING=1\nSTATUS=shutting down");
     runtime.block_on(daemon.ship_before_stop(STOP_FLUSH));
     let _ = std::fs::remove_file(&socket);
