@@ -553,7 +553,10 @@ pub async fn request_handover(slot: &HandoverSlot, wait: Duration) -> Option<Res
         Ok(Ok(answer)) => Some(answer),
         // The session ended without an answer: the active is gone.
         Ok(Err(_)) => None,
-        Err(_) => Some(Err(format!("the active did not hand over within {wait:?}"))),
+        Err(_) => Some(Err(format!(
+            "the active did not hand over within {wait:?} (should it still do so, it becomes a \
+             standby and no node is active: see `twinfs status` on both nodes)"
+        ))),
     }
 }
 
@@ -1957,8 +1960,12 @@ async fn run_session(
                             }));
                         }
                         Message::HandoverReady { epoch } if role == Role::Standby => {
-                            if let Some(reply) = waiting_handover.take() {
-                                let _ = reply.send(Ok(*epoch));
+                            let taken = waiting_handover.take().is_some_and(|reply| reply.send(Ok(*epoch)).is_ok());
+                            if !taken {
+                                // `promote` stopped waiting (or nobody asked): the active
+                                // has made itself a standby all the same.
+                                tracing::error!(volume = %volume.name, epoch,
+                                    "the active handed over after `twinfs promote` stopped waiting: it is a standby now, and no node is active until `twinfs promote` runs again");
                             }
                         }
                         Message::VerifyRequest { id } if role == Role::Standby => {
