@@ -153,6 +153,41 @@ fn fan_out_to_three_standbys() {
     c.wait_converged(CONVERGE);
 }
 
+/// `twinfs verify` and `twinfs sync` fail (exit 1) when a configured standby is down,
+/// naming it: a cron job on their exit code must not take "the others are identical"
+/// for "all are".
+#[test]
+fn verify_and_sync_name_a_standby_that_is_down_and_fail() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(3, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    assert!(c.nodes[2].stop().success());
+    assert!(
+        wait_until(CONVERGE, || c.nodes[0].volume_status()["peers"]
+            .as_array()
+            .is_some_and(|peers| peers
+                .iter()
+                .any(|p| p["peer"] == "node2" && p["connected"] == false))),
+        "the active sees node2 gone"
+    );
+    let out = c.nodes[0].twinfs(&["verify"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("vol: node1: identical"), "{said}");
+    assert!(
+        said.contains("vol: node2: not compared: not connected"),
+        "{said}"
+    );
+    let out = c.nodes[0].twinfs(&["sync", "--full"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("acknowledged by node1") && said.contains("NOT connected: node2"),
+        "{said}"
+    );
+}
+
 #[test]
 fn a_standby_that_was_down_catches_up() {
     let _serial = twinfs_tests::serial();

@@ -1079,6 +1079,7 @@ impl Daemon {
         paths: Vec<String>,
         full: bool,
     ) -> anyhow::Result<String> {
+        let name_given = name.is_some();
         let volumes = self.selected(name)?;
         if !paths.is_empty() && volumes.len() != 1 {
             bail!("name the volume the paths are in (twinfs sync VOLUME PATH...)");
@@ -1091,7 +1092,12 @@ impl Daemon {
         for v in volumes {
             let name = &v.config.name;
             if v.roles.get().role != Role::Active {
-                bail!("volume {name}: this node is a standby; run `twinfs sync` on the active");
+                // Named, it is a mistake; among all of them, one this node does not lead.
+                if name_given {
+                    bail!("volume {name}: this node is a standby; run `twinfs sync` on the active");
+                }
+                lines.push(format!("volume {name}: this node is a standby; skipped"));
+                continue;
             }
             let rel = paths
                 .iter()
@@ -1145,6 +1151,11 @@ impl Daemon {
                 failed = true;
                 line.push_str(&format!("; NOT acknowledged: {}", not.join(", ")));
             }
+            let away = self.standbys_away(name);
+            if !away.is_empty() {
+                failed = true;
+                line.push_str(&format!("; NOT connected: {}", away.join(", ")));
+            }
             lines.push(line);
             lines.extend(
                 missing
@@ -1163,10 +1174,24 @@ impl Daemon {
     async fn verify(&self, name: Option<&str>) -> anyhow::Result<String> {
         let mut lines = Vec::new();
         let mut differ = false;
+        let name_given = name.is_some();
         for v in self.selected(name)? {
             let name = &v.config.name;
             if v.roles.get().role != Role::Active {
-                bail!("volume {name}: this node is a standby; run `twinfs verify` on the active");
+                if name_given {
+                    bail!(
+                        "volume {name}: this node is a standby; run `twinfs verify` on the active"
+                    );
+                }
+                lines.push(format!("volume {name}: this node is a standby; skipped"));
+                continue;
+            }
+            // A standby that is down is not compared: that is no "identical".
+            for peer in self.standbys_away(name) {
+                differ = true;
+                lines.push(format!(
+                    "volume {name}: {peer}: not compared: not connected"
+                ));
             }
             let (reply, mut answers) = tokio::sync::mpsc::channel(64);
             let asked = v
@@ -1215,6 +1240,26 @@ impl Daemon {
             bail!("{}", lines.join("\n"));
         }
         Ok(lines.join("\n"))
+    }
+
+    /// The configured peers (witnesses aside) that no session serves as a standby of
+    /// `volume` now: down, cut off, or not a standby.
+    fn standbys_away(&self, volume: &str) -> Vec<String> {
+        let board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        self.config
+            .peers
+            .iter()
+            .filter(|p| !p.witness)
+            .filter(|p| {
+                !board.values().any(|s| {
+                    s.volume == volume
+                        && s.peer == p.name
+                        && s.connected
+                        && s.peer_role == Some(Role::Standby)
+                })
+            })
+            .map(|p| p.name.clone())
+            .collect()
     }
 
     /// Has every session of `v` ship what waits for a later time (see
