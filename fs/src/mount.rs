@@ -183,6 +183,14 @@ impl Mounted {
             }
         }
     }
+
+    /// Whether the volume's path leads to this mount now (the mount point followed
+    /// through symlinks, without asking the filesystem); `None` where the kernel gives
+    /// no mount identity to tell.
+    pub fn in_place(&self) -> Option<bool> {
+        let ours = self.identity?;
+        Some(MountIdentity::of_path(&self.mountpoint).is_ok_and(|(_, now)| now == ours))
+    }
 }
 
 impl Drop for Mounted {

@@ -1085,3 +1085,24 @@ fn role_standby_says_open_writers_get_erofs_without_passthrough() {
         .and_then(|()| writer.flush());
     assert_eq!(err.err().and_then(|e| e.raw_os_error()), Some(libc::EROFS));
 }
+
+/// A volume whose configured path goes through a symlink: the kernel lists its mount
+/// with the symlink resolved, and status still says it is mounted (`Node::start` waits
+/// for that).
+#[test]
+fn a_volume_path_through_a_symlink_shows_as_mounted() {
+    let _serial = twinfs_tests::serial();
+    let mut node = Node::new("", fill_cmm);
+    let link = node.dir.path().join("etc-cmm");
+    std::os::unix::fs::symlink(&node.volume, &link).expect("symlink");
+    let text = fs::read_to_string(&node.config).unwrap().replace(
+        &format!("path = \"{}\"", node.volume.display()),
+        &format!("path = \"{}\"", link.display()),
+    );
+    assert!(text.contains("etc-cmm"), "{text}");
+    fs::write(&node.config, text).unwrap();
+    node.start(&[]);
+    assert_eq!(node.volume_status()["mounted"], true);
+    assert!(node.status_text().contains("etc-cmm"));
+    assert!(node.stop().success());
+}

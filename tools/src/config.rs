@@ -920,7 +920,9 @@ fn check_name(name: &Spanned<String>, doc: &Document, key: &str) -> Result<(), C
 
 fn absolute(path: Spanned<PathBuf>, doc: &Document, key: &str) -> Result<PathBuf, ConfigError> {
     if path.get_ref().is_absolute() {
-        return Ok(path.into_inner());
+        // Without `.` components (and doubled slashes): a volume path ending in `/.`
+        // would have its own mount asked for `.` while it is being made.
+        return Ok(path.get_ref().components().collect());
     }
     Err(doc.invalid(
         path.span(),

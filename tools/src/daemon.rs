@@ -1386,7 +1386,10 @@ impl Daemon {
                     path: v.config.path.clone(),
                     role: state.role,
                     epoch: state.epoch,
-                    mounted: is_twinfs_mount(&v.config.path),
+                    mounted: v
+                        .mounted
+                        .in_place()
+                        .unwrap_or_else(|| is_twinfs_mount(&v.config.path)),
                     passthrough: v.mounted.volume().passthrough(),
                     changes: ChangeCounts {
                         always: c.always,
@@ -1445,16 +1448,52 @@ fn is_twinfs_mount(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };
-    let want: PathBuf = path.to_owned();
+    // The kernel lists the mount point with symlinks resolved; the configured path may
+    // go through some (its last component is the mount itself, not asked here).
+    let resolved = match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent).ok().map(|p| p.join(name)),
+        _ => None,
+    };
     info.lines().any(|line| {
         let fields: Vec<&str> = line.split(' ').collect();
         let Some(sep) = fields.iter().position(|f| *f == "-") else {
             return false;
         };
-        let mount_point = fields.get(4).map(|m| m.replace("\\040", " "));
-        mount_point.as_deref().map(Path::new) == Some(want.as_path())
+        let Some(mount_point) = fields.get(4).map(|m| unescape_mountinfo(m)) else {
+            return false;
+        };
+        let at =
+            Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&mount_point));
+        (at == path || Some(at) == resolved.as_deref())
             && fields.get(sep + 1) == Some(&"fuse.twinfs")
     })
+}
+
+/// A mountinfo field with its octal escapes (`\040` for a space, `\011`, `\012`,
+/// `\134`) turned back into bytes.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push(
+                    d.iter()
+                        .fold(0u8, |n, b| n.wrapping_mul(8).wrapping_add(b - b'0')),
+                );
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 fn unix_now() -> u64 {
@@ -1648,6 +1687,14 @@ fn on_this_node(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_escapes_read_back_as_bytes() {
+        assert_eq!(unescape_mountinfo("/etc/a\\040b"), b"/etc/a b");
+        assert_eq!(unescape_mountinfo("/x\\011y\\012z\\134w"), b"/x\ty\nz\\w");
+        // Not an escape: kept as it is.
+        assert_eq!(unescape_mountinfo("/a\\9b\\"), b"/a\\9b\\");
+    }
 
     /// A config of two volumes with `hook_timeout` of 5 min.
     fn two_volumes(dir: &Path) -> Config {

@@ -454,10 +454,24 @@ fn sync_arguments(
         );
     }
     let paths = match volume {
-        Some(v) => paths
-            .iter()
-            .map(|p| in_volume(&v.name, &v.path, cwd, p))
-            .collect::<anyhow::Result<_>>()?,
+        Some(v) => {
+            // The current directory comes with symlinks resolved; the volume's path may
+            // go through some.
+            let physical = std::fs::canonicalize(&v.path).ok();
+            let cwd = cwd.map(|c| logical(c, &v.path, physical.as_deref()));
+            paths
+                .iter()
+                .map(|p| {
+                    let given = match Path::new(p).is_absolute() {
+                        true => logical(Path::new(p), &v.path, physical.as_deref())
+                            .to_string_lossy()
+                            .into_owned(),
+                        false => p.clone(),
+                    };
+                    in_volume(&v.name, &v.path, cwd.as_deref(), &given)
+                })
+                .collect::<anyhow::Result<_>>()?
+        }
         None => paths,
     };
     Ok((volume.map(|v| v.name.clone()), paths))
@@ -488,6 +502,18 @@ fn in_volume(name: &str, root: &Path, cwd: Option<&Path>, given: &str) -> anyhow
         .to_str()
         .map(str::to_owned)
         .with_context(|| format!("{given}: {} is not UTF-8", inside.display()))
+}
+
+/// `path` under the volume's `root` as configured: a path under `physical` (the root
+/// with symlinks resolved) is taken as the same place under `root`.
+fn logical(path: &Path, root: &Path, physical: Option<&Path>) -> PathBuf {
+    match physical
+        .filter(|ph| *ph != root)
+        .map(|ph| path.strip_prefix(ph))
+    {
+        Some(Ok(rest)) => root.join(rest),
+        _ => path.to_owned(),
+    }
 }
 
 /// `path` with `.` left out and each `..` taking off the component before it, without
@@ -711,6 +737,38 @@ fn print_status(s: &NodeStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_physical_path_of_a_volume_behind_a_symlink_is_taken_as_its_own() {
+        let root = Path::new("/etc/cmm");
+        let physical = Some(Path::new("/srv/cmm"));
+        assert_eq!(
+            logical(Path::new("/srv/cmm/fw"), root, physical),
+            Path::new("/etc/cmm/fw")
+        );
+        assert_eq!(
+            logical(Path::new("/srv/cmm"), root, physical),
+            Path::new("/etc/cmm")
+        );
+        assert_eq!(
+            logical(Path::new("/srv/cmmx"), root, physical),
+            Path::new("/srv/cmmx")
+        );
+        assert_eq!(
+            logical(Path::new("/etc/cmm/fw"), root, physical),
+            Path::new("/etc/cmm/fw")
+        );
+        assert_eq!(
+            logical(Path::new("/srv/cmm/fw"), root, None),
+            Path::new("/srv/cmm/fw")
+        );
+        // Then from the current directory, as inside the volume.
+        let cwd = logical(Path::new("/srv/cmm/fw"), root, physical);
+        assert_eq!(
+            in_volume("cmm", root, Some(&cwd), "blade.sif").expect("inside"),
+            "fw/blade.sif"
+        );
+    }
 
     #[test]
     fn the_journal_is_recognised_by_stderrs_device_and_inode() {

@@ -767,3 +767,13 @@ fn rule_directions() {
         "only allowed with sync = \"always\"",
     );
 }
+
+#[test]
+fn a_volume_path_ending_in_a_dot_is_taken_without_it() {
+    let setup = Setup::new();
+    let text = minimal_volume().replace("{VOL}", "{VOL}/.//");
+    let config = setup
+        .load(&text)
+        .expect("a path with a trailing /. is valid");
+    assert_eq!(config.volumes[0].path, setup.volume());
+}
