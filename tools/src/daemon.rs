@@ -1089,6 +1089,8 @@ impl Daemon {
         }
         let mut lines = Vec::new();
         let mut failed = false;
+        // Standby volumes skipped: with nothing else, nothing was done.
+        let (mut skipped, count) = (0, volumes.len());
         for v in volumes {
             let name = &v.config.name;
             if v.roles.get().role != Role::Active {
@@ -1097,6 +1099,7 @@ impl Daemon {
                     bail!("volume {name}: this node is a standby; run `twinfs sync` on the active");
                 }
                 lines.push(format!("volume {name}: this node is a standby; skipped"));
+                skipped += 1;
                 continue;
             }
             let rel = paths
@@ -1163,7 +1166,7 @@ impl Daemon {
                     .map(|p| format!("  {p}: not on this node: sent as a deletion")),
             );
         }
-        if failed {
+        if failed || skipped == count {
             bail!("{}", lines.join("\n"));
         }
         Ok(lines.join("\n"))
@@ -1175,7 +1178,9 @@ impl Daemon {
         let mut lines = Vec::new();
         let mut differ = false;
         let name_given = name.is_some();
-        for v in self.selected(name)? {
+        let volumes = self.selected(name)?;
+        let (mut skipped, count) = (0, volumes.len());
+        for v in volumes {
             let name = &v.config.name;
             if v.roles.get().role != Role::Active {
                 if name_given {
@@ -1184,6 +1189,7 @@ impl Daemon {
                     );
                 }
                 lines.push(format!("volume {name}: this node is a standby; skipped"));
+                skipped += 1;
                 continue;
             }
             // A standby that is down is not compared: that is no "identical".
@@ -1236,7 +1242,7 @@ impl Daemon {
                 answered += 1;
             }
         }
-        if differ {
+        if differ || skipped == count {
             bail!("{}", lines.join("\n"));
         }
         Ok(lines.join("\n"))

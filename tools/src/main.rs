@@ -75,7 +75,8 @@ enum Command {
     },
     /// On the active: hash every file of the volume now (not from the cache) on this
     /// node and on every connected standby, compare, and list the paths that differ
-    /// per standby. Exit 0 when all are identical, 1 otherwise.
+    /// per standby. Exit 0 when all are identical, 1 otherwise (a configured standby
+    /// that is not connected counts as not identical).
     Verify {
         /// The volume (default: all).
         volume: Option<String>,
@@ -83,7 +84,8 @@ enum Command {
     /// On the active: ship the named paths to every connected standby now, whatever
     /// their policy (once, interval and never paths too), or with --full compare
     /// manifests and send everything that differs; waits for the standbys'
-    /// acknowledgements and exits 0 only when every one acknowledged.
+    /// acknowledgements and exits 0 only when every one acknowledged and no configured
+    /// standby is disconnected.
     ///
     /// The first argument is the volume when it is the name of one. On a node with
     /// one volume it can be left out: a first argument that names no volume is then a
