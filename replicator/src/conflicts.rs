@@ -200,9 +200,17 @@ impl Area {
     }
 
     /// Every set, oldest first (by its manifest's time, then name), with its manifest.
+    /// An area that cannot be read (but exists) is logged: it is not "no conflicts".
     pub fn sets(&self) -> Vec<(PathBuf, Manifest)> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::error!(volume = %self.volume, dir = %self.dir.display(), error = %e,
+                        "cannot read the conflicts area");
+                }
+                return Vec::new();
+            }
         };
         let mut sets: Vec<(PathBuf, Manifest)> = entries
             .filter_map(Result::ok)

@@ -881,6 +881,8 @@ impl Link {
                 volume: volume.to_owned(),
                 peer: self.peer.clone(),
                 full_sync: "never".into(),
+                // (None runs yet: as documented, 100.)
+                full_sync_percent: 100,
                 ..PeerStatus::default()
             });
         entry.address = self.address.clone();

@@ -1324,7 +1324,10 @@ impl Daemon {
                 if p.connected && p.pending == 0 && p.full_sync != "in progress" {
                     acked.push(p.peer.clone());
                 } else {
-                    behind.push(format!("{} ({} changes pending)", p.peer, p.pending));
+                    behind.push(match p.connected {
+                        true => format!("{} ({} changes pending)", p.peer, p.pending),
+                        false => format!("{} (disconnected)", p.peer),
+                    });
                 }
             }
             if behind.is_empty() || tokio::time::Instant::now() >= deadline {
