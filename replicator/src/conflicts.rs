@@ -199,18 +199,19 @@ impl Area {
             .map_err(|e| format!("{}: {e}", manifest_path.display()))
     }
 
+    /// Whether the area can be listed: one that does not exist yet can; one that
+    /// exists but cannot be read is not "no conflicts" ([`Area::sets`] finds none).
+    pub fn readable(&self) -> std::io::Result<()> {
+        match std::fs::read_dir(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Every set, oldest first (by its manifest's time, then name), with its manifest.
-    /// An area that cannot be read (but exists) is logged: it is not "no conflicts".
     pub fn sets(&self) -> Vec<(PathBuf, Manifest)> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(e) => {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::error!(volume = %self.volume, dir = %self.dir.display(), error = %e,
-                        "cannot read the conflicts area");
-                }
-                return Vec::new();
-            }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
         };
         let mut sets: Vec<(PathBuf, Manifest)> = entries
             .filter_map(Result::ok)
@@ -375,6 +376,17 @@ fn timestamp(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_area_that_cannot_be_read_is_not_taken_for_an_empty_one() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let area = Area::new(state.path(), "vol");
+        assert!(area.readable().is_ok(), "not made yet: nothing kept");
+        std::fs::create_dir(state.path().join("conflicts")).expect("mkdir");
+        std::fs::write(area.dir(), "not a directory").expect("write");
+        assert!(area.readable().is_err());
+        assert!(area.sets().is_empty());
+    }
 
     #[test]
     fn timestamps_are_utc_calendar_times() {

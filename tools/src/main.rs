@@ -344,6 +344,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             for name in names {
                 let area = twinfs_replicator::conflicts::Area::new(&config.node.state_dir, name);
+                area.readable().with_context(|| {
+                    format!(
+                        "volume {name}: cannot read the conflicts area {}",
+                        area.dir().display()
+                    )
+                })?;
                 let sets = area.sets();
                 if sets.is_empty() {
                     println!("volume {name}: no conflicts");
