@@ -1433,16 +1433,13 @@ async fn run_session(
     let role = session.role();
     let tag = stream_tag(&volume.name, send.id());
     let counters = StreamCounters::default();
+    // Anything from the peer, on this stream or a large file's, says it is alive.
+    let from_peer = Silence {
+        heard: [received.clone(), counters.received.clone()],
+        limit: PEER_TIMEOUT,
+    };
     let mut send = match role {
-        // (Anything from the standby, on this stream or a large file's, says it is
-        // alive.)
-        Role::Active => Control::watched(
-            send,
-            Silence {
-                heard: [received.clone(), counters.received.clone()],
-                limit: PEER_TIMEOUT,
-            },
-        ),
+        Role::Active => Control::watched(send, from_peer.clone()),
         Role::Standby => Control::queued(send),
     };
     // A standby with `direction = "both"` rules follows its own change records too:
@@ -1925,8 +1922,7 @@ async fn run_session(
         // What the reader read (or a large file's stream) says the peer is alive,
         // taken by this loop yet or not (after a long wait to write, the peer's
         // timeout must not end the session before the messages waiting are taken).
-        let read = received.load(std::sync::atomic::Ordering::Relaxed)
-            + counters.received.load(std::sync::atomic::Ordering::Relaxed);
+        let read = from_peer.heard();
         if read != heard {
             heard = read;
             session.peer_heard(std::time::Instant::now());
@@ -2828,6 +2824,7 @@ enum Control {
 }
 
 /// How long a write in place waits while nothing is heard from the peer.
+#[derive(Clone)]
 struct Silence {
     /// Bytes received from the peer so far.
     heard: [Arc<std::sync::atomic::AtomicU64>; 2],

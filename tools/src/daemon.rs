@@ -857,6 +857,33 @@ impl Daemon {
         })
     }
 
+    /// Of the volumes selected by `name`, those this node is active for (`twinfs
+    /// {command}` runs on the active), and a line for each standby one skipped. A
+    /// standby volume named is an error, and so is a selection of standby volumes only.
+    fn led(
+        &self,
+        name: Option<&str>,
+        command: &str,
+    ) -> anyhow::Result<(Vec<&VolumeRuntime>, Vec<String>)> {
+        let (mut led, mut skipped) = (Vec::new(), Vec::new());
+        for v in self.selected(name)? {
+            let volume = &v.config.name;
+            match v.roles.get().role {
+                Role::Active => led.push(v),
+                Role::Standby if name.is_some() => bail!(
+                    "volume {volume}: this node is a standby; run `twinfs {command}` on the active"
+                ),
+                Role::Standby => {
+                    skipped.push(format!("volume {volume}: this node is a standby; skipped"))
+                }
+            }
+        }
+        if led.is_empty() {
+            bail!("{}", skipped.join("\n"));
+        }
+        Ok((led, skipped))
+    }
+
     /// `twinfs promote`: this node becomes active for each selected standby volume it
     /// is fit to take over (or with `force`), with an epoch above any it has seen.
     async fn promote(&self, name: Option<&str>, force: bool) -> anyhow::Result<String> {
@@ -973,17 +1000,13 @@ impl Daemon {
     /// when it starts.
     async fn ship_before_stop(&self, wait: Duration) {
         let deadline = tokio::time::Instant::now() + wait;
-        let connected = |name: &str| {
-            self.board
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .any(|p| p.volume == name && p.connected && p.peer_role == Some(Role::Standby))
-        };
         let volumes: Vec<&VolumeRuntime> = self
             .volumes
             .iter()
-            .filter(|v| v.roles.get().role == Role::Active && connected(&v.config.name))
+            .filter(|v| {
+                v.roles.get().role == Role::Active
+                    && self.standbys_away(&v.config.name).len() < self.replicas()
+            })
             .collect();
         // First no more writes anywhere; a write under way on a disk that hangs does not
         // hold the stop past the deadline (the hold then comes when it ends).
@@ -1079,29 +1102,16 @@ impl Daemon {
         paths: Vec<String>,
         full: bool,
     ) -> anyhow::Result<String> {
-        let name_given = name.is_some();
-        let volumes = self.selected(name)?;
-        if !paths.is_empty() && volumes.len() != 1 {
+        if !paths.is_empty() && self.selected(name)?.len() != 1 {
             bail!("name the volume the paths are in (twinfs sync VOLUME PATH...)");
         }
         if paths.is_empty() && !full {
             bail!("name the paths to ship, or ask for a full sync with --full");
         }
-        let mut lines = Vec::new();
+        let (volumes, mut lines) = self.led(name, "sync")?;
         let mut failed = false;
-        // Standby volumes skipped: with nothing else, nothing was done.
-        let (mut skipped, count) = (0, volumes.len());
         for v in volumes {
             let name = &v.config.name;
-            if v.roles.get().role != Role::Active {
-                // Named, it is a mistake; among all of them, one this node does not lead.
-                if name_given {
-                    bail!("volume {name}: this node is a standby; run `twinfs sync` on the active");
-                }
-                lines.push(format!("volume {name}: this node is a standby; skipped"));
-                skipped += 1;
-                continue;
-            }
             let rel = paths
                 .iter()
                 .map(|p| volume_path(name, &v.config.path, p))
@@ -1166,7 +1176,7 @@ impl Daemon {
                     .map(|p| format!("  {p}: not on this node: sent as a deletion")),
             );
         }
-        if failed || skipped == count {
+        if failed {
             bail!("{}", lines.join("\n"));
         }
         Ok(lines.join("\n"))
@@ -1175,23 +1185,10 @@ impl Daemon {
     /// `twinfs verify`: every file hashed now on this node (the active) and on every
     /// connected standby, compared; an error (exit 1) lists what differs per standby.
     async fn verify(&self, name: Option<&str>) -> anyhow::Result<String> {
-        let mut lines = Vec::new();
+        let (volumes, mut lines) = self.led(name, "verify")?;
         let mut differ = false;
-        let name_given = name.is_some();
-        let volumes = self.selected(name)?;
-        let (mut skipped, count) = (0, volumes.len());
         for v in volumes {
             let name = &v.config.name;
-            if v.roles.get().role != Role::Active {
-                if name_given {
-                    bail!(
-                        "volume {name}: this node is a standby; run `twinfs verify` on the active"
-                    );
-                }
-                lines.push(format!("volume {name}: this node is a standby; skipped"));
-                skipped += 1;
-                continue;
-            }
             // A standby that is down is not compared: that is no "identical".
             for peer in self.standbys_away(name) {
                 differ = true;
@@ -1242,10 +1239,15 @@ impl Daemon {
                 answered += 1;
             }
         }
-        if differ || skipped == count {
+        if differ {
             bail!("{}", lines.join("\n"));
         }
         Ok(lines.join("\n"))
+    }
+
+    /// How many peers hold each volume: every one but witnesses.
+    fn replicas(&self) -> usize {
+        self.config.peers.iter().filter(|p| !p.witness).count()
     }
 
     /// The configured peers (witnesses aside) that no session serves as a standby of
