@@ -1524,7 +1524,11 @@ async fn run_session(
     // session streams (not in the middle of a full sync, whose end would not cover
     // changes made meanwhile).
     let mut flushing = false;
-    let mut verifying: Option<Verifying> = None;
+    // `twinfs verify` requests under way, in the order they were asked (the standby
+    // answers them in turn): a second one while the first waits (a cron job's and an
+    // administrator's, say) gets an answer of its own, not the first one's cut off.
+    let mut verifying: Vec<Verifying> = Vec::new();
+    let mut verify_id = 0;
     // Standby: this session's number among the volume's sessions with an active, taken
     // (with the handover slot) once the active's hello is accepted: a session refused
     // at hello (a stale active) must not displace the one that follows the real one.
@@ -2013,17 +2017,16 @@ async fn run_session(
                             }
                         }
                         Message::VerifyManifest { id, entries, done } if role == Role::Active => {
-                            if let Some(v) = verifying.as_mut().filter(|v| v.id == *id) {
-                                v.entries.extend(entries.iter().cloned());
+                            if let Some(at) = verifying.iter().position(|v| v.id == *id) {
+                                verifying[at].entries.extend(entries.iter().cloned());
                                 if *done {
-                                    if let Some(v) = verifying.take() {
-                                        let answer = heartbeating(&mut send, &mut sent, compare_fresh(&volume, v.entries)).await;
-                                        let ended = answer.is_none();
-                                        let answer = answer.unwrap_or_else(|| Err("the session ended".into()));
-                                        let _ = v.reply.try_send((link.peer.clone(), answer));
-                                        if ended {
-                                            break;
-                                        }
+                                    let v = verifying.remove(at);
+                                    let answer = heartbeating(&mut send, &mut sent, compare_fresh(&volume, v.entries)).await;
+                                    let ended = answer.is_none();
+                                    let answer = answer.unwrap_or_else(|| Err("the session ended".into()));
+                                    let _ = v.reply.try_send((link.peer.clone(), answer));
+                                    if ended {
+                                        break;
                                     }
                                 }
                             }
@@ -2054,9 +2057,10 @@ async fn run_session(
                         syncs.push(reply);
                     }
                     Ok(Command::Verify { reply }) => {
-                        let id = verifying.as_ref().map_or(1, |v| v.id + 1);
+                        verify_id += 1;
+                        let id = verify_id;
                         if send.write(&Message::VerifyRequest { id }).await.is_some() {
-                            verifying = Some(Verifying { id, entries: Vec::new(), reply });
+                            verifying.push(Verifying { id, entries: Vec::new(), reply });
                         } else {
                             let _ = reply.try_send((link.peer.clone(), Err("cannot reach the standby".into())));
                         }
@@ -2169,7 +2173,7 @@ async fn run_session(
     for reply in syncs.drain(..) {
         let _ = reply.try_send((link.peer.clone(), Err("the session ended".into())));
     }
-    if let Some(v) = verifying {
+    for v in verifying {
         let _ = v
             .reply
             .try_send((link.peer.clone(), Err("the session ended".into())));

@@ -188,6 +188,57 @@ fn verify_and_sync_name_a_standby_that_is_down_and_fail() {
     );
 }
 
+/// Two `twinfs verify` at once (a cron job's and an administrator's) each get the
+/// standby's answer: the second must not cut the first off ("did not answer").
+#[test]
+fn two_verifies_at_once_both_get_an_answer() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    // Sparse and the same on both nodes (nothing to send), hashed in full by every
+    // verify on each side: it takes long enough for the second to come meanwhile.
+    for node in &c.nodes {
+        let file = fs::File::create(node.volume.join("firmware.img")).expect("create");
+        file.set_len(256 << 20).expect("set_len");
+        file.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+            .expect("set mtime");
+    }
+    c.start();
+    c.wait_converged(CONVERGE);
+    let verify = || {
+        Command::new(twinfs_tests::daemon::twinfs_bin())
+            .arg("--config")
+            .arg(&c.nodes[0].config)
+            .arg("verify")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run twinfs verify")
+    };
+    let mut first = verify();
+    std::thread::sleep(Duration::from_millis(100));
+    let second = verify();
+    std::thread::sleep(Duration::from_millis(100));
+    // Else this proves nothing: the first was done before the second was asked.
+    let overlapped = first.try_wait().expect("try_wait").is_none();
+    for (which, child) in [("first", first), ("second", second)] {
+        let out = child.wait_with_output().expect("wait for twinfs verify");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.contains("vol: node1: identical"),
+            "{which} verify: {said}\n{}\n{}",
+            c.nodes[0].log_text(),
+            c.nodes[1].log_text()
+        );
+    }
+    assert!(
+        overlapped,
+        "the first verify was over before the second began"
+    );
+}
 #[test]
 fn a_standby_that_was_down_catches_up() {
     let _serial = twinfs_tests::serial();
