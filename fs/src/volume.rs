@@ -166,6 +166,10 @@ pub struct OpenFile {
     /// the first record. Tells a close after writing from a second close of a dup'd
     /// fd.
     recorded: Mutex<Option<Seen>>,
+    /// Written through (or truncated by its open, or made by it). A handle opened for
+    /// writing that has written nothing when another handle's change of its file is
+    /// recorded has nothing of its own under way: see [`Volume::settle_idle`].
+    wrote: AtomicBool,
     /// The last write through this handle looked like the first part of one the
     /// kernel split (see [`Volume::write`]): the rest is on its way.
     split: AtomicBool,
@@ -1217,6 +1221,11 @@ impl Volume {
             at.chmod(mode & 0o7777)?;
         }
         if let Some(size) = set.size {
+            // An ftruncate is a write of its handle; a truncate by path is a change
+            // of its own (recorded by the caller).
+            if let Some(f) = &file {
+                f.wrote.store(true, Ordering::Release);
+            }
             let key = match (&file, loc.name.as_deref()) {
                 (Some(f), _) => {
                     sys::ftruncate(f.fd.as_fd(), size)?;
@@ -1455,7 +1464,8 @@ impl Volume {
         Ok(attr)
     }
 
-    fn add_file(&self, ino: u64, fd: OwnedFd, writable: bool) -> (u64, Arc<OpenFile>) {
+    /// `wrote`: see [`OpenFile::wrote`].
+    fn add_file(&self, ino: u64, fd: OwnedFd, writable: bool, wrote: bool) -> (u64, Arc<OpenFile>) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         // Only a standby's writable handles need their path later; an active's never
         // computes it.
@@ -1476,6 +1486,7 @@ impl Volume {
             standby_path,
             changes,
             recorded: Mutex::new(None),
+            wrote: AtomicBool::new(wrote),
             split: AtomicBool::new(false),
         });
         files.insert(fh, file.clone());
@@ -1531,7 +1542,7 @@ impl Volume {
         })?;
         // The open file is registered before the truncation, so a replicator that reads
         // the file meanwhile knows a writer is at it and does not ship the empty file.
-        let (fh, file) = self.add_file(ino, fd, writable);
+        let (fh, file) = self.add_file(ino, fd, writable, truncate);
         // Registered first: an in-place update that starts now sees this handle and
         // waits for it to close (or leaves the file alone); one under way is waited
         // for, with this handle set aside meanwhile. An update whose write in place
@@ -1612,7 +1623,9 @@ impl Volume {
 
     /// Whether a process has `path` open for writing and has not closed (or fsync'd)
     /// that open file yet: its content may be half written, and the close to come
-    /// will be recorded as a change anyway.
+    /// will be recorded as a change anyway. (A handle that has written nothing counts
+    /// until another handle's change of the file is recorded: see
+    /// [`Volume::settle_idle`].)
     pub fn being_written(&self, path: &Path) -> bool {
         let Some((_, ino)) = self.ino_of(path) else {
             return false;
@@ -1667,7 +1680,7 @@ impl Volume {
         let attr = self.remember(parent, &dir, name, st)?;
         // The open file is registered before the change is recorded, so a replicator
         // that reads the new (still empty) file knows its writer is at it.
-        let (fh, file) = self.add_file(attr.ino, fd, true);
+        let (fh, file) = self.add_file(attr.ino, fd, true, true);
         if created {
             self.record(attr.ino, ChangeKind::Create);
         }
@@ -1687,6 +1700,8 @@ impl Volume {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
         let file = self.file(fh)?;
         let _writing = self.writable_for(|| [self.path_of(file.ino)])?;
+        // Before the bytes land: a replicator reading the file meanwhile knows.
+        file.wrote.store(true, Ordering::Release);
         let n = sys::pwrite(file.fd.as_fd(), data, offset)?;
         // The kernel sends a write() that starts inside a page it does not hold whole
         // in two requests: up to that page's end, then the rest. A write that starts
@@ -1712,6 +1727,7 @@ impl Volume {
         sys::fsync(file.fd.as_fd(), datasync)?;
         let _recording = self.recording();
         if file.writable && file.take_change()? {
+            self.settle_idle(&file);
             self.record_close(&file);
         }
         Ok(())
@@ -1725,9 +1741,44 @@ impl Volume {
         let file = self.file(fh)?;
         let _recording = self.recording();
         if file.writable && file.take_change()? {
+            self.settle_idle(&file);
             self.record_close(&file);
         }
         Ok(())
+    }
+
+    /// Before `file`'s change is recorded: the other handles of its file that were
+    /// opened for writing and have written nothing (a reader of a database opens it
+    /// read-write, and may keep it open for days) count as recorded as the file is
+    /// now. They have nothing under way, and would otherwise keep the file "being
+    /// written" ([`Volume::being_written`]), held back until they close, with no
+    /// change of their own to ship it then. One that writes later is recorded at its
+    /// close as any handle after its first record.
+    ///
+    /// (A handle opened and about to write still counts while the file has no new
+    /// record: a file appended to by one open, write and close after another is not
+    /// read between an open and its write.)
+    fn settle_idle(&self, file: &OpenFile) {
+        // (With passthrough, twinfs sees no writes: a handle's "nothing written" means
+        // nothing. Only volumes without peers use it.)
+        if self.passthrough() {
+            return;
+        }
+        for other in self.read_files().values() {
+            if other.ino == file.ino
+                && other.writable
+                && !other.wrote.load(Ordering::Acquire)
+                && !std::ptr::eq(Arc::as_ptr(other), file)
+                && other
+                    .recorded
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_none()
+            {
+                // (An fstat that fails leaves it unsettled: held back as before.)
+                let _ = other.take_change();
+            }
+        }
     }
 
     /// Records what `file` wrote, for a close, fsync or release. Standby: a file
@@ -1792,6 +1843,7 @@ impl Volume {
         drop(patching);
         // A file that cannot be looked at is recorded: shipping it again is harmless.
         if file.writable && file.take_change().unwrap_or(true) {
+            self.settle_idle(&file);
             self.record_close(&file);
         }
         Ok(file)
@@ -1801,6 +1853,7 @@ impl Volume {
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         let file = self.file(fh)?;
         let _writing = self.writable_for(|| [self.path_of(file.ino)])?;
+        file.wrote.store(true, Ordering::Release);
         let result = sys::fallocate(file.fd.as_fd(), mode, offset, length);
         // Recorded even if it failed: a zero range that ran out of space part way has
         // changed what it did before. Collapsing or inserting a range moves every byte
@@ -2136,7 +2189,12 @@ mod tests {
         volume.setattr(ino, size).expect("ftruncate");
         volume.flush(fh).expect("flush");
         volume.flush(other).expect("flush");
-        assert_eq!(records.writes(), 2, "each close records once");
+        // The other handle has written nothing: it counts as recorded with the first.
+        assert_eq!(
+            records.writes(),
+            1,
+            "the close after the truncation records"
+        );
         let st = stat_f(&volume);
         volume.write(other, 0, &[7u8; 4096]).expect("writeback");
         restore_mtime(&volume, &st);
@@ -2146,5 +2204,31 @@ mod tests {
             1,
             "the release after the writeback records"
         );
+    }
+
+    #[test]
+    fn a_handle_that_writes_nothing_holds_up_no_other_handles_change() {
+        let (_dir, volume, records) = volume(b"v1");
+        let ino = volume.lookup(ROOT, OsStr::new("f")).expect("lookup").ino;
+        let path = Path::new("f");
+        // A reader of a database opens it read-write.
+        let (idle, _) = volume.open(ino, libc::O_RDWR, ROOT_CALLER).expect("open");
+        let (writer, _) = volume.open(ino, libc::O_RDWR, ROOT_CALLER).expect("open");
+        assert!(
+            volume.being_written(path),
+            "until a change of the file is recorded"
+        );
+        volume.write(writer, 0, b"v2").expect("write");
+        volume.flush(writer).expect("flush");
+        assert_eq!(records.writes(), 1);
+        assert!(
+            !volume.being_written(path),
+            "the idle handle holds nothing up"
+        );
+        // It closes without a change since: nothing more to record.
+        volume.flush(idle).expect("flush");
+        volume.release(idle).expect("release");
+        volume.release(writer).expect("release");
+        assert_eq!(records.writes(), 0);
     }
 }

@@ -429,6 +429,43 @@ fn a_new_file_is_being_written_when_its_creation_is_recorded() {
     );
 }
 
+/// A handle opened read-write that writes nothing (a reader of a database, which
+/// opens it so) does not make the file "being written": the changes other handles
+/// close must ship. One that writes does, until its close.
+#[test]
+fn a_read_write_handle_that_writes_nothing_holds_up_no_one() {
+    let _serial = twinfs_tests::serial();
+    let probe = Arc::new(Probe::default());
+    // (No passthrough, as a replicated volume is mounted: twinfs sees every write.)
+    let m = MountedDir::with_sink(false, probe.clone(), Arc::new(Recorder::default()), |d| {
+        fs::write(d.join("db"), "v1").expect("fill");
+    });
+    probe
+        .volume
+        .set(m.mounted().volume().clone())
+        .unwrap_or_else(|_| panic!("set once"));
+    let path = m.path.join("db");
+    let idle = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open read-write");
+    fs::write(&path, "v2").expect("write through another handle");
+    let mut writer = fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .expect("open to append");
+    writer.write_all(b" more").expect("append");
+    // Still open and written: its content may be half of what it means to write.
+    assert!(m.mounted().volume().being_written(Path::new("db")));
+    drop(writer);
+    drop(idle);
+    let seen = std::mem::take(&mut *probe.seen.lock().expect("probe"));
+    // The closes of `fs::write`'s handle, the appender's and the idle one's (a close
+    // of a handle opened for writing is a change): none waits for the idle handle.
+    assert_eq!(seen, vec![(p("db"), ChangeKind::Write, false); 3]);
+}
+
 fn erofs<T: std::fmt::Debug>(what: &str, result: std::io::Result<T>) {
     match result {
         Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}

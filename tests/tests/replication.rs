@@ -2182,6 +2182,78 @@ fn a_file_renamed_while_still_being_written_arrives_without_a_refusal() {
     assert_converged_by_the_stream_alone(&c);
 }
 
+/// A database some process holds open without writing (an SQLite reader opens it
+/// read-write) does not hold up what other processes write to it: each writer's
+/// commit ships while the reader keeps its connection.
+#[test]
+fn an_sqlite_reader_kept_open_does_not_hold_up_other_writers() {
+    use std::io::{BufRead, BufReader, Write as _};
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let db = c.active().join("nodes.sqlite");
+    let b = c.nodes[1].volume.join("nodes.sqlite");
+    let sql = |statements: &str| {
+        let out = Command::new("sqlite3")
+            .arg(&db)
+            .arg(statements)
+            .output()
+            .expect("sqlite3 (Debian package sqlite3)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sql("CREATE TABLE t (n INTEGER);");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut reader = Kill(
+        Command::new("sqlite3")
+            .arg(&db)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sqlite3"),
+    );
+    let mut input = reader.0.stdin.take().expect("stdin");
+    let mut output = BufReader::new(reader.0.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    writeln!(input, "SELECT count(*) FROM t;").expect("ask the reader");
+    output.read_line(&mut line).expect("the reader answers");
+    assert_eq!(line.trim(), "0");
+    let on_the_standby = || {
+        let out = Command::new("sqlite3")
+            .arg(format!("file:{}?immutable=1", b.display()))
+            .arg("SELECT count(*) FROM t;")
+            .output()
+            .expect("sqlite3 on the standby");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    for round in 1..=3 {
+        sql(&format!("INSERT INTO t VALUES ({round});"));
+        assert!(
+            wait_until(CONVERGE, || on_the_standby() == round.to_string()),
+            "round {round}: the standby has {} rows",
+            on_the_standby()
+        );
+    }
+    // The reader was there all along.
+    line.clear();
+    writeln!(input, "SELECT count(*) FROM t;").expect("ask the reader");
+    output.read_line(&mut line).expect("the reader answers");
+    assert_eq!(line.trim(), "3");
+    drop(input);
+    drop(reader);
+    c.wait_converged(CONVERGE);
+}
+
 /// An SQLite database kept open by its writer (xCAT keeps its tables in SQLite under
 /// `/etc/xcat`): each transaction writes the database in place and fsyncs it, beside
 /// a rollback journal that is created, fsync'd and deleted. The standby must get a
