@@ -415,37 +415,64 @@ impl<'a> Applier<'a> {
             + std::time::Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
         match st.st_mode & libc::S_IFMT {
             libc::S_IFREG => {
+                // Never over what is kept already (a path touched twice by one full
+                // sync, or kept by an earlier try).
+                if sys::statat(dest_dir, dest_name).is_ok() {
+                    return Ok(0);
+                }
                 let fd = open_entry(dir.as_fd(), &name, libc::O_RDONLY)
                     .map_err(entry_err("open", path))?;
                 let mut from = std::fs::File::from(fd);
-                // O_EXCL: never through a symlink, never over what is kept already.
-                let created = sys::openat(
+                // Whole or not at all: written under a temporary name and renamed in
+                // once synced, so that a copy cut short (no space left, a crash) is
+                // never taken for a kept version by the next try, which would then
+                // let the original be replaced.
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                let temp = OsString::from(format!(
+                    ".keep.tmp-{}-{}",
+                    std::process::id(),
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                ));
+                // O_EXCL: never through a symlink.
+                let to = sys::openat(
                     dest_dir,
-                    dest_name,
+                    &temp,
                     libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
                     0o600,
-                );
-                let mut to = match created {
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(0),
-                    other => std::fs::File::from(other.map_err(write)?),
-                };
-                io::copy(&mut from, &mut to).map_err(write)?;
-                // Its metadata too: what this node changed may be only that. The owner
-                // and xattrs as far as the state directory takes them (the content is
-                // what must not be lost); the owner first: a chown clears the set-ID
-                // bits the chmod then sets.
-                let kept = At::Fd(to.as_fd());
-                let owner = kept.chown(Some(st.st_uid), Some(st.st_gid));
-                sys::fchmod(to.as_fd(), st.st_mode & 0o7777).map_err(write)?;
-                let xattrs = crate::manifest::read_xattrs(At::Fd(from.as_fd()))
-                    .map_err(|e| e.to_string())
-                    .and_then(|x| sync_xattrs(kept, &x, path).map_err(|e| e.to_string()));
-                if let Err(e) = owner.map_err(|e| e.to_string()).and(xattrs) {
-                    tracing::warn!(%path, error = %e, "kept without its owner or xattrs");
+                )
+                .map_err(write)?;
+                let mut to = std::fs::File::from(to);
+                let copied = (|| {
+                    io::copy(&mut from, &mut to)?;
+                    // Its metadata too: what this node changed may be only that. The
+                    // owner and xattrs as far as the state directory takes them (the
+                    // content is what must not be lost); the owner first: a chown
+                    // clears the set-ID bits the chmod then sets.
+                    let kept = At::Fd(to.as_fd());
+                    let owner = kept.chown(Some(st.st_uid), Some(st.st_gid));
+                    sys::fchmod(to.as_fd(), st.st_mode & 0o7777)?;
+                    let xattrs = crate::manifest::read_xattrs(At::Fd(from.as_fd()))
+                        .map_err(|e| e.to_string())
+                        .and_then(|x| sync_xattrs(kept, &x, path).map_err(|e| e.to_string()));
+                    if let Err(e) = owner.map_err(|e| e.to_string()).and(xattrs) {
+                        tracing::warn!(%path, error = %e, "kept without its owner or xattrs");
+                    }
+                    to.set_modified(mtime)?;
+                    to.sync_all()?;
+                    sys::renameat2(dest_dir, &temp, dest_dir, dest_name, libc::RENAME_NOREPLACE)
+                })();
+                match copied {
+                    Ok(()) => Ok(1),
+                    Err(e) => {
+                        // (Best effort: the copy failed already.)
+                        let _ = sys::unlinkat(dest_dir, &temp, 0);
+                        if e.kind() == io::ErrorKind::AlreadyExists {
+                            Ok(0)
+                        } else {
+                            Err(write(e))
+                        }
+                    }
                 }
-                to.set_modified(mtime).map_err(write)?;
-                to.sync_all().map_err(write)?;
-                Ok(1)
             }
             libc::S_IFLNK => {
                 let target =

@@ -1555,6 +1555,8 @@ async fn run_session(
         while let Some(out) = next_output(&mut parked, &mut session, &large) {
             if matches!(out, Output::InSync) {
                 synced += 1;
+                // (Not after a full sync with refusals, such as an op whose version here
+                // could not be kept: the session asks for another, and keeps.)
                 if keeping {
                     keeping = false;
                     if let Err(e) = volume.conflicts.disarm() {
@@ -1617,8 +1619,27 @@ async fn run_session(
                     _ => outbox.learn_applied(op),
                 }
             }
-            if let (true, Output::Apply { op, .. }) = (keeping, &out) {
-                keep_before(&volume, op).await;
+            if let (true, Output::Apply { seq, op }) = (keeping, &out) {
+                if let Err(e) = keep_before(&volume, op).await {
+                    // This node's version stays, and the op is refused: nothing is
+                    // replaced that was not kept. The area stays armed (a full sync
+                    // with refusals is not in sync): the next full sync (one more at
+                    // once, then at a reconnect, a restart, `twinfs sync --full`)
+                    // tries again.
+                    let path = op.path().clone();
+                    if let Some(outbox) = outbox.as_mut() {
+                        outbox.forget(&path);
+                    }
+                    session.applied(
+                        *seq,
+                        &path,
+                        Err(format!(
+                            "not applied: this node's version could not be kept first: {e}"
+                        )),
+                        std::time::Instant::now(),
+                    );
+                    continue;
+                }
             }
             match out {
                 Output::Fenced { epoch } => {
@@ -2705,8 +2726,9 @@ async fn fence(volume: &VolumeLink, link: &Link, epoch: u64) {
 }
 
 /// Keeps this node's version of what `op` (from the winner's full sync after a
-/// fencing) is about to replace or delete.
-async fn keep_before(volume: &VolumeLink, op: &Op) {
+/// fencing) is about to replace or delete. `Err` (logged) if it could not: the op
+/// must not be applied.
+async fn keep_before(volume: &VolumeLink, op: &Op) -> Result<(), String> {
     let (path, what) = match op {
         // Anything put but a directory's metadata: new content, a file's metadata
         // alone (this node's chmod, say), a symlink or a special file in its place.
@@ -2715,8 +2737,14 @@ async fn keep_before(volume: &VolumeLink, op: &Op) {
         }
         Op::PutStream { entry } => (entry.path.clone(), "replaced"),
         Op::Link { path, .. } => (path.clone(), "replaced"),
+        // (Only while a version could not be kept: a full sync sends no renames.)
+        Op::Rename {
+            to,
+            exchange: false,
+            ..
+        } => (to.clone(), "replaced"),
         Op::Delete { path } => (path.clone(), "deleted"),
-        _ => return,
+        _ => return Ok(()),
     };
     let v = volume.clone();
     let kept = tokio::task::spawn_blocking(move || {
@@ -2726,9 +2754,18 @@ async fn keep_before(volume: &VolumeLink, op: &Op) {
             .map_err(|e| (path, e))
     })
     .await;
-    if let Ok(Err((path, e))) = kept {
-        tracing::error!(volume = %volume.name, %path, error = %e,
-            "split brain: cannot keep this node's version before it is replaced");
+    match kept {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((path, e))) => {
+            tracing::error!(volume = %volume.name, %path, error = %e,
+                "split brain: cannot keep this node's version; not replacing it");
+            Err(e)
+        }
+        Err(e) => {
+            tracing::error!(volume = %volume.name, error = %e,
+                "split brain: keeping this node's version failed; not replacing it");
+            Err(e.to_string())
+        }
     }
 }
 

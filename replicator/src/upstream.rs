@@ -120,6 +120,12 @@ impl Outbox {
         }
     }
 
+    /// An op from the active on `path` was not applied: what this node has there (and
+    /// below) is no version of the active's that a write could be based on.
+    pub fn forget(&mut self, path: &RelPath) {
+        self.known.retain(|p, _| !p.starts_with(path));
+    }
+
     /// The active's large file at `path`, with content hash `hash`, is in place here.
     pub fn learn_placed(&mut self, path: &RelPath, hash: Option<u128>) {
         self.learn(path, hash);
@@ -231,7 +237,9 @@ pub fn judge(
     base: Option<u128>,
     current: Option<&Meta>,
 ) -> Result<(), String> {
-    if matches!(op, Op::Skip { .. } | Op::PutStream { .. }) {
+    // (A standby ships its hard links as copies: a link would make an upstream path
+    // a name of any file of the active's, `existing` judged by no rule.)
+    if matches!(op, Op::Skip { .. } | Op::PutStream { .. } | Op::Link { .. }) {
         return Err("not an upstream write".into());
     }
     if matches!(op, Op::Put { entry, content: None } if entry.meta.kind == Kind::File) {
@@ -275,5 +283,49 @@ fn noun(kind: Kind) -> &'static str {
         Kind::Socket => "socket",
         Kind::CharDev => "character device",
         Kind::BlockDev => "block device",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Direction, Policy, Rule, SyncMode};
+
+    fn both(pattern: &str) -> PolicySet {
+        let policy = Policy {
+            sync: SyncMode::Always,
+            direction: Direction::Both,
+            ..Policy::DEFAULT
+        };
+        PolicySet::new(vec![Rule::new(pattern, policy).expect("valid pattern")])
+    }
+
+    fn path(p: &str) -> RelPath {
+        RelPath::new(p).expect("valid path")
+    }
+
+    /// A standby never sends a hard link upstream: one would make a `both` path a
+    /// name of any file on the active (a `never` key, say), or replace the directory
+    /// at its path whole.
+    #[test]
+    fn a_link_is_no_upstream_write() {
+        let policies = both("users/*");
+        let link = Op::Link {
+            path: path("users/x"),
+            existing: path("local/secret.key"),
+        };
+        assert_eq!(
+            judge(&policies, &link, None, None),
+            Err("not an upstream write".into())
+        );
+        // What a standby does send, a delete of a `both` path, is taken.
+        let delete = Op::Delete {
+            path: path("users/x"),
+        };
+        assert_eq!(judge(&policies, &delete, None, None), Ok(()));
+        let outside = Op::Delete {
+            path: path("local/secret.key"),
+        };
+        assert!(judge(&policies, &outside, None, None).is_err());
     }
 }

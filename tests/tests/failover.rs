@@ -602,6 +602,141 @@ fn split_brain_keeps_the_losers_writes_in_its_conflicts_area() {
     assert!(run_ok(&c.nodes[1], &["conflicts"]).contains("no conflicts"));
 }
 
+/// A tmpfs of a given size mounted on a directory; unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).expect("mkdir");
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount a tmpfs on {}", at.display());
+        Tmpfs(at.to_owned())
+    }
+
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "resize the tmpfs on {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Split brain when the loser's conflicts area has no room for its version of a
+/// file: that version is not replaced (the op is refused and listed, the node not in
+/// sync), and once there is room the next full sync keeps it whole, then applies the
+/// winner's. Nothing the loser wrote is lost on the way.
+#[test]
+fn a_losers_version_with_no_room_to_keep_it_is_not_replaced() {
+    let _serial = twinfs_tests::serial();
+    use twinfs_tests::daemon::NetPair;
+    let net = NetPair::new((std::process::id() % 250) as u8);
+    let mut c = Cluster::in_namespaces(&net, RULES, fill);
+    // Room for the area's marker and list, not for a 1 MiB file. (Dropped before the
+    // cluster, whose state directory it is in.)
+    let area = Tmpfs::mount(&c.nodes[0].state_dir.join("conflicts/vol"), "64k");
+    c.start();
+    c.wait_converged(CONVERGE);
+
+    net.cut();
+    let said = run_ok(&c.nodes[1], &["promote"]);
+    assert!(said.contains("epoch 2"), "{said}");
+    let (a, b) = (c.nodes[0].volume.clone(), c.nodes[1].volume.clone());
+    let mine: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    fs::write(a.join("big.bin"), &mine).expect("write on node0");
+    fs::write(b.join("cmm.conf"), "chassis_id = 1 (node1)\n").expect("write on node1");
+
+    net.heal();
+    wait_role(&c.nodes[0], "standby", 2);
+    // Refused: the winner has no big.bin, and node0's could not be kept.
+    let refused = |c: &Cluster| {
+        c.nodes[1].volume_status()["peers"]
+            .as_array()
+            .is_some_and(|peers| {
+                peers.iter().any(|p| {
+                    p["peer"] == "node0"
+                        && p["rejected_paths"].as_array().is_some_and(|r| {
+                            r.iter().any(|r| {
+                                r.as_str().is_some_and(|r| {
+                                    r.starts_with("big.bin:") && r.contains("could not be kept")
+                                })
+                            })
+                        })
+                })
+            })
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || refused(&c)),
+        "{}\nnode0's log:\n{}",
+        c.nodes[1].volume_status(),
+        c.nodes[0].log_text()
+    );
+    // What needed no room went on: node1's cmm.conf is there.
+    assert!(wait_until(CONVERGE, || fs::read_to_string(
+        a.join("cmm.conf")
+    )
+    .is_ok_and(|t| t == "chassis_id = 1 (node1)\n")));
+    assert!(
+        fs::read(a.join("big.bin")).is_ok_and(|d| d == mine),
+        "node0's big.bin is still there, whole"
+    );
+    // Nothing half copied is left to pass for a kept version.
+    let files_in_area = |dir: &Path| {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+            {
+                if e.path().is_dir() {
+                    walk(&e.path(), out);
+                } else {
+                    out.push(e.path());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(dir, &mut out);
+        out
+    };
+    assert!(
+        !files_in_area(&area.0)
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| n == "big.bin")),
+        "{:?}",
+        files_in_area(&area.0)
+    );
+
+    // Room now; the next full sync keeps it, then removes it as the winner has.
+    area.resize("16m");
+    let _ = c.nodes[1].twinfs(&["sync", "--full"]);
+    c.wait_converged_to(1, Duration::from_secs(60));
+    let kept: Vec<PathBuf> = files_in_area(&area.0)
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "big.bin"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{:?}", files_in_area(&area.0));
+    assert!(fs::read(&kept[0]).is_ok_and(|d| d == mine), "kept whole");
+    assert!(run_ok(&c.nodes[0], &["conflicts"]).contains("big.bin"));
+}
+
 /// The `TWINFS_*` variables of each hook run, in the order they ran (each run
 /// writes a `.tmp` file and renames it to `.env` when it is complete).
 fn hook_runs(dir: &Path) -> Vec<(String, String)> {
