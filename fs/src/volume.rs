@@ -718,6 +718,7 @@ impl Volume {
 
     /// Records `kind` for `ino`; `open` is an fd of its backing file, if one is at hand.
     fn record_of(&self, ino: u64, kind: ChangeKind, open: Option<BorrowedFd<'_>>) {
+        self.settle_idle(ino);
         let (path, file) = {
             let table = self.read_table();
             let file = table.get(ino).map(|n| (n.key, n.kind, n.links.len()));
@@ -1700,7 +1701,8 @@ impl Volume {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
         let file = self.file(fh)?;
         let _writing = self.writable_for(|| [self.path_of(file.ino)])?;
-        // Before the bytes land: a replicator reading the file meanwhile knows.
+        // Before the bytes land. (A change recorded at this very moment may still
+        // settle this handle: its close records the file again.)
         file.wrote.store(true, Ordering::Release);
         let n = sys::pwrite(file.fd.as_fd(), data, offset)?;
         // The kernel sends a write() that starts inside a page it does not hold whole
@@ -1727,7 +1729,6 @@ impl Volume {
         sys::fsync(file.fd.as_fd(), datasync)?;
         let _recording = self.recording();
         if file.writable && file.take_change()? {
-            self.settle_idle(&file);
             self.record_close(&file);
         }
         Ok(())
@@ -1741,34 +1742,33 @@ impl Volume {
         let file = self.file(fh)?;
         let _recording = self.recording();
         if file.writable && file.take_change()? {
-            self.settle_idle(&file);
             self.record_close(&file);
         }
         Ok(())
     }
 
-    /// Before `file`'s change is recorded: the other handles of its file that were
-    /// opened for writing and have written nothing (a reader of a database opens it
-    /// read-write, and may keep it open for days) count as recorded as the file is
-    /// now. They have nothing under way, and would otherwise keep the file "being
-    /// written" ([`Volume::being_written`]), held back until they close, with no
-    /// change of their own to ship it then. One that writes later is recorded at its
-    /// close as any handle after its first record.
+    /// Before a change of `ino` is recorded (a close after writing, a chmod, a
+    /// truncate by path): the handles of its file that were opened for writing and
+    /// have written nothing (a reader of a database opens it read-write, and may keep
+    /// it open for days) count as recorded as the file is now. They have nothing
+    /// under way, and would otherwise keep the file "being written"
+    /// ([`Volume::being_written`]), held back until they close, with no change of
+    /// their own to ship it then. One that writes later is recorded at its close as
+    /// any handle after its first record.
     ///
     /// (A handle opened and about to write still counts while the file has no new
     /// record: a file appended to by one open, write and close after another is not
     /// read between an open and its write.)
-    fn settle_idle(&self, file: &OpenFile) {
+    fn settle_idle(&self, ino: u64) {
         // (With passthrough, twinfs sees no writes: a handle's "nothing written" means
         // nothing. Only volumes without peers use it.)
         if self.passthrough() {
             return;
         }
         for other in self.read_files().values() {
-            if other.ino == file.ino
+            if other.ino == ino
                 && other.writable
                 && !other.wrote.load(Ordering::Acquire)
-                && !std::ptr::eq(Arc::as_ptr(other), file)
                 && other
                     .recorded
                     .lock()
@@ -1843,7 +1843,6 @@ impl Volume {
         drop(patching);
         // A file that cannot be looked at is recorded: shipping it again is harmless.
         if file.writable && file.take_change().unwrap_or(true) {
-            self.settle_idle(&file);
             self.record_close(&file);
         }
         Ok(file)
@@ -2230,5 +2229,18 @@ mod tests {
         volume.release(idle).expect("release");
         volume.release(writer).expect("release");
         assert_eq!(records.writes(), 0);
+        // A change by path (a chmod, a truncate) settles an idle handle too.
+        let (idle, _) = volume.open(ino, libc::O_RDWR, ROOT_CALLER).expect("open");
+        assert!(volume.being_written(path));
+        let chmod = SetAttr {
+            mode: Some(0o600),
+            ..SetAttr::default()
+        };
+        volume.setattr(ino, chmod).expect("chmod");
+        assert!(
+            !volume.being_written(path),
+            "the idle handle holds nothing up"
+        );
+        volume.release(idle).expect("release");
     }
 }

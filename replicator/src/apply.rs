@@ -390,13 +390,15 @@ impl<'a> Applier<'a> {
     /// below it) stays and is not copied, except that a directory there (not a symlink
     /// to one) is filled with what it lacks; a copied symlink is never written through.
     /// Returns how many entries were copied: 0 when there is nothing at `path`. FIFOs,
-    /// sockets and devices are skipped (no content to keep). New directories are
-    /// owner-only: what is kept may be a password file.
+    /// sockets and devices are skipped (no content to keep), and so are the entries
+    /// below `path` that `skip` names (those an op leaves in place). New directories
+    /// are owner-only: what is kept may be a password file.
     pub fn copy_out(
         &self,
         path: &RelPath,
         dest_dir: BorrowedFd<'_>,
         dest_name: &OsStr,
+        skip: &dyn Fn(&RelPath) -> bool,
     ) -> Result<u64> {
         let (dir, name) = match self.open_parent(path) {
             Err(e) if e.is_missing() => return Ok(0),
@@ -427,20 +429,26 @@ impl<'a> Applier<'a> {
                 // once synced, so that a copy cut short (no space left, a crash) is
                 // never taken for a kept version by the next try, which would then
                 // let the original be replaced.
+                // O_EXCL: never through a symlink, nor over a temp file a crash left
+                // (the next name is tried).
                 static NEXT: AtomicU64 = AtomicU64::new(0);
-                let temp = OsString::from(format!(
-                    ".keep.tmp-{}-{}",
-                    std::process::id(),
-                    NEXT.fetch_add(1, Ordering::Relaxed)
-                ));
-                // O_EXCL: never through a symlink.
-                let to = sys::openat(
-                    dest_dir,
-                    &temp,
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-                    0o600,
-                )
-                .map_err(write)?;
+                let (temp, to) = loop {
+                    let temp = OsString::from(format!(
+                        ".keep.tmp-{}-{}",
+                        std::process::id(),
+                        NEXT.fetch_add(1, Ordering::Relaxed)
+                    ));
+                    match sys::openat(
+                        dest_dir,
+                        &temp,
+                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                        0o600,
+                    ) {
+                        Ok(fd) => break (temp, fd),
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(write(e)),
+                    }
+                };
                 let mut to = std::fs::File::from(to);
                 let copied = (|| {
                     io::copy(&mut from, &mut to)?;
@@ -459,7 +467,23 @@ impl<'a> Applier<'a> {
                     }
                     to.set_modified(mtime)?;
                     to.sync_all()?;
-                    sys::renameat2(dest_dir, &temp, dest_dir, dest_name, libc::RENAME_NOREPLACE)
+                    match sys::renameat2(
+                        dest_dir,
+                        &temp,
+                        dest_dir,
+                        dest_name,
+                        libc::RENAME_NOREPLACE,
+                    ) {
+                        // A filesystem without rename flags (NFS, say): a link does not
+                        // replace either.
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                            sys::linkat(dest_dir, &temp, dest_dir, dest_name)?;
+                            sys::unlinkat(dest_dir, &temp, 0)
+                        }
+                        other => other,
+                    }?;
+                    // Durable before the original is replaced.
+                    sys::fsync(sys::reopen_dir(dest_dir)?.as_fd(), false)
                 })();
                 match copied {
                     Ok(()) => Ok(1),
@@ -530,7 +554,10 @@ impl<'a> Applier<'a> {
                             })
                         }
                     };
-                    copied += self.copy_out(&child, into.as_fd(), &entry.name)?;
+                    if skip(&child) {
+                        continue;
+                    }
+                    copied += self.copy_out(&child, into.as_fd(), &entry.name, skip)?;
                 }
                 Ok(copied)
             }

@@ -112,19 +112,31 @@ impl Area {
     /// file) where a directory of `path` would go is never entered; that directory is
     /// made beside it under a `.N` suffix instead, and listed so. What is kept already
     /// stays (a path touched twice by one full sync); a kept directory gets what it
-    /// lacks (a directory deleted after some of its files were).
-    pub fn keep(&self, applier: &Applier<'_>, path: &RelPath, what: &str) -> Result<u64, String> {
+    /// lacks (a directory deleted after some of its files were). What is below `path`
+    /// and `skip` names (what the op leaves in place) is not kept.
+    ///
+    /// `Err` if it could not be kept whole and listed: the op must not be applied. A
+    /// later try lists what an earlier one kept but could not list.
+    pub fn keep(
+        &self,
+        applier: &Applier<'_>,
+        path: &RelPath,
+        what: &str,
+        skip: &dyn Fn(&RelPath) -> bool,
+    ) -> Result<u64, String> {
         let (epoch, at) = self.armed().unwrap_or((0, 0));
         let set = self.dir.join(format!("{epoch}-{}", timestamp(at)));
         let (dir, mut kept_as, name) = enter_set(&set, path)?;
         kept_as.push(&name);
         let entries = applier
-            .copy_out(path, dir.as_fd(), &name)
+            .copy_out(path, dir.as_fd(), &name, skip)
             .map_err(|e| e.to_string())?;
-        if entries == 0 {
+        let kept_as = kept_as.to_string_lossy().into_owned();
+        if entries == 0 && (sys::statat(dir.as_fd(), &name).is_err() || self.listed(&set, &kept_as))
+        {
             return Ok(0);
         }
-        let kept_as = kept_as.to_string_lossy().into_owned();
+        let entries = entries.max(1);
         if kept_as != path.to_string() {
             tracing::warn!(volume = %self.volume, %path, %kept_as,
                 "a kept symlink or file is where a directory of this path would go: kept beside it");
@@ -186,6 +198,11 @@ impl Area {
     }
 
     /// Adds `kept` to the manifest of `set` (made for `epoch` and `at` if new).
+    /// Whether the set's manifest lists `kept_as`.
+    fn listed(&self, set: &Path, kept_as: &str) -> bool {
+        read_manifest(&set.join(MANIFEST)).is_some_and(|m| m.kept.iter().any(|k| k.path == kept_as))
+    }
+
     fn list(&self, set: &Path, epoch: u64, at: u64, kept: Kept) -> Result<(), String> {
         let manifest_path = set.join(MANIFEST);
         let mut manifest = read_manifest(&manifest_path).unwrap_or_else(|| Manifest {

@@ -2737,7 +2737,8 @@ async fn keep_before(volume: &VolumeLink, op: &Op) -> Result<(), String> {
         }
         Op::PutStream { entry } => (entry.path.clone(), "replaced"),
         Op::Link { path, .. } => (path.clone(), "replaced"),
-        // (Only while a version could not be kept: a full sync sends no renames.)
+        // (A full sync sends no renames: while keeping lasts past one, a rename's
+        // target is this node's to keep too.)
         Op::Rename {
             to,
             exchange: false,
@@ -2749,8 +2750,10 @@ async fn keep_before(volume: &VolumeLink, op: &Op) -> Result<(), String> {
     let v = volume.clone();
     let kept = tokio::task::spawn_blocking(move || {
         let applier = Applier::new(v.root.as_fd());
+        // (`never` paths below a deleted directory stay where they are.)
+        let never = |p: &RelPath| v.policies.resolve(p.as_path()).sync == SyncMode::Never;
         v.conflicts
-            .keep(&applier, &path, what)
+            .keep(&applier, &path, what, &never)
             .map_err(|e| (path, e))
     })
     .await;
@@ -4592,10 +4595,17 @@ fn patch_in_place(
             "an earlier in-place update is still journaled",
         ));
     }
+    // The room first: once the journal is written, the file's update must not fail
+    // for want of space (readers would get a half-written file). Records that fall in
+    // holes of a sparse file need new blocks as much as a growth does.
+    if let Err(e) = crate::patch::reserve(file.as_fd(), records, stamp.size()) {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            return Err(io("make room for")(e));
+        }
+    }
     if entry.meta.size > stamp.size() {
-        // The room first: once the journal is written, the file's update must not
-        // fail for want of space. Reserved past the end, the size left as it is:
-        // readers see the new size only with the new bytes.
+        // Reserved past the end, the size left as it is: readers see the new size
+        // only with the new bytes.
         let grow = entry.meta.size - stamp.size();
         let keep_size = libc::FALLOC_FL_KEEP_SIZE;
         if let Err(e) = twinfs_fs::sys::fallocate(file.as_fd(), keep_size, stamp.size(), grow) {

@@ -184,6 +184,14 @@ pub fn patched_list(
     if old.hashes.len() as u64 != old_size.div_ceil(block) {
         return Err("the old block list does not fit the old size");
     }
+    // Bytes past the old end come in records, of which there are few: a size beyond
+    // what they can bring is refused before a list of that size is allocated.
+    let brought = records
+        .iter()
+        .fold(0u64, |n, (_, data)| n.saturating_add(data.len() as u64));
+    if new_size > old_size.saturating_add(brought) {
+        return Err("bytes past the old end that no record brings");
+    }
     let count = usize::try_from(new_size.div_ceil(block)).map_err(|_| "too many blocks")?;
     let mut hashes = vec![0u128; count];
     let mut sent = vec![false; count];
@@ -244,6 +252,32 @@ pub fn patched_list(
         block_size: old.block_size,
         hashes,
     })
+}
+
+/// Reserves the disk space that writing `records` into `file`, now `old_size` bytes
+/// long, needs where it lies in holes (a sparse file: the standby keeps the holes of
+/// what it receives), so that the write in place cannot run out of space half way.
+/// Space past the old end is the caller's ([`libc::FALLOC_FL_KEEP_SIZE`]). A
+/// filesystem without `fallocate` is left to the write (and on one that copies on
+/// write, such as btrfs, a reservation does not cover an overwrite).
+pub fn reserve(file: BorrowedFd<'_>, records: &[(u64, Vec<u8>)], old_size: u64) -> io::Result<()> {
+    let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+    for (offset, data) in records {
+        let end = offset.saturating_add(data.len() as u64).min(old_size);
+        if *offset < end {
+            delta::push_run(&mut runs, *offset..end);
+        }
+    }
+    for run in runs {
+        // Mode 0 within the file: holes get blocks (reading zeros, as before), the
+        // size and the bytes already there stay.
+        match sys::fallocate(file, 0, run.start, run.end - run.start) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Writes `records` into `file` and makes it `new_size` bytes long.
@@ -625,6 +659,19 @@ mod tests {
             hashes: vec![0],
         };
         assert!(patched_list(&short, old.len() as u64, old.len() as u64, &[]).is_err());
+        // Grown far past what its records bring: refused before a list of that size
+        // (2^36 hashes here) is allocated.
+        let huge_old = 1u64 << 40;
+        let big = BlockList {
+            block_size: delta::MAX_BLOCK,
+            hashes: vec![0; (huge_old / u64::from(delta::MAX_BLOCK)) as usize],
+        };
+        assert_eq!(delta::block_size(huge_old), delta::MAX_BLOCK);
+        assert_eq!(delta::block_size(1 << 62), delta::MAX_BLOCK);
+        assert_eq!(
+            patched_list(&big, huge_old, 1 << 62, &[(huge_old, vec![1; 10])]),
+            Err("bytes past the old end that no record brings")
+        );
     }
 
     #[test]

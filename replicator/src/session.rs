@@ -1881,6 +1881,12 @@ impl Session {
                 if sync != self.sync_id {
                     return;
                 }
+                // Sequence numbers count ops from 1: no active comes near this, and
+                // the numbers after it would overflow.
+                if base >= u64::MAX / 2 {
+                    return self
+                        .close(format!("a full sync from op {base}: not a sequence number"));
+                }
                 self.priority1_pending = priority1.into_iter().collect();
                 self.priority1_more = priority1_more;
                 // This full sync compares the files as they are now: it brings what
@@ -2022,12 +2028,14 @@ impl Session {
                 }
                 self.resynced_for_refusals = false;
                 self.stats.full_syncs_done += 1;
-                let was = self.in_sync();
                 self.in_sync = true;
                 // Streamed changes refused before this full sync began are repaired;
                 // any refused since wait for the next one.
                 self.unrepaired -= std::mem::take(&mut self.repairing).min(self.unrepaired);
-                if !was && self.in_sync() {
+                // Also after a full sync of a standby in sync already (one it asked for
+                // when its upstream writes lagged): the driver's conflicts area, armed
+                // for it, is disarmed once it is through.
+                if self.in_sync() {
                     self.queue(Output::InSync);
                 }
             }

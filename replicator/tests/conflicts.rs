@@ -36,7 +36,9 @@ impl Fenced {
     fn keep(&self, path: &str, what: &str) -> u64 {
         let applier = Applier::new(self.root.as_fd());
         let path = RelPath::new(path).expect("valid path");
-        self.area.keep(&applier, &path, what).expect("keep")
+        self.area
+            .keep(&applier, &path, what, &|_| false)
+            .expect("keep")
     }
 
     /// The one set, and what its manifest lists.
@@ -232,4 +234,56 @@ fn a_volume_file_named_like_a_sets_manifest_is_kept_beside_it() {
         fs::read_to_string(dir.join("MANIFEST.json.kept")).expect("kept"),
         "refused own"
     );
+}
+
+/// A copy kept by a try that then could not list it (no room for the manifest) is
+/// listed by the next try: else that try would find it kept, let the op replace the
+/// original, and `twinfs conflicts` would never show the copy.
+#[test]
+fn a_kept_copy_left_unlisted_is_listed_by_the_next_try() {
+    let f = Fenced::new();
+    fs::write(f.volume.path().join("cmm.conf"), "loser's").expect("write");
+    assert_eq!(f.keep("cmm.conf", "replaced"), 1);
+    let (set, listed) = f.set();
+    assert_eq!(listed, ["cmm.conf"]);
+    // As if the listing had failed: the copy is there, the manifest is not.
+    fs::remove_file(set.join("MANIFEST.json")).expect("rm");
+    assert!(f.area.sets().is_empty());
+    assert_eq!(f.keep("cmm.conf", "replaced"), 1);
+    let (set, listed) = f.set();
+    assert_eq!(listed, ["cmm.conf"]);
+    assert_eq!(
+        fs::read_to_string(set.join("cmm.conf")).expect("kept"),
+        "loser's"
+    );
+    // Listed: a third try keeps and lists nothing more.
+    assert_eq!(f.keep("cmm.conf", "replaced"), 0);
+    assert_eq!(f.set().1, ["cmm.conf"]);
+}
+
+/// What the op leaves in place below a deleted directory (`never` paths) is not
+/// copied: it is not at risk, and a state directory with no room for it would
+/// otherwise hold the deletion up.
+#[test]
+fn what_a_deletion_leaves_in_place_is_not_kept() {
+    let f = Fenced::new();
+    let v = f.volume.path();
+    fs::create_dir_all(v.join("app/cache")).expect("mkdir");
+    fs::write(v.join("app/app.conf"), "loser's").expect("write");
+    fs::write(v.join("app/cache/big"), "local only").expect("write");
+    let applier = Applier::new(f.root.as_fd());
+    let never = |p: &RelPath| p.as_path().starts_with("app/cache");
+    let kept = f
+        .area
+        .keep(
+            &applier,
+            &RelPath::new("app").expect("path"),
+            "deleted",
+            &never,
+        )
+        .expect("keep");
+    assert_eq!(kept, 2, "app and app/app.conf");
+    let (set, _) = f.set();
+    assert!(set.join("app/app.conf").exists());
+    assert!(!set.join("app/cache").exists());
 }

@@ -1283,6 +1283,38 @@ fn start_full_sync(standby: &mut Session, priority1: Vec<RelPath>, now: Instant)
     );
 }
 
+/// A full sync from a sequence number no active uses (the numbers after it would
+/// overflow) closes the session; nothing panics.
+#[test]
+fn a_full_sync_from_an_impossible_sequence_number_closes_the_session() {
+    let now = Instant::now();
+    let mut standby = Session::new(config(Role::Standby, &policies()), now);
+    start_full_sync(&mut standby, vec![], now);
+    let _ = std::iter::from_fn(|| standby.poll_output()).count();
+    standby.on_message(Message::RequestManifest { sync: 2 }, now);
+    standby.on_message(
+        Message::FullSyncStart {
+            sync: 2,
+            base: u64::MAX,
+            priority1: vec![],
+            priority1_more: 0,
+        },
+        now,
+    );
+    let op = Op::Delete { path: rel("a") };
+    standby.on_message(Message::Op { seq: u64::MAX, op }, now);
+    let out: Vec<Output> = std::iter::from_fn(|| standby.poll_output()).collect();
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Close(r) if r.contains("not a sequence number"))),
+        "{out:?}"
+    );
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Apply { .. })),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn a_standby_is_fit_only_once_every_priority1_path_is_applied() {
     let policies = policies();
@@ -1527,8 +1559,12 @@ fn a_standby_that_refused_an_op_of_its_full_sync_is_not_in_sync_and_asks_again()
         in_sync(&out) && standby.in_sync() && standby.fit(),
         "{out:?}"
     );
+    // A later full sync without refusals says so again (the driver disarms what it
+    // armed for it).
+    let out = full_sync_refusing(&mut standby, 4, 6, false);
+    assert!(in_sync(&out) && standby.in_sync(), "{out:?}");
     // In sync once: a later full sync with a refusal takes that back.
-    let out = full_sync_refusing(&mut standby, 4, 6, true);
+    let out = full_sync_refusing(&mut standby, 5, 8, true);
     assert!(
         !standby.in_sync() && !standby.fit() && resync(&out),
         "{out:?}"

@@ -77,7 +77,9 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// (a [`inproc::MountedDir`]) first.
 pub struct Tmpfs {
     root: std::fs::File,
-    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    /// The temp directory it is mounted on, if it made one.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Tmpfs {
@@ -87,20 +89,46 @@ impl Tmpfs {
             .prefix("twinfs-tmpfs-")
             .tempdir()
             .expect("tmpfs mount point");
+        let mut fs = Tmpfs::at(dir.path(), size, 0o755);
+        fs._dir = Some(dir);
+        fs
+    }
+
+    /// Mounts a tmpfs of `size` bytes with root mode `mode` on `dir` (made if missing).
+    pub fn at(dir: &Path, size: u64, mode: u32) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("tmpfs mount point");
         let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode={mode:o}")])
             .arg("twinfs-test")
-            .arg(dir.path())
+            .arg(dir)
             .status()
             .expect("run mount");
-        assert!(status.success(), "mount tmpfs on {}", dir.path().display());
-        let root = std::fs::File::open(dir.path()).expect("open the tmpfs root");
-        Tmpfs { root, dir }
+        assert!(status.success(), "mount tmpfs on {}", dir.display());
+        let root = std::fs::File::open(dir).expect("open the tmpfs root");
+        Tmpfs {
+            root,
+            path: dir.to_owned(),
+            _dir: None,
+        }
     }
 
     /// Where it is mounted.
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.path
+    }
+
+    /// Gives it `size` bytes (what is in it stays).
+    pub fn resize(&self, size: u64) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "resize the tmpfs on {}",
+            self.path.display()
+        );
     }
 }
 

@@ -602,43 +602,6 @@ fn split_brain_keeps_the_losers_writes_in_its_conflicts_area() {
     assert!(run_ok(&c.nodes[1], &["conflicts"]).contains("no conflicts"));
 }
 
-/// A tmpfs of a given size mounted on a directory; unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(at).expect("mkdir");
-        let status = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(at)
-            .status()
-            .expect("mount");
-        assert!(status.success(), "mount a tmpfs on {}", at.display());
-        Tmpfs(at.to_owned())
-    }
-
-    fn resize(&self, size: &str) {
-        let status = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .expect("mount");
-        assert!(status.success(), "resize the tmpfs on {}", self.0.display());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// Split brain when the loser's conflicts area has no room for its version of a
 /// file: that version is not replaced (the op is refused and listed, the node not in
 /// sync), and once there is room the next full sync keeps it whole, then applies the
@@ -651,7 +614,8 @@ fn a_losers_version_with_no_room_to_keep_it_is_not_replaced() {
     let mut c = Cluster::in_namespaces(&net, RULES, fill);
     // Room for the area's marker and list, not for a 1 MiB file. (Dropped before the
     // cluster, whose state directory it is in.)
-    let area = Tmpfs::mount(&c.nodes[0].state_dir.join("conflicts/vol"), "64k");
+    let area =
+        twinfs_tests::Tmpfs::at(&c.nodes[0].state_dir.join("conflicts/vol"), 64 << 10, 0o700);
     c.start();
     c.wait_converged(CONVERGE);
 
@@ -717,22 +681,22 @@ fn a_losers_version_with_no_room_to_keep_it_is_not_replaced() {
         out
     };
     assert!(
-        !files_in_area(&area.0)
+        !files_in_area(area.path())
             .iter()
             .any(|p| p.file_name().is_some_and(|n| n == "big.bin")),
         "{:?}",
-        files_in_area(&area.0)
+        files_in_area(area.path())
     );
 
     // Room now; the next full sync keeps it, then removes it as the winner has.
-    area.resize("16m");
+    area.resize(16 << 20);
     let _ = c.nodes[1].twinfs(&["sync", "--full"]);
     c.wait_converged_to(1, Duration::from_secs(60));
-    let kept: Vec<PathBuf> = files_in_area(&area.0)
+    let kept: Vec<PathBuf> = files_in_area(area.path())
         .into_iter()
         .filter(|p| p.file_name().is_some_and(|n| n == "big.bin"))
         .collect();
-    assert_eq!(kept.len(), 1, "{:?}", files_in_area(&area.0));
+    assert_eq!(kept.len(), 1, "{:?}", files_in_area(area.path()));
     assert!(fs::read(&kept[0]).is_ok_and(|d| d == mine), "kept whole");
     assert!(run_ok(&c.nodes[0], &["conflicts"]).contains("big.bin"));
 }

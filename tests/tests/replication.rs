@@ -2254,6 +2254,55 @@ fn an_sqlite_reader_kept_open_does_not_hold_up_other_writers() {
     c.wait_converged(CONVERGE);
 }
 
+/// An in-place update of a large file whose records fall in holes (the standby keeps
+/// the holes of a sparse file) reserves the room they need before anything is
+/// written: on a full filesystem the reservation fails, and the file is untouched
+/// (a write in place that ran out of space half way would leave it torn).
+#[test]
+fn an_in_place_update_into_holes_reserves_its_room_first() {
+    use std::io::Write as _;
+    use std::os::fd::AsFd;
+    let _serial = twinfs_tests::serial();
+    let tmp = twinfs_tests::Tmpfs::new(2 << 20);
+    let img = tmp.path().join("disk.img");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&img)
+        .expect("create");
+    file.set_len(8 << 20).expect("a sparse 8 MiB file");
+    // The rest of the filesystem filled up.
+    let mut filler = fs::File::create(tmp.path().join("filler")).expect("create");
+    while filler.write_all(&[1u8; 64 << 10]).is_ok() {}
+    drop(filler);
+    let records = vec![
+        (1u64 << 20, vec![7u8; 1 << 20]),
+        (3 << 20, vec![8u8; 64 << 10]),
+    ];
+    let err = twinfs_replicator::patch::reserve(file.as_fd(), &records, 8 << 20)
+        .expect_err("no room for 1 MiB in the holes");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert_eq!(fs::metadata(&img).expect("stat").len(), 8 << 20);
+    assert!(
+        fs::read(&img).expect("read").iter().all(|b| *b == 0),
+        "untouched"
+    );
+    // With room, it is reserved, and the write in place then cannot run out of it.
+    fs::remove_file(tmp.path().join("filler")).expect("rm");
+    twinfs_replicator::patch::reserve(file.as_fd(), &records, 8 << 20).expect("reserve");
+    let mut filler = fs::File::create(tmp.path().join("filler")).expect("create");
+    while filler.write_all(&[1u8; 64 << 10]).is_ok() {}
+    drop(filler);
+    twinfs_replicator::patch::write_records(file.as_fd(), &records, 8 << 20)
+        .expect("written in the room reserved");
+    let data = fs::read(&img).expect("read");
+    assert!(data[1 << 20..2 << 20].iter().all(|b| *b == 7));
+    assert!(data[3 << 20..(3 << 20) + (64 << 10)]
+        .iter()
+        .all(|b| *b == 8));
+}
+
 /// An SQLite database kept open by its writer (xCAT keeps its tables in SQLite under
 /// `/etc/xcat`): each transaction writes the database in place and fsyncs it, beside
 /// a rollback journal that is created, fsync'd and deleted. The standby must get a
