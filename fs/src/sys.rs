@@ -155,6 +155,19 @@ pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32) -> io::Result<()>
     check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) })
 }
 
+/// Renames `old` to `new` in `dir` unless `new` exists (`EEXIST` then). On a
+/// filesystem without rename flags (NFS, say: `EINVAL`), a hard link and an unlink
+/// do the same.
+pub fn rename_noreplace(dir: BorrowedFd<'_>, old: &OsStr, new: &OsStr) -> io::Result<()> {
+    match renameat2(dir, old, dir, new, libc::RENAME_NOREPLACE) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            linkat(dir, old, dir, new)?;
+            unlinkat(dir, old, 0)
+        }
+        other => other,
+    }
+}
+
 /// `renameat2(olddir, old, newdir, new, flags)`.
 pub fn renameat2(
     olddir: BorrowedFd<'_>,

@@ -467,23 +467,9 @@ impl<'a> Applier<'a> {
                     }
                     to.set_modified(mtime)?;
                     to.sync_all()?;
-                    match sys::renameat2(
-                        dest_dir,
-                        &temp,
-                        dest_dir,
-                        dest_name,
-                        libc::RENAME_NOREPLACE,
-                    ) {
-                        // A filesystem without rename flags (NFS, say): a link does not
-                        // replace either.
-                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                            sys::linkat(dest_dir, &temp, dest_dir, dest_name)?;
-                            sys::unlinkat(dest_dir, &temp, 0)
-                        }
-                        other => other,
-                    }?;
+                    sys::rename_noreplace(dest_dir, &temp, dest_name)?;
                     // Durable before the original is replaced.
-                    sys::fsync(sys::reopen_dir(dest_dir)?.as_fd(), false)
+                    sync_dir(dest_dir)
                 })();
                 match copied {
                     Ok(()) => Ok(1),
@@ -503,12 +489,18 @@ impl<'a> Applier<'a> {
                     sys::readlinkat(dir.as_fd(), &name).map_err(io_err("readlink", path))?;
                 match sys::symlinkat(OsStr::from_bytes(&target), dest_dir, dest_name) {
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(0),
-                    other => other.map(|()| 1).map_err(write),
+                    other => other
+                        .and_then(|()| sync_dir(dest_dir))
+                        .map(|()| 1)
+                        .map_err(write),
                 }
             }
             libc::S_IFDIR => {
                 let made = match sys::mkdirat(dest_dir, dest_name, 0o700) {
-                    Ok(()) => 1,
+                    Ok(()) => {
+                        sync_dir(dest_dir).map_err(write)?;
+                        1
+                    }
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => 0,
                     Err(e) => return Err(write(e)),
                 };

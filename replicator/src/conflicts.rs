@@ -128,13 +128,18 @@ impl Area {
         let set = self.dir.join(format!("{epoch}-{}", timestamp(at)));
         let (dir, mut kept_as, name) = enter_set(&set, path)?;
         kept_as.push(&name);
+        let there = sys::statat(dir.as_fd(), &name).is_ok();
         let entries = applier
             .copy_out(path, dir.as_fd(), &name, skip)
             .map_err(|e| e.to_string())?;
         let kept_as = kept_as.to_string_lossy().into_owned();
-        if entries == 0 && (sys::statat(dir.as_fd(), &name).is_err() || self.listed(&set, &kept_as))
-        {
-            return Ok(0);
+        if entries == 0 {
+            // Kept already: by an earlier try, whose listing may have failed (listed
+            // now), or with a directory above it (listed as that). Or nothing there.
+            let here = applier.exists(path).unwrap_or(false);
+            if !there || !here || self.listed(&set, &kept_as) {
+                return Ok(0);
+            }
         }
         let entries = entries.max(1);
         if kept_as != path.to_string() {
@@ -198,9 +203,15 @@ impl Area {
     }
 
     /// Adds `kept` to the manifest of `set` (made for `epoch` and `at` if new).
-    /// Whether the set's manifest lists `kept_as`.
+    /// Whether the set's manifest lists `kept_as`, or a directory above it.
     fn listed(&self, set: &Path, kept_as: &str) -> bool {
-        read_manifest(&set.join(MANIFEST)).is_some_and(|m| m.kept.iter().any(|k| k.path == kept_as))
+        read_manifest(&set.join(MANIFEST)).is_some_and(|m| {
+            m.kept.iter().any(|k| {
+                kept_as
+                    .strip_prefix(k.path.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+        })
     }
 
     fn list(&self, set: &Path, epoch: u64, at: u64, kept: Kept) -> Result<(), String> {
@@ -296,6 +307,8 @@ fn enter_or_make(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<(OwnedFd,
     let mut used = name.to_owned();
     for n in 2u32.. {
         match sys::mkdirat(dir, &used, 0o700) {
+            // Durable before what is kept in it is relied on.
+            Ok(()) => sys::fsync(sys::reopen_dir(dir)?.as_fd(), false)?,
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
             _ => {}
         }
@@ -318,24 +331,31 @@ fn enter_or_make(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<(OwnedFd,
 /// Returns the name used.
 fn write_new(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8]) -> std::io::Result<OsString> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let temp = OsString::from(format!(
-        ".keep.tmp-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let written = (|| {
-        let fd = sys::openat(
+    // O_EXCL: a name a crash left is stepped over.
+    let (temp, fd) = loop {
+        let temp = OsString::from(format!(
+            ".keep.tmp-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        match sys::openat(
             dir,
             &temp,
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
             0o600,
-        )?;
+        ) {
+            Ok(fd) => break (temp, fd),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    let written = (|| {
         let mut file = std::fs::File::from(fd);
         file.write_all(content)?;
         file.sync_all()?;
         let mut used = name.to_owned();
         for n in 2u32.. {
-            match sys::renameat2(dir, &temp, dir, &used, libc::RENAME_NOREPLACE) {
+            match sys::rename_noreplace(dir, &temp, &used) {
                 Ok(()) => return Ok(used),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     used = name.to_owned();

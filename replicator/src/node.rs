@@ -2750,10 +2750,12 @@ async fn keep_before(volume: &VolumeLink, op: &Op) -> Result<(), String> {
     let v = volume.clone();
     let kept = tokio::task::spawn_blocking(move || {
         let applier = Applier::new(v.root.as_fd());
-        // (`never` paths below a deleted directory stay where they are.)
+        // (`never` paths below a deleted directory stay where they are; but all of a
+        // `never` path itself goes, as `delete_for_active` does.)
         let never = |p: &RelPath| v.policies.resolve(p.as_path()).sync == SyncMode::Never;
+        let skip = |p: &RelPath| !never(&path) && never(p);
         v.conflicts
-            .keep(&applier, &path, what, &never)
+            .keep(&applier, &path, what, &skip)
             .map_err(|e| (path, e))
     })
     .await;
@@ -4599,7 +4601,7 @@ fn patch_in_place(
     // for want of space (readers would get a half-written file). Records that fall in
     // holes of a sparse file need new blocks as much as a growth does.
     if let Err(e) = crate::patch::reserve(file.as_fd(), records, stamp.size()) {
-        if e.raw_os_error() == Some(libc::ENOSPC) {
+        if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
             return Err(io("make room for")(e));
         }
     }

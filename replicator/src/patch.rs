@@ -269,9 +269,14 @@ pub fn reserve(file: BorrowedFd<'_>, records: &[(u64, Vec<u8>)], old_size: u64) 
         }
     }
     for run in runs {
-        // Mode 0 within the file: holes get blocks (reading zeros, as before), the
-        // size and the bytes already there stay.
-        match sys::fallocate(file, 0, run.start, run.end - run.start) {
+        // Holes get blocks (reading zeros, as before); the bytes already there stay,
+        // and the size too (KEEP_SIZE: the file may have shrunk since its stamp).
+        match sys::fallocate(
+            file,
+            libc::FALLOC_FL_KEEP_SIZE,
+            run.start,
+            run.end - run.start,
+        ) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
             Err(e) => return Err(e),

@@ -2028,14 +2028,12 @@ impl Session {
                 }
                 self.resynced_for_refusals = false;
                 self.stats.full_syncs_done += 1;
+                let was = self.in_sync();
                 self.in_sync = true;
                 // Streamed changes refused before this full sync began are repaired;
                 // any refused since wait for the next one.
                 self.unrepaired -= std::mem::take(&mut self.repairing).min(self.unrepaired);
-                // Also after a full sync of a standby in sync already (one it asked for
-                // when its upstream writes lagged): the driver's conflicts area, armed
-                // for it, is disarmed once it is through.
-                if self.in_sync() {
+                if !was && self.in_sync() {
                     self.queue(Output::InSync);
                 }
             }

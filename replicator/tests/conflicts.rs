@@ -287,3 +287,21 @@ fn what_a_deletion_leaves_in_place_is_not_kept() {
     assert!(set.join("app/app.conf").exists());
     assert!(!set.join("app/cache").exists());
 }
+
+/// A file kept with its directory is listed as that directory: keeping it again later
+/// in the set (the winner replaces it, say) adds no entry of its own.
+#[test]
+fn a_file_kept_with_its_directory_is_not_listed_again() {
+    let f = Fenced::new();
+    let v = f.volume.path();
+    fs::create_dir(v.join("app")).expect("mkdir");
+    fs::write(v.join("app/app.conf"), "loser's").expect("write");
+    assert_eq!(f.keep("app", "deleted"), 2);
+    assert_eq!(f.keep("app/app.conf", "replaced"), 0);
+    assert_eq!(f.set().1, ["app"]);
+    // Nothing there any more: nothing kept or listed either.
+    fs::remove_file(v.join("app/app.conf")).expect("rm");
+    fs::remove_file(f.set().0.join("MANIFEST.json")).expect("rm");
+    assert_eq!(f.keep("app/app.conf", "replaced"), 0);
+    assert!(f.area.sets().is_empty());
+}
