@@ -438,6 +438,9 @@ impl<'a> Applier<'a> {
                         std::process::id(),
                         NEXT.fetch_add(1, Ordering::Relaxed)
                     ));
+                    if temp == dest_name {
+                        continue;
+                    }
                     match sys::openat(
                         dest_dir,
                         &temp,

@@ -136,7 +136,7 @@ impl Area {
         if entries == 0 {
             // Kept already: by an earlier try, whose listing may have failed (listed
             // now), or with a directory above it (listed as that). Or nothing there.
-            let here = applier.exists(path).unwrap_or(false);
+            let here = applier.exists(path).map_err(|e| e.to_string())?;
             if !there || !here || self.listed(&set, &kept_as) {
                 return Ok(0);
             }
@@ -269,7 +269,15 @@ fn enter_set(set: &Path, path: &RelPath) -> Result<(OwnedFd, PathBuf, OsString),
     let Some((parent, name)) = path.split_last() else {
         return Err("cannot keep the volume root".to_owned());
     };
-    std::fs::create_dir_all(set).map_err(|e| format!("{}: {e}", set.display()))?;
+    if !set.is_dir() {
+        std::fs::create_dir_all(set).map_err(|e| format!("{}: {e}", set.display()))?;
+        // Durable before what is kept in it is relied on.
+        if let Some(area) = set.parent() {
+            std::fs::File::open(area)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("{}: {e}", area.display()))?;
+        }
+    }
     let mut dir = sys::open_dir_path(set).map_err(|e| format!("{}: {e}", set.display()))?;
     let mut used_path = PathBuf::new();
     for (i, component) in parent.components().enumerate() {

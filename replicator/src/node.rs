@@ -1501,6 +1501,11 @@ async fn run_session(
     // Standby after a fencing: keep this node's versions of what the winner's full
     // sync replaces or deletes, until that full sync is through.
     let mut keeping = role == Role::Standby && volume.conflicts.armed().is_some();
+    // The full sync under way when keeping began (0: armed before this session): only
+    // one asked for after it, completed with nothing refused, disarms the area (a
+    // lag's resync, not a full sync that began before the lag).
+    let mut keep_from = 0u64;
+    let mut was_keeping = keeping;
     // Standby: what decided the fitness last recorded by this session (whether fit,
     // whether priority-1 paths are pending, refusals so far, phase): recorded again
     // when it changes. The pending list shrinks as files are applied without being
@@ -1557,12 +1562,6 @@ async fn run_session(
                 synced += 1;
                 // (Not after a full sync with refusals, such as an op whose version here
                 // could not be kept: the session asks for another, and keeps.)
-                if keeping {
-                    keeping = false;
-                    if let Err(e) = volume.conflicts.disarm() {
-                        tracing::warn!(volume = %volume.name, error = %e, "cannot clear the conflicts marker");
-                    }
-                }
                 if outbox.is_some() && !upstream_live {
                     upstream_live = true;
                     // (Nothing before could be a local write of an upstream path.)
@@ -1831,6 +1830,16 @@ async fn run_session(
             }
             continue;
         }
+        if keeping && !was_keeping {
+            keep_from = session.sync_id();
+        }
+        if keeping && session.clean_sync() > keep_from {
+            keeping = false;
+            if let Err(e) = volume.conflicts.disarm() {
+                tracing::warn!(volume = %volume.name, error = %e, "cannot clear the conflicts marker");
+            }
+        }
+        was_keeping = keeping;
         if session.caught_up() {
             volume.gate.caught_up(gate_id, seen);
             synced = synced.max(session.stats().full_syncs);
@@ -4611,7 +4620,7 @@ fn patch_in_place(
         let grow = entry.meta.size - stamp.size();
         let keep_size = libc::FALLOC_FL_KEEP_SIZE;
         if let Err(e) = twinfs_fs::sys::fallocate(file.as_fd(), keep_size, stamp.size(), grow) {
-            if e.raw_os_error() == Some(libc::ENOSPC) {
+            if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
                 return Err(io("make room for")(e));
             }
         }

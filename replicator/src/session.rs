@@ -235,6 +235,9 @@ pub struct Session {
     stats: SessionStats,
     // Active side.
     sync_id: u64,
+    /// Standby: the number of the last full sync that completed with nothing refused
+    /// (0: none yet in this session).
+    clean_sync: u64,
     progress_at: Instant,
     next_seq: u64,
     /// Active: the standby's manifest entries that came before our own scan did.
@@ -341,6 +344,7 @@ impl Session {
             last_received: now,
             stats: SessionStats::default(),
             sync_id: 0,
+            clean_sync: 0,
             progress_at: now,
             next_seq: 1,
             theirs: Vec::new(),
@@ -603,6 +607,18 @@ impl Session {
     /// hearing of the refusal).
     pub fn unrepaired(&self) -> u64 {
         self.unrepaired
+    }
+
+    /// Standby: the number of the full sync under way or last done (its active's
+    /// `RequestManifest`); 0 before the first.
+    pub fn sync_id(&self) -> u64 {
+        self.sync_id
+    }
+
+    /// Standby: the number of the last full sync that completed with nothing refused;
+    /// 0 if none has in this session.
+    pub fn clean_sync(&self) -> u64 {
+        self.clean_sync
     }
 
     /// Active: every change handed to the session so far is applied on the standby
@@ -2028,6 +2044,7 @@ impl Session {
                 }
                 self.resynced_for_refusals = false;
                 self.stats.full_syncs_done += 1;
+                self.clean_sync = self.sync_id;
                 let was = self.in_sync();
                 self.in_sync = true;
                 // Streamed changes refused before this full sync began are repaired;

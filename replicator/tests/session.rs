@@ -1553,17 +1553,28 @@ fn a_standby_that_refused_an_op_of_its_full_sync_is_not_in_sync_and_asks_again()
     let out = full_sync_refusing(&mut standby, 2, 2, true);
     assert!(!in_sync(&out) && !standby.fit(), "{out:?}");
     assert!(!resync(&out), "{out:?}");
+    assert_eq!(
+        standby.clean_sync(),
+        0,
+        "none completed with nothing refused"
+    );
     // A full sync without refusals brings it in sync.
     let out = full_sync_refusing(&mut standby, 3, 4, false);
     assert!(
         in_sync(&out) && standby.in_sync() && standby.fit(),
         "{out:?}"
     );
+    assert_eq!(standby.clean_sync(), 3);
     // In sync once: a later full sync with a refusal takes that back.
     let out = full_sync_refusing(&mut standby, 4, 6, true);
     assert!(
         !standby.in_sync() && !standby.fit() && resync(&out),
         "{out:?}"
+    );
+    assert_eq!(
+        standby.clean_sync(),
+        3,
+        "the conflicts area waits for a clean one"
     );
 }
 
