@@ -486,21 +486,25 @@ fn planned_switchover_back_and_forth_loses_no_acknowledged_write() {
     );
 }
 
+/// Starts the two nodes, lets them converge, then cuts them apart: node1 no longer
+/// hears the active and takes over (it was in sync) at epoch 2. Their volumes.
+fn split_brain(c: &mut Cluster, net: &twinfs_tests::daemon::NetPair) -> (PathBuf, PathBuf) {
+    c.start();
+    c.wait_converged(CONVERGE);
+    net.cut();
+    let said = run_ok(&c.nodes[1], &["promote"]);
+    assert!(said.contains("epoch 2"), "{said}");
+    (c.nodes[0].volume.clone(), c.nodes[1].volume.clone())
+}
+
 #[test]
 fn split_brain_keeps_the_losers_writes_in_its_conflicts_area() {
     let _serial = twinfs_tests::serial();
     use twinfs_tests::daemon::NetPair;
     let net = NetPair::new((std::process::id() % 250) as u8);
     let mut c = Cluster::in_namespaces(&net, RULES, fill);
-    c.start();
-    c.wait_converged(CONVERGE);
-
-    // A partition: node1 no longer hears the active and takes over (it was in sync).
-    net.cut();
-    let said = run_ok(&c.nodes[1], &["promote"]);
-    assert!(said.contains("epoch 2"), "{said}");
+    let (a, b) = split_brain(&mut c, &net);
     // Both take writes: to the same file, and to files of their own.
-    let (a, b) = (c.nodes[0].volume.clone(), c.nodes[1].volume.clone());
     fs::write(a.join("cmm.conf"), "chassis_id = 0 (node0)\n").expect("write on node0");
     fs::write(a.join("only-on-node0"), "mine\n").expect("write on node0");
     fs::create_dir(a.join("newdir")).expect("mkdir on node0");
@@ -616,13 +620,7 @@ fn a_losers_version_with_no_room_to_keep_it_is_not_replaced() {
     // cluster, whose state directory it is in.)
     let area =
         twinfs_tests::Tmpfs::at(&c.nodes[0].state_dir.join("conflicts/vol"), 64 << 10, 0o700);
-    c.start();
-    c.wait_converged(CONVERGE);
-
-    net.cut();
-    let said = run_ok(&c.nodes[1], &["promote"]);
-    assert!(said.contains("epoch 2"), "{said}");
-    let (a, b) = (c.nodes[0].volume.clone(), c.nodes[1].volume.clone());
+    let (a, b) = split_brain(&mut c, &net);
     let mine: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
     fs::write(a.join("big.bin"), &mine).expect("write on node0");
     fs::write(b.join("cmm.conf"), "chassis_id = 1 (node1)\n").expect("write on node1");
