@@ -1560,8 +1560,7 @@ async fn run_session(
         while let Some(out) = next_output(&mut parked, &mut session, &large) {
             if matches!(out, Output::InSync) {
                 synced += 1;
-                // (Not after a full sync with refusals, such as an op whose version here
-                // could not be kept: the session asks for another, and keeps.)
+                // (The conflicts area is disarmed below, by `Session::clean_sync`.)
                 if outbox.is_some() && !upstream_live {
                     upstream_live = true;
                     // (Nothing before could be a local write of an upstream path.)
