@@ -202,7 +202,6 @@ impl Area {
         Ok(())
     }
 
-    /// Adds `kept` to the manifest of `set` (made for `epoch` and `at` if new).
     /// Whether the set's manifest lists `kept_as`, or a directory above it.
     fn listed(&self, set: &Path, kept_as: &str) -> bool {
         read_manifest(&set.join(MANIFEST)).is_some_and(|m| {
@@ -214,6 +213,7 @@ impl Area {
         })
     }
 
+    /// Adds `kept` to the manifest of `set` (made for `epoch` and `at` if new).
     fn list(&self, set: &Path, epoch: u64, at: u64, kept: Kept) -> Result<(), String> {
         let manifest_path = set.join(MANIFEST);
         let mut manifest = read_manifest(&manifest_path).unwrap_or_else(|| Manifest {
