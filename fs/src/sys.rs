@@ -155,6 +155,12 @@ pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32) -> io::Result<()>
     check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) })
 }
 
+/// fsyncs the directory behind `dir` (an `O_PATH` fd will do: fsync needs a real
+/// open): an entry just made in it is durable.
+pub fn fsync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
+    fsync(std::os::fd::AsFd::as_fd(&reopen_dir(dir)?), false)
+}
+
 /// Renames `old` to `new` in `dir` unless `new` exists (`EEXIST` then). On a
 /// filesystem without rename flags (NFS, say: `EINVAL`), a hard link and an unlink
 /// do the same.

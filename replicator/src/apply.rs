@@ -429,29 +429,7 @@ impl<'a> Applier<'a> {
                 // once synced, so that a copy cut short (no space left, a crash) is
                 // never taken for a kept version by the next try, which would then
                 // let the original be replaced.
-                // O_EXCL: never through a symlink, nor over a temp file a crash left
-                // (the next name is tried).
-                static NEXT: AtomicU64 = AtomicU64::new(0);
-                let (temp, to) = loop {
-                    let temp = OsString::from(format!(
-                        ".keep.tmp-{}-{}",
-                        std::process::id(),
-                        NEXT.fetch_add(1, Ordering::Relaxed)
-                    ));
-                    if temp == dest_name {
-                        continue;
-                    }
-                    match sys::openat(
-                        dest_dir,
-                        &temp,
-                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-                        0o600,
-                    ) {
-                        Ok(fd) => break (temp, fd),
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                        Err(e) => return Err(write(e)),
-                    }
-                };
+                let (temp, to) = keep_temp(dest_dir, dest_name).map_err(write)?;
                 let mut to = std::fs::File::from(to);
                 let copied = (|| {
                     io::copy(&mut from, &mut to)?;
@@ -472,7 +450,7 @@ impl<'a> Applier<'a> {
                     to.sync_all()?;
                     sys::rename_noreplace(dest_dir, &temp, dest_name)?;
                     // Durable before the original is replaced.
-                    sync_dir(dest_dir)
+                    sys::fsync_dir(dest_dir)
                 })();
                 match copied {
                     Ok(()) => Ok(1),
@@ -493,7 +471,7 @@ impl<'a> Applier<'a> {
                 match sys::symlinkat(OsStr::from_bytes(&target), dest_dir, dest_name) {
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(0),
                     other => other
-                        .and_then(|()| sync_dir(dest_dir))
+                        .and_then(|()| sys::fsync_dir(dest_dir))
                         .map(|()| 1)
                         .map_err(write),
                 }
@@ -501,7 +479,7 @@ impl<'a> Applier<'a> {
             libc::S_IFDIR => {
                 let made = match sys::mkdirat(dest_dir, dest_name, 0o700) {
                     Ok(()) => {
-                        sync_dir(dest_dir).map_err(write)?;
+                        sys::fsync_dir(dest_dir).map_err(write)?;
                         1
                     }
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => 0,
@@ -811,9 +789,9 @@ impl<'a> Applier<'a> {
             _ => entry_err("open directory", path)(e),
         })?;
         apply_meta(At::Fd(fd.as_fd()), true, meta, path)?;
-        sync_dir(fd.as_fd()).map_err(io_err("fsync directory", path))?;
+        sys::fsync_dir(fd.as_fd()).map_err(io_err("fsync directory", path))?;
         if created {
-            sync_dir(dir).map_err(io_err("fsync the parent directory of", path))?;
+            sys::fsync_dir(dir).map_err(io_err("fsync the parent directory of", path))?;
         }
         tracing::debug!(%path, created, "made directory");
         Ok(())
@@ -879,16 +857,16 @@ impl<'a> Applier<'a> {
         let dir = dir.as_fd();
         let kind = meta_on_entry(dir, &name, path, meta)?;
         match kind {
-            libc::S_IFDIR if name.is_empty() => sync_dir(dir),
+            libc::S_IFDIR if name.is_empty() => sys::fsync_dir(dir),
             libc::S_IFDIR => open_entry(dir, &name, libc::O_PATH | libc::O_DIRECTORY)
-                .and_then(|fd| sync_dir(fd.as_fd())),
+                .and_then(|fd| sys::fsync_dir(fd.as_fd())),
             // O_NONBLOCK: the target was just seen to be a regular file, but opening
             // must never hang should it have become a FIFO meanwhile.
             libc::S_IFREG => open_entry(dir, &name, libc::O_RDONLY | libc::O_NONBLOCK)
                 .and_then(|fd| sys::fsync(fd.as_fd(), false)),
             // Symlinks and special files cannot be opened for fsync; their inode change
             // is committed with the directory's.
-            _ => sync_dir(dir),
+            _ => sys::fsync_dir(dir),
         }
         .map_err(entry_err("fsync", path))?;
         tracing::debug!(%path, "set metadata");
@@ -962,7 +940,7 @@ impl<'a> Applier<'a> {
                             source,
                         }
                     })?;
-                    sync_dir(from_dir.as_fd())
+                    sys::fsync_dir(from_dir.as_fd())
                         .map_err(io_err("fsync the parent directory of", from))?;
                     tracing::debug!(%from, %to, "renamed one name of a file over another: removed the first");
                     return Ok(());
@@ -982,9 +960,9 @@ impl<'a> Applier<'a> {
             to: to.clone(),
             source,
         })?;
-        sync_dir(from_dir.as_fd()).map_err(io_err("fsync the parent directory of", from))?;
+        sys::fsync_dir(from_dir.as_fd()).map_err(io_err("fsync the parent directory of", from))?;
         if from.split_last().map(|(p, _)| p) != to.split_last().map(|(p, _)| p) {
-            sync_dir(to_dir.as_fd()).map_err(io_err("fsync the parent directory of", to))?;
+            sys::fsync_dir(to_dir.as_fd()).map_err(io_err("fsync the parent directory of", to))?;
         }
         tracing::debug!(%from, %to, exchange, "renamed");
         Ok(())
@@ -1037,7 +1015,8 @@ impl<'a> Applier<'a> {
         let (dir, name) = self.open_parent(&parent)?;
         match sys::mkdirat(dir.as_fd(), &name, 0o700) {
             Ok(()) => {
-                sync_dir(dir.as_fd()).map_err(io_err("fsync the parent directory of", &parent))?;
+                sys::fsync_dir(dir.as_fd())
+                    .map_err(io_err("fsync the parent directory of", &parent))?;
                 tracing::debug!(path = %parent, "made a directory the active sent as gone, for a rename into it");
                 Ok(())
             }
@@ -1123,7 +1102,7 @@ impl<'a> Applier<'a> {
         } else {
             ignore_missing(sys::unlinkat(dir, &name, 0)).map_err(io_err("unlink", path))?;
         }
-        sync_dir(dir).map_err(io_err("fsync the parent directory of", path))?;
+        sys::fsync_dir(dir).map_err(io_err("fsync the parent directory of", path))?;
         if kept {
             tracing::info!(%path, "deleted what is below, but kept the paths this node never syncs");
         } else {
@@ -1435,7 +1414,8 @@ pub struct Placed {
 impl Placed {
     /// Makes the rename durable (fsync of the parent directory).
     pub fn sync(self) -> Result<()> {
-        sync_dir(self.dir.as_fd()).map_err(io_err("fsync the parent directory of", &self.path))
+        sys::fsync_dir(self.dir.as_fd())
+            .map_err(io_err("fsync the parent directory of", &self.path))
     }
 }
 
@@ -1678,7 +1658,7 @@ fn place_with(
     if !sync {
         return Ok(());
     }
-    sync_dir(dir).map_err(io_err("fsync the parent directory of", path))
+    sys::fsync_dir(dir).map_err(io_err("fsync the parent directory of", path))
 }
 
 /// Sets `meta` on the entry `name` in `dir` (`dir` itself for an empty name) without
@@ -1787,10 +1767,31 @@ fn list_xattrs(at: At<'_>) -> io::Result<Vec<Vec<u8>>> {
     }
 }
 
-/// fsyncs the directory behind an `O_PATH` fd (fsync needs a real open).
-fn sync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
-    let fd = sys::reopen_dir(dir)?;
-    sys::fsync(fd.as_fd(), false)
+/// A new owner-only file in `dir` for a kept copy being written, and its name: never
+/// `avoid` (the name it is to take), never through a symlink, nor over a temp file a
+/// crash left (`O_EXCL`: the next name is tried).
+pub(crate) fn keep_temp(dir: BorrowedFd<'_>, avoid: &OsStr) -> io::Result<(OsString, OwnedFd)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let temp = OsString::from(format!(
+            ".keep.tmp-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        if temp == avoid {
+            continue;
+        }
+        match sys::openat(
+            dir,
+            &temp,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+        ) {
+            Ok(fd) => return Ok((temp, fd)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Copies the first `len` bytes of `src` into the empty `dst` (more is fine: the caller

@@ -316,7 +316,7 @@ fn enter_or_make(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<(OwnedFd,
     for n in 2u32.. {
         match sys::mkdirat(dir, &used, 0o700) {
             // Durable before what is kept in it is relied on.
-            Ok(()) => sys::fsync(sys::reopen_dir(dir)?.as_fd(), false)?,
+            Ok(()) => sys::fsync_dir(dir)?,
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
             _ => {}
         }
@@ -338,25 +338,7 @@ fn enter_or_make(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<(OwnedFd,
 /// temporary file, synced, renamed in without replacing, then the directory synced.
 /// Returns the name used.
 fn write_new(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8]) -> std::io::Result<OsString> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    // O_EXCL: a name a crash left is stepped over.
-    let (temp, fd) = loop {
-        let temp = OsString::from(format!(
-            ".keep.tmp-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        match sys::openat(
-            dir,
-            &temp,
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-            0o600,
-        ) {
-            Ok(fd) => break (temp, fd),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    };
+    let (temp, fd) = crate::apply::keep_temp(dir, name)?;
     let written = (|| {
         let mut file = std::fs::File::from(fd);
         file.write_all(content)?;
@@ -376,7 +358,7 @@ fn write_new(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8]) -> std::io::Resu
     })();
     match written {
         Ok(used) => {
-            sys::fsync(sys::reopen_dir(dir)?.as_fd(), false)?;
+            sys::fsync_dir(dir)?;
             Ok(used)
         }
         Err(e) => {

@@ -750,26 +750,20 @@ mod tests {
     fn a_physical_path_of_a_volume_behind_a_symlink_is_taken_as_its_own() {
         let root = Path::new("/etc/cmm");
         let physical = Some(Path::new("/srv/cmm"));
-        assert_eq!(
-            logical(Path::new("/srv/cmm/fw"), root, physical),
-            Path::new("/etc/cmm/fw")
-        );
-        assert_eq!(
-            logical(Path::new("/srv/cmm"), root, physical),
-            Path::new("/etc/cmm")
-        );
-        assert_eq!(
-            logical(Path::new("/srv/cmmx"), root, physical),
-            Path::new("/srv/cmmx")
-        );
-        assert_eq!(
-            logical(Path::new("/etc/cmm/fw"), root, physical),
-            Path::new("/etc/cmm/fw")
-        );
-        assert_eq!(
-            logical(Path::new("/srv/cmm/fw"), root, None),
-            Path::new("/srv/cmm/fw")
-        );
+        // (path, where the volume really is, what it maps to)
+        for (path, physical, want) in [
+            ("/srv/cmm/fw", physical, "/etc/cmm/fw"),
+            ("/srv/cmm", physical, "/etc/cmm"),
+            ("/srv/cmmx", physical, "/srv/cmmx"),
+            ("/etc/cmm/fw", physical, "/etc/cmm/fw"),
+            ("/srv/cmm/fw", None, "/srv/cmm/fw"),
+        ] {
+            assert_eq!(
+                logical(Path::new(path), root, physical),
+                Path::new(want),
+                "{path}"
+            );
+        }
         // Then from the current directory, as inside the volume.
         let cwd = logical(Path::new("/srv/cmm/fw"), root, physical);
         assert_eq!(
