@@ -23,7 +23,7 @@ use crate::manifest::{self, HashCache, Kind, Manifest, Meta};
 use crate::path::RelPath;
 use crate::policy::{Durability, PolicySet, SyncMode};
 use crate::protocol::{Message, Op, ProtocolError, VolumeView, MAX_MESSAGE};
-use crate::roles::{Hold, RoleCell};
+use crate::roles::{Hold, RoleCell, RoleHold};
 use crate::session::{Output, Session, SessionConfig, Ship, Shipped};
 use crate::transport::{self, PeerId};
 use crate::upstream::{self, Outbox};
@@ -4436,6 +4436,7 @@ async fn apply_streamed(
                 }
             })?;
             if all_held {
+                let _hold = standby_hold(&v, &entry.path)?;
                 match patch_in_place(&v, &applier, &entry, &fm, expected, &list, stamp, &held)? {
                     Patched::Done => {
                         note_placed_upstream(&v, &entry);
@@ -4480,6 +4481,7 @@ async fn apply_streamed(
             invalidate(&v, &entry.path);
         }
         prepared.sync_data()?;
+        let _hold = standby_hold(&v, &entry.path)?;
         let turn = upstream_turn(&v, &entry.path)?;
         applier.place_prepared(prepared, true)?;
         note_placed_upstream(&v, &entry);
@@ -5098,17 +5100,19 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
             (None, _) => Ok(None),
             (Some(_), before) => before.map_err(|e| e.to_string()),
         };
-        let result = match (&synced, before, s.prepared, s.content) {
-            (Err(e), _, _, _) => Err(e.to_string()),
-            (Ok(()), Err(e), _, _) => Err(e),
-            (Ok(()), Ok(before), Some(p), _) if single => {
+        let hold = standby_hold(v, &path);
+        let result = match (&hold, &synced, before, s.prepared, s.content) {
+            (Err(e), ..) => Err(e.to_string()),
+            (_, Err(e), _, _, _) => Err(e.to_string()),
+            (_, Ok(()), Err(e), _, _) => Err(e),
+            (_, Ok(()), Ok(before), Some(p), _) if single => {
                 // One file: fsync it, rename, and only then fsync the directory (the
                 // ack waits for that).
                 place_single(&applier, p, || invalidate(v, &path)).and_then(|()| {
                     relink_others(v, &applier, &path, before).map_err(|e| e.to_string())
                 })
             }
-            (Ok(()), Ok(before), Some(p), _) => {
+            (_, Ok(()), Ok(before), Some(p), _) => {
                 let placed = applier.place_prepared(p, false).map_err(|e| e.to_string());
                 if placed.is_ok() {
                     invalidate(v, &path);
@@ -5117,7 +5121,7 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
                     relink_others(v, &applier, &path, before).map_err(|e| e.to_string())
                 })
             }
-            (Ok(()), Ok(_), None, Some(bytes)) => apply_op(
+            (_, Ok(()), Ok(_), None, Some(bytes)) => apply_op(
                 v,
                 &Op::Put {
                     entry: s.entry,
@@ -5128,7 +5132,7 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
             .map_err(|e| e.to_string()),
             // A directory's metadata: made durable by its own fsync, or in a batch of
             // files by the filesystem sync after the renames.
-            (Ok(()), Ok(_), None, None) if s.entry.meta.kind == Kind::Dir && single => apply_op(
+            (_, Ok(()), Ok(_), None, None) if s.entry.meta.kind == Kind::Dir && single => apply_op(
                 v,
                 &Op::Put {
                     entry: s.entry,
@@ -5137,7 +5141,7 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
                 None,
             )
             .map_err(|e| e.to_string()),
-            (Ok(()), Ok(_), None, None) if s.entry.meta.kind == Kind::Dir => {
+            (_, Ok(()), Ok(_), None, None) if s.entry.meta.kind == Kind::Dir => {
                 let set = applier
                     .set_directory_metadata_unsynced(&path, &file_meta(&s.entry.meta))
                     .map_err(|e| e.to_string());
@@ -5146,7 +5150,7 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
                 }
                 set
             }
-            (Ok(()), Ok(_), None, None) => Err("nothing to apply".into()),
+            (_, Ok(()), Ok(_), None, None) => Err("nothing to apply".into()),
         };
         if let Some(shown) = shown.as_mut() {
             shown.placed = result.is_ok();
@@ -5278,6 +5282,7 @@ fn apply_op(
     op: &Op,
     turn: Option<twinfs_fs::ApplyTurn>,
 ) -> Result<(), ApplyError> {
+    let _hold = standby_hold(volume, op.path())?;
     let applied = match turn {
         Some(turn) => {
             let held = HeldInvalidations::new();
@@ -5298,6 +5303,21 @@ fn apply_op(
         }
     }
     Ok(())
+}
+
+/// Standby: holds the role while it changes the volume as its active asked
+/// ([`crate::roles::RoleCell::hold`]); refuses once this node is no longer a standby
+/// (promoted while a large file or a batch was still being put in place, say): the
+/// old active's version must not replace what was written here since.
+fn standby_hold(volume: &VolumeLink, path: &RelPath) -> Result<RoleHold, ApplyError> {
+    volume.roles.hold(Role::Standby).ok_or_else(|| {
+        tracing::warn!(volume = %volume.name, %path,
+            "not applied: this node is no longer a standby of the active that sent it");
+        ApplyError::Busy {
+            path: path.clone(),
+            why: "this node is no longer a standby",
+        }
+    })
 }
 
 /// Standby taking local writes of upstream paths: whether `op` may replace or remove

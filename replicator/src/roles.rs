@@ -8,7 +8,8 @@
 //! - Demotion refuses local writes first (at once, after the writes under way), then
 //!   persists, then tells the sessions.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use twinfs_fs::{Role, Volume};
@@ -80,6 +81,60 @@ pub struct RoleCell {
     /// The [`Hold`]s on local writes, counted by kind. Its own lock, taken after `changing`
     /// if both: stopping writes must not wait for a role change's hook.
     holds: Mutex<[u32; 3]>,
+    /// The replication's changes of the volume under way ([`RoleCell::hold`]).
+    terms: Arc<Terms>,
+    /// How long a promotion waits for them: [`CHANGE_WAIT`].
+    change_wait: Duration,
+}
+
+/// The [`RoleHold`]s under way, and whether a role change waits for them to end.
+#[derive(Default)]
+struct Terms {
+    state: Mutex<TermState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct TermState {
+    holds: usize,
+    switching: bool,
+}
+
+impl Terms {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TermState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How long a promotion waits for a standby's change of the volume under way.
+pub const CHANGE_WAIT: Duration = Duration::from_secs(20);
+
+/// A change of the volume that the node's role allows, under way (see
+/// [`RoleCell::hold`]); the role cannot change until it is dropped.
+pub struct RoleHold {
+    terms: Arc<Terms>,
+}
+
+impl Drop for RoleHold {
+    fn drop(&mut self) {
+        let mut state = self.terms.lock();
+        state.holds -= 1;
+        if state.holds == 0 {
+            self.terms.changed.notify_all();
+        }
+    }
+}
+
+/// A role change under way: no [`RoleHold`] is held, and none is given, until it is
+/// dropped.
+struct Switching<'a> {
+    terms: &'a Terms,
+}
+
+impl Drop for Switching<'_> {
+    fn drop(&mut self) {
+        self.terms.lock().switching = false;
+    }
 }
 
 impl RoleCell {
@@ -103,6 +158,8 @@ impl RoleCell {
             hook,
             changing: Mutex::new(()),
             holds: Mutex::new([0; 3]),
+            terms: Arc::default(),
+            change_wait: CHANGE_WAIT,
         }
     }
 
@@ -128,6 +185,57 @@ impl RoleCell {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
         self.changing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// For a change of the volume that only `role` makes (a standby putting in place
+    /// what its active sent): held until dropped; `None` if the node has another role
+    /// now, or is changing it. A role change waits for the holds under way and gives
+    /// none meanwhile, so nothing an old active sent lands once this node has taken
+    /// local writes (a large file received in the background, a batch of files being
+    /// put in place, both carried on after their session ended). Never waits itself,
+    /// so a hold taken with a lock held, or within another hold, cannot deadlock with
+    /// a role change.
+    pub fn hold(&self, role: Role) -> Option<RoleHold> {
+        let mut state = self.terms.lock();
+        if state.switching || self.get().role != role {
+            return None;
+        }
+        state.holds += 1;
+        Some(RoleHold {
+            terms: self.terms.clone(),
+        })
+    }
+
+    /// Waits until no [`RoleHold`] is held, and gives none until the role has changed
+    /// (the guard is dropped). Gives up after [`CHANGE_WAIT`]: a change that takes
+    /// longer is stuck (a disk that does not answer), and the role change is refused
+    /// rather than left hanging.
+    fn switch(&self) -> Result<Switching<'_>, String> {
+        let mut state = self.terms.lock();
+        state.switching = true;
+        let deadline = std::time::Instant::now() + self.change_wait;
+        let mut waits = 0;
+        while state.holds > 0 {
+            if std::time::Instant::now() >= deadline {
+                state.switching = false;
+                return Err(format!(
+                    "a change of the volume that the replication began as a standby has not \
+                     finished within {}s (is the disk answering?)",
+                    self.change_wait.as_secs()
+                ));
+            }
+            if waits == 1 {
+                tracing::info!(volume = %self.name, "the role change waits for a change of the volume under way");
+            }
+            waits += 1;
+            state = self
+                .terms
+                .changed
+                .wait_timeout(state, Duration::from_secs(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(Switching { terms: &self.terms })
     }
 
     fn publish(&self, state: RoleState) {
@@ -167,7 +275,9 @@ impl RoleCell {
             role: Role::Active,
             epoch,
         };
-        (self.store)(next)?;
+        // (Only a standby's changes hold a role: a demotion need not wait.)
+        let switching = self.switch()?;
+        (self.store)(next).map_err(|e| format!("cannot persist the promotion: {e}"))?;
         {
             // A promotion takes writes, whatever held them back in an earlier term.
             let mut holds = self.holds();
@@ -175,6 +285,7 @@ impl RoleCell {
             self.volume.set_role(Role::Active);
         }
         self.publish(next);
+        drop(switching);
         tracing::warn!(volume = %self.name, epoch, reason, "now active");
         if self.run_hook(previous, next, reason) && previous.role != Role::Active {
             tracing::warn!(volume = %self.name, "the promote hook failed: handing the role back");
@@ -346,6 +457,70 @@ mod tests {
             None,
         );
         (dir, cell, stored)
+    }
+
+    #[test]
+    fn a_promotion_waits_for_the_standbys_change_under_way_and_gives_no_new_hold() {
+        let (_dir, cell, stored) = standby(1);
+        assert!(
+            cell.hold(Role::Active).is_none(),
+            "a standby holds no active's role"
+        );
+        let hold = cell.hold(Role::Standby).expect("a standby's change");
+        std::thread::scope(|scope| {
+            let promoting = scope.spawn(|| cell.promote(2, "manual"));
+            // The promotion has begun once it refuses new holds; it is not through.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while cell.hold(Role::Standby).is_some() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the promotion never began"
+                );
+                std::thread::yield_now();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(!promoting.is_finished(), "the promotion did not wait");
+            assert_eq!(cell.get().role, Role::Standby);
+            assert_eq!(cell.volume().role(), Role::Standby, "local writes let in");
+            assert!(stored.lock().expect("stored").is_empty());
+            drop(hold);
+            let now = promoting.join().expect("thread").expect("promote");
+            assert_eq!(now.role, Role::Active);
+        });
+        assert_eq!(cell.volume().role(), Role::Active);
+        assert!(
+            cell.hold(Role::Standby).is_none(),
+            "a standby's change after the promotion"
+        );
+        drop(cell.hold(Role::Active).expect("the active's"));
+    }
+
+    #[test]
+    fn a_promotion_that_a_stuck_change_holds_up_is_refused_and_leaves_the_standby_as_it_was() {
+        let (_dir, mut cell, stored) = standby(1);
+        cell.change_wait = Duration::from_millis(300);
+        let stuck = cell.hold(Role::Standby).expect("a standby's change");
+        let refused = cell.promote(2, "manual").expect_err("refused");
+        assert!(refused.contains("has not finished"), "{refused}");
+        assert_eq!(
+            cell.get(),
+            RoleState {
+                role: Role::Standby,
+                epoch: 1
+            }
+        );
+        assert_eq!(cell.volume().role(), Role::Standby);
+        assert!(stored.lock().expect("stored").is_empty());
+        // The standby goes on applying; once the change is through, a promotion goes.
+        drop(
+            cell.hold(Role::Standby)
+                .expect("changes go on after the refusal"),
+        );
+        drop(stuck);
+        assert_eq!(
+            cell.promote(2, "manual").expect("promote").role,
+            Role::Active
+        );
     }
 
     #[test]

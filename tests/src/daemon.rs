@@ -187,6 +187,13 @@ impl Node {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends `sig` to the daemon (`SIGSTOP` and `SIGCONT` pause and resume it).
+    pub fn signal(&self, sig: i32) {
+        let pid = self.pid().expect("daemon running") as i32;
+        // SAFETY: a signal to our own child process.
+        unsafe { libc::kill(pid, sig) };
+    }
+
     /// Stops the daemon with SIGTERM and waits for it; returns its exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("daemon running");

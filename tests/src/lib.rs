@@ -143,3 +143,129 @@ impl Drop for Tmpfs {
         unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     }
 }
+
+/// A small ext4 filesystem of its own (an image file on a loop device) mounted on a
+/// directory, which a test can freeze (`FIFREEZE`): every write to it then blocks
+/// until it is thawed, as on a disk that stopped answering. Thawed and detached when
+/// dropped, with whatever is mounted on top of it; the loop device goes with the
+/// last user (`mount -o loop` sets autoclear).
+pub struct Ext4Image {
+    root: std::fs::File,
+    frozen: std::sync::atomic::AtomicBool,
+    _image: tempfile::TempDir,
+}
+
+impl Ext4Image {
+    /// An empty ext4 filesystem of `size` bytes mounted on `dir` (which must exist).
+    pub fn at(dir: &Path, size: u64) -> Ext4Image {
+        let image = tempfile::Builder::new()
+            .prefix("twinfs-ext4-")
+            .tempdir()
+            .expect("image dir");
+        let file = image.path().join("fs.img");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(size))
+            .expect("image file");
+        let run = |cmd: &mut std::process::Command| {
+            let out = cmd.output().expect("run");
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&file));
+        run(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&file)
+            .arg(dir));
+        let root = std::fs::File::open(dir).expect("open the image's root");
+        let fs = Ext4Image {
+            root,
+            frozen: std::sync::atomic::AtomicBool::new(false),
+            _image: image,
+        };
+        std::fs::remove_dir(dir.join("lost+found")).expect("remove lost+found");
+        fs
+    }
+
+    /// Freezes it: writes block from now on.
+    pub fn freeze(&self) {
+        self.ioctl(FIFREEZE).expect("FIFREEZE");
+        self.frozen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Thaws it: the blocked writes go on.
+    pub fn thaw(&self) {
+        if self
+            .frozen
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.ioctl(FITHAW).expect("FITHAW");
+        }
+    }
+
+    fn ioctl(&self, request: libc::c_ulong) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut arg: libc::c_int = 0;
+        // SAFETY: FIFREEZE and FITHAW take an int argument, on an fd of the filesystem.
+        if unsafe { libc::ioctl(self.root.as_raw_fd(), request, &mut arg) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// `_IOWR('X', 119, int)` and `_IOWR('X', 120, int)` from linux/fs.h.
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+impl Ext4Image {
+    /// Whether its mount still stands: the mount ID of the fd on its root is listed.
+    fn mounted(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = self.root.as_raw_fd();
+        let Some(id) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("mnt_id:").map(|v| v.trim().to_owned()))
+            })
+        else {
+            return false;
+        };
+        std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+            info.lines()
+                .any(|l| l.split(' ').next() == Some(id.as_str()))
+        })
+    }
+}
+
+impl Drop for Ext4Image {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // (No panic here: a test that failed is unwinding.)
+        if self
+            .frozen
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            let _ = self.ioctl(FITHAW);
+        }
+        let Ok(path) = std::ffi::CString::new(format!("/proc/self/fd/{}", self.root.as_raw_fd()))
+        else {
+            return;
+        };
+        // The path reaches the top mount on the directory: a twinfs mount over the
+        // image goes first if it is still there (a test that failed), then the image.
+        for _ in 0..4 {
+            if !self.mounted() {
+                break;
+            }
+            // SAFETY: a valid NUL-terminated path.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}

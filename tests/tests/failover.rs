@@ -371,6 +371,95 @@ fn promotion_is_refused_when_the_link_is_cut_during_a_priority1_transfer() {
     assert_eq!(role_epoch(&c.nodes[1]), ("active".into(), 2));
 }
 
+/// Sends `SIGCONT` to a paused daemon when dropped, even if the test fails.
+struct Resume<'a>(&'a Node);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        self.0.signal(libc::SIGCONT);
+    }
+}
+
+/// Whether a thread of the node's daemon sleeps uninterruptibly (state `D`): on a
+/// frozen filesystem, a write waiting for the thaw.
+fn blocked_in_a_write(node: &Node) -> bool {
+    let Some(pid) = node.pid() else {
+        return false;
+    };
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('D'))
+        })
+    })
+}
+
+#[test]
+fn what_the_old_active_sent_is_not_put_in_place_once_the_standby_is_promoted() {
+    let _serial = twinfs_tests::serial();
+    use twinfs_tests::daemon::NetPair;
+    let net = NetPair::new((std::process::id() % 250) as u8);
+    let mut c = Cluster::in_namespaces(&net, RULES, fill);
+    // The standby's volume on a disk of its own, which stops answering below.
+    let disk = twinfs_tests::Ext4Image::at(&c.nodes[1].volume, 64 << 20);
+    c.start();
+    c.wait_converged(CONVERGE);
+    wait_ready(&c.nodes[1], &c.nodes[0]);
+
+    // The standby receives a new version of a file, and its write of it waits for
+    // the disk. (The file is rewritten in place: a new name would change the
+    // directory too, and its metadata would wait for the disk at another step.)
+    disk.freeze();
+    let conf = "cmm.conf";
+    let theirs = "chassis_id = 43\n";
+    fs::write(c.active().join(conf), theirs).expect("write on the active");
+    assert!(
+        wait_until(CONVERGE, || blocked_in_a_write(&c.nodes[1])),
+        "the standby's write never waited for the frozen disk; log:\n{}",
+        c.nodes[1].log_text()
+    );
+
+    // The active stops answering; the standby is promoted meanwhile.
+    c.nodes[0].signal(libc::SIGSTOP);
+    let resume = Resume(&c.nodes[0]);
+    run_ok(&c.nodes[1], &["promote", "--force"]);
+    assert_eq!(role_epoch(&c.nodes[1]), ("active".into(), 2));
+
+    // The disk answers again: the version it was writing for the old active is not
+    // put in place on the new active.
+    disk.thaw();
+    let ours = "chassis_id = 42\n";
+    let read = || fs::read_to_string(c.nodes[1].volume.join(conf)).unwrap_or_default();
+    let refused = "not applied: this node is no longer a standby";
+    wait_until(CONVERGE, || {
+        read() != ours || c.nodes[1].log_text().contains(refused)
+    });
+    assert_eq!(
+        read(),
+        ours,
+        "the old active's version landed on the new active after its promotion; log:\n{}",
+        c.nodes[1].log_text()
+    );
+    assert!(
+        c.nodes[1].log_text().contains(refused),
+        "the write it waited for was not refused; log:\n{}",
+        c.nodes[1].log_text()
+    );
+
+    // The old active comes back, is fenced, and keeps its version.
+    drop(resume);
+    wait_role(&c.nodes[0], "standby", 2);
+    c.wait_converged(CONVERGE);
+    let listed = run_ok(&c.nodes[0], &["conflicts"]);
+    assert!(listed.contains(conf), "{listed}");
+    // The disk goes after the daemon that mounted over it.
+    drop(c);
+}
+
 #[test]
 fn a_standby_that_never_synced_is_not_promoted() {
     let _serial = twinfs_tests::serial();

@@ -980,14 +980,14 @@ fn sync_durability_waits_for_the_standby_and_gives_up_at_the_timeout() {
 
     // A standby that does not answer: the write completes after sync_timeout, and
     // status says that standby is out of sync.
-    signal(&c.nodes[1], libc::SIGSTOP);
+    c.nodes[1].signal(libc::SIGSTOP);
     fs::write(c.active().join("while-paused"), "late").expect("write completes");
     let peer = c.nodes[0].volume_status()["peers"][0].clone();
     assert_eq!(peer["out_of_sync"], true, "{peer}");
     assert!(peer["out_of_sync_since"].as_u64().is_some(), "{peer}");
     let table = String::from_utf8(c.nodes[0].twinfs(&["status"]).stdout).expect("utf-8");
     assert!(table.contains("OUT OF SYNC since"), "{table}");
-    signal(&c.nodes[1], libc::SIGCONT);
+    c.nodes[1].signal(libc::SIGCONT);
     c.wait_converged(CONVERGE);
     let active = &c.nodes[0];
     assert!(wait_until(CONVERGE, || {
@@ -1010,14 +1010,14 @@ fn sync_durability_per_rule_holds_only_the_paths_it_names() {
 
     // With the standby paused, a write to a path of the (async) volume does not
     // wait, so it cannot time out; one under the sync rule does, and times out.
-    signal(&c.nodes[1], libc::SIGSTOP);
+    c.nodes[1].signal(libc::SIGSTOP);
     fs::write(c.active().join("cmm.conf"), "async while paused\n").expect("write");
     let peer = c.nodes[0].volume_status()["peers"][0].clone();
     assert_eq!(peer["out_of_sync"], false, "an async write waited: {peer}");
     fs::write(c.active().join("critical/late"), "late").expect("write completes");
     let peer = c.nodes[0].volume_status()["peers"][0].clone();
     assert_eq!(peer["out_of_sync"], true, "{peer}");
-    signal(&c.nodes[1], libc::SIGCONT);
+    c.nodes[1].signal(libc::SIGCONT);
     c.wait_converged(CONVERGE);
 }
 
@@ -1034,13 +1034,6 @@ fn there_when_close_returns(c: &Cluster, names: impl Iterator<Item = String>) {
             "{name} on the standby when close() returned"
         );
     }
-}
-
-/// Stops (`SIGSTOP`) or continues (`SIGCONT`) a node's daemon.
-fn signal(node: &twinfs_tests::daemon::Node, sig: i32) {
-    let pid = node.pid().expect("running") as i32;
-    // SAFETY: a signal to our own child process.
-    unsafe { libc::kill(pid, sig) };
 }
 
 #[test]

@@ -1526,7 +1526,7 @@ async fn take_over(
     let now = tokio::task::spawn_blocking(move || roles.promote(epoch, reason))
         .await
         .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
-        .map_err(|e| anyhow::anyhow!("volume {name}: cannot persist the promotion: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("volume {name}: not promoted: {e}"))?;
     // The epoch given, or a later one if this node followed a newer active meanwhile.
     let epoch = now.epoch;
     Ok(if now.role == Role::Active {
