@@ -185,6 +185,13 @@ pub enum ApplyError {
         /// Why.
         why: &'static str,
     },
+    /// A standby's change of the volume, refused: this node has become active since
+    /// its active sent it (see [`crate::roles::RoleCell::hold`]).
+    #[error("{path:?} not applied: this node is no longer a standby")]
+    NotStandby {
+        /// The path.
+        path: RelPath,
+    },
     /// The operation cannot apply to the volume root (deleting or renaming it).
     #[error("cannot {op} the volume root")]
     Root {
@@ -1326,6 +1333,13 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// It will not be placed because this node is no longer a standby: removing the
+    /// temp entry leaves the directory's times as they are (a local write may have
+    /// moved them since).
+    pub fn give_up_on_active(&mut self) {
+        self.new_too = false;
+    }
+
     /// The block list of the new file, if it was built from blocks.
     pub fn take_blocks(&mut self) -> Option<BlockList> {
         self.blocks.take()

@@ -4467,7 +4467,9 @@ async fn apply_streamed(
         };
         let mut prepared = match build(&applier) {
             Err(ApplyError::IsDirectory { .. }) => {
-                clear_the_way(&v, &applier, &entry.path).and_then(|()| build(&applier))
+                let cleared = standby_hold(&v, &entry.path)
+                    .and_then(|_hold| clear_the_way(&v, &applier, &entry.path));
+                cleared.and_then(|()| build(&applier))
             }
             other => other,
         }?;
@@ -4481,7 +4483,7 @@ async fn apply_streamed(
             invalidate(&v, &entry.path);
         }
         prepared.sync_data()?;
-        let _hold = standby_hold(&v, &entry.path)?;
+        let _hold = standby_hold(&v, &entry.path).inspect_err(|_| prepared.give_up_on_active())?;
         let turn = upstream_turn(&v, &entry.path)?;
         applier.place_prepared(prepared, true)?;
         note_placed_upstream(&v, &entry);
@@ -5084,6 +5086,8 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
         .count()
         <= 1;
     let mut results = Vec::with_capacity(staged.len());
+    // Those not put in place because this node is no longer a standby.
+    let mut refused: Vec<RelPath> = Vec::new();
     // Data first: after this, a crash leaves whole temp files, never a torn file.
     let synced = if single {
         Ok(())
@@ -5100,9 +5104,15 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
             (None, _) => Ok(None),
             (Some(_), before) => before.map_err(|e| e.to_string()),
         };
-        let hold = standby_hold(v, &path);
+        let hold = v.roles.hold(Role::Standby);
         let result = match (&hold, &synced, before, s.prepared, s.content) {
-            (Err(e), ..) => Err(e.to_string()),
+            (None, _, _, prepared, _) => {
+                if let Some(mut p) = prepared {
+                    p.give_up_on_active();
+                }
+                refused.push(path.clone());
+                Err(ApplyError::NotStandby { path: path.clone() }.to_string())
+            }
             (_, Err(e), _, _, _) => Err(e.to_string()),
             (_, Ok(()), Err(e), _, _) => Err(e),
             (_, Ok(()), Ok(before), Some(p), _) if single => {
@@ -5160,6 +5170,10 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
             link_gave_up_names(v, &applier, &path, linked).map_err(|e| e.to_string())
         });
         results.push((s.seq, path, result));
+    }
+    if let Some(first) = refused.first() {
+        tracing::warn!(volume = %v.name, files = refused.len(), %first,
+            "not applied: this node is no longer a standby");
     }
     // The renames now; the temp files' data already was.
     if !single && results.iter().any(|r| r.2.is_ok()) {
@@ -5311,12 +5325,9 @@ fn apply_op(
 /// old active's version must not replace what was written here since.
 fn standby_hold(volume: &VolumeLink, path: &RelPath) -> Result<RoleHold, ApplyError> {
     volume.roles.hold(Role::Standby).ok_or_else(|| {
-        tracing::warn!(volume = %volume.name, %path,
-            "not applied: this node is no longer a standby of the active that sent it");
-        ApplyError::Busy {
-            path: path.clone(),
-            why: "this node is no longer a standby",
-        }
+        let refused = ApplyError::NotStandby { path: path.clone() };
+        tracing::warn!(volume = %volume.name, "{refused}");
+        refused
     })
 }
 

@@ -2,9 +2,10 @@
 //! mount between read-write and read-only, and tells the replication sessions, always
 //! in the order that keeps a crash safe.
 //!
-//! - Promotion persists the new role and epoch first (a node that crashes right after
-//!   comes back active with the new epoch, never active with the old one), then
-//!   allows local writes, then tells the sessions.
+//! - Promotion waits for the standby's change of the volume under way
+//!   ([`RoleCell::hold`]), then persists the new role and epoch (a node that crashes
+//!   right after comes back active with the new epoch, never active with the old
+//!   one), then allows local writes, then tells the sessions.
 //! - Demotion refuses local writes first (at once, after the writes under way), then
 //!   persists, then tells the sessions.
 
@@ -216,7 +217,8 @@ impl RoleCell {
         let deadline = std::time::Instant::now() + self.change_wait;
         let mut waits = 0;
         while state.holds > 0 {
-            if std::time::Instant::now() >= deadline {
+            let now = std::time::Instant::now();
+            if now >= deadline {
                 state.switching = false;
                 return Err(format!(
                     "a change of the volume that the replication began as a standby has not \
@@ -231,7 +233,7 @@ impl RoleCell {
             state = self
                 .terms
                 .changed
-                .wait_timeout(state, Duration::from_secs(1))
+                .wait_timeout(state, (deadline - now).min(Duration::from_secs(1)))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }

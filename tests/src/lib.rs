@@ -181,7 +181,10 @@ impl Ext4Image {
             .args(["-o", "loop"])
             .arg(&file)
             .arg(dir));
-        let root = std::fs::File::open(dir).expect("open the image's root");
+        let root = std::fs::File::open(dir).unwrap_or_else(|e| {
+            let _ = std::process::Command::new("umount").arg(dir).status();
+            panic!("open the image's root {}: {e}", dir.display())
+        });
         let fs = Ext4Image {
             root,
             frozen: std::sync::atomic::AtomicBool::new(false),

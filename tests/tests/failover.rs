@@ -380,8 +380,8 @@ impl Drop for Resume<'_> {
     }
 }
 
-/// Whether a thread of the node's daemon sleeps uninterruptibly (state `D`): on a
-/// frozen filesystem, a write waiting for the thaw.
+/// Whether a thread of the node's daemon waits for a frozen filesystem to thaw (a
+/// write waits in `percpu_rwsem_wait`, for the superblock's write lock).
 fn blocked_in_a_write(node: &Node) -> bool {
     let Some(pid) = node.pid() else {
         return false;
@@ -390,11 +390,7 @@ fn blocked_in_a_write(node: &Node) -> bool {
         return false;
     };
     tasks.flatten().any(|task| {
-        fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
-            // The state follows the command name, which is in parentheses.
-            stat.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('D'))
-        })
+        fs::read_to_string(task.path().join("wchan")).is_ok_and(|w| w.contains("percpu_rwsem"))
     })
 }
 
@@ -411,7 +407,8 @@ fn what_the_old_active_sent_is_not_put_in_place_once_the_standby_is_promoted() {
     wait_ready(&c.nodes[1], &c.nodes[0]);
 
     // The standby receives a new version of a file, and its write of it waits for
-    // the disk. (The file is rewritten in place: a new name would change the
+    // the disk, before the file is put in place (so the promotion need not wait for
+    // it: roles.rs tests the wait for a change being put in place). (The file is rewritten in place: a new name would change the
     // directory too, and its metadata would wait for the disk at another step.)
     disk.freeze();
     let conf = "cmm.conf";

@@ -14,7 +14,7 @@ use twinfs_fs::{MountOptions, Mounted, Volume};
 use twinfs_replicator::capture::Capture;
 use twinfs_replicator::manifest::HashCache;
 use twinfs_replicator::node::{self, Peer, SyncRecord, VolumeLink};
-use twinfs_replicator::roles::{Hold, RoleCell, RoleState};
+use twinfs_replicator::roles::{Hold, RoleCell, RoleState, CHANGE_WAIT};
 use twinfs_replicator::transport::{self, PinnedPeers, TlsIdentity};
 
 use crate::config::{Config, Role, VolumeConfig};
@@ -87,10 +87,15 @@ pub fn answer_within(config: &Config, request: &Request) -> Duration {
     let (volume, per_volume): (Option<&str>, fn(&crate::config::Hooks) -> Duration) = match request
     {
         Request::Status => return ANSWER_MARGIN,
-        // The promote hook, and the demote hook of a rollback.
-        Request::Role { volume, .. } => (Some(volume), |h| h.timeout.saturating_mul(2)),
+        // The promote hook, the demote hook of a rollback, and the wait for a change
+        // of the volume under way.
+        Request::Role { volume, .. } => (Some(volume), |h| {
+            CHANGE_WAIT.saturating_add(h.timeout.saturating_mul(2))
+        }),
         Request::Promote { volume, .. } => (volume.as_deref(), |h| {
-            HANDOVER_WAIT.saturating_add(h.timeout.saturating_mul(2))
+            HANDOVER_WAIT
+                .saturating_add(CHANGE_WAIT)
+                .saturating_add(h.timeout.saturating_mul(2))
         }),
         Request::Demote { volume } => {
             (volume.as_deref(), |h| DEMOTE_WAIT.saturating_add(h.timeout))
@@ -1523,10 +1528,14 @@ async fn take_over(
 ) -> anyhow::Result<Result<String, String>> {
     let name = &v.config.name;
     let roles = v.roles.clone();
-    let now = tokio::task::spawn_blocking(move || roles.promote(epoch, reason))
+    let promoted = tokio::task::spawn_blocking(move || roles.promote(epoch, reason))
         .await
-        .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
-        .map_err(|e| anyhow::anyhow!("volume {name}: not promoted: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?;
+    // (Refused, like a failed hook's rollback: the other volumes go on.)
+    let now = match promoted {
+        Ok(now) => now,
+        Err(e) => return Ok(Err(format!("volume {name}: not promoted: {e}"))),
+    };
     // The epoch given, or a later one if this node followed a newer active meanwhile.
     let epoch = now.epoch;
     Ok(if now.role == Role::Active {
