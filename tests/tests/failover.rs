@@ -453,8 +453,10 @@ fn what_the_old_active_sent_is_not_put_in_place_once_the_standby_is_promoted() {
     c.wait_converged(CONVERGE);
     let listed = run_ok(&c.nodes[0], &["conflicts"]);
     assert!(listed.contains(conf), "{listed}");
-    // The disk goes after the daemon that mounted over it.
-    drop(c);
+    // The disk goes after the daemon that mounted over it, before the node's scratch
+    // directory, which holds its mount point.
+    c.nodes[1].stop();
+    drop(disk);
 }
 
 #[test]
