@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -117,6 +117,8 @@ pub struct FuseAdapter {
     volume: Arc<Volume>,
     want_passthrough: bool,
     backing: Mutex<Backing>,
+    /// The session's notifier, once it runs ([`FuseAdapter::notifier_slot`]).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl FuseAdapter {
@@ -126,6 +128,29 @@ impl FuseAdapter {
             volume,
             want_passthrough: passthrough,
             backing: Mutex::new(Backing::default()),
+            notifier: Arc::default(),
+        }
+    }
+
+    /// Where the mount puts the session's notifier once the session runs.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// After a change of the access ACL of `ino` through the mount: the mode changed
+    /// with it (its group bits are the ACL's mask), and the kernel, which takes no
+    /// ACLs from twinfs (no `FUSE_POSIX_ACL`), would show the old mode until the
+    /// attribute TTL ran out. Told now; the call takes no lock of the inode, so it is
+    /// safe within the request.
+    fn acl_changed(&self, ino: INodeNo, name: &OsStr) {
+        use std::os::unix::ffi::OsStrExt;
+        if name.as_bytes() != b"system.posix_acl_access" {
+            return;
+        }
+        if let Some(notifier) = self.notifier.get() {
+            if let Err(e) = notifier.inval_inode(ino, -1, 0) {
+                tracing::debug!(ino = ino.0, error = %e, "cannot invalidate attributes");
+            }
         }
     }
 
@@ -548,11 +573,11 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         span!("setxattr", ino = ino.0, name = ?name);
-        reply_empty(
-            "setxattr",
-            reply,
-            self.volume.setxattr(ino.0, name, value, flags),
-        );
+        let set = self.volume.setxattr(ino.0, name, value, flags);
+        if set.is_ok() {
+            self.acl_changed(ino, name);
+        }
+        reply_empty("setxattr", reply, set);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -575,7 +600,11 @@ impl Filesystem for FuseAdapter {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         span!("removexattr", ino = ino.0, name = ?name);
-        reply_empty("removexattr", reply, self.volume.removexattr(ino.0, name));
+        let removed = self.volume.removexattr(ino.0, name);
+        if removed.is_ok() {
+            self.acl_changed(ino, name);
+        }
+        reply_empty("removexattr", reply, removed);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {

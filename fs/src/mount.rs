@@ -76,12 +76,14 @@ impl Mounted {
         config.n_threads = Some(options.threads.max(1));
         config.clone_fd = true;
         let adapter = FuseAdapter::new(volume.clone(), options.passthrough);
+        let notifier_slot = adapter.notifier_slot();
         let session = Session::from_fd(adapter, device, SessionACL::All, config)
             .and_then(Session::spawn)
             .inspect_err(|_| {
                 let _ = crate::watchdog::detach(root.as_fd());
             })?;
         let notifier = session.notifier();
+        let _ = notifier_slot.set(notifier.clone());
         let identity = MountIdentity::of(root.as_fd());
         let mut mounted = Mounted {
             volume,

@@ -483,6 +483,35 @@ fn create_modes_follow_the_umask() {
 }
 
 #[test]
+fn setfacl_changes_the_mode_at_once() {
+    // An access ACL with a named user moves the mode's group bits (they show its
+    // mask): a member of the file's group (uid nobody, gid root) may then write it,
+    // and may not once the entry is gone. (twinfs checks the mode bits only; the
+    // named user's entry would admit nobody natively, the group bits admit it here.)
+    let member = ["--reuid=65534", "--regid=0", "--clear-groups"];
+    let script = "echo more >> f && echo wrote; ls -l f | cut -c1-10";
+    let log = same_as_native(
+        |p| {
+            fs::write(p.join("f"), "x\n").expect("fill");
+            chmod(&p.join("f"), 0o600);
+        },
+        |p| {
+            open_up(p);
+            let mut log = Log::default();
+            log.note("before", sh_as(p, &member, script));
+            log.note("setfacl", sh(p, false, "setfacl -m u:nobody:rw f"));
+            log.note("with the entry", sh_as(p, &member, script));
+            log.note("setfacl -x", sh(p, false, "setfacl -x u:nobody f"));
+            log.note("without it", sh_as(p, &member, script));
+            log
+        },
+    );
+    assert!(!log.0[0].contains("wrote"), "{log:?}");
+    assert!(log.0[2].contains("wrote"), "{log:?}");
+    assert!(!log.0[4].contains("wrote"), "{log:?}");
+}
+
+#[test]
 fn ftruncate_grows_and_shrinks() {
     same_as_native(
         |p| fs::write(p.join("f"), b"0123456789").expect("write"),
