@@ -226,6 +226,10 @@ impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // Creates come with the caller's umask beside the mode, not applied to it: the
+        // backing filesystem applies it, or a default ACL of the parent in its place
+        // ([`crate::sys::set_thread_umask`]).
+        let _ = config.add_capabilities(InitFlags::FUSE_DONT_MASK);
         let _ = config.set_max_write(1 << 20);
         if self.want_passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -302,7 +306,7 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
@@ -311,7 +315,7 @@ impl Filesystem for FuseAdapter {
             "mknod",
             reply,
             self.volume
-                .mknod(parent.0, name, mode, u64::from(rdev), caller(req)),
+                .mknod(parent.0, name, mode, umask, u64::from(rdev), caller(req)),
         );
     }
 
@@ -321,14 +325,14 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         span!("mkdir", parent = parent.0, name = ?name);
         reply_entry(
             "mkdir",
             reply,
-            self.volume.mkdir(parent.0, name, mode, caller(req)),
+            self.volume.mkdir(parent.0, name, mode, umask, caller(req)),
         );
     }
 
@@ -618,12 +622,15 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         span!("create", parent = parent.0, name = ?name);
-        let (attr, fh, file) = match self.volume.create(parent.0, name, mode, flags, caller(req)) {
+        let created = self
+            .volume
+            .create(parent.0, name, mode, umask, flags, caller(req));
+        let (attr, fh, file) = match created {
             Ok(x) => x,
             Err(e) => return reply.error(log_err("create", &e)),
         };

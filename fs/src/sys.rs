@@ -593,26 +593,34 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<DirEntry>> {
 }
 
 thread_local! {
-    static UMASK_CLEARED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This thread's own umask, once it has one.
+    static THREAD_UMASK: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
 }
 
-/// Gives the calling thread its own umask of 0: the kernel sends modes with the
-/// caller's umask already applied, so the volume must not apply a second one. Only the
-/// FUSE worker threads are affected, not the process that embeds the volume.
-pub fn clear_thread_umask() {
-    UMASK_CLEARED.with(|done| {
-        if done.get() {
-            return;
+/// Gives the calling thread its own umask, `mask`, for a create on behalf of a caller
+/// whose umask it is: the backing filesystem then applies it, or a default ACL of the
+/// parent directory in its place, as for the caller itself (the kernel sends the mode
+/// unmasked, with `FUSE_DONT_MASK`). Only the FUSE worker threads are affected, not
+/// the process that embeds the volume. Returns the bits the caller must clear from
+/// the mode itself: none, or `mask` if the thread could not get a umask of its own
+/// (the process's is left alone).
+pub fn set_thread_umask(mask: u32) -> u32 {
+    let mask = mask & 0o777;
+    THREAD_UMASK.with(|current| {
+        if current.get() == Some(mask) {
+            return 0;
         }
-        // SAFETY: unsharing the fs_struct only affects this thread; umask cannot fail.
-        unsafe {
-            if libc::unshare(libc::CLONE_FS) != 0 {
-                tracing::warn!("unshare(CLONE_FS) failed; clearing the process umask");
-            }
-            libc::umask(0);
+        // SAFETY: unsharing the fs_struct only affects this thread.
+        if current.get().is_none() && unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(),
+                "unshare(CLONE_FS) failed; applying the caller's umask to the mode instead");
+            return mask;
         }
-        done.set(true);
-    });
+        // SAFETY: umask cannot fail; this thread's fs_struct is its own.
+        unsafe { libc::umask(mask) };
+        current.set(Some(mask));
+        0
+    })
 }
 
 /// Raises the soft limit of open files to the hard limit: a volume holds one fd per

@@ -1279,12 +1279,13 @@ impl Volume {
         parent: u64,
         name: &OsStr,
         mode: u32,
+        umask: u32,
         rdev: u64,
         caller: Caller,
     ) -> Result<Attr> {
         let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_name(name)?;
-        sys::clear_thread_umask();
+        let mode = mode & !sys::set_thread_umask(umask);
         let dir = self.dir_fd(parent)?;
         sys::mknodat(dir.as_fd(), name, mode, rdev)?;
         let st = self.own(&dir, name, sys::statat(dir.as_fd(), name)?, caller)?;
@@ -1294,10 +1295,17 @@ impl Volume {
     }
 
     /// Creates a directory.
-    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
+    pub fn mkdir(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        caller: Caller,
+    ) -> Result<Attr> {
         let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_name(name)?;
-        sys::clear_thread_umask();
+        let mode = mode & !sys::set_thread_umask(umask);
         let dir = self.dir_fd(parent)?;
         sys::mkdirat(dir.as_fd(), name, mode)?;
         let st = self.own(&dir, name, sys::statat(dir.as_fd(), name)?, caller)?;
@@ -1652,12 +1660,13 @@ impl Volume {
         parent: u64,
         name: &OsStr,
         mode: u32,
+        umask: u32,
         flags: i32,
         caller: Caller,
     ) -> Result<(Attr, u64, Arc<OpenFile>)> {
         let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_name(name)?;
-        sys::clear_thread_umask();
+        let mode = mode & !sys::set_thread_umask(umask);
         let dir = self.dir_fd(parent)?;
         let (plain, _) = Self::open_flags(flags);
         let (fd, created) = match sys::openat(

@@ -512,6 +512,26 @@ fn setfacl_changes_the_mode_at_once() {
 }
 
 #[test]
+fn a_default_acl_takes_the_place_of_the_umask() {
+    // Below a directory with a default ACL, new entries get their mode from it, not
+    // from the umask (which still applies elsewhere).
+    let script = "mkdir d; setfacl -d -m u:nobody:rwx d; umask 077; \
+        touch d/f e; mkdir d/sub; mkfifo d/p; \
+        stat -c '%n %a' d/f d/sub d/p e; getfacl -cp d/f d/sub";
+    let log = same_as_native(
+        |_| {},
+        |p| {
+            let mut log = Log::default();
+            log.note("sh", sh(p, false, script));
+            log
+        },
+    );
+    assert!(log.0[0].contains("d/f 664"), "{log:?}");
+    assert!(log.0[0].contains("e 600"), "{log:?}");
+    assert!(log.0[0].contains("mask::rw-"), "{log:?}");
+}
+
+#[test]
 fn ftruncate_grows_and_shrinks() {
     same_as_native(
         |p| fs::write(p.join("f"), b"0123456789").expect("write"),
