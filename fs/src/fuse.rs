@@ -132,6 +132,31 @@ impl FuseAdapter {
         }
     }
 
+    /// The names of `ino`'s extended attributes (NUL-terminated, as `listxattr` gives
+    /// them) but for the `trusted.` ones.
+    fn unprivileged_xattr_names(&self, ino: u64) -> Result<Vec<u8>, Error> {
+        let mut buf = Vec::new();
+        // (The list may grow between the two calls: then again.)
+        for _ in 0..8 {
+            let len = self.volume.listxattr(ino, &mut [])?;
+            buf.resize(len, 0);
+            match self.volume.listxattr(ino, &mut buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Ok(buf
+                        .split_inclusive(|b| *b == 0)
+                        .filter(|name| !name.starts_with(b"trusted."))
+                        .flatten()
+                        .copied()
+                        .collect());
+                }
+                Err(e) if e.errno() == libc::ERANGE => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::from(std::io::Error::from_raw_os_error(libc::ERANGE)))
+    }
+
     /// Where the mount puts the session's notifier once the session runs.
     pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
         self.notifier.clone()
@@ -593,7 +618,20 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if req.uid() != 0 {
+            // The daemon lists as root; a caller without privilege is not shown the
+            // `trusted.` names, as the kernel hides them from it natively.
+            let names = match self.unprivileged_xattr_names(ino.0) {
+                Ok(names) => names,
+                Err(e) => return reply.error(reply_errno(&e)),
+            };
+            return match size {
+                0 => reply.size(names.len() as u32),
+                n if (n as usize) < names.len() => reply.error(Errno::ERANGE),
+                _ => reply.data(&names),
+            };
+        }
         let mut buf = vec![0u8; size as usize];
         match self.volume.listxattr(ino.0, &mut buf) {
             Ok(n) if size == 0 => reply.size(n as u32),

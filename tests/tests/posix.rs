@@ -1084,6 +1084,9 @@ fn xattrs_set_get_list_remove() {
             log.note("symlink get", getx(&p.join("l"), "user.b", 100));
             log.note("trusted set", setx(&f, "trusted.t", b"t", 0));
             log.note("trusted get", getx(&f, "trusted.t", 100));
+            // A user without privilege is not shown the name.
+            open_up(p);
+            log.note("listed to nobody", sh(p, true, "getfattr -m - f"));
             log.note("bad namespace", setx(&f, "bogus.x", b"x", 0));
             log
         },
