@@ -4423,18 +4423,20 @@ async fn apply_streamed(
     let result = tokio::task::spawn_blocking(move || {
         let applier = Applier::new(v.root.as_fd());
         let fm = file_meta(&entry.meta);
-        // The records, held while they are few enough to write in place.
+        // The records, held while they are few enough to write in place (and the
+        // standby's budget for all files has room), counted until the copy made of
+        // them, if any, is written.
         let mut held: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut reserved = crate::patch::HELD.reserve();
         let patchable = stamp.filter(|_| {
             v.volume.role() == Role::Standby && entry.meta.size >= crate::patch::MIN_FILE
         });
         if let Some(stamp) = patchable {
-            let all_held = hold_records(&mut rx, &mut held, entry.meta.size).map_err(|source| {
-                ApplyError::Content {
+            let all_held = hold_records(&mut rx, &mut held, entry.meta.size, &mut reserved)
+                .map_err(|source| ApplyError::Content {
                     path: entry.path.clone(),
                     source,
-                }
-            })?;
+                })?;
             if all_held {
                 let _hold = standby_hold(&v, &entry.path)?;
                 match patch_in_place(&v, &applier, &entry, &fm, expected, &list, stamp, &held)? {
@@ -4473,6 +4475,8 @@ async fn apply_streamed(
             }
             other => other,
         }?;
+        // The held records are written into the copy now.
+        drop(reserved);
         let new_list = prepared
             .take_blocks()
             .filter(|_| entry.meta.size >= crate::patch::MIN_FILE);
@@ -4527,13 +4531,16 @@ fn hold_records(
     rx: &mut mpsc::Receiver<std::io::Result<(u64, Vec<u8>)>>,
     held: &mut Vec<(u64, Vec<u8>)>,
     size: u64,
+    reserved: &mut crate::patch::Held<'_>,
 ) -> std::io::Result<bool> {
     let mut bytes = 0u64;
     while let Some(record) = rx.blocking_recv() {
         let record = record?;
-        bytes += record.1.len() as u64;
+        let len = record.1.len() as u64;
+        bytes += len;
+        let room = reserved.take(len);
         held.push(record);
-        if !crate::patch::worth_patching(bytes, size) {
+        if !room || !crate::patch::worth_patching(bytes, size) {
             return Ok(false);
         }
     }

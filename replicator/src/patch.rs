@@ -52,6 +52,76 @@ pub const MIN_FILE: u64 = 16 << 20;
 /// written twice: journal, then file); more go the copy way.
 pub const MAX_RECORDS: u64 = 8 << 20;
 
+/// The most bytes of records held for in-place updates by all large files at once
+/// (a full sync may bring deltas of many): past it, a file goes the copy way, its
+/// records written as they come.
+pub const MAX_HELD: u64 = 4 * MAX_RECORDS;
+
+/// The standby's budget of bytes of records held for in-place updates.
+pub static HELD: Budget = Budget::new(MAX_HELD);
+
+/// Bytes that may be held in memory at once, shared by whoever reserves them.
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicU64,
+    limit: u64,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub const fn new(limit: u64) -> Budget {
+        Budget {
+            used: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    /// A reservation of no bytes yet.
+    pub fn reserve(&self) -> Held<'_> {
+        Held {
+            budget: self,
+            bytes: 0,
+        }
+    }
+
+    /// Bytes reserved now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// Bytes reserved from a [`Budget`] until dropped.
+#[derive(Debug)]
+pub struct Held<'a> {
+    budget: &'a Budget,
+    bytes: u64,
+}
+
+impl Held<'_> {
+    /// Reserves `bytes` more; false, reserving nothing, if the budget has not that
+    /// much left.
+    pub fn take(&mut self, bytes: u64) -> bool {
+        let limit = self.budget.limit;
+        let taken = self
+            .budget
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|n| *n <= limit)
+            })
+            .is_ok();
+        if taken {
+            self.bytes += bytes;
+        }
+        taken
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
 /// Whether `sent` bytes of records for a file of `new_size` bytes are few enough to
 /// patch the file in place.
 pub fn worth_patching(sent: u64, new_size: u64) -> bool {
@@ -594,6 +664,24 @@ fn replay_one(applier: &Applier<'_>, entry: &Entry) -> io::Result<Replayed> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn held_records_stay_within_the_budget_of_all_files() {
+        let budget = Budget::new(10);
+        let mut a = budget.reserve();
+        let mut b = budget.reserve();
+        assert!(a.take(6));
+        assert!(!b.take(5), "past the budget");
+        assert_eq!(budget.used(), 6, "a refused reservation takes nothing");
+        assert!(b.take(4));
+        assert!(!a.take(1));
+        drop(a);
+        assert_eq!(budget.used(), 4);
+        assert!(b.take(6));
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
+
     use super::*;
 
     const B: usize = delta::MIN_BLOCK as usize;
