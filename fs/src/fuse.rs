@@ -253,7 +253,7 @@ impl Filesystem for FuseAdapter {
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         // Creates come with the caller's umask beside the mode, not applied to it: the
         // backing filesystem applies it, or a default ACL of the parent in its place
-        // ([`crate::sys::set_thread_umask`]).
+        // ([`crate::sys::CallerUmask`]).
         let _ = config.add_capabilities(InitFlags::FUSE_DONT_MASK);
         let _ = config.set_max_write(1 << 20);
         if self.want_passthrough {

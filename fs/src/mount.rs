@@ -78,12 +78,15 @@ impl Mounted {
         let adapter = FuseAdapter::new(volume.clone(), options.passthrough);
         let notifier_slot = adapter.notifier_slot();
         let session = Session::from_fd(adapter, device, SessionACL::All, config)
+            // Before the first request is served.
+            .inspect(|session| {
+                let _ = notifier_slot.set(session.notifier());
+            })
             .and_then(Session::spawn)
             .inspect_err(|_| {
                 let _ = crate::watchdog::detach(root.as_fd());
             })?;
         let notifier = session.notifier();
-        let _ = notifier_slot.set(notifier.clone());
         let identity = MountIdentity::of(root.as_fd());
         let mut mounted = Mounted {
             volume,

@@ -593,34 +593,59 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<DirEntry>> {
 }
 
 thread_local! {
-    /// This thread's own umask, once it has one.
-    static THREAD_UMASK: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+    /// Whether this thread has a umask of its own: unknown yet (`None`), yes, or no
+    /// (`unshare` failed).
+    static OWN_UMASK: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
-/// Gives the calling thread its own umask, `mask`, for a create on behalf of a caller
-/// whose umask it is: the backing filesystem then applies it, or a default ACL of the
-/// parent directory in its place, as for the caller itself (the kernel sends the mode
-/// unmasked, with `FUSE_DONT_MASK`). Only the FUSE worker threads are affected, not
-/// the process that embeds the volume. Returns the bits the caller must clear from
-/// the mode itself: none, or `mask` if the thread could not get a umask of its own
-/// (the process's is left alone).
-pub fn set_thread_umask(mask: u32) -> u32 {
-    let mask = mask & 0o777;
-    THREAD_UMASK.with(|current| {
-        if current.get() == Some(mask) {
-            return 0;
-        }
-        // SAFETY: unsharing the fs_struct only affects this thread.
-        if current.get().is_none() && unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
-            tracing::warn!(error = %std::io::Error::last_os_error(),
-                "unshare(CLONE_FS) failed; applying the caller's umask to the mode instead");
-            return mask;
+/// A create on behalf of a caller, with the caller's umask: while it lives, the
+/// calling thread has that umask of its own, so the backing filesystem applies it, or
+/// a default ACL of the parent directory in its place, as for the caller itself (the
+/// kernel sends the mode unmasked, with `FUSE_DONT_MASK`). Dropped, the thread's umask
+/// is 0 again, for whatever else the thread creates. Only the FUSE worker threads are
+/// affected, not the process that embeds the volume.
+pub struct CallerUmask {
+    /// The bits the caller must clear from the mode itself: none, or the umask if
+    /// the thread could not get one of its own (then the process's umask is 0, as
+    /// the volume needs it).
+    pub clear: u32,
+}
+
+impl CallerUmask {
+    /// Gives the calling thread the umask `mask`.
+    pub fn set(mask: u32) -> CallerUmask {
+        let mask = mask & 0o777;
+        let own = OWN_UMASK.with(|own| {
+            let now = own.get().unwrap_or_else(|| {
+                // SAFETY: unsharing the fs_struct only affects this thread.
+                let unshared = unsafe { libc::unshare(libc::CLONE_FS) } == 0;
+                if !unshared {
+                    tracing::warn!(error = %std::io::Error::last_os_error(),
+                        "unshare(CLONE_FS) failed; clearing the process umask");
+                    // SAFETY: umask cannot fail.
+                    unsafe { libc::umask(0) };
+                }
+                unshared
+            });
+            own.set(Some(now));
+            now
+        });
+        if !own {
+            return CallerUmask { clear: mask };
         }
         // SAFETY: umask cannot fail; this thread's fs_struct is its own.
         unsafe { libc::umask(mask) };
-        current.set(Some(mask));
-        0
-    })
+        CallerUmask { clear: 0 }
+    }
+}
+
+impl Drop for CallerUmask {
+    fn drop(&mut self) {
+        if OWN_UMASK.with(|own| own.get() == Some(true)) {
+            // SAFETY: as above.
+            unsafe { libc::umask(0) };
+        }
+    }
 }
 
 /// Raises the soft limit of open files to the hard limit: a volume holds one fd per

@@ -1285,7 +1285,8 @@ impl Volume {
     ) -> Result<Attr> {
         let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_name(name)?;
-        let mode = mode & !sys::set_thread_umask(umask);
+        let umask = sys::CallerUmask::set(umask);
+        let mode = mode & !umask.clear;
         let dir = self.dir_fd(parent)?;
         sys::mknodat(dir.as_fd(), name, mode, rdev)?;
         let st = self.own(&dir, name, sys::statat(dir.as_fd(), name)?, caller)?;
@@ -1305,7 +1306,8 @@ impl Volume {
     ) -> Result<Attr> {
         let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_name(name)?;
-        let mode = mode & !sys::set_thread_umask(umask);
+        let umask = sys::CallerUmask::set(umask);
+        let mode = mode & !umask.clear;
         let dir = self.dir_fd(parent)?;
         sys::mkdirat(dir.as_fd(), name, mode)?;
         let st = self.own(&dir, name, sys::statat(dir.as_fd(), name)?, caller)?;
@@ -1666,7 +1668,8 @@ impl Volume {
     ) -> Result<(Attr, u64, Arc<OpenFile>)> {
         let _writing = self.writable_for(|| [self.entry_path(parent, name)])?;
         check_name(name)?;
-        let mode = mode & !sys::set_thread_umask(umask);
+        let umask = sys::CallerUmask::set(umask);
+        let mode = mode & !umask.clear;
         let dir = self.dir_fd(parent)?;
         let (plain, _) = Self::open_flags(flags);
         let (fd, created) = match sys::openat(

@@ -515,7 +515,7 @@ fn setfacl_changes_the_mode_at_once() {
 fn a_default_acl_takes_the_place_of_the_umask() {
     // Below a directory with a default ACL, new entries get their mode from it, not
     // from the umask (which still applies elsewhere).
-    let script = "mkdir d; setfacl -d -m u:nobody:rwx d; umask 077; \
+    let script = "umask 022; mkdir d; setfacl -d -m u:nobody:rwx d; umask 077; \
         touch d/f e; mkdir d/sub; mkfifo d/p; \
         stat -c '%n %a' d/f d/sub d/p e; getfacl -cp d/f d/sub";
     let log = same_as_native(
