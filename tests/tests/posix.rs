@@ -464,20 +464,26 @@ fn open_flags_append_trunc_excl() {
     });
 }
 
-#[test]
-fn create_modes_follow_the_umask() {
-    let script = "umask 027; touch f; mkdir d; mkfifo p; \
-        mkdir g; chown :65534 g; chmod 2775 g; touch g/x; mkdir g/y; \
-        umask 0; touch open; mkdir opendir; \
-        stat -c '%n %a %u %g %F' f d p g g/x g/y open opendir";
-    let log = same_as_native(
+/// Runs `script` (as root, in an empty directory) natively and on mounts; asserts
+/// they print the same and returns the native log.
+fn script_same_as_native(script: &str) -> Log {
+    same_as_native(
         |_| {},
         |p| {
             let mut log = Log::default();
             log.note("sh", sh(p, false, script));
             log
         },
-    );
+    )
+}
+
+#[test]
+fn create_modes_follow_the_umask() {
+    let script = "umask 027; touch f; mkdir d; mkfifo p; \
+        mkdir g; chown :65534 g; chmod 2775 g; touch g/x; mkdir g/y; \
+        umask 0; touch open; mkdir opendir; \
+        stat -c '%n %a %u %g %F' f d p g g/x g/y open opendir";
+    let log = script_same_as_native(script);
     assert!(log.0[0].contains("f 640 0 0"), "{log:?}");
     assert!(log.0[0].contains("g/y 2750 0 65534"), "{log:?}");
 }
@@ -518,14 +524,7 @@ fn a_default_acl_takes_the_place_of_the_umask() {
     let script = "umask 022; mkdir d; setfacl -d -m u:nobody:rwx d; umask 077; \
         touch d/f e; mkdir d/sub; mkfifo d/p; \
         stat -c '%n %a' d/f d/sub d/p e; getfacl -cp d/f d/sub";
-    let log = same_as_native(
-        |_| {},
-        |p| {
-            let mut log = Log::default();
-            log.note("sh", sh(p, false, script));
-            log
-        },
-    );
+    let log = script_same_as_native(script);
     assert!(log.0[0].contains("d/f 664"), "{log:?}");
     assert!(log.0[0].contains("e 600"), "{log:?}");
     assert!(log.0[0].contains("mask::rw-"), "{log:?}");
