@@ -4459,10 +4459,16 @@ async fn apply_streamed(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .forget(&entry.path);
-        let mut blocks = held
-            .into_iter()
-            .map(Ok)
-            .chain(std::iter::from_fn(|| rx.blocking_recv()));
+        // The held records first; once they are taken, their reservation goes.
+        let mut held = held.into_iter();
+        let mut reserved = Some(reserved);
+        let mut blocks = std::iter::from_fn(|| match held.next() {
+            Some(record) => Some(Ok(record)),
+            None => {
+                drop(reserved.take());
+                rx.blocking_recv()
+            }
+        });
         let before = linked_before(&applier, &entry)?;
         let mut build = |applier: &Applier<'_>| {
             applier.build_from_blocks(&entry.path, entry.meta.size, &mut blocks, expected, &fm)
@@ -4475,8 +4481,6 @@ async fn apply_streamed(
             }
             other => other,
         }?;
-        // The held records are written into the copy now.
-        drop(reserved);
         let new_list = prepared
             .take_blocks()
             .filter(|_| entry.meta.size >= crate::patch::MIN_FILE);

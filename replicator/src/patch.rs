@@ -664,6 +664,7 @@ fn replay_one(applier: &Applier<'_>, entry: &Entry) -> io::Result<Replayed> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn held_records_stay_within_the_budget_of_all_files() {
@@ -681,8 +682,6 @@ mod tests {
         drop(b);
         assert_eq!(budget.used(), 0);
     }
-
-    use super::*;
 
     const B: usize = delta::MIN_BLOCK as usize;
 

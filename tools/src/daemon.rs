@@ -916,7 +916,9 @@ impl Daemon {
                             Ok(line) => lines.push(format!(
                                 "{line} (planned switchover: {peer} handed over and is a standby now)"
                             )),
-                            Err(line) => refused.push(line),
+                            Err(line) => refused.push(format!(
+                                "{line} ({peer} handed over and is a standby now: the volume has no active node until one is promoted)"
+                            )),
                         }
                         continue;
                     }
