@@ -609,10 +609,13 @@ pub struct CallerUmask {
     /// the thread could not get one of its own (then the process's umask is 0, as
     /// the volume needs it).
     pub clear: u32,
+    /// Whether the thread's umask is to be set back to 0 (it was set to another).
+    reset: bool,
 }
 
 impl CallerUmask {
-    /// Gives the calling thread the umask `mask`.
+    /// Gives the calling thread the umask `mask`. (Between creates a thread's own
+    /// umask is 0, so a `mask` of 0 costs no system call.)
     pub fn set(mask: u32) -> CallerUmask {
         let mask = mask & 0o777;
         let own = OWN_UMASK.with(|own| {
@@ -622,26 +625,34 @@ impl CallerUmask {
                 if !unshared {
                     tracing::warn!(error = %std::io::Error::last_os_error(),
                         "unshare(CLONE_FS) failed; clearing the process umask");
-                    // SAFETY: umask cannot fail.
-                    unsafe { libc::umask(0) };
                 }
+                // SAFETY: umask cannot fail. (The thread's own umask, or the process's.)
+                unsafe { libc::umask(0) };
                 unshared
             });
             own.set(Some(now));
             now
         });
         if !own {
-            return CallerUmask { clear: mask };
+            return CallerUmask {
+                clear: mask,
+                reset: false,
+            };
         }
-        // SAFETY: umask cannot fail; this thread's fs_struct is its own.
-        unsafe { libc::umask(mask) };
-        CallerUmask { clear: 0 }
+        if mask != 0 {
+            // SAFETY: umask cannot fail; this thread's fs_struct is its own.
+            unsafe { libc::umask(mask) };
+        }
+        CallerUmask {
+            clear: 0,
+            reset: mask != 0,
+        }
     }
 }
 
 impl Drop for CallerUmask {
     fn drop(&mut self) {
-        if OWN_UMASK.with(|own| own.get() == Some(true)) {
+        if self.reset {
             // SAFETY: as above.
             unsafe { libc::umask(0) };
         }
