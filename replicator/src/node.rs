@@ -23,7 +23,7 @@ use crate::manifest::{self, HashCache, Kind, Manifest, Meta};
 use crate::path::RelPath;
 use crate::policy::{Durability, PolicySet, SyncMode};
 use crate::protocol::{Message, Op, ProtocolError, VolumeView, MAX_MESSAGE};
-use crate::roles::{Hold, RoleCell, RoleHold};
+use crate::roles::{Hold, RoleCell, RoleHold, Term};
 use crate::session::{Output, Session, SessionConfig, Ship, Shipped};
 use crate::transport::{self, PeerId};
 use crate::upstream::{self, Outbox};
@@ -279,6 +279,11 @@ pub struct VolumeLink {
     /// content hashes, for the session's outbox to learn as the base of local writes
     /// (filled under the apply turn, so before any local write made after).
     pub placed_upstream: Arc<Mutex<Vec<PlacedUpstream>>>,
+    /// The term of the session this copy serves, set as the session begins
+    /// ([`RoleCell::term`]): a standby's changes of the volume hold it, so none that
+    /// an old session carries on with lands after a change of role, even one handed
+    /// back (a copy made outside a session has the term of its making).
+    pub term: Term,
 }
 
 /// A large file put in place at an upstream path, and its content hash.
@@ -1400,13 +1405,22 @@ fn spawn_reader(
 const HEARD_EVERY: Duration = Duration::from_millis(100);
 
 async fn run_session(
-    volume: VolumeLink,
+    mut volume: VolumeLink,
     mut session: Session,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     first: Option<Message>,
     link: Link,
 ) {
+    // The session ends when this node's term for the volume ends (its role changes,
+    // even if handed back at once): followed from before the term is read, so no
+    // change is missed; a role that changed since the session's was read ends it now.
+    let mut roles = volume.roles.subscribe();
+    volume.term = volume.roles.term();
+    if volume.term.role != session.role() {
+        tracing::info!(volume = %volume.name, peer = %link.peer, "role changed; ending the session");
+        return;
+    }
     static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let session_id = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -1468,8 +1482,6 @@ async fn run_session(
     // the volume's sync gate. Records issued before the subscription are covered by
     // the full sync this session starts with.
     let mut seen = volume.gate.last_issued();
-    // The session ends when this node's role for the volume changes.
-    let mut roles = volume.roles.subscribe();
     let mut sent = 0u64;
     let gate_id = volume.gate.register();
     let disconnected = move |s: &mut PeerStatus| {
@@ -2170,7 +2182,7 @@ async fn run_session(
             }
             _ = tokio::time::sleep_until(deadline) => session.on_tick(std::time::Instant::now()),
             changed = roles.changed() => {
-                if changed.is_err() || roles.borrow().role != role {
+                if changed.is_err() || volume.roles.term() != volume.term {
                     tracing::info!(volume = %volume.name, peer = %link.peer, "role changed; ending the session");
                     break;
                 }
@@ -5115,7 +5127,7 @@ fn place_batch(v: &VolumeLink, staged: Vec<Staged>) -> Vec<Applied> {
             (None, _) => Ok(None),
             (Some(_), before) => before.map_err(|e| e.to_string()),
         };
-        let hold = v.roles.hold(Role::Standby);
+        let hold = held_standby(v);
         let result = match (&hold, &synced, before, s.prepared, s.content) {
             (None, _, _, prepared, _) => {
                 if let Some(mut p) = prepared {
@@ -5330,12 +5342,20 @@ fn apply_op(
     Ok(())
 }
 
+/// The hold of a standby's change of the volume, in the term of its session.
+fn held_standby(volume: &VolumeLink) -> Option<RoleHold> {
+    if volume.term.role != Role::Standby {
+        return None;
+    }
+    volume.roles.hold(volume.term)
+}
+
 /// Standby: holds the role while it changes the volume as its active asked
 /// ([`crate::roles::RoleCell::hold`]); refuses once this node is no longer a standby
 /// (promoted while a large file or a batch was still being put in place, say): the
 /// old active's version must not replace what was written here since.
 fn standby_hold(volume: &VolumeLink, path: &RelPath) -> Result<RoleHold, ApplyError> {
-    volume.roles.hold(Role::Standby).ok_or_else(|| {
+    held_standby(volume).ok_or_else(|| {
         let refused = ApplyError::NotStandby { path: path.clone() };
         tracing::warn!(volume = %volume.name, "{refused}");
         refused

@@ -99,6 +99,20 @@ struct Terms {
 struct TermState {
     holds: usize,
     switching: bool,
+    /// The number of the term now ([`Term`]).
+    number: u64,
+}
+
+/// A role as this node took it: each change of role begins a new term, even one
+/// handed back at once (a promotion whose hook failed). A replication session works
+/// in the term it began in ([`RoleCell::term`]) and its changes of the volume, also
+/// those carried on in the background after it ended, hold that term
+/// ([`RoleCell::hold`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Term {
+    /// The role of the term.
+    pub role: Role,
+    number: u64,
 }
 
 impl Terms {
@@ -188,17 +202,27 @@ impl RoleCell {
         self.changing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// For a change of the volume that only `role` makes (a standby putting in place
-    /// what its active sent): held until dropped; `None` if the node has another role
-    /// now, or is changing it. A role change waits for the holds under way and gives
-    /// none meanwhile, so nothing an old active sent lands once this node has taken
-    /// local writes (a large file received in the background, a batch of files being
-    /// put in place, both carried on after their session ended). Never waits itself,
-    /// so a hold taken with a lock held, or within another hold, cannot deadlock with
-    /// a role change.
-    pub fn hold(&self, role: Role) -> Option<RoleHold> {
+    /// The term now: the role, and which change of role began it.
+    pub fn term(&self) -> Term {
+        let state = self.terms.lock();
+        Term {
+            role: self.get().role,
+            number: state.number,
+        }
+    }
+
+    /// For a change of the volume that only the role of `term` makes (a standby
+    /// putting in place what its active sent): held until dropped; `None` if the term
+    /// is over (the role changed since, even if it was handed back), or a role change
+    /// is under way. A role change waits for the holds under way and gives none
+    /// meanwhile, so nothing an old active sent lands once this node has taken local
+    /// writes (a large file received in the background, a batch of files being put in
+    /// place, both carried on after their session ended). Never waits itself, so a
+    /// hold taken with a lock held, or within another hold, cannot deadlock with a
+    /// role change.
+    pub fn hold(&self, term: Term) -> Option<RoleHold> {
         let mut state = self.terms.lock();
-        if state.switching || self.get().role != role {
+        if state.switching || state.number != term.number || self.get().role != term.role {
             return None;
         }
         state.holds += 1;
@@ -249,7 +273,14 @@ impl RoleCell {
                 }
             }
         }
-        self.tx.send_replace(state);
+        {
+            // A new term whenever the role changes (a term is read under this lock).
+            let mut terms = self.terms.lock();
+            if self.get().role != state.role {
+                terms.number += 1;
+            }
+            self.tx.send_replace(state);
+        }
         self.node.send_modify(|g| *g += 1);
     }
 
@@ -464,16 +495,14 @@ mod tests {
     #[test]
     fn a_promotion_waits_for_the_standbys_change_under_way_and_gives_no_new_hold() {
         let (_dir, cell, stored) = standby(1);
-        assert!(
-            cell.hold(Role::Active).is_none(),
-            "a standby holds no active's role"
-        );
-        let hold = cell.hold(Role::Standby).expect("a standby's change");
+        let term = cell.term();
+        assert_eq!(term.role, Role::Standby);
+        let hold = cell.hold(term).expect("a standby's change");
         std::thread::scope(|scope| {
             let promoting = scope.spawn(|| cell.promote(2, "manual"));
             // The promotion has begun once it refuses new holds; it is not through.
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while cell.hold(Role::Standby).is_some() {
+            while cell.hold(term).is_some() {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "the promotion never began"
@@ -491,17 +520,61 @@ mod tests {
         });
         assert_eq!(cell.volume().role(), Role::Active);
         assert!(
-            cell.hold(Role::Standby).is_none(),
+            cell.hold(term).is_none(),
             "a standby's change after the promotion"
         );
-        drop(cell.hold(Role::Active).expect("the active's"));
+        let active = cell.term();
+        assert_eq!(active.role, Role::Active);
+        drop(cell.hold(active).expect("the active's"));
+    }
+
+    #[test]
+    fn a_change_begun_before_a_promotion_handed_back_is_refused_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let volume =
+            Volume::new(dir.path(), Role::Standby, Arc::new(twinfs_fs::Discard)).expect("volume");
+        // The promote hook fails, and the role is handed back.
+        let cell = RoleCell::new(
+            "vol",
+            RoleState {
+                role: Role::Standby,
+                epoch: 1,
+            },
+            Arc::new(volume),
+            Box::new(|_| Ok(())),
+            dir.path().join("vol.sync.json"),
+            watch::Sender::new(0),
+            Some(Box::new(|change: &RoleChange| {
+                change.next.role == Role::Active
+            })),
+        );
+        let before = cell.term();
+        let now = cell.promote(2, "manual").expect("promote");
+        assert_eq!(now.role, Role::Standby, "the role was not handed back");
+        assert_eq!(now.epoch, 2);
+        assert_ne!(
+            cell.term(),
+            before,
+            "a promotion handed back is a term of its own"
+        );
+        assert!(
+            cell.hold(before).is_none(),
+            "a change begun before the promotion may land on what was written during it"
+        );
+        // A session of the new term changes the volume as before.
+        drop(cell.hold(cell.term()).expect("a change of the new term"));
+        // Following a newer active begins no term: the session goes on.
+        let term = cell.term();
+        cell.follow(5).expect("follow");
+        assert_eq!(cell.term(), term);
     }
 
     #[test]
     fn a_promotion_that_a_stuck_change_holds_up_is_refused_and_leaves_the_standby_as_it_was() {
         let (_dir, mut cell, stored) = standby(1);
         cell.change_wait = Duration::from_millis(300);
-        let stuck = cell.hold(Role::Standby).expect("a standby's change");
+        let term = cell.term();
+        let stuck = cell.hold(term).expect("a standby's change");
         let refused = cell.promote(2, "manual").expect_err("refused");
         assert!(refused.contains("has not finished"), "{refused}");
         assert_eq!(
@@ -513,11 +586,10 @@ mod tests {
         );
         assert_eq!(cell.volume().role(), Role::Standby);
         assert!(stored.lock().expect("stored").is_empty());
-        // The standby goes on applying; once the change is through, a promotion goes.
-        drop(
-            cell.hold(Role::Standby)
-                .expect("changes go on after the refusal"),
-        );
+        // The standby goes on applying, in the same term; once the change is through, a
+        // promotion goes.
+        assert_eq!(cell.term(), term);
+        drop(cell.hold(term).expect("changes go on after the refusal"));
         drop(stuck);
         assert_eq!(
             cell.promote(2, "manual").expect("promote").role,

@@ -514,6 +514,7 @@ fn start_replication(
             followings: v.followings.clone(),
             gave_up: Default::default(),
             placed_upstream: Default::default(),
+            term: v.roles.term(),
         });
     }
     let peers = peers(config);
