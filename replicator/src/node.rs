@@ -474,7 +474,10 @@ impl SyncRecord {
 /// take over, unless a newer session of the volume has started.
 async fn record_fitness(volume: &VolumeLink, session: &Session, following: u64) {
     let _recording = volume.followings.recording.lock().await;
-    if !volume.followings.is_newest(following) {
+    // (A session whose term is over speaks of an order that is gone: a role change
+    // drops the record, and it is not made again.)
+    let over = || volume.roles.term() != volume.term;
+    if !volume.followings.is_newest(following) || over() {
         return;
     }
     let (pending, more) = session.priority1_pending();
@@ -497,6 +500,16 @@ async fn record_fitness(volume: &VolumeLink, session: &Session, following: u64) 
     if !matches!(stored, Ok(Ok(()))) {
         tracing::error!(volume = %volume.name, file = %volume.sync_file.display(),
             "cannot record the sync state; promotion will see an older one");
+    }
+    // The term ended while the record was being saved, maybe after the role change
+    // dropped the record: dropped again ([`RoleCell`] drops it both before and after
+    // the term changes).
+    if over() {
+        if let Err(e) = std::fs::remove_file(&volume.sync_file) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(volume = %volume.name, error = %e, "cannot drop the sync record");
+            }
+        }
     }
 }
 
@@ -895,9 +908,14 @@ impl Link {
     }
 }
 
-fn session_config(volume: &VolumeLink, link: &Link) -> SessionConfig {
+/// A session's copy of the volume, in the term now ([`VolumeLink::term`]), and its
+/// settings: the term is read first, so [`run_session`] sees any role change since,
+/// and the settings never come from a later term than the copy's.
+fn session_config(volume: &VolumeLink, link: &Link) -> (VolumeLink, SessionConfig) {
+    let mut volume = volume.clone();
+    volume.term = volume.roles.term();
     let now = volume.roles.get();
-    SessionConfig {
+    let config = SessionConfig {
         volume: volume.name.clone(),
         role: now.role,
         epoch: now.epoch,
@@ -911,7 +929,8 @@ fn session_config(volume: &VolumeLink, link: &Link) -> SessionConfig {
         stall_timeout: Duration::from_secs(120),
         max_in_flight: 4096,
         max_queue: 100_000,
-    }
+    };
+    (volume, config)
 }
 
 /// How often a session sends a heartbeat when it has nothing else to send: a peer
@@ -1198,9 +1217,9 @@ async fn volume_session(
     match connection.open_bi().await {
         Ok((send, recv)) => {
             let started = std::time::Instant::now();
-            let config = session_config(&volume, &link);
+            let (copy, config) = session_config(&volume, &link);
             let session = Session::new(config, started);
-            run_session(volume.clone(), session, send, recv, None, link).await;
+            run_session(copy, session, send, recv, None, link).await;
             (volume, Some(started.elapsed()))
         }
         Err(e) => {
@@ -1268,8 +1287,9 @@ async fn peer_stream(
         tracing::warn!(volume = %name, "peer offers a volume this node does not have");
         return;
     };
-    let session = Session::new(session_config(volume, &link), std::time::Instant::now());
-    run_session(volume.clone(), session, send, recv, Some(hello), link).await;
+    let (copy, config) = session_config(volume, &link);
+    let session = Session::new(config, std::time::Instant::now());
+    run_session(copy, session, send, recv, Some(hello), link).await;
 }
 
 /// The peer's messages, as the session loop takes them. The reader task passes on
@@ -1405,7 +1425,7 @@ fn spawn_reader(
 const HEARD_EVERY: Duration = Duration::from_millis(100);
 
 async fn run_session(
-    mut volume: VolumeLink,
+    volume: VolumeLink,
     mut session: Session,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -1413,11 +1433,10 @@ async fn run_session(
     link: Link,
 ) {
     // The session ends when this node's term for the volume ends (its role changes,
-    // even if handed back at once): followed from before the term is read, so no
-    // change is missed; a role that changed since the session's was read ends it now.
+    // even if handed back at once): followed from here, and a term that ended since
+    // the session's settings were read ends it now.
     let mut roles = volume.roles.subscribe();
-    volume.term = volume.roles.term();
-    if volume.term.role != session.role() {
+    if volume.roles.term() != volume.term || volume.term.role != session.role() {
         tracing::info!(volume = %volume.name, peer = %link.peer, "role changed; ending the session");
         return;
     }

@@ -265,23 +265,35 @@ impl RoleCell {
     }
 
     fn publish(&self, state: RoleState) {
-        if self.get().role != state.role {
-            // Fit again only after a full sync with the active of the new order.
-            if let Err(e) = std::fs::remove_file(&self.sync_record) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(volume = %self.name, error = %e, "cannot drop the sync record");
-                }
-            }
+        let changed = self.get().role != state.role;
+        // Fit again only after a full sync with the active of the new order: the
+        // record goes before the role changes, so none is read with the new role, and
+        // after, in case a session of the old term saved one meanwhile (it drops what
+        // it saves once it sees its term is over, so one of the two removals follows
+        // its save).
+        if changed {
+            self.drop_sync_record();
         }
         {
             // A new term whenever the role changes (a term is read under this lock).
             let mut terms = self.terms.lock();
-            if self.get().role != state.role {
+            if changed {
                 terms.number += 1;
             }
             self.tx.send_replace(state);
         }
+        if changed {
+            self.drop_sync_record();
+        }
         self.node.send_modify(|g| *g += 1);
+    }
+
+    fn drop_sync_record(&self) {
+        if let Err(e) = std::fs::remove_file(&self.sync_record) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(volume = %self.name, error = %e, "cannot drop the sync record");
+            }
+        }
     }
 
     /// Becomes active with an epoch above any this node has seen: `epoch`, or one more
