@@ -238,6 +238,28 @@ impl At<'_> {
         }
     }
 
+    /// Opens this object with `flags` (never following a trailing symlink). An fd of
+    /// its own is opened anew through its `/proc/self/fd` link, which reaches a file
+    /// whose every name is gone too (a caller reopening an unlinked file through
+    /// `/proc/PID/fd`).
+    pub fn open(&self, flags: i32) -> io::Result<OwnedFd> {
+        match *self {
+            At::Entry(dir, name) => openat(dir, name, flags, 0),
+            At::Fd(fd) => {
+                let path = proc_path(fd);
+                // (O_NOFOLLOW would refuse the magic link itself.)
+                let flags = (flags & !libc::O_NOFOLLOW) | libc::O_CLOEXEC;
+                // SAFETY: valid string; the returned fd is owned by us.
+                let fd = unsafe { libc::open(path.as_ptr(), flags) };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: `fd` was just returned by open and is not owned elsewhere.
+                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            }
+        }
+    }
+
     /// `stat` without following a trailing symlink.
     pub fn stat(&self) -> io::Result<Stat> {
         match *self {

@@ -1227,19 +1227,20 @@ impl Volume {
             if let Some(f) = &file {
                 f.wrote.store(true, Ordering::Release);
             }
-            let key = match (&file, loc.name.as_deref()) {
-                (Some(f), _) => {
+            let key = match &file {
+                Some(f) => {
                     sys::ftruncate(f.fd.as_fd(), size)?;
                     f.key()
                 }
-                (None, Some(name)) => {
-                    let fd = sys::openat(loc.dir.as_fd(), name, libc::O_WRONLY, 0)?;
+                // (A directory's fd opens for writing with EISDIR; a file whose every
+                // name is gone, truncated through `/proc/PID/fd`, through the fd kept
+                // of it.)
+                None => {
+                    let fd = loc.retry(|at| at.open(libc::O_WRONLY))?;
                     sys::ftruncate(fd.as_fd(), size)?;
                     let st = sys::fstat(fd.as_fd())?;
                     (st.st_dev, st.st_ino)
                 }
-                // A directory (ftruncate of an unlinked file always comes with its fh).
-                (None, None) => return Err(Error::from_errno(libc::EISDIR)),
             };
             // Bytes from the new end on changed (a growth is seen by the size).
             self.written.record(key, size..u64::MAX);
@@ -1521,15 +1522,10 @@ impl Volume {
     /// Opens `name` in `dir` with `flags` as [`Volume::open_flags`] made them, for a
     /// caller that asked for O_APPEND if `append`: an append-only file (`chattr +a`)
     /// opens for writing only with O_APPEND, and every write to it appends anyway.
-    fn open_entry(
-        dir: BorrowedFd<'_>,
-        name: &OsStr,
-        flags: i32,
-        append: bool,
-    ) -> std::io::Result<OwnedFd> {
-        match sys::openat(dir, name, flags, 0) {
+    fn open_entry(at: At<'_>, flags: i32, append: bool) -> std::io::Result<OwnedFd> {
+        match at.open(flags) {
             Err(e) if append && e.raw_os_error() == Some(libc::EPERM) => {
-                sys::openat(dir, name, flags | libc::O_APPEND, 0)
+                at.open(flags | libc::O_APPEND)
             }
             other => other,
         }
@@ -1545,12 +1541,14 @@ impl Volume {
             None
         };
         let loc = self.locate(ino)?;
-        let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EISDIR))?;
         let truncate = flags & libc::O_TRUNC != 0;
-        let fd = loc.retry(|at| match at {
-            At::Entry(dir, name) => Self::open_entry(dir, name, flags & !libc::O_TRUNC, append),
-            At::Fd(_) => Err(std::io::Error::from_raw_os_error(libc::EISDIR)),
-        })?;
+        // (A file whose every name is gone is opened through the fd kept of it: a
+        // process reopening it through `/proc/PID/fd`. The kernel never opens a
+        // directory this way.)
+        let fd = loc.retry(|at| Self::open_entry(at, flags & !libc::O_TRUNC, append))?;
+        if sys::fstat(fd.as_fd())?.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            return Err(Error::from_errno(libc::EISDIR));
+        }
         // The open file is registered before the truncation, so a replicator that reads
         // the file meanwhile knows a writer is at it and does not ship the empty file.
         let (fh, file) = self.add_file(ino, fd, writable, truncate);
@@ -1568,7 +1566,7 @@ impl Volume {
             return Err(Error::Stale("replaced while the open waited"));
         }
         if truncate {
-            if let Err(e) = self.truncate_on_open(&loc, name, &file, caller) {
+            if let Err(e) = self.truncate_on_open(&loc, &file, caller) {
                 self.files
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
@@ -1581,13 +1579,7 @@ impl Volume {
 
     /// The truncation of an `O_TRUNC` open, which the kernel leaves to us (atomic
     /// O_TRUNC).
-    fn truncate_on_open(
-        &self,
-        loc: &Location,
-        name: &OsStr,
-        file: &OpenFile,
-        caller: Caller,
-    ) -> Result<()> {
+    fn truncate_on_open(&self, loc: &Location, file: &OpenFile, caller: Caller) -> Result<()> {
         let st = sys::fstat(file.fd.as_fd())?;
         if caller.uid != 0 {
             // We truncate as root, which keeps set-ID bits: drop them as a truncation
@@ -1612,7 +1604,7 @@ impl Volume {
             sys::ftruncate(file.fd.as_fd(), 0)?;
         } else {
             // O_RDONLY|O_TRUNC truncates too.
-            let fd = sys::openat(loc.dir.as_fd(), name, libc::O_WRONLY, 0)?;
+            let fd = loc.retry(|at| at.open(libc::O_WRONLY))?;
             sys::ftruncate(fd.as_fd(), 0)?;
         }
         self.written.record(file.key(), 0..u64::MAX);
@@ -1682,7 +1674,10 @@ impl Volume {
             // Someone created it between the kernel's lookup and now: open it as is.
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
                 let append = flags & libc::O_APPEND != 0;
-                (Self::open_entry(dir.as_fd(), name, plain, append)?, false)
+                (
+                    Self::open_entry(At::Entry(dir.as_fd(), name), plain, append)?,
+                    false,
+                )
             }
             Err(e) => return Err(e.into()),
         };

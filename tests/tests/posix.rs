@@ -1617,3 +1617,21 @@ fn set_group_id_follows_a_group_the_user_has_only_as_a_supplementary_one() {
     assert!(log.0[5].contains(want), "native: {log:?}");
     assert!(log.0[7].contains("mode=755"), "native: {log:?}");
 }
+
+/// A file whose every name is gone is still reached through `/proc/PID/fd`: read,
+/// appended to, truncated (through an open, by path, by `O_TRUNC`). twinfs answered
+/// EISDIR.
+#[test]
+fn an_unlinked_file_reopens_through_proc() {
+    let script = "printf 'hello\\n' > f; exec 3<f; rm f; \
+        cat /proc/self/fd/3; echo more >> /proc/self/fd/3 && cat /proc/self/fd/3; \
+        truncate -s 3 /proc/self/fd/3 && cat /proc/self/fd/3; echo; \
+        perl -e 'truncate(\"/proc/self/fd/3\", 2) or die \"$!\"' && cat /proc/self/fd/3; echo; \
+        : > /proc/self/fd/3 && stat -L -c '%s %h' /proc/self/fd/3; \
+        mkdir d; exec 4<d; ls -a /proc/self/fd/4/; ls";
+    let log = script_same_as_native(script);
+    assert!(
+        log.0[0].contains(r"hello\nhello\nmore\nhel\nhe\n0 0\n"),
+        "{log:?}"
+    );
+}
