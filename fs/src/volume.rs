@@ -1918,6 +1918,22 @@ impl Volume {
             });
         }
         drop(table);
+        // A filesystem whose entries carry no type (ext4 without `filetype`, XFS
+        // without `ftype`): the kernel takes what FUSE lists as known, so the type is
+        // asked of the entry itself. (One removed meanwhile is left out, as a listing
+        // made a moment later would.)
+        out.retain_mut(|e| {
+            if e.kind != libc::DT_UNKNOWN {
+                return true;
+            }
+            match sys::statat(dir.as_fd(), &e.name) {
+                Ok(st) => {
+                    e.kind = ((st.st_mode & libc::S_IFMT) >> 12) as u8;
+                    true
+                }
+                Err(_) => false,
+            }
+        });
         self.list_staged((st.st_dev, st.st_ino), &dir, &mut out);
         Ok(out)
     }

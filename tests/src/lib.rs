@@ -158,6 +158,13 @@ pub struct Ext4Image {
 impl Ext4Image {
     /// An empty ext4 filesystem of `size` bytes mounted on `dir` (which must exist).
     pub fn at(dir: &Path, size: u64) -> Ext4Image {
+        Self::made_with(dir, size, &[])
+    }
+
+    /// Like [`Ext4Image::at`], made with these further `mkfs.ext4` options (`-O
+    /// ^filetype`: directory entries that carry no file type, as on XFS without
+    /// `ftype`).
+    pub fn made_with(dir: &Path, size: u64, options: &[&str]) -> Ext4Image {
         let image = tempfile::Builder::new()
             .prefix("twinfs-ext4-")
             .tempdir()
@@ -176,6 +183,7 @@ impl Ext4Image {
         };
         run(std::process::Command::new("mkfs.ext4")
             .args(["-q", "-F"])
+            .args(options)
             .arg(&file));
         run(std::process::Command::new("mount")
             .args(["-o", "loop"])

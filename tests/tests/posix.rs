@@ -1635,3 +1635,34 @@ fn an_unlinked_file_reopens_through_proc() {
         "{log:?}"
     );
 }
+
+/// On a backing filesystem whose directory entries carry no file type (ext4 without
+/// `filetype`, XFS without `ftype`), a listing still gives each entry its type:
+/// twinfs cannot pass "unknown" on, and gave every such entry as a regular file, so
+/// `find -type d` found no directory (and did not descend into them).
+#[test]
+fn entries_of_a_filesystem_without_types_are_listed_with_their_type() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let _disk = twinfs_tests::Ext4Image::made_with(scratch.path(), 32 << 20, &["-O", "^filetype"]);
+    let fill = |p: &Path| {
+        fs::create_dir_all(p.join("d/e")).expect("mkdir");
+        fs::write(p.join("d/e/f"), "x").expect("write");
+        std::os::unix::fs::symlink("d", p.join("l")).expect("symlink");
+        fs::write(p.join("g"), "y").expect("write");
+    };
+    let script =
+        "find . -type d | sort; find . -type l; find . -type f | sort; ls -F | tr '\\n' ' '";
+    let native = scratch.path().join("native");
+    fs::create_dir(&native).expect("mkdir native");
+    fill(&native);
+    let want = sh(&native, false, script);
+    assert!(want.contains("./d/e\n"), "{want}");
+    for passthrough in [true, false] {
+        let m = MountedDir::new_in(scratch.path(), passthrough, fill);
+        assert_eq!(
+            sh(&m.path, false, script),
+            want,
+            "passthrough={passthrough}"
+        );
+    }
+}
