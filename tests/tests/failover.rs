@@ -1037,12 +1037,15 @@ fn verify_finds_a_file_changed_behind_a_standbys_back_and_sync_repairs_it() {
     let back = backing_dir(pid, &c.nodes[1].volume);
     fs::write(back.join("cmm.conf"), "tampered\n").expect("write behind its back");
     let out = c.nodes[0].twinfs(&["verify"]);
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{said}");
+    // The report on standard output (as `diff` gives its own), the status 1.
+    let said = String::from_utf8_lossy(&out.stdout);
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}{error}");
     assert!(
         said.contains("node1: 1 path(s) differ") && said.contains("  cmm.conf"),
-        "{said}"
+        "{said}{error}"
     );
+    assert!(error.contains("not every standby is identical"), "{error}");
     // A standby cannot be verified from, nor synced from.
     assert!(!c.nodes[1].twinfs(&["verify"]).status.success());
 

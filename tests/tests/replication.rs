@@ -172,7 +172,7 @@ fn verify_and_sync_name_a_standby_that_is_down_and_fail() {
         "the active sees node2 gone"
     );
     let out = c.nodes[0].twinfs(&["verify"]);
-    let said = String::from_utf8_lossy(&out.stderr);
+    let said = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("vol: node1: identical"), "{said}");
     assert!(
@@ -2702,7 +2702,7 @@ fn a_path_past_path_max_is_left_out_without_stopping_the_volume() {
     );
     // `verify` says what is not replicated, and where.
     let out = c.nodes[0].twinfs(&["verify"]);
-    let said = String::from_utf8_lossy(&out.stderr);
+    let said = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(
         said.contains("1 name(s) in deep/dddd") && said.contains("not replicated"),

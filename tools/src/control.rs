@@ -66,6 +66,10 @@ pub enum Response {
     Done(String),
     /// The request was refused; the text says why.
     Error(String),
+    /// A check was carried out and found something wrong (`twinfs verify` found a
+    /// difference); the text is its whole report, which goes to standard output, and
+    /// the command fails.
+    Found(String),
 }
 
 /// Change counters of one volume, per sync mode of the changed path.

@@ -833,6 +833,13 @@ async fn handle_connection(
     write.write_all(&out).await
 }
 
+/// What `twinfs verify` found: whether any standby differs (or was not compared),
+/// and the report, a line per volume and standby.
+struct Verified {
+    differ: bool,
+    report: String,
+}
+
 impl Daemon {
     async fn handle(&self, request: Request) -> Response {
         let done = |r: anyhow::Result<String>| match r {
@@ -851,7 +858,11 @@ impl Daemon {
                 paths,
                 full,
             } => done(self.sync(volume.as_deref(), paths, full).await),
-            Request::Verify { volume } => done(self.verify(volume.as_deref()).await),
+            Request::Verify { volume } => match self.verify(volume.as_deref()).await {
+                Ok(Verified { differ, report }) if differ => Response::Found(report),
+                Ok(Verified { report, .. }) => Response::Done(report),
+                Err(e) => Response::Error(crate::error::text(&e)),
+            },
         }
     }
 
@@ -1192,7 +1203,7 @@ impl Daemon {
 
     /// `twinfs verify`: every file hashed now on this node (the active) and on every
     /// connected standby, compared; an error (exit 1) lists what differs per standby.
-    async fn verify(&self, name: Option<&str>) -> anyhow::Result<String> {
+    async fn verify(&self, name: Option<&str>) -> anyhow::Result<Verified> {
         let (volumes, mut lines) = self.led(name, "verify")?;
         let mut differ = false;
         for v in volumes {
@@ -1247,10 +1258,10 @@ impl Daemon {
                 answered += 1;
             }
         }
-        if differ {
-            bail!("{}", lines.join("\n"));
-        }
-        Ok(lines.join("\n"))
+        Ok(Verified {
+            differ,
+            report: lines.join("\n"),
+        })
     }
 
     /// How many peers hold each volume: every one but witnesses.

@@ -329,7 +329,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Verify { volume } => {
             let config = load(&cli.config)?;
-            done(ask(&config, &Request::Verify { volume })?)
+            match ask(&config, &Request::Verify { volume })? {
+                // The report on standard output, what differs included; the status
+                // says whether everything is identical.
+                Response::Found(report) => {
+                    println!("{report}");
+                    anyhow::bail!("not every standby is identical (see the report above)")
+                }
+                other => done(other),
+            }
         }
         Command::Conflicts { volume } => {
             let config = load(&cli.config)?;
