@@ -550,6 +550,28 @@ impl RawConfig {
                     format!("{:?} is already the name of volume[{j}]", volume.name),
                 ));
             }
+            // The state directory names a volume's files after it: the role file of
+            // `x.sync` (`volumes/x.sync.json`) would be the sync record of `x`.
+            if let Some((j, other)) = volumes.iter().enumerate().find(|(_, v)| {
+                v.name == format!("{}.sync", volume.name)
+                    || volume.name == format!("{}.sync", v.name)
+            }) {
+                let (short, long) = if other.name.len() < volume.name.len() {
+                    (&other.name, &volume.name)
+                } else {
+                    (&volume.name, &other.name)
+                };
+                return Err(doc.invalid(
+                    name_span,
+                    &format!("volume[{i}].name"),
+                    format!(
+                        "{:?} and the name of volume[{j}], {:?}, would share a state file \
+                         (volumes/{long}.json is the role file of {long:?} and the sync \
+                         record of {short:?}): rename one",
+                        volume.name, other.name
+                    ),
+                ));
+            }
             let real = resolved(&volume.path);
             for (j, (other, _)) in paths.iter().enumerate() {
                 let Some(how) = nesting(&real, other) else {

@@ -420,6 +420,42 @@ fn duplicate_volume_names() {
     );
 }
 
+/// `x.sync`'s role file would be `x`'s sync record: a promotion of `x` deleted it,
+/// and `x.sync` came back at its next start with its first role and epoch 1.
+#[test]
+fn volume_names_that_would_share_a_state_file() {
+    let setup = Setup::new();
+    let text = format!(
+        "{}\n[[volume]]\nname = \"cmm.sync\"\npath = \"{{VOL2}}\"\n",
+        minimal_volume()
+    );
+    setup.assert_error(
+        &text,
+        6,
+        "volume[1].name",
+        "\"cmm.sync\" and the name of volume[0], \"cmm\", would share a state file",
+    );
+    // Either way round.
+    let text = format!(
+        "[[volume]]\nname = \"cmm.sync\"\npath = \"{{VOL2}}\"\n{}",
+        minimal_volume()
+    );
+    setup.assert_error(
+        &text,
+        5,
+        "volume[1].name",
+        "\"cmm\" and the name of volume[0], \"cmm.sync\", would share a state file",
+    );
+    // Names that only look alike are fine.
+    for other in ["cmm.syncs", "cmm-sync", "sync"] {
+        let text = format!(
+            "{}[[volume]]\nname = \"{other}\"\npath = \"{{VOL2}}\"\n",
+            minimal_volume()
+        );
+        setup.load(&text).expect(other);
+    }
+}
+
 #[test]
 fn duplicate_volume_paths() {
     let setup = Setup::new();
