@@ -190,6 +190,20 @@ fn two_nodes_and_a_witness_behave_the_same() {
     let _serial = twinfs_tests::serial();
     let (net, mut c) = started(3, 1, AUTO);
     assert!(c.nodes[2].witness);
+    // A witness has no volume to verify, promote or demote, and says so.
+    for command in [
+        &["verify"][..],
+        &["promote"],
+        &["demote"],
+        &["sync", "--full"],
+    ] {
+        let out = c.nodes[2].twinfs(command);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && said.contains("this node has no volumes"),
+            "{command:?}: {said}"
+        );
+    }
 
     // Cut off from the active and the witness: 1 of 3, no promotion.
     net.cut(1);

@@ -775,6 +775,40 @@ fn status_without_a_daemon_says_so() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no twinfs daemon is running"));
 }
 
+/// A user who may not use the control socket (it is root's) is told so, not that no
+/// daemon runs.
+#[test]
+fn a_user_other_than_root_is_told_the_commands_need_root() {
+    let _serial = twinfs_tests::serial();
+    let mut node = Node::new("", |_| {});
+    node.start(&[]);
+    // The same node's settings, in a file that user may read.
+    let open = tempfile::tempdir().expect("tempdir");
+    fs::set_permissions(open.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let config = open.path().join("twinfs.toml");
+    fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"test-node\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n",
+            node.state_dir.display()
+        ),
+    )
+    .expect("write config");
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(twinfs_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .expect("run setpriv");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("twinfs commands need root"), "{said}");
+    assert!(!said.contains("no twinfs daemon is running"), "{said}");
+}
+
 #[test]
 fn without_passthrough_the_fallback_serves_io() {
     let _serial = twinfs_tests::serial();

@@ -1049,6 +1049,27 @@ fn verify_finds_a_file_changed_behind_a_standbys_back_and_sync_repairs_it() {
     // A standby cannot be verified from, nor synced from.
     assert!(!c.nodes[1].twinfs(&["verify"]).status.success());
 
+    // Many paths differ: the report lists the first 1,000 and counts the rest.
+    fs::create_dir(back.join("strays")).expect("mkdir behind its back");
+    for i in 0..1_200 {
+        fs::write(back.join(format!("strays/{i}")), "x").expect("write behind its back");
+    }
+    let out = c.nodes[0].twinfs(&["verify"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    // (cmm.conf, strays and what is in it; the volume root's mtime maybe.)
+    let differ: usize = said
+        .split_once("node1: ")
+        .and_then(|(_, rest)| rest.split_once(" path(s) differ"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of differing paths: {said}"));
+    assert!(differ >= 1_202, "{said}");
+    assert_eq!(said.lines().filter(|l| l.starts_with("  ")).count(), 1_001);
+    assert!(
+        said.contains(&format!("  ... and {} more", differ - 1_000)),
+        "{said}"
+    );
+
     let said = run_ok(&c.nodes[0], &["sync", "--full"]);
     assert!(said.contains("full sync acknowledged by node1"), "{said}");
     assert_eq!(

@@ -675,13 +675,44 @@ impl RawNode {
             })?,
             None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
         };
+        let state_dir_span = self.state_dir.as_ref().map(Spanned::span);
         let state_dir = match self.state_dir {
             Some(dir) => absolute(dir, doc, "node.state_dir")?,
             None => PathBuf::from(DEFAULT_STATE_DIR),
         };
+        // (Checked here rather than when the daemon binds it and fails.)
+        let too_long = |path: &Path, span: Range<usize>, key: &str, hint: &str| {
+            let len = path.as_os_str().len();
+            if len <= MAX_SOCKET_PATH {
+                return Ok(());
+            }
+            Err(doc.invalid(
+                span,
+                key,
+                format!(
+                    "the control socket {} would be {len} bytes long; a Unix socket's path \
+                     can be at most {MAX_SOCKET_PATH}{hint}",
+                    path.display()
+                ),
+            ))
+        };
         let control_socket = match self.control_socket {
-            Some(socket) => absolute(socket, doc, "node.control_socket")?,
-            None => state_dir.join(CONTROL_SOCKET_NAME),
+            Some(socket) => {
+                let span = socket.span();
+                let path = absolute(socket, doc, "node.control_socket")?;
+                too_long(&path, span, "node.control_socket", "")?;
+                path
+            }
+            None => {
+                let path = state_dir.join(CONTROL_SOCKET_NAME);
+                too_long(
+                    &path,
+                    state_dir_span.unwrap_or(0..0),
+                    "node.state_dir",
+                    ": set node.control_socket to a shorter path",
+                )?;
+                path
+            }
         };
         Ok(NodeConfig {
             name,
@@ -914,6 +945,9 @@ fn never_matches(pattern: &str, volume: &Path) -> Option<String> {
         )
     })
 }
+
+/// The longest path of a Unix socket: `sun_path` holds 108 bytes with the NUL.
+const MAX_SOCKET_PATH: usize = 107;
 
 /// Whether `name` is a valid volume or node name: ASCII letters, digits, `_`,
 /// `.` and `-`, and not `.` or `..`, so that it can name files.

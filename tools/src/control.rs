@@ -11,8 +11,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Role;
 
-/// The longest request or response line accepted.
+/// The longest request line the daemon accepts.
 pub const MAX_LINE: usize = 1 << 20;
+
+/// The longest answer the command-line side reads: the status of many volumes and
+/// peers, a report of `twinfs verify` (which lists at most [`VERIFY_LISTED`] paths
+/// per standby).
+pub const MAX_ANSWER: usize = 16 << 20;
+
+/// How many differing paths `twinfs verify` lists per standby and volume; it counts
+/// the rest.
+pub const VERIFY_LISTED: usize = 1000;
 
 /// A request to the daemon.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +195,14 @@ pub enum ControlError {
         /// Why the connection failed.
         source: std::io::Error,
     },
+    /// The socket is there, but this user may not use it (it is root's).
+    #[error("cannot connect to the daemon's control socket {path}: {source} (twinfs commands need root)")]
+    Denied {
+        /// The socket.
+        path: PathBuf,
+        /// Why the connection failed.
+        source: std::io::Error,
+    },
     /// The daemon took the request but did not answer in time: it may still be at
     /// work on it.
     #[error(
@@ -221,16 +238,19 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
         path: socket.to_owned(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::NotRunning {
-        path: socket.to_owned(),
-        source,
+    let mut stream = UnixStream::connect(socket).map_err(|source| {
+        let path = socket.to_owned();
+        match source.kind() {
+            std::io::ErrorKind::PermissionDenied => ControlError::Denied { path, source },
+            _ => ControlError::NotRunning { path, source },
+        }
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_vec(request).map_err(|e| io(e.into()))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
-    let mut reader = BufReader::new(stream).take(MAX_LINE as u64);
+    let mut reader = BufReader::new(stream).take(MAX_ANSWER as u64);
     let mut answer = String::new();
     reader.read_line(&mut answer).map_err(|e| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {

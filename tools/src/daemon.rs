@@ -870,6 +870,9 @@ impl Daemon {
     fn selected(&self, name: Option<&str>) -> anyhow::Result<Vec<&VolumeRuntime>> {
         Ok(match name {
             Some(name) => vec![self.volume(name)?],
+            None if self.volumes.is_empty() => {
+                bail!("this node has no volumes (a witness votes in failovers only)")
+            }
             None => self.volumes.iter().collect(),
         })
     }
@@ -1240,7 +1243,11 @@ impl Daemon {
                             "volume {name}: {peer}: {} path(s) differ:",
                             paths.len()
                         ));
-                        lines.extend(paths.iter().map(|p| format!("  {p}")));
+                        let listed = paths.len().min(control::VERIFY_LISTED);
+                        lines.extend(paths[..listed].iter().map(|p| format!("  {p}")));
+                        if paths.len() > listed {
+                            lines.push(format!("  ... and {} more", paths.len() - listed));
+                        }
                     }
                     Ok(Some((peer, Err(e)))) => {
                         differ = true;

@@ -211,6 +211,38 @@ fn defaults_without_a_node_table() {
     );
 }
 
+/// A control socket's path longer than a Unix socket's can be failed only when the
+/// daemon bound it; it is refused with the key that makes it.
+#[test]
+fn a_control_socket_path_too_long_for_a_unix_socket() {
+    let setup = Setup::new();
+    let long = format!("/srv/{}", "d".repeat(110));
+    setup.assert_error(
+        &format!("[node]\nname = \"a\"\nstate_dir = \"{long}\"\n"),
+        3,
+        "node.state_dir",
+        "bytes long; a Unix socket's path can be at most 107: set node.control_socket",
+    );
+    // A shorter socket of its own is fine.
+    let text = format!(
+        "[node]\nname = \"a\"\nstate_dir = \"{long}\"\ncontrol_socket = \"/run/tw.sock\"\n"
+    );
+    setup.load(&text).expect("a short socket");
+    setup.assert_error(
+        &format!("[node]\nname = \"a\"\ncontrol_socket = \"{long}/s\"\n"),
+        3,
+        "node.control_socket",
+        "can be at most 107",
+    );
+    // 107 bytes is still fine.
+    let fits = format!("/{}", "s".repeat(106));
+    setup
+        .load(&format!(
+            "[node]\nname = \"a\"\ncontrol_socket = \"{fits}\"\n"
+        ))
+        .expect("107 bytes");
+}
+
 #[test]
 fn control_socket_follows_state_dir() {
     let setup = Setup::new();
