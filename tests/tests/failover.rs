@@ -876,7 +876,10 @@ fn hooks_run_with_the_documented_environment_and_a_failure_shows_in_status() {
     assert_eq!(hook["ok"], false, "{hook}");
     assert_eq!(hook["exit_code"], 1, "{hook}");
     assert_eq!(role_epoch(&c.nodes[0]), ("active".into(), 3));
-    assert!(String::from_utf8_lossy(&c.nodes[0].twinfs(&["status"]).stdout).contains("FAILED"));
+    assert!(
+        String::from_utf8_lossy(&c.nodes[0].twinfs(&["status"]).stdout)
+            .contains("FAILED: exit 1\n")
+    );
     assert_eq!(c.nodes[1].volume_status()["last_hook"]["ok"], true);
 }
 

@@ -709,7 +709,10 @@ fn print_status(s: &NodeStatus) {
                 } else if h.timed_out {
                     "FAILED: timed out".to_owned()
                 } else {
-                    format!("FAILED: exit {:?}", h.exit_code)
+                    match h.exit_code {
+                        Some(code) => format!("FAILED: exit {code}"),
+                        None => "FAILED: killed by a signal, or not started".to_owned(),
+                    }
                 }
             );
         }
