@@ -386,6 +386,9 @@ fn enoent() -> Error {
     Error::from_errno(libc::ENOENT)
 }
 
+/// How many times [`Volume::at_node`] finds a file before it gives up.
+const RELOCATE_ATTEMPTS: u32 = 3;
+
 /// Where an inode lives: its own fd (directories) or a name in its parent's fd.
 /// `unstaged` is the real name when `name` is a staged temp file (see
 /// [`Volume::show_staged`]), for a retry if the temp file was renamed meanwhile.
@@ -393,6 +396,8 @@ struct Location {
     dir: Arc<OwnedFd>,
     name: Option<OsString>,
     unstaged: Option<OsString>,
+    /// The backing file the inode is.
+    key: Key,
 }
 
 impl Location {
@@ -838,6 +843,7 @@ impl Volume {
                 dir: fd.clone(),
                 name: None,
                 unstaged: None,
+                key: node.key,
             });
         }
         let Some((parent, name)) = table.link(ino) else {
@@ -846,6 +852,7 @@ impl Volume {
                     dir: fd.clone(),
                     name: None,
                     unstaged: None,
+                    key: node.key,
                 }),
                 // Its name now holds another file (the replicator put a new version
                 // there): ESTALE makes the kernel look the name up again, so an open
@@ -863,13 +870,43 @@ impl Volume {
                 dir,
                 name: Some(temp),
                 unstaged: Some(name.clone()),
+                key: node.key,
             },
             None => Location {
                 dir,
                 name: Some(name.clone()),
                 unstaged: None,
+                key: node.key,
             },
         })
+    }
+
+    /// Runs `op` on the backing file of `ino` where [`Volume::locate`] finds it, and
+    /// checks with `key_of` that `op` reached that file: a rename over its name (by
+    /// another process through the mount, or the replicator's new version on a
+    /// standby) may come between finding the name and `op`, which then reached
+    /// another file (an open would write it unrecorded, a reader of a file of another
+    /// size would get a mix). Finds it again a few times (a rename through the mount
+    /// tells the table just after it renamed: the file is then reached through the fd
+    /// kept of it); past that its name holds another file: ESTALE, on which the
+    /// kernel looks the name up again.
+    fn at_node<T>(
+        &self,
+        ino: u64,
+        mut op: impl FnMut(At<'_>) -> std::io::Result<T>,
+        key_of: impl Fn(&T) -> std::io::Result<Key>,
+    ) -> Result<(Location, T)> {
+        for attempt in 0..RELOCATE_ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            let loc = self.locate(ino)?;
+            let reached = loc.retry(&mut op)?;
+            if key_of(&reached)? == loc.key {
+                return Ok((loc, reached));
+            }
+        }
+        Err(Error::Stale("renamed over"))
     }
 
     /// Standby: serves `name` in the directory whose backing key is `dir` from `temp`,
@@ -1106,15 +1143,24 @@ impl Volume {
         let kind = st.st_mode & libc::S_IFMT;
         let key = (st.st_dev, st.st_ino);
         let known = self.read_table().by_key(key);
-        let (dir_fd, st) = if kind == libc::S_IFDIR && known.is_none() {
+        let open_dir = || -> Result<(Option<Arc<OwnedFd>>, Stat)> {
             let fd = sys::openat(dir.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
             // The fd is the truth: re-stat it in case the entry changed in between.
             let st = sys::fstat(fd.as_fd())?;
-            (Some(Arc::new(fd)), st)
+            Ok((Some(Arc::new(fd)), st))
+        };
+        let (mut dir_fd, mut st) = if kind == libc::S_IFDIR && known.is_none() {
+            open_dir()?
         } else {
             (None, st)
         };
-        let ino = self.write_table().remember(
+        let mut table = self.write_table();
+        // A directory known a moment ago may have been forgotten since (a FORGET on
+        // another thread): its new node needs an fd too, which only it holds.
+        if kind == libc::S_IFDIR && dir_fd.is_none() && table.by_key(key).is_none() {
+            (dir_fd, st) = open_dir()?;
+        }
+        let ino = table.remember(
             parent,
             name,
             (st.st_dev, st.st_ino),
@@ -1177,12 +1223,10 @@ impl Volume {
                 });
             }
         }
-        match self.locate(ino) {
-            Ok(loc) => Ok(Attr {
-                ino,
-                st: loc.retry(|at| at.stat())?,
-            }),
-            // Unlinked but still open: the kernel asks without a handle.
+        match self.at_node(ino, |at| at.stat(), |st| Ok((st.st_dev, st.st_ino))) {
+            Ok((_, st)) => Ok(Attr { ino, st }),
+            // Unlinked but still open: the kernel asks without a handle. (Or its name
+            // holds another file now, and an open handle still has it.)
             Err(e) => match self.open_file_of(ino) {
                 Some(file) => Ok(Attr {
                     ino,
@@ -1210,6 +1254,7 @@ impl Volume {
                     dir: Arc::new(f.fd.try_clone()?),
                     name: None,
                     unstaged: None,
+                    key: f.key(),
                 },
                 None => return Err(e),
             },
@@ -1540,13 +1585,20 @@ impl Volume {
         } else {
             None
         };
-        let loc = self.locate(ino)?;
         let truncate = flags & libc::O_TRUNC != 0;
         // (A file whose every name is gone is opened through the fd kept of it: a
         // process reopening it through `/proc/PID/fd`. The kernel never opens a
         // directory this way.)
-        let fd = loc.retry(|at| Self::open_entry(at, flags & !libc::O_TRUNC, append))?;
-        if sys::fstat(fd.as_fd())?.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        let (_, (fd, st)) = self.at_node(
+            ino,
+            |at| {
+                let fd = Self::open_entry(at, flags & !libc::O_TRUNC, append)?;
+                let st = sys::fstat(fd.as_fd())?;
+                Ok((fd, st))
+            },
+            |(_, st)| Ok((st.st_dev, st.st_ino)),
+        )?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
             return Err(Error::from_errno(libc::EISDIR));
         }
         // The open file is registered before the truncation, so a replicator that reads
@@ -1566,7 +1618,7 @@ impl Volume {
             return Err(Error::Stale("replaced while the open waited"));
         }
         if truncate {
-            if let Err(e) = self.truncate_on_open(&loc, &file, caller) {
+            if let Err(e) = self.truncate_on_open(&file, caller) {
                 self.files
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
@@ -1579,7 +1631,7 @@ impl Volume {
 
     /// The truncation of an `O_TRUNC` open, which the kernel leaves to us (atomic
     /// O_TRUNC).
-    fn truncate_on_open(&self, loc: &Location, file: &OpenFile, caller: Caller) -> Result<()> {
+    fn truncate_on_open(&self, file: &OpenFile, caller: Caller) -> Result<()> {
         let st = sys::fstat(file.fd.as_fd())?;
         if caller.uid != 0 {
             // We truncate as root, which keeps set-ID bits: drop them as a truncation
@@ -1603,8 +1655,8 @@ impl Volume {
         if file.fd_writable() {
             sys::ftruncate(file.fd.as_fd(), 0)?;
         } else {
-            // O_RDONLY|O_TRUNC truncates too.
-            let fd = loc.retry(|at| at.open(libc::O_WRONLY))?;
+            // O_RDONLY|O_TRUNC truncates too (the file just opened, not its name).
+            let fd = At::Fd(file.fd.as_fd()).open(libc::O_WRONLY)?;
             sys::ftruncate(fd.as_fd(), 0)?;
         }
         self.written.record(file.key(), 0..u64::MAX);
@@ -1622,6 +1674,12 @@ impl Volume {
             now,
         ])?;
         Ok(())
+    }
+
+    /// How many open files (FUSE handles) the volume holds now: a handle goes at the
+    /// kernel's release, which comes after the process's last close, asynchronously.
+    pub fn open_handles(&self) -> usize {
+        self.read_files().len()
     }
 
     /// Whether a process has `path` open for writing and has not closed (or fsync'd)

@@ -1666,3 +1666,47 @@ fn entries_of_a_filesystem_without_types_are_listed_with_their_type() {
         );
     }
 }
+
+/// An open (or a stat) races a rename over the name: the kernel resolved the name to
+/// the old file, twinfs found the old file's name and opened what the name held a
+/// moment later, the new file. A reader then got the new file's bytes cut to the old
+/// file's size, or the old file's padded with zeros to the new one's (and a writer
+/// would have written the new file, unrecorded). Native reads always give one whole
+/// version. Without passthrough, where the kernel reads by the size it knows.
+/// (Random: about six mixes in 150,000 reads before the fix.)
+#[test]
+fn an_open_racing_a_rename_over_the_name_reads_one_whole_version() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const SHORT: &[u8] = b"AAAAAAAAAA";
+    const LONG: &[u8] = b"BBBBBBBBBBBBBBBBBBBB";
+    let m = MountedDir::new(false, |p| fs::write(p.join("a"), SHORT).expect("a"));
+    let dir = m.path.clone();
+    let done = AtomicBool::new(false);
+    let (bad, reads) = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for i in 0..60_000u32 {
+                let version = if i % 2 == 0 { LONG } else { SHORT };
+                fs::write(dir.join("b"), version).expect("b");
+                fs::rename(dir.join("b"), dir.join("a")).expect("rename");
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        let (mut bad, mut reads) = (Vec::new(), 0u64);
+        while !done.load(Ordering::Relaxed) {
+            reads += 1;
+            match fs::read(dir.join("a")) {
+                Ok(got) if got == SHORT || got == LONG => {}
+                Ok(got) => bad.push(format!("read {:?}", String::from_utf8_lossy(&got))),
+                Err(e) => bad.push(format!("error {e}")),
+            }
+        }
+        writer.join().expect("writer");
+        (bad, reads)
+    });
+    assert!(
+        bad.is_empty(),
+        "{} of {reads} reads went wrong: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+}
