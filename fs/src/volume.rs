@@ -310,6 +310,13 @@ pub struct Volume {
     /// Renames begun through the mount, and those that ended without a change record
     /// (failed, or of a name no longer known): see [`Volume::renames_begun`].
     renames_begun: AtomicU64,
+    /// Held from the moment a change record's path is read from the table until the
+    /// record is out, and by a rename from the moment it reads its source's path until
+    /// its record is out (its change of the table included): the records leave in an
+    /// order in which each names the paths as the records before it left them. (A
+    /// rename inside a directory that raced a rename of the directory could otherwise
+    /// be recorded from the old path to the new one, which no order replays.)
+    emitting: Mutex<()>,
     renames_unrecorded: AtomicU64,
     /// Standby: local writes of upstream paths and the replicator's applies take
     /// turns (see [`crate::turn`]).
@@ -480,6 +487,7 @@ impl Volume {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             renames_begun: AtomicU64::new(0),
+            emitting: Mutex::new(()),
             renames_unrecorded: AtomicU64::new(0),
             role: AtomicU8::new(role as u8),
             writing: RwLock::new(()),
@@ -539,7 +547,7 @@ impl Volume {
     /// Records a change made to the volume's directory behind the mount (the active
     /// applying a standby's upstream write), so that it is shipped like a local one.
     pub fn note_change(&self, change: Change) {
-        self.emit(change.path, change.kind, change.file);
+        self.emit(self.emitting(), change.path, change.kind, change.file);
     }
 
     /// Whether local writes are allowed and the role is active, for a change made
@@ -724,6 +732,7 @@ impl Volume {
     /// Records `kind` for `ino`; `open` is an fd of its backing file, if one is at hand.
     fn record_of(&self, ino: u64, kind: ChangeKind, open: Option<BorrowedFd<'_>>) {
         self.settle_idle(ino);
+        let order = self.emitting();
         let (path, file) = {
             let table = self.read_table();
             let file = table.get(ino).map(|n| (n.key, n.kind, n.links.len()));
@@ -746,22 +755,38 @@ impl Volume {
                     }
                     .is_some_and(|st| st.st_nlink > 1)),
         });
-        self.emit(path, kind, file);
+        self.emit(order, path, kind, file);
     }
 
     /// Records a change to the entry `name` of `parent`; false if the directory's
     /// path is no longer known (then nothing is recorded).
     fn record_entry(&self, parent: u64, name: &OsStr, kind: ChangeKind) -> bool {
+        let order = self.emitting();
         let path = self.read_table().path(parent);
         if let Some(path) = &path {
-            self.emit(path.join(name), kind, None);
+            self.emit(order, path.join(name), kind, None);
         }
         path.is_some()
     }
 
-    fn emit(&self, path: PathBuf, kind: ChangeKind, file: Option<FileId>) {
+    /// The order of change records ([`Volume::emitting`]); taken before the table.
+    fn emitting(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.emitting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a record to the sink, in `order`; a writer's wait for it (the standbys of
+    /// a `sync` path) comes after the order is released.
+    fn emit(
+        &self,
+        order: std::sync::MutexGuard<'_, ()>,
+        path: PathBuf,
+        kind: ChangeKind,
+        file: Option<FileId>,
+    ) {
         tracing::trace!(path = %path.display(), kind = kind.name(), "change");
-        if let Some(wait) = self.sink.record_later(Change { path, kind, file }) {
+        let wait = self.sink.record_later(Change { path, kind, file });
+        drop(order);
+        if let Some(wait) = wait {
             crate::turn::after_turn(wait);
         }
     }
@@ -1460,17 +1485,19 @@ impl Volume {
             false => self.hold_last_name(newparent, &to_dir, newname),
         };
         sys::renameat2(from_dir.as_fd(), name, to_dir.as_fd(), newname, flags)?;
-        let from = self.read_table().path(parent).map(|p| p.join(name));
+        let order = self.emitting();
         let mut table = self.write_table();
+        let from = table.path(parent).map(|p| p.join(name));
         table.rename(parent, name, newparent, newname, exchange);
         if let Some((ino, fd)) = replaced {
             table.keep(ino, fd);
         }
+        let to = table.path(newparent).map(|p| p.join(newname));
         drop(table);
-        if let Some(from) = from {
+        if let (Some(from), Some(to)) = (from, to) {
             // Counted as recorded by the sink, once the record is out.
-            ticket.recorded =
-                self.record_entry(newparent, newname, ChangeKind::Rename { from, exchange });
+            self.emit(order, to, ChangeKind::Rename { from, exchange }, None);
+            ticket.recorded = true;
         }
         Ok(())
     }

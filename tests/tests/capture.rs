@@ -623,3 +623,89 @@ fn a_same_size_rewrite_in_the_same_mtime_tick_is_recorded() {
         "the close after the second write records it"
     );
 }
+
+/// A rename inside a directory races a rename of the directory: each record must name
+/// paths as they are after the records before it, so that a standby replaying them in
+/// order finds every source. (The rename of `d/x` read its source path before the
+/// rename of `d` was in the table, and its destination after: `d/x` → `e/y`, which
+/// no order of the two records can replay.)
+#[test]
+fn renames_racing_a_rename_of_their_directory_are_recorded_in_a_replayable_order() {
+    use std::collections::BTreeSet;
+    const ROUNDS: usize = 10_000;
+    let m = MountedDir::new(false, |p| {
+        fs::create_dir(p.join("d")).expect("d");
+        fs::write(p.join("d/x"), "x").expect("x");
+    });
+    let root = m.path.clone();
+    // Renames in it through an fd of the directory, whatever its name is then.
+    let dir = fs::File::open(root.join("d")).expect("open d");
+    std::thread::scope(|s| {
+        let files = s.spawn(|| {
+            let rename = |from: &str, to: &str| {
+                let (from, to) = (CString::new(from).expect("c"), CString::new(to).expect("c"));
+                // SAFETY: valid fd and strings.
+                let rc = unsafe {
+                    libc::renameat(dir_fd(&dir), from.as_ptr(), dir_fd(&dir), to.as_ptr())
+                };
+                assert_eq!(rc, 0, "rename in d: {}", std::io::Error::last_os_error());
+            };
+            for _ in 0..ROUNDS {
+                rename("x", "y");
+                rename("y", "x");
+            }
+        });
+        for i in 0..ROUNDS {
+            let (from, to) = if i % 2 == 0 { ("d", "e") } else { ("e", "d") };
+            fs::rename(root.join(from), root.join(to)).expect("rename the directory");
+        }
+        files.join().expect("renames in d");
+    });
+    // Replay the records on the tree as it was.
+    let mut tree: BTreeSet<PathBuf> = [p("d"), p("d/x")].into_iter().collect();
+    let records = m.recorder.take();
+    let renames = records.len();
+    for (i, change) in records.into_iter().enumerate() {
+        let ChangeKind::Rename { from, .. } = change.kind else {
+            continue;
+        };
+        assert!(
+            tree.contains(&from),
+            "record {i} of {renames}: rename of {} to {}, which is not there after the records before it: {tree:?}",
+            from.display(),
+            change.path.display()
+        );
+        let moved: Vec<PathBuf> = tree
+            .iter()
+            .filter(|q| q.starts_with(&from))
+            .cloned()
+            .collect();
+        for q in moved {
+            tree.remove(&q);
+            let rest = q.strip_prefix(&from).expect("below");
+            tree.insert(if rest.as_os_str().is_empty() {
+                change.path.clone()
+            } else {
+                change.path.join(rest)
+            });
+        }
+    }
+    let on_disk: BTreeSet<PathBuf> = ["d", "e"]
+        .iter()
+        .filter(|n| m.path.join(n).exists())
+        .flat_map(|n| {
+            let dir = m.path.join(n);
+            let mut v = vec![p(n)];
+            for e in fs::read_dir(&dir).expect("read_dir").flatten() {
+                v.push(p(n).join(e.file_name()));
+            }
+            v
+        })
+        .collect();
+    assert_eq!(tree, on_disk);
+}
+
+fn dir_fd(f: &fs::File) -> i32 {
+    use std::os::fd::AsRawFd;
+    f.as_raw_fd()
+}
