@@ -276,7 +276,10 @@ pub struct Volume {
     root: Arc<OwnedFd>,
     table: RwLock<Table>,
     files: RwLock<HashMap<u64, Arc<OpenFile>>>,
-    dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
+    /// Open directories: their listing, and whether it is the one `opendir` read and
+    /// no `readdir` has started on yet (the first read at offset 0 takes it; a later
+    /// one is a rewind and lists again).
+    dirs: Mutex<HashMap<u64, (Vec<DirEntry>, bool)>>,
     next_fh: AtomicU64,
     role: AtomicU8,
     /// Held shared by each write-type operation while it runs, and exclusively by a
@@ -1973,7 +1976,7 @@ impl Volume {
         self.dirs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(fh, entries);
+            .insert(fh, (entries, true));
         Ok(fh)
     }
 
@@ -2006,7 +2009,7 @@ impl Volume {
         // A filesystem whose entries carry no type (ext4 without `filetype`, XFS
         // without `ftype`): the kernel takes what FUSE lists as known, so the type is
         // asked of the entry itself. (One removed meanwhile is left out, as a listing
-        // made a moment later would.)
+        // made a moment later would; one that cannot be asked is listed.)
         out.retain_mut(|e| {
             if e.kind != libc::DT_UNKNOWN {
                 return true;
@@ -2016,7 +2019,9 @@ impl Volume {
                     e.kind = ((st.st_mode & libc::S_IFMT) >> 12) as u8;
                     true
                 }
-                Err(_) => false,
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => false,
+                // (Listed as before, as a regular file: a lookup tells the truth.)
+                Err(_) => true,
             }
         });
         self.list_staged((st.st_dev, st.st_ino), &dir, &mut out);
@@ -2033,14 +2038,24 @@ impl Volume {
         mut add: impl FnMut(u64, &DirEntry) -> bool,
     ) -> Result<()> {
         if offset == 0 {
-            let fresh = self.list(ino)?;
-            self.dirs
+            // The first read takes what `opendir` listed a moment ago; a rewind lists
+            // again.
+            let opened = self
+                .dirs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(fh, fresh);
+                .get_mut(&fh)
+                .is_some_and(|(_, fresh)| std::mem::replace(fresh, false));
+            if !opened {
+                let listed = self.list(ino)?;
+                self.dirs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(fh, (listed, false));
+            }
         }
         let dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
-        let entries = dirs.get(&fh).ok_or(Error::Stale("file handle"))?;
+        let (entries, _) = dirs.get(&fh).ok_or(Error::Stale("file handle"))?;
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             if add(i as u64 + 1, e) {
                 break;

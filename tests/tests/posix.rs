@@ -1710,3 +1710,44 @@ fn an_open_racing_a_rename_over_the_name_reads_one_whole_version() {
         &bad[..bad.len().min(5)]
     );
 }
+
+/// A listing read to its end and rewound (`rewinddir`) shows what was made and
+/// removed since, as natively; the first read after `opendir` lists the directory
+/// as `opendir` found it.
+#[test]
+fn a_rewound_listing_shows_what_changed_since() {
+    fn names(dir: *mut libc::DIR) -> Vec<String> {
+        let mut names = Vec::new();
+        loop {
+            // SAFETY: `dir` is an open directory stream.
+            let entry = unsafe { libc::readdir(dir) };
+            if entry.is_null() {
+                break;
+            }
+            // SAFETY: readdir returned a valid entry with a NUL-terminated name.
+            let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
+            names.push(name.to_string_lossy().into_owned());
+        }
+        names.sort();
+        names
+    }
+    same_as_native(
+        |p| fs::write(p.join("old"), "x").expect("old"),
+        |p| {
+            let mut log = Log::default();
+            let c = cpath(p);
+            // SAFETY: valid path; the stream is closed below.
+            let dir = unsafe { libc::opendir(c.as_ptr()) };
+            assert!(!dir.is_null(), "opendir");
+            log.note("first", names(dir));
+            fs::write(p.join("new"), "y").expect("new");
+            fs::remove_file(p.join("old")).expect("rm old");
+            // SAFETY: `dir` is open.
+            unsafe { libc::rewinddir(dir) };
+            log.note("rewound", names(dir));
+            // SAFETY: `dir` is open, and closed once.
+            unsafe { libc::closedir(dir) };
+            log
+        },
+    );
+}
