@@ -1534,6 +1534,9 @@ impl Volume {
         let name = loc.name.as_deref().ok_or(Error::from_errno(libc::EPERM))?;
         let to_dir = self.dir_fd(newparent)?;
         sys::linkat(loc.dir.as_fd(), name, to_dir.as_fd(), newname)?;
+        // The existing name, the new one and the record in the order of records (a
+        // rename of a directory above either may come in between otherwise).
+        let order = self.emitting();
         let existing = self.read_table().path(ino);
         let st = sys::statat(to_dir.as_fd(), newname)?;
         let attr = self.remember(newparent, &to_dir, newname, st)?;
@@ -1545,8 +1548,8 @@ impl Volume {
             libc::S_IFLNK => Some(ChangeKind::Symlink),
             _ => Some(ChangeKind::Mknod),
         };
-        if let Some(kind) = kind {
-            self.record_entry(newparent, newname, kind);
+        if let (Some(kind), Some(path)) = (kind, self.read_table().path(newparent)) {
+            self.emit(order, path.join(newname), kind, None);
         }
         Ok(attr)
     }
@@ -1619,10 +1622,12 @@ impl Volume {
         // (A file whose every name is gone is opened through the fd kept of it: a
         // process reopening it through `/proc/PID/fd`. The kernel never opens a
         // directory this way.)
-        let (_, (fd, st)) = self.at_node(
+        // Found first without being opened (a FIFO or device that took the name in a
+        // race must not be opened), then opened itself.
+        let (_, (found, st)) = self.at_node(
             ino,
             |at| {
-                let fd = Self::open_entry(at, flags & !libc::O_TRUNC, append)?;
+                let fd = at.open(libc::O_PATH)?;
                 let st = sys::fstat(fd.as_fd())?;
                 Ok((fd, st))
             },
@@ -1631,6 +1636,8 @@ impl Volume {
         if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
             return Err(Error::from_errno(libc::EISDIR));
         }
+        let fd = Self::open_entry(At::Fd(found.as_fd()), flags & !libc::O_TRUNC, append)?;
+        drop(found);
         // The open file is registered before the truncation, so a replicator that reads
         // the file meanwhile knows a writer is at it and does not ship the empty file.
         let (fh, file) = self.add_file(ino, fd, writable, truncate);

@@ -624,9 +624,9 @@ fn a_same_size_rewrite_in_the_same_mtime_tick_is_recorded() {
     );
 }
 
-/// A rename inside a directory races a rename of the directory: each record must name
-/// paths as they are after the records before it, so that a standby replaying them in
-/// order finds every source. (The rename of `d/x` read its source path before the
+/// Renames and links inside a directory race a rename of the directory: each record
+/// must name paths as they are after the records before it, so that a standby
+/// replaying them in order finds every source. (The rename of `d/x` read its source path before the
 /// rename of `d` was in the table, and its destination after: `d/x` → `e/y`, which
 /// no order of the two records can replay.)
 #[test]
@@ -650,8 +650,23 @@ fn renames_racing_a_rename_of_their_directory_are_recorded_in_a_replayable_order
                 };
                 assert_eq!(rc, 0, "rename in d: {}", std::io::Error::last_os_error());
             };
+            let c = |s: &str| CString::new(s).expect("c");
             for _ in 0..ROUNDS {
                 rename("x", "y");
+                // SAFETY: valid fd and strings.
+                let rc = unsafe {
+                    libc::linkat(
+                        dir_fd(&dir),
+                        c("y").as_ptr(),
+                        dir_fd(&dir),
+                        c("l").as_ptr(),
+                        0,
+                    )
+                };
+                assert_eq!(rc, 0, "link in d: {}", std::io::Error::last_os_error());
+                // SAFETY: valid fd and string.
+                let rc = unsafe { libc::unlinkat(dir_fd(&dir), c("l").as_ptr(), 0) };
+                assert_eq!(rc, 0, "unlink in d: {}", std::io::Error::last_os_error());
                 rename("y", "x");
             }
         });
@@ -666,8 +681,26 @@ fn renames_racing_a_rename_of_their_directory_are_recorded_in_a_replayable_order
     let records = m.recorder.take();
     let renames = records.len();
     for (i, change) in records.into_iter().enumerate() {
-        let ChangeKind::Rename { from, .. } = change.kind else {
-            continue;
+        let from = match change.kind {
+            ChangeKind::Rename { from, .. } => from,
+            ChangeKind::Link { existing } => {
+                assert!(
+                    tree.contains(&existing),
+                    "record {i} of {renames}: link of {} to {}, which is not there: {tree:?}",
+                    change.path.display(),
+                    existing.display()
+                );
+                tree.insert(change.path);
+                continue;
+            }
+            ChangeKind::Unlink => {
+                assert!(
+                    tree.remove(&change.path),
+                    "record {i}: unlink of a name not there"
+                );
+                continue;
+            }
+            _ => continue,
         };
         assert!(
             tree.contains(&from),
