@@ -1198,6 +1198,39 @@ impl Volume {
         Ok(Attr { ino, st })
     }
 
+    /// Makes the entry `name` just created in `parent` (by `dir`) the caller's and
+    /// known to the table. If that fails, the entry is removed again (`rmdir`: it is
+    /// a directory), so a failed create leaves nothing behind, as natively, rather
+    /// than an entry of root's that was never recorded.
+    fn adopt(
+        &self,
+        parent: u64,
+        dir: &OwnedFd,
+        name: &OsStr,
+        caller: Caller,
+        rmdir: bool,
+    ) -> Result<Attr> {
+        let made = sys::statat(dir.as_fd(), name)?;
+        let adopted = self
+            .own(dir, name, made, caller)
+            .and_then(|st| self.remember(parent, dir, name, st));
+        if adopted.is_err() {
+            self.unmake(dir, name, (made.st_dev, made.st_ino), rmdir);
+        }
+        adopted
+    }
+
+    /// Removes the entry `name` this call made, if it still is the file `key`.
+    fn unmake(&self, dir: &OwnedFd, name: &OsStr, key: Key, rmdir: bool) {
+        let still = sys::statat(dir.as_fd(), name).is_ok_and(|st| (st.st_dev, st.st_ino) == key);
+        let flags = if rmdir { libc::AT_REMOVEDIR } else { 0 };
+        if still {
+            if let Err(e) = sys::unlinkat(dir.as_fd(), name, flags) {
+                tracing::warn!(name = ?name, error = %e, "cannot remove an entry whose creation failed");
+            }
+        }
+    }
+
     /// Makes a node created by root belong to the caller, as a native create would.
     fn own(&self, dir: &OwnedFd, name: &OsStr, mut st: Stat, caller: Caller) -> Result<Stat> {
         let parent = sys::fstat(dir.as_fd())?;
@@ -1363,8 +1396,7 @@ impl Volume {
         let mode = mode & !umask.clear;
         let dir = self.dir_fd(parent)?;
         sys::mknodat(dir.as_fd(), name, mode, rdev)?;
-        let st = self.own(&dir, name, sys::statat(dir.as_fd(), name)?, caller)?;
-        let attr = self.remember(parent, &dir, name, st)?;
+        let attr = self.adopt(parent, &dir, name, caller, false)?;
         self.record(attr.ino, ChangeKind::Mknod);
         Ok(attr)
     }
@@ -1384,8 +1416,7 @@ impl Volume {
         let mode = mode & !umask.clear;
         let dir = self.dir_fd(parent)?;
         sys::mkdirat(dir.as_fd(), name, mode)?;
-        let st = self.own(&dir, name, sys::statat(dir.as_fd(), name)?, caller)?;
-        let attr = self.remember(parent, &dir, name, st)?;
+        let attr = self.adopt(parent, &dir, name, caller, true)?;
         self.record(attr.ino, ChangeKind::Mkdir);
         Ok(attr)
     }
@@ -1402,8 +1433,7 @@ impl Volume {
         check_name(name)?;
         let dir = self.dir_fd(parent)?;
         sys::symlinkat(target, dir.as_fd(), name)?;
-        let st = self.own(&dir, name, sys::statat(dir.as_fd(), name)?, caller)?;
-        let attr = self.remember(parent, &dir, name, st)?;
+        let attr = self.adopt(parent, &dir, name, caller, false)?;
         self.record(attr.ino, ChangeKind::Symlink);
         Ok(attr)
     }
@@ -1776,11 +1806,21 @@ impl Volume {
             }
             Err(e) => return Err(e.into()),
         };
-        let mut st = sys::fstat(fd.as_fd())?;
-        if created {
-            st = self.own(&dir, name, st, caller)?;
+        let made = sys::fstat(fd.as_fd())?;
+        let adopted = match created {
+            true => self.own(&dir, name, made, caller),
+            false => Ok(made),
         }
-        let attr = self.remember(parent, &dir, name, st)?;
+        .and_then(|st| self.remember(parent, &dir, name, st));
+        let attr = match adopted {
+            Ok(attr) => attr,
+            Err(e) => {
+                if created {
+                    self.unmake(&dir, name, (made.st_dev, made.st_ino), false);
+                }
+                return Err(e);
+            }
+        };
         // The open file is registered before the change is recorded, so a replicator
         // that reads the new (still empty) file knows its writer is at it.
         let (fh, file) = self.add_file(attr.ino, fd, true, true);
