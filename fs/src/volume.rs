@@ -917,7 +917,8 @@ impl Volume {
     /// size would get a mix). Finds it again a few times (a rename through the mount
     /// tells the table just after it renamed: the file is then reached through the fd
     /// kept of it); past that its name holds another file: ESTALE, on which the
-    /// kernel looks the name up again.
+    /// kernel looks the name up again. (A file renamed away in that moment gives
+    /// ENOENT, as an open that came a moment later would natively.)
     fn at_node<T>(
         &self,
         ino: u64,
@@ -1578,7 +1579,10 @@ impl Volume {
             libc::S_IFLNK => Some(ChangeKind::Symlink),
             _ => Some(ChangeKind::Mknod),
         };
-        if let (Some(kind), Some(path)) = (kind, self.read_table().path(newparent)) {
+        // (The table's guard goes before the record: a writer's wait for the standbys
+        // comes after it.)
+        let path = self.read_table().path(newparent);
+        if let (Some(kind), Some(path)) = (kind, path) {
             self.emit(order, path.join(newname), kind, None);
         }
         Ok(attr)
@@ -2076,7 +2080,8 @@ impl Volume {
     }
 
     /// Calls `add(offset_of_next, entry)` for entries from `offset` on until it returns
-    /// true (reply buffer full). Offset 0 re-reads the directory (rewinddir).
+    /// true (reply buffer full). Offset 0 reads the directory again (a rewind), except
+    /// the first read after `opendir`, which takes the listing `opendir` made.
     pub fn readdir(
         &self,
         ino: u64,

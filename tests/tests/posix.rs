@@ -1712,8 +1712,8 @@ fn an_open_racing_a_rename_over_the_name_reads_one_whole_version() {
 }
 
 /// A listing read to its end and rewound (`rewinddir`) shows what was made and
-/// removed since, as natively; the first read after `opendir` lists the directory
-/// as `opendir` found it.
+/// removed since, as natively (the first read after `opendir` takes the listing
+/// `opendir` made; a rewind must read the directory again).
 #[test]
 fn a_rewound_listing_shows_what_changed_since() {
     fn names(dir: *mut libc::DIR) -> Vec<String> {

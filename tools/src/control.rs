@@ -222,6 +222,12 @@ pub enum ControlError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The daemon's answer was longer than [`MAX_ANSWER`].
+    #[error("control socket {path}: the daemon's answer is longer than {} MiB; not read", MAX_ANSWER >> 20)]
+    TooLong {
+        /// The socket.
+        path: PathBuf,
+    },
     /// The daemon answered something that is not a response.
     #[error("control socket {path}: bad response: {source}")]
     BadResponse {
@@ -240,8 +246,10 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     };
     let mut stream = UnixStream::connect(socket).map_err(|source| {
         let path = socket.to_owned();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
         match source.kind() {
-            std::io::ErrorKind::PermissionDenied => ControlError::Denied { path, source },
+            std::io::ErrorKind::PermissionDenied if !root => ControlError::Denied { path, source },
             _ => ControlError::NotRunning { path, source },
         }
     })?;
@@ -258,6 +266,11 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
         }
         _ => io(e),
     })?;
+    if answer.len() >= MAX_ANSWER && !answer.ends_with('\n') {
+        return Err(ControlError::TooLong {
+            path: socket.to_owned(),
+        });
+    }
     serde_json::from_str(&answer).map_err(|source| ControlError::BadResponse {
         path: socket.to_owned(),
         source,

@@ -1205,7 +1205,9 @@ impl Daemon {
     }
 
     /// `twinfs verify`: every file hashed now on this node (the active) and on every
-    /// connected standby, compared; an error (exit 1) lists what differs per standby.
+    /// connected standby, compared; the report lists what differs per standby (at most
+    /// [`control::VERIFY_LISTED`] paths each), and says whether anything does or was
+    /// not compared.
     async fn verify(&self, name: Option<&str>) -> anyhow::Result<Verified> {
         let (volumes, mut lines) = self.led(name, "verify")?;
         let mut differ = false;
@@ -1246,7 +1248,10 @@ impl Daemon {
                         let listed = paths.len().min(control::VERIFY_LISTED);
                         lines.extend(paths[..listed].iter().map(|p| format!("  {p}")));
                         if paths.len() > listed {
-                            lines.push(format!("  ... and {} more", paths.len() - listed));
+                            lines.push(format!(
+                                "volume {name}: {peer}: {} more path(s) differ, not listed",
+                                paths.len() - listed
+                            ));
                         }
                     }
                     Ok(Some((peer, Err(e)))) => {

@@ -334,7 +334,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // says whether everything is identical.
                 Response::Found(report) => {
                     println!("{report}");
-                    anyhow::bail!("not every standby is identical (see the report above)")
+                    anyhow::bail!(
+                        "not every standby was found identical (the report is on standard output)"
+                    )
                 }
                 other => done(other),
             }
