@@ -795,9 +795,13 @@ fn a_user_other_than_root_is_told_the_commands_need_root() {
     )
     .expect("write config");
     fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).expect("chmod");
+    // A copy of the binary that user may run (a clone under /root is not reachable).
+    let bin = open.path().join("twinfs");
+    fs::copy(twinfs_bin(), &bin).expect("copy the binary");
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).expect("chmod");
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(twinfs_bin())
+        .arg(&bin)
         .arg("--config")
         .arg(&config)
         .arg("status")
