@@ -775,6 +775,61 @@ fn status_without_a_daemon_says_so() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no twinfs daemon is running"));
 }
 
+/// A demotion whose new role cannot be persisted (a full disk under the state
+/// directory; here the role file is immutable) fails, says so, and leaves the volume
+/// active and writable: its writes were held back for good.
+#[test]
+fn a_demotion_that_cannot_be_persisted_leaves_the_volume_writable() {
+    let _serial = twinfs_tests::serial();
+    let mut node = Node::new("", |_| {});
+    node.start(&[]);
+    let role_file = node.state_dir.join("volumes/vol.json");
+    assert!(
+        role_file.exists(),
+        "the role file is made at the first start"
+    );
+    // Dropped before the node, so that the node's directory can be removed.
+    let _flag = Immutable::set(&role_file);
+    let out = node.twinfs(&["demote"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("volume vol: not demoted: cannot persist the demotion")
+            && said.contains("it stays active and takes writes again"),
+        "{said}"
+    );
+    assert_eq!(node.volume_status()["role"], "active");
+    fs::write(node.volume.join("after"), "x").expect("writable again");
+}
+
+/// Sets the immutable flag of a file, and clears it when dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Immutable {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "chattr +i {} (scripts/test installs e2fsprogs)",
+            path.display()
+        );
+        Immutable(path.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 /// A user who may not use the control socket (it is root's) is told so, not that no
 /// daemon runs.
 #[test]

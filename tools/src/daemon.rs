@@ -927,12 +927,15 @@ impl Daemon {
                 match answer {
                     Some(Ok(active_epoch)) => {
                         let epoch = now.epoch.max(active_epoch) + 1;
-                        match take_over(v, epoch, "manual").await? {
-                            Ok(line) => lines.push(format!(
+                        match take_over(v, epoch, "manual").await {
+                            Ok(Ok(line)) => lines.push(format!(
                                 "{line} (planned switchover: {peer} handed over and is a standby now)"
                             )),
-                            Err(line) => refused.push(format!(
+                            Ok(Err(line)) => refused.push(format!(
                                 "{line} ({peer} handed over and is a standby now: the volume has no active node until one is promoted)"
+                            )),
+                            Err(e) => refused.push(format!(
+                                "volume {name}: not promoted: {e} ({peer} handed over and is a standby now: the volume has no active node until one is promoted)"
                             )),
                         }
                         continue;
@@ -946,8 +949,15 @@ impl Daemon {
                     }
                 }
             }
-            let record = SyncRecord::load(&sync_file(&self.config, name))
-                .map_err(|e| anyhow::anyhow!("volume {name}: cannot read the sync record: {e}"))?;
+            let record = match SyncRecord::load(&sync_file(&self.config, name)) {
+                Ok(record) => record,
+                Err(e) => {
+                    refused.push(format!(
+                        "volume {name}: not promoted: cannot read the sync record: {e}"
+                    ));
+                    continue;
+                }
+            };
             if let Some(why) = unfit(record.as_ref(), now.epoch) {
                 if !force {
                     refused.push(format!(
@@ -958,9 +968,10 @@ impl Daemon {
                 tracing::warn!(volume = %name, reason = %why, "promotion forced");
                 lines.push(format!("volume {name}: forced although {why}"));
             }
-            match take_over(v, now.epoch + 1, "manual").await? {
-                Ok(line) => lines.push(line),
-                Err(line) => refused.push(line),
+            match take_over(v, now.epoch + 1, "manual").await {
+                Ok(Ok(line)) => lines.push(line),
+                Ok(Err(line)) => refused.push(line),
+                Err(e) => refused.push(format!("volume {name}: not promoted: {e}")),
             }
         }
         if !refused.is_empty() {
@@ -1056,6 +1067,7 @@ impl Daemon {
     /// and acknowledged (or the wait times out), then this node is a standby.
     async fn demote(&self, name: Option<&str>, reason: &'static str) -> anyhow::Result<String> {
         let mut lines = Vec::new();
+        let mut failed = Vec::new();
         for v in self.selected(name)? {
             let name = &v.config.name;
             let now = v.roles.get();
@@ -1067,9 +1079,12 @@ impl Daemon {
                 continue;
             }
             let roles = v.roles.clone();
-            tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Demote))
-                .await
-                .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?;
+            if let Err(e) =
+                tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Demote)).await
+            {
+                failed.push(format!("volume {name}: not demoted: {e}"));
+                continue;
+            }
             let flushed = tokio::time::Instant::now() + DEMOTE_WAIT;
             self.flush(v, flushed).await;
             let left = flushed.saturating_duration_since(tokio::time::Instant::now());
@@ -1079,10 +1094,23 @@ impl Daemon {
             // Sessions with an active that start from here on follow a newer order:
             // what they record of this node's fitness stands over the demotion's.
             let followed = v.followings.started();
-            tokio::task::spawn_blocking(move || roles.demote(epoch, reason))
-                .await
-                .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
-                .map_err(|e| anyhow::anyhow!("volume {name}: cannot persist the demotion: {e}"))?;
+            let demoted =
+                match tokio::task::spawn_blocking(move || roles.demote(epoch, reason)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("cannot persist the demotion: {e}")),
+                    Err(e) => Err(e.to_string()),
+                };
+            if let Err(e) = demoted {
+                // Still active: its writes come back rather than stay held for good (a
+                // full disk under the state directory, say).
+                let roles = v.roles.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || roles.resume_writes(Hold::Demote)).await;
+                failed.push(format!(
+                    "volume {name}: not demoted: {e}; it stays active and takes writes again"
+                ));
+                continue;
+            }
             // This node has every change it made as the active: its fitness says so
             // (for `twinfs promote`), unless it gave up for its health.
             let record = SyncRecord {
@@ -1112,6 +1140,10 @@ impl Daemon {
                 line.push_str(&format!("; NOT acknowledged: {}", behind.join(", ")));
             }
             lines.push(line);
+        }
+        if !failed.is_empty() {
+            lines.extend(failed);
+            bail!("{}", lines.join("\n"));
         }
         Ok(lines.join("\n"))
     }
