@@ -36,6 +36,12 @@ const CHUNK: usize = 1 << 20;
 /// again next time.
 const CACHE_MIN_AGE: Duration = Duration::from_millis(100);
 
+/// How much older still a ctime of whole seconds must be: a filesystem that keeps
+/// only seconds (ext4 with 128-byte inodes, JFFS2) or two (FAT) gives every change
+/// within them the same ctime. (On one that keeps nanoseconds, a ctime of exactly
+/// zero of them is rare, and costs only a hash.)
+const COARSE_CTIME: Duration = Duration::from_secs(2);
+
 /// What kind of object a path is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Kind {
@@ -864,8 +870,11 @@ impl Stamp {
                 self.ctime.1,
             ))
             .unwrap_or(UNIX_EPOCH);
-        now.duration_since(ctime)
-            .is_ok_and(|age| age >= CACHE_MIN_AGE)
+        let min_age = match self.ctime.1 {
+            0 => CACHE_MIN_AGE + COARSE_CTIME,
+            _ => CACHE_MIN_AGE,
+        };
+        now.duration_since(ctime).is_ok_and(|age| age >= min_age)
     }
 }
 
@@ -1594,7 +1603,7 @@ impl Differ {
             ..
         } = self;
         delete.reverse();
-        order_by_priority(&mut send, priority_of);
+        order_by_priority(&mut send, &active, priority_of);
         (Diff { send, delete }, active)
     }
 }
@@ -1649,28 +1658,29 @@ fn further_name(path: &RelPath, meta: &Meta) -> bool {
 }
 
 /// Puts the priority-1 transfers first, with the new or changed directories above
-/// them, keeping the order within each group (parents before children).
-fn order_by_priority(send: &mut Vec<Transfer>, priority_of: impl Fn(&RelPath) -> u8) {
+/// them (and for a further name of a hard-linked file, its first name), keeping the
+/// order within each group (parents before children, a first name before the others).
+fn order_by_priority(
+    send: &mut Vec<Transfer>,
+    active: &Manifest,
+    priority_of: impl Fn(&RelPath) -> u8,
+) {
     // A priority-1 file in a new directory is no use before that directory exists, so
-    // the directories above it travel with it even if they are priority 2.
+    // the directories above it travel with it even if they are priority 2. A further
+    // name is made by linking it to the first name ([`Transfer::link`]), which must be
+    // there before it: that name travels with it too.
     let index: HashMap<&RelPath, usize> =
         send.iter().enumerate().map(|(i, t)| (&t.path, i)).collect();
     let mut urgent = vec![false; send.len()];
-    for (i, t) in send.iter().enumerate() {
+    for t in send.iter() {
         if priority_of(&t.path) != 1 {
             continue;
         }
-        urgent[i] = true;
-        let mut up = t.path.split_last().map(|(parent, _)| parent);
-        while let Some(parent) = up {
-            if let Some(&j) = index.get(&parent) {
-                if urgent[j] {
-                    // Marked earlier, together with its own ancestors.
-                    break;
-                }
-                urgent[j] = true;
+        mark_urgent(&t.path, &index, &mut urgent);
+        if t.link {
+            if let Some(first) = active.entries.get(&t.path).and_then(Meta::link) {
+                mark_urgent(first, &index, &mut urgent);
             }
-            up = parent.split_last().map(|(parent, _)| parent);
         }
     }
     drop(index);
@@ -1687,6 +1697,25 @@ fn order_by_priority(send: &mut Vec<Transfer>, priority_of: impl Fn(&RelPath) ->
     });
     // Room for them is left over from what was taken out.
     send.splice(0..0, first);
+}
+
+/// Marks the transfer of `path`, if there is one, and those of the directories above
+/// it ([`order_by_priority`]).
+fn mark_urgent(path: &RelPath, index: &HashMap<&RelPath, usize>, urgent: &mut [bool]) {
+    if let Some(&i) = index.get(path) {
+        urgent[i] = true;
+    }
+    let mut up = path.split_last().map(|(parent, _)| parent);
+    while let Some(parent) = up {
+        if let Some(&j) = index.get(&parent) {
+            if urgent[j] {
+                // Marked earlier, together with its own ancestors.
+                break;
+            }
+            urgent[j] = true;
+        }
+        up = parent.split_last().map(|(parent, _)| parent);
+    }
 }
 
 #[cfg(test)]
@@ -1930,6 +1959,50 @@ mod tests {
         assert!(d.send.iter().all(|t| t.content));
         assert_eq!(d.delete, [rel("old/x2"), rel("old/x"), rel("old")]);
         assert_eq!(apply(standby, &active, &d), active);
+    }
+
+    /// A priority-1 name of a hard-linked file whose first name is priority 2: the
+    /// standby makes it by linking it to the first name, which travels first.
+    #[test]
+    fn a_priority_one_further_name_goes_after_its_first_name() {
+        let mut linked = meta(Kind::File, 1);
+        linked.set_link(Some(rel("b/f")));
+        let active = manifest(&[
+            ("a", meta(Kind::File, 2)),
+            ("b", meta(Kind::Dir, 0)),
+            ("b/f", linked.clone()),
+            ("b/g", meta(Kind::File, 3)),
+            ("p", linked),
+        ]);
+        let d = diff(&active, &Manifest::default(), |p| {
+            if *p == rel("p") {
+                1
+            } else {
+                2
+            }
+        });
+        assert_eq!(paths(&d), ["b", "b/f", "p", "a", "b/g"]);
+        assert!(d.send[2].link && !d.send[2].content);
+        assert!(d.send[1].content);
+        assert_eq!(apply(Manifest::default(), &active, &d), active);
+    }
+
+    /// A hash is cached only once a change would move the ctime, also where the
+    /// filesystem keeps whole seconds: a same-size rewrite later in that second keeps
+    /// size, mtime and ctime.
+    #[test]
+    fn a_ctime_of_whole_seconds_settles_only_after_they_are_past() {
+        let at = |secs: u64, nanos: u32| UNIX_EPOCH + Duration::new(secs, nanos);
+        let stamp = |nanos: u32| Stamp {
+            size: 1,
+            mtime: (1000, nanos),
+            ctime: (1000, nanos),
+        };
+        assert!(stamp(5).settled(at(1000, 500_000_000)));
+        assert!(!stamp(5).settled(at(1000, 50_000_000)));
+        assert!(!stamp(0).settled(at(1000, 500_000_000)));
+        assert!(!stamp(0).settled(at(1001, 900_000_000)));
+        assert!(stamp(0).settled(at(1002, 200_000_000)));
     }
 
     #[test]
