@@ -23,6 +23,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use twinfs_fs::sys::{self, At, DirEntry, Stat};
 
@@ -407,12 +408,32 @@ impl<'a> Applier<'a> {
         dest_name: &OsStr,
         skip: &dyn Fn(&RelPath) -> bool,
     ) -> Result<u64> {
+        // A work list, not a recursion: a tree may be deeper than the call stack allows.
+        let (mut copied, mut work) = self.copy_out_one(path, dest_dir, dest_name, skip)?;
+        while let Some(Below { path, into, name }) = work.pop() {
+            let (n, more) = self.copy_out_one(&path, into.as_fd(), &name, skip)?;
+            copied += n;
+            work.extend(more);
+        }
+        Ok(copied)
+    }
+
+    /// [`Applier::copy_out`] of `path` alone: how many entries it copied, and for a
+    /// directory what is below it, to be copied into its copy.
+    fn copy_out_one(
+        &self,
+        path: &RelPath,
+        dest_dir: BorrowedFd<'_>,
+        dest_name: &OsStr,
+        skip: &dyn Fn(&RelPath) -> bool,
+    ) -> Result<(u64, Vec<Below>)> {
+        let none = Ok((0, Vec::new()));
         let (dir, name) = match self.open_parent(path) {
-            Err(e) if e.is_missing() => return Ok(0),
+            Err(e) if e.is_missing() => return none,
             other => other?,
         };
         let st = match sys::statat(dir.as_fd(), &name) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return none,
             other => other.map_err(io_err("stat", path))?,
         };
         let write = |e: io::Error| ApplyError::Io {
@@ -427,7 +448,7 @@ impl<'a> Applier<'a> {
                 // Never over what is kept already (a path touched twice by one full
                 // sync, or kept by an earlier try).
                 if sys::statat(dest_dir, dest_name).is_ok() {
-                    return Ok(0);
+                    return none;
                 }
                 let fd = open_entry(dir.as_fd(), &name, libc::O_RDONLY)
                     .map_err(entry_err("open", path))?;
@@ -460,12 +481,12 @@ impl<'a> Applier<'a> {
                     sys::fsync_dir(dest_dir)
                 })();
                 match copied {
-                    Ok(()) => Ok(1),
+                    Ok(()) => Ok((1, Vec::new())),
                     Err(e) => {
                         // (Best effort: the copy failed already.)
                         let _ = sys::unlinkat(dest_dir, &temp, 0);
                         if e.kind() == io::ErrorKind::AlreadyExists {
-                            Ok(0)
+                            none
                         } else {
                             Err(write(e))
                         }
@@ -476,10 +497,10 @@ impl<'a> Applier<'a> {
                 let target =
                     sys::readlinkat(dir.as_fd(), &name).map_err(io_err("readlink", path))?;
                 match sys::symlinkat(OsStr::from_bytes(&target), dest_dir, dest_name) {
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(0),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => none,
                     other => other
                         .and_then(|()| sys::fsync_dir(dest_dir))
-                        .map(|()| 1)
+                        .map(|()| (1, Vec::new()))
                         .map_err(write),
                 }
             }
@@ -502,9 +523,9 @@ impl<'a> Applier<'a> {
                                     Some(libc::ENOTDIR | libc::ELOOP)
                                 ) =>
                         {
-                            return Ok(0)
+                            return none
                         }
-                        other => other.map_err(write)?,
+                        other => Arc::new(other.map_err(write)?),
                     };
                 let here = if name.is_empty() {
                     dir
@@ -512,7 +533,7 @@ impl<'a> Applier<'a> {
                     open_entry(dir.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
                         .map_err(entry_err("open", path))?
                 };
-                let mut copied = made;
+                let mut below = Vec::new();
                 for entry in sys::read_dir(here.as_fd()).map_err(io_err("read", path))? {
                     if entry.name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
                         continue;
@@ -537,11 +558,15 @@ impl<'a> Applier<'a> {
                     if skip(&child) {
                         continue;
                     }
-                    copied += self.copy_out(&child, into.as_fd(), &entry.name, skip)?;
+                    below.push(Below {
+                        path: child,
+                        into: into.clone(),
+                        name: entry.name,
+                    });
                 }
-                Ok(copied)
+                Ok((made, below))
             }
-            _ => Ok(0),
+            _ => none,
         }
     }
 
@@ -1012,24 +1037,30 @@ impl<'a> Applier<'a> {
     /// [`Applier::rename_unsent`]). Anything else in the way is left for the op to
     /// fail on.
     fn make_parents(&self, path: &RelPath) -> Result<()> {
-        let Some((parent, _)) = path.split_last() else {
-            return Ok(());
-        };
-        if parent.is_root() || self.exists(&parent)? {
-            return Ok(());
-        }
-        self.make_parents(&parent)?;
-        let (dir, name) = self.open_parent(&parent)?;
-        match sys::mkdirat(dir.as_fd(), &name, 0o700) {
-            Ok(()) => {
-                sys::fsync_dir(dir.as_fd())
-                    .map_err(io_err("fsync the parent directory of", &parent))?;
-                tracing::debug!(path = %parent, "made a directory the active sent as gone, for a rename into it");
-                Ok(())
+        // The missing ones, nearest first (found in a loop: a path may be deeper than
+        // the call stack allows), made from the top down.
+        let mut missing = Vec::new();
+        let mut up = path.split_last().map(|(parent, _)| parent);
+        while let Some(parent) = up {
+            if parent.is_root() || self.exists(&parent)? {
+                break;
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(io_err("create directory", &parent)(e)),
+            up = parent.split_last().map(|(parent, _)| parent);
+            missing.push(parent);
         }
+        for parent in missing.into_iter().rev() {
+            let (dir, name) = self.open_parent(&parent)?;
+            match sys::mkdirat(dir.as_fd(), &name, 0o700) {
+                Ok(()) => {
+                    sys::fsync_dir(dir.as_fd())
+                        .map_err(io_err("fsync the parent directory of", &parent))?;
+                    tracing::debug!(path = %parent, "made a directory the active sent as gone, for a rename into it");
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err("create directory", &parent)(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Whether a regular file is at `path` (a missing directory on its way means
@@ -2083,6 +2114,14 @@ fn openat2(dir: BorrowedFd<'_>, path: &OsStr, flags: i32, resolve: u64) -> io::R
     Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
 }
 
+/// An entry below a directory [`Applier::copy_out`] copies: its path, the copy of its
+/// directory, and its name there.
+struct Below {
+    path: RelPath,
+    into: Arc<OwnedFd>,
+    name: OsString,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2091,6 +2130,48 @@ mod tests {
 
     fn rel(p: &str) -> RelPath {
         RelPath::new(p).expect("valid path")
+    }
+
+    /// A tree as deep as a path can name (2,000 levels) is kept, and the directories
+    /// on the way to a rename's target are made, without a recursion: on a thread with
+    /// a small stack.
+    #[test]
+    fn a_tree_as_deep_as_a_path_allows_is_copied_out_and_made() {
+        let vol = tempfile::tempdir().expect("tempdir");
+        let keep = tempfile::tempdir().expect("tempdir");
+        let depth = 2000;
+        let deep = format!("{}f", "d/".repeat(depth));
+        std::fs::create_dir_all(vol.path().join("d/".repeat(depth))).expect("mkdir");
+        std::fs::write(vol.path().join(&deep), "deep\n").expect("write");
+        std::fs::write(vol.path().join("src"), "moved\n").expect("write");
+        let root = sys::open_dir_path(vol.path()).expect("open");
+        let into = sys::open_dir_path(keep.path()).expect("open");
+        let target = format!("{}g", "e/".repeat(depth));
+        let moved_to = target.clone();
+        let done = std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                let applier = Applier::new(root.as_fd());
+                let copied = applier
+                    .copy_out(&rel("d"), into.as_fd(), OsStr::new("d"), &|_| false)
+                    .expect("copy out");
+                applier
+                    .rename_unsent(&rel("src"), &rel(&moved_to), false)
+                    .expect("rename");
+                copied
+            })
+            .expect("thread")
+            .join()
+            .expect("no overflow");
+        assert_eq!(done, depth as u64 + 1);
+        assert_eq!(
+            std::fs::read_to_string(keep.path().join(&deep)).expect("kept"),
+            "deep\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(vol.path().join(&target)).expect("moved"),
+            "moved\n"
+        );
     }
 
     #[test]
