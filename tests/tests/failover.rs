@@ -168,6 +168,79 @@ fn demote_then_promote_elsewhere_moves_the_active_role() {
     c.wait_converged_to(1, CONVERGE);
     // Promoting an active node is a no-op, and says so.
     assert!(run_ok(&c.nodes[1], &["promote"]).contains("already active"));
+    // The standby had everything: nothing of node0's was at risk, nothing kept.
+    assert!(!c.nodes[0].state_dir.join("conflicts/vol/PENDING").exists());
+    assert!(run_ok(&c.nodes[0], &["conflicts"]).contains("no conflicts"));
+}
+
+/// A demotion while the standby is away: the standby that takes over lacks what was
+/// written last on the demoted node, and its full sync replaces it there, so the
+/// demoted node keeps its versions in its conflicts area first, as a fenced node does.
+#[test]
+fn a_demotion_with_a_standby_behind_keeps_what_the_new_active_replaces() {
+    let _serial = twinfs_tests::serial();
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    // (Fit to take over, as recorded, before it stops.)
+    assert!(
+        wait_until(CONVERGE, || c.nodes[1].volume_status()["takeover"]
+            == "ready"),
+        "{}",
+        c.nodes[1].volume_status()
+    );
+    c.nodes[1].stop();
+    let a = c.nodes[0].volume.clone();
+    fs::write(a.join("cmm.conf"), "chassis_id = 44 (node0 only)\n").expect("write");
+    fs::write(a.join("late"), "node0 only\n").expect("write");
+
+    // (It waits up to 30 s for node1, which is away.)
+    let said = run_ok(&c.nodes[0], &["demote"]);
+    assert!(
+        said.contains("NOT acknowledged: node1") && said.contains("kept first"),
+        "{said}"
+    );
+    c.nodes[1].start(&[]);
+    run_ok(&c.nodes[1], &["promote"]);
+    assert_eq!(role_epoch(&c.nodes[1]), ("active".into(), 2));
+    wait_role(&c.nodes[0], "standby", 2);
+    c.wait_converged_to(1, CONVERGE);
+    assert_eq!(
+        fs::read_to_string(a.join("cmm.conf")).expect("read"),
+        "chassis_id = 42\n"
+    );
+    assert!(!a.join("late").exists());
+
+    let listed = run_ok(&c.nodes[0], &["conflicts"]);
+    let area = c.nodes[0].state_dir.join("conflicts/vol");
+    let set = fs::read_dir(&area)
+        .expect("conflicts area")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| panic!("no conflict set; listed:\n{listed}"));
+    for (what, path, content) in [
+        ("replaced", "cmm.conf", "chassis_id = 44 (node0 only)\n"),
+        ("deleted", "late", "node0 only\n"),
+    ] {
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.split_whitespace().eq([what, path])),
+            "{what} {path} listed:\n{listed}"
+        );
+        assert_eq!(
+            fs::read_to_string(set.join(path)).ok().as_deref(),
+            Some(content),
+            "{path} kept with node0's content"
+        );
+    }
+    // The full sync is through: the area is no longer armed.
+    assert!(
+        wait_until(CONVERGE, || !area.join("PENDING").exists()),
+        "still armed"
+    );
 }
 
 #[test]

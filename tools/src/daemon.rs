@@ -1088,9 +1088,44 @@ impl Daemon {
             let flushed = tokio::time::Instant::now() + DEMOTE_WAIT;
             self.flush(v, flushed).await;
             let left = flushed.saturating_duration_since(tokio::time::Instant::now());
-            let (acked, behind) = self.wait_for_standbys(name, left, false).await;
-            let roles = v.roles.clone();
+            let (acked, mut behind) = self.wait_for_standbys(name, left, false).await;
+            behind.extend(self.never_followed(name));
             let epoch = now.epoch;
+            // A standby that did not acknowledge everything lacks some of this node's
+            // writes: if it becomes the active, its full sync replaces them here. So,
+            // as a fenced node does, the conflicts area is armed (durable before the
+            // role changes): that full sync keeps this node's versions first.
+            let mut armed = None;
+            if !behind.is_empty() {
+                let area =
+                    twinfs_replicator::conflicts::Area::new(&self.config.node.state_dir, name);
+                let dir = area.dir().to_owned();
+                let result = tokio::task::spawn_blocking(move || area.arm(epoch, unix_now()))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r);
+                match result {
+                    Ok(()) => armed = Some(dir),
+                    // Given up for its health, it steps down anyway (a sick active that
+                    // stays helps nobody); asked by hand, it stays active and says why.
+                    Err(e) if reason == "health" => tracing::error!(volume = %name,
+                        error = %e, dir = %dir.display(),
+                        "cannot arm the conflicts area: the writes the standbys lack will be overwritten by a new active"),
+                    Err(e) => {
+                        let roles = v.roles.clone();
+                        let _ =
+                            tokio::task::spawn_blocking(move || roles.resume_writes(Hold::Demote))
+                                .await;
+                        failed.push(format!(
+                            "volume {name}: not demoted: NOT acknowledged: {}, and the conflicts area {} cannot keep what a new active would replace: {e}; it stays active and takes writes again",
+                            behind.join(", "),
+                            dir.display()
+                        ));
+                        continue;
+                    }
+                }
+            }
+            let roles = v.roles.clone();
             // Sessions with an active that start from here on follow a newer order:
             // what they record of this node's fitness stands over the demotion's.
             let followed = v.followings.started();
@@ -1102,7 +1137,12 @@ impl Daemon {
                 };
             if let Err(e) = demoted {
                 // Still active: its writes come back rather than stay held for good (a
-                // full disk under the state directory, say).
+                // full disk under the state directory, say), and nothing is to be kept.
+                if armed.is_some() {
+                    let area =
+                        twinfs_replicator::conflicts::Area::new(&self.config.node.state_dir, name);
+                    let _ = tokio::task::spawn_blocking(move || area.disarm()).await;
+                }
                 let roles = v.roles.clone();
                 let _ =
                     tokio::task::spawn_blocking(move || roles.resume_writes(Hold::Demote)).await;
@@ -1138,6 +1178,12 @@ impl Daemon {
             }
             if !behind.is_empty() {
                 line.push_str(&format!("; NOT acknowledged: {}", behind.join(", ")));
+            }
+            if let Some(dir) = armed {
+                line.push_str(&format!(
+                    "; what a new active's full sync replaces here is kept first in {}",
+                    dir.display()
+                ));
             }
             lines.push(line);
         }
@@ -1330,6 +1376,28 @@ impl Daemon {
                 })
             })
             .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// The peers (not witnesses) that have not followed this node for `volume` since
+    /// it started: they may lack anything it wrote.
+    fn never_followed(&self, volume: &str) -> Vec<String> {
+        let board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        self.config
+            .peers
+            .iter()
+            .filter(|p| !p.witness)
+            .filter(|p| {
+                !board.values().any(|s| {
+                    s.volume == volume && s.peer == p.name && s.peer_role == Some(Role::Standby)
+                })
+            })
+            .map(|p| {
+                format!(
+                    "{} (no session as a standby since this node started)",
+                    p.name
+                )
+            })
             .collect()
     }
 
