@@ -78,22 +78,37 @@ impl Area {
 
     /// Marks that the next full sync must keep what it replaces: this node was fenced
     /// by `epoch` at `at`. Durable before it returns.
+    /// Replaced whole (a crash or a full disk leaves the marker as it was).
     pub fn arm(&self, epoch: u64, at: u64) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let path = self.dir.join(PENDING);
-        let mut f = std::fs::File::create(&path)?;
-        writeln!(f, "{epoch} {at}")?;
-        f.sync_all()?;
-        std::fs::File::open(&self.dir)?.sync_all()
+        crate::durable::atomic_write(
+            &self.dir.join(PENDING),
+            format!("{epoch} {at}\n").as_bytes(),
+            0o644,
+        )
     }
 
-    /// The armed marker: (epoch, time) of the fencing, if any.
+    /// The armed marker: (epoch, time) of the fencing, if any. A marker that cannot
+    /// be read whole still arms the area, for the time it was written (each incident
+    /// keeps its own set, not one shared by every unreadable marker).
     pub fn armed(&self) -> Option<(u64, u64)> {
-        let text = std::fs::read_to_string(self.dir.join(PENDING)).ok()?;
+        let path = self.dir.join(PENDING);
+        let text = match std::fs::read(&path) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(_) => String::new(),
+        };
         let mut parts = text.split_whitespace().map(str::parse::<u64>);
         match (parts.next(), parts.next()) {
             (Some(Ok(epoch)), Some(Ok(at))) => Some((epoch, at)),
-            _ => Some((0, 0)),
+            _ => {
+                let written = std::fs::symlink_metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                Some((0, written))
+            }
         }
     }
 
@@ -124,7 +139,20 @@ impl Area {
         what: &str,
         skip: &dyn Fn(&RelPath) -> bool,
     ) -> Result<u64, String> {
-        let (epoch, at) = self.armed().unwrap_or((0, 0));
+        // Kept only while keeping lasts, which its marker must say too (a restart then
+        // keeps on keeping): one that could not be written when keeping began is
+        // written now, or nothing is kept (and the op not applied).
+        let (epoch, at) = match self.armed() {
+            Some(armed) => armed,
+            None => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                self.arm(0, now)
+                    .map_err(|e| format!("{}: {e}", self.dir.join(PENDING).display()))?;
+                (0, now)
+            }
+        };
         let set = self.dir.join(format!("{epoch}-{}", timestamp(at)));
         let (dir, mut kept_as, name) = enter_set(&set, path)?;
         kept_as.push(&name);
@@ -413,6 +441,25 @@ mod tests {
         std::fs::write(area.dir(), "not a directory").expect("write");
         assert!(area.readable().is_err());
         assert!(area.sets().is_empty());
+    }
+
+    /// A marker left empty or garbled (by a crash of an earlier version, say) arms the
+    /// area for the time it was written, not for a time shared by every such marker.
+    #[test]
+    fn a_marker_that_cannot_be_read_arms_for_the_time_it_was_written() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let area = Area::new(state.path(), "vol");
+        assert_eq!(area.armed(), None);
+        area.arm(7, 1234).expect("arm");
+        assert_eq!(area.armed(), Some((7, 1234)));
+        for garbled in ["", "7", "x y\n"] {
+            std::fs::write(area.dir().join(PENDING), garbled).expect("write");
+            let (epoch, at) = area.armed().expect("armed");
+            assert_eq!(epoch, 0);
+            assert!(at > 1_700_000_000, "{garbled:?}: {at}");
+        }
+        area.disarm().expect("disarm");
+        assert_eq!(area.armed(), None);
     }
 
     #[test]

@@ -379,20 +379,41 @@ impl GaveUpNames {
 /// (one refused there, say by a stale active, never counts). After the active
 /// restarts, its new session runs while the old one lingers until the connection's
 /// idle timeout; the old one ending must leave the new one's records alone.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Followings {
     newest: std::sync::atomic::AtomicU64,
     /// Held while a session checks that it is the newest and records the fitness, so
     /// an old session's record never lands after a newer one's.
     recording: tokio::sync::Mutex<()>,
+    /// Told the number of each session that gets past hello.
+    started: tokio::sync::watch::Sender<u64>,
+    /// Held by a session that takes local writes of `direction = "both"` paths from
+    /// past hello until its end has counted its unconfirmed ones (and armed the
+    /// conflicts area for them): a newer session knows only then whether its full
+    /// sync must keep what it replaces.
+    upstream: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Default for Followings {
+    fn default() -> Followings {
+        Followings {
+            newest: Default::default(),
+            recording: Default::default(),
+            started: tokio::sync::watch::Sender::new(0),
+            upstream: Default::default(),
+        }
+    }
 }
 
 impl Followings {
     /// A session got past hello: its number.
     fn start(&self) -> u64 {
-        self.newest
+        let following = self
+            .newest
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
-            + 1
+            + 1;
+        self.started.send_replace(following);
+        following
     }
 
     fn is_newest(&self, following: u64) -> bool {
@@ -1569,6 +1590,9 @@ async fn run_session(
     // (with the handover slot) once the active's hello is accepted: a session refused
     // at hello (a stale active) must not displace the one that follows the real one.
     let mut following: Option<u64> = None;
+    // Standby with upstream paths: [`Followings::upstream`], from past hello to the end.
+    let mut upstream_slot: Option<tokio::sync::OwnedMutexGuard<()>> = None;
+    let mut newer = volume.followings.started.subscribe();
     // Standby: the output that waits for large files being applied (an op on a related
     // path, or a scan). Meanwhile this loop goes on: it takes messages, its timers run,
     // heartbeats and acks go out; a wait of minutes must not look like a dead peer.
@@ -1587,6 +1611,20 @@ async fn run_session(
         {
             following = Some(volume.followings.start());
             *volume.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(ask_tx.clone());
+            if outbox.is_some() {
+                // An older session with the active (its connection lingers after the
+                // active restarted) ends first: its unconfirmed upstream writes arm the
+                // conflicts area, and this full sync then keeps what it replaces.
+                let slot = volume.followings.upstream.clone().lock_owned();
+                let Some(slot) = heartbeating(&mut send, &mut sent, slot).await else {
+                    break 'session;
+                };
+                upstream_slot = Some(slot);
+                if !keeping && volume.conflicts.armed().is_some() {
+                    keeping = true;
+                    was_keeping = true;
+                }
+            }
         }
         while let Some(out) = next_output(&mut parked, &mut session, &large) {
             if matches!(out, Output::InSync) {
@@ -1616,6 +1654,7 @@ async fn run_session(
                         changes: &mut changes,
                         seen: &mut seen,
                         keeping: &mut keeping,
+                        was_keeping: &mut was_keeping,
                     };
                     if upstream
                         .drain(&volume, outbox, &mut send, turn_op)
@@ -2069,7 +2108,19 @@ async fn run_session(
                         Message::UpstreamRefused { id, path, reason } => {
                             if let Some(outbox) = outbox.as_mut() {
                                 if let Some(sent) = outbox.answered(*id) {
-                                    keep_refused(&volume, sent, path, reason).await;
+                                    if !keep_refused(&volume, sent, path, reason).await {
+                                        // Not kept, but still in place: the active's
+                                        // version, which follows, replaces it only
+                                        // once kept (or is refused until there is
+                                        // room), as after a fencing; a full sync ends
+                                        // that.
+                                        keeping = true;
+                                        was_keeping = false;
+                                        arm_keeping(&volume).await;
+                                        if send.write(&Message::Resync).await.is_none() {
+                                            break;
+                                        }
+                                    }
                                 }
                                 if release_upstream(outbox, &mut send).await.is_none() {
                                     break;
@@ -2166,6 +2217,7 @@ async fn run_session(
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) if role == Role::Standby => {
                     keeping = true;
+                    was_keeping = false;
                     seen = seen.max(volume.gate.last_issued());
                     if upstream_lagged(&volume, &mut send, n).await.is_none() {
                         break;
@@ -2206,6 +2258,13 @@ async fn run_session(
                     break;
                 }
             }
+            Ok(()) = newer.changed(), if upstream_slot.is_some() => {
+                if following.is_some_and(|f| !volume.followings.is_newest(f)) {
+                    tracing::info!(volume = %volume.name, peer = %link.peer,
+                        "a newer session with the active began; ending this one");
+                    break;
+                }
+            }
         }
     }
     if let Some(following) = following {
@@ -2242,6 +2301,8 @@ async fn run_session(
     if let Some(outbox) = outbox {
         close_upstream(&volume, outbox, changes, upstream_live).await;
     }
+    // (Only now: see `Followings::upstream`.)
+    drop(upstream_slot);
     link.update(&volume.name, disconnected);
 }
 
@@ -2422,6 +2483,8 @@ struct Upstream<'a> {
     seen: &'a mut u64,
     /// Set when records were missed: the next full sync keeps what it replaces.
     keeping: &'a mut bool,
+    /// Cleared with it: keeping lasts until a full sync that began after that.
+    was_keeping: &'a mut bool,
 }
 
 impl Upstream<'_> {
@@ -2445,6 +2508,7 @@ impl Upstream<'_> {
                 let missed = rx.len() as u64;
                 *rx = rx.resubscribe();
                 *self.keeping = true;
+                *self.was_keeping = false;
                 *self.seen = (*self.seen).max(volume.gate.last_issued());
                 upstream_lagged(volume, send, missed).await?;
                 break;
@@ -2456,6 +2520,7 @@ impl Upstream<'_> {
                 }
                 Err(broadcast::error::TryRecvError::Lagged(n)) => {
                     *self.keeping = true;
+                    *self.was_keeping = false;
                     *self.seen = (*self.seen).max(volume.gate.last_issued());
                     upstream_lagged(volume, send, n).await?;
                 }
@@ -2558,8 +2623,13 @@ async fn release_upstream(outbox: &mut Outbox, send: &mut Control) -> Option<()>
 }
 
 /// Standby: the active refused upstream write `sent` of `path`: keeps it in the
-/// conflicts area (the active's version follows on the stream).
-async fn keep_refused(volume: &VolumeLink, sent: upstream::Sent, path: &RelPath, reason: &str) {
+/// conflicts area (the active's version follows on the stream). Whether it could.
+async fn keep_refused(
+    volume: &VolumeLink,
+    sent: upstream::Sent,
+    path: &RelPath,
+    reason: &str,
+) -> bool {
     let content = match sent.op {
         Op::Put {
             content: Some(c), ..
@@ -2572,10 +2642,12 @@ async fn keep_refused(volume: &VolumeLink, sent: upstream::Sent, path: &RelPath,
         area.keep_refused(epoch, unix_now(), &path, content.as_deref(), &reason)
     })
     .await;
-    if !matches!(kept, Ok(Ok(()))) {
+    let done = matches!(kept, Ok(Ok(())));
+    if !done {
         tracing::error!(volume = %volume.name, ?kept,
-            "cannot keep a refused upstream write in the conflicts area");
+            "cannot keep a refused upstream write in the conflicts area; keeping this node's version before the active's replaces it");
     }
+    done
 }
 
 /// Active: tells the standby that upstream write `id` is refused, and ships the
@@ -2802,12 +2874,12 @@ async fn keep_before(volume: &VolumeLink, op: &Op) -> Result<(), String> {
         Ok(Ok(_)) => Ok(()),
         Ok(Err((path, e))) => {
             tracing::error!(volume = %volume.name, %path, error = %e,
-                "split brain: cannot keep this node's version; not replacing it");
+                "cannot keep this node's version in the conflicts area; not replacing it");
             Err(e)
         }
         Err(e) => {
             tracing::error!(volume = %volume.name, error = %e,
-                "split brain: keeping this node's version failed; not replacing it");
+                "keeping this node's version in the conflicts area failed; not replacing it");
             Err(e.to_string())
         }
     }
@@ -4459,8 +4531,13 @@ async fn apply_streamed(
         // them, if any, is written.
         let mut held: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut reserved = crate::patch::HELD.reserve();
+        // Not a path this standby takes local writes of (`direction = "both"`): one let
+        // in while the file is written in place would leave it neither version; a copy
+        // is put in place under the turn instead.
         let patchable = stamp.filter(|_| {
-            v.volume.role() == Role::Standby && entry.meta.size >= crate::patch::MIN_FILE
+            v.volume.role() == Role::Standby
+                && entry.meta.size >= crate::patch::MIN_FILE
+                && !v.policies.resolve(entry.path.as_path()).upstream()
         });
         if let Some(stamp) = patchable {
             let all_held = hold_records(&mut rx, &mut held, entry.meta.size, &mut reserved)
@@ -4526,6 +4603,8 @@ async fn apply_streamed(
         let turn = upstream_turn(&v, &entry.path)?;
         applier.place_prepared(prepared, true)?;
         note_placed_upstream(&v, &entry);
+        // What was placed, before a local write let in once the turn goes changes it.
+        let placed = applier.stamp(&entry.path);
         drop(turn);
         if let Some(shown) = shown.as_mut() {
             shown.placed = true;
@@ -4535,7 +4614,7 @@ async fn apply_streamed(
         relink_others(&v, &applier, &entry.path, before)?;
         link_gave_up_names(&v, &applier, &entry.path, has_other_names(&entry.meta))?;
         // Kept for the file's next delta, which then need not read it.
-        if let (Some(list), Ok(Some(stamp))) = (new_list, applier.stamp(&entry.path)) {
+        if let (Some(list), Ok(Some(stamp))) = (new_list, placed) {
             v.blocks.lock().unwrap_or_else(|e| e.into_inner()).put(
                 &entry.path,
                 stamp,

@@ -280,3 +280,34 @@ impl Drop for Ext4Image {
         }
     }
 }
+
+/// Sets the immutable flag of a file or directory (`chattr +i`: not even root may
+/// change it), and clears it when dropped. A path below a mounted volume is out of
+/// chattr's reach: set it on files outside the mount (a state directory, say).
+pub struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    /// Sets the flag on `path`.
+    pub fn set(path: &Path) -> Immutable {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "chattr +i {} (scripts/test installs e2fsprogs)",
+            path.display()
+        );
+        Immutable(path.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}

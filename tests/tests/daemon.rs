@@ -789,7 +789,7 @@ fn a_demotion_that_cannot_be_persisted_leaves_the_volume_writable() {
         "the role file is made at the first start"
     );
     // Dropped before the node, so that the node's directory can be removed.
-    let _flag = Immutable::set(&role_file);
+    let _flag = twinfs_tests::Immutable::set(&role_file);
     let out = node.twinfs(&["demote"]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{said}");
@@ -800,34 +800,6 @@ fn a_demotion_that_cannot_be_persisted_leaves_the_volume_writable() {
     );
     assert_eq!(node.volume_status()["role"], "active");
     fs::write(node.volume.join("after"), "x").expect("writable again");
-}
-
-/// Sets the immutable flag of a file, and clears it when dropped.
-struct Immutable(std::path::PathBuf);
-
-impl Immutable {
-    fn set(path: &Path) -> Immutable {
-        let ok = std::process::Command::new("chattr")
-            .arg("+i")
-            .arg(path)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            ok,
-            "chattr +i {} (scripts/test installs e2fsprogs)",
-            path.display()
-        );
-        Immutable(path.to_owned())
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 /// A user who may not use the control socket (it is root's) is told so, not that no

@@ -317,6 +317,94 @@ fn the_active_refuses_a_path_that_is_not_both_under_its_own_rules() {
     wait_content(standby, "passwd", "root:x:0:0\nnew:x:2:2\n");
 }
 
+/// The active dies with a standby's write unconfirmed and comes back at once: the
+/// standby's session with it before (its connection lingers until the idle timeout)
+/// ends first and arms the conflicts area, so the new session's full sync keeps that
+/// write before it replaces it; and the standby takes local writes again after.
+#[test]
+fn an_unconfirmed_write_is_kept_when_the_active_comes_back_before_the_old_session_ends() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    write_once_open(&c.nodes[1], "users/admin", "password = agreed\n");
+    wait_content(&c.nodes[0], "users/admin", "password = agreed\n");
+
+    c.nodes[0].signal(libc::SIGSTOP);
+    fs::write(
+        c.nodes[1].volume.join("users/admin"),
+        "password = unconfirmed\n",
+    )
+    .expect("write on the standby");
+    c.nodes[0].kill9();
+    c.nodes[0].start(&[]);
+    let standby = &c.nodes[1];
+    wait_content(standby, "users/admin", "password = agreed\n");
+    assert!(
+        wait_until(CONVERGE, || kept(standby, "users/admin").as_deref()
+            == Some("password = unconfirmed\n")),
+        "kept: {:?}\nstandby log:\n{}",
+        kept(standby, "users/admin"),
+        standby.log_text()
+    );
+    write_once_open(standby, "passwd", "root:x:0:0\nafter:x:3:3\n");
+    wait_content(&c.nodes[0], "passwd", "root:x:0:0\nafter:x:3:3\n");
+    c.wait_converged(CONVERGE);
+}
+
+/// A refused write the standby cannot keep (its conflicts area takes nothing) is not
+/// replaced by the active's version until it is kept: once the area takes files
+/// again, the next full sync keeps it, then applies the active's.
+#[test]
+fn a_refused_write_that_cannot_be_kept_is_not_replaced() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    let config = &c.nodes[1].config;
+    let mut text = fs::read_to_string(config).expect("config");
+    text.push_str(
+        "\n[[volume.rule]]\nmatch = \"cmm.conf\"\nsync = \"always\"\ndirection = \"both\"\n",
+    );
+    fs::write(config, text).expect("config");
+    let area = c.nodes[1].state_dir.join("conflicts/vol");
+    fs::create_dir_all(&area).expect("conflicts area");
+    c.start();
+    c.wait_converged(CONVERGE);
+    let standby = &c.nodes[1];
+    let full = twinfs_tests::Immutable::set(&area);
+    write_once_open(standby, "cmm.conf", "chassis_id = 666\n");
+    assert!(
+        wait_until(CONVERGE, || standby
+            .log_text()
+            .contains("cannot keep a refused upstream write")),
+        "standby log:\n{}",
+        standby.log_text()
+    );
+    // The active's version came, and more than one full sync since: none replaced it.
+    assert!(
+        wait_until(CONVERGE, || standby
+            .log_text()
+            .matches("cannot keep this node's version in the conflicts area")
+            .count()
+            >= 2),
+        "standby log:\n{}",
+        standby.log_text()
+    );
+    assert_eq!(
+        read(standby.volume.join("cmm.conf")).as_deref(),
+        Some("chassis_id = 666\n")
+    );
+
+    drop(full);
+    let out = c.nodes[0].twinfs(&["sync", "--full"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_content(standby, "cmm.conf", "chassis_id = 42\n");
+    assert_eq!(
+        kept(standby, "cmm.conf").as_deref(),
+        Some("chassis_id = 666\n")
+    );
+    c.wait_converged(CONVERGE);
+}
+
 #[test]
 fn a_sync_upstream_write_is_on_the_active_when_close_returns() {
     let _serial = twinfs_tests::serial();
