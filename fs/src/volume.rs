@@ -282,6 +282,13 @@ pub struct Volume {
     dirs: Mutex<HashMap<u64, (Vec<DirEntry>, bool)>>,
     next_fh: AtomicU64,
     role: AtomicU8,
+    /// Counts the role switches begun: one that a later switch overtook while it
+    /// waited for [`Volume::writing`] leaves the role alone.
+    switches: AtomicU64,
+    /// Write-type operations begun in the active role and still under way.
+    active_writes: AtomicU64,
+    /// Held while a switch checks that it is the latest and stores the role.
+    storing_role: Mutex<()>,
     /// Held shared by each write-type operation while it runs, and exclusively by a
     /// role switch: once [`Volume::set_role`] to standby returns, no local write is in
     /// progress, and none starts.
@@ -332,7 +339,18 @@ pub struct Writing<'a> {
     // Dropped first: a wait for the standbys deferred by the turn runs still holding
     // off a role switch, as a record made outside a turn does.
     _turn: Option<crate::turn::WriteTurn<'a>>,
+    _active: Option<ActiveWrite<'a>>,
     _writing: RwLockReadGuard<'a, ()>,
+}
+
+/// Counts a write-type operation begun in the active role while it runs (see
+/// [`Volume::wait_for_writes`]).
+struct ActiveWrite<'a>(&'a AtomicU64);
+
+impl Drop for ActiveWrite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Counts a rename as ended without a record when dropped, unless it was recorded.
@@ -493,6 +511,9 @@ impl Volume {
             emitting: Mutex::new(()),
             renames_unrecorded: AtomicU64::new(0),
             role: AtomicU8::new(role as u8),
+            switches: AtomicU64::new(0),
+            active_writes: AtomicU64::new(0),
+            storing_role: Mutex::new(()),
             writing: RwLock::new(()),
             passthrough: AtomicBool::new(false),
             sink,
@@ -588,8 +609,64 @@ impl Volume {
     /// written since its last record: its writer can write no more, and what it
     /// wrote while this node was active must be shipped without waiting for a close.
     pub fn set_role(&self, role: Role) {
+        let switch = self.switches.fetch_add(1, Ordering::AcqRel) + 1;
+        self.switch_role(role, switch);
+    }
+
+    /// [`Volume::set_role`], waiting at most `wait` for the write-type operations under
+    /// way: one stuck on a disk that no longer answers must not keep a node active (or
+    /// keep it from taking writes). Past `wait` the role is switched at once (the
+    /// writes under way finish in the old role, and a local write that starts meanwhile
+    /// waits for them), and the rest of the switch is done once they have finished.
+    /// Whether it was done within `wait`.
+    pub fn set_role_within(self: &Arc<Self>, role: Role, wait: std::time::Duration) -> bool {
+        let switch = self.switches.fetch_add(1, Ordering::AcqRel) + 1;
+        let (done, finished) = std::sync::mpsc::channel();
+        let volume = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("twinfs-role".into())
+            .spawn(move || {
+                volume.switch_role(role, switch);
+                let _ = done.send(());
+            });
+        if spawned.is_err() {
+            self.switch_role(role, switch);
+            return true;
+        }
+        if finished.recv_timeout(wait).is_ok() {
+            return true;
+        }
+        self.store_role_if_latest(role, switch);
+        false
+    }
+
+    /// Stores `role` if switch number `switch` is the latest begun. Whether it was.
+    fn store_role_if_latest(&self, role: Role, switch: u64) -> bool {
+        let _storing = self.storing_role.lock().unwrap_or_else(|e| e.into_inner());
+        let latest = self.switches.load(Ordering::Acquire) == switch;
+        if latest {
+            self.role.store(role as u8, Ordering::Release);
+        }
+        latest
+    }
+
+    /// Waits until the write-type operations begun while this node was active have
+    /// finished: a standby keeping its own version of a file takes it once a local
+    /// write still under way from its time as the active (stuck on a disk that did not
+    /// answer when it stepped down) has ended. (Not the writes of a standby's upstream
+    /// paths: one may wait for the caller's turn.)
+    pub fn wait_for_writes(&self) {
+        while self.active_writes.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Switch number `switch` of [`Volume::set_role`], unless a later one began.
+    fn switch_role(&self, role: Role, switch: u64) {
         let _quiet = self.quiet_for_switch(role);
-        self.role.store(role as u8, Ordering::Release);
+        if !self.store_role_if_latest(role, switch) {
+            return;
+        }
         if role == Role::Standby {
             // A standby's files are written by the replicator, beside the mount: a
             // record kept now would miss those writes. (Only an active node watches,
@@ -685,10 +762,14 @@ impl Volume {
     ) -> Result<Writing<'_>> {
         let guard = self.writing.read().unwrap_or_else(|e| e.into_inner());
         match self.role() {
-            Role::Active => Ok(Writing {
-                _turn: None,
-                _writing: guard,
-            }),
+            Role::Active => {
+                self.active_writes.fetch_add(1, Ordering::AcqRel);
+                Ok(Writing {
+                    _turn: None,
+                    _active: Some(ActiveWrite(&self.active_writes)),
+                    _writing: guard,
+                })
+            }
             Role::Standby => {
                 let allowed = self.upstream_open.load(Ordering::Acquire)
                     && self.upstream.as_ref().is_some_and(|upstream| {
@@ -701,6 +782,7 @@ impl Volume {
                     // of an apply of the active's changes.
                     Ok(Writing {
                         _turn: Some(self.turns.write()),
+                        _active: None,
                         _writing: guard,
                     })
                 } else {

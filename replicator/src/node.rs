@@ -2438,6 +2438,11 @@ async fn upstream_lagged(volume: &VolumeLink, send: &mut Control, missed: u64) -
 /// Standby: scans the volume for the full sync, once the large files of an earlier
 /// session still being applied have landed. `None` if it cannot.
 async fn scan_for_standby(volume: &VolumeLink) -> Option<Manifest> {
+    // A local write still under way from this node's time as the active (stuck on a
+    // disk that did not answer when it stepped down) changes the volume when it ends:
+    // the scan sees what it leaves, so that the full sync puts it right.
+    let v = volume.clone();
+    let _ = tokio::task::spawn_blocking(move || v.volume.wait_for_writes()).await;
     let _applying = volume.applying.write().await;
     // The full sync this scan is for brings every path as the active has it.
     gave_up_names(volume).clear();
@@ -2860,6 +2865,9 @@ async fn keep_before(volume: &VolumeLink, op: &Op) -> Result<(), String> {
     };
     let v = volume.clone();
     let kept = tokio::task::spawn_blocking(move || {
+        // What a write still under way (stuck when this node stopped being the
+        // active) leaves, not what was there before it.
+        v.volume.wait_for_writes();
         let applier = Applier::new(v.root.as_fd());
         // (`never` paths below a deleted directory stay where they are; but all of a
         // `never` path itself goes, as `delete_for_active` does.)

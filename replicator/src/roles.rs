@@ -124,6 +124,10 @@ impl Terms {
 /// How long a promotion waits for a standby's change of the volume under way.
 pub const CHANGE_WAIT: Duration = Duration::from_secs(20);
 
+/// How long a demotion (or a fencing) waits for the local writes under way before it
+/// refuses local writes anyway; also how long `twinfs demote` waits for them.
+pub const SWITCH_WAIT: Duration = Duration::from_secs(10);
+
 /// A change of the volume that the node's role allows, under way (see
 /// [`RoleCell::hold`]); the role cannot change until it is dropped.
 pub struct RoleHold {
@@ -327,7 +331,7 @@ impl RoleCell {
             // A promotion takes writes, whatever held them back in an earlier term.
             let mut holds = self.holds();
             *holds = [0; 3];
-            self.volume.set_role(Role::Active);
+            self.switch_within(Role::Active);
         }
         self.publish(next);
         drop(switching);
@@ -357,8 +361,13 @@ impl RoleCell {
     /// (they go on shipping what was written before). Blocks until the writes under
     /// way are done. Does not wait for a role change under way (a hook may take long).
     pub fn stop_writes(&self, hold: Hold) {
-        let mut holds = self.holds();
-        holds[hold.index()] = holds[hold.index()].saturating_add(1);
+        {
+            let mut holds = self.holds();
+            holds[hold.index()] = holds[hold.index()].saturating_add(1);
+        }
+        // Not holding `holds` while it waits: a write stuck on a disk that does not
+        // answer must not hold up `resume_writes` or a promotion too. (A later switch
+        // overtakes this one: see `Volume::set_role`.)
         self.volume.set_role(Role::Standby);
     }
 
@@ -369,7 +378,17 @@ impl RoleCell {
         let mut holds = self.holds();
         holds[hold.index()] = holds[hold.index()].saturating_sub(1);
         if *holds == [0; 3] && self.get().role == Role::Active {
-            self.volume.set_role(Role::Active);
+            self.switch_within(Role::Active);
+        }
+    }
+
+    /// Switches the mount to `role`, waiting at most [`SWITCH_WAIT`] for the local
+    /// writes under way (a disk that does not answer must not hold the role, nor the
+    /// locks of the role changes, for good).
+    fn switch_within(&self, role: Role) {
+        if !self.volume.set_role_within(role, SWITCH_WAIT) {
+            tracing::error!(volume = %self.name, ?role, wait = ?SWITCH_WAIT,
+                "writes under way do not finish (a disk that does not answer?); switched without waiting for them");
         }
     }
 
@@ -377,7 +396,8 @@ impl RoleCell {
         self.holds.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Becomes a standby that follows epoch `epoch` or later: read-only at once,
+    /// Becomes a standby that follows epoch `epoch` or later (waiting at most
+    /// [`SWITCH_WAIT`] for the local writes under way): read-only at once,
     /// persisted, then the sessions follow, then the hook runs. Blocks for as long as
     /// the hook.
     pub fn demote(&self, epoch: u64, reason: &'static str) -> Result<RoleState, String> {
@@ -387,7 +407,9 @@ impl RoleCell {
 
     fn demote_locked(&self, epoch: u64, reason: &'static str) -> Result<RoleState, String> {
         let previous = self.get();
-        self.volume.set_role(Role::Standby);
+        // A write stuck on a disk that no longer answers does not keep this node
+        // active (and its peers from taking over).
+        self.switch_within(Role::Standby);
         let next = RoleState {
             role: Role::Standby,
             epoch: epoch.max(previous.epoch),

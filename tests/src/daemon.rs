@@ -182,6 +182,21 @@ impl Node {
         status["volumes"][0].clone()
     }
 
+    /// Whether a thread of the daemon waits for a frozen filesystem to thaw (a write
+    /// waits in `percpu_rwsem_wait`, for the superblock's write lock).
+    pub fn blocked_in_a_write(&self) -> bool {
+        let Some(pid) = self.pid() else {
+            return false;
+        };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().any(|task| {
+            std::fs::read_to_string(task.path().join("wchan"))
+                .is_ok_and(|w| w.contains("percpu_rwsem"))
+        })
+    }
+
     /// The daemon's pid, if running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

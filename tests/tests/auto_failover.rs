@@ -269,6 +269,68 @@ fn an_active_that_fails_its_health_check_hands_over_to_the_standby() {
     c.wait_converged_to(1, CONVERGE);
 }
 
+/// The active's disk stops answering with a local write under way: its health check
+/// fails, and it gives up the role without waiting for that write (it used to wait
+/// for good, still active), so the standby takes over. Once the disk answers again,
+/// the write that ended on the demoted node is kept in its conflicts area when the
+/// new active's full sync replaces it.
+#[test]
+fn an_active_whose_disk_stops_answering_gives_up_the_role() {
+    let _serial = twinfs_tests::serial();
+    let rules = format!("health_interval = \"1s\"\nhealth_failures = 2\n{AUTO}");
+    let net = NetBridge::new(subnet(), 2);
+    let mut c = Cluster::in_bridge(&net, 0, &rules, fill);
+    // The active's volume on a disk of its own (filled again: the disk hides what
+    // was there).
+    let disk = twinfs_tests::Ext4Image::at(&c.nodes[0].volume, 64 << 20);
+    fill(&c.nodes[0].volume);
+    c.start();
+    c.wait_converged(CONVERGE);
+    wait_ready(&c, &[1]);
+
+    disk.freeze();
+    let target = c.nodes[0].volume.join("cmm.conf");
+    let writer = std::thread::spawn(move || fs::write(target, "chassis_id = 43\n"));
+    assert!(
+        wait_until(CONVERGE, || c.nodes[0].blocked_in_a_write()),
+        "the write never waited for the frozen disk\n{}",
+        logs(&c)
+    );
+    assert!(
+        wait_until(Duration::from_secs(90), || role_epoch(&c.nodes[0]).0
+            == "standby"),
+        "the active whose disk hangs never gave up the role\n{}",
+        logs(&c)
+    );
+    let from = Instant::now();
+    exactly_one_promotes(&c, &[1], 2, from);
+
+    disk.thaw();
+    let written = writer.join().expect("writer");
+    assert!(
+        wait_until(CONVERGE, || role_epoch(&c.nodes[0])
+            == ("standby".into(), 2)),
+        "{}",
+        logs(&c)
+    );
+    c.wait_converged_to(1, CONVERGE);
+    assert_eq!(
+        fs::read_to_string(c.nodes[0].volume.join("cmm.conf")).expect("read"),
+        "chassis_id = 42\n"
+    );
+    // What the write left (all of it, or the file truncated by its open if its write
+    // came once writes were refused) is kept.
+    let listed = String::from_utf8_lossy(&c.nodes[0].twinfs(&["conflicts"]).stdout).into_owned();
+    assert!(
+        listed.contains("cmm.conf"),
+        "{listed}\nwrite: {written:?}\n{}",
+        logs(&c)
+    );
+    // The disk goes after the daemon that mounted over it.
+    c.nodes[0].stop();
+    drop(disk);
+}
+
 /// A full sync and a `twinfs verify` that each scan a volume for longer than the
 /// volume's `peer_timeout`, and a change the active reads a large file whole for, do
 /// not make the standby take its active for silent: a session sends heartbeats while

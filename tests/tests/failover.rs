@@ -453,20 +453,6 @@ impl Drop for Resume<'_> {
     }
 }
 
-/// Whether a thread of the node's daemon waits for a frozen filesystem to thaw (a
-/// write waits in `percpu_rwsem_wait`, for the superblock's write lock).
-fn blocked_in_a_write(node: &Node) -> bool {
-    let Some(pid) = node.pid() else {
-        return false;
-    };
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|task| {
-        fs::read_to_string(task.path().join("wchan")).is_ok_and(|w| w.contains("percpu_rwsem"))
-    })
-}
-
 #[test]
 fn what_the_old_active_sent_is_not_put_in_place_once_the_standby_is_promoted() {
     let _serial = twinfs_tests::serial();
@@ -488,7 +474,7 @@ fn what_the_old_active_sent_is_not_put_in_place_once_the_standby_is_promoted() {
     let theirs = "chassis_id = 43\n";
     fs::write(c.active().join(conf), theirs).expect("write on the active");
     assert!(
-        wait_until(CONVERGE, || blocked_in_a_write(&c.nodes[1])),
+        wait_until(CONVERGE, || c.nodes[1].blocked_in_a_write()),
         "the standby's write never waited for the frozen disk; log:\n{}",
         c.nodes[1].log_text()
     );
@@ -529,6 +515,48 @@ fn what_the_old_active_sent_is_not_put_in_place_once_the_standby_is_promoted() {
     // The disk goes after the daemon that mounted over it, before the node's scratch
     // directory, which holds its mount point.
     c.nodes[1].stop();
+    drop(disk);
+}
+
+/// The active's disk stops answering with a local write under way: the active
+/// cannot hand over (its writes never stop), and `promote --force` on the standby
+/// takes over all the same once the handover's wait is over (it was refused). The
+/// old active, fenced, gives up the role without waiting for its stuck write.
+#[test]
+fn a_forced_promotion_takes_over_from_an_active_whose_disk_stops_answering() {
+    let _serial = twinfs_tests::serial();
+    let net = NetBridge::new(subnet(), 2);
+    // (No health check gives up the role meanwhile.)
+    let rules = format!("health_interval = \"1h\"\n{RULES}");
+    let mut c = Cluster::in_bridge(&net, 0, &rules, fill);
+    // The active's volume on a disk of its own (filled again: the disk hides what
+    // was there).
+    let disk = twinfs_tests::Ext4Image::at(&c.nodes[0].volume, 64 << 20);
+    fill(&c.nodes[0].volume);
+    c.start();
+    c.wait_converged(CONVERGE);
+    wait_ready(&c.nodes[1], &c.nodes[0]);
+
+    disk.freeze();
+    let target = c.nodes[0].volume.join("cmm.conf");
+    let writer = std::thread::spawn(move || fs::write(target, "chassis_id = 43\n"));
+    assert!(
+        wait_until(CONVERGE, || c.nodes[0].blocked_in_a_write()),
+        "the write never waited for the frozen disk; log:\n{}",
+        c.nodes[0].log_text()
+    );
+    // (It waits up to 40 s for the handover.)
+    let said = run_ok(&c.nodes[1], &["promote", "--force"]);
+    assert!(said.contains("did not hand over"), "{said}");
+    assert_eq!(role_epoch(&c.nodes[1]), ("active".into(), 2));
+    wait_role(&c.nodes[0], "standby", 2);
+
+    disk.thaw();
+    let _ = writer.join();
+    fs::write(c.nodes[1].volume.join("after"), "on the new active\n").expect("write");
+    c.wait_converged_to(1, CONVERGE);
+    // The disk goes after the daemon that mounted over it.
+    c.nodes[0].stop();
     drop(disk);
 }
 

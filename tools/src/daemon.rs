@@ -14,7 +14,7 @@ use twinfs_fs::{MountOptions, Mounted, Volume};
 use twinfs_replicator::capture::Capture;
 use twinfs_replicator::manifest::HashCache;
 use twinfs_replicator::node::{self, Peer, SyncRecord, VolumeLink};
-use twinfs_replicator::roles::{Hold, RoleCell, RoleState, CHANGE_WAIT};
+use twinfs_replicator::roles::{Hold, RoleCell, RoleState, CHANGE_WAIT, SWITCH_WAIT};
 use twinfs_replicator::transport::{self, PinnedPeers, TlsIdentity};
 
 use crate::config::{Config, Role, VolumeConfig};
@@ -97,9 +97,11 @@ pub fn answer_within(config: &Config, request: &Request) -> Duration {
                 .saturating_add(CHANGE_WAIT)
                 .saturating_add(h.timeout.saturating_mul(2))
         }),
-        Request::Demote { volume } => {
-            (volume.as_deref(), |h| DEMOTE_WAIT.saturating_add(h.timeout))
-        }
+        Request::Demote { volume } => (volume.as_deref(), |h| {
+            DEMOTE_WAIT
+                .saturating_add(SWITCH_WAIT * 2)
+                .saturating_add(h.timeout)
+        }),
         Request::Sync { volume, .. } | Request::Verify { volume } => {
             (volume.as_deref(), |_| SYNC_WAIT)
         }
@@ -940,8 +942,20 @@ impl Daemon {
                         }
                         continue;
                     }
+                    // The active answers but does not hand over (a disk of its that
+                    // no longer answers holds its writes): forced, this node takes
+                    // over as if it were silent; epochs fence the old one.
+                    Some(Err(e)) if force => {
+                        tracing::warn!(volume = %name, %peer, error = %e,
+                            "the active did not hand over; taking over as forced");
+                        lines.push(format!(
+                            "volume {name}: {peer} did not hand over ({e}); taking over as forced"
+                        ));
+                    }
                     Some(Err(e)) => {
-                        refused.push(format!("volume {name}: not promoted: {e}"));
+                        refused.push(format!(
+                            "volume {name}: not promoted: {e}; `--force` takes over anyway"
+                        ));
                         continue;
                     }
                     None => {
@@ -1079,12 +1093,22 @@ impl Daemon {
                 continue;
             }
             let roles = v.roles.clone();
-            if let Err(e) =
-                tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Demote)).await
-            {
-                failed.push(format!("volume {name}: not demoted: {e}"));
-                continue;
-            }
+            let stopped = tokio::task::spawn_blocking(move || roles.stop_writes(Hold::Demote));
+            // Whether writes under way did not finish: a write stuck on a disk that no
+            // longer answers. The demotion goes on (the role switch below does not wait
+            // for it either); if the write ends later, it ends on a standby.
+            let stuck = match tokio::time::timeout(SWITCH_WAIT, stopped).await {
+                Ok(Ok(())) => false,
+                Ok(Err(e)) => {
+                    failed.push(format!("volume {name}: not demoted: {e}"));
+                    continue;
+                }
+                Err(_) => {
+                    tracing::error!(volume = %name, wait = ?SWITCH_WAIT,
+                        "writes under way do not finish (a disk that does not answer?); demoting without them");
+                    true
+                }
+            };
             let flushed = tokio::time::Instant::now() + DEMOTE_WAIT;
             self.flush(v, flushed).await;
             let left = flushed.saturating_duration_since(tokio::time::Instant::now());
@@ -1092,9 +1116,14 @@ impl Daemon {
             behind.extend(self.never_followed(name));
             let epoch = now.epoch;
             // A standby that did not acknowledge everything lacks some of this node's
-            // writes: if it becomes the active, its full sync replaces them here. So,
-            // as a fenced node does, the conflicts area is armed (durable before the
-            // role changes): that full sync keeps this node's versions first.
+            // writes (and none has a write still under way): if it becomes the active,
+            // its full sync replaces them here. So, as a fenced node does, the
+            // conflicts area is armed (durable before the role changes): that full
+            // sync keeps this node's versions first.
+            if stuck {
+                behind
+                    .push("writes still under way here (a disk that does not answer?)".to_owned());
+            }
             let mut armed = None;
             if !behind.is_empty() {
                 let area =
