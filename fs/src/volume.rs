@@ -282,13 +282,14 @@ pub struct Volume {
     dirs: Mutex<HashMap<u64, (Vec<DirEntry>, bool)>>,
     next_fh: AtomicU64,
     role: AtomicU8,
-    /// Counts the role switches begun: one that a later switch overtook while it
-    /// waited for [`Volume::writing`] leaves the role alone.
+    /// Numbers the role switches as they begin: one that a later switch overtook
+    /// while it waited for [`Volume::writing`] leaves the role alone.
     switches: AtomicU64,
     /// Write-type operations begun in the active role and still under way.
     active_writes: AtomicU64,
-    /// Held while a switch checks that it is the latest and stores the role.
-    storing_role: Mutex<()>,
+    /// The number of the switch that stored the role last: an older one that ends
+    /// later does not store it.
+    stored_switch: Mutex<u64>,
     /// Held shared by each write-type operation while it runs, and exclusively by a
     /// role switch: once [`Volume::set_role`] to standby returns, no local write is in
     /// progress, and none starts.
@@ -513,7 +514,7 @@ impl Volume {
             role: AtomicU8::new(role as u8),
             switches: AtomicU64::new(0),
             active_writes: AtomicU64::new(0),
-            storing_role: Mutex::new(()),
+            stored_switch: Mutex::new(0),
             writing: RwLock::new(()),
             passthrough: AtomicBool::new(false),
             sink,
@@ -609,7 +610,19 @@ impl Volume {
     /// written since its last record: its writer can write no more, and what it
     /// wrote while this node was active must be shipped without waiting for a close.
     pub fn set_role(&self, role: Role) {
-        let switch = self.switches.fetch_add(1, Ordering::AcqRel) + 1;
+        self.finish_switch(role, self.begin_switch());
+    }
+
+    /// The number of a role switch that begins now (carried out by
+    /// [`Volume::finish_switch`]): of two switches, the one begun later decides the
+    /// role, whichever ends last.
+    pub fn begin_switch(&self) -> u64 {
+        self.switches.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Carries out switch number `switch` ([`Volume::begin_switch`]) as
+    /// [`Volume::set_role`] does.
+    pub fn finish_switch(&self, role: Role, switch: u64) {
         self.switch_role(role, switch);
     }
 
@@ -620,7 +633,7 @@ impl Volume {
     /// waits for them), and the rest of the switch is done once they have finished.
     /// Whether it was done within `wait`.
     pub fn set_role_within(self: &Arc<Self>, role: Role, wait: std::time::Duration) -> bool {
-        let switch = self.switches.fetch_add(1, Ordering::AcqRel) + 1;
+        let switch = self.begin_switch();
         let (done, finished) = std::sync::mpsc::channel();
         let volume = self.clone();
         let spawned = std::thread::Builder::new()
@@ -640,14 +653,13 @@ impl Volume {
         false
     }
 
-    /// Stores `role` if switch number `switch` is the latest begun. Whether it was.
-    fn store_role_if_latest(&self, role: Role, switch: u64) -> bool {
-        let _storing = self.storing_role.lock().unwrap_or_else(|e| e.into_inner());
-        let latest = self.switches.load(Ordering::Acquire) == switch;
-        if latest {
+    /// Stores `role` for switch number `switch`, unless a later switch stored it.
+    fn store_role_if_latest(&self, role: Role, switch: u64) {
+        let mut stored = self.stored_switch.lock().unwrap_or_else(|e| e.into_inner());
+        if switch >= *stored {
             self.role.store(role as u8, Ordering::Release);
+            *stored = switch;
         }
-        latest
     }
 
     /// Waits until the write-type operations begun while this node was active have
@@ -664,9 +676,9 @@ impl Volume {
     /// Switch number `switch` of [`Volume::set_role`], unless a later one began.
     fn switch_role(&self, role: Role, switch: u64) {
         let _quiet = self.quiet_for_switch(role);
-        if !self.store_role_if_latest(role, switch) {
-            return;
-        }
+        self.store_role_if_latest(role, switch);
+        // (Also when overtaken: what was written before it is recorded all the same,
+        // and a later switch to active makes no harm of it.)
         if role == Role::Standby {
             // A standby's files are written by the replicator, beside the mount: a
             // record kept now would miss those writes. (Only an active node watches,

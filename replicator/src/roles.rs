@@ -361,14 +361,16 @@ impl RoleCell {
     /// (they go on shipping what was written before). Blocks until the writes under
     /// way are done. Does not wait for a role change under way (a hook may take long).
     pub fn stop_writes(&self, hold: Hold) {
-        {
+        // The hold and the switch's place among the switches in one step; but not
+        // holding `holds` while it waits: a write stuck on a disk that does not answer
+        // must not hold up `resume_writes` or a promotion too, whose later switches
+        // decide the role (see `Volume::begin_switch`).
+        let switch = {
             let mut holds = self.holds();
             holds[hold.index()] = holds[hold.index()].saturating_add(1);
-        }
-        // Not holding `holds` while it waits: a write stuck on a disk that does not
-        // answer must not hold up `resume_writes` or a promotion too. (A later switch
-        // overtakes this one: see `Volume::set_role`.)
-        self.volume.set_role(Role::Standby);
+            self.volume.begin_switch()
+        };
+        self.volume.finish_switch(Role::Standby, switch);
     }
 
     /// Lifts `hold`; lets local writes in again if no other hold is left and the node
