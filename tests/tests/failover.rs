@@ -66,6 +66,15 @@ fn wait_ready(node: &Node, active: &Node) {
     );
 }
 
+/// Waits until the standby `node` is fit to take over, as recorded.
+fn wait_fit(node: &Node) {
+    assert!(
+        wait_until(CONVERGE, || node.volume_status()["takeover"] == "ready"),
+        "{}",
+        node.volume_status()
+    );
+}
+
 fn run_ok(node: &Node, args: &[&str]) -> String {
     let out = node.twinfs(args);
     assert!(
@@ -90,12 +99,7 @@ fn unplanned_failover_and_the_old_active_comes_back_as_a_standby() {
     c.wait_converged(CONVERGE);
     fs::write(c.active().join("passwd"), "root:x:0:0\nadmin:x:1000:1000\n").expect("write");
     c.wait_converged(CONVERGE);
-    assert!(
-        wait_until(CONVERGE, || c.nodes[1].volume_status()["takeover"]
-            == "ready"),
-        "{}",
-        c.nodes[1].volume_status()
-    );
+    wait_fit(&c.nodes[1]);
     assert_eq!(c.nodes[0].volume_status()["takeover"], "active");
 
     c.nodes[0].kill9();
@@ -184,12 +188,7 @@ fn a_demotion_with_a_standby_behind_keeps_what_the_new_active_replaces() {
     c.start();
     c.wait_converged(CONVERGE);
     // (Fit to take over, as recorded, before it stops.)
-    assert!(
-        wait_until(CONVERGE, || c.nodes[1].volume_status()["takeover"]
-            == "ready"),
-        "{}",
-        c.nodes[1].volume_status()
-    );
+    wait_fit(&c.nodes[1]);
     c.nodes[1].stop();
     let a = c.nodes[0].volume.clone();
     fs::write(a.join("cmm.conf"), "chassis_id = 44 (node0 only)\n").expect("write");
@@ -1021,6 +1020,12 @@ fn a_failed_promote_hook_hands_the_role_back_when_configured() {
         "hook output is logged"
     );
     assert!(is_erofs(fs::write(c.nodes[1].volume.join("x"), "y")));
+    // The low-level `twinfs role` says so too, and fails (it said it had switched).
+    let out = c.nodes[1].twinfs(&["role", "vol", "active"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("handed back"), "{said}");
+    assert_eq!(role_epoch(&c.nodes[1]), ("standby".into(), 2));
 }
 
 /// A hook that starts a service in the background (`cmmd &`) returns when its shell
@@ -1092,12 +1097,7 @@ fn a_changed_priority1_once_file_keeps_the_standby_not_ready_until_it_ships() {
     assert_eq!(sif(1), None, "once: not shipped");
     run_ok(&c.nodes[0], &["sync", "blade.sif"]);
     assert_eq!(sif(1).as_deref(), Some("firmware 2\n"));
-    assert!(
-        wait_until(CONVERGE, || c.nodes[1].volume_status()["takeover"]
-            == "ready"),
-        "{}",
-        c.nodes[1].volume_status()
-    );
+    wait_fit(&c.nodes[1]);
 
     // A planned handover ships it before the standby takes over.
     fs::write(c.active().join("blade.sif"), "firmware 3\n").expect("write");
@@ -1265,12 +1265,7 @@ fn an_old_session_ending_does_not_record_the_standby_fit_during_a_new_full_sync(
     immutable.set(&ours);
     c.start();
     c.wait_converged(CONVERGE);
-    assert!(
-        wait_until(CONVERGE, || c.nodes[1].volume_status()["takeover"]
-            == "ready"),
-        "{}",
-        c.nodes[1].volume_status()
-    );
+    wait_fit(&c.nodes[1]);
 
     // The restarted active has a new passwd, which the standby cannot take: its new
     // full sync never completes.

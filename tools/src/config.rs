@@ -921,6 +921,12 @@ impl RawRule {
 /// Why `pattern` can never match a path of the volume at `volume`, if it cannot: the
 /// paths it is matched against are relative to the volume root, without `.` or `..`.
 fn never_matches(pattern: &str, volume: &Path) -> Option<String> {
+    if pattern.contains("//") {
+        return Some(format!(
+            "{pattern:?} has an empty part (\"//\"), which no path in the volume has: write \
+             one '/' between names"
+        ));
+    }
     if pattern.split('/').any(|part| part == "." || part == "..") {
         return Some(format!(
             "{pattern:?} has a \".\" or \"..\" part, which no path in the volume has: write \

@@ -222,6 +222,16 @@ pub enum ControlError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The request is longer than the daemon reads ([`MAX_LINE`]).
+    #[error(
+        "the request is {len} bytes, longer than the {} MiB the daemon reads: name fewer \
+         paths at a time (or use `twinfs sync --full`)",
+        MAX_LINE >> 20
+    )]
+    RequestTooLong {
+        /// Its length, with the line's end.
+        len: usize,
+    },
     /// The daemon's answer was longer than [`MAX_ANSWER`].
     #[error("control socket {path}: the daemon's answer is longer than {} MiB; not read", MAX_ANSWER >> 20)]
     TooLong {
@@ -244,6 +254,11 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
         path: socket.to_owned(),
         source,
     };
+    let mut line = serde_json::to_vec(request).map_err(|e| io(e.into()))?;
+    line.push(b'\n');
+    if line.len() > MAX_LINE {
+        return Err(ControlError::RequestTooLong { len: line.len() });
+    }
     let mut stream = UnixStream::connect(socket).map_err(|source| {
         let path = socket.to_owned();
         // SAFETY: geteuid has no preconditions.
@@ -255,8 +270,6 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut line = serde_json::to_vec(request).map_err(|e| io(e.into()))?;
-    line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
     let mut reader = BufReader::new(stream).take(MAX_ANSWER as u64);
     let mut answer = String::new();
@@ -293,6 +306,28 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains("may still be carrying out"), "{message}");
         assert!(message.contains("twinfs status"), "{message}");
+        drop(listener);
+    }
+
+    /// A request longer than the daemon reads is refused here, saying so (the daemon
+    /// answered "bad request: EOF while parsing", or the command died of SIGPIPE).
+    #[test]
+    fn a_request_longer_than_the_daemon_reads_is_refused_before_it_is_sent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("control.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        let paths = vec!["etc/cmm/a-long-enough-name".to_owned(); 60_000];
+        let request = Request::Sync {
+            volume: None,
+            paths,
+            full: false,
+        };
+        let err = call(&socket, &request, Duration::from_millis(100)).expect_err("too long");
+        assert!(
+            matches!(err, ControlError::RequestTooLong { .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("name fewer paths"), "{err}");
         drop(listener);
     }
 }

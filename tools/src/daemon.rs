@@ -820,6 +820,10 @@ async fn handle_connection(
     let mut line = String::new();
     let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
     let response = match read {
+        Ok(Ok(n)) if n >= control::MAX_LINE && !line.ends_with('\n') => Response::Error(format!(
+            "request too long: over {} MiB",
+            control::MAX_LINE >> 20
+        )),
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             Ok(request) => match daemon.upgrade() {
                 Some(daemon) => daemon.handle(request).await,
@@ -1391,6 +1395,21 @@ impl Daemon {
     /// The configured peers (witnesses aside) that no session serves as a standby of
     /// `volume` now: down, cut off, or not a standby.
     fn standbys_away(&self, volume: &str) -> Vec<String> {
+        self.not_standbys(volume, true)
+    }
+
+    /// The peers (not witnesses) that have not followed this node for `volume` since
+    /// it started: they may lack anything it wrote.
+    fn never_followed(&self, volume: &str) -> Vec<String> {
+        self.not_standbys(volume, false)
+            .into_iter()
+            .map(|p| format!("{p} (no session as a standby since this node started)"))
+            .collect()
+    }
+
+    /// The configured peers (witnesses aside) that no session serves as a standby of
+    /// `volume`: now (`now`), or at all since this node started.
+    fn not_standbys(&self, volume: &str, now: bool) -> Vec<String> {
         let board = self.board.lock().unwrap_or_else(|e| e.into_inner());
         self.config
             .peers
@@ -1400,33 +1419,11 @@ impl Daemon {
                 !board.values().any(|s| {
                     s.volume == volume
                         && s.peer == p.name
-                        && s.connected
+                        && (s.connected || !now)
                         && s.peer_role == Some(Role::Standby)
                 })
             })
             .map(|p| p.name.clone())
-            .collect()
-    }
-
-    /// The peers (not witnesses) that have not followed this node for `volume` since
-    /// it started: they may lack anything it wrote.
-    fn never_followed(&self, volume: &str) -> Vec<String> {
-        let board = self.board.lock().unwrap_or_else(|e| e.into_inner());
-        self.config
-            .peers
-            .iter()
-            .filter(|p| !p.witness)
-            .filter(|p| {
-                !board.values().any(|s| {
-                    s.volume == volume && s.peer == p.name && s.peer_role == Some(Role::Standby)
-                })
-            })
-            .map(|p| {
-                format!(
-                    "{} (no session as a standby since this node started)",
-                    p.name
-                )
-            })
             .collect()
     }
 
@@ -1519,13 +1516,20 @@ impl Daemon {
         let v = self.volume(name)?;
         let before = v.roles.get();
         let roles = v.roles.clone();
-        tokio::task::spawn_blocking(move || match role {
+        let now = tokio::task::spawn_blocking(move || match role {
             Role::Active => roles.activate("manual"),
             Role::Standby => roles.demote(before.epoch, "manual"),
         })
         .await
         .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?
         .map_err(|e| anyhow::anyhow!("volume {name}: {e}"))?;
+        if now.role != role {
+            // A failed promote hook handed the role back (`on_promote_failure`).
+            bail!(
+                "volume {name}: not switched: the on_promote hook failed and the role was handed back; it stays {} (see `twinfs status`)",
+                now.role
+            );
+        }
         let before = before.role;
         tracing::info!(volume = name, from = %before, to = %role, "role switched");
         let writers = v.mounted.volume().stats().open_for_write;

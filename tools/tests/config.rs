@@ -370,6 +370,9 @@ fn a_pattern_that_can_never_match() {
     for pattern in ["./local", "../x", "fw/./x", "a/../b", "x/.."] {
         setup.assert_error(&rule(pattern), 6, key, "\"..\" part");
     }
+    for pattern in ["//fw", "fw//x.bin", "/a//b"] {
+        setup.assert_error(&rule(pattern), 6, key, "empty part");
+    }
     // The volume's path through a symlink, the pattern with the real one.
     let link = setup.dir.path().join("link");
     std::os::unix::fs::symlink(setup.volume(), &link).expect("symlink");
