@@ -673,7 +673,8 @@ impl Volume {
         }
     }
 
-    /// Switch number `switch` of [`Volume::set_role`], unless a later one began.
+    /// Switch number `switch` of [`Volume::set_role`]: stores the role unless a later
+    /// switch stored it.
     fn switch_role(&self, role: Role, switch: u64) {
         let _quiet = self.quiet_for_switch(role);
         self.store_role_if_latest(role, switch);

@@ -1120,10 +1120,10 @@ impl Daemon {
             behind.extend(self.never_followed(name));
             let epoch = now.epoch;
             // A standby that did not acknowledge everything lacks some of this node's
-            // writes (and none has a write still under way): if it becomes the active,
-            // its full sync replaces them here. So, as a fenced node does, the
-            // conflicts area is armed (durable before the role changes): that full
-            // sync keeps this node's versions first.
+            // writes (and none has a write still under way here, which ends after the
+            // demotion): if it becomes the active, its full sync replaces them here.
+            // So, as a fenced node does, the conflicts area is armed (durable before
+            // the role changes): that full sync keeps this node's versions first.
             if stuck {
                 behind
                     .push("writes still under way here (a disk that does not answer?)".to_owned());
