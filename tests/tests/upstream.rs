@@ -76,6 +76,16 @@ fn kept(node: &Node, path: &str) -> Option<String> {
         .find_map(read)
 }
 
+/// Has the standby (node 1) take cmm.conf for a `both` path, which the active does not.
+fn cmm_conf_is_both_on_the_standby(c: &Cluster) {
+    let config = &c.nodes[1].config;
+    let mut text = fs::read_to_string(config).expect("config");
+    text.push_str(
+        "\n[[volume.rule]]\nmatch = \"cmm.conf\"\nsync = \"always\"\ndirection = \"both\"\n",
+    );
+    fs::write(config, text).expect("config");
+}
+
 fn sh(script: &str) {
     let status = Command::new("sh")
         .args(["-c", script])
@@ -285,12 +295,7 @@ fn the_active_refuses_a_path_that_is_not_both_under_its_own_rules() {
     let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(2, RULES, fill);
     // The standby (wrongly) believes cmm.conf is a `both` path; the active does not.
-    let config = &c.nodes[1].config;
-    let mut text = fs::read_to_string(config).expect("config");
-    text.push_str(
-        "\n[[volume.rule]]\nmatch = \"cmm.conf\"\nsync = \"always\"\ndirection = \"both\"\n",
-    );
-    fs::write(config, text).expect("config");
+    cmm_conf_is_both_on_the_standby(&c);
     c.start();
     c.wait_converged(CONVERGE);
     let standby = &c.nodes[1];
@@ -359,12 +364,7 @@ fn an_unconfirmed_write_is_kept_when_the_active_comes_back_before_the_old_sessio
 fn a_refused_write_that_cannot_be_kept_is_not_replaced() {
     let _serial = twinfs_tests::serial();
     let mut c = Cluster::new(2, RULES, fill);
-    let config = &c.nodes[1].config;
-    let mut text = fs::read_to_string(config).expect("config");
-    text.push_str(
-        "\n[[volume.rule]]\nmatch = \"cmm.conf\"\nsync = \"always\"\ndirection = \"both\"\n",
-    );
-    fs::write(config, text).expect("config");
+    cmm_conf_is_both_on_the_standby(&c);
     let area = c.nodes[1].state_dir.join("conflicts/vol");
     fs::create_dir_all(&area).expect("conflicts area");
     c.start();
