@@ -620,12 +620,6 @@ impl Volume {
         self.switches.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    /// Carries out switch number `switch` ([`Volume::begin_switch`]) as
-    /// [`Volume::set_role`] does.
-    pub fn finish_switch(&self, role: Role, switch: u64) {
-        self.switch_role(role, switch);
-    }
-
     /// [`Volume::set_role`], waiting at most `wait` for the write-type operations under
     /// way: one stuck on a disk that no longer answers must not keep a node active (or
     /// keep it from taking writes). Past `wait` the role is switched at once (the
@@ -639,11 +633,11 @@ impl Volume {
         let spawned = std::thread::Builder::new()
             .name("twinfs-role".into())
             .spawn(move || {
-                volume.switch_role(role, switch);
+                volume.finish_switch(role, switch);
                 let _ = done.send(());
             });
         if spawned.is_err() {
-            self.switch_role(role, switch);
+            self.finish_switch(role, switch);
             return true;
         }
         if finished.recv_timeout(wait).is_ok() {
@@ -673,9 +667,9 @@ impl Volume {
         }
     }
 
-    /// Switch number `switch` of [`Volume::set_role`]: stores the role unless a later
-    /// switch stored it.
-    fn switch_role(&self, role: Role, switch: u64) {
+    /// Carries out switch number `switch` ([`Volume::begin_switch`]) as
+    /// [`Volume::set_role`] does: stores the role unless a later switch stored it.
+    pub fn finish_switch(&self, role: Role, switch: u64) {
         let _quiet = self.quiet_for_switch(role);
         self.store_role_if_latest(role, switch);
         // (Also when overtaken: what was written before it is recorded all the same,

@@ -2116,8 +2116,7 @@ async fn run_session(
                                         // that.
                                         keeping = true;
                                         was_keeping = false;
-                                        arm_keeping(&volume).await;
-                                        if send.write(&Message::Resync).await.is_none() {
+                                        if keep_and_resync(&volume, &mut send).await.is_none() {
                                             break;
                                         }
                                     }
@@ -2431,6 +2430,12 @@ async fn arm_keeping(volume: &VolumeLink) {
 async fn upstream_lagged(volume: &VolumeLink, send: &mut Control, missed: u64) -> Option<()> {
     tracing::error!(volume = %volume.name, missed,
         "upstream writes lagged; keeping this node's versions and resyncing");
+    keep_and_resync(volume, send).await
+}
+
+/// Standby: arms the conflicts area and asks the active for a full sync, which keeps
+/// this node's versions of what it replaces. `None` when the stream failed.
+async fn keep_and_resync(volume: &VolumeLink, send: &mut Control) -> Option<()> {
     arm_keeping(volume).await;
     send.write(&Message::Resync).await.map(|_| ())
 }

@@ -1128,12 +1128,12 @@ impl Daemon {
                 behind
                     .push("writes still under way here (a disk that does not answer?)".to_owned());
             }
+            let area = twinfs_replicator::conflicts::Area::new(&self.config.node.state_dir, name);
             let mut armed = None;
             if !behind.is_empty() {
-                let area =
-                    twinfs_replicator::conflicts::Area::new(&self.config.node.state_dir, name);
                 let dir = area.dir().to_owned();
-                let result = tokio::task::spawn_blocking(move || area.arm(epoch, unix_now()))
+                let arming = area.clone();
+                let result = tokio::task::spawn_blocking(move || arming.arm(epoch, unix_now()))
                     .await
                     .map_err(std::io::Error::other)
                     .and_then(|r| r);
@@ -1172,8 +1172,6 @@ impl Daemon {
                 // Still active: its writes come back rather than stay held for good (a
                 // full disk under the state directory, say), and nothing is to be kept.
                 if armed.is_some() {
-                    let area =
-                        twinfs_replicator::conflicts::Area::new(&self.config.node.state_dir, name);
                     let _ = tokio::task::spawn_blocking(move || area.disarm()).await;
                 }
                 let roles = v.roles.clone();
