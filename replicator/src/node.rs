@@ -491,6 +491,15 @@ impl SyncRecord {
     }
 }
 
+/// The answer to `twinfs sync` (and a demotion's flush) from a standby that refused
+/// a change it was sent: it lacks that until a full sync repairs it.
+fn refused_answer(session: &Session) -> String {
+    match session.rejected_paths().last() {
+        Some((path, why)) => format!("it refused {path}: {why}"),
+        None => "it refused a change".to_owned(),
+    }
+}
+
 /// Standby: saves what session number `following` knows of this node's fitness to
 /// take over, unless a newer session of the volume has started.
 async fn record_fitness(volume: &VolumeLink, session: &Session, following: u64) {
@@ -1936,9 +1945,16 @@ async fn run_session(
                 continue;
             }
         }
-        if !syncs.is_empty() && !flushing && session.caught_up() {
+        if !syncs.is_empty() && !flushing && session.settled() {
+            // Everything is answered: applied, or refused (the standby lacks that
+            // until a full sync repairs it; waiting would not bring it).
+            let answer = if session.caught_up() {
+                Ok(())
+            } else {
+                Err(refused_answer(&session))
+            };
             for reply in syncs.drain(..) {
-                let _ = reply.try_send((link.peer.clone(), Ok(())));
+                let _ = reply.try_send((link.peer.clone(), answer.clone()));
             }
         }
         if let Some((since, drain_to)) = handing_over {

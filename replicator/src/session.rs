@@ -248,6 +248,10 @@ pub struct Session {
     full_sync_end: Option<u64>,
     /// The sequence number before the first op of the current full sync.
     full_sync_base: u64,
+    /// Active: the standby refused an op sent since the last manifest comparison
+    /// (one of that full sync, or streamed after it): it lacks what it refused, so
+    /// it is not caught up until a full sync with nothing refused repairs it.
+    refused: bool,
     /// Content bytes of ops sent and not yet acked, by sequence number.
     unacked: VecDeque<(u64, u64)>,
     queue: VecDeque<Pending>,
@@ -352,6 +356,7 @@ impl Session {
             theirs_done: false,
             full_sync_end: None,
             full_sync_base: 0,
+            refused: false,
             unacked: VecDeque::new(),
             queue: VecDeque::new(),
             queued_ships: HashSet::new(),
@@ -622,8 +627,16 @@ impl Session {
     }
 
     /// Active: every change handed to the session so far is applied on the standby
-    /// (streaming, nothing queued or in flight, no full sync wanted).
+    /// (settled, and nothing refused since the last manifest comparison).
     pub fn caught_up(&self) -> bool {
+        self.settled() && !self.refused
+    }
+
+    /// Active: every change handed to the session so far is answered by the standby,
+    /// applied or refused (streaming, nothing queued or in flight, no full sync
+    /// wanted). Settled but not [`caught_up`](Self::caught_up): the standby refused
+    /// something and waits for a full sync to repair it.
+    pub fn settled(&self) -> bool {
         self.is_active()
             && self.phase == Phase::Streaming
             && self.queue.is_empty()
@@ -941,9 +954,17 @@ impl Session {
                 tracing::warn!(volume = %self.config.volume, seq, %path, %reason,
                     "standby refused a change");
                 self.remember_rejected(path, reason);
+                // Refused since the last comparison: the standby lacks it, whichever
+                // way it went (an op of a full sync is no more delivered than a
+                // streamed one). Refusals of ops before it came ahead of the standby's
+                // manifest, which shows what they left.
+                if seq > self.full_sync_base {
+                    self.refused = true;
+                }
                 // A change refused while streaming (a rename whose source the standby
                 // lacks, say) leaves the two apart: compare manifests. One refused
-                // during a full sync would only be refused again.
+                // during a full sync would only be refused again (the standby asks for
+                // one more full sync itself).
                 if self.full_sync_end.is_some_and(|end| seq > end) {
                     self.resync_wanted = true;
                 }
@@ -988,6 +1009,7 @@ impl Session {
         }
         let base = self.next_seq - 1;
         self.full_sync_base = base;
+        self.refused = false;
         self.stats.full_sync_bytes = diff.send.iter().filter(|t| t.content).map(|t| t.size).sum();
         let must_sync =
             |p: &RelPath| self.config.policies.resolve(p.as_path()).priority == Priority::MUST_SYNC;

@@ -250,6 +250,8 @@ struct World {
     /// How long the active's scan of its volume takes; its timers run as soon as it
     /// ends, before any message that came meanwhile is taken.
     active_scan: Duration,
+    /// Paths whose ops the standby refuses (its disk is full, say).
+    refuse: BTreeSet<RelPath>,
 }
 
 fn config(role: Role, policies: &PolicySet) -> SessionConfig {
@@ -294,6 +296,7 @@ impl World {
             defer_ships: false,
             deferred: Vec::new(),
             active_scan: Duration::ZERO,
+            refuse: BTreeSet::new(),
         }
     }
 
@@ -360,7 +363,11 @@ impl World {
                     self.standby.local_manifest(m, self.now);
                 }
                 Output::Apply { seq, op } => {
-                    let result = apply(&mut self.standby_tree, &op);
+                    let result = if self.refuse.contains(op.path()) {
+                        Err("no space left on device".to_string())
+                    } else {
+                        apply(&mut self.standby_tree, &op)
+                    };
                     self.standby.applied(seq, op.path(), result, self.now);
                 }
                 Output::InSync => self.in_sync_seen = true,
@@ -1576,6 +1583,36 @@ fn a_standby_that_refused_an_op_of_its_full_sync_is_not_in_sync_and_asks_again()
         3,
         "the conflicts area waits for a clean one"
     );
+}
+
+/// A change the standby refuses, streamed or shipped again by the full syncs that
+/// follow, is not delivered: the active never takes that standby for caught up (which
+/// releases `sync` writers, answers `twinfs sync` and hands over), until a full sync
+/// with nothing refused.
+#[test]
+fn a_change_the_standby_refuses_again_in_a_full_sync_is_never_taken_for_delivered() {
+    let mut w = World::settled(29);
+    assert!(w.active.caught_up() && w.converged());
+    w.refuse.insert(rel("b"));
+    w.write("b", b"the standby's disk is full", 31, ChangeKind::Write);
+    w.settle();
+    let a = w.active.stats();
+    assert!(
+        a.rejected >= 2,
+        "refused streamed, then in the full syncs: {a:?}"
+    );
+    assert!(a.full_syncs >= 2, "{a:?}");
+    assert!(w.active.settled(), "everything is answered");
+    assert!(
+        !w.active.caught_up(),
+        "taken for caught up with b refused: {a:?}"
+    );
+    assert!(!w.standby.fit() && !w.converged());
+    // Room again: the next full sync (`twinfs sync --full`) repairs it.
+    w.refuse.clear();
+    w.active.resync();
+    w.settle();
+    assert!(w.active.caught_up() && w.standby.fit() && w.converged());
 }
 
 /// Handovers, verifies and upstream writes are carried out by the driver: only after

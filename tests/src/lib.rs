@@ -117,6 +117,18 @@ impl Tmpfs {
         &self.path
     }
 
+    /// Removes the file `name` from its root, also when something is mounted on top
+    /// of it (a twinfs mount in place).
+    pub fn remove(&self, name: &str) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let name = std::ffi::CString::new(name)?;
+        // SAFETY: a valid fd and NUL-terminated name.
+        if unsafe { libc::unlinkat(self.root.as_raw_fd(), name.as_ptr(), 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Gives it `size` bytes (what is in it stays).
     pub fn resize(&self, size: u64) {
         let status = std::process::Command::new("mount")
@@ -134,14 +146,44 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        let Ok(path) = std::ffi::CString::new(format!("/proc/self/fd/{}", self.root.as_raw_fd()))
-        else {
-            return;
-        };
+        unmount_all_on(&self.root);
+    }
+}
+
+/// Unmounts the filesystem whose root `root` is open on, and first whatever is
+/// mounted on top of it (a twinfs mount in place, left by a test that failed): the
+/// fd's path reaches the top mount on the directory.
+fn unmount_all_on(root: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let Ok(path) = std::ffi::CString::new(format!("/proc/self/fd/{}", root.as_raw_fd())) else {
+        return;
+    };
+    for _ in 0..4 {
+        if !is_listed(root) {
+            break;
+        }
         // SAFETY: a valid NUL-terminated path.
         unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     }
+}
+
+/// Whether the mount that `root` is open on still stands: its mount ID is listed.
+fn is_listed(root: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    let fd = root.as_raw_fd();
+    let Some(id) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("mnt_id:").map(|v| v.trim().to_owned()))
+        })
+    else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+        info.lines()
+            .any(|l| l.split(' ').next() == Some(id.as_str()))
+    })
 }
 
 /// A small ext4 filesystem of its own (an image file on a loop device) mounted on a
@@ -234,30 +276,8 @@ impl Ext4Image {
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
 const FITHAW: libc::c_ulong = 0xC004_5878;
 
-impl Ext4Image {
-    /// Whether its mount still stands: the mount ID of the fd on its root is listed.
-    fn mounted(&self) -> bool {
-        use std::os::fd::AsRawFd;
-        let fd = self.root.as_raw_fd();
-        let Some(id) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-            .ok()
-            .and_then(|info| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix("mnt_id:").map(|v| v.trim().to_owned()))
-            })
-        else {
-            return false;
-        };
-        std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
-            info.lines()
-                .any(|l| l.split(' ').next() == Some(id.as_str()))
-        })
-    }
-}
-
 impl Drop for Ext4Image {
     fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
         // (No panic here: a test that failed is unwinding.)
         if self
             .frozen
@@ -265,19 +285,7 @@ impl Drop for Ext4Image {
         {
             let _ = self.ioctl(FITHAW);
         }
-        let Ok(path) = std::ffi::CString::new(format!("/proc/self/fd/{}", self.root.as_raw_fd()))
-        else {
-            return;
-        };
-        // The path reaches the top mount on the directory: a twinfs mount over the
-        // image goes first if it is still there (a test that failed), then the image.
-        for _ in 0..4 {
-            if !self.mounted() {
-                break;
-            }
-            // SAFETY: a valid NUL-terminated path.
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-        }
+        unmount_all_on(&self.root);
     }
 }
 

@@ -996,6 +996,60 @@ fn sync_durability_waits_for_the_standby_and_gives_up_at_the_timeout() {
     }));
 }
 
+/// A sync write that the standby refuses (its disk is full) is not taken for
+/// delivered, though the standby answers: the writer is held until `sync_timeout`,
+/// the standby shows out of sync, and `twinfs sync` says what it refused. Once the
+/// standby has room, a full sync brings it in.
+#[test]
+fn a_sync_write_the_standby_refuses_is_not_taken_for_delivered() {
+    let _serial = twinfs_tests::serial();
+    let rules = format!("durability = \"sync\"\nsync_timeout = \"3s\"\n{RULES}");
+    let mut c = Cluster::new(2, &rules, fill);
+    // The standby's volume is a small disk, mostly taken by a file of its own.
+    let disk = twinfs_tests::Tmpfs::at(&c.nodes[1].volume, 4 << 20, 0o755);
+    fs::write(c.nodes[1].volume.join("local"), vec![1u8; 3 << 20]).expect("filler");
+    c.start();
+    // (Its own file keeps the trees apart: compared by the status and the files.)
+    let active = &c.nodes[0];
+    let settled = || {
+        let p = &active.volume_status()["peers"][0];
+        p["full_sync"] == "done" && p["pending"] == 0 && p["acked"] == p["ops"]
+    };
+    assert!(wait_until(CONVERGE, settled));
+    assert!(c.nodes[1].volume.join("blade.sif").exists());
+
+    fs::write(c.active().join("big"), vec![7u8; 2 << 20]).expect("write completes");
+    // (Status shows it at the session's next turn, at most a heartbeat later.)
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            active.volume_status()["peers"][0]["out_of_sync"] == true
+        }),
+        "a write the standby refused was taken for delivered: {}",
+        active.volume_status()
+    );
+    assert!(!c.nodes[1].volume.join("big").exists());
+    let out = c.nodes[0].twinfs(&["sync", "big"]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("NOT acknowledged") && said.contains("refused big"),
+        "{said}"
+    );
+
+    // Room again: the next full sync repairs it.
+    disk.remove("local").expect("free the standby's disk");
+    let out = c.nodes[0].twinfs(&["sync", "--full"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        fs::read(c.nodes[1].volume.join("big")).expect("read on the standby"),
+        vec![7u8; 2 << 20]
+    );
+    assert!(wait_until(CONVERGE, || {
+        active.volume_status()["peers"][0]["out_of_sync"] == false
+    }));
+}
+
 #[test]
 fn sync_durability_per_rule_holds_only_the_paths_it_names() {
     let _serial = twinfs_tests::serial();
