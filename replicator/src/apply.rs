@@ -207,6 +207,16 @@ impl ApplyError {
         matches!(self, ApplyError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
     }
 
+    /// Whether this is a failure of the disk or the system (an I/O error, no fd or
+    /// memory left...) rather than something about the path (missing, not a
+    /// directory, a symlink or mount point on the way): trying again later may work.
+    pub fn is_passing(&self) -> bool {
+        matches!(self, ApplyError::Io { source, .. } if !matches!(
+            source.raw_os_error(),
+            Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV | libc::ENAMETOOLONG)
+        ))
+    }
+
     /// Whether a directory on the way is something else here (`ENOTDIR`).
     fn is_not_directory(&self) -> bool {
         matches!(self, ApplyError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOTDIR))

@@ -24,14 +24,18 @@
 //! the next start (the writes are idempotent), so the file ends up whole: the new
 //! version. A journal that was not completely written is discarded; the file was not
 //! touched yet. A journal is only ever replayed into the inode it was written for
-//! (device, number and generation), and one that cannot be applied is dropped with a
-//! warning rather than stopping the daemon: the next full sync repairs its file. If
+//! (number and generation: its paths never leave the volume's filesystem, whose
+//! device number may differ after a reboot), and one that cannot be applied is
+//! dropped with a warning rather than stopping the daemon: the next full sync repairs
+//! its file. One whose file cannot be opened for a passing reason (a disk error, no
+//! fd left) is kept for the next start. Journals hold file contents: owner only. If
 //! the write in 4 fails, a new copy is built at once ([`replace_by_copy`]), and the
 //! journal goes once that copy is in place.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -385,7 +389,8 @@ pub struct Entry<R = Vec<(u64, Vec<u8>)>> {
     /// The volume path of the file (its bytes).
     pub path: Vec<u8>,
     /// The (device, inode) of the file: a journal for a file that was replaced since
-    /// is not replayed into the new one.
+    /// is not replayed into the new one. Only the inode number is compared: the
+    /// device number of a filesystem can change across a reboot (btrfs, NVMe, LVM).
     pub key: (u64, u64),
     /// The file's inode generation ([`sys::generation`]), which tells it from a later
     /// file given the same inode number (ext4 reuses them); `None` on a filesystem
@@ -433,7 +438,10 @@ impl Journal {
         if self.dir.is_dir() {
             return Ok(());
         }
-        std::fs::create_dir_all(&self.dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)?;
         if let Some(parent) = self.dir.parent() {
             std::fs::File::open(parent)?.sync_all()?;
         }
@@ -458,10 +466,12 @@ impl Journal {
         );
         let path = self.dir.join(name);
         let written = Written(path.clone());
+        // The new content of any file, a 0600 one too: owner only.
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&path)?;
         for part in [&JOURNAL_MAGIC[..], &body, &sum] {
             io::Write::write_all(&mut &file, part)?;
@@ -636,12 +646,15 @@ fn replay_one(applier: &Applier<'_>, entry: &Entry) -> io::Result<Replayed> {
         return Ok(Replayed::Not("not a volume path".into()));
     };
     let file = match applier.open_for_patch(&path) {
-        Ok(Some((fd, st))) if (st.st_dev, st.st_ino) == entry.key => fd,
+        Ok(Some((fd, st))) if st.st_ino == entry.key.1 => fd,
         Ok(_) => {
             return Ok(Replayed::Not(
                 "the file was replaced or removed since".into(),
             ))
         }
+        // A passing failure (a disk error, no fd or memory left) keeps the journal:
+        // the file may be half written.
+        Err(e) if e.is_passing() => return Err(io::Error::other(e.to_string())),
         Err(e) => return Ok(Replayed::Not(format!("cannot open the file: {e}"))),
     };
     if let Some(generation) = entry.generation {
@@ -868,7 +881,7 @@ mod tests {
     fn replay_finishes_only_its_own_file_and_never_fails_on_one_it_cannot_update() {
         let vol = Vol::new();
         let outside = tempfile::tempdir().expect("tempdir");
-        for f in ["own", "reused", "old-format", "xattr"] {
+        for f in ["own", "renumbered", "reused", "old-format", "xattr"] {
             std::fs::write(vol.path(f), b"old bytes").expect("write");
         }
         std::fs::write(outside.path().join("linked"), b"old bytes").expect("write");
@@ -877,6 +890,19 @@ mod tests {
         let journal = Journal::new(vol.path("journal"));
 
         journal.write(&vol.entry("own", b"NEW")).expect("journal");
+        // The same file on a device numbered otherwise since (a reboot: btrfs, NVMe).
+        let mut renumbered = vol.entry("renumbered", b"NEW");
+        renumbered.key.0 ^= 1;
+        journal.write(&renumbered).expect("journal");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode();
+            assert_eq!(mode(journal.dir()) & 0o777, 0o700);
+            for f in std::fs::read_dir(journal.dir()).expect("list") {
+                let f = f.expect("entry").path();
+                assert_eq!(mode(&f) & 0o777, 0o600, "{}: file contents", f.display());
+            }
+        }
         // Another file that got the inode number of the one journaled.
         let mut reused = vol.entry("reused", b"NEW");
         reused.generation = Some(reused.generation.expect("ext4 has generations") ^ 1);
@@ -908,15 +934,73 @@ mod tests {
         .expect("write");
 
         let applied = journal.replay(&vol.applier()).expect("replay");
-        assert_eq!(applied, 1);
+        assert_eq!(applied, 2);
         let read = |p: &Path| std::fs::read(p).expect("read");
         assert_eq!(read(&vol.path("own")), b"NEW bytes");
+        assert_eq!(read(&vol.path("renumbered")), b"NEW bytes");
         assert_eq!(read(&vol.path("reused")), b"old bytes");
         assert_eq!(read(&vol.path("old-format")), b"old bytes");
         assert_eq!(read(&outside.path().join("linked")), b"old bytes");
         // Its content was written; only the metadata is left to the next full sync.
         assert_eq!(read(&vol.path("xattr")), b"NEW bytes");
         assert!(journal.is_empty(), "every journal was dealt with");
+    }
+
+    /// A journal whose file cannot be opened for now (here: no fd left) is kept for
+    /// the next start, not dropped: the file may be half written.
+    #[test]
+    fn a_journal_whose_file_cannot_be_opened_for_now_is_kept() {
+        const CHILD: &str = "TWINFS_PATCH_TEST_LOW_NOFILE";
+        if std::env::var_os(CHILD).is_none() {
+            // In a process of its own: it lowers its limit of open files.
+            let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+                .args([
+                    "--exact",
+                    "patch::tests::a_journal_whose_file_cannot_be_opened_for_now_is_kept",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, "1")
+                .output()
+                .expect("run the test binary");
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && said.contains("1 passed"), "{said}");
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        let vol = Vol::new();
+        std::fs::write(vol.path("f"), b"old bytes").expect("write");
+        let journal = Journal::new(vol.path("journal"));
+        journal.write(&vol.entry("f", b"NEW")).expect("journal");
+        let limit = |soft: libc::rlim_t, hard: libc::rlim_t| {
+            let l = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: a valid rlimit.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) }, 0);
+        };
+        let mut was = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a valid out pointer.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut was) }, 0);
+        // The lowest free fd: the journal directory's listing takes it, the root's
+        // clone the next one, and the file's open finds none left.
+        let lowest = std::fs::File::open("/dev/null").expect("open").as_raw_fd();
+        limit(lowest as libc::rlim_t + 2, was.rlim_max);
+        let replayed = journal.replay(&vol.applier());
+        limit(was.rlim_cur, was.rlim_max);
+        assert_eq!(replayed.expect("replay"), 0);
+        assert!(
+            !journal.is_empty(),
+            "the journal went with its file not updated"
+        );
+        assert_eq!(std::fs::read(vol.path("f")).expect("read"), b"old bytes");
+        // The next start finishes it.
+        assert_eq!(journal.replay(&vol.applier()).expect("replay"), 1);
+        assert_eq!(std::fs::read(vol.path("f")).expect("read"), b"NEW bytes");
+        assert!(journal.is_empty());
     }
 
     #[test]
