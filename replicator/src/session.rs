@@ -313,6 +313,10 @@ pub struct Session {
     lost: bool,
     /// Priority-1 paths of the full sync not applied yet, or refused since.
     priority1_pending: std::collections::BTreeSet<RelPath>,
+    /// Standby: ops received and not applied yet that bring nothing of the path they
+    /// name (a skip) or act on more paths than it (a deletion, a rename), by sequence
+    /// number: their application settles other priority-1 paths than `op.path()`.
+    wide_ops: BTreeMap<u64, Wide>,
     priority1_more: u64,
     /// Standby: priority-1 `once` paths the active changed after sending them, with
     /// the first op that may bring them as they are now ([`Message::OnceChanged`]).
@@ -377,6 +381,7 @@ impl Session {
             applied_ahead: std::collections::BTreeSet::new(),
             lost: false,
             priority1_pending: Default::default(),
+            wide_ops: BTreeMap::new(),
             priority1_more: 0,
             once_stale: Default::default(),
             in_sync_at: None,
@@ -1963,6 +1968,19 @@ impl Session {
                 {
                     self.priority1_pending.insert(op.path().clone());
                 }
+                let wide = match &op {
+                    Op::Skip { .. } => Some(Wide::Skip),
+                    Op::Delete { path } => Some(Wide::Gone(path.clone())),
+                    Op::Rename {
+                        from,
+                        exchange: false,
+                        ..
+                    } => Some(Wide::Gone(from.clone())),
+                    _ => None,
+                };
+                if let Some(wide) = wide {
+                    self.wide_ops.insert(seq, wide);
+                }
                 self.queue(Output::Apply { seq, op });
             }
             Message::OnceChanged { path, from_seq } => {
@@ -1988,19 +2006,31 @@ impl Session {
     pub fn applied(&mut self, seq: u64, path: &RelPath, result: Result<(), String>, now: Instant) {
         self.stats.ops += 1;
         let rejected_before = self.stats.rejected;
-        match &result {
-            Ok(()) => {
+        match (&result, self.wide_ops.remove(&seq)) {
+            // The active held the file back (being written, or changed while it was
+            // read): nothing of it came, and its writer's close (or that change)
+            // ships it. Until then it is not in sync.
+            (Ok(()), Some(Wide::Skip)) => {}
+            (Ok(()), wide) => {
                 self.priority1_pending.remove(path);
                 if self.once_stale.get(path).is_some_and(|from| seq >= *from) {
                     self.once_stale.remove(path);
                 }
+                // What was at or below a path deleted or renamed away is settled: the
+                // active has nothing there any more (a rename's new names are
+                // pending by their own op).
+                if let Some(Wide::Gone(gone)) = wide {
+                    self.priority1_pending.retain(|p| !p.starts_with(&gone));
+                    self.once_stale
+                        .retain(|p, from| !(p.starts_with(&gone) && seq >= *from));
+                }
             }
-            Err(_)
+            (Err(_), _)
                 if self.config.policies.resolve(path.as_path()).priority == Priority::MUST_SYNC =>
             {
                 self.priority1_pending.insert(path.clone());
             }
-            Err(_) => {}
+            (Err(_), _) => {}
         }
         if let Err(reason) = result {
             self.stats.rejected += 1;
@@ -2101,6 +2131,17 @@ fn at_or_above(path: &RelPath, hit: impl Fn(&RelPath) -> bool) -> bool {
         at = here.split_last().map(|(parent, _)| parent);
     }
     false
+}
+
+/// A received op whose application settles other priority-1 paths than the one it
+/// names (see `Session::wide_ops`).
+#[derive(Debug)]
+enum Wide {
+    /// `Op::Skip`: nothing of its path came.
+    Skip,
+    /// `Op::Delete`, or `Op::Rename` (not an exchange) from this path: what was at or
+    /// below it is gone.
+    Gone(RelPath),
 }
 
 /// The paths of `set` that are `path` or below it.

@@ -1358,6 +1358,45 @@ fn a_standby_is_fit_only_once_every_priority1_path_is_applied() {
     assert_eq!(refused.priority1_pending().0, vec![rel("b.sif")]);
 }
 
+/// A priority-1 file the active held back (being written, or changed while it was
+/// read: an `Op::Skip`) has not come: the standby is not fit until its change does, or
+/// the active deletes it or renames it away.
+#[test]
+fn a_priority1_file_held_back_by_the_active_keeps_the_standby_unfit() {
+    let now = Instant::now();
+    let mut standby = Session::new(config(Role::Standby, &policies()), now);
+    start_full_sync(&mut standby, vec![rel("a.sif"), rel("b.sif")], now);
+    for (seq, name) in [(1, "a.sif"), (2, "b.sif")] {
+        let op = Op::Skip { path: rel(name) };
+        standby.on_message(Message::Op { seq, op }, now);
+    }
+    standby.on_message(Message::FullSyncDone { seq: 2 }, now);
+    standby.applied(1, &rel("a.sif"), Ok(()), now);
+    standby.applied(2, &rel("b.sif"), Ok(()), now);
+    assert!(standby.in_sync(), "every op of the full sync is applied");
+    assert!(!standby.fit(), "fit with two priority-1 files held back");
+    assert_eq!(
+        standby.priority1_pending().0,
+        vec![rel("a.sif"), rel("b.sif")]
+    );
+    // The active deletes one, renames the other away.
+    let ops = [
+        Op::Delete { path: rel("a.sif") },
+        Op::Rename {
+            from: rel("b.sif"),
+            to: rel("b.old"),
+            exchange: false,
+            unsent: false,
+        },
+    ];
+    for (seq, op) in (3..).zip(ops) {
+        let path = op.path().clone();
+        standby.on_message(Message::Op { seq, op }, now);
+        standby.applied(seq, &path, Ok(()), now);
+    }
+    assert!(standby.fit(), "{:?}", standby.priority1_pending().0);
+}
+
 #[test]
 fn a_priority1_change_received_but_not_applied_leaves_the_standby_unfit() {
     let policies = PolicySet::new(vec![Rule::new(
