@@ -167,11 +167,17 @@ impl Table {
         Some(ino)
     }
 
-    /// Keeps `fd` for `ino` if it has no names left (see [`Node::kept`]).
+    /// Keeps `fd` for `ino` if it has no names left (see [`Node::kept`]). The node is
+    /// found by its backing file again: the fd pins that file, so its number cannot go
+    /// to another one, and a name of it the kernel did not know (a hard link looked
+    /// up later) must be this inode, not a second one beside it (whose cache and
+    /// attributes this one's writes would leave stale, and whose writes would be
+    /// recorded under no name).
     pub fn keep(&mut self, ino: u64, fd: OwnedFd) {
         if let Some(node) = self.nodes.get_mut(&ino) {
             if node.links.is_empty() && node.dir.is_none() {
                 node.kept = Some(Arc::new(fd));
+                self.by_key.entry(node.key).or_insert(ino);
             }
         }
     }

@@ -207,13 +207,23 @@ impl ApplyError {
         matches!(self, ApplyError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
     }
 
-    /// Whether this is a failure of the disk or the system (an I/O error, no fd or
-    /// memory left...) rather than something about the path (missing, not a
-    /// directory, a symlink or mount point on the way): trying again later may work.
+    /// Whether this is a passing failure of the disk or the system (an I/O error, no
+    /// fd or memory left, a busy or interrupted call): trying again later may work.
+    /// Not one about the path or the file (missing, a symlink on the way, not
+    /// permitted), which stays.
     pub fn is_passing(&self) -> bool {
-        matches!(self, ApplyError::Io { source, .. } if !matches!(
+        matches!(self, ApplyError::Io { source, .. } if matches!(
             source.raw_os_error(),
-            Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV | libc::ENAMETOOLONG)
+            Some(
+                libc::EIO
+                    | libc::EMFILE
+                    | libc::ENFILE
+                    | libc::ENOMEM
+                    | libc::EAGAIN
+                    | libc::EINTR
+                    | libc::EBUSY
+                    | libc::ETXTBSY
+            )
         ))
     }
 

@@ -121,6 +121,9 @@ pub struct SyncGate {
 struct GateEntry {
     caught_up: u64,
     out_of_sync: bool,
+    /// The standby refused a change and waits for a full sync to repair it: waiting
+    /// would not bring it, so `sync` writers do not wait for it (it is out of sync).
+    refusing: bool,
 }
 
 impl SyncGate {
@@ -182,6 +185,19 @@ impl SyncGate {
         self.changed.notify_all();
     }
 
+    /// Whether the session's standby refused a change that no full sync has
+    /// repaired yet, everything else answered ([`Session::settled`]).
+    fn refusing(&self, session: u64, refusing: bool) {
+        let mut sessions = self.lock();
+        if let Some(e) = sessions.get_mut(&session) {
+            if e.refusing != refusing {
+                e.refusing = refusing;
+                drop(sessions);
+                self.changed.notify_all();
+            }
+        }
+    }
+
     fn out_of_sync(&self, session: u64) -> bool {
         self.lock().get(&session).is_some_and(|e| e.out_of_sync)
     }
@@ -193,11 +209,20 @@ impl SyncGate {
         let mut sessions = self.lock();
         let waiting: Vec<u64> = sessions.keys().copied().collect();
         loop {
-            let behind: Vec<u64> = waiting
+            let mut behind: Vec<u64> = waiting
                 .iter()
                 .copied()
                 .filter(|s| sessions.get(s).is_some_and(|e| e.caught_up < id))
                 .collect();
+            // A standby that refused a change is not waited for: it is out of sync
+            // until a full sync repairs it.
+            behind.retain(|s| match sessions.get_mut(s) {
+                Some(e) if e.refusing => {
+                    e.out_of_sync = true;
+                    false
+                }
+                _ => true,
+            });
             if behind.is_empty() {
                 return;
             }
@@ -494,10 +519,11 @@ impl SyncRecord {
 /// The answer to `twinfs sync` (and a demotion's flush) from a standby that refused
 /// a change it was sent: it lacks that until a full sync repairs it.
 fn refused_answer(session: &Session) -> String {
-    match session.rejected_paths().last() {
+    let what = match session.refusal() {
         Some((path, why)) => format!("it refused {path}: {why}"),
         None => "it refused a change".to_owned(),
-    }
+    };
+    format!("{what} (a full sync repairs it once it can take it: twinfs sync --full)")
 }
 
 /// Standby: saves what session number `following` knows of this node's fitness to
@@ -683,6 +709,10 @@ pub struct PeerStatus {
     pub rtt_us: Option<u64>,
     /// The last paths refused by the standby, as "path: reason".
     pub rejected_paths: Vec<String>,
+    /// Active: the standby refused a change that no full sync has repaired yet: it
+    /// lacks that change (`rejected_paths` says which).
+    #[serde(default)]
+    pub refused_unrepaired: bool,
     /// Bytes sent and received in this session.
     pub bytes_sent: u64,
     /// Bytes received.
@@ -1922,6 +1952,9 @@ async fn run_session(
             volume.gate.caught_up(gate_id, seen);
             synced = synced.max(session.stats().full_syncs);
         }
+        volume
+            .gate
+            .refusing(gate_id, session.settled() && !session.caught_up());
         if outbox.as_ref().is_some_and(|o| o.waiting() == 0) {
             // A standby's `sync` writer waits until the active has taken its write.
             volume.gate.caught_up(gate_id, seen);
@@ -2022,6 +2055,7 @@ async fn run_session(
                 _ => {}
             }
             s.out_of_sync = out_of_sync;
+            s.refused_unrepaired = session.refused();
             s.rtt_us = rtt;
         });
         // Standby: with many outputs backed up behind a parked one, messages wait in
@@ -4890,6 +4924,10 @@ fn related(a: &RelPath, b: &RelPath) -> bool {
 
 type Applied = (u64, RelPath, Result<(), String>);
 
+/// A large file's op, its path, and whether it was applied: `Ok(false)` if it was
+/// given up (the file changed on the active while it came, whose next ship brings it).
+type LargeApplied = (u64, RelPath, Result<bool, String>);
+
 /// Standby: large files being applied in the background, so that the ops behind one
 /// (a small priority-1 file, say) are not held up by it. An op on a related path waits.
 struct LargeApplies {
@@ -4900,8 +4938,8 @@ struct LargeApplies {
     /// For those of `busy` whose stream the active gave up on before, the names it
     /// linked to the file since ([`VolumeLink::gave_up`]): applying one makes them.
     gave_up: std::collections::BTreeMap<u64, Vec<RelPath>>,
-    done_tx: mpsc::UnboundedSender<Applied>,
-    done: mpsc::UnboundedReceiver<Applied>,
+    done_tx: mpsc::UnboundedSender<LargeApplied>,
+    done: mpsc::UnboundedReceiver<LargeApplied>,
 }
 
 impl LargeApplies {
@@ -4942,7 +4980,9 @@ impl LargeApplies {
         tokio::spawn(async move {
             let _applying = volume.applying.clone().read_owned().await;
             let path = entry.path.clone();
-            let result = apply_streamed(&volume, &link, tag, seq, entry, &counters).await;
+            let result = apply_streamed(&volume, &link, tag, seq, entry, &counters)
+                .await
+                .map(|()| !gave_up_on(&volume, &path));
             let _ = done.send((seq, path, result));
         });
     }
@@ -4951,7 +4991,7 @@ impl LargeApplies {
         &mut self,
         seq: u64,
         path: &RelPath,
-        result: Result<(), String>,
+        result: Result<bool, String>,
         session: &mut Session,
     ) {
         self.busy.remove(&seq);
@@ -4960,7 +5000,10 @@ impl LargeApplies {
         if let Err(e) = &result {
             tracing::warn!(%path, error = %e, "refused or failed to apply");
         }
-        session.applied(seq, path, result, std::time::Instant::now());
+        if result == Ok(false) {
+            session.held_back(seq);
+        }
+        session.applied(seq, path, result.map(|_| ()), std::time::Instant::now());
     }
 
     async fn wait_until(&mut self, session: &mut Session, done: impl Fn(&Self) -> bool) {

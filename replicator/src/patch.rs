@@ -35,7 +35,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -495,6 +495,14 @@ impl Journal {
     /// writes fail (a disk error) keeps its journal for the next start. Only an
     /// unreadable journal directory is an error. Returns how many were applied.
     pub fn replay(&self, applier: &Applier<'_>) -> io::Result<usize> {
+        // (Made 0755 by an older twinfs: its journals hold file contents.)
+        if let Err(e) = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+        {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(journal = %self.dir.display(), error = %e,
+                    "cannot make the journal directory owner only");
+            }
+        }
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
@@ -646,7 +654,13 @@ fn replay_one(applier: &Applier<'_>, entry: &Entry) -> io::Result<Replayed> {
         return Ok(Replayed::Not("not a volume path".into()));
     };
     let file = match applier.open_for_patch(&path) {
-        Ok(Some((fd, st))) if st.st_ino == entry.key.1 => fd,
+        // The device number too where there is no generation to tell files apart.
+        Ok(Some((fd, st)))
+            if st.st_ino == entry.key.1
+                && (entry.generation.is_some() || st.st_dev == entry.key.0) =>
+        {
+            fd
+        }
         Ok(_) => {
             return Ok(Replayed::Not(
                 "the file was replaced or removed since".into(),

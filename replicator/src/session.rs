@@ -251,7 +251,7 @@ pub struct Session {
     /// Active: the standby refused an op sent since the last manifest comparison
     /// (one of that full sync, or streamed after it): it lacks what it refused, so
     /// it is not caught up until a full sync with nothing refused repairs it.
-    refused: bool,
+    refused: Option<(RelPath, String)>,
     /// Content bytes of ops sent and not yet acked, by sequence number.
     unacked: VecDeque<(u64, u64)>,
     queue: VecDeque<Pending>,
@@ -311,8 +311,10 @@ pub struct Session {
     applied_upto: u64,
     applied_ahead: std::collections::BTreeSet<u64>,
     lost: bool,
-    /// Priority-1 paths of the full sync not applied yet, or refused since.
-    priority1_pending: std::collections::BTreeSet<RelPath>,
+    /// Priority-1 paths of the full sync not applied yet, or refused since, each with
+    /// the last op received for it (0: the full sync's list): an op applied late
+    /// settles only what it was the last op for.
+    priority1_pending: BTreeMap<RelPath, u64>,
     /// Standby: ops received and not applied yet that bring nothing of the path they
     /// name (a skip) or act on more paths than it (a deletion, a rename), by sequence
     /// number: their application settles other priority-1 paths than `op.path()`.
@@ -360,7 +362,7 @@ impl Session {
             theirs_done: false,
             full_sync_end: None,
             full_sync_base: 0,
-            refused: false,
+            refused: None,
             unacked: VecDeque::new(),
             queue: VecDeque::new(),
             queued_ships: HashSet::new(),
@@ -634,7 +636,18 @@ impl Session {
     /// Active: every change handed to the session so far is applied on the standby
     /// (settled, and nothing refused since the last manifest comparison).
     pub fn caught_up(&self) -> bool {
-        self.settled() && !self.refused
+        self.settled() && self.refused.is_none()
+    }
+
+    /// Active: the standby refused a change sent since the last manifest comparison
+    /// (it lacks that until a full sync with nothing refused).
+    pub fn refused(&self) -> bool {
+        self.refused.is_some()
+    }
+
+    /// Active: the change (path, reason) whose refusal makes [`refused`](Self::refused).
+    pub fn refusal(&self) -> Option<&(RelPath, String)> {
+        self.refused.as_ref()
     }
 
     /// Active: every change handed to the session so far is answered by the standby,
@@ -689,7 +702,7 @@ impl Session {
     /// Standby: priority-1 paths sent (or about to be, in this full sync) and not
     /// applied; and how many more the active did not name.
     pub fn priority1_pending(&self) -> (Vec<RelPath>, u64) {
-        let mut paths: BTreeSet<RelPath> = self.priority1_pending.clone();
+        let mut paths: BTreeSet<RelPath> = self.priority1_pending.keys().cloned().collect();
         paths.extend(self.once_stale.keys().cloned());
         (paths.into_iter().collect(), self.priority1_more)
     }
@@ -958,14 +971,14 @@ impl Session {
                 self.stats.rejected += 1;
                 tracing::warn!(volume = %self.config.volume, seq, %path, %reason,
                     "standby refused a change");
-                self.remember_rejected(path, reason);
                 // Refused since the last comparison: the standby lacks it, whichever
                 // way it went (an op of a full sync is no more delivered than a
                 // streamed one). Refusals of ops before it came ahead of the standby's
                 // manifest, which shows what they left.
                 if seq > self.full_sync_base {
-                    self.refused = true;
+                    self.refused = Some((path.clone(), reason.clone()));
                 }
+                self.remember_rejected(path, reason);
                 // A change refused while streaming (a rename whose source the standby
                 // lacks, say) leaves the two apart: compare manifests. One refused
                 // during a full sync would only be refused again (the standby asks for
@@ -1014,7 +1027,7 @@ impl Session {
         }
         let base = self.next_seq - 1;
         self.full_sync_base = base;
-        self.refused = false;
+        self.refused = None;
         self.stats.full_sync_bytes = diff.send.iter().filter(|t| t.content).map(|t| t.size).sum();
         let must_sync =
             |p: &RelPath| self.config.policies.resolve(p.as_path()).priority == Priority::MUST_SYNC;
@@ -1930,7 +1943,7 @@ impl Session {
                     return self
                         .close(format!("a full sync from op {base}: not a sequence number"));
                 }
-                self.priority1_pending = priority1.into_iter().collect();
+                self.priority1_pending = priority1.into_iter().map(|p| (p, 0)).collect();
                 self.priority1_more = priority1_more;
                 // This full sync compares the files as they are now: it brings what
                 // changed before it began.
@@ -1966,7 +1979,7 @@ impl Session {
                 // leave this node unfit.
                 if self.config.policies.resolve(op.path().as_path()).priority == Priority::MUST_SYNC
                 {
-                    self.priority1_pending.insert(op.path().clone());
+                    self.priority1_pending.insert(op.path().clone(), seq);
                 }
                 let wide = match &op {
                     Op::Skip { .. } => Some(Wide::Skip),
@@ -2000,6 +2013,13 @@ impl Session {
         }
     }
 
+    /// Standby: op `seq`, about to be reported applied, brought nothing of its path (a
+    /// large file given up because it changed on the active while it came): like a
+    /// skip, a priority-1 path stays pending until its next ship.
+    pub fn held_back(&mut self, seq: u64) {
+        self.wide_ops.insert(seq, Wide::Skip);
+    }
+
     /// Standby: op `seq` was applied (`Ok`) or refused (`Err` with the reason). Ops may
     /// be reported out of order (a large file applied while later ops go on); the ack
     /// covers only what is applied without a gap.
@@ -2012,7 +2032,13 @@ impl Session {
             // ships it. Until then it is not in sync.
             (Ok(()), Some(Wide::Skip)) => {}
             (Ok(()), wide) => {
-                self.priority1_pending.remove(path);
+                if self
+                    .priority1_pending
+                    .get(path)
+                    .is_some_and(|last| *last <= seq)
+                {
+                    self.priority1_pending.remove(path);
+                }
                 if self.once_stale.get(path).is_some_and(|from| seq >= *from) {
                     self.once_stale.remove(path);
                 }
@@ -2020,7 +2046,8 @@ impl Session {
                 // active has nothing there any more (a rename's new names are
                 // pending by their own op).
                 if let Some(Wide::Gone(gone)) = wide {
-                    self.priority1_pending.retain(|p| !p.starts_with(&gone));
+                    self.priority1_pending
+                        .retain(|p, last| !(p.starts_with(&gone) && *last <= seq));
                     self.once_stale
                         .retain(|p, from| !(p.starts_with(&gone) && seq >= *from));
                 }
@@ -2028,7 +2055,8 @@ impl Session {
             (Err(_), _)
                 if self.config.policies.resolve(path.as_path()).priority == Priority::MUST_SYNC =>
             {
-                self.priority1_pending.insert(path.clone());
+                let last = self.priority1_pending.entry(path.clone()).or_insert(seq);
+                *last = (*last).max(seq);
             }
             (Err(_), _) => {}
         }

@@ -1397,6 +1397,35 @@ fn a_priority1_file_held_back_by_the_active_keeps_the_standby_unfit() {
     assert!(standby.fit(), "{:?}", standby.priority1_pending().0);
 }
 
+/// A rename of a priority-1 file, applied after a new file of that name has been
+/// received (a large file ahead of them, say), settles only the old file: the new one
+/// is pending until its own op is applied.
+#[test]
+fn a_rename_away_applied_late_leaves_a_new_file_of_that_name_pending() {
+    let now = Instant::now();
+    let mut standby = streaming_standby(now);
+    assert!(standby.fit());
+    let rename = Op::Rename {
+        from: rel("a.bin"),
+        to: rel("a.bak"),
+        exchange: false,
+        unsent: false,
+    };
+    standby.on_message(Message::Op { seq: 1, op: rename }, now);
+    let put = Op::Put {
+        entry: Entry {
+            path: rel("a.bin"),
+            meta: file_meta(b"new", 5),
+        },
+        content: Some(b"new".to_vec()),
+    };
+    standby.on_message(Message::Op { seq: 2, op: put }, now);
+    standby.applied(1, &rel("a.bak"), Ok(()), now);
+    assert!(!standby.fit(), "the new a.bin is not applied yet");
+    standby.applied(2, &rel("a.bin"), Ok(()), now);
+    assert!(standby.fit());
+}
+
 #[test]
 fn a_priority1_change_received_but_not_applied_leaves_the_standby_unfit() {
     let policies = PolicySet::new(vec![Rule::new(

@@ -187,6 +187,41 @@ fn one_record_per_close_after_write_not_per_write() {
     }
 }
 
+/// A hard-linked file whose only name the kernel knew goes away while a process
+/// holds it open: its other name, looked up then, is the same inode (one page cache,
+/// one `st_ino`), and a write through the open handle is recorded under that name.
+#[test]
+fn a_write_through_a_handle_whose_name_went_is_recorded_under_its_other_name() {
+    use std::os::unix::fs::MetadataExt;
+    let _serial = twinfs_tests::serial();
+    for passthrough in [true, false] {
+        let (m, records) = mount(passthrough, |d| {
+            fs::write(d.join("a"), b"one\n").expect("fill");
+            fs::hard_link(d.join("a"), d.join("b")).expect("fill");
+        });
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(m.path.join("a"))
+            .expect("open");
+        fs::remove_file(m.path.join("a")).expect("unlink");
+        let b = fs::metadata(m.path.join("b")).expect("stat b");
+        assert_eq!(
+            b.ino(),
+            f.metadata().expect("fstat").ino(),
+            "one file, two inodes (passthrough {passthrough})"
+        );
+        records.take();
+        f.write_all(b"two\n").expect("write");
+        drop(f);
+        assert_eq!(
+            records.kinds(),
+            vec![(p("b"), ChangeKind::Write)],
+            "passthrough {passthrough}"
+        );
+        assert_eq!(fs::read(m.path.join("b")).expect("read"), b"one\ntwo\n");
+    }
+}
+
 #[test]
 fn touch_of_an_unchanged_file_is_a_change() {
     let _serial = twinfs_tests::serial();

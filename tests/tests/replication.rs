@@ -1036,6 +1036,19 @@ fn a_sync_write_the_standby_refuses_is_not_taken_for_delivered() {
         said.contains("NOT acknowledged") && said.contains("refused big"),
         "{said}"
     );
+    assert_eq!(
+        active.volume_status()["peers"][0]["refused_unrepaired"],
+        true
+    );
+    // Waiting would not bring it: later sync writers are not held for that standby
+    // (none waited until sync_timeout).
+    fs::write(c.active().join("small"), "x").expect("write completes");
+    assert!(
+        !active
+            .log_text()
+            .contains("did not apply a sync write in time"),
+        "a writer waited for a standby that refused a change"
+    );
 
     // Room again: the next full sync repairs it.
     disk.remove("local").expect("free the standby's disk");
@@ -1046,8 +1059,24 @@ fn a_sync_write_the_standby_refuses_is_not_taken_for_delivered() {
         vec![7u8; 2 << 20]
     );
     assert!(wait_until(CONVERGE, || {
-        active.volume_status()["peers"][0]["out_of_sync"] == false
+        let p = &active.volume_status()["peers"][0];
+        p["out_of_sync"] == false && p["refused_unrepaired"] == false
     }));
+
+    // Refused again: a demotion does not take that standby for having everything,
+    // and keeps what a new active's full sync would replace here.
+    fs::write(c.active().join("big2"), vec![8u8; 2 << 20]).expect("write completes");
+    assert!(wait_until(CONVERGE, || {
+        active.volume_status()["peers"][0]["refused_unrepaired"] == true
+    }));
+    let out = c.nodes[0].twinfs(&["demote"]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("NOT acknowledged: node1 (refused big2") && said.contains("is kept first in"),
+        "{said}"
+    );
 }
 
 #[test]

@@ -1466,6 +1466,8 @@ impl Daemon {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let (mut acked, mut behind) = (Vec::new(), Vec::new());
+            // Behind for a refused change: waiting would not bring that.
+            let mut refusing = 0;
             for p in self
                 .board
                 .lock()
@@ -1478,16 +1480,28 @@ impl Daemon {
                 {
                     continue;
                 }
-                if p.connected && p.pending == 0 && p.full_sync != "in progress" {
+                if p.connected
+                    && p.pending == 0
+                    && p.full_sync != "in progress"
+                    && !p.refused_unrepaired
+                {
                     acked.push(p.peer.clone());
                 } else {
-                    behind.push(match p.connected {
-                        true => format!("{} ({} changes pending)", p.peer, p.pending),
-                        false => format!("{} (disconnected)", p.peer),
+                    behind.push(match (p.connected, p.refused_unrepaired) {
+                        (true, true) => {
+                            refusing += 1;
+                            format!(
+                                "{} (refused {})",
+                                p.peer,
+                                p.rejected_paths.last().map_or("a change", String::as_str)
+                            )
+                        }
+                        (true, false) => format!("{} ({} changes pending)", p.peer, p.pending),
+                        (false, _) => format!("{} (disconnected)", p.peer),
                     });
                 }
             }
-            if behind.is_empty() || tokio::time::Instant::now() >= deadline {
+            if behind.len() == refusing || tokio::time::Instant::now() >= deadline {
                 return (acked, behind);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
