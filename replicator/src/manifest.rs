@@ -289,6 +289,27 @@ pub struct Entry {
     pub meta: Meta,
 }
 
+/// The most bytes the entries of one manifest part take encoded (bounded from
+/// above by [`Entry::wire_size_bound`]), well within the message limit.
+const PART_BYTES: usize = crate::protocol::MAX_MESSAGE / 4;
+
+impl Entry {
+    /// At least the bytes its encoding takes: its variable parts plus room for
+    /// every fixed field and length prefix.
+    pub fn wire_size_bound(&self) -> usize {
+        const FIXED: usize = 96;
+        let extra = self.meta.extra.as_deref().map_or(0, |x| {
+            x.target.as_ref().map_or(0, Vec::len)
+                + x.link.as_ref().map_or(0, |l| l.as_bytes().len())
+                + x.xattrs
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 20)
+                    .sum::<usize>()
+        });
+        FIXED + self.path.as_bytes().len() + extra
+    }
+}
+
 /// The entries of a volume, ordered by path bytes, so a directory always comes
 /// before everything below it. The volume root itself is the first entry (the empty
 /// path) when the manifest comes from [`scan`].
@@ -364,11 +385,24 @@ impl Manifest {
         let size = size.max(1);
         let mut parts: Vec<(Vec<Entry>, bool)> = Vec::with_capacity(len.div_ceil(size).max(1));
         let mut part = Vec::with_capacity(size.min(len));
+        let mut bytes = 0;
         for entry in entries {
+            // A part also ends before its encoding could pass the message limit: long
+            // paths, symlink targets and large xattrs would take 2,048 entries past
+            // it (the part could never be sent, and the full sync would start over
+            // for good).
+            let more = entry.wire_size_bound();
+            if !part.is_empty() && bytes + more > PART_BYTES {
+                let full = std::mem::replace(&mut part, Vec::with_capacity(size));
+                parts.push((full, false));
+                bytes = 0;
+            }
+            bytes += more;
             part.push(entry);
             if part.len() == size {
                 let full = std::mem::replace(&mut part, Vec::with_capacity(size));
                 parts.push((full, false));
+                bytes = 0;
             }
         }
         if !part.is_empty() || parts.is_empty() {

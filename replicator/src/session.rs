@@ -18,7 +18,10 @@ use crate::capture::Record;
 use crate::manifest::{self, Manifest};
 use crate::path::RelPath;
 use crate::policy::{PolicySet, Priority, SyncMode};
-use crate::protocol::{Message, Op, MANIFEST_CHUNK, PRIORITY1_LISTED, VERSION};
+use crate::protocol::{Message, Op, MANIFEST_CHUNK, MAX_MESSAGE, PRIORITY1_LISTED, VERSION};
+
+/// Most bytes of priority-1 paths a full sync names in its start message.
+const PRIORITY1_BYTES: usize = MAX_MESSAGE / 4;
 
 /// Settings of a session.
 #[derive(Clone, Debug)]
@@ -1038,9 +1041,20 @@ impl Session {
             .filter(|p| must_sync(p))
             .cloned()
             .collect();
-        let priority1_more = priority1.len().saturating_sub(PRIORITY1_LISTED) as u64;
+        // At most so many, and so many bytes of paths (10,000 paths of 4 KiB would not
+        // fit in a message); the rest are counted.
+        let mut bytes = 0;
+        let listed = priority1
+            .iter()
+            .take(PRIORITY1_LISTED)
+            .take_while(|p| {
+                bytes += p.as_bytes().len() + 8;
+                bytes <= PRIORITY1_BYTES
+            })
+            .count();
+        let priority1_more = (priority1.len() - listed) as u64;
         let mut priority1 = priority1;
-        priority1.truncate(PRIORITY1_LISTED);
+        priority1.truncate(listed);
         self.send(
             Message::FullSyncStart {
                 sync: self.sync_id,

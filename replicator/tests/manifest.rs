@@ -544,3 +544,42 @@ fn twenty_thousand_files_rescan_without_hashing() {
     assert_eq!((stats.hits, stats.bytes_hashed), (20_000, 0));
     eprintln!("20,000 files: cold scan {cold:?}, warm scan {warm:?}");
 }
+
+/// A manifest of entries with long paths, symlink targets and large xattrs goes in
+/// parts that each fit in a message (by count alone, 2,048 of them would not: the
+/// part could never be sent, and the full sync would start over for good).
+#[test]
+fn every_manifest_part_fits_in_a_message() {
+    use twinfs_replicator::manifest::{Entry, Meta};
+    use twinfs_replicator::protocol::{Message, MANIFEST_CHUNK};
+    let long = "d".repeat(250);
+    let manifest: Manifest = (0..3 * MANIFEST_CHUNK)
+        .map(|i| {
+            let path = format!("{}/{i:05}", vec![long.as_str(); 15].join("/"));
+            let mut meta = Meta::new(Kind::Symlink);
+            meta.set_target(Some(vec![b't'; 4000]));
+            meta.set_xattrs(vec![(b"user.big".to_vec(), vec![7u8; 5 << 10])]);
+            Entry {
+                path: RelPath::new(path).expect("path"),
+                meta,
+            }
+        })
+        .collect();
+    let len = manifest.len();
+    let parts = manifest.into_parts(MANIFEST_CHUNK);
+    let mut count = 0;
+    for (i, (entries, done)) in parts.iter().enumerate() {
+        assert_eq!(*done, i + 1 == parts.len());
+        count += entries.len();
+        let message = Message::Manifest {
+            sync: 1,
+            entries: entries.clone(),
+            done: *done,
+        };
+        if let Err(e) = message.encode() {
+            panic!("part {i} of {} entries: {e}", entries.len());
+        }
+    }
+    assert_eq!(count, len);
+    assert!(parts.len() > 3, "split by size too: {} parts", parts.len());
+}

@@ -2227,3 +2227,66 @@ fn a_rename_below_a_directory_renamed_across_policies_is_not_refused() {
     settle_without_refusals(&mut w);
     assert_eq!(w.standby_tree[&rel("d/y")].1, b"inside");
 }
+
+/// A full sync naming many priority-1 paths of the longest kind lists only as many as
+/// fit in its start message (and counts the rest): else the message could never be
+/// sent, and the full sync would start over for good.
+#[test]
+fn the_priority1_list_of_a_full_sync_fits_in_a_message() {
+    let now = Instant::now();
+    let policies = policies();
+    let mut active = Session::new(config(Role::Active, &policies), now);
+    let _ = std::iter::from_fn(|| active.poll_output()).count();
+    active.on_message(
+        Message::Hello {
+            version: twinfs_replicator::protocol::VERSION,
+            volume: "vol".into(),
+            role: Role::Standby,
+            epoch: 1,
+        },
+        now,
+    );
+    let _ = std::iter::from_fn(|| active.poll_output()).count();
+    let long = "d".repeat(250);
+    let n = 5000;
+    let mut tree = Tree::new();
+    tree.insert(RelPath::root(), (dir_meta(), Vec::new()));
+    let mut dir = RelPath::root();
+    for _ in 0..15 {
+        dir = dir.join(std::ffi::OsStr::new(&long)).expect("path");
+        tree.insert(dir.clone(), (dir_meta(), Vec::new()));
+    }
+    for i in 0..n {
+        let name = format!("{i:05}.bin");
+        let path = dir.join(std::ffi::OsStr::new(&name)).expect("path");
+        tree.insert(path, (file_meta(b"x", 1), b"x".to_vec()));
+    }
+    active.local_manifest(manifest_of(&tree, &policies), now);
+    active.on_message(
+        Message::Manifest {
+            sync: 1,
+            entries: Vec::new(),
+            done: true,
+        },
+        now,
+    );
+    let start = std::iter::from_fn(|| active.poll_output())
+        .find_map(|o| match o {
+            Output::Send(m @ Message::FullSyncStart { .. }) => Some(m),
+            _ => None,
+        })
+        .expect("a full sync starts");
+    let Message::FullSyncStart {
+        priority1,
+        priority1_more,
+        ..
+    } = &start
+    else {
+        unreachable!()
+    };
+    assert_eq!(priority1.len() as u64 + priority1_more, n as u64);
+    assert!(*priority1_more > 0, "{} listed", priority1.len());
+    if let Err(e) = start.encode() {
+        panic!("{} paths listed: {e}", priority1.len());
+    }
+}
