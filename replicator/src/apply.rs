@@ -223,6 +223,10 @@ impl ApplyError {
                     | libc::EINTR
                     | libc::EBUSY
                     | libc::ETXTBSY
+                    | libc::EROFS
+                    | libc::ENOSPC
+                    | libc::EDQUOT
+                    | libc::ESTALE
             )
         ))
     }

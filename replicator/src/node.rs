@@ -218,7 +218,10 @@ impl SyncGate {
             // until a full sync repairs it.
             behind.retain(|s| match sessions.get_mut(s) {
                 Some(e) if e.refusing => {
-                    e.out_of_sync = true;
+                    if !std::mem::replace(&mut e.out_of_sync, true) {
+                        tracing::warn!(change = id,
+                            "a standby refused a change: sync writes do not wait for it until a full sync repairs it");
+                    }
                     false
                 }
                 _ => true,
@@ -1800,7 +1803,16 @@ async fn run_session(
                             content: Some(bytes),
                         },
                 } if entry.meta.kind == Kind::File && !entry.path.is_root() && turn.is_none() => {
-                    batch.stage(&volume, seq, entry, bytes).await;
+                    if let Some(path) = batch.stage(&volume, seq, entry, bytes).await {
+                        // Answered, refused, like every op: the active then repairs it
+                        // by a full sync (a standby that stopped answering would stall).
+                        session.applied(
+                            seq,
+                            &path,
+                            Err("the apply task failed".into()),
+                            std::time::Instant::now(),
+                        );
+                    }
                     if batch.is_full() {
                         batch.place_full(&volume, &mut session).await;
                     }
@@ -1952,9 +1964,9 @@ async fn run_session(
             volume.gate.caught_up(gate_id, seen);
             synced = synced.max(session.stats().full_syncs);
         }
-        volume
-            .gate
-            .refusing(gate_id, session.settled() && !session.caught_up());
+        // Also while a full sync repairs it: one that is refused again (a full disk)
+        // would hold every writer meanwhile.
+        volume.gate.refusing(gate_id, session.refused());
         if outbox.as_ref().is_some_and(|o| o.waiting() == 0) {
             // A standby's `sync` writer waits until the active has taken its write.
             volume.gate.caught_up(gate_id, seen);
@@ -2055,7 +2067,6 @@ async fn run_session(
                 _ => {}
             }
             s.out_of_sync = out_of_sync;
-            s.refused_unrepaired = session.refused();
             s.rtt_us = rtt;
         });
         // Standby: with many outputs backed up behind a parked one, messages wait in
@@ -2976,6 +2987,8 @@ fn report(
         if completed {
             s.full_sync_done = Some(unix_now());
         }
+        // With `pending`, in one update: a demotion reads both at once.
+        s.refused_unrepaired = session.refused();
         s.full_sync = match phase {
             crate::session::Phase::Hello if s.full_sync_done.is_none() => "never",
             crate::session::Phase::FullSync => "in progress",
@@ -4521,7 +4534,8 @@ fn gave_up(e: &ApplyError) -> bool {
 /// Standby: applies a `PutStream` op as a block delta: sends the block list of its
 /// copy (kept from the last delta when the file has not changed since), then builds
 /// the file from the blocks that come back: in place when few bytes changed
-/// ([`crate::patch`]), else as a new copy beside it.
+/// ([`crate::patch`]), else as a new copy beside it. `Ok(false)`: given up, as the
+/// file changed on the active while it came (its next ship brings it).
 async fn apply_streamed(
     volume: &VolumeLink,
     link: &Link,
@@ -4529,7 +4543,7 @@ async fn apply_streamed(
     seq: u64,
     entry: manifest::Entry,
     counters: &StreamCounters,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let (Some(streams), Some(connection)) = (&link.streams, &link.connection) else {
         return Err("large file announced on a connection without streams".into());
     };
@@ -4690,11 +4704,11 @@ async fn apply_streamed(
     pump.abort();
     match result {
         // (Its names left the gave-up list as it was placed: `link_gave_up_names`.)
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => Ok(true),
         Ok(Err(e)) if gave_up(&e) => {
             tracing::debug!(%path, "{GaveUp}");
             gave_up_names(volume).add(path);
-            Ok(())
+            Ok(false)
         }
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("apply task failed".into()),
@@ -4980,9 +4994,7 @@ impl LargeApplies {
         tokio::spawn(async move {
             let _applying = volume.applying.clone().read_owned().await;
             let path = entry.path.clone();
-            let result = apply_streamed(&volume, &link, tag, seq, entry, &counters)
-                .await
-                .map(|()| !gave_up_on(&volume, &path));
+            let result = apply_streamed(&volume, &link, tag, seq, entry, &counters).await;
             let _ = done.send((seq, path, result));
         });
     }
@@ -5067,6 +5079,8 @@ struct Batch {
     dir_times: crate::apply::DirTimesSeen,
     /// The previous batch, being put in place in the background.
     placing: Option<tokio::task::JoinHandle<Option<Vec<Applied>>>>,
+    /// Its ops, answered as refused should its task fail.
+    placing_ops: Vec<(u64, RelPath)>,
 }
 
 struct Staged {
@@ -5098,13 +5112,15 @@ impl Batch {
     }
 
     /// Writes the file to a temp entry beside its target, and shows it to readers.
+    /// Returns the path if the task doing it failed (the op is not staged).
     async fn stage(
         &mut self,
         volume: &VolumeLink,
         seq: u64,
         entry: manifest::Entry,
         bytes: Vec<u8>,
-    ) {
+    ) -> Option<RelPath> {
+        let path = entry.path.clone();
         self.bytes += bytes.len() as u64;
         let small = bytes.len() as u64 <= SMALL_FILE;
         let v = volume.clone();
@@ -5127,7 +5143,7 @@ impl Batch {
             tokio::task::spawn_blocking(prepare).await
         };
         let Ok((entry, bytes, prepared, shown)) = prepared else {
-            return;
+            return Some(path);
         };
         let (content, prepared) = match prepared {
             Ok(mut p) => {
@@ -5145,6 +5161,7 @@ impl Batch {
             content,
             prepared,
         });
+        None
     }
 
     /// Stages the metadata of the directory `entry`, applied after the files staged
@@ -5195,6 +5212,10 @@ impl Batch {
             return;
         }
         let staged = std::mem::take(&mut self.staged);
+        self.placing_ops = staged
+            .iter()
+            .map(|s| (s.seq, s.entry.path.clone()))
+            .collect();
         self.bytes = 0;
         let v = volume.clone();
         self.placing = Some(tokio::spawn(async move {
@@ -5236,9 +5257,19 @@ impl Batch {
         if self.is_empty() {
             self.dir_times.clear();
         }
+        let ops = std::mem::take(&mut self.placing_ops);
         let Some(results) = results else {
-            tracing::error!(volume = %volume.name, "batch task failed; resyncing");
-            session.resync();
+            // Answered, refused, like every op: the active then repairs them by a full
+            // sync (a standby that stopped answering would stall).
+            tracing::error!(volume = %volume.name, ops = ops.len(), "batch task failed; its changes are refused");
+            for (seq, path) in ops {
+                session.applied(
+                    seq,
+                    &path,
+                    Err("the batch task failed".into()),
+                    std::time::Instant::now(),
+                );
+            }
             return;
         };
         for (seq, path, result) in results {

@@ -251,10 +251,14 @@ pub struct Session {
     full_sync_end: Option<u64>,
     /// The sequence number before the first op of the current full sync.
     full_sync_base: u64,
-    /// Active: the standby refused an op sent since the last manifest comparison
-    /// (one of that full sync, or streamed after it): it lacks what it refused, so
-    /// it is not caught up until a full sync with nothing refused repairs it.
+    /// Active: the standby refused an op (the last refusal that counts: path,
+    /// reason): it lacks what it refused, so it is not caught up until a full sync
+    /// completes with nothing refused. Refusals of ops before the comparison of the
+    /// current full sync count no more: they came ahead of the standby's manifest,
+    /// which shows what they left.
     refused: Option<(RelPath, String)>,
+    /// Active: an op sent since the current full sync's comparison was refused.
+    refused_since_comparison: bool,
     /// Content bytes of ops sent and not yet acked, by sequence number.
     unacked: VecDeque<(u64, u64)>,
     queue: VecDeque<Pending>,
@@ -366,6 +370,7 @@ impl Session {
             full_sync_end: None,
             full_sync_base: 0,
             refused: None,
+            refused_since_comparison: false,
             unacked: VecDeque::new(),
             queue: VecDeque::new(),
             queued_ships: HashSet::new(),
@@ -642,8 +647,8 @@ impl Session {
         self.settled() && self.refused.is_none()
     }
 
-    /// Active: the standby refused a change sent since the last manifest comparison
-    /// (it lacks that until a full sync with nothing refused).
+    /// Active: the standby refused a change, and no full sync has completed with
+    /// nothing refused since (it lacks that change until one does).
     pub fn refused(&self) -> bool {
         self.refused.is_some()
     }
@@ -980,6 +985,7 @@ impl Session {
                 // manifest, which shows what they left.
                 if seq > self.full_sync_base {
                     self.refused = Some((path.clone(), reason.clone()));
+                    self.refused_since_comparison = true;
                 }
                 self.remember_rejected(path, reason);
                 // A change refused while streaming (a rename whose source the standby
@@ -1030,7 +1036,7 @@ impl Session {
         }
         let base = self.next_seq - 1;
         self.full_sync_base = base;
-        self.refused = None;
+        self.refused_since_comparison = false;
         self.stats.full_sync_bytes = diff.send.iter().filter(|t| t.content).map(|t| t.size).sum();
         let must_sync =
             |p: &RelPath| self.config.policies.resolve(p.as_path()).priority == Priority::MUST_SYNC;
@@ -1159,6 +1165,9 @@ impl Session {
     fn full_sync_complete(&mut self) {
         self.phase = Phase::Streaming;
         self.stats.full_syncs_done += 1;
+        if !self.refused_since_comparison {
+            self.refused = None;
+        }
     }
 
     fn take_seq(&mut self, now: Instant) -> u64 {
@@ -1968,6 +1977,14 @@ impl Session {
                 self.full_sync_base = base;
                 self.lost = false;
                 self.in_sync_at = None;
+                if self.stats.acked < base {
+                    // Ops before it were never answered (lost on the way here, or their
+                    // apply failed): this full sync's comparison, after them, stands
+                    // for them. Acknowledged, or the active would wait for them (for
+                    // good, if the comparison found nothing to send).
+                    self.stats.acked = base;
+                    self.send(Message::Ack { seq: base }, now);
+                }
             }
             Message::Op { seq, op } => {
                 if self.lost {

@@ -2290,3 +2290,41 @@ fn the_priority1_list_of_a_full_sync_fits_in_a_message() {
         panic!("{} paths listed: {e}", priority1.len());
     }
 }
+
+/// An op the standby never answered (its apply task failed) is stood for by the next
+/// full sync's comparison: the standby acknowledges up to where that full sync begins,
+/// so one that finds nothing to send completes (the active would otherwise wait for
+/// that op, and start the full sync over and over).
+#[test]
+fn a_full_sync_after_an_op_never_answered_completes_with_nothing_to_send() {
+    let now = Instant::now();
+    let mut standby = Session::new(config(Role::Standby, &policies()), now);
+    start_full_sync(&mut standby, vec![], now);
+    let op = Op::Delete { path: rel("a") };
+    standby.on_message(Message::Op { seq: 1, op }, now);
+    let _ = std::iter::from_fn(|| standby.poll_output()).count();
+    // Op 1 is never reported applied. The active's next full sync finds nothing to
+    // send: it ends where it begins.
+    standby.on_message(Message::RequestManifest { sync: 2 }, now);
+    standby.on_message(
+        Message::FullSyncStart {
+            sync: 2,
+            base: 1,
+            priority1: vec![],
+            priority1_more: 0,
+        },
+        now,
+    );
+    standby.on_message(Message::FullSyncDone { seq: 1 }, now);
+    let out: Vec<Output> = std::iter::from_fn(|| standby.poll_output()).collect();
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Send(Message::Ack { seq: 1 }))),
+        "{out:?}"
+    );
+    assert_eq!(
+        standby.phase(),
+        twinfs_replicator::session::Phase::Streaming
+    );
+    assert!(standby.in_sync());
+}
