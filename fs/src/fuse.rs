@@ -593,7 +593,7 @@ impl Filesystem for FuseAdapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -602,7 +602,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         span!("setxattr", ino = ino.0, name = ?name);
-        let set = self.volume.setxattr(ino.0, name, value, flags);
+        let set = self.volume.setxattr(ino.0, name, value, flags, caller(req));
         if set.is_ok() {
             self.acl_changed(ino, name);
         }

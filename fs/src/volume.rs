@@ -2226,10 +2226,28 @@ impl Volume {
     }
 
     /// Sets an extended attribute.
-    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    pub fn setxattr(
+        &self,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        caller: Caller,
+    ) -> Result<()> {
         let _writing = self.writable_for(|| [self.path_of(ino)])?;
         let loc = self.locate(ino)?;
-        loc.at().setxattr(name, value, flags)?;
+        let at = loc.at();
+        at.setxattr(name, value, flags)?;
+        if name.as_bytes() == b"system.posix_acl_access" && caller.uid != 0 {
+            // The underlying filesystem set the mode the ACL implies with this daemon's
+            // rights, which keep the set-group-ID bit; as the caller, who is not in
+            // the file's group, it drops it (as a chmod does), or a user could make a
+            // set-group-ID program of a group they are not in.
+            let st = at.stat()?;
+            if st.st_mode & libc::S_ISGID != 0 && !caller.in_group(st.st_gid) {
+                at.chmod(st.st_mode & 0o7777 & !libc::S_ISGID)?;
+            }
+        }
         self.record(ino, ChangeKind::Xattr);
         Ok(())
     }

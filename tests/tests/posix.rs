@@ -518,6 +518,32 @@ fn setfacl_changes_the_mode_at_once() {
 }
 
 #[test]
+fn setfacl_by_an_owner_outside_the_files_group_drops_the_set_group_id_bit() {
+    // Owned by nobody, group root, set-group-ID: its owner (not in group root) gives
+    // the group bits execute through an ACL mask; natively the bit goes, as with a
+    // chmod, else nobody would have made a program that runs as group root.
+    let owner = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+    let log = same_as_native(
+        |p| {
+            fs::write(p.join("f"), "#!/bin/sh\n").expect("fill");
+            chown(&p.join("f"), 65534, 0);
+            chmod(&p.join("f"), 0o2644);
+        },
+        |p| {
+            open_up(p);
+            let mut log = Log::default();
+            log.note(
+                "setfacl",
+                sh_as(p, &owner, "setfacl -m u:nobody:rwx f; stat -c '%a' f"),
+            );
+            log
+        },
+    );
+    assert!(log.0[0].contains("674"), "{log:?}");
+    assert!(!log.0[0].contains("2674"), "{log:?}");
+}
+
+#[test]
 fn a_default_acl_takes_the_place_of_the_umask() {
     // Below a directory with a default ACL, new entries get their mode from it, not
     // from the umask (which still applies elsewhere).
