@@ -1594,6 +1594,11 @@ impl Volume {
         })?;
         check_exists(name)?;
         check_name(newname)?;
+        // A whiteout (overlayfs with the mount as its upper directory) would leave a
+        // device at the old name that no change record tells a standby of.
+        if flags & libc::RENAME_WHITEOUT != 0 {
+            return Err(Error::from_errno(libc::EINVAL));
+        }
         // Counted before the backing directory changes: see `renames_begun`.
         self.renames_begun.fetch_add(1, Ordering::SeqCst);
         let mut ticket = RenameTicket {

@@ -222,6 +222,30 @@ fn a_write_through_a_handle_whose_name_went_is_recorded_under_its_other_name() {
     }
 }
 
+/// A rename that would leave a whiteout (a device no record would tell a standby of)
+/// is refused, and changes nothing.
+#[test]
+fn a_rename_leaving_a_whiteout_is_refused() {
+    let _serial = twinfs_tests::serial();
+    let (m, records) = mount(false, |d| fs::write(d.join("a"), b"x").expect("fill"));
+    let c = |name: &str| CString::new(m.path.join(name).as_os_str().as_bytes()).expect("path");
+    let (from, to) = (c("a"), c("b"));
+    // SAFETY: valid NUL-terminated paths.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_WHITEOUT,
+        )
+    };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    assert_eq!((r, errno), (-1, Some(libc::EINVAL)));
+    assert!(m.path.join("a").exists() && !m.path.join("b").exists());
+    assert_eq!(records.kinds(), vec![]);
+}
+
 #[test]
 fn touch_of_an_unchanged_file_is_a_change() {
     let _serial = twinfs_tests::serial();
