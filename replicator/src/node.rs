@@ -1096,7 +1096,20 @@ async fn accept_loop(
     prober: Prober,
     bells: Bells,
 ) {
-    let mut listener = transport::Listener::new(endpoint);
+    // The addresses the peers connect from (resolved once: a name whose address
+    // changes is still let in, within the limit of all).
+    let mut addresses = Vec::new();
+    for peer in peers.iter() {
+        let lookup = tokio::net::lookup_host(&peer.address);
+        match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+            Ok(Ok(found)) => addresses.extend(found.map(|a| a.ip())),
+            Ok(Err(e)) => tracing::debug!(peer = %peer.name, address = %peer.address, error = %e,
+                "cannot resolve a peer's address"),
+            Err(_) => tracing::debug!(peer = %peer.name, address = %peer.address,
+                "no answer resolving a peer's address"),
+        }
+    }
+    let mut listener = transport::Listener::with_peers(endpoint, addresses);
     while let Some(accepted) = listener.accept().await {
         let Ok((connection, id)) = accepted else {
             continue;

@@ -356,10 +356,13 @@ pub async fn connect(
 /// and tries again; what this bounds is a host that never finishes.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Handshakes under way at once, in all and from one IP address. Anyone who can reach
-/// the port can start one (a client's certificate is checked only in its second
-/// flight); past these limits new ones are refused rather than queued, and a host needs
-/// addresses it can receive on (see [`Listener`]) to take more than its share.
+/// Handshakes under way at once, in all and from one IP address (an IPv6 /64 counts as
+/// one). Anyone who can reach the port can start one (a client's certificate is checked
+/// only in its second flight); past these limits new ones are refused rather than
+/// queued, and a host needs addresses it can receive on (see [`Listener`]) to take more
+/// than its share. Those from a configured peer's address count only against that
+/// address's limit: a host with a few addresses that fills the rest does not keep the
+/// peers out.
 const MAX_HANDSHAKES: usize = 64;
 /// See [`MAX_HANDSHAKES`].
 pub const MAX_HANDSHAKES_PER_IP: usize = 8;
@@ -380,8 +383,15 @@ pub struct Listener {
 impl Listener {
     /// Starts taking `endpoint`'s incoming connections (on the current tokio runtime).
     pub fn new(endpoint: quinn::Endpoint) -> Listener {
+        Listener::with_peers(endpoint, Vec::new())
+    }
+
+    /// [`Listener::new`], with the addresses the configured peers connect from: their
+    /// handshakes are let in past the limit of all (see [`MAX_HANDSHAKES`]).
+    pub fn with_peers(endpoint: quinn::Endpoint, peers: Vec<std::net::IpAddr>) -> Listener {
         let (tx, accepted) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
-        let task = tokio::spawn(listen(endpoint, tx));
+        let peers: std::collections::HashSet<_> = peers.into_iter().map(source_of).collect();
+        let task = tokio::spawn(listen(endpoint, tx, peers));
         Listener { accepted, task }
     }
 
@@ -399,31 +409,55 @@ impl Drop for Listener {
     }
 }
 
-/// Handshakes under way, in all and by IP address.
+/// Handshakes under way, in all (but those of peers' addresses) and by source (an IP
+/// address; an IPv6 /64).
 #[derive(Default)]
 struct Handshakes {
     total: usize,
     by_ip: std::collections::HashMap<std::net::IpAddr, usize>,
 }
 
+/// What handshakes are counted by: the address, or for IPv6 its /64 (a host is
+/// commonly given a whole /64, and could take every slot from its addresses).
+fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
+    }
+}
+
 /// One handshake's place in [`Handshakes`], given back when dropped.
 struct Slot {
     handshakes: Arc<std::sync::Mutex<Handshakes>>,
     ip: std::net::IpAddr,
+    /// Counted in the total (not from a peer's address).
+    counted: bool,
 }
 
 impl Slot {
-    fn take(handshakes: &Arc<std::sync::Mutex<Handshakes>>, ip: std::net::IpAddr) -> Option<Slot> {
+    fn take(
+        handshakes: &Arc<std::sync::Mutex<Handshakes>>,
+        ip: std::net::IpAddr,
+        peer: bool,
+    ) -> Option<Slot> {
         let mut h = handshakes.lock().unwrap_or_else(PoisonError::into_inner);
         let from_ip = h.by_ip.get(&ip).copied().unwrap_or(0);
-        if h.total >= MAX_HANDSHAKES || from_ip >= MAX_HANDSHAKES_PER_IP {
+        if (!peer && h.total >= MAX_HANDSHAKES) || from_ip >= MAX_HANDSHAKES_PER_IP {
             return None;
         }
-        h.total += 1;
+        if !peer {
+            h.total += 1;
+        }
         h.by_ip.insert(ip, from_ip + 1);
         Some(Slot {
             handshakes: handshakes.clone(),
             ip,
+            counted: !peer,
         })
     }
 }
@@ -434,7 +468,9 @@ impl Drop for Slot {
             .handshakes
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        h.total = h.total.saturating_sub(1);
+        if self.counted {
+            h.total = h.total.saturating_sub(1);
+        }
         if let Some(n) = h.by_ip.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -444,7 +480,11 @@ impl Drop for Slot {
     }
 }
 
-async fn listen(endpoint: quinn::Endpoint, tx: tokio::sync::mpsc::Sender<Accepted>) {
+async fn listen(
+    endpoint: quinn::Endpoint,
+    tx: tokio::sync::mpsc::Sender<Accepted>,
+    peers: std::collections::HashSet<std::net::IpAddr>,
+) {
     let handshakes = Arc::new(std::sync::Mutex::new(Handshakes::default()));
     while let Some(incoming) = endpoint.accept().await {
         let addr = incoming.remote_address();
@@ -454,7 +494,8 @@ async fn listen(endpoint: quinn::Endpoint, tx: tokio::sync::mpsc::Sender<Accepte
             let _ = incoming.retry();
             continue;
         }
-        let Some(slot) = Slot::take(&handshakes, addr.ip()) else {
+        let source = source_of(addr.ip());
+        let Some(slot) = Slot::take(&handshakes, source, peers.contains(&source)) else {
             warn!(%addr, "too many handshakes under way; connection refused");
             incoming.refuse();
             continue;
@@ -731,6 +772,22 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn handshakes_are_counted_by_address_and_by_ipv6_64() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("address");
+        assert_eq!(source_of(ip("198.18.0.7")), ip("198.18.0.7"));
+        assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            source_of(ip("2001:db8:1:2::9"))
+        );
+        assert_ne!(
+            source_of(ip("2001:db8:1:3::1")),
+            source_of(ip("2001:db8:1:2::1"))
+        );
+        assert_eq!(source_of(ip("::ffff:198.18.0.7")), ip("198.18.0.7"));
+    }
 
     fn encode(payload: &[u8]) -> Vec<u8> {
         let mut buf = u32::try_from(payload.len())

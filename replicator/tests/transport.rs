@@ -558,6 +558,41 @@ async fn handshakes_past_the_limit_of_an_address_are_refused() -> TestResult {
     .await
 }
 
+/// A host with a few addresses that takes every handshake slot (8 from each of 8
+/// addresses) keeps strangers out, but not a configured peer.
+#[tokio::test(flavor = "multi_thread")]
+async fn handshakes_filling_every_slot_do_not_keep_a_peer_out() -> TestResult {
+    let (a, b) = pair()?;
+    let mut listener = Listener::with_peers(b.endpoint.clone(), vec![LOCALHOST.ip()]);
+    within(async {
+        let mut stalled = Vec::new();
+        for host in 2..10 {
+            let from = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, host));
+            for _ in 0..MAX_HANDSHAKES_PER_IP {
+                let socket = stall_handshake(b.addr, from)
+                    .await?
+                    .ok_or("a handshake within the limits was refused")?;
+                stalled.push(socket);
+            }
+        }
+        let stranger = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 10));
+        assert!(
+            stall_handshake(b.addr, stranger).await?.is_none(),
+            "every slot is taken: a stranger is refused"
+        );
+        let server = tokio::spawn(async move {
+            let (connection, _) = listener.accept().await.ok_or("endpoint closed")??;
+            answer(&connection).await?;
+            connection.closed().await;
+            TestResult::Ok(())
+        });
+        assert_eq!(exchange(&a.endpoint, b.addr, b.id).await?, b"reply:hello");
+        server.await??;
+        Ok(())
+    })
+    .await
+}
+
 /// Starts a handshake with `server` from an address of `from` and stops halfway, as an
 /// attacker would: it answers a Retry (proving its address), waits for the server's
 /// first flight and never sends its own second one. Returns its socket (the handshake
