@@ -4024,6 +4024,13 @@ fn read_op(
         };
         return Ok((Op::PutStream { entry }, false, Some(streamed)));
     }
+    if !can_stream && meta.size > MAX_MESSAGE as u64 {
+        // It could not travel in one message anyway (an upstream write, say): not
+        // read into memory first (a file of gigabytes would take the daemon down).
+        tracing::error!(volume = %volume.name, %path, size = meta.size,
+            "file too large to ship in one message (limit {MAX_MESSAGE} bytes); it stays on this node only");
+        return Ok((Op::Skip { path }, false, None));
+    }
     let mut buf = vec![0u8; meta.size as usize];
     let read = twinfs_fs::sys::pread(file.as_fd(), &mut buf, 0)
         .and_then(|n| Ok((n, twinfs_fs::sys::fstat(file.as_fd())?)));
@@ -4437,7 +4444,8 @@ async fn pump_blocks(
             if tx.send(Ok((offset, data))).await.is_err() {
                 return;
             }
-            offset += want as u64;
+            // (A record past the end of any file: refused when it is written.)
+            offset = offset.saturating_add(want as u64);
             left -= want;
         }
     }

@@ -2012,6 +2012,13 @@ impl Session {
                 {
                     self.priority1_pending.insert(op.path().clone(), seq);
                 }
+                // A rename takes a priority-1 file away from its old name too (or
+                // swaps it): not in sync there either until it is applied.
+                if let Op::Rename { from, .. } = &op {
+                    if self.priority(from) == Priority::MUST_SYNC {
+                        self.priority1_pending.insert(from.clone(), seq);
+                    }
+                }
                 let wide = match &op {
                     Op::Skip { .. } => Some(Wide::Skip),
                     Op::Delete { path } => Some(Wide::Gone(path.clone())),
@@ -2020,6 +2027,11 @@ impl Session {
                         exchange: false,
                         ..
                     } => Some(Wide::Gone(from.clone())),
+                    Op::Rename {
+                        from,
+                        exchange: true,
+                        ..
+                    } => Some(Wide::Also(from.clone())),
                     _ => None,
                 };
                 if let Some(wide) = wide {
@@ -2076,11 +2088,22 @@ impl Session {
                 // What was at or below a path deleted or renamed away is settled: the
                 // active has nothing there any more (a rename's new names are
                 // pending by their own op).
-                if let Some(Wide::Gone(gone)) = wide {
-                    self.priority1_pending
-                        .retain(|p, last| !(p.starts_with(&gone) && *last <= seq));
-                    self.once_stale
-                        .retain(|p, from| !(p.starts_with(&gone) && seq >= *from));
+                match wide {
+                    Some(Wide::Gone(gone)) => {
+                        self.priority1_pending
+                            .retain(|p, last| !(p.starts_with(&gone) && *last <= seq));
+                        self.once_stale
+                            .retain(|p, from| !(p.starts_with(&gone) && seq >= *from));
+                    }
+                    Some(Wide::Also(also))
+                        if self
+                            .priority1_pending
+                            .get(&also)
+                            .is_some_and(|last| *last <= seq) =>
+                    {
+                        self.priority1_pending.remove(&also);
+                    }
+                    _ => {}
                 }
             }
             (Err(_), _)
@@ -2201,6 +2224,8 @@ enum Wide {
     /// `Op::Delete`, or `Op::Rename` (not an exchange) from this path: what was at or
     /// below it is gone.
     Gone(RelPath),
+    /// `Op::Rename` exchanging with this path: it is settled too.
+    Also(RelPath),
 }
 
 /// The paths of `set` that are `path` or below it.

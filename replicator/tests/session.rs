@@ -1426,6 +1426,26 @@ fn a_rename_away_applied_late_leaves_a_new_file_of_that_name_pending() {
     assert!(standby.fit());
 }
 
+/// A rename (or an exchange) taking a priority-1 file from its name, received and not
+/// applied yet, leaves the standby unfit: it still has the file there.
+#[test]
+fn a_rename_of_a_priority1_file_received_but_not_applied_leaves_the_standby_unfit() {
+    let now = Instant::now();
+    for exchange in [false, true] {
+        let mut standby = streaming_standby(now);
+        let op = Op::Rename {
+            from: rel("fw.bin"),
+            to: rel("old"),
+            exchange,
+            unsent: false,
+        };
+        standby.on_message(Message::Op { seq: 1, op }, now);
+        assert!(!standby.fit(), "exchange {exchange}");
+        standby.applied(1, &rel("old"), Ok(()), now);
+        assert!(standby.fit(), "exchange {exchange}");
+    }
+}
+
 #[test]
 fn a_priority1_change_received_but_not_applied_leaves_the_standby_unfit() {
     let policies = PolicySet::new(vec![Rule::new(

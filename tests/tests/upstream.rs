@@ -322,6 +322,42 @@ fn the_active_refuses_a_path_that_is_not_both_under_its_own_rules() {
     wait_content(standby, "passwd", "root:x:0:0\nnew:x:2:2\n");
 }
 
+/// An upstream write of a file too large for a message is not read into the standby
+/// daemon's memory first (a file of gigabytes would take it down): it stays on the
+/// standby, said so in its log, and the daemon goes on.
+#[test]
+fn an_upstream_write_too_large_for_a_message_is_not_read_into_memory() {
+    let _serial = twinfs_tests::serial();
+    let mut c = Cluster::new(2, RULES, fill);
+    c.start();
+    c.wait_converged(CONVERGE);
+    let standby = &c.nodes[1];
+    write_once_open(standby, "users/admin", "password = new\n");
+    wait_content(&c.nodes[0], "users/admin", "password = new\n");
+    fs::write(standby.volume.join("users/big"), vec![7u8; 200 << 20]).expect("write");
+    assert!(
+        wait_until(CONVERGE, || standby
+            .log_text()
+            .contains("file too large to ship in one message")),
+        "standby log:\n{}",
+        standby.log_text()
+    );
+    let pid = standby.pid().expect("the standby's daemon runs");
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    assert!(
+        peak_kib < 150 << 10,
+        "the standby's daemon peaked at {peak_kib} KiB"
+    );
+    // Still replicating both ways.
+    fs::write(standby.volume.join("passwd"), "root:x:0:0\nup:x:3:3\n").expect("write");
+    wait_content(&c.nodes[0], "passwd", "root:x:0:0\nup:x:3:3\n");
+}
+
 /// The active dies with a standby's write unconfirmed and comes back at once: the
 /// standby's session with it before (its connection lingers until the idle timeout)
 /// ends first and arms the conflicts area, so the new session's full sync keeps that
