@@ -2243,18 +2243,23 @@ impl Volume {
         let loc = self.locate(ino)?;
         let at = loc.at();
         at.setxattr(name, value, flags)?;
+        let mut sgid = Ok(());
         if name.as_bytes() == b"system.posix_acl_access" && caller.uid != 0 {
             // The underlying filesystem set the mode the ACL implies with this daemon's
             // rights, which keep the set-group-ID bit; as the caller, who is not in
             // the file's group, it drops it (as a chmod does), or a user could make a
             // set-group-ID program of a group they are not in.
-            let st = at.stat()?;
-            if st.st_mode & libc::S_ISGID != 0 && !caller.in_group(st.st_gid) {
-                at.chmod(st.st_mode & 0o7777 & !libc::S_ISGID)?;
-            }
+            sgid = at.stat().and_then(|st| {
+                if st.st_mode & libc::S_ISGID != 0 && !caller.in_group(st.st_gid) {
+                    at.chmod(st.st_mode & 0o7777 & !libc::S_ISGID)
+                } else {
+                    Ok(())
+                }
+            });
         }
+        // The ACL is set, whatever became of the bit: recorded either way.
         self.record(ino, ChangeKind::Xattr);
-        Ok(())
+        Ok(sgid?)
     }
 
     /// Reads an extended attribute into `buf` (or returns its size for an empty buffer).

@@ -5312,6 +5312,10 @@ impl Batch {
             return;
         }
         let staged = std::mem::take(&mut self.staged);
+        self.placing_ops = staged
+            .iter()
+            .map(|s| (s.seq, s.entry.path.clone()))
+            .collect();
         self.bytes = 0;
         let v = volume.clone();
         let results = tokio::task::spawn_blocking(move || place_batch(&v, staged))
