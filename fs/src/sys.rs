@@ -697,8 +697,10 @@ pub fn raise_fd_limit() {
 
 /// Mounts a FUSE filesystem of type `fuse.twinfs` at `mountpoint`, shown with `source`,
 /// open to every user with the kernel checking permissions (`allow_other`,
-/// `default_permissions`), device files and set-user-ID bits honoured as in the
-/// directory it covers. Returns the /dev/fuse fd that serves it.
+/// `default_permissions`), device files, set-user-ID bits, execution and symlinks
+/// honoured as in the directory it covers: the `nosuid`, `nodev`, `noexec` and
+/// `nosymfollow` of its filesystem are the mount's too (a config flash mounted
+/// `nosuid,nodev,noexec` stays so). Returns the /dev/fuse fd that serves it.
 pub fn mount_fuse(mountpoint: &Path, source: &str) -> io::Result<OwnedFd> {
     let device = std::fs::OpenOptions::new()
         .read(true)
@@ -715,17 +717,40 @@ pub fn mount_fuse(mountpoint: &Path, source: &str) -> io::Result<OwnedFd> {
     let target = cstr(mountpoint.as_os_str())?;
     let source = cstr(OsStr::new(source))?;
     let data = CString::new(data).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let flags = covered_mount_flags(&target)?;
     // SAFETY: valid NUL-terminated strings; `data` is the text FUSE parses.
     check(unsafe {
         libc::mount(
             source.as_ptr(),
             target.as_ptr(),
             c"fuse.twinfs".as_ptr(),
-            0,
+            flags,
             data.as_ptr().cast(),
         )
     })?;
     Ok(OwnedFd::from(device))
+}
+
+/// The mount flags of the filesystem `path` is on that a mount over it keeps:
+/// `nosuid`, `nodev`, `noexec`, `nosymfollow`.
+fn covered_mount_flags(path: &std::ffi::CStr) -> io::Result<libc::c_ulong> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: valid string and out pointer.
+    check(unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) })?;
+    // SAFETY: statvfs succeeded.
+    let on = unsafe { st.assume_init() }.f_flag;
+    // (ST_NOSYMFOLLOW and MS_NOSYMFOLLOW: Linux 5.10; libc has the mount flag only.)
+    const ST_NOSYMFOLLOW: libc::c_ulong = 0x2000;
+    let kept = [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (ST_NOSYMFOLLOW, libc::MS_NOSYMFOLLOW),
+    ];
+    Ok(kept
+        .iter()
+        .filter(|(st, _)| on & st != 0)
+        .fold(0, |flags, (_, ms)| flags | ms))
 }
 
 /// `umount2(path)`, lazily (`MNT_DETACH`) if asked.

@@ -153,7 +153,7 @@ impl Drop for Tmpfs {
 /// Unmounts the filesystem whose root `root` is open on, and first whatever is
 /// mounted on top of it (a twinfs mount in place, left by a test that failed): the
 /// fd's path reaches the top mount on the directory.
-fn unmount_all_on(root: &std::fs::File) {
+pub fn unmount_all_on(root: &std::fs::File) {
     use std::os::fd::AsRawFd;
     let Ok(path) = std::ffi::CString::new(format!("/proc/self/fd/{}", root.as_raw_fd())) else {
         return;

@@ -304,8 +304,12 @@ struct OwnMount(fs::File);
 
 impl OwnMount {
     fn tmpfs(dir: &Path) -> OwnMount {
+        OwnMount::tmpfs_with(dir, "size=16m")
+    }
+
+    fn tmpfs_with(dir: &Path, options: &str) -> OwnMount {
         let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=16m", "twinfs-test"])
+            .args(["-t", "tmpfs", "-o", options, "twinfs-test"])
             .arg(dir)
             .status()
             .expect("run mount");
@@ -329,11 +333,64 @@ impl OwnMount {
 
 impl Drop for OwnMount {
     fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        let path = CString::new(format!("/proc/self/fd/{}", self.0.as_raw_fd())).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        // Also a twinfs mount left on top of it by a test that failed.
+        twinfs_tests::unmount_all_on(&self.0);
     }
+}
+
+/// A config flash mounted `nosuid,nodev,noexec`: the twinfs mount over it keeps those
+/// (else a program or a set-user-ID binary on it would run through the mount).
+#[test]
+fn the_mount_keeps_nosuid_nodev_and_noexec_of_the_filesystem_it_covers() {
+    let _serial = twinfs_tests::serial();
+    let mut node = Node::new("", |_| {});
+    let _own = OwnMount::tmpfs_with(&node.volume, "size=16m,nosuid,nodev,noexec");
+    let script = node.volume.join("run.sh");
+    fs::write(&script, "#!/bin/sh\necho ran\n").unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    node.start(&[]);
+    assert!(is_mounted(&node.volume));
+    let ran = std::process::Command::new(&script).output();
+    assert!(
+        matches!(&ran, Err(e) if e.raw_os_error() == Some(libc::EACCES)),
+        "{ran:?}"
+    );
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.contains(" fuse.twinfs ") && l.contains(node.volume.to_str().unwrap()))
+        .expect("the twinfs mount is listed");
+    let options = line.split(' ').nth(5).unwrap_or_default();
+    for kept in ["nosuid", "nodev", "noexec"] {
+        assert!(options.split(',').any(|o| o == kept), "{kept}: {line}");
+    }
+    node.stop();
+}
+
+/// SIGHUP (`kill -HUP` out of habit, the end of a terminal session) does not stop the
+/// daemon: it would end with nothing shipped or unmounted.
+#[test]
+fn sighup_does_not_stop_the_daemon() {
+    let _serial = twinfs_tests::serial();
+    let mut node = Node::new("", |d| fs::write(d.join("f"), "x").unwrap());
+    node.start(&[]);
+    node.signal(libc::SIGHUP);
+    assert!(
+        twinfs_tests::daemon::wait_until(Duration::from_secs(10), || node
+            .log_text()
+            .contains("SIGHUP ignored")),
+        "{}",
+        node.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        node.twinfs(&["status"]).status.success(),
+        "the daemon answers"
+    );
+    assert!(is_mounted(&node.volume));
+    fs::write(node.volume.join("g"), "still served").unwrap();
+    let stopped = node.stop();
+    assert!(stopped.success(), "{stopped:?}");
 }
 
 #[test]

@@ -772,10 +772,13 @@ async fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// SIGINT and SIGTERM, the two ways to stop the daemon.
+/// SIGINT and SIGTERM, the two ways to stop the daemon; and SIGHUP, which does not
+/// (its default would end the daemon with nothing shipped or unmounted: `kill -HUP` out
+/// of habit, or the end of the terminal session it was started from).
 struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -784,6 +787,7 @@ impl Signals {
         Ok(Signals {
             interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
             terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            hangup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
         })
     }
 }
@@ -793,6 +797,9 @@ async fn serve(daemon: Arc<Daemon>, listener: UnixListener, mut signals: Signals
         tokio::select! {
             _ = signals.interrupt.recv() => return,
             _ = signals.terminate.recv() => return,
+            _ = signals.hangup.recv() => tracing::warn!(
+                "SIGHUP ignored: the configuration is read at start only (restart the daemon to apply a change; SIGTERM stops it)"
+            ),
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     // Held strongly only while a request is carried out: a client that
