@@ -1618,6 +1618,7 @@ async fn run_session(
     // when it changes. The pending list shrinks as files are applied without being
     // recorded each time; what is on disk is never less than what is pending.
     let mut recorded_fit = None;
+    let mut refusing = false;
     // Standby: a promotion waiting for the active's handover. Active: since when this
     // node has been handing over (local writes refused, draining), and the last change
     // record issued when writes stopped, which must be seen and acknowledged first.
@@ -1978,8 +1979,11 @@ async fn run_session(
             synced = synced.max(session.stats().full_syncs);
         }
         // Also while a full sync repairs it: one that is refused again (a full disk)
-        // would hold every writer meanwhile.
-        volume.gate.refusing(gate_id, session.refused());
+        // would hold every writer meanwhile. (Told when it changes: no lock per turn.)
+        if session.refused() != refusing {
+            refusing = session.refused();
+            volume.gate.refusing(gate_id, refusing);
+        }
         if outbox.as_ref().is_some_and(|o| o.waiting() == 0) {
             // A standby's `sync` writer waits until the active has taken its write.
             volume.gate.caught_up(gate_id, seen);
