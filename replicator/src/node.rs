@@ -4860,7 +4860,7 @@ fn patch_in_place(
         meta: meta.clone(),
         records,
     };
-    let written = match v.journal.write(&journaled) {
+    let written = match v.journal.write_at(&journaled, v.roles.get().epoch) {
         Ok(w) => w,
         Err(e) => {
             tracing::warn!(%path, journal = %v.journal.dir().display(), error = %e,

@@ -455,12 +455,22 @@ impl Journal {
 
     /// Writes `entry` durably (file and directory fsync'd).
     pub fn write<R: Serialize>(&self, entry: &Entry<R>) -> io::Result<Written> {
+        self.write_named(entry, "")
+    }
+
+    /// [`Journal::write`] by a standby of `epoch`: replayed only into a standby of
+    /// the same epoch (see [`Journal::replay`]).
+    pub fn write_at<R: Serialize>(&self, entry: &Entry<R>, epoch: u64) -> io::Result<Written> {
+        self.write_named(entry, &format!("-e{epoch}"))
+    }
+
+    fn write_named<R: Serialize>(&self, entry: &Entry<R>, tag: &str) -> io::Result<Written> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         self.prepare()?;
         let body = postcard::to_allocvec(entry).map_err(io::Error::other)?;
         let sum = xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes();
         let name = format!(
-            "{}-{}.journal",
+            "{}-{}{tag}.journal",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
@@ -494,7 +504,12 @@ impl Journal {
     /// logged and its journal removed: the next full sync repairs the file. One whose
     /// writes fail (a disk error) keeps its journal for the next start. Only an
     /// unreadable journal directory is an error. Returns how many were applied.
-    pub fn replay(&self, applier: &Applier<'_>) -> io::Result<usize> {
+    ///
+    /// `standby_of` is the epoch this node is a standby of now, `None` if it is not a
+    /// standby: a journal written at another epoch is not replayed (this node has been
+    /// active since, or followed another active: its file may have been written
+    /// since, which the old records would overwrite); the next full sync repairs it.
+    pub fn replay(&self, applier: &Applier<'_>, standby_of: Option<u64>) -> io::Result<usize> {
         // (Made 0755 by an older twinfs: its journals hold file contents.)
         if let Err(e) = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
         {
@@ -530,7 +545,15 @@ impl Journal {
                     continue;
                 }
             };
+            let written_at = epoch_of(&file);
             match decode(&bytes) {
+                Decoded::Whole(entry)
+                    if written_at.is_some_and(|epoch| standby_of != Some(epoch)) =>
+                {
+                    let path = String::from_utf8_lossy(&entry.path).into_owned();
+                    tracing::warn!(%path, journal = %file.display(),
+                        "in-place update not replayed: this node has changed role or epoch since                          (its file may have been written since); the next full sync repairs the file");
+                }
                 Decoded::Whole(entry) => {
                     let path = String::from_utf8_lossy(&entry.path).into_owned();
                     match replay_one(applier, &entry) {
@@ -602,6 +625,13 @@ pub fn replace_by_copy(
         source,
     })?;
     Ok(list)
+}
+
+/// The epoch a journal file's name says it was written at (`PID-N-eEPOCH.journal`);
+/// `None` for a name without one (an older twinfs).
+fn epoch_of(file: &Path) -> Option<u64> {
+    let stem = file.file_stem()?.to_str()?;
+    stem.rsplit_once("-e")?.1.parse().ok()
 }
 
 /// What a journal file holds.
@@ -947,7 +977,7 @@ mod tests {
         )
         .expect("write");
 
-        let applied = journal.replay(&vol.applier()).expect("replay");
+        let applied = journal.replay(&vol.applier(), None).expect("replay");
         assert_eq!(applied, 2);
         let read = |p: &Path| std::fs::read(p).expect("read");
         assert_eq!(read(&vol.path("own")), b"NEW bytes");
@@ -958,6 +988,31 @@ mod tests {
         // Its content was written; only the metadata is left to the next full sync.
         assert_eq!(read(&vol.path("xattr")), b"NEW bytes");
         assert!(journal.is_empty(), "every journal was dealt with");
+    }
+
+    /// A journal written by a standby of one epoch is replayed only into a standby of
+    /// that epoch: a node that has been active since may have written the file since.
+    #[test]
+    fn a_journal_is_replayed_only_into_a_standby_of_the_epoch_it_was_written_at() {
+        let vol = Vol::new();
+        let journal = Journal::new(vol.path("journal"));
+        for (now, applied) in [(Some(4), 0), (None, 0), (Some(3), 1)] {
+            std::fs::write(vol.path("f"), b"old bytes").expect("write");
+            journal
+                .write_at(&vol.entry("f", b"NEW"), 3)
+                .expect("journal");
+            assert_eq!(
+                journal.replay(&vol.applier(), now).expect("replay"),
+                applied
+            );
+            let want: &[u8] = if applied == 1 {
+                b"NEW bytes"
+            } else {
+                b"old bytes"
+            };
+            assert_eq!(std::fs::read(vol.path("f")).expect("read"), want, "{now:?}");
+            assert!(journal.is_empty(), "{now:?}: dealt with");
+        }
     }
 
     /// A journal whose file cannot be opened for now (here: no fd left) is kept for
@@ -1003,7 +1058,7 @@ mod tests {
         // clone the next one, and the file's open finds none left.
         let lowest = std::fs::File::open("/dev/null").expect("open").as_raw_fd();
         limit(lowest as libc::rlim_t + 2, was.rlim_max);
-        let replayed = journal.replay(&vol.applier());
+        let replayed = journal.replay(&vol.applier(), None);
         limit(was.rlim_cur, was.rlim_max);
         assert_eq!(replayed.expect("replay"), 0);
         assert!(
@@ -1012,7 +1067,7 @@ mod tests {
         );
         assert_eq!(std::fs::read(vol.path("f")).expect("read"), b"old bytes");
         // The next start finishes it.
-        assert_eq!(journal.replay(&vol.applier()).expect("replay"), 1);
+        assert_eq!(journal.replay(&vol.applier(), None).expect("replay"), 1);
         assert_eq!(std::fs::read(vol.path("f")).expect("read"), b"NEW bytes");
         assert!(journal.is_empty());
     }

@@ -185,7 +185,15 @@ fn mount_volume(
     let journal = journal(config, &vc.name);
     journal
         .prepare()
-        .and_then(|()| journal.replay(&twinfs_replicator::apply::Applier::new(volume.root_fd())))
+        .and_then(|()| {
+            // Only into a standby of the epoch it was written at: one that has been
+            // active since (or is now) may have written its file since.
+            let standby_of = (state.role == Role::Standby).then_some(state.epoch);
+            journal.replay(
+                &twinfs_replicator::apply::Applier::new(volume.root_fd()),
+                standby_of,
+            )
+        })
         .with_context(|| {
             format!(
                 "volume {}: cannot finish the in-place updates journaled in {}",
