@@ -551,8 +551,18 @@ impl Journal {
                     if written_at.is_some_and(|epoch| standby_of != Some(epoch)) =>
                 {
                     let path = String::from_utf8_lossy(&entry.path).into_owned();
-                    tracing::warn!(%path, journal = %file.display(),
-                        "in-place update not replayed: this node has changed role or epoch since                          (its file may have been written since); the next full sync repairs the file");
+                    if standby_of.is_some() {
+                        tracing::warn!(%path, journal = %file.display(),
+                            "in-place update not replayed: this node has changed epoch since \
+                             (its file may have been written since); the next full sync \
+                             repairs the file");
+                    } else {
+                        // Active: no full sync brings it another version.
+                        tracing::error!(%path, journal = %file.display(),
+                            "in-place update not replayed: this node has been active since \
+                             (its file may have been written since); if it was not, the file \
+                             may be half written: compare it with a standby's copy");
+                    }
                 }
                 Decoded::Whole(entry) => {
                     let path = String::from_utf8_lossy(&entry.path).into_owned();
