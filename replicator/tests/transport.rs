@@ -532,7 +532,7 @@ async fn stalled_handshakes_do_not_keep_a_peer_out() -> TestResult {
 #[tokio::test(flavor = "multi_thread")]
 async fn handshakes_past_the_limit_of_an_address_are_refused() -> TestResult {
     let (a, b) = pair()?;
-    let mut listener = Listener::new(b.endpoint.clone());
+    let listener = Listener::new(b.endpoint.clone());
     // Another address of the loopback network.
     let elsewhere = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
     within(async {
@@ -545,15 +545,7 @@ async fn handshakes_past_the_limit_of_an_address_are_refused() -> TestResult {
             }
         }
         assert_eq!((stalled.len(), refused), (MAX_HANDSHAKES_PER_IP, 4));
-        let server = tokio::spawn(async move {
-            let (connection, _) = listener.accept().await.ok_or("endpoint closed")??;
-            answer(&connection).await?;
-            connection.closed().await;
-            TestResult::Ok(())
-        });
-        assert_eq!(exchange(&a.endpoint, b.addr, b.id).await?, b"reply:hello");
-        server.await??;
-        Ok(())
+        a_peer_gets_in(listener, &a, &b).await
     })
     .await
 }
@@ -563,7 +555,7 @@ async fn handshakes_past_the_limit_of_an_address_are_refused() -> TestResult {
 #[tokio::test(flavor = "multi_thread")]
 async fn handshakes_filling_every_slot_do_not_keep_a_peer_out() -> TestResult {
     let (a, b) = pair()?;
-    let mut listener = Listener::with_peers(b.endpoint.clone(), vec![LOCALHOST.ip()]);
+    let listener = Listener::with_peers(b.endpoint.clone(), vec![LOCALHOST.ip()]);
     within(async {
         let mut stalled = Vec::new();
         for host in 2..10 {
@@ -580,17 +572,22 @@ async fn handshakes_filling_every_slot_do_not_keep_a_peer_out() -> TestResult {
             stall_handshake(b.addr, stranger).await?.is_none(),
             "every slot is taken: a stranger is refused"
         );
-        let server = tokio::spawn(async move {
-            let (connection, _) = listener.accept().await.ok_or("endpoint closed")??;
-            answer(&connection).await?;
-            connection.closed().await;
-            TestResult::Ok(())
-        });
-        assert_eq!(exchange(&a.endpoint, b.addr, b.id).await?, b"reply:hello");
-        server.await??;
-        Ok(())
+        a_peer_gets_in(listener, &a, &b).await
     })
     .await
+}
+
+/// `a` connects to `b` (whose incoming connections `listener` takes) and is answered.
+async fn a_peer_gets_in(mut listener: Listener, a: &Node, b: &Node) -> TestResult {
+    let server = tokio::spawn(async move {
+        let (connection, _) = listener.accept().await.ok_or("endpoint closed")??;
+        answer(&connection).await?;
+        connection.closed().await;
+        TestResult::Ok(())
+    });
+    assert_eq!(exchange(&a.endpoint, b.addr, b.id).await?, b"reply:hello");
+    server.await??;
+    Ok(())
 }
 
 /// Starts a handshake with `server` from an address of `from` and stops halfway, as an
