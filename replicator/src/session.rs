@@ -642,7 +642,8 @@ impl Session {
     }
 
     /// Active: every change handed to the session so far is applied on the standby
-    /// (settled, and nothing refused since the last manifest comparison).
+    /// (settled, and no refusal that a full sync has not repaired: see
+    /// [`refused`](Self::refused)).
     pub fn caught_up(&self) -> bool {
         self.settled() && self.refused.is_none()
     }
