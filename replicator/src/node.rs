@@ -186,7 +186,7 @@ impl SyncGate {
     }
 
     /// Whether the session's standby refused a change that no full sync has
-    /// repaired yet, everything else answered ([`Session::settled`]).
+    /// repaired yet ([`Session::refused`]).
     fn refusing(&self, session: u64, refusing: bool) {
         let mut sessions = self.lock();
         if let Some(e) = sessions.get_mut(&session) {
