@@ -149,6 +149,13 @@ pub enum ApplyError {
         /// The path of the entry.
         path: RelPath,
     },
+    /// A file's metadata alone was sent for something that is not a regular file here
+    /// (a directory, a symlink...): not set on it.
+    #[error("{path:?} is not a regular file here: only the metadata of a file was sent")]
+    NoFileHere {
+        /// The path of the entry.
+        path: RelPath,
+    },
     /// A hard link was asked for to something that is not a regular file here.
     #[error("cannot link to {path:?}: there is no regular file there")]
     NoLinkTarget {

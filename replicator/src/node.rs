@@ -5878,6 +5878,12 @@ fn put_entry(
     let path = &entry.path;
     match (entry.meta.kind, content) {
         (Kind::File, Some(mut bytes)) => applier.write_file(path, &mut bytes, &fm),
+        // Another kind of thing here (a directory, a symlink): the metadata is not
+        // the standby's to set on it; refused, the full sync that brings on sends the
+        // file whole.
+        (Kind::File, None) if applier.exists(path)? && !applier.has_file(path)? => {
+            Err(ApplyError::NoFileHere { path: path.clone() })
+        }
         (Kind::File, None) => applier.set_metadata(path, &fm),
         (Kind::Dir, _) => applier.make_dir(path, &fm),
         (Kind::Symlink, _) => {
@@ -5912,6 +5918,37 @@ mod tests {
     use super::*;
 
     type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+    /// A file's metadata alone is not set on a directory or a symlink that is at its
+    /// path on the standby instead.
+    #[test]
+    fn a_files_metadata_is_not_set_on_something_else_at_its_path() -> TestResult {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir(dir.path().join("d"))?;
+        std::fs::set_permissions(dir.path().join("d"), std::fs::Permissions::from_mode(0o755))?;
+        std::os::unix::fs::symlink("d", dir.path().join("l"))?;
+        let root = twinfs_fs::sys::open_dir_path(dir.path())?;
+        let applier = Applier::new(root.as_fd());
+        for name in ["d", "l"] {
+            let mut meta = manifest::Meta::new(Kind::File);
+            meta.mode = 0o600;
+            let entry = manifest::Entry {
+                path: RelPath::new(name)?,
+                meta,
+            };
+            let put = put_entry(&applier, &entry, None);
+            assert!(
+                matches!(put, Err(ApplyError::NoFileHere { .. })),
+                "{name}: {put:?}"
+            );
+        }
+        let mode = std::fs::metadata(dir.path().join("d"))?
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o755);
+        Ok(())
+    }
 
     #[test]
     fn gave_up_names_keep_the_names_linked_to_each_file_apart() -> TestResult {
