@@ -153,14 +153,20 @@ impl Table {
         }
     }
 
-    /// Forgets the name (`parent`, `name`); a node left with no names is no longer
-    /// found by its backing file (the number may be reused by a new file).
+    /// Forgets the name (`parent`, `name`); a file left with no names is no longer
+    /// found by its backing file (the number may be reused by a new file). A directory
+    /// is: its fd pins the backing directory, whose number therefore goes to no other,
+    /// and a lookup of its new name (renamed behind the mount) must give this inode,
+    /// through which the kernel still reaches what it holds below it.
     pub fn drop_link(&mut self, parent: u64, name: &OsStr) -> Option<u64> {
         let link = (parent, name.to_owned());
         let ino = self.entries.remove(&link)?;
         if let Some(node) = self.nodes.get_mut(&ino) {
             node.links.retain(|l| l != &link);
-            if node.links.is_empty() && self.by_key.get(&node.key) == Some(&ino) {
+            if node.links.is_empty()
+                && node.dir.is_none()
+                && self.by_key.get(&node.key) == Some(&ino)
+            {
                 self.by_key.remove(&node.key);
             }
         }
@@ -272,19 +278,37 @@ impl Table {
             .find(|(parent, _)| self.nodes.contains_key(parent))
     }
 
-    /// The path of `ino` relative to the root, through its first known name; `None`
-    /// when it has none left (removed) or an ancestor is no longer known.
-    pub fn path(&self, mut ino: u64) -> Option<PathBuf> {
+    /// The path of `ino` relative to the root, through its first known name that
+    /// leads there (a directory renamed behind the mount leaves a name below its old,
+    /// nameless inode); `None` when it has none left (removed) or no ancestor is known.
+    pub fn path(&self, ino: u64) -> Option<PathBuf> {
         let mut parts: Vec<&OsStr> = Vec::new();
-        while ino != ROOT {
-            let (parent, name) = self.link(ino)?;
-            parts.push(name);
-            ino = *parent;
-            if parts.len() > 4096 {
-                return None;
-            }
+        // (Stale names could make a loop, or many ways: the walk is bounded.)
+        let mut steps = 1 << 16;
+        self.path_into(ino, &mut parts, &mut steps)
+            .then(|| parts.iter().rev().collect())
+    }
+
+    /// Pushes the names from `ino` up to the root (last first); whether they reach it.
+    fn path_into<'a>(&'a self, ino: u64, parts: &mut Vec<&'a OsStr>, steps: &mut u32) -> bool {
+        if ino == ROOT {
+            return true;
         }
-        Some(parts.iter().rev().collect())
+        if parts.len() > 4096 || *steps == 0 {
+            return false;
+        }
+        *steps -= 1;
+        let Some(node) = self.nodes.get(&ino) else {
+            return false;
+        };
+        for (parent, name) in &node.links {
+            parts.push(name);
+            if self.path_into(*parent, parts, steps) {
+                return true;
+            }
+            parts.pop();
+        }
+        false
     }
 
     /// How many inodes the kernel currently holds (for status).

@@ -222,6 +222,30 @@ fn a_write_through_a_handle_whose_name_went_is_recorded_under_its_other_name() {
     }
 }
 
+/// A directory renamed behind the mount (as a standby's apply renames one) while the
+/// kernel holds a file below it: a write to the file under the directory's new name is
+/// recorded under that name (it was recorded under none, so never shipped once this
+/// node took over).
+#[test]
+fn a_write_below_a_directory_renamed_behind_the_mount_is_recorded_under_its_new_path() {
+    use std::ffi::OsStr;
+    let _serial = twinfs_tests::serial();
+    let (m, records) = mount(false, |d| {
+        fs::create_dir(d.join("d")).expect("fill");
+        fs::write(d.join("d/f"), b"one\n").expect("fill");
+    });
+    let held = fs::File::open(m.path.join("d/f")).expect("open");
+    let root = m.volume().root_fd();
+    twinfs_fs::sys::renameat2(root, OsStr::new("d"), root, OsStr::new("e"), 0).expect("rename");
+    for name in ["d", "e"] {
+        m.mounted().invalidate(Path::new(name)).expect("invalidate");
+    }
+    records.take();
+    fs::write(m.path.join("e/f"), b"two\n").expect("write");
+    assert_eq!(records.kinds(), vec![(p("e/f"), ChangeKind::Write)]);
+    drop(held);
+}
+
 /// A rename that would leave a whiteout (a device no record would tell a standby of)
 /// is refused, and changes nothing.
 #[test]
