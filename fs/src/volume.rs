@@ -1411,55 +1411,60 @@ impl Volume {
             },
         };
         let at = loc.at();
-        if set.uid.is_some() || set.gid.is_some() {
-            at.chown(set.uid, set.gid)?;
-        }
-        if let Some(mode) = set.mode {
-            at.chmod(mode & 0o7777)?;
-        }
-        if let Some(size) = set.size {
-            // An ftruncate is a write of its handle; a truncate by path is a change
-            // of its own (recorded by the caller).
-            if let Some(f) = &file {
-                f.wrote.store(true, Ordering::Release);
+        // What took effect, recorded even if a later step fails (a chmod done, then a
+        // truncate refused with EFBIG): it is on the disk.
+        let mut done = AttrChange::default();
+        let steps = (|| -> Result<()> {
+            if set.uid.is_some() || set.gid.is_some() {
+                at.chown(set.uid, set.gid)?;
+                done.owner = true;
             }
-            let key = match &file {
-                Some(f) => {
-                    sys::ftruncate(f.fd.as_fd(), size)?;
-                    f.key()
-                }
-                // (A directory's fd opens for writing with EISDIR; a file whose every
-                // name is gone, truncated through `/proc/PID/fd`, through the fd kept
-                // of it.)
-                None => {
-                    let fd = loc.retry(|at| at.open(libc::O_WRONLY))?;
-                    sys::ftruncate(fd.as_fd(), size)?;
-                    let st = sys::fstat(fd.as_fd())?;
-                    (st.st_dev, st.st_ino)
-                }
-            };
-            // Bytes from the new end on changed (a growth is seen by the size).
-            self.written.record(key, size..u64::MAX);
-            if let Some(f) = file.clone().or_else(|| self.open_file_of(ino)) {
-                f.changed();
+            if let Some(mode) = set.mode {
+                at.chmod(mode & 0o7777)?;
+                done.mode = true;
             }
+            if let Some(size) = set.size {
+                // An ftruncate is a write of its handle; a truncate by path is a change
+                // of its own (recorded by the caller).
+                if let Some(f) = &file {
+                    f.wrote.store(true, Ordering::Release);
+                }
+                let key = match &file {
+                    Some(f) => {
+                        sys::ftruncate(f.fd.as_fd(), size)?;
+                        f.key()
+                    }
+                    // (A directory's fd opens for writing with EISDIR; a file whose
+                    // every name is gone, truncated through `/proc/PID/fd`, through the
+                    // fd kept of it.)
+                    None => {
+                        let fd = loc.retry(|at| at.open(libc::O_WRONLY))?;
+                        sys::ftruncate(fd.as_fd(), size)?;
+                        let st = sys::fstat(fd.as_fd())?;
+                        (st.st_dev, st.st_ino)
+                    }
+                };
+                done.size = true;
+                // Bytes from the new end on changed (a growth is seen by the size).
+                self.written.record(key, size..u64::MAX);
+                if let Some(f) = file.clone().or_else(|| self.open_file_of(ino)) {
+                    f.changed();
+                }
+            }
+            if set.atime.is_some() || set.mtime.is_some() {
+                at.utimens(&[timespec(set.atime), timespec(set.mtime)])?;
+                done.times = true;
+            }
+            Ok(())
+        })();
+        if done != AttrChange::default() {
+            self.record(ino, ChangeKind::Attr(done));
         }
-        if set.atime.is_some() || set.mtime.is_some() {
-            at.utimens(&[timespec(set.atime), timespec(set.mtime)])?;
-        }
+        steps?;
         let st = match &file {
             Some(f) => sys::fstat(f.fd.as_fd())?,
             None => at.stat()?,
         };
-        let change = AttrChange {
-            times: set.atime.is_some() || set.mtime.is_some(),
-            mode: set.mode.is_some(),
-            owner: set.uid.is_some() || set.gid.is_some(),
-            size: set.size.is_some(),
-        };
-        if change != AttrChange::default() {
-            self.record(ino, ChangeKind::Attr(change));
-        }
         Ok(Attr { ino, st })
     }
 
