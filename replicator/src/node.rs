@@ -5145,9 +5145,10 @@ impl Batch {
         entry: manifest::Entry,
         bytes: Vec<u8>,
     ) -> Option<RelPath> {
-        let path = entry.path.clone();
         self.bytes += bytes.len() as u64;
         let small = bytes.len() as u64 <= SMALL_FILE;
+        // (Kept only for a task that may fail: a small file is written here.)
+        let path = (!small).then(|| entry.path.clone());
         let v = volume.clone();
         let prepare = move || {
             let applier = Applier::new(v.root.as_fd());
@@ -5168,7 +5169,7 @@ impl Batch {
             tokio::task::spawn_blocking(prepare).await
         };
         let Ok((entry, bytes, prepared, shown)) = prepared else {
-            return Some(path);
+            return path;
         };
         let (content, prepared) = match prepared {
             Ok(mut p) => {

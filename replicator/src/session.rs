@@ -251,14 +251,13 @@ pub struct Session {
     full_sync_end: Option<u64>,
     /// The sequence number before the first op of the current full sync.
     full_sync_base: u64,
-    /// Active: the standby refused an op (the last refusal that counts: path,
-    /// reason): it lacks what it refused, so it is not caught up until a full sync
-    /// completes with nothing refused. Refusals of ops before the comparison of the
-    /// current full sync count no more: they came ahead of the standby's manifest,
-    /// which shows what they left.
-    refused: Option<(RelPath, String)>,
-    /// Active: an op sent since the current full sync's comparison was refused.
-    refused_since_comparison: bool,
+    /// Active: the standby refused an op (the last refusal that counts: its sequence
+    /// number, path, reason): it lacks what it refused, so it is not caught up until a
+    /// full sync completes with nothing refused, that is one whose comparison came
+    /// after this op. Refusals of ops before the comparison of the current full sync
+    /// count no more: they came ahead of the standby's manifest, which shows what
+    /// they left.
+    refused: Option<(u64, RelPath, String)>,
     /// Content bytes of ops sent and not yet acked, by sequence number.
     unacked: VecDeque<(u64, u64)>,
     queue: VecDeque<Pending>,
@@ -370,7 +369,6 @@ impl Session {
             full_sync_end: None,
             full_sync_base: 0,
             refused: None,
-            refused_since_comparison: false,
             unacked: VecDeque::new(),
             queue: VecDeque::new(),
             queued_ships: HashSet::new(),
@@ -655,8 +653,10 @@ impl Session {
     }
 
     /// Active: the change (path, reason) whose refusal makes [`refused`](Self::refused).
-    pub fn refusal(&self) -> Option<&(RelPath, String)> {
-        self.refused.as_ref()
+    pub fn refusal(&self) -> Option<(&RelPath, &str)> {
+        self.refused
+            .as_ref()
+            .map(|(_, path, why)| (path, why.as_str()))
     }
 
     /// Active: every change handed to the session so far is answered by the standby,
@@ -985,8 +985,7 @@ impl Session {
                 // streamed one). Refusals of ops before it came ahead of the standby's
                 // manifest, which shows what they left.
                 if seq > self.full_sync_base {
-                    self.refused = Some((path.clone(), reason.clone()));
-                    self.refused_since_comparison = true;
+                    self.refused = Some((seq, path.clone(), reason.clone()));
                 }
                 self.remember_rejected(path, reason);
                 // A change refused while streaming (a rename whose source the standby
@@ -1037,7 +1036,6 @@ impl Session {
         }
         let base = self.next_seq - 1;
         self.full_sync_base = base;
-        self.refused_since_comparison = false;
         self.stats.full_sync_bytes = diff.send.iter().filter(|t| t.content).map(|t| t.size).sum();
         let must_sync =
             |p: &RelPath| self.config.policies.resolve(p.as_path()).priority == Priority::MUST_SYNC;
@@ -1166,7 +1164,12 @@ impl Session {
     fn full_sync_complete(&mut self) {
         self.phase = Phase::Streaming;
         self.stats.full_syncs_done += 1;
-        if !self.refused_since_comparison {
+        // A refusal of an op before this full sync's comparison is repaired by it.
+        if self
+            .refused
+            .as_ref()
+            .is_some_and(|(seq, ..)| *seq <= self.full_sync_base)
+        {
             self.refused = None;
         }
     }
